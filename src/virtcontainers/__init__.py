@@ -1,0 +1,58 @@
+"""virtcontainers: run lightweight VMs (sandboxes) through one hypervisor interface."""
+
+from __future__ import annotations
+
+from .errors import (
+    AgentError,
+    AssetError,
+    ConfigError,
+    HostError,
+    HypervisorError,
+    LaunchError,
+    StateError,
+    UnsupportedError,
+    VCError,
+    VMExitedError,
+    VMTimeoutError,
+)
+from .types import (
+    Asset,
+    AssetType,
+    Capabilities,
+    DeviceType,
+    HypervisorType,
+    MemoryDevice,
+    Param,
+    Socket,
+    VSock,
+    deserialize_params,
+    serialize_params,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentError",
+    "Asset",
+    "AssetError",
+    "AssetType",
+    "Capabilities",
+    "ConfigError",
+    "DeviceType",
+    "HostError",
+    "HypervisorError",
+    "HypervisorType",
+    "LaunchError",
+    "MemoryDevice",
+    "Param",
+    "Socket",
+    "StateError",
+    "UnsupportedError",
+    "VCError",
+    "VMExitedError",
+    "VMTimeoutError",
+    "VSock",
+    "__version__",
+    "deserialize_params",
+    "serialize_params",
+]

@@ -1,0 +1,225 @@
+"""The `Hypervisor` interface every driver implements, its lifecycle states and the registry."""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from .errors import StateError, UnsupportedError
+from .types import Capabilities, HypervisorType, MemoryDevice, Socket, VSock
+
+if TYPE_CHECKING:
+    from .config import HypervisorConfig
+    from .devices import Device
+    from .persist import HypervisorState
+
+
+class VMState(enum.StrEnum):
+    """Lifecycle of one VM: created -> running <-> paused -> stopped."""
+
+    NEW = "new"
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+_TRANSITIONS: dict[VMState, frozenset[VMState]] = {
+    VMState.NEW: frozenset({VMState.CREATED}),
+    VMState.CREATED: frozenset({VMState.RUNNING, VMState.STOPPED}),
+    VMState.RUNNING: frozenset({VMState.PAUSED, VMState.STOPPED}),
+    VMState.PAUSED: frozenset({VMState.RUNNING, VMState.STOPPED}),
+    VMState.STOPPED: frozenset(),
+}
+
+
+def check_transition(current: VMState, target: VMState, operation: str, vm: str) -> None:
+    """Raise `StateError` unless `current -> target` is a legal lifecycle step."""
+    if target not in _TRANSITIONS[current]:
+        raise StateError(f"cannot {operation} VM {vm or '<unnamed>'}: it is {current.value}")
+
+
+class Hypervisor(abc.ABC):
+    """One VM driven by one VMM. Mirrors the seed's hypervisor interface, async where it does I/O.
+
+    Operations a VMM cannot do raise `UnsupportedError`; `capabilities()` says so in advance.
+    """
+
+    hypervisor_type: HypervisorType
+
+    def __init__(self, run_root: str | None = None) -> None:
+        self.run_root = run_root
+        self.id = ""
+        self.state = VMState.NEW
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_sandbox(
+        self, id: str, network_ns: str | None, config: HypervisorConfig, stateful: bool = False
+    ) -> None:
+        """Validate the config and prepare the VM; launches nothing."""
+
+    @abc.abstractmethod
+    async def start_sandbox(self, timeout: float) -> None:
+        """Launch the VMM and wait until the VM runs, within `timeout` seconds."""
+
+    @abc.abstractmethod
+    async def stop_sandbox(self) -> None:
+        """Stop the VM and reap its processes. Idempotent."""
+
+    @abc.abstractmethod
+    async def pause_sandbox(self) -> None:
+        """Freeze the guest's vCPUs."""
+
+    @abc.abstractmethod
+    async def save_sandbox(self) -> None:
+        """Save the VM's device state for use as a template."""
+
+    @abc.abstractmethod
+    async def resume_sandbox(self) -> None:
+        """Resume a paused guest."""
+
+    # -- devices -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def add_device(self, device: Device) -> None:
+        """Cold-plug a device before start."""
+
+    @abc.abstractmethod
+    async def hotplug_add_device(self, device: Device) -> Any:
+        """Hot-add a device to the running VM; returns driver-specific details."""
+
+    @abc.abstractmethod
+    async def hotplug_remove_device(self, device: Device) -> Any:
+        """Hot-remove a device from the running VM."""
+
+    @abc.abstractmethod
+    async def resize_memory(
+        self, mem_mb: int, block_size_mb: int, probe: bool
+    ) -> tuple[int, MemoryDevice]:
+        """Grow or shrink guest memory to `mem_mb`; returns the new size and the added device."""
+
+    @abc.abstractmethod
+    async def resize_vcpus(self, vcpus: int) -> tuple[int, int]:
+        """Set the number of online vCPUs; returns (old, new)."""
+
+    # -- introspection -----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def get_sandbox_console(self, sandbox_id: str) -> str:
+        """The console's host address (a Unix socket path or a pty)."""
+
+    @abc.abstractmethod
+    async def disconnect(self) -> None:
+        """Drop the control connection without touching the VM."""
+
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What this VMM, with its configured machine, supports."""
+
+    @abc.abstractmethod
+    def hypervisor_config(self) -> HypervisorConfig:
+        """The (validated) config this VM was created with."""
+
+    @abc.abstractmethod
+    async def get_thread_ids(self) -> dict[int, int]:
+        """Map of vCPU index to host thread id."""
+
+    @abc.abstractmethod
+    async def cleanup(self) -> None:
+        """Release host resources (files, sockets, fds) left after stop."""
+
+    @abc.abstractmethod
+    def get_pids(self) -> list[int]:
+        """Host pids of the VM's processes; the VMM's first."""
+
+    @abc.abstractmethod
+    async def from_grpc(self, config: HypervisorConfig, data: bytes) -> None:
+        """Take over a running VM described by `to_grpc()` bytes (from a VM cache)."""
+
+    @abc.abstractmethod
+    async def to_grpc(self) -> bytes:
+        """Serialize what another process needs to take this VM over."""
+
+    @abc.abstractmethod
+    async def check(self) -> None:
+        """Raise if the VM is not healthy."""
+
+    @abc.abstractmethod
+    def save(self) -> HypervisorState:
+        """Snapshot of the state to persist."""
+
+    @abc.abstractmethod
+    def load(self, state: HypervisorState) -> None:
+        """Restore from persisted state (re-attach happens on the next I/O call)."""
+
+    def generate_socket(self, id: str, use_vsock: bool) -> Socket | VSock:
+        """The host endpoint for the agent channel."""
+        from . import host, persist
+
+        return host.generate_vm_socket(id, use_vsock, persist.vm_root(self.run_root))
+
+    @abc.abstractmethod
+    def get_virt_drive_offset(self) -> int:
+        """Index of the first virtio-blk drive available for hotplug."""
+
+    # -- helpers -----------------------------------------------------------------------------
+    def unsupported(self, operation: str, reason: str = "") -> UnsupportedError:
+        """An `UnsupportedError` naming this hypervisor and `operation`."""
+        return UnsupportedError(str(self.hypervisor_type), operation, reason)
+
+    def require(self, capability: Capabilities, operation: str) -> None:
+        """Raise `UnsupportedError` unless `capability` is in `capabilities()`."""
+        if capability not in self.capabilities():
+            raise self.unsupported(operation)
+
+    def transition(self, target: VMState, operation: str) -> None:
+        """Move to `target` or raise `StateError` for an illegal step."""
+        check_transition(self.state, target, operation, self.id)
+        self.state = target
+
+    async def __aenter__(self) -> Hypervisor:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.stop_sandbox()
+        finally:
+            await self.cleanup()
+
+
+_REGISTRY: dict[HypervisorType, Callable[..., Hypervisor]] = {}
+_DRIVER_MODULES = {
+    HypervisorType.QEMU: "virtcontainers.drivers.qemu",
+    HypervisorType.FIRECRACKER: "virtcontainers.drivers.firecracker",
+    HypervisorType.CLH: "virtcontainers.drivers.clh",
+    HypervisorType.ACRN: "virtcontainers.drivers.acrn",
+    HypervisorType.MOCK: "virtcontainers.drivers.mock",
+}
+
+
+def register(kind: HypervisorType) -> Callable[[type[Hypervisor]], type[Hypervisor]]:
+    """Class decorator: make a driver class the one `new_hypervisor(kind)` builds."""
+
+    def deco(cls: type[Hypervisor]) -> type[Hypervisor]:
+        cls.hypervisor_type = kind
+        _REGISTRY[kind] = cls
+        return cls
+
+    return deco
+
+
+def new_hypervisor(kind: HypervisorType | str, run_root: str | None = None) -> Hypervisor:
+    """Build a driver for `kind` ("qemu", "firecracker", "clh", "acrn", "mock")."""
+    import importlib
+
+    htype = HypervisorType.parse(kind)
+    if htype not in _REGISTRY:
+        importlib.import_module(_DRIVER_MODULES[htype])
+    return _REGISTRY[htype](run_root=run_root)
