@@ -1,0 +1,3 @@
+"""Subcommands of `virtc`, registered on import."""
+
+from __future__ import annotations
