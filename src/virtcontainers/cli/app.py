@@ -66,7 +66,9 @@ def root(
     ] = "qemu",
     run_root: Annotated[
         str | None,
-        typer.Option("--run-root", help="Where VM directories and state live.", envvar="VC_RUN_ROOT"),
+        typer.Option(
+            "--run-root", help="Where VM directories and state live.", envvar="VC_RUN_ROOT"
+        ),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show error details and logs.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -91,7 +93,7 @@ def check(
     from .. import host
 
     g = get_globals(ctx)
-    report = host.check(run_root=g.run_root) if _accepts_run_root() else host.check()
+    report = host.check()
     data = report.to_dict()
     if json_output or g.json:
         emit_json(data)
@@ -106,14 +108,6 @@ def check(
     out.print(table)
 
 
-def _accepts_run_root() -> bool:
-    import inspect
-
-    from .. import host
-
-    return "run_root" in inspect.signature(host.check).parameters
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn errors into one readable line and an exit code."""
     from . import commands  # noqa: F401  (registers subcommands)
@@ -125,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err.print("virtc: interrupted")
         sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - the CLI's single error boundary
+    except Exception as e:
         sys.exit(report_error(e, debug))
 
 
