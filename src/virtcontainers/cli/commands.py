@@ -1,3 +1,513 @@
 """Subcommands of `virtc`, registered on import."""
 
 from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.table import Table
+
+from ..errors import ConfigError, StateError
+from .app import app, emit_json, err, get_globals, out
+
+T = TypeVar("T")
+
+disk_app = typer.Typer(help="Hot-add and remove disks.", no_args_is_help=True)
+assets_app = typer.Typer(help="Guest kernel and initrd.", no_args_is_help=True)
+config_app = typer.Typer(help="Effective configuration.", no_args_is_help=True)
+app.add_typer(disk_app, name="disk")
+app.add_typer(assets_app, name="assets")
+app.add_typer(config_app, name="config")
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion on a fresh event loop."""
+    return asyncio.run(coro)
+
+
+def parse_size_mib(text: str) -> int:
+    """Parse a memory size: plain MiB ('512'), or with a unit ('512M', '2G', '1024MiB')."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    factor = 1
+    if t.endswith("G"):
+        factor, t = 1024, t[:-1]
+    elif t.endswith("M"):
+        t = t[:-1]
+    try:
+        value = int(t) * factor
+    except ValueError:
+        raise ConfigError(f"invalid memory size {text!r} (e.g. 512, 512M, 2G)") from None
+    if value <= 0:
+        raise ConfigError(f"invalid memory size {text!r}: must be positive")
+    return value
+
+
+def with_spinner(label: str, make: Callable[[], Awaitable[T]], quiet: bool = False) -> T:
+    """Run `make()` while a spinner with elapsed time shows on stderr."""
+    if quiet or not err.is_terminal:
+        return run_async(_await(make))
+    start = time.monotonic()
+
+    async def body() -> T:
+        with err.status(f"{label} (0.0 s)") as status:
+            task = asyncio.ensure_future(_await(make))
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.1)
+                status.update(f"{label} ({time.monotonic() - start:.1f} s)")
+            return task.result()
+
+    return run_async(body())
+
+
+async def _await(make: Callable[[], Awaitable[T]]) -> T:
+    return await make()
+
+
+def _overrides(cpus: int | None, memory: str | None, extra: list[str]) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    if cpus is not None:
+        if cpus <= 0:
+            raise ConfigError(f"invalid --cpus {cpus}: must be positive")
+        o["num_vcpus"] = cpus
+    if memory is not None:
+        o["memory_size"] = parse_size_mib(memory)
+    if extra:
+        from ..types import Param, params_from_string
+
+        params: list[Param] = []
+        for e in extra:
+            params.extend(params_from_string(e))
+        o["kernel_params"] = params
+    return o
+
+
+def _load_config(path: str | None, hypervisor: str) -> Any:
+    if path is None:
+        return None
+    from ..config import HypervisorConfig
+
+    if not os.path.exists(path):
+        raise ConfigError(f"--config: no such file {path}")
+    return HypervisorConfig.from_toml(path, hypervisor=hypervisor)
+
+
+CpusOpt = Annotated[int | None, typer.Option("--cpus", "-c", help="vCPUs.")]
+MemOpt = Annotated[str | None, typer.Option("--memory", "-m", help="Memory, e.g. 512M or 2G.")]
+ConfigOpt = Annotated[
+    str | None, typer.Option("--config", help="A Kata configuration.toml to start from.")
+]
+KernelOpt = Annotated[str | None, typer.Option("--kernel", help="Guest kernel path.")]
+InitrdOpt = Annotated[str | None, typer.Option("--initrd", help="Guest initrd path.")]
+ParamOpt = Annotated[
+    list[str] | None, typer.Option("--kernel-param", help="Extra kernel parameters.")
+]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Boot timeout in seconds.")]
+
+
+def _new_sandbox(
+    ctx: typer.Context,
+    name: str | None,
+    cpus: int | None,
+    memory: str | None,
+    config: str | None,
+    kernel: str | None,
+    initrd: str | None,
+    params: list[str] | None,
+    timeout: float,
+) -> Any:
+    from ..sandbox import Sandbox
+
+    g = get_globals(ctx)
+    overrides = _overrides(cpus, memory, params or [])
+    if kernel is not None:
+        overrides["kernel_path"] = os.path.abspath(kernel)
+        if not os.path.exists(kernel):
+            raise ConfigError(f"--kernel: no such file {kernel}")
+    if initrd is not None:
+        overrides["initrd_path"] = os.path.abspath(initrd)
+        if not os.path.exists(initrd):
+            raise ConfigError(f"--initrd: no such file {initrd}")
+    return Sandbox(
+        name,
+        g.hypervisor,
+        _load_config(config, g.hypervisor),
+        run_root=g.run_root,
+        start_timeout=timeout,
+        **overrides,
+    )
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(
+    ctx: typer.Context,
+    command: Annotated[list[str], typer.Argument(help="Command to run in the guest.")],
+    name: Annotated[str | None, typer.Option("--name", help="Sandbox id.")] = None,
+    cpus: CpusOpt = None,
+    memory: MemOpt = None,
+    config: ConfigOpt = None,
+    kernel: KernelOpt = None,
+    initrd: InitrdOpt = None,
+    kernel_param: ParamOpt = None,
+    timeout: TimeoutOpt = 60.0,
+    exec_timeout: Annotated[
+        float | None, typer.Option("--exec-timeout", help="Command timeout in seconds.")
+    ] = None,
+    stdin: Annotated[bool, typer.Option("--stdin", "-i", help="Send our stdin.")] = False,
+) -> None:
+    """Boot a sandbox, run COMMAND in it, print its output, tear down; exit with its code."""
+    data = sys.stdin.buffer.read() if stdin else b""
+    sb = _new_sandbox(ctx, name, cpus, memory, config, kernel, initrd, kernel_param, timeout)
+
+    async def body() -> Any:
+        async with sb:
+            return await sb.exec(command, stdin=data, timeout=exec_timeout)
+
+    result = with_spinner("booting sandbox", body, quiet=get_globals(ctx).json)
+    _print_result(ctx, result)
+
+
+def _print_result(ctx: typer.Context, result: Any) -> None:
+    if get_globals(ctx).json:
+        emit_json(
+            {
+                "exit_code": result.exit_code,
+                "stdout": result.stdout.decode(errors="replace"),
+                "stderr": result.stderr.decode(errors="replace"),
+            }
+        )
+    else:
+        sys.stdout.buffer.write(result.stdout)
+        sys.stdout.buffer.flush()
+        sys.stderr.buffer.write(result.stderr)
+        sys.stderr.buffer.flush()
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def create(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Option("--name", help="Sandbox id.")] = None,
+    cpus: CpusOpt = None,
+    memory: MemOpt = None,
+    config: ConfigOpt = None,
+    kernel: KernelOpt = None,
+    initrd: InitrdOpt = None,
+    kernel_param: ParamOpt = None,
+    timeout: TimeoutOpt = 60.0,
+    start: Annotated[bool, typer.Option("--start", help="Start it right away.")] = False,
+) -> None:
+    """Create a sandbox (and start it with --start); prints its id."""
+    sb = _new_sandbox(ctx, name, cpus, memory, config, kernel, initrd, kernel_param, timeout)
+
+    async def body() -> None:
+        await sb.create()
+        if start:
+            await sb.start()
+            await sb.detach()
+
+    with_spinner("booting sandbox" if start else "creating sandbox", body)
+    _say(ctx, {"id": sb.id, "state": sb.state.value}, sb.id)
+
+
+def _say(ctx: typer.Context, data: dict[str, Any], text: str) -> None:
+    if get_globals(ctx).json:
+        emit_json(data)
+    else:
+        out.print(text, markup=False, highlight=False)
+
+
+async def _attach(ctx: typer.Context, sandbox_id: str) -> Any:
+    from ..sandbox import Sandbox
+
+    return await Sandbox.attach(sandbox_id, run_root=get_globals(ctx).run_root)
+
+
+IdArg = Annotated[str, typer.Argument(help="Sandbox id.", show_default=False)]
+
+
+@app.command()
+def start(ctx: typer.Context, sandbox_id: IdArg) -> None:
+    """Start a created sandbox."""
+
+    async def body() -> None:
+        sb = await _attach(ctx, sandbox_id)
+        if sb.state.value != "created":
+            raise StateError(f"sandbox {sandbox_id} is {sb.state.value}, not created")
+        await sb.start()
+        await sb.detach()
+
+    with_spinner("booting sandbox", body)
+    _say(ctx, {"id": sandbox_id, "state": "running"}, sandbox_id)
+
+
+@app.command()
+def stop(
+    ctx: typer.Context,
+    sandbox_id: IdArg,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Kill instead of shutdown.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 30.0,
+) -> None:
+    """Stop a sandbox and remove it."""
+
+    async def body() -> None:
+        sb = await _attach(ctx, sandbox_id)
+        await asyncio.wait_for(sb.stop(force=force), timeout)
+
+    run_async(body())
+    _say(ctx, {"id": sandbox_id, "state": "stopped"}, sandbox_id)
+
+
+@app.command()
+def kill(ctx: typer.Context, sandbox_id: IdArg) -> None:
+    """Kill a sandbox's VM at once (SIGKILL) and remove it."""
+
+    async def body() -> None:
+        sb = await _attach(ctx, sandbox_id)
+        await sb.stop(force=True)
+
+    run_async(body())
+    _say(ctx, {"id": sandbox_id, "state": "stopped"}, sandbox_id)
+
+
+@app.command()
+def pause(ctx: typer.Context, sandbox_id: IdArg) -> None:
+    """Pause a running sandbox."""
+
+    async def body() -> None:
+        sb = await _attach(ctx, sandbox_id)
+        await sb.pause()
+        await sb.detach()
+
+    run_async(body())
+    _say(ctx, {"id": sandbox_id, "state": "paused"}, sandbox_id)
+
+
+@app.command()
+def resume(ctx: typer.Context, sandbox_id: IdArg) -> None:
+    """Resume a paused sandbox."""
+
+    async def body() -> None:
+        sb = await _attach(ctx, sandbox_id)
+        await sb.resume()
+        await sb.detach()
+
+    run_async(body())
+    _say(ctx, {"id": sandbox_id, "state": "running"}, sandbox_id)
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only ids.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List sandboxes."""
+    from ..sandbox import Sandbox
+
+    infos = Sandbox.list(get_globals(ctx).run_root)
+    if json_output or get_globals(ctx).json:
+        emit_json([i.to_dict() for i in infos])
+        return
+    if quiet:
+        for i in infos:
+            out.print(i.id, markup=False, highlight=False)
+        return
+    table = Table(box=None)
+    for col in ("ID", "HYPERVISOR", "STATE", "PID", "VCPUS", "MEMORY", "CREATED"):
+        table.add_column(col)
+    for i in infos:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.created_at))
+        table.add_row(
+            i.id, i.hypervisor, i.state, str(i.pid), str(i.vcpus), f"{i.memory_mb} MiB", created
+        )
+    out.print(table)
+
+
+@app.command()
+def inspect(ctx: typer.Context, sandbox_id: IdArg) -> None:
+    """Print everything known about a sandbox as JSON."""
+    from .. import persist
+
+    store = persist.StateStore(persist.run_root(get_globals(ctx).run_root))
+    if not store.exists(sandbox_id):
+        raise StateError(f"no such sandbox: {sandbox_id}")
+    emit_json(store.read(sandbox_id))
+
+
+@app.command("exec", context_settings={"allow_interspersed_args": False})
+def exec_(
+    ctx: typer.Context,
+    sandbox_id: IdArg,
+    command: Annotated[list[str], typer.Argument(help="Command to run in the guest.")],
+    exec_timeout: Annotated[
+        float | None, typer.Option("--timeout", help="Command timeout in seconds.")
+    ] = None,
+    stdin: Annotated[bool, typer.Option("--stdin", "-i", help="Send our stdin.")] = False,
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE.")] = None,
+    cwd: Annotated[str | None, typer.Option("--cwd", "-w", help="Working directory.")] = None,
+) -> None:
+    """Run a command in a running sandbox."""
+    data = sys.stdin.buffer.read() if stdin else b""
+    env_map: dict[str, str] = {}
+    for item in env or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--env: expected KEY=VALUE, got {item!r}")
+        env_map[key] = value
+
+    async def body() -> Any:
+        sb = await _attach(ctx, sandbox_id)
+        try:
+            return await sb.exec(
+                command, stdin=data, env=env_map or None, cwd=cwd, timeout=exec_timeout
+            )
+        finally:
+            await sb.detach()
+
+    _print_result(ctx, run_async(body()))
+
+
+@app.command()
+def logs(
+    ctx: typer.Context,
+    sandbox_id: IdArg,
+    vmm: Annotated[bool, typer.Option("--vmm", help="The VMM's own log, not the console.")] = False,
+) -> None:
+    """Print the guest console log (or the VMM log)."""
+
+    async def body() -> list[str]:
+        sb = await _attach(ctx, sandbox_id)
+        return sb.log_paths(vmm=vmm)  # type: ignore[no-any-return]
+
+    for path in run_async(body()):
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                sys.stdout.buffer.write(f.read())
+    sys.stdout.flush()
+
+
+@app.command()
+def console(
+    ctx: typer.Context,
+    sandbox_id: IdArg,
+    escape: Annotated[str, typer.Option("--escape", help="Escape key: Ctrl-<key>.")] = "]",
+) -> None:
+    """Attach the terminal to the guest's serial console (Ctrl-] to leave)."""
+    from .console import attach_console
+
+    async def body() -> str:
+        sb = await _attach(ctx, sandbox_id)
+        return await sb.console_path()  # type: ignore[no-any-return]
+
+    path = run_async(body())
+    if len(escape) != 1:
+        raise ConfigError(f"--escape: expected one character, got {escape!r}")
+    attach_console(path, escape)
+
+
+@disk_app.command("add")
+def disk_add(
+    ctx: typer.Context,
+    sandbox_id: IdArg,
+    path: Annotated[str, typer.Argument(help="Host file to attach.")],
+    disk_id: Annotated[str | None, typer.Option("--id", help="Device id.")] = None,
+    read_only: Annotated[bool, typer.Option("--read-only", help="Attach read-only.")] = False,
+) -> None:
+    """Hot-add a host file as a disk."""
+    if not os.path.exists(path):
+        raise ConfigError(f"disk add: no such file {path}")
+
+    async def body() -> Any:
+        sb = await _attach(ctx, sandbox_id)
+        try:
+            return await sb.add_disk(os.path.abspath(path), disk_id, read_only=read_only)
+        finally:
+            await sb.detach()
+
+    drive = run_async(body())
+    _say(ctx, {"id": drive.id, "path": drive.path, "pci_path": drive.pci_path}, drive.id)
+
+
+@disk_app.command("rm")
+def disk_rm(
+    ctx: typer.Context,
+    sandbox_id: IdArg,
+    disk_id: Annotated[str, typer.Argument(help="Device id given by `disk add`.")],
+) -> None:
+    """Hot-remove a disk."""
+
+    async def body() -> None:
+        sb = await _attach(ctx, sandbox_id)
+        try:
+            await sb.remove_disk_by_id(disk_id)
+        finally:
+            await sb.detach()
+
+    run_async(body())
+    _say(ctx, {"id": disk_id, "removed": True}, disk_id)
+
+
+@app.command()
+def resize(
+    ctx: typer.Context,
+    sandbox_id: IdArg,
+    cpus: CpusOpt = None,
+    memory: MemOpt = None,
+) -> None:
+    """Change vCPUs and/or memory of a running sandbox."""
+    if cpus is None and memory is None:
+        raise ConfigError("resize: give --cpus and/or --memory")
+    mem = parse_size_mib(memory) if memory is not None else None
+
+    async def body() -> None:
+        sb = await _attach(ctx, sandbox_id)
+        try:
+            await sb.resize(vcpus=cpus, memory_mb=mem)
+        finally:
+            await sb.detach()
+
+    run_async(body())
+    _say(ctx, {"id": sandbox_id, "cpus": cpus, "memory_mb": mem}, sandbox_id)
+
+
+@assets_app.command("build")
+def assets_build(
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if cached.")] = False,
+) -> None:
+    """Build (or reuse) the guest kernel and initrd."""
+    from .. import guest
+
+    assets = guest.build_assets(force=force)
+    err.print(f"kernel {assets.kernel_version}: {assets.kernel}", markup=False, highlight=False)
+    err.print(f"initrd: {assets.initrd}", markup=False, highlight=False)
+
+
+@assets_app.command("show")
+def assets_show(ctx: typer.Context) -> None:
+    """Show the cached guest assets."""
+    from .. import guest
+
+    info = guest.asset_info()
+    if get_globals(ctx).json:
+        emit_json(info)
+    else:
+        out.print_json(json.dumps(info, default=str))
+
+
+@config_app.command("show")
+def config_show(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    """Print the effective configuration (defaults filled in) as JSON."""
+    from ..config import HypervisorConfig
+    from ..sandbox import build_config
+    from ..types import HypervisorType
+
+    g = get_globals(ctx)
+    base = _load_config(config, g.hypervisor) if config else HypervisorConfig()
+    cfg = build_config(base, {}, HypervisorType.parse(g.hypervisor))
+    emit_json(cfg.to_dict())

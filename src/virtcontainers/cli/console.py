@@ -1,0 +1,62 @@
+"""Interactive serial console: relay a terminal to the guest console's Unix socket."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import sys
+import termios
+import tty
+
+from ..errors import HypervisorError
+
+
+def attach_console(path: str, escape: str = "]") -> None:
+    """Relay stdin/stdout to the console socket until Ctrl-<escape> is typed or it closes."""
+    if not path:
+        raise HypervisorError("this sandbox has no console socket")
+    esc = bytes([ord(escape.upper()) & 0x1F])
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as e:
+        sock.close()
+        raise HypervisorError(f"cannot connect to console {path}: {e.strerror}") from e
+    stdin_fd = sys.stdin.fileno()
+    is_tty = os.isatty(stdin_fd)
+    saved = termios.tcgetattr(stdin_fd) if is_tty else None
+    sys.stderr.write(f"Connected to {path}. Escape: Ctrl-{escape}\r\n")
+    sys.stderr.flush()
+    try:
+        if is_tty:
+            tty.setraw(stdin_fd)
+        _relay(sock, stdin_fd, esc)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+        sock.close()
+        sys.stderr.write("\r\nDisconnected.\n")
+
+
+def _relay(sock: socket.socket, stdin_fd: int, esc: bytes) -> None:
+    out_fd = sys.stdout.fileno()
+    while True:
+        ready, _, _ = select.select([sock, stdin_fd], [], [])
+        if sock in ready:
+            data = sock.recv(65536)
+            if not data:
+                return
+            with contextlib.suppress(BlockingIOError):
+                os.write(out_fd, data)
+        if stdin_fd in ready:
+            data = os.read(stdin_fd, 4096)
+            if not data:
+                return
+            if esc in data:
+                before = data.split(esc, 1)[0]
+                if before:
+                    sock.sendall(before)
+                return
+            sock.sendall(data)

@@ -1,0 +1,489 @@
+"""`Sandbox`: a VM with a guest agent — config -> hypervisor -> agent; exec, files, lifecycle.
+
+Works with any driver through `Hypervisor` only. State is persisted in the state store so
+that `Sandbox.list()` and `Sandbox.attach(id)` work from another process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from . import persist
+from .config import HypervisorConfig
+from .devices import BlockDrive, HybridVSockDevice, SerialPort, VSockDevice
+from .errors import AgentError, ConfigError, StateError, VCError, VMExitedError
+from .hypervisor import Hypervisor, VMState, new_hypervisor
+from .types import Capabilities, HypervisorType, Socket, VSock
+
+if TYPE_CHECKING:
+    from .agent import AgentClient, ExecResult
+
+log = logging.getLogger(__name__)
+
+AGENT_VSOCK_PORT = 1024
+DEFAULT_START_TIMEOUT = 60.0
+_FIELDS = {f.name for f in dataclasses.fields(HypervisorConfig)}
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """A persisted sandbox as `Sandbox.list()` reports it."""
+
+    id: str
+    hypervisor: str
+    state: str
+    pid: int
+    created_at: float
+    vcpus: int
+    memory_mb: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form."""
+        return dataclasses.asdict(self)
+
+
+def build_config(
+    config: HypervisorConfig | None, overrides: dict[str, Any], htype: HypervisorType
+) -> HypervisorConfig:
+    """A validated config: the caller's (copied), overrides applied, guest assets filled in."""
+    cfg = config.copy() if config is not None else HypervisorConfig()
+    for name, value in overrides.items():
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown sandbox option {name!r} (not a HypervisorConfig field)")
+        setattr(cfg, name, value)
+    if htype is not HypervisorType.MOCK and not cfg.kernel_path and not cfg.custom_kernel_asset():
+        from .guest import default_kernel_params, ensure_assets
+
+        assets = ensure_assets()
+        cfg.kernel_path = assets.kernel
+        if not cfg.image_path and not cfg.initrd_path:
+            cfg.initrd_path = assets.initrd
+        cfg.kernel_params = [*default_kernel_params(), *cfg.kernel_params]
+    cfg.validate()
+    return cfg
+
+
+class Sandbox:
+    """A running VM with a guest agent; use `async with Sandbox(...) as sb: await sb.exec(...)`."""
+
+    def __init__(
+        self,
+        id: str | None = None,
+        hypervisor: str | HypervisorType = "qemu",
+        config: HypervisorConfig | None = None,
+        *,
+        run_root: str | None = None,
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+        **overrides: Any,
+    ) -> None:
+        self.id = id or uuid.uuid4().hex[:12]
+        persist.vm_dir(self.id, run_root)  # validates the id early
+        self.hypervisor_type = HypervisorType.parse(hypervisor)
+        self.run_root = persist.run_root(run_root)
+        self.start_timeout = start_timeout
+        self._config_in = config
+        self._overrides = overrides
+        self._hv: Hypervisor | None = None
+        self._agent: AgentClient | None = None
+        self._agent_target: Any = None
+        self._agent_lock = asyncio.Lock()
+        self._store = persist.StateStore(self.run_root)
+        self.created_at = time.time()
+        self.disks: dict[str, BlockDrive] = {}
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def hypervisor(self) -> Hypervisor:
+        """The driver behind this sandbox."""
+        if self._hv is None:
+            raise StateError(f"sandbox {self.id} is not created")
+        return self._hv
+
+    @property
+    def config(self) -> HypervisorConfig:
+        """The validated configuration."""
+        return self.hypervisor.hypervisor_config()
+
+    @property
+    def state(self) -> VMState:
+        """Lifecycle state of the VM."""
+        return self._hv.state if self._hv is not None else VMState.NEW
+
+    def capabilities(self) -> Capabilities:
+        """What the driver supports for this sandbox."""
+        return self.hypervisor.capabilities()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def create(self) -> None:
+        """Validate the config and prepare the VM (nothing is launched); persist it."""
+        if self._hv is not None:
+            raise StateError(f"sandbox {self.id} is already created")
+        with self._store.lock(self.id):
+            if self._store.exists(self.id):
+                raise StateError(f"sandbox {self.id} already exists (virtc rm {self.id}?)")
+            cfg = build_config(self._config_in, self._overrides, self.hypervisor_type)
+            hv = new_hypervisor(self.hypervisor_type, self.run_root)
+            await hv.create_sandbox(self.id, None, cfg)
+            self._hv = hv
+            try:
+                await self._plug_agent_channel()
+                self._persist()
+            except BaseException:
+                await self._teardown()
+                raise
+
+    async def start(self) -> None:
+        """Create if needed, launch the VM and connect to its agent."""
+        if self._hv is None:
+            await self.create()
+        hv = self.hypervisor
+        try:
+            await hv.start_sandbox(self.start_timeout)
+            self._persist()
+            await self._connect_agent(self.start_timeout)
+        except BaseException:
+            await self._teardown()
+            raise
+
+    async def stop(self, force: bool = False) -> None:
+        """Stop the VM, release everything and forget the sandbox. Idempotent."""
+        if self._hv is None:
+            return
+        await self._teardown(force=force)
+
+    async def _teardown(self, force: bool = False) -> None:
+        hv = self._hv
+        await self._close_agent()
+        try:
+            if hv is not None:
+                if force:
+                    await _force_kill(hv)
+                await hv.stop_sandbox()
+        finally:
+            if hv is not None:
+                await hv.cleanup()
+            with self._store.lock(self.id):
+                self._store.delete(self.id)
+
+    async def pause(self) -> None:
+        """Freeze the guest."""
+        self.hypervisor.require(Capabilities.PAUSE, "pause")
+        await self.hypervisor.pause_sandbox()
+        self._persist()
+
+    async def resume(self) -> None:
+        """Resume a paused guest."""
+        self.hypervisor.require(Capabilities.PAUSE, "resume")
+        await self.hypervisor.resume_sandbox()
+        self._persist()
+
+    async def __aenter__(self) -> Sandbox:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- guest operations -------------------------------------------------------------------
+    async def exec(
+        self,
+        argv: list[str] | str,
+        *,
+        stdin: bytes = b"",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        """Run a command in the guest; returns its exit code, stdout and stderr."""
+        if isinstance(argv, str):
+            argv = ["/bin/sh", "-c", argv]
+        if not argv:
+            raise ConfigError("exec: empty command")
+        agent = await self.agent()
+        try:
+            return await agent.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout=timeout)
+        except AgentError:
+            await self._raise_if_vm_dead()
+            raise
+
+    async def write_file(self, guest_path: str, data: bytes, mode: int = 0o644) -> None:
+        """Create or replace a file in the guest."""
+        agent = await self.agent()
+        await agent.write_file(guest_path, data, mode=mode)
+
+    async def read_file(self, guest_path: str) -> bytes:
+        """Read a whole file from the guest."""
+        agent = await self.agent()
+        return await agent.read_file(guest_path)
+
+    async def copy_in(self, host_path: str, guest_path: str) -> None:
+        """Copy a host file into the guest, keeping its permission bits."""
+        data = await asyncio.to_thread(_read_host_file, host_path)
+        await self.write_file(guest_path, data, mode=os.stat(host_path).st_mode & 0o7777)
+
+    async def copy_out(self, guest_path: str, host_path: str) -> None:
+        """Copy a guest file to the host."""
+        data = await self.read_file(guest_path)
+        await asyncio.to_thread(_write_host_file, host_path, data)
+
+    async def add_disk(
+        self, path: str, id: str | None = None, *, read_only: bool = False
+    ) -> BlockDrive:
+        """Hot-add a host file as a guest disk."""
+        self.hypervisor.require(Capabilities.BLOCK_DEVICE_HOTPLUG, "disk hotplug")
+        drive = BlockDrive(id=id or f"disk{uuid.uuid4().hex[:6]}", path=path, read_only=read_only)
+        if drive.id in self.disks:
+            raise ConfigError(f"sandbox {self.id} already has a disk with id {drive.id!r}")
+        await self.hypervisor.hotplug_add_device(drive)
+        self.disks[drive.id] = drive
+        self._persist()
+        return drive
+
+    async def remove_disk(self, drive: BlockDrive | str) -> None:
+        """Hot-remove a disk added with `add_disk` (the drive or its id)."""
+        self.hypervisor.require(Capabilities.BLOCK_DEVICE_HOTPLUG, "disk hot-removal")
+        disk_id = drive if isinstance(drive, str) else drive.id
+        known = self.disks.get(disk_id)
+        if known is None:
+            raise ConfigError(f"sandbox {self.id} has no hot-added disk {disk_id!r}")
+        await self.hypervisor.hotplug_remove_device(known)
+        del self.disks[disk_id]
+        self._persist()
+
+    async def remove_disk_by_id(self, disk_id: str) -> None:
+        """Hot-remove a disk by the id `add_disk` gave it."""
+        await self.remove_disk(disk_id)
+
+    async def resize(self, vcpus: int | None = None, memory_mb: int | None = None) -> None:
+        """Change the number of vCPUs and/or the memory size of the running VM."""
+        hv = self.hypervisor
+        if vcpus is not None:
+            hv.require(Capabilities.CPU_HOTPLUG, "vCPU resize")
+            await hv.resize_vcpus(vcpus)
+        if memory_mb is not None:
+            hv.require(Capabilities.MEMORY_HOTPLUG, "memory resize")
+            await hv.resize_memory(memory_mb, 128, False)
+        self._persist()
+
+    async def console_path(self) -> str:
+        """Host address of the guest console."""
+        return await self.hypervisor.get_sandbox_console(self.id)
+
+    def log_paths(self, vmm: bool = False) -> list[str]:
+        """The console log (or, with `vmm`, the VMM's own log) files of this sandbox."""
+        vm_dir = persist.vm_dir(self.id, self.run_root)
+        try:
+            names = sorted(n for n in os.listdir(vm_dir) if n.endswith(".log"))
+        except FileNotFoundError:
+            return []
+        wanted = [n for n in names if ("console" in n) != vmm]
+        return [os.path.join(vm_dir, n) for n in wanted]
+
+    async def detach(self) -> None:
+        """Let go of the sandbox without stopping it (it stays running for a later attach)."""
+        await self._close_agent()
+        if self._hv is not None:
+            self._persist()
+            await self._hv.disconnect()
+
+    # -- agent ------------------------------------------------------------------------------
+    async def agent(self) -> AgentClient:
+        """The connected agent client (connecting on first use)."""
+        if self._agent is None:
+            await self._connect_agent(10.0)
+        assert self._agent is not None
+        return self._agent
+
+    async def _plug_agent_channel(self) -> None:
+        hv = self.hypervisor
+        vm_dir = persist.vm_dir(self.id, self.run_root)
+        if Capabilities.HYBRID_VSOCK in hv.capabilities():
+            from .host import build_socket_path
+
+            uds = build_socket_path(vm_dir, "agent-vsock.sock")
+            await hv.add_device(HybridVSockDevice(uds_path=uds, port=AGENT_VSOCK_PORT))
+            self._agent_target = ("hybrid", uds, AGENT_VSOCK_PORT)
+            return
+        sock = hv.generate_socket(self.id, self.config.use_vsock)
+        if isinstance(sock, VSock):
+            await hv.add_device(VSockDevice(sock))
+            self._agent_target = ("vsock", sock.context_id, sock.port)
+        else:
+            assert isinstance(sock, Socket)
+            await hv.add_device(SerialPort(sock))
+            self._agent_target = ("unix", sock.host_path, 0)
+
+    async def _connect_agent(self, timeout: float) -> None:
+        from .agent import AgentClient, HybridVsock
+
+        async with self._agent_lock:
+            if self._agent is not None:
+                return
+            kind, where, port = self._agent_target
+            target: Any
+            if kind == "hybrid":
+                target = HybridVsock(where, port)
+            elif kind == "unix":
+                target = where
+            else:
+                target = ("vsock", where, port)
+            try:
+                self._agent = await AgentClient.connect(target, timeout)
+            except AgentError:
+                await self._raise_if_vm_dead()
+                raise
+
+    async def _close_agent(self) -> None:
+        agent, self._agent = self._agent, None
+        if agent is not None:
+            try:
+                await agent.close()
+            except VCError as e:
+                log.debug("closing agent of %s: %s", self.id, e)
+
+    async def _raise_if_vm_dead(self) -> None:
+        hv = self._hv
+        if hv is None:
+            return
+        try:
+            await hv.check()
+        except VMExitedError:
+            raise
+        except VCError as e:
+            raise VMExitedError(f"sandbox {self.id}: VM is unhealthy: {e}") from e
+
+    # -- persistence ------------------------------------------------------------------------
+    def _persist(self) -> None:
+        hv = self.hypervisor
+        doc = {
+            "sandbox": {
+                "id": self.id,
+                "hypervisor": str(self.hypervisor_type),
+                "created_at": self.created_at,
+                "state": hv.state.value,
+                "agent": list(self._agent_target) if self._agent_target else None,
+                "start_timeout": self.start_timeout,
+                "disks": {
+                    d.id: {"path": d.path, "read_only": d.read_only} for d in self.disks.values()
+                },
+            },
+            "hypervisor": hv.save().model_dump(mode="json"),
+            "config": hv.hypervisor_config().to_dict(),
+        }
+        with self._store.lock(self.id):
+            self._store.write(self.id, doc)
+
+    @classmethod
+    def list(cls, run_root: str | None = None) -> list[SandboxInfo]:
+        """Every persisted sandbox under the run root, with its liveness checked."""
+        from .host import pid_is
+
+        store = persist.StateStore(persist.run_root(run_root))
+        out: list[SandboxInfo] = []
+        for sid in store.list():
+            try:
+                doc = store.read(sid)
+            except StateError as e:
+                log.warning("skipping sandbox %s: %s", sid, e)
+                continue
+            sb = doc.get("sandbox", {})
+            hs = doc.get("hypervisor", {})
+            cfg = doc.get("config", {})
+            state = str(sb.get("state", "unknown"))
+            pid = int(hs.get("pid") or 0)
+            alive = bool(pid) and pid_is(pid, int(hs.get("pid_start_time") or 0))
+            if state in ("running", "paused") and sb.get("hypervisor") != "mock" and not alive:
+                state = "dead"
+            out.append(
+                SandboxInfo(
+                    id=sid,
+                    hypervisor=str(sb.get("hypervisor", "")),
+                    state=state,
+                    pid=pid,
+                    created_at=float(sb.get("created_at", 0.0)),
+                    vcpus=int(cfg.get("num_vcpus", 0)),
+                    memory_mb=int(cfg.get("memory_size", 0)),
+                )
+            )
+        return out
+
+    @classmethod
+    async def attach(cls, id: str, run_root: str | None = None) -> Sandbox:
+        """Take over a sandbox persisted by another process (the VM keeps running)."""
+        from .persist import HypervisorState
+
+        root = persist.run_root(run_root)
+        store = persist.StateStore(root)
+        with store.lock(id):
+            if not store.exists(id):
+                raise StateError(f"no such sandbox: {id}")
+            doc = store.read(id)
+        sb_doc = doc.get("sandbox", {})
+        sb = cls(id, sb_doc.get("hypervisor", "qemu"), run_root=root)
+        sb.start_timeout = float(sb_doc.get("start_timeout", DEFAULT_START_TIMEOUT))
+        sb.created_at = float(sb_doc.get("created_at", time.time()))
+        cfg = HypervisorConfig.from_dict(doc.get("config", {}))
+        hv = new_hypervisor(sb.hypervisor_type, root)
+        state = str(sb_doc.get("state", "created"))
+        if state == VMState.CREATED.value:
+            await hv.create_sandbox(id, None, cfg)
+            sb._hv = hv
+            await sb._plug_agent_channel()
+            return sb
+        hv.load(HypervisorState.model_validate(doc.get("hypervisor", {})))
+        hv.state = VMState(state) if state in VMState._value2member_map_ else VMState.RUNNING
+        sb._hv = hv
+        agent = sb_doc.get("agent")
+        sb._agent_target = tuple(agent) if agent else None
+        for disk_id, d in (sb_doc.get("disks") or {}).items():
+            sb.disks[disk_id] = BlockDrive(
+                id=disk_id, path=d["path"], read_only=bool(d.get("read_only"))
+            )
+        return sb
+
+
+async def _force_kill(hv: Hypervisor) -> None:
+    """SIGKILL the VMM process, after checking it is still the process that was started."""
+    import signal
+
+    from .host import pid_is
+
+    state = hv.save()
+    if state.pid > 0 and pid_is(state.pid, state.pid_start_time):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(state.pid, signal.SIGKILL)
+    await asyncio.sleep(0)
+
+
+def _read_host_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read host file {path}: {e.strerror}") from e
+
+
+def _write_host_file(path: str, data: bytes) -> None:
+    tmp = f"{path}.vc-tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ConfigError(f"cannot write host file {path}: {e.strerror}") from e
