@@ -98,7 +98,7 @@ async def test_cpu_and_memory_hotplug() -> None:
     hv = await running(num_vcpus=1, default_max_vcpus=4, memory_size=512)
     assert await hv.hotplug_add_device(CPUDevice(2)) == 2
     assert await hv.resize_vcpus(4) == (3, 4)
-    with pytest.raises(ConfigError, match="1..4"):
+    with pytest.raises(ConfigError, match=r"1\.\.4"):
         await hv.resize_vcpus(5)
     assert await hv.hotplug_remove_device(CPUDevice(1)) == 1
     size, dev = await hv.resize_memory(1000, 128, True)
