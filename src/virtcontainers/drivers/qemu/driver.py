@@ -1,0 +1,658 @@
+"""`QemuHypervisor`: the `Hypervisor` implementation for QEMU (lifecycle, QMP, state).
+
+Hotplug lives in `hotplug.py`; the command line in `argv.py`; the process in `process.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid as uuidlib
+from typing import TYPE_CHECKING, Any
+
+from ... import host, persist
+from ...devices import (
+    BlockDrive,
+    Device,
+    ImageDevice,
+    NetworkEndpoint,
+    SerialPort,
+    SharedFS,
+    VSockDevice,
+)
+from ...errors import (
+    AssetError,
+    ConfigError,
+    HypervisorError,
+    LaunchError,
+    StateError,
+    VMExitedError,
+    VMTimeoutError,
+)
+from ...hypervisor import Hypervisor, VMState, check_transition, register
+from ...types import Capabilities, HypervisorType, MemoryDevice
+from . import argv as qargv
+from .hotplug import IMPLEMENTED as HOTPLUG_IMPLEMENTED
+from .hotplug import Hotplug
+from .process import VMProcess, log_tail
+from .qmp import QMP, QMPDisconnectedError
+
+if TYPE_CHECKING:
+    from ...config import HypervisorConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QEMU = "qemu-system-x86_64"
+QMP_ATTACH_TIMEOUT = 5.0
+QUIT_TIMEOUT = 3.0
+TERM_TIMEOUT = 3.0
+KILL_TIMEOUT = 5.0
+EXIT_REPORT_TIMEOUT = 5.0
+MIGRATION_TIMEOUT = 60.0
+BAD_STATUSES = ("guest-panicked", "internal-error", "io-error", "shutdown")
+
+_BASE_CAPS = Capabilities.BLOCK_DEVICE | Capabilities.MULTI_QUEUE | Capabilities.FS_SHARING
+_BASE_CAPS |= Capabilities.PAUSE | Capabilities.VSOCK
+_HOTPLUG_CAPS = (
+    Capabilities.BLOCK_DEVICE_HOTPLUG
+    | Capabilities.NET_DEVICE_HOTPLUG
+    | Capabilities.CPU_HOTPLUG
+    | Capabilities.MEMORY_HOTPLUG
+    | Capabilities.VIRTIO_MEM
+    | Capabilities.VFIO_HOTPLUG
+    | Capabilities.VHOST_USER_HOTPLUG
+)
+#: What each machine type can do in principle; hotplug flags are further limited by hotplug.py.
+MACHINE_CAPS: dict[str, Capabilities] = {
+    "q35": _BASE_CAPS | Capabilities.TEMPLATE | _HOTPLUG_CAPS,
+    "pc": _BASE_CAPS | Capabilities.TEMPLATE | _HOTPLUG_CAPS,
+    "microvm": _BASE_CAPS,
+}
+
+
+def machine_capabilities(machine: str) -> Capabilities:
+    """Capabilities of a QEMU machine type, counting only the hotplug that is implemented."""
+    caps = MACHINE_CAPS[machine]
+    return (caps & ~_HOTPLUG_CAPS) | (caps & _HOTPLUG_CAPS & HOTPLUG_IMPLEMENTED)
+
+
+@register(HypervisorType.QEMU)
+class QemuHypervisor(Hypervisor):
+    """One QEMU VM."""
+
+    def __init__(self, run_root: str | None = None) -> None:
+        super().__init__(run_root)
+        self.config: HypervisorConfig | None = None
+        self.paths: qargv.VMPaths | None = None
+        self.uuid = ""
+        self.network_ns: str | None = None
+        self.stateful = False
+        self.accel = ""
+        self.qemu_path = ""
+        self.kernel = ""
+        self.initrd = ""
+        self.image = ""
+        self.devices: list[Device] = []
+        self.argv: list[str] = []
+        self.agent_socket = ""
+        self.root_ports: list[str] = []
+        self.bridges: list[str] = []
+        self.block_index_map: list[int] = []
+        self.hotplugged_vcpus = 0
+        self.hotplugged_memory = 0
+        self.virtiofsd_pids: list[int] = []
+        self.hotplug = Hotplug(self)
+        self._proc: VMProcess | None = None
+        self._pid = 0
+        self._pid_start: int | None = None
+        self._qmp: QMP | None = None
+        self._owned_fds: list[int] = []
+
+    # -- create / start ----------------------------------------------------------------------
+    async def create_sandbox(
+        self, id: str, network_ns: str | None, config: HypervisorConfig, stateful: bool = False
+    ) -> None:
+        check_transition(self.state, VMState.CREATED, "create", id)
+        config.validate()
+        machine = qargv.machine_type(config)
+        qemu = self._resolve_qemu(config)
+        kernel = _existing_asset("kernel", config.kernel_asset_path())
+        initrd = config.initrd_asset_path()
+        if initrd:
+            _existing_asset("initrd", initrd)
+        image = config.image_asset_path()
+        if image:
+            _existing_asset("image", image)
+        if config.boot_from_template:
+            _existing_asset("devices_state_path", config.devices_state_path)
+            _existing_asset("memory_path", config.memory_path)
+        for name, path in (("kernel_path", kernel), ("initrd_path", initrd), ("image_path", image)):
+            qargv.check_path(name, path)
+        if network_ns and not os.path.exists(network_ns):
+            raise ConfigError(f"network namespace {network_ns} does not exist")
+
+        self.id = id
+        self.config = config
+        self.network_ns = network_ns
+        self.stateful = stateful
+        self.qemu_path = qemu
+        self.kernel, self.initrd, self.image = kernel, initrd, image
+        self.uuid = str(uuidlib.uuid4())
+        self.accel = "kvm" if host.kvm_usable() else "tcg"
+        if self.accel == "tcg":
+            log.info("sandbox %s: KVM is not usable on this host; QEMU uses TCG (emulation)", id)
+        self.paths = qargv.VMPaths(persist.vm_dir(id, self.run_root))
+        for sock in (self.paths.qmp_socket, self.paths.console_socket):
+            host.build_socket_path(sock)
+        os.makedirs(os.path.dirname(self.paths.vm_dir), exist_ok=True)
+        os.makedirs(self.paths.vm_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.paths.vm_dir, 0o700)
+        self.root_ports = qargv.root_port_ids(self._spec()) if machine == "q35" else []
+        self.bridges = qargv.bridge_ids(self._spec()) if machine == "pc" else []
+        self.state = VMState.CREATED
+
+    def _resolve_qemu(self, config: HypervisorConfig) -> str:
+        path = config.hypervisor_asset_path() or shutil.which(DEFAULT_QEMU) or ""
+        if not path:
+            raise AssetError(f"QEMU binary {DEFAULT_QEMU} not found in PATH; set hypervisor_path")
+        if not os.path.isfile(path):
+            raise AssetError(f"QEMU binary {path} does not exist")
+        if not os.access(path, os.X_OK):
+            raise AssetError(f"QEMU binary {path} is not executable")
+        return path
+
+    def _spec(self, qmp_fd: int | None = None) -> qargv.LaunchSpec:
+        assert self.config is not None and self.paths is not None
+        image_size = 0
+        if self.image:
+            try:
+                image_size = os.path.getsize(self.image)
+            except OSError as exc:
+                raise AssetError(f"image {self.image}: {exc.strerror}") from exc
+        return qargv.LaunchSpec(
+            config=self.config,
+            name=self.id,
+            uuid=self.uuid,
+            paths=self.paths,
+            qemu=self.qemu_path,
+            kernel=self.kernel,
+            initrd=self.initrd,
+            image=self.image,
+            image_size=image_size,
+            accel=self.accel or "tcg",
+            qmp_fd=qmp_fd,
+            host_memory_mib=host.host_memory_kib() // 1024,
+            host_cpus=os.cpu_count() or 1,
+            devices=list(self.devices),
+        )
+
+    def build_launch(self, qmp_fd: int | None = None) -> qargv.Launch:
+        """The command line `start_sandbox` will run (for inspection and benchmarks)."""
+        self._require_config("build the command line")
+        return qargv.build(self._spec(qmp_fd))
+
+    async def start_sandbox(self, timeout: float) -> None:
+        check_transition(self.state, VMState.RUNNING, "start", self.id)
+        assert self.config is not None and self.paths is not None
+        deadline = time.monotonic() + timeout
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            launch = self.build_launch(qmp_fd=theirs.fileno())
+            self.argv = launch.argv
+            self._proc = VMProcess.launch(
+                launch.argv,
+                log_path=self.paths.qemu_log,
+                pass_fds=launch.pass_fds,
+                cwd=self.paths.vm_dir,
+                netns=self.network_ns,
+            )
+        except BaseException:
+            ours.close()
+            await self._release(remove_dir=True)
+            self.state = VMState.STOPPED
+            raise
+        finally:
+            theirs.close()
+        self._pid, self._pid_start = self._proc.pid, self._proc.start_time
+        self._close_owned_fds()  # QEMU holds its own copies now
+        qmp = QMP(f"{self.id}")
+        try:
+            await qmp.connect(ours, timeout=max(0.0, deadline - time.monotonic()))
+            self._qmp = qmp
+            if self.config.boot_from_template:
+                await self._incoming_migration(max(0.1, deadline - time.monotonic()))
+        except QMPDisconnectedError:
+            await self._fail_launch("QEMU exited during start-up")
+        except VMTimeoutError:
+            tail = self._console_tail()
+            await self._teardown()
+            raise VMTimeoutError(
+                f"sandbox {self.id}: QEMU did not become ready within {timeout:g}s"
+                + (f"\n--- console tail ---\n{tail}" if tail else "")
+            ) from None
+        except BaseException:
+            await self._teardown()
+            raise
+        self.state = VMState.RUNNING
+
+    async def _fail_launch(self, message: str) -> None:
+        assert self._proc is not None
+        proc = self._proc
+        await proc.wait(EXIT_REPORT_TIMEOUT)
+        code = proc.returncode
+        tail = proc.log_tail()
+        console = self._console_tail()
+        if console:
+            tail += f"\n--- console tail ---\n{console}"
+        argv = proc.argv
+        await self._teardown()
+        raise LaunchError(
+            f"sandbox {self.id}: {message}" + ("" if code is not None else " (still running)"),
+            exit_code=code,
+            argv=argv,
+            log_tail=tail,
+        )
+
+    async def _incoming_migration(self, timeout: float) -> None:
+        assert self.config is not None
+        qmp = self._require_qmp()
+        await qmp.execute(
+            "migrate-set-capabilities",
+            {
+                "capabilities": [
+                    {"capability": "x-ignore-shared", "state": True},
+                    {"capability": "events", "state": True},
+                ]
+            },
+        )
+        path = qargv.check_path("devices_state_path", self.config.devices_state_path)
+        with qmp.events("MIGRATION") as events:
+            await qmp.execute("migrate-incoming", {"uri": f"exec:cat {path}"})
+            await self._wait_migration(events, timeout)
+        await qmp.execute("cont")
+
+    async def _wait_migration(self, events: Any, timeout: float) -> None:
+        event = await events.wait(
+            lambda e: e["data"]["status"] in ("completed", "failed", "cancelled"),
+            timeout=timeout,
+            what="(migration end)",
+        )
+        status = event["data"]["status"]
+        if status != "completed":
+            detail = ""
+            with contextlib.suppress(HypervisorError):
+                info = await self._require_qmp().execute("query-migrate")
+                detail = f": {info.get('error-desc', '')}"
+            raise HypervisorError(f"sandbox {self.id}: migration {status}{detail}")
+
+    # -- stop / cleanup ----------------------------------------------------------------------
+    async def stop_sandbox(self) -> None:
+        if self.state in (VMState.STOPPED, VMState.NEW):
+            self.state = VMState.STOPPED
+            await self._release(remove_dir=self.paths is not None)
+            return
+        proc = self._process()
+        if proc is not None and proc.alive():
+            qmp = await self._attach_or_none()
+            if qmp is not None:
+                with contextlib.suppress(HypervisorError):
+                    await qmp.execute("quit", timeout=QUIT_TIMEOUT)
+                    await proc.wait(QUIT_TIMEOUT)
+            await proc.terminate(TERM_TIMEOUT, KILL_TIMEOUT)
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        """Kill whatever is left, reap, and remove every file of this VM."""
+        proc = self._proc
+        if proc is not None and proc.alive():
+            await proc.terminate(0.5, KILL_TIMEOUT)
+        await self._release(remove_dir=True)
+        self.state = VMState.STOPPED
+
+    async def _release(self, *, remove_dir: bool) -> None:
+        if self._qmp is not None:
+            await self._qmp.close()
+            self._qmp = None
+        if self._proc is not None:
+            self._proc.close()
+            self._proc = None
+        self._close_owned_fds()
+        if remove_dir and self.paths is not None:
+            shutil.rmtree(self.paths.vm_dir, ignore_errors=True)
+
+    def _close_owned_fds(self) -> None:
+        for fd in self._owned_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._owned_fds.clear()
+
+    async def cleanup(self) -> None:
+        proc = self._process()
+        running = proc is not None and proc.alive()
+        await self._release(remove_dir=not running)
+
+    async def disconnect(self) -> None:
+        if self._qmp is not None:
+            await self._qmp.close()
+            self._qmp = None
+
+    # -- pause / resume / save ---------------------------------------------------------------
+    async def pause_sandbox(self) -> None:
+        check_transition(self.state, VMState.PAUSED, "pause", self.id)
+        await self._execute("stop")
+        self.state = VMState.PAUSED
+
+    async def resume_sandbox(self) -> None:
+        check_transition(self.state, VMState.RUNNING, "resume", self.id)
+        await self._execute("cont")
+        self.state = VMState.RUNNING
+
+    async def save_sandbox(self) -> None:
+        cfg = self._require_config("save")
+        if self.state not in (VMState.RUNNING, VMState.PAUSED):
+            raise StateError(f"cannot save VM {self.id}: it is {self.state.value}")
+        if not cfg.devices_state_path:
+            raise ConfigError(f"sandbox {self.id}: devices_state_path is needed to save a template")
+        path = qargv.check_path("devices_state_path", cfg.devices_state_path)
+        qmp = await self._attach()
+        await self._execute(
+            "migrate-set-capabilities",
+            {
+                "capabilities": [
+                    {"capability": "x-ignore-shared", "state": True},
+                    {"capability": "events", "state": True},
+                ]
+            },
+        )
+        with qmp.events("MIGRATION") as events:
+            await self._execute("migrate", {"uri": f"exec:cat>{path}"})
+            await self._wait_migration(events, MIGRATION_TIMEOUT)
+
+    # -- devices -----------------------------------------------------------------------------
+    async def add_device(self, device: Device) -> None:
+        if self.state != VMState.CREATED:
+            raise StateError(
+                f"cannot cold-plug {device.kind} into VM {self.id or '<unnamed>'}: it is "
+                f"{self.state.value} (use hotplug_add_device on a running VM)"
+            )
+        if isinstance(device, ImageDevice):
+            _existing_asset("image", device.path)
+            if self.image and self.image != device.path:
+                raise ConfigError(f"sandbox {self.id} already has the image {self.image}")
+            self.image = device.path
+            return
+        if isinstance(device, SharedFS) and device.fs_type == "virtio-fs":
+            raise self.unsupported(
+                "cold-plugging a virtio-fs share", "virtiofsd management is not implemented yet"
+            )
+        if isinstance(device, BlockDrive):
+            self._assign_block_slot(device)
+        if not isinstance(device, (SerialPort, VSockDevice, BlockDrive, NetworkEndpoint, SharedFS)):
+            raise self.unsupported(f"cold-plugging {device.kind}")
+        if isinstance(device, SerialPort):
+            host.build_socket_path(device.socket.host_path)
+        if isinstance(device, VSockDevice):
+            self._owned_fds.append(device.vsock.vhost_fd)
+        self.devices.append(device)
+        # Render now so a bad device fails here rather than at start.
+        qargv.build(self._spec())
+
+    def _assign_block_slot(self, drive: BlockDrive) -> None:
+        assert self.config is not None
+        driver = drive.driver or self.config.block_device_driver
+        if driver == "virtio-scsi":
+            used = {d.scsi_addr for d in self.devices if isinstance(d, BlockDrive)}
+            n = 0
+            while f"{n}:0" in used:
+                n += 1
+            drive.scsi_addr = drive.scsi_addr or f"{n}:0"
+        if drive.index < 0:
+            drive.index = self.get_virt_drive_offset() + len(self.block_index_map)
+        self.block_index_map.append(drive.index)
+
+    async def hotplug_add_device(self, device: Device) -> Any:
+        self._require_running("hotplug a device")
+        return await self.hotplug.add_device(device)
+
+    async def hotplug_remove_device(self, device: Device) -> Any:
+        self._require_running("hot-remove a device")
+        return await self.hotplug.remove_device(device)
+
+    async def resize_memory(
+        self, mem_mb: int, block_size_mb: int, probe: bool
+    ) -> tuple[int, MemoryDevice]:
+        self._require_running("resize memory")
+        return await self.hotplug.resize_memory(mem_mb, block_size_mb, probe)
+
+    async def resize_vcpus(self, vcpus: int) -> tuple[int, int]:
+        self._require_running("resize vCPUs")
+        return await self.hotplug.resize_vcpus(vcpus)
+
+    # -- introspection -----------------------------------------------------------------------
+    async def get_sandbox_console(self, sandbox_id: str) -> str:
+        if self.paths is None:
+            raise StateError(f"VM {sandbox_id}: not created, it has no console")
+        return self.paths.console_socket
+
+    def capabilities(self) -> Capabilities:
+        machine = qargv.DEFAULT_MACHINE
+        if self.config is not None:
+            machine = qargv.machine_type(self.config)
+        return machine_capabilities(machine)
+
+    def hypervisor_config(self) -> HypervisorConfig:
+        return self._require_config("read the config")
+
+    async def get_thread_ids(self) -> dict[int, int]:
+        cpus = await self._execute("query-cpus-fast")
+        return {int(c["cpu-index"]): int(c["thread-id"]) for c in cpus}
+
+    def get_pids(self) -> list[int]:
+        pid = self._proc.pid if self._proc is not None else self._pid
+        return ([pid] if pid else []) + list(self.virtiofsd_pids)
+
+    async def check(self) -> None:
+        if self.state not in (VMState.RUNNING, VMState.PAUSED):
+            raise StateError(f"VM {self.id or '<unnamed>'} is {self.state.value}, not running")
+        status = await self._execute("query-status")
+        if status.get("status") in BAD_STATUSES:
+            raise HypervisorError(
+                f"sandbox {self.id}: QEMU reports the guest as {status['status']}"
+            )
+
+    def get_virt_drive_offset(self) -> int:
+        if self.config is None or not self.image:
+            return 0
+        nvdimm = not self.config.disable_image_nvdimm and (
+            qargv.machine_type(self.config) != "microvm"
+        )
+        return 0 if nvdimm else 1
+
+    @property
+    def console_log(self) -> str:
+        """The guest console's log file (everything the guest printed)."""
+        if self.paths is None:
+            raise StateError(f"VM {self.id or '<unnamed>'}: not created")
+        return self.paths.console_log
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(self) -> persist.HypervisorState:
+        cfg = self._require_config("save state")
+        assert self.paths is not None
+        pids = self.get_pids()
+        return persist.HypervisorState(
+            type=str(HypervisorType.QEMU),
+            pid=pids[0] if pids else 0,
+            pid_start_time=self._proc.start_time if self._proc else self._pid_start,
+            uuid=self.uuid,
+            api_socket=self.paths.qmp_socket,
+            block_index_map=list(self.block_index_map),
+            hotplugged_vcpus=self.hotplugged_vcpus,
+            hotplugged_memory=self.hotplugged_memory,
+            virtiofsd_pid=self.virtiofsd_pids[0] if self.virtiofsd_pids else 0,
+            pcie_root_port=len(self.root_ports),
+            bridges=len(self.bridges),
+            hotplug_vfio_on_root_bus=cfg.hotplug_vfio_on_root_bus,
+            vm_dir=self.paths.vm_dir,
+            qmp_socket=self.paths.qmp_socket,
+            console_socket=self.paths.console_socket,
+            agent_socket=self.agent_socket,
+            config=cfg.to_dict(),
+            extra={
+                "id": self.id,
+                "vm_state": self.state.value,
+                "accel": self.accel,
+                "qemu_path": self.qemu_path,
+                "kernel": self.kernel,
+                "initrd": self.initrd,
+                "image": self.image,
+                "root_ports": list(self.root_ports),
+                "bridges": list(self.bridges),
+                "argv": list(self.argv),
+            },
+        )
+
+    def load(self, state: persist.HypervisorState) -> None:
+        from ...config import HypervisorConfig
+
+        if state.type and state.type != str(HypervisorType.QEMU):
+            raise StateError(f"cannot load {state.type} state into the QEMU driver")
+        extra: dict[str, Any] = dict(state.extra or {})
+        self.config = HypervisorConfig.from_dict(state.config)
+        self.paths = qargv.VMPaths(state.vm_dir)
+        self.id = str(extra.get("id") or os.path.basename(state.vm_dir))
+        self.uuid = state.uuid
+        self._pid = state.pid
+        self._pid_start = state.pid_start_time
+        self._proc = None
+        self._qmp = None
+        self.block_index_map = list(state.block_index_map)
+        self.hotplugged_vcpus = state.hotplugged_vcpus
+        self.hotplugged_memory = state.hotplugged_memory
+        self.virtiofsd_pids = [state.virtiofsd_pid] if state.virtiofsd_pid else []
+        self.agent_socket = state.agent_socket
+        self.accel = str(extra.get("accel", ""))
+        self.qemu_path = str(extra.get("qemu_path", ""))
+        self.kernel = str(extra.get("kernel", ""))
+        self.initrd = str(extra.get("initrd", ""))
+        self.image = str(extra.get("image", ""))
+        self.root_ports = list(extra.get("root_ports", []))
+        self.bridges = list(extra.get("bridges", []))
+        self.argv = list(extra.get("argv", []))
+        self.state = VMState(extra.get("vm_state", VMState.RUNNING.value))
+
+    async def to_grpc(self) -> bytes:
+        return json.dumps(self.save().model_dump(mode="json")).encode()
+
+    async def from_grpc(self, config: HypervisorConfig, data: bytes) -> None:
+        try:
+            state = persist.HypervisorState.model_validate_json(data)
+        except ValueError as exc:
+            raise StateError(f"QEMU driver: unreadable VM state from the cache: {exc}") from exc
+        self.load(state)
+        self.config = config
+        await self._attach()
+
+    # -- QMP plumbing ------------------------------------------------------------------------
+    def _process(self) -> VMProcess | None:
+        """Our process handle, adopting the persisted pid (only if it is still that process)."""
+        if self._proc is None and self._pid:
+            log_path = self.paths.qemu_log if self.paths else ""
+            self._proc = VMProcess.adopt(self._pid, self._pid_start, log_path)
+        return self._proc
+
+    def _require_qmp(self) -> QMP:
+        if self._qmp is None:
+            raise StateError(f"VM {self.id}: no QMP session")
+        return self._qmp
+
+    async def _attach_or_none(self) -> QMP | None:
+        """The QMP session, re-attaching over the named socket; None if QEMU refuses (gone)."""
+        if self._qmp is not None and self._qmp.connected:
+            return self._qmp
+        if self._qmp is not None:
+            await self._qmp.close()
+            self._qmp = None
+        if self.paths is None:
+            return None
+        qmp = QMP(f"{self.id}")
+        try:
+            await qmp.connect(self.paths.qmp_socket, timeout=QMP_ATTACH_TIMEOUT)
+        except QMPDisconnectedError:
+            return None
+        self._qmp = qmp
+        return qmp
+
+    async def _attach(self) -> QMP:
+        qmp = await self._attach_or_none()
+        if qmp is None:
+            self._raise_if_exited()
+            raise HypervisorError(
+                f"sandbox {self.id}: cannot connect to QMP at "
+                f"{self.paths.qmp_socket if self.paths else '<no VM dir>'}"
+            )
+        return qmp
+
+    async def _execute(
+        self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 30.0
+    ) -> Any:
+        """Run a QMP command on the live VM; a dead QEMU becomes `VMExitedError`."""
+        if self.state in (VMState.NEW, VMState.CREATED, VMState.STOPPED):
+            raise StateError(
+                f"cannot run {command} on VM {self.id or '<unnamed>'}: it is {self.state.value}"
+            )
+        self._raise_if_exited()
+        qmp = await self._attach()
+        try:
+            return await qmp.execute(command, arguments, timeout=timeout)
+        except QMPDisconnectedError:
+            proc = self._process()
+            if proc is not None:
+                await proc.wait(EXIT_REPORT_TIMEOUT)
+            self._raise_if_exited()
+            raise
+
+    def _raise_if_exited(self) -> None:
+        proc = self._process()
+        if proc is not None and proc.alive():
+            return
+        code = proc.returncode if proc is not None else None
+        detail = f" with exit code {code}" if code is not None and code >= 0 else ""
+        if code is not None and code < -1:
+            detail = f" (killed by signal {-code})"
+        tail = self._console_tail(5)
+        raise VMExitedError(
+            f"sandbox {self.id}: QEMU (pid {self._pid}) has exited{detail}"
+            + (f"\n--- console tail ---\n{tail}" if tail else "")
+        )
+
+    def _console_tail(self, lines: int = 10) -> str:
+        return log_tail(self.paths.console_log, lines) if self.paths else ""
+
+    def _require_config(self, operation: str) -> HypervisorConfig:
+        if self.config is None:
+            raise StateError(f"cannot {operation}: VM {self.id or '<unnamed>'} is not created")
+        return self.config
+
+    def _require_running(self, operation: str) -> None:
+        if self.state not in (VMState.RUNNING, VMState.PAUSED):
+            raise StateError(
+                f"cannot {operation} on VM {self.id or '<unnamed>'}: it is {self.state.value}"
+            )
+
+
+def _existing_asset(name: str, path: str) -> str:
+    if not path:
+        raise ConfigError(f"{name}: no path given")
+    if not os.path.isabs(path):
+        raise ConfigError(f"{name}: {path!r} must be an absolute path")
+    if not os.path.exists(path):
+        raise AssetError(f"{name} {path} does not exist")
+    if not os.path.isfile(path) and not os.path.exists(os.path.realpath(path)):
+        raise AssetError(f"{name} {path} is not a file")
+    return path
