@@ -1,32 +1,449 @@
-"""Where VM files live and how sandbox state is persisted (atomic files under flock)."""
+"""Where VM files live, and sandbox state persisted atomically under an flock.
+
+Layout under the run root: `vm/<id>/` holds one VM's sockets, pid and log; `sbs/<id>/`
+holds `persist.json` (the state document) and `lock` (the flock target).
+
+Writes go to a temp file in the same directory, are fsynced and renamed over the old file,
+so a reader sees the old or the new document, never a torn one. A writer killed mid-write
+leaves its temp file (`.persist.json.tmp.<pid>.<start time>.<token>`); the next `write` to
+that sandbox removes every temp file whose writer process is gone.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
 import os
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from . import host
+from .errors import ConfigError, StateError
+
+DEFAULT_ROOT_RUN_ROOT = "/run/vc"
+RUN_ROOT_ENV = "VC_RUN_ROOT"
+STATE_FILE = "persist.json"
+LOCK_FILE = "lock"
+TEMP_PREFIX = f".{STATE_FILE}.tmp."
+ID_MAX_LEN = 128
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+# -- paths ------------------------------------------------------------------------------------
+def validate_id(id: str, what: str = "sandbox id") -> str:
+    """Return `id` if it is safe as one path component, else raise `ConfigError` naming it."""
+    if not isinstance(id, str) or not id:
+        raise ConfigError(f"{what} must be a non-empty string, got {id!r}")
+    if len(id) > ID_MAX_LEN:
+        raise ConfigError(f"{what} {id[:32]!r}... is {len(id)} characters long (max {ID_MAX_LEN})")
+    if "/" in id or ".." in id or not _ID_RE.fullmatch(id):
+        raise ConfigError(
+            f"invalid {what} {id!r}: use letters, digits, '_', '.', '-', starting with a letter "
+            "or digit, without '/' or '..'"
+        )
+    return id
 
 
 def run_root(override: str | None = None) -> str:
-    """The run root: override > env VC_RUN_ROOT > /run/vc as root > $XDG_RUNTIME_DIR/vc."""
+    """The run root: `override` > env `VC_RUN_ROOT` > `/run/vc` as root > `$XDG_RUNTIME_DIR/vc`.
+
+    Without XDG_RUNTIME_DIR a non-root user gets `<tmpdir>/vc-<uid>`.
+    """
     if override:
-        return override
-    env = os.environ.get("VC_RUN_ROOT")
-    if env:
-        return env
-    if os.geteuid() == 0:
-        return "/run/vc"
-    xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/vc-{os.getuid()}"
-    return os.path.join(xdg, "vc")
+        source, path = "run root", override
+    elif os.environ.get(RUN_ROOT_ENV):
+        source, path = RUN_ROOT_ENV, os.environ[RUN_ROOT_ENV]
+    elif os.geteuid() == 0:
+        return DEFAULT_ROOT_RUN_ROOT
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        source, path = "XDG_RUNTIME_DIR", os.path.join(os.environ["XDG_RUNTIME_DIR"], "vc")
+    else:
+        return os.path.join(tempfile.gettempdir(), f"vc-{os.getuid()}")
+    if not os.path.isabs(path):
+        raise ConfigError(f"{source} must be an absolute path, got {path!r}")
+    return os.path.normpath(path)
 
 
 def vm_root(run_root: str | None = None) -> str:
     """`<run_root>/vm`: the parent of every VM directory."""
-    return os.path.join(_root(run_root), "vm")
+    return os.path.join(_resolve_root(run_root), "vm")
 
 
 def vm_dir(id: str, run_root: str | None = None) -> str:
     """`<run_root>/vm/<id>`: one VM's sockets, pid and log."""
-    return os.path.join(vm_root(run_root), id)
+    return os.path.join(vm_root(run_root), validate_id(id, "VM id"))
 
 
-def _root(override: str | None) -> str:
-    return run_root(override)
+def sandbox_state_dir(id: str, run_root: str | None = None) -> str:
+    """`<run_root>/sbs/<id>`: one sandbox's persisted state and lock file."""
+    return os.path.join(_resolve_root(run_root), "sbs", validate_id(id))
+
+
+_resolve_root = run_root
+
+
+def ensure_dir(path: str, mode: int = DIR_MODE) -> None:
+    """Create `path` and missing parents with exactly `mode` (whatever the umask)."""
+    missing: list[str] = []
+    current = os.path.abspath(path)
+    while not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+            continue
+        os.chmod(d, mode)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_own_start: tuple[int, int | None] | None = None
+
+
+def _own_start_time() -> int | None:
+    """This process's start time, recomputed after a fork."""
+    global _own_start
+    pid = os.getpid()
+    if _own_start is None or _own_start[0] != pid:
+        _own_start = (pid, host.process_start_time(pid))
+    return _own_start[1]
+
+
+def temp_name(final_name: str) -> str:
+    """A temp file name for `final_name` naming this writer (pid and start time)."""
+    return f".{final_name}.tmp.{os.getpid()}.{_own_start_time() or 0}.{secrets.token_hex(4)}"
+
+
+def remove_stale_temps(directory: str, final_name: str = STATE_FILE) -> list[str]:
+    """Remove temp files for `final_name` whose writer process is gone; return their names."""
+    prefix = f".{final_name}.tmp."
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        parts = name[len(prefix) :].split(".")
+        try:
+            pid, start = int(parts[0]), int(parts[1])
+        except (IndexError, ValueError):
+            pid, start = 0, 0
+        if pid > 0 and host.pid_is(pid, start):
+            continue  # its writer is still running
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+    return removed
+
+
+def atomic_write(path: str, data: bytes, mode: int = FILE_MODE) -> None:
+    """Replace `path` with `data` atomically and durably; on failure the old file is intact.
+
+    Temp file in the same directory, write, fsync, rename, fsync the directory. Errors
+    (ENOSPC, EACCES, ...) raise `StateError` naming the path; the temp file is removed.
+    """
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, temp_name(name))
+    fd = -1
+    try:
+        ensure_dir(directory)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+    except OSError as e:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise StateError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+# -- state models -----------------------------------------------------------------------------
+class Bridge(BaseModel):
+    """A PCI/PCIe bridge of the VM and the devices plugged into it (slot -> device id)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = ""
+    type: str = ""
+    addr: int = Field(default=0, ge=0)
+    devices_addr: dict[int, str] = Field(default_factory=dict)
+
+
+class HotpluggedVCPU(BaseModel):
+    """A hot-added vCPU, by the id the hypervisor knows it under."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+
+
+class HypervisorState(BaseModel):
+    """What a driver persists so that another process can re-attach to its VM."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = ""
+    pid: int = Field(default=0, ge=0)
+    pid_start_time: int | None = None
+    uuid: str = ""
+    api_socket: str = ""
+    block_index_map: list[int] = Field(default_factory=list)
+    hotplugged_vcpus: list[HotpluggedVCPU] = Field(default_factory=list)
+    hotplugged_memory: int = Field(default=0, ge=0)
+    virtiofsd_pid: int = Field(default=0, ge=0)
+    pcie_root_port: int = Field(default=0, ge=0)
+    bridges: list[Bridge] = Field(default_factory=list)
+    hotplug_vfio_on_root_bus: bool = False
+    vm_dir: str = ""
+    qmp_socket: str = ""
+    console_socket: str = ""
+    agent_socket: str = ""
+    config: dict[str, Any] = Field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("hotplugged_vcpus", mode="before")
+    @classmethod
+    def _vcpu_ids(cls, value: Any) -> Any:
+        """Accept plain id strings as well as `{"id": ...}` entries."""
+        if isinstance(value, list):
+            return [{"id": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("block_index_map")
+    @classmethod
+    def _indexes(cls, value: list[int]) -> list[int]:
+        if any(i < 0 for i in value):
+            raise ValueError("block indexes must be >= 0")
+        return sorted(set(value))
+
+
+# -- the store --------------------------------------------------------------------------------
+class StateStore:
+    """Sandbox state documents under `<run_root>/sbs/<id>/`, written atomically.
+
+    `lock(id)` / `alock(id)` serialise processes (flock); they are not reentrant. Hold one
+    around read-modify-write sequences (`save_hypervisor`) that may race with another writer.
+    """
+
+    def __init__(self, run_root: str | None = None) -> None:
+        self.run_root = _resolve_root(run_root)
+        self.sbs_root = os.path.join(self.run_root, "sbs")
+
+    def dir(self, id: str) -> str:
+        """`<run_root>/sbs/<id>`."""
+        return os.path.join(self.sbs_root, validate_id(id))
+
+    def path(self, id: str) -> str:
+        """The state file of sandbox `id`."""
+        return os.path.join(self.dir(id), STATE_FILE)
+
+    def write(self, id: str, doc: dict[str, Any]) -> None:
+        """Atomically replace the state of `id` with `doc` (a JSON-safe dict)."""
+        path = self.path(id)
+        if not isinstance(doc, dict):
+            raise StateError(f"state of sandbox {id!r} must be a dict, got {type(doc).__name__}")
+        try:
+            data = json.dumps(doc, indent=1, allow_nan=False).encode()
+        except (TypeError, ValueError) as e:
+            raise StateError(f"state of sandbox {id!r} is not JSON-serialisable: {e}") from e
+        remove_stale_temps(os.path.dirname(path))
+        atomic_write(path, data + b"\n")
+
+    def read(self, id: str) -> dict[str, Any]:
+        """The state document of `id`; `StateError` when missing or corrupt."""
+        path = self.path(id)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise StateError(f"no persisted state for sandbox {id!r} ({path})") from None
+        except OSError as e:
+            raise StateError(f"cannot read {path}: {e.strerror or e}") from e
+        try:
+            doc = json.loads(data)
+        except ValueError as e:
+            raise StateError(f"corrupt state file {path}: {e}") from e
+        if not isinstance(doc, dict):
+            raise StateError(f"corrupt state file {path}: top level is {type(doc).__name__}")
+        return doc
+
+    def exists(self, id: str) -> bool:
+        """True when sandbox `id` has a state file."""
+        return os.path.isfile(self.path(id))
+
+    def delete(self, id: str) -> None:
+        """Remove the sandbox directory (state, lock, temp files); a no-op when absent."""
+        directory = self.dir(id)
+        try:
+            shutil.rmtree(directory)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise StateError(f"cannot delete {directory}: {e.strerror or e}") from e
+
+    def list(self) -> list[str]:
+        """Sorted ids of the sandboxes that have a state file."""
+        try:
+            names = os.listdir(self.sbs_root)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise StateError(f"cannot list {self.sbs_root}: {e.strerror or e}") from e
+        return sorted(
+            n
+            for n in names
+            if _ID_RE.fullmatch(n)
+            and ".." not in n
+            and len(n) <= ID_MAX_LEN
+            and os.path.isfile(os.path.join(self.sbs_root, n, STATE_FILE))
+        )
+
+    # -- locking ----------------------------------------------------------------------------
+    def lock_path(self, id: str) -> str:
+        """The flock target of sandbox `id`."""
+        return os.path.join(self.dir(id), LOCK_FILE)
+
+    def _acquire(self, id: str, timeout: float, cancel: threading.Event | None = None) -> int:
+        """Take the exclusive flock of `id`, polling until `timeout`; return the locked fd."""
+        path = self.lock_path(id)
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            fd = _try_flock(path)
+            if fd is not None:
+                return fd
+            if cancel is not None and cancel.is_set():
+                raise StateError(f"gave up waiting for the lock of sandbox {id!r}: cancelled")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StateError(
+                    f"timed out after {timeout:g} s waiting for the lock of sandbox {id!r} "
+                    f"({path}): another process holds it"
+                )
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.05)
+
+    @contextlib.contextmanager
+    def lock(self, id: str, timeout: float = 30.0) -> Iterator[None]:
+        """Hold the exclusive lock of sandbox `id` (waits at most `timeout` seconds)."""
+        fd = self._acquire(id, timeout)
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.asynccontextmanager
+    async def alock(self, id: str, timeout: float = 30.0) -> AsyncIterator[None]:
+        """`lock` for async code: the waiting happens in a worker thread."""
+        validate_id(id)
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, self._acquire, id, timeout, cancel)
+        try:
+            fd = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            cancel.set()
+            fut.add_done_callback(_close_acquired)
+            raise
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    # -- hypervisor state -------------------------------------------------------------------
+    def save_hypervisor(self, id: str, state: HypervisorState) -> None:
+        """Store `state` under the document's `"hypervisor"` key, keeping the other keys."""
+        doc = self.read(id) if self.exists(id) else {}
+        doc["hypervisor"] = state.model_dump(mode="json")
+        self.write(id, doc)
+
+    def load_hypervisor(self, id: str) -> HypervisorState:
+        """The `HypervisorState` saved for `id`; `StateError` when absent or invalid."""
+        doc = self.read(id)
+        if "hypervisor" not in doc:
+            raise StateError(f"state of sandbox {id!r} ({self.path(id)}) has no hypervisor state")
+        try:
+            return HypervisorState.model_validate(doc["hypervisor"])
+        except ValidationError as e:
+            raise StateError(
+                f"invalid hypervisor state for sandbox {id!r} in {self.path(id)}: {e}"
+            ) from e
+
+
+def _try_flock(path: str) -> int | None:
+    """The fd of `path` locked exclusively, or None when busy (or deleted meanwhile)."""
+    try:
+        ensure_dir(os.path.dirname(path))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    except FileNotFoundError:
+        return None  # the directory was deleted between creating it and opening the file
+    except OSError as e:
+        raise StateError(f"cannot open lock file {path}: {e.strerror or e}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise StateError(f"cannot lock {path}: {e.strerror or e}") from e
+    if not _same_file(fd, path):
+        os.close(fd)  # `delete` removed the file we locked: lock the new one
+        return None
+    if os.fstat(fd).st_mode & 0o777 != FILE_MODE:
+        with contextlib.suppress(PermissionError):
+            os.fchmod(fd, FILE_MODE)
+    return fd
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
+def _close_acquired(fut: asyncio.Future[int] | Future[int]) -> None:
+    """Release a lock whose waiter was cancelled after the worker thread had taken it."""
+    if not fut.cancelled() and fut.exception() is None:
+        os.close(fut.result())
