@@ -1,0 +1,197 @@
+"""A VMM (or helper daemon) host process: spawn, watch, signal, reap, and read its log tail.
+
+Used by the Cloud Hypervisor driver (cloud-hypervisor, virtiofsd) and by the ACRN driver
+(acrn-dm). A process is either our child (spawned here: reaped with `wait`) or attached from
+persisted state by pid and start time (another process's child: polled, and only signalled
+while `host.pid_is` confirms it is still the same process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+
+from ... import host
+from ...errors import LaunchError
+
+_POLL = 0.02
+
+
+def read_tail(paths: Sequence[str], max_bytes: int = 4096) -> str:
+    """The last `max_bytes` of each existing file in `paths`, joined (for error messages)."""
+    parts: list[str] = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - max_bytes))
+                data = f.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        if data.strip():
+            parts.append(data)
+    return "\n".join(parts)
+
+
+class VmmProcess:
+    """One host process we started (or re-attached to) and must not leak."""
+
+    def __init__(
+        self,
+        name: str,
+        pid: int,
+        start_time: int | None,
+        argv: Sequence[str] = (),
+        log_paths: Sequence[str] = (),
+        proc: asyncio.subprocess.Process | None = None,
+    ) -> None:
+        self.name = name
+        self.pid = pid
+        self.start_time = start_time
+        self.argv = list(argv)
+        self.log_paths = list(log_paths)
+        self._proc = proc
+        self._exit_code: int | None = None
+
+    @classmethod
+    async def spawn(
+        cls,
+        name: str,
+        argv: Sequence[str],
+        output_path: str,
+        *,
+        log_paths: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> VmmProcess:
+        """Start `argv` in its own session, stdout and stderr appended to `output_path`.
+
+        Raises `LaunchError` when the binary cannot be executed at all.
+        """
+        try:
+            with open(output_path, "ab") as out:  # noqa: ASYNC230 - local file, no waiting
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env=dict(env) if env is not None else None,
+                )
+        except OSError as e:
+            raise LaunchError(f"cannot execute {name} {argv[0]}: {e.strerror}", argv=argv) from e
+        logs = [output_path, *log_paths]
+        return cls(name, proc.pid, host.process_start_time(proc.pid), argv, logs, proc)
+
+    @classmethod
+    def attach(
+        cls, name: str, pid: int, start_time: int | None, log_paths: Sequence[str] = ()
+    ) -> VmmProcess:
+        """A handle on a process started by someone else (from persisted state)."""
+        return cls(name, pid, start_time, (), log_paths, None)
+
+    @property
+    def is_child(self) -> bool:
+        """True when this process was spawned by us (we reap it)."""
+        return self._proc is not None
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code once a child has been reaped (negative: killed by that signal)."""
+        if self._proc is not None and self._proc.returncode is not None:
+            return self._proc.returncode
+        return self._exit_code
+
+    def alive(self) -> bool:
+        """True while the process runs (zombies count as gone)."""
+        if self._proc is not None and self._proc.returncode is not None:
+            return False
+        # A child the watcher has not reaped yet is a zombie: pid_is counts it as gone.
+        return host.pid_is(self.pid, self.start_time)
+
+    def log_tail(self, max_bytes: int = 4096) -> str:
+        """The end of the process's output and log files."""
+        return read_tail(self.log_paths, max_bytes)
+
+    def launch_error(self, message: str) -> LaunchError:
+        """A `LaunchError` carrying this process's exit code, argv and log tail."""
+        return LaunchError(
+            f"{self.name}: {message}",
+            exit_code=self.exit_code,
+            argv=self.argv,
+            log_tail=self.log_tail(),
+        )
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the process to end; True when it has (and is reaped)."""
+        if self._proc is not None:
+            try:
+                await asyncio.wait_for(self._proc.wait(), timeout)
+            except TimeoutError:
+                return False
+            return True
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_POLL)
+        return True
+
+    def send_signal(self, sig: int) -> bool:
+        """Send `sig` if the process is still the one we know; False when it is already gone."""
+        if not self.alive():
+            return False
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    async def stop(
+        self, first: int = signal.SIGTERM, grace: float = 5.0, kill_wait: float = 5.0
+    ) -> None:
+        """Send `first`, wait `grace` seconds, then SIGKILL and wait; always reaps a child."""
+        if self.send_signal(first) and await self.wait(grace):
+            await self._reap()
+            return
+        self.send_signal(signal.SIGKILL)
+        if not await self.wait(kill_wait):
+            raise self.launch_error(f"pid {self.pid} survived SIGKILL for {kill_wait}s")
+        await self._reap()
+
+    async def _reap(self) -> None:
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                await self._proc.wait()
+
+
+async def wait_for_path(
+    path: str, proc: VmmProcess, timeout: float, what: str, *, is_socket: bool = True
+) -> None:
+    """Wait until `path` exists (a socket the process creates); `LaunchError` if it dies first.
+
+    Raises `VMTimeoutError` when `timeout` passes with the process alive but no path.
+    """
+    import stat
+
+    from ...errors import VMTimeoutError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            st = os.stat(path)
+            if not is_socket or stat.S_ISSOCK(st.st_mode):
+                return
+        except FileNotFoundError:
+            pass
+        if not proc.alive():
+            await proc.wait(1.0)
+            raise proc.launch_error(f"exited before creating its {what} {path}")
+        if time.monotonic() >= deadline:
+            raise VMTimeoutError(f"{proc.name}: {what} {path} did not appear within {timeout:g}s")
+        await asyncio.sleep(_POLL)
