@@ -266,7 +266,11 @@ class HypervisorConfig:
         """
         if asset is None or not asset.path:
             return
-        if not asset.valid():
+        try:
+            ok = asset.valid()
+        except ValueError:  # e.g. a NUL byte in the path
+            ok = False
+        if not ok:
             raise AssetError(f"Invalid {asset.type} at {asset.path}")
         log.debug("Using custom %s asset %s", asset.type, asset.path)
         self._custom_assets[asset.type] = asset

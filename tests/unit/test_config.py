@@ -357,6 +357,13 @@ def test_add_custom_asset_relative_path() -> None:
     assert not cfg.custom_kernel_asset()
 
 
+def test_add_custom_asset_nul_in_path() -> None:
+    cfg = HypervisorConfig()
+    with pytest.raises(AssetError, match="Invalid initrd"):
+        cfg.add_custom_asset(Asset(AssetType.INITRD, "/a\x00b", "ab" * 64))
+    assert not cfg.custom_initrd_asset()
+
+
 def test_add_custom_asset_hash(tmp_path: Path) -> None:
     image = tmp_path / "guest.img"
     image.write_bytes(b"guest image")
