@@ -100,10 +100,10 @@ class QemuHypervisor(Hypervisor):
         self.devices: list[Device] = []
         self.argv: list[str] = []
         self.agent_socket = ""
-        self.root_ports: list[str] = []
-        self.bridges: list[str] = []
+        #: Cold-plugged hotplug targets: pcie-root-ports (q35) or pci-bridges (pc).
+        self.bridges: list[persist.Bridge] = []
         self.block_index_map: list[int] = []
-        self.hotplugged_vcpus = 0
+        self.hotplugged_vcpus: list[str] = []
         self.hotplugged_memory = 0
         self.virtiofsd_pids: list[int] = []
         self.hotplug = Hotplug(self)
@@ -119,7 +119,7 @@ class QemuHypervisor(Hypervisor):
     ) -> None:
         check_transition(self.state, VMState.CREATED, "create", id)
         config.validate()
-        machine = qargv.machine_type(config)
+        qargv.machine_type(config)  # refuse unknown machine types early
         qemu = self._resolve_qemu(config)
         kernel = _existing_asset("kernel", config.kernel_asset_path())
         initrd = config.initrd_asset_path()
@@ -152,8 +152,10 @@ class QemuHypervisor(Hypervisor):
         os.makedirs(os.path.dirname(self.paths.vm_dir), exist_ok=True)
         os.makedirs(self.paths.vm_dir, mode=0o700, exist_ok=True)
         os.chmod(self.paths.vm_dir, 0o700)
-        self.root_ports = qargv.root_port_ids(self._spec()) if machine == "q35" else []
-        self.bridges = qargv.bridge_ids(self._spec()) if machine == "pc" else []
+        spec = self._spec()
+        self.bridges = [
+            persist.Bridge(id=i, type="pcie-root-port") for i in qargv.root_port_ids(spec)
+        ] + [persist.Bridge(id=i, type="pci-bridge") for i in qargv.bridge_ids(spec)]
         self.state = VMState.CREATED
 
     def _resolve_qemu(self, config: HypervisorConfig) -> str:
@@ -474,6 +476,11 @@ class QemuHypervisor(Hypervisor):
         return 0 if nvdimm else 1
 
     @property
+    def root_ports(self) -> list[str]:
+        """Ids of the cold-plugged pcie-root-ports (q35), in bus order."""
+        return [b.id for b in self.bridges if b.type == "pcie-root-port"]
+
+    @property
     def console_log(self) -> str:
         """The guest console's log file (everything the guest printed)."""
         if self.paths is None:
@@ -492,11 +499,11 @@ class QemuHypervisor(Hypervisor):
             uuid=self.uuid,
             api_socket=self.paths.qmp_socket,
             block_index_map=list(self.block_index_map),
-            hotplugged_vcpus=self.hotplugged_vcpus,
+            hotplugged_vcpus=[persist.HotpluggedVCPU(id=v) for v in self.hotplugged_vcpus],
             hotplugged_memory=self.hotplugged_memory,
             virtiofsd_pid=self.virtiofsd_pids[0] if self.virtiofsd_pids else 0,
             pcie_root_port=len(self.root_ports),
-            bridges=len(self.bridges),
+            bridges=[b.model_copy(deep=True) for b in self.bridges],
             hotplug_vfio_on_root_bus=cfg.hotplug_vfio_on_root_bus,
             vm_dir=self.paths.vm_dir,
             qmp_socket=self.paths.qmp_socket,
@@ -511,8 +518,6 @@ class QemuHypervisor(Hypervisor):
                 "kernel": self.kernel,
                 "initrd": self.initrd,
                 "image": self.image,
-                "root_ports": list(self.root_ports),
-                "bridges": list(self.bridges),
                 "argv": list(self.argv),
             },
         )
@@ -532,7 +537,7 @@ class QemuHypervisor(Hypervisor):
         self._proc = None
         self._qmp = None
         self.block_index_map = list(state.block_index_map)
-        self.hotplugged_vcpus = state.hotplugged_vcpus
+        self.hotplugged_vcpus = [v.id for v in state.hotplugged_vcpus]
         self.hotplugged_memory = state.hotplugged_memory
         self.virtiofsd_pids = [state.virtiofsd_pid] if state.virtiofsd_pid else []
         self.agent_socket = state.agent_socket
@@ -541,8 +546,7 @@ class QemuHypervisor(Hypervisor):
         self.kernel = str(extra.get("kernel", ""))
         self.initrd = str(extra.get("initrd", ""))
         self.image = str(extra.get("image", ""))
-        self.root_ports = list(extra.get("root_ports", []))
-        self.bridges = list(extra.get("bridges", []))
+        self.bridges = [b.model_copy(deep=True) for b in state.bridges]
         self.argv = list(extra.get("argv", []))
         self.state = VMState(extra.get("vm_state", VMState.RUNNING.value))
 
