@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .config import HypervisorConfig, apply_annotations
 from .errors import (
     AgentError,
     AssetError,
@@ -40,6 +41,7 @@ __all__ = [
     "ConfigError",
     "DeviceType",
     "HostError",
+    "HypervisorConfig",
     "HypervisorError",
     "HypervisorType",
     "LaunchError",
@@ -53,6 +55,7 @@ __all__ = [
     "VMTimeoutError",
     "VSock",
     "__version__",
+    "apply_annotations",
     "deserialize_params",
     "serialize_params",
 ]
