@@ -1,0 +1,24 @@
+"""Host side of the guest agent: connect over the agent socket, ping, exec, copy files."""
+
+from __future__ import annotations
+
+from .client import (
+    AgentClient,
+    AgentInfo,
+    AgentRequestError,
+    AgentTimeoutError,
+    ExecResult,
+    HybridVsock,
+)
+from .protocol import MAX_FRAME, ProtocolError
+
+__all__ = [
+    "MAX_FRAME",
+    "AgentClient",
+    "AgentInfo",
+    "AgentRequestError",
+    "AgentTimeoutError",
+    "ExecResult",
+    "HybridVsock",
+    "ProtocolError",
+]

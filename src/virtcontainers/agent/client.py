@@ -1,0 +1,495 @@
+"""Host side of the guest agent: `AgentClient` over a Unix socket or hybrid vsock.
+
+One reader task demultiplexes replies by request id, so many requests (execs,
+file copies, pings) can be in flight on one connection. When the connection dies
+every pending request fails with `AgentError`; nothing waits forever on a dead VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno as errno_mod
+import logging
+import os
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from ..errors import AgentError
+from . import protocol as p
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VSOCK_PORT = 1024
+HANDSHAKE_TIMEOUT = 5.0
+"""Longest wait for the `OK <n>` line of a hybrid vsock `CONNECT`."""
+HELLO_RETRY = (0.5, 1.0, 2.0, 4.0)
+"""How long each hello waits before the client reconnects and says hello again."""
+EXEC_GRACE = 10.0
+"""Extra host-side wait past an exec's own timeout before giving up on the agent."""
+RETRY_PAUSE = 0.02
+READ_CHUNK = 1 << 18
+HELLO_ID = p.MAX_ID
+"""The request id of hellos; ordinary requests never reach it before wrapping."""
+
+
+@dataclass(frozen=True)
+class HybridVsock:
+    """A hybrid vsock endpoint: the VMM's Unix socket plus the guest port to `CONNECT` to."""
+
+    uds_path: str
+    port: int = DEFAULT_VSOCK_PORT
+
+    def __str__(self) -> str:
+        return f"hybrid vsock {self.uds_path} port {self.port}"
+
+
+Target = str | os.PathLike[str] | HybridVsock
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """The outcome of one command run by the agent."""
+
+    exit_code: int
+    """Exit status, or -1 when the process was killed by a signal."""
+    stdout: bytes
+    stderr: bytes
+    signal: int = 0
+    """The signal that killed the process (0 if it exited)."""
+    timed_out: bool = False
+    """The agent killed the process group because the exec's timeout expired."""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when the process exited with status 0."""
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """What a ping returns."""
+
+    version: str
+    uptime: float
+    """Guest uptime in seconds (CLOCK_BOOTTIME)."""
+    running: int
+    """Processes the agent is running for exec requests."""
+
+
+class AgentRequestError(AgentError):
+    """The agent refused or failed one request; `errno` is the guest's error number."""
+
+    def __init__(self, op: str, errno: int, message: str) -> None:
+        self.op = op
+        self.errno = errno
+        self.message = message
+        name = errno_mod.errorcode.get(errno, str(errno))
+        super().__init__(f"agent {op} failed ({name}): {message}")
+
+
+class AgentTimeoutError(AgentError, TimeoutError):
+    """The agent did not answer a request in time."""
+
+
+class AgentClient:
+    """A connection to one guest agent. Create with `await AgentClient.connect(...)`."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        decoder: p.FrameDecoder,
+        *,
+        target: str,
+        agent_version: str = "",
+        request_timeout: float | None = None,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._decoder = decoder
+        self.target = target
+        self.agent_version = agent_version
+        self.request_timeout = request_timeout
+        self._pending: dict[int, asyncio.Future[p.Frame]] = {}
+        self._next_id = 1
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+        self._error: AgentError | None = None
+        self._reader_task = asyncio.get_running_loop().create_task(
+            self._read_loop(), name=f"agent-reader {target}"
+        )
+
+    # -- connecting -------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        target: Target,
+        timeout: float = 30.0,
+        *,
+        request_timeout: float | None = None,
+    ) -> AgentClient:
+        """Connect and say hello, retrying until `timeout` (the VM may still be booting).
+
+        `target` is the Unix socket path of a virtio-serial port (QEMU) or a
+        `HybridVsock` (Firecracker, Cloud Hypervisor).
+        """
+        if isinstance(target, HybridVsock):
+            if not 0 < target.port < 2**32:
+                raise AgentError(f"hybrid vsock port {target.port} out of range")
+            name = str(target)
+        else:
+            target = os.fspath(target)
+            name = target
+        if timeout <= 0:
+            raise AgentError(f"connect to the agent at {name}: timeout must be positive")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last = "no attempt"
+        attempt = 0
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AgentTimeoutError(
+                    f"agent at {name} did not answer within {timeout:g}s (last: {last})"
+                )
+            try:
+                reader, writer = await _open(target, remaining)
+            except AgentError as exc:
+                last = str(exc)
+                await asyncio.sleep(min(RETRY_PAUSE, max(0.0, deadline - loop.time())))
+                continue
+            wait = min(HELLO_RETRY[min(attempt, len(HELLO_RETRY) - 1)], deadline - loop.time())
+            attempt += 1
+            try:
+                version, decoder = await _hello(reader, writer, max(wait, 0.0))
+            except (AgentError, OSError, TimeoutError) as exc:
+                last = f"hello: {exc}" if str(exc) else "hello: no answer"
+                await _close_writer(writer)
+                continue
+            except BaseException:
+                await _close_writer(writer)
+                raise
+            return cls(
+                reader,
+                writer,
+                decoder,
+                target=name,
+                agent_version=version,
+                request_timeout=request_timeout,
+            )
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closed (by `close()` or because it died)."""
+        return self._closed
+
+    async def close(self) -> None:
+        """Close the connection; pending requests fail with `AgentError`. Idempotent."""
+        if not self._closed:
+            self._fail_all(AgentError(f"connection to the agent at {self.target} was closed"))
+        self._reader_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._reader_task
+        await _close_writer(self._writer)
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- operations -------------------------------------------------------------------------
+
+    async def ping(self) -> AgentInfo:
+        """Round trip to the agent; returns its version, uptime and load."""
+        f = await self._call("ping", p.MsgType.PING, p.Fields())
+        return AgentInfo(
+            version=f.str_(p.Tag.VERSION),
+            uptime=f.int_(p.Tag.UPTIME_NS) / 1e9,
+            running=f.int_(p.Tag.RUNNING),
+        )
+
+    async def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | str = b"",
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        max_output: int | None = None,
+    ) -> ExecResult:
+        """Run `argv` in the guest and wait for it; stdout and stderr are kept apart.
+
+        `env` entries are added to the agent's base environment (PATH, HOME, TERM).
+        With `timeout` (seconds) the agent kills the process group when it expires
+        and the result has `timed_out` set. Output beyond `max_output` bytes per
+        stream (default 16 MiB) is dropped and flagged as truncated.
+        """
+        if isinstance(argv, str | bytes) or not argv:
+            raise AgentError("exec: argv must be a non-empty sequence of strings")
+        req = p.Fields()
+        for i, arg in enumerate(argv):
+            if not isinstance(arg, str) or "\0" in arg:
+                raise AgentError(f"exec: argv[{i}] must be a string without NUL bytes")
+            req.add(p.Tag.ARGV, arg)
+        for key, value in (env or {}).items():
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                raise AgentError(f"exec: bad environment variable name or value {key!r}")
+            req.add(p.Tag.ENV, f"{key}={value}")
+        if cwd is not None:
+            req.add(p.Tag.CWD, cwd)
+        data = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
+        if data:
+            req.add(p.Tag.STDIN, data)
+        wait: float | None = self.request_timeout
+        if timeout is not None:
+            if timeout <= 0:
+                raise AgentError(f"exec: timeout must be positive, got {timeout}")
+            req.add(p.Tag.TIMEOUT_MS, max(1, round(timeout * 1000)))
+            wait = timeout + EXEC_GRACE
+        if max_output is not None:
+            if max_output <= 0:
+                raise AgentError(f"exec: max_output must be positive, got {max_output}")
+            req.add(p.Tag.MAX_OUTPUT, max_output)
+        f = await self._call(f"exec {list(argv)!r}", p.MsgType.EXEC, req, wait=wait, cancel=True)
+        trunc = f.int_(p.Tag.TRUNCATED)
+        return ExecResult(
+            exit_code=f.int_(p.Tag.EXIT_CODE, -1),
+            stdout=f.bytes_(p.Tag.STDOUT),
+            stderr=f.bytes_(p.Tag.STDERR),
+            signal=f.int_(p.Tag.SIGNAL),
+            timed_out=bool(f.int_(p.Tag.TIMED_OUT)),
+            stdout_truncated=bool(trunc & p.TRUNC_STDOUT),
+            stderr_truncated=bool(trunc & p.TRUNC_STDERR),
+        )
+
+    async def read_file(self, path: str) -> bytes:
+        """The contents of a regular file in the guest (up to the frame limit)."""
+        f = await self._call(f"read_file {path}", p.MsgType.READ_FILE, _path_fields(path))
+        return f.bytes_(p.Tag.DATA)
+
+    async def write_file(
+        self, path: str, data: bytes | str, mode: int = 0o644, *, make_parents: bool = False
+    ) -> None:
+        """Create or replace a guest file with `data` and permission bits `mode`."""
+        if not 0 <= mode <= 0o7777:
+            raise AgentError(f"write_file {path}: mode {mode:#o} out of range")
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        req = _path_fields(path).add(p.Tag.DATA, raw).add(p.Tag.MODE, mode)
+        if make_parents:
+            req.add(p.Tag.FLAGS, p.WRITE_MKDIRS)
+        await self._call(f"write_file {path}", p.MsgType.WRITE_FILE, req)
+
+    async def set_time(self, when: float | None = None) -> None:
+        """Set the guest's wall clock (default: the host's now), e.g. after a template clone."""
+        ns = time.time_ns() if when is None else round(when * 1e9)
+        req = p.Fields().add(p.Tag.SEC, ns // 1_000_000_000).add(p.Tag.NSEC, ns % 1_000_000_000)
+        await self._call("set_time", p.MsgType.SET_TIME, req)
+
+    async def add_entropy(self, data: bytes | None = None) -> None:
+        """Credit `data` (default 64 random host bytes) to the guest RNG and reseed it."""
+        raw = secrets.token_bytes(64) if data is None else bytes(data)
+        if not raw:
+            raise AgentError("add_entropy: data must not be empty")
+        await self._call("add_entropy", p.MsgType.ADD_ENTROPY, p.Fields().add(p.Tag.DATA, raw))
+
+    async def online(self, *, cpus: bool = True, memory: bool = True) -> tuple[int, int]:
+        """Bring offline CPUs / memory blocks online (after hotplug); returns the counts."""
+        flags = (p.ONLINE_CPUS if cpus else 0) | (p.ONLINE_MEMORY if memory else 0)
+        f = await self._call("online", p.MsgType.ONLINE, p.Fields().add(p.Tag.FLAGS, flags))
+        return f.int_(p.Tag.CPUS), f.int_(p.Tag.MEM_BLOCKS)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _new_id(self) -> int:
+        while True:
+            rid = self._next_id
+            self._next_id = rid + 1 if rid < HELLO_ID - 1 else 1
+            if rid not in self._pending:
+                return rid
+
+    async def _send(self, frame: bytes) -> None:
+        async with self._send_lock:
+            try:
+                self._writer.write(frame)
+                await self._writer.drain()
+            except (OSError, RuntimeError) as exc:
+                err = AgentError(f"connection to the agent at {self.target} lost: {exc}")
+                self._fail_all(err)
+                raise err from exc
+
+    async def _call(
+        self,
+        op: str,
+        type_: p.MsgType,
+        req: p.Fields,
+        *,
+        wait: float | None = None,
+        cancel: bool = False,
+    ) -> p.Fields:
+        if self._closed:
+            raise self._error or AgentError(f"connection to the agent at {self.target} is closed")
+        payload = req.encode()
+        if len(payload) > p.MAX_FRAME:
+            raise AgentError(f"{op}: request of {len(payload)} bytes exceeds the frame limit")
+        rid = self._new_id()
+        fut: asyncio.Future[p.Frame] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        done = False
+        try:
+            await self._send(p.encode_frame(type_, rid, payload))
+            limit = wait if wait is not None else self.request_timeout
+            try:
+                frame = await asyncio.wait_for(fut, limit)
+            except TimeoutError:
+                raise AgentTimeoutError(
+                    f"agent at {self.target} did not answer {op} within {limit:g}s"
+                ) from None
+            done = True
+        finally:
+            self._pending.pop(rid, None)
+            if not done and cancel and not self._closed:
+                # The caller gave up: stop the guest process instead of leaking it.
+                with contextlib.suppress(AgentError):
+                    req2 = p.Fields().add(p.Tag.TARGET, rid).add(p.Tag.SIGNAL, 9)
+                    await self._send(
+                        p.encode_frame(p.MsgType.CANCEL, self._new_id(), req2.encode())
+                    )
+        if frame.type == p.MsgType.ERROR:
+            f = p.Fields.decode(frame.payload)
+            raise AgentRequestError(op, f.int_(p.Tag.ERRNO), f.str_(p.Tag.MESSAGE))
+        if frame.type != type_ | p.REPLY:
+            raise p.ProtocolError(f"{op}: unexpected reply type 0x{frame.type:02x}")
+        return p.Fields.decode(frame.payload)
+
+    def _fail_all(self, err: AgentError) -> None:
+        self._closed = True
+        if self._error is None:
+            self._error = err
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+                fut.exception()  # a waiter may be gone: do not warn about it
+        self._pending.clear()
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self._reader.read(READ_CHUNK)
+                if not data:
+                    raise AgentError(f"the agent at {self.target} closed the connection")
+                for frame in self._decoder.feed(data):
+                    self._dispatch(frame)
+        except asyncio.CancelledError:
+            raise
+        except AgentError as exc:
+            self._fail_all(exc)
+        except (OSError, ValueError) as exc:
+            self._fail_all(AgentError(f"connection to the agent at {self.target} failed: {exc}"))
+
+    def _dispatch(self, frame: p.Frame) -> None:
+        if frame.id == 0:
+            f = p.Fields.decode(frame.payload)
+            log.warning("agent at %s: %s", self.target, f.str_(p.Tag.MESSAGE))
+            return
+        fut = self._pending.get(frame.id)
+        if fut is not None and not fut.done():
+            fut.set_result(frame)
+
+
+def _path_fields(path: str) -> p.Fields:
+    if not path or "\0" in path:
+        raise AgentError(f"bad guest path {path!r}: must be non-empty without NUL bytes")
+    return p.Fields().add(p.Tag.PATH, path)
+
+
+async def _close_writer(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, asyncio.CancelledError):
+        await writer.wait_closed()
+
+
+async def _open(
+    target: str | HybridVsock, remaining: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open the byte stream to the agent; `AgentError` if nothing listens (yet)."""
+    path = target.uds_path if isinstance(target, HybridVsock) else target
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(path, limit=READ_CHUNK), remaining
+        )
+    except TimeoutError:
+        raise AgentError(f"connect to {path} timed out") from None
+    except OSError as exc:
+        raise AgentError(f"connect to {path}: {exc.strerror or exc}") from None
+    if not isinstance(target, HybridVsock):
+        return reader, writer
+    try:
+        writer.write(f"CONNECT {target.port}\n".encode())
+        await writer.drain()
+        line = await asyncio.wait_for(
+            reader.readline(), min(HANDSHAKE_TIMEOUT, max(remaining, 0.001))
+        )
+    except TimeoutError:
+        await _close_writer(writer)
+        raise AgentError(f"{target}: no answer to CONNECT") from None
+    except (OSError, ValueError) as exc:
+        await _close_writer(writer)
+        raise AgentError(f"{target}: CONNECT failed: {exc}") from None
+    text = line.decode(errors="replace").strip()
+    if not text.startswith("OK "):
+        await _close_writer(writer)
+        reason = repr(text) if text else "connection closed (nothing listens on that port?)"
+        raise AgentError(f"{target}: CONNECT refused: {reason}")
+    return reader, writer
+
+
+async def _hello(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wait: float
+) -> tuple[str, p.FrameDecoder]:
+    """Send a hello with a fresh nonce and wait for its echo: the agent version and decoder.
+
+    Anything else received first (stale replies of an earlier connection, garbage)
+    is skipped: the nonce tells this connection's answer apart.
+    """
+    nonce = secrets.token_bytes(8)
+    decoder = p.FrameDecoder()
+    hello = p.Fields().add(p.Tag.NONCE, nonce).encode()
+    writer.write(p.encode_frame(p.MsgType.HELLO, HELLO_ID, hello))
+    await writer.drain()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        left = deadline - loop.time()
+        if left <= 0:
+            raise TimeoutError("no answer")
+        data = await asyncio.wait_for(reader.read(READ_CHUNK), left)
+        if not data:
+            raise AgentError("connection closed before the agent answered")
+        try:
+            frames = decoder.feed(data)
+        except p.ProtocolError:
+            decoder = p.FrameDecoder()
+            continue
+        for frame in frames:
+            if frame.type != p.MsgType.HELLO | p.REPLY:
+                continue
+            with contextlib.suppress(p.ProtocolError):
+                f = p.Fields.decode(frame.payload)
+                if f.get(p.Tag.NONCE) == nonce:
+                    return f.str_(p.Tag.VERSION), decoder

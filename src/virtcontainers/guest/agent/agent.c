@@ -1,0 +1,1681 @@
+/*
+ * vc-agent: the virtcontainers guest agent. Runs as /init (pid 1) in the initrd.
+ *
+ * Sets the guest up (mounts, kernel modules, hostname), then serves the framed
+ * protocol described in src/virtcontainers/agent/PROTOCOL.md on the virtio-serial
+ * port named agent.channel.0 and on AF_VSOCK (when a virtio vsock device exists).
+ * Single-threaded: one poll() loop multiplexes every connection and every running
+ * exec, so several requests can be in flight at once.
+ *
+ * For tests it also runs as an ordinary process: `init --unix PATH` serves on a
+ * listening Unix socket and skips all pid-1 setup.
+ *
+ * Build: gcc -static -O2 -o init agent.c
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/random.h>
+#include <linux/vm_sockets.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define AGENT_VERSION "vc-agent 0.1.0"
+#define PROTO_VERSION 1
+#define HDR_LEN 20
+#define MAX_FRAME (64u << 20)
+#define MAX_OUTPUT_CAP ((MAX_FRAME - (1u << 20)) / 2)
+#define DEFAULT_MAX_OUTPUT (16u << 20)
+#define MAX_ENTROPY (1u << 20)
+#define MAX_CONNS 16
+#define MAX_EXECS 128
+#define READ_CHUNK 65536
+#define DEFAULT_PORT_NAME "agent.channel.0"
+#define DEFAULT_VSOCK_PORT 1024
+#define PORT_SCAN_MS 10000
+#define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+/* Frame types (requests); a reply carries type | 0x80, an error reply type 0xFF. */
+enum {
+	T_HELLO = 0x01,
+	T_PING = 0x02,
+	T_EXEC = 0x03,
+	T_READ_FILE = 0x04,
+	T_WRITE_FILE = 0x05,
+	T_SET_TIME = 0x06,
+	T_ADD_ENTROPY = 0x07,
+	T_CANCEL = 0x08,
+	T_ONLINE = 0x09,
+	T_REPLY = 0x80,
+	T_ERROR = 0xFF,
+};
+
+/* Field tags of the TLV payload. */
+enum {
+	F_NONCE = 0x01,
+	F_VERSION = 0x02,
+	F_PROTO = 0x03,
+	F_MAX_FRAME = 0x04,
+	F_ARGV = 0x10,
+	F_ENV = 0x11,
+	F_CWD = 0x12,
+	F_STDIN = 0x13,
+	F_TIMEOUT_MS = 0x14,
+	F_MAX_OUTPUT = 0x15,
+	F_EXIT_CODE = 0x20,
+	F_SIGNAL = 0x21,
+	F_TIMED_OUT = 0x22,
+	F_STDOUT = 0x23,
+	F_STDERR = 0x24,
+	F_TRUNCATED = 0x25,
+	F_PATH = 0x30,
+	F_DATA = 0x31,
+	F_MODE = 0x32,
+	F_FLAGS = 0x33,
+	F_SEC = 0x40,
+	F_NSEC = 0x41,
+	F_TARGET = 0x50,
+	F_FOUND = 0x51,
+	F_CPUS = 0x60,
+	F_MEM_BLOCKS = 0x61,
+	F_UPTIME_NS = 0x70,
+	F_RUNNING = 0x71,
+	F_ERRNO = 0x80,
+	F_MESSAGE = 0x81,
+};
+
+enum { WF_MKDIRS = 1 };
+enum { ON_CPUS = 1, ON_MEMORY = 2 };
+enum { CONN_PORT, CONN_STREAM };
+enum { ST_HEADER, ST_PAYLOAD, ST_SKIP };
+
+static const uint8_t MAGIC[4] = {'V', 'C', 'A', 'G'};
+
+struct buf {
+	uint8_t *p;
+	size_t len, cap;
+};
+
+struct chunk {
+	struct chunk *next;
+	size_t len, off;
+	uint8_t data[];
+};
+
+struct conn {
+	int used;
+	int fd;
+	int kind;
+	int connected; /* port: the host side is connected */
+	uint32_t gen;
+	int state;
+	uint8_t hdr[HDR_LEN];
+	size_t hdr_len;
+	uint8_t *payload;
+	uint32_t want, have;
+	uint32_t cur_id;
+	uint8_t cur_type;
+	uint64_t skip;
+	int in_garbage;
+	struct chunk *out_head, *out_tail;
+};
+
+struct exec {
+	int used;
+	uint32_t id;
+	struct conn *conn;
+	uint32_t conn_gen;
+	pid_t pid;
+	int exited, status;
+	int in_fd, out_fd, err_fd;
+	uint8_t *in_data;
+	size_t in_len, in_off;
+	struct buf out, err;
+	size_t max_out;
+	int trunc;
+	int64_t deadline_ms;
+	int timed_out;
+};
+
+static struct conn conns[MAX_CONNS];
+static struct exec execs[MAX_EXECS];
+static int debug;
+static int is_pid1;
+static int sig_fd = -1;
+static int listen_fd = -1;     /* vsock or --unix listener */
+static int listen_kind_vsock;
+static char port_name[128] = DEFAULT_PORT_NAME;
+static unsigned vsock_port = DEFAULT_VSOCK_PORT;
+static int ready_printed;
+static int64_t port_scan_deadline;
+static int port_found;
+static uint32_t crc_table[256];
+
+/* ---------------------------------------------------------------- utilities */
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void console(const char *fmt, ...)
+{
+	char line[512];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(line, sizeof line, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	if ((size_t)n >= sizeof line)
+		n = sizeof line - 1;
+	ssize_t w = write(STDOUT_FILENO, line, (size_t)n);
+	(void)w;
+}
+
+#define DEBUG(...)                     \
+	do {                               \
+		if (debug)                     \
+			console("vc-agent: " __VA_ARGS__); \
+	} while (0)
+
+static void crc_init(void)
+{
+	for (uint32_t i = 0; i < 256; i++) {
+		uint32_t c = i;
+		for (int k = 0; k < 8; k++)
+			c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+		crc_table[i] = c;
+	}
+}
+
+static uint32_t crc32(const uint8_t *p, size_t n)
+{
+	uint32_t c = 0xFFFFFFFFu;
+	while (n--)
+		c = crc_table[(c ^ *p++) & 0xFF] ^ (c >> 8);
+	return c ^ 0xFFFFFFFFu;
+}
+
+static uint32_t get_u32(const uint8_t *p)
+{
+	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static void put_u32(uint8_t *p, uint32_t v)
+{
+	p[0] = (uint8_t)v;
+	p[1] = (uint8_t)(v >> 8);
+	p[2] = (uint8_t)(v >> 16);
+	p[3] = (uint8_t)(v >> 24);
+}
+
+static int buf_reserve(struct buf *b, size_t extra)
+{
+	if (b->len + extra <= b->cap)
+		return 0;
+	size_t cap = b->cap ? b->cap : 4096;
+	while (cap < b->len + extra)
+		cap *= 2;
+	uint8_t *p = realloc(b->p, cap);
+	if (!p)
+		return -1;
+	b->p = p;
+	b->cap = cap;
+	return 0;
+}
+
+static int buf_put(struct buf *b, const void *data, size_t n)
+{
+	if (buf_reserve(b, n))
+		return -1;
+	memcpy(b->p + b->len, data, n);
+	b->len += n;
+	return 0;
+}
+
+static void buf_free(struct buf *b)
+{
+	free(b->p);
+	b->p = NULL;
+	b->len = b->cap = 0;
+}
+
+static void set_nonblock(int fd)
+{
+	int fl = fcntl(fd, F_GETFL);
+	if (fl >= 0)
+		fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+static int write_text(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	size_t n = strlen(text);
+	ssize_t w = write(fd, text, n);
+	int e = errno;
+	close(fd);
+	errno = e;
+	return w == (ssize_t)n ? 0 : -1;
+}
+
+static ssize_t read_text(const char *path, char *out, size_t cap)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	ssize_t n = read(fd, out, cap - 1);
+	close(fd);
+	if (n < 0)
+		return -1;
+	out[n] = 0;
+	while (n > 0 && (out[n - 1] == '\n' || out[n - 1] == ' '))
+		out[--n] = 0;
+	return n;
+}
+
+/* ------------------------------------------------------------ TLV payloads */
+
+struct field {
+	uint16_t tag;
+	uint32_t len;
+	const uint8_t *val;
+};
+
+/* Iterate the fields of a payload; returns 1 with *f filled, 0 at the end, -1 if malformed. */
+static int tlv_next(const uint8_t *p, size_t n, size_t *pos, struct field *f)
+{
+	if (*pos == n)
+		return 0;
+	if (n - *pos < 6)
+		return -1;
+	const uint8_t *h = p + *pos;
+	f->tag = (uint16_t)(h[0] | h[1] << 8);
+	f->len = get_u32(h + 2);
+	if (f->len > n - *pos - 6)
+		return -1;
+	f->val = h + 6;
+	*pos += 6 + (size_t)f->len;
+	return 1;
+}
+
+static int tlv_valid(const uint8_t *p, size_t n)
+{
+	size_t pos = 0;
+	struct field f;
+	int r;
+	while ((r = tlv_next(p, n, &pos, &f)) == 1)
+		;
+	return r == 0;
+}
+
+static int tlv_find(const uint8_t *p, size_t n, uint16_t tag, struct field *out)
+{
+	size_t pos = 0;
+	struct field f;
+	while (tlv_next(p, n, &pos, &f) == 1) {
+		if (f.tag == tag) {
+			*out = f;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+static int tlv_int(const uint8_t *p, size_t n, uint16_t tag, int64_t *out)
+{
+	struct field f;
+	if (!tlv_find(p, n, tag, &f))
+		return 0;
+	if (f.len != 8)
+		return -1;
+	uint64_t v = 0;
+	for (int i = 7; i >= 0; i--)
+		v = v << 8 | f.val[i];
+	*out = (int64_t)v;
+	return 1;
+}
+
+/* A field's value as a NUL-terminated string (malloc'd); NULL if it holds a NUL byte. */
+static char *field_str(const struct field *f)
+{
+	if (memchr(f->val, 0, f->len))
+		return NULL;
+	char *s = malloc((size_t)f->len + 1);
+	if (!s)
+		return NULL;
+	memcpy(s, f->val, f->len);
+	s[f->len] = 0;
+	return s;
+}
+
+static int put_field(struct buf *b, uint16_t tag, const void *val, size_t len)
+{
+	uint8_t h[6] = {(uint8_t)tag, (uint8_t)(tag >> 8)};
+	put_u32(h + 2, (uint32_t)len);
+	if (buf_put(b, h, 6))
+		return -1;
+	return len ? buf_put(b, val, len) : 0;
+}
+
+static int put_int(struct buf *b, uint16_t tag, int64_t v)
+{
+	uint8_t le[8];
+	uint64_t u = (uint64_t)v;
+	for (int i = 0; i < 8; i++)
+		le[i] = (uint8_t)(u >> (8 * i));
+	return put_field(b, tag, le, 8);
+}
+
+static int put_str(struct buf *b, uint16_t tag, const char *s)
+{
+	return put_field(b, tag, s, strlen(s));
+}
+
+/* ---------------------------------------------------------------- output */
+
+static void conn_drop_output(struct conn *c)
+{
+	struct chunk *k = c->out_head;
+	while (k) {
+		struct chunk *next = k->next;
+		free(k);
+		k = next;
+	}
+	c->out_head = c->out_tail = NULL;
+}
+
+static void conn_flush(struct conn *c)
+{
+	while (c->out_head) {
+		struct chunk *k = c->out_head;
+		ssize_t w = write(c->fd, k->data + k->off, k->len - k->off);
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			return; /* EAGAIN: wait for POLLOUT; errors show up on read */
+		}
+		k->off += (size_t)w;
+		if (k->off < k->len)
+			return;
+		c->out_head = k->next;
+		if (!c->out_head)
+			c->out_tail = NULL;
+		free(k);
+	}
+}
+
+/* Queue one frame (header + payload) to a connection; dropped if it is gone. */
+static void send_frame(struct conn *c, uint8_t type, uint32_t id, const struct buf *payload)
+{
+	if (!c || !c->used || (c->kind == CONN_PORT && !c->connected))
+		return;
+	size_t plen = payload ? payload->len : 0;
+	struct chunk *k = malloc(sizeof *k + HDR_LEN + plen);
+	if (!k) {
+		console("vc-agent: out of memory sending a %zu-byte reply\n", plen);
+		return;
+	}
+	uint8_t *h = k->data;
+	memcpy(h, MAGIC, 4);
+	h[4] = PROTO_VERSION;
+	h[5] = type;
+	h[6] = h[7] = 0;
+	put_u32(h + 8, id);
+	put_u32(h + 12, (uint32_t)plen);
+	put_u32(h + 16, crc32(h, 16));
+	if (plen)
+		memcpy(h + HDR_LEN, payload->p, plen);
+	k->len = HDR_LEN + plen;
+	k->off = 0;
+	k->next = NULL;
+	if (c->out_tail)
+		c->out_tail->next = k;
+	else
+		c->out_head = k;
+	c->out_tail = k;
+	conn_flush(c);
+}
+
+static void send_error(struct conn *c, uint32_t id, int err, const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	struct buf b = {0};
+	put_int(&b, F_ERRNO, err);
+	put_str(&b, F_MESSAGE, msg);
+	DEBUG("error reply id=%u: %s\n", id, msg);
+	send_frame(c, T_ERROR, id, &b);
+	buf_free(&b);
+}
+
+/* ----------------------------------------------------------------- execs */
+
+static int running_execs(void)
+{
+	int n = 0;
+	for (int i = 0; i < MAX_EXECS; i++)
+		n += execs[i].used;
+	return n;
+}
+
+static void exec_kill(struct exec *e, int sig)
+{
+	if (e->used && !e->exited) {
+		kill(-e->pid, sig);
+		kill(e->pid, sig);
+	}
+}
+
+static void close_fd(int *fd)
+{
+	if (*fd >= 0) {
+		close(*fd);
+		*fd = -1;
+	}
+}
+
+/* Read what a pipe holds into the capture buffer; returns 0 on EOF/error, 1 if still open. */
+static int exec_read(struct exec *e, int *fd, struct buf *b, int trunc_bit, size_t budget)
+{
+	uint8_t tmp[READ_CHUNK];
+	size_t taken = 0;
+	while (*fd >= 0 && taken < budget) {
+		ssize_t n = read(*fd, tmp, sizeof tmp);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN)
+				return 1;
+			close_fd(fd);
+			return 0;
+		}
+		if (n == 0) {
+			close_fd(fd);
+			return 0;
+		}
+		taken += (size_t)n;
+		size_t room = b->len < e->max_out ? e->max_out - b->len : 0;
+		size_t keep = (size_t)n < room ? (size_t)n : room;
+		if (keep < (size_t)n)
+			e->trunc |= trunc_bit;
+		if (keep && buf_put(b, tmp, keep))
+			e->trunc |= trunc_bit;
+	}
+	return *fd >= 0;
+}
+
+static void exec_write_stdin(struct exec *e)
+{
+	while (e->in_fd >= 0 && e->in_off < e->in_len) {
+		ssize_t w = write(e->in_fd, e->in_data + e->in_off, e->in_len - e->in_off);
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN)
+				return;
+			break; /* EPIPE: the process does not read its stdin */
+		}
+		e->in_off += (size_t)w;
+	}
+	close_fd(&e->in_fd);
+	free(e->in_data);
+	e->in_data = NULL;
+}
+
+static void exec_finish(struct exec *e)
+{
+	/* The process is gone: what it wrote is in the pipes (bounded by their size). */
+	exec_read(e, &e->out_fd, &e->out, 1, 4u << 20);
+	exec_read(e, &e->err_fd, &e->err, 2, 4u << 20);
+	close_fd(&e->out_fd);
+	close_fd(&e->err_fd);
+	close_fd(&e->in_fd);
+	free(e->in_data);
+	e->in_data = NULL;
+
+	if (e->conn && e->conn->used && e->conn->gen == e->conn_gen) {
+		struct buf b = {0};
+		int code = -1, sig = 0;
+		if (WIFEXITED(e->status))
+			code = WEXITSTATUS(e->status);
+		else if (WIFSIGNALED(e->status))
+			sig = WTERMSIG(e->status);
+		int ok = !put_int(&b, F_EXIT_CODE, code) && !put_int(&b, F_SIGNAL, sig) &&
+			 !put_int(&b, F_TIMED_OUT, e->timed_out) && !put_int(&b, F_TRUNCATED, e->trunc) &&
+			 !put_field(&b, F_STDOUT, e->out.p, e->out.len) &&
+			 !put_field(&b, F_STDERR, e->err.p, e->err.len);
+		if (ok)
+			send_frame(e->conn, T_EXEC | T_REPLY, e->id, &b);
+		else
+			send_error(e->conn, e->id, ENOMEM, "exec: out of memory building the reply");
+		buf_free(&b);
+	}
+	DEBUG("exec id=%u pid=%d done status=0x%x\n", e->id, e->pid, e->status);
+	buf_free(&e->out);
+	buf_free(&e->err);
+	memset(e, 0, sizeof *e);
+	e->in_fd = e->out_fd = e->err_fd = -1;
+}
+
+static void reap_children(void)
+{
+	for (;;) {
+		int st;
+		pid_t pid = waitpid(-1, &st, WNOHANG);
+		if (pid <= 0)
+			return;
+		for (int i = 0; i < MAX_EXECS; i++) {
+			struct exec *e = &execs[i];
+			if (e->used && e->pid == pid && !e->exited) {
+				e->exited = 1;
+				e->status = st;
+				exec_finish(e);
+				break;
+			}
+		}
+	}
+}
+
+/* Set KEY=VALUE in env (replacing an existing KEY). */
+static void env_set(char **env, size_t *n, char *entry)
+{
+	size_t klen = (size_t)(strchr(entry, '=') - entry);
+	for (size_t i = 0; i < *n; i++) {
+		if (strncmp(env[i], entry, klen + 1) == 0) {
+			env[i] = entry;
+			return;
+		}
+	}
+	env[(*n)++] = entry;
+}
+
+static void handle_exec(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
+{
+	size_t nargv = 0, nenv = 0, pos = 0;
+	struct field f;
+	while (tlv_next(p, n, &pos, &f) == 1) {
+		nargv += f.tag == F_ARGV;
+		nenv += f.tag == F_ENV;
+	}
+	if (nargv == 0) {
+		send_error(c, id, EINVAL, "exec: argv is empty");
+		return;
+	}
+	struct exec *e = NULL;
+	for (int i = 0; i < MAX_EXECS && !e; i++)
+		if (!execs[i].used)
+			e = &execs[i];
+	if (!e) {
+		send_error(c, id, EAGAIN, "exec: too many running processes (%d)", MAX_EXECS);
+		return;
+	}
+	/* strs owns every string parsed from the request; argv/env point into it. */
+	char **strs = calloc(nargv + nenv + 1, sizeof *strs);
+	char **argv = calloc(nargv + 1, sizeof *argv);
+	char **env = calloc(nenv + 4, sizeof *env);
+	size_t ns = 0, ai = 0, ei = 0;
+	char *cwd = NULL;
+	int pin[2] = {-1, -1}, pout[2] = {-1, -1}, perr[2] = {-1, -1}, pstat[2] = {-1, -1};
+	int64_t timeout_ms = 0, max_out = DEFAULT_MAX_OUTPUT;
+	struct field in = {0};
+	if (!strs || !argv || !env) {
+		send_error(c, id, ENOMEM, "exec: out of memory");
+		goto out;
+	}
+	env[ei++] = "PATH=" DEFAULT_PATH;
+	env[ei++] = "HOME=/root";
+	env[ei++] = "TERM=linux";
+	pos = 0;
+	while (tlv_next(p, n, &pos, &f) == 1) {
+		if (f.tag == F_ARGV) {
+			char *s = field_str(&f);
+			if (!s) {
+				send_error(c, id, EINVAL, "exec: argv[%zu] contains a NUL byte", ai);
+				goto out;
+			}
+			strs[ns++] = s;
+			argv[ai++] = s;
+		} else if (f.tag == F_ENV) {
+			char *s = field_str(&f);
+			if (s)
+				strs[ns++] = s;
+			if (!s || !strchr(s, '=') || s[0] == '=') {
+				send_error(c, id, EINVAL, "exec: env entry %zu is not KEY=VALUE without NUL",
+					   ei - 3);
+				goto out;
+			}
+			env_set(env, &ei, s);
+		} else if (f.tag == F_CWD && !cwd) {
+			if (!(cwd = field_str(&f))) {
+				send_error(c, id, EINVAL, "exec: cwd contains a NUL byte");
+				goto out;
+			}
+		} else if (f.tag == F_STDIN && !in.val) {
+			in = f;
+		}
+	}
+	if (tlv_int(p, n, F_TIMEOUT_MS, &timeout_ms) < 0 ||
+	    tlv_int(p, n, F_MAX_OUTPUT, &max_out) < 0) {
+		send_error(c, id, EINVAL, "exec: timeout_ms and max_output must be 8-byte integers");
+		goto out;
+	}
+	if (!argv[0][0]) {
+		send_error(c, id, EINVAL, "exec: argv[0] is empty");
+		goto out;
+	}
+	if (max_out <= 0 || max_out > (int64_t)MAX_OUTPUT_CAP)
+		max_out = MAX_OUTPUT_CAP;
+	if (pipe2(pin, O_CLOEXEC) || pipe2(pout, O_CLOEXEC) || pipe2(perr, O_CLOEXEC) ||
+	    pipe2(pstat, O_CLOEXEC)) {
+		send_error(c, id, errno, "exec: pipe: %s", strerror(errno));
+		goto out;
+	}
+	pid_t pid = fork();
+	if (pid < 0) {
+		send_error(c, id, errno, "exec: fork: %s", strerror(errno));
+		goto out;
+	}
+	if (pid == 0) {
+		sigset_t none;
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		signal(SIGPIPE, SIG_DFL);
+		setsid();
+		dup2(pin[0], 0);
+		dup2(pout[1], 1);
+		dup2(perr[1], 2);
+		int msg[2] = {2, 0};
+		if (cwd && chdir(cwd)) {
+			msg[0] = 1;
+			msg[1] = errno;
+		} else {
+			environ = env;
+			execvp(argv[0], argv);
+			msg[1] = errno;
+		}
+		ssize_t w = write(pstat[1], msg, sizeof msg);
+		(void)w;
+		_exit(127);
+	}
+	close_fd(&pin[0]);
+	close_fd(&pout[1]);
+	close_fd(&perr[1]);
+	close_fd(&pstat[1]);
+	int msg[2];
+	ssize_t r;
+	do
+		r = read(pstat[0], msg, sizeof msg);
+	while (r < 0 && errno == EINTR);
+	if (r == (ssize_t)sizeof msg) {
+		waitpid(pid, NULL, 0);
+		if (msg[0] == 1)
+			send_error(c, id, msg[1], "exec: chdir %s: %s", cwd, strerror(msg[1]));
+		else
+			send_error(c, id, msg[1], "exec %s: %s", argv[0], strerror(msg[1]));
+		goto out;
+	}
+	memset(e, 0, sizeof *e);
+	e->used = 1;
+	e->id = id;
+	e->conn = c;
+	e->conn_gen = c->gen;
+	e->pid = pid;
+	e->max_out = (size_t)max_out;
+	e->deadline_ms = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
+	e->in_fd = pin[1];
+	e->out_fd = pout[0];
+	e->err_fd = perr[0];
+	pin[1] = pout[0] = perr[0] = -1;
+	set_nonblock(e->in_fd);
+	set_nonblock(e->out_fd);
+	set_nonblock(e->err_fd);
+	if (in.len && (e->in_data = malloc(in.len))) {
+		memcpy(e->in_data, in.val, in.len);
+		e->in_len = in.len;
+	}
+	exec_write_stdin(e);
+	DEBUG("exec id=%u pid=%d %s\n", id, pid, argv[0]);
+out:
+	close_fd(&pin[0]);
+	close_fd(&pin[1]);
+	close_fd(&pout[0]);
+	close_fd(&pout[1]);
+	close_fd(&perr[0]);
+	close_fd(&perr[1]);
+	close_fd(&pstat[0]);
+	close_fd(&pstat[1]);
+	for (size_t i = 0; strs && i < ns; i++)
+		free(strs[i]);
+	free(strs);
+	free(argv);
+	free(env);
+	free(cwd);
+}
+
+/* ------------------------------------------------------- other requests */
+
+static char *req_path(struct conn *c, uint32_t id, const char *op, const uint8_t *p, size_t n)
+{
+	struct field f;
+	if (!tlv_find(p, n, F_PATH, &f) || f.len == 0) {
+		send_error(c, id, EINVAL, "%s: path is missing", op);
+		return NULL;
+	}
+	char *path = field_str(&f);
+	if (!path)
+		send_error(c, id, EINVAL, "%s: path contains a NUL byte", op);
+	return path;
+}
+
+static void handle_read_file(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
+{
+	char *path = req_path(c, id, "read_file", p, n);
+	if (!path)
+		return;
+	struct buf b = {0}, data = {0};
+	struct stat st;
+	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+	if (fd < 0) {
+		send_error(c, id, errno, "read_file %s: %s", path, strerror(errno));
+		goto out;
+	}
+	if (fstat(fd, &st) || !S_ISREG(st.st_mode)) {
+		send_error(c, id, EINVAL, "read_file %s: not a regular file", path);
+		goto out;
+	}
+	size_t limit = MAX_FRAME - 4096;
+	if ((uint64_t)st.st_size > limit) {
+		send_error(c, id, EFBIG, "read_file %s: %lld bytes exceed the %zu-byte frame limit",
+			   path, (long long)st.st_size, limit);
+		goto out;
+	}
+	for (;;) {
+		if (buf_reserve(&data, READ_CHUNK)) {
+			send_error(c, id, ENOMEM, "read_file %s: out of memory", path);
+			goto out;
+		}
+		ssize_t r = read(fd, data.p + data.len, READ_CHUNK);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0) {
+			send_error(c, id, errno, "read_file %s: %s", path, strerror(errno));
+			goto out;
+		}
+		if (r == 0)
+			break;
+		data.len += (size_t)r;
+		if (data.len > limit) {
+			send_error(c, id, EFBIG, "read_file %s: larger than the %zu-byte frame limit",
+				   path, limit);
+			goto out;
+		}
+	}
+	if (put_field(&b, F_DATA, data.p, data.len) || put_int(&b, F_MODE, st.st_mode & 07777))
+		send_error(c, id, ENOMEM, "read_file %s: out of memory", path);
+	else
+		send_frame(c, T_READ_FILE | T_REPLY, id, &b);
+out:
+	if (fd >= 0)
+		close(fd);
+	buf_free(&b);
+	buf_free(&data);
+	free(path);
+}
+
+static int mkdirs(char *path)
+{
+	for (char *s = path + 1; *s; s++) {
+		if (*s != '/')
+			continue;
+		*s = 0;
+		int r = mkdir(path, 0755);
+		*s = '/';
+		if (r && errno != EEXIST)
+			return -1;
+	}
+	return 0;
+}
+
+static void handle_write_file(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
+{
+	char *path = req_path(c, id, "write_file", p, n);
+	if (!path)
+		return;
+	struct field data = {0};
+	int64_t mode = 0644, flags = 0;
+	tlv_find(p, n, F_DATA, &data);
+	if (tlv_int(p, n, F_MODE, &mode) < 0 || tlv_int(p, n, F_FLAGS, &flags) < 0 || mode < 0 ||
+	    mode > 07777) {
+		send_error(c, id, EINVAL, "write_file %s: bad mode or flags", path);
+		free(path);
+		return;
+	}
+	if ((flags & WF_MKDIRS) && mkdirs(path)) {
+		send_error(c, id, errno, "write_file %s: creating parent directories: %s", path,
+			   strerror(errno));
+		free(path);
+		return;
+	}
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NONBLOCK, (mode_t)mode);
+	struct stat st;
+	if (fd < 0) {
+		send_error(c, id, errno, "write_file %s: %s", path, strerror(errno));
+		free(path);
+		return;
+	}
+	size_t off = 0;
+	while (off < data.len) {
+		ssize_t w = write(fd, data.val + off, data.len - off);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w < 0) {
+			send_error(c, id, errno, "write_file %s: %s", path, strerror(errno));
+			goto out;
+		}
+		off += (size_t)w;
+	}
+	if (!fstat(fd, &st) && S_ISREG(st.st_mode) && (st.st_mode & 07777) != (mode_t)mode &&
+	    fchmod(fd, (mode_t)mode)) {
+		send_error(c, id, errno, "write_file %s: chmod: %s", path, strerror(errno));
+		goto out;
+	}
+	send_frame(c, T_WRITE_FILE | T_REPLY, id, NULL);
+out:
+	close(fd);
+	free(path);
+}
+
+static void handle_set_time(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
+{
+	int64_t sec = 0, nsec = 0;
+	if (tlv_int(p, n, F_SEC, &sec) != 1 || tlv_int(p, n, F_NSEC, &nsec) < 0 || nsec < 0 ||
+	    nsec >= 1000000000) {
+		send_error(c, id, EINVAL, "set_time: sec (required) and nsec (0..1e9) are 8-byte integers");
+		return;
+	}
+	struct timespec ts = {.tv_sec = (time_t)sec, .tv_nsec = (long)nsec};
+	if (clock_settime(CLOCK_REALTIME, &ts)) {
+		send_error(c, id, errno, "set_time: %s", strerror(errno));
+		return;
+	}
+	send_frame(c, T_SET_TIME | T_REPLY, id, NULL);
+}
+
+static void handle_add_entropy(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
+{
+	struct field f;
+	if (!tlv_find(p, n, F_DATA, &f) || f.len == 0 || f.len > MAX_ENTROPY) {
+		send_error(c, id, EINVAL, "add_entropy: data must be 1..%u bytes", MAX_ENTROPY);
+		return;
+	}
+	struct rand_pool_info *info = malloc(sizeof *info + f.len);
+	if (!info) {
+		send_error(c, id, ENOMEM, "add_entropy: out of memory");
+		return;
+	}
+	info->entropy_count = (int)(f.len * 8);
+	info->buf_size = (int)f.len;
+	memcpy(info->buf, f.val, f.len);
+	int fd = open("/dev/random", O_WRONLY | O_CLOEXEC);
+	if (fd < 0 || ioctl(fd, RNDADDENTROPY, info)) {
+		send_error(c, id, errno, "add_entropy: /dev/random: %s", strerror(errno));
+	} else {
+		ioctl(fd, RNDRESEEDCRNG);
+		send_frame(c, T_ADD_ENTROPY | T_REPLY, id, NULL);
+	}
+	if (fd >= 0)
+		close(fd);
+	free(info);
+}
+
+static void handle_cancel(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
+{
+	int64_t target = 0, sig = SIGKILL;
+	if (tlv_int(p, n, F_TARGET, &target) != 1 || tlv_int(p, n, F_SIGNAL, &sig) < 0 || sig <= 0 ||
+	    sig >= 65) {
+		send_error(c, id, EINVAL, "cancel: target (request id) and signal (1..64) required");
+		return;
+	}
+	int found = 0;
+	for (int i = 0; i < MAX_EXECS; i++) {
+		struct exec *e = &execs[i];
+		if (e->used && e->conn == c && e->conn_gen == c->gen && e->id == (uint32_t)target) {
+			exec_kill(e, (int)sig);
+			found = 1;
+		}
+	}
+	struct buf b = {0};
+	put_int(&b, F_FOUND, found);
+	send_frame(c, T_CANCEL | T_REPLY, id, &b);
+	buf_free(&b);
+}
+
+/* Bring offline CPUs / memory blocks online; returns how many were onlined. */
+static int online_dir(const char *dir, const char *prefix, const char *attr, const char *off,
+		      const char *on)
+{
+	DIR *d = opendir(dir);
+	if (!d)
+		return 0;
+	int count = 0;
+	struct dirent *de;
+	char path[PATH_MAX], val[32];
+	size_t plen = strlen(prefix);
+	while ((de = readdir(d))) {
+		if (strncmp(de->d_name, prefix, plen) || de->d_name[plen] < '0' || de->d_name[plen] > '9')
+			continue;
+		snprintf(path, sizeof path, "%s/%s/%s", dir, de->d_name, attr);
+		if (read_text(path, val, sizeof val) >= 0 && !strcmp(val, off) && !write_text(path, on))
+			count++;
+	}
+	closedir(d);
+	return count;
+}
+
+static void handle_online(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
+{
+	int64_t what = ON_CPUS | ON_MEMORY;
+	if (tlv_int(p, n, F_FLAGS, &what) < 0) {
+		send_error(c, id, EINVAL, "online: flags must be an 8-byte integer");
+		return;
+	}
+	struct buf b = {0};
+	int cpus = 0, mem = 0;
+	if (what & ON_CPUS)
+		cpus = online_dir("/sys/devices/system/cpu", "cpu", "online", "0", "1");
+	if (what & ON_MEMORY)
+		mem = online_dir("/sys/devices/system/memory", "memory", "state", "offline", "online");
+	put_int(&b, F_CPUS, cpus);
+	put_int(&b, F_MEM_BLOCKS, mem);
+	send_frame(c, T_ONLINE | T_REPLY, id, &b);
+	buf_free(&b);
+}
+
+static void handle_ping(struct conn *c, uint32_t id, int hello, const uint8_t *p, size_t n)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_BOOTTIME, &ts);
+	struct buf b = {0};
+	if (hello) {
+		struct field f;
+		if (!tlv_find(p, n, F_NONCE, &f)) {
+			send_error(c, id, EINVAL, "hello: nonce is missing");
+			return;
+		}
+		put_field(&b, F_NONCE, f.val, f.len);
+		put_int(&b, F_PROTO, PROTO_VERSION);
+		put_int(&b, F_MAX_FRAME, MAX_FRAME);
+	}
+	put_str(&b, F_VERSION, AGENT_VERSION);
+	put_int(&b, F_UPTIME_NS, (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec);
+	put_int(&b, F_RUNNING, running_execs());
+	send_frame(c, (uint8_t)((hello ? T_HELLO : T_PING) | T_REPLY), id, &b);
+	buf_free(&b);
+}
+
+static void dispatch(struct conn *c, uint8_t type, uint32_t id, const uint8_t *p, size_t n)
+{
+	DEBUG("request type=0x%02x id=%u len=%zu\n", type, id, n);
+	if (!tlv_valid(p, n)) {
+		send_error(c, id, EBADMSG, "request 0x%02x: malformed payload", type);
+		return;
+	}
+	switch (type) {
+	case T_HELLO:
+		handle_ping(c, id, 1, p, n);
+		break;
+	case T_PING:
+		handle_ping(c, id, 0, p, n);
+		break;
+	case T_EXEC:
+		handle_exec(c, id, p, n);
+		break;
+	case T_READ_FILE:
+		handle_read_file(c, id, p, n);
+		break;
+	case T_WRITE_FILE:
+		handle_write_file(c, id, p, n);
+		break;
+	case T_SET_TIME:
+		handle_set_time(c, id, p, n);
+		break;
+	case T_ADD_ENTROPY:
+		handle_add_entropy(c, id, p, n);
+		break;
+	case T_CANCEL:
+		handle_cancel(c, id, p, n);
+		break;
+	case T_ONLINE:
+		handle_online(c, id, p, n);
+		break;
+	default:
+		send_error(c, id, ENOSYS, "unknown request type 0x%02x", type);
+	}
+}
+
+/* ---------------------------------------------------------- frame parser */
+
+static void parser_reset(struct conn *c)
+{
+	free(c->payload);
+	c->payload = NULL;
+	c->state = ST_HEADER;
+	c->hdr_len = 0;
+	c->want = c->have = 0;
+	c->skip = 0;
+	c->in_garbage = 0;
+}
+
+/* Drop the first k header bytes and look for the next magic. */
+static void hdr_shift(struct conn *c, size_t k)
+{
+	memmove(c->hdr, c->hdr + k, c->hdr_len - k);
+	c->hdr_len -= k;
+}
+
+static void garbage(struct conn *c)
+{
+	if (!c->in_garbage) {
+		c->in_garbage = 1;
+		send_error(c, 0, EBADMSG, "malformed frame header; resynchronising");
+	}
+}
+
+static void feed(struct conn *c, const uint8_t *data, size_t len)
+{
+	while (len && c->used) {
+		if (c->state == ST_SKIP) {
+			size_t k = len < c->skip ? len : (size_t)c->skip;
+			c->skip -= k;
+			data += k;
+			len -= k;
+			if (!c->skip)
+				c->state = ST_HEADER;
+			continue;
+		}
+		if (c->state == ST_PAYLOAD) {
+			size_t k = len < c->want - c->have ? len : c->want - c->have;
+			memcpy(c->payload + c->have, data, k);
+			c->have += (uint32_t)k;
+			data += k;
+			len -= k;
+			if (c->have == c->want) {
+				uint8_t *pl = c->payload;
+				c->payload = NULL;
+				c->state = ST_HEADER;
+				dispatch(c, c->cur_type, c->cur_id, pl, c->want);
+				free(pl);
+			}
+			continue;
+		}
+		size_t k = HDR_LEN - c->hdr_len;
+		if (k > len)
+			k = len;
+		memcpy(c->hdr + c->hdr_len, data, k);
+		c->hdr_len += k;
+		data += k;
+		len -= k;
+		/* Keep the buffer starting at a (possible) magic. */
+		while (c->hdr_len) {
+			size_t m = c->hdr_len < 4 ? c->hdr_len : 4;
+			if (!memcmp(c->hdr, MAGIC, m))
+				break;
+			garbage(c);
+			hdr_shift(c, 1);
+		}
+		if (c->hdr_len < HDR_LEN)
+			continue;
+		if (crc32(c->hdr, 16) != get_u32(c->hdr + 16)) {
+			garbage(c);
+			hdr_shift(c, 1);
+			/* Re-feed the remaining header bytes through the magic scan. */
+			uint8_t tmp[HDR_LEN];
+			size_t t = c->hdr_len;
+			memcpy(tmp, c->hdr, t);
+			c->hdr_len = 0;
+			feed(c, tmp, t);
+			continue;
+		}
+		c->in_garbage = 0;
+		c->hdr_len = 0;
+		uint8_t version = c->hdr[4], type = c->hdr[5];
+		uint32_t id = get_u32(c->hdr + 8), plen = get_u32(c->hdr + 12);
+		if (plen > MAX_FRAME || version != PROTO_VERSION) {
+			if (plen > MAX_FRAME)
+				send_error(c, id, EMSGSIZE, "frame of %u bytes exceeds the limit of %u",
+					   plen, MAX_FRAME);
+			else
+				send_error(c, id, EPROTO, "protocol version %u not supported (want %u)",
+					   version, PROTO_VERSION);
+			c->skip = plen;
+			c->state = plen ? ST_SKIP : ST_HEADER;
+			continue;
+		}
+		c->cur_type = type;
+		c->cur_id = id;
+		if (plen == 0) {
+			dispatch(c, type, id, NULL, 0);
+			continue;
+		}
+		c->payload = malloc(plen);
+		if (!c->payload) {
+			send_error(c, id, ENOMEM, "no memory for a %u-byte frame", plen);
+			c->skip = plen;
+			c->state = ST_SKIP;
+			continue;
+		}
+		c->want = plen;
+		c->have = 0;
+		c->state = ST_PAYLOAD;
+	}
+}
+
+/* ----------------------------------------------------------- connections */
+
+static void conn_kill_execs(struct conn *c)
+{
+	for (int i = 0; i < MAX_EXECS; i++)
+		if (execs[i].used && execs[i].conn == c && execs[i].conn_gen == c->gen)
+			exec_kill(&execs[i], SIGKILL);
+}
+
+/* The peer went away: kill its processes, forget its partial frames and queued replies. */
+static void conn_reset(struct conn *c)
+{
+	conn_kill_execs(c);
+	c->gen++;
+	parser_reset(c);
+	conn_drop_output(c);
+}
+
+static void conn_close(struct conn *c)
+{
+	DEBUG("connection fd=%d closed\n", c->fd);
+	conn_reset(c);
+	close(c->fd);
+	c->used = 0;
+	c->fd = -1;
+}
+
+static struct conn *conn_add(int fd, int kind)
+{
+	for (int i = 0; i < MAX_CONNS; i++) {
+		struct conn *c = &conns[i];
+		if (!c->used) {
+			uint32_t gen = c->gen;
+			memset(c, 0, sizeof *c);
+			c->gen = gen + 1;
+			c->used = 1;
+			c->fd = fd;
+			c->kind = kind;
+			c->connected = kind != CONN_PORT;
+			set_nonblock(fd);
+			return c;
+		}
+	}
+	return NULL;
+}
+
+static void conn_readable(struct conn *c)
+{
+	uint8_t tmp[READ_CHUNK];
+	for (;;) {
+		ssize_t r = read(c->fd, tmp, sizeof tmp);
+		if (r > 0) {
+			feed(c, tmp, (size_t)r);
+			if (!c->used || !c->connected)
+				return;
+			continue;
+		}
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0 && errno == EAGAIN)
+			return;
+		if (c->kind == CONN_PORT) {
+			/* EOF on virtio-serial: the host side disconnected. */
+			DEBUG("host disconnected from the port\n");
+			conn_reset(c);
+			c->connected = 0;
+		} else {
+			conn_close(c);
+		}
+		return;
+	}
+}
+
+/* Host closed the port: discard what it left behind, then wait for it to reconnect. */
+static void port_hangup(struct conn *c)
+{
+	uint8_t tmp[READ_CHUNK];
+	while (read(c->fd, tmp, sizeof tmp) > 0)
+		;
+	if (c->connected)
+		DEBUG("host disconnected from the port\n");
+	conn_reset(c);
+	c->connected = 0;
+}
+
+static void port_check(struct conn *c)
+{
+	struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
+	if (poll(&pfd, 1, 0) < 0)
+		return;
+	if (pfd.revents & POLLHUP) {
+		if (c->connected || (pfd.revents & POLLIN))
+			port_hangup(c);
+		return;
+	}
+	if (!c->connected) {
+		DEBUG("host connected to the port\n");
+		c->connected = 1;
+	}
+}
+
+/* ------------------------------------------------------------ guest setup */
+
+static void mount_fs(const char *src, const char *dst, const char *type, unsigned long flags,
+		     const char *data)
+{
+	mkdir(dst, 0755);
+	if (mount(src, dst, type, flags, data) && errno != EBUSY)
+		console("vc-agent: mount %s on %s: %s\n", type, dst, strerror(errno));
+}
+
+static void parse_cmdline(void)
+{
+	char line[4096];
+	if (read_text("/proc/cmdline", line, sizeof line) < 0)
+		return;
+	char *save = NULL;
+	for (char *tok = strtok_r(line, " ", &save); tok; tok = strtok_r(NULL, " ", &save)) {
+		if (!strcmp(tok, "vc.debug") || !strcmp(tok, "vc.debug=1"))
+			debug = 1;
+		else if (!strncmp(tok, "vc.agent_port=", 14))
+			vsock_port = (unsigned)strtoul(tok + 14, NULL, 10);
+		else if (!strncmp(tok, "vc.channel=", 11))
+			snprintf(port_name, sizeof port_name, "%s", tok + 11);
+		else if (!strncmp(tok, "vc.hostname=", 12))
+			sethostname(tok + 12, strlen(tok + 12));
+	}
+}
+
+static void load_modules(void)
+{
+	struct {
+		char s[256];
+	} rel;
+	char line[PATH_MAX], path[PATH_MAX + 300];
+	FILE *f = fopen("/etc/vc-modules", "re");
+	if (!f)
+		return;
+	if (read_text("/proc/sys/kernel/osrelease", rel.s, sizeof rel.s) < 0) {
+		fclose(f);
+		return;
+	}
+	while (fgets(line, sizeof line, f)) {
+		line[strcspn(line, "\r\n")] = 0;
+		if (!line[0] || line[0] == '#')
+			continue;
+		snprintf(path, sizeof path, "/lib/modules/%s/%s", rel.s, line);
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0) {
+			console("vc-agent: module %s: %s\n", path, strerror(errno));
+			continue;
+		}
+		if (syscall(SYS_finit_module, fd, "", 0) && errno != EEXIST)
+			console("vc-agent: loading %s: %s\n", line, strerror(errno));
+		close(fd);
+	}
+	fclose(f);
+}
+
+/* Is there a virtio device of this id (3 = console, 19 = vsock)? */
+static int virtio_device_present(unsigned want)
+{
+	DIR *d = opendir("/sys/bus/virtio/devices");
+	if (!d)
+		return 0;
+	struct dirent *de;
+	char path[PATH_MAX], val[32];
+	int found = 0;
+	while (!found && (de = readdir(d))) {
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof path, "/sys/bus/virtio/devices/%s/device", de->d_name);
+		if (read_text(path, val, sizeof val) > 0 && strtoul(val, NULL, 16) == want)
+			found = 1;
+	}
+	closedir(d);
+	return found;
+}
+
+static void print_ready(void)
+{
+	if (!ready_printed) {
+		ready_printed = 1;
+		console("VC-AGENT-READY\n");
+	}
+}
+
+/* Look for the named virtio-serial port; returns 1 once it is open and served. */
+static int scan_port(void)
+{
+	DIR *d = opendir("/sys/class/virtio-ports");
+	if (!d)
+		return 0;
+	struct dirent *de;
+	char path[PATH_MAX], val[256];
+	int ok = 0;
+	while (!ok && (de = readdir(d))) {
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", de->d_name);
+		if (read_text(path, val, sizeof val) <= 0 || strcmp(val, port_name))
+			continue;
+		snprintf(path, sizeof path, "/dev/%s", de->d_name);
+		int fd = open(path, O_RDWR | O_CLOEXEC | O_NONBLOCK);
+		if (fd < 0) {
+			console("vc-agent: open %s: %s\n", path, strerror(errno));
+			continue;
+		}
+		struct conn *c = conn_add(fd, CONN_PORT);
+		if (!c) {
+			close(fd);
+			continue;
+		}
+		fcntl(fd, F_SETOWN, getpid());
+		fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_ASYNC);
+		port_check(c);
+		DEBUG("serving on %s (%s)\n", path, port_name);
+		ok = 1;
+	}
+	closedir(d);
+	return ok;
+}
+
+static int listen_vsock(void)
+{
+	int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	if (fd < 0) {
+		console("vc-agent: vsock socket: %s\n", strerror(errno));
+		return -1;
+	}
+	struct sockaddr_vm addr = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY,
+				   .svm_port = vsock_port};
+	if (bind(fd, (struct sockaddr *)&addr, sizeof addr) || listen(fd, 8)) {
+		console("vc-agent: vsock port %u: %s\n", vsock_port, strerror(errno));
+		close(fd);
+		return -1;
+	}
+	DEBUG("listening on vsock port %u\n", vsock_port);
+	return fd;
+}
+
+static int listen_unix(const char *path)
+{
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	struct sockaddr_un addr = {.sun_family = AF_UNIX};
+	if (fd < 0 || strlen(path) >= sizeof addr.sun_path) {
+		fprintf(stderr, "vc-agent: bad unix socket path %s\n", path);
+		exit(2);
+	}
+	strcpy(addr.sun_path, path);
+	unlink(path);
+	if (bind(fd, (struct sockaddr *)&addr, sizeof addr) || listen(fd, 8)) {
+		fprintf(stderr, "vc-agent: listen %s: %s\n", path, strerror(errno));
+		exit(2);
+	}
+	return fd;
+}
+
+static void setup_pid1(void)
+{
+	mount_fs("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	mount_fs("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	mount_fs("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+	mount_fs("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666");
+	mount_fs("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	mount_fs("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+	mount_fs("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	int fd = open("/dev/console", O_RDWR | O_NOCTTY | O_CLOEXEC);
+	if (fd >= 0) {
+		dup2(fd, 0);
+		dup2(fd, 1);
+		dup2(fd, 2);
+		close(fd);
+	}
+	sethostname("sandbox", 7);
+	parse_cmdline();
+	load_modules();
+	/* The console may be a virtio console that only exists now. */
+	fd = open("/dev/console", O_RDWR | O_NOCTTY | O_CLOEXEC);
+	if (fd >= 0) {
+		dup2(fd, 1);
+		dup2(fd, 2);
+		close(fd);
+	}
+}
+
+/* ----------------------------------------------------------------- main */
+
+#define MAX_POLL (MAX_CONNS + 3 * MAX_EXECS + 4)
+
+int main(int argc, char **argv)
+{
+	const char *unix_path = NULL;
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--unix") && i + 1 < argc)
+			unix_path = argv[++i];
+		else if (!strcmp(argv[i], "--debug"))
+			debug = 1;
+		else if (!strcmp(argv[i], "--version")) {
+			puts(AGENT_VERSION);
+			return 0;
+		}
+	}
+	crc_init();
+	for (int i = 0; i < MAX_EXECS; i++)
+		execs[i].in_fd = execs[i].out_fd = execs[i].err_fd = -1;
+	for (int i = 0; i < MAX_CONNS; i++)
+		conns[i].fd = -1;
+	is_pid1 = getpid() == 1;
+	signal(SIGPIPE, SIG_IGN);
+	sigset_t mask;
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGCHLD);
+	sigaddset(&mask, SIGIO);
+	sigprocmask(SIG_BLOCK, &mask, NULL);
+	sig_fd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+
+	int want_port = 0;
+	if (is_pid1 && !unix_path) {
+		setup_pid1();
+		want_port = virtio_device_present(3);
+		if (virtio_device_present(19) && (listen_fd = listen_vsock()) >= 0)
+			listen_kind_vsock = 1;
+		port_scan_deadline = now_ms() + PORT_SCAN_MS;
+		if (want_port && scan_port())
+			port_found = 1;
+		if (listen_fd < 0 && !want_port)
+			console("vc-agent: warning: no agent channel (no virtio console or vsock device)\n");
+		if (port_found || listen_fd >= 0 || !want_port)
+			print_ready();
+	} else if (unix_path) {
+		listen_fd = listen_unix(unix_path);
+		print_ready();
+		fflush(stdout);
+	}
+
+	struct pollfd pfds[MAX_POLL];
+	void *owners[MAX_POLL];
+	int kinds[MAX_POLL];
+	enum { K_SIG, K_LISTEN, K_CONN, K_IN, K_OUT, K_ERR };
+
+	for (;;) {
+		int np = 0;
+		int64_t now = now_ms(), timeout = -1;
+		pfds[np] = (struct pollfd){.fd = sig_fd, .events = POLLIN};
+		kinds[np++] = K_SIG;
+		if (listen_fd >= 0) {
+			pfds[np] = (struct pollfd){.fd = listen_fd, .events = POLLIN};
+			kinds[np++] = K_LISTEN;
+		}
+		for (int i = 0; i < MAX_CONNS; i++) {
+			struct conn *c = &conns[i];
+			if (!c->used)
+				continue;
+			if (c->kind == CONN_PORT && !c->connected) {
+				/* A disconnected port polls HUP forever: recheck it on SIGIO or a timer. */
+				timeout = timeout < 0 || timeout > 200 ? 200 : timeout;
+				continue;
+			}
+			pfds[np] = (struct pollfd){.fd = c->fd,
+						   .events = (short)(POLLIN | (c->out_head ? POLLOUT : 0))};
+			owners[np] = c;
+			kinds[np++] = K_CONN;
+		}
+		for (int i = 0; i < MAX_EXECS; i++) {
+			struct exec *e = &execs[i];
+			if (!e->used)
+				continue;
+			if (e->in_fd >= 0) {
+				pfds[np] = (struct pollfd){.fd = e->in_fd, .events = POLLOUT};
+				owners[np] = e;
+				kinds[np++] = K_IN;
+			}
+			if (e->out_fd >= 0) {
+				pfds[np] = (struct pollfd){.fd = e->out_fd, .events = POLLIN};
+				owners[np] = e;
+				kinds[np++] = K_OUT;
+			}
+			if (e->err_fd >= 0) {
+				pfds[np] = (struct pollfd){.fd = e->err_fd, .events = POLLIN};
+				owners[np] = e;
+				kinds[np++] = K_ERR;
+			}
+			if (e->deadline_ms && !e->timed_out) {
+				int64_t left = e->deadline_ms - now;
+				if (left < 0)
+					left = 0;
+				if (timeout < 0 || left < timeout)
+					timeout = left;
+			}
+		}
+		if (want_port && !port_found) {
+			if (now < port_scan_deadline)
+				timeout = timeout < 0 || timeout > 5 ? 5 : timeout;
+		}
+
+		int r = poll(pfds, (nfds_t)np, (int)timeout);
+		if (r < 0 && errno != EINTR) {
+			console("vc-agent: poll: %s\n", strerror(errno));
+			sleep(1);
+			continue;
+		}
+		for (int i = 0; r > 0 && i < np; i++) {
+			short rev = pfds[i].revents;
+			if (!rev)
+				continue;
+			switch (kinds[i]) {
+			case K_SIG: {
+				struct signalfd_siginfo si;
+				while (read(sig_fd, &si, sizeof si) == (ssize_t)sizeof si)
+					;
+				reap_children();
+				break;
+			}
+			case K_LISTEN: {
+				int fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
+				if (fd >= 0 && !conn_add(fd, CONN_STREAM)) {
+					console("vc-agent: too many connections\n");
+					close(fd);
+				}
+				break;
+			}
+			case K_CONN: {
+				struct conn *c = owners[i];
+				if (!c->used)
+					break;
+				if (c->kind == CONN_PORT && (rev & POLLHUP)) {
+					/* Whatever the gone host left cannot be answered. */
+					port_hangup(c);
+					break;
+				}
+				if (rev & (POLLIN | POLLHUP | POLLERR))
+					conn_readable(c);
+				if (c->used && (rev & POLLOUT))
+					conn_flush(c);
+				break;
+			}
+			case K_IN: {
+				struct exec *e = owners[i];
+				if (e->used)
+					exec_write_stdin(e);
+				break;
+			}
+			case K_OUT: {
+				struct exec *e = owners[i];
+				if (e->used)
+					exec_read(e, &e->out_fd, &e->out, 1, 1u << 20);
+				break;
+			}
+			case K_ERR: {
+				struct exec *e = owners[i];
+				if (e->used)
+					exec_read(e, &e->err_fd, &e->err, 2, 1u << 20);
+				break;
+			}
+			}
+		}
+		/* Timers: exec deadlines, disconnected ports, port discovery. */
+		now = now_ms();
+		for (int i = 0; i < MAX_EXECS; i++) {
+			struct exec *e = &execs[i];
+			if (e->used && e->deadline_ms && !e->timed_out && now >= e->deadline_ms) {
+				DEBUG("exec id=%u timed out\n", e->id);
+				e->timed_out = 1;
+				exec_kill(e, SIGKILL);
+			}
+		}
+		for (int i = 0; i < MAX_CONNS; i++)
+			if (conns[i].used && conns[i].kind == CONN_PORT && !conns[i].connected)
+				port_check(&conns[i]);
+		if (want_port && !port_found) {
+			if (scan_port()) {
+				port_found = 1;
+				print_ready();
+			} else if (now >= port_scan_deadline) {
+				console("vc-agent: virtio-serial port %s not found\n", port_name);
+				want_port = 0;
+				print_ready();
+			}
+		}
+	}
+}

@@ -1,0 +1,259 @@
+"""Guest assets cache: build kernel + initrd once per set of inputs, reuse them after.
+
+An entry lives in `<cache>/<key>/` where the key hashes every input (kernel
+package version, busybox binary, agent source, module list, builder version). It
+is built in a temporary directory and renamed into place under an exclusive lock,
+so concurrent builders (threads or processes) never see or leave half an entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..errors import AssetError
+from . import initrd as initrd_mod
+from . import kernel as kernel_mod
+
+log = logging.getLogger(__name__)
+
+BUILDER_VERSION = 1
+"""Bump whenever the build recipe changes in a way the other inputs do not capture."""
+KERNEL_FILE = "vmlinuz"
+INITRD_FILE = "initrd.img"
+MANIFEST = "manifest.json"
+LOCK_FILE = ".lock"
+LOCK_TIMEOUT = 900.0
+
+
+@dataclass(frozen=True)
+class GuestAssets:
+    """A built kernel and initrd, ready to boot."""
+
+    kernel: str
+    initrd: str
+    kernel_version: str
+    key: str
+    directory: str
+    kernel_package: str
+    kernel_package_version: str
+    modules: tuple[str, ...]
+    """Module names the agent loads at boot (dependencies not listed)."""
+    agent_version: str
+    built: bool = False
+    """True when this call built the assets, False when it reused the cache."""
+
+
+def default_cache_dir() -> str:
+    """`$VC_ASSETS_DIR`, else /var/cache/virtcontainers/assets as root, else ~/.cache/..."""
+    env = os.environ.get("VC_ASSETS_DIR")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/cache/virtcontainers/assets"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "virtcontainers", "assets")
+
+
+def _agent_version() -> str:
+    for line in initrd_mod.agent_source().decode().splitlines():
+        if line.startswith("#define AGENT_VERSION"):
+            return line.split('"')[1]
+    return "unknown"
+
+
+def _inputs(cache_dir: str) -> dict[str, Any]:
+    pkg = kernel_mod.resolve_package(cache_dir)
+    busybox = initrd_mod.busybox_path()
+    return {
+        "builder": BUILDER_VERSION,
+        "kernel_package": pkg.name,
+        "kernel_package_version": pkg.version,
+        "busybox_sha256": initrd_mod.file_sha256(busybox),
+        "agent_sha256": hashlib.sha256(initrd_mod.agent_source()).hexdigest(),
+        "cflags": list(initrd_mod.CFLAGS),
+        "required_modules": list(kernel_mod.REQUIRED_MODULES),
+        "optional_modules": list(kernel_mod.OPTIONAL_MODULES),
+        "compression": initrd_mod.COMPRESSION,
+    }
+
+
+def _key(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _load(entry: str) -> GuestAssets | None:
+    try:
+        with open(os.path.join(entry, MANIFEST)) as f:
+            doc = json.load(f)
+        assets = GuestAssets(
+            kernel=os.path.join(entry, KERNEL_FILE),
+            initrd=os.path.join(entry, INITRD_FILE),
+            kernel_version=doc["kernel_version"],
+            key=doc["key"],
+            directory=entry,
+            kernel_package=doc["inputs"]["kernel_package"],
+            kernel_package_version=doc["inputs"]["kernel_package_version"],
+            modules=tuple(doc["modules"]),
+            agent_version=doc["agent_version"],
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (os.path.isfile(assets.kernel) and os.path.isfile(assets.initrd)):
+        return None
+    return assets
+
+
+@contextlib.contextmanager
+def _locked(cache_dir: str) -> Iterator[None]:
+    path = os.path.join(cache_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise AssetError(
+                        f"another process has held {path} for {LOCK_TIMEOUT:g}s"
+                    ) from None
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _ensure_dir(cache_dir: str) -> None:
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as exc:
+        raise AssetError(f"cannot create the assets cache {cache_dir}: {exc.strerror}") from None
+
+
+def ensure_assets(cache_dir: str | None = None) -> GuestAssets:
+    """Kernel and initrd for the guest, from the cache or built now (first use)."""
+    return build_assets(force=False, cache_dir=cache_dir)
+
+
+def build_assets(force: bool = False, cache_dir: str | None = None) -> GuestAssets:
+    """Build the assets unless a cached entry for the same inputs exists (or `force`)."""
+    cache_dir = os.path.abspath(cache_dir or default_cache_dir())
+    _ensure_dir(cache_dir)
+    inputs = _inputs(cache_dir)
+    key = _key(inputs)
+    entry = os.path.join(cache_dir, key)
+    if not force and (found := _load(entry)) is not None:
+        return found
+    with _locked(cache_dir):
+        if not force and (found := _load(entry)) is not None:
+            return found  # another process built it while we waited
+        started = time.monotonic()
+        log.info("building guest assets %s in %s", key, cache_dir)
+        tmp = tempfile.mkdtemp(prefix=".build-", dir=cache_dir)
+        try:
+            _build(inputs, key, cache_dir, tmp)
+            if os.path.isdir(entry):
+                old = tempfile.mkdtemp(prefix=".old-", dir=cache_dir)
+                os.rename(entry, os.path.join(old, "entry"))
+                os.rename(os.path.join(tmp, "out"), entry)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(os.path.join(tmp, "out"), entry)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("guest assets built in %.1fs", time.monotonic() - started)
+    built = _load(entry)
+    if built is None:
+        raise AssetError(f"guest assets in {entry} are incomplete right after building them")
+    return GuestAssets(**{**asdict(built), "built": True})
+
+
+def _build(inputs: dict[str, Any], key: str, cache_dir: str, tmp: str) -> None:
+    out = os.path.join(tmp, "out")
+    os.makedirs(out)
+    pkg = kernel_mod.KernelPackage(inputs["kernel_package"], inputs["kernel_package_version"])
+    busybox = initrd_mod.busybox_path()
+    initrd_mod.check_busybox_static(busybox)
+    for tool, package in (("dpkg-deb", "dpkg"), ("depmod", "kmod"), ("cpio", "cpio")):
+        if shutil.which(tool) is None:
+            raise AssetError(f"{tool} not found: `apt-get install {package}`")
+    agent_bin = os.path.join(tmp, "init")
+    initrd_mod.compile_agent(agent_bin, tmp)
+    download = os.path.join(tmp, "download")
+    os.makedirs(download)
+    os.chmod(tmp, 0o755)
+    deb = kernel_mod.fetch_deb(pkg, os.path.join(cache_dir, "debs"), download)
+    kernel = kernel_mod.unpack(deb, os.path.join(tmp, "kernel"))
+    plan = kernel_mod.plan_modules(kernel.modules_dir)
+    root = os.path.join(tmp, "root")
+    initrd_mod.populate(root, kernel, plan, busybox, agent_bin)
+    initrd_mod.write_cpio(root, os.path.join(out, INITRD_FILE), inputs["compression"])
+    shutil.copyfile(kernel.vmlinuz, os.path.join(out, KERNEL_FILE))
+    manifest = {
+        "key": key,
+        "inputs": inputs,
+        "kernel_version": kernel.version,
+        "modules": list(plan.wanted),
+        "builtin_modules": list(plan.builtin),
+        "absent_modules": list(plan.absent),
+        "module_files": list(plan.load_order),
+        "agent_version": _agent_version(),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    with open(os.path.join(out, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def asset_info(cache_dir: str | None = None) -> dict[str, Any]:
+    """What `virtc assets show` prints: cache dir, key, whether built, paths, sizes, versions.
+
+    Builds nothing. JSON-safe.
+    """
+    cache_dir = os.path.abspath(cache_dir or default_cache_dir())
+    info: dict[str, Any] = {"cache_dir": cache_dir, "agent_version": _agent_version()}
+    try:
+        _ensure_dir(cache_dir)
+        inputs = _inputs(cache_dir)
+    except AssetError as exc:
+        info.update(status="unavailable", error=str(exc))
+        return info
+    key = _key(inputs)
+    entry = os.path.join(cache_dir, key)
+    info.update(key=key, directory=entry, inputs=inputs)
+    found = _load(entry)
+    if found is None:
+        info["status"] = "not built"
+        return info
+    with open(os.path.join(entry, MANIFEST)) as f:
+        manifest = json.load(f)
+    info.update(
+        status="built",
+        kernel=found.kernel,
+        kernel_size=os.path.getsize(found.kernel),
+        initrd=found.initrd,
+        initrd_size=os.path.getsize(found.initrd),
+        kernel_version=found.kernel_version,
+        kernel_package=f"{found.kernel_package} {found.kernel_package_version}",
+        modules=list(found.modules),
+        builtin_modules=manifest.get("builtin_modules", []),
+        absent_modules=manifest.get("absent_modules", []),
+        built_at=manifest.get("built_at", ""),
+    )
+    return info
+
+
+show_assets = asset_info

@@ -1,0 +1,210 @@
+"""The initrd: busybox, the kernel modules the agent loads, and the agent itself as /init."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from importlib import resources
+
+from ..errors import AssetError
+from .kernel import ModulePlan, UnpackedKernel
+
+AGENT_SOURCE = "agent.c"
+CFLAGS: tuple[str, ...] = ("-static", "-O2", "-Wall", "-Wextra", "-s")
+LIBC_A = "/usr/lib/x86_64-linux-gnu/libc.a"
+MODULE_LIST = "etc/vc-modules"
+"""Inside the initrd: module files (relative to lib/modules/<version>) in load order."""
+
+COMPRESSION = "none"
+"""Initrd compression. Uncompressed boots fastest under TCG (the guest does not inflate)."""
+
+_DIRS = (
+    "bin",
+    "sbin",
+    "usr/bin",
+    "usr/sbin",
+    "etc",
+    "proc",
+    "sys",
+    "dev",
+    "run",
+    "tmp",
+    "root",
+    "mnt",
+    "var",
+    "var/tmp",
+    "lib/modules",
+)
+
+_FILES = {
+    "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    "etc/group": "root:x:0:\ntty:x:5:\nnogroup:x:65534:\n",
+    "etc/hostname": "sandbox\n",
+    "etc/hosts": "127.0.0.1 localhost sandbox\n::1 localhost\n",
+    "etc/nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+}
+
+
+def agent_source() -> bytes:
+    """The C source of the guest agent shipped in this package."""
+    return resources.files(__package__).joinpath("agent", AGENT_SOURCE).read_bytes()
+
+
+def busybox_path() -> str:
+    """The static busybox to put in the initrd (`VC_BUSYBOX` overrides)."""
+    path = os.environ.get("VC_BUSYBOX") or "/bin/busybox"
+    if not os.path.isfile(path):
+        raise AssetError(f"{path} not found: install it with `apt-get install busybox-static`")
+    return path
+
+
+def check_busybox_static(path: str) -> None:
+    """A dynamically linked busybox would not run in the initrd (no libc there)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head.startswith(b"\x7fELF"):
+        raise AssetError(f"{path} is not an ELF binary")
+    if b"/lib64/ld-linux" in head or b"/lib/ld-linux" in head:
+        raise AssetError(
+            f"{path} is dynamically linked: install the static one with "
+            "`apt-get install busybox-static`"
+        )
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def compile_agent(out_path: str, work_dir: str) -> None:
+    """Build the agent with `gcc -static`; AssetError names the missing package."""
+    if shutil.which("gcc") is None:
+        raise AssetError("gcc not found: the guest agent is built from C; `apt-get install gcc`")
+    if not os.path.exists(LIBC_A):
+        raise AssetError(
+            f"{LIBC_A} not found: static linking needs glibc's libc.a; `apt-get install libc6-dev`"
+        )
+    src = os.path.join(work_dir, AGENT_SOURCE)
+    with open(src, "wb") as f:
+        f.write(agent_source())
+    res = subprocess.run(
+        ["gcc", *CFLAGS, "-o", out_path, src],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    if res.returncode != 0:
+        raise AssetError(f"compiling the guest agent failed:\n{res.stderr.strip()[-2000:]}")
+
+
+def _applets(busybox: str) -> list[str]:
+    res = subprocess.run(
+        [busybox, "--list-full"], capture_output=True, text=True, check=False, timeout=60
+    )
+    if res.returncode != 0:
+        raise AssetError(f"{busybox} --list-full failed: {res.stderr.strip()}")
+    return [line.strip() for line in res.stdout.splitlines() if line.strip()]
+
+
+def populate(
+    root: str, kernel: UnpackedKernel, plan: ModulePlan, busybox: str, agent_binary: str
+) -> None:
+    """Lay out the initrd tree under `root`."""
+    for d in _DIRS:
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    os.chmod(os.path.join(root, "tmp"), 0o1777)
+    os.chmod(os.path.join(root, "root"), 0o700)
+    for rel, text in _FILES.items():
+        with open(os.path.join(root, rel), "w") as f:
+            f.write(text)
+    shutil.copyfile(busybox, os.path.join(root, "bin", "busybox"))
+    os.chmod(os.path.join(root, "bin", "busybox"), 0o755)
+    for applet in _applets(busybox):
+        rel = applet.lstrip("/")
+        if rel in ("bin/busybox", "linuxrc") or ".." in rel.split("/"):
+            continue
+        link = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        if not os.path.lexists(link):
+            os.symlink("/bin/busybox", link)
+    shutil.copyfile(agent_binary, os.path.join(root, "init"))
+    os.chmod(os.path.join(root, "init"), 0o755)
+
+    mod_root = os.path.join(root, "lib", "modules", kernel.version)
+    os.makedirs(mod_root, exist_ok=True)
+    for rel in plan.load_order:
+        dst = os.path.join(mod_root, rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copyfile(os.path.join(kernel.modules_dir, rel), dst)
+    for meta in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
+        src = os.path.join(kernel.modules_dir, meta)
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(mod_root, meta))
+    with open(os.path.join(root, MODULE_LIST), "w") as f:
+        f.write("".join(f"{rel}\n" for rel in plan.load_order))
+    res = subprocess.run(
+        ["depmod", "-b", root, kernel.version],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    if res.returncode != 0:
+        raise AssetError(f"depmod for the initrd failed: {res.stderr.strip()}")
+
+
+def write_cpio(root: str, out_path: str, compression: str = COMPRESSION) -> None:
+    """Pack `root` as a newc cpio archive owned by root:root, optionally gzip-compressed."""
+    if shutil.which("cpio") is None:
+        raise AssetError("cpio not found: `apt-get install cpio`")
+    names: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in sorted(dirnames + filenames):
+            names.append(os.path.normpath(os.path.join(rel_dir, name)))
+    listing = "".join(f"{n}\0" for n in sorted(names)).encode()
+    raw = out_path + ".cpio"
+    with open(raw, "wb") as out:
+        res = subprocess.run(
+            ["cpio", "--null", "-o", "-H", "newc", "-R", "0:0", "--reproducible", "--quiet"],
+            cwd=root,
+            input=listing,
+            stdout=out,
+            stderr=subprocess.PIPE,
+            check=False,
+            timeout=300,
+        )
+    if res.returncode != 0:
+        raise AssetError(f"cpio failed: {res.stderr.decode(errors='replace').strip()}")
+    _compress(raw, out_path, compression)
+
+
+def _compress(raw: str, out_path: str, compression: str) -> None:
+    if compression == "none":
+        os.replace(raw, out_path)
+        return
+    if compression == "gzip":
+        with open(raw, "rb") as src, gzip.GzipFile(out_path, "wb", 6, mtime=0) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.unlink(raw)
+        return
+    if compression == "lz4":
+        argv: Sequence[str] = ["lz4", "-l", "-9", "-q", "-f", raw, out_path]
+        if shutil.which("lz4") is None:
+            raise AssetError("lz4 not found: `apt-get install lz4`")
+        res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=300)
+        if res.returncode != 0:
+            raise AssetError(f"lz4 failed: {res.stderr.strip()}")
+        os.unlink(raw)
+        return
+    raise AssetError(f"unknown initrd compression {compression!r} (none, gzip, lz4)")
