@@ -53,6 +53,7 @@ QUIT_TIMEOUT = 3.0
 TERM_TIMEOUT = 3.0
 KILL_TIMEOUT = 5.0
 EXIT_REPORT_TIMEOUT = 5.0
+HANGUP_GRACE = 1.0
 MIGRATION_TIMEOUT = 60.0
 BAD_STATUSES = ("guest-panicked", "internal-error", "io-error", "shutdown")
 
@@ -617,7 +618,7 @@ class QemuHypervisor(Hypervisor):
         except QMPDisconnectedError:
             proc = self._process()
             if proc is not None:
-                await proc.wait(EXIT_REPORT_TIMEOUT)
+                await proc.wait(HANGUP_GRACE)  # a dying QEMU closes QMP just before it exits
             self._raise_if_exited()
             raise
 
