@@ -464,10 +464,13 @@ class FakeFirecracker:
 
     def _start_vcpus(self) -> None:
         for i in range(int(self.machine["vcpu_count"])):
-            t = threading.Thread(target=self._vcpu, args=(i,), daemon=True)
+            named = threading.Event()
+            t = threading.Thread(target=self._vcpu, args=(i, named), daemon=True)
             t.start()
+            named.wait()  # like the real one: vCPU threads exist when InstanceStart answers
             self.vcpus.append(t)
 
-    def _vcpu(self, index: int) -> None:
+    def _vcpu(self, index: int, named: threading.Event) -> None:
         name_thread(f"fc_vcpu {index}")
+        named.set()
         self.vcpu_stop.wait()

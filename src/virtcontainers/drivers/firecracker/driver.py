@@ -298,7 +298,9 @@ class Firecracker(Hypervisor):
     ) -> Any:
         """One API request; a vanished process becomes `LaunchError`/`VMExitedError`."""
         if self.api is None:
-            raise StateError(f"firecracker VM {self.id}: not running")
+            if not self.pid or not self.api_socket:
+                raise StateError(f"firecracker VM {self.id or '<unnamed>'}: not running")
+            self.api = FirecrackerAPI(self.api_socket, timeout=API_TIMEOUT)  # re-attach
         timeout = API_TIMEOUT
         if deadline is not None:
             timeout = deadline - time.monotonic()

@@ -1,0 +1,297 @@
+"""Firecracker driver lifecycle against the real v1.12.1 binary and the spec-checking fake.
+
+The same test functions run on both backends. The guest itself cannot run on these machines
+(KVM here cannot run an ordinary guest), so everything up to the VMM's own state is checked:
+InstanceStart, pause/resume, snapshots, placeholder hotplug, vCPU threads, stop and cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from fc_support import (  # noqa: F401 - fixtures
+    Backend,
+    alive,
+    fake_backend,
+    fc_kernel,
+    make_config,
+    open_fds,
+    real_backend,
+    short_tmp,
+)
+
+from virtcontainers import HypervisorError, StateError, UnsupportedError
+from virtcontainers.devices import BlockDrive, CPUDevice, NetworkEndpoint, SharedFS
+from virtcontainers.drivers.firecracker import Firecracker, FirecrackerAPIError
+from virtcontainers.hypervisor import VMState, new_hypervisor
+from virtcontainers.types import Capabilities
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["real", "fake"])
+def backend(request: pytest.FixtureRequest, short_tmp: str) -> Backend:  # noqa: F811
+    if request.param == "real":
+        return real_backend()
+    return fake_backend(short_tmp)
+
+
+async def _started(
+    backend: Backend, kernel: tuple[str, str], run_root: str, vm_id: str = "fc-test", **cfg: object
+) -> Firecracker:
+    fc = new_hypervisor("firecracker", run_root=run_root)
+    assert isinstance(fc, Firecracker)
+    await fc.create_sandbox(vm_id, None, make_config(backend, kernel, **cfg))
+    await fc.start_sandbox(timeout=20)
+    return fc
+
+
+def _assert_gone(fc: Firecracker, pid: int, paths: list[str]) -> None:
+    assert not alive(pid), f"firecracker pid {pid} still alive"
+    for p in paths:
+        assert not os.path.exists(p), f"{p} left behind"
+
+
+async def test_start_pause_resume_stop(
+    backend: Backend,
+    fc_kernel: tuple[str, str],  # noqa: F811
+    short_tmp: str,  # noqa: F811
+) -> None:
+    fds_before = open_fds()
+    fc = await _started(backend, fc_kernel, short_tmp)
+    pid = fc.get_pids()[0]
+    vm_dir, api_socket, vsock = fc.vm_dir, fc.api_socket, fc.vsock_path
+    assert fc.state == VMState.RUNNING
+    assert fc.api is not None
+    info = await fc.api.describe()
+    assert info["state"] == "Running" and info["id"] == "fc-test"
+    assert os.path.exists(vsock), "hybrid vsock socket not bound at start"
+    vm_config = await fc.api.get("/vm/config")
+    assert vm_config["machine-config"]["vcpu_count"] == 2
+    assert vm_config["machine-config"]["mem_size_mib"] == 128
+    assert "console=ttyS0" in vm_config["boot-source"]["boot_args"]
+    assert [d["drive_id"] for d in vm_config["drives"]] == [f"pool_{i}" for i in range(8)]
+    await fc.check()
+
+    await fc.pause_sandbox()
+    assert (await fc.api.describe())["state"] == "Paused"
+    with pytest.raises(StateError):
+        await fc.pause_sandbox()
+    await fc.resume_sandbox()
+    assert (await fc.api.describe())["state"] == "Running"
+
+    await fc.stop_sandbox()
+    assert fc.state == VMState.STOPPED
+    _assert_gone(fc, pid, [vm_dir, api_socket, vsock])
+    await fc.stop_sandbox()  # idempotent
+    await fc.cleanup()
+    assert open_fds() == fds_before
+
+
+async def test_thread_ids_are_vcpu_tasks(
+    backend: Backend,
+    fc_kernel: tuple[str, str],  # noqa: F811
+    short_tmp: str,  # noqa: F811
+) -> None:
+    async with await _started(backend, fc_kernel, short_tmp) as fc:
+        assert isinstance(fc, Firecracker)
+        pid = fc.get_pids()[0]
+        threads = await fc.get_thread_ids()
+        assert sorted(threads) == [0, 1]
+        for index, tid in threads.items():
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                assert f.read().strip() == f"fc_vcpu {index}"
+        assert len(set(threads.values())) == 2
+
+
+async def test_block_hotplug_patches_placeholder(
+    backend: Backend,
+    fc_kernel: tuple[str, str],  # noqa: F811
+    short_tmp: str,  # noqa: F811
+) -> None:
+    disk = os.path.join(short_tmp, "disk.img")
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    async with await _started(backend, fc_kernel, short_tmp) as fc:
+        assert isinstance(fc, Firecracker)
+        assert fc.api is not None
+        assert fc.get_virt_drive_offset() == 0
+        drive = BlockDrive(id="data-1", path=disk)
+        result = await fc.hotplug_add_device(drive)
+        assert result is drive and drive.index == 0
+        drives = {d["drive_id"]: d for d in (await fc.api.get("/vm/config"))["drives"]}
+        assert drives["pool_0"]["path_on_host"] == disk
+        with pytest.raises(Exception, match="already attached"):
+            await fc.hotplug_add_device(BlockDrive(id="data-1", path=disk))
+        second = await fc.hotplug_add_device(BlockDrive(id="data-2", path=disk))
+        assert second.index == 1
+        assert fc.save().block_index_map == [0, 1]
+
+        await fc.hotplug_remove_device(drive)
+        drives = {d["drive_id"]: d for d in (await fc.api.get("/vm/config"))["drives"]}
+        assert drives["pool_0"]["path_on_host"].endswith("drives/pool_0")
+        assert drives["pool_1"]["path_on_host"] == disk
+        with pytest.raises(Exception, match="not hotplugged"):
+            await fc.hotplug_remove_device(drive)
+        # the freed slot is reused first
+        third = await fc.hotplug_add_device(BlockDrive(id="data-3", path=disk))
+        assert third.index == 0
+
+
+async def test_cold_plugged_drive_shifts_offset(
+    backend: Backend,
+    fc_kernel: tuple[str, str],  # noqa: F811
+    short_tmp: str,  # noqa: F811
+) -> None:
+    disk = os.path.join(short_tmp, "cold.img")
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    fc = new_hypervisor("firecracker", run_root=short_tmp)
+    assert isinstance(fc, Firecracker)
+    async with fc:
+        await fc.create_sandbox("fc-cold", None, make_config(backend, fc_kernel))
+        await fc.add_device(BlockDrive(id="cold.disk", path=disk, read_only=True))
+        with pytest.raises(UnsupportedError):
+            await fc.add_device(SharedFS(id="fs0", source=short_tmp, mount_tag="fs0"))
+        await fc.start_sandbox(timeout=20)
+        assert fc.api is not None
+        drives = (await fc.api.get("/vm/config"))["drives"]
+        assert drives[0]["drive_id"] == "cold_disk" and drives[0]["is_read_only"] is True
+        assert fc.get_virt_drive_offset() == 1
+        drive = await fc.hotplug_add_device(BlockDrive(id="hot", path=disk))
+        assert drive.index == 1
+
+
+async def test_unsupported_operations(
+    backend: Backend,
+    fc_kernel: tuple[str, str],  # noqa: F811
+    short_tmp: str,  # noqa: F811
+) -> None:
+    async with await _started(backend, fc_kernel, short_tmp) as fc:
+        assert isinstance(fc, Firecracker)
+        caps = fc.capabilities()
+        assert Capabilities.BLOCK_DEVICE_HOTPLUG in caps and Capabilities.PAUSE in caps
+        assert Capabilities.CPU_HOTPLUG not in caps and Capabilities.FS_SHARING not in caps
+        with pytest.raises(UnsupportedError, match="vCPU hotplug"):
+            await fc.resize_vcpus(4)
+        with pytest.raises(UnsupportedError, match="memory hotplug"):
+            await fc.resize_memory(1024, 128, False)
+        with pytest.raises(UnsupportedError):
+            await fc.hotplug_add_device(NetworkEndpoint(id="n0", tap_name="tap0"))
+        with pytest.raises(UnsupportedError):
+            await fc.hotplug_add_device(CPUDevice(amount=1))
+
+
+async def test_template_snapshot_and_clones(
+    backend: Backend,
+    fc_kernel: tuple[str, str],  # noqa: F811
+    short_tmp: str,  # noqa: F811
+) -> None:
+    state = os.path.join(short_tmp, "tpl", "state")
+    mem = os.path.join(short_tmp, "tpl", "mem")
+    tpl_cfg = {"boot_to_be_template": True, "memory_path": mem, "devices_state_path": state}
+    template = await _started(backend, fc_kernel, short_tmp, "fc-template", **tpl_cfg)
+    try:
+        with pytest.raises(StateError):
+            await template.save_sandbox()  # must be paused
+        await template.pause_sandbox()
+        await template.save_sandbox()
+    finally:
+        await template.stop_sandbox()
+    assert os.path.getsize(mem) == 128 << 20
+    assert os.path.getsize(state) > 0
+
+    clone_cfg = {"boot_from_template": True, "memory_path": mem, "devices_state_path": state}
+    clones = [
+        await _started(backend, fc_kernel, short_tmp, f"fc-clone{i}", **clone_cfg) for i in range(2)
+    ]
+    try:
+        for clone in clones:
+            assert clone.api is not None
+            assert (await clone.api.describe())["state"] == "Running"
+            assert os.path.exists(clone.vsock_path)  # each clone binds its own vsock socket
+            assert sorted(await clone.get_thread_ids()) == [0, 1]
+        assert clones[0].vsock_path != clones[1].vsock_path
+    finally:
+        for clone in clones:
+            await clone.stop_sandbox()
+    for clone in clones:
+        assert not os.path.exists(clone.vm_dir)
+
+
+async def test_reattach_from_saved_state(
+    backend: Backend,
+    fc_kernel: tuple[str, str],  # noqa: F811
+    short_tmp: str,  # noqa: F811
+) -> None:
+    fc = await _started(backend, fc_kernel, short_tmp)
+    pid = fc.get_pids()[0]
+    try:
+        data = await fc.to_grpc()
+        await fc.disconnect()
+        other = Firecracker(run_root=short_tmp)
+        await other.from_grpc(fc.hypervisor_config(), data)
+        assert other.get_pids() == [pid] and other.state == VMState.RUNNING
+        await other.check()
+        await other.pause_sandbox()
+        assert other.api is not None
+        assert (await other.api.describe())["state"] == "Paused"
+        await other.stop_sandbox()  # not its child: pidfd-guarded SIGTERM
+        assert not alive(pid)
+        assert not os.path.exists(other.vm_dir)
+        with pytest.raises(HypervisorError):
+            await fc.check()
+    finally:
+        await fc.stop_sandbox()
+
+
+async def test_state_round_trip_keeps_pool(
+    backend: Backend,
+    fc_kernel: tuple[str, str],  # noqa: F811
+    short_tmp: str,  # noqa: F811
+) -> None:
+    disk = os.path.join(short_tmp, "d.img")
+    open(disk, "wb").close()
+    async with await _started(backend, fc_kernel, short_tmp) as fc:
+        assert isinstance(fc, Firecracker)
+        await fc.hotplug_add_device(BlockDrive(id="d0", path=disk))
+        state = fc.save()
+        other = Firecracker(run_root=short_tmp)
+        other.load(state)
+        assert other.save().block_index_map == [0]
+        await other.hotplug_remove_device(BlockDrive(id="d0", path=disk))
+        await other.disconnect()
+
+
+async def test_api_error_carries_fault_message(
+    backend: Backend,
+    fc_kernel: tuple[str, str],  # noqa: F811
+    short_tmp: str,  # noqa: F811
+) -> None:
+    async with await _started(backend, fc_kernel, short_tmp) as fc:
+        assert isinstance(fc, Firecracker)
+        assert fc.api is not None
+        with pytest.raises(FirecrackerAPIError) as err:
+            await fc.api.put("/machine-config", {"vcpu_count": 1, "mem_size_mib": 128})
+        assert err.value.status == 400
+        assert "after starting the microVM" in err.value.fault_message
+        assert "PUT /machine-config" in str(err.value)
+        with pytest.raises(FirecrackerAPIError, match="unknown field `bogus`"):
+            await fc.api.patch("/vm", {"state": "Paused", "bogus": 1})
+
+
+async def test_concurrent_vms(
+    backend: Backend,
+    fc_kernel: tuple[str, str],  # noqa: F811
+    short_tmp: str,  # noqa: F811
+) -> None:
+    vms = await asyncio.gather(
+        *(_started(backend, fc_kernel, short_tmp, f"fc-many{i}") for i in range(3))
+    )
+    pids = [vm.get_pids()[0] for vm in vms]
+    assert len(set(pids)) == 3
+    await asyncio.gather(*(vm.stop_sandbox() for vm in vms))
+    assert not any(alive(p) for p in pids)
+    assert os.listdir(os.path.join(short_tmp, "vm")) == []
