@@ -405,15 +405,6 @@ def unpack_regs(buf: bytes | bytearray) -> dict[str, int]:
     return dict(zip(_REG_NAMES, _REGS.unpack(bytes(buf)), strict=True))
 
 
-def set_real_mode_cs(sregs: bytearray) -> None:
-    """Set the code segment (first kvm_segment of kvm_sregs) to base 0, selector 0."""
-    _check_sregs(sregs)
-    seg = list(_SEGMENT.unpack_from(sregs, 0))
-    seg[0] = 0  # base
-    seg[2] = 0  # selector
-    _SEGMENT.pack_into(sregs, 0, *seg)
-
-
 def set_long_mode(sregs: bytearray, pml4_addr: int) -> None:
     """Put kvm_sregs in 64-bit long mode with paging (CR3 = `pml4_addr`), flat segments."""
     _check_sregs(sregs)
@@ -733,10 +724,13 @@ def interpret_probe_output(
 
 
 def kvm_probe(device: str = KVM_DEVICE, timeout: float = KVM_PROBE_TIMEOUT) -> KvmProbe:
-    """Run a few instructions of real guest code under KVM, in a child process, within `timeout`.
+    """Run real 64-bit guest code under KVM, in a child process bounded by `timeout`.
 
-    `/dev/kvm` existing (or even KVM_CREATE_VM working) does not mean a guest can run, so
-    only a guest that really executes counts. A hang or crash only costs the child.
+    `/dev/kvm` opening, KVM_CREATE_VM and even a few guest instructions succeeding do not
+    mean an ordinary guest can run: a KVM that emulates instructions (e.g. kvm-pvm on a
+    nested host) runs a handful of them but hangs a real kernel. So the guest counts down a
+    10-million-iteration loop (milliseconds on hardware virtualization) and must finish
+    within `PROBE_RUN_BUDGET`. A hang or crash only costs the child.
     """
     if not os.path.exists(device):
         return KvmProbe(False, f"open {device}: no such device (KVM not available)")

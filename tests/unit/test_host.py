@@ -378,15 +378,6 @@ def test_pack_regs_layout() -> None:
     assert regs["rip"] == 0x1000 and regs["rflags"] == 2 and regs["rcx"] == 0
 
 
-def test_set_real_mode_cs() -> None:
-    sregs = bytearray(b"\xff" * 312)
-    host.set_real_mode_cs(sregs)
-    assert struct.unpack_from("<Q", sregs, 0) == (0,)  # cs.base
-    assert struct.unpack_from("<H", sregs, 12) == (0,)  # cs.selector
-    assert struct.unpack_from("<I", sregs, 8) == (0xFFFFFFFF,)  # limit untouched
-    assert sregs[24:] == b"\xff" * (312 - 24)
-
-
 def test_set_long_mode() -> None:
     sregs = bytearray(312)
     host.set_long_mode(sregs, 0x2000)
