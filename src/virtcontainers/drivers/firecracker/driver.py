@@ -157,6 +157,7 @@ class Firecracker(Hypervisor):
         self._config = config
         self.network_ns = network_ns or ""
         self.vm_dir = persist.vm_dir(id, self.run_root)
+        self._binary()
         jailer_path = config.jailer_asset_path() if config.jailer_path else ""
         if jailer_path:
             base = os.path.join(persist.run_root(self.run_root), "jail")
