@@ -315,6 +315,8 @@ class QemuHypervisor(Hypervisor):
         if proc is not None and proc.alive():
             await proc.terminate(0.5, KILL_TIMEOUT)
         await self._release(remove_dir=True)
+        self._pid, self._pid_start = 0, None
+        self.virtiofsd_pids = []
         self.state = VMState.STOPPED
 
     async def _release(self, *, remove_dir: bool) -> None:
@@ -343,6 +345,9 @@ class QemuHypervisor(Hypervisor):
         if self._qmp is not None:
             await self._qmp.close()
             self._qmp = None
+        if self._proc is not None and not self._proc.is_child:
+            self._proc.close()  # adopted again on the next call
+            self._proc = None
 
     # -- pause / resume / save ---------------------------------------------------------------
     async def pause_sandbox(self) -> None:
