@@ -1,0 +1,125 @@
+"""Firecracker under the real jailer (v1.12.1): chroot layout, assets inside the jail, API
+paths relative to it, hotplug and templates through the jail, and full cleanup of the jail
+(the jailer itself never cleans up)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from fc_support import (  # noqa: F401 - fixtures
+    Backend,
+    alive,
+    fc_kernel,
+    make_config,
+    open_fds,
+    real_backend,
+    short_tmp,
+)
+
+from virtcontainers.devices import BlockDrive
+from virtcontainers.drivers.firecracker import Firecracker
+from virtcontainers.drivers.firecracker.jail import CGROUP_ROOT
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the jailer needs root (chroot, mknod, setuid)"),
+]
+
+
+@pytest.fixture
+def jailed(short_tmp: str) -> Backend:  # noqa: F811
+    backend = real_backend()
+    if not os.access(backend.jailer, os.X_OK):
+        pytest.skip(f"no jailer binary at {backend.jailer}")
+    return backend
+
+
+async def _start(
+    backend: Backend, kernel: tuple[str, str], run_root: str, vm_id: str, **cfg: object
+) -> Firecracker:
+    fc = Firecracker(run_root=run_root)
+    await fc.create_sandbox(
+        vm_id, None, make_config(backend, kernel, jailer_path=backend.jailer, **cfg)
+    )
+    await fc.start_sandbox(timeout=20)
+    return fc
+
+
+async def test_jailed_lifecycle(
+    jailed: Backend,
+    fc_kernel: tuple[str, str],  # noqa: F811
+    short_tmp: str,  # noqa: F811
+) -> None:
+    fds = open_fds()
+    fc = await _start(jailed, fc_kernel, short_tmp, "fc-jail")
+    assert fc.jailer is not None and fc.root is not None
+    jail_dir = fc.jailer.jail_dir("fc-jail")
+    root = fc.root.path
+    assert root == os.path.join(short_tmp, "jail", "firecracker", "fc-jail", "root")
+    pid = fc.get_pids()[0]
+    # chrooted (pivot_root in its own mount namespace): its / holds the jail, not the host
+    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    assert os.path.exists(f"/proc/{pid}/root/vmlinux")
+    assert not os.path.exists(f"/proc/{pid}/root/etc")
+    assert fc.api_socket == os.path.join(root, "run", "firecracker.socket")
+    assert os.path.exists(os.path.join(root, "vmlinux"))
+    assert os.path.exists(os.path.join(root, "initrd.img"))
+    assert os.path.exists(fc.vsock_path) and fc.vsock_path.startswith(root)
+    assert fc.api is not None
+    vm_config = await fc.api.get("/vm/config")
+    assert vm_config["boot-source"]["kernel_image_path"] == "vmlinux"
+    assert sorted(await fc.get_thread_ids()) == [0, 1]
+
+    disk = os.path.join(short_tmp, "disk.img")
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    drive = await fc.hotplug_add_device(BlockDrive(id="jdisk", path=disk))
+    inside = os.path.join(root, "drives", "disk_0")
+    assert os.path.samefile(inside, disk)  # same inode: the guest writes the real disk
+    await fc.pause_sandbox()
+    await fc.resume_sandbox()
+    await fc.hotplug_remove_device(drive)
+    assert not os.path.exists(inside)
+
+    await fc.stop_sandbox()
+    assert not alive(pid)
+    assert not os.path.exists(jail_dir), "jail left behind"
+    assert not os.path.exists(fc.vm_dir)
+    assert os.path.exists(disk)  # the user's disk is untouched
+    assert not any(
+        os.path.exists(os.path.join(CGROUP_ROOT, c, "firecracker", "fc-jail"))
+        for c in os.listdir(CGROUP_ROOT)
+    )
+    assert open_fds() == fds
+
+
+async def test_jailed_template_and_clone(
+    jailed: Backend,
+    fc_kernel: tuple[str, str],  # noqa: F811
+    short_tmp: str,  # noqa: F811
+) -> None:
+    state = os.path.join(short_tmp, "tpl", "state")
+    mem = os.path.join(short_tmp, "tpl", "mem")
+    template = await _start(
+        jailed, fc_kernel, short_tmp, "fc-jtpl",
+        boot_to_be_template=True, memory_path=mem, devices_state_path=state,
+    )  # fmt: skip
+    try:
+        await template.pause_sandbox()
+        await template.save_sandbox()
+    finally:
+        await template.stop_sandbox()
+    assert os.path.getsize(mem) == 128 << 20
+    clone = await _start(
+        jailed, fc_kernel, short_tmp, "fc-jclone",
+        boot_from_template=True, memory_path=mem, devices_state_path=state,
+    )  # fmt: skip
+    try:
+        assert clone.api is not None
+        assert (await clone.api.describe())["state"] == "Running"
+        assert os.path.exists(clone.vsock_path)
+    finally:
+        await clone.stop_sandbox()
+    assert not os.path.exists(os.path.join(short_tmp, "jail", "firecracker", "fc-jclone"))
+    assert os.path.exists(mem) and os.path.exists(state)  # the template outlives its clones
