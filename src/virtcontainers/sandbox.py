@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any
 from . import persist
 from .config import HypervisorConfig
 from .devices import BlockDrive, HybridVSockDevice, SerialPort, VSockDevice
-from .errors import AgentError, ConfigError, StateError, VCError, VMExitedError
+from .errors import (
+    AgentError,
+    ConfigError,
+    StateError,
+    UnsupportedError,
+    VCError,
+    VMExitedError,
+)
 from .hypervisor import Hypervisor, VMState, new_hypervisor
 from .types import Capabilities, HypervisorType, Socket, VSock
 
@@ -127,19 +134,20 @@ class Sandbox:
         """Validate the config and prepare the VM (nothing is launched); persist it."""
         if self._hv is not None:
             raise StateError(f"sandbox {self.id} is already created")
+        cfg = build_config(self._config_in, self._overrides, self.hypervisor_type)
         with self._store.lock(self.id):
             if self._store.exists(self.id):
-                raise StateError(f"sandbox {self.id} already exists (virtc rm {self.id}?)")
-            cfg = build_config(self._config_in, self._overrides, self.hypervisor_type)
+                raise StateError(f"sandbox {self.id} already exists")
+            self._store.write(self.id, self._doc(VMState.NEW.value, cfg))
+        try:
             hv = new_hypervisor(self.hypervisor_type, self.run_root)
             await hv.create_sandbox(self.id, None, cfg)
             self._hv = hv
-            try:
-                await self._plug_agent_channel()
-                self._persist()
-            except BaseException:
-                await self._teardown()
-                raise
+            await self._plug_agent_channel()
+            self._persist()
+        except BaseException:
+            await self._teardown()
+            raise
 
     async def start(self) -> None:
         """Create if needed, launch the VM and connect to its agent."""
@@ -149,7 +157,8 @@ class Sandbox:
         try:
             await hv.start_sandbox(self.start_timeout)
             self._persist()
-            await self._connect_agent(self.start_timeout)
+            if self.hypervisor_type is not HypervisorType.MOCK:
+                await self._connect_agent(self.start_timeout)
         except BaseException:
             await self._teardown()
             raise
@@ -303,6 +312,8 @@ class Sandbox:
     # -- agent ------------------------------------------------------------------------------
     async def agent(self) -> AgentClient:
         """The connected agent client (connecting on first use)."""
+        if self.hypervisor_type is HypervisorType.MOCK:
+            raise UnsupportedError("mock", "guest agent operations", "the mock VM runs no guest")
         if self._agent is None:
             await self._connect_agent(10.0)
         assert self._agent is not None
@@ -367,23 +378,27 @@ class Sandbox:
             raise VMExitedError(f"sandbox {self.id}: VM is unhealthy: {e}") from e
 
     # -- persistence ------------------------------------------------------------------------
-    def _persist(self) -> None:
-        hv = self.hypervisor
-        doc = {
+    def _doc(self, state: str, cfg: HypervisorConfig) -> dict[str, Any]:
+        hv = self._hv
+        return {
             "sandbox": {
                 "id": self.id,
                 "hypervisor": str(self.hypervisor_type),
                 "created_at": self.created_at,
-                "state": hv.state.value,
+                "state": state,
                 "agent": list(self._agent_target) if self._agent_target else None,
                 "start_timeout": self.start_timeout,
                 "disks": {
                     d.id: {"path": d.path, "read_only": d.read_only} for d in self.disks.values()
                 },
             },
-            "hypervisor": hv.save().model_dump(mode="json"),
-            "config": hv.hypervisor_config().to_dict(),
+            "hypervisor": hv.save().model_dump(mode="json") if hv is not None else {},
+            "config": cfg.to_dict(),
         }
+
+    def _persist(self) -> None:
+        hv = self.hypervisor
+        doc = self._doc(hv.state.value, hv.hypervisor_config())
         with self._store.lock(self.id):
             self._store.write(self.id, doc)
 

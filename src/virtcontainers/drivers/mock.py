@@ -42,6 +42,7 @@ class MockHypervisor(Hypervisor):
         self.vcpus = 0
         self.memory_mb = 0
         self.saved = False
+        self.restored_ids: set[str] = set()
 
     def _cfg(self) -> HypervisorConfig:
         if self._config is None:
@@ -116,7 +117,9 @@ class MockHypervisor(Hypervisor):
             return 0
         if not isinstance(device, _HOTPLUGGABLE):
             raise self.unsupported(f"hot-removal of {device.kind}")
-        if self.hotplugged.pop(device.id, None) is None:
+        if device.id in self.restored_ids:
+            self.restored_ids.discard(device.id)
+        elif self.hotplugged.pop(device.id, None) is None:
             raise ConfigError(f"device id {device.id!r} is not plugged into VM {self.id}")
         return device
 
@@ -184,10 +187,24 @@ class MockHypervisor(Hypervisor):
     def save(self) -> HypervisorState:
         from ..persist import HypervisorState
 
-        return HypervisorState(type=str(HypervisorType.MOCK), pid=self.mock_pid)
+        cfg = self._config.to_dict() if self._config is not None else {}
+        plugged = {k: v.kind for k, v in self.hotplugged.items()}
+        plugged.update({k: "restored" for k in self.restored_ids})
+        extra = {"id": self.id, "hotplugged": plugged}
+        return HypervisorState(
+            type=str(HypervisorType.MOCK), pid=self.mock_pid, config=cfg, extra=extra
+        )
 
     def load(self, state: HypervisorState) -> None:
+        from ..config import HypervisorConfig
+
         self.mock_pid = state.pid
+        self.id = str(state.extra.get("id", ""))
+        self.restored_ids = set(state.extra.get("hotplugged", {}))
+        if state.config:
+            self._config = HypervisorConfig.from_dict(state.config)
+            self.vcpus = self._config.num_vcpus
+            self.memory_mb = self._config.memory_size
 
     def generate_socket(self, id: str, use_vsock: bool) -> Socket | VSock:
         return Socket(device_id="", id="", host_path="/tmp/socket", name="socket")
