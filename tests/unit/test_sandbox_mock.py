@@ -1,0 +1,79 @@
+"""Sandbox API on the mock driver: lifecycle, persistence across instances, bad input."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from virtcontainers import ConfigError, StateError, UnsupportedError
+from virtcontainers.hypervisor import VMState
+from virtcontainers.sandbox import Sandbox
+
+MOCK_CFG = {"kernel_path": "/boot/vmlinuz", "initrd_path": "/boot/initrd.img"}
+
+
+async def test_lifecycle_and_persistence(run_root: str) -> None:
+    sb = Sandbox("mock1", "mock", run_root=run_root, num_vcpus=2, **MOCK_CFG)
+    await sb.start()
+    assert sb.state is VMState.RUNNING
+    [info] = Sandbox.list(run_root)
+    assert (info.id, info.hypervisor, info.state, info.vcpus) == ("mock1", "mock", "running", 2)
+
+    other = await Sandbox.attach("mock1", run_root=run_root)
+    assert other.state is VMState.RUNNING
+    assert other.config.num_vcpus == 2
+    await other.pause()
+    assert Sandbox.list(run_root)[0].state == "paused"
+    with pytest.raises(StateError, match="paused"):
+        await other.pause()
+    await other.resume()
+    await other.stop()
+    assert Sandbox.list(run_root) == []
+    assert os.listdir(os.path.join(run_root, "sbs")) == []
+
+
+async def test_context_manager_cleans_up_on_error(run_root: str) -> None:
+    with pytest.raises(RuntimeError, match="boom"):
+        async with Sandbox("mock2", "mock", run_root=run_root, **MOCK_CFG):
+            raise RuntimeError("boom")
+    assert Sandbox.list(run_root) == []
+
+
+async def test_bad_input(run_root: str) -> None:
+    with pytest.raises(ConfigError, match="unknown sandbox option 'cpus'"):
+        await Sandbox("m", "mock", run_root=run_root, cpus=2, **MOCK_CFG).start()
+    with pytest.raises(ConfigError, match="Unknown hypervisor type vmware"):
+        Sandbox("m", "vmware", run_root=run_root)
+    with pytest.raises(ConfigError):
+        Sandbox("../escape", "mock", run_root=run_root)
+    with pytest.raises(StateError, match="no such sandbox: ghost"):
+        await Sandbox.attach("ghost", run_root=run_root)
+    with pytest.raises(ConfigError, match="Missing kernel path"):
+        await Sandbox("m", "mock", run_root=run_root, initrd_path="/i").start()
+    assert Sandbox.list(run_root) == []
+
+
+async def test_duplicate_id_refused(run_root: str) -> None:
+    async with Sandbox("dup", "mock", run_root=run_root, **MOCK_CFG):
+        with pytest.raises(StateError, match="sandbox dup already exists"):
+            await Sandbox("dup", "mock", run_root=run_root, **MOCK_CFG).start()
+        assert [i.id for i in Sandbox.list(run_root)] == ["dup"]
+
+
+async def test_mock_has_no_agent(run_root: str) -> None:
+    async with Sandbox("noagent", "mock", run_root=run_root, **MOCK_CFG) as sb:
+        with pytest.raises(UnsupportedError, match="mock does not support guest agent"):
+            await sb.exec(["true"])
+
+
+async def test_disks_persist_across_attach(run_root: str, tmp_path: object) -> None:
+    async with Sandbox("disks", "mock", run_root=run_root, **MOCK_CFG) as sb:
+        drive = await sb.add_disk("/tmp/data.img", "data")
+        assert drive.id == "data"
+        other = await Sandbox.attach("disks", run_root=run_root)
+        assert list(other.disks) == ["data"]
+        with pytest.raises(ConfigError, match="no hot-added disk 'nope'"):
+            await other.remove_disk("nope")
+        await other.remove_disk("data")
+        assert other.disks == {}
