@@ -222,6 +222,8 @@ class Sandbox:
             argv = ["/bin/sh", "-c", argv]
         if not argv:
             raise ConfigError("exec: empty command")
+        if self.state is VMState.PAUSED:
+            raise StateError(f"cannot exec in sandbox {self.id}: it is paused (resume it first)")
         agent = await self.agent()
         try:
             return await agent.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout=timeout)

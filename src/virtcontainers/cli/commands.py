@@ -353,6 +353,10 @@ def exec_(
     cwd: Annotated[str | None, typer.Option("--cwd", "-w", help="Working directory.")] = None,
 ) -> None:
     """Run a command in a running sandbox."""
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ConfigError("exec: no command given")
     data = sys.stdin.buffer.read() if stdin else b""
     env_map: dict[str, str] = {}
     for item in env or []:
