@@ -84,7 +84,7 @@ def _inputs(cache_dir: str) -> dict[str, Any]:
         "cflags": list(initrd_mod.CFLAGS),
         "required_modules": list(kernel_mod.REQUIRED_MODULES),
         "optional_modules": list(kernel_mod.OPTIONAL_MODULES),
-        "compression": initrd_mod.COMPRESSION,
+        "compression": initrd_mod.default_compression(),
     }
 
 

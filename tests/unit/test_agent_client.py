@@ -1,0 +1,298 @@
+"""AgentClient against an in-process fake agent and fake hybrid vsock sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from virtcontainers.agent import (
+    AgentClient,
+    AgentRequestError,
+    AgentTimeoutError,
+    ExecResult,
+    HybridVsock,
+)
+from virtcontainers.agent import protocol as p
+from virtcontainers.agent.fake import ExecRequest, FakeAgent
+from virtcontainers.errors import AgentError
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    d = tempfile.mkdtemp(prefix="vc-agent-", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+async def agent(sockdir: str) -> AsyncIterator[FakeAgent]:
+    async with FakeAgent(os.path.join(sockdir, "agent.sock")) as fake:
+        yield fake
+
+
+@pytest.fixture
+async def client(agent: FakeAgent) -> AsyncIterator[AgentClient]:
+    async with await AgentClient.connect(agent.path, 5) as c:
+        yield c
+
+
+async def test_ping_and_hello(client: AgentClient, agent: FakeAgent) -> None:
+    info = await client.ping()
+    assert info.version == agent.version == client.agent_version
+    assert info.uptime >= 0
+    assert [f.type for f in agent.requests] == [p.MsgType.HELLO, p.MsgType.PING]
+
+
+async def test_exec_result_and_request_fields(client: AgentClient, agent: FakeAgent) -> None:
+    seen: list[ExecRequest] = []
+
+    async def handler(req: ExecRequest) -> ExecResult:
+        seen.append(req)
+        return ExecResult(3, b"\x00out\xff", b"err", signal=0)
+
+    agent.exec_handler = handler
+    res = await client.exec(
+        ["prog", "a b", ""], stdin=b"\x00in", env={"K": "v=w"}, cwd="/x", timeout=2.5
+    )
+    assert res == ExecResult(3, b"\x00out\xff", b"err")
+    assert not res.ok
+    assert seen[0] == ExecRequest(["prog", "a b", ""], {"K": "v=w"}, "/x", b"\x00in", 2.5)
+
+
+async def test_exec_error_reply_raises_with_errno(client: AgentClient) -> None:
+    with pytest.raises(AgentRequestError, match="ENOENT") as info:
+        await client.exec(["no-such-command"])
+    assert info.value.errno == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "kwargs", "match"),
+    [
+        ("ls -l", {}, "sequence"),
+        ([], {}, "non-empty"),
+        (["a\0b"], {}, "NUL"),
+        (["a"], {"env": {"A=B": "c"}}, "environment"),
+        (["a"], {"timeout": 0}, "timeout"),
+        (["a"], {"max_output": -1}, "max_output"),
+    ],
+)
+async def test_exec_bad_arguments(
+    client: AgentClient, argv: object, kwargs: dict[str, object], match: str
+) -> None:
+    with pytest.raises(AgentError, match=match):
+        await client.exec(argv, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_concurrent_execs_are_in_flight_together(
+    client: AgentClient, agent: FakeAgent
+) -> None:
+    active = 0
+    peak = 0
+    release = asyncio.Event()
+
+    async def handler(req: ExecRequest) -> ExecResult:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        if peak == 10:
+            release.set()
+        await release.wait()
+        active -= 1
+        return ExecResult(0, req.argv[1].encode(), b"")
+
+    agent.exec_handler = handler
+    results = await asyncio.gather(*(client.exec(["echo", str(i)]) for i in range(10)))
+    assert [r.stdout for r in results] == [str(i).encode() for i in range(10)]
+    assert peak == 10
+
+
+async def test_dead_connection_fails_every_pending_request(
+    client: AgentClient, agent: FakeAgent
+) -> None:
+    started = asyncio.Event()
+
+    async def handler(req: ExecRequest) -> ExecResult:
+        started.set()
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    agent.exec_handler = handler
+    pending = [asyncio.create_task(client.exec(["sleep"])) for _ in range(3)]
+    await started.wait()
+    await agent.drop_connections()
+    for task in pending:
+        with pytest.raises(AgentError, match="closed"):
+            await asyncio.wait_for(task, 5)
+    assert client.closed
+    with pytest.raises(AgentError):
+        await client.ping()
+
+
+async def test_request_timeout_when_agent_is_silent(sockdir: str) -> None:
+    path = os.path.join(sockdir, "silent.sock")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dec = p.FrameDecoder()
+        while data := await reader.read(4096):
+            for frame in dec.feed(data):
+                if frame.type == p.MsgType.HELLO:  # answer the hello, then nothing
+                    f = p.Fields.decode(frame.payload)
+                    out = p.Fields().add(p.Tag.NONCE, f.bytes_(p.Tag.NONCE))
+                    writer.write(p.encode_frame(frame.type | p.REPLY, frame.id, out.encode()))
+        writer.close()
+
+    server = await asyncio.start_unix_server(serve, path)
+    try:
+        async with await AgentClient.connect(path, 5, request_timeout=0.2) as c:
+            with pytest.raises(AgentTimeoutError, match="ping"):
+                await c.ping()
+            assert not c.closed
+    finally:
+        server.close()
+
+
+async def test_exec_timeout_is_reported(client: AgentClient) -> None:
+    res = await client.exec(["sleep", "30"], timeout=0.05)
+    assert res.timed_out and res.signal == 9 and res.exit_code == -1
+
+
+async def test_cancelled_exec_sends_cancel(client: AgentClient, agent: FakeAgent) -> None:
+    task = asyncio.create_task(client.exec(["sleep", "3600"]))
+    while not any(f.type == p.MsgType.EXEC for f in agent.requests):
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):
+        if any(f.type == p.MsgType.CANCEL for f in agent.requests):
+            break
+        await asyncio.sleep(0.01)
+    cancel = next(f for f in agent.requests if f.type == p.MsgType.CANCEL)
+    exec_id = next(f.id for f in agent.requests if f.type == p.MsgType.EXEC)
+    assert p.Fields.decode(cancel.payload).int_(p.Tag.TARGET) == exec_id
+    assert (await client.ping()).version  # connection still usable
+
+
+async def test_files_time_entropy(client: AgentClient, agent: FakeAgent) -> None:
+    await client.write_file("/etc/x", b"\x00\x01", 0o600)
+    assert agent.files["/etc/x"] == (b"\x00\x01", 0o600)
+    assert await client.read_file("/etc/x") == b"\x00\x01"
+    with pytest.raises(AgentRequestError):
+        await client.read_file("/missing")
+    with pytest.raises(AgentError, match="path"):
+        await client.read_file("")
+    await client.set_time(1234.5)
+    assert agent.clock_set == [1234.5]
+    await client.add_entropy(b"seed")
+    await client.add_entropy()
+    assert agent.entropy[0] == b"seed" and len(agent.entropy[1]) == 64
+    assert await client.online() == (0, 0)
+
+
+async def test_connect_waits_for_a_late_agent(sockdir: str) -> None:
+    path = os.path.join(sockdir, "late.sock")
+    fake = FakeAgent(path)
+
+    async def start_late() -> None:
+        await asyncio.sleep(0.3)
+        await fake.start()
+
+    starter = asyncio.create_task(start_late())
+    try:
+        async with await AgentClient.connect(path, 10) as c:
+            assert (await c.ping()).version == fake.version
+    finally:
+        await starter
+        await fake.stop()
+
+
+async def test_connect_gives_up_at_the_deadline(sockdir: str) -> None:
+    path = os.path.join(sockdir, "nobody.sock")
+    with pytest.raises(AgentTimeoutError, match=r"nobody\.sock"):
+        await AgentClient.connect(path, 0.3)
+
+
+async def test_hello_skips_garbage_and_stale_replies(sockdir: str) -> None:
+    path = os.path.join(sockdir, "stale.sock")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dec = p.FrameDecoder()
+        while data := await reader.read(4096):
+            for frame in dec.feed(data):
+                stale = p.Fields().add(p.Tag.NONCE, b"oldnonce").add(p.Tag.VERSION, "old")
+                writer.write(b"\xffgarbage VCAG\x00\x01")
+                writer.write(p.encode_frame(p.MsgType.HELLO | p.REPLY, frame.id, stale.encode()))
+                writer.write(p.encode_frame(p.MsgType.EXEC | p.REPLY, 1, b""))
+                f = p.Fields.decode(frame.payload)
+                if frame.type == p.MsgType.HELLO:
+                    good = p.Fields().add(p.Tag.NONCE, f.bytes_(p.Tag.NONCE))
+                    good.add(p.Tag.VERSION, "new")
+                    writer.write(p.encode_frame(frame.type | p.REPLY, frame.id, good.encode()))
+        writer.close()
+
+    server = await asyncio.start_unix_server(serve, path)
+    try:
+        c = await AgentClient.connect(path, 5)
+        assert c.agent_version == "new"
+        await c.close()
+        await c.close()  # idempotent
+    finally:
+        server.close()
+
+
+# -- hybrid vsock ------------------------------------------------------------------------------
+
+
+async def test_hybrid_vsock_ok(sockdir: str) -> None:
+    uds = os.path.join(sockdir, "hv.sock")
+    async with (
+        FakeAgent(uds, hybrid_port=1024) as fake,
+        await AgentClient.connect(HybridVsock(uds, 1024), 5) as c,
+    ):
+        assert (await c.ping()).version == fake.version
+        assert "hybrid vsock" in c.target
+
+
+@contextlib.asynccontextmanager
+async def _uds_server(path: str, behaviour: str) -> AsyncIterator[list[bytes]]:
+    lines: list[bytes] = []
+    hold: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        lines.append(await reader.readline())
+        if behaviour == "refuse":
+            writer.close()
+        elif behaviour == "garbage":
+            writer.write(b"ERR no listener\n")
+            writer.close()
+        else:
+            hold.append(writer)  # "hang": never answer
+
+    server = await asyncio.start_unix_server(serve, path)
+    try:
+        yield lines
+    finally:
+        server.close()
+        for w in hold:
+            w.close()
+
+
+@pytest.mark.parametrize("behaviour", ["refuse", "garbage", "hang"])
+async def test_hybrid_vsock_failures_end_in_a_clear_error(sockdir: str, behaviour: str) -> None:
+    uds = os.path.join(sockdir, "hv.sock")
+    async with _uds_server(uds, behaviour) as lines:
+        with pytest.raises(AgentError, match="CONNECT") as info:
+            await AgentClient.connect(HybridVsock(uds, 2000), 0.5)
+    assert lines and lines[0] == b"CONNECT 2000\n"
+    assert "hv.sock" in str(info.value)
+
+
+async def test_hybrid_vsock_port_out_of_range() -> None:
+    with pytest.raises(AgentError, match="port"):
+        await AgentClient.connect(HybridVsock("/nonexistent", 0), 1)
