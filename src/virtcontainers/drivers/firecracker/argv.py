@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from ...errors import ConfigError
 from ...types import Param, join_params
 
-VM_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+VM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 RESOURCE_ID_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 MAX_VCPUS = 32
 JAIL_API_SOCKET = "/run/firecracker.socket"
@@ -38,7 +38,8 @@ def check_vm_id(vm_id: str) -> str:
     """Firecracker's and the jailer's `--id`: 1-64 letters, digits or '-'."""
     if not VM_ID_RE.match(vm_id):
         raise ConfigError(
-            f"firecracker: invalid VM id {vm_id!r} (1-64 characters of letters, digits and '-')"
+            f"firecracker: invalid VM id {vm_id!r} "
+            "(1-64 letters, digits and '-', not starting with '-')"
         )
     return vm_id
 
