@@ -155,7 +155,14 @@ class VmmProcess:
     async def stop(
         self, first: int = signal.SIGTERM, grace: float = 5.0, kill_wait: float = 5.0
     ) -> None:
-        """Send `first`, wait `grace` seconds, then SIGKILL and wait; always reaps a child."""
+        """Send `first`, wait `grace` seconds, then SIGKILL and wait; always reaps a child.
+
+        A process that is already gone (or whose pid now belongs to another process) gets no
+        signal at all.
+        """
+        if not self.alive():
+            await self._reap()
+            return
         if self.send_signal(first) and await self.wait(grace):
             await self._reap()
             return
