@@ -295,3 +295,42 @@ async def test_concurrent_vms(
     await asyncio.gather(*(vm.stop_sandbox() for vm in vms))
     assert not any(alive(p) for p in pids)
     assert os.listdir(os.path.join(short_tmp, "vm")) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and taps need root")
+async def test_network_interface_in_namespace(
+    backend: Backend,
+    fc_kernel: tuple[str, str],  # noqa: F811
+    short_tmp: str,  # noqa: F811
+) -> None:
+    import subprocess
+    import uuid
+
+    def run(*argv: str) -> int:
+        return subprocess.run(argv, capture_output=True, check=False).returncode
+
+    ns = f"fct-{uuid.uuid4().hex[:8]}"
+    if run("ip", "netns", "add", ns) != 0:
+        pytest.skip("cannot create a network namespace here")
+    try:
+        fc = Firecracker(run_root=short_tmp)
+        async with fc:
+            await fc.create_sandbox(
+                "fc-net", f"/var/run/netns/{ns}", make_config(backend, fc_kernel)
+            )
+            await fc.add_device(
+                NetworkEndpoint(id="eth-0", tap_name="fctap0", mac="02:00:00:00:00:07")
+            )
+            await fc.start_sandbox(timeout=20)
+            assert fc.api is not None
+            nets = (await fc.api.get("/vm/config"))["network-interfaces"]
+            assert nets[0]["iface_id"] == "eth_0" and nets[0]["host_dev_name"] == "fctap0"
+            assert nets[0]["guest_mac"] == "02:00:00:00:00:07"
+            pid = fc.get_pids()[0]
+            ns_inode = os.stat(f"/var/run/netns/{ns}").st_ino
+            assert os.stat(f"/proc/{pid}/ns/net").st_ino == ns_inode  # runs in the namespace
+            if backend.name == "real":  # the real VMM opens (creates) the tap in that namespace
+                assert run("ip", "-n", ns, "link", "show", "fctap0") == 0
+                assert run("ip", "link", "show", "fctap0") != 0
+    finally:
+        run("ip", "netns", "delete", ns)
