@@ -445,9 +445,9 @@ class Sandbox:
 
         root = persist.run_root(run_root)
         store = persist.StateStore(root)
+        if not store.exists(id):  # checked first: taking the lock would create its directory
+            raise StateError(f"no such sandbox: {id}")
         with store.lock(id):
-            if not store.exists(id):
-                raise StateError(f"no such sandbox: {id}")
             doc = store.read(id)
         sb_doc = doc.get("sandbox", {})
         sb = cls(id, sb_doc.get("hypervisor", "qemu"), run_root=root)

@@ -1,0 +1,5 @@
+"""`python -m virtcontainers.cli`."""
+
+from . import main
+
+main()

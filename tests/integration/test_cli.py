@@ -1,0 +1,125 @@
+"""`virtc` end to end: real subprocesses driving real QEMU VMs, across separate invocations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+VIRTC = [sys.executable, "-m", "virtcontainers.cli"]
+
+
+async def virtc(
+    run_root: str, *args: str, stdin: bytes = b"", timeout: float = 120
+) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "VC_RUN_ROOT": run_root, "COLUMNS": "200"}
+    return await asyncio.to_thread(
+        subprocess.run,
+        [*VIRTC, *args],
+        input=stdin,
+        capture_output=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def state_files(run_root: str) -> list[str]:
+    sbs = os.path.join(run_root, "sbs")
+    return sorted(os.listdir(sbs)) if os.path.isdir(sbs) else []
+
+
+async def test_run_prints_output_and_exits_with_command_code(leak_check: str) -> None:
+    r = await virtc(
+        leak_check, "run", "--memory", "256M", "--", "sh", "-c", "echo out; echo err >&2; exit 3"
+    )
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == b"out\n"
+    assert b"err\n" in r.stderr
+    r = await virtc(leak_check, "run", "-i", "--", "tr", "a-z", "A-Z", stdin=b"shout\n")
+    assert (r.returncode, r.stdout) == (0, b"SHOUT\n")
+    assert state_files(leak_check) == []
+
+
+async def test_lifecycle_across_invocations(leak_check: str) -> None:
+    r = await virtc(leak_check, "create", "--name", "cli1", "--memory", "256M", "--cpus", "2")
+    assert (r.returncode, r.stdout.strip()) == (0, b"cli1"), r.stderr
+    r = await virtc(leak_check, "--json", "list")
+    [entry] = json.loads(r.stdout)
+    assert entry["id"] == "cli1" and entry["state"] == "created"
+    assert set(entry) == {"id", "hypervisor", "state", "pid", "created_at", "vcpus", "memory_mb"}
+
+    assert (await virtc(leak_check, "start", "cli1")).returncode == 0
+    r = await virtc(leak_check, "exec", "cli1", "--", "nproc")
+    assert (r.returncode, r.stdout) == (0, b"2\n"), r.stderr
+    r = await virtc(leak_check, "exec", "-e", "GREETING=hi", "cli1", "sh", "-c", "echo $GREETING")
+    assert r.stdout == b"hi\n", r.stderr
+
+    assert (await virtc(leak_check, "pause", "cli1")).returncode == 0
+    [entry] = json.loads((await virtc(leak_check, "list", "--json")).stdout)
+    assert entry["state"] == "paused" and entry["pid"] > 0
+    r = await virtc(leak_check, "exec", "cli1", "true")
+    assert r.returncode == 125 and b"paused" in r.stderr
+    assert (await virtc(leak_check, "resume", "cli1")).returncode == 0
+    r = await virtc(leak_check, "exec", "cli1", "sh", "-c", "exit 9")
+    assert r.returncode == 9
+
+    r = await virtc(leak_check, "inspect", "cli1")
+    doc = json.loads(r.stdout)
+    assert doc["sandbox"]["state"] == "running" and doc["config"]["num_vcpus"] == 2
+
+    r = await virtc(leak_check, "logs", "cli1")
+    assert b"VC-AGENT-READY" in r.stdout
+
+    r = await virtc(leak_check, "list", "-q")
+    assert r.stdout.split() == [b"cli1"]
+    assert (await virtc(leak_check, "stop", "cli1")).returncode == 0
+    assert state_files(leak_check) == []
+    r = await virtc(leak_check, "stop", "cli1")
+    assert r.returncode == 125
+    assert r.stderr.decode().strip() == "virtc: error: no such sandbox: cli1"
+
+
+async def test_kill_and_dead_vm_reporting(leak_check: str) -> None:
+    r = await virtc(leak_check, "create", "--start", "--name", "cli2", "-m", "256M")
+    assert r.returncode == 0, r.stderr
+    [entry] = json.loads((await virtc(leak_check, "list", "--json")).stdout)
+    os.kill(entry["pid"], 9)
+    for _ in range(50):
+        [entry] = json.loads((await virtc(leak_check, "list", "--json")).stdout)
+        if entry["state"] == "dead":
+            break
+        await asyncio.sleep(0.1)
+    assert entry["state"] == "dead"
+    r = await virtc(leak_check, "exec", "cli2", "true")
+    assert r.returncode == 125
+    assert b"cli2" in r.stderr
+    assert (await virtc(leak_check, "kill", "cli2")).returncode == 0
+    assert state_files(leak_check) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (("-H", "vmware", "list"), 2, "Unknown hypervisor type vmware"),
+        (("run", "--kernel", "/no/such/vmlinuz", "true"), 2, "--kernel: no such file"),
+        (("run", "--memory", "lots", "true"), 2, "invalid memory size 'lots'"),
+        (("run", "--cpus", "0", "true"), 2, "invalid --cpus 0"),
+        (("run", "--cpus", "999", "true"), 2, "num_vcpus"),
+        (("exec", "ghost", "true"), 125, "no such sandbox: ghost"),
+        (("pause", "ghost"), 125, "no such sandbox: ghost"),
+        (("create", "--name", "../x"), 2, "../x"),
+        (("nosuchcommand",), 2, "No such command"),
+    ],
+)
+async def test_bad_input(leak_check: str, args: tuple[str, ...], code: int, message: str) -> None:
+    r = await virtc(leak_check, *args)
+    assert r.returncode == code, (r.stdout, r.stderr)
+    assert message in r.stderr.decode()
+    assert state_files(leak_check) == []
