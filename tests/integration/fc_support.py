@@ -37,20 +37,25 @@ def fake_backend(directory: str, extra_args: str = "") -> Backend:
 
 
 @pytest.fixture(scope="session")
-def fc_kernel() -> tuple[str, str]:
+def fc_kernel() -> Iterator[tuple[str, str]]:
     """(kernel, initrd): the project's guest assets when they can be built, else a tiny ELF
     kernel and a dummy initrd (the guest cannot run here either way)."""
     try:
         from virtcontainers.guest import ensure_assets
 
         assets = ensure_assets()
-        return str(assets.kernel), str(assets.initrd)
+        yield str(assets.kernel), str(assets.initrd)
+        return
     except Exception:  # assets not buildable on this machine: fall back, the VMM part still runs
-        d = tempfile.mkdtemp(prefix="fc-kernel-")
+        pass
+    d = tempfile.mkdtemp(prefix="fc-kernel-")
+    try:
         kernel = write_tiny_kernel(os.path.join(d, "vmlinux"))
         initrd = os.path.join(d, "initrd.img")
         Path(initrd).write_bytes(b"070701" + b"0" * 500)
-        return kernel, initrd
+        yield kernel, initrd
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
