@@ -480,6 +480,30 @@ def resize(
     _say(ctx, {"id": sandbox_id, "cpus": cpus, "memory_mb": mem}, sandbox_id)
 
 
+@app.command()
+def capabilities(
+    ctx: typer.Context,
+    markdown: Annotated[bool, typer.Option("--markdown", help="As a Markdown table.")] = False,
+) -> None:
+    """What each hypervisor (and QEMU machine type) supports."""
+    from .captable import COLUMNS, capability_rows, markdown_table
+
+    if markdown:
+        sys.stdout.write(markdown_table())
+        return
+    rows = capability_rows()
+    if get_globals(ctx).json:
+        emit_json({label: caps.names() for label, caps in rows})
+        return
+    table = Table(box=None)
+    table.add_column("HYPERVISOR")
+    for c in COLUMNS:
+        table.add_column((c.name or "").lower().replace("_", " "))
+    for label, caps in rows:
+        table.add_row(label, *("[green]yes[/]" if c in caps else "-" for c in COLUMNS))
+    out.print(table)
+
+
 @assets_app.command("build")
 def assets_build(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if cached.")] = False,
