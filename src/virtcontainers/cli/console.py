@@ -43,8 +43,8 @@ def attach_console(path: str, escape: str = "]") -> None:
 def _relay(sock: socket.socket, stdin_fd: int, esc: bytes) -> None:
     out_fd = sys.stdout.fileno()
     while True:
-        ready, _, _ = select.select([sock, stdin_fd], [], [])
-        if sock in ready:
+        ready, _, _ = select.select([sock.fileno(), stdin_fd], [], [])
+        if sock.fileno() in ready:
             data = sock.recv(65536)
             if not data:
                 return
