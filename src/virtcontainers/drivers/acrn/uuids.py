@@ -84,5 +84,7 @@ class UuidAllocator:
 
     def in_use(self) -> dict[str, str]:
         """UUID -> sandbox id for the current allocations."""
+        if not self.store.exists(DOC_ID):
+            return {}
         with self.store.lock(DOC_ID):
             return {u: str(e.get("sandbox", "")) for u, e in self._table().items()}
