@@ -1,0 +1,244 @@
+"""A VM made by the factory: its hypervisor, its agent endpoint, and what a hand-out does to it.
+
+`boot_vm` is the plain ("direct") way to make one: create, plug the agent channel, start,
+wait for the agent. Templates and the VM cache produce the same `VM` type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from types import TracebackType
+
+from .. import persist
+from ..agent import AgentClient, HybridVsock
+from ..devices import HybridVSockDevice, NetworkEndpoint, SerialPort
+from ..errors import ConfigError, VCError
+from ..hypervisor import Hypervisor, VMState, new_hypervisor
+from ..types import Capabilities, Socket
+from .vmconfig import VMConfig
+
+log = logging.getLogger(__name__)
+
+AGENT_VSOCK_PORT = 1024
+DEFAULT_BOOT_TIMEOUT = 60.0
+MEMORY_BLOCK_MIB = 128
+
+
+@dataclass(frozen=True)
+class AgentEndpoint:
+    """Where the host reaches a VM's agent: a Unix socket, with a port for hybrid vsock."""
+
+    path: str
+    vsock_port: int = 0
+
+    def target(self) -> str | HybridVsock:
+        return HybridVsock(self.path, self.vsock_port) if self.vsock_port else self.path
+
+
+def new_vm_id(prefix: str = "fvm") -> str:
+    """A fresh VM id (also the name of its directory under the run root)."""
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+def random_mac() -> str:
+    """A random locally administered unicast MAC (each clone's NICs need their own)."""
+    b = bytearray(secrets.token_bytes(6))
+    b[0] = (b[0] & 0xFC) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
+
+
+async def plug_agent_channel(hv: Hypervisor, vm_id: str) -> AgentEndpoint:
+    """Cold-plug the agent channel: virtio-serial port `agent.channel.0`, or hybrid vsock."""
+    if Capabilities.HYBRID_VSOCK in hv.capabilities():
+        from ..host import build_socket_path
+
+        uds = build_socket_path(persist.vm_dir(vm_id, hv.run_root), "agent-vsock.sock")
+        await hv.add_device(HybridVSockDevice(uds_path=uds, port=AGENT_VSOCK_PORT))
+        return AgentEndpoint(uds, AGENT_VSOCK_PORT)
+    sock = hv.generate_socket(vm_id, False)
+    if not isinstance(sock, Socket):
+        raise ConfigError("factory VMs need a virtio-serial agent socket, got a vsock")
+    await hv.add_device(SerialPort(sock))
+    return AgentEndpoint(sock.host_path)
+
+
+class VM:
+    """A running (or paused) VM with a guest agent, as the factory hands it out.
+
+    Stop it with `await vm.stop()` (or use it as an async context manager).
+    """
+
+    def __init__(
+        self,
+        hypervisor: Hypervisor,
+        agent: AgentEndpoint,
+        *,
+        cpu: int,
+        memory_mb: int,
+        created_at: float | None = None,
+        origin: str = "direct",
+    ) -> None:
+        self.hypervisor = hypervisor
+        self.agent_endpoint = agent
+        self.cpu = cpu
+        self.memory_mb = memory_mb
+        self.created_at = time.time() if created_at is None else created_at
+        self.origin = origin
+        """How the VM was made: "direct", "template:<name>" or "cache" (+ its base)."""
+        self._agent: AgentClient | None = None
+
+    @property
+    def id(self) -> str:
+        return self.hypervisor.id
+
+    @property
+    def state(self) -> VMState:
+        return self.hypervisor.state
+
+    def pid(self) -> int:
+        """The VMM's pid (0 if unknown)."""
+        pids = self.hypervisor.get_pids()
+        return pids[0] if pids else 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<VM {self.id} {self.state.value} {self.cpu} vCPU {self.memory_mb} MiB {self.origin}>"
+        )
+
+    # -- agent ------------------------------------------------------------------------------
+    async def agent(self, timeout: float = 10.0) -> AgentClient:
+        """The connected agent client (connecting on first use)."""
+        if self._agent is None or self._agent.closed:
+            self._agent = await AgentClient.connect(self.agent_endpoint.target(), timeout)
+        return self._agent
+
+    async def wait_agent(self, timeout: float) -> None:
+        """Connect to the agent and ping it: the VM is ready for work."""
+        agent = await self.agent(timeout)
+        await agent.ping()
+
+    async def close_agent(self) -> None:
+        agent, self._agent = self._agent, None
+        if agent is not None:
+            try:
+                await agent.close()
+            except VCError as exc:
+                log.debug("closing the agent of VM %s: %s", self.id, exc)
+
+    # -- fresh identity after a hand-out ----------------------------------------------------
+    async def reseed_rng(self) -> None:
+        """Give the guest RNG fresh entropy: clones of one template start from the same pool."""
+        await (await self.agent()).add_entropy()
+
+    async def sync_time(self) -> None:
+        """Set the guest clock to the host's: a template or pooled VM was frozen for a while."""
+        await (await self.agent()).set_time()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def pause(self) -> None:
+        await self.hypervisor.pause_sandbox()
+
+    async def resume(self) -> None:
+        await self.hypervisor.resume_sandbox()
+
+    async def add_cpus(self, count: int) -> None:
+        """Hot-add `count` vCPUs (the guest brings them online with `online()`)."""
+        if count <= 0:
+            return
+        self.hypervisor.require(Capabilities.CPU_HOTPLUG, "vCPU hotplug")
+        _, new = await self.hypervisor.resize_vcpus(self.cpu + count)
+        self.cpu = new
+
+    async def add_memory(self, size_mb: int) -> None:
+        """Hot-add at least `size_mb` MiB of memory (rounded up to the memory block size)."""
+        if size_mb <= 0:
+            return
+        self.hypervisor.require(Capabilities.MEMORY_HOTPLUG, "memory hotplug")
+        new, _ = await self.hypervisor.resize_memory(
+            self.memory_mb + size_mb, MEMORY_BLOCK_MIB, False
+        )
+        self.memory_mb = new
+
+    async def online(self) -> None:
+        """Ask the guest to online hot-added CPUs and memory."""
+        await (await self.agent()).online()
+
+    async def add_network(self, endpoint: NetworkEndpoint) -> NetworkEndpoint:
+        """Hot-add a NIC, giving it a fresh random MAC when it has none."""
+        if not endpoint.mac:
+            endpoint.mac = random_mac()
+        self.hypervisor.require(Capabilities.NET_DEVICE_HOTPLUG, "NIC hotplug")
+        await self.hypervisor.hotplug_add_device(endpoint)
+        return endpoint
+
+    async def release(self) -> None:
+        """Let go of a VM that another process takes over: drop connections, keep it running."""
+        await self.close_agent()
+        await self.hypervisor.disconnect()
+        await self.hypervisor.cleanup()
+
+    async def stop(self) -> None:
+        """Stop the VM and remove everything it left on the host. Idempotent."""
+        await self.close_agent()
+        try:
+            await self.hypervisor.stop_sandbox()
+        finally:
+            await self.hypervisor.cleanup()
+
+    async def __aenter__(self) -> VM:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def stop_quietly(vm: VM | None, hv: Hypervisor | None = None) -> None:
+    """Stop a VM (or a bare hypervisor) during error handling, logging instead of raising."""
+    try:
+        if vm is not None:
+            await vm.stop()
+        elif hv is not None:
+            try:
+                await hv.stop_sandbox()
+            finally:
+                await hv.cleanup()
+    except Exception as exc:
+        log.warning("stopping VM %s after a failure: %s", vm.id if vm else hv and hv.id, exc)
+
+
+async def boot_vm(
+    vm_config: VMConfig,
+    *,
+    id: str | None = None,
+    run_root: str | None = None,
+    timeout: float = DEFAULT_BOOT_TIMEOUT,
+    origin: str = "direct",
+) -> VM:
+    """Boot a VM from `vm_config` and wait for its agent; nothing is left behind on failure."""
+    if timeout <= 0:
+        raise ConfigError(f"boot timeout must be positive, got {timeout}")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    vm_id = id or new_vm_id()
+    hv = new_hypervisor(vm_config.hypervisor, run_root)
+    cfg = vm_config.config.copy()
+    vm: VM | None = None
+    try:
+        await hv.create_sandbox(vm_id, None, cfg)
+        endpoint = await plug_agent_channel(hv, vm_id)
+        await hv.start_sandbox(timeout)
+        vm = VM(hv, endpoint, cpu=cfg.num_vcpus, memory_mb=cfg.memory_size, origin=origin)
+        await vm.wait_agent(max(0.1, deadline - loop.time()))
+    except BaseException:
+        await stop_quietly(vm, hv)
+        raise
+    return vm
