@@ -5,6 +5,7 @@ paths relative to it, hotplug and templates through the jail, and full cleanup o
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 from fc_support import (  # noqa: F401 - fixtures
@@ -17,7 +18,7 @@ from fc_support import (  # noqa: F401 - fixtures
     short_tmp,
 )
 
-from virtcontainers.devices import BlockDrive
+from virtcontainers.devices import BlockDrive, Device, HybridVSockDevice
 from virtcontainers.drivers.firecracker import Firecracker
 from virtcontainers.drivers.firecracker.jail import CGROUP_ROOT
 
@@ -36,12 +37,18 @@ def jailed(short_tmp: str) -> Backend:  # noqa: F811
 
 
 async def _start(
-    backend: Backend, kernel: tuple[str, str], run_root: str, vm_id: str, **cfg: object
+    backend: Backend,
+    kernel: tuple[str, str],
+    run_root: str,
+    vm_id: str,
+    devices: tuple[Device, ...] = (),
+    **cfg: object,
 ) -> Firecracker:
     fc = Firecracker(run_root=run_root)
-    await fc.create_sandbox(
-        vm_id, None, make_config(backend, kernel, jailer_path=backend.jailer, **cfg)
-    )
+    config = make_config(backend, kernel, jailer_path=backend.jailer, **cfg)
+    await fc.create_sandbox(vm_id, None, config)
+    for device in devices:
+        await fc.add_device(device)
     await fc.start_sandbox(timeout=20)
     return fc
 
@@ -52,7 +59,10 @@ async def test_jailed_lifecycle(
     short_tmp: str,  # noqa: F811
 ) -> None:
     fds = open_fds()
-    fc = await _start(jailed, fc_kernel, short_tmp, "fc-jail")
+    # the sandbox layer asks for the agent socket in the VM directory, outside the jail
+    agent_sock = os.path.join(short_tmp, "vm", "fc-jail", "agent-vsock.sock")
+    vsock = HybridVSockDevice(uds_path=agent_sock, port=1024)
+    fc = await _start(jailed, fc_kernel, short_tmp, "fc-jail", (vsock,))
     assert fc.jailer is not None and fc.root is not None
     jail_dir = fc.jailer.jail_dir("fc-jail")
     root = fc.root.path
@@ -65,7 +75,9 @@ async def test_jailed_lifecycle(
     assert fc.api_socket == os.path.join(root, "run", "firecracker.socket")
     assert os.path.exists(os.path.join(root, "vmlinux"))
     assert os.path.exists(os.path.join(root, "initrd.img"))
-    assert os.path.exists(fc.vsock_path) and fc.vsock_path.startswith(root)
+    assert fc.vsock_path == agent_sock and fc.agent_target().uds_path == agent_sock
+    assert os.readlink(agent_sock) == os.path.join(root, "agent-vsock.sock")
+    assert stat.S_ISSOCK(os.stat(agent_sock).st_mode)  # the link resolves to the bound socket
     assert fc.api is not None
     vm_config = await fc.api.get("/vm/config")
     assert vm_config["boot-source"]["kernel_image_path"] == "vmlinux"

@@ -201,9 +201,14 @@ async def test_registered_and_created_without_process(tmp_path: str) -> None:
         await fc.add_device(NetworkEndpoint(id="eth0", tap_name="tap0"))
         with pytest.raises(ConfigError, match="already used"):
             await fc.add_device(NetworkEndpoint(id="eth0", tap_name="tap1"))
-        with pytest.raises(ConfigError, match="uds_path must be"):
-            await fc.add_device(HybridVSockDevice(uds_path="/tmp/other.sock"))
-        await fc.add_device(HybridVSockDevice(uds_path=fc.vsock_path, context_id=7))
+        with pytest.raises(ConfigError, match="clashes"):
+            await fc.add_device(HybridVSockDevice(uds_path=os.path.join(tmp, "fc.sock")))
+        await fc.add_device(HybridVSockDevice(uds_path="/tmp/elsewhere/a.sock", port=5000))
+        assert fc.vsock_path == "/tmp/elsewhere/a.sock"  # a link to <root>/a.sock after start
+        assert fc.agent_target().port == 5000
+        inside = os.path.join(tmp, "vm", "vm-a", "agent.sock")
+        await fc.add_device(HybridVSockDevice(uds_path=inside, context_id=7))
+        assert fc.vsock_path == inside
         for dev in (
             SharedFS(id="fs", source="/tmp", mount_tag="fs"),
             VFIODevice(id="v", bdf="0000:00:01.0"),

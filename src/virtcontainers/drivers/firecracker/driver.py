@@ -103,6 +103,9 @@ class Firecracker(Hypervisor):
         self._cold_drives: list[BlockDrive] = []
         self._nets: list[NetworkEndpoint] = []
         self._vsock_cid = bodies.GUEST_CID
+        self._vsock_name = VSOCK_NAME  # inside the VM root, relative
+        self._vsock_link = ""  # a host path outside the root that links to the socket
+        self._agent_port = AGENT_VSOCK_PORT
         self._slots: list[_Slot] = []
         self._loaded_offset: int | None = None
 
@@ -120,7 +123,7 @@ class Firecracker(Hypervisor):
     @property
     def vsock_path(self) -> str:
         """Host path of the hybrid vsock Unix socket (`CONNECT <port>` multiplexer)."""
-        return self._root().host(VSOCK_NAME)
+        return self._vsock_link or self._root().host(self._vsock_name)
 
     @property
     def console_path(self) -> str:
@@ -131,7 +134,7 @@ class Firecracker(Hypervisor):
         """Where the guest agent answers: `agent.HybridVsock(<vsock uds>, 1024)`."""
         from ...agent import HybridVsock
 
-        return HybridVsock(self.vsock_path, AGENT_VSOCK_PORT)
+        return HybridVsock(self.vsock_path, self._agent_port)
 
     def generate_socket(self, id: str, use_vsock: bool) -> Socket | VSock:
         """The agent endpoint: a `Socket` whose `host_path` is the hybrid vsock UDS."""
@@ -140,7 +143,7 @@ class Firecracker(Hypervisor):
             path = self.vsock_path
         else:
             path = os.path.join(persist.vm_dir(id, self.run_root), VSOCK_NAME)
-        return Socket("vsock", "hvsock", path, f"hybrid-vsock:{AGENT_VSOCK_PORT}")
+        return Socket("vsock", "hvsock", path, f"hybrid-vsock:{self._agent_port}")
 
     # -- create --------------------------------------------------------------------------------
     async def create_sandbox(
@@ -202,6 +205,7 @@ class Firecracker(Hypervisor):
             else:
                 await self._configure(deadline)
                 await self._call("PUT", "/actions", bodies.action("InstanceStart"), deadline)
+            self._link_vsock()
         except BaseException:
             await self._teardown()
             raise
@@ -344,8 +348,9 @@ class Firecracker(Hypervisor):
             body = bodies.network_interface(n.id, n.tap_name, n.mac)
             await self._call("PUT", f"/network-interfaces/{body['iface_id']}", body, deadline)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(root.host(VSOCK_NAME))
-        await self._call("PUT", "/vsock", bodies.vsock(VSOCK_NAME, self._vsock_cid), deadline)
+            os.unlink(root.host(self._vsock_name))
+        body = bodies.vsock(self._vsock_name, self._vsock_cid)
+        await self._call("PUT", "/vsock", body, deadline)
 
     async def _put_drive(
         self, drive_id: str, path: str, *, read_only: bool, cache: str, deadline: float
@@ -409,7 +414,7 @@ class Firecracker(Hypervisor):
         # The vsock path in the snapshot is relative, so it resolves inside this VM's root;
         # name it explicitly where the server knows the field.
         if self._version_at_least(_VSOCK_OVERRIDE_SINCE):
-            body["vsock_override"] = {"uds_path": VSOCK_NAME}
+            body["vsock_override"] = {"uds_path": self._vsock_name}
         await self._call("PUT", "/snapshot/load", body, deadline)
 
     async def save_sandbox(self) -> None:
@@ -492,6 +497,9 @@ class Firecracker(Hypervisor):
                 remove_cgroups(self.jailer.parent_cgroup or "firecracker", self.id)
             else:
                 self.root.remove()
+        if self._vsock_link and os.path.islink(self._vsock_link):
+            with contextlib.suppress(OSError):
+                os.unlink(self._vsock_link)
         if self.vm_dir:
             shutil.rmtree(self.vm_dir, ignore_errors=True)
 
@@ -519,14 +527,31 @@ class Firecracker(Hypervisor):
                 )
             self._nets.append(device)
         elif isinstance(device, HybridVSockDevice):
-            if os.path.abspath(device.uds_path) != os.path.abspath(self.vsock_path):
-                raise ConfigError(
-                    f"firecracker: hybrid vsock uds_path must be {self.vsock_path} "
-                    f"(got {device.uds_path})"
-                )
-            self._vsock_cid = device.context_id
+            self._set_vsock(device)
         else:
             raise self.unsupported(f"cold-plug of {device.kind}")
+
+    def _set_vsock(self, device: HybridVSockDevice) -> None:
+        """Firecracker binds the socket inside the VM root under the requested file name; a
+        path elsewhere (e.g. outside the jail) becomes a symlink to it."""
+        path = os.path.abspath(device.uds_path)
+        name = os.path.basename(path)
+        root = self._root()
+        if not name or name in (API_SOCKET, CONSOLE_LOG, FC_LOG, METRICS, POOL_DIR):
+            raise ConfigError(f"firecracker: hybrid vsock uds_path {path} clashes with VM files")
+        host.build_socket_path(root.host(name))
+        self._vsock_name = name
+        self._vsock_link = "" if os.path.dirname(path) == root.path else path
+        self._vsock_cid = device.context_id
+        self._agent_port = device.port
+
+    def _link_vsock(self) -> None:
+        if not self._vsock_link:
+            return
+        os.makedirs(os.path.dirname(self._vsock_link), exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._vsock_link)
+        os.symlink(self._root().host(self._vsock_name), self._vsock_link)
 
     def get_virt_drive_offset(self) -> int:
         """Drives before the hotplug pool: the root image and cold-plugged disks."""
@@ -639,6 +664,9 @@ class Firecracker(Hypervisor):
             "image": self._image,
             "drive_offset": self.get_virt_drive_offset(),
             "vsock_cid": self._vsock_cid,
+            "vsock_name": self._vsock_name,
+            "vsock_link": self._vsock_link,
+            "agent_port": self._agent_port,
             "vmm_version": self.vmm_version,
             "slots": [vars(s) for s in self._slots],
             "jailer": vars(self.jailer) if self.jailer else None,
@@ -675,6 +703,9 @@ class Firecracker(Hypervisor):
         self.vmm_version = str(extra.get("vmm_version", ""))
         self._image = str(extra.get("image", ""))
         self._vsock_cid = int(extra.get("vsock_cid", bodies.GUEST_CID))
+        self._vsock_name = str(extra.get("vsock_name", VSOCK_NAME))
+        self._vsock_link = str(extra.get("vsock_link", ""))
+        self._agent_port = int(extra.get("agent_port", AGENT_VSOCK_PORT))
         self._slots = [_Slot(**s) for s in extra.get("slots", [])]
         self._loaded_offset = int(extra.get("drive_offset", 0))
         jail = extra.get("jailer")
