@@ -16,6 +16,8 @@ from .errors import (
     VMExitedError,
     VMTimeoutError,
 )
+from .hypervisor import Hypervisor, new_hypervisor
+from .sandbox import Sandbox, SandboxInfo
 from .types import (
     Asset,
     AssetType,
@@ -41,12 +43,15 @@ __all__ = [
     "ConfigError",
     "DeviceType",
     "HostError",
+    "Hypervisor",
     "HypervisorConfig",
     "HypervisorError",
     "HypervisorType",
     "LaunchError",
     "MemoryDevice",
     "Param",
+    "Sandbox",
+    "SandboxInfo",
     "Socket",
     "StateError",
     "UnsupportedError",
@@ -57,5 +62,6 @@ __all__ = [
     "__version__",
     "apply_annotations",
     "deserialize_params",
+    "new_hypervisor",
     "serialize_params",
 ]

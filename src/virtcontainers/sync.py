@@ -1,0 +1,166 @@
+"""A synchronous facade over `Sandbox`, for scripts that do not use asyncio.
+
+Each sandbox owns a private event loop; calls run it until their coroutine completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from . import sandbox as _async
+from .sandbox import SandboxInfo
+
+if TYPE_CHECKING:
+    from .agent import ExecResult
+    from .config import HypervisorConfig
+    from .devices import BlockDrive
+    from .hypervisor import VMState
+    from .types import HypervisorType
+
+T = TypeVar("T")
+
+__all__ = ["Sandbox", "SandboxInfo"]
+
+
+class Sandbox:
+    """Blocking twin of `virtcontainers.Sandbox`: `with Sandbox() as sb: sb.exec([...])`."""
+
+    def __init__(
+        self,
+        id: str | None = None,
+        hypervisor: str | HypervisorType = "qemu",
+        config: HypervisorConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._runner = asyncio.Runner()
+        self._sb = _async.Sandbox(id, hypervisor, config, **kwargs)
+
+    @classmethod
+    def _wrap(cls, runner: asyncio.Runner, sb: _async.Sandbox) -> Sandbox:
+        self = cls.__new__(cls)
+        self._runner = runner
+        self._sb = sb
+        return self
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._runner.run(coro)
+
+    @property
+    def id(self) -> str:
+        """The sandbox id."""
+        return self._sb.id
+
+    @property
+    def state(self) -> VMState:
+        """Lifecycle state of the VM."""
+        return self._sb.state
+
+    @property
+    def aio(self) -> _async.Sandbox:
+        """The underlying async sandbox (use only on this object's own loop)."""
+        return self._sb
+
+    def create(self) -> None:
+        """Validate and prepare without launching."""
+        self._run(self._sb.create())
+
+    def start(self) -> None:
+        """Boot the VM and connect to its agent."""
+        self._run(self._sb.start())
+
+    def stop(self, force: bool = False) -> None:
+        """Stop the VM and release everything (closes this object's loop)."""
+        try:
+            self._run(self._sb.stop(force=force))
+        finally:
+            self._runner.close()
+
+    def detach(self) -> None:
+        """Let go without stopping the VM (closes this object's loop)."""
+        try:
+            self._run(self._sb.detach())
+        finally:
+            self._runner.close()
+
+    def pause(self) -> None:
+        """Freeze the guest."""
+        self._run(self._sb.pause())
+
+    def resume(self) -> None:
+        """Resume the guest."""
+        self._run(self._sb.resume())
+
+    def exec(
+        self,
+        argv: list[str] | str,
+        *,
+        stdin: bytes = b"",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        """Run a command in the guest."""
+        return self._run(self._sb.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout=timeout))
+
+    def write_file(self, guest_path: str, data: bytes, mode: int = 0o644) -> None:
+        """Create or replace a guest file."""
+        self._run(self._sb.write_file(guest_path, data, mode))
+
+    def read_file(self, guest_path: str) -> bytes:
+        """Read a guest file."""
+        return self._run(self._sb.read_file(guest_path))
+
+    def copy_in(self, host_path: str, guest_path: str) -> None:
+        """Copy a host file into the guest."""
+        self._run(self._sb.copy_in(host_path, guest_path))
+
+    def copy_out(self, guest_path: str, host_path: str) -> None:
+        """Copy a guest file to the host."""
+        self._run(self._sb.copy_out(guest_path, host_path))
+
+    def add_disk(self, path: str, id: str | None = None, *, read_only: bool = False) -> BlockDrive:
+        """Hot-add a disk."""
+        return self._run(self._sb.add_disk(path, id, read_only=read_only))
+
+    def remove_disk(self, drive: BlockDrive | str) -> None:
+        """Hot-remove a disk."""
+        self._run(self._sb.remove_disk(drive))
+
+    def resize(self, vcpus: int | None = None, memory_mb: int | None = None) -> None:
+        """Change vCPUs and/or memory."""
+        self._run(self._sb.resize(vcpus=vcpus, memory_mb=memory_mb))
+
+    def __enter__(self) -> Sandbox:
+        try:
+            self.start()
+        except BaseException:
+            self._runner.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @staticmethod
+    def list(run_root: str | None = None) -> list[SandboxInfo]:
+        """Every persisted sandbox."""
+        return _async.Sandbox.list(run_root)
+
+    @classmethod
+    def attach(cls, id: str, run_root: str | None = None) -> Sandbox:
+        """Take over a sandbox persisted by another process."""
+        runner = asyncio.Runner()
+        try:
+            sb = runner.run(_async.Sandbox.attach(id, run_root))
+        except BaseException:
+            runner.close()
+            raise
+        return cls._wrap(runner, sb)
