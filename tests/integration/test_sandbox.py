@@ -1,0 +1,116 @@
+"""Sandbox API on real QEMU: exec, files, concurrency, timeouts, pause, attach, hotplug."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import pytest
+
+from virtcontainers import Capabilities, ConfigError, StateError, UnsupportedError
+from virtcontainers.sandbox import Sandbox
+
+pytestmark = pytest.mark.integration
+
+
+async def test_exec_files_and_concurrency(leak_check: str, tmp_path: object) -> None:
+    async with Sandbox("sbx1", run_root=leak_check, memory_size=256, num_vcpus=2) as sb:
+        r = await sb.exec(["sh", "-c", "echo out; echo err >&2; exit 4"])
+        assert (r.exit_code, r.stdout, r.stderr) == (4, b"out\n", b"err\n")
+        r = await sb.exec("cat", stdin=b"\x00\xffbinary\n")
+        assert r.stdout == b"\x00\xffbinary\n"
+        r = await sb.exec(["sh", "-c", "pwd; echo $FOO"], env={"FOO": "bar"}, cwd="/tmp")
+        assert r.stdout == b"/tmp\nbar\n"
+
+        results = await asyncio.gather(
+            *(sb.exec(["sh", "-c", f"sleep 0.2; echo {i}"]) for i in range(8))
+        )
+        assert [x.stdout for x in results] == [f"{i}\n".encode() for i in range(8)]
+
+        r = await sb.exec(["sleep", "30"], timeout=0.5)
+        assert r.exit_code != 0
+        assert getattr(r, "timed_out", True)
+        r = await sb.exec(["sh", "-c", "pgrep -x sleep || echo none"])
+        assert r.stdout == b"none\n"  # the timed-out process was killed in the guest
+
+        host_file = os.path.join(leak_check, "in.bin")
+        payload = os.urandom(300_000)
+        with open(host_file, "wb") as f:
+            f.write(payload)
+        await sb.copy_in(host_file, "/tmp/in.bin")
+        r = await sb.exec(["sh", "-c", "wc -c < /tmp/in.bin"])
+        assert r.stdout.strip() == b"300000"
+        out_file = os.path.join(leak_check, "out.bin")
+        await sb.copy_out("/tmp/in.bin", out_file)
+        with open(out_file, "rb") as f:
+            assert f.read() == payload
+        os.unlink(host_file)
+        os.unlink(out_file)
+
+        await sb.pause()
+        with pytest.raises(StateError, match="paused"):
+            await sb.exec(["true"])
+        await sb.resume()
+        assert (await sb.exec(["true"])).exit_code == 0
+    assert Sandbox.list(leak_check) == []
+
+
+async def test_attach_from_another_process(leak_check: str) -> None:
+    sb = Sandbox("sbx2", run_root=leak_check, memory_size=256)
+    await sb.start()
+    try:
+        await sb.detach()
+        code = (
+            "import asyncio, sys\n"
+            "from virtcontainers import Sandbox\n"
+            "async def main():\n"
+            "    sb = await Sandbox.attach('sbx2', run_root=sys.argv[1])\n"
+            "    r = await sb.exec(['echo', 'attached'])\n"
+            "    print(r.stdout.decode().strip(), [i.state for i in Sandbox.list(sys.argv[1])])\n"
+            "    await sb.detach()\n"
+            "asyncio.run(main())\n"
+        )
+        p = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", code, leak_check],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip() == "attached ['running']"
+        r = await sb.exec(["echo", "still mine"])
+        assert r.stdout == b"still mine\n"
+    finally:
+        await sb.stop()
+    assert Sandbox.list(leak_check) == []
+
+
+async def test_disk_and_resize_follow_capabilities(leak_check: str) -> None:
+    disk = os.path.join(leak_check, "disk.img")
+    with open(disk, "wb") as f:
+        f.truncate(8 << 20)
+    async with Sandbox("sbx3", run_root=leak_check, memory_size=256, num_vcpus=1) as sb:
+        caps = sb.capabilities()
+        if Capabilities.BLOCK_DEVICE_HOTPLUG in caps:
+            before = (await sb.exec(["ls", "/sys/block"])).stdout.split()
+            drive = await sb.add_disk(disk, "data")
+            after = (await sb.exec(["ls", "/sys/block"])).stdout.split()
+            assert len(after) == len(before) + 1
+            with pytest.raises(ConfigError, match="already has a disk"):
+                await sb.add_disk(disk, "data")
+            await sb.remove_disk(drive)
+        else:
+            with pytest.raises(UnsupportedError, match="disk hotplug"):
+                await sb.add_disk(disk, "data")
+        if Capabilities.CPU_HOTPLUG in caps:
+            await sb.resize(vcpus=2)
+            r = await sb.exec(["nproc"])
+            assert r.stdout == b"2\n"
+        else:
+            with pytest.raises(UnsupportedError, match="vCPU resize"):
+                await sb.resize(vcpus=2)
+    os.unlink(disk)
