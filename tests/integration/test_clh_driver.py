@@ -208,6 +208,26 @@ async def test_full_lifecycle(env: ClhEnv) -> None:
     assert h.get_pids() == []
 
 
+async def test_launch_flags_and_log(fake: ClhEnv) -> None:
+    h = await fake.start(fake.config(debug=True))
+    with open(f"/proc/{h.get_pids()[0]}/cmdline", "rb") as f:
+        argv = [a.decode() for a in f.read().split(b"\0") if a]
+    log = os.path.join(h.vm_dir, "cloud-hypervisor.log")
+    i = argv.index("--api-socket")
+    assert argv[i + 1] == f"path={h.api_socket}"
+    assert argv[argv.index("--log-file") + 1] == log
+    assert "-v" in argv
+    with open(log) as f:
+        assert "PUT /api/v1/vm.boot" in f.read()
+    cmdline = (await vm_info(h.api_socket))["config"]["payload"]["cmdline"].split()
+    assert "debug" in cmdline and "quiet" not in cmdline
+    await h.stop_sandbox()
+    h2 = await fake.start(fake.config(), id="vm2")
+    with open(f"/proc/{h2.get_pids()[0]}/cmdline", "rb") as f:
+        assert b"-v" not in f.read().split(b"\0")
+    await h2.stop_sandbox()
+
+
 async def test_stop_before_start_and_context_manager(fake: ClhEnv) -> None:
     h = await fake.create(fake.config())
     await h.stop_sandbox()
@@ -262,7 +282,7 @@ async def test_early_exit_is_a_launch_error_with_log_tail(fake: ClhEnv) -> None:
 async def test_hang_on_boot_times_out_and_leaves_nothing(fake: ClhEnv) -> None:
     h = await fake.create(fake.config("--fake-hang", "vm.boot"))
     with pytest.raises(VMTimeoutError, match=r"vm.boot"):
-        await h.start_sandbox(2.5)
+        await h.start_sandbox(4)
     assert h.get_pids() == []
     assert not os.path.exists(h.vm_dir)
 
