@@ -44,6 +44,10 @@ async def test_run_prints_output_and_exits_with_command_code(leak_check: str) ->
     assert b"err\n" in r.stderr
     r = await virtc(leak_check, "run", "-i", "--", "tr", "a-z", "A-Z", stdin=b"shout\n")
     assert (r.returncode, r.stdout) == (0, b"SHOUT\n")
+    r = await virtc(leak_check, "run", "--exec-timeout", "0.5", "--", "sleep", "30")
+    assert r.returncode == 124 and b"timed out" in r.stderr
+    r = await virtc(leak_check, "run", "--", "sh", "-c", "kill -9 $$")
+    assert r.returncode == 128 + 9
     assert state_files(leak_check) == []
 
 

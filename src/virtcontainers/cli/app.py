@@ -17,7 +17,8 @@ from ..errors import ConfigError, VCError
 # Exit codes: distinct for usage errors, VM/infrastructure failures and command failures.
 EXIT_USAGE = 2
 EXIT_VM_FAILURE = 125
-EXIT_UNSUPPORTED = 124
+EXIT_UNSUPPORTED = EXIT_USAGE  # asked for what this hypervisor cannot do
+EXIT_TIMED_OUT = 124  # as timeout(1)
 
 app = typer.Typer(
     name="virtc",

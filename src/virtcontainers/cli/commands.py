@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from ..errors import ConfigError, StateError
-from .app import app, emit_json, err, get_globals, out
+from .app import EXIT_TIMED_OUT, app, emit_json, err, get_globals, out
 
 T = TypeVar("T")
 
@@ -179,6 +179,8 @@ def _print_result(ctx: typer.Context, result: Any) -> None:
                 "exit_code": result.exit_code,
                 "stdout": result.stdout.decode(errors="replace"),
                 "stderr": result.stderr.decode(errors="replace"),
+                "signal": result.signal,
+                "timed_out": result.timed_out,
             }
         )
     else:
@@ -186,6 +188,11 @@ def _print_result(ctx: typer.Context, result: Any) -> None:
         sys.stdout.buffer.flush()
         sys.stderr.buffer.write(result.stderr)
         sys.stderr.buffer.flush()
+    if result.timed_out:
+        err.print("virtc: command timed out (killed in the guest)", markup=False)
+        raise typer.Exit(EXIT_TIMED_OUT)
+    if result.signal:
+        raise typer.Exit(128 + result.signal)
     raise typer.Exit(result.exit_code)
 
 
