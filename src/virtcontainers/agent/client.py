@@ -26,8 +26,14 @@ log = logging.getLogger(__name__)
 DEFAULT_VSOCK_PORT = 1024
 HANDSHAKE_TIMEOUT = 5.0
 """Longest wait for the `OK <n>` line of a hybrid vsock `CONNECT`."""
-HELLO_RETRY = (0.5, 1.0, 2.0, 4.0)
-"""How long each hello waits before the client reconnects and says hello again."""
+HELLO_RETRY = (2.0, 3.0, 5.0)
+"""How long each hello waits before the client reconnects and says hello again.
+
+Staying connected is what lets a booting guest answer the moment its agent starts;
+reconnecting recovers an agent stuck in the middle of a frame from a dead client.
+"""
+RECONNECT_PAUSE = (0.1, 0.25, 0.5)
+"""Time disconnected before a new hello, long enough for the guest to see the hangup."""
 EXEC_GRACE = 10.0
 """Extra host-side wait past an exec's own timeout before giving up on the agent."""
 RETRY_PAUSE = 0.02
@@ -172,6 +178,8 @@ class AgentClient:
             except (AgentError, OSError, TimeoutError) as exc:
                 last = f"hello: {exc}" if str(exc) else "hello: no answer"
                 await _close_writer(writer)
+                pause = RECONNECT_PAUSE[min(attempt - 1, len(RECONNECT_PAUSE) - 1)]
+                await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
                 continue
             except BaseException:
                 await _close_writer(writer)

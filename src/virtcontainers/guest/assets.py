@@ -194,7 +194,12 @@ def _build(inputs: dict[str, Any], key: str, cache_dir: str, tmp: str) -> None:
     download = os.path.join(tmp, "download")
     os.makedirs(download)
     os.chmod(tmp, 0o755)
-    deb = kernel_mod.fetch_deb(pkg, os.path.join(cache_dir, "debs"), download)
+    deb = kernel_mod.fetch_deb(
+        pkg,
+        os.path.join(cache_dir, "debs"),
+        download,
+        search=[os.path.join(default_cache_dir(), "debs")],
+    )
     kernel = kernel_mod.unpack(deb, os.path.join(tmp, "kernel"))
     plan = kernel_mod.plan_modules(kernel.modules_dir)
     root = os.path.join(tmp, "root")

@@ -145,8 +145,11 @@ def resolve_package(state_dir: str) -> KernelPackage:
     return pkg
 
 
-def fetch_deb(pkg: KernelPackage, debs_dir: str, work_dir: str) -> str:
-    """Path of the package's .deb: kept in `debs_dir`, downloaded with apt-get if absent."""
+def fetch_deb(pkg: KernelPackage, debs_dir: str, work_dir: str, search: Sequence[str] = ()) -> str:
+    """Path of the package's .deb: kept in `debs_dir`, downloaded with apt-get if absent.
+
+    `search` names more directories that may already hold it (another cache, apt's).
+    """
     local = os.environ.get("VC_KERNEL_DEB")
     if local:
         return local
@@ -154,9 +157,10 @@ def fetch_deb(pkg: KernelPackage, debs_dir: str, work_dir: str) -> str:
     kept = os.path.join(debs_dir, pkg.deb_name)
     if os.path.isfile(kept):
         return kept
-    archived = os.path.join(APT_ARCHIVES, pkg.deb_name)
-    if os.path.isfile(archived):
-        return archived
+    for d in (*search, APT_ARCHIVES):
+        candidate = os.path.join(d, pkg.deb_name)
+        if os.path.isfile(candidate):
+            return candidate
     if shutil.which("apt-get") is None:
         raise AssetError(f"apt-get not found: cannot download {pkg.name}")
     argv = ["apt-get", "download", "-q", f"{pkg.name}={pkg.version}"]

@@ -475,6 +475,8 @@ static void send_error(struct conn *c, uint32_t id, int err, const char *fmt, ..
 	buf_free(&b);
 }
 
+static void conn_kill_execs(struct conn *c);
+
 /* ----------------------------------------------------------------- execs */
 
 static int running_execs(void)
@@ -979,7 +981,7 @@ static void handle_cancel(struct conn *c, uint32_t id, const uint8_t *p, size_t 
 
 /* Bring offline CPUs / memory blocks online; returns how many were onlined. */
 static int online_dir(const char *dir, const char *prefix, const char *attr, const char *off,
-		      const char *on)
+		      const char *alt, const char *on)
 {
 	DIR *d = opendir(dir);
 	if (!d)
@@ -992,7 +994,10 @@ static int online_dir(const char *dir, const char *prefix, const char *attr, con
 		if (strncmp(de->d_name, prefix, plen) || de->d_name[plen] < '0' || de->d_name[plen] > '9')
 			continue;
 		snprintf(path, sizeof path, "%s/%s/%s", dir, de->d_name, attr);
-		if (read_text(path, val, sizeof val) >= 0 && !strcmp(val, off) && !write_text(path, on))
+		if (read_text(path, val, sizeof val) < 0 || strcmp(val, off))
+			continue;
+		/* Movable first: such memory can be unplugged again; plain online otherwise. */
+		if ((alt && !write_text(path, alt)) || !write_text(path, on))
 			count++;
 	}
 	closedir(d);
@@ -1009,9 +1014,10 @@ static void handle_online(struct conn *c, uint32_t id, const uint8_t *p, size_t 
 	struct buf b = {0};
 	int cpus = 0, mem = 0;
 	if (what & ON_CPUS)
-		cpus = online_dir("/sys/devices/system/cpu", "cpu", "online", "0", "1");
+		cpus = online_dir("/sys/devices/system/cpu", "cpu", "online", "0", NULL, "1");
 	if (what & ON_MEMORY)
-		mem = online_dir("/sys/devices/system/memory", "memory", "state", "offline", "online");
+		mem = online_dir("/sys/devices/system/memory", "memory", "state", "offline",
+				 "online_movable", "online");
 	put_int(&b, F_CPUS, cpus);
 	put_int(&b, F_MEM_BLOCKS, mem);
 	send_frame(c, T_ONLINE | T_REPLY, id, &b);
@@ -1028,6 +1034,13 @@ static void handle_ping(struct conn *c, uint32_t id, int hello, const uint8_t *p
 		if (!tlv_find(p, n, F_NONCE, &f)) {
 			send_error(c, id, EINVAL, "hello: nonce is missing");
 			return;
+		}
+		if (c->kind == CONN_PORT) {
+			/* The host socket takes one client at a time, so a hello on the port means
+			 * the previous client is gone, even if its hangup was never seen here. */
+			conn_kill_execs(c);
+			c->gen++;
+			conn_drop_output(c);
 		}
 		put_field(&b, F_NONCE, f.val, f.len);
 		put_int(&b, F_PROTO, PROTO_VERSION);
@@ -1474,6 +1487,11 @@ static void setup_pid1(void)
 	sethostname("sandbox", 7);
 	parse_cmdline();
 	load_modules();
+	/* Hotplugged memory comes online by itself, movable so it can be unplugged again;
+	 * memory cold-plugged as DIMMs is still offline here. */
+	write_text("/sys/devices/system/memory/auto_online_blocks", "online_movable");
+	online_dir("/sys/devices/system/memory", "memory", "state", "offline", "online_movable",
+		   "online");
 	/* The console may be a virtio console that only exists now. */
 	fd = open("/dev/console", O_RDWR | O_NOCTTY | O_CLOEXEC);
 	if (fd >= 0) {
