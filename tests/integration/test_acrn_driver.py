@@ -133,7 +133,7 @@ async def test_full_lifecycle(env: AcrnEnv) -> None:
     await h.add_device(SerialPort(Socket("channel0", "charch0", agent, "agent.channel.0")))
     await h.add_device(NetworkEndpoint("eth0", "tap0", mac="02:00:00:00:00:07"))
     await h.start_sandbox(20)
-    assert h.state is VMState.RUNNING
+    assert str(h.state) == "running"
     [pid] = h.get_pids()
     rec = env.record()
     assert rec["pid"] == pid and rec["name"] == "vm1"
@@ -147,7 +147,7 @@ async def test_full_lifecycle(env: AcrnEnv) -> None:
     await h.check()
 
     await h.stop_sandbox()
-    assert h.state is VMState.STOPPED
+    assert str(h.state) == "stopped"
     assert not _alive(pid)
     assert env.record()["exited"] is True  # it got SIGINT and shut down cleanly
     assert not os.path.exists(h.vm_dir)

@@ -178,7 +178,7 @@ async def test_full_lifecycle(env: ClhEnv) -> None:
     assert h.state is VMState.CREATED
     assert h.get_pids() == []
     await h.start_sandbox(20)
-    assert h.state is VMState.RUNNING
+    assert str(h.state) == "running"
     [pid] = h.get_pids()
     assert _alive(pid)
     await h.check()
@@ -200,7 +200,7 @@ async def test_full_lifecycle(env: ClhEnv) -> None:
     assert (await vm_info(h.api_socket))["state"] == "Running"
 
     await h.stop_sandbox()
-    assert h.state is VMState.STOPPED
+    assert str(h.state) == "stopped"
     assert not _alive(pid)
     assert not os.path.exists(h.vm_dir)
     await h.stop_sandbox()  # idempotent
