@@ -45,7 +45,7 @@ from virtcontainers.errors import (
 )
 from virtcontainers.hypervisor import VMState, new_hypervisor
 from virtcontainers.persist import HypervisorState
-from virtcontainers.types import Capabilities
+from virtcontainers.types import Capabilities, Socket
 
 pytestmark = pytest.mark.integration
 
@@ -192,6 +192,10 @@ async def test_full_lifecycle(env: ClhEnv) -> None:
     console = await h.get_sandbox_console("vm1")
     assert console == os.path.join(h.vm_dir, "console.sock") and os.path.exists(console)
     assert os.path.exists(h.hybrid_vsock().uds_path)
+    target = h.agent_target()
+    assert (target.uds_path, target.port) == (h.hybrid_vsock().uds_path, 1024)
+    sock = h.generate_socket("vm1", use_vsock=True)
+    assert isinstance(sock, Socket) and sock.host_path == target.uds_path
 
     await h.pause_sandbox()
     assert (await vm_info(h.api_socket))["state"] == "Paused"

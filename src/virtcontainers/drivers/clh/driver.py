@@ -35,7 +35,7 @@ from ...errors import (
     VMTimeoutError,
 )
 from ...hypervisor import Hypervisor, VMState, register
-from ...types import Capabilities, HypervisorType, MemoryDevice
+from ...types import Capabilities, HypervisorType, MemoryDevice, Socket, VSock
 from . import virtiofsd
 from .api import ClhApi
 from .process import VmmProcess
@@ -53,6 +53,7 @@ from .vmconfig import (
 )
 
 if TYPE_CHECKING:
+    from ...agent import HybridVsock
     from ...config import HypervisorConfig
     from ...persist import HypervisorState
 
@@ -131,10 +132,31 @@ class CloudHypervisor(Hypervisor):
         return text + (f"\n--- log tail ---\n{tail}" if tail else "")
 
     def hybrid_vsock(self) -> HybridVSockDevice:
-        """The agent's endpoint: the host socket that proxies guest vsock ports, and the port."""
+        """The VM's vsock: the host socket that proxies guest vsock ports, CID and agent port."""
         if self._cold.vsock is None:
             raise StateError("clh: the VM has no vsock: call create_sandbox first")
         return self._cold.vsock
+
+    def agent_target(self) -> HybridVsock:
+        """Where the guest agent answers: `agent.HybridVsock(<vsock socket>, <port>)`."""
+        from ...agent import HybridVsock
+
+        vsock = self.hybrid_vsock()
+        return HybridVsock(vsock.uds_path, vsock.port)
+
+    def generate_socket(self, id: str, use_vsock: bool) -> Socket | VSock:
+        """The agent endpoint as a `Socket` whose `host_path` is the hybrid vsock socket.
+
+        Cloud Hypervisor has no virtio-serial ports and proxies guest vsock ports through one
+        Unix socket, so no vhost-vsock CID is reserved whatever `use_vsock` says.
+        """
+        check_id("clh sandbox", id)
+        if self.id == id and self._cold.vsock is not None:
+            path, port = self._cold.vsock.uds_path, self._cold.vsock.port
+        else:
+            path = os.path.join(persist.vm_dir(id, self.run_root), VSOCK_SOCKET)
+            port = AGENT_VSOCK_PORT
+        return Socket("vsock", "hvsock", path, f"hybrid-vsock:{port}")
 
     # -- lifecycle -------------------------------------------------------------------------
     async def create_sandbox(
