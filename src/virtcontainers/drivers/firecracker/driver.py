@@ -644,6 +644,12 @@ class Firecracker(Hypervisor):
 
     async def check(self) -> None:
         """Healthy when the process is alive and `GET /` says Running or Paused."""
+        proc = self._proc
+        if proc is not None and proc.returncode is not None:
+            raise VMExitedError(
+                f"firecracker VM {self.id}: process {proc.pid} exited with code "
+                f"{proc.returncode}\n{self._log_tail()}".rstrip()
+            )
         if not self.pid or not host.pid_is(self.pid, self.pid_start_time):
             raise VMExitedError(f"firecracker VM {self.id or '<unnamed>'}: process is not running")
         if self.api is None:
