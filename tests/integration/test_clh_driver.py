@@ -232,6 +232,16 @@ async def test_launch_flags_and_log(fake: ClhEnv) -> None:
     await h2.stop_sandbox()
 
 
+async def test_agent_over_hybrid_vsock_is_refused_without_a_guest(fake: ClhEnv) -> None:
+    from virtcontainers.agent import AgentClient
+    from virtcontainers.errors import AgentError
+
+    h = await fake.start(fake.config())
+    with pytest.raises(AgentError, match="CONNECT refused"):
+        await AgentClient.connect(h.agent_target(), 1.0)
+    await h.stop_sandbox()
+
+
 async def test_stop_before_start_and_context_manager(fake: ClhEnv) -> None:
     h = await fake.create(fake.config())
     await h.stop_sandbox()

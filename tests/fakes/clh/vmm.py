@@ -222,6 +222,8 @@ class FakeClh:
                 500, "Error booting VM", f"Cannot bind {what} socket {path}: {e}"
             ) from e
         self.listeners.append((sock, path))
+        if what == "vsock":
+            threading.Thread(target=_refuse_vsock, args=(sock,), daemon=True).start()
 
     def _connect_fs(self, fs: dict[str, Any]) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -461,6 +463,21 @@ class FakeClh:
         self.config = cfg
         self.state = "Running" if body.get("resume") else "Paused"
         return 204, None
+
+
+def _refuse_vsock(listener: socket.socket) -> None:
+    """Hybrid vsock with no guest listening: read the `CONNECT <port>` line, then hang up,
+    as the real VMM does when the guest port is closed (the fake runs no guest)."""
+    name_thread("vsock-proxy")
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return  # the listener was closed: the VM is gone
+        with conn:
+            conn.settimeout(2.0)
+            with contextlib.suppress(OSError):
+                conn.recv(64)
 
 
 def _file_url(url: str, what: str) -> str:
