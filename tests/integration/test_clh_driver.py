@@ -388,6 +388,7 @@ async def test_hotplug_disk_and_net(env: ClhEnv) -> None:
 
 
 @pytest.mark.skipif(not os.access(VIRTIOFSD, os.X_OK), reason=f"{VIRTIOFSD} is not installed")
+@pytest.mark.skipif(os.geteuid() != 0, reason="virtiofsd sandboxes itself in namespaces: root only")
 async def test_hotplug_virtio_fs_runs_virtiofsd(fake: ClhEnv) -> None:
     share_dir = os.path.join(fake.tmp, "share")
     os.mkdir(share_dir)
@@ -400,6 +401,7 @@ async def test_hotplug_virtio_fs_runs_virtiofsd(fake: ClhEnv) -> None:
         cmdline = f.read().split(b"\0")
     assert cmdline[0] == VIRTIOFSD.encode() and f"source={share_dir}".encode() in cmdline
     sock = os.path.join(h.vm_dir, "fs-fs1.sock")
+    assert os.path.exists(os.path.join("/run/virtiofsd", sock.replace("/", ".") + ".pid"))
     info = await vm_info(h.api_socket)
     assert info["config"]["fs"] == [
         {"tag": "tag1", "socket": sock, "num_queues": 1, "queue_size": 1024, "id": "fs1"}
@@ -414,11 +416,14 @@ async def test_hotplug_virtio_fs_runs_virtiofsd(fake: ClhEnv) -> None:
     fs2_pid = h.get_pids()[1]
     await h.stop_sandbox()
     assert not _alive(fs2_pid)
-    pid_file = os.path.join("/run/virtiofsd", sock.replace("fs-fs1", "fs-fs2").replace("/", "."))
-    assert not os.path.exists(pid_file + ".pid")
+    # the C virtiofsd leaves a pid file named after its socket: the driver removes it
+    marker = h.vm_dir.replace("/", ".")
+    left = [n for n in os.listdir("/run/virtiofsd") if marker in n]
+    assert left == []
 
 
 @pytest.mark.skipif(not os.access(VIRTIOFSD, os.X_OK), reason=f"{VIRTIOFSD} is not installed")
+@pytest.mark.skipif(os.geteuid() != 0, reason="virtiofsd sandboxes itself in namespaces: root only")
 async def test_cold_plugged_share_starts_virtiofsd_before_boot(fake: ClhEnv) -> None:
     share_dir = os.path.join(fake.tmp, "share")
     os.mkdir(share_dir)
