@@ -494,7 +494,8 @@ class Firecracker(Hypervisor):
         if self.root is not None:
             if self.jailer:
                 self.root.remove(self.jailer.jail_dir(self.id))
-                remove_cgroups(self.jailer.parent_cgroup or "firecracker", self.id)
+                if self.jailer.cgroups or self.jailer.parent_cgroup:
+                    remove_cgroups(self.jailer.parent_cgroup or "firecracker", self.id)
             else:
                 self.root.remove()
         if self._vsock_link and os.path.islink(self._vsock_link):

@@ -47,7 +47,10 @@ class VMRoot:
         dest = self.host(rel)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-        os.close(fd)
+        try:
+            os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
+        finally:
+            os.close(fd)
         self._own(dest)
         return dest
 
