@@ -17,6 +17,7 @@ from virtcontainers.agent import (
     AgentTimeoutError,
     ExecResult,
     HybridVsock,
+    VsockAddress,
 )
 from virtcontainers.agent import protocol as p
 from virtcontainers.agent.fake import ExecRequest, FakeAgent
@@ -296,3 +297,13 @@ async def test_hybrid_vsock_failures_end_in_a_clear_error(sockdir: str, behaviou
 async def test_hybrid_vsock_port_out_of_range() -> None:
     with pytest.raises(AgentError, match="port"):
         await AgentClient.connect(HybridVsock("/nonexistent", 0), 1)
+
+
+async def test_vsock_target_validation_and_unreachable_cid() -> None:
+    with pytest.raises(AgentError, match="CIDs"):
+        await AgentClient.connect(VsockAddress(2, 1024), 1)
+    with pytest.raises(AgentError, match="port"):
+        await AgentClient.connect(VsockAddress(3, 0), 1)
+    # No guest has CID 4000000000 here: the client keeps retrying, then names the target.
+    with pytest.raises(AgentTimeoutError, match="vsock cid 4000000000 port 1024"):
+        await AgentClient.connect(VsockAddress(4_000_000_000), 0.3)

@@ -9,6 +9,7 @@ from .client import (
     AgentTimeoutError,
     ExecResult,
     HybridVsock,
+    VsockAddress,
 )
 from .protocol import MAX_FRAME, ProtocolError
 
@@ -21,4 +22,5 @@ __all__ = [
     "ExecResult",
     "HybridVsock",
     "ProtocolError",
+    "VsockAddress",
 ]

@@ -13,6 +13,7 @@ import errno as errno_mod
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -53,7 +54,18 @@ class HybridVsock:
         return f"hybrid vsock {self.uds_path} port {self.port}"
 
 
-Target = str | os.PathLike[str] | HybridVsock
+@dataclass(frozen=True)
+class VsockAddress:
+    """A guest agent reached directly over AF_VSOCK (QEMU with vhost-vsock-pci)."""
+
+    cid: int
+    port: int = DEFAULT_VSOCK_PORT
+
+    def __str__(self) -> str:
+        return f"vsock cid {self.cid} port {self.port}"
+
+
+Target = str | os.PathLike[str] | HybridVsock | VsockAddress
 
 
 @dataclass(frozen=True)
@@ -143,12 +155,15 @@ class AgentClient:
     ) -> AgentClient:
         """Connect and say hello, retrying until `timeout` (the VM may still be booting).
 
-        `target` is the Unix socket path of a virtio-serial port (QEMU) or a
-        `HybridVsock` (Firecracker, Cloud Hypervisor).
+        `target` is the Unix socket path of a virtio-serial port (QEMU), a
+        `HybridVsock` (Firecracker, Cloud Hypervisor) or a `VsockAddress`
+        (vhost-vsock).
         """
-        if isinstance(target, HybridVsock):
+        if isinstance(target, HybridVsock | VsockAddress):
             if not 0 < target.port < 2**32:
-                raise AgentError(f"hybrid vsock port {target.port} out of range")
+                raise AgentError(f"{target}: port {target.port} out of range")
+            if isinstance(target, VsockAddress) and not 2 < target.cid < 2**32 - 1:
+                raise AgentError(f"{target}: guest CIDs are 3..2**32-2")
             name = str(target)
         else:
             target = os.fspath(target)
@@ -432,10 +447,32 @@ async def _close_writer(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
+async def _open_vsock(
+    target: VsockAddress, remaining: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    try:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise AgentError(f"{target}: AF_VSOCK unavailable on this host: {exc}") from None
+    try:
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.sock_connect(sock, (target.cid, target.port)), remaining)
+        return await asyncio.open_connection(sock=sock, limit=READ_CHUNK)
+    except TimeoutError:
+        sock.close()
+        raise AgentError(f"connect to {target} timed out") from None
+    except OSError as exc:
+        sock.close()
+        raise AgentError(f"connect to {target}: {exc.strerror or exc}") from None
+
+
 async def _open(
-    target: str | HybridVsock, remaining: float
+    target: str | HybridVsock | VsockAddress, remaining: float
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Open the byte stream to the agent; `AgentError` if nothing listens (yet)."""
+    if isinstance(target, VsockAddress):
+        return await _open_vsock(target, remaining)
     path = target.uds_path if isinstance(target, HybridVsock) else target
     try:
         reader, writer = await asyncio.wait_for(
