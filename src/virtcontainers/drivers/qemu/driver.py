@@ -86,6 +86,11 @@ def machine_capabilities(machine: str) -> Capabilities:
 class QemuHypervisor(Hypervisor):
     """One QEMU VM."""
 
+    #: Guest console: "ttyS0" (built-in UART: the kernel's messages from the first line, and
+    #: QEMU logs it to console.log with or without a client) or "hvc0" (virtconsole: the
+    #: guest drops output while no host client is connected, so console.log stays empty).
+    console = "ttyS0"
+
     def __init__(self, run_root: str | None = None) -> None:
         super().__init__(run_root)
         self.config: HypervisorConfig | None = None
@@ -192,6 +197,7 @@ class QemuHypervisor(Hypervisor):
             host_memory_mib=host.host_memory_kib() // 1024,
             host_cpus=os.cpu_count() or 1,
             devices=list(self.devices),
+            console=self.console,
         )
 
     def build_launch(self, qmp_fd: int | None = None) -> qargv.Launch:
