@@ -68,6 +68,8 @@ QMP_CHARDEV = "qmp"
 QMP_NAMED_CHARDEV = "qmp-named"
 SCSI_CONTROLLER = "scsi0"
 SERIAL_CONTROLLER = "serial0"
+VIRTIO_MEM_ID = "virtiomem0"
+VIRTIO_MEM_ALIGN_MIB = 2  # virtio-mem's default block size on x86 (a THP)
 
 
 @dataclass(frozen=True)
@@ -298,6 +300,24 @@ def _cpu(a: _Argv, spec: LaunchSpec) -> None:
     a.add("-smp", str(cfg.num_vcpus), f"maxcpus={max_vcpus(spec)}")
 
 
+def shared_memory(cfg: HypervisorConfig) -> bool:
+    """Whether guest RAM is a shared mapping, as vhost-user devices need (also for hotplug)."""
+    return bool(
+        cfg.shared_fs == "virtio-fs"
+        or cfg.file_backed_mem_root_dir
+        or cfg.enable_vhost_user_store
+        or cfg.huge_pages
+        or cfg.boot_to_be_template
+    )
+
+
+def virtio_mem_size_mib(spec: LaunchSpec) -> int:
+    """Size of the virtio-mem region: the room between boot memory and the host's memory."""
+    cfg = spec.config
+    size = max(cfg.memory_size, spec.host_memory_mib or cfg.memory_size) - cfg.memory_size
+    return size - size % VIRTIO_MEM_ALIGN_MIB
+
+
 def _memory_backend(spec: LaunchSpec) -> list[str]:
     """The options of an explicit RAM backend, or [] when plain anonymous RAM will do."""
     cfg = spec.config
@@ -312,8 +332,8 @@ def _memory_backend(spec: LaunchSpec) -> list[str]:
             "file_backed_mem_root_dir", cfg.file_backed_mem_root_dir or "/dev/hugepages"
         )
         return ["memory-backend-file", "id=ram0", size, f"mem-path={root}", "share=on", *prealloc]
-    if cfg.shared_fs == "virtio-fs" or cfg.file_backed_mem_root_dir:
-        # vhost-user backends (virtiofsd) must map guest RAM: it has to be shared.
+    if shared_memory(cfg):
+        # vhost-user backends (virtiofsd, qemu-storage-daemon) map guest RAM: it is shared.
         if cfg.file_backed_mem_root_dir:
             root = check_path("file_backed_mem_root_dir", cfg.file_backed_mem_root_dir)
             return [
@@ -340,6 +360,33 @@ def _memory(a: _Argv, spec: LaunchSpec, machine: str) -> None:
     backend = _memory_backend(spec)
     if backend:
         a.add("-object", *backend)
+    if cfg.virtio_mem:
+        _virtio_mem(a, spec, machine)
+
+
+def _virtio_mem(a: _Argv, spec: LaunchSpec, machine: str) -> None:
+    """A virtio-mem device (requested size 0) spanning the hotpluggable room, for resizing."""
+    cfg = spec.config
+    if machine == "microvm":
+        raise UnsupportedError("qemu", "virtio_mem on the microvm machine type", "use q35")
+    size = virtio_mem_size_mib(spec)
+    if size <= 0:
+        raise ConfigError(
+            f"virtio_mem: no room for a virtio-mem device above memory_size {cfg.memory_size} MiB "
+            f"(host memory {spec.host_memory_mib} MiB)"
+        )
+    if shared_memory(cfg):
+        backend = ["memory-backend-memfd", f"id={VIRTIO_MEM_ID}-ram", f"size={size}M", "share=on"]
+    else:
+        backend = ["memory-backend-ram", f"id={VIRTIO_MEM_ID}-ram", f"size={size}M", "reserve=off"]
+    a.add("-object", *backend)
+    a.add(
+        "-device",
+        "virtio-mem-pci",
+        f"id={VIRTIO_MEM_ID}",
+        f"memdev={VIRTIO_MEM_ID}-ram",
+        "requested-size=0",
+    )
 
 
 def _monitors(a: _Argv, spec: LaunchSpec) -> None:
