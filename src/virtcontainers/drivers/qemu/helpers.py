@@ -1,0 +1,185 @@
+"""Host daemons that serve one VM's vhost-user devices (virtiofsd, qemu-storage-daemon).
+
+Each helper is keyed by the device it serves, is started before QEMU connects to its socket
+and stopped after QEMU let go of it (device removed or VM stopped). Helpers are persisted by
+pid + start time so another process can stop them; signals go through a pidfd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...errors import LaunchError, VMTimeoutError
+from .process import VMProcess
+
+log = logging.getLogger(__name__)
+
+TERM_TIMEOUT = 3.0
+KILL_TIMEOUT = 5.0
+POLL_INTERVAL = 0.02
+
+
+@dataclass
+class Helper:
+    """One running helper daemon."""
+
+    kind: str  # "virtiofsd" or "qemu-storage-daemon"
+    key: str  # the device it serves, e.g. "fs-share0"
+    socket: str
+    log_path: str
+    pid: int = 0
+    start_time: int | None = None
+    #: Files to remove once the daemon is gone (its socket, pid files it leaves behind).
+    leftovers: list[str] = field(default_factory=list)
+    proc: VMProcess | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "key": self.key,
+            "socket": self.socket,
+            "log_path": self.log_path,
+            "pid": self.pid,
+            "start_time": self.start_time,
+            "leftovers": list(self.leftovers),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Helper:
+        return cls(
+            kind=str(d["kind"]),
+            key=str(d["key"]),
+            socket=str(d.get("socket", "")),
+            log_path=str(d.get("log_path", "")),
+            pid=int(d.get("pid", 0)),
+            start_time=d.get("start_time"),
+            leftovers=[str(p) for p in d.get("leftovers", [])],
+        )
+
+
+def is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+class Helpers:
+    """The helper daemons of one VM."""
+
+    def __init__(self, hypervisor: str = "qemu") -> None:
+        self.hypervisor = hypervisor
+        self._helpers: dict[str, Helper] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._helpers
+
+    def get(self, key: str) -> Helper | None:
+        return self._helpers.get(key)
+
+    def pids(self, kind: str | None = None) -> list[int]:
+        """Pids of the helpers still believed running (all kinds, or one)."""
+        return [h.pid for h in self._helpers.values() if h.pid and kind in (None, h.kind)]
+
+    async def start(
+        self,
+        kind: str,
+        key: str,
+        argv: Sequence[str],
+        *,
+        socket: str,
+        log_path: str,
+        timeout: float,
+        leftovers: Sequence[str] = (),
+        ready: Callable[[], bool] | None = None,
+    ) -> Helper:
+        """Launch a daemon and wait until `socket` is a listening Unix socket.
+
+        A daemon that exits first raises `LaunchError` with its log tail; one that does not
+        listen within `timeout` is killed and raises `VMTimeoutError`. Nothing is left behind
+        on failure.
+        """
+        if key in self._helpers:
+            raise LaunchError(f"{self.hypervisor}: a {kind} for {key} is already running")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket)  # a stale socket would look ready at once
+        proc = VMProcess.launch(argv, log_path=log_path)
+        helper = Helper(
+            kind=kind,
+            key=key,
+            socket=socket,
+            log_path=log_path,
+            pid=proc.pid,
+            start_time=proc.start_time,
+            leftovers=[socket, *leftovers],
+            proc=proc,
+        )
+        check = ready or (lambda: is_socket(socket))
+        deadline = time.monotonic() + timeout
+        try:
+            while not check():
+                if not proc.alive():
+                    raise LaunchError(
+                        f"{self.hypervisor}: {kind} for {key} exited during start-up",
+                        exit_code=proc.returncode,
+                        argv=proc.argv,
+                        log_tail=proc.log_tail(),
+                    )
+                if time.monotonic() >= deadline:
+                    raise VMTimeoutError(
+                        f"{self.hypervisor}: {kind} for {key} did not listen on {socket} "
+                        f"within {timeout:g}s"
+                    )
+                await asyncio.sleep(POLL_INTERVAL)
+        except BaseException:
+            await _stop(helper)
+            raise
+        self._helpers[key] = helper
+        log.debug("%s for %s started (pid %d)", kind, key, proc.pid)
+        return helper
+
+    async def stop(self, key: str, grace: float = 0.0) -> None:
+        """Stop the helper for `key` (waiting `grace` seconds for it to exit on its own)."""
+        helper = self._helpers.pop(key, None)
+        if helper is not None:
+            await _stop(helper, grace)
+
+    async def stop_all(self, grace: float = 0.0) -> None:
+        """Stop every helper; used when the VM is gone."""
+        for key in list(self._helpers):
+            await self.stop(key, grace)
+
+    def save(self) -> list[dict[str, Any]]:
+        return [h.to_dict() for h in self._helpers.values()]
+
+    def load(self, items: Sequence[dict[str, Any]]) -> None:
+        """Restore persisted helpers; they are adopted (by pid and start time) when stopped."""
+        self._helpers = {}
+        for d in items:
+            helper = Helper.from_dict(d)
+            self._helpers[helper.key] = helper
+
+
+async def _stop(helper: Helper, grace: float = 0.0) -> None:
+    proc = helper.proc
+    if proc is None and helper.pid:
+        proc = VMProcess.adopt(helper.pid, helper.start_time, helper.log_path)
+    if proc is not None:
+        try:
+            if grace <= 0 or not await proc.wait(grace):
+                await proc.terminate(TERM_TIMEOUT, KILL_TIMEOUT)
+        finally:
+            proc.close()
+    helper.proc = None
+    helper.pid = 0
+    for path in helper.leftovers:
+        with contextlib.suppress(FileNotFoundError, PermissionError, IsADirectoryError):
+            os.unlink(path)
