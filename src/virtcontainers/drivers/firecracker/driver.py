@@ -316,7 +316,12 @@ class Firecracker(Hypervisor):
         except (FirecrackerAPIError, VMTimeoutError) as e:
             if isinstance(e, FirecrackerAPIError) and e.status is not None:
                 raise
-            await asyncio.sleep(0.05)  # let a dying process be reaped
+            # A dropped connection usually means the process died: give it a moment to be
+            # reaped, then report the exit (code, log tail) rather than the socket error.
+            proc = self._proc
+            if isinstance(e, FirecrackerAPIError) and proc is not None and proc.returncode is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(proc.wait()), 1.0)
             self._raise_if_exited()
             raise
 
