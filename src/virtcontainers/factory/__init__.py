@@ -8,7 +8,11 @@ direct boot, with a log line saying why.
 
 from __future__ import annotations
 
+from .base import DirectBase, FactoryBase, FactoryStatus, TemplateBase, VMStatus
+from .cache import VMCache
+from .daemon import DaemonSpec, daemon_status, start_daemon, stop_daemon
 from .errors import CacheUnavailableError, FactoryError, TemplateError, TemplateMismatchError
+from .factory import Factory
 from .template import TemplateEntry, TemplateInfo, TemplateStore
 from .vm import VM, AgentEndpoint, boot_vm, random_mac
 from .vmconfig import VMConfig, config_hash, differences, incompatibility
@@ -17,16 +21,27 @@ __all__ = [
     "VM",
     "AgentEndpoint",
     "CacheUnavailableError",
+    "DaemonSpec",
+    "DirectBase",
+    "Factory",
+    "FactoryBase",
     "FactoryError",
+    "FactoryStatus",
+    "TemplateBase",
     "TemplateEntry",
     "TemplateError",
     "TemplateInfo",
     "TemplateMismatchError",
     "TemplateStore",
+    "VMCache",
     "VMConfig",
+    "VMStatus",
     "boot_vm",
     "config_hash",
+    "daemon_status",
     "differences",
     "incompatibility",
     "random_mac",
+    "start_daemon",
+    "stop_daemon",
 ]

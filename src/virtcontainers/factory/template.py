@@ -454,8 +454,7 @@ class TemplateStore:
             await vm.wait_agent(max(0.1, start + timeout - loop.time()))
             boot_seconds = loop.time() - start
             agent_version = (await vm.agent()).agent_version
-            await vm.close_agent()
-            await hv.pause_sandbox()
+            await vm.quiesce()
             await hv.save_sandbox()
             await vm.stop()
             vm = None

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 AGENT_VSOCK_PORT = 1024
 DEFAULT_BOOT_TIMEOUT = 60.0
 MEMORY_BLOCK_MIB = 128
+AGENT_SETTLE = 0.3
+"""Time the guest agent gets to notice the host hung up before the VM is frozen: the agent
+rechecks a disconnected port every 200 ms and discards what it reads while handling the
+hang-up, so a new host that connects before that would lose its first frames."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,12 @@ class VM:
                 await agent.close()
             except VCError as exc:
                 log.debug("closing the agent of VM %s: %s", self.id, exc)
+
+    async def quiesce(self) -> None:
+        """Hang up on the agent, let the guest notice, then pause: ready to be handed out."""
+        await self.close_agent()
+        await asyncio.sleep(AGENT_SETTLE)
+        await self.pause()
 
     # -- fresh identity after a hand-out ----------------------------------------------------
     async def reseed_rng(self) -> None:
