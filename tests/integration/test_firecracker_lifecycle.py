@@ -72,7 +72,8 @@ async def test_start_pause_resume_stop(
     assert vm_config["machine-config"]["vcpu_count"] == 2
     assert vm_config["machine-config"]["mem_size_mib"] == 128
     assert "console=ttyS0" in vm_config["boot-source"]["boot_args"]
-    assert [d["drive_id"] for d in vm_config["drives"]] == [f"pool_{i}" for i in range(8)]
+    assert [d["drive_id"] for d in vm_config["drives"]] == [f"pool_{i}" for i in range(10)]
+    assert [d["is_read_only"] for d in vm_config["drives"]] == [False] * 8 + [True] * 2
     await fc.check()
 
     await fc.pause_sandbox()
@@ -138,6 +139,12 @@ async def test_block_hotplug_patches_placeholder(
         # the freed slot is reused first
         third = await fc.hotplug_add_device(BlockDrive(id="data-3", path=disk))
         assert third.index == 0
+        # read-only disks go to the read-only placeholders (a PATCH cannot change that flag)
+        ro = await fc.hotplug_add_device(BlockDrive(id="ro-1", path=disk, read_only=True))
+        assert ro.index == 8
+        await fc.hotplug_add_device(BlockDrive(id="ro-2", path=disk, read_only=True))
+        with pytest.raises(HypervisorError, match="all 2 read-only hotplug drive slots"):
+            await fc.hotplug_add_device(BlockDrive(id="ro-3", path=disk, read_only=True))
 
 
 async def test_cold_plugged_drive_shifts_offset(

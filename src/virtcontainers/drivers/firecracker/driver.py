@@ -62,6 +62,7 @@ FC_LOG = "firecracker.log"
 METRICS = "metrics.json"
 POOL_DIR = "drives"
 DEFAULT_POOL_SIZE = 8
+DEFAULT_RO_POOL_SIZE = 2
 STOP_TIMEOUT = 3.0
 API_TIMEOUT = 10.0
 _VCPU_COMM = re.compile(r"^fc_vcpu (\d+)$")
@@ -76,6 +77,7 @@ class _Slot:
 
     drive_id: str
     placeholder: str
+    read_only: bool = False  # fixed when the drive is created: a PATCH cannot change it
     device_id: str = ""
     attached: str = ""  # root-relative path of the attached disk
 
@@ -84,9 +86,15 @@ class _Slot:
 class Firecracker(Hypervisor):
     """A Firecracker microVM."""
 
-    def __init__(self, run_root: str | None = None, pool_size: int = DEFAULT_POOL_SIZE) -> None:
+    def __init__(
+        self,
+        run_root: str | None = None,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        read_only_pool_size: int = DEFAULT_RO_POOL_SIZE,
+    ) -> None:
         super().__init__(run_root)
         self.pool_size = pool_size
+        self.read_only_pool_size = read_only_pool_size
         self._config: HypervisorConfig | None = None
         self.network_ns = ""
         self.vm_dir = ""
@@ -221,10 +229,11 @@ class Firecracker(Hypervisor):
         root.touch(FC_LOG)
         root.touch(METRICS)
         self._slots = []
-        for i in range(self.pool_size):
+        for i in range(self.pool_size + self.read_only_pool_size):
             rel = f"{POOL_DIR}/pool_{i}"
             root.touch(rel, 0o660)
-            self._slots.append(_Slot(drive_id=f"pool_{i}", placeholder=rel))
+            ro = i >= self.pool_size
+            self._slots.append(_Slot(drive_id=f"pool_{i}", placeholder=rel, read_only=ro))
 
     async def _launch(self, deadline: float) -> None:
         cfg = self._cfg()
@@ -347,7 +356,11 @@ class Firecracker(Hypervisor):
             await self._put_drive(d.id, path, read_only=d.read_only, cache=cache, deadline=deadline)
         for slot in self._slots:
             await self._put_drive(
-                slot.drive_id, slot.placeholder, read_only=False, cache=cache, deadline=deadline
+                slot.drive_id,
+                slot.placeholder,
+                read_only=slot.read_only,
+                cache=cache,
+                deadline=deadline,
             )
         for n in self._nets:
             body = bodies.network_interface(n.id, n.tap_name, n.mac)
@@ -572,10 +585,16 @@ class Firecracker(Hypervisor):
         self._require_live(f"hotplug {device.id}")
         if any(s.device_id == device.id for s in self._slots):
             raise ConfigError(f"firecracker: drive {device.id!r} is already attached")
-        free = [i for i, s in enumerate(self._slots) if not s.device_id]
+        free = [
+            i
+            for i, s in enumerate(self._slots)
+            if not s.device_id and s.read_only == device.read_only
+        ]
         if not free:
+            kind = "read-only" if device.read_only else "read-write"
+            total = sum(1 for s in self._slots if s.read_only == device.read_only)
             raise HypervisorError(
-                f"firecracker VM {self.id}: all {len(self._slots)} hotplug drive slots are in use"
+                f"firecracker VM {self.id}: all {total} {kind} hotplug drive slots are in use"
             )
         i = free[0]
         slot = self._slots[i]
