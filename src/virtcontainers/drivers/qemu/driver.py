@@ -37,6 +37,8 @@ from ...errors import (
 from ...hypervisor import Hypervisor, VMState, check_transition, register
 from ...types import Capabilities, HypervisorType, MemoryDevice
 from . import argv as qargv
+from . import virtiofsd
+from .helpers import Helpers
 from .hotplug import IMPLEMENTED as HOTPLUG_IMPLEMENTED
 from .hotplug import Hotplug
 from .process import VMProcess, log_tail
@@ -111,7 +113,8 @@ class QemuHypervisor(Hypervisor):
         self.block_index_map: list[int] = []
         self.hotplugged_vcpus: list[str] = []
         self.hotplugged_memory = 0
-        self.virtiofsd_pids: list[int] = []
+        #: Helper daemons (virtiofsd, qemu-storage-daemon) serving this VM's devices.
+        self.helpers = Helpers()
         self.hotplug = Hotplug(self)
         self._proc: VMProcess | None = None
         self._pid = 0
@@ -211,6 +214,7 @@ class QemuHypervisor(Hypervisor):
         deadline = time.monotonic() + timeout
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            await self._start_virtiofsd(max(0.1, deadline - time.monotonic()))
             launch = self.build_launch(qmp_fd=theirs.fileno())
             self.argv = launch.argv
             self._proc = VMProcess.launch(
@@ -222,6 +226,7 @@ class QemuHypervisor(Hypervisor):
             )
         except BaseException:
             ours.close()
+            await self.helpers.stop_all()
             await self._release(remove_dir=True)
             self.state = VMState.STOPPED
             raise
@@ -248,6 +253,15 @@ class QemuHypervisor(Hypervisor):
             await self._teardown()
             raise
         self.state = VMState.RUNNING
+
+    async def _start_virtiofsd(self, timeout: float) -> None:
+        """One virtiofsd per cold-plugged virtio-fs share, listening before QEMU connects."""
+        assert self.config is not None and self.paths is not None
+        for dev in self.devices:
+            if isinstance(dev, SharedFS) and dev.fs_type == "virtio-fs":
+                log_path = os.path.join(self.paths.vm_dir, f"virtiofsd-{dev.id}.log")
+                sock = self.paths.virtiofsd_socket(dev.id)
+                await virtiofsd.start(self.helpers, self.config, dev, sock, log_path, timeout)
 
     async def _fail_launch(self, message: str) -> None:
         assert self._proc is not None
@@ -320,9 +334,9 @@ class QemuHypervisor(Hypervisor):
         proc = self._proc
         if proc is not None and proc.alive():
             await proc.terminate(0.5, KILL_TIMEOUT)
+        await self.helpers.stop_all(grace=HANGUP_GRACE)  # virtiofsd exits once QEMU is gone
         await self._release(remove_dir=True)
         self._pid, self._pid_start = 0, None
-        self.virtiofsd_pids = []
         self.state = VMState.STOPPED
 
     async def _release(self, *, remove_dir: bool) -> None:
@@ -401,9 +415,7 @@ class QemuHypervisor(Hypervisor):
             self.image = device.path
             return
         if isinstance(device, SharedFS) and device.fs_type == "virtio-fs":
-            raise self.unsupported(
-                "cold-plugging a virtio-fs share", "virtiofsd management is not implemented yet"
-            )
+            virtiofsd.daemon_path(self._require_config("cold-plug a virtio-fs share"))
         if isinstance(device, BlockDrive):
             self._assign_block_slot(device)
         if not isinstance(device, (SerialPort, VSockDevice, BlockDrive, NetworkEndpoint, SharedFS)):
@@ -468,7 +480,7 @@ class QemuHypervisor(Hypervisor):
 
     def get_pids(self) -> list[int]:
         pid = self._proc.pid if self._proc is not None else self._pid
-        return ([pid] if pid else []) + list(self.virtiofsd_pids)
+        return ([pid] if pid else []) + self.helpers.pids()
 
     async def check(self) -> None:
         if self.state not in (VMState.RUNNING, VMState.PAUSED):
@@ -513,7 +525,7 @@ class QemuHypervisor(Hypervisor):
             block_index_map=list(self.block_index_map),
             hotplugged_vcpus=[persist.HotpluggedVCPU(id=v) for v in self.hotplugged_vcpus],
             hotplugged_memory=self.hotplugged_memory,
-            virtiofsd_pid=self.virtiofsd_pids[0] if self.virtiofsd_pids else 0,
+            virtiofsd_pid=next(iter(self.helpers.pids(virtiofsd.KIND)), 0),
             pcie_root_port=len(self.root_ports),
             bridges=[b.model_copy(deep=True) for b in self.bridges],
             hotplug_vfio_on_root_bus=cfg.hotplug_vfio_on_root_bus,
@@ -531,6 +543,8 @@ class QemuHypervisor(Hypervisor):
                 "initrd": self.initrd,
                 "image": self.image,
                 "argv": list(self.argv),
+                "helpers": self.helpers.save(),
+                "hotplug": self.hotplug.save(),
             },
         )
 
@@ -551,7 +565,8 @@ class QemuHypervisor(Hypervisor):
         self.block_index_map = list(state.block_index_map)
         self.hotplugged_vcpus = [v.id for v in state.hotplugged_vcpus]
         self.hotplugged_memory = state.hotplugged_memory
-        self.virtiofsd_pids = [state.virtiofsd_pid] if state.virtiofsd_pid else []
+        self.helpers.load(extra.get("helpers", []))
+        self.hotplug.load(extra.get("hotplug"))
         self.agent_socket = state.agent_socket
         self.accel = str(extra.get("accel", ""))
         self.qemu_path = str(extra.get("qemu_path", ""))
