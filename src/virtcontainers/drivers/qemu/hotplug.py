@@ -3,38 +3,538 @@
 The driver delegates every hotplug operation here. `IMPLEMENTED` lists the hotplug
 capabilities this module really provides; the driver advertises a hotplug capability only
 when both the machine type allows it and it is in `IMPLEMENTED`.
+
+Every add is all-or-nothing: a failed step undoes the earlier ones (backend, helper daemon,
+PCI port). Every removal is `device_del`, then the wait for QEMU's confirmation, then the
+backend's removal; a guest that never releases the device leaves it attached and recorded,
+so the removal can be retried.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from ...devices import (
+    BlockDrive,
+    CPUDevice,
+    Device,
+    MemoryHotplug,
+    NetworkEndpoint,
+    SharedFS,
+    VFIODevice,
+    VhostUserDevice,
+)
+from ...errors import ConfigError, HypervisorError, StateError, VMTimeoutError
 from ...types import Capabilities, MemoryDevice
+from . import argv as qargv
+from . import pci, resize, storage_daemon, virtiofsd
+from .helpers import is_socket
+from .qmp import QMPCommandError
 
 if TYPE_CHECKING:
-    from ...devices import Device
     from .driver import QemuHypervisor
 
-#: Hotplug capabilities implemented so far (none yet: every operation raises UnsupportedError).
-IMPLEMENTED = Capabilities.NONE
+log = logging.getLogger(__name__)
+
+#: Hotplug capabilities this module implements (each is exercised on real QEMU in the tests,
+#: VFIO against the fake QMP server and a real QEMU refusing a missing host device).
+IMPLEMENTED = (
+    Capabilities.BLOCK_DEVICE_HOTPLUG
+    | Capabilities.NET_DEVICE_HOTPLUG
+    | Capabilities.CPU_HOTPLUG
+    | Capabilities.MEMORY_HOTPLUG
+    | Capabilities.VIRTIO_MEM
+    | Capabilities.VFIO_HOTPLUG
+    | Capabilities.VHOST_USER_HOTPLUG
+)
+
+UNPLUG_TIMEOUT = 30.0
+"""Seconds to wait for the guest to release a device after `device_del`."""
+
+#: How each kind of backend is removed: QMP command and the name of its id argument.
+BACKEND_DEL: dict[str, tuple[str, str]] = {
+    "blockdev": ("blockdev-del", "node-name"),
+    "netdev": ("netdev_del", "id"),
+    "chardev": ("chardev-remove", "id"),
+    "object": ("object-del", "id"),
+}
+SERIAL_MAX = 20  # virtio-blk's serial field is 20 bytes
+
+
+@dataclass
+class Plugged:
+    """A hot-added device as recorded (and persisted) until it is removed."""
+
+    key: str  # "<DeviceKind>:<id>"
+    qdev: str  # QEMU device id
+    backend_kind: str = ""  # a key of BACKEND_DEL, or ""
+    backend: str = ""
+    helper: str = ""  # key of the helper daemon serving it, or ""
+    index: int = -1  # block drive index
+    scsi_addr: str = ""
+
+
+def device_key(device: Device) -> str:
+    """The record key of a device: its kind and id (vCPUs and memory have none)."""
+    return f"{device.kind}:{getattr(device, 'id', '')}"
+
+
+def random_mac() -> str:
+    """A random locally administered unicast MAC address."""
+    b = bytearray(secrets.token_bytes(6))
+    b[0] = (b[0] & 0xFC) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
 
 
 class Hotplug:
-    """Hotplug operations on one running QEMU VM (uses the driver's QMP session and lock)."""
+    """Hotplug operations on one running QEMU VM (uses the driver's QMP session)."""
 
     def __init__(self, driver: QemuHypervisor) -> None:
         self.driver = driver
+        self.unplug_timeout = UNPLUG_TIMEOUT
+        self.plugged: dict[str, Plugged] = {}
+        #: Hot-added pc-dimms: {"id", "slot", "size_mb", "addr"} each.
+        self.dimms: list[dict[str, int | str]] = []
+        self._lock = asyncio.Lock()
 
+    # -- entry points ------------------------------------------------------------------------
     async def add_device(self, device: Device) -> Any:
-        raise self.driver.unsupported(f"hotplugging {device.kind}", "not implemented yet")
+        """Hot-add `device`; returns the device (with pci_path / scsi_addr / mac filled), the
+        number of vCPUs added for a `CPUDevice`, or a `MemoryDevice` for `MemoryHotplug`."""
+        op = f"hotplugging {device.kind}"
+        self.check_machine(op)
+        if isinstance(device, CPUDevice):
+            old, new = await self.resize_vcpus(self.current_vcpus() + device.amount)
+            return new - old
+        if isinstance(device, MemoryHotplug):
+            async with self._lock:
+                if self.config.virtio_mem:
+                    current = int(self.config.memory_size) + self.driver.hotplugged_memory
+                    _, dev = await resize.resize_memory(
+                        self, current + device.size_mb, 0, device.probe
+                    )
+                    return dev
+                return await resize.add_dimm(self, device.size_mb, device.probe)
+        async with self._lock:
+            key = device_key(device)
+            if key in self.plugged:
+                raise ConfigError(
+                    f"qemu: {device.kind} {key.split(':', 1)[1]} is already hot-added to VM "
+                    f"{self.driver.id}"
+                )
+            if isinstance(device, BlockDrive):
+                if self.config.enable_vhost_user_store:
+                    return await self._add_vhost_user_drive(device)
+                return await self._add_block(device)
+            if isinstance(device, NetworkEndpoint):
+                return await self._add_net(device)
+            if isinstance(device, VFIODevice):
+                return await self._add_vfio(device)
+            if isinstance(device, SharedFS):
+                return await self._add_fs(device)
+            if isinstance(device, VhostUserDevice):
+                return await self._add_vhost_user(device)
+        raise self.driver.unsupported(
+            op,
+            "only block, network, VFIO, virtio-fs, vhost-user "
+            "devices, vCPUs and memory can be hot-added",
+        )
 
     async def remove_device(self, device: Device) -> Any:
-        raise self.driver.unsupported(f"hot-removing {device.kind}", "not implemented yet")
+        """Hot-remove a device added by `add_device` (vCPUs: the number removed)."""
+        op = f"hot-removing {device.kind}"
+        self.check_machine(op)
+        if isinstance(device, CPUDevice):
+            old, new = await self.resize_vcpus(self.current_vcpus() - device.amount)
+            return old - new
+        if isinstance(device, MemoryHotplug):
+            raise self.driver.unsupported(
+                "hot-removing memory DIMMs", "shrink memory with resize_memory and virtio_mem"
+            )
+        async with self._lock:
+            key = device_key(device)
+            rec = self.plugged.get(key)
+            if rec is None:
+                raise StateError(
+                    f"qemu: cannot hot-remove {device.kind} {key.split(':', 1)[1]} from VM "
+                    f"{self.driver.id}: it was never hot-added"
+                )
+            await self._remove(rec, f"{op} {key.split(':', 1)[1]}")
+            if isinstance(device, (BlockDrive, NetworkEndpoint, VFIODevice, VhostUserDevice)):
+                device.pci_path = ""
+            return device
 
     async def resize_memory(
         self, mem_mb: int, block_size_mb: int, probe: bool
     ) -> tuple[int, MemoryDevice]:
-        raise self.driver.unsupported("resize_memory", "not implemented yet")
+        """Grow (pc-dimm or virtio-mem) or shrink (virtio-mem) guest memory to `mem_mb`."""
+        self.check_machine("resize_memory")
+        async with self._lock:
+            return await resize.resize_memory(self, mem_mb, block_size_mb, probe)
 
     async def resize_vcpus(self, vcpus: int) -> tuple[int, int]:
-        raise self.driver.unsupported("resize_vcpus", "not implemented yet")
+        """Hot-add or hot-remove vCPUs until `vcpus` are present; returns (old, new)."""
+        self.check_machine("resize_vcpus")
+        async with self._lock:
+            return await resize.resize_vcpus(self, vcpus)
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        return self.driver.hypervisor_config()
+
+    def current_vcpus(self) -> int:
+        return int(self.config.num_vcpus) + len(self.driver.hotplugged_vcpus)
+
+    def check_machine(self, op: str) -> str:
+        """The machine type, refusing microvm (it has no hotplug of any kind)."""
+        machine = qargv.machine_type(self.config)
+        if machine == "microvm":
+            raise self.driver.unsupported(op, "the microvm machine type has no hotplug (use q35)")
+        return machine
+
+    def save(self) -> dict[str, Any]:
+        return {"devices": [asdict(p) for p in self.plugged.values()], "dimms": list(self.dimms)}
+
+    def load(self, data: Mapping[str, Any] | None) -> None:
+        data = data or {}
+        self.plugged = {}
+        for d in data.get("devices", []):
+            rec = Plugged(**d)
+            self.plugged[rec.key] = rec
+        self.dimms = [dict(d) for d in data.get("dimms", [])]
+
+    # -- QMP helpers -------------------------------------------------------------------------
+    async def execute(
+        self, op: str, command: str, arguments: Mapping[str, Any] | None = None
+    ) -> Any:
+        """Run a QMP command; QEMU's refusal becomes a `HypervisorError` naming `op`."""
+        try:
+            return await self.driver._execute(command, dict(arguments or {}))
+        except QMPCommandError as exc:
+            raise HypervisorError(f"qemu: VM {self.driver.id}: {op} failed: {exc}") from exc
+
+    async def device_del(
+        self, qdev: str, op: str, gone: Callable[[], Awaitable[bool]] | None = None
+    ) -> None:
+        """`device_del`, then wait for DEVICE_DELETED naming `qdev` (or for `gone()`).
+
+        `VMTimeoutError` if the guest does not release it within `unplug_timeout`: the device
+        then stays attached. An id QEMU no longer knows counts as removed (a pending unplug
+        from an earlier, timed-out attempt may have completed since).
+        """
+        qmp = await self.driver._attach()
+        with qmp.events("DEVICE_DELETED") as events:
+            try:
+                await self.driver._execute("device_del", {"id": qdev})
+            except QMPCommandError as exc:
+                if exc.error_class == "DeviceNotFound":
+                    return
+                if "in progress" not in exc.desc and "process of unplug" not in exc.desc:
+                    raise HypervisorError(f"qemu: VM {self.driver.id}: {op} failed: {exc}") from exc
+            try:
+                async with asyncio.timeout(self.unplug_timeout):
+                    while True:
+                        try:
+                            event = await events.wait(timeout=0.25 if gone else 3600)
+                        except VMTimeoutError:
+                            event = None
+                        if event is not None and event.get("data", {}).get("device") == qdev:
+                            return
+                        if gone is not None and await gone():
+                            return
+            except TimeoutError:
+                raise VMTimeoutError(
+                    f"qemu: VM {self.driver.id}: {op}: the guest did not release device {qdev} "
+                    f"within {self.unplug_timeout:g}s; it is still attached (retry the removal)"
+                ) from None
+
+    async def in_peripherals(self, qdev: str) -> bool:
+        """Whether QEMU still has a user-created device with id `qdev`."""
+        children = await self.driver._execute("qom-list", {"path": "/machine/peripheral"})
+        return any(c.get("name") == qdev for c in children)
+
+    # -- devices -----------------------------------------------------------------------------
+    async def _plug_pci(
+        self,
+        op: str,
+        rec: Plugged,
+        device: Mapping[str, Any],
+        undo: contextlib.AsyncExitStack,
+    ) -> str:
+        """`device_add` on a free port/slot (released again on failure); returns the pci_path."""
+        bridges = self.driver.bridges
+        place = pci.take(bridges, rec.qdev, self.driver.id)
+        undo.callback(pci.release, bridges, rec.qdev)
+        args = {**device, "id": rec.qdev, "bus": place.bus}
+        if place.addr:
+            args["addr"] = place.addr
+        await self.execute(op, "device_add", args)
+        return pci.pci_path(await self.driver._execute("query-pci"), rec.qdev)
+
+    async def _add_backend(
+        self,
+        op: str,
+        rec: Plugged,
+        kind: str,
+        name: str,
+        command: str,
+        args: Mapping[str, Any],
+        undo: contextlib.AsyncExitStack,
+    ) -> None:
+        await self.execute(op, command, args)
+        rec.backend_kind, rec.backend = kind, name
+        undo.push_async_callback(self._del_backend, rec)
+
+    async def _del_backend(self, rec: Plugged) -> None:
+        if not rec.backend_kind:
+            return
+        command, arg = BACKEND_DEL[rec.backend_kind]
+        await self.execute(
+            f"removing {rec.backend_kind} {rec.backend}", command, {arg: rec.backend}
+        )
+
+    async def _remove(self, rec: Plugged, op: str) -> None:
+        await self.device_del(rec.qdev, op)
+        # The device is gone from the guest: from here on, forget it whatever else fails.
+        del self.plugged[rec.key]
+        pci.release(self.driver.bridges, rec.qdev)
+        if rec.index >= 0 and rec.index in self.driver.block_index_map:
+            self.driver.block_index_map.remove(rec.index)
+        try:
+            await self._del_backend(rec)
+        finally:
+            if rec.helper:
+                await self.driver.helpers.stop(rec.helper, grace=1.0)
+
+    def _block_index(self, drive: BlockDrive) -> int:
+        used = set(self.driver.block_index_map)
+        index = drive.index
+        if index < 0 or index in used:
+            index = self.driver.get_virt_drive_offset()
+            while index in used:
+                index += 1
+        return index
+
+    def _scsi_addr(self) -> str:
+        used = {d.scsi_addr for d in self.driver.devices if isinstance(d, BlockDrive)}
+        used |= {p.scsi_addr for p in self.plugged.values()}
+        n = 0
+        while f"{n}:0" in used:
+            n += 1
+        return f"{n}:0"
+
+    async def _add_block(self, drive: BlockDrive) -> BlockDrive:
+        op = f"hotplugging block drive {drive.id}"
+        cfg = self.config
+        driver = drive.driver or cfg.block_device_driver or "virtio-scsi"
+        if driver not in ("virtio-blk", "virtio-scsi"):
+            raise self.driver.unsupported(
+                f"hotplugging block drives with driver {driver!r}", "use virtio-blk or virtio-scsi"
+            )
+        if not os.path.exists(drive.path):
+            raise ConfigError(f"block drive {drive.id}: {drive.path} does not exist")
+        qargv.check_path(f"block drive {drive.id}", drive.path)
+        scsi = driver == "virtio-scsi"
+        rec = Plugged(device_key(drive), f"{'scsi' if scsi else 'blk'}-{drive.id}")
+        rec.index = self._block_index(drive)
+        node: dict[str, Any] = {
+            "node-name": drive.id,
+            "driver": drive.format,
+            "read-only": drive.read_only,
+            "file": {"driver": qargv._file_driver(drive.path), "filename": drive.path},
+        }
+        if cfg.block_device_cache_set:
+            node["cache"] = {
+                "direct": cfg.block_device_cache_direct,
+                "no-flush": cfg.block_device_cache_noflush,
+            }
+        async with contextlib.AsyncExitStack() as undo:
+            await self._add_backend(op, rec, "blockdev", drive.id, "blockdev-add", node, undo)
+            serial = drive.id[:SERIAL_MAX]
+            if scsi:
+                rec.scsi_addr = drive.scsi_addr or self._scsi_addr()
+                scsi_id, _, lun = rec.scsi_addr.partition(":")
+                dev = {
+                    "driver": "scsi-hd",
+                    "id": rec.qdev,
+                    "drive": drive.id,
+                    "bus": f"{qargv.SCSI_CONTROLLER}.0",
+                    "channel": 0,
+                    "scsi-id": int(scsi_id),
+                    "lun": int(lun or 0),
+                    "serial": serial,
+                }
+                await self.execute(op, "device_add", dev)
+            else:
+                dev = {"driver": "virtio-blk-pci", "drive": drive.id, "serial": serial}
+                drive.pci_path = await self._plug_pci(op, rec, dev, undo)
+            undo.pop_all()
+        drive.index = rec.index
+        drive.scsi_addr = rec.scsi_addr
+        self.driver.block_index_map.append(rec.index)
+        self.plugged[rec.key] = rec
+        return drive
+
+    async def _add_net(self, ep: NetworkEndpoint) -> NetworkEndpoint:
+        op = f"hotplugging network endpoint {ep.id}"
+        rec = Plugged(device_key(ep), f"net-{ep.id}")
+        netdev: dict[str, Any] = {
+            "type": "tap",
+            "id": f"netdev-{ep.id}",
+            "ifname": ep.tap_name,
+            "script": "no",
+            "downscript": "no",
+        }
+        if ep.vhost and not self.config.disable_vhost_net:
+            netdev["vhost"] = True
+        if ep.queues > 1:
+            netdev["queues"] = ep.queues
+        mac = ep.mac or random_mac()
+        dev: dict[str, Any] = {"driver": "virtio-net-pci", "netdev": netdev["id"], "mac": mac}
+        if ep.queues > 1:
+            dev.update({"mq": True, "vectors": 2 * ep.queues + 2})
+        async with contextlib.AsyncExitStack() as undo:
+            await self._add_backend(op, rec, "netdev", netdev["id"], "netdev_add", netdev, undo)
+            ep.pci_path = await self._plug_pci(op, rec, dev, undo)
+            undo.pop_all()
+        ep.mac = mac
+        self.plugged[rec.key] = rec
+        return ep
+
+    async def _add_vfio(self, dev: VFIODevice) -> VFIODevice:
+        op = f"hotplugging VFIO device {dev.id} ({dev.bdf})"
+        machine = self.check_machine(op)
+        bound = os.path.basename(os.path.realpath(os.path.join(dev.sysfs_dev, "driver")))
+        if not os.path.exists(dev.sysfs_dev):
+            raise ConfigError(f"vfio device {dev.id}: no host PCI device at {dev.sysfs_dev}")
+        if bound != "vfio-pci":
+            raise ConfigError(
+                f"vfio device {dev.id}: host device {dev.bdf} is bound to "
+                f"{bound if os.path.exists(os.path.join(dev.sysfs_dev, 'driver')) else 'no driver'}"
+                ", not vfio-pci"
+            )
+        rec = Plugged(device_key(dev), f"vfio-{dev.id}")
+        args = {"driver": "vfio-pci", "host": dev.bdf}
+        if self.config.hotplug_vfio_on_root_bus:
+            if machine == "q35":
+                raise self.driver.unsupported(
+                    "hotplugging VFIO on the root bus of q35",
+                    "pcie.0 takes no hotplug; unset hotplug_vfio_on_root_bus",
+                )
+            await self.execute(op, "device_add", {**args, "id": rec.qdev, "bus": "pci.0"})
+            dev.pci_path = pci.pci_path(await self.driver._execute("query-pci"), rec.qdev)
+        else:
+            async with contextlib.AsyncExitStack() as undo:
+                dev.pci_path = await self._plug_pci(op, rec, args, undo)
+                undo.pop_all()
+        self.plugged[rec.key] = rec
+        return dev
+
+    def _require_shared_memory(self, op: str) -> None:
+        if not qargv.shared_memory(self.config):
+            raise self.driver.unsupported(
+                op,
+                "vhost-user needs shared guest memory: set shared_fs = 'virtio-fs' or "
+                "enable_vhost_user_store before the VM starts",
+            )
+
+    async def _add_vhost_user_chardev(
+        self,
+        op: str,
+        rec: Plugged,
+        socket: str,
+        device: Mapping[str, Any],
+        undo: contextlib.AsyncExitStack,
+    ) -> str:
+        chardev_id = f"char-{rec.qdev}"
+        chardev = {
+            "id": chardev_id,
+            "backend": {
+                "type": "socket",
+                "data": {"addr": {"type": "unix", "data": {"path": socket}}, "server": False},
+            },
+        }
+        await self._add_backend(op, rec, "chardev", chardev_id, "chardev-add", chardev, undo)
+        return await self._plug_pci(op, rec, {**device, "chardev": chardev_id}, undo)
+
+    async def _add_fs(self, share: SharedFS) -> SharedFS:
+        op = f"hotplugging shared fs {share.id}"
+        if share.fs_type != "virtio-fs":
+            raise self.driver.unsupported(
+                f"hotplugging a {share.fs_type} share", "QMP cannot add a 9p fsdev; use virtio-fs"
+            )
+        self._require_shared_memory(op)
+        paths = self.driver.paths
+        assert paths is not None
+        rec = Plugged(device_key(share), virtiofsd.key(share))
+        sock = paths.virtiofsd_socket(share.id)
+        async with contextlib.AsyncExitStack() as undo:
+            await virtiofsd.start(
+                self.driver.helpers,
+                self.config,
+                share,
+                sock,
+                os.path.join(paths.vm_dir, f"virtiofsd-{share.id}.log"),
+            )
+            rec.helper = virtiofsd.key(share)
+            undo.push_async_callback(self.driver.helpers.stop, rec.helper)
+            dev = {"driver": "vhost-user-fs-pci", "tag": share.mount_tag}
+            await self._add_vhost_user_chardev(op, rec, sock, dev, undo)
+            undo.pop_all()
+        self.plugged[rec.key] = rec
+        return share
+
+    async def _add_vhost_user_drive(self, drive: BlockDrive) -> BlockDrive:
+        """A block drive served by our own qemu-storage-daemon as vhost-user-blk."""
+        op = f"hotplugging block drive {drive.id} as vhost-user-blk"
+        self._require_shared_memory(op)
+        paths = self.driver.paths
+        assert paths is not None
+        rec = Plugged(device_key(drive), storage_daemon.key(drive))
+        rec.index = self._block_index(drive)
+        sock = os.path.join(paths.vm_dir, f"{storage_daemon.key(drive)}.sock")
+        async with contextlib.AsyncExitStack() as undo:
+            await storage_daemon.start(
+                self.driver.helpers, drive, sock, os.path.join(paths.vm_dir, f"qsd-{drive.id}.log")
+            )
+            rec.helper = storage_daemon.key(drive)
+            undo.push_async_callback(self.driver.helpers.stop, rec.helper)
+            dev = {"driver": "vhost-user-blk-pci"}
+            drive.pci_path = await self._add_vhost_user_chardev(op, rec, sock, dev, undo)
+            undo.pop_all()
+        drive.index = rec.index
+        self.driver.block_index_map.append(rec.index)
+        self.plugged[rec.key] = rec
+        return drive
+
+    async def _add_vhost_user(self, dev: VhostUserDevice) -> VhostUserDevice:
+        """A vhost-user device whose backend (someone else's) already listens on its socket."""
+        op = f"hotplugging vhost-user-{dev.backend} device {dev.id}"
+        models = {"blk": {"driver": "vhost-user-blk-pci"}, "fs": {"driver": "vhost-user-fs-pci"}}
+        if dev.backend not in models:
+            raise self.driver.unsupported(
+                f"hotplugging vhost-user-{dev.backend} devices", "only blk and fs are supported"
+            )
+        self._require_shared_memory(op)
+        if not is_socket(dev.socket_path):
+            raise ConfigError(
+                f"vhost-user device {dev.id}: no backend listens on {dev.socket_path}"
+            )
+        qargv.check_path(f"vhost-user device {dev.id} socket", dev.socket_path)
+        rec = Plugged(device_key(dev), f"vhost-{dev.backend}-{dev.id}")
+        model = dict(models[dev.backend])
+        if dev.backend == "fs":
+            model["tag"] = dev.tag
+        async with contextlib.AsyncExitStack() as undo:
+            dev.pci_path = await self._add_vhost_user_chardev(op, rec, dev.socket_path, model, undo)
+            undo.pop_all()
+        self.plugged[rec.key] = rec
+        return dev
