@@ -451,12 +451,13 @@ async def test_add_device_only_before_start(run_root: str, assets: HypervisorCon
     await drv.stop_sandbox()
 
 
-async def test_hotplug_not_yet_implemented_says_so(
+async def test_hotplug_on_microvm_is_unsupported(
     run_root: str, assets: HypervisorConfig, dummy: subprocess.Popen[bytes]
 ) -> None:
+    assets.hypervisor_machine_type = "microvm"
     drv = await running_driver(run_root, assets, dummy)
-    with pytest.raises(UnsupportedError, match="resize_vcpus"):
+    with pytest.raises(UnsupportedError, match="qemu does not support resize_vcpus.*microvm"):
         await drv.resize_vcpus(2)
-    with pytest.raises(UnsupportedError, match="BlockDrive"):
+    with pytest.raises(UnsupportedError, match="qemu does not support hotplugging BlockDrive"):
         await drv.hotplug_add_device(BlockDrive(id="d0", path="/data/d.img"))
     await drv.disconnect()
