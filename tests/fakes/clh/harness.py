@@ -67,6 +67,10 @@ def children() -> list[tuple[int, str, str]]:
     return out
 
 
+#: Host-wide caches a run root may hold between tests (the KVM probe's verdict).
+HOST_CACHES = ("kvm-probe.json",)
+
+
 def files_under(root: str, parents: Iterable[str] = ("vm",)) -> list[str]:
     """Everything below `root`; the shared parent directories named in `parents` (such as
     `vm/`, the parent of every VM directory) may stay as long as they are empty."""
@@ -75,6 +79,8 @@ def files_under(root: str, parents: Iterable[str] = ("vm",)) -> list[str]:
     if not os.path.isdir(root):
         return out
     for name in os.listdir(root):
+        if name in HOST_CACHES:
+            continue
         path = os.path.join(root, name)
         if name not in keep or not os.path.isdir(path):
             out.append(path)
