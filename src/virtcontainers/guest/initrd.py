@@ -11,13 +11,15 @@ from collections.abc import Sequence
 from importlib import resources
 
 from ..errors import AssetError
-from .kernel import ModulePlan, UnpackedKernel
+from .kernel import ModulePlan, UnpackedKernel, module_name, read_modules_dep
 
 AGENT_SOURCE = "agent.c"
 CFLAGS: tuple[str, ...] = ("-static", "-O2", "-Wall", "-Wextra", "-s")
 LIBC_A = "/usr/lib/x86_64-linux-gnu/libc.a"
 MODULE_LIST = "etc/vc-modules"
-"""Inside the initrd: module files (relative to lib/modules/<version>) in load order."""
+"""Inside the initrd: `name path deps` per module (path relative to lib/modules/<version>),
+dependencies first. The agent loads the drivers of the devices present before it says
+it is ready, and everything else right after, in the background."""
 
 
 def default_compression() -> str:
@@ -156,8 +158,12 @@ def populate(
         src = os.path.join(kernel.modules_dir, meta)
         if os.path.exists(src):
             shutil.copyfile(src, os.path.join(mod_root, meta))
+    deps = {path: dep_paths for path, dep_paths in read_modules_dep(kernel.modules_dir).values()}
     with open(os.path.join(root, MODULE_LIST), "w") as f:
-        f.write("".join(f"{rel}\n" for rel in plan.load_order))
+        f.write("# name path dependencies (comma-separated names), dependencies first\n")
+        for rel in plan.load_order:
+            dep_names = ",".join(module_name(d) for d in deps.get(rel, [])) or "-"
+            f.write(f"{module_name(rel)} {rel} {dep_names}\n")
     res = subprocess.run(
         ["depmod", "-b", root, kernel.version],
         capture_output=True,

@@ -1339,34 +1339,145 @@ static void parse_cmdline(void)
 	}
 }
 
-static void load_modules(void)
+#define MAX_MODULES 96
+#define MAX_DEPS 16
+
+struct module {
+	char name[64];
+	char path[192];
+	int deps[MAX_DEPS];
+	int ndeps;
+	int loaded;
+};
+
+static struct module modules[MAX_MODULES];
+static int nmodules;
+static char kernel_release[256];
+
+static int module_index(const char *name)
 {
-	struct {
-		char s[256];
-	} rel;
-	char line[PATH_MAX], path[PATH_MAX + 300];
+	for (int i = 0; i < nmodules; i++)
+		if (!strcmp(modules[i].name, name))
+			return i;
+	return -1;
+}
+
+/* Read /etc/vc-modules: "name path dep,dep|-" per line, dependencies first. */
+static void read_module_list(void)
+{
+	char line[1024];
 	FILE *f = fopen("/etc/vc-modules", "re");
 	if (!f)
 		return;
-	if (read_text("/proc/sys/kernel/osrelease", rel.s, sizeof rel.s) < 0) {
+	if (read_text("/proc/sys/kernel/osrelease", kernel_release, sizeof kernel_release) < 0) {
 		fclose(f);
 		return;
 	}
-	while (fgets(line, sizeof line, f)) {
-		line[strcspn(line, "\r\n")] = 0;
-		if (!line[0] || line[0] == '#')
+	while (fgets(line, sizeof line, f) && nmodules < MAX_MODULES) {
+		char name[64], path[192], deps[700];
+		if (line[0] == '#' || sscanf(line, "%63s %191s %699s", name, path, deps) != 3)
 			continue;
-		snprintf(path, sizeof path, "/lib/modules/%s/%s", rel.s, line);
-		int fd = open(path, O_RDONLY | O_CLOEXEC);
-		if (fd < 0) {
-			console("vc-agent: module %s: %s\n", path, strerror(errno));
-			continue;
+		struct module *m = &modules[nmodules];
+		memset(m, 0, sizeof *m);
+		snprintf(m->name, sizeof m->name, "%s", name);
+		snprintf(m->path, sizeof m->path, "%s", path);
+		char *save = NULL;
+		for (char *d = strtok_r(deps, ",", &save); d && m->ndeps < MAX_DEPS;
+		     d = strtok_r(NULL, ",", &save)) {
+			int k = strcmp(d, "-") ? module_index(d) : -1;
+			if (k >= 0)
+				m->deps[m->ndeps++] = k;
 		}
-		if (syscall(SYS_finit_module, fd, "", 0) && errno != EEXIST)
-			console("vc-agent: loading %s: %s\n", line, strerror(errno));
-		close(fd);
+		nmodules++;
 	}
 	fclose(f);
+}
+
+static void load_module(int i)
+{
+	struct module *m = &modules[i];
+	if (m->loaded)
+		return;
+	m->loaded = 1;
+	for (int k = 0; k < m->ndeps; k++)
+		load_module(m->deps[k]);
+	char path[PATH_MAX];
+	snprintf(path, sizeof path, "/lib/modules/%s/%s", kernel_release, m->path);
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		console("vc-agent: module %s: %s\n", path, strerror(errno));
+		return;
+	}
+	int64_t t0 = now_ms();
+	if (syscall(SYS_finit_module, fd, "", 0) && errno != EEXIST)
+		console("vc-agent: loading %s: %s\n", m->name, strerror(errno));
+	DEBUG("loaded %s in %lld ms\n", m->name, (long long)(now_ms() - t0));
+	close(fd);
+}
+
+static void load_module_named(const char *name)
+{
+	int i = module_index(name);
+	if (i >= 0)
+		load_module(i);
+}
+
+/* Drivers for the virtio devices present now (ids from the virtio spec). */
+static void load_present_drivers(void)
+{
+	static const struct {
+		unsigned id;
+		const char *mods[2];
+	} table[] = {
+		{1, {"virtio_net"}},       {2, {"virtio_blk"}},
+		{3, {"virtio_console"}},   {4, {"virtio_rng"}},
+		{5, {"virtio_balloon"}},   {8, {"virtio_scsi", "sd_mod"}},
+		{19, {"vmw_vsock_virtio_transport"}}, {24, {"virtio_mem"}},
+		{26, {"virtiofs"}},        {27, {"virtio_pmem", "nd_pmem"}},
+	};
+	load_module_named("virtio_pci");
+	load_module_named("virtio_mmio");
+	DIR *d = opendir("/sys/bus/virtio/devices");
+	struct dirent *de;
+	char path[PATH_MAX], val[32];
+	while (d && (de = readdir(d))) {
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof path, "/sys/bus/virtio/devices/%s/device", de->d_name);
+		if (read_text(path, val, sizeof val) <= 0)
+			continue;
+		unsigned id = (unsigned)strtoul(val, NULL, 16);
+		for (size_t t = 0; t < sizeof table / sizeof table[0]; t++)
+			for (int k = 0; k < 2 && table[t].id == id && table[t].mods[k]; k++)
+				load_module_named(table[t].mods[k]);
+	}
+	if (d)
+		closedir(d);
+	if (!access("/sys/firmware/acpi/tables/NFIT", F_OK)) {
+		load_module_named("nfit");
+		load_module_named("nd_pmem");
+	}
+}
+
+/* The rest (hotplug drivers, filesystems) in a child, so the agent serves meanwhile. */
+static void load_remaining_drivers(void)
+{
+	int left = 0;
+	for (int i = 0; i < nmodules; i++)
+		left += !modules[i].loaded;
+	if (!left)
+		return;
+	pid_t pid = fork();
+	if (pid == 0) {
+		for (int i = 0; i < nmodules; i++)
+			load_module(i);
+		DEBUG("all modules loaded\n");
+		_exit(0);
+	}
+	if (pid < 0) {
+		for (int i = 0; i < nmodules; i++)
+			load_module(i);
+	}
 }
 
 /* Is there a virtio device of this id (3 = console, 19 = vsock)? */
@@ -1486,7 +1597,8 @@ static void setup_pid1(void)
 	}
 	sethostname("sandbox", 7);
 	parse_cmdline();
-	load_modules();
+	read_module_list();
+	load_present_drivers();
 	/* Hotplugged memory comes online by itself, movable so it can be unplugged again;
 	 * memory cold-plugged as DIMMs is still offline here. */
 	write_text("/sys/devices/system/memory/auto_online_blocks", "online_movable");
@@ -1545,6 +1657,7 @@ int main(int argc, char **argv)
 			console("vc-agent: warning: no agent channel (no virtio console or vsock device)\n");
 		if (port_found || listen_fd >= 0 || !want_port)
 			print_ready();
+		load_remaining_drivers();
 	} else if (unix_path) {
 		listen_fd = listen_unix(unix_path);
 		print_ready();
