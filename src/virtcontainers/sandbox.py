@@ -13,6 +13,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,15 @@ log = logging.getLogger(__name__)
 
 AGENT_VSOCK_PORT = 1024
 DEFAULT_START_TIMEOUT = 60.0
+DEATH_POLL = 0.5
+"""How often a wait on the guest (agent connect) checks that the VM is still alive."""
+PID_POLL = 0.005
+LOCK_TIMEOUT = 60.0
+"""Longest wait for another process's operation on the same sandbox (a stop takes seconds)."""
+STARTING = "starting"
+"""Persisted while the VMM runs but start has not finished (it names the VMM's pid)."""
+STRAY_KILL_TIMEOUT = 5.0
+"""How often a wait on the guest (agent connect) checks that the VM is still alive."""
 _FIELDS = {f.name for f in dataclasses.fields(HypervisorConfig)}
 
 
@@ -97,12 +107,13 @@ class Sandbox:
         self.hypervisor_type = HypervisorType.parse(hypervisor)
         self.run_root = persist.run_root(run_root)
         self.start_timeout = start_timeout
-        self._config_in = config
-        self._overrides = overrides
+        self.config_request = config
+        self.overrides = overrides
         self._hv: Hypervisor | None = None
         self._agent: AgentClient | None = None
         self._agent_target: Any = None
         self._agent_lock = asyncio.Lock()
+        self._holding_lock = False
         self._store = persist.StateStore(self.run_root)
         self.created_at = time.time()
         self.disks: dict[str, BlockDrive] = {}
@@ -134,7 +145,7 @@ class Sandbox:
         """Validate the config and prepare the VM (nothing is launched); persist it."""
         if self._hv is not None:
             raise StateError(f"sandbox {self.id} is already created")
-        cfg = build_config(self._config_in, self._overrides, self.hypervisor_type)
+        cfg = build_config(self.config_request, self.overrides, self.hypervisor_type)
         with self._store.lock(self.id):
             if self._store.exists(self.id):
                 raise StateError(f"sandbox {self.id} already exists")
@@ -153,21 +164,46 @@ class Sandbox:
         """Create if needed, launch the VM and connect to its agent."""
         if self._hv is None:
             await self.create()
-        hv = self.hypervisor
+        async with self._op():
+            hv = self.hypervisor
+            if hv.state is not VMState.CREATED:
+                raise StateError(f"cannot start sandbox {self.id}: it is {hv.state.value}")
+            try:
+                await self._launch(hv)
+                self._persist()
+                if self.hypervisor_type is not HypervisorType.MOCK:
+                    await self._connect_agent(self.start_timeout)
+            except BaseException:
+                await self._teardown()
+                raise
+
+    async def _launch(self, hv: Hypervisor) -> None:
+        """`start_sandbox`, persisting the VMM's pid as soon as it exists.
+
+        A manager killed mid-start thus leaves a state file naming the VMM (state
+        "starting"), so that another process can re-attach to it or stop it.
+        """
+        launching = asyncio.ensure_future(hv.start_sandbox(self.start_timeout))
         try:
-            await hv.start_sandbox(self.start_timeout)
-            self._persist()
-            if self.hypervisor_type is not HypervisorType.MOCK:
-                await self._connect_agent(self.start_timeout)
-        except BaseException:
-            await self._teardown()
-            raise
+            recorded = False
+            while not launching.done():
+                await asyncio.wait({launching}, timeout=None if recorded else PID_POLL)
+                if not recorded and not launching.done() and hv.get_pids():
+                    self._persist(STARTING)
+                    recorded = True
+            launching.result()
+        finally:
+            if not launching.done():
+                launching.cancel()
+                with contextlib.suppress(asyncio.CancelledError, VCError):
+                    await launching
 
     async def stop(self, force: bool = False) -> None:
         """Stop the VM, release everything and forget the sandbox. Idempotent."""
         if self._hv is None:
             return
-        await self._teardown(force=force)
+        async with self._op(missing_ok=True):
+            await self._teardown(force=force)
 
     async def _teardown(self, force: bool = False) -> None:
         hv = self._hv
@@ -180,20 +216,66 @@ class Sandbox:
         finally:
             if hv is not None:
                 await hv.cleanup()
-            with self._store.lock(self.id):
+            await _kill_strays(persist.vm_dir(self.id, self.run_root))
+            with self._locked_store():
                 self._store.delete(self.id)
 
     async def pause(self) -> None:
         """Freeze the guest."""
-        self.hypervisor.require(Capabilities.PAUSE, "pause")
-        await self.hypervisor.pause_sandbox()
-        self._persist()
+        async with self._op():
+            self.hypervisor.require(Capabilities.PAUSE, "pause")
+            await self.hypervisor.pause_sandbox()
+            self._persist()
 
     async def resume(self) -> None:
         """Resume a paused guest."""
-        self.hypervisor.require(Capabilities.PAUSE, "resume")
-        await self.hypervisor.resume_sandbox()
-        self._persist()
+        async with self._op():
+            self.hypervisor.require(Capabilities.PAUSE, "resume")
+            await self.hypervisor.resume_sandbox()
+            self._persist()
+
+    @contextlib.asynccontextmanager
+    async def _op(self, *, missing_ok: bool = False) -> AsyncIterator[None]:
+        """Hold the sandbox's state lock for one operation, after refreshing the state.
+
+        Two processes working on one sandbox are serialised, and each acts on the state the
+        other left (not on what it read when it attached).
+        """
+        if self._holding_lock:
+            yield
+            return
+        async with self._store.alock(self.id, timeout=LOCK_TIMEOUT):
+            self._holding_lock = True
+            try:
+                self._refresh(missing_ok)
+                yield
+            finally:
+                self._holding_lock = False
+
+    @contextlib.contextmanager
+    def _locked_store(self) -> Iterator[None]:
+        """The state lock, unless this sandbox already holds it for the current operation."""
+        if self._holding_lock:
+            yield
+            return
+        with self._store.lock(self.id, timeout=LOCK_TIMEOUT):
+            yield
+
+    def _refresh(self, missing_ok: bool) -> None:
+        """Adopt the lifecycle state another process may have persisted since we read it."""
+        hv = self._hv
+        if hv is None or hv.state in (VMState.NEW, VMState.STOPPED):
+            return
+        if not self._store.exists(self.id):
+            if missing_ok:
+                return
+            raise StateError(f"sandbox {self.id} no longer exists (stopped by another process)")
+        state = str(self._store.read(self.id).get("sandbox", {}).get("state", ""))
+        if state in (VMState.RUNNING.value, VMState.PAUSED.value) and hv.state in (
+            VMState.RUNNING,
+            VMState.PAUSED,
+        ):
+            hv.state = VMState(state)
 
     async def __aenter__(self) -> Sandbox:
         await self.start()
@@ -224,6 +306,8 @@ class Sandbox:
             raise ConfigError("exec: empty command")
         if self.state is VMState.PAUSED:
             raise StateError(f"cannot exec in sandbox {self.id}: it is paused (resume it first)")
+        if self.state is not VMState.RUNNING:
+            raise StateError(f"cannot exec in sandbox {self.id}: it is {self.state.value}")
         agent = await self.agent()
         try:
             return await agent.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout=timeout)
@@ -257,23 +341,25 @@ class Sandbox:
         """Hot-add a host file as a guest disk."""
         self.hypervisor.require(Capabilities.BLOCK_DEVICE_HOTPLUG, "disk hotplug")
         drive = BlockDrive(id=id or f"disk{uuid.uuid4().hex[:6]}", path=path, read_only=read_only)
-        if drive.id in self.disks:
-            raise ConfigError(f"sandbox {self.id} already has a disk with id {drive.id!r}")
-        await self.hypervisor.hotplug_add_device(drive)
-        self.disks[drive.id] = drive
-        self._persist()
+        async with self._op():
+            if drive.id in self.disks:
+                raise ConfigError(f"sandbox {self.id} already has a disk with id {drive.id!r}")
+            await self.hypervisor.hotplug_add_device(drive)
+            self.disks[drive.id] = drive
+            self._persist()
         return drive
 
     async def remove_disk(self, drive: BlockDrive | str) -> None:
         """Hot-remove a disk added with `add_disk` (the drive or its id)."""
         self.hypervisor.require(Capabilities.BLOCK_DEVICE_HOTPLUG, "disk hot-removal")
         disk_id = drive if isinstance(drive, str) else drive.id
-        known = self.disks.get(disk_id)
-        if known is None:
-            raise ConfigError(f"sandbox {self.id} has no hot-added disk {disk_id!r}")
-        await self.hypervisor.hotplug_remove_device(known)
-        del self.disks[disk_id]
-        self._persist()
+        async with self._op():
+            known = self.disks.get(disk_id)
+            if known is None:
+                raise ConfigError(f"sandbox {self.id} has no hot-added disk {disk_id!r}")
+            await self.hypervisor.hotplug_remove_device(known)
+            del self.disks[disk_id]
+            self._persist()
 
     async def remove_disk_by_id(self, disk_id: str) -> None:
         """Hot-remove a disk by the id `add_disk` gave it."""
@@ -282,13 +368,14 @@ class Sandbox:
     async def resize(self, vcpus: int | None = None, memory_mb: int | None = None) -> None:
         """Change the number of vCPUs and/or the memory size of the running VM."""
         hv = self.hypervisor
-        if vcpus is not None:
-            hv.require(Capabilities.CPU_HOTPLUG, "vCPU resize")
-            await hv.resize_vcpus(vcpus)
-        if memory_mb is not None:
-            hv.require(Capabilities.MEMORY_HOTPLUG, "memory resize")
-            await hv.resize_memory(memory_mb, 128, False)
-        self._persist()
+        async with self._op():
+            if vcpus is not None:
+                hv.require(Capabilities.CPU_HOTPLUG, "vCPU resize")
+                await hv.resize_vcpus(vcpus)
+            if memory_mb is not None:
+                hv.require(Capabilities.MEMORY_HOTPLUG, "memory resize")
+                await hv.resize_memory(memory_mb, 128, False)
+            self._persist()
 
     async def console_path(self) -> str:
         """Host address of the guest console."""
@@ -316,6 +403,8 @@ class Sandbox:
         """The connected agent client (connecting on first use)."""
         if self.hypervisor_type is HypervisorType.MOCK:
             raise UnsupportedError("mock", "guest agent operations", "the mock VM runs no guest")
+        if self._agent is not None and self._agent.closed:
+            await self._close_agent()  # the connection died: make a new one
         if self._agent is None:
             await self._connect_agent(10.0)
         assert self._agent is not None
@@ -354,11 +443,27 @@ class Sandbox:
                 target = where
             else:
                 target = ("vsock", where, port)
+            connecting = asyncio.ensure_future(AgentClient.connect(target, timeout))
             try:
-                self._agent = await AgentClient.connect(target, timeout)
+                # A VM that dies while booting is reported now, not when `timeout` runs out.
+                while True:
+                    done, _ = await asyncio.wait({connecting}, timeout=DEATH_POLL)
+                    if done:
+                        break
+                    await self._raise_if_vm_dead()
+                self._agent = connecting.result()
             except AgentError:
                 await self._raise_if_vm_dead()
                 raise
+            finally:
+                if not connecting.done():
+                    connecting.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, AgentError):
+                        await connecting
+                elif self._agent is None and not connecting.cancelled():
+                    late = connecting.exception() is None and connecting.result()
+                    if late:  # connected just as the VM was found dead
+                        await late.close()
 
     async def _close_agent(self) -> None:
         agent, self._agent = self._agent, None
@@ -398,10 +503,10 @@ class Sandbox:
             "config": cfg.to_dict(),
         }
 
-    def _persist(self) -> None:
+    def _persist(self, state: str | None = None) -> None:
         hv = self.hypervisor
-        doc = self._doc(hv.state.value, hv.hypervisor_config())
-        with self._store.lock(self.id):
+        doc = self._doc(state or hv.state.value, hv.hypervisor_config())
+        with self._locked_store():
             self._store.write(self.id, doc)
 
     @classmethod
@@ -423,7 +528,8 @@ class Sandbox:
             state = str(sb.get("state", "unknown"))
             pid = int(hs.get("pid") or 0)
             alive = bool(pid) and pid_is(pid, int(hs.get("pid_start_time") or 0))
-            if state in ("running", "paused") and sb.get("hypervisor") != "mock" and not alive:
+            live_states = ("running", "paused", STARTING)
+            if state in live_states and sb.get("hypervisor") != "mock" and not alive:
                 state = "dead"
             out.append(
                 SandboxInfo(
@@ -437,6 +543,28 @@ class Sandbox:
                 )
             )
         return out
+
+    @classmethod
+    def adopt(
+        cls,
+        hv: Hypervisor,
+        agent: AgentClient,
+        agent_target: tuple[str, str, int],
+        run_root: str | None = None,
+    ) -> Sandbox:
+        """Wrap a VM that is already running with a connected agent (e.g. from the factory).
+
+        `agent_target` is ("unix", socket path, 0) or ("hybrid", uds path, port).
+        """
+        sb = cls(hv.id, hv.hypervisor_type, run_root=run_root)
+        sb._hv = hv
+        sb._agent = agent
+        sb._agent_target = agent_target
+        with sb._store.lock(sb.id):
+            if sb._store.exists(sb.id):
+                raise StateError(f"sandbox {sb.id} already exists")
+            sb._store.write(sb.id, sb._doc(hv.state.value, hv.hypervisor_config()))
+        return sb
 
     @classmethod
     async def attach(cls, id: str, run_root: str | None = None) -> Sandbox:
@@ -461,7 +589,11 @@ class Sandbox:
             sb._hv = hv
             await sb._plug_agent_channel()
             return sb
-        hv.load(HypervisorState.model_validate(doc.get("hypervisor", {})))
+        try:
+            hv.load(HypervisorState.model_validate(doc.get("hypervisor", {})))
+        except ValueError as e:
+            raise StateError(f"sandbox {id}: unreadable hypervisor state: {e}") from e
+        # A "starting" sandbox's manager died mid-start: its VMM may still be booting.
         hv.state = VMState(state) if state in VMState._value2member_map_ else VMState.RUNNING
         sb._hv = hv
         agent = sb_doc.get("agent")
@@ -504,3 +636,59 @@ def _write_host_file(path: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise ConfigError(f"cannot write host file {path}: {e.strerror}") from e
+
+
+def _vmm_pids_in(vm_dir: str) -> list[int]:
+    """Processes (other than this one) whose command line names a file in `vm_dir`."""
+    marker = os.fsencode(vm_dir.rstrip("/") + "/")
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(int(entry))
+    return found
+
+
+async def _kill_strays(vm_dir: str) -> None:
+    """SIGKILL and wait for any VMM still serving `vm_dir` that no driver knew about.
+
+    A manager killed between launching the VMM and recording its pid leaves such a process;
+    it is found by the VM directory on its command line (unique per run root and id). The
+    pid is pinned with a pidfd and its command line re-checked, so a reused pid is never hit.
+    """
+    import signal
+
+    for pid in _vmm_pids_in(vm_dir):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            if pid not in _vmm_pids_in(vm_dir):
+                continue
+            log.warning("sandbox VM dir %s: killing stray VMM process %d", vm_dir, pid)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            loop = asyncio.get_running_loop()
+            gone: asyncio.Future[None] = loop.create_future()
+
+            def exited(fut: asyncio.Future[None] = gone) -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            loop.add_reader(pidfd, exited)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(gone, STRAY_KILL_TIMEOUT)
+            finally:
+                loop.remove_reader(pidfd)
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)  # noqa: ASYNC222 (no wait)
+        finally:
+            os.close(pidfd)

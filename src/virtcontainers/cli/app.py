@@ -112,6 +112,11 @@ def check(
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn errors into one readable line and an exit code."""
     from . import commands  # noqa: F401  (registers subcommands)
+    from .factory_cmds import factory_app, template_app
+
+    if not any(g.name == "template" for g in app.registered_groups):
+        app.add_typer(template_app, name="template")
+        app.add_typer(factory_app, name="factory")
 
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:

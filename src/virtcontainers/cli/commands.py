@@ -159,12 +159,34 @@ def run(
         float | None, typer.Option("--exec-timeout", help="Command timeout in seconds.")
     ] = None,
     stdin: Annotated[bool, typer.Option("--stdin", "-i", help="Send our stdin.")] = False,
+    from_template: Annotated[
+        str | None, typer.Option("--from-template", help="Clone from this VM template.")
+    ] = None,
+    factory: Annotated[
+        bool, typer.Option("--factory", help="Take a ready VM from the VM cache server.")
+    ] = False,
 ) -> None:
     """Boot a sandbox, run COMMAND in it, print its output, tear down; exit with its code."""
     data = sys.stdin.buffer.read() if stdin else b""
     sb = _new_sandbox(ctx, name, cpus, memory, config, kernel, initrd, kernel_param, timeout)
 
     async def body() -> Any:
+        if from_template or factory:
+            from ..sandbox import build_config
+            from .factory_cmds import sandbox_from_factory
+
+            g = get_globals(ctx)
+            cfg = build_config(sb.config_request, sb.overrides, sb.hypervisor_type)
+            fsb = await sandbox_from_factory(
+                cfg,
+                template=from_template,
+                use_cache=factory,
+                run_root=g.run_root,
+                id=name,
+                timeout=timeout,
+            )
+            async with fsb:
+                return await fsb.exec(command, stdin=data, timeout=exec_timeout)
         async with sb:
             return await sb.exec(command, stdin=data, timeout=exec_timeout)
 
