@@ -47,7 +47,7 @@ LOCK_TIMEOUT = 60.0
 STARTING = "starting"
 """Persisted while the VMM runs but start has not finished (it names the VMM's pid)."""
 STRAY_KILL_TIMEOUT = 5.0
-"""How often a wait on the guest (agent connect) checks that the VM is still alive."""
+"""Longest wait for a stray VMM (see `_kill_strays`) to exit after SIGKILL."""
 _FIELDS = {f.name for f in dataclasses.fields(HypervisorConfig)}
 
 
