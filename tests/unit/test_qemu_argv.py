@@ -363,3 +363,27 @@ def test_option_injection_in_free_form_values_refused() -> None:
 def test_hypervisor_param_without_name_refused() -> None:
     with pytest.raises(ConfigError, match="hypervisor_params"):
         qa.build(make_spec(hypervisor_params=[Param("", "x")]))
+
+
+def test_microvm_under_tcg_gets_the_tsc_rate() -> None:
+    spec = make_spec(hypervisor_machine_type="microvm")
+    spec.host_tsc_khz = 2300000
+    assert "tsc_early_khz=2300000" in append_params(qa.build(spec).argv)
+    spec.accel = "kvm"
+    assert not [p for p in append_params(qa.build(spec).argv) if p.startswith("tsc_early_khz")]
+    q35 = make_spec()
+    q35.host_tsc_khz = 2300000
+    assert not [p for p in append_params(qa.build(q35).argv) if p.startswith("tsc_early_khz")]
+
+
+def test_host_tsc_khz_from_cpuinfo(tmp_path: Any) -> None:
+    from virtcontainers.drivers.qemu.driver import host_tsc_khz
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\ncpu MHz\t\t: 2299.998\nflags\t: fpu\n")
+    missing = str(tmp_path / "no-sysfs")
+    assert host_tsc_khz.__wrapped__(str(info), missing) == 2299998
+    sysfs = tmp_path / "tsc_freq_khz"
+    sysfs.write_text("2100000\n")
+    assert host_tsc_khz.__wrapped__(str(info), str(sysfs)) == 2100000
+    assert host_tsc_khz.__wrapped__(missing, missing) == 0
