@@ -1,0 +1,56 @@
+"""Cold-plugged devices on real QEMU: disks (virtio-blk, virtio-scsi), a tap NIC in a network
+namespace, the RNG, and memory options under the seccomp sandbox."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu_hotplug_support import booted, make_config, netns_with_tap
+
+from virtcontainers.devices import BlockDrive, NetworkEndpoint
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check")]
+
+
+def disk(tmp_path: Path, name: str, size_mib: int) -> str:
+    path = tmp_path / name
+    with open(path, "wb") as f:
+        f.truncate(size_mib << 20)
+    return str(path)
+
+
+async def test_disks_virtio_blk_and_scsi(run_root: str, guest_assets: Any, tmp_path: Path) -> None:
+    blk = BlockDrive(id="d0", path=disk(tmp_path, "a.img", 8), driver="virtio-blk")
+    scsi = BlockDrive(id="d1", path=disk(tmp_path, "b.img", 16), read_only=True)
+    cfg = make_config(guest_assets)  # block_device_driver defaults to virtio-scsi
+    async with booted(run_root, cfg, devices=(blk, scsi)) as vm:
+        assert scsi.scsi_addr == "0:0"
+        # vda: 8 MiB in 512-byte sectors; the scsi disk: 16 MiB, read-only.
+        await vm.wait_for("cat /sys/block/vda/size", str(8 << 11))
+        await vm.wait_for("cat /sys/block/sda/size", str(16 << 11))
+        assert (await vm.sh("cat /sys/block/sda/ro")).strip() == "1"
+        assert (await vm.sh("cat /sys/block/vda/ro")).strip() == "0"
+        await vm.sh("echo written > /dev/vda")
+    with open(blk.path, "rb") as f:
+        assert f.read(8) == b"written\n"
+
+
+async def test_tap_nic_in_network_namespace(run_root: str, guest_assets: Any) -> None:
+    mac = "02:00:00:aa:bb:01"
+    async with netns_with_tap() as ns:
+        ep = NetworkEndpoint(id="eth0", tap_name=ns.tap, mac=mac)
+        async with booted(
+            run_root, make_config(guest_assets), devices=(ep,), network_ns=ns.path
+        ) as vm:
+            await vm.wait_for("cat /sys/class/net/eth0/address", mac)
+
+
+async def test_rng_prealloc_under_seccomp(run_root: str, guest_assets: Any) -> None:
+    cfg = make_config(guest_assets, entropy_source="/dev/urandom", mem_prealloc=True)
+    async with booted(run_root, cfg) as vm:
+        argv = vm.drv.argv
+        assert "-sandbox" in argv and "virtio-rng-pci,rng=rng0,id=rng-dev0" in argv
+        await vm.wait_for("cat /sys/class/misc/hw_random/rng_current", "virtio_rng.0")
+        await vm.drv.check()
