@@ -54,3 +54,8 @@ async def test_rng_prealloc_under_seccomp(run_root: str, guest_assets: Any) -> N
         assert "-sandbox" in argv and "virtio-rng-pci,rng=rng0,id=rng-dev0" in argv
         await vm.wait_for("cat /sys/class/misc/hw_random/rng_current", "virtio_rng.0")
         await vm.drv.check()
+
+
+async def test_viommu(run_root: str, guest_assets: Any) -> None:
+    async with booted(run_root, make_config(guest_assets, iommu=True)) as vm:
+        assert "DMAR: IOMMU enabled" in await vm.sh("dmesg")

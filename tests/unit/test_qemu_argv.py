@@ -387,3 +387,33 @@ def test_host_tsc_khz_from_cpuinfo(tmp_path: Any) -> None:
     sysfs.write_text("2100000\n")
     assert host_tsc_khz.__wrapped__(str(info), str(sysfs)) == 2100000
     assert host_tsc_khz.__wrapped__(missing, missing) == 0
+
+
+def test_firmware_pflash_and_mlock() -> None:
+    spec = make_spec(
+        firmware_path="/fw/bios.bin",
+        pflash=["/fw/code.fd", "/fw/vars.fd"],
+        realtime=True,
+        mlock=True,
+    )
+    argv = qa.build(spec).argv
+    assert one(argv, "-bios") == "/fw/bios.bin"
+    assert opts(argv, "-drive") == [
+        "if=pflash,format=raw,unit=0,file=/fw/code.fd",
+        "if=pflash,format=raw,unit=1,file=/fw/vars.fd",
+    ]
+    assert one(argv, "-overcommit") == "mem-lock=on"
+    plain = qa.build(make_spec()).argv
+    assert "-bios" not in plain and "-drive" not in plain and "-overcommit" not in plain
+
+
+def test_iommu_on_q35_only() -> None:
+    argv = qa.build(make_spec(iommu=True)).argv
+    assert "intel-iommu,intremap=on,device-iotlb=on" in opts(argv, "-device")
+    params = append_params(argv)
+    assert "intel_iommu=on" in params and "iommu=pt" in params and "iommu=off" not in params
+    spec = make_spec(iommu=True)
+    spec.accel = "kvm"
+    assert "kernel-irqchip=split" in one(qa.build(spec).argv, "-machine")
+    with pytest.raises(ConfigError, match=r"iommu.*q35"):
+        qa.build(make_spec(iommu=True, hypervisor_machine_type="microvm"))

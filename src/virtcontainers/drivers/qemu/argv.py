@@ -175,6 +175,9 @@ def kernel_params(spec: LaunchSpec) -> list[Param]:
             # microvm has no HPET/PM timer: under TCG the PIT calibration of the TSC often
             # fails and boot then hangs (3 of 4 boots here); the rate is known, so give it.
             params.append(Param("tsc_early_khz", str(spec.host_tsc_khz)))
+    if cfg.iommu:
+        params.remove(Param("iommu", "off"))
+        params += [Param("intel_iommu", "on"), Param("iommu", "pt")]
     params.extend(DEBUG_PARAMS if cfg.debug else NON_DEBUG_PARAMS)
     params.append(Param("panic", "1"))
     params.append(Param("nr_cpus", str(max_vcpus(spec))))
@@ -251,6 +254,7 @@ def build(spec: LaunchSpec) -> Launch:
     _monitors(a, spec)
     _console(a, spec, machine)
     _boot(a, spec)
+    _iommu(a, spec, machine)
     _buses(a, spec, machine)
     _image(a, spec, machine)
     _rng(a, spec, machine)
@@ -290,6 +294,8 @@ def _machine(a: _Argv, spec: LaunchSpec, machine: str) -> None:
         opts.append(check_opt("machine_accelerators", cfg.machine_accelerators))
     if _memory_backend(spec):
         opts.append("memory-backend=ram0")
+    if cfg.iommu and spec.accel == "kvm":
+        opts.append("kernel-irqchip=split")  # KVM's in-kernel irqchip cannot remap
     a.add("-machine", *opts)
     if spec.accel == "kvm":
         a.add("-accel", "kvm")
@@ -426,10 +432,29 @@ def _console(a: _Argv, spec: LaunchSpec, machine: str) -> None:
 
 
 def _boot(a: _Argv, spec: LaunchSpec) -> None:
+    cfg = spec.config
+    firmware = cfg.firmware_asset_path()
+    if firmware:
+        a.add("-bios", check_path("firmware_path", firmware))
+    for i, flash in enumerate(cfg.pflash):
+        a.add(
+            "-drive", "if=pflash", "format=raw", f"unit={i}", f"file={check_path('pflash', flash)}"
+        )
     a.add("-kernel", check_path("kernel_path", spec.kernel))
     if spec.initrd:
         a.add("-initrd", check_path("initrd_path", spec.initrd))
     a.items += ["-append", " ".join(serialize_params(kernel_params(spec), "="))]
+    if cfg.realtime and cfg.mlock:
+        a.add("-overcommit", "mem-lock=on")
+
+
+def _iommu(a: _Argv, spec: LaunchSpec, machine: str) -> None:
+    """A vIOMMU (q35 only): intel-iommu with interrupt remapping."""
+    if not spec.config.iommu:
+        return
+    if machine != "q35":
+        raise ConfigError(f"iommu: a vIOMMU needs the q35 machine type, not {machine}")
+    a.add("-device", "intel-iommu", "intremap=on", "device-iotlb=on")
 
 
 def root_port_ids(spec: LaunchSpec) -> list[str]:
