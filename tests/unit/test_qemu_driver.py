@@ -456,8 +456,15 @@ async def test_hotplug_on_microvm_is_unsupported(
 ) -> None:
     assets.hypervisor_machine_type = "microvm"
     drv = await running_driver(run_root, assets, dummy)
-    with pytest.raises(UnsupportedError, match="qemu does not support resize_vcpus.*microvm"):
+    with pytest.raises(UnsupportedError, match=r"qemu does not support resize_vcpus.*microvm"):
         await drv.resize_vcpus(2)
     with pytest.raises(UnsupportedError, match="qemu does not support hotplugging BlockDrive"):
         await drv.hotplug_add_device(BlockDrive(id="d0", path="/data/d.img"))
     await drv.disconnect()
+
+
+@pytest.mark.parametrize("bad", ["../escape", "a,b", "has space", ""])
+async def test_create_refuses_bad_ids(run_root: str, assets: HypervisorConfig, bad: str) -> None:
+    with pytest.raises(ConfigError, match="sandbox: invalid id"):
+        await QemuHypervisor(run_root=run_root).create_sandbox(bad, None, assets)
+    assert os.listdir(run_root) == []

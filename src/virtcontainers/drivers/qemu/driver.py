@@ -25,6 +25,7 @@ from ...devices import (
     SerialPort,
     SharedFS,
     VSockDevice,
+    check_id,
 )
 from ...errors import (
     AssetError,
@@ -149,6 +150,7 @@ class QemuHypervisor(Hypervisor):
         self, id: str, network_ns: str | None, config: HypervisorConfig, stateful: bool = False
     ) -> None:
         check_transition(self.state, VMState.CREATED, "create", id)
+        check_id("sandbox", id)  # it names the VM directory and QEMU's -name option
         config.validate()
         qargv.machine_type(config)  # refuse unknown machine types early
         qemu = self._resolve_qemu(config)

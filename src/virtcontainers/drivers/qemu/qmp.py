@@ -27,6 +27,12 @@ from ...errors import HypervisorError, VMTimeoutError
 
 log = logging.getLogger(__name__)
 
+# The library logs every refused connection or hang-up at ERROR; this adapter turns each into
+# an exception for its caller instead. Silence it unless the application configured it.
+_lib_log = logging.getLogger("qemu.qmp")
+if _lib_log.level == logging.NOTSET:
+    _lib_log.setLevel(logging.CRITICAL)
+
 Event = Mapping[str, Any]
 
 
