@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -223,16 +223,32 @@ class Sandbox:
     async def pause(self) -> None:
         """Freeze the guest."""
         async with self._op():
-            self.hypervisor.require(Capabilities.PAUSE, "pause")
-            await self.hypervisor.pause_sandbox()
-            self._persist()
+            hv = self.hypervisor
+            hv.require(Capabilities.PAUSE, "pause")
+            await hv.pause_sandbox()
+            await self._persist_or_undo(hv.resume_sandbox)
 
     async def resume(self) -> None:
         """Resume a paused guest."""
         async with self._op():
-            self.hypervisor.require(Capabilities.PAUSE, "resume")
-            await self.hypervisor.resume_sandbox()
+            hv = self.hypervisor
+            hv.require(Capabilities.PAUSE, "resume")
+            await hv.resume_sandbox()
+            await self._persist_or_undo(hv.pause_sandbox)
+
+    async def _persist_or_undo(self, undo: Callable[[], Awaitable[Any]]) -> None:
+        """Persist after a change to the VM; if that fails, undo the change and re-raise.
+
+        The state file and the VM thus never disagree: a full disk leaves both as they were.
+        """
+        try:
             self._persist()
+        except StateError as e:
+            try:
+                await undo()
+            except VCError as undo_error:
+                log.warning("sandbox %s: cannot undo after %s: %s", self.id, e, undo_error)
+            raise
 
     @contextlib.asynccontextmanager
     async def _op(self, *, missing_ok: bool = False) -> AsyncIterator[None]:
@@ -305,6 +321,7 @@ class Sandbox:
         if not argv:
             raise ConfigError("exec: empty command")
         if self.state is VMState.PAUSED:
+            await self._raise_if_vm_dead()  # a dead VM is worth reporting before "paused"
             raise StateError(f"cannot exec in sandbox {self.id}: it is paused (resume it first)")
         if self.state is not VMState.RUNNING:
             raise StateError(f"cannot exec in sandbox {self.id}: it is {self.state.value}")
@@ -346,7 +363,11 @@ class Sandbox:
                 raise ConfigError(f"sandbox {self.id} already has a disk with id {drive.id!r}")
             await self.hypervisor.hotplug_add_device(drive)
             self.disks[drive.id] = drive
-            self._persist()
+            try:
+                await self._persist_or_undo(lambda: self.hypervisor.hotplug_remove_device(drive))
+            except StateError:
+                del self.disks[drive.id]
+                raise
         return drive
 
     async def remove_disk(self, drive: BlockDrive | str) -> None:
