@@ -50,27 +50,46 @@ class QMPDisconnectedError(HypervisorError):
     """There is no QMP session: the connection was refused, lost or never made."""
 
 
+#: How often a wait for an event checks that the session is still up.
+EVENT_LIVENESS_POLL = 0.25
+
+
 class EventStream:
     """Events of some names received while the stream is open (registered before a command)."""
 
-    def __init__(self, listener: EventListener) -> None:
+    def __init__(self, listener: EventListener, qmp: QMP | None = None) -> None:
         self._listener = listener
+        self._qmp = qmp
 
     async def wait(
         self, predicate: Callable[[Event], bool] | None = None, *, timeout: float, what: str = ""
     ) -> Event:
-        """The first queued/arriving event matching `predicate`, or `VMTimeoutError`."""
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
+        """The first queued/arriving event matching `predicate`.
+
+        `VMTimeoutError` when none comes within `timeout`; `QMPDisconnectedError` as soon as
+        the session drops (a QEMU that died will never send it).
+        """
+        names = ", ".join(self._listener.names or ["any"])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise VMTimeoutError(
+                    f"no QMP event {names}{' ' + what if what else ''} within {timeout:g}s"
+                )
+            try:
+                async with asyncio.timeout(min(left, EVENT_LIVENESS_POLL)):
                     event: Event = await self._listener.get()
-                    if predicate is None or predicate(event):
-                        return event
-        except TimeoutError:
-            names = ", ".join(self._listener.names or ["any"])
-            raise VMTimeoutError(
-                f"no QMP event {names}{' ' + what if what else ''} within {timeout:g}s"
-            ) from None
+            except TimeoutError:
+                if self._qmp is not None and not self._qmp.connected:
+                    raise QMPDisconnectedError(
+                        f"QMP {self._qmp.name}: connection lost while waiting for event "
+                        f"{names}{' ' + what if what else ''}"
+                    ) from None
+                continue
+            if predicate is None or predicate(event):
+                return event
 
 
 class QMP:
@@ -135,7 +154,7 @@ class QMP:
         """Collect events named `names` (all if none) until the block exits."""
         listener = EventListener(list(names) or None)
         with self._client.listen(listener):
-            yield EventStream(listener)
+            yield EventStream(listener, self)
 
     async def close(self) -> None:
         """Drop the session; errors of a dead peer are expected and swallowed."""
