@@ -201,7 +201,10 @@ class Hotplug:
         return machine
 
     def save(self) -> dict[str, Any]:
-        return {"devices": [asdict(p) for p in self.plugged.values()], "dimms": list(self.dimms)}
+        return {
+            "devices": [asdict(p) for p in self.plugged.values()],
+            "dimms": list(self.dimms),
+        }
 
     def load(self, data: Mapping[str, Any] | None) -> None:
         data = data or {}

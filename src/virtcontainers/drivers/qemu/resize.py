@@ -81,6 +81,14 @@ async def _add_vcpus(hp: Hotplug, slots: list[dict[str, Any]], count: int) -> No
 
 async def _remove_vcpus(hp: Hotplug, count: int) -> None:
     drv = hp.driver
+    if drv.accel == "tcg":
+        # Measured with QEMU 7.2: after a vCPU unplug under multi-threaded TCG the next
+        # device_add aborts QEMU ("double free or corruption"); single-threaded TCG aborts at
+        # the unplug itself (qemu_thread_join). Refuse rather than take the VM down.
+        raise drv.unsupported(
+            f"hot-removing vCPUs from VM {drv.id} under TCG",
+            "QEMU 7.2 corrupts its own state when a TCG vCPU is unplugged; it works with KVM",
+        )
     for _ in range(count):
         qdev = drv.hotplugged_vcpus[-1]
 
