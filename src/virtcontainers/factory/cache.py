@@ -56,6 +56,8 @@ class VMCache(FactoryBase):
         self._ready: collections.deque[VM] = collections.deque()
         self._waiters: collections.deque[asyncio.Future[VM]] = collections.deque()
         self._fillers: set[asyncio.Task[None]] = set()
+        self._making = 0
+        """VMs being made right now (fillers that have not delivered or failed yet)."""
         self._failures = 0
         self._retry: asyncio.TimerHandle | None = None
         self._started = False
@@ -75,7 +77,7 @@ class VMCache(FactoryBase):
 
     @property
     def booting(self) -> int:
-        return len(self._fillers)
+        return self._making
 
     # -- filling ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -99,15 +101,16 @@ class VMCache(FactoryBase):
             ) from None
 
     def _kick(self, waiter: bool = False) -> None:
-        if waiter and self._retry is not None and not self._fillers:
+        if waiter and self._retry is not None and not self._making:
             # A new caller gets one fresh attempt even while the base is backing off.
             self._retry.cancel()
             self._retry = None
         if self._closed or not self._started or self._retry is not None:
             return
         waiting = sum(1 for w in self._waiters if not w.done())
-        want = self.size + waiting - len(self._ready) - len(self._fillers)
-        while want > 0 and len(self._fillers) < self.concurrency:
+        want = self.size + waiting - len(self._ready) - self._making
+        while want > 0 and self._making < self.concurrency:
+            self._making += 1
             task = asyncio.get_running_loop().create_task(self._fill(), name="vm-cache-fill")
             self._fillers.add(task)
             task.add_done_callback(self._filler_done)
@@ -115,12 +118,18 @@ class VMCache(FactoryBase):
 
     def _filler_done(self, task: asyncio.Task[None]) -> None:
         self._fillers.discard(task)
-        self._changed.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("VM cache filler crashed: %r", task.exception())
-        self._kick()
 
     async def _fill(self) -> None:
+        try:
+            await self._make_one()
+        finally:
+            self._making -= 1
+            self._changed.set()
+            self._kick()
+
+    async def _make_one(self) -> None:
         vm_id = new_vm_id()
         if self.ledger is not None:
             self.ledger.add(vm_id)
@@ -251,7 +260,7 @@ class VMCache(FactoryBase):
             pid=os.getpid(),
             size=self.size,
             vms=[vm_status(vm) for vm in self._ready],
-            booting=len(self._fillers),
+            booting=self._making,
             handed_out=self.handed_out,
             waiting=sum(1 for w in self._waiters if not w.done()),
             last_error=self.last_error,

@@ -126,8 +126,8 @@ class Factory:
         try:
             vm = await self.base.get_base_vm(id=id, timeout=timeout)
         except VCError as exc:
-            if not self.fallback:
-                raise
+            if not self.fallback or isinstance(self.base, DirectBase):
+                raise  # a direct boot is what just failed
             return await self._direct(request, id, timeout, f"{self.base.name} failed: {exc}")
         try:
             await self._prepare(vm, base, request, max(0.1, deadline - loop.time()))

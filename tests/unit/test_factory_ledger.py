@@ -1,0 +1,171 @@
+"""The cache server's ledger (what a dead server leaves is stopped) and daemon bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from virtcontainers import host, persist
+from virtcontainers.errors import ConfigError
+from virtcontainers.factory import DaemonSpec, daemon_status, paths, stop_daemon
+from virtcontainers.factory import ledger as ledger_mod
+from virtcontainers.factory.daemon import cleanup_after, read_pid_file, running_pid
+from virtcontainers.factory.errors import CacheUnavailableError
+
+
+def fake_vmm(vm_dir: str) -> subprocess.Popen[bytes]:
+    """A process whose command line names a file in `vm_dir`, like a VMM's sockets."""
+    os.makedirs(vm_dir, exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", f"{vm_dir}/qmp.sock"]
+    )
+    # Right after the fork its command line can still read empty: wait until it shows.
+    for _ in range(500):
+        if proc.pid in ledger_mod.processes_using(vm_dir):
+            break
+        time.sleep(0.01)
+    return proc
+
+
+def dead_pid() -> tuple[int, int | None]:
+    """The pid and start time of a process that has exited."""
+    p = subprocess.Popen(["true"])
+    start = host.process_start_time(p.pid)
+    p.wait()
+    return p.pid, start
+
+
+def write_ledger(path: str, owner: int, start: int | None, vms: list[dict[str, object]]) -> None:
+    with open(path, "w") as f:
+        json.dump({"owner": owner, "owner_start_time": start, "vms": vms}, f)
+
+
+def test_ledger_file_tracks_adds_and_removes(run_root: str) -> None:
+    path = os.path.join(run_root, "pool.json")
+    led = ledger_mod.Ledger(path, run_root)
+    led.add("a")
+    led.add("b", os.getpid())
+    led.remove("a")
+    led.remove("zzz")
+    owner, start, entries = ledger_mod.read(path)
+    assert owner == os.getpid() and start == host.process_start_time(os.getpid())
+    assert [e["id"] for e in entries] == ["b"]
+    assert entries[0]["vm_dir"] == persist.vm_dir("b", run_root)
+    assert entries[0]["pid"] == os.getpid()
+    assert led.ids() == ["b"]
+
+
+def test_reap_stops_what_a_dead_owner_left(run_root: str) -> None:
+    path = os.path.join(run_root, "pool.json")
+    booted_dir = persist.vm_dir("vm-pooled", run_root)
+    booting_dir = persist.vm_dir("vm-booting", run_root)
+    pooled, booting = fake_vmm(booted_dir), fake_vmm(booting_dir)
+    try:
+        owner, start = dead_pid()
+        write_ledger(
+            path,
+            owner,
+            start,
+            [
+                {
+                    "id": "vm-pooled",
+                    "vm_dir": booted_dir,
+                    "pid": pooled.pid,
+                    "start_time": host.process_start_time(pooled.pid),
+                },
+                # Killed mid-boot: no pid yet; found by its command line.
+                {"id": "vm-booting", "vm_dir": booting_dir, "pid": 0, "start_time": None},
+            ],
+        )
+        assert sorted(ledger_mod.reap(path, owner=owner)) == ["vm-booting", "vm-pooled"]
+        assert pooled.wait(5) == -9 and booting.wait(5) == -9
+        assert not os.path.exists(booted_dir) and not os.path.exists(booting_dir)
+        assert not os.path.exists(path)
+    finally:
+        for p in (pooled, booting):
+            p.kill()
+            p.wait()
+
+
+def test_reap_leaves_a_live_owner_and_other_owners_alone(run_root: str) -> None:
+    path = os.path.join(run_root, "pool.json")
+    vm_dir = persist.vm_dir("vm1", run_root)
+    proc = fake_vmm(vm_dir)
+    try:
+        entry = {"id": "vm1", "vm_dir": vm_dir, "pid": proc.pid, "start_time": None}
+        write_ledger(path, os.getpid(), host.process_start_time(os.getpid()), [entry])
+        assert ledger_mod.reap(path) == []
+        owner, start = dead_pid()
+        write_ledger(path, owner, start, [entry])
+        assert ledger_mod.reap(path, owner=owner + 1) == []
+        assert proc.poll() is None and os.path.isdir(vm_dir) and os.path.exists(path)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_reap_of_a_missing_or_garbage_ledger(run_root: str) -> None:
+    path = os.path.join(run_root, "pool.json")
+    assert ledger_mod.reap(path) == []
+    with open(path, "w") as f:
+        f.write("garbage")
+    assert ledger_mod.read(path) == (0, None, [])
+    assert ledger_mod.reap(path) == []
+    assert not os.path.exists(path)
+
+
+def test_daemon_spec_validation() -> None:
+    DaemonSpec(size=1, template="t").validate()
+    with pytest.raises(ConfigError, match="at least 1"):
+        DaemonSpec(size=0, template="t").validate()
+    with pytest.raises(ConfigError, match="concurrency"):
+        DaemonSpec(size=1, template="t", concurrency=0).validate()
+    with pytest.raises(ConfigError, match="template or a VM config"):
+        DaemonSpec(size=1).validate()
+    with pytest.raises(ConfigError, match="unexpected keyword"):
+        DaemonSpec.from_dict({"size": 1, "template": "t", "colour": "red"})
+    with pytest.raises(ConfigError, match="JSON object"):
+        DaemonSpec.from_dict([1])
+
+
+def test_stale_pid_file_and_leftovers_of_a_killed_server(run_root: str) -> None:
+    persist.ensure_dir(paths.factory_dir(run_root))
+    pid, start = dead_pid()
+    with open(paths.pid_file(run_root), "w") as f:
+        json.dump({"pid": pid, "start_time": start, "watcher": 0}, f)
+    open(paths.socket_path(run_root), "w").close()
+    vm_dir = persist.vm_dir("left", run_root)
+    proc = fake_vmm(vm_dir)
+    try:
+        entry = {"id": "left", "vm_dir": vm_dir, "pid": 0, "start_time": None}
+        write_ledger(paths.ledger_file(run_root), pid, start, [entry])
+        assert read_pid_file(run_root)[0] == pid
+        assert running_pid(run_root) == 0
+        assert stop_daemon(run_root) == ["left"]
+        assert proc.wait(5) == -9
+        for path in (paths.pid_file(run_root), paths.socket_path(run_root)):
+            assert not os.path.exists(path)
+        assert cleanup_after(run_root, pid) == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_status_without_a_server(run_root: str) -> None:
+    with pytest.raises(CacheUnavailableError, match="no VM cache server runs"):
+        await daemon_status(run_root)
+
+
+def test_garbage_pid_file_means_no_server(run_root: str) -> None:
+    persist.ensure_dir(paths.factory_dir(run_root))
+    with open(paths.pid_file(run_root), "w") as f:
+        f.write("{")
+    assert read_pid_file(run_root) == (0, None, 0, None)
+    assert running_pid(run_root) == 0
+    assert stop_daemon(run_root) == []
+    assert not os.path.exists(paths.pid_file(run_root))
