@@ -1,0 +1,305 @@
+"""Shared benchmark plumbing: alternating runs, statistics, results, run roots, the CLI.
+
+Every benchmark is `async def bench(opts: Options) -> Result`: it alternates its candidates
+(A B, B A, ... after a warm-up), and reports medians, percentiles and ratios measured in the
+same run. `main()` runs one benchmark standalone (`--runs N`, `--quick`, `--json PATH`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from virtcontainers.guest import AGENT_READY_MARKER
+
+MARKER = AGENT_READY_MARKER.encode()
+QUICK_RUNS = 2
+"""Runs per candidate with `--quick`: enough to exercise every code path, not to conclude."""
+
+Result = dict[str, Any]
+Sample = dict[str, float]
+Candidate = Callable[[int], Awaitable[Sample]]
+"""One measurement of one candidate: run index -> {metric: seconds}."""
+
+
+class Skip(Exception):
+    """A benchmark (or one candidate) cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """How much to measure."""
+
+    runs: int = 10
+    warmup: int = 1
+    quick: bool = False
+
+    def scaled(self, factor: int, minimum: int = 1) -> int:
+        """`runs * factor` (for cheap measurements that need many samples, e.g. exec)."""
+        return max(minimum, self.runs * factor)
+
+
+# -- statistics -------------------------------------------------------------------------------
+def percentile(samples: list[float], q: float) -> float:
+    """The q-th percentile (0..100), linear interpolation between closest ranks."""
+    if not samples:
+        raise ValueError("percentile of no samples")
+    s = sorted(samples)
+    pos = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def summarize(samples: list[float]) -> dict[str, Any]:
+    """Median, mean, p90, p99, min, max and the raw samples (seconds)."""
+    return {
+        "n": len(samples),
+        "median": statistics.median(samples),
+        "mean": statistics.fmean(samples),
+        "p90": percentile(samples, 90),
+        "p99": percentile(samples, 99),
+        "min": min(samples),
+        "max": max(samples),
+        "samples": [round(x, 6) for x in samples],
+    }
+
+
+def fmt_s(seconds: float) -> str:
+    """Seconds, or milliseconds below one second."""
+    return f"{seconds:.3f} s" if seconds >= 1 else f"{seconds * 1000:.1f} ms"
+
+
+# -- alternation ------------------------------------------------------------------------------
+async def alternate(
+    candidates: Mapping[str, Candidate], runs: int, warmup: int
+) -> dict[str, dict[str, list[float]]]:
+    """Run every candidate `warmup` times (discarded), then `runs` times in rotating order.
+
+    Run i starts with candidate i mod k (A B / B A for two), so slow drift of the machine
+    (other load, caches) hits all candidates alike. Returns {candidate: {metric: samples}}.
+    """
+    names = list(candidates)
+    for w in range(warmup):
+        for name in names:
+            sample = await candidates[name](-1 - w)
+            print(f"  warm-up {name:16s} {_fmt_sample(sample)}", flush=True)
+    out: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    for i in range(1, runs + 1):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            sample = await candidates[name](i)
+            for metric, value in sample.items():
+                out[name].setdefault(metric, []).append(value)
+            print(f"  run {i:3d} {name:16s} {_fmt_sample(sample)}", flush=True)
+    return out
+
+
+def _fmt_sample(sample: Sample) -> str:
+    return "  ".join(f"{m} {fmt_s(v)}" for m, v in sample.items())
+
+
+# -- results ----------------------------------------------------------------------------------
+def new_result(name: str, title: str, opts: Options, **extra: Any) -> Result:
+    """An empty result: metrics per candidate, checks (ratios and targets), skips and notes."""
+    return {
+        "name": name,
+        "title": title,
+        "runs": opts.runs,
+        "warmup": opts.warmup,
+        "metrics": {},
+        "checks": [],
+        "skipped": {},
+        "notes": [],
+        **extra,
+    }
+
+
+def add_metrics(result: Result, samples: Mapping[str, Mapping[str, list[float]]]) -> None:
+    """Summarize {candidate: {metric: samples}} into the result."""
+    for cand, metrics in samples.items():
+        dest = result["metrics"].setdefault(cand, {})
+        for metric, values in metrics.items():
+            if values:
+                dest[metric] = summarize(list(values))
+
+
+def median(result: Result, cand: str, metric: str, stat: str = "median") -> float | None:
+    """A statistic of one candidate's metric, or None when it was not measured."""
+    m = result["metrics"].get(cand, {}).get(metric)
+    return float(m[stat]) if m else None
+
+
+def add_ratio(
+    result: Result,
+    label: str,
+    num: tuple[str, str],
+    den: tuple[str, str],
+    target: float | None = None,
+    stat: str = "median",
+) -> None:
+    """Record stat(num) / stat(den), both from this run, and whether it is <= target."""
+    a, b = median(result, *num, stat=stat), median(result, *den, stat=stat)
+    if a is None or b is None or b <= 0:
+        return
+    value = a / b
+    result["checks"].append(
+        {
+            "label": label,
+            "kind": "ratio",
+            "value": value,
+            "target": target,
+            "met": None if target is None else value <= target,
+        }
+    )
+
+
+def add_limit(result: Result, label: str, value: float | None, limit: float) -> None:
+    """Record an absolute check: value (seconds) <= limit (seconds)."""
+    if value is None:
+        return
+    result["checks"].append(
+        {"label": label, "kind": "seconds", "value": value, "target": limit, "met": value <= limit}
+    )
+
+
+def print_result(result: Result) -> None:
+    """Human-readable summary: medians (p90/p99), ratios and targets."""
+    print(f"\n== {result['title']} ({result['runs']} runs after {result['warmup']} warm-up)")
+    for cand, metrics in result["metrics"].items():
+        for metric, s in metrics.items():
+            print(
+                f"  {cand:24s} {metric:14s} median {fmt_s(s['median']):>10s}  "
+                f"p90 {fmt_s(s['p90']):>10s}  p99 {fmt_s(s['p99']):>10s}  (n={s['n']})"
+            )
+    for c in result["checks"]:
+        value = f"{c['value']:.3f}x" if c["kind"] == "ratio" else fmt_s(c["value"])
+        if c["target"] is None:
+            verdict = ""
+        else:
+            target = f"{c['target']:g}x" if c["kind"] == "ratio" else fmt_s(c["target"])
+            verdict = f"  (target <= {target}: {'met' if c['met'] else 'NOT met'})"
+        print(f"  {c['label']:52s} {value}{verdict}")
+    for what, why in result["skipped"].items():
+        print(f"  skipped {what}: {why}")
+    for note in result["notes"]:
+        print(f"  note: {note}")
+
+
+# -- run roots and leftovers ------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def temp_run_root(prefix: str = "vcb-") -> AsyncIterator[str]:
+    """A fresh run root under /tmp (short: socket paths stay under 108 bytes).
+
+    On exit, any process still running from it is killed (reported as a leak) and the
+    directory is removed.
+    """
+    root = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    try:
+        yield root
+    finally:
+        leaked = kill_processes_using(root)
+        if leaked:
+            print(f"  WARNING: killed {len(leaked)} leftover process(es) under {root}: {leaked}")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def processes_using(path: str) -> list[int]:
+    """Pids whose command line mentions `path` (VMMs started for a benchmark)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if path.encode() in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def kill_processes_using(path: str) -> list[int]:
+    """SIGKILL what `processes_using(path)` finds (only our own uniquely named temp paths)."""
+    pids = processes_using(path)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+async def wait_gone(pid: int, timeout: float = 10.0) -> None:
+    """Wait until /proc/<pid> disappears (exited and reaped by its parent)."""
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"process {pid} still exists after {timeout:g}s")
+        await asyncio.sleep(0.002)
+
+
+# -- memory -----------------------------------------------------------------------------------
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """/proc/<pid>/smaps_rollup in bytes (Rss, Pss, Private_Dirty, ...)."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                out[parts[0].rstrip(":")] = int(parts[1]) * 1024
+    return out
+
+
+# -- standalone entry point -------------------------------------------------------------------
+def parse_options(description: str, argv: list[str] | None = None) -> tuple[Options, str | None]:
+    """`--runs N`, `--warmup N`, `--quick` and `--json PATH`."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--runs", type=int, default=None, help="measured runs per candidate")
+    ap.add_argument("--warmup", type=int, default=1, help="discarded runs per candidate")
+    ap.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK_RUNS} runs")
+    ap.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    args = ap.parse_args(argv)
+    runs = args.runs if args.runs is not None else (QUICK_RUNS if args.quick else 10)
+    if runs < 1 or args.warmup < 0:
+        ap.error("--runs must be >= 1 and --warmup >= 0")
+    return Options(runs=runs, warmup=args.warmup, quick=args.quick), args.json
+
+
+def main(bench: Callable[[Options], Coroutine[Any, Any, Result]], description: str) -> int:
+    """Run one benchmark from the command line and print (and optionally save) its result."""
+    import json
+
+    opts, json_path = parse_options(description)
+    try:
+        result = asyncio.run(bench(opts))
+    except Skip as exc:
+        print(f"skipped: {exc}")
+        return 0
+    print_result(result)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+@contextlib.contextmanager
+def timer() -> Iterator[Callable[[], float]]:
+    """`with timer() as t: ...; t()` -> seconds since entry (perf_counter)."""
+    t0 = time.perf_counter()
+    yield lambda: time.perf_counter() - t0
+
+
+def die(msg: str) -> None:
+    print(msg, file=sys.stderr)
+    sys.exit(1)

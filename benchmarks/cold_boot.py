@@ -1,0 +1,266 @@
+"""Cold boot to agent-ready and teardown: virtcontainers vs raw QEMU vs libvirt.
+
+All three boot the same kernel and initrd with the same kernel command line, 1 vCPU (2 max),
+256 MiB, q35 under TCG, and are timed to the same point: the agent's `VC-AGENT-READY` line
+on the serial console (`boot`); then to the agent's first answer over its virtio-serial port
+(`agent`). virtcontainers is timed from `create_sandbox` (config validation, VM directory,
+argv) to the marker; raw QEMU runs the exact argv the driver builds (see `boot.py`), timed
+from `Popen`; libvirt is timed from `createXML`. `teardown` is stop-until-reaped: the driver's
+`stop_sandbox` + `cleanup` (QMP quit, reap, files removed), SIGTERM + wait for raw QEMU,
+`virDomainDestroy` until the QEMU pid is gone for libvirt.
+
+    .venv/bin/python benchmarks/cold_boot.py [--runs 10] [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import boot
+from _lib import (
+    Candidate,
+    Options,
+    Result,
+    Sample,
+    Skip,
+    add_metrics,
+    add_ratio,
+    alternate,
+    main,
+    new_result,
+    temp_run_root,
+    wait_gone,
+)
+
+from virtcontainers.agent import AgentClient
+from virtcontainers.devices import SerialPort
+from virtcontainers.drivers.qemu import QemuHypervisor
+from virtcontainers.types import serialize_params
+
+MACHINE = "q35"
+BOOT_TIMEOUT = 120.0
+AGENT_TIMEOUT = 30.0
+TITLE = "Cold boot to agent-ready (q35, TCG)"
+
+
+def agent_socket(drv: QemuHypervisor) -> str:
+    """The host end of the agent's virtio-serial port."""
+    for dev in drv.devices:
+        if isinstance(dev, SerialPort):
+            return dev.socket.host_path
+    raise RuntimeError(f"VM {drv.id} has no agent port")
+
+
+async def agent_ready(path: str) -> None:
+    """Connect to the agent (hello answered) and hang up."""
+    client = await AgentClient.connect(path, AGENT_TIMEOUT)
+    await client.close()
+
+
+async def vc_boot(run_root: str, vm_id: str) -> Sample:
+    """virtcontainers' QEMU driver: create -> start -> marker -> agent; then stop, reaped."""
+    t0 = time.perf_counter()
+    drv = await boot.prepare(run_root, vm_id, MACHINE)
+    try:
+        await drv.start_sandbox(BOOT_TIMEOUT)
+        assert drv.paths is not None
+        await boot.wait_marker(drv.paths.console_socket, drv.paths.console_log, BOOT_TIMEOUT)
+        t_boot = time.perf_counter() - t0
+        await agent_ready(agent_socket(drv))
+        t_agent = time.perf_counter() - t0
+    except BaseException:
+        await drv.stop_sandbox()
+        raise
+    pid = drv.get_pids()[0]
+    t1 = time.perf_counter()
+    await drv.stop_sandbox()
+    await drv.cleanup()
+    t_down = time.perf_counter() - t1
+    if os.path.exists(f"/proc/{pid}") or os.path.exists(drv.paths.vm_dir):
+        raise RuntimeError(f"VM {vm_id}: QEMU {pid} or its directory survived stop_sandbox")
+    return {"boot": t_boot, "agent": t_agent, "teardown": t_down}
+
+
+def spawn(argv: list[str], pass_fds: list[int], log_path: str) -> subprocess.Popen[bytes]:
+    """Start QEMU the plain way: inherited fds, stdout and stderr to a log."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            argv, pass_fds=pass_fds, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+async def raw_boot(run_root: str, vm_id: str) -> Sample:
+    """The driver's exact argv started with Popen; SIGTERM + wait to tear down."""
+    drv = await boot.prepare(run_root, vm_id, MACHINE)  # VM directory and argv only: not timed
+    assert drv.paths is not None
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        launch = drv.build_launch(qmp_fd=theirs.fileno())
+        t0 = time.perf_counter()
+        proc = spawn(launch.argv, launch.pass_fds, drv.paths.qemu_log)
+        theirs.close()
+        if not await asyncio.get_running_loop().sock_recv(ours, 4096):  # chardevs are up
+            raise RuntimeError(f"raw QEMU exited early ({proc.wait()}), see {drv.paths.qemu_log}")
+        await boot.wait_marker(drv.paths.console_socket, drv.paths.console_log, BOOT_TIMEOUT)
+        t_boot = time.perf_counter() - t0
+        await agent_ready(agent_socket(drv))
+        t_agent = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        proc.terminate()
+        await asyncio.to_thread(proc.wait)
+        t_down = time.perf_counter() - t1
+        return {"boot": t_boot, "agent": t_agent, "teardown": t_down}
+    finally:
+        theirs.close()
+        ours.close()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        await drv.stop_sandbox()
+
+
+async def kernel_cmdline(run_root: str) -> tuple[str, int]:
+    """The driver's kernel command line and max vCPUs for this config (for libvirt)."""
+    drv = await boot.prepare(run_root, "cmdline", MACHINE)
+    try:
+        launch = drv.build_launch()
+        argv = launch.argv
+        smp = argv[argv.index("-smp") + 1]
+        max_vcpus = int(smp.split("maxcpus=")[1].split(",")[0])
+        return " ".join(serialize_params(launch.kernel_params, "=")), max_vcpus
+    finally:
+        await drv.stop_sandbox()
+
+
+def libvirt_candidate(lv: Any, work: str, cmdline: str, max_vcpus: int) -> Candidate:
+    """A candidate booting transient libvirt domains built like the driver's VM."""
+    import _libvirt
+
+    cfg = boot.make_config(MACHINE)
+    counter = iter(range(1_000_000))
+
+    async def libvirt_boot(_i: int) -> Sample:
+        n = next(counter)
+        console = _libvirt.ConsoleListener(os.path.join(work, f"lv{n}.console"))
+        spec = _libvirt.DomainSpec(
+            name=f"vcbench-{os.getpid()}-{n}",
+            kernel=cfg.kernel_path,
+            initrd=cfg.initrd_path,
+            cmdline=cmdline,
+            console_path=console.path,
+            agent_path=os.path.join(work, f"lv{n}.agent"),
+            memory_mib=cfg.memory_size,
+            vcpus=cfg.num_vcpus,
+            max_vcpus=max_vcpus,
+        )
+        dom = None
+        try:
+            t0 = time.perf_counter()
+            dom = lv.create(spec)
+            await console.wait_marker(BOOT_TIMEOUT)
+            t_boot = time.perf_counter() - t0
+            await agent_ready(spec.agent_path)
+            t_agent = time.perf_counter() - t0
+            pid = _libvirt.qemu_pid(spec.name)
+            t1 = time.perf_counter()
+            lv.destroy(dom)
+            await wait_gone(pid)
+            t_down = time.perf_counter() - t1
+            dom = None
+            return {"boot": t_boot, "agent": t_agent, "teardown": t_down}
+        finally:
+            if dom is not None:
+                lv.destroy(dom)
+            console.close()
+            if os.path.exists(spec.agent_path):
+                os.unlink(spec.agent_path)
+
+    return libvirt_boot
+
+
+def driver_candidate(fn: Callable[[str, str], Any], run_root: str, prefix: str) -> Candidate:
+    counter = iter(range(1_000_000))
+
+    async def run(_i: int) -> Sample:
+        sample: Sample = await fn(run_root, f"{prefix}{next(counter)}")
+        return sample
+
+    return run
+
+
+async def bench(opts: Options) -> Result:
+    """Alternate virtcontainers, raw QEMU and (when available) libvirt; medians and ratios."""
+    import contextlib
+
+    result = new_result("cold_boot", TITLE, opts, unit="s")
+    async with temp_run_root() as run_root:
+        cmdline, max_vcpus = await kernel_cmdline(run_root)
+        result["kernel_cmdline"] = cmdline
+        candidates: dict[str, Candidate] = {
+            "virtcontainers": driver_candidate(vc_boot, run_root, "vc"),
+            "raw_qemu": driver_candidate(raw_boot, run_root, "raw"),
+        }
+        with contextlib.ExitStack() as stack:
+            try:
+                import _libvirt
+
+                lv, notes = stack.enter_context(_libvirt.session(run_root))
+                result["notes"] += notes
+                result["libvirt_version"] = lv.version()
+                candidates["libvirt"] = libvirt_candidate(lv, run_root, cmdline, max_vcpus)
+            except Skip as exc:
+                result["skipped"]["libvirt"] = str(exc)
+            samples = await alternate(candidates, opts.runs, opts.warmup)
+    add_metrics(result, samples)
+    add_ratio(
+        result,
+        "boot: virtcontainers / raw QEMU",
+        ("virtcontainers", "boot"),
+        ("raw_qemu", "boot"),
+        target=1.05,
+    )
+    add_ratio(
+        result,
+        "boot: virtcontainers / libvirt",
+        ("virtcontainers", "boot"),
+        ("libvirt", "boot"),
+        target=0.8,
+    )
+    add_ratio(
+        result,
+        "agent answer: virtcontainers / raw QEMU",
+        ("virtcontainers", "agent"),
+        ("raw_qemu", "agent"),
+    )
+    add_ratio(
+        result,
+        "agent answer: virtcontainers / libvirt",
+        ("virtcontainers", "agent"),
+        ("libvirt", "agent"),
+    )
+    add_ratio(
+        result,
+        "teardown: virtcontainers / raw QEMU",
+        ("virtcontainers", "teardown"),
+        ("raw_qemu", "teardown"),
+    )
+    add_ratio(
+        result,
+        "teardown: virtcontainers / libvirt",
+        ("virtcontainers", "teardown"),
+        ("libvirt", "teardown"),
+    )
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main(bench, __doc__.splitlines()[0]))
