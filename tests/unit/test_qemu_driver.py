@@ -468,3 +468,20 @@ async def test_create_refuses_bad_ids(run_root: str, assets: HypervisorConfig, b
     with pytest.raises(ConfigError, match="sandbox: invalid id"):
         await QemuHypervisor(run_root=run_root).create_sandbox(bad, None, assets)
     assert os.listdir(run_root) == []
+
+
+async def test_create_refuses_a_dir_in_use_and_bad_config_leaves_nothing(
+    run_root: str, assets: HypervisorConfig, fake: FakeQMPServer
+) -> None:
+    first = QemuHypervisor(run_root=run_root)
+    await first.create_sandbox("sb1", None, assets)
+    await serve(fake, first)  # something answers on sb1's QMP socket: a live VM
+    with pytest.raises(StateError, match="already uses"):
+        await QemuHypervisor(run_root=run_root).create_sandbox("sb1", None, assets)
+    await fake.close()
+    await first.stop_sandbox()
+
+    assets.cpu_features = "pmu=off -device evil"
+    with pytest.raises(ConfigError, match="cpu_features"):
+        await QemuHypervisor(run_root=run_root).create_sandbox("sb2", None, assets)
+    assert os.listdir(os.path.join(run_root, "vm")) == []

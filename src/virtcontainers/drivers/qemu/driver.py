@@ -182,10 +182,17 @@ class QemuHypervisor(Hypervisor):
         self.paths = qargv.VMPaths(persist.vm_dir(id, self.run_root))
         for sock in (self.paths.qmp_socket, self.paths.console_socket):
             host.build_socket_path(sock)
+        if _listening(self.paths.qmp_socket):
+            raise StateError(f"sandbox {id}: a running VM already uses {self.paths.vm_dir}")
         os.makedirs(os.path.dirname(self.paths.vm_dir), exist_ok=True)
         os.makedirs(self.paths.vm_dir, mode=0o700, exist_ok=True)
-        os.chmod(self.paths.vm_dir, 0o700)
-        spec = self._spec()
+        try:
+            os.chmod(self.paths.vm_dir, 0o700)
+            spec = self._spec()
+            qargv.build(spec)  # a config QEMU cannot take fails here, not at start
+        except BaseException:
+            shutil.rmtree(self.paths.vm_dir, ignore_errors=True)
+            raise
         self.bridges = [
             persist.Bridge(id=i, type="pcie-root-port") for i in qargv.root_port_ids(spec)
         ] + [persist.Bridge(id=i, type="pci-bridge") for i in qargv.bridge_ids(spec)]
@@ -647,6 +654,9 @@ class QemuHypervisor(Hypervisor):
     async def _attach(self) -> QMP:
         qmp = await self._attach_or_none()
         if qmp is None:
+            proc = self._process()
+            if proc is not None:
+                await proc.wait(HANGUP_GRACE)  # a refused QMP is usually a dying QEMU
             self._raise_if_exited()
             raise HypervisorError(
                 f"sandbox {self.id}: cannot connect to QMP at "
@@ -700,6 +710,18 @@ class QemuHypervisor(Hypervisor):
             raise StateError(
                 f"cannot {operation} on VM {self.id or '<unnamed>'}: it is {self.state.value}"
             )
+
+
+def _listening(path: str) -> bool:
+    """Whether something accepts connections on the Unix socket `path` (a live VM's QMP)."""
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 def _existing_asset(name: str, path: str) -> str:
