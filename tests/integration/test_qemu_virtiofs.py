@@ -1,0 +1,93 @@
+"""virtio-fs on real QEMU (q35, TCG): virtiofsd started and stopped with the VM and with a
+hotplugged share, host directories readable and writable from the guest and back."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu_hotplug_support import VM, booted, make_config
+
+from virtcontainers.devices import SharedFS
+from virtcontainers.drivers.qemu import QemuHypervisor
+from virtcontainers.errors import StateError
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check")]
+
+
+def cmdline_of(pid: int) -> list[bytes]:
+    """A running process's argv ([] once it has exited, zombies included)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+async def check_share(vm: VM, tag: str, mnt: str, host_dir: Path) -> None:
+    """Mount `tag` at `mnt` in the guest and move files both ways."""
+    (host_dir / "from-host.txt").write_text("written on the host\n")
+    await vm.sh(f"mkdir -p {mnt} && mount -t virtiofs {tag} {mnt}")
+    assert await vm.sh(f"cat {mnt}/from-host.txt") == "written on the host\n"
+    await vm.sh(f"echo written in the guest > {mnt}/from-guest.txt && sync")
+    assert (host_dir / "from-guest.txt").read_text() == "written in the guest\n"
+    (host_dir / "from-host.txt").write_text("changed on the host\n")
+    assert await vm.sh(f"cat {mnt}/from-host.txt") == "changed on the host\n"
+
+
+async def test_cold_and_hotplugged_virtio_fs(
+    run_root: str, guest_assets: Any, tmp_path: Path
+) -> None:
+    cold_dir = tmp_path / "cold"
+    hot_dir = tmp_path / "hot"
+    cold_dir.mkdir()
+    hot_dir.mkdir()
+    cold = SharedFS(id="share0", source=str(cold_dir), mount_tag="cold")
+    cfg = make_config(guest_assets, shared_fs="virtio-fs", pcie_root_port=1)
+    async with booted(run_root, cfg, devices=(cold,)) as vm:
+        drv = vm.drv
+        pids = drv.get_pids()
+        assert len(pids) == 2
+        assert cmdline_of(pids[1])[0].endswith(b"virtiofsd")
+        assert f"source={cold_dir}".encode() in cmdline_of(pids[1])
+        assert drv.save().virtiofsd_pid == pids[1]
+        assert any("memory-backend-memfd" in a and "share=on" in a for a in drv.argv)
+        await check_share(vm, "cold", "/mnt/cold", cold_dir)
+
+        # A second share hotplugged: its own virtiofsd and vhost-user-fs-pci on a root port.
+        hot = SharedFS(id="share1", source=str(hot_dir), mount_tag="hot")
+        assert await drv.hotplug_add_device(hot) is hot
+        hot_pids = drv.get_pids()
+        assert len(hot_pids) == 3 and hot_pids[:2] == pids
+        assert f"source={hot_dir}".encode() in cmdline_of(hot_pids[2])
+        await check_share(vm, "hot", "/mnt/hot", hot_dir)
+
+        # Unmount and hot-remove it: its virtiofsd goes; the cold share keeps working.
+        await vm.sh("umount /mnt/hot")
+        await drv.hotplug_remove_device(hot)
+        assert drv.get_pids() == pids
+        assert not cmdline_of(hot_pids[2])
+        await vm.wait_for("grep -c ' virtiofs ' /proc/mounts", "1")
+        with pytest.raises(StateError, match="share1 .*never hot-added"):
+            await drv.hotplug_remove_device(hot)
+        assert (await vm.sh("cat /mnt/cold/from-guest.txt")) == "written in the guest\n"
+
+        # Hotplug again, then let another process stop the VM from its persisted state: it
+        # stops QEMU and both daemons.
+        await drv.hotplug_add_device(hot)
+        await check_share(vm, "hot", "/mnt/hot2", hot_dir)
+        all_pids = drv.get_pids()
+        assert len(all_pids) == 3
+        state = drv.save()
+        await vm.agent.close()
+        await drv.disconnect()
+        other = QemuHypervisor(run_root=run_root)
+        other.load(state)
+        assert other.get_pids() == all_pids
+        await other.stop_sandbox()
+        assert other.get_pids() == []
+        for pid in all_pids:
+            assert not cmdline_of(pid)
+        assert not os.path.exists(state.vm_dir)
