@@ -70,7 +70,7 @@ async def test_cold_and_hotplugged_virtio_fs(
         assert drv.get_pids() == pids
         assert not cmdline_of(hot_pids[2])
         await vm.wait_for("grep -c ' virtiofs ' /proc/mounts", "1")
-        with pytest.raises(StateError, match="share1 .*never hot-added"):
+        with pytest.raises(StateError, match=r"share1 .*never hot-added"):
             await drv.hotplug_remove_device(hot)
         assert (await vm.sh("cat /mnt/cold/from-guest.txt")) == "written in the guest\n"
 
