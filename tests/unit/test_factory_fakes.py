@@ -7,6 +7,7 @@ in-process `FakeAgent`) listening on the VM's own agent socket while it runs, `t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -16,7 +17,8 @@ from typing import Any, ClassVar
 import pytest
 
 from virtcontainers import hypervisor, persist
-from virtcontainers.agent.fake import FakeAgent
+from virtcontainers.agent import ExecResult
+from virtcontainers.agent.fake import ExecRequest, FakeAgent, builtin_exec
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.drivers.mock import MockHypervisor
 from virtcontainers.errors import LaunchError, StateError
@@ -38,6 +40,8 @@ class FakeHV(MockHypervisor):
 
     hypervisor_type = HypervisorType.MOCK
     caps: ClassVar[Capabilities] = ALL_CAPS
+    guest_lags: ClassVar[bool] = False
+    """The fake guest never sees hot-added vCPUs."""
     fail_start: ClassVar[int] = 0
     """Number of upcoming starts that fail with LaunchError."""
     started: ClassVar[int] = 0
@@ -51,6 +55,7 @@ class FakeHV(MockHypervisor):
     @classmethod
     def reset(cls) -> None:
         cls.caps = ALL_CAPS
+        cls.guest_lags = False
         cls.fail_start = 0
         cls.started = 0
         cls.running = {}
@@ -72,7 +77,8 @@ class FakeHV(MockHypervisor):
             raise LaunchError(f"fake VM {self.id} failed to launch")
         await super().start_sandbox(timeout)
         persist.ensure_dir(os.path.dirname(self.agent_path))
-        type(self).agents[self.id] = await FakeAgent(self.agent_path).start()
+        agent = FakeAgent(self.agent_path, exec_handler=functools.partial(_guest_exec, self.id))
+        type(self).agents[self.id] = await agent.start()
         type(self).running[self.id] = self
         type(self).started += 1
 
@@ -103,6 +109,16 @@ class FakeHV(MockHypervisor):
         self.vcpus, self.memory_mb = config.num_vcpus, config.memory_size
         self.state = VMState(doc["state"])
         type(self).running[self.id] = self
+
+
+async def _guest_exec(vm_id: str, req: ExecRequest) -> ExecResult:
+    """The fake guest: answers the factory's CPU/memory query from the VM's current size."""
+    if req.argv[:2] == ["/bin/sh", "-c"] and "cpuinfo" in req.argv[2]:
+        hv = FakeHV.running[vm_id]
+        cpus = min(hv.vcpus, hv.hypervisor_config().num_vcpus) if FakeHV.guest_lags else hv.vcpus
+        out = f"{cpus}\nMemTotal:  {hv.memory_mb * 1024 - 30000} kB\n"
+        return ExecResult(0, out.encode(), b"")
+    return await builtin_exec(req)
 
 
 def fake_config(**overrides: Any) -> HypervisorConfig:

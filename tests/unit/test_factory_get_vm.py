@@ -220,3 +220,16 @@ async def test_network_hotplug_gets_a_fresh_mac(fake_hv: type[FakeHV], run_root:
         assert set(vm.hypervisor.hotplugged) == {"n1", "n2"}  # type: ignore[attr-defined]
     finally:
         await vm.stop()
+
+
+async def test_guest_that_never_onlines_hot_added_cpus_gets_a_direct_boot(
+    fake_hv: type[FakeHV], run_root: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_hv.guest_lags = True
+    async with await cached_factory(run_root) as factory:
+        vm = await factory.get_vm(fake_config(num_vcpus=2), timeout=0.5)
+        try:
+            assert vm.origin == "direct (fallback)" and vm.cpu == 2
+            assert "the guest has 1 CPUs" in caplog.text
+        finally:
+            await vm.stop()

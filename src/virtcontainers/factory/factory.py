@@ -164,12 +164,14 @@ class Factory:
         await vm.sync_time()
         add_cpu = request.config.num_vcpus - vm.cpu
         add_mem = request.config.memory_size - vm.memory_mb
-        if add_cpu > 0:
-            await vm.add_cpus(add_cpu)
-        if add_mem > 0:
-            await vm.add_memory(add_mem)
         if add_cpu > 0 or add_mem > 0:
-            await vm.online()
+            _, mem_kib = await vm.guest_resources()
+            old_mem = vm.memory_mb
+            await vm.add_cpus(add_cpu)
+            await vm.add_memory(add_mem)
+            # Hotplugged memory shows in MemTotal nearly in full: allow 10% for its memmap.
+            want_kib = mem_kib + ((vm.memory_mb - old_mem) << 10) * 9 // 10
+            await vm.wait_online(vm.cpu, want_kib, timeout)
         if add_cpu < 0 or add_mem < 0:
             log.info(
                 "factory: VM %s has %d vCPU / %d MiB, more than the %d vCPU / %d MiB requested",

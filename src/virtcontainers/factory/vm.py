@@ -16,7 +16,7 @@ from types import TracebackType
 from .. import persist
 from ..agent import AgentClient, HybridVsock
 from ..devices import HybridVSockDevice, NetworkEndpoint, SerialPort
-from ..errors import ConfigError, VCError
+from ..errors import AgentError, ConfigError, VCError, VMTimeoutError
 from ..hypervisor import Hypervisor, VMState, new_hypervisor
 from ..types import Capabilities, Socket
 from .vmconfig import VMConfig
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 AGENT_VSOCK_PORT = 1024
 DEFAULT_BOOT_TIMEOUT = 60.0
 MEMORY_BLOCK_MIB = 128
+ONLINE_POLL = 0.05
 AGENT_SETTLE = 0.3
 """Time the guest agent gets to notice the host hung up before the VM is frozen: the agent
 rechecks a disconnected port every 200 ms and discards what it reads while handling the
@@ -174,8 +175,40 @@ class VM:
         self.memory_mb = new
 
     async def online(self) -> None:
-        """Ask the guest to online hot-added CPUs and memory."""
+        """Ask the guest to online hot-added CPUs and memory (once; see `wait_online`)."""
         await (await self.agent()).online()
+
+    async def guest_resources(self) -> tuple[int, int]:
+        """(online CPUs, MemTotal in KiB) as the guest sees them."""
+        res = await (await self.agent()).exec(
+            ["/bin/sh", "-c", "grep -c ^processor /proc/cpuinfo; grep ^MemTotal: /proc/meminfo"]
+        )
+        try:
+            cpus, mem = res.stdout.decode().splitlines()[:2]
+            return int(cpus), int(mem.split()[1])
+        except (ValueError, IndexError):
+            raise AgentError(
+                f"VM {self.id}: cannot read the guest's CPUs and memory: {res.stdout[:200]!r} "
+                f"{res.stderr[:200]!r}"
+            ) from None
+
+    async def wait_online(self, cpus: int, mem_kib: int, timeout: float) -> None:
+        """Online hot-added CPUs and memory until the guest has `cpus` CPUs and at least
+        `mem_kib` KiB (the guest sees hotplugged devices a moment after QEMU adds them)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        seen = (0, 0)
+        while True:
+            await self.online()
+            seen = await self.guest_resources()
+            if seen[0] >= cpus and seen[1] >= mem_kib:
+                return
+            if loop.time() >= deadline:
+                raise VMTimeoutError(
+                    f"VM {self.id}: the guest has {seen[0]} CPUs and {seen[1] >> 10} MiB online "
+                    f"after {timeout:g}s, expected {cpus} CPUs and {mem_kib >> 10} MiB"
+                )
+            await asyncio.sleep(ONLINE_POLL)
 
     async def add_network(self, endpoint: NetworkEndpoint) -> NetworkEndpoint:
         """Hot-add a NIC, giving it a fresh random MAC when it has none."""
