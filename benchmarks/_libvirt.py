@@ -21,12 +21,14 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 from _lib import MARKER, Skip
+
+from virtcontainers.agent import AgentClient
 
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 RUN_DIR = "/run/libvirt"
@@ -299,3 +301,35 @@ def session(work_dir: str) -> Iterator[tuple[Libvirt, list[str]]]:
             yield lv, notes
         finally:
             lv.close()
+
+
+class Domain:
+    """A running transient domain booted to its agent (use `async with Domain.boot(...)`)."""
+
+    def __init__(self, lv: Libvirt, spec: DomainSpec, console: ConsoleListener) -> None:
+        self.lv = lv
+        self.spec = spec
+        self.console = console
+        self.dom: Any = None
+        self.agent: AgentClient | None = None
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def boot(
+        cls, lv: Libvirt, spec: DomainSpec, timeout: float = 120.0
+    ) -> AsyncIterator[Domain]:
+        """Create the domain, wait for the marker and connect to its agent; destroy on exit."""
+        d = cls(lv, spec, ConsoleListener(spec.console_path))
+        try:
+            d.dom = lv.create(spec)
+            await d.console.wait_marker(timeout)
+            d.agent = await AgentClient.connect(spec.agent_path, timeout)
+            yield d
+        finally:
+            if d.agent is not None:
+                await d.agent.close()
+            if d.dom is not None:
+                lv.destroy(d.dom)
+            d.console.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spec.agent_path)

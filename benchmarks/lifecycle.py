@@ -1,0 +1,320 @@
+"""Pause + resume, block hotplug until the guest sees the disk, vCPU hotplug: virtcontainers
+(the `Sandbox` API) vs libvirt (`virDomainSuspend`/`Resume`, `attachDevice`, `setVcpus`).
+
+Both VMs are the same q35 TCG guest (1 vCPU of 2, 256 MiB, same kernel, initrd, command line,
+virtio-scsi controller). Block hotplug: a 16 MiB raw file as a SCSI disk; `attach` is the API
+call, `visible` is until the guest lists a new `sd*` in /sys/block (polled through the agent,
+the same way for both); the disk is removed again (not timed) before the next run. vCPU
+hotplug: `attach` is the API call, `online` is until the guest's
+/sys/devices/system/cpu/online reads 0-1 (the agent onlines it). vCPU hot-removal is refused
+under TCG (QEMU 7.2 corrupts itself), so every vCPU run boots fresh VMs (not timed).
+
+    .venv/bin/python benchmarks/lifecycle.py [--runs 10] [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import _libvirt
+import boot
+from _lib import (
+    Candidate,
+    Options,
+    Result,
+    Sample,
+    add_metrics,
+    add_ratio,
+    alternate,
+    main,
+    new_result,
+    temp_run_root,
+)
+from cold_boot import kernel_cmdline
+
+from virtcontainers.agent import AgentClient
+from virtcontainers.errors import UnsupportedError
+from virtcontainers.sandbox import Sandbox
+from virtcontainers.types import Capabilities
+
+TITLE = "Pause/resume, block and vCPU hotplug (q35, TCG)"
+GUEST_TIMEOUT = 30.0
+DISK_MIB = 16
+
+
+class Setup:
+    """What every candidate needs: run root, libvirt connection, the shared VM shape."""
+
+    def __init__(self, run_root: str, lv: _libvirt.Libvirt, cmdline: str, max_vcpus: int):
+        self.run_root = run_root
+        self.lv = lv
+        self.cmdline = cmdline
+        self.max_vcpus = max_vcpus
+        self.cfg = boot.make_config("q35")
+        self._n = 0
+
+    def next_id(self, prefix: str) -> str:
+        self._n += 1
+        return f"{prefix}{self._n}"
+
+    def sandbox(self) -> Sandbox:
+        cfg = self.cfg.copy()
+        cfg.default_max_vcpus = self.max_vcpus
+        return Sandbox(self.next_id("lc"), "qemu", cfg, run_root=self.run_root)
+
+    def domain_spec(self) -> _libvirt.DomainSpec:
+        n = self.next_id("lv")
+        return _libvirt.DomainSpec(
+            name=f"vcbench-{os.getpid()}-{n}",
+            kernel=self.cfg.kernel_path,
+            initrd=self.cfg.initrd_path,
+            cmdline=self.cmdline,
+            console_path=os.path.join(self.run_root, f"{n}.console"),
+            agent_path=os.path.join(self.run_root, f"{n}.agent"),
+            memory_mib=self.cfg.memory_size,
+            vcpus=self.cfg.num_vcpus,
+            max_vcpus=self.max_vcpus,
+        )
+
+    def disk(self) -> str:
+        path = os.path.join(self.run_root, f"{self.next_id('disk')}.img")
+        with open(path, "wb") as f:
+            f.truncate(DISK_MIB << 20)
+        return path
+
+    @contextlib.asynccontextmanager
+    async def booted_sandbox(self) -> AsyncIterator[Sandbox]:
+        sb = self.sandbox()
+        try:
+            await sb.start()
+            yield sb
+        finally:
+            await sb.stop()
+
+    def booted_domain(self) -> contextlib.AbstractAsyncContextManager[_libvirt.Domain]:
+        return _libvirt.Domain.boot(self.lv, self.domain_spec())
+
+
+# -- guest-side checks (the same for both) --------------------------------------------------
+async def guest_out(agent: AgentClient, argv: list[str]) -> str:
+    res = await agent.exec(argv)
+    return res.stdout.decode()
+
+
+async def scsi_disks(agent: AgentClient) -> set[str]:
+    return {d for d in (await guest_out(agent, ["ls", "/sys/block"])).split() if d.startswith("sd")}
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Poll `check` (each poll is an agent round trip) until true."""
+    deadline = time.monotonic() + GUEST_TIMEOUT
+    while not await check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"guest: {what} not seen within {GUEST_TIMEOUT:g}s")
+
+
+async def cpus_online(agent: AgentClient, expect: str) -> bool:
+    await agent.online(cpus=True, memory=False)
+    return (await guest_out(agent, ["cat", "/sys/devices/system/cpu/online"])).strip() == expect
+
+
+# -- pause / resume ---------------------------------------------------------------------------
+def pause_vc(sb: Sandbox) -> Candidate:
+    async def run(_i: int) -> Sample:
+        t0 = time.perf_counter()
+        await sb.pause()
+        t1 = time.perf_counter()
+        await sb.resume()
+        t2 = time.perf_counter()
+        return {"pause": t1 - t0, "resume": t2 - t1, "pause_resume": t2 - t0}
+
+    return run
+
+
+def pause_libvirt(d: _libvirt.Domain) -> Candidate:
+    async def run(_i: int) -> Sample:
+        t0 = time.perf_counter()
+        d.dom.suspend()
+        t1 = time.perf_counter()
+        d.dom.resume()
+        t2 = time.perf_counter()
+        return {"pause": t1 - t0, "resume": t2 - t1, "pause_resume": t2 - t0}
+
+    return run
+
+
+# -- block hotplug ----------------------------------------------------------------------------
+def block_vc(setup: Setup, sb: Sandbox) -> Candidate:
+    async def run(_i: int) -> Sample:
+        agent = await sb.agent()
+        path = setup.disk()
+        before = await scsi_disks(agent)
+        t0 = time.perf_counter()
+        drive = await sb.add_disk(path)
+        t1 = time.perf_counter()
+        await wait_until(lambda: _more(agent, before), "hot-added disk")
+        t2 = time.perf_counter()
+        await sb.remove_disk(drive)
+        await wait_until(lambda: _same(agent, before), "disk removal")
+        os.unlink(path)
+        return {"attach": t1 - t0, "visible": t2 - t0}
+
+    return run
+
+
+def block_libvirt(setup: Setup, d: _libvirt.Domain) -> Candidate:
+    async def run(_i: int) -> Sample:
+        assert d.agent is not None
+        agent = d.agent
+        path = setup.disk()
+        xml = _libvirt.scsi_disk_xml(path, "sdb")
+        before = await scsi_disks(agent)
+        t0 = time.perf_counter()
+        d.dom.attachDeviceFlags(xml, setup.lv.live)
+        t1 = time.perf_counter()
+        await wait_until(lambda: _more(agent, before), "hot-added disk")
+        t2 = time.perf_counter()
+        d.dom.detachDeviceFlags(xml, setup.lv.live)
+        await wait_until(lambda: _same(agent, before), "disk removal")
+        await _wait_detached(d, path)
+        os.unlink(path)
+        return {"attach": t1 - t0, "visible": t2 - t0}
+
+    return run
+
+
+async def _more(agent: AgentClient, before: set[str]) -> bool:
+    return bool(await scsi_disks(agent) - before)
+
+
+async def _same(agent: AgentClient, before: set[str]) -> bool:
+    return await scsi_disks(agent) == before
+
+
+async def _wait_detached(d: _libvirt.Domain, path: str) -> None:
+    """libvirt finishes a detach when QEMU reports DEVICE_DELETED; wait for its XML to say so."""
+    deadline = time.monotonic() + GUEST_TIMEOUT
+    while path in d.dom.XMLDesc(0):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"libvirt still lists {path} after the detach")
+        await asyncio.sleep(0.01)
+
+
+# -- vCPU hotplug -----------------------------------------------------------------------------
+def vcpu_vc(setup: Setup) -> Candidate:
+    async def run(_i: int) -> Sample:
+        async with setup.booted_sandbox() as sb:
+            agent = await sb.agent()
+            t0 = time.perf_counter()
+            await sb.resize(vcpus=2)
+            t1 = time.perf_counter()
+            await wait_until(lambda: cpus_online(agent, "0-1"), "vCPU 1 online")
+            t2 = time.perf_counter()
+        return {"attach": t1 - t0, "online": t2 - t0}
+
+    return run
+
+
+def vcpu_libvirt(setup: Setup) -> Candidate:
+    async def run(_i: int) -> Sample:
+        async with setup.booted_domain() as d:
+            assert d.agent is not None
+            agent = d.agent
+            t0 = time.perf_counter()
+            d.dom.setVcpusFlags(2, setup.lv.live)
+            t1 = time.perf_counter()
+            await wait_until(lambda: cpus_online(agent, "0-1"), "vCPU 1 online")
+            t2 = time.perf_counter()
+        return {"attach": t1 - t0, "online": t2 - t0}
+
+    return run
+
+
+# -- the benchmark ----------------------------------------------------------------------------
+def _prefixed(cands: dict[str, Candidate], prefix: str) -> dict[str, Candidate]:
+    """Candidates whose metric names carry the operation (pause, block, vcpu)."""
+
+    def wrap(c: Candidate) -> Candidate:
+        async def run(i: int) -> Sample:
+            return {f"{prefix}_{k}": v for k, v in (await c(i)).items()}
+
+        return run
+
+    return {name: wrap(c) for name, c in cands.items()}
+
+
+async def bench(opts: Options) -> Result:
+    """Pause/resume and block hotplug on one VM of each; vCPU hotplug on fresh VMs per run."""
+    result = new_result("lifecycle", TITLE, opts, unit="s")
+    samples: dict[str, dict[str, list[float]]] = {"virtcontainers": {}, "libvirt": {}}
+
+    def merge(new: dict[str, dict[str, list[float]]]) -> None:
+        for cand, metrics in new.items():
+            samples[cand].update(metrics)
+
+    async with temp_run_root() as run_root:
+        cmdline, max_vcpus = await kernel_cmdline(run_root)
+        with _libvirt.session(run_root) as (lv, notes):
+            result["notes"] += notes
+            result["libvirt_version"] = lv.version()
+            setup = Setup(run_root, lv, cmdline, max_vcpus)
+            async with setup.booted_sandbox() as sb, setup.booted_domain() as dom:
+                no_cpu = unsupported(sb, Capabilities.CPU_HOTPLUG, "vCPU hotplug")
+                no_block = unsupported(sb, Capabilities.BLOCK_DEVICE_HOTPLUG, "block hotplug")
+                print("pause + resume", flush=True)
+                pr = {"virtcontainers": pause_vc(sb), "libvirt": pause_libvirt(dom)}
+                merge(await alternate(_prefixed(pr, "pause"), opts.scaled(3), opts.warmup))
+                if no_block:
+                    result["skipped"]["block hotplug"] = no_block
+                    print(f"block hotplug skipped: {no_block}")
+                else:
+                    print("block hotplug", flush=True)
+                    bl = {
+                        "virtcontainers": block_vc(setup, sb),
+                        "libvirt": block_libvirt(setup, dom),
+                    }
+                    merge(await alternate(_prefixed(bl, "block"), opts.runs, opts.warmup))
+            if no_cpu:
+                result["skipped"]["vCPU hotplug"] = no_cpu
+                print(f"vCPU hotplug skipped: {no_cpu}")
+            else:
+                print("vCPU hotplug (fresh VMs every run)", flush=True)
+                vc = {"virtcontainers": vcpu_vc(setup), "libvirt": vcpu_libvirt(setup)}
+                merge(await alternate(_prefixed(vc, "vcpu"), opts.runs, opts.warmup))
+    add_metrics(result, samples)
+    for metric, label in (
+        ("pause_pause_resume", "pause + resume"),
+        ("pause_pause", "pause"),
+        ("pause_resume", "resume"),
+        ("block_visible", "block hotplug until the guest sees it"),
+        ("block_attach", "block hotplug API call"),
+        ("vcpu_online", "vCPU hotplug until online in the guest"),
+        ("vcpu_attach", "vCPU hotplug API call"),
+    ):
+        target = 0.5 if metric in ("pause_pause_resume", "block_visible", "vcpu_online") else None
+        add_ratio(
+            result,
+            f"{label}: virtcontainers / libvirt",
+            ("virtcontainers", metric),
+            ("libvirt", metric),
+            target=target,
+        )
+    return result
+
+
+def unsupported(sb: Sandbox, cap: Capabilities, what: str) -> str:
+    """Why the sandbox cannot do `what` ("" when it can)."""
+    try:
+        sb.hypervisor.require(cap, what)
+    except UnsupportedError as exc:
+        return f"the QEMU driver cannot do it yet: {exc}"
+    return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main(bench, __doc__.splitlines()[0]))
