@@ -304,30 +304,30 @@ def kill(ctx: typer.Context, sandbox_id: IdArg) -> None:
     _say(ctx, {"id": sandbox_id, "state": "stopped"}, sandbox_id)
 
 
-@app.command()
-def pause(ctx: typer.Context, sandbox_id: IdArg) -> None:
-    """Pause a running sandbox."""
+def _act(ctx: typer.Context, sandbox_id: str, action: str, new_state: str) -> None:
+    """Attach, call `Sandbox.<action>()`, let go; report the new state."""
 
     async def body() -> None:
         sb = await _attach(ctx, sandbox_id)
-        await sb.pause()
-        await sb.detach()
+        try:
+            await getattr(sb, action)()
+        finally:
+            await sb.detach()
 
     run_async(body())
-    _say(ctx, {"id": sandbox_id, "state": "paused"}, sandbox_id)
+    _say(ctx, {"id": sandbox_id, "state": new_state}, sandbox_id)
+
+
+@app.command()
+def pause(ctx: typer.Context, sandbox_id: IdArg) -> None:
+    """Pause a running sandbox."""
+    _act(ctx, sandbox_id, "pause", "paused")
 
 
 @app.command()
 def resume(ctx: typer.Context, sandbox_id: IdArg) -> None:
     """Resume a paused sandbox."""
-
-    async def body() -> None:
-        sb = await _attach(ctx, sandbox_id)
-        await sb.resume()
-        await sb.detach()
-
-    run_async(body())
-    _say(ctx, {"id": sandbox_id, "state": "running"}, sandbox_id)
+    _act(ctx, sandbox_id, "resume", "running")
 
 
 @app.command("list")
