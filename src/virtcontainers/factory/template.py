@@ -412,13 +412,7 @@ class TemplateStore:
         base = os.path.abspath(directory)
         if not os.path.isdir(base):
             raise TemplateError(f"template directory {base} does not exist")
-        free = tmpfs.free_bytes(base)
-        if free < need:
-            raise TemplateError(
-                f"template {name}: {base} has {free >> 20} MiB free, but a template of a "
-                f"{memory_mib} MiB VM needs {need >> 20} MiB (guest memory + "
-                f"{HEADROOM_MIB} MiB headroom)"
-            )
+        check_room(name, base, memory_mib)
         files = os.path.join(base, name)
         try:
             os.mkdir(files, 0o700)
@@ -461,7 +455,7 @@ class TemplateStore:
         except VCError as exc:
             await stop_quietly(vm, hv)
             raise TemplateError(
-                f"creating template {name} failed: {exc}{_space_hint(files)}"
+                f"creating template {name} failed{_space_hint(files)}: {exc}"
             ) from exc
         except BaseException:
             await stop_quietly(vm, hv)
@@ -610,6 +604,19 @@ def _refuse_untemplatable(cfg: HypervisorConfig) -> None:
         raise ConfigError(
             "boot_to_be_template / boot_from_template are set by the template store; "
             "pass a plain config"
+        )
+
+
+def check_room(name: str, directory: str, memory_mib: int) -> None:
+    """Refuse a directory without room for a template of a `memory_mib` VM: a guest whose
+    memory file cannot grow dies of SIGBUS."""
+    need = (memory_mib + HEADROOM_MIB) << 20
+    free = tmpfs.free_bytes(directory)
+    if free < need:
+        raise TemplateError(
+            f"template {name}: {directory} has {free >> 20} MiB free, but a template of a "
+            f"{memory_mib} MiB VM needs {need >> 20} MiB (guest memory + "
+            f"{HEADROOM_MIB} MiB headroom)"
         )
 
 

@@ -27,6 +27,7 @@ AGENT_VSOCK_PORT = 1024
 DEFAULT_BOOT_TIMEOUT = 60.0
 MEMORY_BLOCK_MIB = 128
 ONLINE_POLL = 0.05
+AGENT_CHECK_INTERVAL = 1.0
 AGENT_SETTLE = 0.3
 """Time the guest agent gets to notice the host hung up before the VM is frozen: the agent
 rechecks a disconnected port every 200 ms and discards what it reads while handling the
@@ -122,9 +123,23 @@ class VM:
         return self._agent
 
     async def wait_agent(self, timeout: float) -> None:
-        """Connect to the agent and ping it: the VM is ready for work."""
-        agent = await self.agent(timeout)
-        await agent.ping()
+        """Connect to the agent and ping it: the VM is ready for work.
+
+        Every `AGENT_CHECK_INTERVAL` without an answer the VM's health is checked, so a VMM
+        that died (e.g. of SIGBUS on a full memory filesystem) fails this at once.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                agent = await self.agent(max(0.05, min(remaining, AGENT_CHECK_INTERVAL)))
+                await agent.ping()
+                return
+            except AgentError:
+                if loop.time() >= deadline:
+                    raise
+                await self.hypervisor.check()
 
     async def close_agent(self) -> None:
         agent, self._agent = self._agent, None
