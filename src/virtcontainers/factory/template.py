@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 METADATA_FILE = "template.json"
+LOCATION_FILE = "location"
+"""Where the files of a template in a user-named directory are (written before they exist,
+so a template whose metadata is lost can still be removed)."""
 MEMORY_FILE = "memory"
 STATE_FILE = "state"
 HEADROOM_MIB = 32
@@ -423,6 +426,11 @@ class TemplateStore:
         except OSError as exc:
             raise TemplateError(f"template {name}: cannot create {files}: {exc.strerror}") from exc
         persist.ensure_dir(tdir)
+        try:
+            persist.atomic_write(os.path.join(tdir, LOCATION_FILE), files.encode())
+        except StateError as exc:
+            os.rmdir(files)
+            raise TemplateError(f"template {name}: {exc}") from exc
         return files
 
     async def _create(
@@ -500,6 +508,12 @@ class TemplateStore:
         if files_dir is None:
             with contextlib.suppress(TemplateError, OSError):
                 files_dir = self.get(name).directory
+        if files_dir is None:
+            with (
+                contextlib.suppress(OSError, UnicodeDecodeError),
+                open(os.path.join(tdir, LOCATION_FILE), encoding="utf-8") as f,
+            ):
+                files_dir = f.read().strip() or None
         if files_dir and files_dir != tdir:
             for fname in (MEMORY_FILE, STATE_FILE):
                 with contextlib.suppress(FileNotFoundError):
