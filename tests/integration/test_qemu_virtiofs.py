@@ -29,7 +29,8 @@ def cmdline_of(pid: int) -> list[bytes]:
 async def check_share(vm: VM, tag: str, mnt: str, host_dir: Path) -> None:
     """Mount `tag` at `mnt` in the guest and move files both ways."""
     (host_dir / "from-host.txt").write_text("written on the host\n")
-    await vm.sh(f"mkdir -p {mnt} && mount -t virtiofs {tag} {mnt}")
+    # A hotplugged device is probed by the guest a moment after device_add: retry the mount.
+    await vm.wait_for(f"mkdir -p {mnt} && mount -t virtiofs {tag} {mnt} && echo mounted", "mounted")
     assert await vm.sh(f"cat {mnt}/from-host.txt") == "written on the host\n"
     await vm.sh(f"echo written in the guest > {mnt}/from-guest.txt && sync")
     assert (host_dir / "from-guest.txt").read_text() == "written in the guest\n"
