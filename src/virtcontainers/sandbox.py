@@ -427,7 +427,7 @@ class Sandbox:
         if self._agent is not None and self._agent.closed:
             await self._close_agent()  # the connection died: make a new one
         if self._agent is None:
-            await self._connect_agent(10.0)
+            await self._connect_agent(self.start_timeout)  # VM death is noticed at once
         assert self._agent is not None
         return self._agent
 
@@ -596,8 +596,12 @@ class Sandbox:
         store = persist.StateStore(root)
         if not store.exists(id):  # checked first: taking the lock would create its directory
             raise StateError(f"no such sandbox: {id}")
-        with store.lock(id):
+        async with store.alock(id, timeout=LOCK_TIMEOUT):
             doc = store.read(id)
+            if str(doc.get("sandbox", {}).get("state", "")) in ("new", "created"):
+                # Nobody holds the lock, so no start is under way: a VMM still serving the
+                # VM dir was left by a manager that died before recording its pid.
+                await _kill_strays(persist.vm_dir(id, root))
         sb_doc = doc.get("sandbox", {})
         sb = cls(id, sb_doc.get("hypervisor", "qemu"), run_root=root)
         sb.start_timeout = float(sb_doc.get("start_timeout", DEFAULT_START_TIMEOUT))
@@ -659,8 +663,23 @@ def _write_host_file(path: str, data: bytes) -> None:
         raise ConfigError(f"cannot write host file {path}: {e.strerror}") from e
 
 
+#: Programs `_kill_strays` may kill (the basename of argv[0] starts with one of these).
+VMM_PROGRAMS = (
+    "qemu-system-",
+    "qemu-storage-daemon",
+    "virtiofsd",
+    "firecracker",
+    "cloud-hypervisor",
+    "acrn-dm",
+)
+
+
 def _vmm_pids_in(vm_dir: str) -> list[int]:
-    """Processes (other than this one) whose command line names a file in `vm_dir`."""
+    """VMM processes (see `VMM_PROGRAMS`) whose command line names a file in `vm_dir`.
+
+    Anything else that mentions the directory (say, a `tail -f` of its console log) is
+    not a VMM and is left alone.
+    """
     marker = os.fsencode(vm_dir.rstrip("/") + "/")
     found: list[int] = []
     for entry in os.listdir("/proc"):
@@ -671,7 +690,8 @@ def _vmm_pids_in(vm_dir: str) -> list[int]:
                 cmdline = f.read()
         except OSError:
             continue
-        if marker in cmdline:
+        program = os.path.basename(cmdline.split(b"\0", 1)[0]).decode(errors="replace")
+        if marker in cmdline and program.startswith(VMM_PROGRAMS):
             found.append(int(entry))
     return found
 
