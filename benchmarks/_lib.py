@@ -81,20 +81,27 @@ def fmt_s(seconds: float) -> str:
     return f"{seconds:.3f} s" if seconds >= 1 else f"{seconds * 1000:.1f} ms"
 
 
+def fmt_value(value: float, unit: str = "s") -> str:
+    """A metric value in its unit: seconds (`fmt_s`) or bytes (MiB)."""
+    return f"{value / (1 << 20):.1f} MiB" if unit == "bytes" else fmt_s(value)
+
+
 # -- alternation ------------------------------------------------------------------------------
 async def alternate(
-    candidates: Mapping[str, Candidate], runs: int, warmup: int
+    candidates: Mapping[str, Candidate], runs: int, warmup: int, *, verbose: bool = True
 ) -> dict[str, dict[str, list[float]]]:
     """Run every candidate `warmup` times (discarded), then `runs` times in rotating order.
 
     Run i starts with candidate i mod k (A B / B A for two), so slow drift of the machine
     (other load, caches) hits all candidates alike. Returns {candidate: {metric: samples}}.
+    `verbose` prints every sample.
     """
     names = list(candidates)
     for w in range(warmup):
         for name in names:
             sample = await candidates[name](-1 - w)
-            print(f"  warm-up {name:16s} {_fmt_sample(sample)}", flush=True)
+            if verbose:
+                print(f"  warm-up {name:16s} {_fmt_sample(sample)}", flush=True)
     out: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     for i in range(1, runs + 1):
         k = i % len(names)
@@ -102,7 +109,8 @@ async def alternate(
             sample = await candidates[name](i)
             for metric, value in sample.items():
                 out[name].setdefault(metric, []).append(value)
-            print(f"  run {i:3d} {name:16s} {_fmt_sample(sample)}", flush=True)
+            if verbose:
+                print(f"  run {i:3d} {name:16s} {_fmt_sample(sample)}", flush=True)
     return out
 
 
@@ -177,11 +185,13 @@ def add_limit(result: Result, label: str, value: float | None, limit: float) -> 
 def print_result(result: Result) -> None:
     """Human-readable summary: medians (p90/p99), ratios and targets."""
     print(f"\n== {result['title']} ({result['runs']} runs after {result['warmup']} warm-up)")
+    unit = result.get("unit", "s")
     for cand, metrics in result["metrics"].items():
         for metric, s in metrics.items():
+            med, p90, p99 = (fmt_value(s[k], unit) for k in ("median", "p90", "p99"))
             print(
-                f"  {cand:24s} {metric:14s} median {fmt_s(s['median']):>10s}  "
-                f"p90 {fmt_s(s['p90']):>10s}  p99 {fmt_s(s['p99']):>10s}  (n={s['n']})"
+                f"  {cand:24s} {metric:14s} median {med:>10s}  p90 {p90:>10s}  p99 {p99:>10s}"
+                f"  (n={s['n']})"
             )
     for c in result["checks"]:
         value = f"{c['value']:.3f}x" if c["kind"] == "ratio" else fmt_s(c["value"])
