@@ -133,7 +133,7 @@ def test_daemon_spec_validation() -> None:
         DaemonSpec.from_dict([1])
 
 
-def test_stale_pid_file_and_leftovers_of_a_killed_server(run_root: str) -> None:
+async def test_stale_pid_file_and_leftovers_of_a_killed_server(run_root: str) -> None:
     persist.ensure_dir(paths.factory_dir(run_root))
     pid, start = dead_pid()
     with open(paths.pid_file(run_root), "w") as f:
@@ -146,7 +146,7 @@ def test_stale_pid_file_and_leftovers_of_a_killed_server(run_root: str) -> None:
         write_ledger(paths.ledger_file(run_root), pid, start, [entry])
         assert read_pid_file(run_root)[0] == pid
         assert running_pid(run_root) == 0
-        assert stop_daemon(run_root) == ["left"]
+        assert await stop_daemon(run_root) == ["left"]
         assert proc.wait(5) == -9
         for path in (paths.pid_file(run_root), paths.socket_path(run_root)):
             assert not os.path.exists(path)
@@ -161,11 +161,11 @@ async def test_status_without_a_server(run_root: str) -> None:
         await daemon_status(run_root)
 
 
-def test_garbage_pid_file_means_no_server(run_root: str) -> None:
+async def test_garbage_pid_file_means_no_server(run_root: str) -> None:
     persist.ensure_dir(paths.factory_dir(run_root))
     with open(paths.pid_file(run_root), "w") as f:
         f.write("{")
     assert read_pid_file(run_root) == (0, None, 0, None)
     assert running_pid(run_root) == 0
-    assert stop_daemon(run_root) == []
+    assert await stop_daemon(run_root) == []
     assert not os.path.exists(paths.pid_file(run_root))

@@ -228,7 +228,7 @@ def factory_init(
         concurrency=concurrency,
         boot_timeout=timeout,
     )
-    pid = start_daemon(spec, run_root=root)
+    pid = run_async(start_daemon(spec, run_root=root))
     if wait:
         with_spinner("filling the VM cache", lambda: _wait_full(root, size, timeout), g.json)
     data = {"pid": pid, "socket": paths.socket_path(root), "size": size}
@@ -295,7 +295,7 @@ def factory_destroy(ctx: typer.Context) -> None:
     from ..factory import stop_daemon
 
     g = get_globals(ctx)
-    reaped = stop_daemon(g.run_root)
+    reaped = run_async(stop_daemon(g.run_root))
     if g.json:
         emit_json({"stopped": True, "leftover_vms_stopped": reaped})
         return

@@ -97,7 +97,7 @@ def running_pid(run_root: str | None = None) -> int:
 
 
 # -- client-side control ------------------------------------------------------------------------
-def start_daemon(
+async def start_daemon(
     spec: DaemonSpec, *, run_root: str | None = None, timeout: float = START_TIMEOUT
 ) -> int:
     """Start the cache server for `run_root` in the background; return its pid once it serves."""
@@ -109,6 +109,30 @@ def start_daemon(
     sock = paths.socket_path(root)
     persist.ensure_dir(paths.factory_dir(root))
     persist.atomic_write(paths.spec_file(root), json.dumps(asdict(spec), indent=1).encode())
+    proc = _spawn(root)
+    deadline = time.monotonic() + timeout
+    while True:
+        code = proc.poll()
+        if code is not None:
+            _children.pop(proc.pid, None)
+            raise FactoryError(
+                f"the VM cache server exited with code {code} during start-up"
+                + _log_tail(paths.log_file(root))
+            )
+        if os.path.exists(sock) and await _answers(sock, root):
+            return proc.pid
+        if time.monotonic() >= deadline:
+            await asyncio.to_thread(_kill, proc.pid, host.process_start_time(proc.pid))
+            _reap_child(proc.pid)
+            raise FactoryError(
+                f"the VM cache server did not answer within {timeout:g}s"
+                + _log_tail(paths.log_file(root))
+            )
+        await asyncio.sleep(0.05)
+
+
+def _spawn(root: str) -> subprocess.Popen[bytes]:
+    """Run the daemon in its own session, its output appended to the log file."""
     with open(paths.log_file(root), "ab") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "virtcontainers.factory.daemon", "--run-root", root],
@@ -119,38 +143,18 @@ def start_daemon(
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     _children[proc.pid] = proc
-    deadline = time.monotonic() + timeout
-    while True:
-        code = proc.poll()
-        if code is not None:
-            _children.pop(proc.pid, None)
-            raise FactoryError(
-                f"the VM cache server exited with code {code} during start-up"
-                + _log_tail(paths.log_file(root))
-            )
-        if os.path.exists(sock) and _answers(sock, root):
-            return proc.pid
-        if time.monotonic() >= deadline:
-            _kill(proc.pid, host.process_start_time(proc.pid))
-            raise FactoryError(
-                f"the VM cache server did not answer within {timeout:g}s"
-                + _log_tail(paths.log_file(root))
-            )
-        time.sleep(0.05)
+    return proc
 
 
-def _answers(sock: str, root: str) -> bool:
-    async def probe() -> bool:
-        from .grpc_client import RemoteCache
+async def _answers(sock: str, root: str) -> bool:
+    from .grpc_client import RemoteCache
 
-        try:
-            remote = await RemoteCache.connect(sock, run_root=root, timeout=1.0)
-        except FactoryError:
-            return False
-        await remote.close()
-        return True
-
-    return asyncio.run(probe())
+    try:
+        remote = await RemoteCache.connect(sock, run_root=root, timeout=1.0)
+    except FactoryError:
+        return False
+    await remote.close()
+    return True
 
 
 async def daemon_status(run_root: str | None = None, timeout: float = 5.0) -> FactoryStatus:
@@ -169,20 +173,20 @@ async def daemon_status(run_root: str | None = None, timeout: float = 5.0) -> Fa
         await remote.close()
 
 
-def stop_daemon(run_root: str | None = None, timeout: float = STOP_TIMEOUT) -> list[str]:
+async def stop_daemon(run_root: str | None = None, timeout: float = STOP_TIMEOUT) -> list[str]:
     """Stop the server (Quit, then signals) and clean up after it; returns ids of VMs that a
     dead server had left behind and that were stopped here."""
     root = persist.run_root(run_root)
     pid, start, watcher, watcher_start = read_pid_file(root)
     if pid and host.pid_is(pid, start):
         with contextlib.suppress(FactoryError):
-            asyncio.run(_quit(root, timeout))
-        if not _wait_gone(pid, start, timeout):
-            _kill(pid, start)
+            await _quit(root, timeout)
+        if not await asyncio.to_thread(_wait_gone, pid, start, timeout):
+            await asyncio.to_thread(_kill, pid, start)
     _reap_child(pid)
-    reaped = cleanup_after(root, pid)
+    reaped = await asyncio.to_thread(cleanup_after, root, pid)
     if watcher:
-        _wait_gone(watcher, watcher_start, 10.0)
+        await asyncio.to_thread(_wait_gone, watcher, watcher_start, 10.0)
     return reaped
 
 
