@@ -131,6 +131,7 @@ class Hotplug:
                 )
             if isinstance(device, BlockDrive):
                 if self.config.enable_vhost_user_store:
+                    # Every hot-added drive is then served by its own qemu-storage-daemon.
                     return await self._add_vhost_user_drive(device)
                 return await self._add_block(device)
             if isinstance(device, NetworkEndpoint):
@@ -315,7 +316,9 @@ class Hotplug:
             await self._del_backend(rec)
         finally:
             if rec.helper:
-                await self.driver.helpers.stop(rec.helper, grace=1.0)
+                # virtiofsd exits by itself once its vhost-user connection is gone.
+                grace = 1.0 if rec.helper.startswith("fs-") else 0.0
+                await self.driver.helpers.stop(rec.helper, grace=grace)
 
     def _block_index(self, drive: BlockDrive) -> int:
         used = set(self.driver.block_index_map)
