@@ -839,3 +839,32 @@ async def test_records_survive_save_and_load(
     assert not other.bridges[0].devices_addr
     fake.assert_done()
     await other.disconnect()
+
+
+async def test_device_del_is_repeated_until_the_guest_acts(
+    run_root: str, config: HypervisorConfig, dummy: subprocess.Popen[bytes], fake: FakeQMPServer
+) -> None:
+    # A guest still booting drops the first eject request; the second one is honoured.
+    drv = await running(run_root, config, dummy, fake)
+    drv.hotplug.unplug_retry = 0.2
+    drv.hotplug.load(
+        {
+            "devices": [
+                {
+                    "key": "NetworkEndpoint:n0",
+                    "qdev": "net-n0",
+                    "backend_kind": "netdev",
+                    "backend": "netdev-n0",
+                }
+            ]
+        }
+    )
+    fake.add(
+        Expect("device_del", {"id": "net-n0"}),
+        Expect("device_del", {"id": "net-n0"}, events=[deleted("net-n0")]),
+        Expect("netdev_del", {"id": "netdev-n0"}),
+    )
+    await drv.hotplug_remove_device(NetworkEndpoint(id="n0", tap_name="tap0"))
+    assert drv.hotplug.plugged == {}
+    fake.assert_done()
+    await drv.disconnect()

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,8 @@ IMPLEMENTED = (
 
 UNPLUG_TIMEOUT = 30.0
 """Seconds to wait for the guest to release a device after `device_del`."""
+UNPLUG_RETRY = 3.0
+"""Seconds between repeated `device_del` requests while waiting."""
 
 #: How each kind of backend is removed: QMP command and the name of its id argument.
 BACKEND_DEL: dict[str, tuple[str, str]] = {
@@ -99,6 +102,7 @@ class Hotplug:
     def __init__(self, driver: QemuHypervisor) -> None:
         self.driver = driver
         self.unplug_timeout = UNPLUG_TIMEOUT
+        self.unplug_retry = UNPLUG_RETRY
         self.plugged: dict[str, Plugged] = {}
         #: Hot-added pc-dimms: {"id", "slot", "size_mb", "addr"} each.
         self.dimms: list[dict[str, int | str]] = []
@@ -230,35 +234,45 @@ class Hotplug:
     ) -> None:
         """`device_del`, then wait for DEVICE_DELETED naming `qdev` (or for `gone()`).
 
-        `VMTimeoutError` if the guest does not release it within `unplug_timeout`: the device
-        then stays attached. An id QEMU no longer knows counts as removed (a pending unplug
-        from an earlier, timed-out attempt may have completed since).
+        The request is repeated every `unplug_retry` seconds: a guest still booting drops the
+        eject request (seen here for devices added right after start). `VMTimeoutError` if the
+        guest does not release the device within `unplug_timeout`: it then stays attached.
+        An id QEMU no longer knows counts as removed (an earlier request may have completed).
         """
         qmp = await self.driver._attach()
+        deadline = time.monotonic() + self.unplug_timeout
         with qmp.events("DEVICE_DELETED") as events:
-            try:
-                await self.driver._execute("device_del", {"id": qdev})
-            except QMPCommandError as exc:
-                if exc.error_class == "DeviceNotFound":
+            while True:
+                if not await self._request_unplug(qdev, op):
                     return
-                if "in progress" not in exc.desc and "process of unplug" not in exc.desc:
-                    raise HypervisorError(f"qemu: VM {self.driver.id}: {op} failed: {exc}") from exc
-            try:
-                async with asyncio.timeout(self.unplug_timeout):
-                    while True:
-                        try:
-                            event = await events.wait(timeout=0.25 if gone else 3600)
-                        except VMTimeoutError:
-                            event = None
-                        if event is not None and event.get("data", {}).get("device") == qdev:
-                            return
-                        if gone is not None and await gone():
-                            return
-            except TimeoutError:
-                raise VMTimeoutError(
-                    f"qemu: VM {self.driver.id}: {op}: the guest did not release device {qdev} "
-                    f"within {self.unplug_timeout:g}s; it is still attached (retry the removal)"
-                ) from None
+                retry_at = min(deadline, time.monotonic() + self.unplug_retry)
+                while (now := time.monotonic()) < retry_at:
+                    try:
+                        poll = min(0.25, retry_at - now) if gone else retry_at - now
+                        event = await events.wait(timeout=poll)
+                    except VMTimeoutError:
+                        event = None
+                    if event is not None and event.get("data", {}).get("device") == qdev:
+                        return
+                    if gone is not None and await gone():
+                        return
+                if time.monotonic() >= deadline:
+                    raise VMTimeoutError(
+                        f"qemu: VM {self.driver.id}: {op}: the guest did not release device "
+                        f"{qdev} within {self.unplug_timeout:g}s; it is still attached (retry "
+                        "the removal)"
+                    )
+
+    async def _request_unplug(self, qdev: str, op: str) -> bool:
+        """Send `device_del`; False when QEMU no longer has the device."""
+        try:
+            await self.driver._execute("device_del", {"id": qdev})
+        except QMPCommandError as exc:
+            if exc.error_class == "DeviceNotFound":
+                return False
+            if "in progress" not in exc.desc and "process of unplug" not in exc.desc:
+                raise HypervisorError(f"qemu: VM {self.driver.id}: {op} failed: {exc}") from exc
+        return True
 
     async def in_peripherals(self, qdev: str) -> bool:
         """Whether QEMU still has a user-created device with id `qdev`."""
