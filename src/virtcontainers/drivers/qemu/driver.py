@@ -184,7 +184,7 @@ class QemuHypervisor(Hypervisor):
             host.build_socket_path(sock)
         if _listening(self.paths.qmp_socket):
             raise StateError(f"sandbox {id}: a running VM already uses {self.paths.vm_dir}")
-        os.makedirs(os.path.dirname(self.paths.vm_dir), exist_ok=True)
+        persist.ensure_dir(os.path.dirname(self.paths.vm_dir))  # 0700, whatever the umask
         os.makedirs(self.paths.vm_dir, mode=0o700, exist_ok=True)
         try:
             os.chmod(self.paths.vm_dir, 0o700)
