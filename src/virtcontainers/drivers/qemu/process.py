@@ -33,6 +33,11 @@ def log_tail(path: str, max_lines: int = 20, max_bytes: int = 8192) -> str:
     return "\n".join(lines[-max_lines:])
 
 
+def _private(path: str, flags: int) -> int:
+    """`open()` opener creating the file 0600."""
+    return os.open(path, flags, 0o600)
+
+
 class VMProcess:
     """One running (or exited) VMM process, ours or adopted."""
 
@@ -69,7 +74,7 @@ class VMProcess:
         if netns:
             cmd = ["nsenter", f"--net={netns}", "--", *cmd]
         try:
-            with open(log_path, "ab", buffering=0) as log:
+            with open(log_path, "ab", buffering=0, opener=_private) as log:
                 popen = subprocess.Popen(
                     cmd,
                     stdin=subprocess.DEVNULL,
@@ -78,6 +83,7 @@ class VMProcess:
                     pass_fds=tuple(pass_fds),
                     cwd=cwd,
                     start_new_session=True,
+                    umask=0o077,  # sockets and logs QEMU creates are private (0600)
                 )
         except OSError as exc:
             raise LaunchError(f"cannot execute {cmd[0]}: {exc.strerror}", argv=cmd) from exc
