@@ -7,7 +7,9 @@ on the serial console (`boot`); then to the agent's first answer over its virtio
 argv) to the marker; raw QEMU runs the exact argv the driver builds (see `boot.py`), timed
 from `Popen`; libvirt is timed from `createXML`. `teardown` is stop-until-reaped: the driver's
 `stop_sandbox` + `cleanup` (QMP quit, reap, files removed), SIGTERM + wait for raw QEMU,
-`virDomainDestroy` until the QEMU pid is gone for libvirt.
+`virDomainDestroy` until the QEMU pid is gone for libvirt. Where the time goes:
+`create` (virtcontainers: `create_sandbox` + agent port, before QEMU starts) and `launch`
+(until QMP is connected: the driver's `start_sandbox`; raw: QEMU's QMP greeting).
 
     .venv/bin/python benchmarks/cold_boot.py [--runs 10] [--quick]
 """
@@ -68,8 +70,10 @@ async def vc_boot(run_root: str, vm_id: str) -> Sample:
     """virtcontainers' QEMU driver: create -> start -> marker -> agent; then stop, reaped."""
     t0 = time.perf_counter()
     drv = await boot.prepare(run_root, vm_id, MACHINE)
+    t_create = time.perf_counter() - t0
     try:
         await drv.start_sandbox(BOOT_TIMEOUT)
+        t_launch = time.perf_counter() - t0
         assert drv.paths is not None
         await boot.wait_marker(drv.paths.console_socket, drv.paths.console_log, BOOT_TIMEOUT)
         t_boot = time.perf_counter() - t0
@@ -85,7 +89,13 @@ async def vc_boot(run_root: str, vm_id: str) -> Sample:
     t_down = time.perf_counter() - t1
     if os.path.exists(f"/proc/{pid}") or os.path.exists(drv.paths.vm_dir):
         raise RuntimeError(f"VM {vm_id}: QEMU {pid} or its directory survived stop_sandbox")
-    return {"boot": t_boot, "agent": t_agent, "teardown": t_down}
+    return {
+        "boot": t_boot,
+        "agent": t_agent,
+        "teardown": t_down,
+        "create": t_create,
+        "launch": t_launch,
+    }
 
 
 def spawn(argv: list[str], pass_fds: list[int], log_path: str) -> subprocess.Popen[bytes]:
@@ -110,6 +120,7 @@ async def raw_boot(run_root: str, vm_id: str) -> Sample:
         theirs.close()
         if not await asyncio.get_running_loop().sock_recv(ours, 4096):  # chardevs are up
             raise RuntimeError(f"raw QEMU exited early ({proc.wait()}), see {drv.paths.qemu_log}")
+        t_launch = time.perf_counter() - t0
         await boot.wait_marker(drv.paths.console_socket, drv.paths.console_log, BOOT_TIMEOUT)
         t_boot = time.perf_counter() - t0
         await agent_ready(agent_socket(drv))
@@ -118,7 +129,7 @@ async def raw_boot(run_root: str, vm_id: str) -> Sample:
         proc.terminate()
         await asyncio.to_thread(proc.wait)
         t_down = time.perf_counter() - t1
-        return {"boot": t_boot, "agent": t_agent, "teardown": t_down}
+        return {"boot": t_boot, "agent": t_agent, "teardown": t_down, "launch": t_launch}
     finally:
         theirs.close()
         ours.close()

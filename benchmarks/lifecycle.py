@@ -8,6 +8,8 @@ the same way for both); the disk is removed again (not timed) before the next ru
 hotplug: `attach` is the API call, `online` is until the guest's
 /sys/devices/system/cpu/online reads 0-1 (the agent onlines it). vCPU hot-removal is refused
 under TCG (QEMU 7.2 corrupts itself), so every vCPU run boots fresh VMs (not timed).
+Pause/resume is also measured on the QEMU driver alone (`qemu_driver`: no Sandbox state
+written), which shows what persisting the state costs.
 
     .venv/bin/python benchmarks/lifecycle.py [--runs 10] [--quick]
 """
@@ -136,6 +138,21 @@ def pause_vc(sb: Sandbox) -> Candidate:
     return run
 
 
+def pause_driver(sb: Sandbox) -> Candidate:
+    """The driver's pause/resume alone (no state persisted): where the Sandbox's time goes."""
+
+    async def run(_i: int) -> Sample:
+        hv = sb.hypervisor
+        t0 = time.perf_counter()
+        await hv.pause_sandbox()
+        t1 = time.perf_counter()
+        await hv.resume_sandbox()
+        t2 = time.perf_counter()
+        return {"pause": t1 - t0, "resume": t2 - t1, "pause_resume": t2 - t0}
+
+    return run
+
+
 def pause_libvirt(d: _libvirt.Domain) -> Candidate:
     async def run(_i: int) -> Sample:
         t0 = time.perf_counter()
@@ -251,7 +268,11 @@ def _prefixed(cands: dict[str, Candidate], prefix: str) -> dict[str, Candidate]:
 async def bench(opts: Options) -> Result:
     """Pause/resume and block hotplug on one VM of each; vCPU hotplug on fresh VMs per run."""
     result = new_result("lifecycle", TITLE, opts, unit="s")
-    samples: dict[str, dict[str, list[float]]] = {"virtcontainers": {}, "libvirt": {}}
+    samples: dict[str, dict[str, list[float]]] = {
+        "virtcontainers": {},
+        "libvirt": {},
+        "qemu_driver": {},
+    }
 
     def merge(new: dict[str, dict[str, list[float]]]) -> None:
         for cand, metrics in new.items():
@@ -267,7 +288,11 @@ async def bench(opts: Options) -> Result:
                 no_cpu = unsupported(sb, Capabilities.CPU_HOTPLUG, "vCPU hotplug")
                 no_block = unsupported(sb, Capabilities.BLOCK_DEVICE_HOTPLUG, "block hotplug")
                 print("pause + resume", flush=True)
-                pr = {"virtcontainers": pause_vc(sb), "libvirt": pause_libvirt(dom)}
+                pr = {
+                    "virtcontainers": pause_vc(sb),
+                    "libvirt": pause_libvirt(dom),
+                    "qemu_driver": pause_driver(sb),
+                }
                 merge(await alternate(_prefixed(pr, "pause"), opts.scaled(3), opts.warmup))
                 if no_block:
                     result["skipped"]["block hotplug"] = no_block
@@ -304,6 +329,12 @@ async def bench(opts: Options) -> Result:
             ("libvirt", metric),
             target=target,
         )
+    add_ratio(
+        result,
+        "pause + resume: virtcontainers / its QEMU driver alone",
+        ("virtcontainers", "pause_pause_resume"),
+        ("qemu_driver", "pause_pause_resume"),
+    )
     return result
 
 
