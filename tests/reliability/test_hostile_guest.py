@@ -1,0 +1,171 @@
+"""Confinement and hostile input on a live QEMU VM: `-sandbox on`, an unprivileged QEMU,
+private files, and a guest (or a host peer) writing garbage to the console and agent
+channels — the host side keeps working."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import stat
+import struct
+import zlib
+from typing import Any
+
+import pytest
+from rel_support import assert_clean, sandbox_kw
+
+from virtcontainers import persist
+from virtcontainers.agent import AgentClient
+from virtcontainers.agent import protocol as p
+from virtcontainers.sandbox import Sandbox
+from virtcontainers.types import Param
+
+pytestmark = pytest.mark.integration
+
+CALL = 30.0  # bound on every call against a hang
+
+
+def cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().decode().split("\0")[:-1]
+
+
+def uid_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    raise AssertionError("no Uid line")
+
+
+def mode(path: str) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+async def test_qemu_runs_confined_and_files_are_private(sandbox: Sandbox, leak_check: str) -> None:
+    pid = sandbox.hypervisor.get_pids()[0]
+    argv = cmdline(pid)
+    sandbox_opts = argv[argv.index("-sandbox") + 1].split(",")
+    assert sandbox_opts[0] == "on"
+    assert {"elevateprivileges=deny", "spawn=deny", "obsolete=deny"} <= set(sandbox_opts)
+
+    vm_root = persist.vm_root(leak_check)
+    vm_dir = persist.vm_dir("sb1", leak_check)
+    state = persist.StateStore(leak_check).path("sb1")
+    for d in (vm_root, vm_dir, os.path.dirname(state)):
+        assert mode(d) == 0o700, (d, oct(mode(d)))
+    assert mode(state) == 0o600
+    sockets = [
+        os.path.join(vm_dir, n)
+        for n in os.listdir(vm_dir)
+        if stat.S_ISSOCK(os.lstat(os.path.join(vm_dir, n)).st_mode)
+    ]
+    assert {"qmp.sock", "console.sock"} <= {os.path.basename(s) for s in sockets}
+    for path in [
+        *sockets,
+        *(os.path.join(vm_dir, n) for n in os.listdir(vm_dir) if n.endswith(".log")),
+    ]:
+        assert mode(path) & 0o077 == 0, (path, oct(mode(path)))
+
+
+async def test_qemu_drops_to_an_unprivileged_user(leak_check: str, guest_assets: Any) -> None:
+    nobody = pwd.getpwnam("nobody")
+    kw = sandbox_kw(guest_assets, hypervisor_params=[Param("runas", "nobody")])
+    async with Sandbox("ru1", "qemu", run_root=leak_check, **kw) as sb:
+        pid = sb.hypervisor.get_pids()[0]
+        assert uid_of(pid) == nobody.pw_uid
+        argv = cmdline(pid)
+        assert argv[argv.index("-runas") + 1] == "nobody"
+        assert "-sandbox" in argv
+        res = await asyncio.wait_for(sb.exec(["echo", "unprivileged"]), CALL)
+        assert res.stdout == b"unprivileged\n"
+        await asyncio.wait_for(sb.pause(), CALL)
+        await asyncio.wait_for(sb.resume(), CALL)
+    assert_clean(leak_check)
+
+
+async def test_guest_flooding_its_console_does_not_stall_the_host(sandbox: Sandbox) -> None:
+    flood = asyncio.ensure_future(
+        sandbox.exec(["sh", "-c", "cat /dev/urandom > /dev/ttyS0"], timeout=6)
+    )
+    await asyncio.sleep(1.0)
+    for i in range(3):  # the host keeps working while the console is flooded
+        res = await asyncio.wait_for(sandbox.exec(["echo", str(i)]), CALL)
+        assert res.stdout == f"{i}\n".encode()
+        await asyncio.wait_for(sandbox.hypervisor.check(), CALL)
+    done = await asyncio.wait_for(flood, CALL)
+    assert done.timed_out
+    assert os.path.getsize(sandbox.hypervisor.console_log) > 10_000  # type: ignore[attr-defined]
+    assert (await sandbox.exec(["echo", "after"])).stdout == b"after\n"
+
+
+async def test_guest_writing_raw_bytes_to_the_agent_port(sandbox: Sandbox) -> None:
+    # The agent holds its port open; whatever a guest process manages to write is garbage
+    # to the host decoder, which must skip it or fail cleanly — never hang.
+    res = await asyncio.wait_for(
+        sandbox.exec(
+            ["sh", "-c", "for p in /dev/vport*; do head -c 65536 /dev/urandom > $p; done; true"],
+            timeout=10,
+        ),
+        CALL,
+    )
+    assert res.exit_code == 0
+    for _ in range(2):
+        res = await asyncio.wait_for(sandbox.exec(["echo", "ok"]), CALL)
+        assert res.stdout == b"ok\n"
+
+
+def frame_header(type_: int, id_: int, length: int) -> bytes:
+    head = struct.pack("<4sBBHII", p.MAGIC, p.PROTO_VERSION, type_, 0, id_, length)
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+GARBAGE = [
+    os.urandom(4096),
+    b"VCAG" * 1000,  # magic without valid headers
+    frame_header(p.MsgType.EXEC, 7, 100) + b"short",  # truncated frame
+    frame_header(p.MsgType.PING, 8, p.MAX_FRAME + 1),  # oversize
+    frame_header(p.MsgType.EXEC, 9, 12) + struct.pack("<HI", p.Tag.ARGV, 1000) + b"xxxxxx",
+    frame_header(0x7E, 10, 0),  # unknown type
+    frame_header(p.MsgType.WRITE_FILE, 11, 0),  # missing fields
+]
+
+
+async def test_real_agent_survives_garbage_frames(sandbox: Sandbox) -> None:
+    """Each kind of garbage on a fresh connection; after it, a new client is served."""
+    target = sandbox._agent_target[1]
+    await sandbox.detach()  # one client at a time on the virtio-serial port
+    for garbage in GARBAGE:
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(target), CALL)
+        writer.write(garbage)
+        await asyncio.wait_for(writer.drain(), CALL)
+        await asyncio.sleep(0.2)
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        client = await AgentClient.connect(target, CALL)
+        try:
+            info = await asyncio.wait_for(client.ping(), CALL)
+            assert info.version.startswith("vc-agent"), garbage[:20]
+            res = await asyncio.wait_for(client.exec(["echo", "alive"]), CALL)
+            assert res.stdout == b"alive\n"
+        finally:
+            await client.close()
+
+
+async def test_real_agent_resynchronises_on_a_live_connection(sandbox: Sandbox) -> None:
+    """Garbage without a valid header is skipped; a truncated frame swallows what follows
+    (framing cannot tell), and a new connection recovers from that."""
+    agent = await sandbox.agent()
+    for garbage in (GARBAGE[0], GARBAGE[1], GARBAGE[5], GARBAGE[6]):
+        agent._writer.write(garbage)
+        await agent._writer.drain()
+        assert (await asyncio.wait_for(agent.ping(), CALL)).version
+    agent._writer.write(GARBAGE[2])
+    await agent._writer.drain()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(agent.ping(), 2.0)
+    await sandbox.detach()
+    assert (await asyncio.wait_for(sandbox.exec(["echo", "back"]), CALL)).stdout == b"back\n"
