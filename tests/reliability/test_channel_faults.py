@@ -1,0 +1,121 @@
+"""Control channels failing under a live VM: QMP dropped, the agent socket closed mid-exec,
+and the run root's filesystem full during a state write."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from rel_support import assert_clean, sandbox_kw
+
+from virtcontainers import persist
+from virtcontainers.devices import SerialPort
+from virtcontainers.errors import AgentError, StateError
+from virtcontainers.hypervisor import VMState
+from virtcontainers.sandbox import Sandbox
+
+pytestmark = pytest.mark.integration
+
+CALL = 30.0
+
+
+async def test_qmp_connection_dropped_is_reattached(sandbox: Sandbox) -> None:
+    hv: Any = sandbox.hypervisor
+    sock = hv._qmp._client._writer.transport.get_extra_info("socket")
+    assert sock is not None
+    sock.shutdown(socket.SHUT_RDWR)  # the session is gone, as when QEMU hangs up
+    await asyncio.sleep(0.2)
+    await asyncio.wait_for(hv.check(), CALL)  # re-attaches over the named socket
+    await asyncio.wait_for(sandbox.pause(), CALL)
+    assert (await hv._execute("query-status"))["status"] == "paused"
+    await asyncio.wait_for(sandbox.resume(), CALL)
+    assert (await sandbox.exec(["echo", "ok"])).stdout == b"ok\n"
+
+
+def agent_chardev(sb: Sandbox) -> tuple[str, str]:
+    hv: Any = sb.hypervisor
+    [port] = [d for d in hv.devices if isinstance(d, SerialPort)]
+    return port.socket.id, port.socket.host_path
+
+
+async def test_agent_socket_closed_mid_exec(sandbox: Sandbox) -> None:
+    hv: Any = sandbox.hypervisor
+    chardev, path = agent_chardev(sandbox)
+    running = asyncio.ensure_future(sandbox.exec(["sleep", "60"]))
+    await asyncio.sleep(0.5)
+    assert not running.done()
+    # QEMU closes the agent channel under the running exec.
+    await hv._execute("chardev-change", {"id": chardev, "backend": {"type": "null", "data": {}}})
+    with pytest.raises(AgentError, match="agent"):
+        await asyncio.wait_for(running, CALL)
+    # The channel comes back: the sandbox reconnects on its own.
+    server = {
+        "addr": {"type": "unix", "data": {"path": path}},
+        "server": True,
+        "wait": False,
+    }
+    await hv._execute(
+        "chardev-change", {"id": chardev, "backend": {"type": "socket", "data": server}}
+    )
+    res = await asyncio.wait_for(sandbox.exec(["echo", "reconnected"]), CALL)
+    assert res.stdout == b"reconnected\n"
+
+
+@pytest.fixture
+def tiny_run_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A 4 MiB tmpfs as the run root."""
+    root = tempfile.mkdtemp(prefix="vct-full-", dir="/tmp")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", root], check=True)
+    monkeypatch.setenv("VC_RUN_ROOT", root)
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", root], check=False)
+        os.rmdir(root)
+
+
+def fill(root: str) -> str:
+    filler = os.path.join(root, "filler")
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+async def test_full_run_root_keeps_the_previous_state(
+    tiny_run_root: str, guest_assets: Any
+) -> None:
+    sb = Sandbox("full1", "qemu", run_root=tiny_run_root, **sandbox_kw(guest_assets))
+    await sb.start()
+    try:
+        path = persist.StateStore(tiny_run_root).path("full1")
+        with open(path, "rb") as f:
+            before = f.read()
+        filler = fill(tiny_run_root)
+        with pytest.raises(StateError, match=r"cannot write .*persist.json: No space left"):
+            await asyncio.wait_for(sb.pause(), CALL)
+        with open(path, "rb") as f:
+            assert f.read() == before  # the old document, whole
+        assert json.loads(before)["sandbox"]["state"] == "running"
+        assert sorted(os.listdir(os.path.dirname(path))) == ["lock", "persist.json"]
+        # The pause was undone: the VM and its state file agree.
+        assert sb.state is VMState.RUNNING
+        assert (await sb.hypervisor._execute("query-status"))["status"] == "running"  # type: ignore[attr-defined]
+        assert (await asyncio.wait_for(sb.exec(["echo", "ok"]), CALL)).stdout == b"ok\n"
+        os.unlink(filler)
+        await sb.pause()
+        await sb.resume()
+    finally:
+        await sb.stop()
+    assert_clean(tiny_run_root)
