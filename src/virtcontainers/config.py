@@ -250,6 +250,8 @@ class HypervisorConfig:
                     raise ConfigError(f"{name}: parameter {p.key}={p.value!r} has a control char")
         for pattern in self.enable_annotations:
             _compile_annotation_pattern(pattern)
+        _check_option_list("machine_accelerators", self.machine_accelerators, _MACHINE_OPT_RE)
+        _check_option_list("cpu_features", self.cpu_features, _CPU_FEATURE_RE)
 
     # -- kernel parameters and assets ------------------------------------------------------
     def add_kernel_param(self, param: Param) -> None:
@@ -452,6 +454,45 @@ def _check_host_path(name: str, path: str) -> None:
         raise ConfigError(f"{name} must be an absolute path, got {path!r}")
     if _has_control(path):
         raise ConfigError(f"{name} {path!r} contains a control character")
+
+
+#: One `-machine` option: a flag or key=value without paths (no `/`, `,` or spaces).
+_MACHINE_OPT_RE = re.compile(r"[A-Za-z0-9_.-]+(=[A-Za-z0-9_.:-]*)?")
+#: One `-cpu` feature: `+flag`, `-flag`, `flag` or `flag=value`.
+_CPU_FEATURE_RE = re.compile(r"[+-]?[A-Za-z0-9_.-]+(=[A-Za-z0-9_.:-]*)?")
+#: Machine properties naming host files, guest boot images or backing objects: a
+#: `machine_accelerators` value (settable by annotation) must not reach them.
+UNSAFE_MACHINE_OPTIONS = frozenset(
+    {
+        "kernel",
+        "initrd",
+        "append",
+        "dtb",
+        "dumpdtb",
+        "firmware",
+        "memory-backend",
+        "confidential-guest-support",
+        "memory-encryption",
+        "pflash0",
+        "pflash1",
+        "accel",
+        "type",
+    }
+)
+
+
+def _check_option_list(name: str, value: str, token: re.Pattern[str]) -> None:
+    """Refuse a comma list that would smuggle extra QEMU options (paths, objects, images)."""
+    if not value:
+        return
+    for item in value.split(","):
+        if not token.fullmatch(item):
+            raise ConfigError(
+                f"{name}: option {item!r} in {value!r} is not a plain flag or key=value"
+            )
+        key = item.lstrip("+-").split("=", 1)[0].replace("_", "-")
+        if name == "machine_accelerators" and key in UNSAFE_MACHINE_OPTIONS:
+            raise ConfigError(f"{name}: option {key!r} in {value!r} is not allowed")
 
 
 def _compile_annotation_pattern(pattern: str) -> re.Pattern[str]:
