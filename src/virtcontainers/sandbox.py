@@ -28,6 +28,7 @@ from .errors import (
     UnsupportedError,
     VCError,
     VMExitedError,
+    VMTimeoutError,
 )
 from .hypervisor import Hypervisor, VMState, new_hypervisor
 from .types import Capabilities, HypervisorType, Socket, VSock
@@ -43,6 +44,7 @@ DEATH_POLL = 0.5
 """How often a wait on the guest (agent connect) checks that the VM is still alive."""
 PID_POLL = 0.005
 LOCK_TIMEOUT = 60.0
+GUEST_SETTLE_TIMEOUT = 30.0  # seconds for the guest to see hotplugged hardware
 """Longest wait for another process's operation on the same sandbox (a stop takes seconds)."""
 STARTING = "starting"
 """Persisted while the VMM runs but start has not finished (it names the VMM's pid)."""
@@ -363,6 +365,11 @@ class Sandbox:
                 raise ConfigError(f"sandbox {self.id} already has a disk with id {drive.id!r}")
             await self.hypervisor.hotplug_add_device(drive)
             self.disks[drive.id] = drive
+            await self._guest_settle(
+                # The QEMU driver gives each drive its id as serial (virtio-blk and scsi-hd).
+                f"grep -qs '{drive.id[:20]}' /sys/block/*/serial /sys/block/*/device/vpd_pg80",
+                f"disk {drive.id}",
+            )
             try:
                 await self._persist_or_undo(lambda: self.hypervisor.hotplug_remove_device(drive))
             except StateError:
@@ -393,10 +400,34 @@ class Sandbox:
             if vcpus is not None:
                 hv.require(Capabilities.CPU_HOTPLUG, "vCPU resize")
                 await hv.resize_vcpus(vcpus)
+                # Hot-added vCPUs appear offline in the guest: the agent onlines them.
+                await self._guest_settle(f'[ "$(nproc)" = {int(vcpus)} ]', f"{vcpus} vCPUs", True)
             if memory_mb is not None:
                 hv.require(Capabilities.MEMORY_HOTPLUG, "memory resize")
                 await hv.resize_memory(memory_mb, 128, False)
+                await self._guest_settle("true", "memory", True)
             self._persist()
+
+    async def _guest_settle(self, check: str, what: str, online: bool = False) -> None:
+        """Wait until the guest sees hotplugged hardware (`check`, a shell test, succeeds);
+        with `online`, the agent onlines new vCPUs and memory blocks on each try. QEMU only:
+        its guest really runs here; other drivers' guests are not waited for."""
+        if self.hypervisor_type is not HypervisorType.QEMU:
+            return
+        agent = await self.agent()
+        deadline = time.monotonic() + GUEST_SETTLE_TIMEOUT
+        while True:
+            if online:
+                await agent.online(cpus=True, memory=True)
+            res = await agent.exec(["sh", "-c", check], timeout=GUEST_SETTLE_TIMEOUT)
+            if res.exit_code == 0:
+                return
+            if time.monotonic() >= deadline:
+                raise VMTimeoutError(
+                    f"sandbox {self.id}: the guest did not see the hotplugged {what} within "
+                    f"{GUEST_SETTLE_TIMEOUT:g}s"
+                )
+            await asyncio.sleep(0.2)
 
     async def console_path(self) -> str:
         """Host address of the guest console."""
