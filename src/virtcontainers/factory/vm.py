@@ -7,6 +7,7 @@ wait for the agent. Templates and the VM cache produce the same `VM` type.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -125,21 +126,25 @@ class VM:
     async def wait_agent(self, timeout: float) -> None:
         """Connect to the agent and ping it: the VM is ready for work.
 
-        Every `AGENT_CHECK_INTERVAL` without an answer the VM's health is checked, so a VMM
-        that died (e.g. of SIGBUS on a full memory filesystem) fails this at once.
+        While waiting, the VM's health is checked every `AGENT_CHECK_INTERVAL`, so a VMM that
+        died (e.g. of SIGBUS on a full memory filesystem) fails this at once.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            remaining = deadline - loop.time()
-            try:
-                agent = await self.agent(max(0.05, min(remaining, AGENT_CHECK_INTERVAL)))
-                await agent.ping()
-                return
-            except AgentError:
-                if loop.time() >= deadline:
-                    raise
+        ready = asyncio.ensure_future(self._agent_ping(timeout))
+        try:
+            while True:
+                done, _ = await asyncio.wait({ready}, timeout=AGENT_CHECK_INTERVAL)
+                if done:
+                    return ready.result()
                 await self.hypervisor.check()
+        finally:
+            if not ready.done():
+                ready.cancel()
+                with contextlib.suppress(asyncio.CancelledError, VCError):
+                    await ready
+
+    async def _agent_ping(self, timeout: float) -> None:
+        agent = await self.agent(timeout)
+        await agent.ping()
 
     async def close_agent(self) -> None:
         agent, self._agent = self._agent, None
