@@ -44,8 +44,9 @@ DEATH_POLL = 0.5
 """How often a wait on the guest (agent connect) checks that the VM is still alive."""
 PID_POLL = 0.005
 LOCK_TIMEOUT = 60.0
-GUEST_SETTLE_TIMEOUT = 30.0  # seconds for the guest to see hotplugged hardware
 """Longest wait for another process's operation on the same sandbox (a stop takes seconds)."""
+GUEST_SETTLE_TIMEOUT = 30.0
+"""Longest wait for the guest to see hotplugged hardware."""
 STARTING = "starting"
 """Persisted while the VMM runs but start has not finished (it names the VMM's pid)."""
 STRAY_KILL_TIMEOUT = 5.0
@@ -410,9 +411,9 @@ class Sandbox:
 
     async def _guest_settle(self, check: str, what: str, online: bool = False) -> None:
         """Wait until the guest sees hotplugged hardware (`check`, a shell test, succeeds);
-        with `online`, the agent onlines new vCPUs and memory blocks on each try. QEMU only:
-        its guest really runs here; other drivers' guests are not waited for."""
-        if self.hypervisor_type is not HypervisorType.QEMU:
+        with `online`, the agent onlines new vCPUs and memory blocks on each try. The mock
+        runs no guest: nothing to wait for."""
+        if self.hypervisor_type is HypervisorType.MOCK:
             return
         agent = await self.agent()
         deadline = time.monotonic() + GUEST_SETTLE_TIMEOUT
