@@ -209,14 +209,14 @@ def print_result(result: Result) -> None:
 
 # -- run roots and leftovers ------------------------------------------------------------------
 @contextlib.asynccontextmanager
-async def temp_run_root(prefix: str = "vcb-") -> AsyncIterator[str]:
-    """A fresh run root under $VC_BENCH_TMPDIR or /tmp (short: socket paths stay under 108
-    bytes).
+async def temp_run_root(prefix: str = "vcb-", base: str = "/tmp") -> AsyncIterator[str]:
+    """A fresh run root under $VC_BENCH_TMPDIR if set, else under `base` (short: socket
+    paths stay under 108 bytes).
 
     On exit, any process still running from it is killed (reported as a leak) and the
     directory is removed.
     """
-    root = tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("VC_BENCH_TMPDIR", "/tmp"))
+    root = tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("VC_BENCH_TMPDIR", base))
     try:
         yield root
     finally:

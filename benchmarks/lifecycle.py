@@ -9,7 +9,9 @@ hotplug: `attach` is the API call, `online` is until the guest's
 /sys/devices/system/cpu/online reads 0-1 (the agent onlines it). vCPU hot-removal is refused
 under TCG (QEMU 7.2 corrupts itself), so every vCPU run boots fresh VMs (not timed).
 Pause/resume is also measured on the QEMU driver alone (`qemu_driver`: no Sandbox state
-written), which shows what persisting the state costs.
+written), which shows what persisting the state costs, and on a third sandbox whose run root
+is on a tmpfs (`virtcontainers_tmpfs`, /dev/shm: where /run usually is; here /run and /tmp
+are on the disk, so every state write's fsync reaches it).
 
     .venv/bin/python benchmarks/lifecycle.py [--runs 10] [--quick]
 """
@@ -45,6 +47,7 @@ from virtcontainers.sandbox import Sandbox
 from virtcontainers.types import Capabilities
 
 TITLE = "Pause/resume, block and vCPU hotplug (q35, TCG)"
+TMPFS = "/dev/shm"
 GUEST_TIMEOUT = 30.0
 DISK_MIB = 16
 
@@ -64,10 +67,10 @@ class Setup:
         self._n += 1
         return f"{prefix}{self._n}"
 
-    def sandbox(self) -> Sandbox:
+    def sandbox(self, run_root: str | None = None) -> Sandbox:
         cfg = self.cfg.copy()
         cfg.default_max_vcpus = self.max_vcpus
-        return Sandbox(self.next_id("lc"), "qemu", cfg, run_root=self.run_root)
+        return Sandbox(self.next_id("lc"), "qemu", cfg, run_root=run_root or self.run_root)
 
     def domain_spec(self) -> _libvirt.DomainSpec:
         n = self.next_id("lv")
@@ -90,8 +93,8 @@ class Setup:
         return path
 
     @contextlib.asynccontextmanager
-    async def booted_sandbox(self) -> AsyncIterator[Sandbox]:
-        sb = self.sandbox()
+    async def booted_sandbox(self, run_root: str | None = None) -> AsyncIterator[Sandbox]:
+        sb = self.sandbox(run_root)
         try:
             await sb.start()
             yield sb
@@ -272,19 +275,31 @@ async def bench(opts: Options) -> Result:
         "virtcontainers": {},
         "libvirt": {},
         "qemu_driver": {},
+        "virtcontainers_tmpfs": {},
     }
 
     def merge(new: dict[str, dict[str, list[float]]]) -> None:
         for cand, metrics in new.items():
             samples[cand].update(metrics)
 
-    async with temp_run_root() as run_root:
+    async with (
+        temp_run_root() as run_root,
+        temp_run_root(base=TMPFS) as tmpfs_root,
+    ):
         cmdline, max_vcpus = await kernel_cmdline(run_root)
         with _libvirt.session(run_root) as (lv, notes):
             result["notes"] += notes
             result["libvirt_version"] = lv.version()
+            result["run_root_fs"] = {
+                "virtcontainers": fs_type(run_root),
+                "tmpfs": fs_type(tmpfs_root),
+            }
             setup = Setup(run_root, lv, cmdline, max_vcpus)
-            async with setup.booted_sandbox() as sb, setup.booted_domain() as dom:
+            async with (
+                setup.booted_sandbox() as sb,
+                setup.booted_domain() as dom,
+                setup.booted_sandbox(tmpfs_root) as sb_tmpfs,
+            ):
                 no_cpu = unsupported(sb, Capabilities.CPU_HOTPLUG, "vCPU hotplug")
                 no_block = unsupported(sb, Capabilities.BLOCK_DEVICE_HOTPLUG, "block hotplug")
                 print("pause + resume", flush=True)
@@ -292,6 +307,7 @@ async def bench(opts: Options) -> Result:
                     "virtcontainers": pause_vc(sb),
                     "libvirt": pause_libvirt(dom),
                     "qemu_driver": pause_driver(sb),
+                    "virtcontainers_tmpfs": pause_vc(sb_tmpfs),
                 }
                 merge(await alternate(_prefixed(pr, "pause"), opts.scaled(3), opts.warmup))
                 if no_block:
@@ -331,11 +347,30 @@ async def bench(opts: Options) -> Result:
         )
     add_ratio(
         result,
+        "pause + resume: virtcontainers, run root on tmpfs / libvirt",
+        ("virtcontainers_tmpfs", "pause_pause_resume"),
+        ("libvirt", "pause_pause_resume"),
+    )
+    add_ratio(
+        result,
         "pause + resume: virtcontainers / its QEMU driver alone",
         ("virtcontainers", "pause_pause_resume"),
         ("qemu_driver", "pause_pause_resume"),
     )
     return result
+
+
+def fs_type(path: str) -> str:
+    """The filesystem type `path` lives on (from /proc/mounts: longest matching mount)."""
+    best, kind = "", "?"
+    with open("/proc/mounts", encoding="utf-8") as f:
+        for line in f:
+            parts = line.split()
+            mnt = parts[1]
+            inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+            if inside and len(mnt) >= len(best):
+                best, kind = mnt, parts[2]
+    return kind
 
 
 def unsupported(sb: Sandbox, cap: Capabilities, what: str) -> str:

@@ -189,15 +189,23 @@ def _overhead_section(benchmarks: dict[str, Any]) -> list[str]:
     sb = med("lifecycle", "virtcontainers", "pause_pause_resume")
     drv = med("lifecycle", "qemu_driver", "pause_pause_resume")
     lv = med("lifecycle", "libvirt", "pause_pause_resume")
+    tmpfs = med("lifecycle", "virtcontainers_tmpfs", "pause_pause_resume")
+    fs = benchmarks.get("lifecycle", {}).get("run_root_fs", {})
     if sb is not None and drv is not None:
         lines.append(
-            f"- Pause + resume: the Sandbox takes {fmt_value(sb)}, its QEMU driver alone "
-            f"{fmt_value(drv)}"
+            f"- Pause + resume: the Sandbox takes {fmt_value(sb)} (run root on "
+            f"{fs.get('virtcontainers', '?')}), its QEMU driver alone {fmt_value(drv)}"
             + (f", libvirt {fmt_value(lv)}" if lv is not None else "")
             + ". The difference is the Sandbox writing its state durably after each change "
             "(temp file, fsync, rename, directory fsync, under a flock) so that another "
-            "process can attach; the QMP `stop`/`cont` themselves are the same commands "
-            "libvirt sends."
+            "process can attach; the QMP `stop`/`cont` themselves are the commands libvirt "
+            "sends too."
+            + (
+                f" With the run root on a tmpfs (where /run normally is) the Sandbox takes "
+                f"{fmt_value(tmpfs)}."
+                if tmpfs is not None
+                else ""
+            )
         )
     if not lines:
         return []
