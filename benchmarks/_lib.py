@@ -167,10 +167,21 @@ def add_ratio(
             "label": label,
             "kind": "ratio",
             "value": value,
+            "paired": paired_ratio(result, num, den) if stat == "median" else None,
             "target": target,
             "met": None if target is None else value <= target,
         }
     )
+
+
+def paired_ratio(result: Result, num: tuple[str, str], den: tuple[str, str]) -> float | None:
+    """Median of the per-run ratios (run i of one candidate over run i of the other: measured
+    back to back, so slow drift of the machine cancels out); None if the runs do not pair."""
+    xs = result["metrics"].get(num[0], {}).get(num[1], {}).get("samples")
+    ys = result["metrics"].get(den[0], {}).get(den[1], {}).get("samples")
+    if not xs or not ys or len(xs) != len(ys) or min(ys) <= 0:
+        return None
+    return float(statistics.median(x / y for x, y in zip(xs, ys, strict=True)))
 
 
 def add_limit(result: Result, label: str, value: float | None, limit: float) -> None:
@@ -195,6 +206,8 @@ def print_result(result: Result) -> None:
             )
     for c in result["checks"]:
         value = f"{c['value']:.3f}x" if c["kind"] == "ratio" else fmt_s(c["value"])
+        if c.get("paired") is not None:
+            value += f" (paired {c['paired']:.3f}x)"
         if c["target"] is None:
             verdict = ""
         else:

@@ -42,7 +42,10 @@ def _verdict(check: dict[str, Any]) -> str:
 
 
 def _check_value(check: dict[str, Any]) -> str:
-    return f"{check['value']:.3f}x" if check["kind"] == "ratio" else fmt_value(check["value"])
+    if check["kind"] != "ratio":
+        return fmt_value(check["value"])
+    paired = check.get("paired")
+    return f"{check['value']:.3f}x" + (f" ({paired:.3f}x)" if paired is not None else "")
 
 
 def _check_target(check: dict[str, Any]) -> str:
@@ -98,7 +101,10 @@ def _summary_section(benchmarks: dict[str, Any]) -> list[str]:
     out = [
         "## Targets and ratios",
         "",
-        "Every ratio compares medians of candidates measured in the same run, alternated.",
+        "Every ratio compares medians of candidates measured in the same run, alternated; "
+        "in brackets, the median of the per-run ratios (run i of one candidate over run i of "
+        "the other, measured back to back), which is less sensitive to the machine's load "
+        "drifting during the run. Targets are checked on the ratio of medians.",
         "",
         "| benchmark | comparison | value | target | result |",
         "|---|---|---|---|---|",
