@@ -248,6 +248,13 @@ class HypervisorConfig:
             for p in getattr(self, name):
                 if _has_control(p.key) or _has_control(p.value):
                     raise ConfigError(f"{name}: parameter {p.key}={p.value!r} has a control char")
+        for p in self.kernel_params:
+            # The kernel splits its command line on spaces: one would smuggle a parameter in.
+            if any(c.isspace() or c == '"' for c in p.key + p.value) or "=" in p.key:
+                raise ConfigError(
+                    f"kernel_params: parameter {p.key!r}={p.value!r} contains a space, a quote "
+                    "or '=' in its name"
+                )
         for pattern in self.enable_annotations:
             _compile_annotation_pattern(pattern)
         _check_option_list("machine_accelerators", self.machine_accelerators, _MACHINE_OPT_RE)
