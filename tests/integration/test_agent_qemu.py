@@ -7,6 +7,7 @@ its own connection, which also exercises virtio-serial reconnection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -48,8 +49,17 @@ class GuestVM:
     console_log: str
 
 
-def boot_argv(assets: GuestAssets, agent_sock: str, console_log: str) -> list[str]:
-    cmdline = " ".join(serialize_params(default_kernel_params("ttyS0"), "="))
+def boot_argv(
+    assets: GuestAssets, agent_sock: str, console_log: str, console: str = "ttyS0"
+) -> list[str]:
+    cmdline = " ".join(serialize_params(default_kernel_params(console), "="))
+    if console == "hvc0":
+        console_args = [
+            "-chardev", f"file,id=con0,path={console_log}",
+            "-device", "virtconsole,chardev=con0",
+        ]  # fmt: skip
+    else:
+        console_args = ["-serial", f"file:{console_log}"]
     return [
         "qemu-system-x86_64",
         "-machine", "q35,accel=tcg",
@@ -63,7 +73,7 @@ def boot_argv(assets: GuestAssets, agent_sock: str, console_log: str) -> list[st
         "-device", "virtio-serial-pci,id=vser0",
         "-chardev", f"socket,id=agent0,path={agent_sock},server=on,wait=off",
         "-device", "virtserialport,chardev=agent0,name=agent.channel.0",
-        "-serial", f"file:{console_log}",
+        *console_args,
         "-monitor", "none",
     ]  # fmt: skip
 
@@ -86,12 +96,12 @@ def assets() -> GuestAssets:
     return ensure_assets()
 
 
-@pytest.fixture(scope="module")
-def vm(assets: GuestAssets) -> Iterator[GuestVM]:
+@contextlib.contextmanager
+def booted(assets: GuestAssets, console: str = "ttyS0") -> Iterator[GuestVM]:
     d = tempfile.mkdtemp(prefix="vc-agent-vm-", dir="/tmp")
     sock, log = os.path.join(d, "agent.sock"), os.path.join(d, "console.log")
     proc = subprocess.Popen(
-        boot_argv(assets, sock, log),
+        boot_argv(assets, sock, log, console),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -104,6 +114,20 @@ def vm(assets: GuestAssets) -> Iterator[GuestVM]:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def vm(assets: GuestAssets) -> Iterator[GuestVM]:
+    with booted(assets) as guest:
+        yield guest
+
+
+async def test_marker_on_a_virtio_console(assets: GuestAssets) -> None:
+    # hvc0 exists only after the agent loads virtio_console: the marker must still show.
+    with booted(assets, console="hvc0") as guest:
+        async with await AgentClient.connect(guest.agent_sock, 30) as c:
+            res = await c.exec(["cat", "/proc/consoles"])
+            assert res.stdout.startswith(b"hvc0")
 
 
 @pytest.fixture

@@ -52,6 +52,7 @@
 #define DEFAULT_PORT_NAME "agent.channel.0"
 #define DEFAULT_VSOCK_PORT 1024
 #define PORT_SCAN_MS 10000
+#define CONSOLE_WAIT_MS 5000
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 /* Frame types (requests); a reply carries type | 0x80, an error reply type 0xFF. */
@@ -136,6 +137,7 @@ struct conn {
 	uint8_t cur_type;
 	uint64_t skip;
 	int in_garbage;
+	int await_hello; /* port: a frame was cut by a hangup; skip all but a hello */
 	struct chunk *out_head, *out_tail;
 };
 
@@ -166,6 +168,9 @@ static int listen_kind_vsock;
 static char port_name[128] = DEFAULT_PORT_NAME;
 static unsigned vsock_port = DEFAULT_VSOCK_PORT;
 static int ready_printed;
+static int ready_wanted;
+static int64_t ready_deadline;
+static int console_ok;
 static int64_t port_scan_deadline;
 static int port_found;
 static uint32_t crc_table[256];
@@ -179,6 +184,22 @@ static int64_t now_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* Point fds 0-2 at the console (which may only exist once virtio_console is loaded). */
+static void attach_console(void)
+{
+	if (console_ok)
+		return;
+	int fd = open("/dev/console", O_RDWR | O_NOCTTY | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	console_ok = 1;
+	for (int k = 0; k < 3; k++)
+		if (fd != k)
+			dup3(fd, k, 0);
+	if (fd > 2)
+		close(fd);
+}
+
 static void console(const char *fmt, ...)
 {
 	char line[512];
@@ -188,6 +209,8 @@ static void console(const char *fmt, ...)
 	va_end(ap);
 	if (n < 0)
 		return;
+	if (is_pid1)
+		attach_console();
 	if ((size_t)n >= sizeof line)
 		n = sizeof line - 1;
 	ssize_t w = write(STDOUT_FILENO, line, (size_t)n);
@@ -476,6 +499,7 @@ static void send_error(struct conn *c, uint32_t id, int err, const char *fmt, ..
 }
 
 static void conn_kill_execs(struct conn *c);
+static void port_hangup(struct conn *c);
 
 /* ----------------------------------------------------------------- execs */
 
@@ -1041,6 +1065,7 @@ static void handle_ping(struct conn *c, uint32_t id, int hello, const uint8_t *p
 			conn_kill_execs(c);
 			c->gen++;
 			conn_drop_output(c);
+			c->await_hello = 0;
 		}
 		put_field(&b, F_NONCE, f.val, f.len);
 		put_int(&b, F_PROTO, PROTO_VERSION);
@@ -1104,6 +1129,12 @@ static void parser_reset(struct conn *c)
 	c->want = c->have = 0;
 	c->skip = 0;
 	c->in_garbage = 0;
+	c->await_hello = 0;
+}
+
+static int parser_mid_frame(const struct conn *c)
+{
+	return c->state != ST_HEADER || c->hdr_len > 0;
 }
 
 /* Drop the first k header bytes and look for the next magic. */
@@ -1115,7 +1146,7 @@ static void hdr_shift(struct conn *c, size_t k)
 
 static void garbage(struct conn *c)
 {
-	if (!c->in_garbage) {
+	if (!c->in_garbage && !c->await_hello) {
 		c->in_garbage = 1;
 		send_error(c, 0, EBADMSG, "malformed frame header; resynchronising");
 	}
@@ -1165,7 +1196,8 @@ static void feed(struct conn *c, const uint8_t *data, size_t len)
 		}
 		if (c->hdr_len < HDR_LEN)
 			continue;
-		if (crc32(c->hdr, 16) != get_u32(c->hdr + 16)) {
+		int hello_ok = c->hdr[5] == T_HELLO && get_u32(c->hdr + 12) <= 256;
+		if (crc32(c->hdr, 16) != get_u32(c->hdr + 16) || (c->await_hello && !hello_ok)) {
 			garbage(c);
 			hdr_shift(c, 1);
 			/* Re-feed the remaining header bytes through the magic scan. */
@@ -1272,10 +1304,7 @@ static void conn_readable(struct conn *c)
 		if (r < 0 && errno == EAGAIN)
 			return;
 		if (c->kind == CONN_PORT) {
-			/* EOF on virtio-serial: the host side disconnected. */
-			DEBUG("host disconnected from the port\n");
-			conn_reset(c);
-			c->connected = 0;
+			port_hangup(c); /* EOF on virtio-serial: the host side disconnected */
 		} else {
 			conn_close(c);
 		}
@@ -1283,16 +1312,22 @@ static void conn_readable(struct conn *c)
 	}
 }
 
-/* Host closed the port: discard what it left behind, then wait for it to reconnect. */
+/*
+ * The host side of the port went away. Nothing is discarded here: what is buffered may
+ * already come from the next client (its data can overtake the "connected" notice), and
+ * virtio-serial keeps one byte stream across host connections. Sessions are delimited
+ * by hellos instead (handle_ping). Only a frame cut in the middle is abandoned, and the
+ * stream is then skipped up to the next hello.
+ */
 static void port_hangup(struct conn *c)
 {
-	uint8_t tmp[READ_CHUNK];
-	while (read(c->fd, tmp, sizeof tmp) > 0)
-		;
 	if (c->connected)
 		DEBUG("host disconnected from the port\n");
-	conn_reset(c);
 	c->connected = 0;
+	if (parser_mid_frame(c)) {
+		parser_reset(c);
+		c->await_hello = 1;
+	}
 }
 
 static void port_check(struct conn *c)
@@ -1301,7 +1336,7 @@ static void port_check(struct conn *c)
 	if (poll(&pfd, 1, 0) < 0)
 		return;
 	if (pfd.revents & POLLHUP) {
-		if (c->connected || (pfd.revents & POLLIN))
+		if (c->connected)
 			port_hangup(c);
 		return;
 	}
@@ -1500,9 +1535,19 @@ static int virtio_device_present(unsigned want)
 	return found;
 }
 
+/* Print the boot marker once the agent serves. A virtio console (hvc0) appears a little
+ * after its driver loads: the marker waits for it (bounded), or it would be lost. */
 static void print_ready(void)
 {
-	if (!ready_printed) {
+	if (!ready_wanted) {
+		ready_wanted = 1;
+		ready_deadline = now_ms() + CONSOLE_WAIT_MS;
+	}
+	if (ready_printed)
+		return;
+	if (is_pid1)
+		attach_console();
+	if (console_ok || !is_pid1 || now_ms() >= ready_deadline) {
 		ready_printed = 1;
 		console("VC-AGENT-READY\n");
 	}
@@ -1588,13 +1633,7 @@ static void setup_pid1(void)
 	mount_fs("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
 	mount_fs("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
 	mount_fs("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
-	int fd = open("/dev/console", O_RDWR | O_NOCTTY | O_CLOEXEC);
-	if (fd >= 0) {
-		dup2(fd, 0);
-		dup2(fd, 1);
-		dup2(fd, 2);
-		close(fd);
-	}
+	attach_console();
 	sethostname("sandbox", 7);
 	parse_cmdline();
 	read_module_list();
@@ -1604,13 +1643,8 @@ static void setup_pid1(void)
 	write_text("/sys/devices/system/memory/auto_online_blocks", "online_movable");
 	online_dir("/sys/devices/system/memory", "memory", "state", "offline", "online_movable",
 		   "online");
-	/* The console may be a virtio console that only exists now. */
-	fd = open("/dev/console", O_RDWR | O_NOCTTY | O_CLOEXEC);
-	if (fd >= 0) {
-		dup2(fd, 1);
-		dup2(fd, 2);
-		close(fd);
-	}
+	/* The console may be a virtio console (hvc0) that only exists now. */
+	attach_console();
 }
 
 /* ----------------------------------------------------------------- main */
@@ -1636,6 +1670,15 @@ int main(int argc, char **argv)
 	for (int i = 0; i < MAX_CONNS; i++)
 		conns[i].fd = -1;
 	is_pid1 = getpid() == 1;
+	if (is_pid1) {
+		/* Without an initial console the kernel starts us with fds 0-2 closed: hold
+		 * them, so that no descriptor opened below lands there and gets clobbered. */
+		int fd;
+		while ((fd = open("/", O_RDONLY | O_CLOEXEC)) >= 0 && fd < 3)
+			fcntl(fd, F_SETFD, 0);
+		if (fd > 2)
+			close(fd);
+	}
 	signal(SIGPIPE, SIG_IGN);
 	sigset_t mask;
 	sigemptyset(&mask);
@@ -1719,10 +1762,9 @@ int main(int argc, char **argv)
 					timeout = left;
 			}
 		}
-		if (want_port && !port_found) {
-			if (now < port_scan_deadline)
-				timeout = timeout < 0 || timeout > 5 ? 5 : timeout;
-		}
+		if ((want_port && !port_found && now < port_scan_deadline) ||
+		    (ready_wanted && !ready_printed))
+			timeout = timeout < 0 || timeout > 5 ? 5 : timeout;
 
 		int r = poll(pfds, (nfds_t)np, (int)timeout);
 		if (r < 0 && errno != EINTR) {
@@ -1755,7 +1797,6 @@ int main(int argc, char **argv)
 				if (!c->used)
 					break;
 				if (c->kind == CONN_PORT && (rev & POLLHUP)) {
-					/* Whatever the gone host left cannot be answered. */
 					port_hangup(c);
 					break;
 				}
@@ -1798,6 +1839,8 @@ int main(int argc, char **argv)
 		for (int i = 0; i < MAX_CONNS; i++)
 			if (conns[i].used && conns[i].kind == CONN_PORT && !conns[i].connected)
 				port_check(&conns[i]);
+		if (ready_wanted && !ready_printed)
+			print_ready();
 		if (want_port && !port_found) {
 			if (scan_port()) {
 				port_found = 1;
