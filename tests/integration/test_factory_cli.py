@@ -96,3 +96,38 @@ async def test_factory_init_with_a_broken_template_reports_why(
     assert "exited with code" in err
     code, _, err = await virtc(run_root, "--debug", "factory", "init", "--template", "half")
     assert "is incomplete" in err
+
+
+async def test_sandbox_from_a_template_and_from_a_missing_cache(
+    run_root: str, guest_assets: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What `virtc run --from-template NAME` and `virtc run --factory` call."""
+    from virtcontainers.cli.factory_cmds import sandbox_from_factory
+    from virtcontainers.factory import TemplateStore
+    from virtcontainers.sandbox import Sandbox, build_config
+    from virtcontainers.types import HypervisorType
+
+    cfg = build_config(None, {"memory_size": 256}, HypervisorType.QEMU)
+    store = TemplateStore(run_root=run_root)
+    await store.create("t1", cfg)
+    try:
+        sb = await sandbox_from_factory(cfg, template="t1", run_root=run_root, id="from-tpl")
+        try:
+            assert sb.id == "from-tpl"
+            assert (await sb.exec("echo hi")).stdout == b"hi\n"
+            assert [i.id for i in Sandbox.list(run_root)] == ["from-tpl"]
+            await sb.detach()
+            again = await Sandbox.attach("from-tpl", run_root=run_root)
+            assert (await again.exec(["cat", "/proc/sys/kernel/random/boot_id"])).ok
+            await again.stop()
+        finally:
+            await sb.stop()
+        assert Sandbox.list(run_root) == []
+    finally:
+        store.remove("t1")
+    sb = await sandbox_from_factory(cfg, use_cache=True, run_root=run_root)
+    try:
+        assert "no VM cache server" in caplog.text and "booting a VM directly" in caplog.text
+        assert (await sb.exec("echo cold")).stdout == b"cold\n"
+    finally:
+        await sb.stop()
