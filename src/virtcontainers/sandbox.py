@@ -483,7 +483,7 @@ class Sandbox:
             self._agent_target = ("unix", sock.host_path, 0)
 
     async def _connect_agent(self, timeout: float) -> None:
-        from .agent import AgentClient, HybridVsock
+        from .agent import AgentClient, HybridVsock, VsockAddress
 
         async with self._agent_lock:
             if self._agent is not None:
@@ -495,7 +495,7 @@ class Sandbox:
             elif kind == "unix":
                 target = where
             else:
-                target = ("vsock", where, port)
+                target = VsockAddress(int(where), port)
             connecting = asyncio.ensure_future(AgentClient.connect(target, timeout))
             try:
                 # A VM that dies while booting is reported now, not when `timeout` runs out.
