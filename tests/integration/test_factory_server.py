@@ -268,3 +268,24 @@ async def test_in_process_cache_over_a_template(template: Made, run_root: str) -
                 assert (await sh(vm, "echo ok")) == "ok\n"
         finally:
             await stop_all(list(vms))
+
+
+async def test_server_whose_socket_is_removed_quits_and_stops_its_vms(
+    template: Made, run_root: str
+) -> None:
+    pid = await start_daemon(spec(template, 1), run_root=run_root)
+    _, start, watcher, watcher_start = read_pid_file(run_root)
+    try:
+        await wait_ready(run_root, 1)
+        assert len(vmm_processes(run_root)) == 1
+        os.unlink(paths.socket_path(run_root))  # nobody can reach it any more
+        for _ in range(200):
+            if not host.pid_is(pid, start) and not host.pid_is(watcher, watcher_start):
+                break
+            await asyncio.sleep(0.05)
+        assert not host.pid_is(pid, start), "an unreachable server kept running"
+        assert not host.pid_is(watcher, watcher_start)
+        assert vmm_processes(run_root) == []
+        assert not os.path.exists(paths.pid_file(run_root))
+    finally:
+        await stop_daemon(run_root)

@@ -169,3 +169,25 @@ async def test_garbage_pid_file_means_no_server(run_root: str) -> None:
     assert running_pid(run_root) == 0
     assert await stop_daemon(run_root) == []
     assert not os.path.exists(paths.pid_file(run_root))
+
+
+def processes_naming(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+async def test_a_server_that_does_not_come_up_in_time_is_not_left_running(run_root: str) -> None:
+    from virtcontainers.factory import FactoryError, start_daemon
+
+    with pytest.raises(FactoryError, match=r"did not answer within 0\.01s"):
+        await start_daemon(DaemonSpec(size=1, template="t"), run_root=run_root, timeout=0.01)
+    assert processes_naming(run_root) == []
+    assert not os.path.exists(paths.pid_file(run_root))

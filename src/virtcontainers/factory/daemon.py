@@ -1,6 +1,6 @@
 """The VM cache daemon and the functions that start, query and stop it.
 
-`start_daemon(spec)` runs `python -m virtcontainers.factory.daemon --run-root R` in its own
+`start_daemon(spec)` runs `python -m virtcontainers.factory --run-root R` in its own
 session; it serves the VM cache on `<run root>/factory/cache.sock` and records its pid in
 `cache.pid`. First thing, the daemon forks a watcher: when the daemon dies, however it dies,
 the watcher stops the VMs still listed in the daemon's ledger and removes its socket and pid
@@ -37,6 +37,7 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 EXIT_ALREADY_RUNNING = 3
 EXIT_BAD_SPEC = 2
+ORPHAN_CHECK = 2.0
 
 _children: dict[int, subprocess.Popen[bytes]] = {}
 """Daemons this process started (so it can reap them)."""
@@ -110,6 +111,18 @@ async def start_daemon(
     persist.ensure_dir(paths.factory_dir(root))
     persist.atomic_write(paths.spec_file(root), json.dumps(asdict(spec), indent=1).encode())
     proc = _spawn(root)
+    try:
+        return await _wait_serving(proc, root, sock, timeout)
+    except BaseException:
+        # Whatever went wrong here (a timeout, a cancelled caller), leave no server behind.
+        if proc.poll() is None:
+            await asyncio.to_thread(_kill, proc.pid, host.process_start_time(proc.pid))
+        _reap_child(proc.pid)
+        await asyncio.to_thread(cleanup_after, root, proc.pid)
+        raise
+
+
+async def _wait_serving(proc: subprocess.Popen[bytes], root: str, sock: str, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while True:
         code = proc.poll()
@@ -122,8 +135,6 @@ async def start_daemon(
         if os.path.exists(sock) and await _answers(sock, root):
             return proc.pid
         if time.monotonic() >= deadline:
-            await asyncio.to_thread(_kill, proc.pid, host.process_start_time(proc.pid))
-            _reap_child(proc.pid)
             raise FactoryError(
                 f"the VM cache server did not answer within {timeout:g}s"
                 + _log_tail(paths.log_file(root))
@@ -135,7 +146,7 @@ def _spawn(root: str) -> subprocess.Popen[bytes]:
     """Run the daemon in its own session, its output appended to the log file."""
     with open(paths.log_file(root), "ab") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "virtcontainers.factory.daemon", "--run-root", root],
+            [sys.executable, "-m", "virtcontainers.factory", "--run-root", root],
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=subprocess.STDOUT,
@@ -256,7 +267,7 @@ def _log_tail(path: str, lines: int = 15) -> str:
 # -- the daemon ---------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Daemon entry point: fork the watcher, then serve until Quit, SIGTERM or SIGINT."""
-    parser = argparse.ArgumentParser(prog="virtcontainers.factory.daemon")
+    parser = argparse.ArgumentParser(prog="python -m virtcontainers.factory")
     parser.add_argument("--run-root", required=True)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -340,6 +351,16 @@ def _watch(read_end: int, root: str, daemon_pid: int, daemon_start: int | None) 
         log.error("VM cache watcher: cleanup failed: %s", exc)
 
 
+async def _quit_when_orphaned(root: str, socket_path: str, server: Any) -> None:
+    """Quit once no client can find this server (its socket or pid file was removed)."""
+    while True:
+        await asyncio.sleep(ORPHAN_CHECK)
+        if not os.path.exists(socket_path) or read_pid_file(root)[0] != os.getpid():
+            log.warning("VM cache: socket or pid file under %s is gone; quitting", root)
+            server.request_quit()
+            return
+
+
 async def _serve(root: str, spec: DaemonSpec) -> int:
     from ..errors import VCError
     from .base import DirectBase, FactoryBase, TemplateBase
@@ -371,19 +392,19 @@ async def _serve(root: str, spec: DaemonSpec) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_quit)
+    watch: asyncio.Task[None] | None = None
     try:
         await server.start()
         await cache.start()
         log.info("VM cache serving %d VM(s) of %s on %s", spec.size, base.name, server.socket_path)
+        watch = asyncio.create_task(_quit_when_orphaned(root, server.socket_path, server))
         await server.wait_quit()
         log.info("VM cache: quitting")
     finally:
+        if watch is not None:
+            watch.cancel()
         await server.stop()
         await cache.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(paths.ledger_file(root))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
