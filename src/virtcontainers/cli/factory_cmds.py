@@ -371,11 +371,6 @@ async def adopt_vm(vm: VM, *, run_root: str | None = None) -> Sandbox:
     """Wrap a running factory VM in a persisted `Sandbox` (which then owns it)."""
     from ..sandbox import Sandbox
 
-    sb = Sandbox(vm.id, vm.hypervisor.hypervisor_type, run_root=run_root)
-    # Sandbox has no public way to adopt a running VM yet: set what start() would have set.
     ep = vm.agent_endpoint
-    sb._hv = vm.hypervisor
-    sb._agent_target = ("hybrid", ep.path, ep.vsock_port) if ep.vsock_port else ("unix", ep.path, 0)
-    sb._agent = await vm.agent()
-    sb._persist()
-    return sb
+    target = ("hybrid", ep.path, ep.vsock_port) if ep.vsock_port else ("unix", ep.path, 0)
+    return Sandbox.adopt(vm.hypervisor, await vm.agent(), target, run_root=run_root)
