@@ -127,3 +127,52 @@ async def test_bad_input(leak_check: str, args: tuple[str, ...], code: int, mess
     assert r.returncode == code, (r.stdout, r.stderr)
     assert message in r.stderr.decode()
     assert state_files(leak_check) == []
+
+
+def _console_session(run_root: str, sandbox_id: str) -> tuple[int, bytes]:
+    """Drive `virtc console` through a pty: see the boot log, run a command, escape."""
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child becomes virtc on the pty
+        os.environ["VC_RUN_ROOT"] = run_root
+        os.execv(sys.executable, [*VIRTC, "console", sandbox_id])
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 30) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    seen += os.read(fd, 65536)
+                except OSError:
+                    return
+
+    try:
+        read_until(b"Connected to")
+        os.write(fd, b"\r")
+        read_until(b"# ")
+        os.write(fd, b"echo con$((40+2))sole\r")
+        read_until(b"con42sole")
+        os.write(fd, b"\x1d")  # Ctrl-]
+        read_until(b"Disconnected")
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    return os.waitstatus_to_exitcode(status), seen
+
+
+async def test_console_through_a_pty(leak_check: str) -> None:
+    r = await virtc(leak_check, "create", "--start", "--name", "con1", "-m", "256M")
+    assert r.returncode == 0, r.stderr
+    try:
+        code, seen = await asyncio.to_thread(_console_session, leak_check, "con1")
+        assert b"VC-AGENT-READY" in seen  # the boot log is shown first
+        assert b"con42sole" in seen  # a command typed at the shell ran in the guest
+        assert b"Disconnected" in seen and code == 0
+    finally:
+        assert (await virtc(leak_check, "stop", "con1")).returncode == 0

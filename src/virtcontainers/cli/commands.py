@@ -434,14 +434,18 @@ def console(
     """Attach the terminal to the guest's serial console (Ctrl-] to leave)."""
     from .console import attach_console
 
-    async def body() -> str:
-        sb = await _attach(ctx, sandbox_id)
-        return await sb.console_path()  # type: ignore[no-any-return]
-
-    path = run_async(body())
     if len(escape) != 1:
         raise ConfigError(f"--escape: expected one character, got {escape!r}")
-    attach_console(path, escape)
+
+    async def body() -> tuple[str, list[str]]:
+        sb = await _attach(ctx, sandbox_id)
+        try:
+            return await sb.console_path(), sb.log_paths()
+        finally:
+            await sb.detach()
+
+    path, logs = run_async(body())
+    attach_console(path, escape, history=logs[0] if logs else None)
 
 
 @disk_app.command("add")

@@ -12,9 +12,14 @@ import tty
 
 from ..errors import HypervisorError
 
+HISTORY_BYTES = 16384
 
-def attach_console(path: str, escape: str = "]") -> None:
-    """Relay stdin/stdout to the console socket until Ctrl-<escape> is typed or it closes."""
+
+def attach_console(path: str, escape: str = "]", history: str | None = None) -> None:
+    """Relay stdin/stdout to the console socket until Ctrl-<escape> is typed or it closes.
+
+    The tail of `history` (the console log) is shown first, so the boot log is visible.
+    """
     if not path:
         raise HypervisorError("this sandbox has no console socket")
     esc = bytes([ord(escape.upper()) & 0x1F])
@@ -27,6 +32,8 @@ def attach_console(path: str, escape: str = "]") -> None:
     stdin_fd = sys.stdin.fileno()
     is_tty = os.isatty(stdin_fd)
     saved = termios.tcgetattr(stdin_fd) if is_tty else None
+    if history:
+        _show_tail(history)
     sys.stderr.write(f"Connected to {path}. Escape: Ctrl-{escape}\r\n")
     sys.stderr.flush()
     try:
@@ -38,6 +45,17 @@ def attach_console(path: str, escape: str = "]") -> None:
             termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
         sock.close()
         sys.stderr.write("\r\nDisconnected.\n")
+
+
+def _show_tail(log: str) -> None:
+    try:
+        with open(log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - HISTORY_BYTES))
+            data = f.read()
+    except OSError:
+        return
+    os.write(sys.stdout.fileno(), data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
 
 
 def _relay(sock: socket.socket, stdin_fd: int, esc: bytes) -> None:

@@ -162,6 +162,9 @@ static struct conn conns[MAX_CONNS];
 static struct exec execs[MAX_EXECS];
 static int debug;
 static int is_pid1;
+static int console_shell = 1; /* vc.console_shell=0 turns the console shell off */
+static pid_t shell_pid;
+static int64_t shell_respawn_ms;
 static int sig_fd = -1;
 static int listen_fd = -1;     /* vsock or --unix listener */
 static int listen_kind_vsock;
@@ -617,6 +620,11 @@ static void reap_children(void)
 		pid_t pid = waitpid(-1, &st, WNOHANG);
 		if (pid <= 0)
 			return;
+		if (pid == shell_pid) {
+			shell_pid = 0;
+			shell_respawn_ms = now_ms() + 1000;
+			continue;
+		}
 		for (int i = 0; i < MAX_EXECS; i++) {
 			struct exec *e = &execs[i];
 			if (e->used && e->pid == pid && !e->exited) {
@@ -1371,6 +1379,8 @@ static void parse_cmdline(void)
 			snprintf(port_name, sizeof port_name, "%s", tok + 11);
 		else if (!strncmp(tok, "vc.hostname=", 12))
 			sethostname(tok + 12, strlen(tok + 12));
+		else if (!strcmp(tok, "vc.console_shell=0"))
+			console_shell = 0;
 	}
 }
 
@@ -1551,6 +1561,45 @@ static void print_ready(void)
 		ready_printed = 1;
 		console("VC-AGENT-READY\n");
 	}
+}
+
+/* A shell on the console's tty, for `virtc console`: only the host can reach that device.
+ * Respawned a second after it exits. */
+static void spawn_console_shell(void)
+{
+	char name[64] = "console", dev[80];
+	if (read_text("/sys/class/tty/console/active", name, sizeof name) > 0) {
+		char *last = strrchr(name, ' ');
+		memmove(name, last ? last + 1 : name, strlen(last ? last + 1 : name) + 1);
+		name[strcspn(name, "\n")] = 0;
+	}
+	snprintf(dev, sizeof dev, "/dev/%s", name[0] ? name : "console");
+	pid_t pid = fork();
+	if (pid == 0) {
+		sigset_t none;
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		signal(SIGPIPE, SIG_DFL);
+		setsid();
+		int fd = open(dev, O_RDWR);
+		if (fd < 0)
+			_exit(127);
+		ioctl(fd, TIOCSCTTY, 1);
+		dup2(fd, 0);
+		dup2(fd, 1);
+		dup2(fd, 2);
+		if (fd > 2)
+			close(fd);
+		char *argv[] = {"-sh", NULL};
+		char *envp[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "TERM=linux",
+				"PS1=\\h:\\w# ", NULL};
+		execve("/bin/sh", argv, envp);
+		_exit(127);
+	}
+	if (pid < 0)
+		shell_respawn_ms = now_ms() + 1000;
+	else
+		shell_pid = pid;
 }
 
 /* Look for the named virtio-serial port; returns 1 once it is open and served. */
@@ -1765,6 +1814,12 @@ int main(int argc, char **argv)
 		if ((want_port && !port_found && now < port_scan_deadline) ||
 		    (ready_wanted && !ready_printed))
 			timeout = timeout < 0 || timeout > 5 ? 5 : timeout;
+		if (is_pid1 && console_shell && ready_printed && !shell_pid) {
+			if (now >= shell_respawn_ms)
+				spawn_console_shell();
+			else if (timeout < 0 || shell_respawn_ms - now < timeout)
+				timeout = shell_respawn_ms - now;
+		}
 
 		int r = poll(pfds, (nfds_t)np, (int)timeout);
 		if (r < 0 && errno != EINTR) {
