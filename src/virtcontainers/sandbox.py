@@ -297,7 +297,9 @@ class Sandbox:
             hv.state = VMState(state)
 
     async def __aenter__(self) -> Sandbox:
-        await self.start()
+        """Start the sandbox unless it already runs (adopted or attached); stop it on exit."""
+        if self.state in (VMState.NEW, VMState.CREATED):
+            await self.start()
         return self
 
     async def __aexit__(

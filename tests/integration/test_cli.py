@@ -176,3 +176,20 @@ async def test_console_through_a_pty(leak_check: str) -> None:
         assert b"Disconnected" in seen and code == 0
     finally:
         assert (await virtc(leak_check, "stop", "con1")).returncode == 0
+
+
+async def test_run_from_template(leak_check: str) -> None:
+    r = await virtc(leak_check, "template", "create", "tpl", "--memory", "256M")
+    assert r.returncode == 0, r.stderr
+    try:
+        r = await virtc(leak_check, "--json", "template", "list")
+        assert [t["name"] for t in json.loads(r.stdout)] == ["tpl"]
+        r = await virtc(
+            leak_check, "run", "-m", "256M", "--from-template", "tpl", "--", "sh", "-c", "exit 5"
+        )
+        assert r.returncode == 5, r.stderr
+        r = await virtc(leak_check, "run", "-m", "256M", "--from-template", "nope", "--", "true")
+        assert r.returncode != 0 and b"nope" in r.stderr
+        assert state_files(leak_check) == []
+    finally:
+        assert (await virtc(leak_check, "template", "rm", "tpl")).returncode == 0
