@@ -198,7 +198,18 @@ async def stop_daemon(run_root: str | None = None, timeout: float = STOP_TIMEOUT
     reaped = await asyncio.to_thread(cleanup_after, root, pid)
     if watcher:
         await asyncio.to_thread(_wait_gone, watcher, watcher_start, 10.0)
+    if not read_pid_file(root)[0]:
+        _remove_server_files(root)
     return reaped
+
+
+def _remove_server_files(root: str) -> None:
+    """After a stop: the server's config, log and lock go too, then its directory if empty."""
+    for path in (paths.spec_file(root), paths.log_file(root), paths.lock_file(root)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(paths.spec_file(root)))
 
 
 async def _quit(root: str, timeout: float) -> None:
