@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 from backends import BACKENDS, Backend
 
-from fakes.clh.harness import LeakCheck
+from leaks import LeakCheck
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import (
     BlockDrive,

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from fakes.clh.harness import LeakCheck
 from fakes.clh.launcher import write_launcher
+from leaks import LeakCheck
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import (
     BlockDrive,

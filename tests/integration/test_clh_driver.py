@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from fakes.clh.harness import LeakCheck
 from fakes.clh.launcher import write_launcher
+from leaks import LeakCheck
 from virtcontainers import host
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import (

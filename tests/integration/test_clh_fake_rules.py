@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from fakes.clh.harness import LeakCheck
 from fakes.clh.launcher import REPO_ROOT
+from leaks import LeakCheck
 from virtcontainers.drivers.clh import ClhApi, ClhApiError
 
 pytestmark = pytest.mark.integration
