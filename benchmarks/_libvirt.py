@@ -35,6 +35,7 @@ RUN_DIR = "/run/libvirt"
 LIBVIRT_SOCK = f"{RUN_DIR}/libvirt-sock"
 VIRTLOGD_SOCK = f"{RUN_DIR}/virtlogd-sock"
 KVM_DEVICE = "/dev/kvm"
+QEMU_LOG_DIR = "/var/log/libvirt/qemu"
 DAEMON_START_TIMEOUT = 15.0
 INSTALL_HINT = (
     "apt-get install -y --no-install-recommends libvirt-daemon-system libvirt-clients "
@@ -140,7 +141,11 @@ def daemons(work_dir: str) -> Iterator[list[str]]:
                     raise Skip(f"{name} did not start (exit code {proc.poll()}); see {log_path}")
                 time.sleep(0.05)
             notes.append(f"{name} started by the benchmark and stopped after it")
-        yield notes
+        try:
+            yield notes
+        except BaseException:
+            _report_daemons(started, work_dir)
+            raise
     finally:
         for _name, proc in reversed(started):
             proc.send_signal(signal.SIGTERM)
@@ -149,6 +154,19 @@ def daemons(work_dir: str) -> Iterator[list[str]]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _report_daemons(started: list[tuple[str, subprocess.Popen[bytes]]], work_dir: str) -> None:
+    """After a failure: say whether the daemons started here are still alive, and their logs."""
+    for name, proc in started:
+        state = "running" if proc.poll() is None else f"exited with code {proc.returncode}"
+        print(f"  {name} (pid {proc.pid}) {state}; end of its log:", file=sys.stderr)
+        try:
+            with open(os.path.join(work_dir, f"{name}.log"), "rb") as f:
+                tail = f.read()[-2000:].decode(errors="replace")
+        except OSError:
+            tail = "(no log)"
+        print("    " + tail.replace("\n", "\n    "), file=sys.stderr)
 
 
 @dataclass
@@ -249,9 +267,13 @@ class Libvirt:
         return self.conn.createXML(domain_xml(spec), 0)
 
     def destroy(self, dom: Any) -> None:
-        """Kill the domain's QEMU (SIGTERM, then SIGKILL); returns once it is gone."""
+        """Kill the domain's QEMU (SIGTERM, then SIGKILL); returns once it is gone. The log
+        libvirt kept for the (transient) domain is removed too."""
         with contextlib.suppress(self.lv.libvirtError):
+            name = dom.name()
             dom.destroy()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(QEMU_LOG_DIR, f"{name}.log"))
 
 
 def qemu_pid(name: str) -> int:

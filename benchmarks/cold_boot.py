@@ -154,6 +154,16 @@ async def kernel_cmdline(run_root: str) -> tuple[str, int]:
         await drv.stop_sandbox()
 
 
+LIBVIRT_DOMAIN_NOTE = (
+    "libvirt domain (see _libvirt.domain_xml): transient, type='qemu', q35, same kernel, "
+    "initrd and command line, <cpu mode='maximum'> (-cpu max), 1 of 2 vCPUs, 256 MiB, 2 "
+    "pcie-root-ports, virtio-scsi and virtio-serial on pcie.0, the agent channel, the serial "
+    "console to a socket; no USB, no balloon; QEMU runs as root with no relabelling (static "
+    "DAC label): the leanest libvirt setup comparable to the driver's VM. Not replicated: the "
+    "driver's maxmem/slots (libvirt needs a NUMA topology for them)"
+)
+
+
 def libvirt_candidate(lv: Any, work: str, cmdline: str, max_vcpus: int) -> Candidate:
     """A candidate booting transient libvirt domains built like the driver's VM."""
     import _libvirt
@@ -231,6 +241,7 @@ async def bench(opts: Options) -> Result:
                 result["notes"] += notes
                 result["libvirt_version"] = lv.version()
                 candidates["libvirt"] = libvirt_candidate(lv, run_root, cmdline, max_vcpus)
+                result["notes"].append(LIBVIRT_DOMAIN_NOTE)
             except Skip as exc:
                 result["skipped"]["libvirt"] = str(exc)
             samples = await alternate(candidates, opts.scaled(BOOT_RUNS_FACTOR), opts.warmup)

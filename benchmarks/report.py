@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from typing import Any
 
 from _lib import fmt_value
@@ -124,9 +125,20 @@ def _summary_section(benchmarks: dict[str, Any]) -> list[str]:
 
 
 def _description(res: dict[str, Any]) -> list[str]:
-    text = res.get("description", "").strip()
-    paras = [p for p in text.split("\n\n") if p.strip() and ".venv/bin/python" not in p]
-    return [p.replace("\n", " ") if not p.lstrip().startswith("-") else p for p in paras]
+    """The benchmark's docstring as markdown paragraphs (indented blocks as code)."""
+    text = res.get("description", "").strip("\n")
+    out = []
+    for p in text.split("\n\n"):
+        if not p.strip() or ".venv/bin/python" in p:
+            continue
+        lines = p.split("\n")
+        if all(ln.startswith("    ") for ln in lines if ln.strip()):
+            out.append("```\n" + textwrap.dedent(p) + "\n```")
+        elif p.lstrip().startswith("-"):
+            out.append(p.strip("\n"))
+        else:
+            out.append(" ".join(ln.strip() for ln in lines))
+    return out
 
 
 def _benchmark_section(name: str, res: dict[str, Any]) -> list[str]:
@@ -140,9 +152,12 @@ def _benchmark_section(name: str, res: dict[str, Any]) -> list[str]:
         out += [f"Skipped: {res['skipped_all']}", ""]
         return out
     unit = res.get("unit", "s")
+    if res.get("n_vms"):
+        runs = f"{res['n_vms']} VMs of each kind running at once"
+    else:
+        runs = f"{res.get('runs')} runs per candidate after {res.get('warmup')} warm-up"
     out += [
-        f"{res.get('runs')} runs per candidate after {res.get('warmup')} warm-up "
-        f"({res.get('elapsed_s', 0):.0f} s).",
+        f"{runs} ({res.get('elapsed_s', 0):.0f} s).",
         "",
         "| candidate | metric | median | p90 | p99 | min | max | n |",
         "|---|---|---|---|---|---|---|---|",
@@ -212,6 +227,24 @@ def _overhead_section(benchmarks: dict[str, Any]) -> list[str]:
                 if tmpfs is not None
                 else ""
             )
+        )
+    for metric, what, call in (
+        ("block_visible", "Block hotplug", "`Sandbox.add_disk`"),
+        ("vcpu_online", "vCPU hotplug", "`Sandbox.resize`"),
+    ):
+        sb_t, drv_t = (
+            med("lifecycle", "virtcontainers", metric),
+            med("lifecycle", "qemu_driver", metric),
+        )
+        lv_t = med("lifecycle", "libvirt", metric)
+        if sb_t is None or drv_t is None or lv_t is None:
+            continue
+        lines.append(
+            f"- {what} until the guest sees it: Sandbox {fmt_value(sb_t)}, QEMU driver alone "
+            f"{fmt_value(drv_t)}, libvirt {fmt_value(lv_t)} (the guest's own work dominates "
+            f"under TCG). {call} waits for the guest itself (polling through the agent, "
+            "0.2 s apart) and then writes its state durably; the driver and libvirt calls "
+            "return when QEMU has the device, and the benchmark polls the guest back to back."
         )
     if not lines:
         return []
