@@ -113,3 +113,13 @@ def test_template_list_json(cli: typer.Typer, run_root: str) -> None:
     assert res.exit_code == 0
     [entry] = json.loads(res.output)
     assert entry["name"] == "half" and entry["ok"] is False and "incomplete" in entry["problem"]
+
+
+@pytest.mark.parametrize("flag", ["--kernel", "--initrd"])
+def test_template_create_refuses_a_missing_asset(
+    cli: typer.Typer, run_root: str, flag: str
+) -> None:
+    res = CliRunner().invoke(cli, ["template", "create", "t1", flag, "/no/such/file"])
+    assert isinstance(res.exception, ConfigError)
+    assert f"{flag}: no such file /no/such/file" in str(res.exception)
+    assert TemplateStore(run_root=run_root).list() == []

@@ -69,7 +69,14 @@ async def _await(make: Callable[[], Awaitable[T]]) -> T:
     return await make()
 
 
-def _overrides(cpus: int | None, memory: str | None, extra: list[str]) -> dict[str, Any]:
+def _overrides(
+    cpus: int | None,
+    memory: str | None,
+    extra: list[str],
+    kernel: str | None = None,
+    initrd: str | None = None,
+) -> dict[str, Any]:
+    """HypervisorConfig overrides from the shared sizing and guest-asset options."""
     o: dict[str, Any] = {}
     if cpus is not None:
         if cpus <= 0:
@@ -84,6 +91,14 @@ def _overrides(cpus: int | None, memory: str | None, extra: list[str]) -> dict[s
         for e in extra:
             params.extend(params_from_string(e))
         o["kernel_params"] = params
+    for flag, path, field in (
+        ("--kernel", kernel, "kernel_path"),
+        ("--initrd", initrd, "initrd_path"),
+    ):
+        if path is not None:
+            if not os.path.exists(path):
+                raise ConfigError(f"{flag}: no such file {path}")
+            o[field] = os.path.abspath(path)
     return o
 
 
@@ -124,15 +139,7 @@ def _new_sandbox(
     from ..sandbox import Sandbox
 
     g = get_globals(ctx)
-    overrides = _overrides(cpus, memory, params or [])
-    if kernel is not None:
-        overrides["kernel_path"] = os.path.abspath(kernel)
-        if not os.path.exists(kernel):
-            raise ConfigError(f"--kernel: no such file {kernel}")
-    if initrd is not None:
-        overrides["initrd_path"] = os.path.abspath(initrd)
-        if not os.path.exists(initrd):
-            raise ConfigError(f"--initrd: no such file {initrd}")
+    overrides = _overrides(cpus, memory, params or [], kernel, initrd)
     return Sandbox(
         name,
         g.hypervisor,

@@ -73,15 +73,7 @@ def build_config(
     g = get_globals(ctx)
     if g.hypervisor != "qemu":
         raise ConfigError(f"the VM factory supports QEMU only, not {g.hypervisor} (-H qemu)")
-    overrides = _overrides(cpus, memory, params or [])
-    for flag, path, field in (
-        ("--kernel", kernel, "kernel_path"),
-        ("--initrd", initrd, "initrd_path"),
-    ):
-        if path is not None:
-            if not os.path.exists(path):
-                raise ConfigError(f"{flag}: no such file {path}")
-            overrides[field] = os.path.abspath(path)
+    overrides = _overrides(cpus, memory, params or [], kernel, initrd)
     base = _load_config(config, g.hypervisor)
     cfg: HypervisorConfig = sandbox_build_config(base, overrides, HypervisorType.QEMU)
     return cfg
