@@ -32,7 +32,7 @@ from ...errors import (
 )
 from ...hypervisor import Hypervisor, VMState, register
 from ...types import Capabilities, HypervisorType, MemoryDevice
-from ..clh.process import VmmProcess, wait_for_path
+from ..vmm_process import VmmProcess, wait_for_path
 from . import argv as acrn_argv
 from .uuids import UuidAllocator
 

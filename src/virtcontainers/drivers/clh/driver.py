@@ -36,9 +36,9 @@ from ...errors import (
 )
 from ...hypervisor import Hypervisor, VMState, register
 from ...types import Capabilities, HypervisorType, MemoryDevice, Socket, VSock
+from ..vmm_process import VmmProcess
 from . import virtiofsd
 from .api import ClhApi
-from .process import VmmProcess
 from .vmconfig import (
     MIB,
     FsShare,

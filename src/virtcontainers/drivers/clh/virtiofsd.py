@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ...devices import SharedFS
 from ...errors import AssetError
-from .process import VmmProcess, wait_for_path
+from ..vmm_process import VmmProcess, wait_for_path
 
 if TYPE_CHECKING:
     from ...config import HypervisorConfig

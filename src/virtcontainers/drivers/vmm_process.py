@@ -16,8 +16,8 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 
-from ... import host
-from ...errors import LaunchError
+from .. import host
+from ..errors import LaunchError
 
 _POLL = 0.02
 
@@ -186,7 +186,7 @@ async def wait_for_path(
     """
     import stat
 
-    from ...errors import VMTimeoutError
+    from ..errors import VMTimeoutError
 
     deadline = time.monotonic() + timeout
     while True:
