@@ -58,9 +58,11 @@ class VcpuThread(threading.Thread):
         super().__init__(daemon=True, name=f"vcpu{index}")
         self.index = index
         self.stop_event = threading.Event()
+        self.named = threading.Event()
 
     def run(self) -> None:
         name_thread(f"vcpu{self.index}")
+        self.named.set()
         self.stop_event.wait()
 
 
@@ -251,6 +253,7 @@ class FakeClh:
         while len(self.vcpus) < n:
             t = VcpuThread(len(self.vcpus))
             t.start()
+            t.named.wait()  # answer only once /proc shows the thread under its name
             self.vcpus.append(t)
         while len(self.vcpus) > n:
             t = self.vcpus.pop()
