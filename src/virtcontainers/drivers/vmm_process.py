@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -175,6 +176,26 @@ class VmmProcess:
         if self._proc is not None:
             with contextlib.suppress(ProcessLookupError, ChildProcessError):
                 await self._proc.wait()
+
+
+def threads_named(pid: int, pattern: re.Pattern[str]) -> dict[int, int]:
+    """Number -> thread id for the threads of `pid` whose name (`comm`) matches `pattern`, the
+    number being the pattern's first group (how VMMs name their vCPU threads).
+
+    Raises `OSError` when the process's task list cannot be read (it is gone).
+    """
+    task_dir = f"/proc/{pid}/task"
+    out: dict[int, int] = {}
+    for tid in os.listdir(task_dir):
+        try:
+            with open(f"{task_dir}/{tid}/comm", encoding="utf-8", errors="replace") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        m = pattern.match(comm)
+        if m:
+            out[int(m.group(1))] = int(tid)
+    return out
 
 
 async def wait_for_path(

@@ -36,7 +36,7 @@ from ...errors import (
 )
 from ...hypervisor import Hypervisor, VMState, register
 from ...types import Capabilities, HypervisorType, MemoryDevice, Socket, VSock
-from ..vmm_process import VmmProcess
+from ..vmm_process import VmmProcess, threads_named
 from . import virtiofsd
 from .api import ClhApi
 from .vmconfig import (
@@ -749,22 +749,10 @@ class CloudHypervisor(Hypervisor):
 
 def vcpu_threads(pid: int) -> dict[int, int]:
     """vCPU index -> thread id for the threads of `pid` whose name is `vcpu<N>`."""
-    out: dict[int, int] = {}
-    task_dir = f"/proc/{pid}/task"
     try:
-        tids = os.listdir(task_dir)
+        return threads_named(pid, _VCPU_COMM)
     except FileNotFoundError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"{task_dir}/{tid}/comm", encoding="utf-8") as f:
-                comm = f.read().strip()
-        except OSError:
-            continue
-        m = _VCPU_COMM.match(comm)
-        if m:
-            out[int(m.group(1))] = int(tid)
-    return out
+        return {}
 
 
 def _pci_path(info: dict[str, Any] | None) -> str:

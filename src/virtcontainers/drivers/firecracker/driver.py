@@ -37,6 +37,7 @@ from ...errors import (
 )
 from ...hypervisor import Hypervisor, VMState, register
 from ...types import Capabilities, HypervisorType, MemoryDevice, Socket, VSock
+from ..vmm_process import threads_named
 from . import bodies
 from .api import FirecrackerAPI, FirecrackerAPIError
 from .argv import (
@@ -775,22 +776,10 @@ class Firecracker(Hypervisor):
 
 def vcpu_threads(pid: int) -> dict[int, int]:
     """vCPU index -> thread id of the tasks of `pid` named `fc_vcpu N`."""
-    out: dict[int, int] = {}
-    task_dir = f"/proc/{pid}/task"
     try:
-        tids = os.listdir(task_dir)
+        return threads_named(pid, _VCPU_COMM)
     except OSError as e:
-        raise VMExitedError(f"firecracker process {pid}: {task_dir}: {e.strerror}") from e
-    for tid in tids:
-        try:
-            with open(f"{task_dir}/{tid}/comm", encoding="utf-8", errors="replace") as f:
-                comm = f.read().strip()
-        except OSError:
-            continue
-        m = _VCPU_COMM.match(comm)
-        if m:
-            out[int(m.group(1))] = int(tid)
-    return out
+        raise VMExitedError(f"firecracker process {pid}: /proc/{pid}/task: {e.strerror}") from e
 
 
 async def _pidfd_exited(pidfd: int, timeout: float) -> bool:

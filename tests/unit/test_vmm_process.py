@@ -1,0 +1,44 @@
+"""Generic VMM-process helpers shared by several drivers (`drivers/vmm_process.py`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import threading
+
+import pytest
+
+from virtcontainers.drivers.vmm_process import threads_named
+
+
+def test_threads_named_finds_threads_by_comm() -> None:
+    named = threading.Event()
+    done = threading.Event()
+    tids: list[int] = []
+
+    def worker() -> None:
+        tid = threading.get_native_id()
+        with open(f"/proc/self/task/{tid}/comm", "w", encoding="utf-8") as f:
+            f.write("vcpu7")
+        tids.append(tid)
+        named.set()
+        done.wait(10)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        assert named.wait(10)
+        found = threads_named(os.getpid(), re.compile(r"^vcpu(\d+)$"))
+        assert found == {7: tids[0]}
+        assert threads_named(os.getpid(), re.compile(r"^fc_vcpu (\d+)$")) == {}
+    finally:
+        done.set()
+        t.join()
+
+
+def test_threads_named_of_a_gone_process_raises() -> None:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    with pytest.raises(FileNotFoundError):
+        threads_named(proc.pid, re.compile(r"^vcpu(\d+)$"))
