@@ -739,6 +739,8 @@ async def _kill_strays(vm_dir: str) -> None:
     """
     import signal
 
+    from .drivers.vmm_process import wait_pidfd
+
     for pid in _vmm_pids_in(vm_dir):
         try:
             pidfd = os.pidfd_open(pid)
@@ -750,19 +752,7 @@ async def _kill_strays(vm_dir: str) -> None:
             log.warning("sandbox VM dir %s: killing stray VMM process %d", vm_dir, pid)
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            loop = asyncio.get_running_loop()
-            gone: asyncio.Future[None] = loop.create_future()
-
-            def exited(fut: asyncio.Future[None] = gone) -> None:
-                if not fut.done():
-                    fut.set_result(None)
-
-            loop.add_reader(pidfd, exited)
-            try:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(gone, STRAY_KILL_TIMEOUT)
-            finally:
-                loop.remove_reader(pidfd)
+            await wait_pidfd(pidfd, STRAY_KILL_TIMEOUT)
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)  # noqa: ASYNC222 (no wait)
         finally:

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from virtcontainers.drivers.vmm_process import threads_named
+from virtcontainers.drivers.vmm_process import threads_named, wait_pidfd
 
 
 def test_threads_named_finds_threads_by_comm() -> None:
@@ -42,3 +42,16 @@ def test_threads_named_of_a_gone_process_raises() -> None:
     proc.wait()
     with pytest.raises(FileNotFoundError):
         threads_named(proc.pid, re.compile(r"^vcpu(\d+)$"))
+
+
+async def test_wait_pidfd_sees_an_exit_and_times_out_on_a_live_process() -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    fd = os.pidfd_open(sleeper.pid)
+    try:
+        assert await wait_pidfd(fd, 0.05) is False
+        sleeper.kill()
+        assert await wait_pidfd(fd, 5.0) is True
+    finally:
+        os.close(fd)
+        sleeper.kill()
+        sleeper.wait()

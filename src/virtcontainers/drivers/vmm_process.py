@@ -178,6 +178,26 @@ class VmmProcess:
                 await self._proc.wait()
 
 
+async def wait_pidfd(pidfd: int, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for the process behind `pidfd` to exit (the fd turns
+    readable); True when it has. Works for any process, our child or not."""
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, on_exit)
+    try:
+        await asyncio.wait_for(exited, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(pidfd)
+
+
 def threads_named(pid: int, pattern: re.Pattern[str]) -> dict[int, int]:
     """Number -> thread id for the threads of `pid` whose name (`comm`) matches `pattern`, the
     number being the pattern's first group (how VMMs name their vCPU threads).

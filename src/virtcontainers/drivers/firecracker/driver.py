@@ -37,7 +37,7 @@ from ...errors import (
 )
 from ...hypervisor import Hypervisor, VMState, register
 from ...types import Capabilities, HypervisorType, MemoryDevice, Socket, VSock
-from ..vmm_process import threads_named
+from ..vmm_process import threads_named, wait_pidfd
 from . import bodies
 from .api import FirecrackerAPI, FirecrackerAPIError
 from .argv import (
@@ -782,25 +782,6 @@ def vcpu_threads(pid: int) -> dict[int, int]:
         raise VMExitedError(f"firecracker process {pid}: /proc/{pid}/task: {e.strerror}") from e
 
 
-async def _pidfd_exited(pidfd: int, timeout: float) -> bool:
-    """Wait until the process behind `pidfd` exits (the fd turns readable); False on timeout."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    loop.add_reader(pidfd, ready)
-    try:
-        await asyncio.wait_for(done, timeout)
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(pidfd)
-
-
 async def _terminate_foreign(pid: int, start_time: int | None) -> None:
     """SIGTERM, wait, SIGKILL, wait for a process that is not our child."""
     try:
@@ -813,7 +794,7 @@ async def _terminate_foreign(pid: int, start_time: int | None) -> None:
         for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, STOP_TIMEOUT)):
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(pidfd, sig)
-            if await _pidfd_exited(pidfd, wait):
+            if await wait_pidfd(pidfd, wait):
                 return
         raise HypervisorError(f"firecracker process {pid} survived SIGKILL")
     finally:

@@ -6,7 +6,6 @@ persisted state, and signals go through the pidfd so a recycled pid is never hit
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import os
@@ -17,6 +16,7 @@ from collections.abc import Sequence
 
 from ... import host
 from ...errors import LaunchError
+from ..vmm_process import wait_pidfd
 
 
 def log_tail(path: str, max_lines: int = 20, max_bytes: int = 8192) -> str:
@@ -141,21 +141,7 @@ class VMProcess:
         if not self.alive():
             return True
         assert self._pidfd is not None
-        loop = asyncio.get_running_loop()
-        exited = loop.create_future()
-        fd = self._pidfd
-
-        def on_exit() -> None:
-            if not exited.done():
-                exited.set_result(None)
-
-        loop.add_reader(fd, on_exit)
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await exited
-        finally:
-            loop.remove_reader(fd)
+        await wait_pidfd(self._pidfd, timeout)
         return not self.alive()
 
     def signal(self, sig: int) -> None:
@@ -235,4 +221,3 @@ def kill_session_leftovers(sid: int) -> list[int]:
         finally:
             os.close(fd)
     return killed
-
