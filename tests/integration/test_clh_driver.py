@@ -628,7 +628,7 @@ async def test_state_round_trip_and_grpc_handover(fake: ClhEnv) -> None:
     await taker.pause_sandbox()
     assert (await vm_info(h.api_socket))["state"] == "Paused"
     await taker.disconnect()
-    with pytest.raises(StateError, match="cannot decode"):
+    with pytest.raises(StateError, match="clh: unreadable VM state"):
         await CloudHypervisor().from_grpc(h.hypervisor_config(), b"not json")
     h.state = VMState.PAUSED
     await h.stop_sandbox()

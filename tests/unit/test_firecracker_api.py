@@ -256,7 +256,7 @@ async def test_create_refusals() -> None:
         state.type = "qemu"
         with pytest.raises(StateError, match="cannot load state of a qemu VM"):
             Firecracker(run_root=tmp).load(state)
-        with pytest.raises(StateError, match="invalid VM description"):
+        with pytest.raises(StateError, match="firecracker: unreadable VM state"):
             await Firecracker(run_root=tmp).from_grpc(_cfg(tmp), b"{not json")
     finally:
         import shutil

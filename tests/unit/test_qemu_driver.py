@@ -304,7 +304,7 @@ async def test_to_grpc_from_grpc_reattaches(
     assert other.id == "sb1" and other.state == VMState.RUNNING
     await other.check()
     await other.disconnect()
-    with pytest.raises(StateError, match="unreadable"):
+    with pytest.raises(StateError, match="qemu: unreadable VM state"):
         await QemuHypervisor(run_root=run_root).from_grpc(config, b"{not json")
 
 

@@ -36,6 +36,7 @@ from ...errors import (
 )
 from ...hypervisor import Hypervisor, VMState, register
 from ...types import Capabilities, HypervisorType, MemoryDevice, Socket, VSock
+from ..handover import decode_state, encode_state
 from ..vmm_process import VmmProcess, threads_named
 from . import virtiofsd
 from .api import ClhApi
@@ -732,17 +733,11 @@ class CloudHypervisor(Hypervisor):
 
     async def to_grpc(self) -> bytes:
         """The saved state as JSON bytes, for a VM cache handing this VM to another process."""
-        return self.save().model_dump_json().encode()
+        return encode_state(self.save())
 
     async def from_grpc(self, config: HypervisorConfig, data: bytes) -> None:
         """Take over the VM described by `to_grpc()` bytes and check that it answers."""
-        from ...persist import HypervisorState
-
-        try:
-            state = HypervisorState.model_validate_json(data)
-        except ValueError as e:
-            raise StateError(f"clh: cannot decode VM cache data: {e}") from e
-        self.load(state)
+        self.load(decode_state(data, "clh"))
         self._config = config
         await self.check()
 

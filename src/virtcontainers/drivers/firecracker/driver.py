@@ -37,6 +37,7 @@ from ...errors import (
 )
 from ...hypervisor import Hypervisor, VMState, register
 from ...types import Capabilities, HypervisorType, MemoryDevice, Socket, VSock
+from ..handover import decode_state, encode_state
 from ..vmm_process import threads_named, wait_pidfd
 from . import bodies
 from .api import FirecrackerAPI, FirecrackerAPIError
@@ -761,16 +762,10 @@ class Firecracker(Hypervisor):
 
     async def to_grpc(self) -> bytes:
         """The persisted state as JSON: enough for another process to take the VM over."""
-        return self.save().model_dump_json().encode()
+        return encode_state(self.save())
 
     async def from_grpc(self, config: HypervisorConfig, data: bytes) -> None:
-        from ...persist import HypervisorState
-
-        try:
-            state = HypervisorState.model_validate_json(data)
-        except ValueError as e:
-            raise StateError(f"firecracker: invalid VM description: {e}") from e
-        self.load(state)
+        self.load(decode_state(data, "firecracker"))
         self._config = config
 
 

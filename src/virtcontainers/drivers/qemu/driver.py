@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import shutil
@@ -38,6 +37,7 @@ from ...errors import (
 )
 from ...hypervisor import Hypervisor, VMState, check_transition, register
 from ...types import Capabilities, HypervisorType, MemoryDevice
+from ..handover import decode_state, encode_state
 from . import argv as qargv
 from . import virtiofsd
 from .helpers import Helpers
@@ -614,14 +614,10 @@ class QemuHypervisor(Hypervisor):
         self.state = VMState(extra.get("vm_state", VMState.RUNNING.value))
 
     async def to_grpc(self) -> bytes:
-        return json.dumps(self.save().model_dump(mode="json")).encode()
+        return encode_state(self.save())
 
     async def from_grpc(self, config: HypervisorConfig, data: bytes) -> None:
-        try:
-            state = persist.HypervisorState.model_validate_json(data)
-        except ValueError as exc:
-            raise StateError(f"QEMU driver: unreadable VM state from the cache: {exc}") from exc
-        self.load(state)
+        self.load(decode_state(data, "qemu"))
         self.config = config
         await self._attach()
 
