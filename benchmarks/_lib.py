@@ -87,25 +87,58 @@ def fmt_value(value: float, unit: str = "s") -> str:
 
 
 # -- alternation ------------------------------------------------------------------------------
-async def alternate(
-    candidates: Mapping[str, Candidate], runs: int, warmup: int, *, verbose: bool = True
-) -> dict[str, dict[str, list[float]]]:
-    """Run every candidate `warmup` times (discarded), then `runs` times in rotating order.
+def williams_orders(k: int) -> list[list[int]]:
+    """Run orders of k candidates balanced for carry-over (a Williams design): each
+    candidate comes first, and follows every other candidate, equally often over a cycle
+    (k orders for even k, 2k for odd k; for two: A B, B A)."""
+    base: list[int] = []
+    lo, hi = 0, k - 1
+    for j in range(k):
+        if j % 2 == 0:
+            base.append(lo)
+            lo += 1
+        else:
+            base.append(hi)
+            hi -= 1
+    # base = 0, k-1, 1, k-2, ... ; shifted rows make a Latin square
+    rows = [[(x + r) % k for x in base] for r in range(k)]
+    if k % 2:
+        rows += [list(reversed(row)) for row in rows]
+    return rows
 
-    Run i starts with candidate i mod k (A B / B A for two), so slow drift of the machine
-    (other load, caches) hits all candidates alike. Returns {candidate: {metric: samples}}.
-    `verbose` prints every sample.
+
+async def alternate(
+    candidates: Mapping[str, Candidate],
+    runs: int,
+    warmup: int,
+    *,
+    verbose: bool = True,
+    settle: float = 0.0,
+) -> dict[str, dict[str, list[float]]]:
+    """Run every candidate `warmup` times (discarded), then `runs` times in balanced orders.
+
+    The orders come from `williams_orders`: every candidate goes first, and follows each of
+    the others, equally often, so slow drift of the machine and what one candidate leaves
+    behind for the next (a VMM still being torn down, caches) hit all candidates alike.
+    `runs` is rounded up to whole cycles of orders when it exceeds one cycle. `settle`
+    seconds of sleep before each measurement let such background work finish.
+    Returns {candidate: {metric: samples}}. `verbose` prints every sample.
     """
     names = list(candidates)
     for w in range(warmup):
         for name in names:
+            await asyncio.sleep(settle)
             sample = await candidates[name](-1 - w)
             if verbose:
                 print(f"  warm-up {name:16s} {_fmt_sample(sample)}", flush=True)
+    orders = williams_orders(len(names))
+    if runs > len(orders) and runs % len(orders):
+        runs += len(orders) - runs % len(orders)  # whole cycles: balanced
     out: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     for i in range(1, runs + 1):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
+        for idx in orders[(i - 1) % len(orders)]:
+            name = names[idx]
+            await asyncio.sleep(settle)
             sample = await candidates[name](i)
             for metric, value in sample.items():
                 out[name].setdefault(metric, []).append(value)

@@ -51,6 +51,8 @@ BOOT_TIMEOUT = 120.0
 AGENT_TIMEOUT = 30.0
 TITLE = "Cold boot to agent-ready (q35, TCG)"
 BOOT_RUNS_FACTOR = 2
+SETTLE_S = 0.5
+"""Pause before each boot: the previous VM's teardown (libvirt's above all) finishes first."""
 """The headline number: twice the suite's runs (a TCG boot varies by tens of percent here)."""
 
 
@@ -244,7 +246,9 @@ async def bench(opts: Options) -> Result:
                 result["notes"].append(LIBVIRT_DOMAIN_NOTE)
             except Skip as exc:
                 result["skipped"]["libvirt"] = str(exc)
-            samples = await alternate(candidates, opts.scaled(BOOT_RUNS_FACTOR), opts.warmup)
+            samples = await alternate(
+                candidates, opts.scaled(BOOT_RUNS_FACTOR), opts.warmup, settle=SETTLE_S
+            )
     add_metrics(result, samples)
     add_ratio(
         result,

@@ -112,6 +112,18 @@ async def bench(opts: Options) -> Result:
             "met": None,
         }
     )
+    pss_clones = sum(metrics["template_clone"]["pss"]["samples"])
+    pss_cold = sum(metrics["cold_boot"]["pss"]["samples"])
+    for label, value in (
+        (f"total PSS: {n} clones / {n} cold VMs", pss_clones / pss_cold),
+        (
+            f"total PSS + template file: {n} clones / {n} cold VMs",
+            (pss_clones + template_bytes) / pss_cold,
+        ),
+    ):
+        result["checks"].append(
+            {"label": label, "kind": "ratio", "value": value, "target": None, "met": None}
+        )
     result["notes"] += [
         f"N = {n} VMs of each kind at once; template file resident: {template_bytes / MIB:.0f} "
         f"MiB of {info.memory_mib} MiB",

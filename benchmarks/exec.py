@@ -121,7 +121,7 @@ async def end_to_end(opts: Options, run_root: str) -> dict[str, dict[str, list[f
         "sandbox_run": sandbox_run,
         "virtc_version": virtc_version,
     }
-    return await alternate(cands, opts.runs, opts.warmup)
+    return await alternate(cands, opts.runs, opts.warmup, settle=0.5)
 
 
 async def bench(opts: Options) -> Result:

@@ -373,7 +373,7 @@ async def bench(opts: Options) -> Result:
                     "libvirt": vcpu_libvirt(setup),
                     "qemu_driver": vcpu_driver(setup),
                 }
-                merge(await alternate(_prefixed(vc, "vcpu"), opts.runs, opts.warmup))
+                merge(await alternate(_prefixed(vc, "vcpu"), opts.runs, opts.warmup, settle=0.5))
     add_metrics(result, samples)
     for metric, label in (
         ("pause_pause_resume", "pause + resume"),

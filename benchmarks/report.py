@@ -27,11 +27,11 @@ BOOT_SERIES = (
     ("cold_boot", "libvirt", "boot", "libvirt"),
 )
 ACQUIRE_SERIES = (
-    ("clone", "cold_boot", "get_vm", "cold boot\n(get_vm)"),
-    ("clone", "template", "get_vm", "template\n(get_vm)"),
-    ("clone", "template_base", "get_base_vm", "template\n(get_base_vm)"),
-    ("clone", "cache", "get_vm", "cache\n(get_vm)"),
-    ("clone", "cache_base", "get_base_vm", "cache\n(get_base_vm)"),
+    ("template", "cold_boot", "agent_ready", "cold boot"),
+    ("template", "clone", "agent_ready", "template\nclone"),
+    ("template", "clone_fresh", "agent_ready", "clone +\nfresh identity"),
+    ("template", "get_base_vm", "agent_ready", "cache server\nGetBaseVM"),
+    ("template", "cache_get_vm", "agent_ready", "cache\nFactory.get_vm"),
 )
 
 
@@ -155,7 +155,10 @@ def _benchmark_section(name: str, res: dict[str, Any]) -> list[str]:
     if res.get("n_vms"):
         runs = f"{res['n_vms']} VMs of each kind running at once"
     else:
-        runs = f"{res.get('runs')} runs per candidate after {res.get('warmup')} warm-up"
+        runs = (
+            f"{res.get('warmup')} warm-up run(s) per candidate, then n measured runs each "
+            "(alternated; n is rounded up to whole cycles of the balanced orders)"
+        )
     out += [
         f"{runs} ({res.get('elapsed_s', 0):.0f} s).",
         "",
@@ -263,9 +266,11 @@ def render(data: dict[str, Any]) -> str:
         + f"; {opts.get('runs')} runs per candidate unless a section says otherwise. "
         "Do not edit: rerun the suite. Raw samples: `benchmarks/results/latest.json`.",
         "",
-        "Method: every benchmark alternates its candidates (A B C, B C A, ... after a "
-        "warm-up that is discarded), reports medians with p90/p99, and compares candidates "
-        "only within the same run, never against numbers from another run.",
+        "Method: every benchmark alternates its candidates after a discarded warm-up, in "
+        "orders balanced for carry-over (a Williams design: A B, B A for two; all six orders "
+        "of three; each candidate goes first, and follows each other one, equally often), "
+        "reports medians with p90/p99, and compares candidates only within the same run, "
+        "never against numbers from another run.",
         "",
     ]
     out += _machine_section(data.get("machine", {}))
@@ -303,7 +308,10 @@ def plot(data: dict[str, Any], path: str) -> bool:
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
-    titles = {id(boot): "Cold boot to agent-ready (s)", id(acquire): "Ready VM from (ms, log)"}
+    titles = {
+        id(boot): "Cold boot to agent-ready (s)",
+        id(acquire): "VM with a ready agent, by strategy (ms, log scale)",
+    }
     for ax, series in zip(axes[0], panels, strict=True):
         labels = [s[0] for s in series]
         scale = 1000.0 if series is acquire else 1.0
