@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import threading
 
 import pytest
 
-from virtcontainers.drivers.vmm_process import threads_named, wait_pidfd
+from virtcontainers import host
+from virtcontainers.drivers.vmm_process import VmmProcess, threads_named, wait_pidfd
 
 
 def test_threads_named_finds_threads_by_comm() -> None:
@@ -53,5 +55,23 @@ async def test_wait_pidfd_sees_an_exit_and_times_out_on_a_live_process() -> None
         assert await wait_pidfd(fd, 5.0) is True
     finally:
         os.close(fd)
+        sleeper.kill()
+        sleeper.wait()
+
+
+async def test_an_attached_process_is_signalled_only_while_it_is_the_same_one() -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        start = host.process_start_time(sleeper.pid)
+        assert start is not None
+        impostor = VmmProcess.attach("vmm", sleeper.pid, start + 1)  # a reused pid
+        assert impostor.send_signal(signal.SIGTERM) is False
+        assert sleeper.poll() is None
+        same = VmmProcess.attach("vmm", sleeper.pid, start)
+        assert not same.is_child and same.alive()
+        await same.stop(grace=5.0)
+        assert sleeper.wait(5) == -signal.SIGTERM
+        assert not same.alive()
+    finally:
         sleeper.kill()
         sleeper.wait()

@@ -1,9 +1,9 @@
 """A VMM (or helper daemon) host process: spawn, watch, signal, reap, and read its log tail.
 
-Used by the Cloud Hypervisor driver (cloud-hypervisor, virtiofsd) and by the ACRN driver
-(acrn-dm). A process is either our child (spawned here: reaped with `wait`) or attached from
-persisted state by pid and start time (another process's child: polled, and only signalled
-while `host.pid_is` confirms it is still the same process).
+Used by the Cloud Hypervisor driver (cloud-hypervisor, virtiofsd), the ACRN driver (acrn-dm)
+and the Firecracker driver. A process is either our child (spawned here: reaped with `wait`)
+or attached from persisted state by pid and start time (another process's child: polled, and
+only signalled through a pidfd while `host.pid_is` confirms it is still the same process).
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class VmmProcess:
         *,
         log_paths: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
     ) -> VmmProcess:
         """Start `argv` in its own session, stdout and stderr appended to `output_path`.
 
@@ -83,6 +84,7 @@ class VmmProcess:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     env=dict(env) if env is not None else None,
+                    cwd=cwd,
                 )
         except OSError as e:
             raise LaunchError(f"cannot execute {name} {argv[0]}: {e.strerror}", argv=argv) from e
@@ -147,10 +149,26 @@ class VmmProcess:
         """Send `sig` if the process is still the one we know; False when it is already gone."""
         if not self.alive():
             return False
+        if self._proc is not None:  # our unreaped child: its pid cannot be reused
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                return False
+            return True
+        # Not our child: pin the pid with a pidfd and check it again, so a reused pid is
+        # never hit.
         try:
-            os.kill(self.pid, sig)
+            pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError:
             return False
+        try:
+            if not host.pid_is(self.pid, self.start_time):
+                return False
+            signal.pidfd_send_signal(pidfd, sig)
+        except ProcessLookupError:
+            return False
+        finally:
+            os.close(pidfd)
         return True
 
     async def stop(

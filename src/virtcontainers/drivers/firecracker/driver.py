@@ -9,7 +9,6 @@ Templates are Firecracker snapshots. Everything Firecracker cannot do raises
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -38,7 +37,7 @@ from ...errors import (
 from ...hypervisor import Hypervisor, VMState, register
 from ...types import Capabilities, HypervisorType, MemoryDevice, Socket, VSock
 from ..handover import decode_state, encode_state
-from ..vmm_process import threads_named, wait_pidfd
+from ..vmm_process import VmmProcess, threads_named
 from . import bodies
 from .api import FirecrackerAPI, FirecrackerAPIError
 from .argv import (
@@ -108,7 +107,7 @@ class Firecracker(Hypervisor):
         self.pid_start_time: int | None = None
         self.argv: list[str] = []
         self.vmm_version = ""
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: VmmProcess | None = None
         self._image = ""
         self._cold_drives: list[BlockDrive] = []
         self._nets: list[NetworkEndpoint] = []
@@ -253,22 +252,11 @@ class Firecracker(Hypervisor):
         self.argv = argv
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.api_socket)
-        log = open(self.console_path, "ab")  # noqa: SIM115, ASYNC230 - the child's stdout
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd=cwd,
-                start_new_session=True,
-            )
-        except OSError as e:
-            raise LaunchError(f"cannot run {argv[0]}: {e.strerror}", argv=argv) from e
-        finally:
-            log.close()
+        self._proc = await VmmProcess.spawn(
+            "firecracker", argv, self.console_path, log_paths=self._log_paths(), cwd=cwd
+        )
         self.pid = self._proc.pid
-        self.pid_start_time = host.process_start_time(self.pid)
+        self.pid_start_time = self._proc.start_time
         self.api = FirecrackerAPI(self.api_socket, timeout=API_TIMEOUT)
         try:
             info = await self.api.wait_ready(deadline, self._raise_if_exited)
@@ -282,22 +270,27 @@ class Firecracker(Hypervisor):
 
     def _raise_if_exited(self) -> None:
         proc = self._proc
-        if proc is not None and proc.returncode is not None:
-            raise LaunchError(
-                f"firecracker VM {self.id} exited during start-up",
-                exit_code=proc.returncode,
-                argv=self.argv,
-                log_tail=self._log_tail(),
-            )
-        if proc is None and self.pid and not host.pid_is(self.pid, self.pid_start_time):
+        if proc is not None and proc.is_child:
+            if proc.exit_code is not None:
+                raise LaunchError(
+                    f"firecracker VM {self.id} exited during start-up",
+                    exit_code=proc.exit_code,
+                    argv=self.argv,
+                    log_tail=self._log_tail(),
+                )
+        elif self.pid and not host.pid_is(self.pid, self.pid_start_time):
             raise VMExitedError(f"firecracker VM {self.id}: process {self.pid} is gone")
 
-    def _log_tail(self, lines: int = 20) -> str:
-        out = []
+    def _log_paths(self) -> list[str]:
+        """The VMM's stdout (the guest console) and, once its root exists, its own log."""
         paths = [self.console_path]
         if self.root is not None:
             paths.append(self.root.host(FC_LOG))
-        for path in paths:
+        return paths
+
+    def _log_tail(self, lines: int = 20) -> str:
+        out = []
+        for path in self._log_paths():
             try:
                 with open(path, "rb") as f:
                     f.seek(max(0, os.fstat(f.fileno()).st_size - 8192))
@@ -330,9 +323,8 @@ class Firecracker(Hypervisor):
             # A dropped connection usually means the process died: give it a moment to be
             # reaped, then report the exit (code, log tail) rather than the socket error.
             proc = self._proc
-            if isinstance(e, FirecrackerAPIError) and proc is not None and proc.returncode is None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(proc.wait()), 1.0)
+            if isinstance(e, FirecrackerAPIError) and proc is not None and proc.is_child:
+                await proc.wait(1.0)
             self._raise_if_exited()
             raise
 
@@ -489,21 +481,11 @@ class Firecracker(Hypervisor):
         await self.cleanup()
 
     async def _kill(self) -> None:
+        """SIGTERM, wait, SIGKILL, wait: our child, or a VMM loaded from state (signalled only
+        while it is still that process)."""
         proc, self._proc = self._proc, None
         if proc is not None:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
-                except TimeoutError:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                    await proc.wait()
-        elif self.pid and host.pid_is(self.pid, self.pid_start_time):
-            # Not our child (loaded from state): hold a pidfd, re-check the identity, then
-            # signal through the pidfd so a reused pid can never be hit.
-            await _terminate_foreign(self.pid, self.pid_start_time)
+            await proc.stop(signal.SIGTERM, grace=STOP_TIMEOUT, kill_wait=STOP_TIMEOUT)
         self.pid = 0
         self.pid_start_time = None
 
@@ -672,10 +654,10 @@ class Firecracker(Hypervisor):
     async def check(self) -> None:
         """Healthy when the process is alive and `GET /` says Running or Paused."""
         proc = self._proc
-        if proc is not None and proc.returncode is not None:
+        if proc is not None and proc.is_child and proc.exit_code is not None:
             raise VMExitedError(
                 f"firecracker VM {self.id}: process {proc.pid} exited with code "
-                f"{proc.returncode}\n{self._log_tail()}".rstrip()
+                f"{proc.exit_code}\n{self._log_tail()}".rstrip()
             )
         if not self.pid or not host.pid_is(self.pid, self.pid_start_time):
             raise VMExitedError(f"firecracker VM {self.id or '<unnamed>'}: process is not running")
@@ -749,7 +731,11 @@ class Firecracker(Hypervisor):
         else:
             self.root = VMRoot(root_path)
         self.root.mounts = list(extra.get("mounts", []))
-        self._proc = None
+        self._proc = (
+            VmmProcess.attach("firecracker", self.pid, self.pid_start_time, self._log_paths())
+            if self.pid
+            else None
+        )
         self.api = None
         try:
             self.state = VMState(str(extra.get("state", VMState.RUNNING.value)))
@@ -775,22 +761,3 @@ def vcpu_threads(pid: int) -> dict[int, int]:
         return threads_named(pid, _VCPU_COMM)
     except OSError as e:
         raise VMExitedError(f"firecracker process {pid}: /proc/{pid}/task: {e.strerror}") from e
-
-
-async def _terminate_foreign(pid: int, start_time: int | None) -> None:
-    """SIGTERM, wait, SIGKILL, wait for a process that is not our child."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        if not host.pid_is(pid, start_time):
-            return
-        for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, STOP_TIMEOUT)):
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(pidfd, sig)
-            if await wait_pidfd(pidfd, wait):
-                return
-        raise HypervisorError(f"firecracker process {pid} survived SIGKILL")
-    finally:
-        os.close(pidfd)
