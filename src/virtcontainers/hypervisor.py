@@ -174,6 +174,15 @@ class Hypervisor(abc.ABC):
         if capability not in self.capabilities():
             raise self.unsupported(operation)
 
+    def require_state(self, operation: str, *allowed: VMState) -> None:
+        """Raise `StateError` naming the hypervisor, the VM and its state unless the VM is in
+        one of the `allowed` states."""
+        if self.state not in allowed:
+            raise StateError(
+                f"{self.hypervisor_type!s}: cannot {operation} VM {self.id or '<unnamed>'}: "
+                f"it is {self.state.value}"
+            )
+
     def transition(self, target: VMState, operation: str) -> None:
         """Move to `target` or raise `StateError` for an illegal step."""
         check_transition(self.state, target, operation, self.id)

@@ -54,7 +54,7 @@ async def test_lifecycle_state_machine() -> None:
     await hv.create_sandbox("sb", None, cfg())
     with pytest.raises(StateError, match="cannot pause VM sb: it is created"):
         await hv.pause_sandbox()
-    with pytest.raises(StateError, match="cannot resume"):
+    with pytest.raises(StateError, match=r"^mock: cannot resume VM sb: it is created$"):
         await hv.resume_sandbox()
     await hv.start_sandbox(5)
     assert hv.state is VMState.RUNNING

@@ -49,12 +49,6 @@ class MockHypervisor(Hypervisor):
             raise StateError("mock VM has no config: call create_sandbox first")
         return self._config
 
-    def _require_state(self, operation: str, *allowed: VMState) -> None:
-        if self.state not in allowed:
-            raise StateError(
-                f"cannot {operation} VM {self.id or '<unnamed>'}: it is {self.state.value}"
-            )
-
     async def create_sandbox(
         self, id: str, network_ns: str | None, config: HypervisorConfig, stateful: bool = False
     ) -> None:
@@ -81,19 +75,19 @@ class MockHypervisor(Hypervisor):
         self.transition(VMState.PAUSED, "pause")
 
     async def resume_sandbox(self) -> None:
-        self._require_state("resume", VMState.PAUSED)
+        self.require_state("resume", VMState.PAUSED)
         self.transition(VMState.RUNNING, "resume")
 
     async def save_sandbox(self) -> None:
-        self._require_state("save", VMState.PAUSED)
+        self.require_state("save", VMState.PAUSED)
         self.saved = True
 
     async def add_device(self, device: Device) -> None:
-        self._require_state("cold-plug a device into", VMState.CREATED)
+        self.require_state("cold-plug a device into", VMState.CREATED)
         self.cold_devices.append(device)
 
     async def hotplug_add_device(self, device: Device) -> Any:
-        self._require_state("hotplug a device into", VMState.RUNNING, VMState.PAUSED)
+        self.require_state("hotplug a device into", VMState.RUNNING, VMState.PAUSED)
         if isinstance(device, CPUDevice):
             old, new = await self.resize_vcpus(self.vcpus + device.amount)
             return new - old
@@ -109,7 +103,7 @@ class MockHypervisor(Hypervisor):
         return device
 
     async def hotplug_remove_device(self, device: Device) -> Any:
-        self._require_state("hot-remove a device from", VMState.RUNNING, VMState.PAUSED)
+        self.require_state("hot-remove a device from", VMState.RUNNING, VMState.PAUSED)
         if isinstance(device, CPUDevice):
             old, new = await self.resize_vcpus(self.vcpus - device.amount)
             return old - new
@@ -126,7 +120,7 @@ class MockHypervisor(Hypervisor):
     async def resize_memory(
         self, mem_mb: int, block_size_mb: int, probe: bool
     ) -> tuple[int, MemoryDevice]:
-        self._require_state("resize memory of", VMState.RUNNING, VMState.PAUSED)
+        self.require_state("resize memory of", VMState.RUNNING, VMState.PAUSED)
         if mem_mb <= 0:
             raise ConfigError(f"memory size must be positive, got {mem_mb} MiB")
         if block_size_mb > 0 and mem_mb % block_size_mb:
@@ -136,7 +130,7 @@ class MockHypervisor(Hypervisor):
         return self.memory_mb, MemoryDevice(slot=0, size_mb=added, addr=0, probe=probe)
 
     async def resize_vcpus(self, vcpus: int) -> tuple[int, int]:
-        self._require_state("resize vCPUs of", VMState.RUNNING, VMState.PAUSED)
+        self.require_state("resize vCPUs of", VMState.RUNNING, VMState.PAUSED)
         cfg = self._cfg()
         if not 1 <= vcpus <= cfg.default_max_vcpus:
             raise ConfigError(f"vCPU count must be 1..{cfg.default_max_vcpus}, got {vcpus}")

@@ -79,12 +79,6 @@ class Acrn(Hypervisor):
             raise StateError("acrn: the VM has no config: call create_sandbox first")
         return self._config
 
-    def _require_state(self, operation: str, *allowed: VMState) -> None:
-        if self.state not in allowed:
-            raise StateError(
-                f"acrn: cannot {operation} VM {self.id or '<unnamed>'}: it is {self.state.value}"
-            )
-
     # -- lifecycle -------------------------------------------------------------------------
     async def create_sandbox(
         self, id: str, network_ns: str | None, config: HypervisorConfig, stateful: bool = False
@@ -109,7 +103,7 @@ class Acrn(Hypervisor):
 
     async def add_device(self, device: Device) -> None:
         """Cold-plug a disk, NIC or agent serial port (before start)."""
-        self._require_state(f"cold-plug {device.kind}", VMState.CREATED)
+        self.require_state(f"cold-plug {device.kind}", VMState.CREATED)
         if isinstance(device, ImageDevice):
             self._disks.insert(0, BlockDrive("rootimg", device.path))
         elif isinstance(device, BlockDrive):
@@ -140,7 +134,7 @@ class Acrn(Hypervisor):
         """Launch acrn-dm and wait for its console socket, within `timeout` seconds."""
         if timeout <= 0:
             raise ConfigError(f"acrn: start timeout must be positive, got {timeout}")
-        self._require_state("start", VMState.CREATED)
+        self.require_state("start", VMState.CREATED)
         argv = self.argv()
         os.makedirs(self.vm_dir, mode=0o750, exist_ok=True)
         try:
@@ -219,7 +213,7 @@ class Acrn(Hypervisor):
         """Put a block drive into a free `nodisk` slot with `acrnctl blkrescan`."""
         if not isinstance(device, BlockDrive):
             raise self.unsupported(f"hotplug of {device.kind}")
-        self._require_state("hotplug a block drive into", VMState.RUNNING)
+        self.require_state("hotplug a block drive into", VMState.RUNNING)
         self._check_alive("hotplug a block drive into")
         if device.id in self._pool_used.values():
             raise ConfigError(f"acrn: block drive {device.id!r} is already hotplugged")
@@ -242,7 +236,7 @@ class Acrn(Hypervisor):
         """Empty the drive's slot again (`acrnctl blkrescan <vm> <slot>,nodisk`)."""
         if not isinstance(device, BlockDrive):
             raise self.unsupported(f"hot-remove of {device.kind}")
-        self._require_state("hot-remove a block drive from", VMState.RUNNING)
+        self.require_state("hot-remove a block drive from", VMState.RUNNING)
         self._check_alive("hot-remove a block drive from")
         index = next((i for i, d in self._pool_used.items() if d == device.id), None)
         if index is None:

@@ -109,12 +109,6 @@ class CloudHypervisor(Hypervisor):
             raise StateError("clh: the VM has no config: call create_sandbox first")
         return self._config
 
-    def _require_state(self, operation: str, *allowed: VMState) -> None:
-        if self.state not in allowed:
-            raise StateError(
-                f"clh: cannot {operation} VM {self.id or '<unnamed>'}: it is {self.state.value}"
-            )
-
     def _client(self) -> ClhApi:
         if self._api is None:
             if not self.api_socket:
@@ -187,7 +181,7 @@ class CloudHypervisor(Hypervisor):
 
     async def add_device(self, device: Device) -> None:
         """Cold-plug a device into the VmConfig (before start)."""
-        self._require_state(f"cold-plug {device.kind}", VMState.CREATED)
+        self.require_state(f"cold-plug {device.kind}", VMState.CREATED)
         cfg = self._cfg()
         if isinstance(device, ImageDevice):
             self._cold.disks.insert(0, BlockDrive("rootimg", device.path, read_only=True))
@@ -258,7 +252,7 @@ class CloudHypervisor(Hypervisor):
         """Launch cloud-hypervisor, create and boot the VM (or restore a template) in `timeout`."""
         if timeout <= 0:
             raise ConfigError(f"clh: start timeout must be positive, got {timeout}")
-        self._require_state("start", VMState.CREATED)
+        self.require_state("start", VMState.CREATED)
         cfg = self._cfg()
         deadline = time.monotonic() + timeout
         os.makedirs(self.vm_dir, mode=0o750, exist_ok=True)
@@ -411,21 +405,21 @@ class CloudHypervisor(Hypervisor):
     async def pause_sandbox(self) -> None:
         """`vm.pause`."""
         self.require(Capabilities.PAUSE, "pause")
-        self._require_state("pause", VMState.RUNNING)
+        self.require_state("pause", VMState.RUNNING)
         await self._client().pause()
         self.transition(VMState.PAUSED, "pause")
 
     async def resume_sandbox(self) -> None:
         """`vm.resume`."""
         self.require(Capabilities.PAUSE, "resume")
-        self._require_state("resume", VMState.PAUSED)
+        self.require_state("resume", VMState.PAUSED)
         await self._client().resume()
         self.transition(VMState.RUNNING, "resume")
 
     async def save_sandbox(self) -> None:
         """Pause (if running) and `vm.snapshot` into `devices_state_path`, for templates."""
         self.require(Capabilities.TEMPLATE, "save")
-        self._require_state("save", VMState.RUNNING, VMState.PAUSED)
+        self.require_state("save", VMState.RUNNING, VMState.PAUSED)
         dest = self._cfg().devices_state_path
         if not dest:
             raise ConfigError("clh: save needs devices_state_path (the snapshot directory)")
@@ -437,7 +431,7 @@ class CloudHypervisor(Hypervisor):
     # -- devices ---------------------------------------------------------------------------
     async def hotplug_add_device(self, device: Device) -> Any:
         """Hot-add a disk, NIC, virtio-fs share, VFIO device, vCPUs or memory."""
-        self._require_state(f"hotplug {device.kind}", VMState.RUNNING)
+        self.require_state(f"hotplug {device.kind}", VMState.RUNNING)
         cfg = self._cfg()
         if isinstance(device, CPUDevice):
             _old, new = await self.resize_vcpus(self._vcpus() + device.amount)
@@ -486,7 +480,7 @@ class CloudHypervisor(Hypervisor):
 
     async def hotplug_remove_device(self, device: Device) -> Any:
         """`vm.remove-device` (and stop the share's virtiofsd), or shrink vCPUs / memory."""
-        self._require_state(f"hot-remove {device.kind}", VMState.RUNNING)
+        self.require_state(f"hot-remove {device.kind}", VMState.RUNNING)
         cfg = self._cfg()
         if isinstance(device, CPUDevice):
             _old, new = await self.resize_vcpus(max(1, self._vcpus() - device.amount))
@@ -521,7 +515,7 @@ class CloudHypervisor(Hypervisor):
     async def resize_vcpus(self, vcpus: int) -> tuple[int, int]:
         """`vm.resize` with `desired_vcpus` (capped at max_vcpus); returns (old, new)."""
         self.require(Capabilities.CPU_HOTPLUG, "vCPU resize")
-        self._require_state("resize vCPUs of", VMState.RUNNING)
+        self.require_state("resize vCPUs of", VMState.RUNNING)
         if vcpus < 1:
             raise ConfigError(f"clh: cannot resize VM {self.id} to {vcpus} vCPUs (minimum 1)")
         cfg = self._cfg()
@@ -544,7 +538,7 @@ class CloudHypervisor(Hypervisor):
         virtio-mem shrank the guest). ACPI hotplug cannot give memory back.
         """
         self.require(Capabilities.MEMORY_HOTPLUG, "memory resize")
-        self._require_state("resize memory of", VMState.RUNNING)
+        self.require_state("resize memory of", VMState.RUNNING)
         cfg = self._cfg()
         if mem_mb <= 0:
             raise ConfigError(f"clh: cannot resize VM {self.id} memory to {mem_mb} MiB")
