@@ -486,6 +486,7 @@ class Sandbox:
 
     async def _connect_agent(self, timeout: float) -> None:
         from .agent import AgentClient, HybridVsock, VsockAddress
+        from .agent.waiting import wait_watched
 
         async with self._agent_lock:
             if self._agent is not None:
@@ -498,27 +499,18 @@ class Sandbox:
                 target = where
             else:
                 target = VsockAddress(int(where), port)
-            connecting = asyncio.ensure_future(AgentClient.connect(target, timeout))
             try:
-                # A VM that dies while booting is reported now, not when `timeout` runs out.
-                while True:
-                    done, _ = await asyncio.wait({connecting}, timeout=DEATH_POLL)
-                    if done:
-                        break
-                    await self._raise_if_vm_dead()
-                self._agent = connecting.result()
+                # A VM that dies while booting is reported now, not when `timeout` runs out;
+                # a connection made just as the VM was found dead is closed again.
+                self._agent = await wait_watched(
+                    AgentClient.connect(target, timeout),
+                    self._raise_if_vm_dead,
+                    DEATH_POLL,
+                    discard=AgentClient.close,
+                )
             except AgentError:
                 await self._raise_if_vm_dead()
                 raise
-            finally:
-                if not connecting.done():
-                    connecting.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, AgentError):
-                        await connecting
-                elif self._agent is None and not connecting.cancelled():
-                    late = connecting.exception() is None and connecting.result()
-                    if late:  # connected just as the VM was found dead
-                        await late.close()
 
     async def _close_agent(self) -> None:
         agent, self._agent = self._agent, None

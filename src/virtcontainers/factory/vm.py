@@ -7,7 +7,6 @@ wait for the agent. Templates and the VM cache produce the same `VM` type.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -16,6 +15,7 @@ from types import TracebackType
 
 from .. import persist
 from ..agent import AgentClient, HybridVsock
+from ..agent.waiting import wait_watched
 from ..devices import HybridVSockDevice, NetworkEndpoint, SerialPort
 from ..errors import AgentError, ConfigError, VCError, VMTimeoutError
 from ..hypervisor import Hypervisor, VMState, new_hypervisor
@@ -129,18 +129,7 @@ class VM:
         While waiting, the VM's health is checked every `AGENT_CHECK_INTERVAL`, so a VMM that
         died (e.g. of SIGBUS on a full memory filesystem) fails this at once.
         """
-        ready = asyncio.ensure_future(self._agent_ping(timeout))
-        try:
-            while True:
-                done, _ = await asyncio.wait({ready}, timeout=AGENT_CHECK_INTERVAL)
-                if done:
-                    return ready.result()
-                await self.hypervisor.check()
-        finally:
-            if not ready.done():
-                ready.cancel()
-                with contextlib.suppress(asyncio.CancelledError, VCError):
-                    await ready
+        await wait_watched(self._agent_ping(timeout), self.hypervisor.check, AGENT_CHECK_INTERVAL)
 
     async def _agent_ping(self, timeout: float) -> None:
         agent = await self.agent(timeout)
