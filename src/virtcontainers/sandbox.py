@@ -706,20 +706,9 @@ def _vmm_pids_in(vm_dir: str) -> list[int]:
     Anything else that mentions the directory (say, a `tail -f` of its console log) is
     not a VMM and is left alone.
     """
-    marker = os.fsencode(vm_dir.rstrip("/") + "/")
-    found: list[int] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        program = os.path.basename(cmdline.split(b"\0", 1)[0]).decode(errors="replace")
-        if marker in cmdline and program.startswith(VMM_PROGRAMS):
-            found.append(int(entry))
-    return found
+    from .drivers.vmm_process import processes_using
+
+    return processes_using(vm_dir, VMM_PROGRAMS)
 
 
 async def _kill_strays(vm_dir: str) -> None:

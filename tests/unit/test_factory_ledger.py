@@ -11,6 +11,7 @@ import time
 import pytest
 
 from virtcontainers import host, persist
+from virtcontainers.drivers.vmm_process import processes_using
 from virtcontainers.errors import ConfigError
 from virtcontainers.factory import DaemonSpec, daemon_status, paths, stop_daemon
 from virtcontainers.factory import ledger as ledger_mod
@@ -26,7 +27,7 @@ def fake_vmm(vm_dir: str) -> subprocess.Popen[bytes]:
     )
     # Right after the fork its command line can still read empty: wait until it shows.
     for _ in range(500):
-        if proc.pid in ledger_mod.processes_using(vm_dir):
+        if proc.pid in processes_using(vm_dir):
             break
         time.sleep(0.01)
     return proc

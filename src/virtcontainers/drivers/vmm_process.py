@@ -216,6 +216,29 @@ async def wait_pidfd(pidfd: int, timeout: float) -> bool:
         loop.remove_reader(pidfd)
 
 
+def processes_using(directory: str, programs: tuple[str, ...] = ()) -> list[int]:
+    """Pids of the processes (but this one) whose command line names a path inside `directory`
+    (a VM directory: its sockets, logs, disks); with `programs`, only those whose argv[0]
+    basename starts with one of them."""
+    needle = os.fsencode(directory.rstrip("/") + "/")
+    me = os.getpid()
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if needle not in cmdline:
+            continue
+        program = os.path.basename(cmdline.split(b"\0", 1)[0]).decode(errors="replace")
+        if not programs or program.startswith(programs):
+            found.append(int(entry))
+    return found
+
+
 def threads_named(pid: int, pattern: re.Pattern[str]) -> dict[int, int]:
     """Number -> thread id for the threads of `pid` whose name (`comm`) matches `pattern`, the
     number being the pattern's first group (how VMMs name their vCPU threads).

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from .. import host, persist
+from ..drivers.vmm_process import processes_using
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +76,6 @@ def read(path: str) -> tuple[int, int | None, list[dict[str, Any]]]:
         owner = 0
     start = doc.get("owner_start_time")
     return owner, start if isinstance(start, int) else None, entries
-
-
-def processes_using(directory: str) -> list[int]:
-    """Pids of live processes whose command line names a path inside `directory`."""
-    needle = (directory.rstrip("/") + "/").encode()
-    me = os.getpid()
-    found: list[int] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if needle in cmdline:
-            found.append(int(entry))
-    return found
 
 
 def reap(path: str, owner: int | None = None) -> list[str]:
