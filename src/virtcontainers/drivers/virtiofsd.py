@@ -1,0 +1,43 @@
+"""virtiofsd (QEMU's C daemon, Debian's qemu-system-common) as every driver that serves
+virtio-fs shares runs it: where it lives, its command line, the pid file it leaves behind."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from ..errors import AssetError
+
+if TYPE_CHECKING:
+    from ..config import HypervisorConfig
+
+DEFAULT_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+#: As root, the C virtiofsd locks a pid file named after its socket path here and leaves it.
+PID_FILE_DIR = "/run/virtiofsd"
+
+
+def daemon_path(cfg: HypervisorConfig, hypervisor: str) -> str:
+    """The configured virtiofsd, else Debian's; `AssetError` naming `hypervisor` unless it is
+    an executable file."""
+    path = cfg.virtio_fs_daemon or DEFAULT_VIRTIOFSD
+    if not os.path.isabs(path) or not os.path.isfile(path) or not os.access(path, os.X_OK):
+        raise AssetError(
+            f"{hypervisor}: virtio-fs daemon {path!r} is not an executable file (set "
+            f"virtio_fs_daemon, or `apt-get install qemu-system-common` for {DEFAULT_VIRTIOFSD})"
+        )
+    return path
+
+
+def argv(cfg: HypervisorConfig, hypervisor: str, source: str, socket: str) -> list[str]:
+    """virtiofsd's command line: serve `source` on `socket` with the config's cache mode,
+    debug flag and extra arguments."""
+    args = [daemon_path(cfg, hypervisor), f"--socket-path={socket}", "-o", f"source={source}"]
+    args += ["-o", f"cache={cfg.virtio_fs_cache or 'auto'}"]
+    if cfg.debug:
+        args.append("-d")
+    return args + list(cfg.virtio_fs_extra_args)
+
+
+def pid_file(socket: str) -> str:
+    """The pid file virtiofsd (as root) creates for `socket`."""
+    return os.path.join(PID_FILE_DIR, socket.replace("/", ".") + ".pid")
