@@ -44,6 +44,10 @@ def _os_name() -> str:
 
 
 def _git_commit() -> str:
+    """The commit measured: `$VC_BENCH_GIT_COMMIT` (a run from an exported snapshot), else
+    this checkout's HEAD, flagged when the working tree has uncommitted changes."""
+    if os.environ.get("VC_BENCH_GIT_COMMIT"):
+        return os.environ["VC_BENCH_GIT_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     commit = _first_line(["git", "-C", here, "rev-parse", "--short", "HEAD"])
     dirty = _first_line(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"])

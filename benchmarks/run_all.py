@@ -45,10 +45,13 @@ NOTES = {"template": "run_all runs it with --n 0: the memory comparison is in `d
 def run_one(name: str, opts: Options) -> Result:
     """Run one benchmark in a fresh event loop; failures become an `error` entry."""
     module_name, kwargs = BENCHMARKS[name]
-    module = importlib.import_module(module_name)
-    print(f"\n### {name}: {(module.__doc__ or name).splitlines()[0]}", flush=True)
+    print(f"\n### {name}", flush=True)
     t0 = time.perf_counter()
+    doc = ""
     try:
+        module = importlib.import_module(module_name)
+        doc = module.__doc__ or ""
+        print(doc.splitlines()[0] if doc else name, flush=True)
         result: Result = asyncio.run(module.bench(opts, **kwargs))
         print_result(result)
     except Skip as exc:
@@ -57,7 +60,7 @@ def run_one(name: str, opts: Options) -> Result:
     except Exception:
         result = {"name": name, "error": traceback.format_exc()}
         print(f"FAILED:\n{result['error']}", file=sys.stderr)
-    result["description"] = module.__doc__ or ""
+    result["description"] = doc
     if name in NOTES:
         result.setdefault("notes", []).append(NOTES[name])
     result["elapsed_s"] = time.perf_counter() - t0
