@@ -7,11 +7,19 @@ import re
 import signal
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 
 from virtcontainers import host
-from virtcontainers.drivers.vmm_process import VmmProcess, threads_named, wait_pidfd
+from virtcontainers.drivers.qemu.process import log_tail as qemu_log_tail
+from virtcontainers.drivers.vmm_process import (
+    VmmProcess,
+    read_end,
+    read_tail,
+    threads_named,
+    wait_pidfd,
+)
 
 
 def test_threads_named_finds_threads_by_comm() -> None:
@@ -75,3 +83,15 @@ async def test_an_attached_process_is_signalled_only_while_it_is_the_same_one() 
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_log_tails_read_the_end_of_each_file(tmp_path: Path) -> None:
+    big, blank = tmp_path / "big.log", tmp_path / "blank.log"
+    big.write_bytes(b"x" * 100 + b"\nlast line \xff\n")
+    blank.write_bytes(b"\n\n")
+    assert read_end(str(big), 12) == "last line \ufffd\n"
+    assert read_end(str(tmp_path / "missing.log"), 12) is None
+    paths = [str(big), str(blank), str(tmp_path / "missing.log")]
+    assert read_tail(paths, 12) == "last line \ufffd\n"
+    assert qemu_log_tail(str(big), max_lines=1) == "last line \ufffd"
+    assert qemu_log_tail(str(tmp_path / "missing.log")) == ""

@@ -23,20 +23,21 @@ from ..errors import LaunchError
 _POLL = 0.02
 
 
+def read_end(path: str, max_bytes: int) -> str | None:
+    """The last `max_bytes` of a file (a log), decoded with undecodable bytes replaced; None
+    when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
 def read_tail(paths: Sequence[str], max_bytes: int = 4096) -> str:
     """The last `max_bytes` of each existing file in `paths`, joined (for error messages)."""
-    parts: list[str] = []
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                size = f.tell()
-                f.seek(max(0, size - max_bytes))
-                data = f.read().decode("utf-8", "replace")
-        except OSError:
-            continue
-        if data.strip():
-            parts.append(data)
+    parts = [data for data in (read_end(p, max_bytes) for p in paths) if data and data.strip()]
     return "\n".join(parts)
 
 

@@ -37,7 +37,7 @@ from ...errors import (
 from ...hypervisor import Hypervisor, VMState, register
 from ...types import Capabilities, HypervisorType, MemoryDevice, Socket, VSock
 from ..handover import decode_state, encode_state
-from ..vmm_process import VmmProcess, threads_named
+from ..vmm_process import VmmProcess, read_end, threads_named
 from . import bodies
 from .api import FirecrackerAPI, FirecrackerAPIError
 from .argv import (
@@ -291,13 +291,7 @@ class Firecracker(Hypervisor):
     def _log_tail(self, lines: int = 20) -> str:
         out = []
         for path in self._log_paths():
-            try:
-                with open(path, "rb") as f:
-                    f.seek(max(0, os.fstat(f.fileno()).st_size - 8192))
-                    text = f.read().decode(errors="replace")
-            except OSError:
-                continue
-            tail = text.splitlines()[-lines:]
+            tail = (read_end(path, 8192) or "").splitlines()[-lines:]
             if tail:
                 out.append(f"[{os.path.basename(path)}]\n" + "\n".join(tail))
         return "\n".join(out)

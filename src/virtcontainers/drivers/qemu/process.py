@@ -16,21 +16,13 @@ from collections.abc import Sequence
 
 from ... import host
 from ...errors import LaunchError
-from ..vmm_process import wait_pidfd
+from ..vmm_process import read_end, wait_pidfd
 
 
 def log_tail(path: str, max_lines: int = 20, max_bytes: int = 8192) -> str:
     """The last lines of a log file ("" when it is missing)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
-    except OSError:
-        return ""
-    lines = data.decode(errors="replace").splitlines()
-    return "\n".join(lines[-max_lines:])
+    data = read_end(path, max_bytes)
+    return "\n".join(data.splitlines()[-max_lines:]) if data else ""
 
 
 def _private(path: str, flags: int) -> int:
