@@ -150,7 +150,7 @@ def harmless(argv: list[str]) -> None:
         opt = argv[i - 1]
         if opt == "-append":
             continue
-        if opt in ("-kernel", "-initrd"):
+        if opt in ("-kernel", "-initrd", "-bios"):  # guest assets: run inside the VM only
             assert "," not in arg
             continue
         assert opt in ("-machine", "-cpu"), (opt, arg)
