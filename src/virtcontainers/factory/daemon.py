@@ -195,6 +195,8 @@ async def stop_daemon(run_root: str | None = None, timeout: float = STOP_TIMEOUT
         if not await asyncio.to_thread(_wait_gone, pid, start, timeout):
             await asyncio.to_thread(_kill, pid, start)
     _reap_child(pid)
+    for child in list(_children):  # servers of ours that died on their own, unseen till now
+        _reap_child(child, block=False)
     reaped = await asyncio.to_thread(cleanup_after, root, pid)
     if watcher:
         await asyncio.to_thread(_wait_gone, watcher, watcher_start, 10.0)
