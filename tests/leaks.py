@@ -76,8 +76,9 @@ def kill_all(procs: list[tuple[int, str]]) -> None:
 
 @pytest.fixture
 async def leak_check(run_root: str) -> AsyncIterator[str]:
-    """The test's run root; checks for leaked processes, files and fds afterwards."""
+    """The test's run root; checks for leaked processes, zombies, files and fds afterwards."""
     before = open_fds()
+    kids_before = {pid for pid, _, _ in children()}
     yield run_root
     # Let closed transports finish closing before counting fds.
     await asyncio.sleep(0)
@@ -85,7 +86,10 @@ async def leak_check(run_root: str) -> AsyncIterator[str]:
     files = leftovers(run_root)
     extra = open_fds() - before
     kill_all(procs)
+    zombies = [k for k in children() if k[1] == "Z" and k[0] not in kids_before]
     problems = []
+    if zombies:
+        problems.append(f"child processes left unreaped: {zombies}")
     if procs:
         problems.append(f"VMM processes left running: {procs}")
     if files:
