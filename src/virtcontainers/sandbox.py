@@ -47,6 +47,8 @@ LOCK_TIMEOUT = 60.0
 """Longest wait for another process's operation on the same sandbox (a stop takes seconds)."""
 GUEST_SETTLE_TIMEOUT = 30.0
 """Longest wait for the guest to see hotplugged hardware."""
+GUEST_SETTLE_POLL = 0.02
+"""Pause between two looks at the guest (each is an agent round trip of a few ms)."""
 STARTING = "starting"
 """Persisted while the VMM runs but start has not finished (it names the VMM's pid)."""
 STRAY_KILL_TIMEOUT = 5.0
@@ -430,7 +432,7 @@ class Sandbox:
                     f"sandbox {self.id}: the guest did not see the hotplugged {what} within "
                     f"{GUEST_SETTLE_TIMEOUT:g}s"
                 )
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(GUEST_SETTLE_POLL)
 
     async def console_path(self) -> str:
         """Host address of the guest console."""
