@@ -391,6 +391,7 @@ async def bench(opts: Options) -> Result:
             target=target,
         )
     for metric, label in (
+        ("pause_pause_resume", "pause + resume"),
         ("block_attach", "block hotplug API call"),
         ("block_visible", "block hotplug until the guest sees it"),
         ("vcpu_attach", "vCPU hotplug API call"),
