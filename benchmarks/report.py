@@ -249,8 +249,8 @@ def _overhead_section(benchmarks: dict[str, Any]) -> list[str]:
         lines.append(
             f"- {what} until the guest sees it: Sandbox {fmt_value(sb_t)}, QEMU driver alone "
             f"{fmt_value(drv_t)}, libvirt {fmt_value(lv_t)} (the guest's own work dominates "
-            f"under TCG). {call} waits for the guest itself (polling through the agent, "
-            "0.2 s apart) and then writes its state durably; the driver and libvirt calls "
+            f"under TCG). {call} waits for the guest itself (polling it through the agent) "
+            "and then writes its state durably; the driver and libvirt calls "
             "return when QEMU has the device, and the benchmark polls the guest back to back."
         )
     if not lines:
