@@ -4,6 +4,8 @@
 
 Without `--out`: benchmarks/results/latest.json, docs/benchmarks.md, docs/benchmarks-boot.png.
 With `--out DIR`: all three in DIR (the smoke test uses a temporary directory).
+With `--merge`: the benchmarks not run this time are kept from the JSON already there, each
+marked with the date and commit of the run that measured it.
 The exit code is 1 when a benchmark failed (its error is in the JSON and the report).
 """
 
@@ -67,6 +69,30 @@ def run_one(name: str, opts: Options) -> Result:
     return result
 
 
+def run_info(data: dict[str, Any]) -> dict[str, Any]:
+    """When and at which commit a suite's JSON was measured (per benchmark once merged)."""
+    return {
+        "generated_at": data.get("generated_at"),
+        "git_commit": data.get("machine", {}).get("git_commit"),
+        "options": data.get("options", {}),
+    }
+
+
+def merge(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """`new` plus the benchmarks of `old` it did not run (in suite order), every benchmark
+    marked with the run that measured it (`run`: date, commit, options)."""
+    for res in new["benchmarks"].values():
+        res.setdefault("run", run_info(new))
+    kept = {
+        name: {"run": run_info(old), **res}
+        for name, res in old.get("benchmarks", {}).items()
+        if name not in new["benchmarks"]
+    }
+    merged = {**kept, **new["benchmarks"]}
+    order = [n for n in BENCHMARKS if n in merged] + [n for n in merged if n not in BENCHMARKS]
+    return {**new, "benchmarks": {n: merged[n] for n in order}}
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--runs", type=int, default=None, help="measured runs per candidate")
@@ -74,6 +100,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK_RUNS} runs each")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     ap.add_argument("--out", default=None, help="write the JSON, report and plot here")
+    ap.add_argument(
+        "--merge", action="store_true", help="keep the other benchmarks of the existing JSON"
+    )
     args = ap.parse_args(argv)
     only = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in only if n not in BENCHMARKS]
@@ -114,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         md_path = os.path.join(DOCS, report.MD_NAME)
         png_path = os.path.join(DOCS, report.PLOT_NAME)
     os.makedirs(os.path.dirname(json_path), exist_ok=True)
+    if args.merge and os.path.exists(json_path):
+        with open(json_path, encoding="utf-8") as f:
+            data = merge(data, json.load(f))
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
