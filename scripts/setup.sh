@@ -8,6 +8,8 @@ SYSTEM_PACKAGES=(
   qemu-system-x86 qemu-utils qemu-system-common
   busybox-static cpio kmod lz4 gcc libc6-dev
   iproute2 procps util-linux ca-certificates
+  # the benchmarks' libvirt baseline (its smoke test runs in the suite)
+  libvirt-daemon-system libvirt-clients python3-libvirt
 )
 
 missing=()
