@@ -341,9 +341,9 @@ def render(data: dict[str, Any]) -> str:
         "",
         "Method: every benchmark alternates its candidates after a discarded warm-up, in "
         "orders balanced for carry-over (a Williams design: A B, B A for two; all six orders "
-        "of three; each candidate goes first, and follows each other one, equally often), "
-        "reports medians with p90/p99, and compares candidates only within the same run, "
-        "never against numbers from another run.",
+        "of three; four orders of four; each candidate goes first, and follows each other "
+        "one, equally often), reports medians with p90/p99, and compares candidates only "
+        "within the same run, never against numbers from another run.",
         "",
     ]
     out += _runs_paragraph(data)
@@ -369,6 +369,13 @@ def _series(
     return out
 
 
+def _other_run(data: dict[str, Any], bench: str) -> str:
+    """'\n(run of DATE)' when `bench` was measured by another run than the suite's."""
+    run = data.get("benchmarks", {}).get(bench, {}).get("run") or {}
+    when = run.get("generated_at")
+    return f"\n(run of {when})" if when and when != data.get("generated_at") else ""
+
+
 def plot(data: dict[str, Any], path: str) -> bool:
     """Box plots (with every sample) of cold boot times and of VM acquisition times."""
     import matplotlib
@@ -383,8 +390,9 @@ def plot(data: dict[str, Any], path: str) -> bool:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     titles = {
-        id(boot): "Cold boot to agent-ready (s)",
-        id(acquire): "VM with a ready agent, by strategy (ms, log scale)",
+        id(boot): "Cold boot to agent-ready (s)" + _other_run(data, "cold_boot"),
+        id(acquire): "VM with a ready agent, by strategy (ms, log scale)"
+        + _other_run(data, "template"),
     }
     for ax, series in zip(axes[0], panels, strict=True):
         labels = [s[0] for s in series]
