@@ -282,7 +282,7 @@ class StateStore:
         if not isinstance(doc, dict):
             raise StateError(f"state of sandbox {id!r} must be a dict, got {type(doc).__name__}")
         try:
-            data = json.dumps(doc, indent=1, allow_nan=False).encode()
+            data = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
         except (TypeError, ValueError) as e:
             raise StateError(f"state of sandbox {id!r} is not JSON-serialisable: {e}") from e
         remove_stale_temps(os.path.dirname(path))
@@ -373,17 +373,20 @@ class StateStore:
 
     @contextlib.asynccontextmanager
     async def alock(self, id: str, timeout: float = 30.0) -> AsyncIterator[None]:
-        """`lock` for async code: the waiting happens in a worker thread."""
+        """`lock` for async code: a free lock is taken at once; waiting for a busy one happens
+        in a worker thread."""
         validate_id(id)
-        cancel = threading.Event()
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(None, self._acquire, id, timeout, cancel)
-        try:
-            fd = await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            cancel.set()
-            fut.add_done_callback(_close_acquired)
-            raise
+        fd = _try_flock(self.lock_path(id))
+        if fd is None:
+            cancel = threading.Event()
+            loop = asyncio.get_running_loop()
+            fut = loop.run_in_executor(None, self._acquire, id, timeout, cancel)
+            try:
+                fd = await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                cancel.set()
+                fut.add_done_callback(_close_acquired)
+                raise
         try:
             yield
         finally:
