@@ -85,6 +85,11 @@ async def leak_check(run_root: str) -> AsyncIterator[str]:
     procs = await wait_vmm_gone(run_root)
     files = leftovers(run_root)
     extra = open_fds() - before
+    for _ in range(20):  # library threads (gRPC's poller) may still be closing theirs
+        if not extra:
+            break
+        await asyncio.sleep(0.05)
+        extra = open_fds() - before
     kill_all(procs)
     zombies = [k for k in children() if k[1] == "Z" and k[0] not in kids_before]
     problems = []
