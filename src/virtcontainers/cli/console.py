@@ -48,14 +48,12 @@ def attach_console(path: str, escape: str = "]", history: str | None = None) -> 
 
 
 def _show_tail(log: str) -> None:
-    try:
-        with open(log, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - HISTORY_BYTES))
-            data = f.read()
-    except OSError:
-        return
-    os.write(sys.stdout.fileno(), data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+    from ..drivers.vmm_process import read_end
+
+    data = read_end(log, HISTORY_BYTES)
+    if data:
+        text = data.replace("\r\n", "\n").replace("\n", "\r\n")
+        os.write(sys.stdout.fileno(), text.encode())
 
 
 def _relay(sock: socket.socket, stdin_fd: int, esc: bytes) -> None:
