@@ -1,4 +1,5 @@
-"""Host side of the guest agent: connect over the agent socket, ping, exec, copy files."""
+"""Host side of the guest agent: connect over the agent socket, ping, exec, copy files,
+wait for hotplugged hardware."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from .client import (
     ExecResult,
     HybridVsock,
     VsockAddress,
+    WaitResult,
 )
 from .protocol import MAX_FRAME, ProtocolError
 
@@ -23,4 +25,5 @@ __all__ = [
     "HybridVsock",
     "ProtocolError",
     "VsockAddress",
+    "WaitResult",
 ]

@@ -36,7 +36,8 @@ reconnecting recovers an agent stuck in the middle of a frame from a dead client
 RECONNECT_PAUSE = (0.1, 0.25, 0.5)
 """Time disconnected before a new hello, long enough for the guest to see the hangup."""
 EXEC_GRACE = 10.0
-"""Extra host-side wait past an exec's own timeout before giving up on the agent."""
+"""Extra host-side wait past an exec's (or a hardware wait's) own timeout before giving up
+on the agent."""
 RETRY_PAUSE = 0.02
 READ_CHUNK = 1 << 18
 HELLO_ID = p.MAX_ID
@@ -98,6 +99,20 @@ class AgentInfo:
     """Guest uptime in seconds (CLOCK_BOOTTIME)."""
     running: int
     """Processes the agent is running for exec requests."""
+
+
+@dataclass(frozen=True)
+class WaitResult:
+    """What `AgentClient.wait_hardware` found once the guest saw the hardware."""
+
+    device: str | None
+    """The block device with the wanted serial (e.g. `sda`), None if none was asked for."""
+    dev_path: str | None
+    """Its device node (e.g. `/dev/sda`), which exists when the wait returns."""
+    cpus_online: int | None
+    """Online CPUs when the wait returned, None if no CPU count was asked for."""
+    mem_blocks: int
+    """Memory blocks the agent brought online during the wait."""
 
 
 class AgentRequestError(AgentError):
@@ -336,6 +351,56 @@ class AgentClient:
         flags = (p.ONLINE_CPUS if cpus else 0) | (p.ONLINE_MEMORY if memory else 0)
         f = await self._call("online", p.MsgType.ONLINE, p.Fields().add(p.Tag.FLAGS, flags))
         return f.int_(p.Tag.CPUS), f.int_(p.Tag.MEM_BLOCKS)
+
+    async def wait_hardware(
+        self,
+        *,
+        block_serial: str | None = None,
+        cpus: int | None = None,
+        memory: bool = False,
+        timeout: float,
+    ) -> WaitResult:
+        """Wait in the guest until hotplugged hardware is usable; one round trip, no polling.
+
+        The agent re-checks on every kernel uevent (and on a short timer), onlining offline
+        CPUs (with `cpus`) and memory blocks (with `memory`) as they appear, and answers once
+        a block device with serial `block_serial` (virtio-blk `serial` or SCSI VPD page
+        0x80) has its /dev node and at least `cpus` CPUs are online. After `timeout`
+        seconds it fails with `AgentRequestError` (errno ETIMEDOUT) saying what is missing.
+        """
+        op = "wait_hardware"
+        req = p.Fields()
+        if block_serial is not None:
+            raw = block_serial.encode() if isinstance(block_serial, str) else b""
+            if not raw or b"\0" in raw or len(raw) > p.MAX_SERIAL:
+                raise AgentError(
+                    f"{op}: block_serial must be a string of 1..{p.MAX_SERIAL} bytes without "
+                    f"NUL, got {block_serial!r}"
+                )
+            req.add(p.Tag.SERIAL, raw)
+        if cpus is not None:
+            if isinstance(cpus, bool) or not isinstance(cpus, int):
+                raise AgentError(f"{op}: cpus must be an integer, got {cpus!r}")
+            if not 1 <= cpus <= p.MAX_WANT_CPUS:
+                raise AgentError(f"{op}: cpus must be 1..{p.MAX_WANT_CPUS}, got {cpus}")
+            req.add(p.Tag.WANT_CPUS, cpus)
+        if memory:
+            req.add(p.Tag.MEMORY, 1)
+        if block_serial is None and cpus is None and not memory:
+            raise AgentError(f"{op}: nothing to wait for (give block_serial, cpus or memory)")
+        limit_s = p.MAX_WAIT_MS / 1000
+        if not isinstance(timeout, int | float) or not 0 < timeout <= limit_s:
+            raise AgentError(f"{op}: timeout must be in (0, {limit_s:g}] seconds, got {timeout!r}")
+        req.add(p.Tag.TIMEOUT_MS, max(1, round(timeout * 1000)))
+        f = await self._call(op, p.MsgType.WAIT, req, wait=timeout + EXEC_GRACE, cancel=True)
+        device = f.get(p.Tag.DEVICE)
+        path = f.get(p.Tag.PATH)
+        return WaitResult(
+            device=device.decode(errors="replace") if device is not None else None,
+            dev_path=path.decode(errors="replace") if path is not None else None,
+            cpus_online=f.int_(p.Tag.CPUS_ONLINE) if f.get(p.Tag.CPUS_ONLINE) is not None else None,
+            mem_blocks=f.int_(p.Tag.MEM_BLOCKS),
+        )
 
     # -- plumbing ---------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 For unit tests and for VMMs that run no guest (the mock driver): exec is served by
 a handler (default: a few shell-free built-ins such as echo, cat, true, false,
-sleep, exit), files live in a dict. With `hybrid_port` it first expects the hybrid
+sleep, exit), files live in a dict, and hardware waits look at `block_devices` and
+`cpus_online` (tests change them to play a hotplug). With `hybrid_port` it first expects the hybrid
 vsock `CONNECT <port>` line, like Firecracker's and Cloud Hypervisor's sockets.
 """
 
@@ -22,6 +23,8 @@ from . import protocol as p
 from .client import ExecResult
 
 VERSION = "vc-fake-agent 0.1.0"
+WAIT_RECHECK = 0.01
+"""How often a pending WAIT looks at the fake hardware again."""
 
 
 @dataclass
@@ -95,6 +98,10 @@ class FakeAgent:
         self.clock_set: list[float] = []
         self.entropy: list[bytes] = []
         self.garbage_seen = 0
+        self.block_devices: dict[str, str] = {}
+        """The fake guest's block devices, serial -> name (`sda`): what WAIT looks for."""
+        self.cpus_online = 1
+        """The fake guest's online CPUs: what WAIT compares a wanted count with."""
         self._server: asyncio.Server | None = None
         self._conns: set[_Conn] = set()
         self._started = time.monotonic()
@@ -221,6 +228,8 @@ class FakeAgent:
             if task is not None:
                 task.cancel()
             self._send(conn, reply, frame.id, p.Fields().add(p.Tag.FOUND, int(task is not None)))
+        elif t == p.MsgType.WAIT:
+            await self._wait(conn, frame.id, f)
         elif t == p.MsgType.ONLINE:
             out = p.Fields().add(p.Tag.CPUS, 0).add(p.Tag.MEM_BLOCKS, 0)
             self._send(conn, reply, frame.id, out)
@@ -254,6 +263,49 @@ class FakeAgent:
             self._send(conn, p.MsgType.EXEC | p.REPLY, id_, _result(ExecResult(-1, b"", b"", 9)))
             raise
         self._send(conn, p.MsgType.EXEC | p.REPLY, id_, _result(res))
+
+    async def _wait(self, conn: _Conn, id_: int, f: p.Fields) -> None:
+        """Like the agent: validate, then re-check every `WAIT_RECHECK` until met or expired."""
+        try:
+            timeout_ms = f.int_(p.Tag.TIMEOUT_MS)
+            cpus = f.int_(p.Tag.WANT_CPUS)
+            memory = f.int_(p.Tag.MEMORY)
+        except p.ProtocolError as exc:
+            self._error(conn, id_, errno.EINVAL, f"wait: {exc}")
+            return
+        serial = f.get(p.Tag.SERIAL)
+        if not 1 <= timeout_ms <= p.MAX_WAIT_MS:
+            self._error(conn, id_, errno.EINVAL, "wait: timeout_ms is required: 1..600000")
+            return
+        if not 0 <= cpus <= p.MAX_WANT_CPUS or memory not in (0, 1):
+            self._error(conn, id_, errno.EINVAL, "wait: cpus or memory out of range")
+            return
+        if serial is not None and not 0 < len(serial) <= p.MAX_SERIAL:
+            self._error(conn, id_, errno.EINVAL, "wait: serial must be 1..255 bytes")
+            return
+        if serial is None and not cpus and not memory:
+            self._error(conn, id_, errno.EINVAL, "wait: nothing to wait for")
+            return
+        wanted = serial.decode(errors="replace") if serial is not None else None
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            name = self.block_devices.get(wanted) if wanted is not None else None
+            have_block = wanted is None or name is not None
+            if have_block and self.cpus_online >= cpus:
+                out = p.Fields()
+                if name is not None:
+                    out.add(p.Tag.DEVICE, name).add(p.Tag.PATH, f"/dev/{name}")
+                if cpus:
+                    out.add(p.Tag.CPUS_ONLINE, self.cpus_online)
+                self._send(conn, p.MsgType.WAIT | p.REPLY, id_, out.add(p.Tag.MEM_BLOCKS, 0))
+                return
+            if time.monotonic() >= deadline:
+                missing = [] if have_block else [f"no block device with serial {wanted!r}"]
+                if self.cpus_online < cpus:
+                    missing.append(f"{self.cpus_online} of {cpus} CPUs online")
+                self._error(conn, id_, errno.ETIMEDOUT, "wait: timed out: " + "; ".join(missing))
+                return
+            await asyncio.sleep(WAIT_RECHECK)
 
 
 def _forget(conn: _Conn, id_: int, _task: asyncio.Task[None]) -> None:

@@ -39,6 +39,7 @@ class MsgType(enum.IntEnum):
     ADD_ENTROPY = 0x07
     CANCEL = 0x08
     ONLINE = 0x09
+    WAIT = 0x0A
     ERROR = 0xFF
 
 
@@ -76,6 +77,11 @@ class Tag(enum.IntEnum):
     MEM_BLOCKS = 0x61
     UPTIME_NS = 0x70
     RUNNING = 0x71
+    SERIAL = 0x90
+    WANT_CPUS = 0x91
+    MEMORY = 0x92
+    DEVICE = 0x93
+    CPUS_ONLINE = 0x94
     ERRNO = 0x80
     MESSAGE = 0x81
 
@@ -85,6 +91,11 @@ ONLINE_CPUS = 1
 ONLINE_MEMORY = 2
 TRUNC_STDOUT = 1
 TRUNC_STDERR = 2
+MAX_WAIT_MS = 600_000
+"""Longest WAIT the agent accepts (its `timeout_ms` is 1..this)."""
+MAX_SERIAL = 255
+"""Longest block-device serial a WAIT may name, in bytes."""
+MAX_WANT_CPUS = 8192
 
 _FIELD = struct.Struct("<HI")
 _INT = struct.Struct("<q")

@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <linux/netlink.h>
 #include <linux/random.h>
 #include <linux/vm_sockets.h>
 #include <poll.h>
@@ -48,6 +49,11 @@
 #define MAX_ENTROPY (1u << 20)
 #define MAX_CONNS 16
 #define MAX_EXECS 128
+#define MAX_WAITS 64
+#define MAX_WAIT_MS 600000
+#define MAX_WANT_CPUS 8192
+#define MAX_SERIAL 255
+#define WAIT_RECHECK_MS 10
 #define READ_CHUNK 65536
 #define DEFAULT_PORT_NAME "agent.channel.0"
 #define DEFAULT_VSOCK_PORT 1024
@@ -66,6 +72,7 @@ enum {
 	T_ADD_ENTROPY = 0x07,
 	T_CANCEL = 0x08,
 	T_ONLINE = 0x09,
+	T_WAIT = 0x0A,
 	T_REPLY = 0x80,
 	T_ERROR = 0xFF,
 };
@@ -100,6 +107,11 @@ enum {
 	F_MEM_BLOCKS = 0x61,
 	F_UPTIME_NS = 0x70,
 	F_RUNNING = 0x71,
+	F_SERIAL = 0x90,
+	F_WANT_CPUS = 0x91,
+	F_MEMORY = 0x92,
+	F_DEVICE = 0x93,
+	F_CPUS_ONLINE = 0x94,
 	F_ERRNO = 0x80,
 	F_MESSAGE = 0x81,
 };
@@ -158,8 +170,26 @@ struct exec {
 	int timed_out;
 };
 
+/* A WAIT request pending until the guest sees the hardware it names (or its deadline). */
+struct wait {
+	int used;
+	uint32_t id;
+	struct conn *conn;
+	uint32_t conn_gen;
+	char serial[MAX_SERIAL + 1]; /* "" when no block device is wanted */
+	int64_t cpus;                /* 0 when no CPU count is wanted */
+	int memory;
+	int mem_blocks;
+	int64_t deadline_ms;
+};
+
 static struct conn conns[MAX_CONNS];
 static struct exec execs[MAX_EXECS];
+static struct wait waits[MAX_WAITS];
+static int uevent_fd = -1; /* NETLINK_KOBJECT_UEVENT, opened by the first wait */
+static int uevent_tried;
+static int64_t wait_next_ms; /* next fallback re-check of the waits */
+static char sysroot[256];    /* tests: prefix of /sys and /dev for waits (--sysroot) */
 static int debug;
 static int is_pid1;
 static int console_shell = 1; /* vc.console_shell=0 turns the console shell off */
@@ -1005,6 +1035,13 @@ static void handle_cancel(struct conn *c, uint32_t id, const uint8_t *p, size_t 
 			found = 1;
 		}
 	}
+	for (int i = 0; i < MAX_WAITS; i++) {
+		struct wait *w = &waits[i];
+		if (w->used && w->conn == c && w->conn_gen == c->gen && w->id == (uint32_t)target) {
+			memset(w, 0, sizeof *w); /* the client gave up on it: no reply */
+			found = 1;
+		}
+	}
 	struct buf b = {0};
 	put_int(&b, F_FOUND, found);
 	send_frame(c, T_CANCEL | T_REPLY, id, &b);
@@ -1056,6 +1093,294 @@ static void handle_online(struct conn *c, uint32_t id, const uint8_t *p, size_t 
 	buf_free(&b);
 }
 
+/* ------------------------------------------------------------------ waits */
+
+/* A file's raw bytes (sysfs binary attributes such as vpd_pg80); -1 if unreadable. */
+static ssize_t read_bytes(const char *path, uint8_t *out, size_t cap)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	ssize_t n;
+	do
+		n = read(fd, out, cap);
+	while (n < 0 && errno == EINTR);
+	close(fd);
+	return n;
+}
+
+static int word_byte(uint8_t b)
+{
+	return b > ' ' && b < 0x7f;
+}
+
+/* Does data hold serial as a whole word (bounded by the ends, blanks or non-printables)? */
+static int holds_serial(const uint8_t *data, size_t n, const char *serial)
+{
+	size_t k = strlen(serial);
+	for (size_t i = 0; k && i + k <= n; i++) {
+		if (memcmp(data + i, serial, k))
+			continue;
+		if ((i == 0 || !word_byte(data[i - 1])) && (i + k == n || !word_byte(data[i + k])))
+			return 1;
+	}
+	return 0;
+}
+
+/* The block device whose serial (virtio-blk) or VPD page 0x80 (SCSI) is `serial` and whose
+ * /dev node exists: its name goes to `name`. Returns 1 if found. */
+static int find_block(const char *serial, char *name, size_t cap)
+{
+	char path[PATH_MAX];
+	snprintf(path, sizeof path, "%s/sys/block", sysroot);
+	DIR *d = opendir(path);
+	if (!d)
+		return 0;
+	struct dirent *de;
+	uint8_t val[512];
+	int found = 0;
+	while (!found && (de = readdir(d))) {
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof path, "%s/sys/block/%s/serial", sysroot, de->d_name);
+		ssize_t n = read_bytes(path, val, sizeof val);
+		int match = n > 0 && holds_serial(val, (size_t)n, serial);
+		if (!match) {
+			snprintf(path, sizeof path, "%s/sys/block/%s/device/vpd_pg80", sysroot, de->d_name);
+			n = read_bytes(path, val, sizeof val);
+			/* Page header: qualifier/type, page code 0x80, 16-bit length; then the serial. */
+			if (n > 4 && val[1] == 0x80) {
+				size_t len = (size_t)(val[2] << 8 | val[3]);
+				if (len > (size_t)n - 4)
+					len = (size_t)n - 4;
+				match = holds_serial(val + 4, len, serial);
+			}
+		}
+		if (!match)
+			continue;
+		snprintf(path, sizeof path, "%s/dev/%s", sysroot, de->d_name);
+		if (access(path, F_OK))
+			continue; /* the node follows the sysfs entry: not usable yet */
+		snprintf(name, cap, "%s", de->d_name);
+		found = 1;
+	}
+	closedir(d);
+	return found;
+}
+
+/* Online CPUs, from the cpu/online range list ("0-3,5"); -1 if it cannot be read. */
+static int online_cpu_count(void)
+{
+	char path[PATH_MAX], text[1024];
+	snprintf(path, sizeof path, "%s/sys/devices/system/cpu/online", sysroot);
+	if (read_text(path, text, sizeof text) < 0)
+		return -1;
+	int count = 0;
+	char *s = text;
+	while (*s) {
+		char *end;
+		long a = strtol(s, &end, 10), b = a;
+		if (end == s)
+			return -1;
+		s = end;
+		if (*s == '-') {
+			b = strtol(s + 1, &end, 10);
+			if (end == s + 1 || b < a)
+				return -1;
+			s = end;
+		}
+		count += (int)(b - a + 1);
+		if (*s == ',')
+			s++;
+		else if (*s)
+			return -1;
+	}
+	return count;
+}
+
+static int waits_active(void)
+{
+	for (int i = 0; i < MAX_WAITS; i++)
+		if (waits[i].used)
+			return 1;
+	return 0;
+}
+
+static void wait_free(struct wait *w)
+{
+	memset(w, 0, sizeof *w);
+}
+
+/* The connection went away or a new session began: its waits are dropped unanswered. */
+static void conn_drop_waits(struct conn *c)
+{
+	for (int i = 0; i < MAX_WAITS; i++)
+		if (waits[i].used && waits[i].conn == c)
+			wait_free(&waits[i]);
+}
+
+/* Online what the wait asks for, then reply if everything is there, or fail it once its
+ * deadline has passed. */
+static void wait_check(struct wait *w, int64_t now)
+{
+	struct conn *c = w->conn;
+	if (!c->used || c->gen != w->conn_gen) {
+		wait_free(w);
+		return;
+	}
+	char dir[PATH_MAX], name[256] = "";
+	if (w->cpus) {
+		snprintf(dir, sizeof dir, "%s/sys/devices/system/cpu", sysroot);
+		online_dir(dir, "cpu", "online", "0", NULL, "1");
+	}
+	if (w->memory) {
+		snprintf(dir, sizeof dir, "%s/sys/devices/system/memory", sysroot);
+		w->mem_blocks += online_dir(dir, "memory", "state", "offline", "online_movable", "online");
+	}
+	int have_block = !w->serial[0] || find_block(w->serial, name, sizeof name);
+	int cpus = w->cpus ? online_cpu_count() : 0;
+	int have_cpus = !w->cpus || cpus >= w->cpus;
+	if (have_block && have_cpus) {
+		struct buf b = {0};
+		char dev[300];
+		int ok = 1;
+		if (w->serial[0]) {
+			snprintf(dev, sizeof dev, "/dev/%s", name);
+			ok = !put_str(&b, F_DEVICE, name) && !put_str(&b, F_PATH, dev);
+		}
+		if (w->cpus)
+			ok = ok && !put_int(&b, F_CPUS_ONLINE, cpus);
+		ok = ok && !put_int(&b, F_MEM_BLOCKS, w->mem_blocks);
+		if (ok)
+			send_frame(c, T_WAIT | T_REPLY, w->id, &b);
+		else
+			send_error(c, w->id, ENOMEM, "wait: out of memory building the reply");
+		DEBUG("wait id=%u done: %s\n", w->id, name[0] ? name : "-");
+		buf_free(&b);
+		wait_free(w);
+		return;
+	}
+	if (now < w->deadline_ms)
+		return;
+	char missing[600] = "", cpu_text[96] = "";
+	if (!have_block)
+		snprintf(missing, sizeof missing,
+			 "no block device with serial '%s' (/sys/block/*/serial or device/vpd_pg80) "
+			 "and a /dev node",
+			 w->serial);
+	if (!have_cpus) {
+		if (cpus < 0)
+			snprintf(cpu_text, sizeof cpu_text, "/sys/devices/system/cpu/online unreadable, "
+				 "%lld CPUs wanted", (long long)w->cpus);
+		else
+			snprintf(cpu_text, sizeof cpu_text, "%d of %lld CPUs online", cpus,
+				 (long long)w->cpus);
+	}
+	send_error(c, w->id, ETIMEDOUT, "wait: timed out: %s%s%s", missing,
+		   missing[0] && cpu_text[0] ? "; " : "", cpu_text);
+	wait_free(w);
+}
+
+static void waits_check_all(void)
+{
+	int64_t now = now_ms();
+	for (int i = 0; i < MAX_WAITS; i++)
+		if (waits[i].used)
+			wait_check(&waits[i], now);
+	wait_next_ms = now_ms() + WAIT_RECHECK_MS;
+}
+
+/* Kernel uevents wake the waits as soon as hardware appears; without them (no netlink)
+ * the fallback timer alone re-checks. */
+static void uevent_open(void)
+{
+	if (uevent_tried)
+		return;
+	uevent_tried = 1;
+	int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK,
+			NETLINK_KOBJECT_UEVENT);
+	if (fd < 0) {
+		console("vc-agent: uevent socket: %s (waits poll instead)\n", strerror(errno));
+		return;
+	}
+	struct sockaddr_nl sa = {.nl_family = AF_NETLINK, .nl_groups = 1};
+	if (bind(fd, (struct sockaddr *)&sa, sizeof sa)) {
+		console("vc-agent: uevent bind: %s (waits poll instead)\n", strerror(errno));
+		close(fd);
+		return;
+	}
+	int size = 1 << 20;
+	if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size))
+		setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+	uevent_fd = fd;
+}
+
+/* Discard queued uevents (their content does not matter: every wait is re-checked). */
+static void uevent_drain(void)
+{
+	char tmp[8192];
+	while (uevent_fd >= 0) {
+		ssize_t r = recv(uevent_fd, tmp, sizeof tmp, 0);
+		if (r >= 0 || errno == EINTR || errno == ENOBUFS)
+			continue; /* ENOBUFS: events were lost, the re-check covers them */
+		return;
+	}
+}
+
+static void handle_wait(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
+{
+	int64_t timeout_ms = 0, cpus = 0, memory = 0;
+	struct field f;
+	if (tlv_int(p, n, F_TIMEOUT_MS, &timeout_ms) != 1 || timeout_ms < 1 ||
+	    timeout_ms > MAX_WAIT_MS) {
+		send_error(c, id, EINVAL, "wait: timeout_ms is required: an 8-byte integer 1..%d",
+			   MAX_WAIT_MS);
+		return;
+	}
+	if (tlv_int(p, n, F_WANT_CPUS, &cpus) < 0 || cpus < 0 || cpus > MAX_WANT_CPUS) {
+		send_error(c, id, EINVAL, "wait: cpus must be an 8-byte integer 0..%d", MAX_WANT_CPUS);
+		return;
+	}
+	if (tlv_int(p, n, F_MEMORY, &memory) < 0 || memory < 0 || memory > 1) {
+		send_error(c, id, EINVAL, "wait: memory must be an 8-byte integer 0 or 1");
+		return;
+	}
+	int has_serial = tlv_find(p, n, F_SERIAL, &f);
+	if (has_serial && (f.len == 0 || f.len > MAX_SERIAL || memchr(f.val, 0, f.len))) {
+		send_error(c, id, EINVAL, "wait: serial must be 1..%d bytes without NUL", MAX_SERIAL);
+		return;
+	}
+	if (!has_serial && !cpus && !memory) {
+		send_error(c, id, EINVAL, "wait: nothing to wait for (give serial, cpus or memory)");
+		return;
+	}
+	struct wait *w = NULL;
+	for (int i = 0; i < MAX_WAITS && !w; i++)
+		if (!waits[i].used)
+			w = &waits[i];
+	if (!w) {
+		send_error(c, id, EAGAIN, "wait: too many pending waits (%d)", MAX_WAITS);
+		return;
+	}
+	w->used = 1;
+	w->id = id;
+	w->conn = c;
+	w->conn_gen = c->gen;
+	if (has_serial)
+		memcpy(w->serial, f.val, f.len);
+	w->cpus = cpus;
+	w->memory = (int)memory;
+	int64_t now = now_ms();
+	w->deadline_ms = now + timeout_ms;
+	DEBUG("wait id=%u serial=%s cpus=%lld memory=%d\n", id, w->serial, (long long)cpus,
+	      w->memory);
+	uevent_open();
+	uevent_drain(); /* what is queued predates this wait: the check below covers it */
+	wait_check(w, now);
+	if (w->used && wait_next_ms <= now)
+		wait_next_ms = now + WAIT_RECHECK_MS;
+}
+
 static void handle_ping(struct conn *c, uint32_t id, int hello, const uint8_t *p, size_t n)
 {
 	struct timespec ts;
@@ -1071,6 +1396,7 @@ static void handle_ping(struct conn *c, uint32_t id, int hello, const uint8_t *p
 			/* The host socket takes one client at a time, so a hello on the port means
 			 * the previous client is gone, even if its hangup was never seen here. */
 			conn_kill_execs(c);
+			conn_drop_waits(c);
 			c->gen++;
 			conn_drop_output(c);
 			c->await_hello = 0;
@@ -1120,6 +1446,9 @@ static void dispatch(struct conn *c, uint8_t type, uint32_t id, const uint8_t *p
 		break;
 	case T_ONLINE:
 		handle_online(c, id, p, n);
+		break;
+	case T_WAIT:
+		handle_wait(c, id, p, n);
 		break;
 	default:
 		send_error(c, id, ENOSYS, "unknown request type 0x%02x", type);
@@ -1263,6 +1592,7 @@ static void conn_kill_execs(struct conn *c)
 static void conn_reset(struct conn *c)
 {
 	conn_kill_execs(c);
+	conn_drop_waits(c);
 	c->gen++;
 	parser_reset(c);
 	conn_drop_output(c);
@@ -1706,6 +2036,8 @@ int main(int argc, char **argv)
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--unix") && i + 1 < argc)
 			unix_path = argv[++i];
+		else if (!strcmp(argv[i], "--sysroot") && i + 1 < argc)
+			snprintf(sysroot, sizeof sysroot, "%s", argv[++i]);
 		else if (!strcmp(argv[i], "--debug"))
 			debug = 1;
 		else if (!strcmp(argv[i], "--version")) {
@@ -1759,7 +2091,7 @@ int main(int argc, char **argv)
 	struct pollfd pfds[MAX_POLL];
 	void *owners[MAX_POLL];
 	int kinds[MAX_POLL];
-	enum { K_SIG, K_LISTEN, K_CONN, K_IN, K_OUT, K_ERR };
+	enum { K_SIG, K_LISTEN, K_CONN, K_IN, K_OUT, K_ERR, K_UEVENT };
 
 	for (;;) {
 		int np = 0;
@@ -1811,6 +2143,17 @@ int main(int argc, char **argv)
 					timeout = left;
 			}
 		}
+		int waiting = waits_active();
+		if (waiting) {
+			if (uevent_fd >= 0) {
+				pfds[np] = (struct pollfd){.fd = uevent_fd, .events = POLLIN};
+				kinds[np++] = K_UEVENT;
+			}
+			int64_t left = wait_next_ms > now ? wait_next_ms - now : 0;
+			if (timeout < 0 || left < timeout)
+				timeout = left;
+		}
+		int uevents = 0;
 		if ((want_port && !port_found && now < port_scan_deadline) ||
 		    (ready_wanted && !ready_printed))
 			timeout = timeout < 0 || timeout > 5 ? 5 : timeout;
@@ -1879,10 +2222,18 @@ int main(int argc, char **argv)
 					exec_read(e, &e->err_fd, &e->err, 2, 1u << 20);
 				break;
 			}
+			case K_UEVENT:
+				uevent_drain();
+				uevents = 1;
+				break;
 			}
 		}
-		/* Timers: exec deadlines, disconnected ports, port discovery. */
+		/* Timers: waits, exec deadlines, disconnected ports, port discovery. */
 		now = now_ms();
+		if (waits_active() && (uevents || now >= wait_next_ms)) {
+			waits_check_all();
+			now = now_ms();
+		}
 		for (int i = 0; i < MAX_EXECS; i++) {
 			struct exec *e = &execs[i];
 			if (e->used && e->deadline_ms && !e->timed_out && now >= e->deadline_ms) {
