@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import time
@@ -47,8 +48,6 @@ LOCK_TIMEOUT = 60.0
 """Longest wait for another process's operation on the same sandbox (a stop takes seconds)."""
 GUEST_SETTLE_TIMEOUT = 30.0
 """Longest wait for the guest to see hotplugged hardware."""
-GUEST_SETTLE_POLL = 0.02
-"""Pause between two looks at the guest (each is an agent round trip of a few ms)."""
 STARTING = "starting"
 """Persisted while the VMM runs but start has not finished (it names the VMM's pid)."""
 STRAY_KILL_TIMEOUT = 5.0
@@ -370,11 +369,8 @@ class Sandbox:
                 raise ConfigError(f"sandbox {self.id} already has a disk with id {drive.id!r}")
             await self.hypervisor.hotplug_add_device(drive)
             self.disks[drive.id] = drive
-            await self._guest_settle(
-                # The QEMU driver gives each drive its id as serial (virtio-blk and scsi-hd).
-                f"grep -qs '{drive.id[:20]}' /sys/block/*/serial /sys/block/*/device/vpd_pg80",
-                f"disk {drive.id}",
-            )
+            # The QEMU driver gives each drive its id as serial (virtio-blk and scsi-hd).
+            await self._guest_settle(f"disk {drive.id}", block_serial=drive.id[:20])
             try:
                 await self._persist_or_undo(lambda: self.hypervisor.hotplug_remove_device(drive))
             except StateError:
@@ -406,33 +402,43 @@ class Sandbox:
                 hv.require(Capabilities.CPU_HOTPLUG, "vCPU resize")
                 await hv.resize_vcpus(vcpus)
                 # Hot-added vCPUs appear offline in the guest: the agent onlines them.
-                await self._guest_settle(f'[ "$(nproc)" = {int(vcpus)} ]', f"{vcpus} vCPUs", True)
+                await self._guest_settle(f"{vcpus} vCPUs", cpus=int(vcpus))
             if memory_mb is not None:
                 hv.require(Capabilities.MEMORY_HOTPLUG, "memory resize")
                 await hv.resize_memory(memory_mb, 128, False)
-                await self._guest_settle("true", "memory", True)
+                await self._guest_settle("memory", memory=True)
             self._persist()
 
-    async def _guest_settle(self, check: str, what: str, online: bool = False) -> None:
-        """Wait until the guest sees hotplugged hardware (`check`, a shell test, succeeds);
-        with `online`, the agent onlines new vCPUs and memory blocks on each try. The mock
-        runs no guest: nothing to wait for."""
+    async def _guest_settle(
+        self,
+        what: str,
+        *,
+        block_serial: str | None = None,
+        cpus: int | None = None,
+        memory: bool = False,
+    ) -> None:
+        """Wait until the guest sees hotplugged hardware: one agent request, answered by the
+        guest on kernel uevents; the agent onlines new vCPUs (`cpus`) and memory blocks
+        (`memory`) meanwhile. The mock runs no guest: nothing to wait for."""
         if self.hypervisor_type is HypervisorType.MOCK:
             return
+        from .agent import AgentRequestError
+
         agent = await self.agent()
-        deadline = time.monotonic() + GUEST_SETTLE_TIMEOUT
-        while True:
-            if online:
-                await agent.online(cpus=True, memory=True)
-            res = await agent.exec(["sh", "-c", check], timeout=GUEST_SETTLE_TIMEOUT)
-            if res.exit_code == 0:
-                return
-            if time.monotonic() >= deadline:
-                raise VMTimeoutError(
-                    f"sandbox {self.id}: the guest did not see the hotplugged {what} within "
-                    f"{GUEST_SETTLE_TIMEOUT:g}s"
-                )
-            await asyncio.sleep(GUEST_SETTLE_POLL)
+        try:
+            await agent.wait_hardware(
+                block_serial=block_serial, cpus=cpus, memory=memory, timeout=GUEST_SETTLE_TIMEOUT
+            )
+        except AgentRequestError as exc:
+            if exc.errno != errno.ETIMEDOUT:
+                raise
+            raise VMTimeoutError(
+                f"sandbox {self.id}: the guest did not see the hotplugged {what} within "
+                f"{GUEST_SETTLE_TIMEOUT:g}s ({exc.message})"
+            ) from None
+        except AgentError:
+            await self._raise_if_vm_dead()
+            raise
 
     async def console_path(self) -> str:
         """Host address of the guest console."""
