@@ -213,16 +213,59 @@ def running_on_vmm(cpuinfo_path: str = "/proc/cpuinfo", *, arch: str | None = No
     if _arch(arch) in ("aarch64", "ppc64le", "s390x"):
         return False
     try:
-        with open(cpuinfo_path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) < 2 or not fields[0].startswith("flags"):
-                    continue
-                # The first flags line decides: every CPU reports the same flag.
-                return "hypervisor" in fields[1:]
+        flags = _first_flags(cpuinfo_path)
     except OSError as e:
         raise HostError(f"cannot read {cpuinfo_path}: {e.strerror or e}") from e
-    raise HostError(f"couldn't find 'flags' in {cpuinfo_path}")
+    if flags is None:
+        raise HostError(f"couldn't find 'flags' in {cpuinfo_path}")
+    return "hypervisor" in flags
+
+
+def _first_flags(cpuinfo_path: str) -> frozenset[str] | None:
+    """The first `flags` line of cpuinfo (every CPU reports the same), None if there is none."""
+    with open(cpuinfo_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() == "flags":
+                return frozenset(value.split())
+    return None
+
+
+@functools.cache
+def tsc_khz(
+    cpuinfo: str = "/proc/cpuinfo", sysfs: str = "/sys/devices/system/cpu/cpu0/tsc_freq_khz"
+) -> int:
+    """The host TSC rate in kHz (sysfs when the kernel exports it, else cpuinfo), 0 if unknown."""
+    try:
+        with open(sysfs) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "cpu MHz":
+                    return int(float(value) * 1000)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The host CPU's flags from cpuinfo (empty if unreadable or absent)."""
+    try:
+        return _first_flags(cpuinfo_path) or frozenset()
+    except OSError:
+        return frozenset()
+
+
+def constant_tsc_khz() -> int:
+    """The host TSC rate if it is constant (the `constant_tsc` flag), else 0.
+
+    A guest's TSC runs at this rate under TCG and, without TSC scaling, under KVM.
+    """
+    return tsc_khz() if "constant_tsc" in cpu_flags() else 0
 
 
 def max_qemu_vcpus(*, arch: str | None = None) -> int:

@@ -82,13 +82,16 @@ def build_config(
             raise ConfigError(f"unknown sandbox option {name!r} (not a HypervisorConfig field)")
         setattr(cfg, name, value)
     if htype is not HypervisorType.MOCK and not cfg.kernel_path and not cfg.custom_kernel_asset():
-        from .guest import default_kernel_params, ensure_assets
+        from .guest import default_kernel_params, ensure_assets, loops_per_jiffy
 
         assets = ensure_assets()
-        cfg.kernel_path = assets.kernel
+        # acrn-dm loads only bzImages; the others boot the ELF kernel without decompressing.
+        acrn = htype is HypervisorType.ACRN and assets.bzimage
+        cfg.kernel_path = assets.bzimage if acrn else assets.kernel
         if not cfg.image_path and not cfg.initrd_path:
             cfg.initrd_path = assets.initrd
-        cfg.kernel_params = [*default_kernel_params(), *cfg.kernel_params]
+        lpj = loops_per_jiffy(assets.kernel_hz)
+        cfg.kernel_params = [*default_kernel_params(lpj=lpj), *cfg.kernel_params]
     cfg.validate()
     return cfg
 

@@ -133,7 +133,7 @@ def test_real_debian_kernel(tmp_path: Path) -> None:
     try:
         from virtcontainers.guest import ensure_assets
 
-        kernel = str(ensure_assets().kernel)
+        kernel = str(ensure_assets().bzimage)
     except Exception as e:  # the distribution kernel cannot be fetched here
         pytest.skip(f"guest kernel unavailable: {e}")
     data = Path(kernel).read_bytes()

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from virtcontainers.errors import AssetError
-from virtcontainers.guest import assets, default_kernel_params, initrd, kernel
+from virtcontainers.guest import assets, default_kernel_params, initrd, kernel, loops_per_jiffy
 from virtcontainers.types import Param
 
 # -- module planning -----------------------------------------------------------------------
@@ -323,3 +323,59 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_agent_source_is_packaged() -> None:
     src = initrd.agent_source()
     assert b"VC-AGENT-READY" in src
+
+
+# -- kernel features, PVH kernel, loops per jiffy -----------------------------------------------
+
+
+def _unpacked(tmp_path: Path, config: str | None) -> kernel.UnpackedKernel:
+    (tmp_path / "boot").mkdir()
+    if config is not None:
+        (tmp_path / "boot" / "config-9.9").write_text(config)
+    return kernel.UnpackedKernel(str(tmp_path), "9.9", str(tmp_path / "boot" / "vmlinuz-9.9"))
+
+
+@pytest.mark.parametrize(
+    ("config", "hz", "pvh"),
+    [
+        ("CONFIG_HZ_250=y\nCONFIG_HZ=250\nCONFIG_PVH=y\n", 250, True),
+        ("# CONFIG_PVH is not set\nCONFIG_HZ=1000\n", 1000, False),
+        ("CONFIG_HZ=abc\n", 0, False),
+        (None, 0, False),
+    ],
+)
+def test_kernel_features(tmp_path: Path, config: str | None, hz: int, pvh: bool) -> None:
+    assert kernel.read_features(_unpacked(tmp_path, config)) == kernel.KernelFeatures(hz, pvh)
+
+
+def test_manifest_with_pvh_boots_the_elf_kernel(
+    tmp_path: Path, fake_build: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = assets.ensure_assets(str(tmp_path / "plain"))
+    assert plain.kernel == plain.bzimage and plain.kernel_hz == 0
+    fake = assets._build
+
+    def build_pvh(inp: dict[str, Any], key: str, cache_dir: str, tmp: str) -> None:
+        fake(inp, key, cache_dir, tmp)
+        out = Path(tmp) / "out"
+        (out / assets.VMLINUX_FILE).write_bytes(b"\x7fELF")
+        doc = json.loads((out / assets.MANIFEST).read_text())
+        doc["kernel_features"] = {"hz": 250, "pvh": True}
+        (out / assets.MANIFEST).write_text(json.dumps(doc))
+
+    monkeypatch.setattr(assets, "_build", build_pvh)
+    pvh = assets.ensure_assets(str(tmp_path / "pvh"))
+    assert pvh.kernel.endswith(assets.VMLINUX_FILE) and pvh.bzimage.endswith(assets.KERNEL_FILE)
+    assert pvh.kernel_hz == 250
+    os.unlink(pvh.kernel)  # an entry missing its ELF kernel is incomplete: rebuilt
+    again = assets.ensure_assets(str(tmp_path / "pvh"))
+    assert again.built and os.path.isfile(again.kernel)
+
+
+def test_loops_per_jiffy() -> None:
+    assert loops_per_jiffy(250, 2_300_000) == 9_200_000
+    assert loops_per_jiffy(1000, 2_300_000) == 2_300_000
+    assert loops_per_jiffy(0, 2_300_000) == 0  # kernel HZ unknown: the kernel calibrates
+    assert loops_per_jiffy(250, 0) == 0  # no constant TSC rate
+    assert Param("lpj", "9200000") in default_kernel_params(lpj=9_200_000)
+    assert not [p for p in default_kernel_params() if p.key == "lpj"]

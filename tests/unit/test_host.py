@@ -735,3 +735,15 @@ def test_probe_child_entry_point_runs_in_fresh_interpreter() -> None:
     doc = json.loads(proc.stdout)
     assert doc["usable"] is False and doc["reason"].startswith("KVM_GET_API_VERSION")
     assert "step open" in proc.stderr
+
+
+def test_cpu_flags_and_constant_tsc_khz(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\ncpu MHz\t\t: 2299.998\nflags\t\t: fpu tsc constant_tsc\n")
+    assert host.cpu_flags(str(info)) == {"fpu", "tsc", "constant_tsc"}
+    assert host.cpu_flags(str(tmp_path / "missing")) == frozenset()
+    monkeypatch.setattr(host, "tsc_khz", lambda: 2_299_998)
+    monkeypatch.setattr(host, "cpu_flags", lambda: frozenset({"constant_tsc"}))
+    assert host.constant_tsc_khz() == 2_299_998
+    monkeypatch.setattr(host, "cpu_flags", lambda: frozenset({"tsc"}))
+    assert host.constant_tsc_khz() == 0  # a varying rate says nothing about the guest's

@@ -377,7 +377,7 @@ def test_microvm_under_tcg_gets_the_tsc_rate() -> None:
 
 
 def test_host_tsc_khz_from_cpuinfo(tmp_path: Any) -> None:
-    from virtcontainers.drivers.qemu.driver import host_tsc_khz
+    from virtcontainers.host import tsc_khz as host_tsc_khz
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\ncpu MHz\t\t: 2299.998\nflags\t: fpu\n")

@@ -12,7 +12,7 @@ from .assets import (
     show_assets,
 )
 from .kernel import OPTIONAL_MODULES, REQUIRED_MODULES
-from .params import AGENT_READY_MARKER, FAST_BOOT_PARAMS, default_kernel_params
+from .params import AGENT_READY_MARKER, FAST_BOOT_PARAMS, default_kernel_params, loops_per_jiffy
 
 __all__ = [
     "AGENT_READY_MARKER",
@@ -26,5 +26,6 @@ __all__ = [
     "default_cache_dir",
     "default_kernel_params",
     "ensure_assets",
+    "loops_per_jiffy",
     "show_assets",
 ]

@@ -24,12 +24,14 @@ from typing import Any
 from ..errors import AssetError
 from . import initrd as initrd_mod
 from . import kernel as kernel_mod
+from .vmlinux import extract_vmlinux
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 """Bump whenever the build recipe changes in a way the other inputs do not capture."""
 KERNEL_FILE = "vmlinuz"
+VMLINUX_FILE = "vmlinux"
 INITRD_FILE = "initrd.img"
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
@@ -41,6 +43,9 @@ class GuestAssets:
     """A built kernel and initrd, ready to boot."""
 
     kernel: str
+    """The kernel to boot: the ELF vmlinux when the kernel has a PVH entry point (QEMU,
+    Firecracker and Cloud Hypervisor load it directly, skipping the decompressor), else the
+    bzImage."""
     initrd: str
     kernel_version: str
     key: str
@@ -50,6 +55,10 @@ class GuestAssets:
     modules: tuple[str, ...]
     """Module names the agent loads at boot (dependencies not listed)."""
     agent_version: str
+    bzimage: str = ""
+    """The compressed kernel as packaged (for VMMs that boot only bzImages)."""
+    kernel_hz: int = 0
+    """The kernel's CONFIG_HZ (0 if unknown)."""
     built: bool = False
     """True when this call built the assets, False when it reused the cache."""
 
@@ -96,8 +105,10 @@ def _load(entry: str) -> GuestAssets | None:
     try:
         with open(os.path.join(entry, MANIFEST)) as f:
             doc = json.load(f)
+        features = doc.get("kernel_features", {})
+        vmlinux = os.path.join(entry, VMLINUX_FILE) if features.get("pvh") else ""
         assets = GuestAssets(
-            kernel=os.path.join(entry, KERNEL_FILE),
+            kernel=vmlinux or os.path.join(entry, KERNEL_FILE),
             initrd=os.path.join(entry, INITRD_FILE),
             kernel_version=doc["kernel_version"],
             key=doc["key"],
@@ -106,10 +117,12 @@ def _load(entry: str) -> GuestAssets | None:
             kernel_package_version=doc["inputs"]["kernel_package_version"],
             modules=tuple(doc["modules"]),
             agent_version=doc["agent_version"],
+            bzimage=os.path.join(entry, KERNEL_FILE),
+            kernel_hz=int(features.get("hz", 0)),
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if not (os.path.isfile(assets.kernel) and os.path.isfile(assets.initrd)):
+    if not all(os.path.isfile(p) for p in (assets.kernel, assets.bzimage, assets.initrd)):
         return None
     return assets
 
@@ -206,6 +219,9 @@ def _build(inputs: dict[str, Any], key: str, cache_dir: str, tmp: str) -> None:
     initrd_mod.populate(root, kernel, plan, busybox, agent_bin)
     initrd_mod.write_cpio(root, os.path.join(out, INITRD_FILE), inputs["compression"])
     shutil.copyfile(kernel.vmlinuz, os.path.join(out, KERNEL_FILE))
+    features = kernel_mod.read_features(kernel)
+    if features.pvh:
+        extract_vmlinux(kernel.vmlinuz, os.path.join(out, VMLINUX_FILE))
     manifest = {
         "key": key,
         "inputs": inputs,
@@ -213,6 +229,7 @@ def _build(inputs: dict[str, Any], key: str, cache_dir: str, tmp: str) -> None:
         "modules": list(plan.wanted),
         "builtin_modules": list(plan.builtin),
         "absent_modules": list(plan.absent),
+        "kernel_features": asdict(features),
         "module_files": list(plan.load_order),
         "agent_version": _agent_version(),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -249,6 +266,8 @@ def asset_info(cache_dir: str | None = None) -> dict[str, Any]:
         status="built",
         kernel=found.kernel,
         kernel_size=os.path.getsize(found.kernel),
+        bzimage=found.bzimage,
+        kernel_hz=found.kernel_hz,
         initrd=found.initrd,
         initrd_size=os.path.getsize(found.initrd),
         kernel_version=found.kernel_version,

@@ -206,6 +206,34 @@ def unpack(deb: str, dest: str) -> UnpackedKernel:
     return kernel
 
 
+@dataclass(frozen=True)
+class KernelFeatures:
+    """What the host side needs to know about a kernel's build configuration."""
+
+    hz: int
+    """CONFIG_HZ, 0 if unknown: with the TSC rate it gives the loops-per-jiffy value."""
+    pvh: bool
+    """CONFIG_PVH: the ELF vmlinux boots directly (QEMU, Cloud Hypervisor), no decompressor."""
+
+
+def read_features(kernel: UnpackedKernel) -> KernelFeatures:
+    """Read the package's boot/config-<version>; a missing file means nothing is known."""
+    values: dict[str, str] = {}
+    path = os.path.join(kernel.root, "boot", f"config-{kernel.version}")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.strip().partition("=")
+                if sep and key in ("CONFIG_HZ", "CONFIG_PVH"):
+                    values[key] = value
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise AssetError(f"cannot read the kernel configuration {path}: {e.strerror}") from e
+    hz = values.get("CONFIG_HZ", "0")
+    return KernelFeatures(hz=int(hz) if hz.isdigit() else 0, pvh=values.get("CONFIG_PVH") == "y")
+
+
 def read_modules_dep(modules_dir: str) -> dict[str, tuple[str, list[str]]]:
     """Module name -> (relative path, relative paths of its dependencies)."""
     out: dict[str, tuple[str, list[str]]] = {}

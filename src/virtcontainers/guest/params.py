@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import host
 from ..types import Param
 
 FAST_BOOT_PARAMS: tuple[Param, ...] = (
@@ -25,6 +26,20 @@ AGENT_READY_MARKER = "VC-AGENT-READY"
 """The line the agent prints on /dev/console once it serves requests."""
 
 
+def loops_per_jiffy(kernel_hz: int, tsc_khz: int | None = None) -> int:
+    """The guest's delay-loop calibration, known in advance: TSC cycles per jiffy.
+
+    A guest's TSC runs at the host's constant rate, and x86 kernels count delays in TSC
+    cycles. Given as `lpj=`, it spares every hot-added vCPU the kernel's calibration against
+    the timer tick (under TCG ~80 ms of the ~130 ms it takes to online one). 0 when the
+    kernel's HZ or a constant host TSC rate is unknown: the kernel then calibrates.
+    """
+    khz = host.constant_tsc_khz() if tsc_khz is None else tsc_khz
+    if kernel_hz <= 0 or khz <= 0:
+        return 0
+    return khz * 1000 // kernel_hz
+
+
 def default_kernel_params(
     console: str | None = "ttyS0",
     *,
@@ -32,13 +47,14 @@ def default_kernel_params(
     agent_port: int | None = None,
     hostname: str | None = None,
     fast_boot: bool = True,
+    lpj: int = 0,
 ) -> list[Param]:
     """Parameters the guest assets expect: console, quiet, panic=1, fast boot, agent options.
 
     `console` None leaves it out. `hvc0` works only once the agent has loaded
     virtio_console, so kernel messages before that are lost there; ttyS0 (built in)
-    shows everything. The agent reads `vc.debug`, `vc.agent_port`, `vc.hostname`
-    and `vc.channel` from /proc/cmdline.
+    shows everything. `lpj` (see `loops_per_jiffy`) is added when non-zero. The agent
+    reads `vc.debug`, `vc.agent_port`, `vc.hostname` and `vc.channel` from /proc/cmdline.
     """
     params: list[Param] = []
     if console:
@@ -48,6 +64,8 @@ def default_kernel_params(
     params.append(Param("panic", "1"))
     if fast_boot:
         params.extend(FAST_BOOT_PARAMS)
+    if lpj > 0:
+        params.append(Param("lpj", str(lpj)))
     if debug:
         params.append(Param("vc.debug", "1"))
     if agent_port is not None:

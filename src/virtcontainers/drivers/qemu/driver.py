@@ -6,7 +6,6 @@ Hotplug lives in `hotplug.py`; the command line in `argv.py`; the process in `pr
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import shutil
@@ -84,27 +83,6 @@ def machine_capabilities(machine: str) -> Capabilities:
     """Capabilities of a QEMU machine type, counting only the hotplug that is implemented."""
     caps = MACHINE_CAPS[machine]
     return (caps & ~_HOTPLUG_CAPS) | (caps & _HOTPLUG_CAPS & HOTPLUG_IMPLEMENTED)
-
-
-@functools.cache
-def host_tsc_khz(
-    cpuinfo: str = "/proc/cpuinfo", sysfs: str = "/sys/devices/system/cpu/cpu0/tsc_freq_khz"
-) -> int:
-    """The host TSC rate in kHz (sysfs when the kernel exports it, else cpuinfo), 0 if unknown."""
-    try:
-        with open(sysfs) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        pass
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "cpu MHz":
-                    return int(float(value) * 1000)
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 @register(HypervisorType.QEMU)
@@ -232,7 +210,7 @@ class QemuHypervisor(Hypervisor):
             host_cpus=os.cpu_count() or 1,
             devices=list(self.devices),
             console=self.console,
-            host_tsc_khz=host_tsc_khz(),
+            host_tsc_khz=host.tsc_khz(),
         )
 
     def build_launch(self, qmp_fd: int | None = None) -> qargv.Launch:
