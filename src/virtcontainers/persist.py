@@ -3,8 +3,11 @@
 Layout under the run root: `vm/<id>/` holds one VM's sockets, pid and log; `sbs/<id>/`
 holds `persist.json` (the state document) and `lock` (the flock target).
 
-Writes go to a temp file in the same directory, are fsynced and renamed over the old file,
-so a reader sees the old or the new document, never a torn one. A writer killed mid-write
+Writes go to a temp file in the same directory and are renamed over the old file, so a
+reader sees the old or the new document, never a torn one. State documents are not fsynced:
+they describe running VMs, which a host crash ends too (and /run is a tmpfs), while a killed
+writer's data is safe in the page cache; so the rename is all the atomicity they need, and a
+pause or hotplug does not wait for a disk. A writer killed mid-write
 leaves its temp file (`.persist.json.tmp.<pid>.<start time>.<token>`); the next `write` to
 that sandbox removes every temp file whose writer process is gone.
 """
@@ -166,11 +169,13 @@ def remove_stale_temps(directory: str, final_name: str = STATE_FILE) -> list[str
     return removed
 
 
-def atomic_write(path: str, data: bytes, mode: int = FILE_MODE) -> None:
-    """Replace `path` with `data` atomically and durably; on failure the old file is intact.
+def atomic_write(path: str, data: bytes, mode: int = FILE_MODE, *, durable: bool = True) -> None:
+    """Replace `path` with `data` atomically (and, if `durable`, surviving power loss); on
+    failure the old file is intact.
 
-    Temp file in the same directory, write, fsync, rename, fsync the directory. Errors
-    (ENOSPC, EACCES, ...) raise `StateError` naming the path; the temp file is removed.
+    Temp file in the same directory, write, fsync, rename, fsync the directory (the fsyncs
+    only if `durable`). Errors (ENOSPC, EACCES, ...) raise `StateError` naming the path; the
+    temp file is removed.
     """
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, temp_name(name))
@@ -183,11 +188,13 @@ def atomic_write(path: str, data: bytes, mode: int = FILE_MODE) -> None:
         while view:
             written = os.write(fd, view)
             view = view[written:]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
-        _fsync_dir(directory)
+        if durable:
+            _fsync_dir(directory)
     except OSError as e:
         if fd >= 0:
             os.close(fd)
@@ -286,7 +293,7 @@ class StateStore:
         except (TypeError, ValueError) as e:
             raise StateError(f"state of sandbox {id!r} is not JSON-serialisable: {e}") from e
         remove_stale_temps(os.path.dirname(path))
-        atomic_write(path, data + b"\n")
+        atomic_write(path, data + b"\n", durable=False)  # see the module docstring
 
     def read(self, id: str) -> dict[str, Any]:
         """The state document of `id`; `StateError` when missing or corrupt."""
