@@ -169,13 +169,20 @@ def remove_stale_temps(directory: str, final_name: str = STATE_FILE) -> list[str
     return removed
 
 
-def atomic_write(path: str, data: bytes, mode: int = FILE_MODE, *, durable: bool = True) -> None:
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes whenever a file is replaced by a rename or rewritten."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def atomic_write(
+    path: str, data: bytes, mode: int = FILE_MODE, *, durable: bool = True
+) -> os.stat_result:
     """Replace `path` with `data` atomically (and, if `durable`, surviving power loss); on
     failure the old file is intact.
 
     Temp file in the same directory, write, fsync, rename, fsync the directory (the fsyncs
-    only if `durable`). Errors (ENOSPC, EACCES, ...) raise `StateError` naming the path; the
-    temp file is removed.
+    only if `durable`). Returns the new file's stat. Errors (ENOSPC, EACCES, ...) raise
+    `StateError` naming the path; the temp file is removed.
     """
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, temp_name(name))
@@ -190,11 +197,13 @@ def atomic_write(path: str, data: bytes, mode: int = FILE_MODE, *, durable: bool
             view = view[written:]
         if durable:
             os.fsync(fd)
+        st = os.fstat(fd)
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
         if durable:
             _fsync_dir(directory)
+        return st
     except OSError as e:
         if fd >= 0:
             os.close(fd)
@@ -274,6 +283,7 @@ class StateStore:
     def __init__(self, run_root: str | None = None) -> None:
         self.run_root = _resolve_root(run_root)
         self.sbs_root = os.path.join(self.run_root, "sbs")
+        self._written: dict[str, tuple[int, int, int, int]] = {}
 
     def dir(self, id: str) -> str:
         """`<run_root>/sbs/<id>`."""
@@ -293,7 +303,17 @@ class StateStore:
         except (TypeError, ValueError) as e:
             raise StateError(f"state of sandbox {id!r} is not JSON-serialisable: {e}") from e
         remove_stale_temps(os.path.dirname(path))
-        atomic_write(path, data + b"\n", durable=False)  # see the module docstring
+        st = atomic_write(path, data + b"\n", durable=False)  # see the module docstring
+        self._written[id] = _identity(st)
+
+    def unchanged_since_write(self, id: str) -> bool:
+        """True while the state file of `id` is still the one this store last wrote (no other
+        process has replaced it since): a cheap stat instead of reading and parsing it."""
+        known = self._written.get(id)
+        try:
+            return known is not None and _identity(os.stat(self.path(id))) == known
+        except OSError:
+            return False
 
     def read(self, id: str) -> dict[str, Any]:
         """The state document of `id`; `StateError` when missing or corrupt."""
@@ -320,6 +340,7 @@ class StateStore:
     def delete(self, id: str) -> None:
         """Remove the sandbox directory (state, lock, temp files); a no-op when absent."""
         directory = self.dir(id)
+        self._written.pop(id, None)
         try:
             shutil.rmtree(directory)
         except FileNotFoundError:

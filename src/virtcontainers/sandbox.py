@@ -289,6 +289,8 @@ class Sandbox:
         hv = self._hv
         if hv is None or hv.state in (VMState.NEW, VMState.STOPPED):
             return
+        if self._store.unchanged_since_write(self.id):
+            return  # nobody else wrote since our last write: nothing to adopt
         if not self._store.exists(self.id):
             if missing_ok:
                 return

@@ -564,3 +564,16 @@ async def test_alock_refuses_bad_id(store: StateStore) -> None:
     with pytest.raises(ConfigError):
         async with store.alock("a/b"):
             pass
+
+
+def test_unchanged_since_write_sees_other_writers(store: StateStore) -> None:
+    assert not store.unchanged_since_write("sb1")  # never written by this store
+    store.write("sb1", {"v": 1})
+    assert store.unchanged_since_write("sb1")
+    other = StateStore(store.run_root)  # another process's store
+    other.write("sb1", {"v": 2})
+    assert not store.unchanged_since_write("sb1") and other.unchanged_since_write("sb1")
+    store.write("sb1", {"v": 3})
+    assert store.unchanged_since_write("sb1") and not other.unchanged_since_write("sb1")
+    store.delete("sb1")
+    assert not store.unchanged_since_write("sb1")
