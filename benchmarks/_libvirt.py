@@ -189,6 +189,8 @@ class DomainSpec:
     emulator: str = "/usr/bin/qemu-system-x86_64"
     defaults: bool = False
     """libvirt's defaults (`defaults_domain_xml`) instead of a domain built like the driver's."""
+    scsi: bool = False
+    """Give the defaults domain a virtio-scsi controller (for SCSI disk hotplug)."""
 
 
 def domain_xml(spec: DomainSpec) -> str:
@@ -218,6 +220,8 @@ def defaults_domain_xml(spec: DomainSpec) -> str:
     ET.SubElement(features, "apic")
     devices = ET.SubElement(dom, "devices")
     ET.SubElement(devices, "emulator").text = spec.emulator
+    if spec.scsi:  # what `virt-install --controller scsi,model=virtio-scsi` adds
+        ET.SubElement(devices, "controller", type="scsi", index="0", model="virtio-scsi")
     serial = ET.SubElement(devices, "serial", type="unix")
     ET.SubElement(serial, "source", mode="connect", path=spec.console_path)
     ET.SubElement(serial, "target", type="isa-serial", port="0")
@@ -324,7 +328,9 @@ def qemu_pid(name: str) -> int:
 
 
 class ConsoleListener:
-    """A listening Unix socket the domain's serial console connects to; waits for MARKER."""
+    """A listening Unix socket the domain's serial console connects to; waits for MARKER,
+    then keeps reading (and dropping) the output, as the driver keeps logging its console:
+    an unread socket would fill up and stall the guest's serial writes."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -333,6 +339,7 @@ class ConsoleListener:
         self._sock.listen(1)
         self._sock.setblocking(False)
         self._conn: socket.socket | None = None
+        self._drain: asyncio.Task[None] | None = None
 
     async def wait_marker(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -345,8 +352,18 @@ class ConsoleListener:
                 if not chunk:
                     raise RuntimeError("libvirt console closed before the ready marker")
                 seen = seen[-len(MARKER) :] + chunk
+        self._drain = asyncio.create_task(self._drain_output(self._conn))
+
+    @staticmethod
+    async def _drain_output(conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError):
+            while await loop.sock_recv(conn, 65536):
+                pass
 
     def close(self) -> None:
+        if self._drain is not None:
+            self._drain.cancel()
         if self._conn is not None:
             self._conn.close()
         self._sock.close()

@@ -1,22 +1,30 @@
 """Pause + resume, block hotplug until the guest sees the disk, vCPU hotplug: virtcontainers
 (the `Sandbox` API) vs libvirt (`virDomainSuspend`/`Resume`, `attachDevice`, `setVcpus`).
 
-Both VMs are the same q35 TCG guest (1 vCPU of 2, 256 MiB, same kernel, initrd, command line,
-virtio-scsi controller). Block hotplug: a 16 MiB raw file as a SCSI disk; `attach` is the API
-call, `visible` is until the guest lists a new `sd*` in /sys/block (polled through the agent,
-the same way for both); the disk is removed again (not timed) before the next run. vCPU
-hotplug: `attach` is the API call, `online` is until the guest's
-/sys/devices/system/cpu/online reads 0-1 (the agent onlines it). vCPU hot-removal is refused
-under TCG (QEMU 7.2 corrupts itself), so every vCPU run boots fresh VMs (not timed).
-`Sandbox.add_disk` and `Sandbox.resize` return only once the guest sees the disk / has the
-vCPU online (they wait through the agent), so their `attach` already includes the guest;
-`qemu_driver` is the driver's `hotplug_add_device` / `resize_vcpus` alone, which return
-when QEMU has the device, like libvirt's calls.
+Every VM is a q35 TCG guest of the same Debian kernel package and initrd, 1 vCPU of 2,
+256 MiB. virtcontainers is a `Sandbox` as a user gets it (`Sandbox(memory_size=256)`: its
+guest assets, its kernel command line). libvirt runs in two domains, as in `cold_boot`:
+`libvirt` ("libvirt (defaults)", the baseline of the targets) is what a libvirt user writes
+for this kernel: the packaged bzImage, `console=ttyS0`, libvirt's default devices plus the
+virtio-scsi controller the SCSI disks need; `libvirt_same_cmdline` ("libvirt (same
+cmdline)") is built like the Sandbox's VM and boots its kernel (the ELF vmlinux) with its
+command line, so only the management layer differs.
+
+Block hotplug: a 16 MiB raw file as a SCSI disk; `attach` is the API call, `visible` is
+until the guest lists a new `sd*` in /sys/block (polled through the agent, the same way for
+all); the disk is removed again (not timed) before the next run. vCPU hotplug: `attach` is
+the API call, `online` is until the guest's /sys/devices/system/cpu/online reads 0-1 (the
+agent onlines it). vCPU hot-removal is refused under TCG (QEMU 7.2 corrupts itself), so
+every vCPU run boots fresh VMs (not timed). `Sandbox.add_disk` and `Sandbox.resize` return
+only once the guest sees the disk / has the vCPU online (the guest agent waits for it), so
+their `attach` already includes the guest; `qemu_driver` is the driver's
+`hotplug_add_device` / `resize_vcpus` alone, which return when QEMU has the device, like
+libvirt's calls.
 
 Pause/resume is also measured on the QEMU driver alone (`qemu_driver`: no Sandbox state
-written), which shows what persisting the state costs, and on a third sandbox whose run root
-is on a tmpfs (`virtcontainers_tmpfs`, /dev/shm: where /run usually is; here /run and /tmp
-are on the disk, so every state write's fsync reaches it).
+written), which shows what persisting the state costs, and on a sandbox whose run root is
+on a tmpfs (`virtcontainers_tmpfs`, /dev/shm: where /run usually is; here /run and /tmp are
+on the disk).
 
     .venv/bin/python benchmarks/lifecycle.py [--runs 10] [--quick]
 """
@@ -44,13 +52,15 @@ from _lib import (
     new_result,
     temp_run_root,
 )
-from cold_boot import kernel_cmdline
+from cold_boot import DEFAULTS_CMDLINE, LABELS
 
 from virtcontainers.agent import AgentClient
+from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import BlockDrive
 from virtcontainers.errors import UnsupportedError
+from virtcontainers.guest import ensure_assets
 from virtcontainers.sandbox import Sandbox
-from virtcontainers.types import Capabilities
+from virtcontainers.types import Capabilities, serialize_params
 
 TITLE = "Pause/resume, block and vCPU hotplug (q35, TCG)"
 TMPFS = "/dev/shm"
@@ -58,15 +68,38 @@ GUEST_TIMEOUT = 30.0
 DISK_MIB = 16
 
 
+MAX_VCPUS = 2
+
+
+def sandbox_config() -> HypervisorConfig:
+    """What a user asks for; the Sandbox fills in its guest assets and kernel parameters."""
+    return HypervisorConfig(
+        memory_size=256, num_vcpus=1, default_max_vcpus=MAX_VCPUS, hypervisor_machine_type="q35"
+    )
+
+
+async def sandbox_cmdline(run_root: str) -> tuple[str, HypervisorConfig]:
+    """The kernel command line and the filled-in config of a Sandbox (created, not started)."""
+    sb = Sandbox("cmdline", "qemu", sandbox_config(), run_root=run_root)
+    await sb.create()
+    try:
+        hv = sb.hypervisor
+        assert isinstance(hv, boot.QemuHypervisor)
+        return " ".join(serialize_params(hv.build_launch().kernel_params, "=")), sb.config
+    finally:
+        await sb.stop()
+
+
 class Setup:
     """What every candidate needs: run root, libvirt connection, the shared VM shape."""
 
-    def __init__(self, run_root: str, lv: _libvirt.Libvirt, cmdline: str, max_vcpus: int):
+    def __init__(self, run_root: str, lv: _libvirt.Libvirt, cmdline: str, cfg: HypervisorConfig):
         self.run_root = run_root
         self.lv = lv
         self.cmdline = cmdline
-        self.max_vcpus = max_vcpus
-        self.cfg = boot.make_config("q35")
+        self.cfg = cfg
+        """The Sandbox's filled-in config: its kernel, initrd and shape, for libvirt."""
+        self.bzimage = ensure_assets().bzimage
         self._n = 0
 
     def next_id(self, prefix: str) -> str:
@@ -74,22 +107,24 @@ class Setup:
         return f"{prefix}{self._n}"
 
     def sandbox(self, run_root: str | None = None) -> Sandbox:
-        cfg = self.cfg.copy()
-        cfg.default_max_vcpus = self.max_vcpus
-        return Sandbox(self.next_id("lc"), "qemu", cfg, run_root=run_root or self.run_root)
+        return Sandbox(
+            self.next_id("lc"), "qemu", sandbox_config(), run_root=run_root or self.run_root
+        )
 
-    def domain_spec(self) -> _libvirt.DomainSpec:
-        n = self.next_id("lv")
+    def domain_spec(self, defaults: bool) -> _libvirt.DomainSpec:
+        n = self.next_id("lvd" if defaults else "lvs")
         return _libvirt.DomainSpec(
             name=f"vcbench-{os.getpid()}-{n}",
-            kernel=self.cfg.kernel_path,
+            kernel=self.bzimage if defaults else self.cfg.kernel_path,
             initrd=self.cfg.initrd_path,
-            cmdline=self.cmdline,
+            cmdline=DEFAULTS_CMDLINE if defaults else self.cmdline,
             console_path=os.path.join(self.run_root, f"{n}.console"),
             agent_path=os.path.join(self.run_root, f"{n}.agent"),
             memory_mib=self.cfg.memory_size,
             vcpus=self.cfg.num_vcpus,
-            max_vcpus=self.max_vcpus,
+            max_vcpus=MAX_VCPUS,
+            defaults=defaults,
+            scsi=True,
         )
 
     def disk(self) -> str:
@@ -107,8 +142,10 @@ class Setup:
         finally:
             await sb.stop()
 
-    def booted_domain(self) -> contextlib.AbstractAsyncContextManager[_libvirt.Domain]:
-        return _libvirt.Domain.boot(self.lv, self.domain_spec())
+    def booted_domain(
+        self, defaults: bool
+    ) -> contextlib.AbstractAsyncContextManager[_libvirt.Domain]:
+        return _libvirt.Domain.boot(self.lv, self.domain_spec(defaults))
 
 
 # -- guest-side checks (the same for both) --------------------------------------------------
@@ -282,9 +319,9 @@ def vcpu_driver(setup: Setup) -> Candidate:
     return run
 
 
-def vcpu_libvirt(setup: Setup) -> Candidate:
+def vcpu_libvirt(setup: Setup, defaults: bool) -> Candidate:
     async def run(_i: int) -> Sample:
-        async with setup.booted_domain() as d:
+        async with setup.booted_domain(defaults) as d:
             assert d.agent is not None
             agent = d.agent
             t0 = time.perf_counter()
@@ -310,15 +347,14 @@ def _prefixed(cands: dict[str, Candidate], prefix: str) -> dict[str, Candidate]:
     return {name: wrap(c) for name, c in cands.items()}
 
 
+LV, LVS = "libvirt", "libvirt_same_cmdline"
+VC, DRV, TMPFS_VC = "virtcontainers", "qemu_driver", "virtcontainers_tmpfs"
+
+
 async def bench(opts: Options) -> Result:
     """Pause/resume and block hotplug on one VM of each; vCPU hotplug on fresh VMs per run."""
     result = new_result("lifecycle", TITLE, opts, unit="s")
-    samples: dict[str, dict[str, list[float]]] = {
-        "virtcontainers": {},
-        "libvirt": {},
-        "qemu_driver": {},
-        "virtcontainers_tmpfs": {},
-    }
+    samples: dict[str, dict[str, list[float]]] = {c: {} for c in (VC, LV, LVS, DRV, TMPFS_VC)}
 
     def merge(new: dict[str, dict[str, list[float]]]) -> None:
         for cand, metrics in new.items():
@@ -328,7 +364,10 @@ async def bench(opts: Options) -> Result:
         temp_run_root() as run_root,
         temp_run_root(base=TMPFS) as tmpfs_root,
     ):
-        cmdline, max_vcpus = await kernel_cmdline(run_root)
+        cmdline, cfg = await sandbox_cmdline(run_root)
+        result["kernel_cmdline"] = cmdline
+        result["defaults_cmdline"] = DEFAULTS_CMDLINE
+        result["labels"] = dict(LABELS)
         with _libvirt.session(run_root) as (lv, notes):
             result["notes"] += notes
             result["libvirt_version"] = lv.version()
@@ -336,20 +375,22 @@ async def bench(opts: Options) -> Result:
                 "virtcontainers": fs_type(run_root),
                 "tmpfs": fs_type(tmpfs_root),
             }
-            setup = Setup(run_root, lv, cmdline, max_vcpus)
+            setup = Setup(run_root, lv, cmdline, cfg)
             async with (
                 setup.booted_sandbox() as sb,
-                setup.booted_domain() as dom,
+                setup.booted_domain(defaults=True) as dom,
+                setup.booted_domain(defaults=False) as dom_same,
                 setup.booted_sandbox(tmpfs_root) as sb_tmpfs,
             ):
                 no_cpu = unsupported(sb, Capabilities.CPU_HOTPLUG, "vCPU hotplug")
                 no_block = unsupported(sb, Capabilities.BLOCK_DEVICE_HOTPLUG, "block hotplug")
                 print("pause + resume", flush=True)
                 pr = {
-                    "virtcontainers": pause_vc(sb),
-                    "libvirt": pause_libvirt(dom),
-                    "qemu_driver": pause_driver(sb),
-                    "virtcontainers_tmpfs": pause_vc(sb_tmpfs),
+                    VC: pause_vc(sb),
+                    LV: pause_libvirt(dom),
+                    LVS: pause_libvirt(dom_same),
+                    DRV: pause_driver(sb),
+                    TMPFS_VC: pause_vc(sb_tmpfs),
                 }
                 merge(await alternate(_prefixed(pr, "pause"), opts.scaled(3), opts.warmup))
                 if no_block:
@@ -358,9 +399,10 @@ async def bench(opts: Options) -> Result:
                 else:
                     print("block hotplug", flush=True)
                     bl = {
-                        "virtcontainers": block_vc(setup, sb),
-                        "libvirt": block_libvirt(setup, dom),
-                        "qemu_driver": block_driver(setup, sb),
+                        VC: block_vc(setup, sb),
+                        LV: block_libvirt(setup, dom),
+                        LVS: block_libvirt(setup, dom_same),
+                        DRV: block_driver(setup, sb),
                     }
                     merge(await alternate(_prefixed(bl, "block"), opts.runs, opts.warmup))
             if no_cpu:
@@ -369,12 +411,14 @@ async def bench(opts: Options) -> Result:
             else:
                 print("vCPU hotplug (fresh VMs every run)", flush=True)
                 vc = {
-                    "virtcontainers": vcpu_vc(setup),
-                    "libvirt": vcpu_libvirt(setup),
-                    "qemu_driver": vcpu_driver(setup),
+                    VC: vcpu_vc(setup),
+                    LV: vcpu_libvirt(setup, defaults=True),
+                    LVS: vcpu_libvirt(setup, defaults=False),
+                    DRV: vcpu_driver(setup),
                 }
                 merge(await alternate(_prefixed(vc, "vcpu"), opts.runs, opts.warmup, settle=0.5))
     add_metrics(result, samples)
+    targeted = ("pause_pause_resume", "block_visible", "vcpu_online")
     for metric, label in (
         ("pause_pause_resume", "pause + resume"),
         ("pause_pause", "pause"),
@@ -382,14 +426,14 @@ async def bench(opts: Options) -> Result:
         ("block_visible", "block hotplug until the guest sees it"),
         ("vcpu_online", "vCPU hotplug until online in the guest"),
     ):
-        target = 0.5 if metric in ("pause_pause_resume", "block_visible", "vcpu_online") else None
-        add_ratio(
-            result,
-            f"{label}: virtcontainers / libvirt",
-            ("virtcontainers", metric),
-            ("libvirt", metric),
-            target=target,
-        )
+        for den, target in ((LV, 0.5 if metric in targeted else None), (LVS, None)):
+            add_ratio(
+                result,
+                f"{label}: virtcontainers / {LABELS[den]}",
+                (VC, metric),
+                (den, metric),
+                target=target,
+            )
     for metric, label in (
         ("pause_pause_resume", "pause + resume"),
         ("block_attach", "block hotplug API call"),
@@ -399,21 +443,21 @@ async def bench(opts: Options) -> Result:
     ):
         add_ratio(
             result,
-            f"{label}: QEMU driver alone / libvirt",
-            ("qemu_driver", metric),
-            ("libvirt", metric),
+            f"{label}: QEMU driver alone / {LABELS[LVS]}",
+            (DRV, metric),
+            (LVS, metric),
         )
     add_ratio(
         result,
-        "pause + resume: virtcontainers, run root on tmpfs / libvirt",
-        ("virtcontainers_tmpfs", "pause_pause_resume"),
-        ("libvirt", "pause_pause_resume"),
+        f"pause + resume: virtcontainers, run root on tmpfs / {LABELS[LV]}",
+        (TMPFS_VC, "pause_pause_resume"),
+        (LV, "pause_pause_resume"),
     )
     add_ratio(
         result,
         "pause + resume: virtcontainers / its QEMU driver alone",
-        ("virtcontainers", "pause_pause_resume"),
-        ("qemu_driver", "pause_pause_resume"),
+        (VC, "pause_pause_resume"),
+        (DRV, "pause_pause_resume"),
     )
     return result
 
