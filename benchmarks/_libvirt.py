@@ -277,12 +277,14 @@ def tuned_domain_xml(spec: DomainSpec) -> str:
     return ET.tostring(dom, encoding="unicode")
 
 
-def scsi_disk_xml(path: str, target: str) -> str:
+def scsi_disk_xml(path: str, target: str, serial: str = "") -> str:
     """A raw file as a SCSI disk on the virtio-scsi controller (the driver's default bus)."""
     disk = ET.Element("disk", type="file", device="disk")
     ET.SubElement(disk, "driver", name="qemu", type="raw")
     ET.SubElement(disk, "source", file=path)
     ET.SubElement(disk, "target", dev=target, bus="scsi")
+    if serial:
+        ET.SubElement(disk, "serial").text = serial
     return ET.tostring(disk, encoding="unicode")
 
 

@@ -372,10 +372,10 @@ class Sandbox:
         async with self._op():
             if drive.id in self.disks:
                 raise ConfigError(f"sandbox {self.id} already has a disk with id {drive.id!r}")
-            await self.hypervisor.hotplug_add_device(drive)
-            self.disks[drive.id] = drive
             # The QEMU driver gives each drive its id as serial (virtio-blk and scsi-hd).
-            await self._guest_settle(f"disk {drive.id}", block_serial=drive.id[:20])
+            async with self._guest_sees(f"disk {drive.id}", block_serial=drive.id[:20]):
+                await self.hypervisor.hotplug_add_device(drive)
+                self.disks[drive.id] = drive
             try:
                 await self._persist_or_undo(lambda: self.hypervisor.hotplug_remove_device(drive))
             except StateError:
@@ -405,35 +405,52 @@ class Sandbox:
         async with self._op():
             if vcpus is not None:
                 hv.require(Capabilities.CPU_HOTPLUG, "vCPU resize")
-                await hv.resize_vcpus(vcpus)
                 # Hot-added vCPUs appear offline in the guest: the agent onlines them.
-                await self._guest_settle(f"{vcpus} vCPUs", cpus=int(vcpus))
+                async with self._guest_sees(f"{vcpus} vCPUs", cpus=int(vcpus)):
+                    await hv.resize_vcpus(vcpus)
             if memory_mb is not None:
                 hv.require(Capabilities.MEMORY_HOTPLUG, "memory resize")
                 await hv.resize_memory(memory_mb, 128, False)
-                await self._guest_settle("memory", memory=True)
+                # Onlining takes the blocks present when the agent looks: ask only now.
+                async with self._guest_sees("memory", memory=True):
+                    pass
             self._persist()
 
-    async def _guest_settle(
+    @contextlib.asynccontextmanager
+    async def _guest_sees(
         self,
         what: str,
         *,
         block_serial: str | None = None,
         cpus: int | None = None,
         memory: bool = False,
-    ) -> None:
-        """Wait until the guest sees hotplugged hardware: one agent request, answered by the
-        guest on kernel uevents; the agent onlines new vCPUs (`cpus`) and memory blocks
-        (`memory`) meanwhile. The mock runs no guest: nothing to wait for."""
+    ) -> AsyncIterator[None]:
+        """Around a hotplug: wait until the guest sees the hardware. The agent's wait (one
+        request, answered on kernel uevents) is sent before the hotplug starts, so the guest
+        is listening when the device arrives; the agent onlines new vCPUs (`cpus`) and
+        memory blocks (`memory`) meanwhile. If the hotplug fails, the wait is cancelled. The
+        mock runs no guest: nothing to wait for."""
         if self.hypervisor_type is HypervisorType.MOCK:
+            yield
             return
         from .agent import AgentRequestError
 
         agent = await self.agent()
-        try:
-            await agent.wait_hardware(
+        waiter = asyncio.create_task(
+            agent.wait_hardware(
                 block_serial=block_serial, cpus=cpus, memory=memory, timeout=GUEST_SETTLE_TIMEOUT
             )
+        )
+        await asyncio.sleep(0)  # let the request go out before the hotplug starts
+        try:
+            yield
+        except BaseException:
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError, VCError):
+                await waiter
+            raise
+        try:
+            await waiter
         except AgentRequestError as exc:
             if exc.errno != errno.ETIMEDOUT:
                 raise

@@ -3,6 +3,7 @@ kernel uevents, and waits for hardware that never comes time out with a clear er
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 
@@ -10,7 +11,7 @@ import pytest
 
 from virtcontainers import sandbox as sandbox_mod
 from virtcontainers.agent import AgentRequestError
-from virtcontainers.errors import VMTimeoutError
+from virtcontainers.errors import VCError, VMTimeoutError
 from virtcontainers.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
@@ -52,5 +53,26 @@ async def test_wait_for_missing_hardware_times_out(
         assert "1 of 2 CPUs online" in info.value.message
         monkeypatch.setattr(sandbox_mod, "GUEST_SETTLE_TIMEOUT", 0.3)
         with pytest.raises(VMTimeoutError, match=r"hotplugged disk ghost within 0.3s \(wait: "):
-            await sb._guest_settle("disk ghost", block_serial="ghost")
+            async with sb._guest_sees("disk ghost", block_serial="ghost"):
+                pass
         assert (await sb.exec(["echo", "alive"])).stdout == b"alive\n"
+
+
+async def test_failed_hotplug_cancels_the_wait(leak_check: str) -> None:
+    """add_disk sends the guest wait before the hotplug; a refused hotplug cancels it at once:
+    the caller gets the hotplug's error (not a timeout) and the sandbox goes on working."""
+    async with Sandbox("wait3", run_root=leak_check, memory_size=256, num_vcpus=1) as sb:
+        missing = os.path.join(leak_check, "no-such-disk.img")
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(VCError, match=r"no-such-disk\.img") as info:
+            await sb.add_disk(missing, "ghost")
+        assert not isinstance(info.value, VMTimeoutError)
+        assert asyncio.get_running_loop().time() - started < sandbox_mod.GUEST_SETTLE_TIMEOUT
+        assert "ghost" not in sb.disks
+        disk = os.path.join(leak_check, "real.img")
+        with open(disk, "wb") as f:
+            f.truncate(8 << 20)
+        drive = await sb.add_disk(disk, "real")
+        assert (await sb.exec(["sh", "-c", "ls /sys/block | grep -c sd"])).stdout == b"1\n"
+        await sb.remove_disk(drive)
+        os.unlink(disk)
