@@ -10,6 +10,10 @@ writer's data is safe in the page cache; so the rename is all the atomicity they
 pause or hotplug does not wait for a disk. A writer killed mid-write
 leaves its temp file (`.persist.json.tmp.<pid>.<start time>.<token>`); the next `write` to
 that sandbox removes every temp file whose writer process is gone.
+
+A running VM's pause state changes often and is all that changes then: it lives apart, as one
+byte (`runstate`, R or P) overwritten in place, which a reader sees whole, old or new, and
+which needs no new disk space (a pause cannot fail on a full disk).
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ DEFAULT_ROOT_RUN_ROOT = "/run/vc"
 RUN_ROOT_ENV = "VC_RUN_ROOT"
 STATE_FILE = "persist.json"
 LOCK_FILE = "lock"
+RUNSTATE_FILE = "runstate"
+_RUNSTATE_CODES = {"running": b"R", "paused": b"P"}
+_RUNSTATE_NAMES = {code: name for name, code in _RUNSTATE_CODES.items()}
 TEMP_PREFIX = f".{STATE_FILE}.tmp."
 ID_MAX_LEN = 128
 DIR_MODE = 0o700
@@ -369,6 +376,35 @@ class StateStore:
     def lock_path(self, id: str) -> str:
         """The flock target of sandbox `id`."""
         return os.path.join(self.dir(id), LOCK_FILE)
+
+    def set_runstate(self, id: str, state: str) -> None:
+        """Record that the VM of `id` is "running" or "paused" (one byte, written in place)."""
+        code = _RUNSTATE_CODES.get(state)
+        if code is None:
+            raise StateError(f"sandbox {id!r}: run state must be running or paused, not {state!r}")
+        path = os.path.join(self.dir(id), RUNSTATE_FILE)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            try:
+                os.pwrite(fd, code, 0)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise StateError(f"cannot write {path}: {e.strerror or e}") from e
+
+    def runstate(self, id: str) -> str | None:
+        """ "running" or "paused" as last recorded by `set_runstate`; None if never recorded."""
+        path = os.path.join(self.dir(id), RUNSTATE_FILE)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StateError(f"cannot read {path}: {e.strerror or e}") from e
+        try:
+            return _RUNSTATE_NAMES.get(os.pread(fd, 1, 0))
+        finally:
+            os.close(fd)
 
     def _acquire(self, id: str, timeout: float, cancel: threading.Event | None = None) -> int:
         """Take the exclusive flock of `id`, polling until `timeout`; return the locked fd."""

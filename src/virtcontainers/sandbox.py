@@ -233,7 +233,7 @@ class Sandbox:
             hv = self.hypervisor
             hv.require(Capabilities.PAUSE, "pause")
             await hv.pause_sandbox()
-            await self._persist_or_undo(hv.resume_sandbox)
+            await self._record_runstate_or_undo(VMState.PAUSED, hv.resume_sandbox)
 
     async def resume(self) -> None:
         """Resume a paused guest."""
@@ -241,15 +241,25 @@ class Sandbox:
             hv = self.hypervisor
             hv.require(Capabilities.PAUSE, "resume")
             await hv.resume_sandbox()
-            await self._persist_or_undo(hv.pause_sandbox)
+            await self._record_runstate_or_undo(VMState.RUNNING, hv.pause_sandbox)
 
-    async def _persist_or_undo(self, undo: Callable[[], Awaitable[Any]]) -> None:
-        """Persist after a change to the VM; if that fails, undo the change and re-raise.
+    async def _record_runstate_or_undo(
+        self, state: VMState, undo: Callable[[], Awaitable[Any]]
+    ) -> None:
+        """Record a pause or resume (the one-byte run state, not the whole document); if that
+        fails, undo the change and re-raise."""
+        await self._persist_or_undo(undo, lambda: self._store.set_runstate(self.id, state.value))
+
+    async def _persist_or_undo(
+        self, undo: Callable[[], Awaitable[Any]], persist: Callable[[], None] | None = None
+    ) -> None:
+        """Persist after a change to the VM (`persist`, else the whole document); if that
+        fails, undo the change and re-raise.
 
         The state file and the VM thus never disagree: a full disk leaves both as they were.
         """
         try:
-            self._persist()
+            (persist or self._persist)()
         except StateError as e:
             try:
                 await undo()
@@ -290,12 +300,14 @@ class Sandbox:
         if hv is None or hv.state in (VMState.NEW, VMState.STOPPED):
             return
         if self._store.unchanged_since_write(self.id):
-            return  # nobody else wrote since our last write: nothing to adopt
-        if not self._store.exists(self.id):
+            # Nobody else rewrote the document; a pause or resume only changes the run state.
+            state = self._store.runstate(self.id) or ""
+        elif not self._store.exists(self.id):
             if missing_ok:
                 return
             raise StateError(f"sandbox {self.id} no longer exists (stopped by another process)")
-        state = str(self._store.read(self.id).get("sandbox", {}).get("state", ""))
+        else:
+            state = recorded_state(self._store, self.id, self._store.read(self.id))
         if state in (VMState.RUNNING.value, VMState.PAUSED.value) and hv.state in (
             VMState.RUNNING,
             VMState.PAUSED,
@@ -480,7 +492,13 @@ class Sandbox:
         """Let go of the sandbox without stopping it (it stays running for a later attach)."""
         await self._close_agent()
         if self._hv is not None:
-            self._persist()
+            # Under the lock and after a refresh: never write back a state another manager
+            # has changed since, nor resurrect a sandbox it has stopped (checked before the
+            # lock too: taking it would create the sandbox's directory again).
+            if self._store.exists(self.id):
+                async with self._op(missing_ok=True):
+                    if self._store.exists(self.id):
+                        self._persist()
             await self._hv.disconnect()
 
     # -- agent ------------------------------------------------------------------------------
@@ -582,9 +600,12 @@ class Sandbox:
 
     def _persist(self, state: str | None = None) -> None:
         hv = self.hypervisor
-        doc = self._doc(state or hv.state.value, hv.hypervisor_config())
+        state = state or hv.state.value
+        doc = self._doc(state, hv.hypervisor_config())
         with self._locked_store():
             self._store.write(self.id, doc)
+            if state in (VMState.RUNNING.value, VMState.PAUSED.value):
+                self._store.set_runstate(self.id, state)
 
     @classmethod
     def list(cls, run_root: str | None = None) -> list[SandboxInfo]:
@@ -602,7 +623,11 @@ class Sandbox:
             sb = doc.get("sandbox", {})
             hs = doc.get("hypervisor", {})
             cfg = doc.get("config", {})
-            state = str(sb.get("state", "unknown"))
+            try:
+                state = recorded_state(store, sid, doc) or "unknown"
+            except StateError as e:
+                log.warning("skipping sandbox %s: %s", sid, e)
+                continue
             pid = int(hs.get("pid") or 0)
             alive = bool(pid) and pid_is(pid, int(hs.get("pid_start_time") or 0))
             live_states = ("running", "paused", STARTING)
@@ -664,7 +689,7 @@ class Sandbox:
         sb.created_at = float(sb_doc.get("created_at", time.time()))
         cfg = HypervisorConfig.from_dict(doc.get("config", {}))
         hv = new_hypervisor(sb.hypervisor_type, root)
-        state = str(sb_doc.get("state", "created"))
+        state = recorded_state(store, id, doc) or "created"
         if state == VMState.CREATED.value:
             await hv.create_sandbox(id, None, cfg)
             sb._hv = hv
@@ -684,6 +709,15 @@ class Sandbox:
                 id=disk_id, path=d["path"], read_only=bool(d.get("read_only"))
             )
         return sb
+
+
+def recorded_state(store: persist.StateStore, id: str, doc: dict[str, Any]) -> str:
+    """The sandbox state a document records ("" if none): a running VM's pause state is the
+    separately kept run state, which pause and resume update without rewriting the document."""
+    state = str(doc.get("sandbox", {}).get("state", ""))
+    if state in (VMState.RUNNING.value, VMState.PAUSED.value):
+        state = store.runstate(id) or state
+    return state
 
 
 async def _force_kill(hv: Hypervisor) -> None:

@@ -103,19 +103,31 @@ async def test_full_run_root_keeps_the_previous_state(
         with open(path, "rb") as f:
             before = f.read()
         filler = fill(tiny_run_root)
-        with pytest.raises(StateError, match=r"cannot write .*persist.json: No space left"):
-            await asyncio.wait_for(sb.pause(), CALL)
-        with open(path, "rb") as f:
-            assert f.read() == before  # the old document, whole
-        assert json.loads(before)["sandbox"]["state"] == "running"
-        assert sorted(os.listdir(os.path.dirname(path))) == ["lock", "persist.json"]
-        # The pause was undone: the VM and its state file agree.
-        assert sb.state is VMState.RUNNING
-        assert (await sb.hypervisor._execute("query-status"))["status"] == "running"  # type: ignore[attr-defined]
-        assert (await asyncio.wait_for(sb.exec(["echo", "ok"]), CALL)).stdout == b"ok\n"
-        os.unlink(filler)
-        await sb.pause()
-        await sb.resume()
+        # Pause and resume rewrite one byte in place: they need no space and still work.
+        await asyncio.wait_for(sb.pause(), CALL)
+        await asyncio.wait_for(sb.resume(), CALL)
+        # A hotplug rewrites the document: refused, undone, the old document kept whole.
+        fd, disk = tempfile.mkstemp(prefix="vct-disk-", dir="/tmp")
+        os.ftruncate(fd, 8 << 20)
+        os.close(fd)
+        try:
+            with pytest.raises(StateError, match=r"cannot write .*persist.json: No space left"):
+                await asyncio.wait_for(sb.add_disk(disk, "d1"), CALL)
+            with open(path, "rb") as f:
+                assert f.read() == before  # the old document, whole
+            assert json.loads(before)["sandbox"]["disks"] == {}
+            assert sorted(os.listdir(os.path.dirname(path))) == ["lock", "persist.json", "runstate"]
+            # The hotplug was undone: the VM and its state file agree.
+            assert "d1" not in sb.disks
+            assert sb.state is VMState.RUNNING
+            qdev = await sb.hypervisor._execute("query-block")  # type: ignore[attr-defined]
+            assert disk not in json.dumps(qdev)
+            assert (await asyncio.wait_for(sb.exec(["echo", "ok"]), CALL)).stdout == b"ok\n"
+            os.unlink(filler)
+            drive = await sb.add_disk(disk, "d2")
+            await sb.remove_disk(drive)
+        finally:
+            os.unlink(disk)
     finally:
         await sb.stop()
     assert_clean(tiny_run_root)

@@ -577,3 +577,20 @@ def test_unchanged_since_write_sees_other_writers(store: StateStore) -> None:
     assert store.unchanged_since_write("sb1") and not other.unchanged_since_write("sb1")
     store.delete("sb1")
     assert not store.unchanged_since_write("sb1")
+
+
+def test_runstate_is_one_byte_in_place(store: StateStore) -> None:
+    store.write("sb1", {"v": 1})
+    assert store.runstate("sb1") is None  # never recorded
+    store.set_runstate("sb1", "paused")
+    path = Path(store.dir("sb1")) / persist.RUNSTATE_FILE
+    inode = path.stat().st_ino
+    assert store.runstate("sb1") == "paused" and path.read_bytes() == b"P"
+    store.set_runstate("sb1", "running")
+    assert store.runstate("sb1") == "running"
+    assert path.stat().st_ino == inode and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert store.unchanged_since_write("sb1")  # the document itself was not rewritten
+    with pytest.raises(StateError, match="running or paused, not 'stopped'"):
+        store.set_runstate("sb1", "stopped")
+    path.write_bytes(b"?")
+    assert store.runstate("sb1") is None  # garbage is "not recorded", never a wrong state

@@ -77,3 +77,32 @@ async def test_disks_persist_across_attach(run_root: str, tmp_path: object) -> N
             await other.remove_disk("nope")
         await other.remove_disk("data")
         assert other.disks == {}
+
+
+async def test_pause_state_crosses_processes_without_rewriting_the_document(
+    run_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from virtcontainers import persist
+
+    async with Sandbox("mock3", "mock", run_root=run_root, **MOCK_CFG) as sb:
+        other = await Sandbox.attach("mock3", run_root=run_root)
+        doc_path = persist.StateStore(run_root).path("mock3")
+        inode = os.stat(doc_path).st_ino
+        await other.pause()
+        assert os.stat(doc_path).st_ino == inode  # only the one-byte run state changed
+        with pytest.raises(StateError, match="paused"):
+            await sb.pause()  # sb sees the other manager's pause
+        assert (await Sandbox.attach("mock3", run_root=run_root)).state is VMState.PAUSED
+        await sb.resume()
+        assert other.state is VMState.PAUSED  # stale until its next operation
+        await other.detach()
+        assert Sandbox.list(run_root)[0].state == "running"
+
+        def full(id: str, state: str) -> None:
+            raise StateError(f"cannot write runstate of {id}: No space left on device")
+
+        monkeypatch.setattr(sb._store, "set_runstate", full)
+        with pytest.raises(StateError, match="No space left"):
+            await sb.pause()
+        assert sb.state is VMState.RUNNING  # the pause was undone
+        assert Sandbox.list(run_root)[0].state == "running"

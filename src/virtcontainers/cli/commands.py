@@ -369,11 +369,19 @@ def list_(
 def inspect(ctx: typer.Context, sandbox_id: IdArg) -> None:
     """Print everything known about a sandbox as JSON."""
     from .. import persist
+    from ..sandbox import recorded_state
 
     store = persist.StateStore(persist.run_root(get_globals(ctx).run_root))
     if not store.exists(sandbox_id):
         raise StateError(f"no such sandbox: {sandbox_id}")
-    emit_json(store.read(sandbox_id))
+    doc = store.read(sandbox_id)
+    state = recorded_state(store, sandbox_id, doc)
+    if isinstance(doc.get("sandbox"), dict) and state:
+        doc["sandbox"]["state"] = state
+    extra = doc.get("hypervisor", {}).get("extra")
+    if isinstance(extra, dict) and extra.get("vm_state") in ("running", "paused") and state:
+        extra["vm_state"] = state
+    emit_json(doc)
 
 
 @app.command("exec", context_settings={"allow_interspersed_args": False})
