@@ -7,7 +7,8 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from typing import Any
 
 import pytest
 
@@ -163,9 +164,22 @@ async def test_exec_timeout_is_reported(client: AgentClient) -> None:
     assert res.timed_out and res.signal == 9 and res.exit_code == -1
 
 
-async def test_cancelled_exec_sends_cancel(client: AgentClient, agent: FakeAgent) -> None:
-    task = asyncio.create_task(client.exec(["sleep", "3600"]))
-    while not any(f.type == p.MsgType.EXEC for f in agent.requests):
+@pytest.mark.parametrize(
+    ("start", "kind"),
+    [
+        (lambda c: c.exec(["sleep", "3600"]), p.MsgType.EXEC),
+        (lambda c: c.wait_hardware(block_serial="never", timeout=60), p.MsgType.WAIT),
+    ],
+    ids=["exec", "wait"],
+)
+async def test_cancelled_request_sends_cancel(
+    client: AgentClient,
+    agent: FakeAgent,
+    start: Callable[[AgentClient], Coroutine[Any, Any, Any]],
+    kind: p.MsgType,
+) -> None:
+    task = asyncio.create_task(start(client))
+    while not any(f.type == kind for f in agent.requests):
         await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -175,8 +189,8 @@ async def test_cancelled_exec_sends_cancel(client: AgentClient, agent: FakeAgent
             break
         await asyncio.sleep(0.01)
     cancel = next(f for f in agent.requests if f.type == p.MsgType.CANCEL)
-    exec_id = next(f.id for f in agent.requests if f.type == p.MsgType.EXEC)
-    assert p.Fields.decode(cancel.payload).int_(p.Tag.TARGET) == exec_id
+    request_id = next(f.id for f in agent.requests if f.type == kind)
+    assert p.Fields.decode(cancel.payload).int_(p.Tag.TARGET) == request_id
     assert (await client.ping()).version  # connection still usable
 
 

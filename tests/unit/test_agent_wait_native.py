@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from test_agent_native import read_frames
 
 from virtcontainers.agent import AgentClient, AgentRequestError, WaitResult
 from virtcontainers.agent import protocol as p
@@ -111,12 +112,7 @@ def raw_errors(guest: Guest, frames: bytes, count: int) -> dict[int, tuple[int, 
         s.settimeout(10)
         s.connect(guest.sock)
         s.sendall(frames)
-        dec = p.FrameDecoder()
-        got: list[p.Frame] = []
-        while len(got) < count:
-            data = s.recv(65536)
-            assert data, "agent closed the connection"
-            got += dec.feed(data)
+        got = read_frames(s, count)
     out = {}
     for f in got:
         assert f.type == p.MsgType.ERROR, f
