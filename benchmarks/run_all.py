@@ -121,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(runs=args.runs, warmup=args.warmup, quick=args.quick)
     load_start = list(os.getloadavg())
     started = datetime.datetime.now(datetime.UTC)
+    machine = machine_info()  # before the run: the commit and tree state of the code measured
     results: dict[str, Any] = {name: run_one(name, opts) for name in args.names}
-    machine = machine_info()
     machine["load_average_start"] = load_start
+    machine["load_average"] = list(os.getloadavg())  # at the end
     for res in results.values():
         if res.get("libvirt_version"):
             machine["libvirt"] = res["libvirt_version"]
