@@ -252,8 +252,10 @@ def tsc_khz(
     return 0
 
 
+@functools.cache
 def cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The host CPU's flags from cpuinfo (empty if unreadable or absent)."""
+    """The host CPU's flags from cpuinfo (empty if unreadable or absent); read once, as every
+    sandbox start asks."""
     try:
         return _first_flags(cpuinfo_path) or frozenset()
     except OSError:
