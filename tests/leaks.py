@@ -117,12 +117,28 @@ def open_fd_targets() -> dict[int, str]:
 
 
 def _stat(pid: int) -> tuple[str, int] | None:
+    """State letter and parent pid of `pid`, or None once it is gone.
+
+    Any OSError means gone: a task being reaped answers ESRCH (ProcessLookupError) rather
+    than ENOENT for a moment.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             rest = f.read().rsplit(b")", 1)[1].split()
     except OSError:
         return None
     return rest[0].decode(), int(rest[1])
+
+
+def proc_status(pid: int) -> str:
+    """The one-letter state of `pid` from /proc ("" once it is gone)."""
+    st = _stat(pid)
+    return st[0] if st else ""
+
+
+def running(pid: int) -> bool:
+    """`pid` still runs: neither gone nor a zombie waiting to be reaped."""
+    return proc_status(pid) not in ("", "Z", "X")
 
 
 def _cmdline(pid: int) -> str:

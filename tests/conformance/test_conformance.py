@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 from backends import BACKENDS, Backend
 
-from leaks import LeakCheck
+from leaks import LeakCheck, running
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import (
     BlockDrive,
@@ -75,14 +75,6 @@ async def env(request: pytest.FixtureRequest, run_root: str) -> AsyncIterator[En
     await check.verify()
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
 async def test_lifecycle(env: Env) -> None:
     hv = env.driver()
     cfg = env.config()
@@ -97,7 +89,7 @@ async def test_lifecycle(env: Env) -> None:
         with pytest.raises(UnsupportedError):
             await hv.get_thread_ids()
     elif env.backend.real_process:
-        assert pids and alive(pids[0])
+        assert pids and running(pids[0])
         threads = await hv.get_thread_ids()
         assert threads, "no vCPU threads reported"
         tasks = set(os.listdir(f"/proc/{pids[0]}/task"))
@@ -113,7 +105,7 @@ async def test_lifecycle(env: Env) -> None:
     await hv.stop_sandbox()  # idempotent
     await hv.cleanup()
     if env.backend.real_process:
-        assert not alive(pids[0])
+        assert not running(pids[0])
 
 
 def _add_tap(name: str) -> None:
@@ -247,7 +239,7 @@ async def test_state_save_load_reattach(env: Env) -> None:
         pid = hv.get_pids()[0]
         await other.stop_sandbox()
         await other.cleanup()
-        assert not alive(pid)
+        assert not running(pid)
     await hv.stop_sandbox()  # the original notices the VM is gone; still idempotent
 
 

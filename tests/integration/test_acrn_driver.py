@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from fakes.clh.launcher import write_launcher
-from leaks import LeakCheck
+from leaks import LeakCheck, running
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import (
     BlockDrive,
@@ -118,14 +118,6 @@ async def env(run_root: str) -> AsyncIterator[AcrnEnv]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
 async def test_full_lifecycle(env: AcrnEnv) -> None:
     h = await env.create(env.config())
     assert h.state is VMState.CREATED and h.get_pids() == []
@@ -148,7 +140,7 @@ async def test_full_lifecycle(env: AcrnEnv) -> None:
 
     await h.stop_sandbox()
     assert str(h.state) == "stopped"
-    assert not _alive(pid)
+    assert not running(pid)
     assert env.record()["exited"] is True  # it got SIGINT and shut down cleanly
     assert not os.path.exists(h.vm_dir)
     assert UuidAllocator(env.root).in_use() == {}
@@ -262,7 +254,7 @@ async def test_stop_escalates_to_sigkill(env: AcrnEnv) -> None:
     h.stop_grace = 0.3
     pid = h.get_pids()[0]
     await h.stop_sandbox()
-    assert not _alive(pid)
+    assert not running(pid)
     assert env.record()["exited"] is False  # it never handled SIGINT: it was killed
 
 
@@ -270,7 +262,7 @@ async def test_crash_is_seen_by_check_and_hotplug(env: AcrnEnv) -> None:
     h = await env.start(env.config(dm_env={"FAKE_ACRN_CRASH_AFTER": "0.2"}))
     pid = h.get_pids()[0]
     for _ in range(100):
-        if not _alive(pid):
+        if not running(pid):
             break
         await asyncio.sleep(0.05)
     with pytest.raises(VMExitedError, match="acrn-dm is not running"):
@@ -364,7 +356,7 @@ async def test_save_load_reattach_from_a_second_process(env: AcrnEnv) -> None:
     assert result["pids"] == [pid] and result["uuid"] == h.uuid
     assert result["index"] == 2  # the second pool slot: the first is still taken by "early"
     assert result["after"] == "stopped"
-    assert not _alive(pid)
+    assert not running(pid)
     assert env.record()["exited"] is True  # stopped with SIGINT by the other process
     assert UuidAllocator(env.root).in_use() == {}
     await h.stop_sandbox()  # reaps our child
@@ -385,8 +377,8 @@ async def test_load_never_signals_a_reused_pid(env: AcrnEnv) -> None:
     with pytest.raises(VMExitedError):
         await other.check()
     await other.stop_sandbox()
-    assert _alive(pid)
+    assert running(pid)
     os.kill(pid, 0)
     await h.stop_sandbox()
-    assert not _alive(pid)
+    assert not running(pid)
     assert env.record()["exited"] is True

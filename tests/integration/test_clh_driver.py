@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from fakes.clh.launcher import write_launcher
-from leaks import LeakCheck
+from leaks import LeakCheck, running
 from virtcontainers import host
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import (
@@ -164,14 +164,6 @@ def _threads(pid: int) -> set[int]:
     return {int(t) for t in os.listdir(f"/proc/{pid}/task")}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
 # -- lifecycle -------------------------------------------------------------------------------
 async def test_full_lifecycle(env: ClhEnv) -> None:
     h = await env.create(env.config())
@@ -180,7 +172,7 @@ async def test_full_lifecycle(env: ClhEnv) -> None:
     await h.start_sandbox(20)
     assert str(h.state) == "running"
     [pid] = h.get_pids()
-    assert _alive(pid)
+    assert running(pid)
     await h.check()
     info = await vm_info(h.api_socket)
     assert info["state"] == "Running"
@@ -205,7 +197,7 @@ async def test_full_lifecycle(env: ClhEnv) -> None:
 
     await h.stop_sandbox()
     assert str(h.state) == "stopped"
-    assert not _alive(pid)
+    assert not running(pid)
     assert not os.path.exists(h.vm_dir)
     await h.stop_sandbox()  # idempotent
     await h.cleanup()
@@ -249,8 +241,8 @@ async def test_stop_before_start_and_context_manager(fake: ClhEnv) -> None:
     await h.stop_sandbox()
     async with await fake.start(fake.config(), id="vm2") as h2:
         pid = h2.get_pids()[0]
-        assert _alive(pid)
-    assert not _alive(pid)
+        assert running(pid)
+    assert not running(pid)
 
 
 async def test_lifecycle_state_errors(fake: ClhEnv) -> None:
@@ -334,7 +326,7 @@ async def test_crash_mid_call_is_a_clear_error(fake: ClhEnv) -> None:
     text = str(ei.value)
     assert "vm.pause" in text and "exited with code 134" in text
     assert "injected crash on vm.pause" in text
-    assert not _alive(pid)
+    assert not running(pid)
     with pytest.raises(VMExitedError, match="is gone"):
         await h.check()
     await h.stop_sandbox()
@@ -345,7 +337,7 @@ async def test_stop_escalates_to_sigkill(fake: ClhEnv) -> None:
     h.stop_grace = 0.3
     pid = h.get_pids()[0]
     await h.stop_sandbox()
-    assert not _alive(pid)
+    assert not running(pid)
     assert h.state is VMState.STOPPED
 
 
@@ -396,7 +388,7 @@ async def test_hotplug_virtio_fs_runs_virtiofsd(fake: ClhEnv) -> None:
     share = SharedFS("fs1", share_dir, "tag1")
     await h.hotplug_add_device(share)
     vmm_pid, fs_pid = h.get_pids()
-    assert _alive(fs_pid)
+    assert running(fs_pid)
     with open(f"/proc/{fs_pid}/cmdline", "rb") as f:
         cmdline = f.read().split(b"\0")
     assert cmdline[0] == VIRTIOFSD.encode() and f"source={share_dir}".encode() in cmdline
@@ -409,13 +401,13 @@ async def test_hotplug_virtio_fs_runs_virtiofsd(fake: ClhEnv) -> None:
     assert h.save().virtiofsd_pid == fs_pid
     await h.hotplug_remove_device(share)
     assert h.get_pids() == [vmm_pid]
-    assert not _alive(fs_pid)
+    assert not running(fs_pid)
     assert not os.path.exists(sock)
     # a second share stays until stop, which must take its daemon down too
     await h.hotplug_add_device(SharedFS("fs2", share_dir, "tag2"))
     fs2_pid = h.get_pids()[1]
     await h.stop_sandbox()
-    assert not _alive(fs2_pid)
+    assert not running(fs2_pid)
     # the C virtiofsd leaves a pid file named after its socket: the driver removes it
     marker = h.vm_dir.replace("/", ".")
     left = [n for n in os.listdir("/run/virtiofsd") if marker in n]
@@ -590,7 +582,7 @@ async def test_save_load_reattach_from_a_second_process(env: ClhEnv) -> None:
     assert result["pci"]
     assert result["resize"] == [1, 2]
     assert result["after"] == "stopped"
-    assert not _alive(pid)
+    assert not running(pid)
     await h.stop_sandbox()  # reaps our child; nothing else to do
     assert h.state is VMState.STOPPED
 
@@ -608,9 +600,9 @@ async def test_load_never_signals_a_reused_pid(fake: ClhEnv) -> None:
     other.vm_dir = ""  # keep the real VM's directory: this driver must only drop its handle
     other.api_socket = os.path.join(fake.tmp, "no-api.sock")
     await other.stop_sandbox()
-    assert _alive(pid)
+    assert running(pid)
     await h.stop_sandbox()
-    assert not _alive(pid)
+    assert not running(pid)
 
 
 async def test_state_round_trip_and_grpc_handover(fake: ClhEnv) -> None:

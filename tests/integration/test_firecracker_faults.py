@@ -10,7 +10,6 @@ import signal
 import pytest
 from fc_support import (  # noqa: F401 - fixtures
     Backend,
-    alive,
     fake_backend,
     fc_kernel,
     make_config,
@@ -19,6 +18,7 @@ from fc_support import (  # noqa: F401 - fixtures
     short_tmp,
 )
 
+from leaks import running
 from virtcontainers import (
     AssetError,
     ConfigError,
@@ -198,7 +198,7 @@ async def test_killed_vmm_is_detected_and_cleaned(
     pid = fc.get_pids()[0]
     os.kill(pid, signal.SIGKILL)
     for _ in range(200):
-        if not alive(pid):
+        if not running(pid):
             break
         await __import__("asyncio").sleep(0.01)
     with pytest.raises(VMExitedError):

@@ -10,7 +10,6 @@ import stat
 import pytest
 from fc_support import (  # noqa: F401 - fixtures
     Backend,
-    alive,
     fc_kernel,
     make_config,
     open_fds,
@@ -18,6 +17,7 @@ from fc_support import (  # noqa: F401 - fixtures
     short_tmp,
 )
 
+from leaks import running
 from virtcontainers.devices import BlockDrive, Device, HybridVSockDevice
 from virtcontainers.drivers.firecracker import Firecracker
 from virtcontainers.drivers.firecracker.jail import CGROUP_ROOT
@@ -95,7 +95,7 @@ async def test_jailed_lifecycle(
     assert not os.path.exists(inside)
 
     await fc.stop_sandbox()
-    assert not alive(pid)
+    assert not running(pid)
     assert not os.path.exists(jail_dir), "jail left behind"
     assert not os.path.exists(fc.vm_dir)
     assert os.path.exists(disk)  # the user's disk is untouched

@@ -13,7 +13,6 @@ import os
 import pytest
 from fc_support import (  # noqa: F401 - fixtures
     Backend,
-    alive,
     fake_backend,
     fc_kernel,
     make_config,
@@ -22,6 +21,7 @@ from fc_support import (  # noqa: F401 - fixtures
     short_tmp,
 )
 
+from leaks import running
 from virtcontainers import HypervisorError, StateError, UnsupportedError
 from virtcontainers.devices import BlockDrive, CPUDevice, NetworkEndpoint, SharedFS
 from virtcontainers.drivers.firecracker import Firecracker, FirecrackerAPIError
@@ -49,7 +49,7 @@ async def _started(
 
 
 def _assert_gone(fc: Firecracker, pid: int, paths: list[str]) -> None:
-    assert not alive(pid), f"firecracker pid {pid} still alive"
+    assert not running(pid), f"firecracker pid {pid} still alive"
     for p in paths:
         assert not os.path.exists(p), f"{p} left behind"
 
@@ -246,7 +246,7 @@ async def test_reattach_from_saved_state(
         assert other.api is not None
         assert (await other.api.describe())["state"] == "Paused"
         await other.stop_sandbox()  # not its child: pidfd-guarded SIGTERM
-        assert not alive(pid)
+        assert not running(pid)
         assert not os.path.exists(other.vm_dir)
         with pytest.raises(HypervisorError):
             await fc.check()
@@ -300,7 +300,7 @@ async def test_concurrent_vms(
     pids = [vm.get_pids()[0] for vm in vms]
     assert len(set(pids)) == 3
     await asyncio.gather(*(vm.stop_sandbox() for vm in vms))
-    assert not any(alive(p) for p in pids)
+    assert not any(running(p) for p in pids)
     assert os.listdir(os.path.join(short_tmp, "vm")) == []
 
 

@@ -45,12 +45,3 @@ async def run_python(code: str, *args: str, timeout: float = 120.0) -> tuple[int
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
-
-
-def status_of(pid: int) -> str:
-    """The one-letter state of `pid` from /proc ("" when gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
-    except OSError:
-        return ""

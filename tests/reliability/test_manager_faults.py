@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rel_support import assert_clean, run_python, sandbox_kw, status_of
+from rel_support import assert_clean, run_python, sandbox_kw
 
-from leaks import vmm_processes
+from leaks import proc_status, vmm_processes
 from virtcontainers import host, persist
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.errors import StateError
@@ -104,7 +104,7 @@ async def test_manager_killed_before_recording_the_pid_leaves_no_orphan(
     with pytest.raises(StateError, match="cannot exec in sandbox mgr1: it is created"):
         await sb.exec(["true"])
     await sb.stop()
-    assert status_of(pid) in ("", "Z")
+    assert proc_status(pid) in ("", "Z")
     assert_clean(leak_check)
 
 
@@ -192,7 +192,7 @@ async def test_forged_pid_with_wrong_start_time_is_never_signalled(
                 "forged",
             )
             assert rc == 0, err
-        assert bystander.poll() is None and status_of(bystander.pid) == "S"
+        assert bystander.poll() is None and proc_status(bystander.pid) == "S"
         assert_clean(leak_check)
     finally:
         bystander.kill()

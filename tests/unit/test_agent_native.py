@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from leaks import running
 from virtcontainers.agent import AgentClient, AgentRequestError
 from virtcontainers.agent import protocol as p
 from virtcontainers.guest import initrd
@@ -87,18 +88,9 @@ def read_frames(s: socket.socket, count: int) -> list[p.Frame]:
     return out
 
 
-def gone(pid: int) -> bool:
-    """The process no longer runs (absent, or a zombie waiting for the host's init)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
 async def wait_gone(pid: int) -> bool:
     for _ in range(200):
-        if gone(pid):
+        if not running(pid):
             return True
         await asyncio.sleep(0.05)
     return False

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fakes.qmp_server import Expect, FakeQMPServer, Hangup
+from leaks import running
 from virtcontainers import host
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import BlockDrive, CPUDevice
@@ -56,14 +57,6 @@ def dummy(term_marker: Path) -> Iterator[subprocess.Popen[bytes]]:
     yield proc
     proc.kill()
     proc.wait()
-
-
-def gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def fake_qemu(tmp_path: Path, body: str) -> str:
@@ -181,7 +174,7 @@ async def test_stop_sends_quit_then_removes_everything(
     await serve(fake, drv)
     await drv.stop_sandbox()
     fake.assert_done()
-    assert gone(dummy.pid)
+    assert not running(dummy.pid)
     assert not term_marker.exists()  # ended by quit, no signal needed
     assert drv.state == VMState.STOPPED
     assert drv.paths is not None and not os.path.exists(drv.paths.vm_dir)
@@ -194,7 +187,7 @@ async def test_stop_with_refused_qmp_falls_back_to_sigterm(
 ) -> None:
     drv = await running_driver(run_root, assets, dummy)  # nothing listens on qmp.sock
     await drv.stop_sandbox()
-    assert gone(dummy.pid)
+    assert not running(dummy.pid)
     assert term_marker.exists()
     assert drv.paths is not None and not os.path.exists(drv.paths.vm_dir)
 
@@ -210,7 +203,7 @@ async def test_stop_when_qmp_hangs_up_on_quit(
     fake.add(Expect("quit", no_reply=True, hangup=True))
     await serve(fake, drv)
     await drv.stop_sandbox()
-    assert gone(dummy.pid)
+    assert not running(dummy.pid)
     assert term_marker.exists()
 
 
@@ -430,7 +423,7 @@ async def test_start_timeout_kills_and_leaves_nothing(
     with pytest.raises(VMTimeoutError, match=r"sb1.*within 0.3s"):
         await drv.start_sandbox(0.3)
     pid = int(pidfile.read_text())
-    assert gone(pid)
+    assert not running(pid)
     assert drv.state == VMState.STOPPED
     assert not os.path.exists(os.path.join(run_root, "vm", "sb1"))
 

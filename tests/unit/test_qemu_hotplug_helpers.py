@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from leaks import running
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import BlockDrive, SharedFS
 from virtcontainers.drivers import virtiofsd as virtiofsd_common
@@ -22,14 +23,6 @@ def script(tmp_path: Path, body: str) -> str:
     path.write_text("#!/bin/sh\n" + body + "\n")
     path.chmod(0o755)
     return str(path)
-
-
-def running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 LISTEN = (
