@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from virtcontainers.errors import AssetError
 from virtcontainers.guest import assets, default_kernel_params, initrd, kernel, loops_per_jiffy
@@ -303,6 +304,72 @@ def test_asset_info(tmp_path: Path, fake_build: dict[str, Any]) -> None:
     assert info["kernel"] == built.kernel and info["kernel_size"] == len(b"kernel")
     assert info["key"] == built.key and info["kernel_version"] == "9.9"
     json.dumps(info)
+
+
+def _stale_setup(tmp_path: Path, fake_build: dict[str, Any]) -> tuple[str, str]:
+    """Two builds (the first now stale), a killed builder's leftover, and files not ours."""
+    old = assets.ensure_assets(str(tmp_path)).key
+    fake_build["inputs"]["kernel_package_version"] = "2"
+    current = assets.ensure_assets(str(tmp_path)).key
+    (tmp_path / ".build-killed" / "out").mkdir(parents=True)
+    (tmp_path / ".build-killed" / "out" / "initrd.img").write_bytes(b"x" * 100)
+    (tmp_path / "debs").mkdir()
+    (tmp_path / "debs" / "k.deb").write_bytes(b"deb")
+    (tmp_path / "notes").mkdir()  # not a name the cache makes: never touched
+    return old, current
+
+
+def test_prune_removes_only_stale_entries(tmp_path: Path, fake_build: dict[str, Any]) -> None:
+    old, current = _stale_setup(tmp_path, fake_build)
+    info = assets.asset_info(str(tmp_path))
+    assert [e["name"] for e in info["stale"]] == [".build-killed", old]
+    assert info["stale_size"] == 100 + len(b"kernel") + len(b"initrd") + len(
+        (tmp_path / old / assets.MANIFEST).read_bytes()
+    )
+    listed = assets.prune_assets(str(tmp_path), dry_run=True)
+    assert [e.name for e in listed] == [".build-killed", old] and (tmp_path / old).is_dir()
+    removed = assets.prune_assets(str(tmp_path))
+    assert [(e.name, e.size) for e in removed] == [(e.name, e.size) for e in listed]
+    assert sorted(os.listdir(tmp_path)) == sorted([assets.LOCK_FILE, current, "debs", "notes"])
+    assert not assets.ensure_assets(str(tmp_path)).built  # the current entry still serves
+    assert assets.prune_assets(str(tmp_path)) == []
+    assert assets.asset_info(str(tmp_path))["stale"] == []
+
+
+def test_prune_without_a_cache_or_inputs(
+    tmp_path: Path, fake_build: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert assets.prune_assets(str(tmp_path / "absent")) == []
+    assert not (tmp_path / "absent").exists()
+    old, _ = _stale_setup(tmp_path, fake_build)
+
+    def no_inputs(cache_dir: str) -> dict[str, Any]:
+        raise AssetError("no candidate for linux-image-cloud-amd64")
+
+    monkeypatch.setattr(assets, "_inputs", no_inputs)
+    with pytest.raises(AssetError, match="linux-image-cloud-amd64"):
+        assets.prune_assets(str(tmp_path))
+    assert (tmp_path / old).is_dir()  # without the current key nothing can be judged stale
+
+
+def test_virtc_assets_prune(
+    tmp_path: Path, fake_build: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import virtcontainers.cli.commands  # noqa: F401  (registers the subcommands)
+    from virtcontainers.cli import app
+
+    old, current = _stale_setup(tmp_path, fake_build)
+    monkeypatch.setenv("VC_ASSETS_DIR", str(tmp_path))
+    runner = CliRunner()
+    res = runner.invoke(app, ["--json", "assets", "prune", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["dry_run"] is True and [e["name"] for e in doc["stale"]] == [".build-killed", old]
+    assert (tmp_path / old).is_dir()
+    res = runner.invoke(app, ["assets", "prune"])
+    assert res.exit_code == 0, res.output
+    assert f"removed {tmp_path / old} (" in res.stdout and "removed 2 stale entries" in res.stderr
+    assert not (tmp_path / old).exists() and (tmp_path / current).is_dir()
 
 
 def test_unwritable_cache_dir(tmp_path: Path) -> None:

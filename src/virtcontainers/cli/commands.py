@@ -576,6 +576,29 @@ def assets_show(ctx: typer.Context) -> None:
         out.print_json(json.dumps(info, default=str))
 
 
+@assets_app.command("prune")
+def assets_prune(
+    ctx: typer.Context,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only list what would be removed.")
+    ] = False,
+) -> None:
+    """Remove cached guest assets that the current inputs no longer use."""
+    from .. import guest
+
+    stale = guest.prune_assets(dry_run=dry_run)
+    if get_globals(ctx).json:
+        emit_json(
+            {"dry_run": dry_run, "stale": [{"name": e.name, "size": e.size} for e in stale]}
+        )
+        return
+    verb = "would remove" if dry_run else "removed"
+    for e in stale:
+        out.print(f"{verb} {e.path} ({e.size / 2**20:.1f} MiB)", soft_wrap=True, markup=False)
+    total = sum(e.size for e in stale) / 2**20
+    err.print(f"{verb} {len(stale)} stale entries, {total:.1f} MiB", markup=False, highlight=False)
+
+
 @config_app.command("show")
 def config_show(ctx: typer.Context, config: ConfigOpt = None) -> None:
     """Print the effective configuration (defaults filled in) as JSON."""

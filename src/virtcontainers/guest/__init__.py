@@ -5,10 +5,12 @@ from __future__ import annotations
 from .assets import (
     BUILDER_VERSION,
     GuestAssets,
+    StaleEntry,
     asset_info,
     build_assets,
     default_cache_dir,
     ensure_assets,
+    prune_assets,
     show_assets,
 )
 from .kernel import OPTIONAL_MODULES, REQUIRED_MODULES
@@ -21,11 +23,13 @@ __all__ = [
     "OPTIONAL_MODULES",
     "REQUIRED_MODULES",
     "GuestAssets",
+    "StaleEntry",
     "asset_info",
     "build_assets",
     "default_cache_dir",
     "default_kernel_params",
     "ensure_assets",
     "loops_per_jiffy",
+    "prune_assets",
     "show_assets",
 ]

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -36,6 +37,8 @@ INITRD_FILE = "initrd.img"
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
 LOCK_TIMEOUT = 900.0
+_ENTRY_NAME = re.compile(r"[0-9a-f]{24}|\.(build|old)-.+")
+"""Directories the cache itself creates: entries (24 hex digits) and in-progress builds."""
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,67 @@ def build_assets(force: bool = False, cache_dir: str | None = None) -> GuestAsse
     return GuestAssets(**{**asdict(built), "built": True})
 
 
+@dataclass(frozen=True)
+class StaleEntry:
+    """A cache directory the current inputs no longer use."""
+
+    name: str
+    path: str
+    size: int
+    """Bytes its files take."""
+
+
+def _tree_size(path: str) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _stale(cache_dir: str, key: str) -> list[StaleEntry]:
+    try:
+        names = sorted(os.listdir(cache_dir))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise AssetError(f"cannot list the assets cache {cache_dir}: {exc.strerror}") from None
+    out = []
+    for name in names:
+        path = os.path.join(cache_dir, name)
+        if name != key and _ENTRY_NAME.fullmatch(name) and os.path.isdir(path):
+            out.append(StaleEntry(name, path, _tree_size(path)))
+    return out
+
+
+def prune_assets(cache_dir: str | None = None, dry_run: bool = False) -> list[StaleEntry]:
+    """Remove cache entries built from other inputs (older kernels, agents, recipes).
+
+    Keeps the entry the current inputs select and the downloaded kernel package; a build
+    left half-done by a killed builder goes too. Sandboxes already running keep working
+    (their VMM has the kernel and initrd loaded); another virtcontainers version sharing
+    the cache rebuilds its entry on next use. With `dry_run`, only says what would go.
+    """
+    cache_dir = os.path.abspath(cache_dir or default_cache_dir())
+    if not os.path.isdir(cache_dir):
+        return []
+    key = _key(_inputs(cache_dir))
+    with _locked(cache_dir):
+        stale = _stale(cache_dir, key)
+        if dry_run:
+            return stale
+        for entry in stale:
+            try:
+                shutil.rmtree(entry.path)
+            except OSError as exc:
+                raise AssetError(
+                    f"cannot remove the stale assets entry {entry.path}: {exc.strerror}"
+                ) from None
+            log.info("removed stale guest assets %s (%d bytes)", entry.name, entry.size)
+    return stale
+
+
 def _build(inputs: dict[str, Any], key: str, cache_dir: str, tmp: str) -> None:
     out = os.path.join(tmp, "out")
     os.makedirs(out)
@@ -255,7 +319,14 @@ def asset_info(cache_dir: str | None = None) -> dict[str, Any]:
         return info
     key = _key(inputs)
     entry = os.path.join(cache_dir, key)
-    info.update(key=key, directory=entry, inputs=inputs)
+    stale = _stale(cache_dir, key)
+    info.update(
+        key=key,
+        directory=entry,
+        inputs=inputs,
+        stale=[{"name": e.name, "size": e.size} for e in stale],
+        stale_size=sum(e.size for e in stale),
+    )
     found = _load(entry)
     if found is None:
         info["status"] = "not built"
