@@ -588,9 +588,7 @@ def assets_prune(
 
     stale = guest.prune_assets(dry_run=dry_run)
     if get_globals(ctx).json:
-        emit_json(
-            {"dry_run": dry_run, "stale": [{"name": e.name, "size": e.size} for e in stale]}
-        )
+        emit_json({"dry_run": dry_run, "stale": [{"name": e.name, "size": e.size} for e in stale]})
         return
     verb = "would remove" if dry_run else "removed"
     for e in stale:
