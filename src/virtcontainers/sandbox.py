@@ -480,13 +480,15 @@ class Sandbox:
 
     def log_paths(self, vmm: bool = False) -> list[str]:
         """The console log (or, with `vmm`, the VMM's own log) files of this sandbox."""
-        vm_dir = persist.vm_dir(self.id, self.run_root)
-        try:
-            names = sorted(n for n in os.listdir(vm_dir) if n.endswith(".log"))
-        except FileNotFoundError:
-            return []
-        wanted = [n for n in names if ("console" in n) != vmm]
-        return [os.path.join(vm_dir, n) for n in wanted]
+        return _log_paths(persist.vm_dir(self.id, self.run_root), vmm)
+
+    @classmethod
+    def log_paths_of(cls, id: str, run_root: str | None = None, vmm: bool = False) -> list[str]:
+        """`log_paths` of a persisted sandbox, without attaching to it (a dead one too)."""
+        root = persist.run_root(run_root)
+        if not persist.StateStore(root).exists(id):
+            raise StateError(f"no such sandbox: {id}")
+        return _log_paths(persist.vm_dir(id, root), vmm)
 
     async def detach(self) -> None:
         """Let go of the sandbox without stopping it (it stays running for a later attach)."""
@@ -610,41 +612,22 @@ class Sandbox:
     @classmethod
     def list(cls, run_root: str | None = None) -> list[SandboxInfo]:
         """Every persisted sandbox under the run root, with its liveness checked."""
-        from .host import pid_is
-
         store = persist.StateStore(persist.run_root(run_root))
         out: list[SandboxInfo] = []
         for sid in store.list():
             try:
-                doc = store.read(sid)
+                out.append(_info(store, sid))
             except StateError as e:
                 log.warning("skipping sandbox %s: %s", sid, e)
-                continue
-            sb = doc.get("sandbox", {})
-            hs = doc.get("hypervisor", {})
-            cfg = doc.get("config", {})
-            try:
-                state = recorded_state(store, sid, doc) or "unknown"
-            except StateError as e:
-                log.warning("skipping sandbox %s: %s", sid, e)
-                continue
-            pid = int(hs.get("pid") or 0)
-            alive = bool(pid) and pid_is(pid, int(hs.get("pid_start_time") or 0))
-            live_states = ("running", "paused", STARTING)
-            if state in live_states and sb.get("hypervisor") != "mock" and not alive:
-                state = "dead"
-            out.append(
-                SandboxInfo(
-                    id=sid,
-                    hypervisor=str(sb.get("hypervisor", "")),
-                    state=state,
-                    pid=pid,
-                    created_at=float(sb.get("created_at", 0.0)),
-                    vcpus=int(cfg.get("num_vcpus", 0)),
-                    memory_mb=int(cfg.get("memory_size", 0)),
-                )
-            )
         return out
+
+    @classmethod
+    def info(cls, id: str, run_root: str | None = None) -> SandboxInfo:
+        """One persisted sandbox as `list()` reports it (`StateError` when there is none)."""
+        store = persist.StateStore(persist.run_root(run_root))
+        if not store.exists(id):
+            raise StateError(f"no such sandbox: {id}")
+        return _info(store, id)
 
     @classmethod
     def adopt(
@@ -709,6 +692,38 @@ class Sandbox:
                 id=disk_id, path=d["path"], read_only=bool(d.get("read_only"))
             )
         return sb
+
+
+def _info(store: persist.StateStore, sid: str) -> SandboxInfo:
+    """What `Sandbox.list()` says of one sandbox; a live state whose VMM is gone is "dead"."""
+    from .host import pid_is
+
+    doc = store.read(sid)
+    sb = doc.get("sandbox", {})
+    hs = doc.get("hypervisor", {})
+    cfg = doc.get("config", {})
+    state = recorded_state(store, sid, doc) or "unknown"
+    pid = int(hs.get("pid") or 0)
+    alive = bool(pid) and pid_is(pid, int(hs.get("pid_start_time") or 0))
+    if state in ("running", "paused", STARTING) and sb.get("hypervisor") != "mock" and not alive:
+        state = "dead"
+    return SandboxInfo(
+        id=sid,
+        hypervisor=str(sb.get("hypervisor", "")),
+        state=state,
+        pid=pid,
+        created_at=float(sb.get("created_at", 0.0)),
+        vcpus=int(cfg.get("num_vcpus", 0)),
+        memory_mb=int(cfg.get("memory_size", 0)),
+    )
+
+
+def _log_paths(vm_dir: str, vmm: bool) -> list[str]:
+    try:
+        names = sorted(n for n in os.listdir(vm_dir) if n.endswith(".log"))
+    except FileNotFoundError:
+        return []
+    return [os.path.join(vm_dir, n) for n in names if ("console" in n) != vmm]
 
 
 def recorded_state(store: persist.StateStore, id: str, doc: dict[str, Any]) -> str:

@@ -78,12 +78,39 @@ async def test_lifecycle_across_invocations(leak_check: str) -> None:
     doc = json.loads(r.stdout)
     assert doc["sandbox"]["state"] == "running" and doc["config"]["num_vcpus"] == 2
 
-    r = await virtc(leak_check, "logs", "cli1")
-    assert b"VC-AGENT-READY" in r.stdout
+    full = (await virtc(leak_check, "logs", "cli1")).stdout
+    assert b"VC-AGENT-READY" in full
+    r = await virtc(leak_check, "logs", "--tail", "1", "cli1")
+    assert r.returncode == 0 and r.stdout and r.stdout.count(b"\n") <= 1
+    assert full.endswith(r.stdout) and len(r.stdout) < len(full)
 
-    r = await virtc(leak_check, "list", "-q")
-    assert r.stdout.split() == [b"cli1"]
-    assert (await virtc(leak_check, "stop", "cli1")).returncode == 0
+    # --follow shows what the guest writes from now on, and ends when the sandbox stops.
+    follower = await asyncio.create_subprocess_exec(
+        *VIRTC,
+        "logs",
+        "--follow",
+        "--tail",
+        "0",
+        "cli1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "VC_RUN_ROOT": leak_check},
+    )
+    try:
+        r = await virtc(leak_check, "exec", "cli1", "sh", "-c", "echo FOLLOWED > /dev/ttyS0")
+        assert r.returncode == 0, r.stderr
+        assert follower.stdout is not None
+        line = await asyncio.wait_for(follower.stdout.readuntil(b"FOLLOWED"), 30)
+        assert b"VC-AGENT-READY" not in line  # --tail 0: nothing from before
+
+        r = await virtc(leak_check, "list", "-q")
+        assert r.stdout.split() == [b"cli1"]
+        assert (await virtc(leak_check, "stop", "cli1")).returncode == 0
+        assert await asyncio.wait_for(follower.wait(), 30) == 0
+    finally:
+        if follower.returncode is None:
+            follower.kill()
+            await follower.wait()
     assert state_files(leak_check) == []
     r = await virtc(leak_check, "stop", "cli1")
     assert r.returncode == 125

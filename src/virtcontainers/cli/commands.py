@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -426,17 +427,51 @@ def logs(
     ctx: typer.Context,
     sandbox_id: IdArg,
     vmm: Annotated[bool, typer.Option("--vmm", help="The VMM's own log, not the console.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new output until it stops.")
+    ] = False,
+    tail: Annotated[
+        int | None,
+        typer.Option(
+            "--tail", "-n", min=0, help="Only the last N lines (then, with -f, new ones)."
+        ),
+    ] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Write control characters to a terminal as they are.")
+    ] = False,
 ) -> None:
     """Print the guest console log (or the VMM log)."""
+    from ..sandbox import Sandbox
+    from .logs import show_logs
 
-    async def body() -> list[str]:
-        sb = await _attach(ctx, sandbox_id)
-        return sb.log_paths(vmm=vmm)  # type: ignore[no-any-return]
+    root = get_globals(ctx).run_root
+    Sandbox.log_paths_of(sandbox_id, root, vmm=vmm)  # no such sandbox: say so before anything
 
-    for path in run_async(body()):
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                sys.stdout.buffer.write(f.read())
+    def paths() -> list[str]:
+        try:
+            return Sandbox.log_paths_of(sandbox_id, root, vmm=vmm)
+        except StateError:
+            return []  # stopped meanwhile: its files went with it
+
+    def running() -> bool:
+        try:
+            return Sandbox.info(sandbox_id, root).state not in ("dead", "stopped")
+        except StateError:
+            return False
+
+    def write(data: bytes) -> None:
+        sys.stdout.buffer.write(data)
+        if follow:
+            sys.stdout.flush()
+
+    with contextlib.suppress(KeyboardInterrupt):  # the way to end --follow
+        show_logs(
+            paths,
+            write,
+            tail=tail,
+            terminal=sys.stdout.isatty() and not raw,
+            follow_while=running if follow else None,
+        )
     sys.stdout.flush()
 
 
