@@ -318,6 +318,16 @@ def smaps_rollup(pid: int) -> dict[str, int]:
     return out
 
 
+def vm_memory(pids: list[int]) -> dict[str, int]:
+    """smaps_rollup summed over every host process of one VM (the VMM and its helpers, such
+    as the console log keeper): what the VM costs the host."""
+    total: dict[str, int] = {}
+    for pid in pids:
+        for key, value in smaps_rollup(pid).items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 # -- standalone entry point -------------------------------------------------------------------
 def parse_options(description: str, argv: list[str] | None = None) -> tuple[Options, str | None]:
     """`--runs N`, `--warmup N`, `--quick` and `--json PATH`."""

@@ -1,8 +1,9 @@
 """Density: host memory per VM, template clones vs cold-booted VMs, and how many fit in 24 GiB.
 
 N clones of one template (256 MiB guest, 1 vCPU, q35, TCG) run at once, agent ready; then N
-cold-booted VMs of the same config. For every QEMU process /proc/<pid>/smaps_rollup gives
-PSS (shared pages divided among their users) and USS (private pages only). A clone's guest
+cold-booted VMs of the same config. For every VM (QEMU and its helpers, such as the console
+log keeper) /proc/<pid>/smaps_rollup gives PSS (shared pages divided among their users) and
+USS (private pages only). A clone's guest
 memory starts as the template's pages (a tmpfs file mapped copy-on-write): those pages are
 resident once, whatever the number of clones. So, extrapolated from this small N:
 
@@ -26,7 +27,7 @@ import time
 from typing import Any
 
 import boot
-from _lib import Options, Result, main, new_result, smaps_rollup, summarize, temp_run_root
+from _lib import Options, Result, main, new_result, summarize, temp_run_root, vm_memory
 
 from virtcontainers.factory import Factory, TemplateStore
 from virtcontainers.factory.vm import VM
@@ -40,10 +41,10 @@ MIB = 1 << 20
 
 
 def memory_of(vms: list[VM]) -> dict[str, list[float]]:
-    """PSS, USS and RSS (bytes) of each VM's QEMU process."""
+    """PSS, USS and RSS (bytes) of each VM: its QEMU process and QEMU's helpers."""
     out: dict[str, list[float]] = {"pss": [], "uss": [], "rss": []}
     for vm in vms:
-        m = smaps_rollup(vm.pid())
+        m = vm_memory(vm.hypervisor.get_pids())
         out["pss"].append(float(m["Pss"]))
         out["uss"].append(float(m.get("Private_Clean", 0) + m.get("Private_Dirty", 0)))
         out["rss"].append(float(m["Rss"]))

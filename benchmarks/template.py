@@ -12,8 +12,9 @@ Latency (candidates alternated after a warm-up, one template made before the run
 - cache_get_vm: `Factory.connect().get_vm()`: the same plus fresh identity.
 
 Memory: N clones running at once, agent ready, versus N cold-booted VMs of the same config:
-total PSS over their QEMU processes (/proc/<pid>/smaps_rollup), and the same plus the
-template's memory file resident on its tmpfs (pages no clone maps are in nobody's PSS).
+total PSS over their processes (QEMU and its helpers; /proc/<pid>/smaps_rollup), and the
+same plus the template's memory file resident on its tmpfs (pages no clone maps are in
+nobody's PSS).
 
     .venv/bin/python benchmarks/template.py [--runs 10] [--n 16] [--quick] [--json PATH]
 """
@@ -40,8 +41,8 @@ from _lib import (
     alternate,
     new_result,
     print_result,
-    smaps_rollup,
     temp_run_root,
+    vm_memory,
 )
 
 from virtcontainers.config import HypervisorConfig
@@ -187,7 +188,7 @@ async def memory(
             if res.exit_code != 0:
                 raise RuntimeError(f"VM {vm.id}: `true` exited {res.exit_code}")
         await asyncio.sleep(SETTLE_S)
-        per_vm = [smaps_rollup(vm.pid())["Pss"] for vm in vms]
+        per_vm = [vm_memory(vm.hypervisor.get_pids())["Pss"] for vm in vms]
         return sum(per_vm), per_vm
 
     vms: list[VM] = []

@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Iterable
 import pytest
 
 VMM_NAMES = ("qemu-system", "virtiofsd", "qemu-storage-daemon")
+#: Helper scripts run by an interpreter (the program is python: matched by script name).
+HELPER_SCRIPTS = ("console_keeper.py",)
 
 
 def open_fds() -> set[int]:
@@ -47,6 +49,16 @@ def vmm_processes(marker: str) -> list[tuple[int, str]]:
     ]
 
 
+def vm_processes(marker: str) -> list[tuple[int, str]]:
+    """`vmm_processes` and the helper scripts a VM runs (its console log keeper)."""
+    return [
+        (pid, cmd)
+        for pid, cmd in processes_mentioning(marker)
+        if any(name in cmd.split(" ", 1)[0] for name in VMM_NAMES)
+        or any(script in cmd for script in HELPER_SCRIPTS)
+    ]
+
+
 def leftovers(root: str, sub: str = "vm") -> list[str]:
     """Every file and directory left under `<root>/<sub>`."""
     out: list[str] = []
@@ -57,10 +69,10 @@ def leftovers(root: str, sub: str = "vm") -> list[str]:
 
 
 async def wait_vmm_gone(marker: str, tries: int = 50) -> list[tuple[int, str]]:
-    """VMM processes naming `marker` still alive after up to `tries` x 0.1 s."""
+    """VMM processes (and helpers) naming `marker` still alive after up to `tries` x 0.1 s."""
     procs: list[tuple[int, str]] = []
     for _ in range(tries):
-        procs = vmm_processes(marker)
+        procs = vm_processes(marker)
         if not procs:
             break
         await asyncio.sleep(0.1)

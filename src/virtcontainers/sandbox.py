@@ -719,10 +719,12 @@ def _info(store: persist.StateStore, sid: str) -> SandboxInfo:
 
 
 def _log_paths(vm_dir: str, vmm: bool) -> list[str]:
+    """Oldest first: a rotated `X.log.1` (see drivers/console_keeper) comes before `X.log`."""
     try:
-        names = sorted(n for n in os.listdir(vm_dir) if n.endswith(".log"))
+        names = [n for n in os.listdir(vm_dir) if n.endswith((".log", ".log.1"))]
     except FileNotFoundError:
         return []
+    names.sort(key=lambda n: (n.removesuffix(".1"), not n.endswith(".1")))
     return [os.path.join(vm_dir, n) for n in names if ("console" in n) != vmm]
 
 

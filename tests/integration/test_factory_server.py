@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from test_template_clone import NAME, Made, made_template, sh
 
-from leaks import vmm_processes
+from leaks import vm_processes, vmm_processes
 from virtcontainers import host
 from virtcontainers.factory import (
     VM,
@@ -285,7 +285,7 @@ async def test_server_whose_socket_is_removed_quits_and_stops_its_vms(
             await asyncio.sleep(0.05)
         assert not host.pid_is(pid, start), "an unreachable server kept running"
         assert not host.pid_is(watcher, watcher_start)
-        assert vmm_processes(run_root) == []
+        assert vm_processes(run_root) == []
         assert not os.path.exists(paths.pid_file(run_root))
     finally:
         await stop_daemon(run_root)

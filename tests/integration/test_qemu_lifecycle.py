@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from leaks import running
 from virtcontainers import host
 from virtcontainers.agent import AgentClient
 from virtcontainers.config import HypervisorConfig
@@ -197,6 +199,26 @@ async def test_sigkill_is_reported_as_exited(vm: VM) -> None:
     assert not os.path.exists(os.path.join(vm.drv.run_root or "", "vm", "sb1"))
 
 
+async def test_stop_while_another_client_holds_qmp(vm: VM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU serves one client per QMP socket: when another holds it (or QEMU hangs), stop
+    gives up on the graceful quit and terminates the VM rather than leaving it running."""
+    drv = vm.drv
+    pids = drv.get_pids()
+    assert drv.paths is not None
+    await drv.disconnect()
+    monkeypatch.setattr("virtcontainers.drivers.qemu.driver.QMP_ATTACH_TIMEOUT", 0.5)
+    holder = socket.socket(socket.AF_UNIX)
+    try:
+        holder.connect(drv.paths.qmp_socket)
+        assert b"QMP" in holder.recv(4096)  # it has the monitor: the next client waits
+        await drv.stop_sandbox()
+    finally:
+        holder.close()
+    assert drv.state is VMState.STOPPED and drv.get_pids() == []
+    assert not any(running(pid) for pid in pids)
+    assert not os.path.exists(drv.paths.vm_dir)
+
+
 STOP_FROM_OTHER_PROCESS = """
 import asyncio, json, sys
 from virtcontainers.drivers.qemu import QemuHypervisor
@@ -219,7 +241,9 @@ async def test_second_process_loads_state_and_stops_vm(
     vm: VM, tmp_path: Path, run_root: str
 ) -> None:
     drv = vm.drv
-    pid = drv.get_pids()[0]
+    pids = drv.get_pids()
+    pid, keeper = pids[0], drv.helpers.pids("console-log")
+    assert pids == [pid, *keeper] and len(keeper) == 1
     state_file = tmp_path / "state.json"
     state_file.write_text(json.dumps(drv.save().model_dump(mode="json")))
     proc = await asyncio.create_subprocess_exec(
@@ -233,10 +257,11 @@ async def test_second_process_loads_state_and_stops_vm(
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     seen = json.loads(out)
-    assert seen["pids"] == [pid]
+    assert seen["pids"] == pids  # QEMU and the console log keeper, adopted from the state
     assert list(seen["threads"]) == ["0"]
-    # The other process stopped it: the VM is gone and its directory removed.
+    # The other process stopped it: the VM (with its keeper) is gone, its directory removed.
     assert not host.pid_is(pid, host.process_start_time(pid))
+    assert not running(keeper[0])
     assert not os.path.exists(os.path.join(run_root, "vm", "sb1"))
     with pytest.raises(VMExitedError):
         await drv.check()

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from typing import Any
 
-from leaks import leftovers, vmm_processes
+from leaks import leftovers, vm_processes
 
 BOOT_TIMEOUT = 60.0
 MEMORY_MIB = 256
@@ -26,8 +26,8 @@ def sandbox_kw(guest_assets: Any, **overrides: Any) -> dict[str, Any]:
 
 
 def assert_clean(run_root: str) -> None:
-    """Nothing of any sandbox is left: no VMM process, VM file or state directory."""
-    assert vmm_processes(run_root) == []
+    """Nothing of any sandbox is left: no VMM or helper process, VM file or state directory."""
+    assert vm_processes(run_root) == []
     assert leftovers(run_root, "vm") == []
     assert leftovers(run_root, "sbs") == []
 

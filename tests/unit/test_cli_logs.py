@@ -66,8 +66,10 @@ def test_tail_start(tmp_path: Path, content: bytes, lines: int, expected: bytes)
     path = tmp_path / "log"
     path.write_bytes(content)
     with open(path, "rb") as f:
-        f.seek(tail_start(f, lines))
+        offset, found = tail_start(f, lines)
+        f.seek(offset)
         assert f.read() == expected
+    assert found == len(expected.splitlines())
 
 
 def test_tail_start_beyond_one_chunk(tmp_path: Path) -> None:
@@ -75,8 +77,9 @@ def test_tail_start_beyond_one_chunk(tmp_path: Path) -> None:
     rows = [f"{i:06d} {'x' * 90}\n".encode() for i in range(5000)]  # ~480 KiB
     path.write_bytes(b"".join(rows))
     with open(path, "rb") as f:
-        f.seek(tail_start(f, 1500))
-        assert f.read() == b"".join(rows[-1500:])
+        offset, found = tail_start(f, 1500)
+        f.seek(offset)
+        assert f.read() == b"".join(rows[-1500:]) and found == 1500
 
 
 def test_reader_follows_appends_truncation_replacement_and_new_files(tmp_path: Path) -> None:
@@ -90,7 +93,7 @@ def test_reader_follows_appends_truncation_replacement_and_new_files(tmp_path: P
         f.write(b"more\n")
     late.write_bytes(b"hi\n")
     reader.read([str(log), str(late)])
-    assert got[1:] == [b"more\n", b"hi\n"]  # a file seen for the first time: its last line
+    assert got[1:] == [b"more\n", b"hi\n"]  # a file that appears later: all of it
     reader.read([str(log), str(late)])
     assert len(got) == 3  # nothing new, nothing written
     log.write_bytes(b"r\n")  # truncated and rewritten: shorter than what was read
@@ -123,3 +126,31 @@ def test_show_logs_follows_until_told_to_stop(
 
     show_logs(lambda: [str(log)], got.append, terminal=True, follow_while=still_running)
     assert b"".join(got) == b"boot\none^M\nbye^M"
+
+
+def test_tail_spans_the_rotated_log(tmp_path: Path) -> None:
+    (tmp_path / "console.log.1").write_bytes(b"a\nb\n")
+    (tmp_path / "console.log").write_bytes(b"c\n")
+    paths = [str(tmp_path / "console.log.1"), str(tmp_path / "console.log")]
+    for lines, expected in ((1, b"c\n"), (2, b"b\nc\n"), (9, b"a\nb\nc\n"), (0, b"")):
+        got: list[bytes] = []
+        show_logs(lambda: paths, got.append, tail=lines)
+        assert b"".join(got) == expected, lines
+
+
+def test_following_across_a_rotation_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    log, old = tmp_path / "console.log", tmp_path / "console.log.1"
+    got: list[bytes] = []
+    reader = LogReader(got.append, tail=None, terminal=False)
+
+    def paths() -> list[str]:
+        return [str(p) for p in (old, log) if p.exists()]
+
+    log.write_bytes(b"one\n")
+    reader.read(paths())
+    with open(log, "ab") as f:
+        f.write(b"two\n")  # written after the last read, just before the rotation
+    os.replace(log, old)
+    log.write_bytes(b"three\n")
+    reader.read(paths())
+    assert b"".join(got) == b"one\ntwo\nthree\n"

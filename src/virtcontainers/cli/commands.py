@@ -495,7 +495,7 @@ def console(
             await sb.detach()
 
     path, logs = run_async(body())
-    attach_console(path, escape, history=logs[0] if logs else None)
+    attach_console(path, escape, history=logs[-1] if logs else None)  # the newest
 
 
 @disk_app.command("add")

@@ -9,6 +9,7 @@ characters are shown as `^X` instead.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -57,11 +58,12 @@ class TerminalFilter:
         return "".join(out).encode("utf-8")
 
 
-def tail_start(f: BinaryIO, lines: int) -> int:
-    """Offset where the last `lines` lines of `f` begin (a final partial line counts)."""
+def tail_start(f: BinaryIO, lines: int) -> tuple[int, int]:
+    """Where the last `lines` lines of `f` begin (a final partial line counts), and how
+    many lines that is (fewer when the file has fewer)."""
     end = f.seek(0, os.SEEK_END)
-    if lines <= 0:
-        return end
+    if lines <= 0 or end == 0:
+        return end, 0
     pos, buf = end, b""
     # One newline more than wanted marks where the first wanted line starts.
     while pos > 0 and buf.count(b"\n") <= lines:
@@ -70,58 +72,68 @@ def tail_start(f: BinaryIO, lines: int) -> int:
         f.seek(pos)
         buf = f.read(step) + buf
     body = buf[:-1] if buf.endswith(b"\n") else buf
-    cut = -1
-    for _ in range(lines):
-        cut = body.rfind(b"\n", 0, cut if cut >= 0 else len(body))
+    cut = len(body)
+    for found in range(lines):
+        cut = body.rfind(b"\n", 0, cut)
         if cut < 0:
-            return pos
-    return pos + cut + 1
+            return pos, found + 1
+    return pos + cut + 1, lines
 
 
 class LogReader:
-    """Reads the new part of each log file on every call, from where the last call ended."""
+    """Reads the new part of each log file on every call, from where the last call ended.
+
+    Offsets are kept by file identity, not by name: a log rotated to `X.1` since the last
+    call goes on from where it was, and the new `X` is read from its start.
+    """
 
     def __init__(self, write: Callable[[bytes], None], tail: int | None, terminal: bool) -> None:
         self._write = write
         self._tail = tail
         self._terminal = terminal
-        self._offsets: dict[str, tuple[int, int]] = {}  # path -> (inode, offset)
-        self._filters: dict[str, TerminalFilter] = {}
+        self._offsets: dict[tuple[int, int], int] = {}
+        self._filter = TerminalFilter()
+        self._started = False
 
     def read(self, paths: Sequence[str]) -> None:
+        """Write what `paths` (oldest first) gained since the last call (the first call:
+        everything, or the last `tail` lines of them all)."""
+        if not self._started:
+            self._started = True
+            if self._tail is not None:
+                self._skip_to_tail(paths, self._tail)
         for path in paths:
-            try:
-                with open(path, "rb") as f:
-                    self._read_one(path, f)
-            except FileNotFoundError:
-                continue
+            with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+                self._read_one(f)
 
-    def _read_one(self, path: str, f: BinaryIO) -> None:
+    def _skip_to_tail(self, paths: Sequence[str], lines: int) -> None:
+        for path in reversed(paths):
+            with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+                offset, got = tail_start(f, lines)
+                lines -= got
+                st = os.fstat(f.fileno())
+                self._offsets[(st.st_dev, st.st_ino)] = offset
+
+    def _read_one(self, f: BinaryIO) -> None:
         st = os.fstat(f.fileno())
-        known = self._offsets.get(path)
-        if known is None:
-            start = 0 if self._tail is None else tail_start(f, self._tail)
-        elif known[0] != st.st_ino or known[1] > st.st_size:
-            start = 0  # replaced or truncated: its new content is all new
-        else:
-            start = known[1]
+        ident = (st.st_dev, st.st_ino)
+        start = self._offsets.get(ident, 0)
+        if start > st.st_size:
+            start = 0  # truncated: what it holds now is all new
         f.seek(start)
         while data := f.read(_CHUNK):
             start += len(data)
-            self._emit(path, data)
-        self._offsets[path] = (st.st_ino, start)
+            self._emit(data)
+        self._offsets[ident] = start
 
     def close(self) -> None:
-        for path in self._filters:
-            self._emit(path, b"", final=True)
+        if self._terminal and (out := self._filter.flush()):
+            self._write(out)
 
-    def _emit(self, path: str, data: bytes, final: bool = False) -> None:
+    def _emit(self, data: bytes) -> None:
         if not self._terminal:
             self._write(data)
-            return
-        filt = self._filters.setdefault(path, TerminalFilter())
-        out = filt.flush() if final else filt.feed(data)
-        if out:
+        elif out := self._filter.feed(data):
             self._write(out)
 
 

@@ -49,6 +49,7 @@ VIRTIO_BLK_ROOT_PARAMS: tuple[Param, ...] = (
 SANDBOX_OPTS = ("obsolete=deny", "elevateprivileges=deny", "spawn=deny", "resourcecontrol=deny")
 
 CONSOLE_CHARDEV = "console0"
+CONSOLE_LOG_FDSET = 1
 QMP_CHARDEV = "qmp"
 QMP_NAMED_CHARDEV = "qmp-named"
 SCSI_CONTROLLER = "scsi0"
@@ -103,6 +104,9 @@ class LaunchSpec:
     devices: Sequence[Device] = ()
     console: str = "ttyS0"  # guest console device: "ttyS0" (isa serial) or "hvc0" (virtconsole)
     host_tsc_khz: int = 0  # the host's TSC rate, which a TCG guest's TSC runs at
+    #: Where QEMU writes the console log: this pipe (to a keeper that caps its size), or,
+    #: when None, console.log itself (uncapped; for command lines run by hand).
+    console_log_fd: int | None = None
 
 
 @dataclass
@@ -397,7 +401,13 @@ def _monitors(a: _Argv, spec: LaunchSpec) -> None:
 
 def _console(a: _Argv, spec: LaunchSpec, machine: str) -> None:
     sock = check_path("console socket", spec.paths.console_socket)
-    log = check_path("console log", spec.paths.console_log)
+    if spec.console_log_fd is None:
+        log = [f"logfile={check_path('console log', spec.paths.console_log)}"]
+    else:
+        # An fd set (QEMU dups the fd; it refuses O_TRUNC on one, so append).
+        a.add("-add-fd", f"fd={spec.console_log_fd}", f"set={CONSOLE_LOG_FDSET}")
+        a.pass_fds.append(spec.console_log_fd)
+        log = [f"logfile=/dev/fdset/{CONSOLE_LOG_FDSET}", "logappend=on"]
     a.add(
         "-chardev",
         "socket",
@@ -405,7 +415,7 @@ def _console(a: _Argv, spec: LaunchSpec, machine: str) -> None:
         f"path={sock}",
         "server=on",
         "wait=off",
-        f"logfile={log}",
+        *log,
     )
     if spec.console == "hvc0":
         a.add("-device", virtio(machine, "virtio-serial"), "id=console-serial0")

@@ -38,7 +38,7 @@ from ...hypervisor import Hypervisor, VMState, check_transition, register
 from ...types import Capabilities, HypervisorType, MemoryDevice
 from ..handover import decode_state, encode_state
 from . import argv as qargv
-from . import virtiofsd
+from . import console_log, virtiofsd
 from .helpers import Helpers
 from .hotplug import IMPLEMENTED as HOTPLUG_IMPLEMENTED
 from .hotplug import Hotplug
@@ -93,6 +93,9 @@ class QemuHypervisor(Hypervisor):
     #: QEMU logs it to console.log with or without a client) or "hvc0" (virtconsole: the
     #: guest drops output while no host client is connected, so console.log stays empty).
     console = "ttyS0"
+    #: Cap of console.log in bytes (then it is rotated to console.log.1); 0: no cap, QEMU
+    #: writes console.log itself.
+    console_log_max = 1 << 20
 
     def __init__(self, run_root: str | None = None) -> None:
         super().__init__(run_root)
@@ -186,7 +189,9 @@ class QemuHypervisor(Hypervisor):
             raise AssetError(f"QEMU binary {path} is not executable")
         return path
 
-    def _spec(self, qmp_fd: int | None = None) -> qargv.LaunchSpec:
+    def _spec(
+        self, qmp_fd: int | None = None, console_log_fd: int | None = None
+    ) -> qargv.LaunchSpec:
         assert self.config is not None and self.paths is not None
         image_size = 0
         if self.image:
@@ -211,12 +216,15 @@ class QemuHypervisor(Hypervisor):
             devices=list(self.devices),
             console=self.console,
             host_tsc_khz=host.tsc_khz(),
+            console_log_fd=console_log_fd,
         )
 
-    def build_launch(self, qmp_fd: int | None = None) -> qargv.Launch:
+    def build_launch(
+        self, qmp_fd: int | None = None, console_log_fd: int | None = None
+    ) -> qargv.Launch:
         """The command line `start_sandbox` will run (for inspection and benchmarks)."""
         self._require_config("build the command line")
-        return qargv.build(self._spec(qmp_fd))
+        return qargv.build(self._spec(qmp_fd, console_log_fd))
 
     async def start_sandbox(self, timeout: float) -> None:
         check_transition(self.state, VMState.RUNNING, "start", self.id)
@@ -225,7 +233,8 @@ class QemuHypervisor(Hypervisor):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             await self._start_virtiofsd(max(0.1, deadline - time.monotonic()))
-            launch = self.build_launch(qmp_fd=theirs.fileno())
+            log_fd = await self._start_console_log()
+            launch = self.build_launch(qmp_fd=theirs.fileno(), console_log_fd=log_fd)
             self.argv = launch.argv
             self._proc = VMProcess.launch(
                 launch.argv,
@@ -272,6 +281,17 @@ class QemuHypervisor(Hypervisor):
                 log_path = os.path.join(self.paths.vm_dir, f"virtiofsd-{dev.id}.log")
                 sock = self.paths.virtiofsd_socket(dev.id)
                 await virtiofsd.start(self.helpers, self.config, dev, sock, log_path, timeout)
+
+    async def _start_console_log(self) -> int | None:
+        """The keeper of console.log (see console_log); the pipe's write end for QEMU."""
+        assert self.paths is not None
+        if self.console_log_max <= 0:
+            return None
+        fd = await console_log.start(
+            self.helpers, self.paths.console_log, self.console_log_max, self.paths.qemu_log
+        )
+        self._owned_fds.append(fd)
+        return fd
 
     async def _fail_launch(self, message: str) -> None:
         assert self._proc is not None
@@ -331,7 +351,12 @@ class QemuHypervisor(Hypervisor):
             return
         proc = self._process()
         if proc is not None and proc.alive():
-            qmp = await self._attach_or_none()
+            try:
+                qmp = await self._attach_or_none()
+            except VMTimeoutError:
+                # Hung, or another client holds the QMP socket: no graceful quit, but stop.
+                log.warning("sandbox %s: QMP does not answer; terminating QEMU", self.id)
+                qmp = None
             if qmp is not None:
                 with contextlib.suppress(HypervisorError):
                     await qmp.execute("quit", timeout=QUIT_TIMEOUT)

@@ -100,8 +100,10 @@ class Helpers:
         timeout: float,
         leftovers: Sequence[str] = (),
         ready: Callable[[], bool] | None = None,
+        stdin: int | None = None,
     ) -> Helper:
-        """Launch a daemon and wait until `socket` is a listening Unix socket.
+        """Launch a daemon and wait until `socket` is a listening Unix socket (no socket:
+        until `ready()`, or not at all).
 
         A daemon that exits first raises `LaunchError` with its log tail; one that does not
         listen within `timeout` is killed and raises `VMTimeoutError`. Nothing is left behind
@@ -109,9 +111,10 @@ class Helpers:
         """
         if key in self._helpers:
             raise LaunchError(f"{self.hypervisor}: a {kind} for {key} is already running")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(socket)  # a stale socket would look ready at once
-        proc = VMProcess.launch(argv, log_path=log_path)
+        if socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket)  # a stale socket would look ready at once
+        proc = VMProcess.launch(argv, log_path=log_path, stdin=stdin)
         helper = Helper(
             kind=kind,
             key=key,
@@ -119,10 +122,10 @@ class Helpers:
             log_path=log_path,
             pid=proc.pid,
             start_time=proc.start_time,
-            leftovers=[socket, *leftovers],
+            leftovers=[socket, *leftovers] if socket else list(leftovers),
             proc=proc,
         )
-        check = ready or (lambda: is_socket(socket))
+        check = ready or (lambda: not socket or is_socket(socket))
         deadline = time.monotonic() + timeout
         try:
             while not check():

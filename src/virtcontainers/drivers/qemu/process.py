@@ -60,8 +60,10 @@ class VMProcess:
         pass_fds: Sequence[int] = (),
         cwd: str | None = None,
         netns: str | None = None,
+        stdin: int | None = None,
     ) -> VMProcess:
-        """Start `argv` in its own session, stdin from /dev/null, stdout+stderr to `log_path`."""
+        """Start `argv` in its own session, stdin from /dev/null (or the fd `stdin`),
+        stdout+stderr to `log_path`."""
         cmd = list(argv)
         if netns:
             cmd = ["nsenter", f"--net={netns}", "--", *cmd]
@@ -69,7 +71,7 @@ class VMProcess:
             with open(log_path, "ab", buffering=0, opener=_private) as log:
                 popen = subprocess.Popen(
                     cmd,
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.DEVNULL if stdin is None else stdin,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     pass_fds=tuple(pass_fds),
