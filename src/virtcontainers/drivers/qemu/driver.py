@@ -117,7 +117,7 @@ class QemuHypervisor(Hypervisor):
         self.block_index_map: list[int] = []
         self.hotplugged_vcpus: list[str] = []
         self.hotplugged_memory = 0
-        #: Helper daemons (virtiofsd, qemu-storage-daemon) serving this VM's devices.
+        #: Helper processes: virtiofsd and qemu-storage-daemon for devices, the console keeper.
         self.helpers = Helpers()
         self.hotplug = Hotplug(self)
         self._proc: VMProcess | None = None

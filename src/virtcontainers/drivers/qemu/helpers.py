@@ -1,7 +1,8 @@
-"""Host daemons that serve one VM's vhost-user devices (virtiofsd, qemu-storage-daemon).
+"""Host daemons that serve one VM: its vhost-user devices (virtiofsd, qemu-storage-daemon)
+and its console log keeper.
 
-Each helper is keyed by the device it serves, is started before QEMU connects to its socket
-and stopped after QEMU let go of it (device removed or VM stopped). Helpers are persisted by
+Each helper is keyed by what it serves, is started before QEMU connects to it and stopped
+after QEMU let go of it (device removed or VM stopped). Helpers are persisted by
 pid + start time so another process can stop them; signals go through a pidfd.
 """
 
@@ -31,7 +32,7 @@ POLL_INTERVAL = 0.02
 class Helper:
     """One running helper daemon."""
 
-    kind: str  # "virtiofsd" or "qemu-storage-daemon"
+    kind: str  # "virtiofsd", "qemu-storage-daemon" or "console-log"
     key: str  # the device it serves, e.g. "fs-share0"
     socket: str
     log_path: str
