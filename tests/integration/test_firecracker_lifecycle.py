@@ -8,6 +8,7 @@ InstanceStart, pause/resume, snapshots, placeholder hotplug, vCPU threads, stop 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 import pytest
@@ -234,19 +235,20 @@ async def test_reattach_from_saved_state(
     short_tmp: str,  # noqa: F811
 ) -> None:
     fc = await _started(backend, fc_kernel, short_tmp)
-    pid = fc.get_pids()[0]
+    pids = fc.get_pids()  # Firecracker, then its console log keeper
+    assert len(pids) == 2 and all(running(p) for p in pids)
     try:
         data = await fc.to_grpc()
         await fc.disconnect()
         other = Firecracker(run_root=short_tmp)
         await other.from_grpc(fc.hypervisor_config(), data)
-        assert other.get_pids() == [pid] and other.state == VMState.RUNNING
+        assert other.get_pids() == pids and other.state == VMState.RUNNING
         await other.check()
         await other.pause_sandbox()
         assert other.api is not None
         assert (await other.api.describe())["state"] == "Paused"
         await other.stop_sandbox()  # not its child: pidfd-guarded SIGTERM
-        assert not running(pid)
+        assert not any(running(p) for p in pids)  # the keeper too, adopted from the state
         assert not os.path.exists(other.vm_dir)
         with pytest.raises(HypervisorError):
             await fc.check()
@@ -341,3 +343,39 @@ async def test_network_interface_in_namespace(
                 assert run("ip", "link", "show", "fctap0") != 0
     finally:
         run("ip", "netns", "delete", ns)
+
+
+async def test_console_log_is_capped(
+    fc_kernel: tuple[str, str],  # noqa: F811
+    short_tmp: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Firecracker's stdout (its own start-up lines, then the guest console) goes through the
+    console keeper: rotated at the cap, the newest bytes kept, the keeper gone with the VM."""
+    monkeypatch.setattr(Firecracker, "console_log_max", 128)
+    fc = await _started(real_backend(), fc_kernel, short_tmp)
+    try:
+        pids = fc.get_pids()
+        log = fc.console_path
+        # The real binary prints ~600 bytes of start-up lines: several rotations, after which
+        # its first line is gone from both files.
+        for _ in range(100):
+            if os.path.exists(log + ".1") and b"Running Firecracker" not in _read_all(log):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"no second rotation: {_read_all(log)!r}")
+        assert os.path.getsize(log + ".1") == 128
+        assert 0 < os.path.getsize(log) <= 128
+    finally:
+        await fc.stop_sandbox()
+    assert not any(running(p) for p in pids)
+
+
+def _read_all(path: str) -> bytes:
+    """console.log.1 then console.log, as one stream."""
+    out = b""
+    for p in (path + ".1", path):
+        with contextlib.suppress(FileNotFoundError), open(p, "rb") as f:
+            out += f.read()
+    return out

@@ -71,17 +71,24 @@ class VmmProcess:
         log_paths: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        stdin: int | None = None,
+        stdout: int | None = None,
     ) -> VmmProcess:
-        """Start `argv` in its own session, stdout and stderr appended to `output_path`.
+        """Start `argv` in its own session, stdout and stderr appended to `output_path` (or
+        written to the fd `stdout`, such as the pipe of a console log keeper), stdin from
+        /dev/null (or the fd `stdin`).
 
         Raises `LaunchError` when the binary cannot be executed at all.
         """
         try:
-            with open(output_path, "ab") as out:  # noqa: ASYNC230 - local file, no waiting
+            with contextlib.ExitStack() as stack:
+                if stdout is None:
+                    # A local file: opening it never waits.
+                    stdout = stack.enter_context(open(output_path, "ab")).fileno()  # noqa: ASYNC230
                 proc = await asyncio.create_subprocess_exec(
                     *argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
+                    stdin=subprocess.DEVNULL if stdin is None else stdin,
+                    stdout=stdout,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     env=dict(env) if env is not None else None,

@@ -36,6 +36,7 @@ from ...errors import (
 )
 from ...hypervisor import Hypervisor, VMState, register
 from ...types import Capabilities, HypervisorType, MemoryDevice, Socket, VSock
+from .. import console_keeper
 from ..handover import decode_state, encode_state
 from ..vmm_process import VmmProcess, read_end, threads_named
 from . import bodies
@@ -65,6 +66,7 @@ POOL_DIR = "drives"
 DEFAULT_POOL_SIZE = 8
 DEFAULT_RO_POOL_SIZE = 2
 STOP_TIMEOUT = 3.0
+KEEPER_GRACE = 1.0  # the console keeper exits once Firecracker has closed its stdout
 API_TIMEOUT = 10.0
 _VCPU_COMM = re.compile(r"^fc_vcpu (\d+)$")
 # Fields the spec has that older Firecracker servers refuse as unknown.
@@ -87,6 +89,10 @@ class _Slot:
 class Firecracker(Hypervisor):
     """A Firecracker microVM."""
 
+    #: Cap of console.log in bytes (then rotated to console.log.1); 0: no cap, Firecracker's
+    #: stdout goes to console.log directly.
+    console_log_max = 1 << 20
+
     def __init__(
         self,
         run_root: str | None = None,
@@ -107,6 +113,7 @@ class Firecracker(Hypervisor):
         self.pid_start_time: int | None = None
         self.argv: list[str] = []
         self.vmm_version = ""
+        self._keeper: VmmProcess | None = None  # the console log keeper
         self._proc: VmmProcess | None = None
         self._image = ""
         self._cold_drives: list[BlockDrive] = []
@@ -252,9 +259,19 @@ class Firecracker(Hypervisor):
         self.argv = argv
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.api_socket)
-        self._proc = await VmmProcess.spawn(
-            "firecracker", argv, self.console_path, log_paths=self._log_paths(), cwd=cwd
-        )
+        out = await self._start_keeper()
+        try:
+            self._proc = await VmmProcess.spawn(
+                "firecracker",
+                argv,
+                self.console_path,
+                log_paths=self._log_paths(),
+                cwd=cwd,
+                stdout=out,
+            )
+        finally:
+            if out is not None:
+                os.close(out)  # Firecracker has its copy; the keeper sees EOF when it exits
         self.pid = self._proc.pid
         self.pid_start_time = self._proc.start_time
         self.api = FirecrackerAPI(self.api_socket, timeout=API_TIMEOUT)
@@ -267,6 +284,26 @@ class Firecracker(Hypervisor):
         self.vmm_version = str(info.get("vmm_version", ""))
         await self._call("PUT", "/logger", bodies.logger(FC_LOG, cfg.debug), deadline)
         await self._call("PUT", "/metrics", bodies.metrics(METRICS), deadline)
+
+    async def _start_keeper(self) -> int | None:
+        """Firecracker prints the guest console on its stdout: into a pipe whose keeper caps
+        console.log (see console_keeper). Returns the pipe's write end, or None (no cap)."""
+        if self.console_log_max <= 0:
+            return None
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            self._keeper = await VmmProcess.spawn(
+                "console keeper",
+                console_keeper.command(self.console_path, self.console_log_max),
+                os.devnull,
+                stdin=read_end,
+            )
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        return write_end
 
     def _raise_if_exited(self) -> None:
         proc = self._proc
@@ -482,6 +519,9 @@ class Firecracker(Hypervisor):
             await proc.stop(signal.SIGTERM, grace=STOP_TIMEOUT, kill_wait=STOP_TIMEOUT)
         self.pid = 0
         self.pid_start_time = None
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None and not await keeper.wait(KEEPER_GRACE):  # exits at EOF
+            await keeper.stop(signal.SIGTERM, grace=STOP_TIMEOUT, kill_wait=STOP_TIMEOUT)
 
     async def cleanup(self) -> None:
         """Remove the VM directory, the jail (the jailer never does) and its cgroups."""
@@ -643,7 +683,9 @@ class Firecracker(Hypervisor):
         return vcpu_threads(self.pid)
 
     def get_pids(self) -> list[int]:
-        return [self.pid] if self.pid else []
+        """Firecracker first, then its console log keeper."""
+        keeper = [self._keeper.pid] if self._keeper is not None else []
+        return ([self.pid] if self.pid else []) + keeper
 
     async def check(self) -> None:
         """Healthy when the process is alive and `GET /` says Running or Paused."""
@@ -679,6 +721,9 @@ class Firecracker(Hypervisor):
             "vmm_version": self.vmm_version,
             "slots": [vars(s) for s in self._slots],
             "jailer": vars(self.jailer) if self.jailer else None,
+            "console_keeper": (
+                [self._keeper.pid, self._keeper.start_time] if self._keeper is not None else None
+            ),
         }
         return HypervisorState(
             type=str(HypervisorType.FIRECRACKER),
@@ -729,6 +774,10 @@ class Firecracker(Hypervisor):
             VmmProcess.attach("firecracker", self.pid, self.pid_start_time, self._log_paths())
             if self.pid
             else None
+        )
+        keeper = extra.get("console_keeper")
+        self._keeper = (
+            VmmProcess.attach("console keeper", int(keeper[0]), keeper[1]) if keeper else None
         )
         self.api = None
         try:

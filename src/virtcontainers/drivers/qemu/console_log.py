@@ -10,7 +10,6 @@ waits for it.
 from __future__ import annotations
 
 import os
-import sys
 
 from .. import console_keeper
 from .helpers import Helpers
@@ -26,7 +25,7 @@ async def start(helpers: Helpers, path: str, max_bytes: int, log_path: str) -> i
         await helpers.start(
             KIND,
             KIND,
-            [sys.executable, "-I", "-S", console_keeper.__file__, path, str(max_bytes)],
+            console_keeper.command(path, max_bytes),
             socket="",
             log_path=log_path,
             timeout=0,
