@@ -15,10 +15,11 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from .. import host
 from ..errors import LaunchError
+from . import console_keeper
 
 _POLL = 0.02
 
@@ -292,3 +293,21 @@ async def wait_for_path(
         if time.monotonic() >= deadline:
             raise VMTimeoutError(f"{proc.name}: {what} {path} did not appear within {timeout:g}s")
         await asyncio.sleep(_POLL)
+
+
+async def start_console_keeper(
+    spawn: Callable[[list[str], int], Awaitable[object]], path: str, max_bytes: int
+) -> int:
+    """Start the keeper of console log `path` (see console_keeper) with `spawn(argv,
+    stdin_fd)`; returns its pipe's write end, for the VMM to write the console into (the
+    caller closes it once the VMM holds a copy: the keeper then sees end of file when the
+    VMM exits)."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        await spawn(console_keeper.command(path, max_bytes), read_end)
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    return write_end

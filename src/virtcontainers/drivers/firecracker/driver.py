@@ -36,9 +36,8 @@ from ...errors import (
 )
 from ...hypervisor import Hypervisor, VMState, register
 from ...types import Capabilities, HypervisorType, MemoryDevice, Socket, VSock
-from .. import console_keeper
 from ..handover import decode_state, encode_state
-from ..vmm_process import VmmProcess, read_end, threads_named
+from ..vmm_process import VmmProcess, read_end, start_console_keeper, threads_named
 from . import bodies
 from .api import FirecrackerAPI, FirecrackerAPIError
 from .argv import (
@@ -287,23 +286,14 @@ class Firecracker(Hypervisor):
 
     async def _start_keeper(self) -> int | None:
         """Firecracker prints the guest console on its stdout: into a pipe whose keeper caps
-        console.log (see console_keeper). Returns the pipe's write end, or None (no cap)."""
+        console.log. Returns the pipe's write end, or None (no cap)."""
         if self.console_log_max <= 0:
             return None
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        try:
-            self._keeper = await VmmProcess.spawn(
-                "console keeper",
-                console_keeper.command(self.console_path, self.console_log_max),
-                os.devnull,
-                stdin=read_end,
-            )
-        except BaseException:
-            os.close(write_end)
-            raise
-        finally:
-            os.close(read_end)
-        return write_end
+
+        async def spawn(argv: list[str], stdin: int) -> None:
+            self._keeper = await VmmProcess.spawn("console keeper", argv, os.devnull, stdin=stdin)
+
+        return await start_console_keeper(spawn, self.console_path, self.console_log_max)
 
     def _raise_if_exited(self) -> None:
         proc = self._proc

@@ -12,6 +12,7 @@ import shutil
 import socket
 import time
 import uuid as uuidlib
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from ... import host, persist
@@ -37,9 +38,10 @@ from ...errors import (
 from ...hypervisor import Hypervisor, VMState, check_transition, register
 from ...types import Capabilities, HypervisorType, MemoryDevice
 from ..handover import decode_state, encode_state
+from ..vmm_process import start_console_keeper
 from . import argv as qargv
-from . import console_log, virtiofsd
-from .helpers import Helpers
+from . import virtiofsd
+from .helpers import Helper, Helpers
 from .hotplug import IMPLEMENTED as HOTPLUG_IMPLEMENTED
 from .hotplug import Hotplug
 from .process import VMProcess, kill_session_leftovers, log_tail
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_QEMU = "qemu-system-x86_64"
 QMP_ATTACH_TIMEOUT = 5.0
+CONSOLE_KEEPER = "console-log"  # the helper kind (and key) of the console log keeper
 QUIT_TIMEOUT = 3.0
 TERM_TIMEOUT = 3.0
 KILL_TIMEOUT = 5.0
@@ -283,13 +286,25 @@ class QemuHypervisor(Hypervisor):
                 await virtiofsd.start(self.helpers, self.config, dev, sock, log_path, timeout)
 
     async def _start_console_log(self) -> int | None:
-        """The keeper of console.log (see console_log); the pipe's write end for QEMU."""
+        """QEMU writes the console log into a pipe (`logfile=/dev/fdset/N`) whose keeper caps
+        console.log (see console_keeper): the pipe's write end, or None (no cap)."""
         assert self.paths is not None
         if self.console_log_max <= 0:
             return None
-        fd = await console_log.start(
-            self.helpers, self.paths.console_log, self.console_log_max, self.paths.qemu_log
-        )
+        log_path = self.paths.qemu_log
+
+        def spawn(argv: list[str], stdin: int) -> Awaitable[Helper]:
+            return self.helpers.start(
+                CONSOLE_KEEPER,
+                CONSOLE_KEEPER,
+                argv,
+                socket="",
+                log_path=log_path,
+                timeout=0,
+                stdin=stdin,
+            )
+
+        fd = await start_console_keeper(spawn, self.paths.console_log, self.console_log_max)
         self._owned_fds.append(fd)
         return fd
 
