@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from dataclasses import dataclass
 from typing import Any
 
+from virtcontainers.drivers.vmm_process import processes_using
 from virtcontainers.guest import AGENT_READY_MARKER
 
 MARKER = AGENT_READY_MARKER.encode()
@@ -272,24 +273,9 @@ async def temp_run_root(prefix: str = "vcb-", base: str = "/tmp") -> AsyncIterat
         shutil.rmtree(root, ignore_errors=True)
 
 
-def processes_using(path: str) -> list[int]:
-    """Pids whose command line mentions `path` (VMMs started for a benchmark)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if path.encode() in cmdline:
-            pids.append(int(entry))
-    return pids
-
-
 def kill_processes_using(path: str) -> list[int]:
-    """SIGKILL what `processes_using(path)` finds (only our own uniquely named temp paths)."""
+    """SIGKILL the processes whose command line names a path inside `path` (only our own
+    uniquely named temp directories)."""
     pids = processes_using(path)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):

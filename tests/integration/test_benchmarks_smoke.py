@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from leaks import processes_mentioning
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,20 +31,6 @@ def positive_stats(stats: dict[str, Any], n: int) -> None:
     for key in ("median", "mean", "p90", "p99", "min", "max"):
         assert stats[key] > 0, key
     assert stats["min"] <= stats["median"] <= stats["max"]
-
-
-def processes_naming(path: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if path.encode() in f.read():
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
 
 
 @pytest.fixture
@@ -109,5 +97,5 @@ def test_run_all_quick_subset(tmp_path: Path, bench_tmp: str) -> None:
     assert (out / "benchmarks-boot.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
     # Nothing left behind: no VMM naming our directory, no run root left in it.
-    assert processes_naming(bench_tmp) == []
+    assert processes_mentioning(bench_tmp) == []
     assert os.listdir(bench_tmp) == []
