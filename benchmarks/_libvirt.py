@@ -198,12 +198,8 @@ def domain_xml(spec: DomainSpec) -> str:
     return defaults_domain_xml(spec) if spec.defaults else tuned_domain_xml(spec)
 
 
-def defaults_domain_xml(spec: DomainSpec) -> str:
-    """What `virt-install --machine q35 --boot kernel=..,initrd=..,kernel_args=..` writes:
-    size, direct kernel boot, ACPI/APIC, the serial console and the agent channel; libvirt
-    adds its default controllers (USB, SATA, root ports), input devices and memory balloon,
-    and QEMU's default CPU model for TCG. One host setting is kept: QEMU runs as root with
-    no relabelling (as libvirt-qemu it could not reach the benchmark's sockets)."""
+def _domain_head(spec: DomainSpec) -> tuple[ET.Element, ET.Element]:
+    """A `type='qemu'` domain's size and direct kernel boot, and its <features> (ACPI)."""
     dom = ET.Element("domain", type="qemu")
     ET.SubElement(dom, "name").text = spec.name
     ET.SubElement(dom, "memory", unit="MiB").text = str(spec.memory_mib)
@@ -217,38 +213,46 @@ def defaults_domain_xml(spec: DomainSpec) -> str:
     ET.SubElement(os_, "cmdline").text = spec.cmdline
     features = ET.SubElement(dom, "features")
     ET.SubElement(features, "acpi")
-    ET.SubElement(features, "apic")
-    devices = ET.SubElement(dom, "devices")
-    ET.SubElement(devices, "emulator").text = spec.emulator
-    if spec.scsi:  # what `virt-install --controller scsi,model=virtio-scsi` adds
-        ET.SubElement(devices, "controller", type="scsi", index="0", model="virtio-scsi")
+    return dom, features
+
+
+def _console_and_agent(devices: ET.Element, spec: DomainSpec) -> None:
+    """The serial console to our socket and the agent's virtio-serial channel."""
     serial = ET.SubElement(devices, "serial", type="unix")
     ET.SubElement(serial, "source", mode="connect", path=spec.console_path)
     ET.SubElement(serial, "target", type="isa-serial", port="0")
     chan = ET.SubElement(devices, "channel", type="unix")
     ET.SubElement(chan, "source", mode="bind", path=spec.agent_path)
     ET.SubElement(chan, "target", type="virtio", name="agent.channel.0")
+
+
+def _root_without_relabelling(dom: ET.Element) -> None:
+    """QEMU runs as root with no relabelling (as libvirt-qemu it could not reach our sockets)."""
     sec = ET.SubElement(dom, "seclabel", type="static", model="dac", relabel="no")
     ET.SubElement(sec, "label").text = "+0:+0"
+
+
+def defaults_domain_xml(spec: DomainSpec) -> str:
+    """What `virt-install --machine q35 --boot kernel=..,initrd=..,kernel_args=..` writes:
+    size, direct kernel boot, ACPI/APIC, the serial console and the agent channel; libvirt
+    adds its default controllers (USB, SATA, root ports), input devices and memory balloon,
+    and QEMU's default CPU model for TCG. One host setting is kept: QEMU runs as root with
+    no relabelling (as libvirt-qemu it could not reach the benchmark's sockets)."""
+    dom, features = _domain_head(spec)
+    ET.SubElement(features, "apic")
+    devices = ET.SubElement(dom, "devices")
+    ET.SubElement(devices, "emulator").text = spec.emulator
+    if spec.scsi:  # what `virt-install --controller scsi,model=virtio-scsi` adds
+        ET.SubElement(devices, "controller", type="scsi", index="0", model="virtio-scsi")
+    _console_and_agent(devices, spec)
+    _root_without_relabelling(dom)
     return ET.tostring(dom, encoding="unicode")
 
 
 def tuned_domain_xml(spec: DomainSpec) -> str:
     """A transient `type='qemu'` (TCG) domain with direct kernel boot, built like the
     driver's VM (no USB, no balloon, controllers placed by hand)."""
-    dom = ET.Element("domain", type="qemu")
-    ET.SubElement(dom, "name").text = spec.name
-    ET.SubElement(dom, "memory", unit="MiB").text = str(spec.memory_mib)
-    ET.SubElement(dom, "vcpu", placement="static", current=str(spec.vcpus)).text = str(
-        spec.max_vcpus
-    )
-    os_ = ET.SubElement(dom, "os")
-    ET.SubElement(os_, "type", arch="x86_64", machine=spec.machine).text = "hvm"
-    ET.SubElement(os_, "kernel").text = spec.kernel
-    ET.SubElement(os_, "initrd").text = spec.initrd
-    ET.SubElement(os_, "cmdline").text = spec.cmdline
-    features = ET.SubElement(dom, "features")
-    ET.SubElement(features, "acpi")
+    dom, _features = _domain_head(spec)
     ET.SubElement(dom, "cpu", mode="maximum", check="none")
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         ET.SubElement(dom, event).text = "destroy"
@@ -264,16 +268,10 @@ def tuned_domain_xml(spec: DomainSpec) -> str:
     ET.SubElement(scsi, "address", type="pci", domain="0", bus="0", slot="5", function="0")
     vser = ET.SubElement(devices, "controller", type="virtio-serial", index="0")
     ET.SubElement(vser, "address", type="pci", domain="0", bus="0", slot="6", function="0")
-    serial = ET.SubElement(devices, "serial", type="unix")
-    ET.SubElement(serial, "source", mode="connect", path=spec.console_path)
-    ET.SubElement(serial, "target", type="isa-serial", port="0")
-    chan = ET.SubElement(devices, "channel", type="unix")
-    ET.SubElement(chan, "source", mode="bind", path=spec.agent_path)
-    ET.SubElement(chan, "target", type="virtio", name="agent.channel.0")
+    _console_and_agent(devices, spec)
     ET.SubElement(devices, "memballoon", model="none")
     # QEMU runs as root with no relabelling, like the driver's QEMU: libvirt skips work here.
-    sec = ET.SubElement(dom, "seclabel", type="static", model="dac", relabel="no")
-    ET.SubElement(sec, "label").text = "+0:+0"
+    _root_without_relabelling(dom)
     return ET.tostring(dom, encoding="unicode")
 
 
