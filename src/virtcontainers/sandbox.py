@@ -107,13 +107,18 @@ class Sandbox:
         *,
         run_root: str | None = None,
         start_timeout: float = DEFAULT_START_TIMEOUT,
+        agent_timeout: float | None = None,
         **overrides: Any,
     ) -> None:
+        """`agent_timeout` bounds each guest agent request that should be answered promptly,
+        and how long the agent may stay silent during a long one (an exec without a
+        timeout); default `agent.client.DEFAULT_REQUEST_TIMEOUT`."""
         self.id = id or uuid.uuid4().hex[:12]
         persist.vm_dir(self.id, run_root)  # validates the id early
         self.hypervisor_type = HypervisorType.parse(hypervisor)
         self.run_root = persist.run_root(run_root)
         self.start_timeout = start_timeout
+        self.agent_timeout = agent_timeout
         self.config_request = config
         self.overrides = overrides
         self._hv: Hypervisor | None = None
@@ -356,12 +361,12 @@ class Sandbox:
             raise
 
     async def write_file(self, guest_path: str, data: bytes, mode: int = 0o644) -> None:
-        """Create or replace a file in the guest."""
+        """Create or replace a file in the guest (`AgentTimeoutError` past `agent_timeout`)."""
         agent = await self.agent()
         await agent.write_file(guest_path, data, mode=mode)
 
     async def read_file(self, guest_path: str) -> bytes:
-        """Read a whole file from the guest."""
+        """Read a whole file from the guest (`AgentTimeoutError` past `agent_timeout`)."""
         agent = await self.agent()
         return await agent.read_file(guest_path)
 
@@ -552,8 +557,9 @@ class Sandbox:
             try:
                 # A VM that dies while booting is reported now, not when `timeout` runs out;
                 # a connection made just as the VM was found dead is closed again.
+                kw = {} if self.agent_timeout is None else {"request_timeout": self.agent_timeout}
                 self._agent = await wait_watched(
-                    AgentClient.connect(target, timeout),
+                    AgentClient.connect(target, timeout, **kw),
                     self._raise_if_vm_dead,
                     DEATH_POLL,
                     discard=AgentClient.close,
@@ -592,6 +598,7 @@ class Sandbox:
                 "state": state,
                 "agent": list(self._agent_target) if self._agent_target else None,
                 "start_timeout": self.start_timeout,
+                "agent_timeout": self.agent_timeout,
                 "disks": {
                     d.id: {"path": d.path, "read_only": d.read_only} for d in self.disks.values()
                 },
@@ -669,6 +676,8 @@ class Sandbox:
         sb_doc = doc.get("sandbox", {})
         sb = cls(id, sb_doc.get("hypervisor", "qemu"), run_root=root)
         sb.start_timeout = float(sb_doc.get("start_timeout", DEFAULT_START_TIMEOUT))
+        agent_timeout = sb_doc.get("agent_timeout")
+        sb.agent_timeout = float(agent_timeout) if agent_timeout is not None else None
         sb.created_at = float(sb_doc.get("created_at", time.time()))
         cfg = HypervisorConfig.from_dict(doc.get("config", {}))
         hv = new_hypervisor(sb.hypervisor_type, root)

@@ -16,14 +16,13 @@ import pytest
 from rel_support import assert_clean, sandbox_kw
 
 from virtcontainers import persist
+from virtcontainers.agent import AgentTimeoutError
 from virtcontainers.devices import SerialPort
 from virtcontainers.errors import AgentError, StateError
 from virtcontainers.hypervisor import VMState
 from virtcontainers.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration
-
-CALL = 30.0
 
 
 async def test_qmp_connection_dropped_is_reattached(sandbox: Sandbox) -> None:
@@ -32,11 +31,33 @@ async def test_qmp_connection_dropped_is_reattached(sandbox: Sandbox) -> None:
     assert sock is not None
     sock.shutdown(socket.SHUT_RDWR)  # the session is gone, as when QEMU hangs up
     await asyncio.sleep(0.2)
-    await asyncio.wait_for(hv.check(), CALL)  # re-attaches over the named socket
-    await asyncio.wait_for(sandbox.pause(), CALL)
+    await hv.check()  # re-attaches over the named socket
+    await sandbox.pause()
     assert (await hv._execute("query-status"))["status"] == "paused"
-    await asyncio.wait_for(sandbox.resume(), CALL)
+    await sandbox.resume()
     assert (await sandbox.exec(["echo", "ok"])).stdout == b"ok\n"
+
+
+async def test_a_frozen_guest_fails_calls_that_have_no_timeout(
+    leak_check: str, guest_assets: Any
+) -> None:
+    """The guest stops answering (its vCPUs stopped behind the sandbox's back): file copies
+    and an exec without a timeout fail with a timeout naming the operation, then work again
+    once it runs. No `wait_for` here: the client's own deadlines end the calls."""
+    kw = sandbox_kw(guest_assets)
+    async with Sandbox("fz1", "qemu", run_root=leak_check, agent_timeout=1.0, **kw) as sb:
+        assert (await sb.exec(["true"])).ok
+        hv: Any = sb.hypervisor
+        await hv._execute("stop")
+        with pytest.raises(AgentTimeoutError, match="read_file /etc/hostname"):
+            await sb.read_file("/etc/hostname")
+        with pytest.raises(AgentTimeoutError, match="write_file /tmp/x"):
+            await sb.write_file("/tmp/x", b"data")
+        with pytest.raises(AgentTimeoutError, match=r"exec \['sleep', '100'\].*liveness ping"):
+            await sb.exec(["sleep", "100"])
+        await hv._execute("cont")
+        assert (await sb.exec(["echo", "thawed"])).stdout == b"thawed\n"
+    assert_clean(leak_check)
 
 
 def agent_chardev(sb: Sandbox) -> tuple[str, str]:
@@ -54,7 +75,7 @@ async def test_agent_socket_closed_mid_exec(sandbox: Sandbox) -> None:
     # QEMU closes the agent channel under the running exec.
     await hv._execute("chardev-change", {"id": chardev, "backend": {"type": "null", "data": {}}})
     with pytest.raises(AgentError, match="agent"):
-        await asyncio.wait_for(running, CALL)
+        await running
     # The channel comes back: the sandbox reconnects on its own.
     server = {
         "addr": {"type": "unix", "data": {"path": path}},
@@ -64,7 +85,7 @@ async def test_agent_socket_closed_mid_exec(sandbox: Sandbox) -> None:
     await hv._execute(
         "chardev-change", {"id": chardev, "backend": {"type": "socket", "data": server}}
     )
-    res = await asyncio.wait_for(sandbox.exec(["echo", "reconnected"]), CALL)
+    res = await sandbox.exec(["echo", "reconnected"])
     assert res.stdout == b"reconnected\n"
 
 
@@ -104,15 +125,15 @@ async def test_full_run_root_keeps_the_previous_state(
             before = f.read()
         filler = fill(tiny_run_root)
         # Pause and resume rewrite one byte in place: they need no space and still work.
-        await asyncio.wait_for(sb.pause(), CALL)
-        await asyncio.wait_for(sb.resume(), CALL)
+        await sb.pause()
+        await sb.resume()
         # A hotplug rewrites the document: refused, undone, the old document kept whole.
         fd, disk = tempfile.mkstemp(prefix="vct-disk-", dir="/tmp")
         os.ftruncate(fd, 8 << 20)
         os.close(fd)
         try:
             with pytest.raises(StateError, match=r"cannot write .*persist.json: No space left"):
-                await asyncio.wait_for(sb.add_disk(disk, "d1"), CALL)
+                await sb.add_disk(disk, "d1")
             with open(path, "rb") as f:
                 assert f.read() == before  # the old document, whole
             assert json.loads(before)["sandbox"]["disks"] == {}
@@ -122,7 +143,7 @@ async def test_full_run_root_keeps_the_previous_state(
             assert sb.state is VMState.RUNNING
             qdev = await sb.hypervisor._execute("query-block")  # type: ignore[attr-defined]
             assert disk not in json.dumps(qdev)
-            assert (await asyncio.wait_for(sb.exec(["echo", "ok"]), CALL)).stdout == b"ok\n"
+            assert (await sb.exec(["echo", "ok"])).stdout == b"ok\n"
             os.unlink(filler)
             drive = await sb.add_disk(disk, "d2")
             await sb.remove_disk(drive)

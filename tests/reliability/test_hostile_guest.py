@@ -18,7 +18,7 @@ from rel_support import assert_clean, sandbox_kw
 
 from leaks import running
 from virtcontainers import persist
-from virtcontainers.agent import AgentClient
+from virtcontainers.agent import AgentClient, AgentTimeoutError
 from virtcontainers.agent import protocol as p
 from virtcontainers.drivers.qemu import QemuHypervisor
 from virtcontainers.sandbox import Sandbox
@@ -26,7 +26,7 @@ from virtcontainers.types import Param
 
 pytestmark = pytest.mark.integration
 
-CALL = 30.0  # bound on every call against a hang
+CALL = 30.0  # bound on socket set-up in the raw garbage tests
 
 
 def cmdline(pid: int) -> list[str]:
@@ -81,10 +81,10 @@ async def test_qemu_drops_to_an_unprivileged_user(leak_check: str, guest_assets:
         argv = cmdline(pid)
         assert argv[argv.index("-runas") + 1] == "nobody"
         assert "-sandbox" in argv
-        res = await asyncio.wait_for(sb.exec(["echo", "unprivileged"]), CALL)
+        res = await sb.exec(["echo", "unprivileged"])
         assert res.stdout == b"unprivileged\n"
-        await asyncio.wait_for(sb.pause(), CALL)
-        await asyncio.wait_for(sb.resume(), CALL)
+        await sb.pause()
+        await sb.resume()
     assert_clean(leak_check)
 
 
@@ -100,16 +100,16 @@ async def test_guest_flooding_its_console_neither_stalls_the_host_nor_fills_its_
         )
         await asyncio.sleep(1.0)
         for i in range(3):  # the host keeps working while the console is flooded
-            res = await asyncio.wait_for(sb.exec(["echo", str(i)]), CALL)
+            res = await sb.exec(["echo", str(i)])
             assert res.stdout == f"{i}\n".encode()
-            await asyncio.wait_for(sb.hypervisor.check(), CALL)
-        done = await asyncio.wait_for(flood, CALL)
+            await sb.hypervisor.check()
+        done = await flood
         assert done.timed_out
         # Far more than the cap went through (the console runs at ~100 KiB/s or more under
         # TCG), yet the log is the last 1-2 caps of it: console.log.1 full, console.log less.
         assert os.path.getsize(log + ".1") == cap
         assert os.path.getsize(log) <= cap
-        res = await asyncio.wait_for(sb.exec(["sh", "-c", "echo AFTER-FLOOD > /dev/ttyS0"]), CALL)
+        res = await sb.exec(["sh", "-c", "echo AFTER-FLOOD > /dev/ttyS0"])
         assert res.exit_code == 0
         for _ in range(100):  # the keeper is still copying: the newest line arrives
             with open(log, "rb") as f:
@@ -136,7 +136,7 @@ async def test_guest_writing_raw_bytes_to_the_agent_port(sandbox: Sandbox) -> No
     )
     assert res.exit_code == 0
     for _ in range(2):
-        res = await asyncio.wait_for(sandbox.exec(["echo", "ok"]), CALL)
+        res = await sandbox.exec(["echo", "ok"])
         assert res.stdout == b"ok\n"
 
 
@@ -170,9 +170,9 @@ async def test_real_agent_survives_garbage_frames(sandbox: Sandbox) -> None:
             await writer.wait_closed()
         client = await AgentClient.connect(target, CALL)
         try:
-            info = await asyncio.wait_for(client.ping(), CALL)
+            info = await client.ping()
             assert info.version.startswith("vc-agent"), garbage[:20]
-            res = await asyncio.wait_for(client.exec(["echo", "alive"]), CALL)
+            res = await client.exec(["echo", "alive"])
             assert res.stdout == b"alive\n"
         finally:
             await client.close()
@@ -185,10 +185,10 @@ async def test_real_agent_resynchronises_on_a_live_connection(sandbox: Sandbox) 
     for garbage in (GARBAGE[0], GARBAGE[1], GARBAGE[5], GARBAGE[6]):
         agent._writer.write(garbage)
         await agent._writer.drain()
-        assert (await asyncio.wait_for(agent.ping(), CALL)).version
+        assert (await agent.ping()).version
     agent._writer.write(GARBAGE[2])
     await agent._writer.drain()
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(agent.ping(), 2.0)
+    with pytest.raises(AgentTimeoutError, match="ping"):
+        await agent.ping(timeout=2.0)
     await sandbox.detach()
-    assert (await asyncio.wait_for(sandbox.exec(["echo", "back"]), CALL)).stdout == b"back\n"
+    assert (await sandbox.exec(["echo", "back"])).stdout == b"back\n"

@@ -136,29 +136,6 @@ async def test_dead_connection_fails_every_pending_request(
         await client.ping()
 
 
-async def test_request_timeout_when_agent_is_silent(sockdir: str) -> None:
-    path = os.path.join(sockdir, "silent.sock")
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        dec = p.FrameDecoder()
-        while data := await reader.read(4096):
-            for frame in dec.feed(data):
-                if frame.type == p.MsgType.HELLO:  # answer the hello, then nothing
-                    f = p.Fields.decode(frame.payload)
-                    out = p.Fields().add(p.Tag.NONCE, f.bytes_(p.Tag.NONCE))
-                    writer.write(p.encode_frame(frame.type | p.REPLY, frame.id, out.encode()))
-        writer.close()
-
-    server = await asyncio.start_unix_server(serve, path)
-    try:
-        async with await AgentClient.connect(path, 5, request_timeout=0.2) as c:
-            with pytest.raises(AgentTimeoutError, match="ping"):
-                await c.ping()
-            assert not c.closed
-    finally:
-        server.close()
-
-
 async def test_exec_timeout_is_reported(client: AgentClient) -> None:
     res = await client.exec(["sleep", "30"], timeout=0.05)
     assert res.timed_out and res.signal == 9 and res.exit_code == -1
@@ -321,3 +298,41 @@ async def test_vsock_target_validation_and_unreachable_cid() -> None:
     # No guest has CID 4000000000 here: the client keeps retrying, then names the target.
     with pytest.raises(AgentTimeoutError, match="vsock cid 4000000000 port 1024"):
         await AgentClient.connect(VsockAddress(4_000_000_000), 0.3)
+
+
+async def test_a_guest_field_bomb_fails_one_request_and_stalls_nothing(
+    sockdir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full-size frame of empty fields, as an id-0 notice and as a reply: the reader looks
+    at a few fields of the notice only; the reply fails its own request with a clear error;
+    the connection keeps serving."""
+    path = os.path.join(sockdir, "bomb.sock")
+    bomb = b"\x00" * (p.MAX_FRAME // 6 * 6)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dec = p.FrameDecoder()
+        while data := await reader.read(1 << 16):
+            for frame in dec.feed(data):
+                reply = frame.type | p.REPLY
+                if frame.type == p.MsgType.HELLO:
+                    f = p.Fields.decode(frame.payload)
+                    out = p.Fields().add(p.Tag.NONCE, f.bytes_(p.Tag.NONCE)).encode()
+                elif frame.type == p.MsgType.READ_FILE:
+                    writer.write(p.encode_frame(p.MsgType.ERROR, 0, bomb))
+                    out = bomb
+                else:
+                    out = p.Fields().add(p.Tag.VERSION, "v").encode()
+                writer.write(p.encode_frame(reply, frame.id, out))
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(serve, path)
+    try:
+        async with await AgentClient.connect(path, 5) as c:
+            with pytest.raises(p.ProtocolError, match=f"more than {p.MAX_FIELDS} fields"):
+                await c.read_file("/x")
+            assert (await c.ping()).version == "v"
+            assert not c.closed
+        assert "unreadable notice (payload holds more than 8 fields)" in caplog.text
+    finally:
+        server.close()

@@ -141,3 +141,23 @@ def test_fields_accessors() -> None:
     assert f.bytes_(p.Tag.STDOUT) == b""
     with pytest.raises(p.ProtocolError, match="8-byte"):
         p.Fields().add(p.Tag.EXIT_CODE, b"abc").int_(p.Tag.EXIT_CODE)
+
+
+BOMB = b"\x00" * (p.MAX_FRAME // 6 * 6)
+"""A full-size payload of empty fields: 11 M of them if decoded naively."""
+
+
+def test_a_payload_of_millions_of_empty_fields_is_refused_after_the_bound() -> None:
+    fields = p.iter_fields(BOMB)
+    taken = sum(1 for _ in zip(range(p.MAX_FIELDS), fields, strict=False))
+    assert taken == p.MAX_FIELDS
+    with pytest.raises(p.ProtocolError, match=f"more than {p.MAX_FIELDS} fields"):
+        next(fields)  # the next one is refused: no more than the bound is ever built
+    with pytest.raises(p.ProtocolError, match="more than 8 fields"):
+        p.first_field(BOMB, p.Tag.MESSAGE, max_fields=8)
+    with pytest.raises(p.ProtocolError, match="fields"):
+        p.Fields.decode(BOMB)
+    # Up to the bound is fine, and a value is found without building the rest.
+    ok = b"\x00" * 6 * (p.MAX_FIELDS - 1) + p.Fields().add(p.Tag.MESSAGE, "hi").encode()
+    assert len(p.Fields.decode(ok).items) == p.MAX_FIELDS
+    assert p.first_field(ok, p.Tag.MESSAGE) == b"hi"

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno as errno_mod
 import logging
+import math
 import os
 import secrets
 import socket
@@ -38,8 +39,15 @@ RECONNECT_PAUSE = (0.1, 0.25, 0.5)
 EXEC_GRACE = 10.0
 """Extra host-side wait past an exec's (or a hardware wait's) own timeout before giving up
 on the agent."""
+DEFAULT_REQUEST_TIMEOUT = 30.0
+"""Default deadline of a request that should be answered promptly (ping, files, set_time...);
+requests that may legitimately run longer (an exec without a timeout) instead fail once the
+agent has been silent this long and does not answer a liveness ping within it either."""
 RETRY_PAUSE = 0.02
 READ_CHUNK = 1 << 18
+NOTICE_FIELDS = 8
+"""Fields of an id-0 notice looked at for its message (the agent sends errno, message)."""
+NOTICE_CHARS = 200
 HELLO_ID = p.MAX_ID
 """The request id of hellos; ordinary requests never reach it before wrapping."""
 
@@ -141,19 +149,21 @@ class AgentClient:
         *,
         target: str,
         agent_version: str = "",
-        request_timeout: float | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._decoder = decoder
         self.target = target
         self.agent_version = agent_version
-        self.request_timeout = request_timeout
+        self.request_timeout = _check_request_timeout(request_timeout)
         self._pending: dict[int, asyncio.Future[p.Frame]] = {}
         self._next_id = 1
         self._send_lock = asyncio.Lock()
         self._closed = False
         self._error: AgentError | None = None
+        self._last_heard = asyncio.get_running_loop().time()
+        self._probe: asyncio.Task[p.Fields] | None = None
         self._reader_task = asyncio.get_running_loop().create_task(
             self._read_loop(), name=f"agent-reader {target}"
         )
@@ -166,14 +176,17 @@ class AgentClient:
         target: Target,
         timeout: float = 30.0,
         *,
-        request_timeout: float | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> AgentClient:
         """Connect and say hello, retrying until `timeout` (the VM may still be booting).
 
         `target` is the Unix socket path of a virtio-serial port (QEMU), a
         `HybridVsock` (Firecracker, Cloud Hypervisor) or a `VsockAddress`
-        (vhost-vsock).
+        (vhost-vsock). `request_timeout` bounds every later request (see
+        `DEFAULT_REQUEST_TIMEOUT`): a guest that stops answering fails them with
+        `AgentTimeoutError` instead of hanging the caller.
         """
+        _check_request_timeout(request_timeout)
         if isinstance(target, HybridVsock | VsockAddress):
             if not 0 < target.port < 2**32:
                 raise AgentError(f"{target}: port {target.port} out of range")
@@ -252,9 +265,14 @@ class AgentClient:
 
     # -- operations -------------------------------------------------------------------------
 
-    async def ping(self) -> AgentInfo:
-        """Round trip to the agent; returns its version, uptime and load."""
-        f = await self._call("ping", p.MsgType.PING, p.Fields())
+    async def ping(self, *, timeout: float | None = None) -> AgentInfo:
+        """Round trip to the agent; returns its version, uptime and load.
+
+        `timeout` (default: the client's `request_timeout`) bounds the wait for the answer.
+        """
+        if timeout is not None and not timeout > 0:
+            raise AgentError(f"ping: timeout must be positive, got {timeout!r}")
+        f = await self._call("ping", p.MsgType.PING, p.Fields(), wait=timeout)
         return AgentInfo(
             version=f.str_(p.Tag.VERSION),
             uptime=f.int_(p.Tag.UPTIME_NS) / 1e9,
@@ -275,8 +293,11 @@ class AgentClient:
 
         `env` entries are added to the agent's base environment (PATH, HOME, TERM).
         With `timeout` (seconds) the agent kills the process group when it expires
-        and the result has `timed_out` set. Output beyond `max_output` bytes per
-        stream (default 16 MiB) is dropped and flagged as truncated.
+        and the result has `timed_out` set. Without one the process may run for as
+        long as it likes, but a guest agent that stops answering (no reply to a
+        liveness ping within `request_timeout`) fails the call with `AgentTimeoutError`.
+        Output beyond `max_output` bytes per stream (default 16 MiB) is dropped and
+        flagged as truncated.
         """
         if isinstance(argv, str | bytes) or not argv:
             raise AgentError("exec: argv must be a non-empty sequence of strings")
@@ -294,7 +315,7 @@ class AgentClient:
         data = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
         if data:
             req.add(p.Tag.STDIN, data)
-        wait: float | None = self.request_timeout
+        wait: float | None = None  # none of its own: the liveness pings bound it
         if timeout is not None:
             if timeout <= 0:
                 raise AgentError(f"exec: timeout must be positive, got {timeout}")
@@ -304,7 +325,9 @@ class AgentClient:
             if max_output <= 0:
                 raise AgentError(f"exec: max_output must be positive, got {max_output}")
             req.add(p.Tag.MAX_OUTPUT, max_output)
-        f = await self._call(f"exec {list(argv)!r}", p.MsgType.EXEC, req, wait=wait, cancel=True)
+        f = await self._call(
+            f"exec {list(argv)!r}", p.MsgType.EXEC, req, wait=wait, long=True, cancel=True
+        )
         trunc = f.int_(p.Tag.TRUNCATED)
         return ExecResult(
             exit_code=f.int_(p.Tag.EXIT_CODE, -1),
@@ -318,7 +341,9 @@ class AgentClient:
 
     async def read_file(self, path: str) -> bytes:
         """The contents of a regular file in the guest (up to the frame limit)."""
-        f = await self._call(f"read_file {path}", p.MsgType.READ_FILE, _path_fields(path))
+        f = await self._call(
+            f"read_file {path}", p.MsgType.READ_FILE, _path_fields(path), cancel=True
+        )
         return f.bytes_(p.Tag.DATA)
 
     async def write_file(
@@ -331,7 +356,7 @@ class AgentClient:
         req = _path_fields(path).add(p.Tag.DATA, raw).add(p.Tag.MODE, mode)
         if make_parents:
             req.add(p.Tag.FLAGS, p.WRITE_MKDIRS)
-        await self._call(f"write_file {path}", p.MsgType.WRITE_FILE, req)
+        await self._call(f"write_file {path}", p.MsgType.WRITE_FILE, req, cancel=True)
 
     async def set_time(self, when: float | None = None) -> None:
         """Set the guest's wall clock (default: the host's now), e.g. after a template clone."""
@@ -392,7 +417,9 @@ class AgentClient:
         if not isinstance(timeout, int | float) or not 0 < timeout <= limit_s:
             raise AgentError(f"{op}: timeout must be in (0, {limit_s:g}] seconds, got {timeout!r}")
         req.add(p.Tag.TIMEOUT_MS, max(1, round(timeout * 1000)))
-        f = await self._call(op, p.MsgType.WAIT, req, wait=timeout + EXEC_GRACE, cancel=True)
+        f = await self._call(
+            op, p.MsgType.WAIT, req, wait=timeout + EXEC_GRACE, long=True, cancel=True
+        )
         device = f.get(p.Tag.DEVICE)
         path = f.get(p.Tag.PATH)
         return WaitResult(
@@ -428,31 +455,49 @@ class AgentClient:
         req: p.Fields,
         *,
         wait: float | None = None,
+        long: bool = False,
         cancel: bool = False,
     ) -> p.Fields:
+        """Send one request and wait for its reply.
+
+        The wait ends after `wait` seconds (default `request_timeout`); a `long` request
+        has no deadline without `wait`. While a long wait goes on, an agent silent for
+        `request_timeout` gets a liveness ping, and the request fails if that goes
+        unanswered too. With `cancel`, a request given up on (timeout, cancellation) is
+        cancelled in the guest.
+        """
         if self._closed:
             raise self._error or AgentError(f"connection to the agent at {self.target} is closed")
         payload = req.encode()
         if len(payload) > p.MAX_FRAME:
             raise AgentError(f"{op}: request of {len(payload)} bytes exceeds the frame limit")
+        loop = asyncio.get_running_loop()
+        limit = wait if wait is not None or long else self.request_timeout
         rid = self._new_id()
-        fut: asyncio.Future[p.Frame] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[p.Frame] = loop.create_future()
         self._pending[rid] = fut
         done = False
         try:
             await self._send(p.encode_frame(type_, rid, payload))
-            limit = wait if wait is not None else self.request_timeout
-            try:
-                frame = await asyncio.wait_for(fut, limit)
-            except TimeoutError:
-                raise AgentTimeoutError(
-                    f"agent at {self.target} did not answer {op} within {limit:g}s"
-                ) from None
+            end = None if limit is None else loop.time() + limit
+            while True:
+                left = None if end is None else end - loop.time()
+                if left is not None and left <= 0:
+                    raise AgentTimeoutError(
+                        f"agent at {self.target} did not answer {op} within {limit:g}s"
+                    )
+                step = left if not long else min(self.request_timeout, left or math.inf)
+                await asyncio.wait({fut}, timeout=step)
+                if fut.done():
+                    break
+                if long and (end is None or loop.time() < end):
+                    await self._check_alive(op)
+            frame = fut.result()
             done = True
         finally:
             self._pending.pop(rid, None)
             if not done and cancel and not self._closed:
-                # The caller gave up: stop the guest process instead of leaking it.
+                # The caller gave up: stop the guest's work instead of leaking it.
                 with contextlib.suppress(AgentError):
                     req2 = p.Fields().add(p.Tag.TARGET, rid).add(p.Tag.SIGNAL, 9)
                     await self._send(
@@ -464,6 +509,23 @@ class AgentClient:
         if frame.type != type_ | p.REPLY:
             raise p.ProtocolError(f"{op}: unexpected reply type 0x{frame.type:02x}")
         return p.Fields.decode(frame.payload)
+
+    async def _check_alive(self, op: str) -> None:
+        """During a long wait: `AgentTimeoutError` naming `op` unless the agent was heard from
+        within `request_timeout` or answers a ping in that time (one ping shared by all)."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_heard < self.request_timeout:
+            return
+        if self._probe is None or self._probe.done():
+            self._probe = loop.create_task(self._call("ping", p.MsgType.PING, p.Fields()))
+            self._probe.add_done_callback(_retrieve)
+        try:
+            await asyncio.shield(self._probe)
+        except AgentTimeoutError:
+            raise AgentTimeoutError(
+                f"agent at {self.target} stopped answering during {op}: no reply to a "
+                f"liveness ping within {self.request_timeout:g}s"
+            ) from None
 
     def _fail_all(self, err: AgentError) -> None:
         self._closed = True
@@ -481,6 +543,7 @@ class AgentClient:
                 data = await self._reader.read(READ_CHUNK)
                 if not data:
                     raise AgentError(f"the agent at {self.target} closed the connection")
+                self._last_heard = asyncio.get_running_loop().time()
                 for frame in self._decoder.feed(data):
                     self._dispatch(frame)
         except asyncio.CancelledError:
@@ -492,12 +555,30 @@ class AgentClient:
 
     def _dispatch(self, frame: p.Frame) -> None:
         if frame.id == 0:
-            f = p.Fields.decode(frame.payload)
-            log.warning("agent at %s: %s", self.target, f.str_(p.Tag.MESSAGE))
+            # A notice. Decoded here in the reader, so only a bounded look at its start: a
+            # guest's oversized frame must not stall every other reply of the process.
+            try:
+                raw = p.first_field(frame.payload, p.Tag.MESSAGE, max_fields=NOTICE_FIELDS)
+            except p.ProtocolError as exc:
+                raw = f"unreadable notice ({exc})".encode()
+            text = (raw or b"").decode(errors="replace")
+            log.warning("agent at %s: %r", self.target, text[:NOTICE_CHARS])
             return
         fut = self._pending.get(frame.id)
         if fut is not None and not fut.done():
             fut.set_result(frame)
+
+
+def _check_request_timeout(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise AgentError(f"request_timeout must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _retrieve(task: asyncio.Task[p.Fields]) -> None:
+    """Mark a shared probe's outcome as seen (its waiters may all be gone)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _path_fields(path: str) -> p.Fields:

@@ -102,6 +102,8 @@ class FakeAgent:
         """The fake guest's block devices, serial -> name (`sda`): what WAIT looks for."""
         self.cpus_online = 1
         """The fake guest's online CPUs: what WAIT compares a wanted count with."""
+        self.silent = False
+        """A hung guest: every request but HELLO is read (and recorded) and never answered."""
         self._server: asyncio.Server | None = None
         self._conns: set[_Conn] = set()
         self._started = time.monotonic()
@@ -171,6 +173,8 @@ class FakeAgent:
                     self.garbage_seen += decoder.skipped - before
                 for frame in frames:
                     self.requests.append(frame)
+                    if self.silent and frame.type != p.MsgType.HELLO:
+                        continue
                     task = asyncio.get_running_loop().create_task(self._handle(conn, frame))
                     conn.tasks[frame.id] = task
                     task.add_done_callback(functools.partial(_forget, conn, frame.id))

@@ -21,6 +21,9 @@ HEADER_LEN = HEADER.size  # 20
 MAX_FRAME = 64 << 20
 """Largest payload either side sends or accepts (the agent's limit too)."""
 MAX_ID = 0xFFFFFFFF
+MAX_FIELDS = 65536
+"""Most fields one payload may carry; a payload with more is refused, so decoding work and
+memory stay bounded whatever the peer sends (64 MiB of empty fields would be 11 M)."""
 
 
 class ProtocolError(AgentError):
@@ -161,20 +164,38 @@ class Fields:
         return b"".join(_FIELD.pack(t, len(v)) + v for t, v in self.items)
 
     @classmethod
-    def decode(cls, payload: bytes) -> Fields:
-        """Parse a payload; `ProtocolError` when a field runs past the end."""
-        items: list[tuple[int, bytes]] = []
-        pos, n = 0, len(payload)
-        while pos < n:
-            if n - pos < _FIELD.size:
-                raise ProtocolError(f"truncated field header at offset {pos}")
-            tag, length = _FIELD.unpack_from(payload, pos)
-            pos += _FIELD.size
-            if length > n - pos:
-                raise ProtocolError(f"field 0x{tag:02x} of {length} bytes runs past the payload")
-            items.append((tag, bytes(payload[pos : pos + length])))
-            pos += length
-        return cls(items)
+    def decode(cls, payload: bytes, *, max_fields: int = MAX_FIELDS) -> Fields:
+        """Parse a payload; `ProtocolError` when a field runs past the end or the payload holds
+        more than `max_fields` fields (refused before more than that are built)."""
+        return cls(list(iter_fields(payload, max_fields=max_fields)))
+
+
+def iter_fields(payload: bytes, *, max_fields: int = MAX_FIELDS) -> Iterator[tuple[int, bytes]]:
+    """The (tag, value) fields of a payload one at a time, in order; `ProtocolError` on a field
+    running past the end or on field number `max_fields` + 1."""
+    view = memoryview(payload)
+    pos, n, count = 0, len(payload), 0
+    while pos < n:
+        if count == max_fields:
+            raise ProtocolError(f"payload holds more than {max_fields} fields")
+        count += 1
+        if n - pos < _FIELD.size:
+            raise ProtocolError(f"truncated field header at offset {pos}")
+        tag, length = _FIELD.unpack_from(payload, pos)
+        pos += _FIELD.size
+        if length > n - pos:
+            raise ProtocolError(f"field 0x{tag:02x} of {length} bytes runs past the payload")
+        yield tag, bytes(view[pos : pos + length])
+        pos += length
+
+
+def first_field(payload: bytes, tag: int, *, max_fields: int = MAX_FIELDS) -> bytes | None:
+    """The first value under `tag`, scanning without building the other fields (None if
+    absent; `ProtocolError` as `iter_fields`)."""
+    for t, value in iter_fields(payload, max_fields=max_fields):
+        if t == tag:
+            return value
+    return None
 
 
 def fields(*pairs: tuple[int, bytes | str | int]) -> Fields:

@@ -132,8 +132,10 @@ class VM:
         await wait_watched(self._agent_ping(timeout), self.hypervisor.check, AGENT_CHECK_INTERVAL)
 
     async def _agent_ping(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         agent = await self.agent(timeout)
-        await agent.ping()
+        await agent.ping(timeout=max(0.001, deadline - loop.time()))
 
     async def close_agent(self) -> None:
         agent, self._agent = self._agent, None
