@@ -10,6 +10,8 @@ SYSTEM_PACKAGES=(
   iproute2 procps util-linux ca-certificates
   # the benchmarks' libvirt baseline (its smoke test runs in the suite)
   libvirt-daemon-system libvirt-clients python3-libvirt
+  # the containerd shim's tests run a private containerd (runc: the benchmarks' baseline)
+  containerd runc
 )
 
 missing=()

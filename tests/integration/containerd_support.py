@@ -1,0 +1,197 @@
+"""A private containerd for tests: its own root, state and sockets, run inside a network
+namespace the test creates, driven with `ctr -a SOCKET`. Nothing of the host's containerd (if
+any) is touched; everything is removed afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONTAINERD = shutil.which("containerd") or "/usr/bin/containerd"
+CTR = shutil.which("ctr") or "/usr/bin/ctr"
+#: The venv's bin directory: the shim's console script is there.
+VENV_BIN = os.path.dirname(sys.executable)
+NAMESPACE = "vctest"
+
+
+@dataclass
+class Containerd:
+    dir: str
+    netns: str
+    proc: subprocess.Popen[bytes]
+    log_path: str
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return os.path.join(self.dir, "c.sock")
+
+    @property
+    def ttrpc_address(self) -> str:
+        return self.address + ".ttrpc"
+
+    @property
+    def state(self) -> str:
+        return os.path.join(self.dir, "state")
+
+    def ctr(
+        self, *args: str, check: bool = True, timeout: float = 120, input: bytes | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run `ctr -a SOCKET -n NAMESPACE ARGS` (a client: it needs no network)."""
+        cmd = [CTR, "-a", self.address, "-n", NAMESPACE]
+        cp = subprocess.run(
+            [*cmd, *args], capture_output=True, timeout=timeout, input=input, check=False
+        )
+        if check and cp.returncode != 0:
+            raise AssertionError(
+                f"ctr {' '.join(args)} exited {cp.returncode}\nstdout: {cp.stdout!r}\n"
+                f"stderr: {cp.stderr!r}\ncontainerd log tail:\n{self.log_tail()}"
+            )
+        return cp
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def _config(d: str) -> str:
+    return f"""version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.tracing",
+                    "io.containerd.tracing.processor.v1.otlp"]
+[grpc]
+  address = "{d}/c.sock"
+[ttrpc]
+  address = "{d}/c.sock.ttrpc"
+[debug]
+  level = "debug"
+"""
+
+
+@contextlib.contextmanager
+def running_containerd(extra_path: Sequence[str] = (VENV_BIN,)) -> Iterator[Containerd]:
+    """Start containerd in a new network namespace; stop it and remove everything after."""
+    d = tempfile.mkdtemp(prefix="vcctd-", dir="/tmp")
+    netns = f"vcshim-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    conf = os.path.join(d, "config.toml")
+    Path(conf).write_text(_config(d))
+    log_path = os.path.join(d, "containerd.log")
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([*extra_path, env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            # nsenter, not `ip netns exec`: that remounts /sys and hides the cgroup mounts.
+            ["nsenter", f"--net=/run/netns/{netns}", CONTAINERD, "--config", conf],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    c = Containerd(d, netns, proc, log_path, env)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(c.address) or not os.path.exists(c.ttrpc_address):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"containerd did not start:\n{c.log_tail()}")
+            time.sleep(0.05)
+        c.ctr("version")
+        yield c
+    finally:
+        _stop(c)
+
+
+def _stop(c: Containerd) -> None:
+    if c.proc.poll() is None:
+        c.proc.send_signal(signal.SIGTERM)
+        try:
+            c.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            c.proc.kill()
+            c.proc.wait()
+    # Snapshot mounts containerd left (it unmounts its own on a clean run).
+    for line in reversed(Path("/proc/self/mounts").read_text().splitlines()):
+        target = line.split()[1]
+        if target.startswith(c.dir + "/"):
+            subprocess.run(["umount", "-l", target], check=False)
+    subprocess.run(["ip", "netns", "delete", c.netns], check=False)
+    shutil.rmtree(c.dir, ignore_errors=True)
+
+
+def _add(tf: tarfile.TarFile, info: tarfile.TarInfo, data: bytes | None = None) -> None:
+    info.mtime = 1_700_000_000
+    if data is not None:
+        info.size = len(data)
+    tf.addfile(info, io.BytesIO(data) if data is not None else None)
+
+
+BUSYBOX_APPLETS = ("sh", "echo", "true", "false", "cat", "sleep", "ls", "ps", "hostname", "id")
+
+
+def busybox_layer() -> bytes:
+    """A layer with the host's static busybox at /bin/busybox and a few applet links."""
+    busybox = Path("/bin/busybox").read_bytes()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name in ("bin", "etc", "proc", "sys", "dev", "tmp"):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            _add(tf, info)
+        info = tarfile.TarInfo("bin/busybox")
+        info.mode = 0o755
+        _add(tf, info, busybox)
+        for applet in BUSYBOX_APPLETS:
+            info = tarfile.TarInfo(f"bin/{applet}")
+            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+            _add(tf, info)
+    return buf.getvalue()
+
+
+def docker_archive(path: str, ref: str) -> None:
+    """A `docker save` archive of the busybox image, tagged `ref`."""
+    layer = busybox_layer()
+    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": ["sh"], "Env": ["PATH=/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }
+    ).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    manifest = json.dumps(
+        [{"Config": config_name, "RepoTags": [ref], "Layers": ["layer/layer.tar"]}]
+    ).encode()
+    with tarfile.open(path, "w") as tf:
+        for name, data in (
+            ("layer/layer.tar", layer),
+            (config_name, config),
+            ("manifest.json", manifest),
+        ):
+            _add(tf, tarfile.TarInfo(name), data)
+
+
+def import_busybox(c: Containerd, ref: str = "docker.io/vctest/busybox:1") -> str:
+    archive = os.path.join(c.dir, "busybox.tar")
+    docker_archive(archive, ref)
+    c.ctr("image", "import", archive)
+    os.unlink(archive)
+    return ref
