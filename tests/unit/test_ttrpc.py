@@ -344,7 +344,7 @@ async def test_server_rejects_even_stream_ids_and_garbage(served: tuple[Server, 
 
 
 async def test_connection_cut_mid_frame_leaves_server_serving(served: tuple[Server, str]) -> None:
-    reader, writer = await _raw(served[1])
+    _reader, writer = await _raw(served[1])
     writer.write(encode(1, MessageType.REQUEST, _echo_request("z"))[:7])
     writer.close()
     await writer.wait_closed()
