@@ -73,3 +73,7 @@ class AgentError(VCError):
 
 class HostError(VCError):
     """A host fact could not be read, or the host lacks something a VM needs."""
+
+
+class ImageError(VCError):
+    """An image archive, layer or reference is invalid or unknown; the message names it."""

@@ -288,6 +288,18 @@ def max_qemu_vcpus(*, arch: str | None = None) -> int:
 
 
 # -- sockets ----------------------------------------------------------------------------------
+def host_dir(env: str, as_root: str, xdg: str, xdg_default: str, *sub: str) -> str:
+    """A directory of ours: `$env`, else `as_root` for root, else `$xdg` (or `~/xdg_default`)
+    joined with `sub` (the cache, data and store directories follow this rule)."""
+    override = os.environ.get(env)
+    if override:
+        return os.path.abspath(override)
+    if os.geteuid() == 0:
+        return as_root
+    base = os.environ.get(xdg) or os.path.join(os.path.expanduser("~"), xdg_default)
+    return os.path.join(base, *sub)
+
+
 def build_socket_path(*parts: str) -> str:
     """Join `parts` into a Unix socket path, refusing empty parts and paths over 107 bytes."""
     if not parts:

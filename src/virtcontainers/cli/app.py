@@ -113,10 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn errors into one readable line and an exit code."""
     from . import commands  # noqa: F401  (registers subcommands)
     from .factory_cmds import factory_app, template_app
+    from .image_cmds import image_app
 
     if not any(g.name == "template" for g in app.registered_groups):
         app.add_typer(template_app, name="template")
         app.add_typer(factory_app, name="factory")
+        app.add_typer(image_app, name="image")
 
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def report_error(e: BaseException, debug: bool) -> int:
     """Print one readable line (the detail with --debug) and return the exit code."""
-    from ..errors import UnsupportedError
+    from ..errors import ImageError, UnsupportedError
 
     if debug:
         err.print_exception(show_locals=False)
@@ -146,6 +148,8 @@ def report_error(e: BaseException, debug: bool) -> int:
         return EXIT_USAGE
     if isinstance(e, UnsupportedError):
         return EXIT_UNSUPPORTED
+    if isinstance(e, ImageError):
+        return 1  # a bad image or reference: the command failed, not a VM
     if isinstance(e, VCError):
         return EXIT_VM_FAILURE
     return 1

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import AssetError
+from ..host import host_dir
 from . import initrd as initrd_mod
 from . import kernel as kernel_mod
 from .vmlinux import extract_vmlinux
@@ -68,13 +69,14 @@ class GuestAssets:
 
 def default_cache_dir() -> str:
     """`$VC_ASSETS_DIR`, else /var/cache/virtcontainers/assets as root, else ~/.cache/..."""
-    env = os.environ.get("VC_ASSETS_DIR")
-    if env:
-        return env
-    if os.geteuid() == 0:
-        return "/var/cache/virtcontainers/assets"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "virtcontainers", "assets")
+    return host_dir(
+        "VC_ASSETS_DIR",
+        "/var/cache/virtcontainers/assets",
+        "XDG_CACHE_HOME",
+        ".cache",
+        "virtcontainers",
+        "assets",
+    )
 
 
 def _agent_version() -> str:
