@@ -430,6 +430,16 @@ def pid_is(pid: int, start_time: int | None) -> bool:
         return False
 
 
+def python_command(*args: str, site: bool = True) -> list[str]:
+    """The argv of a child Python interpreter that runs `args` isolated (`-I`).
+
+    Isolated mode keeps the working directory (and PYTHON* variables, user site-packages)
+    off `sys.path`: root starting a child from a directory another user can write must not
+    import that user's `virtcontainers/`. `site=False` adds `-S` (stdlib-only children).
+    """
+    return [sys.executable, "-I", *(() if site else ("-S",)), *args]
+
+
 # -- KVM probe --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KvmProbe:
@@ -793,7 +803,7 @@ def kvm_probe(device: str = KVM_DEVICE, timeout: float = KVM_PROBE_TIMEOUT) -> K
         return KvmProbe(False, f"open {device}: no such device (KVM not available)")
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", _CHILD_CODE, device],
+            python_command("-c", _CHILD_CODE, device),
             capture_output=True,
             text=True,
             timeout=timeout,

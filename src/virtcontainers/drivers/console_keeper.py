@@ -19,11 +19,6 @@ CHUNK = 65536
 ROTATED_SUFFIX = ".1"
 
 
-def command(path: str, max_bytes: int) -> list[str]:
-    """The argv that runs the keeper of `path` (its stdin: the pipe to read)."""
-    return [sys.executable, "-I", "-S", os.path.abspath(__file__), path, str(max_bytes)]
-
-
 def _open(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
 

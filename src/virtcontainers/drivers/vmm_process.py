@@ -295,6 +295,11 @@ async def wait_for_path(
         await asyncio.sleep(_POLL)
 
 
+def console_keeper_command(path: str, max_bytes: int) -> list[str]:
+    """The argv that runs the keeper of `path` (stdlib only: `-S`; its stdin: the pipe)."""
+    return host.python_command(console_keeper.__file__, path, str(max_bytes), site=False)
+
+
 async def start_console_keeper(
     spawn: Callable[[list[str], int], Awaitable[object]], path: str, max_bytes: int
 ) -> int:
@@ -304,7 +309,7 @@ async def start_console_keeper(
     VMM exits)."""
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
-        await spawn(console_keeper.command(path, max_bytes), read_end)
+        await spawn(console_keeper_command(path, max_bytes), read_end)
     except BaseException:
         os.close(write_end)
         raise

@@ -1,6 +1,6 @@
 """The VM cache daemon and the functions that start, query and stop it.
 
-`start_daemon(spec)` runs `python -m virtcontainers.factory --run-root R` in its own
+`start_daemon(spec)` runs `python -I -m virtcontainers.factory --run-root R` in its own
 session; it serves the VM cache on `<run root>/factory/cache.sock` and records its pid in
 `cache.pid`. First thing, the daemon forks a watcher: when the daemon dies, however it dies,
 the watcher stops the VMs still listed in the daemon's ledger and removes its socket and pid
@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -146,12 +145,11 @@ def _spawn(root: str) -> subprocess.Popen[bytes]:
     """Run the daemon in its own session, its output appended to the log file."""
     with open(paths.log_file(root), "ab") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "virtcontainers.factory", "--run-root", root],
+            host.python_command("-u", "-m", "virtcontainers.factory", "--run-root", root),
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     _children[proc.pid] = proc
     return proc
