@@ -961,7 +961,10 @@ def _device_item(name: str, path: str, hint: str) -> CheckItem:
 def _run_root_item() -> CheckItem:
     from . import persist
 
-    root = persist.run_root()
+    try:
+        root = persist.run_root()
+    except ConfigError as e:
+        return CheckItem("run root", False, str(e))
     probe = root
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)

@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -70,10 +71,21 @@ def validate_id(id: str, what: str = "sandbox id") -> str:
 
 
 def run_root(override: str | None = None) -> str:
-    """The run root: `override` > env `VC_RUN_ROOT` > `/run/vc` as root > `$XDG_RUNTIME_DIR/vc`.
+    """The run root: `override` > env `VC_RUN_ROOT` > `/run/vc` as root > `$XDG_RUNTIME_DIR/vc`
+    > `/run/user/<uid>/vc` (when that directory is the user's) > `<tmpdir>/vc-<uid>`.
 
-    Without XDG_RUNTIME_DIR a non-root user gets `<tmpdir>/vc-<uid>`.
+    The root is checked on every call (`check_run_root`): one another user controls is refused.
     """
+    path = _run_root_path(override)
+    check_run_root(path)
+    return path
+
+
+USER_RUNTIME_BASE = "/run/user"
+"""Where the login manager makes each user's private runtime directory."""
+
+
+def _run_root_path(override: str | None) -> str:
     if override:
         source, path = "run root", override
     elif os.environ.get(RUN_ROOT_ENV):
@@ -83,10 +95,110 @@ def run_root(override: str | None = None) -> str:
     elif os.environ.get("XDG_RUNTIME_DIR"):
         source, path = "XDG_RUNTIME_DIR", os.path.join(os.environ["XDG_RUNTIME_DIR"], "vc")
     else:
-        return os.path.join(tempfile.gettempdir(), f"vc-{os.getuid()}")
+        user_dir = os.path.join(USER_RUNTIME_BASE, str(os.geteuid()))
+        with contextlib.suppress(OSError):
+            if os.stat(user_dir).st_uid == os.geteuid():
+                return os.path.join(user_dir, "vc")
+        return os.path.join(tempfile.gettempdir(), f"vc-{os.geteuid()}")
     if not os.path.isabs(path):
         raise ConfigError(f"{source} must be an absolute path, got {path!r}")
     return os.path.normpath(path)
+
+
+_checked_roots: dict[str, tuple[int, int]] = {}
+"""Run roots found safe in this process, with the (device, inode) they had then."""
+
+
+def check_run_root(path: str) -> None:
+    """Refuse (`ConfigError`) a run root that another user could control.
+
+    Its state files name the binaries later launched and its sockets are trusted, so the
+    root must be a real directory (not a symbolic link) owned by this user and writable by
+    no one else, under directories only root or this user can change (or sticky ones, like
+    /tmp). A missing root whose parent others can write (a predictable name in /tmp) is
+    created here and now (0700), before another user can make it first.
+    """
+    try:
+        st: os.stat_result | None = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError:
+        return  # no directory can be there (ENOTDIR...): using it fails, naming the path
+    if st is not None and _checked_roots.get(path) == (st.st_dev, st.st_ino):
+        return
+    _check_ancestors(path)
+    if st is None:
+        if not _others_can_create(path):
+            return  # only this user or root can create it: nothing to trust yet
+        try:
+            ensure_dir(path)
+            st = os.lstat(path)
+        except OSError as e:
+            raise ConfigError(f"cannot create the run root {path}: {e.strerror or e}") from e
+    problem = _unsafe_root(st)
+    if problem:
+        raise ConfigError(
+            f"unsafe run root {path}: {problem}; another user could plant state, sockets or "
+            "binaries there (remove it, or choose another with VC_RUN_ROOT)"
+        )
+    _checked_roots[path] = (st.st_dev, st.st_ino)
+
+
+def _unsafe_root(st: os.stat_result) -> str | None:
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"it is owned by uid {st.st_uid}, not {os.geteuid()}"
+    if st.st_mode & 0o022:
+        return f"it is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _untrusted(st: os.stat_result) -> str | None:
+    """Why a directory (or symbolic link) on the way to private files is not safe, or None."""
+    if st.st_uid not in (0, os.geteuid()):
+        return f"is owned by uid {st.st_uid}"
+    sticky = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+    if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022 and not sticky:
+        return f"is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _check_ancestors(path: str) -> None:
+    """Every existing directory above `path` (and what its links point to) is trusted."""
+    chains = [os.path.dirname(path)]
+    real = os.path.realpath(chains[0])
+    if real != chains[0]:
+        chains.append(real)
+    for start in chains:
+        current = start
+        while True:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                problem = _untrusted(os.lstat(current))
+                if problem:
+                    raise ConfigError(
+                        f"unsafe run root {path}: {current} {problem}, so another user could "
+                        "replace what is under it (choose another with VC_RUN_ROOT)"
+                    )
+            parent = os.path.dirname(current)
+            if parent == current:
+                break
+            current = parent
+
+
+def _others_can_create(path: str) -> bool:
+    """True when the deepest existing directory above `path` is writable by group or others."""
+    current = os.path.dirname(path)
+    while True:
+        try:
+            return bool(os.stat(current).st_mode & 0o022)
+        except (FileNotFoundError, NotADirectoryError):
+            parent = os.path.dirname(current)
+            if parent == current:
+                return False
+            current = parent
 
 
 def vm_root(run_root: str | None = None) -> str:
@@ -108,7 +220,11 @@ _resolve_root = run_root
 
 
 def ensure_dir(path: str, mode: int = DIR_MODE) -> None:
-    """Create `path` and missing parents with exactly `mode` (whatever the umask)."""
+    """Create `path` and missing parents with exactly `mode` (whatever the umask).
+
+    An existing directory it builds on must be trusted (owned by root or this user, not
+    writable by others unless sticky): `OSError` (EPERM) naming it otherwise.
+    """
     missing: list[str] = []
     current = os.path.abspath(path)
     while not os.path.isdir(current):
@@ -117,14 +233,22 @@ def ensure_dir(path: str, mode: int = DIR_MODE) -> None:
         if parent == current:
             break
         current = parent
+    _require_trusted(current)
     for d in reversed(missing):
         try:
             os.mkdir(d, mode)
         except FileExistsError:
+            _require_trusted(d)  # made meanwhile: by whom?
             if not os.path.isdir(d):
                 raise
             continue
         os.chmod(d, mode)
+
+
+def _require_trusted(path: str) -> None:
+    problem = _untrusted(os.lstat(path))
+    if problem:
+        raise PermissionError(errno.EPERM, f"untrusted directory: {path} {problem}", path)
 
 
 def _fsync_dir(path: str) -> None:

@@ -50,7 +50,48 @@ def temp_files(directory: Path) -> list[str]:
 
 
 # -- paths ------------------------------------------------------------------------------------
-def test_run_root_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+USER = 4242
+OTHER = 4343
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving files to other users needs root")
+
+
+@pytest.fixture
+def shared_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A sticky, world-writable directory standing in for /tmp (`tempfile.gettempdir()`)."""
+    d = tmp_path / "tmp"
+    d.mkdir()
+    d.chmod(0o1777)
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    monkeypatch.setattr(persist, "USER_RUNTIME_BASE", str(tmp_path / "no-run-user"), raising=False)
+    return d
+
+
+def as_user(monkeypatch: pytest.MonkeyPatch, uid: int = USER) -> None:
+    """Act as non-root user `uid` without XDG_RUNTIME_DIR or VC_RUN_ROOT."""
+    monkeypatch.setattr(os, "geteuid", lambda: uid)
+    monkeypatch.delenv("VC_RUN_ROOT", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+
+
+def private_dir(path: Path, uid: int = USER, mode: int = 0o700) -> Path:
+    path.mkdir()
+    os.chown(path, uid, uid)
+    path.chmod(mode)
+    return path
+
+
+def plant_state(root: Path) -> None:
+    """What an attacker leaves in a run root: a sandbox whose state names their binary."""
+    sbs = root / "sbs" / "evil"
+    sbs.mkdir(parents=True)
+    doc = {"hypervisor": {"type": "qemu", "config": {"hypervisor_path": "/tmp/evil"}}}
+    (sbs / persist.STATE_FILE).write_text(json.dumps(doc))
+
+
+@needs_root
+def test_run_root_precedence(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, shared_tmp: Path
+) -> None:
     monkeypatch.setenv("VC_RUN_ROOT", "/srv/env-root")
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
     assert persist.run_root("/srv/override") == "/srv/override"
@@ -60,8 +101,99 @@ def test_run_root_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     assert persist.run_root() == "/run/vc"
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert persist.run_root() == "/run/user/1000/vc"
-    monkeypatch.delenv("XDG_RUNTIME_DIR")
-    assert persist.run_root() == os.path.join(tempfile.gettempdir(), f"vc-{os.getuid()}")
+    as_user(monkeypatch)
+    # The login manager's private directory comes before anything in /tmp...
+    base = tmp_path / "run-user"
+    base.mkdir()
+    private_dir(base / str(USER))
+    monkeypatch.setattr(persist, "USER_RUNTIME_BASE", str(base))
+    assert persist.run_root() == str(base / str(USER) / "vc")
+    # ...which is the last resort, and then only a directory of the user's own.
+    monkeypatch.setattr(persist, "USER_RUNTIME_BASE", str(tmp_path / "no-run-user"), raising=False)
+    private_dir(shared_tmp / f"vc-{USER}")
+    assert persist.run_root() == str(shared_tmp / f"vc-{USER}")
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("owner", "mode", "problem"),
+    [(OTHER, 0o700, f"owned by uid {OTHER}"), (USER, 0o777, "writable by others")],
+)
+def test_run_root_planted_by_another_user_is_refused(
+    monkeypatch: pytest.MonkeyPatch, shared_tmp: Path, owner: int, mode: int, problem: str
+) -> None:
+    planted = private_dir(shared_tmp / f"vc-{USER}", owner, mode)
+    plant_state(planted)
+    as_user(monkeypatch)
+    with pytest.raises(ConfigError, match=f"unsafe run root {planted}: it is {problem}"):
+        StateStore().list()
+    with pytest.raises(ConfigError, match="unsafe run root"):
+        persist.run_root(str(planted))
+
+
+@needs_root
+def test_run_root_that_is_a_symlink_is_refused(
+    monkeypatch: pytest.MonkeyPatch, shared_tmp: Path, tmp_path: Path
+) -> None:
+    target = private_dir(tmp_path / "target")  # even one to a directory of the user's own
+    plant_state(target)
+    (shared_tmp / f"vc-{USER}").symlink_to(target)
+    as_user(monkeypatch)
+    with pytest.raises(ConfigError, match="it is a symbolic link"):
+        StateStore().list()
+
+
+@needs_root
+def test_run_root_under_a_directory_others_can_change_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    shared = private_dir(tmp_path / "shared", OTHER, 0o777)  # not sticky: renames allowed
+    root = private_dir(shared / "vc")
+    as_user(monkeypatch)
+    with pytest.raises(ConfigError, match=f"{shared} is owned by uid {OTHER}"):
+        persist.run_root(str(root))
+    shared.chmod(0o1777)
+    os.chown(shared, 0, 0)  # root's sticky directory, like /tmp: fine
+    assert persist.run_root(str(root)) == str(root)
+
+
+def test_missing_run_root_in_a_shared_directory_is_created_private_at_once(
+    shared_tmp: Path,
+) -> None:
+    root = shared_tmp / "vc-new"
+    with umask(0):
+        assert persist.run_root(str(root)) == str(root)
+    st = os.lstat(root)  # nobody else can now make it first
+    assert stat.S_ISDIR(st.st_mode) and mode(root) == 0o700 and st.st_uid == os.geteuid()
+
+
+def test_missing_run_root_in_a_private_directory_is_not_created(tmp_path: Path) -> None:
+    root = tmp_path / "a" / "vc"
+    assert persist.run_root(str(root)) == str(root)
+    assert not root.exists() and not root.parent.exists()
+
+
+@needs_root
+def test_ensure_dir_refuses_to_build_on_another_users_directory_or_link(
+    monkeypatch: pytest.MonkeyPatch, shared_tmp: Path, tmp_path: Path
+) -> None:
+    as_user(monkeypatch)
+    theirs = private_dir(shared_tmp / "theirs", OTHER, 0o777)
+    with pytest.raises(PermissionError, match=f"untrusted directory: {theirs} is owned by"):
+        persist.ensure_dir(str(theirs / "sub"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = shared_tmp / "link"
+    link.symlink_to(elsewhere)
+    os.lchown(link, OTHER, OTHER)
+    with pytest.raises(PermissionError, match=f"untrusted directory: {link}"):
+        persist.ensure_dir(str(link / "sub"))
+    with pytest.raises(StateError, match="untrusted directory"):
+        persist.atomic_write(str(link / "sub" / "f"), b"x")
+    assert os.listdir(elsewhere) == []
+    mine = private_dir(shared_tmp / "mine")
+    persist.ensure_dir(str(mine / "sub"))
+    assert mode(mine / "sub") == 0o700
 
 
 def test_run_root_normalises_and_refuses_relative(monkeypatch: pytest.MonkeyPatch) -> None:
