@@ -768,9 +768,18 @@ def _read_host_file(path: str) -> bytes:
 
 
 def _write_host_file(path: str, data: bytes) -> None:
-    tmp = f"{path}.vc-tmp"
+    """Write guest bytes to `path` (replaced whole, by a rename) through a temp file of a random
+    name created afresh (O_EXCL, O_NOFOLLOW) beside it: nothing planted in the directory
+    (a link at a guessable name) can redirect the write."""
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, persist.temp_name(name))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, flags, 0o666)
+    except OSError as e:
+        raise ConfigError(f"cannot write host file {path}: {e.strerror}") from e
+    try:
+        with open(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except OSError as e:

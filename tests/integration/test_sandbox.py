@@ -43,11 +43,17 @@ async def test_exec_files_and_concurrency(leak_check: str, tmp_path: object) -> 
         r = await sb.exec(["sh", "-c", "wc -c < /tmp/in.bin"])
         assert r.stdout.strip() == b"300000"
         out_file = os.path.join(leak_check, "out.bin")
+        victim = os.path.join(leak_check, "victim")
+        with open(victim, "wb") as f:
+            f.write(b"host\n")
+        os.symlink(victim, out_file + ".vc-tmp")  # planted: must not be written through
         await sb.copy_out("/tmp/in.bin", out_file)
         with open(out_file, "rb") as f:
             assert f.read() == payload
-        os.unlink(host_file)
-        os.unlink(out_file)
+        with open(victim, "rb") as f:
+            assert f.read() == b"host\n"
+        for name in (host_file, out_file, out_file + ".vc-tmp", victim):
+            os.unlink(name)
 
         await sb.pause()
         with pytest.raises(StateError, match="paused"):
