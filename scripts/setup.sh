@@ -8,6 +8,8 @@ SYSTEM_PACKAGES=(
   qemu-system-x86 qemu-utils qemu-system-common
   busybox-static cpio kmod lz4 gcc libc6-dev
   iproute2 procps util-linux ca-certificates
+  # sandbox networking: NAT and published ports (nft); the network tests ping with DF set
+  nftables iputils-ping
   # the benchmarks' libvirt baseline (its smoke test runs in the suite)
   libvirt-daemon-system libvirt-clients python3-libvirt
   # the containerd shim's tests run a private containerd (runc: the benchmarks' baseline)

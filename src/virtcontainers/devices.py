@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -34,6 +35,13 @@ def check_abs_path(kind: str, name: str, value: str) -> None:
         raise ConfigError(f"{kind}: {name} must be an absolute host path, got {value!r}")
     if "," in value or "\n" in value:
         raise ConfigError(f"{kind}: {name} {value!r} contains ',' or a newline")
+
+
+def random_mac() -> str:
+    """A random locally administered unicast MAC address."""
+    b = bytearray(secrets.token_bytes(6))
+    b[0] = (b[0] & 0xFC) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
 
 
 class Device:
@@ -131,6 +139,34 @@ class NetworkEndpoint(Device):
             raise ConfigError(
                 f"network endpoint {self.id}: queues must be 1..256, got {self.queues}"
             )
+
+
+_HOSTFWD_RE = re.compile(
+    r"^(tcp|udp):(\d{1,3}(\.\d{1,3}){3})?:\d{1,5}-(\d{1,3}(\.\d{1,3}){3})?:\d{1,5}$"
+)
+
+
+@dataclass
+class UserNetwork(Device):
+    """A guest NIC on QEMU's user-mode network stack (no host interface, no root needed).
+
+    The guest is `guest_ip` on `net`, the gateway `.2`, the DNS server `.3`; each
+    `host_forwards` entry is a QEMU hostfwd rule, `tcp|udp:[HOSTIP]:HOSTPORT-[GUESTIP]:PORT`.
+    """
+
+    device_type: ClassVar[DeviceType] = DeviceType.NET
+    id: str
+    mac: str
+    net: str = "10.0.2.0/24"
+    host_forwards: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_id("user network", self.id)
+        if not _MAC_RE.match(self.mac) or int(self.mac[:2], 16) & 1:
+            raise ConfigError(f"user network {self.id}: invalid unicast MAC {self.mac!r}")
+        for fwd in self.host_forwards:
+            if not _HOSTFWD_RE.match(fwd):
+                raise ConfigError(f"user network {self.id}: invalid host forward {fwd!r}")
 
 
 @dataclass
@@ -259,6 +295,7 @@ AnyDevice = (
     | BlockDrive
     | SharedFS
     | NetworkEndpoint
+    | UserNetwork
     | VFIODevice
     | VhostUserDevice
     | SerialPort

@@ -36,6 +36,7 @@ from .types import Capabilities, HypervisorType, Socket, VSock
 
 if TYPE_CHECKING:
     from .agent import AgentClient, ExecResult
+    from .network import Interface, NetworkConfig, SandboxNetwork
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class SandboxInfo:
     created_at: float
     vcpus: int
     memory_mb: int
+    ip: str = ""
+    """The guest's (first IPv4) address when it has a network."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form."""
@@ -108,6 +111,7 @@ class Sandbox:
         run_root: str | None = None,
         start_timeout: float = DEFAULT_START_TIMEOUT,
         agent_timeout: float | None = None,
+        network: NetworkConfig | str | None = None,
         **overrides: Any,
     ) -> None:
         """`agent_timeout` bounds each guest agent request that should be answered promptly,
@@ -129,6 +133,9 @@ class Sandbox:
         self._store = persist.StateStore(self.run_root)
         self.created_at = time.time()
         self.disks: dict[str, BlockDrive] = {}
+        self.network_request = network
+        self.network: SandboxNetwork | None = None
+        """The sandbox's network (None: no network was asked for, the VM has no NIC)."""
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -158,15 +165,24 @@ class Sandbox:
         if self._hv is not None:
             raise StateError(f"sandbox {self.id} is already created")
         cfg = build_config(self.config_request, self.overrides, self.hypervisor_type)
+        if self.network_request is not None:
+            self.network = self._plan_network(self.network_request)
         with self._store.lock(self.id):
             if self._store.exists(self.id):
                 raise StateError(f"sandbox {self.id} already exists")
             self._store.write(self.id, self._doc(VMState.NEW.value, cfg))
         try:
+            net = self.network
+            if net is not None:
+                # Each step of the plan is recorded before it is made (see SandboxNetwork).
+                await net.setup(cfg.num_vcpus, lambda: self._write_doc(VMState.NEW.value, cfg))
             hv = new_hypervisor(self.hypervisor_type, self.run_root)
-            await hv.create_sandbox(self.id, None, cfg)
+            await hv.create_sandbox(self.id, net.vmm_netns if net else None, cfg)
             self._hv = hv
             await self._plug_agent_channel()
+            if net is not None:
+                for dev in net.devices(cfg.num_vcpus, _vhost_net(cfg)):
+                    await hv.add_device(dev)
             self._persist()
         except BaseException:
             await self._teardown()
@@ -185,6 +201,8 @@ class Sandbox:
                 self._persist()
                 if self.hypervisor_type is not HypervisorType.MOCK:
                     await self._connect_agent(self.start_timeout)
+                    if self.network is not None:
+                        await self.network.configure_guest(await self.agent())
             except BaseException:
                 await self._teardown()
                 raise
@@ -229,6 +247,8 @@ class Sandbox:
             if hv is not None:
                 await hv.cleanup()
             await _kill_strays(persist.vm_dir(self.id, self.run_root))
+            if self.network is not None:
+                await self.network.teardown()
             with self._locked_store():
                 self._store.delete(self.id)
 
@@ -416,6 +436,65 @@ class Sandbox:
         """Hot-remove a disk by the id `add_disk` gave it."""
         await self.remove_disk(disk_id)
 
+    def _plan_network(self, request: NetworkConfig | str) -> SandboxNetwork:
+        from .network import NetworkConfig, SandboxNetwork
+
+        cfg = NetworkConfig.parse(request) if isinstance(request, str) else request
+        if self.hypervisor_type not in (HypervisorType.QEMU, HypervisorType.MOCK):
+            raise UnsupportedError(
+                str(self.hypervisor_type), "sandbox networking", "only QEMU is wired up so far"
+            )
+        return SandboxNetwork.plan(self.id, cfg, self.run_root)
+
+    async def add_network(self, name: str) -> Interface:
+        """Take endpoint `name` (just put into the sandbox's namespace) into the running VM:
+        a tap joined to it, a hot-added NIC, configured in the guest before returning."""
+        hv = self.hypervisor
+        hv.require(Capabilities.NET_DEVICE_HOTPLUG, "network hotplug")
+        if self.network is None:
+            raise ConfigError(f"sandbox {self.id} was created without a network")
+        net = self.network
+        async with self._op():
+            iface, routes, neighbours = await net.find_new(name)
+            queues = self.config.num_vcpus
+            net.interfaces.append(iface)
+            self._persist()  # the tap is named in the record before it exists
+            try:
+                await net.connect(iface, queues)
+                ep = net.endpoint(iface, queues, _vhost_net(self.config))
+                await hv.hotplug_add_device(ep)
+            except BaseException:
+                await net.disconnect(iface)
+                net.interfaces.remove(iface)
+                self._persist()
+                raise
+            net.routes += routes
+            net.neighbours += neighbours
+            self._persist()
+            if self.hypervisor_type is not HypervisorType.MOCK:
+                from .network.guest import configure_guest_network, only
+
+                guest = only(net.guest(), iface)
+                await configure_guest_network(await self.agent(), guest, files=False)
+        return iface
+
+    async def remove_network(self, name: str) -> None:
+        """Hot-remove the NIC of endpoint `name` and undo its tap."""
+        hv = self.hypervisor
+        hv.require(Capabilities.NET_DEVICE_HOTPLUG, "network hot-removal")
+        net = self.network
+        iface = next((i for i in net.interfaces if i.name == name), None) if net else None
+        if net is None or iface is None:
+            raise ConfigError(f"sandbox {self.id} has no network endpoint {name!r}")
+        async with self._op():
+            ep = net.endpoint(iface, self.config.num_vcpus, _vhost_net(self.config))
+            await hv.hotplug_remove_device(ep)
+            await net.disconnect(iface)
+            net.interfaces.remove(iface)
+            net.routes = [r for r in net.routes if r.device != name]
+            net.neighbours = [n for n in net.neighbours if n.device != name]
+            self._persist()
+
     async def resize(self, vcpus: int | None = None, memory_mb: int | None = None) -> None:
         """Change the number of vCPUs and/or the memory size of the running VM."""
         hv = self.hypervisor
@@ -602,10 +681,16 @@ class Sandbox:
                 "disks": {
                     d.id: {"path": d.path, "read_only": d.read_only} for d in self.disks.values()
                 },
+                "network": self.network.to_dict() if self.network else None,
             },
             "hypervisor": hv.save().model_dump(mode="json") if hv is not None else {},
             "config": cfg.to_dict(),
         }
+
+    def _write_doc(self, state: str, cfg: HypervisorConfig) -> None:
+        """Persist before the VM exists (the network's plan, as it grows)."""
+        with self._locked_store():
+            self._store.write(self.id, self._doc(state, cfg))
 
     def _persist(self, state: str | None = None) -> None:
         hv = self.hypervisor
@@ -680,6 +765,10 @@ class Sandbox:
         sb.agent_timeout = float(agent_timeout) if agent_timeout is not None else None
         sb.created_at = float(sb_doc.get("created_at", time.time()))
         cfg = HypervisorConfig.from_dict(doc.get("config", {}))
+        if sb_doc.get("network"):
+            from .network import SandboxNetwork
+
+            sb.network = SandboxNetwork.from_dict(sb_doc["network"])
         hv = new_hypervisor(sb.hypervisor_type, root)
         state = recorded_state(store, id, doc) or "created"
         if state == VMState.CREATED.value:
@@ -724,7 +813,22 @@ def _info(store: persist.StateStore, sid: str) -> SandboxInfo:
         created_at=float(sb.get("created_at", 0.0)),
         vcpus=int(cfg.get("num_vcpus", 0)),
         memory_mb=int(cfg.get("memory_size", 0)),
+        ip=_network_ip(sb.get("network")),
     )
+
+
+def _network_ip(record: dict[str, Any] | None) -> str:
+    """The first IPv4 address a persisted network record gives the guest."""
+    if not record:
+        return ""
+    from .network import SandboxNetwork
+
+    return str(SandboxNetwork.from_dict(record).summary()["ip"])
+
+
+def _vhost_net(cfg: HypervisorConfig) -> bool:
+    """vhost-net (in-kernel virtio-net) where the host has it and the config allows it."""
+    return not cfg.disable_vhost_net and os.path.exists("/dev/vhost-net")
 
 
 def _log_paths(vm_dir: str, vmm: bool) -> list[str]:

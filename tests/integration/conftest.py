@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from leaks import leak_check
+from net_support import host_untouched
 
-__all__ = ["leak_check"]
+__all__ = ["host_untouched", "leak_check"]

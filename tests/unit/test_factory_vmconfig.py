@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from test_factory_fakes import fake_config
 
+from virtcontainers.devices import random_mac
 from virtcontainers.errors import ConfigError
 from virtcontainers.factory import VMConfig, config_hash, differences, incompatibility
-from virtcontainers.factory.vm import random_mac
 from virtcontainers.types import HypervisorType, Param
 
 

@@ -171,12 +171,6 @@ def test_capabilities_match_implementation() -> None:
         assert cap not in machine_capabilities("microvm")
 
 
-def test_random_mac_is_local_unicast() -> None:
-    for _ in range(50):
-        first = int(qhotplug.random_mac()[:2], 16)
-        assert first & 0x02 and not first & 0x01
-
-
 # -- block -----------------------------------------------------------------------------------
 async def test_virtio_blk_add_and_remove(
     run_root: str,

@@ -16,7 +16,7 @@ from types import TracebackType
 from .. import persist
 from ..agent import AgentClient, HybridVsock
 from ..agent.waiting import wait_watched
-from ..devices import HybridVSockDevice, NetworkEndpoint, SerialPort
+from ..devices import HybridVSockDevice, NetworkEndpoint, SerialPort, random_mac
 from ..errors import AgentError, ConfigError, VCError, VMTimeoutError
 from ..hypervisor import Hypervisor, VMState, new_hypervisor
 from ..types import Capabilities, Socket
@@ -49,13 +49,6 @@ class AgentEndpoint:
 def new_vm_id(prefix: str = "fvm") -> str:
     """A fresh VM id (also the name of its directory under the run root)."""
     return f"{prefix}-{secrets.token_hex(6)}"
-
-
-def random_mac() -> str:
-    """A random locally administered unicast MAC (each clone's NICs need their own)."""
-    b = bytearray(secrets.token_bytes(6))
-    b[0] = (b[0] & 0xFC) | 0x02
-    return ":".join(f"{x:02x}" for x in b)
 
 
 async def plug_agent_channel(hv: Hypervisor, vm_id: str) -> AgentEndpoint:

@@ -14,6 +14,7 @@ from ...devices import (
     NetworkEndpoint,
     SerialPort,
     SharedFS,
+    UserNetwork,
     VSockDevice,
 )
 from ...errors import ConfigError, UnsupportedError
@@ -603,6 +604,16 @@ def cold_plug(a: _Argv, spec: LaunchSpec, machine: str, dev: Device) -> None:
         _cold_block(a, spec, machine, dev)
     elif isinstance(dev, NetworkEndpoint):
         _cold_net(a, machine, dev)
+    elif isinstance(dev, UserNetwork):
+        fwd = [f"hostfwd={f}" for f in dev.host_forwards]
+        a.add("-netdev", "user", f"id=netdev-{dev.id}", f"net={dev.net}", *fwd)
+        a.add(
+            "-device",
+            virtio(machine, "virtio-net"),
+            f"netdev=netdev-{dev.id}",
+            f"id=net-{dev.id}",
+            f"mac={dev.mac}",
+        )
     elif isinstance(dev, SharedFS):
         _cold_fs(a, spec, machine, dev)
     elif isinstance(dev, ImageDevice):

@@ -23,6 +23,7 @@ from ...devices import (
     NetworkEndpoint,
     SerialPort,
     SharedFS,
+    UserNetwork,
     VSockDevice,
     check_id,
 )
@@ -472,7 +473,10 @@ class QemuHypervisor(Hypervisor):
             virtiofsd.daemon_path(self._require_config("cold-plug a virtio-fs share"))
         if isinstance(device, BlockDrive):
             self._assign_block_slot(device)
-        if not isinstance(device, (SerialPort, VSockDevice, BlockDrive, NetworkEndpoint, SharedFS)):
+        if not isinstance(
+            device,
+            (SerialPort, VSockDevice, BlockDrive, NetworkEndpoint, UserNetwork, SharedFS),
+        ):
             raise self.unsupported(f"cold-plugging {device.kind}")
         if isinstance(device, SerialPort):
             host.build_socket_path(device.socket.host_path)

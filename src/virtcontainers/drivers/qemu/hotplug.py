@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ from ...devices import (
     SharedFS,
     VFIODevice,
     VhostUserDevice,
+    random_mac,
 )
 from ...errors import ConfigError, HypervisorError, StateError, VMTimeoutError
 from ...types import Capabilities, MemoryDevice
@@ -87,13 +87,6 @@ class Plugged:
 def device_key(device: Device) -> str:
     """The record key of a device: its kind and id (vCPUs and memory have none)."""
     return f"{device.kind}:{getattr(device, 'id', '')}"
-
-
-def random_mac() -> str:
-    """A random locally administered unicast MAC address."""
-    b = bytearray(secrets.token_bytes(6))
-    b[0] = (b[0] & 0xFC) | 0x02
-    return ":".join(f"{x:02x}" for x in b)
 
 
 class Hotplug:

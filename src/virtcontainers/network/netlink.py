@@ -1,0 +1,365 @@
+"""Netlink work through pyroute2, inside a chosen network namespace.
+
+pyroute2's synchronous API runs an event loop of its own, so everything here is blocking
+and is run off the caller's loop (`in_netns`). A namespace is entered by a fresh thread
+that calls setns(2) on itself: netlink sockets, sysctl files and child processes (nft)
+opened by that thread all belong to the namespace, and no pooled thread is left in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import ipaddress
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..errors import ConfigError, HypervisorError
+from .model import Address, Interface, Neighbour, Route
+
+T = TypeVar("T")
+
+CLONE_NEWNET = 0x40000000
+NETNS_RUN_DIR = "/var/run/netns"
+ETH_P_ALL = 0x0003
+NUD_PERMANENT = 0x80
+RTPROT_KERNEL = 2
+TAP_SUFFIX = "_vc"
+"""Taps this package makes end with it (Kata's are `tapN_kata`): never taken as endpoints."""
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _enter(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def call_in_netns(path: str, fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn(*args)` in the namespace at `path` ("" for the caller's) and return its result."""
+    if not path:
+        return fn(*args)
+    if not os.path.exists(path):
+        raise ConfigError(f"network namespace {path} does not exist")
+    box: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            _enter(path)
+            box["result"] = fn(*args)
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=body, name="vc-netns", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]  # type: ignore[no-any-return]
+
+
+async def in_netns(path: str, fn: Callable[..., T], *args: Any) -> T:
+    """`call_in_netns` off the event loop."""
+    return await asyncio.to_thread(call_in_netns, path, fn, *args)
+
+
+def netns_path(name: str) -> str:
+    return os.path.join(NETNS_RUN_DIR, name)
+
+
+def create_netns(name: str) -> str:
+    """A new named namespace with its loopback up; returns its path."""
+    try:
+        netns.create(name)
+    except OSError as e:
+        raise HypervisorError(f"cannot create network namespace {name}: {e}") from e
+    path = netns_path(name)
+    call_in_netns(path, _loopback_up)
+    return path
+
+
+def remove_netns(name: str) -> bool:
+    """Delete a named namespace (and every interface in it); False if it was not there."""
+    if not os.path.exists(netns_path(name)):
+        return False
+    netns.remove(name)
+    return True
+
+
+@contextlib.contextmanager
+def _ipr() -> Iterator[IPRoute]:
+    ipr = IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _index(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return int(found[0]) if found else None
+
+
+def _loopback_up() -> None:
+    with _ipr() as ipr:
+        idx = _index(ipr, "lo")
+        if idx is not None:
+            ipr.link("set", index=idx, state="up")
+
+
+def link_exists(name: str) -> bool:
+    with _ipr() as ipr:
+        return _index(ipr, name) is not None
+
+
+def delete_link(name: str) -> bool:
+    """Delete an interface of the current namespace; False if there was none."""
+    with _ipr() as ipr:
+        idx = _index(ipr, name)
+        if idx is None:
+            return False
+        with contextlib.suppress(NetlinkError):
+            ipr.link("del", index=idx)
+        return True
+
+
+# -- reading a namespace ---------------------------------------------------------------------
+
+
+def _kind(link: Any) -> str:
+    info = link.get("IFLA_LINKINFO")
+    kind = info.get("IFLA_INFO_KIND") if info else None
+    if kind == "tun":
+        data = info.get("IFLA_INFO_DATA")
+        return "tap" if data and data.get("IFLA_TUN_TYPE") == 2 else "tun"
+    return str(kind or "device")
+
+
+def scan() -> tuple[list[Interface], list[Route], list[Neighbour]]:
+    """The endpoints of the current namespace (every interface but loopback and our own
+    taps), their global addresses, the routes leaving by them and static neighbours."""
+    with _ipr() as ipr:
+        names: dict[int, str] = {}
+        found: list[Interface] = []
+        for link in ipr.get_links():
+            name = str(link.get("IFLA_IFNAME"))
+            names[int(link["index"])] = name
+            if name == "lo" or name.endswith(TAP_SUFFIX):
+                continue
+            iface = Interface(
+                name=name,
+                kind=_kind(link),
+                mac=str(link.get("IFLA_ADDRESS") or ""),
+                mtu=int(link.get("IFLA_MTU") or 1500),
+            )
+            for a in ipr.get_addr(index=link["index"]):
+                ip = a.get("IFA_ADDRESS")
+                if ip and not ipaddress.ip_address(ip).is_link_local:
+                    iface.addresses.append(Address(str(ip), int(a["prefixlen"])))
+            found.append(iface)
+        ours = {i.name for i in found}
+        routes: list[Route] = []
+        for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
+            for r in ipr.get_routes(family=family, table=254):
+                dev = names.get(int(r.get("RTA_OIF") or 0), "")
+                if r["proto"] == RTPROT_KERNEL or (dev and dev not in ours):
+                    continue
+                dst = r.get("RTA_DST")
+                if dst and ipaddress.ip_address(dst).is_link_local:
+                    continue
+                routes.append(
+                    Route(
+                        dest=f"{dst}/{r['dst_len']}" if dst else "",
+                        gateway=str(r.get("RTA_GATEWAY") or ""),
+                        family=version,
+                        device=dev,
+                    )
+                )
+        neighbours = [
+            Neighbour(str(n.get("NDA_DST")), str(n.get("NDA_LLADDR")), names[n["ifindex"]])
+            for n in ipr.get_neighbours()
+            if n["state"] & NUD_PERMANENT
+            and names.get(n["ifindex"]) in ours
+            and n.get("NDA_LLADDR")
+        ]
+    return found, routes, neighbours
+
+
+# -- Kata's tcfilter model -------------------------------------------------------------------
+
+
+def connect_tcfilter(endpoint: str, tap: str, queues: int, mtu: int) -> None:
+    """Make `tap` (multiqueue when `queues` > 1) and join it to `endpoint` both ways: an
+    ingress qdisc on each with a u32 match-all filter whose mirred action redirects every
+    frame out of the other. What arrives on the endpoint goes to the VM and back."""
+    with _ipr() as ipr:
+        ep = _index(ipr, endpoint)
+        if ep is None:
+            raise ConfigError(f"network endpoint {endpoint} is not in the sandbox's namespace")
+        try:
+            ipr.link(
+                "add",
+                ifname=tap,
+                kind="tuntap",
+                mode="tap",
+                ifr={"no_pi": True, "vnet_hdr": True, "multi_queue": queues > 1},
+            )
+        except (NetlinkError, OSError) as e:
+            raise HypervisorError(f"cannot create tap {tap} for endpoint {endpoint}: {e}") from e
+        tp = _index(ipr, tap)
+        assert tp is not None
+        try:
+            ipr.link("set", index=tp, mtu=mtu, state="up")
+            for src, dst in ((ep, tp), (tp, ep)):
+                with contextlib.suppress(NetlinkError):  # an ingress qdisc may already be there
+                    ipr.tc("add", "ingress", src, "ffff:")
+                ipr.tc(
+                    "add-filter",
+                    "u32",
+                    src,
+                    ":1",
+                    parent="ffff:",
+                    protocol=ETH_P_ALL,
+                    keys=["0x0/0x0+0"],
+                    target=0x10020,
+                    action={
+                        "kind": "mirred",
+                        "direction": "egress",
+                        "action": "redirect",
+                        "ifindex": dst,
+                    },
+                )
+            ipr.link("set", index=ep, state="up")
+        except NetlinkError as e:
+            with contextlib.suppress(NetlinkError):
+                ipr.link("del", index=tp)
+            with contextlib.suppress(NetlinkError):
+                ipr.tc("del", "ingress", ep, "ffff:")
+            raise HypervisorError(
+                f"cannot redirect endpoint {endpoint} to tap {tap} with tc: {e}"
+            ) from e
+
+
+def disconnect_tcfilter(endpoint: str, tap: str) -> None:
+    """Undo `connect_tcfilter`: the tap goes (its qdisc with it), the endpoint's ingress
+    qdisc too. Whatever is already gone is skipped."""
+    with _ipr() as ipr:
+        tp = _index(ipr, tap)
+        if tp is not None:
+            with contextlib.suppress(NetlinkError):
+                ipr.link("del", index=tp)
+        ep = _index(ipr, endpoint) if endpoint else None
+        if ep is not None:
+            try:
+                ipr.tc("del", "ingress", ep, "ffff:")
+            except NetlinkError as e:
+                if e.code not in (errno.ENOENT, errno.EINVAL):
+                    raise
+
+
+# -- the bridge side -------------------------------------------------------------------------
+
+
+def route_networks() -> list[ipaddress.IPv4Network]:
+    """The IPv4 destinations of the current namespace's routes (the default route aside)."""
+    with _ipr() as ipr:
+        out = []
+        for r in ipr.get_routes(family=socket.AF_INET, table=254):
+            dst = r.get("RTA_DST")
+            if dst and r["dst_len"]:
+                out.append(ipaddress.IPv4Network(f"{dst}/{r['dst_len']}", strict=False))
+        return out
+
+
+def bridge_address(name: str) -> ipaddress.IPv4Interface | None:
+    """The IPv4 address of bridge `name`, None when there is no such bridge.
+
+    `ConfigError` when `name` exists but is no bridge or has no IPv4 address.
+    """
+    with _ipr() as ipr:
+        idx = _index(ipr, name)
+        if idx is None:
+            return None
+        (link,) = ipr.get_links(idx)
+        if _kind(link) != "bridge":
+            raise ConfigError(f"bridge {name}: an interface of that name exists and is no bridge")
+        for a in ipr.get_addr(index=idx, family=socket.AF_INET):
+            return ipaddress.IPv4Interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
+        raise ConfigError(f"bridge {name} exists but has no IPv4 address")
+
+
+def create_bridge(name: str, gateway: ipaddress.IPv4Interface) -> None:
+    """A bridge with the subnet's gateway address; loopback-sourced traffic may be routed
+    out of it (route_localnet: published ports reached on 127.0.0.1)."""
+    with _ipr() as ipr:
+        ipr.link("add", ifname=name, kind="bridge")
+        idx = _index(ipr, name)
+        assert idx is not None
+        try:
+            ipr.addr("add", index=idx, address=str(gateway.ip), prefixlen=gateway.network.prefixlen)
+            ipr.link("set", index=idx, state="up")
+        except NetlinkError:
+            ipr.link("del", index=idx)
+            raise
+    write_sysctl(f"net/ipv4/conf/{name}/route_localnet", "1")
+    write_sysctl("net/ipv4/ip_forward", "1")
+
+
+def bridge_ports(name: str) -> int:
+    """How many interfaces are enslaved to bridge `name` (-1 when it does not exist)."""
+    with _ipr() as ipr:
+        idx = _index(ipr, name)
+        if idx is None:
+            return -1
+        return sum(1 for link in ipr.get_links() if link.get("IFLA_MASTER") == idx)
+
+
+def add_veth(
+    host_end: str,
+    bridge: str,
+    ns_path: str,
+    inner: str,
+    address: ipaddress.IPv4Interface,
+    gateway: ipaddress.IPv4Address,
+) -> None:
+    """A veth pair: `host_end` on `bridge` here, `inner` in the namespace at `ns_path` with
+    `address` and a default route via `gateway`."""
+    with _ipr() as ipr:
+        fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            ipr.link("add", ifname=host_end, kind="veth", peer={"ifname": inner, "net_ns_fd": fd})
+        finally:
+            os.close(fd)
+        idx = _index(ipr, host_end)
+        br = _index(ipr, bridge)
+        assert idx is not None and br is not None
+        ipr.link("set", index=idx, master=br, state="up")
+
+    def inside() -> None:
+        with _ipr() as ipr:
+            idx = _index(ipr, inner)
+            assert idx is not None
+            ipr.addr("add", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
+            ipr.link("set", index=idx, state="up")
+            ipr.route("add", dst="0.0.0.0/0", gateway=str(gateway))
+
+    call_in_netns(ns_path, inside)
+
+
+def write_sysctl(key: str, value: str) -> None:
+    """Write /proc/sys/<key> of the current namespace."""
+    with open(os.path.join("/proc/sys", key), "w") as f:
+        f.write(value)

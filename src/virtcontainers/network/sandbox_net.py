@@ -1,0 +1,405 @@
+"""One sandbox's network: what is made for it on the host, how it reaches the VM, how it
+is undone.
+
+Everything a sandbox may create is named from its id before anything is created (its
+namespace `vc-<id>`, the bridge-side veth `vcv<hash>`, taps `tap<N>_vc`, NAT rules tagged
+`virtc:<id>`), and the plan is persisted first: a manager killed half-way leaves a record
+from which `teardown` removes exactly that sandbox's pieces and nothing else.
+
+QEMU is launched inside the sandbox's namespace (the driver runs it under `nsenter`), so it
+opens the taps by name both at start and on hotplug (`netdev_add ifname=`), without
+passing file descriptors around, and its user-mode stack (if any) lives there too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import ipaddress
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..devices import Device, NetworkEndpoint, UserNetwork, random_mac
+from ..errors import ConfigError, UnsupportedError
+from . import nat, netlink
+from .model import (
+    Address,
+    GuestNetwork,
+    Interface,
+    Neighbour,
+    NetworkConfig,
+    PortMapping,
+    Route,
+    parse_subnet,
+)
+
+if TYPE_CHECKING:
+    from ..agent import AgentClient
+
+log = logging.getLogger(__name__)
+
+LOCK_PATH = "/run/lock/virtc-net.lock"
+"""Serialises bridge creation/removal and address leases across managers."""
+SUBNET_CANDIDATES = ("10.213.0.0/16", "10.214.0.0/16", "172.29.0.0/16", "192.168.213.0/24")
+"""Default bridge subnets, the first that no route of the bridge's namespace overlaps."""
+INNER_IFNAME = "eth0"
+USER_NET = ipaddress.IPv4Network("10.0.2.0/24")
+"""QEMU user-mode networking: guest .15, gateway .2, DNS .3."""
+RESOLV_CONF = "/etc/resolv.conf"
+
+
+def host_dns(path: str = RESOLV_CONF) -> tuple[list[str], list[str]]:
+    """Nameservers (loopback ones dropped: the guest cannot reach them) and search domains."""
+    servers: list[str] = []
+    search: list[str] = []
+    with contextlib.suppress(OSError), open(path) as f:
+        for line in f:
+            words = line.split()
+            if len(words) >= 2 and words[0] == "nameserver":
+                with contextlib.suppress(ValueError):
+                    if not ipaddress.ip_address(words[1]).is_loopback:
+                        servers.append(words[1])
+            elif words and words[0] in ("search", "domain"):
+                search = words[1:]
+    return servers, search
+
+
+@contextlib.contextmanager
+def _net_lock() -> Iterator[None]:
+    os.makedirs(os.path.dirname(LOCK_PATH), exist_ok=True)
+    with open(LOCK_PATH, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _hash(text: str, n: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+@dataclass
+class SandboxNetwork:
+    """The plan and the state of one sandbox's network (persisted with the sandbox)."""
+
+    sandbox_id: str
+    config: NetworkConfig
+    run_root: str
+    netns_name: str = ""
+    """Set when the namespace is ours (bridge mode): removed with the sandbox."""
+    netns_path: str = ""
+    """Where QEMU runs ("" for the caller's namespace)."""
+    host_veth: str = ""
+    lease_dir: str = ""
+    address: str = ""
+    gateway: str = ""
+    interfaces: list[Interface] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
+    neighbours: list[Neighbour] = field(default_factory=list)
+    dns: list[str] = field(default_factory=list)
+    dns_search: list[str] = field(default_factory=list)
+
+    # -- planning (no side effects) -----------------------------------------------------------
+    @classmethod
+    def plan(cls, sandbox_id: str, config: NetworkConfig, run_root: str) -> SandboxNetwork:
+        """Validate `config` and name everything this sandbox may create."""
+        config.validate()
+        net = cls(sandbox_id, config, run_root)
+        if config.host_netns and not os.path.exists(config.host_netns):
+            raise ConfigError(f"network namespace {config.host_netns} does not exist")
+        if config.mode == "bridge":
+            net.netns_name = f"vc-{sandbox_id}"
+            net.netns_path = netlink.netns_path(net.netns_name)
+            net.host_veth = f"vcv{_hash(sandbox_id, 10)}"
+            host_ns = config.host_netns or "/proc/thread-self/ns/net"
+            ino = os.stat(host_ns).st_ino
+            net.lease_dir = os.path.join(run_root, "net", f"{ino}-{config.bridge}")
+        elif config.mode == "ns":
+            if not os.path.exists(config.netns_path):
+                raise ConfigError(f"network namespace {config.netns_path} does not exist")
+            net.netns_path = config.netns_path
+        if config.dns is not None:
+            net.dns = list(config.dns)
+            net.dns_search = list(config.dns_search)
+        elif config.mode == "user":
+            net.dns = [str(USER_NET[3])]
+        elif config.mode != "none":
+            net.dns, net.dns_search = host_dns()
+        return net
+
+    @property
+    def vmm_netns(self) -> str | None:
+        """The namespace the VMM runs in (None: the caller's)."""
+        return self.netns_path or self.config.host_netns or None
+
+    @property
+    def hostname(self) -> str:
+        return self.config.hostname or self.sandbox_id[:63]
+
+    # -- setting up ---------------------------------------------------------------------------
+    async def setup(self, queues: int, persist: Callable[[], None]) -> None:
+        """Make the host side; `persist` is called whenever the record grows, before the
+        thing it names is created. On failure everything made so far is undone."""
+        try:
+            if self.config.mode == "bridge":
+                await netlink.in_netns(self.config.host_netns, self._bridge_side)
+                persist()
+            if self.config.mode == "user":
+                await netlink.in_netns(self.config.host_netns, self._check_ports)
+                self.interfaces = [
+                    Interface("user", "user", random_mac(), 1500, [Address(str(USER_NET[15]), 24)])
+                ]
+                self.routes = [Route(gateway=str(USER_NET[2]))]
+            if self.netns_path and self.config.model == "tcfilter":
+                found, routes, neighbours = await netlink.in_netns(self.netns_path, netlink.scan)
+                for n, iface in enumerate(found):
+                    self._check_endpoint(iface)
+                    iface.tap = iface.name if iface.kind == "tap" else f"tap{n}{netlink.TAP_SUFFIX}"
+                    iface.nic_id = f"net{n}"
+                self.interfaces, self.routes, self.neighbours = found, routes, neighbours
+                persist()
+                for iface in found:
+                    await self._connect(iface, queues)
+        except BaseException:
+            await self.teardown()
+            raise
+
+    def _check_ports(self) -> None:
+        nat.check_ports_free(self.sandbox_id, self.config.ports)
+
+    def _check_endpoint(self, iface: Interface) -> None:
+        if iface.kind in ("macvtap", "tun"):
+            raise UnsupportedError(
+                "qemu",
+                f"network endpoint {iface.name} ({iface.kind})",
+                "only veth-like endpoints (joined by a tap with tc redirects) and taps are taken",
+            )
+
+    async def _connect(self, iface: Interface, queues: int) -> None:
+        if iface.kind != "tap":
+            await netlink.in_netns(
+                self.netns_path, netlink.connect_tcfilter, iface.name, iface.tap, queues, iface.mtu
+            )
+
+    def _bridge_side(self) -> None:
+        """In the bridge's namespace: check, then bridge, lease, namespace, veth, NAT."""
+        cfg = self.config
+        with _net_lock():
+            self._check_ports()
+            gw = netlink.bridge_address(cfg.bridge)
+            if gw is None:
+                gw = self._gateway_for_new_bridge()
+                netlink.create_bridge(cfg.bridge, gw)
+            elif cfg.subnet and gw.network != parse_subnet(cfg.subnet):
+                raise ConfigError(
+                    f"bridge {cfg.bridge} already serves {gw.network}, not subnet {cfg.subnet}"
+                )
+            addr = self._lease(gw)
+            self.address, self.gateway = str(addr), str(gw.ip)
+            netlink.create_netns(self.netns_name)
+            netlink.add_veth(self.host_veth, cfg.bridge, self.netns_path, INNER_IFNAME, addr, gw.ip)
+            nat.add_rules(self.sandbox_id, addr.ip, gw.network, cfg.bridge, cfg.ports)
+
+    def _gateway_for_new_bridge(self) -> ipaddress.IPv4Interface:
+        if self.config.subnet:
+            subnet = parse_subnet(self.config.subnet)
+            clash = [r for r in netlink.route_networks() if r.overlaps(subnet)]
+            if clash:
+                raise ConfigError(f"subnet {subnet} overlaps the route to {clash[0]} on this host")
+        else:
+            taken = netlink.route_networks()
+            free = [
+                parse_subnet(c)
+                for c in SUBNET_CANDIDATES
+                if not any(r.overlaps(ipaddress.IPv4Network(c)) for r in taken)
+            ]
+            if not free:
+                raise ConfigError(
+                    f"every default bridge subnet ({', '.join(SUBNET_CANDIDATES)}) overlaps a "
+                    "route of this host: choose one with --subnet"
+                )
+            subnet = free[0]
+        return ipaddress.IPv4Interface(f"{subnet[1]}/{subnet.prefixlen}")
+
+    def _lease(self, gw: ipaddress.IPv4Interface) -> ipaddress.IPv4Interface:
+        """The first free address of the bridge's subnet, held by a file named after it."""
+        os.makedirs(self.lease_dir, mode=0o700, exist_ok=True)
+        for ip in gw.network.hosts():
+            if ip == gw.ip:
+                continue
+            try:
+                fd = os.open(
+                    os.path.join(self.lease_dir, str(ip)),
+                    os.O_CREAT | os.O_EXCL | os.O_WRONLY,
+                    0o600,
+                )
+            except FileExistsError:
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.sandbox_id)
+            return ipaddress.IPv4Interface(f"{ip}/{gw.network.prefixlen}")
+        raise ConfigError(f"bridge {self.config.bridge}: no free address left in {gw.network}")
+
+    def _release_leases(self) -> bool:
+        """Drop this sandbox's leases; True when the bridge has no lease left."""
+        try:
+            names = os.listdir(self.lease_dir)
+        except FileNotFoundError:
+            return True
+        left = 0
+        for name in names:
+            path = os.path.join(self.lease_dir, name)
+            try:
+                with open(path) as f:
+                    owner = f.read()
+            except FileNotFoundError:
+                continue
+            if owner == self.sandbox_id:
+                os.unlink(path)
+            else:
+                left += 1
+        if not left:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.lease_dir)
+                os.rmdir(os.path.dirname(self.lease_dir))
+        return not left
+
+    # -- the VM side --------------------------------------------------------------------------
+    def devices(self, queues: int, vhost: bool) -> list[Device]:
+        """The NICs to cold-plug (one per endpoint)."""
+        if self.config.mode == "user":
+            iface = self.interfaces[0]
+            fwd = [
+                f"{p.protocol}:{p.host_ip}:{p.host_port}-{USER_NET[15]}:{p.guest_port}"
+                for p in self.config.ports
+            ]
+            return [UserNetwork(id="user0", mac=iface.mac, net=str(USER_NET), host_forwards=fwd)]
+        return [self.endpoint(i, queues, vhost) for i in self.interfaces if i.tap]
+
+    def endpoint(self, iface: Interface, queues: int, vhost: bool) -> NetworkEndpoint:
+        return NetworkEndpoint(
+            id=iface.nic_id, tap_name=iface.tap, mac=iface.mac, queues=queues, vhost=vhost
+        )
+
+    def guest(self) -> GuestNetwork:
+        """What the guest is told."""
+        return GuestNetwork(
+            interfaces=[i for i in self.interfaces if i.tap or self.config.mode == "user"],
+            routes=self.routes,
+            neighbours=self.neighbours,
+            hostname=self.hostname,
+            dns=self.dns,
+            dns_search=self.dns_search,
+            extra_hosts=self.config.extra_hosts,
+        )
+
+    async def configure_guest(self, agent: AgentClient) -> None:
+        from .guest import configure_guest_network
+
+        await configure_guest_network(agent, self.guest())
+
+    # -- hotplug ------------------------------------------------------------------------------
+    async def find_new(self, name: str) -> tuple[Interface, list[Route], list[Neighbour]]:
+        """Endpoint `name`, newly put into the sandbox's namespace, named for its tap."""
+        if not self.netns_path:
+            raise ConfigError(
+                f"sandbox {self.sandbox_id} has no network namespace ({self.config.mode} mode)"
+            )
+        if any(i.name == name for i in self.interfaces):
+            raise ConfigError(f"sandbox {self.sandbox_id}: endpoint {name} is already added")
+        found, routes, neighbours = await netlink.in_netns(self.netns_path, netlink.scan)
+        for iface in found:
+            if iface.name == name:
+                self._check_endpoint(iface)
+                used = {i.nic_id for i in self.interfaces}
+                n = next(k for k in range(len(used) + 1) if f"net{k}" not in used)
+                iface.nic_id = f"net{n}"
+                iface.tap = iface.name if iface.kind == "tap" else f"tap{n}{netlink.TAP_SUFFIX}"
+                mine = [r for r in routes if r.device == name]
+                return iface, mine, [nb for nb in neighbours if nb.device == name]
+        raise ConfigError(
+            f"sandbox {self.sandbox_id}: no interface {name} in namespace {self.netns_path}"
+        )
+
+    async def connect(self, iface: Interface, queues: int) -> None:
+        await self._connect(iface, queues)
+
+    async def disconnect(self, iface: Interface) -> None:
+        if iface.kind != "tap" and os.path.exists(self.netns_path):
+            await netlink.in_netns(
+                self.netns_path, netlink.disconnect_tcfilter, iface.name, iface.tap
+            )
+
+    # -- teardown -----------------------------------------------------------------------------
+    async def teardown(self) -> None:
+        """Remove what this sandbox's record names; whatever is already gone is skipped."""
+        if self.config.mode == "bridge":
+            host_ns = self.config.host_netns
+            if host_ns and not os.path.exists(host_ns):
+                log.warning("sandbox %s: bridge namespace %s is gone", self.sandbox_id, host_ns)
+                netlink.remove_netns(self.netns_name)
+                self._release_leases()
+                return
+            await netlink.in_netns(host_ns, self._bridge_teardown)
+        elif self.netns_path and os.path.exists(self.netns_path):
+            for iface in self.interfaces:
+                if iface.tap and iface.kind != "tap":
+                    await self.disconnect(iface)
+
+    def _bridge_teardown(self) -> None:
+        with _net_lock():
+            nat.remove_rules(self.sandbox_id)
+            netlink.delete_link(self.host_veth)
+            netlink.remove_netns(self.netns_name)
+            if self._release_leases() and netlink.bridge_ports(self.config.bridge) == 0:
+                netlink.delete_link(self.config.bridge)
+
+    # -- persistence --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["config"] = self.config.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SandboxNetwork:
+        d = dict(d)
+        d["config"] = NetworkConfig.from_dict(d["config"])
+        d["interfaces"] = [Interface.from_dict(i) for i in d.get("interfaces") or []]
+        d["routes"] = [Route(**r) for r in d.get("routes") or []]
+        d["neighbours"] = [Neighbour(**n) for n in d.get("neighbours") or []]
+        return cls(**d)
+
+    def summary(self) -> dict[str, Any]:
+        """What `virtc inspect` shows."""
+        return {
+            "mode": self.config.mode,
+            "netns": self.netns_path,
+            "ip": self.address.split("/")[0] if self.address else self._first_ipv4(),
+            "gateway": self.gateway,
+            "interfaces": [
+                {
+                    "name": i.name,
+                    "mac": i.mac,
+                    "mtu": i.mtu,
+                    "addresses": [str(a) for a in i.addresses],
+                }
+                for i in self.interfaces
+            ],
+            "ports": [str(p) for p in self.config.ports],
+            "dns": self.dns,
+        }
+
+    def _first_ipv4(self) -> str:
+        for i in self.interfaces:
+            for a in i.addresses:
+                if a.family == 4:
+                    return a.ip
+        return ""
+
+
+__all__ = ["PortMapping", "SandboxNetwork"]

@@ -1,0 +1,129 @@
+"""Parsing and validation of network requests, and the guest script they produce."""
+
+from __future__ import annotations
+
+import pytest
+
+from virtcontainers.errors import ConfigError
+from virtcontainers.network import (
+    Address,
+    GuestNetwork,
+    Interface,
+    Neighbour,
+    NetworkConfig,
+    PortMapping,
+    Route,
+)
+from virtcontainers.network.guest import guest_script, hosts_file, resolv_conf
+from virtcontainers.network.sandbox_net import host_dns
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("8080:80", PortMapping(8080, 80)),
+        ("127.0.0.1:8080:80/udp", PortMapping(8080, 80, "udp", "127.0.0.1")),
+        ("1:65535/tcp", PortMapping(1, 65535)),
+    ],
+)
+def test_port_specs(spec: str, expected: PortMapping) -> None:
+    assert PortMapping.parse(spec) == expected
+    assert PortMapping.parse(str(expected)) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("80", "expected"),
+        ("a:80", "expected"),
+        ("8080:80/sctp", "expected"),
+        ("0:80", "host port 0"),
+        ("8080:70000", "guest port 70000"),
+        ("300.1.1.1:80:80", "not an IP address"),
+        ("[::1]:80:80", "only IPv4"),
+    ],
+)
+def test_bad_port_specs(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as e:
+        PortMapping.parse(spec)
+    assert spec in str(e.value)
+
+
+def test_network_specs() -> None:
+    assert NetworkConfig.parse("none").mode == "none"
+    cfg = NetworkConfig.parse("bridge:br-test", ["8080:80"], subnet="10.9.0.0/24")
+    assert (cfg.mode, cfg.bridge, cfg.subnet) == ("bridge", "br-test", "10.9.0.0/24")
+    assert cfg.ports == [PortMapping(8080, 80)]
+    assert NetworkConfig.parse("ns:/var/run/netns/x").netns_path == "/var/run/netns/x"
+    back = NetworkConfig.from_dict(cfg.to_dict())
+    assert back == cfg
+
+
+@pytest.mark.parametrize(
+    ("text", "ports", "subnet", "message"),
+    [
+        ("wifi", [], "", "network mode 'wifi'"),
+        ("ns", [], "", "needs a namespace path"),
+        ("none", ["80:80"], "", "need --net bridge or --net user"),
+        ("bridge:a-very-long-bridge", [], "", "bridge name 'a-very-long-bridge'"),
+        ("bridge", [], "10.0.0.1/24", "subnet '10.0.0.1/24'"),
+        ("bridge", [], "10.0.0.0/30", "prefix must be /8 to /29"),
+        ("bridge", [], "fd00::/64", "only IPv4"),
+        ("bridge", [], "banana", "subnet 'banana'"),
+        ("bridge", ["80:80", "80:81"], "", "host port 80 given twice"),
+        ("user:x", [], "", "takes no argument"),
+    ],
+)
+def test_bad_network_specs(text: str, ports: list[str], subnet: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        NetworkConfig.parse(text, ports, subnet=subnet)
+
+
+def test_guest_script_and_files() -> None:
+    net = GuestNetwork(
+        interfaces=[
+            Interface(
+                "eth0",
+                "veth",
+                "02:AA:00:00:00:01",
+                1400,
+                [Address("10.1.0.2", 24), Address("fd00::2", 64)],
+            )
+        ],
+        routes=[
+            Route(gateway="10.1.0.1", device="eth0"),
+            Route("10.7.0.0/16", "10.1.0.9", 4, "eth0"),
+        ],
+        neighbours=[
+            Neighbour("10.1.0.9", "02:00:00:00:00:09", "eth0"),
+            Neighbour("fd00::9", "x", "eth0"),
+        ],
+        hostname="box",
+        dns=["10.1.0.53"],
+        dns_search=["a.test"],
+        extra_hosts={"db": "10.1.0.7"},
+    )
+    script = guest_script(net, wait=2)
+    assert "dev0=$(find_nic 02:aa:00:00:00:01 20)" in script
+    assert 'ip link set dev "$dev0" mtu 1400' in script
+    assert 'ip -4 addr add 10.1.0.2/24 dev "$dev0"' in script
+    assert 'ip -6 addr add fd00::2/64 dev "$dev0"' in script
+    assert 'ip -4 route replace default via 10.1.0.1 dev "$dev0"' in script
+    assert 'ip -4 route replace 10.7.0.0/16 via 10.1.0.9 dev "$dev0"' in script
+    assert 'arp -i "$dev0" -s 10.1.0.9 02:00:00:00:00:09' in script
+    assert "fd00::9" not in script
+    assert "hostname box" in script
+    assert hosts_file(net).splitlines()[2:] == ["10.1.0.2\tbox", "fd00::2\tbox", "10.1.0.7\tdb"]
+    assert resolv_conf(net) == "nameserver 10.1.0.53\nsearch a.test\n"
+
+
+def test_guest_script_quotes_what_it_is_given() -> None:
+    net = GuestNetwork(hostname="x; reboot")
+    assert "hostname 'x; reboot'" in guest_script(net)
+
+
+def test_host_dns_drops_loopback_servers(tmp_path: pytest.TempPathFactory) -> None:
+    conf = tmp_path / "resolv.conf"  # type: ignore[operator]
+    conf.write_text("nameserver 127.0.0.53\nnameserver 10.0.0.2\nsearch a b\n")
+    assert host_dns(str(conf)) == (["10.0.0.2"], ["a", "b"])
+    assert host_dns(str(conf) + ".missing") == ([], [])
