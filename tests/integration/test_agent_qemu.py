@@ -212,6 +212,23 @@ async def test_file_round_trip(client: AgentClient) -> None:
     assert res.stdout == f"600 {len(data)}\n".encode()
 
 
+async def test_guest_users_symlinks_do_not_redirect_host_writes(client: AgentClient) -> None:
+    """A guest user's link in /tmp to a root file: the agent neither writes through it nor
+    follows a user's symlinked directory; the kernel's protected_symlinks is on."""
+    res = await client.exec(["cat", "/proc/sys/fs/protected_symlinks"])
+    assert res.stdout == b"1\n"
+    plant = (
+        "echo root-only > /root/secret && ln -s /root/secret /tmp/x && ln -s /root /tmp/d"
+        " && chown -h 65534:65534 /tmp/x /tmp/d"
+    )
+    assert (await client.exec(["sh", "-c", plant])).ok
+    with pytest.raises(AgentRequestError, match="symbolic link"):
+        await client.write_file("/tmp/x", b"owned")
+    with pytest.raises(AgentRequestError, match="symlink owned by another user"):
+        await client.write_file("/tmp/d/secret", b"owned")
+    assert await client.read_file("/root/secret") == b"root-only\n"
+
+
 async def test_set_time_and_entropy(client: AgentClient) -> None:
     target = 1_900_000_000.0
     await client.set_time(target)

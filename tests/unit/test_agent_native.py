@@ -234,3 +234,96 @@ def test_fuzzed_streams_never_kill_the_agent(native: NativeAgent, junk: bytes) -
         s.sendall(p.encode_frame(p.MsgType.PING, 77))
         frames = read_frames(s, 1)
     assert frames[0].id == 77 and native.alive()
+
+
+async def test_write_file_never_writes_through_a_guest_users_symlink(
+    client: AgentClient, native: NativeAgent
+) -> None:
+    """The attack: a guest user plants `x -> secret` (or a symlinked directory, or a file of
+    their own) where the host will write as root."""
+    nobody = 65534
+    d = tempfile.mkdtemp(prefix="plant-", dir=native.workdir)
+    secret = os.path.join(d, "secret")
+    Path(secret).write_bytes(b"root only")
+    os.symlink(secret, os.path.join(d, "x"))
+    with pytest.raises(AgentRequestError, match="symbolic link") as info:
+        await client.write_file(os.path.join(d, "x"), b"owned")
+    assert info.value.errno == errno.ELOOP
+    assert Path(secret).read_bytes() == b"root only"
+
+    os.mkdir(os.path.join(d, "real"))
+    os.symlink(os.path.join(d, "real"), os.path.join(d, "via"))
+    os.lchown(os.path.join(d, "via"), nobody, nobody)
+    with pytest.raises(AgentRequestError, match="symlink owned by another user"):
+        await client.write_file(os.path.join(d, "via", "f"), b"owned", make_parents=True)
+    assert os.listdir(os.path.join(d, "real")) == []
+
+    theirs = os.path.join(d, "theirs")
+    Path(theirs).write_bytes(b"old")
+    os.chown(theirs, nobody, nobody)
+    os.chmod(theirs, 0o666)
+    held = os.open(theirs, os.O_RDONLY)  # the user keeps the old file open
+    try:
+        await client.write_file(theirs, b"new secret", 0o600)
+        assert os.read(held, 100) == b"old"  # not written in place
+    finally:
+        os.close(held)
+    st = os.stat(theirs)
+    assert (st.st_uid, st.st_mode & 0o7777) == (os.geteuid(), 0o600)
+    assert Path(theirs).read_bytes() == b"new secret"
+    with pytest.raises(AgentRequestError, match="absolute"):
+        await client.write_file("relative/path", b"")
+
+
+class HungFuse:
+    """A FUSE mount whose server never answers: every access to it blocks, like a hung
+    network filesystem. Closing the device aborts the connection and frees the waiters."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        os.mkdir(where)
+        self.fd = os.open("/dev/fuse", os.O_RDWR)
+        opts = f"fd={self.fd},rootmode=40000,user_id=0,group_id=0"
+        subprocess.run(
+            ["mount", "-t", "fuse", "-o", opts, "hung", where],
+            check=True,
+            pass_fds=(self.fd,),
+        )
+
+    def release(self) -> None:
+        os.close(self.fd)
+        subprocess.run(["umount", "-l", self.where], check=False)
+        os.rmdir(self.where)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+@pytest.mark.timeout(60)
+async def test_a_hung_filesystem_does_not_wedge_the_agent(
+    client: AgentClient, native: NativeAgent
+) -> None:
+    fuse = HungFuse(os.path.join(native.workdir, "hung"))
+    try:
+        reading = asyncio.create_task(client.read_file(os.path.join(fuse.where, "f")))
+        writing = asyncio.create_task(client.write_file(os.path.join(fuse.where, "g"), b"x"))
+        running = asyncio.create_task(client.exec([os.path.join(fuse.where, "prog")]))
+        await asyncio.sleep(0.5)
+        assert not (reading.done() or writing.done() or running.done())
+        # Everything else is still served (no wait_for: the client's deadline would end a
+        # ping the agent never answers).
+        assert (await client.ping()).version
+        assert (await client.exec(["echo", "served"])).stdout == b"served\n"
+        data = os.path.join(native.workdir, "ok.txt")
+        await client.write_file(data, b"fine")
+        assert await client.read_file(data) == b"fine"
+        for task in (reading, writing, running):  # given up: the guest side is killed
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        for _ in range(100):
+            if (await client.ping()).running == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (await client.ping()).running == 0
+    finally:
+        fuse.release()
+    assert native.alive()

@@ -3,9 +3,11 @@
  *
  * Sets the guest up (mounts, kernel modules, hostname), then serves the framed
  * protocol described in src/virtcontainers/agent/PROTOCOL.md on the virtio-serial
- * port named agent.channel.0 and on AF_VSOCK (when a virtio vsock device exists).
- * Single-threaded: one poll() loop multiplexes every connection and every running
- * exec, so several requests can be in flight at once.
+ * port named agent.channel.0 and on AF_VSOCK (when a virtio vsock device exists;
+ * only the host, CID 2, may connect). One poll() loop multiplexes every connection
+ * and every running process, so several requests can be in flight at once; whatever
+ * may block (file I/O on a hung filesystem, sysfs writes) runs in a forked worker per
+ * request, so the loop never waits on it.
  *
  * For tests it also runs as an ordinary process: `init --unix PATH` serves on a
  * listening Unix socket and skips all pid-1 setup.
@@ -50,6 +52,8 @@
 #define MAX_CONNS 16
 #define MAX_EXECS 128
 #define MAX_WAITS 64
+#define MAX_JOBS 64
+#define MAX_FIELDS 65536
 #define MAX_WAIT_MS 600000
 #define MAX_WANT_CPUS 8192
 #define MAX_SERIAL 255
@@ -161,6 +165,9 @@ struct exec {
 	pid_t pid;
 	int exited, status;
 	int in_fd, out_fd, err_fd;
+	int stat_fd;                 /* set-up outcome: EOF once exec succeeded, else {kind, errno} */
+	int setup_kind, setup_errno; /* 1: chdir failed, 2: exec failed */
+	char *argv0, *cwd;           /* for the set-up error message */
 	uint8_t *in_data;
 	size_t in_len, in_off;
 	struct buf out, err;
@@ -168,6 +175,20 @@ struct exec {
 	int trunc;
 	int64_t deadline_ms;
 	int timed_out;
+};
+
+/* A request served by a forked worker (file I/O, sysfs writes): the worker writes its whole
+ * reply frame into a pipe; the loop forwards it once the pipe reaches EOF. */
+struct job {
+	int used;
+	uint32_t id;
+	struct conn *conn;
+	uint32_t conn_gen;
+	pid_t pid;
+	int fd;
+	int reaped;
+	int cancelled;
+	struct buf reply;
 };
 
 /* A WAIT request pending until the guest sees the hardware it names (or its deadline). */
@@ -186,6 +207,7 @@ struct wait {
 static struct conn conns[MAX_CONNS];
 static struct exec execs[MAX_EXECS];
 static struct wait waits[MAX_WAITS];
+static struct job jobs[MAX_JOBS];
 static int uevent_fd = -1; /* NETLINK_KOBJECT_UEVENT, opened by the first wait */
 static int uevent_tried;
 static int64_t wait_next_ms; /* next fallback re-check of the waits */
@@ -378,13 +400,15 @@ static int tlv_next(const uint8_t *p, size_t n, size_t *pos, struct field *f)
 	return 1;
 }
 
+/* Well-formed, and at most MAX_FIELDS fields (bounds the work of every later scan). */
 static int tlv_valid(const uint8_t *p, size_t n)
 {
-	size_t pos = 0;
+	size_t pos = 0, count = 0;
 	struct field f;
 	int r;
 	while ((r = tlv_next(p, n, &pos, &f)) == 1)
-		;
+		if (++count > MAX_FIELDS)
+			return 0;
 	return r == 0;
 }
 
@@ -532,6 +556,8 @@ static void send_error(struct conn *c, uint32_t id, int err, const char *fmt, ..
 }
 
 static void conn_kill_execs(struct conn *c);
+static void conn_kill_jobs(struct conn *c);
+static int job_reaped(pid_t pid);
 static void port_hangup(struct conn *c);
 
 /* ----------------------------------------------------------------- execs */
@@ -608,8 +634,26 @@ static void exec_write_stdin(struct exec *e)
 	e->in_data = NULL;
 }
 
+/* Read the set-up outcome the child reported (non-blocking): 1 once known. */
+static int exec_setup_read(struct exec *e)
+{
+	if (e->stat_fd < 0)
+		return 1;
+	int msg[2];
+	ssize_t r = read(e->stat_fd, msg, sizeof msg);
+	if (r < 0 && (errno == EAGAIN || errno == EINTR))
+		return 0;
+	if (r == (ssize_t)sizeof msg) {
+		e->setup_kind = msg[0];
+		e->setup_errno = msg[1];
+	}
+	close_fd(&e->stat_fd);
+	return 1;
+}
+
 static void exec_finish(struct exec *e)
 {
+	exec_setup_read(e); /* the child wrote it before exiting, if it failed */
 	/* The process is gone: what it wrote is in the pipes (bounded by their size). */
 	exec_read(e, &e->out_fd, &e->out, 1, 4u << 20);
 	exec_read(e, &e->err_fd, &e->err, 2, 4u << 20);
@@ -619,7 +663,15 @@ static void exec_finish(struct exec *e)
 	free(e->in_data);
 	e->in_data = NULL;
 
-	if (e->conn && e->conn->used && e->conn->gen == e->conn_gen) {
+	if (e->setup_kind && e->conn && e->conn->used && e->conn->gen == e->conn_gen) {
+		int err = e->setup_errno;
+		if (e->setup_kind == 1)
+			send_error(e->conn, e->id, err, "exec: chdir %s: %s", e->cwd ? e->cwd : "",
+				   strerror(err));
+		else
+			send_error(e->conn, e->id, err, "exec %s: %s", e->argv0 ? e->argv0 : "",
+				   strerror(err));
+	} else if (e->conn && e->conn->used && e->conn->gen == e->conn_gen) {
 		struct buf b = {0};
 		int code = -1, sig = 0;
 		if (WIFEXITED(e->status))
@@ -639,8 +691,10 @@ static void exec_finish(struct exec *e)
 	DEBUG("exec id=%u pid=%d done status=0x%x\n", e->id, e->pid, e->status);
 	buf_free(&e->out);
 	buf_free(&e->err);
+	free(e->argv0);
+	free(e->cwd);
 	memset(e, 0, sizeof *e);
-	e->in_fd = e->out_fd = e->err_fd = -1;
+	e->in_fd = e->out_fd = e->err_fd = e->stat_fd = -1;
 }
 
 static void reap_children(void)
@@ -655,6 +709,8 @@ static void reap_children(void)
 			shell_respawn_ms = now_ms() + 1000;
 			continue;
 		}
+		if (job_reaped(pid))
+			continue;
 		for (int i = 0; i < MAX_EXECS; i++) {
 			struct exec *e = &execs[i];
 			if (e->used && e->pid == pid && !e->exited) {
@@ -792,19 +848,8 @@ static void handle_exec(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
 	close_fd(&pout[1]);
 	close_fd(&perr[1]);
 	close_fd(&pstat[1]);
-	int msg[2];
-	ssize_t r;
-	do
-		r = read(pstat[0], msg, sizeof msg);
-	while (r < 0 && errno == EINTR);
-	if (r == (ssize_t)sizeof msg) {
-		waitpid(pid, NULL, 0);
-		if (msg[0] == 1)
-			send_error(c, id, msg[1], "exec: chdir %s: %s", cwd, strerror(msg[1]));
-		else
-			send_error(c, id, msg[1], "exec %s: %s", argv[0], strerror(msg[1]));
-		goto out;
-	}
+	/* Whether chdir/exec worked is read from pstat by the loop, never waited for here: an
+	 * exec of a binary on a hung filesystem must not stall the agent. */
 	memset(e, 0, sizeof *e);
 	e->used = 1;
 	e->id = id;
@@ -816,7 +861,12 @@ static void handle_exec(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
 	e->in_fd = pin[1];
 	e->out_fd = pout[0];
 	e->err_fd = perr[0];
-	pin[1] = pout[0] = perr[0] = -1;
+	e->stat_fd = pstat[0];
+	pin[1] = pout[0] = perr[0] = pstat[0] = -1;
+	e->argv0 = strdup(argv[0]);
+	e->cwd = cwd;
+	cwd = NULL;
+	set_nonblock(e->stat_fd);
 	set_nonblock(e->in_fd);
 	set_nonblock(e->out_fd);
 	set_nonblock(e->err_fd);
@@ -843,6 +893,158 @@ out:
 	free(cwd);
 }
 
+/* ------------------------------------------------------------------ jobs */
+
+typedef void (*job_fn)(struct conn *c, uint32_t id, const uint8_t *p, size_t n);
+
+static void job_free(struct job *j)
+{
+	close_fd(&j->fd);
+	buf_free(&j->reply);
+	memset(j, 0, sizeof *j);
+	j->fd = -1;
+}
+
+/* Forward the worker's reply once it is whole (EOF), and free the job once reaped too. */
+static void job_done_maybe(struct job *j)
+{
+	if (j->fd >= 0 || !j->reaped)
+		return;
+	struct conn *c = j->conn;
+	int live = c && c->used && c->gen == j->conn_gen && !j->cancelled;
+	int whole = j->reply.len >= HDR_LEN && j->reply.len == HDR_LEN + get_u32(j->reply.p + 12);
+	if (live && whole && (c->kind != CONN_PORT || c->connected)) {
+		struct chunk *k = malloc(sizeof *k + j->reply.len);
+		if (k) {
+			memcpy(k->data, j->reply.p, j->reply.len);
+			k->len = j->reply.len;
+			k->off = 0;
+			k->next = NULL;
+			if (c->out_tail)
+				c->out_tail->next = k;
+			else
+				c->out_head = k;
+			c->out_tail = k;
+			conn_flush(c);
+		} else {
+			send_error(c, j->id, ENOMEM, "out of memory forwarding a reply");
+		}
+	} else if (live && !whole) {
+		send_error(c, j->id, EIO, "request worker died without a whole reply");
+	}
+	job_free(j);
+}
+
+static void job_read(struct job *j)
+{
+	for (;;) {
+		if (buf_reserve(&j->reply, READ_CHUNK)) {
+			kill(j->pid, SIGKILL);
+			close_fd(&j->fd);
+			buf_free(&j->reply);
+			break;
+		}
+		ssize_t r = read(j->fd, j->reply.p + j->reply.len, READ_CHUNK);
+		if (r > 0) {
+			j->reply.len += (size_t)r;
+			continue;
+		}
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0 && errno == EAGAIN)
+			return;
+		close_fd(&j->fd); /* EOF: the worker is done */
+		break;
+	}
+	job_done_maybe(j);
+}
+
+static int job_reaped(pid_t pid)
+{
+	for (int i = 0; i < MAX_JOBS; i++) {
+		struct job *j = &jobs[i];
+		if (j->used && j->pid == pid) {
+			j->reaped = 1;
+			if (j->fd >= 0)
+				job_read(j); /* what the worker wrote before exiting */
+			else
+				job_done_maybe(j);
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/* Run fn in a forked worker whose reply frames go into a pipe; the loop forwards them. */
+static void start_job(struct conn *c, uint32_t id, const uint8_t *p, size_t n, job_fn fn)
+{
+	struct job *j = NULL;
+	for (int i = 0; i < MAX_JOBS && !j; i++)
+		if (!jobs[i].used)
+			j = &jobs[i];
+	if (!j) {
+		send_error(c, id, EAGAIN, "too many requests in progress (%d)", MAX_JOBS);
+		return;
+	}
+	int pfd[2];
+	if (pipe2(pfd, O_CLOEXEC)) {
+		send_error(c, id, errno, "pipe: %s", strerror(errno));
+		return;
+	}
+	pid_t pid = fork();
+	if (pid < 0) {
+		send_error(c, id, errno, "fork: %s", strerror(errno));
+		close(pfd[0]);
+		close(pfd[1]);
+		return;
+	}
+	if (pid == 0) {
+		/* Keep only the console (0-2) and the pipe: a worker stuck on a hung filesystem
+		 * must not hold the connections open. */
+		if (pfd[1] != 3)
+			dup2(pfd[1], 3);
+		syscall(SYS_close_range, 4u, ~0u, 0u);
+		/* A private connection on the pipe: the handler's reply is written there, whole. */
+		struct conn w;
+		memset(&w, 0, sizeof w);
+		w.used = 1;
+		w.fd = 3;
+		w.kind = CONN_STREAM;
+		w.connected = 1;
+		fn(&w, id, p, n);
+		while (w.out_head) {
+			struct pollfd pf = {.fd = w.fd, .events = POLLOUT};
+			if (poll(&pf, 1, -1) < 0 && errno != EINTR)
+				break;
+			if (pf.revents & (POLLERR | POLLHUP))
+				break;
+			conn_flush(&w);
+		}
+		_exit(0);
+	}
+	close(pfd[1]);
+	set_nonblock(pfd[0]);
+	memset(j, 0, sizeof *j);
+	j->used = 1;
+	j->id = id;
+	j->conn = c;
+	j->conn_gen = c->gen;
+	j->pid = pid;
+	j->fd = pfd[0];
+}
+
+/* Stop the workers of a connection (gone, or a new session); no reply is sent. */
+static void conn_kill_jobs(struct conn *c)
+{
+	for (int i = 0; i < MAX_JOBS; i++) {
+		struct job *j = &jobs[i];
+		if (j->used && j->conn == c && j->conn_gen == c->gen) {
+			kill(j->pid, SIGKILL);
+			j->cancelled = 1;
+		}
+	}
+}
+
 /* ------------------------------------------------------- other requests */
 
 static char *req_path(struct conn *c, uint32_t id, const char *op, const uint8_t *p, size_t n)
@@ -865,7 +1067,7 @@ static void handle_read_file(struct conn *c, uint32_t id, const uint8_t *p, size
 		return;
 	struct buf b = {0}, data = {0};
 	struct stat st;
-	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
 	if (fd < 0) {
 		send_error(c, id, errno, "read_file %s: %s", path, strerror(errno));
 		goto out;
@@ -913,20 +1115,60 @@ out:
 	free(path);
 }
 
-static int mkdirs(char *path)
+/* Open the directory that will hold the last component of `path` (absolute), creating missing
+ * directories with `mkdirs`. Symlinks on the way are followed only when root or the agent's
+ * user owns them: a guest user cannot redirect a write by planting one. Returns a directory
+ * fd and points *name at the last component; -1 with errno (and *what saying where). */
+static int open_parent(char *path, int mkdirs, char **name, const char **what)
 {
-	for (char *s = path + 1; *s; s++) {
-		if (*s != '/')
-			continue;
-		*s = 0;
-		int r = mkdir(path, 0755);
-		*s = '/';
-		if (r && errno != EEXIST)
-			return -1;
+	*what = "";
+	if (path[0] != '/') {
+		*what = "the path must be absolute";
+		errno = EINVAL;
+		return -1;
 	}
-	return 0;
+	char *last = strrchr(path, '/');
+	if (!last[1] || !strcmp(last + 1, ".") || !strcmp(last + 1, "..")) {
+		*what = "the path must name a file";
+		errno = EINVAL;
+		return -1;
+	}
+	*name = last + 1;
+	int dfd = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+	char *comp = path + 1;
+	while (dfd >= 0 && comp < last + 1) {
+		char *slash = strchr(comp, '/');
+		*slash = 0;
+		if (comp[0] && strcmp(comp, ".")) {
+			struct stat st = {0};
+			if (fstatat(dfd, comp, &st, AT_SYMLINK_NOFOLLOW) && errno == ENOENT && mkdirs &&
+			    (mkdirat(dfd, comp, 0755) == 0 || errno == EEXIST))
+				fstatat(dfd, comp, &st, AT_SYMLINK_NOFOLLOW);
+			if (S_ISLNK(st.st_mode) && st.st_uid != 0 && st.st_uid != geteuid()) {
+				*what = "a directory on the way is a symlink owned by another user";
+				errno = ELOOP;
+				*slash = '/';
+				close(dfd);
+				return -1;
+			}
+			int nd = openat(dfd, comp, O_PATH | O_DIRECTORY | O_CLOEXEC);
+			int e = errno;
+			close(dfd);
+			dfd = nd;
+			errno = e;
+			if (nd < 0 && errno == ENOENT && mkdirs)
+				*what = "creating parent directories";
+		}
+		*slash = '/';
+		comp = slash + 1;
+	}
+	return dfd;
 }
 
+/* Create or replace a file. The last component is never followed if it is a symlink, and a
+ * file owned by another user is replaced by a new one (not written in place: its owner could
+ * hold it open, or have linked it elsewhere); a root-owned file is rewritten in place (/proc,
+ * /sys files too). */
 static void handle_write_file(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
 {
 	char *path = req_path(c, id, "write_file", p, n);
@@ -934,25 +1176,46 @@ static void handle_write_file(struct conn *c, uint32_t id, const uint8_t *p, siz
 		return;
 	struct field data = {0};
 	int64_t mode = 0644, flags = 0;
+	int dfd = -1, fd = -1;
 	tlv_find(p, n, F_DATA, &data);
 	if (tlv_int(p, n, F_MODE, &mode) < 0 || tlv_int(p, n, F_FLAGS, &flags) < 0 || mode < 0 ||
 	    mode > 07777) {
 		send_error(c, id, EINVAL, "write_file %s: bad mode or flags", path);
-		free(path);
-		return;
+		goto out;
 	}
-	if ((flags & WF_MKDIRS) && mkdirs(path)) {
-		send_error(c, id, errno, "write_file %s: creating parent directories: %s", path,
-			   strerror(errno));
-		free(path);
-		return;
+	char *name;
+	const char *what;
+	dfd = open_parent(path, flags & WF_MKDIRS, &name, &what);
+	if (dfd < 0) {
+		int e = errno;
+		send_error(c, id, e, "write_file %s: %s%s%s", path, what, what[0] ? ": " : "",
+			   strerror(e));
+		goto out;
 	}
-	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NONBLOCK, (mode_t)mode);
+	const int wflags = O_WRONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK | O_NOCTTY;
 	struct stat st;
+	fd = openat(dfd, name, wflags);
+	if (fd >= 0 && (fstat(fd, &st) || st.st_uid != geteuid())) {
+		close(fd);
+		fd = -1;
+		if (unlinkat(dfd, name, 0)) {
+			send_error(c, id, errno, "write_file %s: replacing another user's file: %s", path,
+				   strerror(errno));
+			goto out;
+		}
+		errno = ENOENT;
+	}
+	if (fd < 0 && errno == ENOENT)
+		fd = openat(dfd, name, wflags | O_CREAT | O_EXCL, (mode_t)mode);
 	if (fd < 0) {
-		send_error(c, id, errno, "write_file %s: %s", path, strerror(errno));
-		free(path);
-		return;
+		int e = errno;
+		send_error(c, id, e, "write_file %s: %s", path,
+			   e == ELOOP ? "is a symbolic link (not followed)" : strerror(e));
+		goto out;
+	}
+	if (!fstat(fd, &st) && S_ISREG(st.st_mode) && st.st_size && ftruncate(fd, 0)) {
+		send_error(c, id, errno, "write_file %s: truncate: %s", path, strerror(errno));
+		goto out;
 	}
 	size_t off = 0;
 	while (off < data.len) {
@@ -972,7 +1235,10 @@ static void handle_write_file(struct conn *c, uint32_t id, const uint8_t *p, siz
 	}
 	send_frame(c, T_WRITE_FILE | T_REPLY, id, NULL);
 out:
-	close(fd);
+	if (fd >= 0)
+		close(fd);
+	if (dfd >= 0)
+		close(dfd);
 	free(path);
 }
 
@@ -1032,6 +1298,15 @@ static void handle_cancel(struct conn *c, uint32_t id, const uint8_t *p, size_t 
 		struct exec *e = &execs[i];
 		if (e->used && e->conn == c && e->conn_gen == c->gen && e->id == (uint32_t)target) {
 			exec_kill(e, (int)sig);
+			found = 1;
+		}
+	}
+	for (int i = 0; i < MAX_JOBS; i++) {
+		struct job *j = &jobs[i];
+		if (j->used && j->conn == c && j->conn_gen == c->gen && j->id == (uint32_t)target &&
+		    !j->cancelled) {
+			kill(j->pid, SIGKILL); /* the client gave up on it: no reply */
+			j->cancelled = 1;
 			found = 1;
 		}
 	}
@@ -1430,10 +1705,10 @@ static void dispatch(struct conn *c, uint8_t type, uint32_t id, const uint8_t *p
 		handle_exec(c, id, p, n);
 		break;
 	case T_READ_FILE:
-		handle_read_file(c, id, p, n);
+		start_job(c, id, p, n, handle_read_file);
 		break;
 	case T_WRITE_FILE:
-		handle_write_file(c, id, p, n);
+		start_job(c, id, p, n, handle_write_file);
 		break;
 	case T_SET_TIME:
 		handle_set_time(c, id, p, n);
@@ -1445,7 +1720,7 @@ static void dispatch(struct conn *c, uint8_t type, uint32_t id, const uint8_t *p
 		handle_cancel(c, id, p, n);
 		break;
 	case T_ONLINE:
-		handle_online(c, id, p, n);
+		start_job(c, id, p, n, handle_online);
 		break;
 	case T_WAIT:
 		handle_wait(c, id, p, n);
@@ -1586,6 +1861,7 @@ static void conn_kill_execs(struct conn *c)
 	for (int i = 0; i < MAX_EXECS; i++)
 		if (execs[i].used && execs[i].conn == c && execs[i].conn_gen == c->gen)
 			exec_kill(&execs[i], SIGKILL);
+	conn_kill_jobs(c);
 }
 
 /* The peer went away: kill its processes, forget its partial frames and queued replies. */
@@ -1968,6 +2244,12 @@ static int scan_port(void)
 	return ok;
 }
 
+static int vsock_peer_is_host(const struct sockaddr_storage *peer, socklen_t len)
+{
+	const struct sockaddr_vm *vm = (const struct sockaddr_vm *)peer;
+	return len >= sizeof *vm && vm->svm_family == AF_VSOCK && vm->svm_cid == VMADDR_CID_HOST;
+}
+
 static int listen_vsock(void)
 {
 	int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
@@ -2012,6 +2294,10 @@ static void setup_pid1(void)
 	mount_fs("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
 	mount_fs("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
 	mount_fs("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	/* A guest user's links in sticky directories (/tmp) are not followed by others (root
+	 * included), nor may they hard-link files they cannot write. */
+	write_text("/proc/sys/fs/protected_symlinks", "1");
+	write_text("/proc/sys/fs/protected_hardlinks", "1");
 	attach_console();
 	sethostname("sandbox", 7);
 	parse_cmdline();
@@ -2028,7 +2314,7 @@ static void setup_pid1(void)
 
 /* ----------------------------------------------------------------- main */
 
-#define MAX_POLL (MAX_CONNS + 3 * MAX_EXECS + 4)
+#define MAX_POLL (MAX_CONNS + 4 * MAX_EXECS + MAX_JOBS + 4)
 
 int main(int argc, char **argv)
 {
@@ -2047,9 +2333,11 @@ int main(int argc, char **argv)
 	}
 	crc_init();
 	for (int i = 0; i < MAX_EXECS; i++)
-		execs[i].in_fd = execs[i].out_fd = execs[i].err_fd = -1;
+		execs[i].in_fd = execs[i].out_fd = execs[i].err_fd = execs[i].stat_fd = -1;
 	for (int i = 0; i < MAX_CONNS; i++)
 		conns[i].fd = -1;
+	for (int i = 0; i < MAX_JOBS; i++)
+		jobs[i].fd = -1;
 	is_pid1 = getpid() == 1;
 	if (is_pid1) {
 		/* Without an initial console the kernel starts us with fds 0-2 closed: hold
@@ -2091,7 +2379,7 @@ int main(int argc, char **argv)
 	struct pollfd pfds[MAX_POLL];
 	void *owners[MAX_POLL];
 	int kinds[MAX_POLL];
-	enum { K_SIG, K_LISTEN, K_CONN, K_IN, K_OUT, K_ERR, K_UEVENT };
+	enum { K_SIG, K_LISTEN, K_CONN, K_IN, K_OUT, K_ERR, K_UEVENT, K_STAT, K_JOB };
 
 	for (;;) {
 		int np = 0;
@@ -2135,12 +2423,24 @@ int main(int argc, char **argv)
 				owners[np] = e;
 				kinds[np++] = K_ERR;
 			}
+			if (e->stat_fd >= 0) {
+				pfds[np] = (struct pollfd){.fd = e->stat_fd, .events = POLLIN};
+				owners[np] = e;
+				kinds[np++] = K_STAT;
+			}
 			if (e->deadline_ms && !e->timed_out) {
 				int64_t left = e->deadline_ms - now;
 				if (left < 0)
 					left = 0;
 				if (timeout < 0 || left < timeout)
 					timeout = left;
+			}
+		}
+		for (int i = 0; i < MAX_JOBS; i++) {
+			if (jobs[i].used && jobs[i].fd >= 0) {
+				pfds[np] = (struct pollfd){.fd = jobs[i].fd, .events = POLLIN};
+				owners[np] = &jobs[i];
+				kinds[np++] = K_JOB;
 			}
 		}
 		int waiting = waits_active();
@@ -2183,7 +2483,17 @@ int main(int argc, char **argv)
 				break;
 			}
 			case K_LISTEN: {
-				int fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
+				struct sockaddr_storage peer;
+				socklen_t plen = sizeof peer;
+				int fd = accept4(listen_fd, (struct sockaddr *)&peer, &plen, SOCK_CLOEXEC);
+				if (fd >= 0 && listen_kind_vsock && !vsock_peer_is_host(&peer, plen)) {
+					/* Only the host may drive the agent: a guest process reaching the
+					 * port over vsock loopback would otherwise run commands as root. */
+					console("vc-agent: refused a vsock connection from CID %u\n",
+						((struct sockaddr_vm *)&peer)->svm_cid);
+					close(fd);
+					break;
+				}
 				if (fd >= 0 && !conn_add(fd, CONN_STREAM)) {
 					console("vc-agent: too many connections\n");
 					close(fd);
@@ -2226,6 +2536,18 @@ int main(int argc, char **argv)
 				uevent_drain();
 				uevents = 1;
 				break;
+			case K_STAT: {
+				struct exec *e = owners[i];
+				if (e->used)
+					exec_setup_read(e);
+				break;
+			}
+			case K_JOB: {
+				struct job *j = owners[i];
+				if (j->used)
+					job_read(j);
+				break;
+			}
 			}
 		}
 		/* Timers: waits, exec deadlines, disconnected ports, port discovery. */
