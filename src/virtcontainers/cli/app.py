@@ -132,12 +132,22 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report_error(e: BaseException, debug: bool) -> int:
-    """Print one readable line (the detail with --debug) and return the exit code."""
+    """Print one readable line (the detail with --debug) and return the exit code.
+
+    Messages may carry guest text (an agent's error, a console tail): their control
+    characters are shown visibly, never sent to the terminal.
+    """
     from ..errors import ImageError, UnsupportedError
+    from .logs import terminal_safe
 
     if debug:
-        err.print_exception(show_locals=False)
-    message = str(e).strip() or type(e).__name__
+        from rich.traceback import Traceback
+
+        trace = Traceback.extract(type(e), e, e.__traceback__)
+        for stack in trace.stacks:
+            stack.exc_value = terminal_safe(stack.exc_value)
+        err.print(Traceback(trace))
+    message = terminal_safe(str(e).strip() or type(e).__name__)
     first, _, rest = message.partition("\n")
     err.print(f"virtc: error: {first}", markup=False, highlight=False)
     if rest and debug:

@@ -48,11 +48,14 @@ def attach_console(path: str, escape: str = "]", history: str | None = None) -> 
 
 
 def _show_tail(log: str) -> None:
+    """The console log's tail, its control characters shown visibly (the live console that
+    follows is the guest's to drive, as on a serial line; the history is only text)."""
     from ..drivers.vmm_process import read_end
+    from .logs import terminal_safe
 
     data = read_end(log, HISTORY_BYTES)
     if data:
-        text = data.replace("\r\n", "\n").replace("\n", "\r\n")
+        text = terminal_safe(data).replace("\n", "\r\n")
         os.write(sys.stdout.fileno(), text.encode())
 
 

@@ -257,6 +257,7 @@ async def _wait_full(root: str, size: int, timeout: float) -> None:
 def factory_status(ctx: typer.Context) -> None:
     """Show the VM cache server and its pooled VMs."""
     from ..factory import daemon_status
+    from .logs import terminal_safe
 
     g = get_globals(ctx)
     st = run_async(daemon_status(g.run_root))
@@ -270,7 +271,7 @@ def factory_status(ctx: typer.Context) -> None:
         highlight=False,
     )
     if st.last_error:
-        out.print(f"last failure: {st.last_error}", markup=False, highlight=False)
+        out.print(f"last failure: {terminal_safe(st.last_error)}", markup=False, highlight=False)
     table = Table()
     for col in ("id", "pid", "vCPU", "memory", "state", "created"):
         table.add_column(col)

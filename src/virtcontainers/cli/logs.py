@@ -58,6 +58,13 @@ class TerminalFilter:
         return "".join(out).encode("utf-8")
 
 
+def terminal_safe(text: str) -> str:
+    """`text` (guest-made: an agent's error, a console tail) with its control characters shown
+    visibly, as `TerminalFilter` does, for printing to the operator's terminal."""
+    f = TerminalFilter()
+    return (f.feed(text.encode("utf-8", "surrogateescape")) + f.flush()).decode("utf-8")
+
+
 def tail_start(f: BinaryIO, lines: int) -> tuple[int, int]:
     """Where the last `lines` lines of `f` begin (a final partial line counts), and how
     many lines that is (fewer when the file has fewer)."""
