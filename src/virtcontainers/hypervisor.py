@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import abc
-import enum
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .errors import StateError, UnsupportedError
 from .types import Capabilities, HypervisorType, MemoryDevice, Socket, VSock
+from .types import VMState as VMState  # noqa: PLC0414 (re-exported; persist needs it below)
 
 if TYPE_CHECKING:
     from .config import HypervisorConfig
     from .devices import Device
     from .persist import HypervisorState
-
-
-class VMState(enum.StrEnum):
-    """Lifecycle of one VM: created -> running <-> paused -> stopped."""
-
-    NEW = "new"
-    CREATED = "created"
-    RUNNING = "running"
-    PAUSED = "paused"
-    STOPPED = "stopped"
 
 
 _TRANSITIONS: dict[VMState, frozenset[VMState]] = {

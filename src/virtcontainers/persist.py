@@ -19,6 +19,7 @@ which needs no new disk space (a pause cannot fail on a full disk).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -33,12 +34,21 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from . import host
 from .errors import ConfigError, StateError
+from .types import VMState
 
 DEFAULT_ROOT_RUN_ROOT = "/run/vc"
 RUN_ROOT_ENV = "VC_RUN_ROOT"
@@ -347,7 +357,7 @@ def atomic_write(
 class Bridge(BaseModel):
     """A PCI/PCIe bridge of the VM and the devices plugged into it (slot -> device id)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     id: str = ""
     type: str = ""
@@ -358,17 +368,39 @@ class Bridge(BaseModel):
 class HotpluggedVCPU(BaseModel):
     """A hot-added vCPU, by the id the hypervisor knows it under."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     id: str
 
 
-class HypervisorState(BaseModel):
-    """What a driver persists so that another process can re-attach to its VM."""
+class DriverState(BaseModel):
+    """A driver's own part of `HypervisorState`: each driver subclasses it with its typed fields
+    (`drivers/<name>/state.py`). Read back from a file it holds the fields as loaded, until the
+    driver parses them with `HypervisorState.driver_state`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow", defer_build=True)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when the fields are, whether parsed by the driver's model or not yet."""
+        if not isinstance(other, DriverState):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_M = TypeVar("_M", bound=DriverState)
+
+
+class HypervisorState(BaseModel):
+    """What a driver persists so that another process can re-attach to its VM: the fields
+    every driver shares, and the driver's own typed part in `driver`."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     type: str = ""
+    id: str = ""
+    vm_state: VMState = VMState.NEW
     pid: int = Field(default=0, ge=0)
     pid_start_time: int | None = None
     uuid: str = ""
@@ -385,7 +417,26 @@ class HypervisorState(BaseModel):
     console_socket: str = ""
     agent_socket: str = ""
     config: dict[str, Any] = Field(default_factory=dict)
-    extra: dict[str, Any] = Field(default_factory=dict)
+    driver: SerializeAsAny[DriverState] = Field(default_factory=DriverState)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _previous_format(cls, data: Any) -> Any:
+        """Read a state written before `id`, `vm_state` and `driver` existed: everything
+        driver-specific was in a free-form `extra` dict, the VM state under `vm_state` (QEMU)
+        or `state` (the others), and Firecracker's VM id in `uuid`."""
+        if not isinstance(data, dict) or "extra" not in data:
+            return data
+        data = dict(data)
+        extra = dict(data.pop("extra") or {})
+        old_id = str(extra.pop("id", "") or "")
+        if data.get("type") == "firecracker":
+            old_id, data["uuid"] = str(data.get("uuid") or old_id), ""
+        data.setdefault("id", old_id or os.path.basename(str(data.get("vm_dir") or "")))
+        old_state = extra.pop("vm_state", None) or extra.pop("state", None)
+        data.setdefault("vm_state", old_state or VMState.RUNNING.value)
+        data.setdefault("driver", extra)
+        return data
 
     @field_validator("hotplugged_vcpus", mode="before")
     @classmethod
@@ -401,6 +452,17 @@ class HypervisorState(BaseModel):
         if any(i < 0 for i in value):
             raise ValueError("block indexes must be >= 0")
         return sorted(set(value))
+
+    def driver_state(self, model: builtins.type[_M]) -> _M:
+        """The driver's part parsed as `model`; `StateError` naming the driver and the field
+        at fault when it does not fit."""
+        if isinstance(self.driver, model):
+            return self.driver
+        try:
+            return model.model_validate(self.driver.model_dump())
+        except ValidationError as e:
+            what = f"{self.type or 'hypervisor'} VM {self.id!r}"
+            raise StateError(f"{what}: invalid saved driver state: {e}") from e
 
 
 # -- the store --------------------------------------------------------------------------------

@@ -31,6 +31,16 @@ class HypervisorType(enum.StrEnum):
         raise ConfigError(f"Unknown hypervisor type {value}")
 
 
+class VMState(enum.StrEnum):
+    """Lifecycle of one VM: created -> running <-> paused -> stopped."""
+
+    NEW = "new"
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
 @dataclass(frozen=True)
 class Param:
     """A key/value pair for kernel or hypervisor parameters."""

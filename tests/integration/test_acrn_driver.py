@@ -32,6 +32,7 @@ from virtcontainers.devices import (
     SharedFS,
 )
 from virtcontainers.drivers.acrn import Acrn, UuidAllocator
+from virtcontainers.drivers.acrn.state import AcrnState
 from virtcontainers.errors import (
     ConfigError,
     HypervisorError,
@@ -164,7 +165,7 @@ async def test_two_vms_get_distinct_uuids(env: AcrnEnv) -> None:
 async def test_block_hotplug_through_acrnctl(env: AcrnEnv) -> None:
     h = await env.start(env.config())
     assert h.capabilities() == Capabilities.BLOCK_DEVICE | Capabilities.BLOCK_DEVICE_HOTPLUG
-    first_pool_slot = h.save().extra["pool"][0]
+    first_pool_slot = h.save().driver_state(AcrnState).pool[0]
     d1 = BlockDrive("d1", env.file("d1.img"))
     d2 = BlockDrive("d2", env.file("d2.img"))
     await h.hotplug_add_device(d1)
@@ -202,7 +203,7 @@ async def test_hotplug_pool_exhaustion(env: AcrnEnv) -> None:
 async def test_acrnctl_refusal_is_reported(env: AcrnEnv) -> None:
     h = await env.start(env.config())
     state = h.save()
-    state.extra["pool"][0] = 3  # the console's slot: acrnctl must refuse it
+    state.driver_state(AcrnState).pool[0] = 3  # the console's slot: acrnctl must refuse it
     h.load(state)
     with pytest.raises(HypervisorError) as ei:
         await h.hotplug_add_device(BlockDrive("d1", env.file("d1.img")))

@@ -159,7 +159,8 @@ def forge_state(run_root: str, id: str, pid: int, start_time: int | None) -> Non
         qmp_socket=os.path.join(vm_dir, "qmp.sock"),
         console_socket=os.path.join(vm_dir, "console.sock"),
         config=cfg.to_dict(),
-        extra={"id": id, "vm_state": "running"},
+        id=id,
+        vm_state="running",
     )
     doc = {
         "sandbox": {"id": id, "hypervisor": "qemu", "state": "running", "created_at": 0.0},

@@ -21,6 +21,7 @@ from virtcontainers.devices import (
     VFIODevice,
 )
 from virtcontainers.drivers.firecracker import Firecracker, FirecrackerAPI, FirecrackerAPIError
+from virtcontainers.drivers.firecracker.state import FirecrackerState
 from virtcontainers.errors import (
     ConfigError,
     LaunchError,
@@ -223,7 +224,7 @@ async def test_registered_and_created_without_process(tmp_path: str) -> None:
         with pytest.raises(StateError):
             await fc.get_thread_ids()
         state = fc.save()
-        assert state.type == "firecracker" and state.extra["vsock_cid"] == 7
+        assert state.type == "firecracker" and state.driver_state(FirecrackerState).vsock_cid == 7
         other = Firecracker(run_root=tmp)
         other.load(state)
         assert other.state == VMState.CREATED and other.get_virt_drive_offset() == 1

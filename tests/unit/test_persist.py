@@ -21,11 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import ConfigDict, ValidationError
 
 from virtcontainers import host, persist
 from virtcontainers.errors import ConfigError, StateError
-from virtcontainers.persist import Bridge, HotpluggedVCPU, HypervisorState, StateStore
+from virtcontainers.persist import (
+    Bridge,
+    DriverState,
+    HotpluggedVCPU,
+    HypervisorState,
+    StateStore,
+)
+from virtcontainers.types import VMState
 
 
 def fd_count() -> int:
@@ -261,13 +268,23 @@ def full_state() -> HypervisorState:
         console_socket="/r/vm/sb1/console.sock",
         agent_socket="/r/vm/sb1/kata.sock",
         config={"num_vcpus": 1, "kernel_params": "quiet"},
-        extra={"machine": "q35", "nested": {"a": [1, 2]}},
+        id="sb1",
+        vm_state="paused",  # type: ignore[arg-type]
+        driver=_Own(machine="q35", nested={"a": [1, 2]}),
     )
+
+
+class _Own(DriverState):
+    model_config = ConfigDict(extra="forbid")
+
+    machine: str = ""
+    nested: dict[str, list[int]] = {}
 
 
 def test_state_defaults() -> None:
     s = HypervisorState()
-    assert (s.pid, s.pid_start_time, s.type, s.bridges, s.extra) == (0, None, "", [], {})
+    assert (s.pid, s.pid_start_time, s.type, s.bridges) == (0, None, "", [])
+    assert (s.id, s.vm_state, s.driver.model_dump()) == ("", VMState.NEW, {})
 
 
 def test_state_json_round_trip() -> None:
@@ -276,7 +293,8 @@ def test_state_json_round_trip() -> None:
     assert [v.id for v in s.hotplugged_vcpus] == ["cpu-1", "cpu-2"]
     text = json.dumps(s.model_dump(mode="json"))
     back = HypervisorState.model_validate(json.loads(text))
-    assert back == s
+    assert back.model_dump() == s.model_dump() and back.vm_state is VMState.PAUSED
+    assert back.driver_state(_Own) == s.driver
     assert back.bridges[0].devices_addr == {1: "blk0"}  # int keys survive JSON
 
 

@@ -75,7 +75,7 @@ async def running_driver(
     state = drv.save()
     state.pid = proc.pid
     state.pid_start_time = host.process_start_time(proc.pid)
-    state.extra["vm_state"] = "running"
+    state.vm_state = VMState.RUNNING
     other = QemuHypervisor(run_root=run_root)
     other.load(state)
     return other
@@ -215,7 +215,7 @@ async def test_reused_pid_is_never_signalled(
     state = drv.save()
     state.pid = dummy.pid
     state.pid_start_time = (host.process_start_time(dummy.pid) or 0) + 1  # another process
-    state.extra["vm_state"] = "running"
+    state.vm_state = VMState.RUNNING
     other = QemuHypervisor(run_root=run_root)
     other.load(state)
     with pytest.raises(VMExitedError, match="sb1"):

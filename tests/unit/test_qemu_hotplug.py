@@ -27,6 +27,7 @@ from virtcontainers.devices import (
 )
 from virtcontainers.drivers.qemu import QemuHypervisor, machine_capabilities, pci, resize
 from virtcontainers.drivers.qemu import hotplug as qhotplug
+from virtcontainers.drivers.qemu.state import Dimm, HotplugState, Plugged, QemuState
 from virtcontainers.errors import (
     ConfigError,
     HypervisorError,
@@ -35,7 +36,7 @@ from virtcontainers.errors import (
     VMTimeoutError,
 )
 from virtcontainers.persist import Bridge
-from virtcontainers.types import Capabilities, MemoryDevice, Socket
+from virtcontainers.types import Capabilities, MemoryDevice, Socket, VMState
 
 GIB = 1 << 30
 
@@ -86,8 +87,8 @@ async def running(
     state = drv.save()
     state.pid = proc.pid
     state.pid_start_time = host.process_start_time(proc.pid)
-    state.extra["vm_state"] = "running"
-    state.extra["accel"] = accel
+    state.vm_state = VMState.RUNNING
+    state.driver_state(QemuState).accel = accel
     other = QemuHypervisor(run_root=run_root)
     other.load(state)
     other.hotplug.unplug_timeout = 2.0
@@ -304,17 +305,11 @@ async def test_device_gone_meanwhile_counts_as_removed(
 ) -> None:
     drv = await running(run_root, config, dummy, fake)
     drv.hotplug.load(
-        {
-            "devices": [
-                {
-                    "key": "BlockDrive:d0",
-                    "qdev": "blk-d0",
-                    "backend_kind": "blockdev",
-                    "backend": "d0",
-                    "index": 0,
-                }
+        HotplugState(
+            devices=[
+                Plugged("BlockDrive:d0", "blk-d0", backend_kind="blockdev", backend="d0", index=0)
             ]
-        }
+        )
     )
     fake.add(
         Expect("device_del", error=("DeviceNotFound", "Device 'blk-d0' not found")),
@@ -711,7 +706,7 @@ async def test_pc_dimm_resize(
         512,
         MemoryDevice(slot=0, size_mb=256, addr=4 * GIB, probe=True),
     )
-    assert drv.hotplugged_memory == 256 and drv.hotplug.dimms[0]["id"] == "dimm0"
+    assert drv.hotplugged_memory == 256 and drv.hotplug.dimms[0].id == "dimm0"
     assert await drv.resize_memory(512, 128, False) == (512, MemoryDevice(-1, 0))
     with pytest.raises(HypervisorError, match="not enough space"):
         await drv.hotplug_add_device(MemoryHotplug(size_mb=128))
@@ -720,7 +715,7 @@ async def test_pc_dimm_resize(
         await drv.resize_memory(256, 128, False)
     with pytest.raises(ConfigError, match=r"would exceed maxmem"):
         await drv.resize_memory(10_000_000, 128, False)
-    drv.hotplug.dimms.append({"id": "dimm1", "slot": 1, "size_mb": 128, "addr": 0})
+    drv.hotplug.dimms.append(Dimm(id="dimm1", slot=1, size_mb=128))
     with pytest.raises(HypervisorError, match=r"no free memory slot \(all 2 are in use"):
         await drv.resize_memory(2048, 128, False)
     with pytest.raises(UnsupportedError, match="hot-removing memory DIMMs"):
@@ -842,16 +837,11 @@ async def test_device_del_is_repeated_until_the_guest_acts(
     drv = await running(run_root, config, dummy, fake)
     drv.hotplug.unplug_retry = 0.2
     drv.hotplug.load(
-        {
-            "devices": [
-                {
-                    "key": "NetworkEndpoint:n0",
-                    "qdev": "net-n0",
-                    "backend_kind": "netdev",
-                    "backend": "netdev-n0",
-                }
+        HotplugState(
+            devices=[
+                Plugged("NetworkEndpoint:n0", "net-n0", backend_kind="netdev", backend="netdev-n0")
             ]
-        }
+        )
     )
     fake.add(
         Expect("device_del", {"id": "net-n0"}),

@@ -379,9 +379,9 @@ def inspect(ctx: typer.Context, sandbox_id: IdArg) -> None:
     state = recorded_state(store, sandbox_id, doc)
     if isinstance(doc.get("sandbox"), dict) and state:
         doc["sandbox"]["state"] = state
-    extra = doc.get("hypervisor", {}).get("extra")
-    if isinstance(extra, dict) and extra.get("vm_state") in ("running", "paused") and state:
-        extra["vm_state"] = state
+    hv = doc.get("hypervisor")
+    if isinstance(hv, dict) and hv.get("vm_state") in ("running", "paused") and state:
+        hv["vm_state"] = state
     emit_json(doc)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ConfigDict, Field
+
 from ..devices import (
     BlockDrive,
     CPUDevice,
@@ -20,6 +22,7 @@ from ..devices import (
 )
 from ..errors import ConfigError, StateError
 from ..hypervisor import Hypervisor, VMState, register
+from ..persist import DriverState
 from ..types import Capabilities, HypervisorType, MemoryDevice, Socket, VSock
 
 if TYPE_CHECKING:
@@ -27,6 +30,14 @@ if TYPE_CHECKING:
     from ..persist import HypervisorState
 
 _HOTPLUGGABLE = (BlockDrive, NetworkEndpoint, VFIODevice, VhostUserDevice)
+
+
+class MockState(DriverState):
+    """The mock driver's own state: the ids (and kinds) of its hot-added devices."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+
+    hotplugged: dict[str, str] = Field(default_factory=dict)
 
 
 @register(HypervisorType.MOCK)
@@ -184,17 +195,23 @@ class MockHypervisor(Hypervisor):
         cfg = self._config.to_dict() if self._config is not None else {}
         plugged = {k: v.kind for k, v in self.hotplugged.items()}
         plugged.update({k: "restored" for k in self.restored_ids})
-        extra = {"id": self.id, "hotplugged": plugged}
         return HypervisorState(
-            type=str(HypervisorType.MOCK), pid=self.mock_pid, config=cfg, extra=extra
+            type=str(HypervisorType.MOCK),
+            id=self.id,
+            vm_state=self.state,
+            pid=self.mock_pid,
+            config=cfg,
+            driver=MockState(hotplugged=plugged),
         )
 
     def load(self, state: HypervisorState) -> None:
         from ..config import HypervisorConfig
 
+        own = state.driver_state(MockState)
         self.mock_pid = state.pid
-        self.id = str(state.extra.get("id", ""))
-        self.restored_ids = set(state.extra.get("hotplugged", {}))
+        self.id = state.id
+        self.state = state.vm_state
+        self.restored_ids = set(own.hotplugged)
         if state.config:
             self._config = HypervisorConfig.from_dict(state.config)
             self.vcpus = self._config.num_vcpus

@@ -34,6 +34,7 @@ from ...hypervisor import Hypervisor, VMState, register
 from ...types import Capabilities, HypervisorType, MemoryDevice
 from ..vmm_process import VmmProcess, wait_for_path
 from . import argv as acrn_argv
+from .state import AcrnState
 from .uuids import UuidAllocator
 
 if TYPE_CHECKING:
@@ -317,6 +318,8 @@ class Acrn(Hypervisor):
         port = self._ports[0].socket.host_path if self._ports else ""
         return HypervisorState(
             type=str(HypervisorType.ACRN),
+            id=self.id,
+            vm_state=self.state,
             pid=proc.pid if proc else 0,
             pid_start_time=proc.start_time if proc else None,
             uuid=self.uuid,
@@ -325,16 +328,14 @@ class Acrn(Hypervisor):
             console_socket=self.console_socket,
             agent_socket=port,
             config=self._cfg().to_dict(),
-            extra={
-                "id": self.id,
-                "state": self.state.value,
-                "name": self.name,
-                "binary": self.binary,
-                "ctl": self.ctl,
-                "pool": list(self._pool),
-                "pool_used": {str(i): d for i, d in self._pool_used.items()},
-                "cold_disks": len(self._disks) if self._cold_disks is None else self._cold_disks,
-            },
+            driver=AcrnState(
+                name=self.name,
+                binary=self.binary,
+                ctl=self.ctl,
+                pool=list(self._pool),
+                pool_used=dict(self._pool_used),
+                cold_disks=len(self._disks) if self._cold_disks is None else self._cold_disks,
+            ),
         )
 
     def load(self, state: HypervisorState) -> None:
@@ -343,19 +344,19 @@ class Acrn(Hypervisor):
 
         if state.type and state.type != str(HypervisorType.ACRN):
             raise StateError(f"acrn: cannot load state of a {state.type} VM")
-        extra = dict(state.extra)
+        own = state.driver_state(AcrnState)
         self._config = HypervisorConfig.from_dict(state.config)
-        self.id = str(extra.get("id", ""))
-        self.state = VMState(str(extra.get("state", VMState.RUNNING.value)))
-        self.name = str(extra.get("name", ""))
-        self.binary = str(extra.get("binary", ""))
-        self.ctl = str(extra.get("ctl", ""))
+        self.id = state.id
+        self.state = state.vm_state
+        self.name = own.name
+        self.binary = own.binary
+        self.ctl = own.ctl
         self.uuid = state.uuid
         self.vm_dir = state.vm_dir
         self.console_socket = state.console_socket
-        self._pool = [int(s) for s in extra.get("pool") or []]
-        self._pool_used = {int(i): str(d) for i, d in (extra.get("pool_used") or {}).items()}
-        self._cold_disks = int(extra.get("cold_disks", 0))
+        self._pool = list(own.pool)
+        self._pool_used = dict(own.pool_used)
+        self._cold_disks = own.cold_disks
         log = os.path.join(self.vm_dir, "acrn-dm.log")
         self._proc = (
             VmmProcess.attach("acrn-dm", state.pid, state.pid_start_time, [log])

@@ -40,6 +40,7 @@ from ..handover import decode_state, encode_state
 from ..vmm_process import VmmProcess, threads_named
 from . import virtiofsd
 from .api import ClhApi
+from .state import ClhState, DaemonRecord, VsockRecord
 from .vmconfig import (
     MIB,
     FsShare,
@@ -650,12 +651,14 @@ class CloudHypervisor(Hypervisor):
         cfg = self._cfg()
         proc = self._proc
         daemons = [
-            {"id": sid, "pid": d.pid, "start_time": d.start_time, "socket": sock}
+            DaemonRecord(id=sid, pid=d.pid, start_time=d.start_time, socket=sock)
             for sid, (d, sock) in self._daemons.items()
         ]
         vsock = self._cold.vsock
         return HypervisorState(
             type=str(HypervisorType.CLH),
+            id=self.id,
+            vm_state=self.state,
             pid=proc.pid if proc else 0,
             pid_start_time=proc.start_time if proc else None,
             api_socket=self.api_socket,
@@ -668,17 +671,15 @@ class CloudHypervisor(Hypervisor):
             console_socket=self.serial_socket,
             agent_socket=vsock.uds_path if vsock else "",
             config=cfg.to_dict(),
-            extra={
-                "id": self.id,
-                "state": self.state.value,
-                "binary": self.binary,
-                "virtiofsd": daemons,
-                "hotplugged": dict(self._hotplugged),
-                "hotplug_mb": self._hotplug_mb,
-                "shared_memory": self._shared_memory,
-                "vsock": {"cid": vsock.context_id, "port": vsock.port} if vsock else None,
-                "mem_slot": self._mem_slot,
-            },
+            driver=ClhState(
+                binary=self.binary,
+                virtiofsd=daemons,
+                hotplugged=dict(self._hotplugged),
+                hotplug_mb=self._hotplug_mb,
+                shared_memory=self._shared_memory,
+                vsock=VsockRecord(cid=vsock.context_id, port=vsock.port) if vsock else None,
+                mem_slot=self._mem_slot,
+            ),
         )
 
     def load(self, state: HypervisorState) -> None:
@@ -687,11 +688,11 @@ class CloudHypervisor(Hypervisor):
 
         if state.type and state.type != str(HypervisorType.CLH):
             raise StateError(f"clh: cannot load state of a {state.type} VM")
-        extra = dict(state.extra)
+        own = state.driver_state(ClhState)
         self._config = HypervisorConfig.from_dict(state.config)
-        self.id = str(extra.get("id", ""))
-        self.state = VMState(str(extra.get("state", VMState.RUNNING.value)))
-        self.binary = str(extra.get("binary", ""))
+        self.id = state.id
+        self.state = state.vm_state
+        self.binary = own.binary
         self.vm_dir = state.vm_dir
         self.api_socket = state.api_socket
         self.serial_socket = state.console_socket
@@ -705,21 +706,18 @@ class CloudHypervisor(Hypervisor):
             else None
         )
         self._daemons = {
-            str(d["id"]): (
-                VmmProcess.attach("virtiofsd", int(d["pid"]), d.get("start_time")),
-                str(d["socket"]),
-            )
-            for d in extra.get("virtiofsd") or []
+            d.id: (VmmProcess.attach("virtiofsd", d.pid, d.start_time), d.socket)
+            for d in own.virtiofsd
         }
-        self._hotplugged = {str(k): str(v) for k, v in (extra.get("hotplugged") or {}).items()}
-        self._hotplug_mb = int(extra.get("hotplug_mb", 0))
-        self._shared_memory = bool(extra.get("shared_memory", False))
-        self._mem_slot = int(extra.get("mem_slot", 0))
+        self._hotplugged = dict(own.hotplugged)
+        self._hotplug_mb = own.hotplug_mb
+        self._shared_memory = own.shared_memory
+        self._mem_slot = own.mem_slot
         self.hotplugged_vcpus = len(state.hotplugged_vcpus)
         self.hotplugged_memory_mb = state.hotplugged_memory
-        vsock = extra.get("vsock")
+        vsock = own.vsock
         self._cold = VmDevices(
-            vsock=HybridVSockDevice(state.agent_socket, int(vsock["cid"]), int(vsock["port"]))
+            vsock=HybridVSockDevice(state.agent_socket, vsock.cid, vsock.port)
             if vsock and state.agent_socket
             else None
         )

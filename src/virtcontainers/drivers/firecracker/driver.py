@@ -15,7 +15,7 @@ import re
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ... import host, persist
@@ -49,6 +49,7 @@ from .argv import (
     resource_id,
 )
 from .jail import VMRoot, cgroup_version, remove_cgroups
+from .state import VSOCK_NAME, FirecrackerState, Slot
 
 if TYPE_CHECKING:
     from ...agent import HybridVsock
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
     from ...persist import HypervisorState
 
 API_SOCKET = "fc.sock"
-VSOCK_NAME = "kata.hvsock"
 AGENT_VSOCK_PORT = 1024
 CONSOLE_LOG = "console.log"
 FC_LOG = "firecracker.log"
@@ -71,17 +71,6 @@ _VCPU_COMM = re.compile(r"^fc_vcpu (\d+)$")
 # Fields the spec has that older Firecracker servers refuse as unknown.
 _VSOCK_OVERRIDE_SINCE = (1, 16)
 _NETWORK_OVERRIDES_SINCE = (1, 12)
-
-
-@dataclass
-class _Slot:
-    """One placeholder drive: its API id, its empty file (root-relative), what occupies it."""
-
-    drive_id: str
-    placeholder: str
-    read_only: bool = False  # fixed when the drive is created: a PATCH cannot change it
-    device_id: str = ""
-    attached: str = ""  # root-relative path of the attached disk
 
 
 @register(HypervisorType.FIRECRACKER)
@@ -121,7 +110,7 @@ class Firecracker(Hypervisor):
         self._vsock_name = VSOCK_NAME  # inside the VM root, relative
         self._vsock_link = ""  # a host path outside the root that links to the socket
         self._agent_port = AGENT_VSOCK_PORT
-        self._slots: list[_Slot] = []
+        self._slots: list[Slot] = []
         self._loaded_offset: int | None = None
 
     # -- paths -------------------------------------------------------------------------------
@@ -240,7 +229,7 @@ class Firecracker(Hypervisor):
             rel = f"{POOL_DIR}/pool_{i}"
             root.touch(rel, 0o660)
             ro = i >= self.pool_size
-            self._slots.append(_Slot(drive_id=f"pool_{i}", placeholder=rel, read_only=ro))
+            self._slots.append(Slot(drive_id=f"pool_{i}", placeholder=rel, read_only=ro))
 
     async def _launch(self, deadline: float) -> None:
         cfg = self._cfg()
@@ -697,29 +686,28 @@ class Firecracker(Hypervisor):
     def save(self) -> HypervisorState:
         from ...persist import HypervisorState
 
-        extra: dict[str, Any] = {
-            "state": self.state.value,
-            "network_ns": self.network_ns,
-            "root": self.root.path if self.root else "",
-            "mounts": list(self.root.mounts) if self.root else [],
-            "image": self._image,
-            "drive_offset": self.get_virt_drive_offset(),
-            "vsock_cid": self._vsock_cid,
-            "vsock_name": self._vsock_name,
-            "vsock_link": self._vsock_link,
-            "agent_port": self._agent_port,
-            "vmm_version": self.vmm_version,
-            "slots": [vars(s) for s in self._slots],
-            "jailer": vars(self.jailer) if self.jailer else None,
-            "console_keeper": (
-                [self._keeper.pid, self._keeper.start_time] if self._keeper is not None else None
-            ),
-        }
+        keeper = self._keeper
+        own = FirecrackerState(
+            network_ns=self.network_ns,
+            root=self.root.path if self.root else "",
+            mounts=list(self.root.mounts) if self.root else [],
+            image=self._image,
+            drive_offset=self.get_virt_drive_offset(),
+            vsock_cid=self._vsock_cid,
+            vsock_name=self._vsock_name,
+            vsock_link=self._vsock_link,
+            agent_port=self._agent_port,
+            vmm_version=self.vmm_version,
+            slots=[replace(s) for s in self._slots],
+            jailer=replace(self.jailer) if self.jailer else None,
+            console_keeper=(keeper.pid, keeper.start_time) if keeper is not None else None,
+        )
         return HypervisorState(
             type=str(HypervisorType.FIRECRACKER),
+            id=self.id,
+            vm_state=self.state,
             pid=self.pid,
             pid_start_time=self.pid_start_time,
-            uuid=self.id,
             api_socket=self.api_socket,
             block_index_map=[
                 self.get_virt_drive_offset() + i for i, s in enumerate(self._slots) if s.device_id
@@ -728,7 +716,7 @@ class Firecracker(Hypervisor):
             console_socket=self.console_path if self.vm_dir else "",
             agent_socket=self.vsock_path if self.root else "",
             config=self._config.to_dict() if self._config else {},
-            extra=extra,
+            driver=own,
         )
 
     def load(self, state: HypervisorState) -> None:
@@ -736,44 +724,38 @@ class Firecracker(Hypervisor):
 
         if state.type and state.type != str(HypervisorType.FIRECRACKER):
             raise StateError(f"firecracker: cannot load state of a {state.type} VM")
-        extra = state.extra
-        self.id = state.uuid
+        own = state.driver_state(FirecrackerState)
+        self.id = state.id
         self._config = HypervisorConfig.from_dict(state.config) if state.config else None
         self.pid = state.pid
         self.pid_start_time = state.pid_start_time
         self.api_socket = state.api_socket
         self.vm_dir = state.vm_dir
-        self.network_ns = str(extra.get("network_ns", ""))
-        self.vmm_version = str(extra.get("vmm_version", ""))
-        self._image = str(extra.get("image", ""))
-        self._vsock_cid = int(extra.get("vsock_cid", bodies.GUEST_CID))
-        self._vsock_name = str(extra.get("vsock_name", VSOCK_NAME))
-        self._vsock_link = str(extra.get("vsock_link", ""))
-        self._agent_port = int(extra.get("agent_port", AGENT_VSOCK_PORT))
-        self._slots = [_Slot(**s) for s in extra.get("slots", [])]
-        self._loaded_offset = int(extra.get("drive_offset", 0))
-        jail = extra.get("jailer")
-        self.jailer = JailerSpec(**jail) if jail else None
-        root_path = str(extra.get("root") or self.vm_dir)
+        self.network_ns = own.network_ns
+        self.vmm_version = own.vmm_version
+        self._image = own.image
+        self._vsock_cid = own.vsock_cid
+        self._vsock_name = own.vsock_name
+        self._vsock_link = own.vsock_link
+        self._agent_port = own.agent_port
+        self._slots = [replace(s) for s in own.slots]
+        self._loaded_offset = own.drive_offset
+        self.jailer = replace(own.jailer) if own.jailer else None
+        root_path = own.root or self.vm_dir
         if self.jailer:
             self.root = VMRoot(root_path, self.jailer.uid, self.jailer.gid, jailed=True)
         else:
             self.root = VMRoot(root_path)
-        self.root.mounts = list(extra.get("mounts", []))
+        self.root.mounts = list(own.mounts)
         self._proc = (
             VmmProcess.attach("firecracker", self.pid, self.pid_start_time, self._log_paths())
             if self.pid
             else None
         )
-        keeper = extra.get("console_keeper")
-        self._keeper = (
-            VmmProcess.attach("console keeper", int(keeper[0]), keeper[1]) if keeper else None
-        )
+        keeper = own.console_keeper
+        self._keeper = VmmProcess.attach("console keeper", *keeper) if keeper else None
         self.api = None
-        try:
-            self.state = VMState(str(extra.get("state", VMState.RUNNING.value)))
-        except ValueError as e:
-            raise StateError(f"firecracker: unknown state {extra.get('state')!r}") from e
+        self.state = state.vm_state
         if self.state in (VMState.RUNNING, VMState.PAUSED) and not host.pid_is(
             self.pid, self.pid_start_time
         ):

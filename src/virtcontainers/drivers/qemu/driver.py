@@ -13,6 +13,7 @@ import socket
 import time
 import uuid as uuidlib
 from collections.abc import Awaitable
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from ... import host, persist
@@ -47,6 +48,7 @@ from .hotplug import IMPLEMENTED as HOTPLUG_IMPLEMENTED
 from .hotplug import Hotplug
 from .process import VMProcess, kill_session_leftovers, log_tail
 from .qmp import QMP, QMPDisconnectedError
+from .state import HelperRecord, QemuState
 
 if TYPE_CHECKING:
     from ...config import HypervisorConfig
@@ -592,18 +594,18 @@ class QemuHypervisor(Hypervisor):
             console_socket=self.paths.console_socket,
             agent_socket=self.agent_socket,
             config=cfg.to_dict(),
-            extra={
-                "id": self.id,
-                "vm_state": self.state.value,
-                "accel": self.accel,
-                "qemu_path": self.qemu_path,
-                "kernel": self.kernel,
-                "initrd": self.initrd,
-                "image": self.image,
-                "argv": list(self.argv),
-                "helpers": self.helpers.save(),
-                "hotplug": self.hotplug.save(),
-            },
+            id=self.id,
+            vm_state=self.state,
+            driver=QemuState(
+                accel=self.accel,
+                qemu_path=self.qemu_path,
+                kernel=self.kernel,
+                initrd=self.initrd,
+                image=self.image,
+                argv=list(self.argv),
+                helpers=[HelperRecord(**h) for h in self.helpers.save()],
+                hotplug=self.hotplug.save(),
+            ),
         )
 
     def load(self, state: persist.HypervisorState) -> None:
@@ -611,10 +613,10 @@ class QemuHypervisor(Hypervisor):
 
         if state.type and state.type != str(HypervisorType.QEMU):
             raise StateError(f"cannot load {state.type} state into the QEMU driver")
-        extra: dict[str, Any] = dict(state.extra or {})
+        own = state.driver_state(QemuState)
         self.config = HypervisorConfig.from_dict(state.config)
         self.paths = qargv.VMPaths(state.vm_dir)
-        self.id = str(extra.get("id") or os.path.basename(state.vm_dir))
+        self.id = state.id or os.path.basename(state.vm_dir)
         self.uuid = state.uuid
         self._pid = state.pid
         self._pid_start = state.pid_start_time
@@ -623,17 +625,17 @@ class QemuHypervisor(Hypervisor):
         self.block_index_map = list(state.block_index_map)
         self.hotplugged_vcpus = [v.id for v in state.hotplugged_vcpus]
         self.hotplugged_memory = state.hotplugged_memory
-        self.helpers.load(extra.get("helpers", []))
-        self.hotplug.load(extra.get("hotplug"))
+        self.helpers.load([asdict(h) for h in own.helpers])
+        self.hotplug.load(own.hotplug)
         self.agent_socket = state.agent_socket
-        self.accel = str(extra.get("accel", ""))
-        self.qemu_path = str(extra.get("qemu_path", ""))
-        self.kernel = str(extra.get("kernel", ""))
-        self.initrd = str(extra.get("initrd", ""))
-        self.image = str(extra.get("image", ""))
+        self.accel = own.accel
+        self.qemu_path = own.qemu_path
+        self.kernel = own.kernel
+        self.initrd = own.initrd
+        self.image = own.image
         self.bridges = [b.model_copy(deep=True) for b in state.bridges]
-        self.argv = list(extra.get("argv", []))
-        self.state = VMState(extra.get("vm_state", VMState.RUNNING.value))
+        self.argv = list(own.argv)
+        self.state = state.vm_state
 
     async def to_grpc(self) -> bytes:
         return encode_state(self.save())

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ...devices import (
@@ -38,6 +38,7 @@ from . import argv as qargv
 from . import pci, resize, storage_daemon, virtiofsd
 from .helpers import is_socket
 from .qmp import QMPCommandError
+from .state import Dimm, HotplugState, Plugged
 
 if TYPE_CHECKING:
     from .driver import QemuHypervisor
@@ -71,19 +72,6 @@ BACKEND_DEL: dict[str, tuple[str, str]] = {
 SERIAL_MAX = 20  # virtio-blk's serial field is 20 bytes
 
 
-@dataclass
-class Plugged:
-    """A hot-added device as recorded (and persisted) until it is removed."""
-
-    key: str  # "<DeviceKind>:<id>"
-    qdev: str  # QEMU device id
-    backend_kind: str = ""  # a key of BACKEND_DEL, or ""
-    backend: str = ""
-    helper: str = ""  # key of the helper daemon serving it, or ""
-    index: int = -1  # block drive index
-    scsi_addr: str = ""
-
-
 def device_key(device: Device) -> str:
     """The record key of a device: its kind and id (vCPUs and memory have none)."""
     return f"{device.kind}:{getattr(device, 'id', '')}"
@@ -97,8 +85,8 @@ class Hotplug:
         self.unplug_timeout = UNPLUG_TIMEOUT
         self.unplug_retry = UNPLUG_RETRY
         self.plugged: dict[str, Plugged] = {}
-        #: Hot-added pc-dimms: {"id", "slot", "size_mb", "addr"} each.
-        self.dimms: list[dict[str, int | str]] = []
+        #: Hot-added pc-dimms.
+        self.dimms: list[Dimm] = []
         self._lock = asyncio.Lock()
 
     # -- entry points ------------------------------------------------------------------------
@@ -198,19 +186,15 @@ class Hotplug:
             raise self.driver.unsupported(op, "the microvm machine type has no hotplug (use q35)")
         return machine
 
-    def save(self) -> dict[str, Any]:
-        return {
-            "devices": [asdict(p) for p in self.plugged.values()],
-            "dimms": list(self.dimms),
-        }
+    def save(self) -> HotplugState:
+        return HotplugState(
+            devices=[replace(p) for p in self.plugged.values()],
+            dimms=[replace(d) for d in self.dimms],
+        )
 
-    def load(self, data: Mapping[str, Any] | None) -> None:
-        data = data or {}
-        self.plugged = {}
-        for d in data.get("devices", []):
-            rec = Plugged(**d)
-            self.plugged[rec.key] = rec
-        self.dimms = [dict(d) for d in data.get("dimms", [])]
+    def load(self, saved: HotplugState) -> None:
+        self.plugged = {rec.key: rec for rec in saved.devices}
+        self.dimms = list(saved.dimms)
 
     # -- QMP helpers -------------------------------------------------------------------------
     async def execute(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import ConfigError, HypervisorError, VMTimeoutError
 from ...types import MemoryDevice
 from . import argv as qargv
+from .state import Dimm
 
 if TYPE_CHECKING:
     from ...config import HypervisorConfig
@@ -180,7 +181,7 @@ async def add_dimm(hp: Hotplug, size_mb: int, probe: bool) -> MemoryDevice:
     current = int(cfg.memory_size) + drv.hotplugged_memory
     if maxmem and current + size_mb > maxmem:
         raise ConfigError(f"qemu: {op}: {current} + {size_mb} MiB would exceed maxmem {maxmem} MiB")
-    n = 1 + max((int(str(d["id"])[4:]) for d in hp.dimms), default=-1)
+    n = 1 + max((int(d.id[4:]) for d in hp.dimms), default=-1)
     qdev, obj = f"dimm{n}", f"mem-dimm{n}"
     async with contextlib.AsyncExitStack() as undo:
         await hp.execute(op, "object-add", dimm_backend(cfg, obj, size_mb))
@@ -190,7 +191,7 @@ async def add_dimm(hp: Hotplug, size_mb: int, probe: bool) -> MemoryDevice:
     info = await _memory_device(hp, qdev)
     slot = int(info.get("slot", -1)) if info else -1
     addr = int(info.get("addr", 0)) if info else 0
-    hp.dimms.append({"id": qdev, "slot": slot, "size_mb": size_mb, "addr": addr})
+    hp.dimms.append(Dimm(id=qdev, slot=slot, size_mb=size_mb, addr=addr))
     drv.hotplugged_memory += size_mb
     return MemoryDevice(slot=slot, size_mb=size_mb, addr=addr, probe=probe)
 
