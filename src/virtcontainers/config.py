@@ -52,6 +52,43 @@ MAX_MEMORY_MIB = 4 * 1024 * 1024
 #: The Linux 9p client refuses an msize below 4 KiB.
 MIN_MSIZE_9P = 4096
 
+#: virtiofsd (QEMU's C daemon) `-o` options `virtio_fs_extra_args` may carry: tuning and
+#: feature flags only. What the share is (`source`), how it is confined (`sandbox`, `modcaps`,
+#: `allow_root`), where it listens (`--socket-path`, `--fd`) and the cache mode
+#: (`virtio_fs_cache`) are the project's to set.
+VIRTIOFSD_FLAG_OPTIONS = frozenset(
+    {
+        *(
+            f"{pre}{name}"
+            for pre in ("", "no_")
+            for name in (
+                "flock",
+                "posix_lock",
+                "readdirplus",
+                "writeback",
+                "xattr",
+                "posix_acl",
+                "security_label",
+                "killpriv_v2",
+                "allow_direct_io",
+            )
+        ),
+        "announce_submounts",
+    }
+)
+#: virtiofsd `-o name=value` options allowed in `virtio_fs_extra_args`, with their values.
+VIRTIOFSD_VALUE_OPTIONS: dict[str, re.Pattern[str]] = {
+    "log_level": re.compile(r"debug|info|warn|err"),
+    "max_idle_threads": re.compile(r"[0-9]{1,4}"),
+    "timeout": re.compile(r"[0-9]{1,6}"),
+}
+#: virtiofsd long options (`--name=value`, or a bare `--name`) allowed in `virtio_fs_extra_args`.
+VIRTIOFSD_LONG_OPTIONS: dict[str, re.Pattern[str] | None] = {
+    "thread-pool-size": re.compile(r"[0-9]{1,4}"),
+    "rlimit-nofile": re.compile(r"[0-9]{1,7}"),
+    "syslog": None,
+}
+
 #: Host paths an `entropy_source` annotation may name (QEMU reads the file into the guest).
 SAFE_ENTROPY_SOURCES = ("/dev/urandom", "/dev/random", "/dev/hwrng")
 
@@ -255,6 +292,7 @@ class HypervisorConfig:
                     f"kernel_params: parameter {p.key!r}={p.value!r} contains a space, a quote "
                     "or '=' in its name"
                 )
+        check_virtiofsd_args("virtio_fs_extra_args", self.virtio_fs_extra_args)
         for pattern in self.enable_annotations:
             _compile_annotation_pattern(pattern)
         _check_option_list("machine_accelerators", self.machine_accelerators, _MACHINE_OPT_RE)
@@ -500,6 +538,50 @@ def _check_option_list(name: str, value: str, token: re.Pattern[str]) -> None:
         key = item.lstrip("+-").split("=", 1)[0].replace("_", "-")
         if name == "machine_accelerators" and key in UNSAFE_MACHINE_OPTIONS:
             raise ConfigError(f"{name}: option {key!r} in {value!r} is not allowed")
+
+
+def check_virtiofsd_args(name: str, args: Iterable[str]) -> None:
+    """Refuse any virtiofsd argument outside the allowlist (`VIRTIOFSD_*_OPTIONS`).
+
+    `-o` takes its options as the next argument (a comma list); long options are written
+    `--name=value`. `name` (a field or an annotation) leads the error message.
+    """
+    items = list(args)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        if arg == "-o":
+            if i + 1 >= len(items):
+                raise ConfigError(f"{name}: virtiofsd '-o' needs an option list after it")
+            for opt in items[i + 1].split(","):
+                _check_virtiofsd_option(name, opt)
+            i += 2
+            continue
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if key in VIRTIOFSD_LONG_OPTIONS:
+                pattern = VIRTIOFSD_LONG_OPTIONS[key]
+                if pattern is None and not eq:
+                    i += 1
+                    continue
+                if pattern is not None and eq and pattern.fullmatch(value):
+                    i += 1
+                    continue
+        raise ConfigError(
+            f"{name}: virtiofsd argument {arg!r} is not allowed (allowed: -o with "
+            f"{', '.join(sorted([*VIRTIOFSD_FLAG_OPTIONS, *VIRTIOFSD_VALUE_OPTIONS]))}; "
+            f"{', '.join('--' + k for k in VIRTIOFSD_LONG_OPTIONS)})"
+        )
+
+
+def _check_virtiofsd_option(name: str, opt: str) -> None:
+    key, eq, value = opt.partition("=")
+    if not eq and key in VIRTIOFSD_FLAG_OPTIONS:
+        return
+    pattern = VIRTIOFSD_VALUE_OPTIONS.get(key)
+    if eq and pattern is not None and pattern.fullmatch(value):
+        return
+    raise ConfigError(f"{name}: virtiofsd option '-o {opt}' is not allowed")
 
 
 def _compile_annotation_pattern(pattern: str) -> re.Pattern[str]:
@@ -922,7 +1004,9 @@ def _str_list(value: Any) -> list[str]:
 
 def _apply_one(cfg: HypervisorConfig, key: str, name: str, value: str) -> None:
     if name == "virtio_fs_extra_args":
-        cfg.virtio_fs_extra_args = [*cfg.virtio_fs_extra_args, *_json_str_list(key, value)]
+        extra = _json_str_list(key, value)
+        check_virtiofsd_args(f"annotation {key}", extra)
+        cfg.virtio_fs_extra_args = [*cfg.virtio_fs_extra_args, *extra]
         return
     if _has_control(value):
         raise ConfigError(f"annotation {key}: value {value!r} contains a control character")

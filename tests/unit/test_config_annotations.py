@@ -139,6 +139,45 @@ def test_virtio_fs_extra_args_appended() -> None:
     assert cfg.virtio_fs_extra_args == ["--thread-pool-size=1", "-o", "announce_submounts"]
 
 
+VIRTIOFSD_ATTACKS = [
+    ["-o", "source=/"],  # would share the host's / read-write (the last source= wins)
+    ["-o", "announce_submounts,source=/"],
+    ["-o", "modcaps=+sys_admin"],
+    ["-o", "sandbox=chroot"],
+    ["-o", "allow_root"],
+    ["-o", "cache=always"],
+    ["-o", "xattrmap=:map::user.virtiofs.:"],
+    ["-osource=/"],
+    ["--socket-path=/tmp/evil.sock"],
+    ["--fd=3"],
+    ["--socket-group=users"],
+    ["--daemonize"],
+    ["-d", "-f"],
+    ["--thread-pool-size=1", "-o"],
+    ["--thread-pool-size=1 --fd=3"],
+    ["--syslog=x"],
+    ["source=/"],
+]
+
+
+@pytest.mark.parametrize("args", VIRTIOFSD_ATTACKS, ids=[" ".join(a) for a in VIRTIOFSD_ATTACKS])
+def test_attack_virtio_fs_extra_args_outside_the_allowlist(args: list[str]) -> None:
+    cfg = base()
+    key = P + "virtio_fs_extra_args"
+    refused(cfg, {key: json.dumps(args)}, f"annotation {key}: virtiofsd ")
+    cfg.virtio_fs_extra_args = args  # the same list from the TOML file or the API
+    with pytest.raises(ConfigError, match=r"^virtio_fs_extra_args: virtiofsd "):
+        cfg.validate()
+
+
+def test_virtio_fs_extra_args_allowlist_takes_kata_shipped_examples() -> None:
+    cfg = base()
+    args = ["--thread-pool-size=1", "-o", "announce_submounts,no_xattr", "-o", "log_level=warn"]
+    apply_annotations(cfg, {P + "virtio_fs_extra_args": json.dumps(args)})
+    cfg.validate()
+    assert cfg.virtio_fs_extra_args == args
+
+
 def test_other_prefixes_ignored() -> None:
     cfg = base(enable_annotations=[])
     before = cfg.to_dict()

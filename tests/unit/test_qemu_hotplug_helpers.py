@@ -116,13 +116,19 @@ def test_virtiofsd_argv(tmp_path: Path) -> None:
     share = SharedFS(id="s0", source=str(tmp_path), mount_tag="t")
     assert virtiofsd.argv(cfg, share, "/run/x.sock") == [
         daemon,
+        "--thread-pool-size=1",
         "--socket-path=/run/x.sock",
         "-o",
         f"source={tmp_path}",
         "-o",
         "cache=auto",
-        "--thread-pool-size=1",
     ]
+    # The project's own options come last (virtiofsd takes the last of each), and an extra
+    # argument outside the allowlist never reaches the command line.
+    cfg.virtio_fs_extra_args = ["-o", "source=/"]
+    with pytest.raises(ConfigError, match="'-o source=/' is not allowed"):
+        virtiofsd.argv(cfg, share, "/run/x.sock")
+    cfg.virtio_fs_extra_args = []
     cfg.virtio_fs_cache = "sometimes"
     with pytest.raises(ConfigError, match="virtio_fs_cache: 'sometimes'"):
         virtiofsd.argv(cfg, share, "/run/x.sock")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from ..config import check_virtiofsd_args
 from ..errors import AssetError
 
 if TYPE_CHECKING:
@@ -29,13 +30,16 @@ def daemon_path(cfg: HypervisorConfig, hypervisor: str) -> str:
 
 
 def argv(cfg: HypervisorConfig, hypervisor: str, source: str, socket: str) -> list[str]:
-    """virtiofsd's command line: serve `source` on `socket` with the config's cache mode,
-    debug flag and extra arguments."""
-    args = [daemon_path(cfg, hypervisor), f"--socket-path={socket}", "-o", f"source={source}"]
+    """virtiofsd's command line: serve `source` on `socket` with the config's extra arguments
+    (allowlisted), cache mode and debug flag. The project's own options come last, so that
+    even an option the allowlist missed cannot override them (virtiofsd's last one wins)."""
+    check_virtiofsd_args("virtio_fs_extra_args", cfg.virtio_fs_extra_args)
+    args = [daemon_path(cfg, hypervisor), *cfg.virtio_fs_extra_args]
+    args += [f"--socket-path={socket}", "-o", f"source={source}"]
     args += ["-o", f"cache={cfg.virtio_fs_cache or 'auto'}"]
     if cfg.debug:
         args.append("-d")
-    return args + list(cfg.virtio_fs_extra_args)
+    return args
 
 
 def pid_file(socket: str) -> str:
