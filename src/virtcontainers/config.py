@@ -16,6 +16,7 @@ import logging
 import os
 import posixpath
 import re
+import stat
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -134,6 +135,10 @@ class HypervisorConfig:
     image_path: str = ""
     initrd_path: str = ""
     firmware_path: str = ""
+    kernel_path_list: list[str] = field(default_factory=list)
+    image_path_list: list[str] = field(default_factory=list)
+    initrd_path_list: list[str] = field(default_factory=list)
+    firmware_path_list: list[str] = field(default_factory=list)
     machine_accelerators: str = ""
     cpu_features: str = ""
     hypervisor_path: str = ""
@@ -701,6 +706,10 @@ _TOML_KEYS: dict[str, tuple[str, _TomlKind]] = {
     "valid_hypervisor_paths": ("hypervisor_path_list", "strlist"),
     "valid_ctlpaths": ("hypervisor_ctl_path_list", "strlist"),
     "valid_jailer_paths": ("jailer_path_list", "strlist"),
+    "valid_kernel_paths": ("kernel_path_list", "strlist"),
+    "valid_image_paths": ("image_path_list", "strlist"),
+    "valid_initrd_paths": ("initrd_path_list", "strlist"),
+    "valid_firmware_paths": ("firmware_path_list", "strlist"),
     "valid_virtio_fs_daemon_paths": ("virtio_fs_daemon_list", "strlist"),
     "valid_file_mem_backends": ("file_backed_mem_root_list", "strlist"),
     "valid_vhost_user_store_paths": ("vhost_user_store_path_list", "strlist"),
@@ -897,16 +906,25 @@ _ANNOT_STR: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "shared_fs": ("shared_fs", SHARED_FS_VALUES),
     "virtio_fs_cache": ("virtio_fs_cache", VIRTIO_FS_CACHE_VALUES),
 }
-#: Annotation name -> (asset type, field, allowlist field or None). Host binaries need an
-#: allowlist match; guest assets (kernel, image, initrd, firmware) only need to be enabled.
-_ANNOT_ASSET: dict[str, tuple[AssetType, str, str | None]] = {
+#: Annotation name -> (asset type, field, allowlist field). Every asset path needs an
+#: allowlist match; guest assets (kernel, image, initrd, firmware) must also be regular files
+#: (QEMU reads them into guest memory or attaches them as disks).
+_ANNOT_ASSET: dict[str, tuple[AssetType, str, str]] = {
     "path": (AssetType.HYPERVISOR, "hypervisor_path", "hypervisor_path_list"),
     "ctlpath": (AssetType.HYPERVISOR_CTL, "hypervisor_ctl_path", "hypervisor_ctl_path_list"),
     "jailer_path": (AssetType.JAILER, "jailer_path", "jailer_path_list"),
-    "kernel": (AssetType.KERNEL, "kernel_path", None),
-    "image": (AssetType.IMAGE, "image_path", None),
-    "initrd": (AssetType.INITRD, "initrd_path", None),
-    "firmware": (AssetType.FIRMWARE, "firmware_path", None),
+    "kernel": (AssetType.KERNEL, "kernel_path", "kernel_path_list"),
+    "image": (AssetType.IMAGE, "image_path", "image_path_list"),
+    "initrd": (AssetType.INITRD, "initrd_path", "initrd_path_list"),
+    "firmware": (AssetType.FIRMWARE, "firmware_path", "firmware_path_list"),
+}
+#: Guest assets: an annotation may only name a regular file (an image may also be a block
+#: device, when its allowlist names that device exactly, without wildcards).
+_GUEST_ASSET_LISTS = {
+    AssetType.KERNEL: "kernel_path_list",
+    AssetType.IMAGE: "image_path_list",
+    AssetType.INITRD: "initrd_path_list",
+    AssetType.FIRMWARE: "firmware_path_list",
 }
 #: Annotation name -> (field, allowlist field) for other host paths.
 _ANNOT_PATH = {
@@ -950,10 +968,14 @@ def apply_annotations(config: HypervisorConfig, annotations: Mapping[str, str]) 
 
     - a name is refused unless a regular expression of `config.enable_annotations` matches
       it entirely; unknown names are refused;
-    - host paths (`path`, `ctlpath`, `jailer_path`, `virtio_fs_daemon`, `file_mem_backend`,
-      `vhost_user_store_path`) must be normalized absolute paths matching a glob of their
-      allowlist (`*`, `?`, `[...]` never cross `/`; an empty allowlist refuses all), and their
-      symlink-resolved target must match one too;
+    - host paths (`path`, `ctlpath`, `jailer_path`, `kernel`, `image`, `initrd`, `firmware`,
+      `virtio_fs_daemon`, `file_mem_backend`, `vhost_user_store_path`) must be normalized
+      absolute paths matching a glob of their allowlist (`*`, `?`, `[...]` never cross `/`;
+      an empty allowlist refuses all), and their symlink-resolved target must match one too;
+    - guest assets (`kernel`, `image`, `initrd`, `firmware`, and the file their `*_hash`
+      checks) must be regular files; an image may be a block device only when
+      `image_path_list` names it exactly;
+    - `virtio_fs_extra_args` must be a JSON list of allowlisted virtiofsd options;
     - `<asset>_hash` makes the asset's file (after this call's path changes) pass a sha512
       check; path annotations for assets also register custom assets;
     - `entropy_source` may only name /dev/urandom, /dev/random or /dev/hwrng;
@@ -1048,10 +1070,10 @@ def _apply_one(cfg: HypervisorConfig, key: str, name: str, value: str) -> None:
         atype, asset_field, asset_list = _ANNOT_ASSET[name]
         if not value:
             raise ConfigError(f"annotation {key}: empty path")
-        if asset_list is None:
-            _check_clean_path(key, value)
-        else:
-            _check_allowed_path(key, value, getattr(cfg, asset_list), asset_list)
+        allowlist = getattr(cfg, asset_list)
+        _check_allowed_path(key, value, allowlist, asset_list)
+        if atype in _GUEST_ASSET_LISTS:
+            _check_guest_file(key, atype, value, allowlist)
         setattr(cfg, asset_field, value)
         cfg._custom_assets[atype] = Asset(atype, value)
 
@@ -1062,6 +1084,8 @@ def _apply_hash(cfg: HypervisorConfig, key: str, atype: AssetType, digest: str) 
     path = cfg.asset_path(atype)
     if not path:
         raise ConfigError(f"annotation {key}: no {atype} path to check")
+    if atype in _GUEST_ASSET_LISTS:
+        _check_guest_file(key, atype, path, getattr(cfg, _GUEST_ASSET_LISTS[atype]))
     try:
         actual = sha512_file(path)
     except (OSError, ValueError) as e:
@@ -1126,6 +1150,28 @@ def _check_allowed_path(key: str, path: str, allowlist: list[str], list_name: st
             f"annotation {key}: path {path!r} resolves to {real!r}, outside {list_name} "
             f"{allowlist!r}"
         )
+
+
+def _check_guest_file(key: str, atype: AssetType, path: str, allowlist: list[str]) -> None:
+    """Refuse a guest asset that is not a regular file (a device, a FIFO, a directory...).
+
+    Only an image may be a block device, and only one its allowlist names exactly.
+    """
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"annotation {key}: cannot use {atype} {path!r}: {e}") from None
+    if stat.S_ISREG(st.st_mode):
+        return
+    if atype is AssetType.IMAGE and stat.S_ISBLK(st.st_mode):
+        real = os.path.realpath(path)
+        if path in allowlist or real in allowlist:
+            return
+        raise ConfigError(
+            f"annotation {key}: {path!r} is a block device; image_path_list must name it "
+            "exactly (not by a wildcard) to allow it"
+        )
+    raise ConfigError(f"annotation {key}: {atype} {path!r} is not a regular file")
 
 
 def glob_match(pattern: str, path: str) -> bool:

@@ -82,6 +82,11 @@ API_FIELDS = [
     "vm_id",
     "selinux_process_label",
     "enable_annotations",
+    # beyond the seed: allowlists for the guest-asset annotations (Kata's valid_*_paths style)
+    "kernel_path_list",
+    "image_path_list",
+    "initrd_path_list",
+    "firmware_path_list",
 ]
 
 MAX_VCPUS = 16

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -202,12 +204,75 @@ def test_allowed_hypervisor_path_registers_custom_asset() -> None:
     assert cfg.custom_hypervisor_asset()
 
 
-def test_guest_assets_need_no_allowlist() -> None:
-    cfg = base()
-    apply_annotations(cfg, {P + "kernel": "/srv/vc/vmlinuz", P + "initrd": "/srv/vc/initrd"})
-    assert cfg.kernel_asset_path() == "/srv/vc/vmlinuz"
-    assert cfg.initrd_asset_path() == "/srv/vc/initrd"
+def test_guest_assets_in_their_allowlists_register_custom_assets(tmp_path: Path) -> None:
+    kernel, initrd = guest_file(tmp_path, "vmlinuz"), guest_file(tmp_path, "initrd")
+    cfg = base(kernel_path_list=[f"{tmp_path}/vm*"], initrd_path_list=[initrd])
+    apply_annotations(cfg, {P + "kernel": kernel, P + "initrd": initrd})
+    assert cfg.kernel_asset_path() == kernel
+    assert cfg.initrd_asset_path() == initrd
     assert cfg.custom_kernel_asset() and cfg.custom_initrd_asset()
+
+
+def guest_file(directory: Path, name: str) -> str:
+    (directory / name).write_bytes(b"guest asset")
+    return str(directory / name)
+
+
+@pytest.mark.parametrize(
+    ("name", "list_field"),
+    [
+        ("kernel", "kernel_path_list"),
+        ("image", "image_path_list"),
+        ("initrd", "initrd_path_list"),
+        ("firmware", "firmware_path_list"),
+    ],
+)
+def test_attack_guest_asset_outside_its_allowlist(name: str, list_field: str) -> None:
+    # initrd=/etc/shadow would load that file into guest memory, readable by the guest.
+    refused(base(), {P + name: "/etc/shadow"}, f"{P}{name}: path '/etc/shadow' is not allowed")
+    refused(base(**{list_field: ["/srv/vc/*"]}), {P + name: "/etc/shadow"}, list_field)
+    other = base(
+        **{f: ["/etc/*"] for f in ("kernel_path_list", "image_path_list") if f != list_field}
+    )
+    refused(other, {P + name: "/etc/shadow"}, f"not allowed by {list_field}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod of a block device needs root")
+def test_attack_image_on_a_host_block_device(tmp_path: Path) -> None:
+    # image=/dev/sda with disable_image_nvdimm=true would attach the host's disk to the guest.
+    disk = tmp_path / "sda"
+    os.mknod(disk, 0o600 | stat.S_IFBLK, os.makedev(8, 0))
+    attack = {P + "image": str(disk), P + "disable_image_nvdimm": "true"}
+    cfg = base(image_path_list=[f"{tmp_path}/*"])
+    refused(cfg, attack, f"annotation {P}image: {str(disk)!r} is a block device")
+    # An operator who names the device exactly allows it.
+    allowed = base(image_path_list=[str(disk)])
+    apply_annotations(allowed, attack)
+    assert allowed.image_asset_path() == str(disk) and allowed.disable_image_nvdimm
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "char device", "missing"])
+@pytest.mark.parametrize("name", ["kernel", "image", "initrd", "firmware"])
+def test_attack_guest_asset_that_is_not_a_regular_file(
+    tmp_path: Path, name: str, kind: str
+) -> None:
+    target = tmp_path / "asset"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "directory":
+        target.mkdir()
+    elif kind == "char device":
+        target = Path("/dev/zero")
+    cfg = base(**{f"{name}_path_list": [str(target)]})
+    refused(cfg, {P + name: str(target)}, f"annotation {P}{name}: ")
+
+
+def test_asset_hash_annotation_reads_only_regular_files(tmp_path: Path) -> None:
+    # A hash annotation against a configured FIFO would block forever reading it.
+    fifo = tmp_path / "initrd"
+    os.mkfifo(fifo)
+    cfg = base(initrd_path=str(fifo))
+    refused(cfg, {P + "initrd_hash": "0" * 128}, f"annotation {P}initrd_hash: initrd")
 
 
 def test_kata_shipped_config_allows_its_own_paths() -> None:
@@ -230,20 +295,22 @@ def test_not_enabled_when_list_empty() -> None:
     refused(base(enable_annotations=[]), {P + "default_vcpus": "2"}, "not enabled")
 
 
-def test_enable_annotations_uses_full_match() -> None:
-    cfg = base(enable_annotations=["kernel", "default_.*"])
+def test_enable_annotations_uses_full_match(tmp_path: Path) -> None:
+    kernel = guest_file(tmp_path, "k")
+    cfg = base(enable_annotations=["kernel", "default_.*"], kernel_path_list=[kernel])
     refused(cfg, {P + "kernel_params": "init=/bin/sh"}, "kernel_params is not enabled")
     refused(cfg, {P + "path": "/usr/bin/qemu-system-x86_64"}, "path is not enabled")
-    apply_annotations(cfg, {P + "default_memory": "1024", P + "kernel": "/srv/k"})
+    apply_annotations(cfg, {P + "default_memory": "1024", P + "kernel": kernel})
     assert cfg.memory_size == 1024
-    assert cfg.kernel_asset_path() == "/srv/k"
+    assert cfg.kernel_asset_path() == kernel
 
 
-def test_enable_annotations_alternation_is_full_match() -> None:
-    cfg = base(enable_annotations=["kernel|image"])
+def test_enable_annotations_alternation_is_full_match(tmp_path: Path) -> None:
+    image = guest_file(tmp_path, "img")
+    cfg = base(enable_annotations=["kernel|image"], image_path_list=[image])
     refused(cfg, {P + "kernel_params": "quiet"}, "not enabled")
-    apply_annotations(cfg, {P + "image": "/srv/img"})
-    assert cfg.image_asset_path() == "/srv/img"
+    apply_annotations(cfg, {P + "image": image})
+    assert cfg.image_asset_path() == image
 
 
 def test_invalid_enable_annotations_regex() -> None:
@@ -396,7 +463,7 @@ def test_attack_entropy_source(value: str) -> None:
 def test_hash_matching_file_accepted(tmp_path: Path) -> None:
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"kernel bytes")
-    cfg = base()
+    cfg = base(kernel_path_list=[str(kernel)])
     apply_annotations(
         cfg, {P + "kernel": str(kernel), P + "kernel_hash": sha512(b"kernel bytes").upper()}
     )
@@ -410,12 +477,13 @@ def test_attack_hash_mismatch(tmp_path: Path) -> None:
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"tampered")
     annotations = {P + "kernel": str(kernel), P + "kernel_hash": sha512(b"kernel bytes")}
-    refused(base(), annotations, "does not match")
+    refused(base(kernel_path_list=[str(kernel)]), annotations, "does not match")
 
 
 def test_attack_hash_of_missing_file(tmp_path: Path) -> None:
-    annotations = {P + "image": str(tmp_path / "none.img"), P + "image_hash": sha512(b"")}
-    refused(base(initrd_path=""), annotations, "cannot read")
+    image = str(tmp_path / "none.img")
+    annotations = {P + "image": image, P + "image_hash": sha512(b"")}
+    refused(base(initrd_path="", image_path_list=[image]), annotations, "cannot use image")
 
 
 def test_hash_applies_to_configured_path(tmp_path: Path) -> None:
@@ -514,14 +582,15 @@ def test_non_string_value_refused() -> None:
     refused(base(), {P + "default_vcpus": 2}, "must be a string")  # type: ignore[dict-item]
 
 
-def test_all_or_nothing() -> None:
-    cfg = base()
+def test_all_or_nothing(tmp_path: Path) -> None:
+    kernel = guest_file(tmp_path, "k")
+    cfg = base(kernel_path_list=[kernel])
     refused(
         cfg,
         {
             P + "default_vcpus": "4",
             P + "kernel_params": "quiet",
-            P + "kernel": "/srv/k",
+            P + "kernel": kernel,
             P + "path": "/tmp/evil",
         },
         "/tmp/evil",
