@@ -50,8 +50,21 @@ MAX_MEM_SLOTS = 256
 #: Bounds for `memory_size` in MiB: below the minimum no Linux guest boots; above, it is a typo.
 MIN_MEMORY_MIB = 32
 MAX_MEMORY_MIB = 4 * 1024 * 1024
-#: The Linux 9p client refuses an msize below 4 KiB.
+#: The Linux 9p client refuses an msize below 4 KiB; its virtio transport caps it below 4 MiB.
 MIN_MSIZE_9P = 4096
+MAX_MSIZE_9P = 4 * 1024 * 1024
+#: q35's root bus has 32 slots, shared with every cold-plugged device: at most 16 root ports.
+MAX_PCIE_ROOT_PORTS = 16
+#: Bounds of the other numeric fields, inclusive (MiB where the field is a size). Every
+#: integer field is bounded here or in `_check_values` (vCPUs by the host, memory_size,
+#: msize_9p): the drivers size command lines and tables by them.
+INT_FIELD_MAX: dict[str, int] = {
+    "default_bridges": MAX_BRIDGES,
+    "mem_slots": MAX_MEM_SLOTS,
+    "mem_offset": MAX_MEMORY_MIB,
+    "virtio_fs_cache_size": MAX_MEMORY_MIB,
+    "pcie_root_port": MAX_PCIE_ROOT_PORTS,
+}
 
 #: virtiofsd (QEMU's C daemon) `-o` options `virtio_fs_extra_args` may carry: tuning and
 #: feature flags only. What the share is (`source`), how it is confined (`sandbox`, `modcaps`,
@@ -264,14 +277,14 @@ class HypervisorConfig:
                 f"memory_size {self.memory_size} MiB is out of range "
                 f"({MIN_MEMORY_MIB}..{MAX_MEMORY_MIB} MiB)"
             )
-        if self.default_bridges > MAX_BRIDGES:
+        for name, maximum in INT_FIELD_MAX.items():
+            value = getattr(self, name)
+            if value > maximum:
+                raise ConfigError(f"{name} {value} exceeds the maximum of {maximum}")
+        if self.msize_9p and not MIN_MSIZE_9P <= self.msize_9p <= MAX_MSIZE_9P:
             raise ConfigError(
-                f"default_bridges {self.default_bridges} exceeds the maximum of {MAX_BRIDGES}"
+                f"msize_9p {self.msize_9p} is out of range ({MIN_MSIZE_9P}..{MAX_MSIZE_9P})"
             )
-        if self.mem_slots > MAX_MEM_SLOTS:
-            raise ConfigError(f"mem_slots {self.mem_slots} exceeds the maximum of {MAX_MEM_SLOTS}")
-        if self.msize_9p and self.msize_9p < MIN_MSIZE_9P:
-            raise ConfigError(f"msize_9p {self.msize_9p} is below the minimum of {MIN_MSIZE_9P}")
         _check_choice("block_device_driver", self.block_device_driver, BLOCK_DRIVERS)
         _check_choice("shared_fs", self.shared_fs, SHARED_FS_VALUES)
         _check_choice("virtio_fs_cache", self.virtio_fs_cache, VIRTIO_FS_CACHE_VALUES)

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from virtcontainers import host
-from virtcontainers.config import HypervisorConfig
+from virtcontainers.config import INT_FIELD_MAX, HypervisorConfig
 from virtcontainers.devices import BLOCK_DRIVERS
 from virtcontainers.errors import AssetError, ConfigError
 from virtcontainers.types import Asset, AssetType, Param
@@ -236,6 +236,21 @@ def test_validate_accepts_every_block_driver(driver: str) -> None:
 
 
 # -- validate: values a VMM would fail on -------------------------------------------------------
+INT_FIELDS = [f.name for f in dataclasses.fields(HypervisorConfig) if str(f.type) == "int"]
+
+
+@pytest.mark.parametrize("value", [2**32 - 1, 2**23 + 1])
+@pytest.mark.parametrize("name", INT_FIELDS)
+def test_every_numeric_field_is_bounded(name: str, value: int) -> None:
+    # pcie_root_port=4294967295 used to pass and make the QEMU argv builder allocate
+    # 4 billion root ports; mem_offset went straight into maxmem.
+    cfg = minimal(**{name: value})
+    if name == "num_vcpus":
+        cfg.default_max_vcpus = MAX_VCPUS
+    with pytest.raises(ConfigError, match=rf"^{name} {value} "):
+        cfg.validate()
+
+
 @pytest.mark.parametrize(
     ("changes", "needle"),
     [
@@ -567,6 +582,9 @@ def test_property_validate_raises_only_config_error(cfg: HypervisorConfig) -> No
     assert 1 <= cfg.num_vcpus <= cfg.default_max_vcpus <= MAX_VCPUS
     assert cfg.memory_size >= 32
     assert 1 <= cfg.default_bridges <= 5
+    for name, maximum in INT_FIELD_MAX.items():
+        assert 0 <= getattr(cfg, name) <= maximum, name
+    assert cfg.msize_9p <= 4 * 1024 * 1024
     assert cfg.block_device_driver in BLOCK_DRIVERS
     assert cfg.shared_fs in ("", "virtio-9p", "virtio-fs")
     assert cfg.msize_9p >= 4096 or cfg.shared_fs == "virtio-fs"
