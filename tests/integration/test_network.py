@@ -16,7 +16,7 @@ from pyroute2 import NetNS
 
 from net_support import Namespace, namespaces, veth
 from virtcontainers import Sandbox
-from virtcontainers.network import NetworkConfig
+from virtcontainers.network import NetworkConfig, PortMapping
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check", "host_untouched")]
 
@@ -152,3 +152,56 @@ async def test_namespace_endpoint_tcfilter_guest_config_and_hotplug(
         finally:
             server.kill()
             server.wait()
+
+
+def _ip_of(sb: Sandbox) -> str:
+    assert sb.network is not None
+    return str(sb.network.summary()["ip"])
+
+
+async def test_bridge_nat_published_ports_and_two_sandboxes(
+    run_root: str, guest_assets: Any, tmp_path: Path
+) -> None:
+    """`--net bridge` with the bridge, NAT and ports in a test namespace ("the host") that
+    is linked to a second one ("the outside world") which has no route back to sandboxes."""
+    async with namespaces(2) as (host, world):
+        await veth(host, "up0", ["203.0.113.1/24"], world, "wan0", ["203.0.113.2/24"])
+        server = serve(world, tmp_path, 8090, "outside-world")
+        web = NetworkConfig(mode="bridge", host_netns=host.path, ports=[PortMapping(8080, 80)])
+        plain = NetworkConfig(mode="bridge", host_netns=host.path)
+        one = Sandbox(run_root=run_root, network=web, memory_size=256)
+        two = Sandbox(run_root=run_root, network=plain, memory_size=256)
+        try:
+            await asyncio.gather(one.start(), two.start())
+            ip1, ip2 = _ip_of(one), _ip_of(two)
+            assert ip1.startswith("10.213.0.") and ip2.startswith("10.213.0.") and ip1 != ip2
+            assert Sandbox.info(one.id, run_root).ip == ip1
+            await guest_serve(one, 80, "g1")
+
+            # The published port, on the host's loopback and its other address, from the
+            # host itself, from outside, and from the other sandbox (hairpin).
+            assert get(host, "http://127.0.0.1:8080/") == "g1"
+            assert get(host, "http://203.0.113.1:8080/") == "g1"
+            assert get(world, "http://203.0.113.1:8080/") == "g1"
+            assert await guest_get(two, "http://203.0.113.1:8080/") == "g1"
+            # Sandboxes on one bridge reach each other; outbound NAT reaches the world.
+            assert await guest_get(two, f"http://{ip1}/") == "g1"
+            assert await guest_get(one, "http://203.0.113.2:8090/") == "outside-world"
+            assert await guest_get(two, "http://203.0.113.2:8090/") == "outside-world"
+            # The guest's DNS comes from the host's resolv.conf; its name from the id.
+            assert (await one.read_file("/etc/resolv.conf")).decode().startswith("nameserver")
+            assert (await one.exec("hostname")).stdout.strip() == one.id.encode()
+            # Each sandbox's rules carry its id.
+            rules = host.run("nft", "list", "table", "ip", "virtc")
+            assert f'"virtc:{one.id}"' in rules and f'"virtc:{two.id}"' in rules
+            await one.stop()
+            rules = host.run("nft", "list", "table", "ip", "virtc")
+            assert one.id not in rules and f'"virtc:{two.id}"' in rules
+            assert await guest_get(two, "http://203.0.113.2:8090/") == "outside-world"
+        finally:
+            await asyncio.gather(one.stop(), two.stop())
+            server.kill()
+            server.wait()
+        # Nothing is left in the "host": no bridge, veth, rule or sandbox namespace.
+        assert host.links() == ["lo", "up0"]
+        assert host.run("nft", "list", "ruleset").strip() == ""

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ..devices import random_mac
 from ..errors import ConfigError, HypervisorError
 from .model import Address, Interface, Neighbour, Route
 
@@ -303,9 +304,12 @@ def bridge_address(name: str) -> ipaddress.IPv4Interface | None:
 
 def create_bridge(name: str, gateway: ipaddress.IPv4Interface) -> None:
     """A bridge with the subnet's gateway address; loopback-sourced traffic may be routed
-    out of it (route_localnet: published ports reached on 127.0.0.1)."""
+    out of it (route_localnet: published ports reached on 127.0.0.1).
+
+    Its MAC is set explicitly: a bridge otherwise takes its lowest port's, which changes when
+    that sandbox goes, and the other guests' ARP caches would hold a dead gateway MAC."""
     with _ipr() as ipr:
-        ipr.link("add", ifname=name, kind="bridge")
+        ipr.link("add", ifname=name, kind="bridge", address=random_mac())
         idx = _index(ipr, name)
         assert idx is not None
         try:

@@ -1,0 +1,170 @@
+"""Bad network input and faults: clear errors before anything is made, nothing left behind.
+
+The mock driver stands in for the VMM (no guest is needed): the host side — namespaces,
+veths, the bridge, nftables rules, address leases — is real, made inside a namespace the
+test creates ("the host").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+from pyroute2 import NetNS
+
+from leaks import children
+from net_support import Namespace, namespaces
+from virtcontainers import Sandbox
+from virtcontainers.errors import ConfigError
+from virtcontainers.network import NetworkConfig, PortMapping
+from virtcontainers.network.netlink import call_in_netns
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check", "host_untouched")]
+
+
+def state_of(ns: Namespace) -> tuple[list[str], str, list[str]]:
+    """What a sandbox could leave: interfaces and rules in `ns`, sandbox namespaces."""
+    return (
+        ns.links(),
+        ns.run("nft", "list", "ruleset"),
+        sorted(n for n in os.listdir("/var/run/netns") if n.startswith("vc-")),
+    )
+
+
+MOCK_CFG = {"kernel_path": "/boot/vmlinuz", "initrd_path": "/boot/initrd.img"}
+
+
+def mock(run_root: str, network: NetworkConfig | str) -> Sandbox:
+    """A mock-VM sandbox with a real network."""
+    return Sandbox(hypervisor="mock", run_root=run_root, network=network, **MOCK_CFG)
+
+
+def add_routed_link(ns: Namespace, address: str) -> None:
+    ip, _, plen = address.partition("/")
+    with NetNS(ns.path) as n:
+        n.link("add", ifname="tv0", kind="veth", peer={"ifname": "tv1"})  # no dummy module here
+        idx = n.link_lookup(ifname="tv0")[0]
+        n.addr("add", index=idx, address=ip, prefixlen=int(plen))
+        n.link("set", index=idx, state="up")
+
+
+def bridge(ns: Namespace, *ports: str, **kw: Any) -> NetworkConfig:
+    return NetworkConfig(
+        mode="bridge", host_netns=ns.path, ports=[PortMapping.parse(p) for p in ports], **kw
+    )
+
+
+async def test_bad_input_is_refused_before_anything_is_made(run_root: str) -> None:
+    async with namespaces(1) as (host,):
+        before = state_of(host)
+        # A host port held by a socket in the host namespace.
+        held = call_in_netns(host.path, socket.create_server, ("0.0.0.0", 18080))
+        try:
+            with pytest.raises(ConfigError, match=r"host port 18080/tcp is in use"):
+                await mock(run_root, bridge(host, "18080:80")).start()
+        finally:
+            held.close()
+        assert state_of(host) == before
+        # A port another sandbox publishes.
+        async with mock(run_root, bridge(host, "18081:80")) as a:
+            with pytest.raises(
+                ConfigError, match=rf"18081/tcp is already published by sandbox {a.id}"
+            ):
+                await mock(run_root, bridge(host, "18081:81")).start()
+            with pytest.raises(ConfigError, match=r"bridge vc0 already serves 10.213.0.0/16"):
+                await mock(run_root, bridge(host, subnet="10.9.0.0/24")).start()
+        assert state_of(host) == before
+        # A subnet that overlaps a route of the host.
+        await asyncio.to_thread(add_routed_link, host, "10.77.0.1/24")
+        before = state_of(host)
+        with pytest.raises(
+            ConfigError, match=r"subnet 10.77.0.0/16 overlaps the route to 10.77.0.0/24"
+        ):
+            await mock(run_root, bridge(host, subnet="10.77.0.0/16")).start()
+        # A bridge name Linux cannot take; a malformed port; a namespace that is gone.
+        with pytest.raises(ConfigError, match=r"bridge name 'vc-bridge-too-long'"):
+            await mock(
+                run_root,
+                bridge(host, bridge="vc-bridge-too-long"),
+            ).start()
+        with pytest.raises(ConfigError, match=r"published port '8080'"):
+            await mock(
+                run_root,
+                NetworkConfig.parse("bridge", ["8080"]),
+            ).start()
+        with pytest.raises(
+            ConfigError, match=r"network namespace /var/run/netns/vctn-gone does not exist"
+        ):
+            await mock(run_root, "ns:/var/run/netns/vctn-gone").start()
+        assert state_of(host) == before
+        assert Sandbox.list(run_root) == []
+
+
+async def test_fifty_cycles_leave_nothing(run_root: str) -> None:
+    async with namespaces(1) as (host,):
+        before = state_of(host)
+        kids = len(children())
+        for _ in range(50):
+            async with mock(run_root, bridge(host, "18090:80")) as sb:
+                assert sb.network is not None and sb.network.address
+        assert state_of(host) == before
+        assert len(children()) == kids
+        assert not os.path.exists(os.path.join(run_root, "net"))
+
+
+KILLED_MID_SETUP = """
+import asyncio, os, signal, sys
+from virtcontainers import Sandbox
+from virtcontainers.network import NetworkConfig, PortMapping
+from virtcontainers.network import nat
+
+real = nat.add_rules
+def add_then_die(*args, **kwargs):
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)  # the manager dies with the rules made
+nat.add_rules = add_then_die
+cfg = NetworkConfig(mode="bridge", host_netns=sys.argv[1], ports=[PortMapping(18095, 80)])
+sb = Sandbox(sys.argv[2], hypervisor="mock", run_root=sys.argv[3], network=cfg,
+             kernel_path="/boot/vmlinuz", initrd_path="/boot/initrd.img")
+asyncio.run(sb.start())
+"""
+
+
+async def test_manager_killed_mid_setup_then_stop_removes_its_own(run_root: str) -> None:
+    async with namespaces(1) as (host,):
+        before = state_of(host)
+        async with mock(run_root, bridge(host, "18096:80")) as other:
+            kept = state_of(host)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                textwrap.dedent(KILLED_MID_SETUP),
+                host.path,
+                "vict1m",
+                run_root,
+            )
+            assert await proc.wait() == -signal.SIGKILL
+            links, rules, spaces = state_of(host)
+            assert (
+                '"virtc:vict1m"' in rules
+                and "vc-vict1m" in spaces
+                and len(links) == len(kept[0]) + 1
+            )
+            res = subprocess.run(
+                [sys.executable, "-m", "virtcontainers.cli", "stop", "vict1m"],
+                env={**os.environ, "VC_RUN_ROOT": run_root},
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert res.returncode == 0, res.stderr
+            assert state_of(host) == kept  # the other sandbox's pieces are untouched
+            assert other.network is not None and other.network.address
+        assert state_of(host) == before
