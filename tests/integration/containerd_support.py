@@ -18,7 +18,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 CONTAINERD = shutil.which("containerd") or "/usr/bin/containerd"
@@ -34,7 +34,6 @@ class Containerd:
     netns: str
     proc: subprocess.Popen[bytes]
     log_path: str
-    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -48,13 +47,19 @@ class Containerd:
     def state(self) -> str:
         return os.path.join(self.dir, "state")
 
+    @property
+    def fifo_dir(self) -> str:
+        """Where ctr makes a task's FIFOs (its default is the host's /run/containerd/fifo)."""
+        return os.path.join(self.dir, "fifo")
+
     def ctr(
         self, *args: str, check: bool = True, timeout: float = 120, input: bytes | None = None
     ) -> subprocess.CompletedProcess[bytes]:
         """Run `ctr -a SOCKET -n NAMESPACE ARGS` (a client: it needs no network)."""
         cmd = [CTR, "-a", self.address, "-n", NAMESPACE]
+        # ctr copies its stdin into the task's: give it an empty one (EOF, then CloseIO).
         cp = subprocess.run(
-            [*cmd, *args], capture_output=True, timeout=timeout, input=input, check=False
+            [*cmd, *args], capture_output=True, timeout=timeout, input=input or b"", check=False
         )
         if check and cp.returncode != 0:
             raise AssertionError(
@@ -86,15 +91,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.trac
 
 
 @contextlib.contextmanager
-def running_containerd(extra_path: Sequence[str] = (VENV_BIN,)) -> Iterator[Containerd]:
-    """Start containerd in a new network namespace; stop it and remove everything after."""
+def running_containerd(
+    extra_path: Sequence[str] = (VENV_BIN,), env: dict[str, str] | None = None
+) -> Iterator[Containerd]:
+    """Start containerd in a new network namespace (its shims inherit `env` and find their
+    binaries on `extra_path`); stop it and remove everything after."""
     d = tempfile.mkdtemp(prefix="vcctd-", dir="/tmp")
     netns = f"vcshim-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
     conf = os.path.join(d, "config.toml")
     Path(conf).write_text(_config(d))
     log_path = os.path.join(d, "containerd.log")
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env["PATH"] = os.pathsep.join([*extra_path, env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -105,7 +113,7 @@ def running_containerd(extra_path: Sequence[str] = (VENV_BIN,)) -> Iterator[Cont
             env=env,
             start_new_session=True,
         )
-    c = Containerd(d, netns, proc, log_path, env)
+    c = Containerd(d, netns, proc, log_path)
     try:
         deadline = time.monotonic() + 30
         while not os.path.exists(c.address) or not os.path.exists(c.ttrpc_address):

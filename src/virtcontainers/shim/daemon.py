@@ -1,0 +1,100 @@
+"""The shim server: serves containerd.task.v2.Task on the socket `start` bound (fd 3), logs to
+the bundle's `log` FIFO (containerd copies it into its own log), exits after Shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+
+from .config import ShimConfig
+from .events import Publisher
+from .main import Flags
+from .service import TaskService
+from .ttrpc import Server
+from .vm import PodVM, SandboxVM
+
+log = logging.getLogger("virtcontainers.shim")
+
+
+class _LogfmtFormatter(logging.Formatter):
+    """logrus's text format, as containerd's own log lines look."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        msg = record.getMessage().replace("\\", "\\\\").replace('"', '\\"')
+        if record.exc_info:
+            msg += " " + self.formatException(record.exc_info).replace("\n", " | ")
+        level = record.levelname.lower().replace("warning", "warn")
+        return f'time="{ts}Z" level={level} msg="{msg}" runtime=io.containerd.virtc.v2'
+
+
+def _log_to_fifo(debug: bool) -> None:
+    """Log into the bundle's `log` FIFO when containerd holds its read end; else nowhere."""
+    try:
+        fd = os.open("log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(fd, True)
+        stream = os.fdopen(fd, "w", buffering=1)
+    except OSError as e:
+        if e.errno not in (errno.ENXIO, errno.ENOENT):
+            raise
+        stream = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_LogfmtFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def serve(flags: Flags, listen_fd: int) -> int:
+    _log_to_fifo(flags.debug)
+    code = 0
+    try:
+        asyncio.run(_serve(flags, listen_fd))
+    except Exception:
+        log.exception("shim %s failed", flags.id)
+        code = 1
+    logging.shutdown()
+    # Not a normal exit: a worker thread may still be blocked opening a FIFO nobody opens.
+    os._exit(code)
+
+
+async def _serve(flags: Flags, listen_fd: int) -> None:
+    listener = socket.socket(fileno=listen_fd)
+    path = listener.getsockname()
+    config = ShimConfig.load()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    publisher = Publisher(
+        flags.namespace,
+        ttrpc_address=os.environ.get("TTRPC_ADDRESS", ""),
+        publish_binary=flags.publish_binary,
+        containerd_address=flags.address,
+    )
+
+    def new_vm(sandbox_id: str) -> PodVM:
+        return SandboxVM(sandbox_id, config.hypervisor, config=config.hypervisor_config)
+
+    tasks = TaskService(new_vm, publisher, flags.namespace, flags.id, shutdown=stop.set)
+    server = Server([tasks.service()])
+    await server.serve_socket(listener)
+    log.info("shim %s serving on %s (pid %d)", flags.id, path, os.getpid())
+    try:
+        await stop.wait()
+    finally:
+        log.info("shim %s shutting down", flags.id)
+        # Answer the Shutdown call before the connection goes.
+        await asyncio.sleep(0.05)
+        await server.close()
+        with contextlib.suppress(Exception):
+            await tasks.close()
+        await publisher.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

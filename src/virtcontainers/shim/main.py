@@ -1,0 +1,222 @@
+"""`containerd-shim-virtc-v2`: the binary containerd runs for runtime `io.containerd.virtc.v2`.
+
+containerd 1.6's shim protocol (runtime/v2/README.md): every call has the bundle as its working
+directory and the flags -namespace, -address, -publish-binary, -id (and -bundle, -debug).
+`start` starts the shim server (or finds the pod's running one) and prints its address;
+`delete` cleans up after a shim that is gone and prints a DeleteResponse. The server itself runs
+as `serve`, started by `start` with the listening socket as fd 3.
+
+Only the standard library is imported here: `start` and `delete` run for every container.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+#: containerd's annotations (CRI) that put a pod's containers behind one shim and VM.
+CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+LISTEN_FD = 3
+BINARY = "containerd-shim-virtc-v2"
+MAX_SOCKET_PATH = 107
+
+
+class UsageError(Exception):
+    """Bad command line or bundle; the message names what is at fault."""
+
+
+@dataclass
+class Flags:
+    namespace: str = ""
+    address: str = ""
+    publish_binary: str = ""
+    id: str = ""
+    bundle: str = ""
+    debug: bool = False
+    action: str = ""
+
+
+_VALUED = {"namespace", "address", "publish-binary", "id", "bundle", "socket"}
+
+
+def parse(argv: list[str]) -> Flags:
+    """Go `flag` syntax: -name value, -name=value, --name value; then the action."""
+    flags = Flags()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("-") or arg in ("-", "--"):
+            if arg == "--":
+                i += 1
+            rest = argv[i:]
+            if len(rest) > 1:
+                raise UsageError(f"unexpected arguments after {rest[0]}: {' '.join(rest[1:])}")
+            flags.action = rest[0] if rest else ""
+            break
+        name, eq, value = arg.lstrip("-").partition("=")
+        if name in ("debug", "v"):
+            flags.debug = not eq or value.lower() in ("1", "true", "t")
+        elif name in _VALUED:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise UsageError(f"flag needs an argument: -{name}")
+                value = argv[i]
+            if name != "socket":
+                setattr(flags, name.replace("-", "_"), value)
+        else:
+            raise UsageError(f"flag provided but not defined: -{name}")
+        i += 1
+    return flags
+
+
+def group_id(container_id: str, bundle: str) -> str:
+    """The id of the shim (and VM) a container belongs to: its pod's sandbox id for a CRI
+    container, its own id otherwise."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            annotations = json.load(f).get("annotations") or {}
+    except FileNotFoundError:
+        raise UsageError(f"bundle {bundle} has no config.json") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"bundle {bundle}: unreadable config.json: {e}") from e
+    if annotations.get(CONTAINER_TYPE) == "container" and annotations.get(SANDBOX_ID):
+        return str(annotations[SANDBOX_ID])
+    return container_id
+
+
+def socket_path(containerd_address: str, namespace: str, group: str) -> str:
+    """The shim's socket: beside containerd's own socket (in its state), named as containerd
+    names its shims' sockets (sha256 of address, namespace and id)."""
+    digest = hashlib.sha256(f"{containerd_address}/{namespace}/{group}".encode()).hexdigest()
+    base = os.path.join(os.path.dirname(os.path.abspath(containerd_address)), "s")
+    path = os.path.join(base, digest)
+    if len(path) > MAX_SOCKET_PATH:
+        path = os.path.join("/run/containerd/s", digest)
+    return path
+
+
+def _connectable(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+        return True
+
+
+def start(flags: Flags) -> int:
+    bundle = os.getcwd()
+    group = group_id(flags.id, bundle)
+    path = socket_path(flags.address, flags.namespace, group)
+    address = f"unix://{path}"
+    if group != flags.id or _connectable(path):
+        if not _connectable(path):
+            raise UsageError(f"pod sandbox {group}: no shim is serving {path}")
+        _write(os.path.join(bundle, "address"), address)
+        print(address, end="")
+        return 0
+    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+    if os.path.exists(path):  # a stale socket: nobody answered on it
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old)
+    listener.listen(128)
+    # Run as the console script when there is one, so that the server shows in `ps` as
+    # containerd-shim-virtc-v2 (containerd's convention).
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == BINARY else ""
+    program = [sys.executable, script] if script else [sys.executable, "-m", "virtcontainers.shim"]
+    argv = [*program, *_flag_args(flags), "serve"]
+    try:
+        pid = spawn(argv, [listener.fileno()], setsid=True)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        listener.close()
+    _write(os.path.join(bundle, "shim.pid"), str(pid))
+    _write(os.path.join(bundle, "address"), address)
+    print(address, end="")
+    return 0
+
+
+def spawn(
+    argv: list[str], fds: list[int], env: dict[str, str] | None = None, setsid: bool = False
+) -> int:
+    """Start `argv` (an absolute path first) with /dev/null as stdio and `fds` as its fds 3,
+    4, ... (posix_spawn: safe with threads); returns its pid."""
+    import fcntl
+
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in fds]
+    try:
+        actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
+            (os.POSIX_SPAWN_OPEN, i, os.devnull, os.O_RDWR, 0) for i in (0, 1, 2)
+        ]
+        actions += [(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(high)]
+        env = dict(os.environ) if env is None else env
+        return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=setsid)
+    finally:
+        for fd in high:
+            os.close(fd)
+
+
+def _flag_args(flags: Flags) -> list[str]:
+    out = [
+        "-namespace",
+        flags.namespace,
+        "-address",
+        flags.address,
+        "-publish-binary",
+        flags.publish_binary,
+        "-id",
+        flags.id,
+    ]
+    return [*out, "-debug"] if flags.debug else out
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        flags = parse(args)
+        if not flags.namespace and flags.action in ("start", "delete", "serve"):
+            raise UsageError("shim namespace cannot be empty (-namespace)")
+        if not flags.id and flags.action in ("start", "delete", "serve"):
+            raise UsageError("shim id cannot be empty (-id)")
+        if flags.action == "start":
+            return start(flags)
+        if flags.action == "delete":
+            from .cleanup import delete
+
+            return delete(flags)
+        if flags.action == "serve":
+            from .daemon import serve
+
+            return serve(flags, LISTEN_FD)
+        raise UsageError(
+            f"unknown action {flags.action!r}: use start or delete"
+            if flags.action
+            else "no action given: use start or delete"
+        )
+    except UsageError as e:
+        print(f"{BINARY}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""The task service at the protocol level: containerd.task.v2.Task over ttrpc, events forwarded
+over ttrpc to a stand-in of containerd's events service, the VM replaced by a fake PodVM.
+(`tests/integration/test_shim_containerd.py` drives the real thing through containerd.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from google.protobuf import any_pb2, empty_pb2
+
+from virtcontainers.shim.events import EVENTS_SERVICE, Publisher
+from virtcontainers.shim.main import UsageError, group_id, parse, socket_path
+from virtcontainers.shim.proto.cgroups.stats.v1 import metrics_pb2
+from virtcontainers.shim.proto.containerd.api.services.ttrpc.events.v1 import events_pb2
+from virtcontainers.shim.proto.containerd.api.types import mount_pb2
+from virtcontainers.shim.proto.containerd.api.types.task import task_pb2 as tasktypes
+from virtcontainers.shim.proto.containerd.runtime.v2.task import shim_pb2 as pb
+from virtcontainers.shim.service import PROCESS_TYPE, RESOURCES_TYPE, SERVICE, TaskService
+from virtcontainers.shim.ttrpc import CallContext, Client, Code, Server, Service, TtrpcError
+from virtcontainers.shim.vm import Output, ProcessSpec
+
+
+@dataclass
+class FakeVM:
+    """A PodVM that runs a tiny command language: echo ARGS, exit N, sleep S, cat (stdin)."""
+
+    calls: list[str] = field(default_factory=list)
+    running: bool = False
+
+    @property
+    def pid(self) -> int:
+        return 4242
+
+    async def start(self) -> None:
+        self.calls.append("start")
+        self.running = True
+
+    async def add_container(self, container_id: str, rootfs: str) -> None:
+        self.calls.append(f"add {container_id}")
+
+    async def run(
+        self, container_id: str, exec_id: str, process: ProcessSpec, stdin: bytes, output: Output
+    ) -> int:
+        cmd, *args = process.args
+        if cmd == "echo":
+            await output((" ".join(args) + "\n").encode(), b"")
+            return 0
+        if cmd == "exit":
+            await output(b"", b"bye\n")
+            return int(args[0])
+        if cmd == "sleep":
+            await asyncio.sleep(float(args[0]))
+            return 0
+        if cmd == "cat":
+            await output(stdin, b"")
+            return 0
+        return 127
+
+    async def remove_container(self, container_id: str) -> None:
+        self.calls.append(f"remove {container_id}")
+
+    async def pause(self) -> None:
+        self.calls.append("pause")
+
+    async def resume(self) -> None:
+        self.calls.append("resume")
+
+    async def stats(self) -> dict[str, int]:
+        return {"memory_usage": 1 << 20, "memory_limit": 256 << 20, "cpu_total": 5, "cpu_user": 3}
+
+    async def resize(self, vcpus: int | None, memory_mb: int | None) -> None:
+        self.calls.append(f"resize {vcpus} {memory_mb}")
+
+    async def stop(self) -> None:
+        self.calls.append("stop")
+        self.running = False
+
+
+@dataclass
+class Shim:
+    client: Client
+    vm: FakeVM
+    service: TaskService
+    events: list[tuple[str, str]]
+    dir: Path
+    shutdown: asyncio.Event
+
+    async def call(self, method: str, request: object, response: type = empty_pb2.Empty) -> object:
+        return await self.client.call(SERVICE, method, request, response, timeout=10)  # type: ignore[arg-type]
+
+    def bundle(self, cid: str, process: dict[str, object] | None = None) -> str:
+        path = self.dir / cid
+        path.mkdir(exist_ok=True)
+        spec = {"ociVersion": "1.0.2", "process": process or {"args": ["echo", "hi"], "cwd": "/"}}
+        (path / "config.json").write_text(json.dumps(spec))
+        return str(path)
+
+    async def create(self, cid: str, args: list[str], **kw: object) -> pb.CreateTaskResponse:
+        bundle = self.bundle(cid, {"args": args, "cwd": "/"})
+        out = f"file://{self.dir}/{cid}.log"
+        req = pb.CreateTaskRequest(id=cid, bundle=bundle, stdout=out, stderr=out, **kw)  # type: ignore[arg-type]
+        return await self.call("Create", req, pb.CreateTaskResponse)  # type: ignore[return-value]
+
+    async def wait_events(self, n: int) -> list[tuple[str, str]]:
+        for _ in range(200):
+            if len(self.events) >= n:
+                break
+            await asyncio.sleep(0.01)
+        return self.events
+
+
+@pytest.fixture
+async def shim(tmp_path: Path) -> AsyncIterator[Shim]:
+    events: list[tuple[str, str]] = []
+    ev_svc = Service(EVENTS_SERVICE)
+
+    async def forward(ctx: CallContext, req: events_pb2.ForwardRequest) -> empty_pb2.Empty:
+        events.append((req.envelope.topic, req.envelope.event.type_url))
+        assert req.envelope.namespace == "ns1"
+        return empty_pb2.Empty()
+
+    ev_svc.unary("Forward", events_pb2.ForwardRequest, forward)
+    ev_server = Server([ev_svc])
+    await ev_server.listen(str(tmp_path / "events.sock"))
+    vm = FakeVM()
+    stop = asyncio.Event()
+    publisher = Publisher("ns1", ttrpc_address=f"unix://{tmp_path / 'events.sock'}")
+    service = TaskService(lambda _id: vm, publisher, "ns1", "shim1", shutdown=stop.set)
+    server = Server([service.service()])
+    await server.listen(str(tmp_path / "shim.sock"))
+    client = await Client.connect(str(tmp_path / "shim.sock"))
+    yield Shim(client, vm, service, events, tmp_path, stop)
+    await client.close()
+    await server.close()
+    await service.close()
+    await publisher.close()
+    await ev_server.close()
+
+
+async def test_lifecycle_output_exit_and_event_order(shim: Shim) -> None:
+    created = await shim.create("c1", ["exit", "3"])
+    assert created.pid == 4242
+    state = await shim.call("State", pb.StateRequest(id="c1"), pb.StateResponse)
+    assert state.status == tasktypes.CREATED  # type: ignore[attr-defined]
+    waiting = asyncio.ensure_future(shim.call("Wait", pb.WaitRequest(id="c1"), pb.WaitResponse))
+    await shim.call("Start", pb.StartRequest(id="c1"), pb.StartResponse)
+    waited = await asyncio.wait_for(waiting, 10)
+    assert waited.exit_status == 3  # type: ignore[attr-defined]
+    state = await shim.call("State", pb.StateRequest(id="c1"), pb.StateResponse)
+    assert state.status == tasktypes.STOPPED  # type: ignore[attr-defined]
+    assert state.exit_status == 3  # type: ignore[attr-defined]
+    deleted = await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
+    assert deleted.exit_status == 3  # type: ignore[attr-defined]
+    assert (shim.dir / "c1.log").read_bytes() == b"bye\n"
+    events = await shim.wait_events(4)
+    assert events == [
+        ("/tasks/create", "containerd.events.TaskCreate"),
+        ("/tasks/start", "containerd.events.TaskStart"),
+        ("/tasks/exit", "containerd.events.TaskExit"),
+        ("/tasks/delete", "containerd.events.TaskDelete"),
+    ]
+    assert shim.vm.calls == ["start", "add c1", "remove c1"]
+    with pytest.raises(TtrpcError) as info:
+        await shim.call("State", pb.StateRequest(id="c1"), pb.StateResponse)
+    assert info.value.code == Code.NOT_FOUND
+
+
+async def test_output_to_fifos(shim: Shim) -> None:
+    out, err = shim.dir / "out", shim.dir / "err"
+    os.mkfifo(out)
+    os.mkfifo(err)
+    rout = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
+    rerr = os.open(err, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        bundle = shim.bundle("f1", {"args": ["echo", "via", "fifo"]})
+        await shim.call(
+            "Create", pb.CreateTaskRequest(id="f1", bundle=bundle, stdout=str(out), stderr=str(err))
+        )
+        await shim.call("Start", pb.StartRequest(id="f1"), pb.StartResponse)
+        await shim.call("Wait", pb.WaitRequest(id="f1"), pb.WaitResponse)
+        assert os.read(rout, 100) == b"via fifo\n"
+    finally:
+        os.close(rout)
+        os.close(rerr)
+
+
+async def test_exec_lifecycle_and_errors(shim: Shim) -> None:
+    await shim.create("c2", ["sleep", "30"])
+    await shim.call("Start", pb.StartRequest(id="c2"), pb.StartResponse)
+    spec = any_pb2.Any(type_url=PROCESS_TYPE, value=json.dumps({"args": ["echo", "x"]}).encode())
+    out = f"file://{shim.dir}/e1.log"
+    req = pb.ExecProcessRequest(id="c2", exec_id="e1", stdout=out, spec=spec)
+    await shim.call("Exec", req)
+    with pytest.raises(TtrpcError) as info:
+        await shim.call("Exec", req)
+    assert info.value.code == Code.ALREADY_EXISTS
+    assert "e1" in info.value.message
+    with pytest.raises(TtrpcError) as info:
+        await shim.call("Exec", pb.ExecProcessRequest(id="nope", exec_id="e9", spec=spec))
+    assert info.value.code == Code.NOT_FOUND
+    bad = any_pb2.Any(type_url="some.Other", value=b"")
+    with pytest.raises(TtrpcError) as info:
+        await shim.call("Exec", pb.ExecProcessRequest(id="c2", exec_id="e2", spec=bad))
+    assert info.value.code == Code.INVALID_ARGUMENT
+    await shim.call("Start", pb.StartRequest(id="c2", exec_id="e1"), pb.StartResponse)
+    waited = await shim.call("Wait", pb.WaitRequest(id="c2", exec_id="e1"), pb.WaitResponse)
+    assert waited.exit_status == 0  # type: ignore[attr-defined]
+    assert (shim.dir / "e1.log").read_bytes() == b"x\n"
+    await shim.call("Delete", pb.DeleteRequest(id="c2", exec_id="e1"), pb.DeleteResponse)
+    with pytest.raises(TtrpcError) as info:
+        await shim.call("Kill", pb.KillRequest(id="c2", exec_id="e1", signal=9))
+    assert info.value.code == Code.NOT_FOUND
+    # Deleting a running init is refused; killing it ends it with 128+signal.
+    with pytest.raises(TtrpcError) as info:
+        await shim.call("Delete", pb.DeleteRequest(id="c2"), pb.DeleteResponse)
+    assert info.value.code == Code.FAILED_PRECONDITION
+    await shim.call("Kill", pb.KillRequest(id="c2", signal=signal.SIGTERM))
+    waited = await shim.call("Wait", pb.WaitRequest(id="c2"), pb.WaitResponse)
+    assert waited.exit_status == 128 + signal.SIGTERM  # type: ignore[attr-defined]
+    await shim.call("Delete", pb.DeleteRequest(id="c2"), pb.DeleteResponse)
+    topics = [t for t, _ in await shim.wait_events(8)]
+    assert topics == [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exec-added",
+        "/tasks/exec-started",
+        "/tasks/exit",
+        "/tasks/delete",
+        "/tasks/exit",
+        "/tasks/delete",
+    ]
+
+
+async def test_kill_all_and_pids(shim: Shim) -> None:
+    await shim.create("c3", ["sleep", "30"])
+    await shim.call("Start", pb.StartRequest(id="c3"), pb.StartResponse)
+    spec = any_pb2.Any(type_url=PROCESS_TYPE, value=json.dumps({"args": ["sleep", "30"]}).encode())
+    await shim.call("Exec", pb.ExecProcessRequest(id="c3", exec_id="e1", spec=spec))
+    await shim.call("Start", pb.StartRequest(id="c3", exec_id="e1"), pb.StartResponse)
+    pids = await shim.call("Pids", pb.PidsRequest(id="c3"), pb.PidsResponse)
+    assert len(pids.processes) == 2  # type: ignore[attr-defined]
+    await shim.call("Kill", pb.KillRequest(id="c3", signal=9, all=True))
+    for exec_id in ("", "e1"):
+        waited = await shim.call("Wait", pb.WaitRequest(id="c3", exec_id=exec_id), pb.WaitResponse)
+        assert waited.exit_status == 137  # type: ignore[attr-defined]
+
+
+async def test_pause_resume(shim: Shim) -> None:
+    await shim.create("c4", ["sleep", "30"])
+    await shim.call("Start", pb.StartRequest(id="c4"), pb.StartResponse)
+    await shim.call("Pause", pb.PauseRequest(id="c4"))
+    state = await shim.call("State", pb.StateRequest(id="c4"), pb.StateResponse)
+    assert state.status == tasktypes.PAUSED  # type: ignore[attr-defined]
+    with pytest.raises(TtrpcError) as info:
+        await shim.call("Pause", pb.PauseRequest(id="c4"))
+    assert info.value.code == Code.FAILED_PRECONDITION
+    await shim.call("Resume", pb.ResumeRequest(id="c4"))
+    state = await shim.call("State", pb.StateRequest(id="c4"), pb.StateResponse)
+    assert state.status == tasktypes.RUNNING  # type: ignore[attr-defined]
+    topics = [t for t, _ in await shim.wait_events(4)]
+    assert topics[2:4] == ["/tasks/paused", "/tasks/resumed"]
+    assert shim.vm.calls[-2:] == ["pause", "resume"]
+
+
+async def test_bad_input_gets_clear_errors_and_no_vm(shim: Shim) -> None:
+    bundle = shim.bundle("b1")
+    opts = any_pb2.Any(type_url="containerd.runc.v1.Options", value=b"")
+    with pytest.raises(TtrpcError) as info:
+        await shim.call("Create", pb.CreateTaskRequest(id="b1", bundle=bundle, options=opts))
+    assert info.value.code == Code.INVALID_ARGUMENT
+    assert "unknown runtime options type 'containerd.runc.v1.Options'" in info.value.message
+    empty = shim.dir / "empty"
+    empty.mkdir()
+    with pytest.raises(TtrpcError) as info:
+        await shim.call("Create", pb.CreateTaskRequest(id="b2", bundle=str(empty)))
+    assert info.value.code == Code.INVALID_ARGUMENT
+    assert f"bundle {empty} has no config.json" in info.value.message
+    mount = mount_pb2.Mount(type="ext4", source="/dev/sdz", options=["rw"])
+    with pytest.raises(TtrpcError) as info:
+        await shim.call("Create", pb.CreateTaskRequest(id="b1", bundle=bundle, rootfs=[mount]))
+    assert info.value.code == Code.INVALID_ARGUMENT
+    assert "rootfs mount type 'ext4'" in info.value.message
+    with pytest.raises(TtrpcError) as info:
+        await shim.call("Kill", pb.KillRequest(id="ghost", signal=9))
+    assert info.value.code == Code.NOT_FOUND
+    with pytest.raises(TtrpcError) as info:
+        await shim.call("Checkpoint", pb.CheckpointTaskRequest(id="b1"))
+    assert info.value.code == Code.UNIMPLEMENTED
+    # Nothing started a VM, and the shim still serves.
+    assert shim.vm.calls == []
+    connected = await shim.call("Connect", pb.ConnectRequest(id="b1"), pb.ConnectResponse)
+    assert connected.shim_pid == os.getpid()  # type: ignore[attr-defined]
+
+
+async def test_create_twice_is_already_exists(shim: Shim) -> None:
+    await shim.create("d1", ["echo", "a"])
+    with pytest.raises(TtrpcError) as info:
+        await shim.create("d1", ["echo", "a"])
+    assert info.value.code == Code.ALREADY_EXISTS
+
+
+async def test_stats_update_shutdown(shim: Shim) -> None:
+    await shim.create("s1", ["sleep", "30"])
+    stats = await shim.call("Stats", pb.StatsRequest(id="s1"), pb.StatsResponse)
+    assert stats.stats.type_url == "io.containerd.cgroups.v1.Metrics"  # type: ignore[attr-defined]
+    metrics = metrics_pb2.Metrics.FromString(stats.stats.value)  # type: ignore[attr-defined]
+    assert metrics.memory.usage.limit == 256 << 20
+    res = {"cpu": {"quota": 150000, "period": 100000}, "memory": {"limit": 512 << 20}}
+    resources = any_pb2.Any(type_url=RESOURCES_TYPE, value=json.dumps(res).encode())
+    await shim.call("Update", pb.UpdateTaskRequest(id="s1", resources=resources))
+    assert shim.vm.calls[-1] == "resize 2 512"
+    # Shutdown while a container exists does nothing; after its delete it stops the shim.
+    await shim.call("Shutdown", pb.ShutdownRequest(id="s1"))
+    assert not shim.shutdown.is_set()
+    await shim.call("Kill", pb.KillRequest(id="s1", signal=9))
+    await shim.call("Delete", pb.DeleteRequest(id="s1"), pb.DeleteResponse)
+    await shim.call("Shutdown", pb.ShutdownRequest(id="s1"))
+    assert shim.shutdown.is_set()
+
+
+# --- the binary's command line ----------------------------------------------------------------
+
+
+def test_flags_in_go_syntax() -> None:
+    f = parse(
+        [
+            "-namespace",
+            "k8s.io",
+            "--address=/run/c.sock",
+            "-publish-binary",
+            "/bin/c",
+            "-id",
+            "abc",
+            "-debug",
+            "start",
+        ]
+    )
+    assert (f.namespace, f.address, f.publish_binary, f.id, f.debug, f.action) == (
+        "k8s.io",
+        "/run/c.sock",
+        "/bin/c",
+        "abc",
+        True,
+        "start",
+    )
+    with pytest.raises(UsageError, match="flag provided but not defined: -bogus"):
+        parse(["-bogus", "1", "start"])
+    with pytest.raises(UsageError, match="flag needs an argument: -id"):
+        parse(["-id"])
+
+
+def test_socket_path_and_pod_grouping(tmp_path: Path) -> None:
+    a = socket_path("/run/containerd/containerd.sock", "default", "c1")
+    assert a.startswith("/run/containerd/s/") and len(a) == len("/run/containerd/s/") + 64
+    assert a != socket_path("/run/containerd/containerd.sock", "other", "c1")
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "annotations": {
+                    "io.kubernetes.cri.container-type": "container",
+                    "io.kubernetes.cri.sandbox-id": "pod1",
+                }
+            }
+        )
+    )
+    assert group_id("c2", str(tmp_path)) == "pod1"
+    (tmp_path / "config.json").write_text(json.dumps({"annotations": {}}))
+    assert group_id("c2", str(tmp_path)) == "c2"
+    with pytest.raises(UsageError, match=r"has no config\.json"):
+        group_id("c2", str(tmp_path / "nowhere"))
