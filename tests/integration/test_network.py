@@ -7,6 +7,9 @@ traffic flows only between them and the guests; the host's namespace is checked 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -204,4 +207,71 @@ async def test_bridge_nat_published_ports_and_two_sandboxes(
             server.wait()
         # Nothing is left in the "host": no bridge, veth, rule or sandbox namespace.
         assert host.links() == ["lo", "up0"]
+        assert host.run("nft", "list", "ruleset").strip() == ""
+
+
+def virtc(ns: Namespace, run_root: str, *args: str) -> str:
+    """`virtc ARGS` run inside namespace `ns`; its stdout."""
+    env = {**os.environ, "VC_RUN_ROOT": run_root, "COLUMNS": "200"}
+    res = subprocess.run(
+        ["nsenter", f"--net={ns.path}", "--", sys.executable, "-m", "virtcontainers.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        check=False,
+    )
+    assert res.returncode == 0, f"virtc {args}: {res.stderr}"
+    return res.stdout
+
+
+async def test_cli_user_and_bridge_networks_with_published_ports(run_root: str) -> None:
+    """`virtc create --net user|bridge -p`, run inside a test namespace: the ports reach
+    busybox httpd in the guests; inspect and list show addresses and ports."""
+    async with namespaces(1) as (host,):
+        ids = []
+        try:
+            for net, port in (("user", "127.0.0.1:18201:80"), ("bridge", "18202:80")):
+                sid = f"clinet{net}"
+                ids.append(sid)
+                await asyncio.to_thread(
+                    virtc,
+                    host,
+                    run_root,
+                    "create",
+                    "--start",
+                    "--name",
+                    sid,
+                    "--net",
+                    net,
+                    "-p",
+                    port,
+                    "--memory",
+                    "256M",
+                )
+                await asyncio.to_thread(
+                    virtc,
+                    host,
+                    run_root,
+                    "exec",
+                    sid,
+                    "--",
+                    "sh",
+                    "-c",
+                    f"mkdir /www && echo {net}-guest > /www/index.html && httpd -p 80 -h /www",
+                )
+            assert get(host, "http://127.0.0.1:18201/") == "user-guest"
+            assert get(host, "http://127.0.0.1:18202/") == "bridge-guest"
+            user = json.loads(await asyncio.to_thread(virtc, host, run_root, "inspect", ids[0]))
+            assert user["network"]["ip"] == "10.0.2.15"
+            assert user["network"]["ports"] == ["127.0.0.1:18201:80/tcp"]
+            br = json.loads(await asyncio.to_thread(virtc, host, run_root, "inspect", ids[1]))
+            assert br["network"]["ip"].startswith("10.213.0.")
+            assert br["network"]["ports"] == ["18202:80/tcp"]
+            listing = await asyncio.to_thread(virtc, host, run_root, "list")
+            assert "10.0.2.15" in listing and br["network"]["ip"] in listing
+        finally:
+            for sid in ids:
+                await asyncio.to_thread(virtc, host, run_root, "stop", sid)
+        assert host.links() == ["lo"]
         assert host.run("nft", "list", "ruleset").strip() == ""

@@ -124,6 +124,21 @@ ParamOpt = Annotated[
     list[str] | None, typer.Option("--kernel-param", help="Extra kernel parameters.")
 ]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Boot timeout in seconds.")]
+NetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--net",
+        help="Network: none (loopback only), bridge[:NAME] (NAT, -p), ns:PATH (join a "
+        "namespace), user (QEMU user-mode, no root). Default: bridge with -p, else no NIC.",
+    ),
+]
+PublishOpt = Annotated[
+    list[str] | None,
+    typer.Option("--publish", "-p", help="Publish a port: [IP:]HOST_PORT:GUEST_PORT[/tcp|udp]."),
+]
+SubnetOpt = Annotated[
+    str | None, typer.Option("--subnet", help="IPv4 subnet of the bridge (made on first use).")
+]
 
 
 def _new_sandbox(
@@ -136,17 +151,26 @@ def _new_sandbox(
     initrd: str | None,
     params: list[str] | None,
     timeout: float,
+    net: str | None = None,
+    publish: list[str] | None = None,
+    subnet: str | None = None,
 ) -> Any:
     from ..sandbox import Sandbox
 
     g = get_globals(ctx)
     overrides = _overrides(cpus, memory, params or [], kernel, initrd)
+    network = None
+    if net or publish or subnet:
+        from ..network import NetworkConfig
+
+        network = NetworkConfig.parse(net or "bridge", publish or [], subnet=subnet or "")
     return Sandbox(
         name,
         g.hypervisor,
         _load_config(config, g.hypervisor),
         run_root=g.run_root,
         start_timeout=timeout,
+        network=network,
         **overrides,
     )
 
@@ -173,10 +197,15 @@ def run(
     factory: Annotated[
         bool, typer.Option("--factory", help="Take a ready VM from the VM cache server.")
     ] = False,
+    net: NetOpt = None,
+    publish: PublishOpt = None,
+    subnet: SubnetOpt = None,
 ) -> None:
     """Boot a sandbox, run COMMAND in it, print its output, tear down; exit with its code."""
     data = sys.stdin.buffer.read() if stdin else b""
-    sb = _new_sandbox(ctx, name, cpus, memory, config, kernel, initrd, kernel_param, timeout)
+    sb = _new_sandbox(
+        ctx, name, cpus, memory, config, kernel, initrd, kernel_param, timeout, net, publish, subnet
+    )
 
     async def body() -> Any:
         if from_template or factory:
@@ -238,9 +267,14 @@ def create(
     kernel_param: ParamOpt = None,
     timeout: TimeoutOpt = 60.0,
     start: Annotated[bool, typer.Option("--start", help="Start it right away.")] = False,
+    net: NetOpt = None,
+    publish: PublishOpt = None,
+    subnet: SubnetOpt = None,
 ) -> None:
     """Create a sandbox (and start it with --start); prints its id."""
-    sb = _new_sandbox(ctx, name, cpus, memory, config, kernel, initrd, kernel_param, timeout)
+    sb = _new_sandbox(
+        ctx, name, cpus, memory, config, kernel, initrd, kernel_param, timeout, net, publish, subnet
+    )
 
     async def body() -> None:
         await sb.create()
@@ -356,12 +390,19 @@ def list_(
             out.print(i.id, markup=False, highlight=False)
         return
     table = Table(box=None)
-    for col in ("ID", "HYPERVISOR", "STATE", "PID", "VCPUS", "MEMORY", "CREATED"):
+    for col in ("ID", "HYPERVISOR", "STATE", "PID", "VCPUS", "MEMORY", "IP", "CREATED"):
         table.add_column(col)
     for i in infos:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.created_at))
         table.add_row(
-            i.id, i.hypervisor, i.state, str(i.pid), str(i.vcpus), f"{i.memory_mb} MiB", created
+            i.id,
+            i.hypervisor,
+            i.state,
+            str(i.pid),
+            str(i.vcpus),
+            f"{i.memory_mb} MiB",
+            i.ip or "-",
+            created,
         )
     out.print(table)
 
@@ -382,6 +423,12 @@ def inspect(ctx: typer.Context, sandbox_id: IdArg) -> None:
     hv = doc.get("hypervisor")
     if isinstance(hv, dict) and hv.get("vm_state") in ("running", "paused") and state:
         hv["vm_state"] = state
+    record = doc.get("sandbox", {}).get("network")
+    if record:
+        from ..network import SandboxNetwork
+
+        # Addresses and published ports first; the full record stays under "sandbox".
+        doc = {"network": SandboxNetwork.from_dict(record).summary(), **doc}
     emit_json(doc)
 
 
