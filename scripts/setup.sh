@@ -7,6 +7,8 @@ SYSTEM_PACKAGES=(
   python3 python3-venv python3-pip
   qemu-system-x86 qemu-utils qemu-system-common
   busybox-static cpio kmod lz4 gcc libc6-dev
+  # test images: Debian bookworm built by mmdebstrap (the busybox one uses busybox-static)
+  mmdebstrap
   iproute2 procps util-linux ca-certificates
   # sandbox networking: NAT and published ports (nft); the network tests ping with DF set
   nftables iputils-ping

@@ -101,10 +101,17 @@ class SharedFS(Device):
     source: str
     mount_tag: str
     fs_type: str = "virtio-fs"
+    read_only: bool = False
+    """The guest cannot write: the daemon serves a read-only bind of `source`."""
+    lower: str = ""
+    """When set, the guest sees an overlay: `lower` read-only underneath, `source` the
+    writable upper directory (a container's root over its image); nothing changes `lower`."""
 
     def __post_init__(self) -> None:
         check_id("shared fs", self.id)
         check_abs_path(f"shared fs {self.id}", "source", self.source)
+        if self.lower:
+            check_abs_path(f"shared fs {self.id}", "lower", self.lower)
         check_id(f"shared fs {self.id} mount tag", self.mount_tag)
         if self.fs_type not in SHARED_FS_TYPES:
             raise ConfigError(

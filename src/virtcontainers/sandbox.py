@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,7 @@ from .types import Capabilities, HypervisorType, Socket, VSock
 
 if TYPE_CHECKING:
     from .agent import AgentClient, ExecResult
+    from .containers import Container, Mount
     from .network import Interface, NetworkConfig, SandboxNetwork
 
 log = logging.getLogger(__name__)
@@ -112,11 +113,20 @@ class Sandbox:
         start_timeout: float = DEFAULT_START_TIMEOUT,
         agent_timeout: float | None = None,
         network: NetworkConfig | str | None = None,
+        image: str | None = None,
+        bundle: str | None = None,
+        mounts: Sequence[Mount | str] = (),
+        image_store: str | None = None,
         **overrides: Any,
     ) -> None:
         """`agent_timeout` bounds each guest agent request that should be answered promptly,
         and how long the agent may stay silent during a long one (an exec without a
-        timeout); default `agent.client.DEFAULT_REQUEST_TIMEOUT`."""
+        timeout); default `agent.client.DEFAULT_REQUEST_TIMEOUT`.
+
+        `image` (a reference in the image store at `image_store`) or `bundle` (an OCI
+        runtime bundle directory) is the root of the sandbox's container (see
+        `create_container`); `mounts` (`Mount`s or "HOST:GUEST[:ro]") are host directories
+        shared into it. They reach the guest over virtio-fs, set up before the VM boots."""
         self.id = id or uuid.uuid4().hex[:12]
         persist.vm_dir(self.id, run_root)  # validates the id early
         self.hypervisor_type = HypervisorType.parse(hypervisor)
@@ -136,6 +146,23 @@ class Sandbox:
         self.network_request = network
         self.network: SandboxNetwork | None = None
         """The sandbox's network (None: no network was asked for, the VM has no NIC)."""
+        if image is not None and bundle is not None:
+            raise ConfigError("a sandbox takes an image or a bundle, not both")
+        from .containers import Mount
+
+        self.image = image
+        self.bundle = os.path.abspath(bundle) if bundle is not None else None
+        self.mounts = [m if isinstance(m, Mount) else Mount.parse(m) for m in mounts]
+        for m in self.mounts:
+            m.check()
+        self.image_store = image_store
+        self.workload: dict[str, Any] = {}
+        """What was shared for the container: image digest, store, root, volumes."""
+        self.containers: dict[str, Container] = {}
+        workload = image is not None or bundle is not None or bool(self.mounts)
+        qemu = self.hypervisor_type is HypervisorType.QEMU
+        if workload and qemu and not overrides.get("shared_fs"):
+            self.overrides = {**overrides, "shared_fs": "virtio-fs"}
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -183,10 +210,122 @@ class Sandbox:
             if net is not None:
                 for dev in net.devices(cfg.num_vcpus, _vhost_net(cfg)):
                     await hv.add_device(dev)
+            await self._plug_workload()
             self._persist()
         except BaseException:
             await self._teardown()
             raise
+
+    async def _plug_workload(self) -> None:
+        """Share the container's root and volumes with the guest (before it boots)."""
+        if self.image is None and self.bundle is None and not self.mounts:
+            return
+        from .containers.container import volume_records
+        from .devices import SharedFS
+
+        hv = self.hypervisor
+        if Capabilities.FS_SHARING not in hv.capabilities() or not self.config.shared_fs:
+            raise UnsupportedError(
+                str(self.hypervisor_type),
+                "container roots and volumes",
+                "they are shared over virtio-fs (set shared_fs = virtio-fs)",
+            )
+        vm_dir = persist.vm_dir(self.id, self.run_root)
+        work: dict[str, Any] = {"share_tag": "vc-ctr"}
+        self.workload = work  # teardown releases what is recorded here, even half-way
+        if self.image is not None:
+            from .images import ImageStore
+
+            store = ImageStore(self.image_store)
+            image = store.get(self.image)
+            lower = store.rootfs(image)
+            store.acquire(self.id, image)
+            work.update(image=image.digest, image_store=store.root, lower=lower)
+            upper = os.path.join(vm_dir, "ctr", "upper")
+            os.makedirs(upper, mode=0o755)
+            await hv.add_device(SharedFS(id="ctr", source=upper, mount_tag="vc-ctr", lower=lower))
+        elif self.bundle is not None:
+            from .containers import from_oci
+
+            doc = _read_bundle(self.bundle)
+            spec, root, extra = from_oci(doc, self.bundle)
+            self.mounts = [*self.mounts, *extra]
+            work.update(bundle=self.bundle, lower=root, spec=dataclasses.asdict(spec))
+            ro = spec.readonly_root
+            await hv.add_device(SharedFS(id="ctr", source=root, mount_tag="vc-ctr", read_only=ro))
+        work["volumes"] = volume_records(self.mounts, "vc-")
+        for i, v in enumerate(work["volumes"]):
+            share = SharedFS(
+                id=f"vol{i}", source=v["source"], mount_tag=v["tag"], read_only=v["read_only"]
+            )
+            await hv.add_device(share)
+
+    async def create_container(
+        self,
+        command: list[str] | None = None,
+        *,
+        id: str | None = None,
+        env: Sequence[str] = (),
+        cwd: str | None = None,
+        user: str | None = None,
+        hostname: str | None = None,
+    ) -> Container:
+        """The sandbox's container, from its image (Entrypoint + `command`, else Cmd; the
+        image's Env, WorkingDir and User unless given) or its bundle's config.json."""
+        from .containers import Container, ContainerRecord, ProcessSpec
+        from .containers.container import spec_from_dict
+        from .containers.spec import merge_env, resolve_user
+
+        if not self.workload or not (self.workload.get("image") or self.workload.get("bundle")):
+            raise StateError(f"sandbox {self.id} has no image or bundle to make a container from")
+        if self.containers:
+            raise UnsupportedError(
+                str(self.hypervisor_type), "a second container", "one container per sandbox"
+            )
+        cid = persist.validate_id(id or self.id, "container id")
+        lower = self.workload["lower"]
+        if self.workload.get("image"):
+            from .images import ImageStore
+
+            image = ImageStore(self.workload["image_store"]).get(self.workload["image"])
+            uid, gid, groups = resolve_user(user or image.config.user, lower)
+            spec = ProcessSpec(
+                args=image.config.argv(command),
+                env=merge_env(image.config.env, list(env)),
+                cwd=cwd or image.config.working_dir or "/",
+                uid=uid,
+                gid=gid,
+                groups=groups,
+                hostname=hostname or self.id[:63],
+            )
+        else:
+            spec = spec_from_dict(self.workload["spec"])
+            if command:
+                spec.args = list(command)
+            spec.env = merge_env(spec.env, list(env))
+            if cwd:
+                spec.cwd = cwd
+            if user:
+                spec.uid, spec.gid, spec.groups = resolve_user(user, lower)
+        record = ContainerRecord(
+            id=cid,
+            share_tag=self.workload["share_tag"],
+            image=self.workload.get("image", ""),
+            spec=dataclasses.asdict(spec),
+            volumes=list(self.workload.get("volumes", [])),
+        )
+        container = Container(self, record)
+        self.containers[cid] = container
+        self._persist()
+        return container
+
+    def container(self, id: str | None = None) -> Container:
+        """A container of this sandbox (the only one when `id` is None)."""
+        if id is None and len(self.containers) == 1:
+            return next(iter(self.containers.values()))
+        if id is None or id not in self.containers:
+            raise StateError(f"sandbox {self.id} has no container {id or ''}".rstrip())
+        return self.containers[id]
 
     async def start(self) -> None:
         """Create if needed, launch the VM and connect to its agent."""
@@ -249,6 +388,10 @@ class Sandbox:
             await _kill_strays(persist.vm_dir(self.id, self.run_root))
             if self.network is not None:
                 await self.network.teardown()
+            if self.workload.get("image_store"):
+                from .images import ImageStore
+
+                ImageStore(self.workload["image_store"]).release(self.id)
             with self._locked_store():
                 self._store.delete(self.id)
 
@@ -682,6 +825,8 @@ class Sandbox:
                     d.id: {"path": d.path, "read_only": d.read_only} for d in self.disks.values()
                 },
                 "network": self.network.to_dict() if self.network else None,
+                "workload": self.workload,
+                "containers": {cid: c.to_dict() for cid, c in self.containers.items()},
             },
             "hypervisor": hv.save().model_dump(mode="json") if hv is not None else {},
             "config": cfg.to_dict(),
@@ -789,7 +934,15 @@ class Sandbox:
             sb.disks[disk_id] = BlockDrive(
                 id=disk_id, path=d["path"], read_only=bool(d.get("read_only"))
             )
+        sb._adopt_containers(sb_doc)
         return sb
+
+    def _adopt_containers(self, sb_doc: dict[str, Any]) -> None:
+        from .containers import Container, ContainerRecord
+
+        self.workload = dict(sb_doc.get("workload") or {})
+        for cid, record in (sb_doc.get("containers") or {}).items():
+            self.containers[cid] = Container(self, ContainerRecord(**record))
 
 
 def _info(store: persist.StateStore, sid: str) -> SandboxInfo:
@@ -912,6 +1065,20 @@ def _vmm_pids_in(vm_dir: str) -> list[int]:
     from .drivers.vmm_process import processes_using
 
     return processes_using(vm_dir, VMM_PROGRAMS)
+
+
+def _read_bundle(bundle: str) -> Any:
+    """A bundle's config.json, parsed; `ConfigError` naming what is wrong."""
+    import json
+
+    path = os.path.join(bundle, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"bundle {bundle}: no config.json") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"bundle {bundle}: config.json is unreadable: {e}") from None
 
 
 async def _kill_strays(vm_dir: str) -> None:

@@ -7,10 +7,11 @@ import os
 from typing import TYPE_CHECKING
 
 from ..config import check_virtiofsd_args
-from ..errors import AssetError
+from ..errors import AssetError, ConfigError
 
 if TYPE_CHECKING:
     from ..config import HypervisorConfig
+    from ..devices import SharedFS
 
 DEFAULT_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 #: As root, the C virtiofsd locks a pid file named after its socket path here and leaves it.
@@ -45,3 +46,34 @@ def argv(cfg: HypervisorConfig, hypervisor: str, source: str, socket: str) -> li
 def pid_file(socket: str) -> str:
     """The pid file virtiofsd (as root) creates for `socket`."""
     return os.path.join(PID_FILE_DIR, socket.replace("/", ".") + ".pid")
+
+
+# Run in the daemon's own mount namespace (it dies with the daemon: nothing to unmount, nothing
+# left on the host): a read-only bind, or an overlay of the share's lower and upper directories.
+_READ_ONLY = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" "$1" && shift && exec "$@"'
+_OVERLAY = (
+    'mkdir -p "$2.work" "$2.merged" && '
+    'mount -t overlay overlay -o "lowerdir=$1,upperdir=$2,workdir=$2.work" "$2.merged" && '
+    'shift 2 && exec "$@"'
+)
+
+
+def served_dir(share: SharedFS) -> str:
+    """The directory the daemon serves: the overlay's mount point, else the source."""
+    return share.source + ".merged" if share.lower else share.source
+
+
+def wrap(share: SharedFS, argv: list[str]) -> list[str]:
+    """`argv` (the daemon's) run so that it serves `share` read-only or as an overlay."""
+    if not share.lower and not share.read_only:
+        return argv
+    if os.geteuid() != 0:
+        what = "an overlay (image root)" if share.lower else "a read-only share"
+        raise ConfigError(f"shared fs {share.id}: {what} needs root (mount namespaces)")
+    for path in (share.source, share.lower):
+        if any(c in path for c in ",:\n"):
+            raise ConfigError(f"shared fs {share.id}: path {path!r} contains ',' ':' or a newline")
+    prefix = ["unshare", "-m", "--propagation", "private", "--", "/bin/sh", "-c"]
+    if share.lower:
+        return [*prefix, _OVERLAY, "vc-share", share.lower, share.source, *argv]
+    return [*prefix, _READ_ONLY, "vc-share", share.source, *argv]

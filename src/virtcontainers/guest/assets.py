@@ -95,6 +95,7 @@ def _inputs(cache_dir: str) -> dict[str, Any]:
         "kernel_package_version": pkg.version,
         "busybox_sha256": initrd_mod.file_sha256(busybox),
         "agent_sha256": hashlib.sha256(initrd_mod.agent_source()).hexdigest(),
+        "runner_sha256": hashlib.sha256(initrd_mod.runner_source()).hexdigest(),
         "cflags": list(initrd_mod.CFLAGS),
         "required_modules": list(kernel_mod.REQUIRED_MODULES),
         "optional_modules": list(kernel_mod.OPTIONAL_MODULES),
@@ -270,6 +271,8 @@ def _build(inputs: dict[str, Any], key: str, cache_dir: str, tmp: str) -> None:
             raise AssetError(f"{tool} not found: `apt-get install {package}`")
     agent_bin = os.path.join(tmp, "init")
     initrd_mod.compile_agent(agent_bin, tmp)
+    runner_bin = os.path.join(tmp, "vc-run")
+    initrd_mod.compile_runner(runner_bin, tmp)
     download = os.path.join(tmp, "download")
     os.makedirs(download)
     os.chmod(tmp, 0o755)
@@ -282,7 +285,7 @@ def _build(inputs: dict[str, Any], key: str, cache_dir: str, tmp: str) -> None:
     kernel = kernel_mod.unpack(deb, os.path.join(tmp, "kernel"))
     plan = kernel_mod.plan_modules(kernel.modules_dir)
     root = os.path.join(tmp, "root")
-    initrd_mod.populate(root, kernel, plan, busybox, agent_bin)
+    initrd_mod.populate(root, kernel, plan, busybox, agent_bin, runner_bin)
     initrd_mod.write_cpio(root, os.path.join(out, INITRD_FILE), inputs["compression"])
     shutil.copyfile(kernel.vmlinuz, os.path.join(out, KERNEL_FILE))
     features = kernel_mod.read_features(kernel)

@@ -14,6 +14,9 @@ from ..errors import AssetError
 from .kernel import ModulePlan, UnpackedKernel, module_name, read_modules_dep
 
 AGENT_SOURCE = "agent.c"
+RUNNER_SOURCE = "vc-run.c"
+RUNNER_PATH = "sbin/vc-run"
+"""Inside the initrd: the program that starts a container process (guest/container/vc-run.c)."""
 CFLAGS: tuple[str, ...] = ("-static", "-O2", "-Wall", "-Wextra", "-s")
 LIBC_A = "/usr/lib/x86_64-linux-gnu/libc.a"
 MODULE_LIST = "etc/vc-modules"
@@ -93,17 +96,32 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def runner_source() -> bytes:
+    """The C source of vc-run, which starts container processes in the guest."""
+    return resources.files(__package__).joinpath("container", RUNNER_SOURCE).read_bytes()
+
+
+def compile_runner(out_path: str, work_dir: str) -> None:
+    """Build vc-run with `gcc -static`."""
+    compile_c(runner_source(), RUNNER_SOURCE, out_path, work_dir, "vc-run")
+
+
 def compile_agent(out_path: str, work_dir: str) -> None:
     """Build the agent with `gcc -static`; AssetError names the missing package."""
+    compile_c(agent_source(), AGENT_SOURCE, out_path, work_dir, "the guest agent")
+
+
+def compile_c(source: bytes, name: str, out_path: str, work_dir: str, what: str) -> None:
+    """Build one static guest program; AssetError names the missing package."""
     if shutil.which("gcc") is None:
         raise AssetError("gcc not found: the guest agent is built from C; `apt-get install gcc`")
     if not os.path.exists(LIBC_A):
         raise AssetError(
             f"{LIBC_A} not found: static linking needs glibc's libc.a; `apt-get install libc6-dev`"
         )
-    src = os.path.join(work_dir, AGENT_SOURCE)
+    src = os.path.join(work_dir, name)
     with open(src, "wb") as f:
-        f.write(agent_source())
+        f.write(source)
     res = subprocess.run(
         ["gcc", *CFLAGS, "-o", out_path, src],
         capture_output=True,
@@ -112,7 +130,7 @@ def compile_agent(out_path: str, work_dir: str) -> None:
         timeout=300,
     )
     if res.returncode != 0:
-        raise AssetError(f"compiling the guest agent failed:\n{res.stderr.strip()[-2000:]}")
+        raise AssetError(f"compiling {what} failed:\n{res.stderr.strip()[-2000:]}")
 
 
 def _applets(busybox: str) -> list[str]:
@@ -125,7 +143,12 @@ def _applets(busybox: str) -> list[str]:
 
 
 def populate(
-    root: str, kernel: UnpackedKernel, plan: ModulePlan, busybox: str, agent_binary: str
+    root: str,
+    kernel: UnpackedKernel,
+    plan: ModulePlan,
+    busybox: str,
+    agent_binary: str,
+    runner_binary: str | None = None,
 ) -> None:
     """Lay out the initrd tree under `root`."""
     for d in _DIRS:
@@ -147,6 +170,9 @@ def populate(
             os.symlink("/bin/busybox", link)
     shutil.copyfile(agent_binary, os.path.join(root, "init"))
     os.chmod(os.path.join(root, "init"), 0o755)
+    if runner_binary is not None:
+        shutil.copyfile(runner_binary, os.path.join(root, RUNNER_PATH))
+        os.chmod(os.path.join(root, RUNNER_PATH), 0o755)
 
     mod_root = os.path.join(root, "lib", "modules", kernel.version)
     os.makedirs(mod_root, exist_ok=True)

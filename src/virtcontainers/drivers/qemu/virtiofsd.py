@@ -36,8 +36,8 @@ def argv(cfg: HypervisorConfig, share: SharedFS, socket: str) -> list[str]:
         raise ConfigError(
             f"virtio_fs_cache: {cache!r} is not a virtiofsd cache mode ({', '.join(CACHE_MODES)})"
         )
-    source = check_path(f"shared fs {share.id} source", share.source)
-    return common.argv(cfg, "qemu", source, socket)
+    source = check_path(f"shared fs {share.id} source", common.served_dir(share))
+    return common.wrap(share, common.argv(cfg, "qemu", source, socket))
 
 
 async def start(

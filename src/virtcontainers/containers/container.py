@@ -1,0 +1,229 @@
+"""`Container`: one container inside a sandbox's guest (host side).
+
+Its root reaches the guest as a virtio-fs share (the image's unpacked root under a writable
+upper directory, an overlay made in virtiofsd's own mount namespace); `vc-run` in the guest
+creates the container from a `ProcessSpec`. Processes run through the agent's buffered
+exec: `start` launches the container's process and `wait` returns its `ExecResult`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import shlex
+import signal as signals
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, StateError
+from .spec import Mount, ProcessSpec, Resources
+
+if TYPE_CHECKING:
+    from ..agent import ExecResult
+    from ..sandbox import Sandbox
+
+GUEST_ROOT = "/run/vc/c"
+"""Where containers live in the guest: <id>/rootfs (the share), <id>/pid."""
+GUEST_VOLUMES = "/run/vc/v"
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+@dataclass
+class ContainerRecord:
+    """What is persisted about a container (so another process can exec into it)."""
+
+    id: str
+    share_tag: str
+    image: str = ""
+    spec: dict[str, Any] = field(default_factory=dict)
+    volumes: list[dict[str, Any]] = field(default_factory=list)
+    """Each: source, destination, read_only, tag."""
+    status: str = "created"
+
+
+def spec_from_dict(d: dict[str, Any]) -> ProcessSpec:
+    d = dict(d)
+    d["resources"] = Resources(**(d.get("resources") or {}))
+    d["rlimits"] = [tuple(x) for x in d.get("rlimits") or []]
+    d["mounts"] = [tuple(x) for x in d.get("mounts") or []]
+    return ProcessSpec(**d)
+
+
+class Container:
+    """A container in a sandbox: start, exec, kill, wait, pids, delete."""
+
+    def __init__(self, sandbox: Sandbox, record: ContainerRecord) -> None:
+        self.sandbox = sandbox
+        self.record = record
+        self._task: asyncio.Task[ExecResult] | None = None
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def spec(self) -> ProcessSpec:
+        return spec_from_dict(self.record.spec)
+
+    @property
+    def guest_dir(self) -> str:
+        return f"{GUEST_ROOT}/{self.id}"
+
+    @property
+    def rootfs(self) -> str:
+        return f"{self.guest_dir}/rootfs"
+
+    def _volume_mounts(self) -> list[tuple[str, str, str, str]]:
+        out = []
+        for v in self.record.volumes:
+            opts = "rbind,ro" if v["read_only"] else "rbind"
+            out.append(("bind", f"{GUEST_VOLUMES}/{v['tag']}", str(v["destination"]), opts))
+        return out
+
+    def setup_script(self) -> str:
+        """Shell run once in the guest before the first start: mount the root, the volumes
+        and the cgroup (with its limits)."""
+        q = shlex.quote
+        lines = [f"mkdir -p {q(self.rootfs)}"]
+        lines.append(
+            f"grep -q ' {self.rootfs} ' /proc/mounts || mount -t virtiofs "
+            f"{q(self.record.share_tag)} {q(self.rootfs)}"
+        )
+        for v in self.record.volumes:
+            where = f"{GUEST_VOLUMES}/{v['tag']}"
+            lines.append(f"mkdir -p {q(where)}")
+            lines.append(
+                f"grep -q ' {where} ' /proc/mounts || mount -t virtiofs {q(v['tag'])} {q(where)}"
+            )
+        limits = self.spec.resources.files()
+        if limits:
+            cg = f"{CGROUP_ROOT}/vc-{self.id}"
+            lines.append(
+                f"grep -q ' {CGROUP_ROOT} cgroup2 ' /proc/mounts || "
+                f"mount -t cgroup2 none {CGROUP_ROOT}"
+            )
+            lines.append(
+                f"echo '+memory +pids +cpu' > {CGROUP_ROOT}/cgroup.subtree_control 2>/dev/null;"
+                f" mkdir -p {cg}"
+            )
+            for name, value in limits.items():
+                lines.append(f"echo {q(value)} > {cg}/{name}")
+        return " && ".join(lines)
+
+    async def setup(self) -> None:
+        """Mount the container's root and volumes in the guest (idempotent)."""
+        result = await self.sandbox.exec(["/bin/sh", "-c", self.setup_script()])
+        if result.exit_code != 0:
+            raise StateError(
+                f"container {self.id}: cannot mount its root in the guest: "
+                f"{result.stderr.decode(errors='replace').strip()}"
+            )
+
+    def runner_argv(self, spec: ProcessSpec | None = None) -> list[str]:
+        spec = spec or self.spec
+        spec.mounts = [*spec.mounts, *self._volume_mounts()]
+        cgroup = f"{CGROUP_ROOT}/vc-{self.id}" if spec.resources.files() else ""
+        return spec.runner_argv(self.rootfs, cgroup=cgroup, pid_file=f"{self.guest_dir}/pid")
+
+    async def start(self, *, stdin: bytes = b"", timeout: float | None = None) -> None:
+        """Start the container's process (it runs until it exits; `wait` for it)."""
+        if self._task is not None:
+            raise StateError(f"container {self.id} is already started")
+        argv = self.runner_argv()
+        self._task = asyncio.ensure_future(self.sandbox.exec(argv, stdin=stdin, timeout=timeout))
+        self.record.status = "running"
+
+    async def run(self, *, stdin: bytes = b"", timeout: float | None = None) -> ExecResult:
+        """Start and wait (the container's mounts are made in the same guest request)."""
+        script = f'{self.setup_script()} && exec "$@"'
+        argv = ["/bin/sh", "-c", script, "vc-setup", *self.runner_argv()]
+        self._task = asyncio.ensure_future(self.sandbox.exec(argv, stdin=stdin, timeout=timeout))
+        self.record.status = "running"
+        return await self.wait()
+
+    async def wait(self) -> ExecResult:
+        """The container process's result (exit code, output)."""
+        if self._task is None:
+            raise StateError(f"container {self.id} was not started by this process")
+        try:
+            return await self._task
+        finally:
+            self.record.status = "stopped"
+
+    async def _pid(self) -> int:
+        result = await self.sandbox.exec(["/bin/cat", f"{self.guest_dir}/pid"])
+        text = result.stdout.decode().strip()
+        if result.exit_code != 0 or not text.isdigit():
+            raise StateError(f"container {self.id} is not running")
+        return int(text)
+
+    async def exec(
+        self,
+        argv: list[str],
+        *,
+        env: list[str] | None = None,
+        cwd: str | None = None,
+        user: tuple[int, int] | None = None,
+        stdin: bytes = b"",
+        timeout: float | None = None,
+    ) -> ExecResult:
+        """Run a command inside the running container (its namespaces, root, env, user)."""
+        if not argv:
+            raise ConfigError("exec: empty command")
+        from .spec import caps_mask, merge_env
+
+        spec = self.spec
+        pid = await self._pid()
+        uid, gid = user if user is not None else (spec.uid, spec.gid)
+        runner = ["/sbin/vc-run", "--join", str(pid), "--cwd", cwd or spec.cwd or "/"]
+        runner += ["--user", f"{uid}:{gid}", "--caps", format(caps_mask(spec.caps), "x")]
+        for e in merge_env(spec.env, env or []):
+            runner += ["--env", e]
+        return await self.sandbox.exec([*runner, "--", *argv], stdin=stdin, timeout=timeout)
+
+    async def kill(self, sig: int = signals.SIGTERM) -> None:
+        """Send a signal to the container's first process."""
+        pid = await self._pid()
+        result = await self.sandbox.exec(["/bin/kill", f"-{int(sig)}", str(pid)])
+        if result.exit_code != 0:
+            raise StateError(f"container {self.id}: kill failed: {result.stderr.decode().strip()}")
+
+    async def pids(self) -> list[int]:
+        """The guest pids of every process in the container."""
+        pid = await self._pid()
+        script = (
+            f"ns=$(readlink /proc/{pid}/ns/pid); for p in /proc/[0-9]*; do "
+            f'[ "$(readlink $p/ns/pid 2>/dev/null)" = "$ns" ] && echo ${{p#/proc/}}; done; true'
+        )
+        result = await self.sandbox.exec(["/bin/sh", "-c", script])
+        return sorted(int(x) for x in result.stdout.split())
+
+    async def delete(self) -> None:
+        """Kill what still runs, unmount its root and volumes in the guest, forget it."""
+        with contextlib.suppress(StateError):
+            await self.kill(signals.SIGKILL)
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
+        q = shlex.quote
+        script = [f"umount -l {q(self.rootfs)} 2>/dev/null", f"rm -rf {q(self.guest_dir)}"]
+        script += [f"rmdir {CGROUP_ROOT}/vc-{self.id} 2>/dev/null"]
+        with contextlib.suppress(Exception):
+            await self.sandbox.exec(["/bin/sh", "-c", "; ".join(script) + "; true"])
+        self.record.status = "deleted"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.record)
+
+
+def volume_records(mounts: list[Mount], prefix: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "source": m.source,
+            "destination": m.destination,
+            "read_only": m.read_only,
+            "tag": f"{prefix}v{i}",
+        }
+        for i, m in enumerate(mounts)
+    ]

@@ -1,0 +1,162 @@
+"""Containers in a real QEMU guest (TCG): an imported image's root over virtio-fs (an overlay
+the guest cannot write through to the store), volumes read-write and read-only, the image
+config and run options honoured, exec into a running container, kill, pids; bundles; bad
+input refused before anything boots; nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from leaks import processes_mentioning
+from virtcontainers import Sandbox
+from virtcontainers.errors import ConfigError, ImageError, UnsupportedError
+from virtcontainers.images import ImageStore
+from virtcontainers.images.build import busybox_image, debian_image
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check")]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImageStore]:
+    s = ImageStore(str(tmp_path_factory.mktemp("images")))
+    s.import_archive(busybox_image())
+    yield s
+    assert not os.listdir(os.path.join(s.root, "leases")), "a sandbox kept its image lease"
+
+
+def image_files(store: ImageStore) -> set[str]:
+    return set(os.listdir(store.rootfs(store.get("busybox"))))
+
+
+async def test_image_container_volumes_and_processes(
+    run_root: str, store: ImageStore, tmp_path: Path
+) -> None:
+    rw = tmp_path / "rw"
+    ro = tmp_path / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    (ro / "data.txt").write_text("read only\n")
+    before = image_files(store)
+    sb = Sandbox(
+        image="busybox",
+        image_store=store.root,
+        mounts=[f"{rw}:/out", f"{ro}:/in:ro"],
+        run_root=run_root,
+    )
+    async with sb:
+        assert store.holders(store.get("busybox")) == [sb.id]
+        with pytest.raises(ImageError, match=f"in use by sandbox {sb.id}"):
+            store.remove("busybox")
+        script = (
+            "ls /; cat /in/data.txt; echo from-container > /out/new.txt; "
+            "touch /in/x 2>&1; echo scratch > /scratch && cat /scratch; "
+            'echo "$GREETING $PWD $(id -u):$(id -g) $(hostname)"; exit 7'
+        )
+        c = await sb.create_container(
+            ["sh", "-c", script], env=["GREETING=hello"], cwd="/tmp", hostname="box"
+        )
+        result = await c.run()
+        out = result.stdout.decode().splitlines()
+        assert result.exit_code == 7, result
+        # The container sees its image's files (and its mount points), not the guest's.
+        listing = set(out[: out.index("read only")])
+        assert listing == before | {"in", "out"}
+        assert "read only" in out
+        assert (rw / "new.txt").read_text() == "from-container\n"
+        assert "Read-only file system" in result.stdout.decode()
+        assert "scratch" in out
+        assert out[-1] == "hello /tmp 0:0 box"
+        # Writes went to the container's layer, never to the image store.
+        assert image_files(store) == before
+        # Even the guest's root cannot write through the read-only share.
+        guest = await sb.exec(
+            "mount -o remount,rw /run/vc/v/vc-v1; touch /run/vc/v/vc-v1/y && echo wrote"
+        )
+        assert b"wrote" not in guest.stdout
+        assert not (ro / "y").exists()
+
+
+async def test_exec_kill_pids(run_root: str, store: ImageStore) -> None:
+    async with Sandbox(image="busybox", image_store=store.root, run_root=run_root) as sb:
+        c = await sb.create_container(["sh", "-c", "echo started > /tmp/mark; exec sleep 600"])
+        await c.setup()
+        await c.start()
+        for _ in range(100):
+            done = await sb.exec(["test", "-s", f"{c.guest_dir}/pid"])
+            if done.exit_code == 0:
+                break
+        inside = await c.exec(["sh", "-c", "cat /tmp/mark; id -u; pwd"], cwd="/etc")
+        assert inside.stdout.decode().split() == ["started", "0", "/etc"]
+        nobody = await c.exec(["id", "-u"], user=(65534, 65534))
+        assert nobody.stdout.strip() == b"65534"
+        assert len(await c.pids()) == 1  # sleep; the exec'd commands are gone
+        await c.kill(signal.SIGKILL)
+        result = await c.wait()
+        assert result.exit_code == 128 + signal.SIGKILL
+        await c.delete()
+        assert (await sb.exec(["ls", "/run/vc/c"])).stdout == b""
+
+
+async def test_bundle(run_root: str, store: ImageStore, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    shutil.copytree(store.rootfs(store.get("busybox")), bundle / "rootfs", symlinks=True)
+    config = {
+        "ociVersion": "1.0.2",
+        "process": {
+            "args": ["sh", "-c", "hostname; ulimit -n; grep CapEff /proc/self/status; touch /x"],
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+            "user": {"uid": 0, "gid": 0},
+            "capabilities": {"bounding": ["CAP_KILL"]},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 123, "hard": 123}],
+        },
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": "bundled",
+        "linux": {"namespaces": [{"type": "mount"}, {"type": "pid"}, {"type": "uts"}]},
+    }
+    (bundle / "config.json").write_text(json.dumps(config))
+    async with Sandbox(bundle=str(bundle), run_root=run_root) as sb:
+        c = await sb.create_container()
+        result = await c.run()
+    lines = result.stdout.decode().splitlines()
+    assert lines[:2] == ["bundled", "123"]
+    assert lines[2].split() == ["CapEff:", f"{1 << 5:016x}"]
+    assert b"Read-only file system" in result.stderr
+    assert result.exit_code == 1
+    assert not (bundle / "rootfs" / "x").exists()
+
+    config["linux"]["seccomp"] = {"defaultAction": "SCMP_ACT_ALLOW"}  # type: ignore[index]
+    (bundle / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedError, match=r"linux\.seccomp is not supported"):
+        await Sandbox(bundle=str(bundle), run_root=run_root).start()
+
+
+async def test_bad_input_refused_before_boot(run_root: str, store: ImageStore) -> None:
+    with pytest.raises(ImageError, match="unknown image reference 'nope:1'"):
+        await Sandbox(image="nope:1", image_store=store.root, run_root=run_root).start()
+    with pytest.raises(ConfigError, match="volume source /no/such/dir is not an existing"):
+        Sandbox(image="busybox", mounts=["/no/such/dir:/x"], run_root=run_root)
+    assert processes_mentioning(run_root) == []
+    assert os.listdir(os.path.join(store.root, "leases")) == []
+
+
+async def test_debian_python(run_root: str, tmp_path: Path) -> None:
+    """A real distribution: Debian bookworm + python3 built by mmdebstrap (cached by its
+    inputs; the first build takes minutes)."""
+    store = ImageStore(str(tmp_path / "images"))
+    (image,) = store.import_archive(debian_image())
+    async with Sandbox(image=image.name, image_store=store.root, run_root=run_root) as sb:
+        c = await sb.create_container(
+            ["python3", "-c", "import ssl, sqlite3, json; print(ssl.OPENSSL_VERSION)"]
+        )
+        result = await c.run(timeout=120)
+    assert result.exit_code == 0, result
+    assert result.stdout.startswith(b"OpenSSL 3")
