@@ -148,6 +148,7 @@ async def test_bad_input_refused_before_boot(run_root: str, store: ImageStore) -
     assert os.listdir(os.path.join(store.root, "leases")) == []
 
 
+@pytest.mark.timeout(1200)  # the first build of the image (mmdebstrap) takes minutes
 async def test_debian_python(run_root: str, tmp_path: Path) -> None:
     """A real distribution: Debian bookworm + python3 built by mmdebstrap (cached by its
     inputs; the first build takes minutes)."""
