@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -35,7 +35,7 @@ from .hypervisor import Hypervisor, VMState, new_hypervisor
 from .types import Capabilities, HypervisorType, Socket, VSock
 
 if TYPE_CHECKING:
-    from .agent import AgentClient, ExecResult
+    from .agent import AgentClient, ExecResult, Process
     from .containers import Container, Mount
     from .network import Interface, NetworkConfig, SandboxNetwork
 
@@ -511,17 +511,78 @@ class Sandbox:
             argv = ["/bin/sh", "-c", argv]
         if not argv:
             raise ConfigError("exec: empty command")
-        if self.state is VMState.PAUSED:
-            await self._raise_if_vm_dead()  # a dead VM is worth reporting before "paused"
-            raise StateError(f"cannot exec in sandbox {self.id}: it is paused (resume it first)")
-        if self.state is not VMState.RUNNING:
-            raise StateError(f"cannot exec in sandbox {self.id}: it is {self.state.value}")
-        agent = await self.agent()
+        agent = await self._running_agent("exec")
         try:
             return await agent.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout=timeout)
         except AgentError:
             await self._raise_if_vm_dead()
             raise
+
+    async def start_process(
+        self,
+        argv: list[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        groups: list[int] | None = None,
+        root: str | None = None,
+        namespaces: Collection[str] = (),
+        hostname: str | None = None,
+        tty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+        detach: bool = False,
+        timeout: float | None = None,
+    ) -> Process:
+        """Start a process in the guest and return its `Process` handle (streamed stdout and
+        stderr, stdin, signals, wait, terminal resize); see `AgentClient.start_process` for the
+        arguments. A string `argv` runs under `/bin/sh -c`."""
+        if isinstance(argv, str):
+            argv = ["/bin/sh", "-c", argv]
+        if not argv:
+            raise ConfigError("start_process: empty command")
+        agent = await self._running_agent("start a process")
+        try:
+            return await agent.start_process(
+                argv,
+                env=env,
+                cwd=cwd,
+                uid=uid,
+                gid=gid,
+                groups=groups,
+                root=root,
+                namespaces=namespaces,
+                hostname=hostname,
+                tty=tty,
+                rows=rows,
+                cols=cols,
+                detach=detach,
+                timeout=timeout,
+            )
+        except AgentError:
+            await self._raise_if_vm_dead()
+            raise
+
+    async def attach_process(self, handle: int) -> Process:
+        """A `Process` handle on a process started earlier (a detached one, typically from
+        another manager): its kept output first, then live output and its exit."""
+        agent = await self._running_agent("attach to a process")
+        try:
+            return await agent.attach_process(handle)
+        except AgentError:
+            await self._raise_if_vm_dead()
+            raise
+
+    async def _running_agent(self, what: str) -> AgentClient:
+        """The agent, after checking the VM runs (a paused guest cannot answer)."""
+        if self.state is VMState.PAUSED:
+            await self._raise_if_vm_dead()  # a dead VM is worth reporting before "paused"
+            raise StateError(f"cannot {what} in sandbox {self.id}: it is paused (resume it first)")
+        if self.state is not VMState.RUNNING:
+            raise StateError(f"cannot {what} in sandbox {self.id}: it is {self.state.value}")
+        return await self.agent()
 
     async def write_file(self, guest_path: str, data: bytes, mode: int = 0o644) -> None:
         """Create or replace a file in the guest (`AgentTimeoutError` past `agent_timeout`)."""

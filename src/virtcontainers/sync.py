@@ -6,7 +6,7 @@ Each sandbox owns a private event loop; calls run it until their coroutine compl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -14,7 +14,9 @@ from . import sandbox as _async
 from .sandbox import SandboxInfo
 
 if TYPE_CHECKING:
-    from .agent import ExecResult
+    from .agent import ExecResult, ExitStatus
+    from .agent import OutputStream as _AsyncStream
+    from .agent import Process as _AsyncProcess
     from .config import HypervisorConfig
     from .devices import BlockDrive
     from .hypervisor import VMState
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["Sandbox", "SandboxInfo"]
+__all__ = ["OutputStream", "Process", "Sandbox", "SandboxInfo"]
 
 
 class Sandbox:
@@ -105,6 +107,14 @@ class Sandbox:
         """Run a command in the guest."""
         return self._run(self._sb.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout=timeout))
 
+    def start_process(self, argv: list[str] | str, **kwargs: Any) -> Process:
+        """Start a process in the guest (arguments as `virtcontainers.Sandbox.start_process`)."""
+        return Process(self._runner, self._run(self._sb.start_process(argv, **kwargs)))
+
+    def attach_process(self, handle: int) -> Process:
+        """A handle on a process started earlier (e.g. detached, by another manager)."""
+        return Process(self._runner, self._run(self._sb.attach_process(handle)))
+
     def write_file(self, guest_path: str, data: bytes, mode: int = 0o644) -> None:
         """Create or replace a guest file."""
         self._run(self._sb.write_file(guest_path, data, mode))
@@ -164,3 +174,68 @@ class Sandbox:
             runner.close()
             raise
         return cls._wrap(runner, sb)
+
+
+class OutputStream:
+    """Blocking twin of `virtcontainers.agent.OutputStream`: `for chunk in proc.stdout`."""
+
+    def __init__(self, runner: asyncio.Runner, stream: _AsyncStream) -> None:
+        self._runner = runner
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            try:
+                yield self._runner.run(self._stream.__anext__())
+            except StopAsyncIteration:
+                return
+
+    def read(self) -> bytes:
+        """Everything until the process exits."""
+        return self._runner.run(self._stream.read())
+
+
+class Process:
+    """Blocking twin of `virtcontainers.agent.Process` (same methods, without `await`)."""
+
+    def __init__(self, runner: asyncio.Runner, proc: _AsyncProcess) -> None:
+        self._runner = runner
+        self.aio = proc
+        """The underlying async process (use only on its sandbox's own loop)."""
+        self.stdout = OutputStream(runner, proc.stdout)
+        self.stderr = OutputStream(runner, proc.stderr)
+
+    @property
+    def handle(self) -> int:
+        """The agent's name for the process (for `attach_process`)."""
+        return self.aio.handle
+
+    @property
+    def pid(self) -> int:
+        """Its pid in the guest."""
+        return self.aio.pid
+
+    @property
+    def returncode(self) -> ExitStatus | None:
+        """The exit status once known."""
+        return self.aio.returncode
+
+    def write_stdin(self, data: bytes | str) -> None:
+        """Write to its stdin."""
+        self._runner.run(self.aio.write_stdin(data))
+
+    def close_stdin(self) -> None:
+        """Close its stdin."""
+        self._runner.run(self.aio.close_stdin())
+
+    def signal(self, sig: int) -> None:
+        """Send it a signal."""
+        self._runner.run(self.aio.signal(sig))
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Resize its terminal."""
+        self._runner.run(self.aio.resize(rows, cols))
+
+    def wait(self) -> ExitStatus:
+        """Wait for it to end."""
+        return self._runner.run(self.aio.wait())

@@ -336,3 +336,31 @@ async def test_a_guest_field_bomb_fails_one_request_and_stalls_nothing(
         assert "unreadable notice (payload holds more than 8 fields)" in caplog.text
     finally:
         server.close()
+
+
+async def test_started_process_on_the_fake_agent(client: AgentClient, agent: FakeAgent) -> None:
+    """The fake serves the process model too (for the mock driver and unit tests)."""
+    proc = await client.start_process(["echo", "hi"], env={"A": "b"})
+    assert await proc.stdout.read() == b"hi\n"
+    assert (await proc.wait()).ok
+    proc = await client.start_process(["sleep", "100"], tty=True)
+    await proc.write_stdin(b"typed")
+    await proc.resize(10, 20)
+    await proc.signal(15)
+    status = await proc.wait()
+    assert (status.exit_code, status.signal) == (-1, 15)
+    assert agent.stdin_seen[proc.handle] == b"typed"
+    assert agent.resizes == [(proc.handle, 10, 20)]
+    with pytest.raises(AgentRequestError, match="ESRCH"):
+        await client.attach_process(proc.handle)
+
+
+async def test_process_streams_end_with_an_error_when_the_connection_dies(
+    client: AgentClient, agent: FakeAgent
+) -> None:
+    proc = await client.start_process(["sleep", "100"])
+    await agent.drop_connections()
+    with pytest.raises(AgentError, match="closed"):
+        await proc.stdout.read()
+    with pytest.raises(AgentError, match="closed"):
+        await proc.wait()

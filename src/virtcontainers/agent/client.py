@@ -10,18 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno as errno_mod
+import functools
 import logging
 import math
 import os
 import secrets
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TypeVar
 
 from ..errors import AgentError
 from . import protocol as p
+from .process import Process, argv_fields, start_request, status_of
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class VsockAddress:
 
 
 Target = str | os.PathLike[str] | HybridVsock | VsockAddress
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,8 @@ class AgentClient:
         self._error: AgentError | None = None
         self._last_heard = asyncio.get_running_loop().time()
         self._probe: asyncio.Task[p.Fields] | None = None
+        self._hooks: dict[int, Callable[[p.Frame], None]] = {}
+        self._procs: dict[int, Process] = {}
         self._reader_task = asyncio.get_running_loop().create_task(
             self._read_loop(), name=f"agent-reader {target}"
         )
@@ -299,17 +305,7 @@ class AgentClient:
         Output beyond `max_output` bytes per stream (default 16 MiB) is dropped and
         flagged as truncated.
         """
-        if isinstance(argv, str | bytes) or not argv:
-            raise AgentError("exec: argv must be a non-empty sequence of strings")
-        req = p.Fields()
-        for i, arg in enumerate(argv):
-            if not isinstance(arg, str) or "\0" in arg:
-                raise AgentError(f"exec: argv[{i}] must be a string without NUL bytes")
-            req.add(p.Tag.ARGV, arg)
-        for key, value in (env or {}).items():
-            if not key or "=" in key or "\0" in key or "\0" in value:
-                raise AgentError(f"exec: bad environment variable name or value {key!r}")
-            req.add(p.Tag.ENV, f"{key}={value}")
+        req = argv_fields("exec", argv, dict(env or {}))
         if cwd is not None:
             req.add(p.Tag.CWD, cwd)
         data = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
@@ -357,6 +353,93 @@ class AgentClient:
         if make_parents:
             req.add(p.Tag.FLAGS, p.WRITE_MKDIRS)
         await self._call(f"write_file {path}", p.MsgType.WRITE_FILE, req, cancel=True)
+
+    async def start_process(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        groups: Sequence[int] | None = None,
+        root: str | None = None,
+        namespaces: Collection[str] = (),
+        hostname: str | None = None,
+        tty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+        detach: bool = False,
+        timeout: float | None = None,
+    ) -> Process:
+        """Start `argv` in the guest and return its `Process` handle once it runs.
+
+        Output streams back as it is written (`Process.stdout` / `stderr`); stdin stays open
+        until `close_stdin()`. `env` is added to PATH, HOME, TERM; `uid`/`gid`/`groups`
+        switch user (default: root); `root` is a guest directory the process is chrooted
+        into (after MS_MOVE onto / in a new mount namespace: the guest's root is an
+        initramfs); `namespaces` names new ones to enter (`NAMESPACES`: mount, uts, ipc,
+        pid, net; `hostname` needs uts); `cwd` applies inside `root`. With `tty` the process
+        gets a terminal of `rows` x `cols` (stdout and stderr both on `stdout`). A `detach`ed
+        process survives this connection (reattach with `attach_process(handle)`); without
+        it closing the connection kills it. With `timeout` the agent kills it (and its
+        process group) after that many seconds. Set-up failures (no such binary, bad cwd,
+        a root that cannot be entered) raise `AgentRequestError` with the guest's errno.
+        """
+        req = start_request(
+            argv,
+            env=dict(env or {}),
+            cwd=cwd,
+            uid=uid,
+            gid=gid,
+            groups=groups,
+            root=root,
+            namespaces=namespaces,
+            hostname=hostname,
+            tty=tty,
+            rows=rows,
+            cols=cols,
+            detach=detach,
+            timeout=timeout,
+        )
+        made: list[Process] = []
+        hook = functools.partial(self._register, made, tty=tty, detached=detach)
+        await self._call(f"start {list(argv)!r}", p.MsgType.START, req, cancel=True, hook=hook)
+        return made[0]
+
+    async def attach_process(self, handle: int) -> Process:
+        """A handle on a process started earlier (by any connection, typically a detached one):
+        this connection gets its output from now on, starting with what the guest kept of it
+        (see `Process.dropped_in_guest`); if it has already exited, its output and exit
+        status come at once. `AgentRequestError` (ESRCH) if the agent has no such process."""
+        if isinstance(handle, bool) or not isinstance(handle, int) or not 0 < handle < 2**32:
+            raise AgentError(f"attach_process: bad process handle {handle!r}")
+        made: list[Process] = []
+        hook = functools.partial(self._register, made, tty=None, detached=True)
+        req = p.Fields().add(p.Tag.PROC, handle)
+        await self._call(f"attach to process {handle}", p.MsgType.ATTACH, req, hook=hook)
+        return made[0]
+
+    def _register(
+        self, made: list[Process], frame: p.Frame, *, tty: bool | None, detached: bool
+    ) -> None:
+        """In the reader, on a START/ATTACH reply: the Process exists before its output."""
+        f = p.Fields.decode(frame.payload, max_fields=p.NOTICE_FIELDS)
+        handle = f.int_(p.Tag.PROC)
+        if not 0 < handle < 2**32:
+            raise p.ProtocolError(f"process handle {handle} out of range")
+        if handle in self._procs:  # attached twice from here: one handle, the newest
+            self._procs.pop(handle)._lost(AgentError(f"process {handle} was attached again"))
+        proc = Process(
+            self,
+            handle,
+            f.int_(p.Tag.PID),
+            tty=bool(f.int_(p.Tag.TTY)) if tty is None else tty,
+            detached=detached,
+        )
+        proc.dropped_in_guest = f.int_(p.Tag.DROPPED)
+        self._procs[handle] = proc
+        made.append(proc)
 
     async def set_time(self, when: float | None = None) -> None:
         """Set the guest's wall clock (default: the host's now), e.g. after a template clone."""
@@ -457,6 +540,7 @@ class AgentClient:
         wait: float | None = None,
         long: bool = False,
         cancel: bool = False,
+        hook: Callable[[p.Frame], None] | None = None,
     ) -> p.Fields:
         """Send one request and wait for its reply.
 
@@ -464,7 +548,8 @@ class AgentClient:
         has no deadline without `wait`. While a long wait goes on, an agent silent for
         `request_timeout` gets a liveness ping, and the request fails if that goes
         unanswered too. With `cancel`, a request given up on (timeout, cancellation) is
-        cancelled in the guest.
+        cancelled in the guest. `hook` sees the reply frame in the reader task, before any
+        frame that follows it is dispatched.
         """
         if self._closed:
             raise self._error or AgentError(f"connection to the agent at {self.target} is closed")
@@ -476,26 +561,16 @@ class AgentClient:
         rid = self._new_id()
         fut: asyncio.Future[p.Frame] = loop.create_future()
         self._pending[rid] = fut
+        if hook is not None:
+            self._hooks[rid] = hook
         done = False
         try:
             await self._send(p.encode_frame(type_, rid, payload))
-            end = None if limit is None else loop.time() + limit
-            while True:
-                left = None if end is None else end - loop.time()
-                if left is not None and left <= 0:
-                    raise AgentTimeoutError(
-                        f"agent at {self.target} did not answer {op} within {limit:g}s"
-                    )
-                step = left if not long else min(self.request_timeout, left or math.inf)
-                await asyncio.wait({fut}, timeout=step)
-                if fut.done():
-                    break
-                if long and (end is None or loop.time() < end):
-                    await self._check_alive(op)
-            frame = fut.result()
+            frame = await self._await_watched(fut, op, limit=limit, long=long)
             done = True
         finally:
             self._pending.pop(rid, None)
+            self._hooks.pop(rid, None)
             if not done and cancel and not self._closed:
                 # The caller gave up: stop the guest's work instead of leaking it.
                 with contextlib.suppress(AgentError):
@@ -509,6 +584,25 @@ class AgentClient:
         if frame.type != type_ | p.REPLY:
             raise p.ProtocolError(f"{op}: unexpected reply type 0x{frame.type:02x}")
         return p.Fields.decode(frame.payload)
+
+    async def _await_watched(
+        self, fut: asyncio.Future[T], op: str, *, limit: float | None = None, long: bool = True
+    ) -> T:
+        """`fut`'s result, waiting at most `limit` seconds (None: no limit); a `long` wait
+        checks on the agent (`_check_alive`) each time it has been silent `request_timeout`."""
+        loop = asyncio.get_running_loop()
+        end = None if limit is None else loop.time() + limit
+        while not fut.done():
+            left = None if end is None else end - loop.time()
+            if left is not None and left <= 0:
+                raise AgentTimeoutError(
+                    f"agent at {self.target} did not answer {op} within {limit:g}s"
+                )
+            step = left if not long else min(self.request_timeout, left or math.inf)
+            await asyncio.wait({fut}, timeout=step)
+            if not fut.done() and long and (end is None or loop.time() < end):
+                await self._check_alive(op)
+        return fut.result()
 
     async def _check_alive(self, op: str) -> None:
         """During a long wait: `AgentTimeoutError` naming `op` unless the agent was heard from
@@ -536,6 +630,9 @@ class AgentClient:
                 fut.set_exception(err)
                 fut.exception()  # a waiter may be gone: do not warn about it
         self._pending.clear()
+        for proc in self._procs.values():
+            proc._lost(err)
+        self._procs.clear()
 
     async def _read_loop(self) -> None:
         try:
@@ -554,6 +651,9 @@ class AgentClient:
             self._fail_all(AgentError(f"connection to the agent at {self.target} failed: {exc}"))
 
     def _dispatch(self, frame: p.Frame) -> None:
+        if frame.id == 0 and frame.type in (p.MsgType.OUTPUT, p.MsgType.EXITED):
+            self._notified(frame)
+            return
         if frame.id == 0:
             # A notice. Decoded here in the reader, so only a bounded look at its start: a
             # guest's oversized frame must not stall every other reply of the process.
@@ -566,7 +666,29 @@ class AgentClient:
             return
         fut = self._pending.get(frame.id)
         if fut is not None and not fut.done():
+            hook = self._hooks.pop(frame.id, None)
+            if hook is not None and frame.type != p.MsgType.ERROR:
+                try:
+                    hook(frame)
+                except AgentError as exc:
+                    fut.set_exception(exc)
+                    return
             fut.set_result(frame)
+
+    def _notified(self, frame: p.Frame) -> None:
+        """OUTPUT or EXITED of a started process (decoded here, in the reader: bounded)."""
+        try:
+            f = p.Fields.decode(frame.payload, max_fields=p.NOTICE_FIELDS)
+            proc = self._procs.get(f.int_(p.Tag.PROC))
+            if proc is None:
+                return  # not (or no longer) ours: the guest may say anything
+            if frame.type == p.MsgType.OUTPUT:
+                proc._output(f.int_(p.Tag.STREAM), f.bytes_(p.Tag.DATA))
+            else:
+                del self._procs[proc.handle]
+                proc._exited(status_of(f))
+        except p.ProtocolError as exc:
+            log.warning("agent at %s: bad process notification: %s", self.target, exc)
 
 
 def _check_request_timeout(value: float) -> float:

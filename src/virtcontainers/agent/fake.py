@@ -5,6 +5,10 @@ a handler (default: a few shell-free built-ins such as echo, cat, true, false,
 sleep, exit), files live in a dict, and hardware waits look at `block_devices` and
 `cpus_online` (tests change them to play a hotplug). With `hybrid_port` it first expects the hybrid
 vsock `CONNECT <port>` line, like Firecracker's and Cloud Hypervisor's sockets.
+
+Started processes (START) run the same handler at once with empty stdin; their stdout and
+stderr come as one OUTPUT each, then EXITED. Stdin written to them is recorded in
+`stdin_seen`, resizes in `resizes`; a signal ends the handler (EXITED with that signal).
 """
 
 from __future__ import annotations
@@ -77,6 +81,15 @@ class _Conn:
     tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict)
 
 
+@dataclass(eq=False)
+class _Proc:
+    handle: int
+    conn: _Conn
+    tty: bool
+    task: asyncio.Task[None] | None = None
+    signal: int = 0
+
+
 class FakeAgent:
     """Serve the agent protocol on `path` until `stop()`; an async context manager."""
 
@@ -102,6 +115,12 @@ class FakeAgent:
         """The fake guest's block devices, serial -> name (`sda`): what WAIT looks for."""
         self.cpus_online = 1
         """The fake guest's online CPUs: what WAIT compares a wanted count with."""
+        self.stdin_seen: dict[int, bytes] = {}
+        """Bytes written to each started process's stdin, by handle."""
+        self.resizes: list[tuple[int, int, int]] = []
+        """(handle, rows, cols) of every RESIZE."""
+        self._procs: dict[int, _Proc] = {}
+        self._next_handle = 1
         self.silent = False
         """A hung guest: every request but HELLO is read (and recorded) and never answered."""
         self._server: asyncio.Server | None = None
@@ -234,6 +253,10 @@ class FakeAgent:
             self._send(conn, reply, frame.id, p.Fields().add(p.Tag.FOUND, int(task is not None)))
         elif t == p.MsgType.WAIT:
             await self._wait(conn, frame.id, f)
+        elif t in (p.MsgType.START, p.MsgType.STDIN, p.MsgType.SIGNAL, p.MsgType.RESIZE):
+            await self._process_request(conn, frame.id, t, f)
+        elif t == p.MsgType.ATTACH:
+            self._error(conn, frame.id, errno.ESRCH, "attach: the fake keeps no processes")
         elif t == p.MsgType.ONLINE:
             out = p.Fields().add(p.Tag.CPUS, 0).add(p.Tag.MEM_BLOCKS, 0)
             self._send(conn, reply, frame.id, out)
@@ -267,6 +290,58 @@ class FakeAgent:
             self._send(conn, p.MsgType.EXEC | p.REPLY, id_, _result(ExecResult(-1, b"", b"", 9)))
             raise
         self._send(conn, p.MsgType.EXEC | p.REPLY, id_, _result(res))
+
+    async def _process_request(self, conn: _Conn, id_: int, t: int, f: p.Fields) -> None:
+        reply = t | p.REPLY
+        if t == p.MsgType.START:
+            argv = [a.decode() for a in f.all(p.Tag.ARGV)]
+            if not argv:
+                self._error(conn, id_, errno.EINVAL, "start: argv is empty")
+                return
+            env = dict(e.decode().split("=", 1) for e in f.all(p.Tag.ENV))
+            cwd = f.get(p.Tag.CWD)
+            req = ExecRequest(argv, env, cwd.decode() if cwd else None, b"", None)
+            handle, self._next_handle = self._next_handle, self._next_handle + 1
+            proc = _Proc(handle, conn, bool(f.int_(p.Tag.TTY)))
+            self._procs[handle] = proc
+            self.stdin_seen[handle] = b""
+            self._send(conn, reply, id_, p.Fields().add(p.Tag.PROC, handle).add(p.Tag.PID, 1000))
+            proc.task = asyncio.get_running_loop().create_task(self._run(proc, req))
+            return
+        known = self._procs.get(f.int_(p.Tag.PROC))
+        if known is None:
+            self._error(conn, id_, errno.ESRCH, "no such process")
+            return
+        proc = known
+        if t == p.MsgType.STDIN:
+            self.stdin_seen[proc.handle] += f.bytes_(p.Tag.DATA)
+        elif t == p.MsgType.SIGNAL:
+            proc.signal = f.int_(p.Tag.SIGNAL)
+            if proc.task is not None:
+                proc.task.cancel()
+        elif not proc.tty:
+            self._error(conn, id_, errno.ENOTTY, "resize: no terminal")
+            return
+        else:
+            self.resizes.append((proc.handle, f.int_(p.Tag.ROWS), f.int_(p.Tag.COLS)))
+        self._send(conn, reply, id_)
+
+    async def _run(self, proc: _Proc, req: ExecRequest) -> None:
+        """A started process: the handler's output as notifications, then its exit."""
+        try:
+            res = await self.exec_handler(req)
+        except ExecFailed as exc:
+            res = ExecResult(127, b"", exc.message.encode())
+        except asyncio.CancelledError:
+            res = ExecResult(-1, b"", b"", signal=proc.signal or 9)
+        for stream, data in ((p.STDOUT, res.stdout), (p.STDERR, res.stderr)):
+            if data:
+                out = p.Fields().add(p.Tag.PROC, proc.handle).add(p.Tag.STREAM, stream)
+                self._send(proc.conn, p.MsgType.OUTPUT, 0, out.add(p.Tag.DATA, data))
+        end = p.Fields().add(p.Tag.PROC, proc.handle).add(p.Tag.EXIT_CODE, res.exit_code)
+        end.add(p.Tag.SIGNAL, res.signal).add(p.Tag.TIMED_OUT, 0)
+        self._send(proc.conn, p.MsgType.EXITED, 0, end)
+        self._procs.pop(proc.handle, None)
 
     async def _wait(self, conn: _Conn, id_: int, f: p.Fields) -> None:
         """Like the agent: validate, then re-check every `WAIT_RECHECK` until met or expired."""

@@ -43,6 +43,15 @@ class MsgType(enum.IntEnum):
     CANCEL = 0x08
     ONLINE = 0x09
     WAIT = 0x0A
+    START = 0x0B
+    STDIN = 0x0C
+    SIGNAL = 0x0D
+    RESIZE = 0x0E
+    ATTACH = 0x0F
+    OUTPUT = 0x10
+    """Notification (id 0): a chunk of a started process's stdout or stderr."""
+    EXITED = 0x11
+    """Notification (id 0): a started process ended (after its last OUTPUT)."""
     ERROR = 0xFF
 
 
@@ -62,12 +71,28 @@ class Tag(enum.IntEnum):
     STDIN = 0x13
     TIMEOUT_MS = 0x14
     MAX_OUTPUT = 0x15
+    UID = 0x16
+    GID = 0x17
+    GROUPS = 0x18
+    ROOT = 0x19
+    TTY = 0x1A
+    ROWS = 0x1B
+    COLS = 0x1C
+    DETACH = 0x1D
+    NAMESPACES = 0x1E
+    HOSTNAME = 0x1F
     EXIT_CODE = 0x20
     SIGNAL = 0x21
     TIMED_OUT = 0x22
     STDOUT = 0x23
     STDERR = 0x24
     TRUNCATED = 0x25
+    PROC = 0x26
+    PID = 0x27
+    STREAM = 0x28
+    CLOSE = 0x29
+    EXITED = 0x2A
+    DROPPED = 0x2B
     PATH = 0x30
     DATA = 0x31
     MODE = 0x32
@@ -99,6 +124,10 @@ MAX_WAIT_MS = 600_000
 MAX_SERIAL = 255
 """Longest block-device serial a WAIT may name, in bytes."""
 MAX_WANT_CPUS = 8192
+STDOUT = 1
+STDERR = 2
+NOTICE_FIELDS = 8
+"""Most fields an id-0 frame (notice, OUTPUT, EXITED) is decoded with, in the reader task."""
 
 _FIELD = struct.Struct("<HI")
 _INT = struct.Struct("<q")

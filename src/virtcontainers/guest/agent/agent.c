@@ -22,7 +22,9 @@
 #include <linux/netlink.h>
 #include <linux/random.h>
 #include <linux/vm_sockets.h>
+#include <grp.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -51,6 +53,9 @@
 #define MAX_ENTROPY (1u << 20)
 #define MAX_CONNS 16
 #define MAX_EXECS 128
+#define MAX_GROUPS 64
+#define RING_CAP (1u << 20)       /* output of a detached process kept per stream for attach */
+#define CONN_OUT_HIGH (8u << 20)  /* stop reading process output while this much is queued */
 #define MAX_WAITS 64
 #define MAX_JOBS 64
 #define MAX_FIELDS 65536
@@ -77,6 +82,13 @@ enum {
 	T_CANCEL = 0x08,
 	T_ONLINE = 0x09,
 	T_WAIT = 0x0A,
+	T_START = 0x0B,
+	T_STDIN = 0x0C,
+	T_SIGNAL = 0x0D,
+	T_RESIZE = 0x0E,
+	T_ATTACH = 0x0F,
+	T_OUTPUT = 0x10, /* notifications (id 0): output of a started process */
+	T_EXITED = 0x11, /* ... and its end */
 	T_REPLY = 0x80,
 	T_ERROR = 0xFF,
 };
@@ -93,12 +105,28 @@ enum {
 	F_STDIN = 0x13,
 	F_TIMEOUT_MS = 0x14,
 	F_MAX_OUTPUT = 0x15,
+	F_UID = 0x16,
+	F_GID = 0x17,
+	F_GROUPS = 0x18,
+	F_ROOT = 0x19,
+	F_TTY = 0x1A,
+	F_ROWS = 0x1B,
+	F_COLS = 0x1C,
+	F_DETACH = 0x1D,
+	F_NAMESPACES = 0x1E,
+	F_HOSTNAME = 0x1F,
 	F_EXIT_CODE = 0x20,
 	F_SIGNAL = 0x21,
 	F_TIMED_OUT = 0x22,
 	F_STDOUT = 0x23,
 	F_STDERR = 0x24,
 	F_TRUNCATED = 0x25,
+	F_PROC = 0x26,
+	F_PID = 0x27,
+	F_STREAM = 0x28,
+	F_CLOSE = 0x29,
+	F_EXITED = 0x2A,
+	F_DROPPED = 0x2B,
 	F_PATH = 0x30,
 	F_DATA = 0x31,
 	F_MODE = 0x32,
@@ -155,22 +183,42 @@ struct conn {
 	int in_garbage;
 	int await_hello; /* port: a frame was cut by a hangup; skip all but a hello */
 	struct chunk *out_head, *out_tail;
+	size_t queued; /* bytes in out_head.. not yet written */
 };
 
+/* Output of a detached process kept for a later attach: the newest RING_CAP bytes. */
+struct ring {
+	uint8_t *p;
+	size_t start, len;
+	uint64_t dropped;
+};
+
+enum { PM_EXEC, PM_STREAM };
+
+/* A process started by EXEC (PM_EXEC: output captured, one reply at exit) or START
+ * (PM_STREAM: a handle; output and exit are notifications to the attached connection). */
 struct exec {
 	int used;
-	uint32_t id;
-	struct conn *conn;
+	int mode;
+	uint32_t id;     /* the EXEC/START request */
+	uint32_t handle; /* PM_STREAM: names the process in notifications and requests */
+	struct conn *conn; /* where replies/notifications go (NULL: nobody attached) */
 	uint32_t conn_gen;
+	int detached; /* outlives its connection; output kept in rings */
+	int started;  /* set-up succeeded (START answered) */
 	pid_t pid;
 	int exited, status;
 	int in_fd, out_fd, err_fd;
+	int tty_fd;                  /* pty master (for resize), or -1 */
 	int stat_fd;                 /* set-up outcome: EOF once exec succeeded, else {kind, errno} */
-	int setup_kind, setup_errno; /* 1: chdir failed, 2: exec failed */
-	char *argv0, *cwd;           /* for the set-up error message */
-	uint8_t *in_data;
-	size_t in_len, in_off;
+	int setup_kind, setup_errno; /* see SETUP_WHAT */
+	char *argv0, *cwd, *root;    /* for the set-up error message */
+	struct buf in;               /* stdin not yet written */
+	size_t in_off;
+	int in_close;    /* close stdin once `in` is written */
+	uint32_t in_ack; /* PM_STREAM: the STDIN request answered once `in` is written */
 	struct buf out, err;
+	struct ring ring[2];
 	size_t max_out;
 	int trunc;
 	int64_t deadline_ms;
@@ -486,6 +534,7 @@ static void conn_drop_output(struct conn *c)
 		k = next;
 	}
 	c->out_head = c->out_tail = NULL;
+	c->queued = 0;
 }
 
 static void conn_flush(struct conn *c)
@@ -499,6 +548,7 @@ static void conn_flush(struct conn *c)
 			return; /* EAGAIN: wait for POLLOUT; errors show up on read */
 		}
 		k->off += (size_t)w;
+		c->queued -= (size_t)w;
 		if (k->off < k->len)
 			return;
 		c->out_head = k->next;
@@ -506,6 +556,20 @@ static void conn_flush(struct conn *c)
 			c->out_tail = NULL;
 		free(k);
 	}
+}
+
+/* Queue a whole frame (k->len bytes) and start writing it. */
+static void conn_queue(struct conn *c, struct chunk *k)
+{
+	k->off = 0;
+	k->next = NULL;
+	if (c->out_tail)
+		c->out_tail->next = k;
+	else
+		c->out_head = k;
+	c->out_tail = k;
+	c->queued += k->len;
+	conn_flush(c);
 }
 
 /* Queue one frame (header + payload) to a connection; dropped if it is gone. */
@@ -530,14 +594,7 @@ static void send_frame(struct conn *c, uint8_t type, uint32_t id, const struct b
 	if (plen)
 		memcpy(h + HDR_LEN, payload->p, plen);
 	k->len = HDR_LEN + plen;
-	k->off = 0;
-	k->next = NULL;
-	if (c->out_tail)
-		c->out_tail->next = k;
-	else
-		c->out_head = k;
-	c->out_tail = k;
-	conn_flush(c);
+	conn_queue(c, k);
 }
 
 static void send_error(struct conn *c, uint32_t id, int err, const char *fmt, ...)
@@ -560,13 +617,13 @@ static void conn_kill_jobs(struct conn *c);
 static int job_reaped(pid_t pid);
 static void port_hangup(struct conn *c);
 
-/* ----------------------------------------------------------------- execs */
+/* ------------------------------------------------------------- processes */
 
 static int running_execs(void)
 {
 	int n = 0;
 	for (int i = 0; i < MAX_EXECS; i++)
-		n += execs[i].used;
+		n += execs[i].used && !execs[i].exited;
 	return n;
 }
 
@@ -586,11 +643,47 @@ static void close_fd(int *fd)
 	}
 }
 
-/* Read what a pipe holds into the capture buffer; returns 0 on EOF/error, 1 if still open. */
-static int exec_read(struct exec *e, int *fd, struct buf *b, int trunc_bit, size_t budget)
+static int proc_attached(const struct exec *e)
+{
+	return e->conn && e->conn->used && e->conn->gen == e->conn_gen;
+}
+
+static void ring_put(struct ring *r, const uint8_t *data, size_t n)
+{
+	if (!r->p && !(r->p = malloc(RING_CAP))) {
+		r->dropped += n;
+		return;
+	}
+	if (n > RING_CAP) {
+		r->dropped += n - RING_CAP;
+		data += n - RING_CAP;
+		n = RING_CAP;
+	}
+	size_t over = r->len + n > RING_CAP ? r->len + n - RING_CAP : 0;
+	r->start = (r->start + over) % RING_CAP;
+	r->len -= over;
+	r->dropped += over;
+	for (size_t i = 0; i < n; i++)
+		r->p[(r->start + r->len + i) % RING_CAP] = data[i];
+	r->len += n;
+}
+
+/* One OUTPUT notification of a streamed process. */
+static void proc_notify_output(struct exec *e, int stream, const uint8_t *data, size_t n)
+{
+	struct buf b = {0};
+	if (!put_int(&b, F_PROC, e->handle) && !put_int(&b, F_STREAM, stream) &&
+	    !put_field(&b, F_DATA, data, n))
+		send_frame(e->conn, T_OUTPUT, 0, &b);
+	buf_free(&b);
+}
+
+/* Read what a pipe holds: captured (EXEC) or streamed (START); 0 on EOF/error, 1 if open. */
+static int exec_read(struct exec *e, int *fd, int stream, size_t budget)
 {
 	uint8_t tmp[READ_CHUNK];
 	size_t taken = 0;
+	struct buf *b = stream == 1 ? &e->out : &e->err;
 	while (*fd >= 0 && taken < budget) {
 		ssize_t n = read(*fd, tmp, sizeof tmp);
 		if (n < 0) {
@@ -598,7 +691,7 @@ static int exec_read(struct exec *e, int *fd, struct buf *b, int trunc_bit, size
 				continue;
 			if (errno == EAGAIN)
 				return 1;
-			close_fd(fd);
+			close_fd(fd); /* EIO: a pty whose other side is gone */
 			return 0;
 		}
 		if (n == 0) {
@@ -606,35 +699,73 @@ static int exec_read(struct exec *e, int *fd, struct buf *b, int trunc_bit, size
 			return 0;
 		}
 		taken += (size_t)n;
+		if (e->mode == PM_STREAM) {
+			if (e->detached)
+				ring_put(&e->ring[stream - 1], tmp, (size_t)n);
+			if (proc_attached(e))
+				proc_notify_output(e, stream, tmp, (size_t)n);
+			continue;
+		}
 		size_t room = b->len < e->max_out ? e->max_out - b->len : 0;
 		size_t keep = (size_t)n < room ? (size_t)n : room;
 		if (keep < (size_t)n)
-			e->trunc |= trunc_bit;
+			e->trunc |= stream;
 		if (keep && buf_put(b, tmp, keep))
-			e->trunc |= trunc_bit;
+			e->trunc |= stream;
 	}
 	return *fd >= 0;
 }
 
+static void stdin_ack(struct exec *e, int err)
+{
+	if (!e->in_ack)
+		return;
+	if (proc_attached(e)) {
+		if (err)
+			send_error(e->conn, e->in_ack, err, "stdin: %s", strerror(err));
+		else
+			send_frame(e->conn, T_STDIN | T_REPLY, e->in_ack, NULL);
+	}
+	e->in_ack = 0;
+}
+
 static void exec_write_stdin(struct exec *e)
 {
-	while (e->in_fd >= 0 && e->in_off < e->in_len) {
-		ssize_t w = write(e->in_fd, e->in_data + e->in_off, e->in_len - e->in_off);
+	while (e->in_fd >= 0 && e->in_off < e->in.len) {
+		ssize_t w = write(e->in_fd, e->in.p + e->in_off, e->in.len - e->in_off);
 		if (w < 0) {
 			if (errno == EINTR)
 				continue;
 			if (errno == EAGAIN)
 				return;
-			break; /* EPIPE: the process does not read its stdin */
+			/* EPIPE: the process does not read its stdin (any more) */
+			close_fd(&e->in_fd);
+			buf_free(&e->in);
+			e->in_off = 0;
+			stdin_ack(e, EPIPE);
+			return;
 		}
 		e->in_off += (size_t)w;
 	}
-	close_fd(&e->in_fd);
-	free(e->in_data);
-	e->in_data = NULL;
+	buf_free(&e->in);
+	e->in_off = 0;
+	if (e->in_close) {
+		if (e->tty_fd >= 0 && e->in_fd >= 0) {
+			ssize_t w = write(e->in_fd, "\x04", 1); /* a terminal's end of input: ^D */
+			(void)w;
+		}
+		close_fd(&e->in_fd);
+	}
+	stdin_ack(e, e->in_fd >= 0 || e->in_close ? 0 : EPIPE);
 }
 
-/* Read the set-up outcome the child reported (non-blocking): 1 once known. */
+static const char *const SETUP_WHAT[] = {
+	"", "chdir", "exec", "entering the root directory", "setting the user", "namespaces",
+	"terminal", "hostname",
+};
+
+/* Read the set-up outcome the child reported (non-blocking): 1 once known. A streamed
+ * process is answered now (its handle, or the error). */
 static int exec_setup_read(struct exec *e)
 {
 	if (e->stat_fd < 0)
@@ -643,58 +774,120 @@ static int exec_setup_read(struct exec *e)
 	ssize_t r = read(e->stat_fd, msg, sizeof msg);
 	if (r < 0 && (errno == EAGAIN || errno == EINTR))
 		return 0;
-	if (r == (ssize_t)sizeof msg) {
+	if (r == (ssize_t)sizeof msg && msg[0] > 0 &&
+	    msg[0] < (int)(sizeof SETUP_WHAT / sizeof SETUP_WHAT[0])) {
 		e->setup_kind = msg[0];
 		e->setup_errno = msg[1];
+	} else if (r != 0) {
+		e->setup_kind = 2;
+		e->setup_errno = EIO;
 	}
 	close_fd(&e->stat_fd);
+	if (e->setup_kind) {
+		if (proc_attached(e)) {
+			int err = e->setup_errno;
+			const char *arg = e->setup_kind == 1 ? e->cwd
+					  : e->setup_kind == 2 ? e->argv0
+					  : e->setup_kind == 3 ? e->root
+							       : NULL;
+			send_error(e->conn, e->id, err, "%s: %s%s%s: %s",
+				   e->mode == PM_EXEC ? "exec" : "start", SETUP_WHAT[e->setup_kind],
+				   arg ? " " : "", arg ? arg : "", strerror(err));
+		}
+		e->conn = NULL; /* answered: nothing more is sent for it */
+		return 1;
+	}
+	e->started = 1;
+	if (e->mode == PM_STREAM && proc_attached(e)) {
+		struct buf b = {0};
+		if (!put_int(&b, F_PROC, e->handle) && !put_int(&b, F_PID, e->pid))
+			send_frame(e->conn, T_START | T_REPLY, e->id, &b);
+		buf_free(&b);
+	}
 	return 1;
+}
+
+static void put_status(struct buf *b, const struct exec *e, int *ok)
+{
+	int code = -1, sig = 0;
+	if (WIFEXITED(e->status))
+		code = WEXITSTATUS(e->status);
+	else if (WIFSIGNALED(e->status))
+		sig = WTERMSIG(e->status);
+	*ok = !put_int(b, F_EXIT_CODE, code) && !put_int(b, F_SIGNAL, sig) &&
+	      !put_int(b, F_TIMED_OUT, e->timed_out);
+}
+
+static void exec_free(struct exec *e)
+{
+	close_fd(&e->out_fd);
+	close_fd(&e->err_fd);
+	close_fd(&e->in_fd);
+	close_fd(&e->tty_fd);
+	close_fd(&e->stat_fd);
+	buf_free(&e->in);
+	buf_free(&e->out);
+	buf_free(&e->err);
+	free(e->ring[0].p);
+	free(e->ring[1].p);
+	free(e->argv0);
+	free(e->cwd);
+	free(e->root);
+	memset(e, 0, sizeof *e);
+	e->in_fd = e->out_fd = e->err_fd = e->stat_fd = e->tty_fd = -1;
+}
+
+/* A streamed process that has exited: tell the attached connection and forget it; with
+ * nobody attached, a detached one waits for an attach. */
+static void proc_exit_notify(struct exec *e)
+{
+	if (!proc_attached(e)) {
+		if (e->detached && e->started)
+			return;
+		exec_free(e);
+		return;
+	}
+	struct buf b = {0};
+	int ok = !put_int(&b, F_PROC, e->handle);
+	int ok2;
+	put_status(&b, e, &ok2);
+	if (ok && ok2)
+		send_frame(e->conn, T_EXITED, 0, &b);
+	buf_free(&b);
+	exec_free(e);
 }
 
 static void exec_finish(struct exec *e)
 {
 	exec_setup_read(e); /* the child wrote it before exiting, if it failed */
 	/* The process is gone: what it wrote is in the pipes (bounded by their size). */
-	exec_read(e, &e->out_fd, &e->out, 1, 4u << 20);
-	exec_read(e, &e->err_fd, &e->err, 2, 4u << 20);
+	if (e->started) {
+		exec_read(e, &e->out_fd, 1, 4u << 20);
+		exec_read(e, &e->err_fd, 2, 4u << 20);
+	}
 	close_fd(&e->out_fd);
 	close_fd(&e->err_fd);
 	close_fd(&e->in_fd);
-	free(e->in_data);
-	e->in_data = NULL;
-
-	if (e->setup_kind && e->conn && e->conn->used && e->conn->gen == e->conn_gen) {
-		int err = e->setup_errno;
-		if (e->setup_kind == 1)
-			send_error(e->conn, e->id, err, "exec: chdir %s: %s", e->cwd ? e->cwd : "",
-				   strerror(err));
-		else
-			send_error(e->conn, e->id, err, "exec %s: %s", e->argv0 ? e->argv0 : "",
-				   strerror(err));
-	} else if (e->conn && e->conn->used && e->conn->gen == e->conn_gen) {
+	stdin_ack(e, EPIPE);
+	DEBUG("process id=%u pid=%d done status=0x%x\n", e->id, e->pid, e->status);
+	if (e->mode == PM_STREAM && e->started) {
+		proc_exit_notify(e);
+		return;
+	}
+	if (e->started && proc_attached(e)) {
 		struct buf b = {0};
-		int code = -1, sig = 0;
-		if (WIFEXITED(e->status))
-			code = WEXITSTATUS(e->status);
-		else if (WIFSIGNALED(e->status))
-			sig = WTERMSIG(e->status);
-		int ok = !put_int(&b, F_EXIT_CODE, code) && !put_int(&b, F_SIGNAL, sig) &&
-			 !put_int(&b, F_TIMED_OUT, e->timed_out) && !put_int(&b, F_TRUNCATED, e->trunc) &&
-			 !put_field(&b, F_STDOUT, e->out.p, e->out.len) &&
-			 !put_field(&b, F_STDERR, e->err.p, e->err.len);
+		int ok;
+		put_status(&b, e, &ok);
+		ok = ok && !put_int(&b, F_TRUNCATED, e->trunc) &&
+		     !put_field(&b, F_STDOUT, e->out.p, e->out.len) &&
+		     !put_field(&b, F_STDERR, e->err.p, e->err.len);
 		if (ok)
 			send_frame(e->conn, T_EXEC | T_REPLY, e->id, &b);
 		else
 			send_error(e->conn, e->id, ENOMEM, "exec: out of memory building the reply");
 		buf_free(&b);
 	}
-	DEBUG("exec id=%u pid=%d done status=0x%x\n", e->id, e->pid, e->status);
-	buf_free(&e->out);
-	buf_free(&e->err);
-	free(e->argv0);
-	free(e->cwd);
-	memset(e, 0, sizeof *e);
-	e->in_fd = e->out_fd = e->err_fd = e->stat_fd = -1;
+	exec_free(e);
 }
 
 static void reap_children(void)
@@ -736,8 +929,71 @@ static void env_set(char **env, size_t *n, char *entry)
 	env[(*n)++] = entry;
 }
 
-static void handle_exec(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
+/* What a child must do before exec, parsed from an EXEC/START request. */
+struct spawn {
+	char **argv, **env;
+	char *cwd, *root, *hostname;
+	int64_t uid, gid; /* -1: keep */
+	gid_t groups[MAX_GROUPS];
+	int ngroups, set_groups;
+	int64_t namespaces;
+	int tty;
+	struct winsize ws;
+};
+
+static void child_fail(int fd, int kind)
 {
+	int msg[2] = {kind, errno};
+	ssize_t w = write(fd, msg, sizeof msg);
+	(void)w;
+	_exit(127);
+}
+
+/* In the child: namespaces, root (MS_MOVE + chroot: the guest's root is an initramfs, where
+ * pivot_root fails), user, cwd, then exec. Failures go to stat_fd as {kind, errno}. */
+static void child_enter(const struct spawn *sp, int stat_fd)
+{
+	int ns = (int)(sp->namespaces & ~(int64_t)CLONE_NEWPID);
+	if (sp->root)
+		ns |= CLONE_NEWNS;
+	if (ns && unshare(ns))
+		child_fail(stat_fd, 5);
+	if (sp->hostname && sethostname(sp->hostname, strlen(sp->hostname)))
+		child_fail(stat_fd, 7);
+	if (sp->root) {
+		if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) ||
+		    mount(sp->root, sp->root, NULL, MS_BIND | MS_REC, NULL) || chdir(sp->root) ||
+		    mount(".", "/", NULL, MS_MOVE, NULL) || chroot(".") || chdir("/"))
+			child_fail(stat_fd, 3);
+	}
+	if (sp->set_groups && setgroups((size_t)sp->ngroups, sp->groups))
+		child_fail(stat_fd, 4);
+	if (sp->gid >= 0 && setgid((gid_t)sp->gid))
+		child_fail(stat_fd, 4);
+	if (sp->uid >= 0 && setuid((uid_t)sp->uid))
+		child_fail(stat_fd, 4);
+	if (sp->cwd && chdir(sp->cwd))
+		child_fail(stat_fd, 1);
+	environ = sp->env;
+	execvp(sp->argv[0], sp->argv);
+	child_fail(stat_fd, 2);
+}
+
+static struct exec *exec_slot(void)
+{
+	for (int i = 0; i < MAX_EXECS; i++)
+		if (!execs[i].used)
+			return &execs[i];
+	return NULL;
+}
+
+static uint32_t next_handle = 1;
+
+/* EXEC and START: parse, fork (with clone flags for a new pid namespace), track. The
+ * outcome of the child's set-up is read later from its status pipe (never waited for). */
+static void proc_start(struct conn *c, uint32_t id, const uint8_t *p, size_t n, int mode)
+{
+	const char *op = mode == PM_EXEC ? "exec" : "start";
 	size_t nargv = 0, nenv = 0, pos = 0;
 	struct field f;
 	while (tlv_next(p, n, &pos, &f) == 1) {
@@ -745,15 +1001,12 @@ static void handle_exec(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
 		nenv += f.tag == F_ENV;
 	}
 	if (nargv == 0) {
-		send_error(c, id, EINVAL, "exec: argv is empty");
+		send_error(c, id, EINVAL, "%s: argv is empty", op);
 		return;
 	}
-	struct exec *e = NULL;
-	for (int i = 0; i < MAX_EXECS && !e; i++)
-		if (!execs[i].used)
-			e = &execs[i];
+	struct exec *e = exec_slot();
 	if (!e) {
-		send_error(c, id, EAGAIN, "exec: too many running processes (%d)", MAX_EXECS);
+		send_error(c, id, EAGAIN, "%s: too many processes (%d)", op, MAX_EXECS);
 		return;
 	}
 	/* strs owns every string parsed from the request; argv/env point into it. */
@@ -761,12 +1014,14 @@ static void handle_exec(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
 	char **argv = calloc(nargv + 1, sizeof *argv);
 	char **env = calloc(nenv + 4, sizeof *env);
 	size_t ns = 0, ai = 0, ei = 0;
-	char *cwd = NULL;
+	struct spawn sp = {.uid = -1, .gid = -1};
 	int pin[2] = {-1, -1}, pout[2] = {-1, -1}, perr[2] = {-1, -1}, pstat[2] = {-1, -1};
-	int64_t timeout_ms = 0, max_out = DEFAULT_MAX_OUTPUT;
+	int master = -1;
+	int64_t timeout_ms = 0, max_out = DEFAULT_MAX_OUTPUT, tty = 0, rows = 24, cols = 80;
+	int64_t detach = 0;
 	struct field in = {0};
 	if (!strs || !argv || !env) {
-		send_error(c, id, ENOMEM, "exec: out of memory");
+		send_error(c, id, ENOMEM, "%s: out of memory", op);
 		goto out;
 	}
 	env[ei++] = "PATH=" DEFAULT_PATH;
@@ -774,10 +1029,11 @@ static void handle_exec(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
 	env[ei++] = "TERM=linux";
 	pos = 0;
 	while (tlv_next(p, n, &pos, &f) == 1) {
+		char **dst = NULL;
 		if (f.tag == F_ARGV) {
 			char *s = field_str(&f);
 			if (!s) {
-				send_error(c, id, EINVAL, "exec: argv[%zu] contains a NUL byte", ai);
+				send_error(c, id, EINVAL, "%s: argv[%zu] contains a NUL byte", op, ai);
 				goto out;
 			}
 			strs[ns++] = s;
@@ -787,39 +1043,98 @@ static void handle_exec(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
 			if (s)
 				strs[ns++] = s;
 			if (!s || !strchr(s, '=') || s[0] == '=') {
-				send_error(c, id, EINVAL, "exec: env entry %zu is not KEY=VALUE without NUL",
-					   ei - 3);
+				send_error(c, id, EINVAL, "%s: env entry %zu is not KEY=VALUE without NUL",
+					   op, ei - 3);
 				goto out;
 			}
 			env_set(env, &ei, s);
-		} else if (f.tag == F_CWD && !cwd) {
-			if (!(cwd = field_str(&f))) {
-				send_error(c, id, EINVAL, "exec: cwd contains a NUL byte");
+		} else if (f.tag == F_GROUPS) {
+			if (f.len != 8 || sp.ngroups >= MAX_GROUPS) {
+				send_error(c, id, EINVAL, "%s: groups: at most %d 8-byte integers", op,
+					   MAX_GROUPS);
 				goto out;
 			}
+			uint64_t v = 0;
+			for (int i = 7; i >= 0; i--)
+				v = v << 8 | f.val[i];
+			if (v > 0xFFFFFFFEu) {
+				send_error(c, id, EINVAL, "%s: group %llu out of range", op,
+					   (unsigned long long)v);
+				goto out;
+			}
+			sp.groups[sp.ngroups++] = (gid_t)v;
+		} else if (f.tag == F_CWD) {
+			dst = &sp.cwd;
+		} else if (f.tag == F_ROOT) {
+			dst = &sp.root;
+		} else if (f.tag == F_HOSTNAME) {
+			dst = &sp.hostname;
 		} else if (f.tag == F_STDIN && !in.val) {
 			in = f;
 		}
+		if (dst && !*dst && !(*dst = field_str(&f))) {
+			send_error(c, id, EINVAL, "%s: field 0x%02x contains a NUL byte", op, f.tag);
+			goto out;
+		}
 	}
 	if (tlv_int(p, n, F_TIMEOUT_MS, &timeout_ms) < 0 ||
-	    tlv_int(p, n, F_MAX_OUTPUT, &max_out) < 0) {
-		send_error(c, id, EINVAL, "exec: timeout_ms and max_output must be 8-byte integers");
+	    tlv_int(p, n, F_MAX_OUTPUT, &max_out) < 0 || tlv_int(p, n, F_UID, &sp.uid) < 0 ||
+	    tlv_int(p, n, F_GID, &sp.gid) < 0 || tlv_int(p, n, F_TTY, &tty) < 0 ||
+	    tlv_int(p, n, F_ROWS, &rows) < 0 || tlv_int(p, n, F_COLS, &cols) < 0 ||
+	    tlv_int(p, n, F_DETACH, &detach) < 0 || tlv_int(p, n, F_NAMESPACES, &sp.namespaces) < 0) {
+		send_error(c, id, EINVAL, "%s: integer fields must be 8-byte integers", op);
 		goto out;
 	}
 	if (!argv[0][0]) {
-		send_error(c, id, EINVAL, "exec: argv[0] is empty");
+		send_error(c, id, EINVAL, "%s: argv[0] is empty", op);
 		goto out;
 	}
+	const int64_t ns_ok = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWNET;
+	if (sp.uid < -1 || sp.uid > 0xFFFFFFFE || sp.gid < -1 || sp.gid > 0xFFFFFFFE ||
+	    (sp.namespaces & ~ns_ok) || rows < 1 || rows > 0xFFFF || cols < 1 || cols > 0xFFFF ||
+	    timeout_ms < 0 || (mode == PM_EXEC && (tty || detach))) {
+		send_error(c, id, EINVAL,
+			   "%s: uid/gid (0..2^32-2), namespaces (mnt, uts, ipc, pid, net), rows/cols "
+			   "(1..65535) or timeout out of range",
+			   op);
+		goto out;
+	}
+	if (sp.hostname && !(sp.namespaces & CLONE_NEWUTS)) {
+		send_error(c, id, EINVAL, "%s: a hostname needs a new UTS namespace", op);
+		goto out;
+	}
+	if (sp.root && sp.root[0] != '/') {
+		send_error(c, id, EINVAL, "%s: root must be an absolute path", op);
+		goto out;
+	}
+	sp.set_groups = sp.ngroups > 0 || sp.uid >= 0 || sp.gid >= 0;
+	sp.argv = argv;
+	sp.env = env;
+	sp.tty = (int)tty;
+	sp.ws.ws_row = (unsigned short)rows;
+	sp.ws.ws_col = (unsigned short)cols;
 	if (max_out <= 0 || max_out > (int64_t)MAX_OUTPUT_CAP)
 		max_out = MAX_OUTPUT_CAP;
-	if (pipe2(pin, O_CLOEXEC) || pipe2(pout, O_CLOEXEC) || pipe2(perr, O_CLOEXEC) ||
-	    pipe2(pstat, O_CLOEXEC)) {
-		send_error(c, id, errno, "exec: pipe: %s", strerror(errno));
+	if (pipe2(pstat, O_CLOEXEC)) {
+		send_error(c, id, errno, "%s: pipe: %s", op, strerror(errno));
 		goto out;
 	}
-	pid_t pid = fork();
+	char slave[64] = "";
+	if (tty) {
+		master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+		if (master < 0 || grantpt(master) || unlockpt(master) ||
+		    ptsname_r(master, slave, sizeof slave) || ioctl(master, TIOCSWINSZ, &sp.ws)) {
+			send_error(c, id, errno, "%s: terminal: %s", op, strerror(errno));
+			goto out;
+		}
+	} else if (pipe2(pin, O_CLOEXEC) || pipe2(pout, O_CLOEXEC) || pipe2(perr, O_CLOEXEC)) {
+		send_error(c, id, errno, "%s: pipe: %s", op, strerror(errno));
+		goto out;
+	}
+	pid_t pid = (pid_t)syscall(SYS_clone, SIGCHLD | (sp.namespaces & CLONE_NEWPID), NULL, NULL,
+				   NULL, NULL);
 	if (pid < 0) {
-		send_error(c, id, errno, "exec: fork: %s", strerror(errno));
+		send_error(c, id, errno, "%s: fork: %s", op, strerror(errno));
 		goto out;
 	}
 	if (pid == 0) {
@@ -828,54 +1143,65 @@ static void handle_exec(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
 		sigprocmask(SIG_SETMASK, &none, NULL);
 		signal(SIGPIPE, SIG_DFL);
 		setsid();
-		dup2(pin[0], 0);
-		dup2(pout[1], 1);
-		dup2(perr[1], 2);
-		int msg[2] = {2, 0};
-		if (cwd && chdir(cwd)) {
-			msg[0] = 1;
-			msg[1] = errno;
+		if (tty) {
+			int fd = open(slave, O_RDWR | O_CLOEXEC);
+			if (fd < 0 || ioctl(fd, TIOCSCTTY, 0))
+				child_fail(pstat[1], 6);
+			dup2(fd, 0);
+			dup2(fd, 1);
+			dup2(fd, 2);
 		} else {
-			environ = env;
-			execvp(argv[0], argv);
-			msg[1] = errno;
+			dup2(pin[0], 0);
+			dup2(pout[1], 1);
+			dup2(perr[1], 2);
 		}
-		ssize_t w = write(pstat[1], msg, sizeof msg);
-		(void)w;
-		_exit(127);
+		child_enter(&sp, pstat[1]);
 	}
-	close_fd(&pin[0]);
-	close_fd(&pout[1]);
-	close_fd(&perr[1]);
-	close_fd(&pstat[1]);
-	/* Whether chdir/exec worked is read from pstat by the loop, never waited for here: an
-	 * exec of a binary on a hung filesystem must not stall the agent. */
 	memset(e, 0, sizeof *e);
 	e->used = 1;
+	e->mode = mode;
 	e->id = id;
 	e->conn = c;
 	e->conn_gen = c->gen;
+	e->detached = (int)detach;
 	e->pid = pid;
 	e->max_out = (size_t)max_out;
 	e->deadline_ms = timeout_ms > 0 ? now_ms() + timeout_ms : 0;
-	e->in_fd = pin[1];
-	e->out_fd = pout[0];
-	e->err_fd = perr[0];
 	e->stat_fd = pstat[0];
-	pin[1] = pout[0] = perr[0] = pstat[0] = -1;
+	pstat[0] = -1;
+	if (tty) {
+		e->tty_fd = master;
+		e->out_fd = fcntl(master, F_DUPFD_CLOEXEC, 3);
+		e->in_fd = fcntl(master, F_DUPFD_CLOEXEC, 3);
+		e->err_fd = -1;
+		master = -1;
+	} else {
+		e->tty_fd = -1;
+		e->in_fd = pin[1];
+		e->out_fd = pout[0];
+		e->err_fd = perr[0];
+		pin[1] = pout[0] = perr[0] = -1;
+	}
+	if (mode == PM_STREAM) {
+		if (!next_handle)
+			next_handle = 1;
+		e->handle = next_handle++;
+	}
 	e->argv0 = strdup(argv[0]);
-	e->cwd = cwd;
-	cwd = NULL;
+	e->cwd = sp.cwd;
+	e->root = sp.root;
+	sp.cwd = sp.root = NULL;
 	set_nonblock(e->stat_fd);
 	set_nonblock(e->in_fd);
 	set_nonblock(e->out_fd);
 	set_nonblock(e->err_fd);
-	if (in.len && (e->in_data = malloc(in.len))) {
-		memcpy(e->in_data, in.val, in.len);
-		e->in_len = in.len;
+	if (mode == PM_EXEC) {
+		e->in_close = 1;
+		if (in.len && buf_put(&e->in, in.val, in.len))
+			buf_free(&e->in);
+		exec_write_stdin(e);
 	}
-	exec_write_stdin(e);
-	DEBUG("exec id=%u pid=%d %s\n", id, pid, argv[0]);
+	DEBUG("%s id=%u pid=%d %s\n", op, id, pid, argv[0]);
 out:
 	close_fd(&pin[0]);
 	close_fd(&pin[1]);
@@ -885,12 +1211,140 @@ out:
 	close_fd(&perr[1]);
 	close_fd(&pstat[0]);
 	close_fd(&pstat[1]);
+	close_fd(&master);
 	for (size_t i = 0; strs && i < ns; i++)
 		free(strs[i]);
 	free(strs);
 	free(argv);
 	free(env);
-	free(cwd);
+	free(sp.cwd);
+	free(sp.root);
+	free(sp.hostname);
+}
+
+/* The streamed process a request names (F_PROC), or NULL after an ESRCH/EINVAL reply. */
+static struct exec *proc_of(struct conn *c, uint32_t id, const char *op, const uint8_t *p,
+			    size_t n)
+{
+	int64_t h = 0;
+	if (tlv_int(p, n, F_PROC, &h) != 1 || h <= 0 || h > 0xFFFFFFFF) {
+		send_error(c, id, EINVAL, "%s: proc (the process handle) is required", op);
+		return NULL;
+	}
+	for (int i = 0; i < MAX_EXECS; i++) {
+		struct exec *e = &execs[i];
+		if (e->used && e->mode == PM_STREAM && e->started && e->handle == (uint32_t)h)
+			return e;
+	}
+	send_error(c, id, ESRCH, "%s: no process %lld", op, (long long)h);
+	return NULL;
+}
+
+static void handle_stdin(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
+{
+	struct exec *e = proc_of(c, id, "stdin", p, n);
+	if (!e)
+		return;
+	int64_t close_it = 0;
+	struct field data = {0};
+	tlv_find(p, n, F_DATA, &data);
+	if (tlv_int(p, n, F_CLOSE, &close_it) < 0) {
+		send_error(c, id, EINVAL, "stdin: close must be an 8-byte integer");
+		return;
+	}
+	if (e->in_ack) {
+		send_error(c, id, EBUSY, "stdin: a write to process %u is still in progress", e->handle);
+		return;
+	}
+	if (e->in_fd < 0) {
+		send_error(c, id, EPIPE, "stdin: process %u's stdin is closed", e->handle);
+		return;
+	}
+	if (data.len && buf_put(&e->in, data.val, data.len)) {
+		send_error(c, id, ENOMEM, "stdin: out of memory");
+		return;
+	}
+	e->in_close = close_it != 0;
+	e->in_ack = id;
+	if (!proc_attached(e) || e->conn != c) {
+		/* Answered on the connection that asked, which must be the attached one. */
+		buf_free(&e->in);
+		e->in_ack = 0;
+		send_error(c, id, EPERM, "stdin: process %u is attached to another connection",
+			   e->handle);
+		return;
+	}
+	exec_write_stdin(e);
+}
+
+static void handle_signal(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
+{
+	struct exec *e = proc_of(c, id, "signal", p, n);
+	if (!e)
+		return;
+	int64_t sig = 0;
+	if (tlv_int(p, n, F_SIGNAL, &sig) != 1 || sig <= 0 || sig >= 65) {
+		send_error(c, id, EINVAL, "signal: signal (1..64) is required");
+		return;
+	}
+	if (!e->exited && kill(e->pid, (int)sig)) {
+		send_error(c, id, errno, "signal: %s", strerror(errno));
+		return;
+	}
+	send_frame(c, T_SIGNAL | T_REPLY, id, NULL);
+}
+
+static void handle_resize(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
+{
+	struct exec *e = proc_of(c, id, "resize", p, n);
+	if (!e)
+		return;
+	int64_t rows = 0, cols = 0;
+	if (tlv_int(p, n, F_ROWS, &rows) != 1 || tlv_int(p, n, F_COLS, &cols) != 1 || rows < 1 ||
+	    rows > 0xFFFF || cols < 1 || cols > 0xFFFF) {
+		send_error(c, id, EINVAL, "resize: rows and cols (1..65535) are required");
+		return;
+	}
+	if (e->tty_fd < 0) {
+		send_error(c, id, ENOTTY, "resize: process %u has no terminal", e->handle);
+		return;
+	}
+	struct winsize ws = {.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
+	if (ioctl(e->tty_fd, TIOCSWINSZ, &ws)) {
+		send_error(c, id, errno, "resize: %s", strerror(errno));
+		return;
+	}
+	send_frame(c, T_RESIZE | T_REPLY, id, NULL);
+}
+
+/* Make this connection the one a process reports to: the reply, then the kept output of a
+ * detached process, then (if it has exited) its end. */
+static void handle_attach(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
+{
+	struct exec *e = proc_of(c, id, "attach", p, n);
+	if (!e)
+		return;
+	if (proc_attached(e) && e->conn != c)
+		stdin_ack(e, EPIPE); /* the previous connection's write is abandoned */
+	e->conn = c;
+	e->conn_gen = c->gen;
+	struct buf b = {0};
+	uint64_t dropped = e->ring[0].dropped + e->ring[1].dropped;
+	if (!put_int(&b, F_PROC, e->handle) && !put_int(&b, F_PID, e->pid) &&
+	    !put_int(&b, F_EXITED, e->exited) && !put_int(&b, F_DROPPED, (int64_t)dropped) &&
+	    !put_int(&b, F_TTY, e->tty_fd >= 0))
+		send_frame(c, T_ATTACH | T_REPLY, id, &b);
+	buf_free(&b);
+	for (int s = 0; s < 2; s++) {
+		struct ring *r = &e->ring[s];
+		size_t first = r->start + r->len > RING_CAP ? RING_CAP - r->start : r->len;
+		if (first)
+			proc_notify_output(e, s + 1, r->p + r->start, first);
+		if (r->len > first)
+			proc_notify_output(e, s + 1, r->p, r->len - first);
+	}
+	if (e->exited)
+		proc_exit_notify(e);
 }
 
 /* ------------------------------------------------------------------ jobs */
@@ -918,14 +1372,7 @@ static void job_done_maybe(struct job *j)
 		if (k) {
 			memcpy(k->data, j->reply.p, j->reply.len);
 			k->len = j->reply.len;
-			k->off = 0;
-			k->next = NULL;
-			if (c->out_tail)
-				c->out_tail->next = k;
-			else
-				c->out_head = k;
-			c->out_tail = k;
-			conn_flush(c);
+			conn_queue(c, k);
 		} else {
 			send_error(c, j->id, ENOMEM, "out of memory forwarding a reply");
 		}
@@ -1702,7 +2149,22 @@ static void dispatch(struct conn *c, uint8_t type, uint32_t id, const uint8_t *p
 		handle_ping(c, id, 0, p, n);
 		break;
 	case T_EXEC:
-		handle_exec(c, id, p, n);
+		proc_start(c, id, p, n, PM_EXEC);
+		break;
+	case T_START:
+		proc_start(c, id, p, n, PM_STREAM);
+		break;
+	case T_STDIN:
+		handle_stdin(c, id, p, n);
+		break;
+	case T_SIGNAL:
+		handle_signal(c, id, p, n);
+		break;
+	case T_RESIZE:
+		handle_resize(c, id, p, n);
+		break;
+	case T_ATTACH:
+		handle_attach(c, id, p, n);
 		break;
 	case T_READ_FILE:
 		start_job(c, id, p, n, handle_read_file);
@@ -1856,11 +2318,21 @@ static void feed(struct conn *c, const uint8_t *data, size_t len)
 
 /* ----------------------------------------------------------- connections */
 
+/* The connection's session ends: its processes are killed, except detached ones, which run
+ * on unattached (their output kept for a later ATTACH). */
 static void conn_kill_execs(struct conn *c)
 {
-	for (int i = 0; i < MAX_EXECS; i++)
-		if (execs[i].used && execs[i].conn == c && execs[i].conn_gen == c->gen)
-			exec_kill(&execs[i], SIGKILL);
+	for (int i = 0; i < MAX_EXECS; i++) {
+		struct exec *e = &execs[i];
+		if (e->used && e->conn == c && e->conn_gen == c->gen) {
+			if (e->detached && e->started) {
+				stdin_ack(e, EPIPE);
+				e->conn = NULL;
+			} else {
+				exec_kill(e, SIGKILL);
+			}
+		}
+	}
 	conn_kill_jobs(c);
 }
 
@@ -2333,7 +2805,8 @@ int main(int argc, char **argv)
 	}
 	crc_init();
 	for (int i = 0; i < MAX_EXECS; i++)
-		execs[i].in_fd = execs[i].out_fd = execs[i].err_fd = execs[i].stat_fd = -1;
+		execs[i].in_fd = execs[i].out_fd = execs[i].err_fd = execs[i].stat_fd =
+			execs[i].tty_fd = -1;
 	for (int i = 0; i < MAX_CONNS; i++)
 		conns[i].fd = -1;
 	for (int i = 0; i < MAX_JOBS; i++)
@@ -2404,30 +2877,28 @@ int main(int argc, char **argv)
 			owners[np] = c;
 			kinds[np++] = K_CONN;
 		}
+#define POLL_ADD(fd_, ev, owner, kind)                                       \
+	do {                                                                 \
+		pfds[np] = (struct pollfd){.fd = (fd_), .events = (short)(ev)}; \
+		owners[np] = (owner);                                        \
+		kinds[np++] = (kind);                                        \
+	} while (0)
 		for (int i = 0; i < MAX_EXECS; i++) {
 			struct exec *e = &execs[i];
 			if (!e->used)
 				continue;
-			if (e->in_fd >= 0) {
-				pfds[np] = (struct pollfd){.fd = e->in_fd, .events = POLLOUT};
-				owners[np] = e;
-				kinds[np++] = K_IN;
-			}
-			if (e->out_fd >= 0) {
-				pfds[np] = (struct pollfd){.fd = e->out_fd, .events = POLLIN};
-				owners[np] = e;
-				kinds[np++] = K_OUT;
-			}
-			if (e->err_fd >= 0) {
-				pfds[np] = (struct pollfd){.fd = e->err_fd, .events = POLLIN};
-				owners[np] = e;
-				kinds[np++] = K_ERR;
-			}
-			if (e->stat_fd >= 0) {
-				pfds[np] = (struct pollfd){.fd = e->stat_fd, .events = POLLIN};
-				owners[np] = e;
-				kinds[np++] = K_STAT;
-			}
+			/* A streamed process's output waits for its START reply, and while its
+			 * connection has much queued (backpressure on the process). */
+			int reading = e->mode == PM_EXEC ||
+				      (e->started && (!proc_attached(e) || e->conn->queued < CONN_OUT_HIGH));
+			if (e->in_fd >= 0 && e->in_off < e->in.len)
+				POLL_ADD(e->in_fd, POLLOUT, e, K_IN);
+			if (e->out_fd >= 0 && reading)
+				POLL_ADD(e->out_fd, POLLIN, e, K_OUT);
+			if (e->err_fd >= 0 && reading)
+				POLL_ADD(e->err_fd, POLLIN, e, K_ERR);
+			if (e->stat_fd >= 0)
+				POLL_ADD(e->stat_fd, POLLIN, e, K_STAT);
 			if (e->deadline_ms && !e->timed_out) {
 				int64_t left = e->deadline_ms - now;
 				if (left < 0)
@@ -2436,13 +2907,9 @@ int main(int argc, char **argv)
 					timeout = left;
 			}
 		}
-		for (int i = 0; i < MAX_JOBS; i++) {
-			if (jobs[i].used && jobs[i].fd >= 0) {
-				pfds[np] = (struct pollfd){.fd = jobs[i].fd, .events = POLLIN};
-				owners[np] = &jobs[i];
-				kinds[np++] = K_JOB;
-			}
-		}
+		for (int i = 0; i < MAX_JOBS; i++)
+			if (jobs[i].used && jobs[i].fd >= 0)
+				POLL_ADD(jobs[i].fd, POLLIN, &jobs[i], K_JOB);
 		int waiting = waits_active();
 		if (waiting) {
 			if (uevent_fd >= 0) {
@@ -2523,13 +2990,13 @@ int main(int argc, char **argv)
 			case K_OUT: {
 				struct exec *e = owners[i];
 				if (e->used)
-					exec_read(e, &e->out_fd, &e->out, 1, 1u << 20);
+					exec_read(e, &e->out_fd, 1, 1u << 20);
 				break;
 			}
 			case K_ERR: {
 				struct exec *e = owners[i];
 				if (e->used)
-					exec_read(e, &e->err_fd, &e->err, 2, 1u << 20);
+					exec_read(e, &e->err_fd, 2, 1u << 20);
 				break;
 			}
 			case K_UEVENT:
