@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, tuple[str, dict[str, Any]]] = {
     "template": ("template", {"n": 0}),
     "exec": ("exec", {}),
     "exec_agent": ("exec_agent", {}),
+    "streaming": ("streaming", {}),
     "density": ("density", {}),
 }
 NOTES = {"template": "run_all runs it with --n 0: the memory comparison is in `density`"}
