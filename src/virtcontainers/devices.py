@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .errors import ConfigError
-from .types import DeviceType, Socket, VSock
+from .types import AGENT_VSOCK_PORT, DeviceType, Socket, VSock
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
@@ -259,7 +259,7 @@ class HybridVSockDevice(Device):
     device_type: ClassVar[DeviceType] = DeviceType.HYBRID_VSOCK
     uds_path: str
     context_id: int = 3
-    port: int = 1024
+    port: int = AGENT_VSOCK_PORT
 
     def __post_init__(self) -> None:
         check_abs_path("hybrid vsock", "uds_path", self.uds_path)

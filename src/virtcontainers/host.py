@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import ConfigError, HostError, VCError
-from .types import Socket, VSock
+from .types import AGENT_VSOCK_PORT, Socket, VSock
 
 MAX_SOCKET_PATH_LEN = 107
 """Longest usable Unix socket path: sizeof(sun_path) is 108 bytes including the final NUL."""
@@ -34,7 +34,6 @@ FIRST_CONTEXT_ID = 3
 LAST_CONTEXT_ID = 2**32 - 2
 """The kernel refuses U32_MAX (VMADDR_CID_ANY) and anything wider than 32 bits."""
 DEFAULT_CID_ATTEMPTS = 1024
-VSOCK_PORT = 1024
 """The agent's vsock port (the seed's vSockPort)."""
 
 DEFAULT_SOCKET_NAME = "kata.sock"
@@ -381,7 +380,7 @@ def generate_vm_socket(id: str, use_vsock: bool, store_path: str) -> Socket | VS
     """The agent endpoint for VM `id`: a vsock (reserving a CID) or a Unix socket path."""
     if use_vsock:
         fd, cid = find_context_id()
-        return VSock(fd, cid, VSOCK_PORT)
+        return VSock(fd, cid, AGENT_VSOCK_PORT)
     path = build_socket_path(store_path, id, DEFAULT_SOCKET_NAME)
     return Socket(DEFAULT_SOCKET_DEVICE_ID, DEFAULT_SOCKET_ID, path, DEFAULT_SOCKET_CHANNEL_NAME)
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import persist
 from .config import HypervisorConfig
-from .devices import BlockDrive, HybridVSockDevice, SerialPort, VSockDevice
+from .devices import BlockDrive
 from .errors import (
     AgentError,
     ConfigError,
@@ -32,16 +32,16 @@ from .errors import (
     VMTimeoutError,
 )
 from .hypervisor import Hypervisor, VMState, new_hypervisor
-from .types import Capabilities, HypervisorType, Socket, VSock
+from .types import Capabilities, HypervisorType
 
 if TYPE_CHECKING:
     from .agent import AgentClient, ExecResult, Process
+    from .agent.endpoint import AgentEndpoint
     from .containers import Container, Mount
     from .network import Interface, NetworkConfig, SandboxNetwork
 
 log = logging.getLogger(__name__)
 
-AGENT_VSOCK_PORT = 1024
 DEFAULT_START_TIMEOUT = 60.0
 DEATH_POLL = 0.5
 """How often a wait on the guest (agent connect) checks that the VM is still alive."""
@@ -137,7 +137,7 @@ class Sandbox:
         self.overrides = overrides
         self._hv: Hypervisor | None = None
         self._agent: AgentClient | None = None
-        self._agent_target: Any = None
+        self._agent_endpoint: AgentEndpoint | None = None
         self._agent_lock = asyncio.Lock()
         self._holding_lock = False
         self._store = persist.StateStore(self.run_root)
@@ -804,39 +804,22 @@ class Sandbox:
         return self._agent
 
     async def _plug_agent_channel(self) -> None:
-        hv = self.hypervisor
-        vm_dir = persist.vm_dir(self.id, self.run_root)
-        if Capabilities.HYBRID_VSOCK in hv.capabilities():
-            from .host import build_socket_path
+        from .agent.endpoint import plug_agent_channel
 
-            uds = build_socket_path(vm_dir, "agent-vsock.sock")
-            await hv.add_device(HybridVSockDevice(uds_path=uds, port=AGENT_VSOCK_PORT))
-            self._agent_target = ("hybrid", uds, AGENT_VSOCK_PORT)
-            return
-        sock = hv.generate_socket(self.id, self.config.use_vsock)
-        if isinstance(sock, VSock):
-            await hv.add_device(VSockDevice(sock))
-            self._agent_target = ("vsock", sock.context_id, sock.port)
-        else:
-            assert isinstance(sock, Socket)
-            await hv.add_device(SerialPort(sock))
-            self._agent_target = ("unix", sock.host_path, 0)
+        self._agent_endpoint = await plug_agent_channel(
+            self.hypervisor, self.id, use_vsock=self.config.use_vsock
+        )
 
     async def _connect_agent(self, timeout: float) -> None:
-        from .agent import AgentClient, HybridVsock, VsockAddress
+        from .agent import AgentClient
         from .agent.waiting import wait_watched
 
         async with self._agent_lock:
             if self._agent is not None:
                 return
-            kind, where, port = self._agent_target
-            target: Any
-            if kind == "hybrid":
-                target = HybridVsock(where, port)
-            elif kind == "unix":
-                target = where
-            else:
-                target = VsockAddress(int(where), port)
+            if self._agent_endpoint is None:
+                raise StateError(f"sandbox {self.id}: no agent channel was plugged")
+            target = self._agent_endpoint.target()
             try:
                 # A VM that dies while booting is reported now, not when `timeout` runs out;
                 # a connection made just as the VM was found dead is closed again.
@@ -879,7 +862,7 @@ class Sandbox:
                 "hypervisor": str(self.hypervisor_type),
                 "created_at": self.created_at,
                 "state": state,
-                "agent": list(self._agent_target) if self._agent_target else None,
+                "agent": self._agent_endpoint.to_doc() if self._agent_endpoint else None,
                 "start_timeout": self.start_timeout,
                 "agent_timeout": self.agent_timeout,
                 "disks": {
@@ -932,17 +915,15 @@ class Sandbox:
         cls,
         hv: Hypervisor,
         agent: AgentClient,
-        agent_target: tuple[str, str, int],
+        endpoint: AgentEndpoint,
         run_root: str | None = None,
     ) -> Sandbox:
-        """Wrap a VM that is already running with a connected agent (e.g. from the factory).
-
-        `agent_target` is ("unix", socket path, 0) or ("hybrid", uds path, port).
-        """
+        """Wrap a VM that is already running with a connected agent (e.g. from the factory)
+        reached at `endpoint`."""
         sb = cls(hv.id, hv.hypervisor_type, run_root=run_root)
         sb._hv = hv
         sb._agent = agent
-        sb._agent_target = agent_target
+        sb._agent_endpoint = endpoint
         with sb._store.lock(sb.id):
             if sb._store.exists(sb.id):
                 raise StateError(f"sandbox {sb.id} already exists")
@@ -990,7 +971,10 @@ class Sandbox:
         hv.state = VMState(state) if state in VMState._value2member_map_ else VMState.RUNNING
         sb._hv = hv
         agent = sb_doc.get("agent")
-        sb._agent_target = tuple(agent) if agent else None
+        if agent:
+            from .agent.endpoint import AgentEndpoint
+
+            sb._agent_endpoint = AgentEndpoint.from_doc(agent)
         for disk_id, d in (sb_doc.get("disks") or {}).items():
             sb.disks[disk_id] = BlockDrive(
                 id=disk_id, path=d["path"], read_only=bool(d.get("read_only"))

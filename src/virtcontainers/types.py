@@ -31,6 +31,10 @@ class HypervisorType(enum.StrEnum):
         raise ConfigError(f"Unknown hypervisor type {value}")
 
 
+AGENT_VSOCK_PORT = 1024
+"""The vsock port the guest agent listens on (Kata's); `agent.endpoint.AGENT_PORT`."""
+
+
 class VMState(enum.StrEnum):
     """Lifecycle of one VM: created -> running <-> paused -> stopped."""
 

@@ -23,6 +23,7 @@ import pytest
 from fakes.clh.launcher import write_launcher
 from leaks import LeakCheck, running
 from virtcontainers import host
+from virtcontainers.agent import AGENT_PORT
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import (
     BlockDrive,
@@ -184,10 +185,9 @@ async def test_full_lifecycle(env: ClhEnv) -> None:
     console = await h.get_sandbox_console("vm1")
     assert console == os.path.join(h.vm_dir, "console.sock") and os.path.exists(console)
     assert os.path.exists(h.hybrid_vsock().uds_path)
-    target = h.agent_target()
-    assert (target.uds_path, target.port) == (h.hybrid_vsock().uds_path, 1024)
+    assert h.hybrid_vsock().port == AGENT_PORT
     sock = h.generate_socket("vm1", use_vsock=True)
-    assert isinstance(sock, Socket) and sock.host_path == target.uds_path
+    assert isinstance(sock, Socket) and sock.host_path == h.hybrid_vsock().uds_path
 
     await h.pause_sandbox()
     assert (await vm_info(h.api_socket))["state"] == "Paused"
@@ -225,12 +225,12 @@ async def test_launch_flags_and_log(fake: ClhEnv) -> None:
 
 
 async def test_agent_over_hybrid_vsock_is_refused_without_a_guest(fake: ClhEnv) -> None:
-    from virtcontainers.agent import AgentClient
+    from virtcontainers.agent import AgentClient, HybridVsock
     from virtcontainers.errors import AgentError
 
     h = await fake.start(fake.config())
     with pytest.raises(AgentError, match="CONNECT refused"):
-        await AgentClient.connect(h.agent_target(), 1.0)
+        await AgentClient.connect(HybridVsock(h.hybrid_vsock().uds_path, AGENT_PORT), 1.0)
     await h.stop_sandbox()
 
 

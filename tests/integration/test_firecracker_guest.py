@@ -12,7 +12,7 @@ import pytest
 from fc_support import make_config, real_backend, short_tmp  # noqa: F401 - fixture
 
 from virtcontainers import host
-from virtcontainers.agent import AgentClient
+from virtcontainers.agent import AGENT_PORT, AgentClient, HybridVsock
 from virtcontainers.devices import BlockDrive
 from virtcontainers.drivers.firecracker import Firecracker
 
@@ -40,7 +40,7 @@ async def test_agent_over_hybrid_vsock_and_disk_hotplug(short_tmp: str) -> None:
             "fc-guest", None, make_config(backend, (str(assets.kernel), str(assets.initrd)))
         )
         await fc.start_sandbox(timeout=30)
-        agent = await AgentClient.connect(fc.agent_target(), timeout=30)
+        agent = await AgentClient.connect(HybridVsock(fc.vsock_path, AGENT_PORT), timeout=30)
         try:
             result = await agent.exec(["echo", "hello from firecracker"])
             assert result.exit_code == 0

@@ -158,7 +158,7 @@ GARBAGE = [
 
 async def test_real_agent_survives_garbage_frames(sandbox: Sandbox) -> None:
     """Each kind of garbage on a fresh connection; after it, a new client is served."""
-    target = sandbox._agent_target[1]
+    target = sandbox._agent_endpoint.path
     await sandbox.detach()  # one client at a time on the virtio-serial port
     for garbage in GARBAGE:
         _, writer = await asyncio.wait_for(asyncio.open_unix_connection(target), CALL)

@@ -90,8 +90,9 @@ async def test_a_long_exec_on_a_live_agent_outlasts_the_deadline(agent: FakeAgen
 async def test_vm_wait_agent_honours_its_timeout(
     sockdir: str, agent: FakeAgent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from virtcontainers.agent import AgentEndpoint
     from virtcontainers.drivers.mock import MockHypervisor
-    from virtcontainers.factory.vm import VM, AgentEndpoint
+    from virtcontainers.factory.vm import VM
 
     hv = MockHypervisor(sockdir)
 
@@ -99,7 +100,7 @@ async def test_vm_wait_agent_honours_its_timeout(
         return None
 
     monkeypatch.setattr(hv, "check", healthy)
-    vm = VM(hv, AgentEndpoint(agent.path), cpu=1, memory_mb=256)
+    vm = VM(hv, AgentEndpoint.unix(agent.path), cpu=1, memory_mb=256)
     agent.silent = True  # the hello is answered, the ping never
     try:
         with pytest.raises(AgentTimeoutError, match="ping within"):

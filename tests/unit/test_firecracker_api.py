@@ -206,7 +206,7 @@ async def test_registered_and_created_without_process(tmp_path: str) -> None:
             await fc.add_device(HybridVSockDevice(uds_path=os.path.join(tmp, "fc.sock")))
         await fc.add_device(HybridVSockDevice(uds_path="/tmp/elsewhere/a.sock", port=5000))
         assert fc.vsock_path == "/tmp/elsewhere/a.sock"  # a link to <root>/a.sock after start
-        assert fc.agent_target().port == 5000
+        assert fc.save().driver_state(FirecrackerState).agent_port == 5000
         inside = os.path.join(tmp, "vm", "vm-a", "agent.sock")
         await fc.add_device(HybridVSockDevice(uds_path=inside, context_id=7))
         assert fc.vsock_path == inside

@@ -13,13 +13,16 @@ from .client import (
     VsockAddress,
     WaitResult,
 )
+from .endpoint import AGENT_PORT, AgentEndpoint, plug_agent_channel
 from .process import NAMESPACES, ExitStatus, OutputStream, Process
 from .protocol import MAX_FRAME, ProtocolError
 
 __all__ = [
+    "AGENT_PORT",
     "MAX_FRAME",
     "NAMESPACES",
     "AgentClient",
+    "AgentEndpoint",
     "AgentInfo",
     "AgentRequestError",
     "AgentTimeoutError",
@@ -31,4 +34,5 @@ __all__ = [
     "ProtocolError",
     "VsockAddress",
     "WaitResult",
+    "plug_agent_channel",
 ]

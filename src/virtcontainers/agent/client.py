@@ -23,12 +23,12 @@ from types import TracebackType
 from typing import TypeVar
 
 from ..errors import AgentError
+from ..types import AGENT_VSOCK_PORT
 from . import protocol as p
 from .process import Process, argv_fields, start_request, status_of
 
 log = logging.getLogger(__name__)
 
-DEFAULT_VSOCK_PORT = 1024
 HANDSHAKE_TIMEOUT = 5.0
 """Longest wait for the `OK <n>` line of a hybrid vsock `CONNECT`."""
 HELLO_RETRY = (2.0, 3.0, 5.0)
@@ -60,7 +60,7 @@ class HybridVsock:
     """A hybrid vsock endpoint: the VMM's Unix socket plus the guest port to `CONNECT` to."""
 
     uds_path: str
-    port: int = DEFAULT_VSOCK_PORT
+    port: int = AGENT_VSOCK_PORT
 
     def __str__(self) -> str:
         return f"hybrid vsock {self.uds_path} port {self.port}"
@@ -71,7 +71,7 @@ class VsockAddress:
     """A guest agent reached directly over AF_VSOCK (QEMU with vhost-vsock-pci)."""
 
     cid: int
-    port: int = DEFAULT_VSOCK_PORT
+    port: int = AGENT_VSOCK_PORT
 
     def __str__(self) -> str:
         return f"vsock cid {self.cid} port {self.port}"

@@ -364,6 +364,4 @@ async def adopt_vm(vm: VM, *, run_root: str | None = None) -> Sandbox:
     """Wrap a running factory VM in a persisted `Sandbox` (which then owns it)."""
     from ..sandbox import Sandbox
 
-    ep = vm.agent_endpoint
-    target = ("hybrid", ep.path, ep.vsock_port) if ep.vsock_port else ("unix", ep.path, 0)
-    return Sandbox.adopt(vm.hypervisor, await vm.agent(), target, run_root=run_root)
+    return Sandbox.adopt(vm.hypervisor, await vm.agent(), vm.agent_endpoint, run_root=run_root)

@@ -8,6 +8,7 @@ direct boot, with a log line saying why.
 
 from __future__ import annotations
 
+from ..agent.endpoint import AgentEndpoint
 from ..devices import random_mac
 from .base import DirectBase, FactoryBase, FactoryStatus, TemplateBase, VMStatus
 from .cache import VMCache
@@ -15,7 +16,7 @@ from .daemon import DaemonSpec, daemon_status, start_daemon, stop_daemon
 from .errors import CacheUnavailableError, FactoryError, TemplateError, TemplateMismatchError
 from .factory import Factory
 from .template import TemplateEntry, TemplateInfo, TemplateStore
-from .vm import VM, AgentEndpoint, boot_vm
+from .vm import VM, boot_vm
 from .vmconfig import VMConfig, config_hash, differences, incompatibility
 
 __all__ = [

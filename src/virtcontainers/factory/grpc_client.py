@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from ..agent.endpoint import AgentEndpoint
 from ..config import HypervisorConfig
 from ..errors import VCError
 from ..hypervisor import new_hypervisor
@@ -20,7 +21,7 @@ from . import cache_pb2 as pb
 from . import cache_pb2_grpc, paths
 from .base import FactoryBase, FactoryStatus, VMStatus
 from .errors import CacheUnavailableError, FactoryError
-from .vm import VM, AgentEndpoint, stop_quietly
+from .vm import VM, stop_quietly
 from .vmconfig import VMConfig
 
 DEFAULT_GET_TIMEOUT = 60.0
@@ -62,7 +63,9 @@ async def vm_from_message(msg: pb.GrpcVM, run_root: str | None = None) -> VM:
         raise
     return VM(
         hv,
-        AgentEndpoint(msg.agent_socket, msg.agent_vsock_port),
+        AgentEndpoint.hybrid(msg.agent_socket, msg.agent_vsock_port)
+        if msg.agent_vsock_port
+        else AgentEndpoint.unix(msg.agent_socket),
         cpu=msg.cpu,
         memory_mb=msg.memory_mb,
         created_at=msg.created_at,

@@ -37,7 +37,7 @@ async def vm_to_message(vm: VM) -> pb.GrpcVM:
         data=await hv.to_grpc(),
         config=json.dumps(hv.hypervisor_config().to_dict()).encode(),
         agent_socket=vm.agent_endpoint.path,
-        agent_vsock_port=vm.agent_endpoint.vsock_port,
+        agent_vsock_port=vm.agent_endpoint.port,
         cpu=vm.cpu,
         memory_mb=vm.memory_mb,
         created_at=vm.created_at,

@@ -30,13 +30,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .. import persist
+from ..agent.endpoint import plug_agent_channel
 from ..config import HypervisorConfig
 from ..errors import ConfigError, StateError, VCError
 from ..hypervisor import Hypervisor, new_hypervisor
 from ..types import Capabilities, HypervisorType
 from . import tmpfs
 from .errors import TemplateError, TemplateMismatchError
-from .vm import VM, new_vm_id, plug_agent_channel, stop_quietly
+from .vm import VM, new_vm_id, stop_quietly
 from .vmconfig import VMConfig, config_hash, differences
 
 log = logging.getLogger(__name__)

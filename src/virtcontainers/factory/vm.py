@@ -10,21 +10,19 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass
 from types import TracebackType
 
-from .. import persist
-from ..agent import AgentClient, HybridVsock
+from ..agent import AgentClient
+from ..agent.endpoint import AgentEndpoint, plug_agent_channel
 from ..agent.waiting import wait_watched
-from ..devices import HybridVSockDevice, NetworkEndpoint, SerialPort, random_mac
+from ..devices import NetworkEndpoint, random_mac
 from ..errors import AgentError, ConfigError, VCError, VMTimeoutError
 from ..hypervisor import Hypervisor, VMState, new_hypervisor
-from ..types import Capabilities, Socket
+from ..types import Capabilities
 from .vmconfig import VMConfig
 
 log = logging.getLogger(__name__)
 
-AGENT_VSOCK_PORT = 1024
 DEFAULT_BOOT_TIMEOUT = 60.0
 MEMORY_BLOCK_MIB = 128
 ONLINE_POLL = 0.05
@@ -35,35 +33,9 @@ rechecks a disconnected port every 200 ms and discards what it reads while handl
 hang-up, so a new host that connects before that would lose its first frames."""
 
 
-@dataclass(frozen=True)
-class AgentEndpoint:
-    """Where the host reaches a VM's agent: a Unix socket, with a port for hybrid vsock."""
-
-    path: str
-    vsock_port: int = 0
-
-    def target(self) -> str | HybridVsock:
-        return HybridVsock(self.path, self.vsock_port) if self.vsock_port else self.path
-
-
 def new_vm_id(prefix: str = "fvm") -> str:
     """A fresh VM id (also the name of its directory under the run root)."""
     return f"{prefix}-{secrets.token_hex(6)}"
-
-
-async def plug_agent_channel(hv: Hypervisor, vm_id: str) -> AgentEndpoint:
-    """Cold-plug the agent channel: virtio-serial port `agent.channel.0`, or hybrid vsock."""
-    if Capabilities.HYBRID_VSOCK in hv.capabilities():
-        from ..host import build_socket_path
-
-        uds = build_socket_path(persist.vm_dir(vm_id, hv.run_root), "agent-vsock.sock")
-        await hv.add_device(HybridVSockDevice(uds_path=uds, port=AGENT_VSOCK_PORT))
-        return AgentEndpoint(uds, AGENT_VSOCK_PORT)
-    sock = hv.generate_socket(vm_id, False)
-    if not isinstance(sock, Socket):
-        raise ConfigError("factory VMs need a virtio-serial agent socket, got a vsock")
-    await hv.add_device(SerialPort(sock))
-    return AgentEndpoint(sock.host_path)
 
 
 class VM:

@@ -35,7 +35,7 @@ from ...errors import (
     VMTimeoutError,
 )
 from ...hypervisor import Hypervisor, VMState, register
-from ...types import Capabilities, HypervisorType, MemoryDevice, Socket, VSock
+from ...types import AGENT_VSOCK_PORT, Capabilities, HypervisorType, MemoryDevice, Socket, VSock
 from ..handover import decode_state, encode_state
 from ..vmm_process import VmmProcess, threads_named
 from . import virtiofsd
@@ -55,7 +55,6 @@ from .vmconfig import (
 )
 
 if TYPE_CHECKING:
-    from ...agent import HybridVsock
     from ...config import HypervisorConfig
     from ...persist import HypervisorState
 
@@ -65,7 +64,6 @@ DEFAULT_BINARY = "/usr/bin/cloud-hypervisor"
 API_SOCKET = "clh-api.sock"
 SERIAL_SOCKET = "console.sock"
 VSOCK_SOCKET = "clh.vsock"
-AGENT_VSOCK_PORT = 1024
 DEFAULT_CID = 3
 _VCPU_COMM = re.compile(r"^vcpu(\d+)$")
 _READY_POLL = 0.02
@@ -132,13 +130,6 @@ class CloudHypervisor(Hypervisor):
         if self._cold.vsock is None:
             raise StateError("clh: the VM has no vsock: call create_sandbox first")
         return self._cold.vsock
-
-    def agent_target(self) -> HybridVsock:
-        """Where the guest agent answers: `agent.HybridVsock(<vsock socket>, <port>)`."""
-        from ...agent import HybridVsock
-
-        vsock = self.hybrid_vsock()
-        return HybridVsock(vsock.uds_path, vsock.port)
 
     def generate_socket(self, id: str, use_vsock: bool) -> Socket | VSock:
         """The agent endpoint as a `Socket` whose `host_path` is the hybrid vsock socket.

@@ -35,7 +35,7 @@ from ...errors import (
     VMTimeoutError,
 )
 from ...hypervisor import Hypervisor, VMState, register
-from ...types import Capabilities, HypervisorType, MemoryDevice, Socket, VSock
+from ...types import AGENT_VSOCK_PORT, Capabilities, HypervisorType, MemoryDevice, Socket, VSock
 from ..handover import decode_state, encode_state
 from ..vmm_process import VmmProcess, read_end, start_console_keeper, threads_named
 from . import bodies
@@ -52,12 +52,10 @@ from .jail import VMRoot, cgroup_version, remove_cgroups
 from .state import VSOCK_NAME, FirecrackerState, Slot
 
 if TYPE_CHECKING:
-    from ...agent import HybridVsock
     from ...config import HypervisorConfig
     from ...persist import HypervisorState
 
 API_SOCKET = "fc.sock"
-AGENT_VSOCK_PORT = 1024
 CONSOLE_LOG = "console.log"
 FC_LOG = "firecracker.log"
 METRICS = "metrics.json"
@@ -133,12 +131,6 @@ class Firecracker(Hypervisor):
     def console_path(self) -> str:
         """Firecracker's stdout and stderr, which carry the guest's serial console."""
         return os.path.join(self.vm_dir, CONSOLE_LOG)
-
-    def agent_target(self) -> HybridVsock:
-        """Where the guest agent answers: `agent.HybridVsock(<vsock uds>, 1024)`."""
-        from ...agent import HybridVsock
-
-        return HybridVsock(self.vsock_path, self._agent_port)
 
     def generate_socket(self, id: str, use_vsock: bool) -> Socket | VSock:
         """The agent endpoint: a `Socket` whose `host_path` is the hybrid vsock UDS."""

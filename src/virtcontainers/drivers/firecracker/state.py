@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pydantic import ConfigDict, Field
 
 from ...persist import DriverState
+from ...types import AGENT_VSOCK_PORT
 from . import bodies
 from .argv import JailerSpec
 
@@ -37,7 +38,7 @@ class FirecrackerState(DriverState):
     vsock_cid: int = bodies.GUEST_CID
     vsock_name: str = VSOCK_NAME  # inside the VM root, relative
     vsock_link: str = ""  # a host path outside the root that links to the socket
-    agent_port: int = 1024
+    agent_port: int = AGENT_VSOCK_PORT
     vmm_version: str = ""
     slots: list[Slot] = Field(default_factory=list)
     jailer: JailerSpec | None = None
