@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,3 +163,73 @@ async def test_debian_python(run_root: str, tmp_path: Path) -> None:
         result = await c.run(timeout=120)
     assert result.exit_code == 0, result
     assert result.stdout.startswith(b"OpenSSL 3")
+
+
+def virtc(run_root: str, store: ImageStore, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, VC_RUN_ROOT=run_root, VC_IMAGE_ROOT=store.root)
+    return subprocess.run(
+        [sys.executable, "-m", "virtcontainers.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_cli_run_exec_ps(run_root: str, store: ImageStore, tmp_path: Path) -> None:
+    """`virtc run --image` as a user types it: exit code passed through, -v/-e/-w/-u; then
+    -d, exec into the container, ps, stop; bad input named."""
+    (tmp_path / "in.txt").write_text("shared\n")
+    tmp_path.chmod(0o755)  # readable by the container's user (nobody)
+    done = virtc(
+        run_root,
+        store,
+        "run",
+        "--image",
+        "busybox",
+        "-v",
+        f"{tmp_path}:/host",
+        "-e",
+        "K=v",
+        "-w",
+        "/host",
+        "-u",
+        "nobody",
+        "--",
+        "sh",
+        "-c",
+        "cat in.txt; echo $K; id -un; exit 5",
+    )
+    assert done.returncode == 5, done.stderr
+    assert done.stdout.split() == ["shared", "v", "nobody"]
+
+    sid = virtc(
+        run_root,
+        store,
+        "run",
+        "-d",
+        "--image",
+        "busybox",
+        "--name",
+        "cli-d2",
+        "--",
+        "sh",
+        "-c",
+        "echo ready > /tmp/r; exec sleep 600",
+    )
+    assert sid.stdout.strip() == "cli-d2", sid.stderr
+    try:
+        inside = virtc(run_root, store, "exec", "cli-d2", "--", "sh", "-c", "cat /tmp/r; hostname")
+        assert inside.stdout.split() == ["ready", "cli-d2"], inside.stderr
+        listed = virtc(run_root, store, "ps", "--json", "cli-d2")
+        assert [p["command"] for p in json.loads(listed.stdout)] == ["sleep 600"]
+        busy = virtc(run_root, store, "image", "rm", "busybox")
+        assert busy.returncode == 1 and "in use by sandbox cli-d2" in busy.stderr
+    finally:
+        assert virtc(run_root, store, "stop", "cli-d2").returncode == 0
+
+    missing = virtc(run_root, store, "run", "--image", "nope", "--", "true")
+    assert missing.returncode == 1 and "unknown image reference 'nope'" in missing.stderr
+    bad = virtc(run_root, store, "run", "--image", "busybox", "-v", "/no/dir:/x", "--", "true")
+    assert bad.returncode == 2 and "volume source /no/dir is not an existing" in bad.stderr

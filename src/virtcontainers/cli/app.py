@@ -111,7 +111,7 @@ def check(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn errors into one readable line and an exit code."""
-    from . import commands  # noqa: F401  (registers subcommands)
+    from . import commands, container_cmds  # noqa: F401  (register subcommands)
     from .factory_cmds import factory_app, template_app
     from .image_cmds import image_app
 

@@ -154,7 +154,9 @@ def _new_sandbox(
     net: str | None = None,
     publish: list[str] | None = None,
     subnet: str | None = None,
+    **workload: Any,
 ) -> Any:
+    """A Sandbox from the shared options; `workload`: image, bundle, mounts (see Sandbox)."""
     from ..sandbox import Sandbox
 
     g = get_globals(ctx)
@@ -171,6 +173,7 @@ def _new_sandbox(
         run_root=g.run_root,
         start_timeout=timeout,
         network=network,
+        **workload,
         **overrides,
     )
 
@@ -178,7 +181,10 @@ def _new_sandbox(
 @app.command(context_settings={"allow_interspersed_args": False})
 def run(
     ctx: typer.Context,
-    command: Annotated[list[str], typer.Argument(help="Command to run in the guest.")],
+    command: Annotated[
+        list[str] | None,
+        typer.Argument(help="Command to run (with --image: instead of the image's Cmd)."),
+    ] = None,
     name: Annotated[str | None, typer.Option("--name", help="Sandbox id.")] = None,
     cpus: CpusOpt = None,
     memory: MemOpt = None,
@@ -200,12 +206,61 @@ def run(
     net: NetOpt = None,
     publish: PublishOpt = None,
     subnet: SubnetOpt = None,
+    image: Annotated[
+        str | None, typer.Option("--image", help="Run this image (virtc image ls) as a container.")
+    ] = None,
+    bundle: Annotated[
+        str | None, typer.Option("--bundle", help="Run this OCI runtime bundle as a container.")
+    ] = None,
+    volume: Annotated[
+        list[str] | None,
+        typer.Option("--volume", "-v", help="Share a host directory: HOST:GUEST[:ro]."),
+    ] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", "-e", help="Container environment: K=V.")
+    ] = None,
+    workdir: Annotated[
+        str | None, typer.Option("--workdir", "-w", help="Container working directory.")
+    ] = None,
+    user: Annotated[
+        str | None, typer.Option("--user", "-u", help="Container user: UID[:GID] or a name.")
+    ] = None,
+    detach: Annotated[
+        bool, typer.Option("--detach", "-d", help="Leave the container running; print the id.")
+    ] = False,
 ) -> None:
-    """Boot a sandbox, run COMMAND in it, print its output, tear down; exit with its code."""
+    """Boot a sandbox, run COMMAND in it (or in a container of --image/--bundle), print its
+    output, tear down; exit with its code."""
     data = sys.stdin.buffer.read() if stdin else b""
+    container = image is not None or bundle is not None
+    if not container and (volume or env or workdir or user or detach):
+        raise ConfigError("-v, -e, -w, -u and -d need --image or --bundle")
+    if not container and not command:
+        raise ConfigError("run: no command given (or use --image/--bundle)")
+    workload: dict[str, Any] = {}
+    if container:
+        workload = {"image": image, "bundle": bundle, "mounts": volume or []}
     sb = _new_sandbox(
-        ctx, name, cpus, memory, config, kernel, initrd, kernel_param, timeout, net, publish, subnet
+        ctx,
+        name,
+        cpus,
+        memory,
+        config,
+        kernel,
+        initrd,
+        kernel_param,
+        timeout,
+        net,
+        publish,
+        subnet,
+        **workload,
     )
+    if container:
+        from .container_cmds import run_container
+
+        run_container(ctx, sb, command, env, workdir, user, data, exec_timeout, detach)
+        return
+    assert command is not None
 
     async def body() -> Any:
         if from_template or factory:
@@ -443,8 +498,11 @@ def exec_(
     stdin: Annotated[bool, typer.Option("--stdin", "-i", help="Send our stdin.")] = False,
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE.")] = None,
     cwd: Annotated[str | None, typer.Option("--cwd", "-w", help="Working directory.")] = None,
+    user: Annotated[
+        str | None, typer.Option("--user", "-u", help="In a container: UID[:GID] or a name.")
+    ] = None,
 ) -> None:
-    """Run a command in a running sandbox."""
+    """Run a command in a running sandbox (inside its container when it has one)."""
     if command and command[0] == "--":
         command = command[1:]
     if not command:
@@ -460,6 +518,12 @@ def exec_(
     async def body() -> Any:
         sb = await _attach(ctx, sandbox_id)
         try:
+            if sb.containers:
+                from .container_cmds import exec_in_container
+
+                return await exec_in_container(sb, command, env, cwd, user, data, exec_timeout)
+            if user:
+                raise ConfigError("exec: --user needs a sandbox with a container")
             return await sb.exec(
                 command, stdin=data, env=env_map or None, cwd=cwd, timeout=exec_timeout
             )

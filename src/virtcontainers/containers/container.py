@@ -142,6 +142,23 @@ class Container:
         self.record.status = "running"
         return await self.wait()
 
+    async def start_detached(self) -> None:
+        """Start the container's process so that it outlives this connection: it runs in
+        its own session in the guest, its output kept in <guest dir>/output and its exit
+        code in <guest dir>/status."""
+        out, status = f"{self.guest_dir}/output", f"{self.guest_dir}/status"
+        script = (
+            f"{self.setup_script()} && rm -f {status} && "
+            f'setsid sh -c \'"$@" </dev/null >{out} 2>&1; echo $? >{status}\' vc-detach "$@" &'
+        )
+        result = await self.sandbox.exec(["/bin/sh", "-c", script, "vc-setup", *self.runner_argv()])
+        if result.exit_code != 0:
+            raise StateError(
+                f"container {self.id} did not start: "
+                f"{result.stderr.decode(errors='replace').strip()}"
+            )
+        self.record.status = "running"
+
     async def wait(self) -> ExecResult:
         """The container process's result (exit code, output)."""
         if self._task is None:
@@ -191,13 +208,23 @@ class Container:
 
     async def pids(self) -> list[int]:
         """The guest pids of every process in the container."""
+        return [pid for pid, _ in await self.processes()]
+
+    async def processes(self) -> list[tuple[int, str]]:
+        """(guest pid, command line) of every process in the container."""
         pid = await self._pid()
         script = (
             f"ns=$(readlink /proc/{pid}/ns/pid); for p in /proc/[0-9]*; do "
-            f'[ "$(readlink $p/ns/pid 2>/dev/null)" = "$ns" ] && echo ${{p#/proc/}}; done; true'
+            f'[ "$(readlink $p/ns/pid 2>/dev/null)" = "$ns" ] && '
+            f"echo \"${{p#/proc/}} $(tr '\\0' ' ' < $p/cmdline)\"; done; true"
         )
         result = await self.sandbox.exec(["/bin/sh", "-c", script])
-        return sorted(int(x) for x in result.stdout.split())
+        out = []
+        for line in result.stdout.decode(errors="replace").splitlines():
+            pid_text, _, cmd = line.partition(" ")
+            if pid_text.isdigit():
+                out.append((int(pid_text), cmd.strip()))
+        return sorted(out)
 
     async def delete(self) -> None:
         """Kill what still runs, unmount its root and volumes in the guest, forget it."""
