@@ -47,7 +47,7 @@ async def make_template(run_root: str, guest_assets: Any, tpl: Path) -> None:
     )
     try:
         await drv.start_sandbox(BOOT_TIMEOUT)
-        assert "spawn=deny" not in drv.argv[drv.argv.index("-sandbox") + 1]
+        assert "spawn=deny" in drv.argv[drv.argv.index("-sandbox") + 1]  # no shell needed
         agent = await AgentClient.connect(agent_sock, BOOT_TIMEOUT)
         await agent.ping()
         await agent.close()
@@ -86,6 +86,35 @@ async def test_clone_from_template_runs_agent(
         for drv in clones:
             await drv.stop_sandbox()
     assert os.path.exists(tmp_path / "memory")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "t $(cd ..;cd ..;touch pwned) 'q' \"d\"",  # a command substitution, quoted words
+        "it's \"x",  # unbalanced quotes
+    ],
+)
+async def test_template_root_with_hostile_name(
+    run_root: str, guest_assets: Any, tmp_path: Path, name: str
+) -> None:
+    """The template's files are handed to QEMU, never spelled out to a shell."""
+    tpl = tmp_path / name
+    tpl.mkdir()
+    await make_template(run_root, guest_assets, tpl)
+    drv, sock = await create(run_root, config(guest_assets, tpl, boot_from_template=True), "c")
+    try:
+        await drv.start_sandbox(BOOT_TIMEOUT)
+        assert "spawn=deny" in drv.argv[drv.argv.index("-sandbox") + 1]
+        agent = await AgentClient.connect(sock, BOOT_TIMEOUT)
+        try:
+            assert (await agent.exec(["echo", "clone"])).stdout == b"clone\n"
+        finally:
+            await agent.close()
+    finally:
+        await drv.stop_sandbox()
+    assert sorted(os.listdir(tpl)) == ["memory", "state"]
+    assert not os.path.exists(os.path.join(run_root, "pwned"))
 
 
 async def test_clone_with_missing_state_fails_clearly(

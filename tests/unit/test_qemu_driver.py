@@ -244,9 +244,10 @@ async def test_save_sandbox_migrates_to_devices_state_path(
     fake.add(
         Expect("stop"),
         Expect("migrate-set-capabilities", arguments=caps),
+        Expect("getfd", arguments={"fdname": "migration"}),  # the file, not its path
         Expect(
             "migrate",
-            arguments={"uri": f"exec:cat>{tmp_path / 'state'}"},
+            arguments={"uri": "fd:migration"},
             events=[
                 {"event": "MIGRATION", "data": {"status": "setup"}},
                 {"event": "MIGRATION", "data": {"status": "completed"}},
@@ -273,6 +274,7 @@ async def test_save_sandbox_reports_failed_migration(
     drv = await running_driver(run_root, assets, dummy)
     fake.add(
         Expect("migrate-set-capabilities"),
+        Expect("getfd"),
         Expect("migrate", events=[{"event": "MIGRATION", "data": {"status": "failed"}}]),
         Expect("query-migrate", reply={"status": "failed", "error-desc": "disk full"}),
     )

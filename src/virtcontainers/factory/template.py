@@ -5,7 +5,8 @@ it a template is incomplete) and two files next to it, or in a directory the use
 
 - `memory`: guest RAM. The template VM maps it shared (`memory-backend-file,share=on`); every
   clone maps it private (copy-on-write), so the template's pages are shared by all clones.
-- `state`: QEMU's device state, saved with `x-ignore-shared` + `migrate exec:cat>state`.
+- `state`: QEMU's device state, saved with `x-ignore-shared` + `migrate fd:` (the file is
+  opened here and passed to QEMU as an fd).
 
 Run as root, the store mounts a tmpfs per template sized to the guest memory plus headroom.
 A clone is refused with `TemplateMismatchError` when its QEMU, kernel, initrd or config is

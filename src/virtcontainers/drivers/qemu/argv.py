@@ -524,9 +524,6 @@ def _rng(a: _Argv, spec: LaunchSpec, machine: str) -> None:
 def _sandbox(a: _Argv, spec: LaunchSpec) -> None:
     cfg = spec.config
     opts = list(SANDBOX_OPTS)
-    if cfg.boot_to_be_template or cfg.boot_from_template:
-        # `migrate exec:` and `migrate-incoming exec:` fork a shell.
-        opts.remove("spawn=deny")
     if runas_user(cfg):
         # `-runas` (hypervisor_params) calls setuid() after the filter is in place: SIGSYS
         # with elevateprivileges=deny (measured). Once it has run, no privilege is left.

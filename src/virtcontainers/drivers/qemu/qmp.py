@@ -132,22 +132,39 @@ class QMP:
     ) -> Any:
         """Run one command and return its `return` value."""
         async with self._lock:
+            return await self._execute(command, arguments, timeout)
+
+    async def pass_fd(self, fd: int, name: str, timeout: float = 30.0) -> None:
+        """Give QEMU a copy of `fd` named `name` (SCM_RIGHTS + `getfd`), for the commands
+        that take `fd:NAME`: the file is opened here, its path never reaches QEMU or a shell."""
+        async with self._lock:
             if not self.connected:
-                raise QMPDisconnectedError(f"QMP {self.name}: not connected (running {command})")
+                raise QMPDisconnectedError(f"QMP {self.name}: not connected (passing {name})")
             try:
-                async with asyncio.timeout(timeout):
-                    return await self._client.execute(command, dict(arguments or {}) or None)
-            except ExecuteError as exc:
-                raise QMPCommandError(command, exc.error_class, str(exc)) from None
-            except TimeoutError:
-                raise VMTimeoutError(
-                    f"QMP {self.name}: {command} got no answer within {timeout:g}s"
-                ) from None
-            except (ExecInterruptedError, QMPStateError, EOFError, OSError) as exc:
-                why = str(exc) or type(exc).__name__
-                raise QMPDisconnectedError(
-                    f"QMP {self.name}: connection lost during {command}: {why}"
-                ) from exc
+                self._client.send_fd_scm(fd)
+            except (QMPStateError, OSError) as exc:
+                raise QMPDisconnectedError(f"QMP {self.name}: cannot pass {name}: {exc}") from exc
+            await self._execute("getfd", {"fdname": name}, timeout)
+
+    async def _execute(
+        self, command: str, arguments: Mapping[str, object] | None, timeout: float
+    ) -> Any:
+        if not self.connected:
+            raise QMPDisconnectedError(f"QMP {self.name}: not connected (running {command})")
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._client.execute(command, dict(arguments or {}) or None)
+        except ExecuteError as exc:
+            raise QMPCommandError(command, exc.error_class, str(exc)) from None
+        except TimeoutError:
+            raise VMTimeoutError(
+                f"QMP {self.name}: {command} got no answer within {timeout:g}s"
+            ) from None
+        except (ExecInterruptedError, QMPStateError, EOFError, OSError) as exc:
+            why = str(exc) or type(exc).__name__
+            raise QMPDisconnectedError(
+                f"QMP {self.name}: connection lost during {command}: {why}"
+            ) from exc
 
     @contextlib.contextmanager
     def events(self, *names: str) -> Iterator[EventStream]:
