@@ -7,6 +7,7 @@ QMP socket, as QEMU would.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -222,6 +223,33 @@ async def test_reused_pid_is_never_signalled(
         await other.check()
     await other.stop_sandbox()
     assert dummy.poll() is None  # untouched
+
+
+async def test_stale_pid_leading_another_session_spares_its_members(
+    run_root: str, assets: HypervisorConfig
+) -> None:
+    """QEMU died long ago and its pid now leads another session (a login shell): stopping
+    the sandbox signals neither that leader nor any member of its session."""
+    shell = subprocess.Popen(
+        ["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        assert shell.stdout is not None
+        job = int(shell.stdout.readline())  # a job of that shell: same session
+        job_start = host.process_start_time(job)
+        drv = QemuHypervisor(run_root=run_root)
+        await drv.create_sandbox("sb1", None, assets)
+        state = drv.save()
+        state.pid = shell.pid
+        state.pid_start_time = (host.process_start_time(shell.pid) or 0) + 1  # the dead QEMU
+        state.vm_state = VMState.RUNNING
+        other = QemuHypervisor(run_root=run_root)
+        other.load(state)
+        await other.stop_sandbox()
+        assert shell.poll() is None and host.pid_is(job, job_start)
+    finally:
+        os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()
 
 
 async def test_save_sandbox_migrates_to_devices_state_path(

@@ -46,7 +46,7 @@ from . import virtiofsd
 from .helpers import Helper, Helpers
 from .hotplug import IMPLEMENTED as HOTPLUG_IMPLEMENTED
 from .hotplug import Hotplug
-from .process import VMProcess, kill_session_leftovers, log_tail
+from .process import VMProcess, log_tail
 from .qmp import QMP, QMPDisconnectedError
 from .state import HelperRecord, QemuState
 
@@ -389,10 +389,6 @@ class QemuHypervisor(Hypervisor):
         proc = self._proc
         if proc is not None and proc.alive():
             await proc.terminate(0.5, KILL_TIMEOUT)
-        if proc is not None and not proc.alive():
-            kill_session_leftovers(proc.pid)
-        elif proc is None and self._pid and not host.pid_is(self._pid, self._pid_start):
-            kill_session_leftovers(self._pid)
         await self.helpers.stop_all(grace=HANGUP_GRACE)  # virtiofsd exits once QEMU is gone
         await self._release(remove_dir=True)
         self._pid, self._pid_start = 0, None

@@ -181,37 +181,3 @@ class VMProcess:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
-
-
-def kill_session_leftovers(sid: int) -> list[int]:
-    """SIGKILL what QEMU started in its session and left behind when it died (the `sh -c
-    cat>file` of a `migrate exec:` blocked on its output); returns their pids.
-
-    QEMU was launched as a session leader, so its helpers carry its pid as session id; the
-    kernel does not hand that number to a new process while any of them lives.
-    """
-    if sid <= 1:
-        return []
-    killed: list[int] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == sid:
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        # After the command: state ppid pgrp session ...
-        if len(fields) < 4 or fields[0] == b"Z" or int(fields[3]) != sid:
-            continue
-        try:
-            fd = os.pidfd_open(int(entry))
-        except OSError:
-            continue
-        try:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-                killed.append(int(entry))
-        finally:
-            os.close(fd)
-    return killed
