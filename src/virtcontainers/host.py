@@ -429,6 +429,39 @@ def pid_is(pid: int, start_time: int | None) -> bool:
         return False
 
 
+def pidfd_of(pid: int, start_time: int | None) -> int | None:
+    """A pidfd on `pid` while it is the process that started at `start_time`, else None.
+
+    The pidfd pins that process: a signal sent through it (`signal.pidfd_send_signal`) never
+    reaches another process that got the number meanwhile. The caller closes it.
+    """
+    if pid <= 0 or not pid_is(pid, start_time):
+        return None
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    if not pid_is(pid, start_time):  # reused between the check and the open
+        os.close(fd)
+        return None
+    return fd
+
+
+def signal_process(pid: int, start_time: int | None, sig: int) -> bool:
+    """Send `sig` to `pid` if it is still the process that started at `start_time` (through
+    a pidfd, see `pidfd_of`); False when that process is gone."""
+    fd = pidfd_of(pid, start_time)
+    if fd is None:
+        return False
+    try:
+        signal.pidfd_send_signal(fd, sig)
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
 def python_command(*args: str, site: bool = True) -> list[str]:
     """The argv of a child Python interpreter that runs `args` isolated (`-I`).
 

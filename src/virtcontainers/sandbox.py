@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from . import persist
 from .config import HypervisorConfig
 from .devices import BlockDrive
+from .drivers.vmm_process import kill_strays
 from .errors import (
     AgentError,
     ConfigError,
@@ -52,8 +53,6 @@ GUEST_SETTLE_TIMEOUT = 30.0
 """Longest wait for the guest to see hotplugged hardware."""
 STARTING = "starting"
 """Persisted while the VMM runs but start has not finished (it names the VMM's pid)."""
-STRAY_KILL_TIMEOUT = 5.0
-"""Longest wait for a stray VMM (see `_kill_strays`) to exit after SIGKILL."""
 _FIELDS = {f.name for f in dataclasses.fields(HypervisorConfig)}
 
 
@@ -385,7 +384,7 @@ class Sandbox:
         finally:
             if hv is not None:
                 await hv.cleanup()
-            await _kill_strays(persist.vm_dir(self.id, self.run_root))
+            await asyncio.to_thread(kill_strays, persist.vm_dir(self.id, self.run_root))
             if self.network is not None:
                 await self.network.teardown()
             if self.workload.get("image_store"):
@@ -944,7 +943,7 @@ class Sandbox:
             if str(doc.get("sandbox", {}).get("state", "")) in ("new", "created"):
                 # Nobody holds the lock, so no start is under way: a VMM still serving the
                 # VM dir was left by a manager that died before recording its pid.
-                await _kill_strays(persist.vm_dir(id, root))
+                await asyncio.to_thread(kill_strays, persist.vm_dir(id, root))
         sb_doc = doc.get("sandbox", {})
         sb = cls(id, sb_doc.get("hypervisor", "qemu"), run_root=root)
         sb.start_timeout = float(sb_doc.get("start_timeout", DEFAULT_START_TIMEOUT))
@@ -1049,15 +1048,13 @@ def recorded_state(store: persist.StateStore, id: str, doc: dict[str, Any]) -> s
 
 
 async def _force_kill(hv: Hypervisor) -> None:
-    """SIGKILL the VMM process, after checking it is still the process that was started."""
+    """SIGKILL the VMM process if it is still the process that was started (via a pidfd)."""
     import signal
 
-    from .host import pid_is
+    from .host import signal_process
 
     state = hv.save()
-    if state.pid > 0 and pid_is(state.pid, state.pid_start_time):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(state.pid, signal.SIGKILL)
+    signal_process(state.pid, state.pid_start_time, signal.SIGKILL)
     await asyncio.sleep(0)
 
 
@@ -1090,28 +1087,6 @@ def _write_host_file(path: str, data: bytes) -> None:
         raise ConfigError(f"cannot write host file {path}: {e.strerror}") from e
 
 
-#: Programs `_kill_strays` may kill (the basename of argv[0] starts with one of these).
-VMM_PROGRAMS = (
-    "qemu-system-",
-    "qemu-storage-daemon",
-    "virtiofsd",
-    "firecracker",
-    "cloud-hypervisor",
-    "acrn-dm",
-)
-
-
-def _vmm_pids_in(vm_dir: str) -> list[int]:
-    """VMM processes (see `VMM_PROGRAMS`) whose command line names a file in `vm_dir`.
-
-    Anything else that mentions the directory (say, a `tail -f` of its console log) is
-    not a VMM and is left alone.
-    """
-    from .drivers.vmm_process import processes_using
-
-    return processes_using(vm_dir, VMM_PROGRAMS)
-
-
 def _read_bundle(bundle: str) -> Any:
     """A bundle's config.json, parsed; `ConfigError` naming what is wrong."""
     import json
@@ -1124,32 +1099,3 @@ def _read_bundle(bundle: str) -> Any:
         raise ConfigError(f"bundle {bundle}: no config.json") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"bundle {bundle}: config.json is unreadable: {e}") from None
-
-
-async def _kill_strays(vm_dir: str) -> None:
-    """SIGKILL and wait for any VMM still serving `vm_dir` that no driver knew about.
-
-    A manager killed between launching the VMM and recording its pid leaves such a process;
-    it is found by the VM directory on its command line (unique per run root and id). The
-    pid is pinned with a pidfd and its command line re-checked, so a reused pid is never hit.
-    """
-    import signal
-
-    from .drivers.vmm_process import wait_pidfd
-
-    for pid in _vmm_pids_in(vm_dir):
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            continue
-        try:
-            if pid not in _vmm_pids_in(vm_dir):
-                continue
-            log.warning("sandbox VM dir %s: killing stray VMM process %d", vm_dir, pid)
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            await wait_pidfd(pidfd, STRAY_KILL_TIMEOUT)
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)  # noqa: ASYNC222 (no wait)
-        finally:
-            os.close(pidfd)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,10 +21,11 @@ from virtcontainers.factory.errors import CacheUnavailableError
 
 
 def fake_vmm(vm_dir: str) -> subprocess.Popen[bytes]:
-    """A process whose command line names a file in `vm_dir`, like a VMM's sockets."""
+    """A process called like a VMM whose command line names a file in `vm_dir` (a socket)."""
     os.makedirs(vm_dir, exist_ok=True)
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)", f"{vm_dir}/qmp.sock"]
+        ["qemu-system-x86_64", "-c", "import time; time.sleep(60)", f"{vm_dir}/qmp.sock"],
+        executable=sys.executable,
     )
     # Right after the fork its command line can still read empty: wait until it shows.
     for _ in range(500):
@@ -108,6 +110,68 @@ def test_reap_leaves_a_live_owner_and_other_owners_alone(run_root: str) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_reap_spares_what_only_mentions_the_vm_dir(run_root: str) -> None:
+    """An operator's `tail -f console.log` names the VM directory but is no VMM."""
+    path = os.path.join(run_root, "pool.json")
+    vm_dir = persist.vm_dir("vm1", run_root)
+    vmm = fake_vmm(vm_dir)
+    open(f"{vm_dir}/console.log", "w").close()
+    tail = subprocess.Popen(["tail", "-f", f"{vm_dir}/console.log"])
+    try:
+        while tail.pid not in processes_using(vm_dir):
+            time.sleep(0.01)
+        owner, start = dead_pid()
+        write_ledger(path, owner, start, [{"id": "vm1", "vm_dir": vm_dir, "pid": 0}])
+        assert ledger_mod.reap(path) == ["vm1"]
+        assert vmm.wait(5) == -9
+        assert tail.poll() is None
+    finally:
+        for p in (vmm, tail):
+            p.kill()
+            p.wait()
+
+
+async def test_signals_go_through_pidfds(run_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing checks a pid and then signals the number (which may be reused meanwhile)."""
+    from virtcontainers import sandbox
+    from virtcontainers.factory import daemon
+    from virtcontainers.persist import HypervisorState
+
+    class Driver:
+        def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+            self.state = HypervisorState(
+                pid=proc.pid, pid_start_time=host.process_start_time(proc.pid)
+            )
+
+        def save(self) -> HypervisorState:
+            return self.state
+
+    def no_kill(pid: int, sig: int) -> None:
+        raise AssertionError(f"os.kill({pid}, {sig}): a pid, not a pidfd")
+
+    path = os.path.join(run_root, "pool.json")
+    vm_dir = persist.vm_dir("vm1", run_root)
+    vmm, server = fake_vmm(vm_dir), subprocess.Popen(["sleep", "60"])
+    forced = subprocess.Popen(["sleep", "60"])
+    monkeypatch.setattr(os, "kill", no_kill)
+    try:
+        owner, start = dead_pid()
+        vmm_start = host.process_start_time(vmm.pid)
+        entry = {"id": "vm1", "vm_dir": vm_dir, "pid": vmm.pid, "start_time": vmm_start}
+        write_ledger(path, owner, start, [entry])
+        assert ledger_mod.reap(path) == ["vm1"]
+        assert vmm.wait(5) == -9
+        daemon._kill(server.pid, host.process_start_time(server.pid))
+        assert server.wait(5) == -signal.SIGTERM
+        await sandbox._force_kill(Driver(forced))  # type: ignore[arg-type]
+        assert forced.wait(5) == -signal.SIGKILL
+    finally:
+        monkeypatch.undo()
+        for p in (vmm, server, forced):
+            p.kill()
+            p.wait()
 
 
 def test_reap_of_a_missing_or_garbage_ledger(run_root: str) -> None:

@@ -1,4 +1,4 @@
-"""`sandbox._kill_strays`: a VMM nobody recorded is found by its VM directory and killed."""
+"""`kill_strays`: a VMM nobody recorded is found by its VM directory and killed."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from virtcontainers.sandbox import _kill_strays, _vmm_pids_in
+from virtcontainers.drivers.vmm_process import VMM_PROGRAMS, kill_strays, processes_using
 
 
-async def test_a_stray_vmm_is_killed_and_other_processes_are_left(tmp_path: Path) -> None:
+def _vmm_pids_in(vm_dir: str) -> list[int]:
+    return processes_using(vm_dir, VMM_PROGRAMS)
+
+
+def test_a_stray_vmm_is_killed_and_other_processes_are_left(tmp_path: Path) -> None:
     vm_dir = str(tmp_path / "vm" / "sb1")
     os.makedirs(vm_dir)
     sleep = shutil.which("sleep")
@@ -24,7 +28,7 @@ async def test_a_stray_vmm_is_killed_and_other_processes_are_left(tmp_path: Path
         while not _vmm_pids_in(vm_dir) and time.monotonic() < deadline:
             time.sleep(0.01)  # until the child has exec'd its new command line
         assert _vmm_pids_in(vm_dir) == [stray.pid]
-        await _kill_strays(vm_dir)
+        assert kill_strays(vm_dir) == [stray.pid]
         assert stray.poll() is not None  # killed
         assert bystander.poll() is None
         assert _vmm_pids_in(vm_dir) == []

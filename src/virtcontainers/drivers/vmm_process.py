@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
+import select
 import signal
 import subprocess
 import time
@@ -21,7 +23,20 @@ from .. import host
 from ..errors import LaunchError
 from . import console_keeper
 
+log = logging.getLogger(__name__)
 _POLL = 0.02
+STRAY_KILL_TIMEOUT = 5.0
+"""Longest wait for a stray VMM (see `kill_strays`) to exit after SIGKILL."""
+
+VMM_PROGRAMS = (
+    "qemu-system-",
+    "qemu-storage-daemon",
+    "virtiofsd",
+    "firecracker",
+    "cloud-hypervisor",
+    "acrn-dm",
+)
+"""What `kill_strays` may kill: the basename of argv[0] starts with one of these."""
 
 
 def read_end(path: str, max_bytes: int) -> str | None:
@@ -246,6 +261,48 @@ def processes_using(directory: str, programs: tuple[str, ...] = ()) -> list[int]
         if not programs or program.startswith(programs):
             found.append(int(entry))
     return found
+
+
+def kill_strays(vm_dir: str, timeout: float = STRAY_KILL_TIMEOUT) -> list[int]:
+    """SIGKILL every VMM (see `VMM_PROGRAMS`) whose command line names a file in `vm_dir`, and
+    wait up to `timeout` seconds for them to exit; returns their pids.
+
+    Finds what no driver knew about: a manager killed between launching the VMM and recording
+    its pid, a cache server killed mid-boot. Anything else that mentions the directory (an
+    operator's `tail -f` of its console log) is no VMM and is left alone. Each process is
+    pinned by a pidfd and its command line read again before the signal, so a pid reused
+    meanwhile is never hit.
+    """
+    pinned: dict[int, int] = {}
+    try:
+        for pid in processes_using(vm_dir, VMM_PROGRAMS):
+            fd = host.pidfd_of(pid, host.process_start_time(pid))
+            if fd is not None:
+                pinned[pid] = fd
+        for pid in set(pinned) - set(processes_using(vm_dir, VMM_PROGRAMS)):
+            os.close(pinned.pop(pid))
+        for pid, fd in pinned.items():
+            log.warning("VM dir %s: killing stray VMM process %d", vm_dir, pid)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+        _wait_pidfds(list(pinned.values()), timeout)
+        return sorted(pinned)
+    finally:
+        for fd in pinned.values():
+            os.close(fd)
+
+
+def _wait_pidfds(fds: Sequence[int], timeout: float) -> None:
+    """Wait up to `timeout` seconds for every process behind `fds` to exit."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    left = len(fds)
+    while left and (remaining := deadline - time.monotonic()) > 0:
+        for fd, _ in poller.poll(remaining * 1000):
+            poller.unregister(fd)
+            left -= 1
 
 
 def threads_named(pid: int, pattern: re.Pattern[str]) -> dict[int, int]:

@@ -244,11 +244,7 @@ def _wait_gone(pid: int, start: int | None, timeout: float) -> bool:
 
 def _kill(pid: int, start: int | None) -> None:
     for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        if not host.pid_is(pid, start):
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        if _wait_gone(pid, start, wait):
+        if not host.signal_process(pid, start, sig) or _wait_gone(pid, start, wait):
             return
 
 

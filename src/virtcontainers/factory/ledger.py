@@ -2,8 +2,9 @@
 
 Each entry names a VM id, its directory and (once known) its VMM pid and start time. The
 server adds an entry before it boots a VM and removes it once the VM is handed out or stopped.
-`reap` kills what the entries name (checking pid start times, and any process whose command
-line uses the VM directory, for VMs killed mid-boot) and removes their directories.
+`reap` kills what the entries name (through pidfds, checking pid start times, and any VMM
+whose command line uses the VM directory, for VMs killed mid-boot) and removes their
+directories.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from typing import Any
 
 from .. import host, persist
-from ..drivers.vmm_process import processes_using
+from ..drivers.vmm_process import kill_strays
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +92,16 @@ def reap(path: str, owner: int | None = None) -> list[str]:
         return []
     if who and host.pid_is(who, who_start):
         return []
-    victims: dict[int, int | None] = {}
+    recorded: list[tuple[int, int | None]] = []
     for e in entries:
         pid, start = int(e.get("pid") or 0), e.get("start_time")
-        if pid and host.pid_is(pid, start):
-            victims[pid] = start
+        if host.signal_process(pid, start, signal.SIGKILL):
+            recorded.append((pid, start))
         vm_dir = str(e.get("vm_dir") or "")
         if vm_dir:
-            for p in processes_using(vm_dir):
-                victims.setdefault(p, host.process_start_time(p))
-    for pid, start in victims.items():
-        if host.pid_is(pid, start):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            kill_strays(vm_dir, REAP_WAIT)  # killed mid-boot: no pid recorded yet
     deadline = time.monotonic() + REAP_WAIT
-    while any(host.pid_is(p, s) for p, s in victims.items()) and time.monotonic() < deadline:
+    while any(host.pid_is(p, s) for p, s in recorded) and time.monotonic() < deadline:
         time.sleep(0.02)
     for e in entries:
         vm_dir = str(e.get("vm_dir") or "")
