@@ -233,3 +233,42 @@ def test_cli_run_exec_ps(run_root: str, store: ImageStore, tmp_path: Path) -> No
     assert missing.returncode == 1 and "unknown image reference 'nope'" in missing.stderr
     bad = virtc(run_root, store, "run", "--image", "busybox", "-v", "/no/dir:/x", "--", "true")
     assert bad.returncode == 2 and "volume source /no/dir is not an existing" in bad.stderr
+
+
+def test_cli_cp(run_root: str, store: ImageStore, tmp_path: Path) -> None:
+    """`virtc cp` both ways, files and directories, a volume path, and a container symlink
+    that points at the host's /etc: the copy lands in the container's /etc."""
+    vol = tmp_path / "vol"
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "sub" / "f").write_text("in a tree\n")
+    vol.mkdir()
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(3 << 20))
+    args = ["run", "-d", "--image", "busybox", "--name", "cp1", "-v", f"{vol}:/vol"]
+    started = virtc(run_root, store, *args, "--", "sleep", "600")
+    assert started.returncode == 0, started.stderr
+    try:
+        assert virtc(run_root, store, "cp", str(blob), "cp1:/tmp/blob").returncode == 0
+        assert virtc(run_root, store, "cp", str(tmp_path / "tree"), "cp1:/opt").returncode == 0
+        inside = virtc(
+            run_root, store, "exec", "cp1", "--", "sh", "-c",
+            "md5sum /tmp/blob; cat /opt/sub/f; ln -s /etc /evil; echo mine > /made",
+        )  # fmt: skip
+        assert inside.stdout.split()[2:] == ["in", "a", "tree"], inside.stderr
+        out = tmp_path / "out"
+        out.mkdir()
+        assert virtc(run_root, store, "cp", "cp1:/tmp/blob", str(out / "b")).returncode == 0
+        assert (out / "b").read_bytes() == blob.read_bytes()
+        assert virtc(run_root, store, "cp", "cp1:/made", str(out)).returncode == 0
+        assert (out / "made").read_text() == "mine\n"
+        assert virtc(run_root, store, "cp", str(blob), "cp1:/vol/v").returncode == 0
+        assert (vol / "v").read_bytes() == blob.read_bytes()
+        planted = virtc(run_root, store, "cp", str(blob), "cp1:/evil/vc-planted")
+        assert planted.returncode == 0, planted.stderr
+        assert not os.path.exists("/etc/vc-planted")
+        seen = virtc(run_root, store, "exec", "cp1", "--", "ls", "/etc/vc-planted")
+        assert seen.stdout.strip() == "/etc/vc-planted"
+        missing = virtc(run_root, store, "cp", "cp1:/nope", str(out))
+        assert missing.returncode == 2 and "/nope: no such file" in missing.stderr
+    finally:
+        assert virtc(run_root, store, "stop", "cp1").returncode == 0

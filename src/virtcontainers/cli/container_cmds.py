@@ -105,3 +105,50 @@ def ps(
     out.print("PID   COMMAND", markup=False, highlight=False)
     for pid, cmd in procs:
         out.print(f"{pid:<5} {cmd}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _split(arg: str) -> tuple[str | None, str]:
+    """`ID:/path` -> (ID, /path); anything else is a host path."""
+    head, sep, tail = arg.partition(":")
+    if sep and tail.startswith("/") and head and "/" not in head:
+        return head, tail
+    return None, arg
+
+
+@app.command()
+def cp(
+    ctx: typer.Context,
+    src: Annotated[str, typer.Argument(help="Host path, or ID:/path in a container.")],
+    dst: Annotated[str, typer.Argument(help="Host path, or ID:/path in a container.")],
+) -> None:
+    """Copy files or directories between the host and a sandbox's container."""
+    from ..errors import ConfigError
+    from .commands import _attach, run_async
+
+    src_id, src_path = _split(src)
+    dst_id, dst_path = _split(dst)
+    if (src_id is None) == (dst_id is None):
+        raise ConfigError("cp: exactly one of SRC and DST must be ID:/path")
+    sandbox_id = src_id or dst_id
+    assert sandbox_id is not None
+
+    async def body() -> None:
+        from .. import persist
+        from ..containers.copy import copy_in, copy_out
+
+        sb: Sandbox = await _attach(ctx, sandbox_id)
+        try:
+            container = sb.container()
+            vm_dir = persist.vm_dir(sb.id, sb.run_root)
+            if dst_id is not None:
+                root, where, read_only = container.locate(dst_path, vm_dir)
+                if read_only:
+                    raise ConfigError(f"cp: {dst_path} is on a read-only volume")
+                copy_in(root, src_path, where)  # forks: not from a worker thread
+            else:
+                root, where, _ = container.locate(src_path, vm_dir)
+                copy_out(root, where, dst_path)
+        finally:
+            await sb.detach()
+
+    run_async(body())

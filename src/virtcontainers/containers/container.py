@@ -240,6 +240,20 @@ class Container:
             await self.sandbox.exec(["/bin/sh", "-c", "; ".join(script) + "; true"])
         self.record.status = "deleted"
 
+    def locate(self, path: str, vm_dir: str) -> tuple[str, str, bool]:
+        """Where a container path lives on the host: (directory, path under it, read-only).
+        Under a volume: the volume's host directory; else the root the share serves."""
+        from .copy import share_root
+
+        if not path.startswith("/"):
+            raise ConfigError(f"container path {path!r} must be absolute")
+        norm = "/" + "/".join(p for p in path.split("/") if p not in ("", "."))
+        for v in sorted(self.record.volumes, key=lambda v: -len(v["destination"])):
+            dest = "/" + v["destination"].strip("/")
+            if norm == dest or norm.startswith(dest + "/"):
+                return v["source"], norm[len(dest) :] or "/", bool(v["read_only"])
+        return share_root(vm_dir), norm, False
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.record)
 

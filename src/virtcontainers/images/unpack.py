@@ -115,8 +115,9 @@ def _apply_xattrs(path: str, member: tarfile.TarInfo, chown: bool) -> None:
                 os.setxattr(path, attr, value.encode("utf-8", "surrogateescape"))
 
 
-def apply_layer(root: str, layer: IO[bytes], what: str) -> None:
-    """Apply one layer tar (plain or gzip) to `root`; `what` names the layer in errors."""
+def apply_layer(root: str, layer: IO[bytes], what: str, *, whiteouts: bool = True) -> None:
+    """Apply one layer tar (plain or gzip) to `root`; `what` names the layer in errors.
+    Without `whiteouts` (a copy, not a layer) `.wh.` names are ordinary files."""
     chown = os.geteuid() == 0
     try:
         with tarfile.open(fileobj=layer, mode="r:*") as tf:
@@ -124,12 +125,12 @@ def apply_layer(root: str, layer: IO[bytes], what: str) -> None:
             # Whiteouts first: they delete what lower layers put there, never this layer's own.
             for m in members:
                 parts = _parts(m.name, what)
-                if parts and parts[-1].startswith(WHITEOUT_PREFIX):
+                if whiteouts and parts and parts[-1].startswith(WHITEOUT_PREFIX):
                     _whiteout(root, parts, f"{what}: entry {m.name!r}")
             dirs: list[tuple[str, tarfile.TarInfo]] = []
             for m in members:
                 parts = _parts(m.name, what)
-                if not parts or parts[-1].startswith(WHITEOUT_PREFIX):
+                if not parts or (whiteouts and parts[-1].startswith(WHITEOUT_PREFIX)):
                     continue
                 _extract(root, tf, m, parts, f"{what}: entry {m.name!r}", chown, dirs)
             # Directory modes last, so a read-only directory still receives its entries.

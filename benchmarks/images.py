@@ -1,0 +1,147 @@
+"""Containers from images: `virtc run --image busybox -- true` against `virtc run -- true`
+(alternated, same run; target <= 1.15x), image import time and store size for the test
+images, and copying 100 MiB into and out of a running container (`virtc cp`).
+
+    [VC_BENCH_DEBIAN=1] .venv/bin/python benchmarks/images.py [--runs 10] [--quick]
+
+The busybox image is built from Debian's busybox-static (cached by its inputs); with
+VC_BENCH_DEBIAN=1 it also imports the Debian bookworm + python3 image (mmdebstrap; the first
+build takes minutes) and times `python3 -c pass` in it end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+from _lib import (
+    Candidate,
+    Options,
+    Result,
+    Sample,
+    add_limit,
+    add_metrics,
+    add_ratio,
+    alternate,
+    main,
+    median,
+    new_result,
+    temp_run_root,
+)
+from exec import run_virtc
+
+from virtcontainers.images import ImageStore
+from virtcontainers.images.build import busybox_image, debian_image
+
+TITLE = "Containers from images: run --image vs run, import, cp (q35, TCG)"
+RUN_TARGET = 1.15
+CP_BYTES = 100 << 20
+DEBIAN = os.environ.get("VC_BENCH_DEBIAN") == "1"
+"""Also the Debian image (`VC_BENCH_DEBIAN=1`): its first build takes minutes."""
+
+
+def _import(store_root: str, archive: str) -> Sample:
+    """A fresh store each time: the whole import (digests, unpack), then its size."""
+    shutil.rmtree(store_root, ignore_errors=True)
+    store = ImageStore(store_root)
+    t0 = time.perf_counter()
+    store.import_archive(archive)
+    t = time.perf_counter() - t0
+    return {"import": t, "store_mib": store.disk_usage() / (1 << 20)}
+
+
+async def bench(opts: Options) -> Result:
+    result = new_result("images", TITLE, opts, unit="s")
+    tmp = tempfile.mkdtemp(prefix="vcb-img-", dir=os.environ.get("VC_BENCH_TMPDIR", "/tmp"))
+    samples: dict[str, dict[str, list[float]]] = {}
+    try:
+        archives = {"busybox": busybox_image()}
+        if DEBIAN:
+            archives["debian"] = debian_image()
+        for name, archive in archives.items():
+            runs = [_import(os.path.join(tmp, f"import-{name}"), archive) for _ in range(3)]
+            samples[f"import_{name}"] = {
+                "import": [r["import"] for r in runs],
+            }
+            result.setdefault("store_mib", {})[name] = round(runs[-1]["store_mib"], 1)
+        store_root = os.path.join(tmp, "store")
+        ImageStore(store_root).import_archive(archives["busybox"])
+        if DEBIAN:
+            ImageStore(store_root).import_archive(archives["debian"])
+        async with temp_run_root() as run_root:
+            env = dict(os.environ, VC_RUN_ROOT=run_root, VC_IMAGE_ROOT=store_root)
+
+            async def run_plain(_i: int) -> Sample:
+                return {"wall": await asyncio.to_thread(run_virtc, ["run", "--", "true"], env)}
+
+            async def run_image(_i: int) -> Sample:
+                args = ["run", "--image", "busybox", "--", "true"]
+                return {"wall": await asyncio.to_thread(run_virtc, args, env)}
+
+            cands: dict[str, Candidate] = {"virtc_run": run_plain, "virtc_run_image": run_image}
+            if DEBIAN:
+
+                async def run_python(_i: int) -> Sample:
+                    image = "debian-python:bookworm"
+                    args = ["run", "--image", image, "--", "python3", "-c", "pass"]
+                    return {"wall": await asyncio.to_thread(run_virtc, args, env)}
+
+                cands["virtc_run_python"] = run_python
+            print("virtc run --image busybox -- true vs virtc run -- true", flush=True)
+            samples.update(await alternate(cands, opts.runs, opts.warmup, settle=0.5))
+            samples.update(await _copy(opts, env, tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    add_metrics(result, samples)
+    add_ratio(
+        result, "run --image busybox -- true / run -- true", ("virtc_run_image", "wall"),
+        ("virtc_run", "wall"),
+    )  # fmt: skip
+    with_image = median(result, "virtc_run_image", "wall")
+    plain = median(result, "virtc_run", "wall")
+    if with_image is not None and plain is not None:
+        add_limit(result, "run --image / run (median ratio)", with_image / plain, RUN_TARGET)
+    return result
+
+
+def _write_blob(path: str) -> None:
+    with open(path, "wb") as f:
+        f.write(os.urandom(CP_BYTES))
+
+
+async def _copy(opts: Options, env: dict[str, str], tmp: str) -> dict[str, dict[str, list[float]]]:
+    """`virtc cp` of a 100 MiB file into a detached container and back out."""
+    src = os.path.join(tmp, "blob")
+    await asyncio.to_thread(_write_blob, src)
+    sid = "cpbench"
+    await asyncio.to_thread(
+        run_virtc, ["run", "-d", "--name", sid, "--image", "busybox", "--", "sleep", "3600"], env
+    )
+    try:
+
+        async def cp_in(i: int) -> Sample:
+            args = ["cp", src, f"{sid}:/tmp/blob{i}"]
+            return {"wall": await asyncio.to_thread(run_virtc, args, env)}
+
+        async def cp_out(i: int) -> Sample:
+            out = os.path.join(tmp, f"out{i}")
+            args = ["cp", f"{sid}:/tmp/blob-src", out]
+            t = await asyncio.to_thread(run_virtc, args, env)
+            if os.path.getsize(out) != CP_BYTES:
+                raise RuntimeError(f"virtc cp out: {os.path.getsize(out)} bytes")
+            os.unlink(out)
+            return {"wall": t}
+
+        await asyncio.to_thread(run_virtc, ["cp", src, f"{sid}:/tmp/blob-src"], env)
+        print("virtc cp of 100 MiB in and out", flush=True)
+        return await alternate({"cp_in": cp_in, "cp_out": cp_out}, opts.runs, opts.warmup)
+    finally:
+        await asyncio.to_thread(run_virtc, ["stop", sid], env)
+
+
+if __name__ == "__main__":
+    sys.exit(main(bench, __doc__.splitlines()[0]))
