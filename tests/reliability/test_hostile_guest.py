@@ -10,6 +10,7 @@ import os
 import pwd
 import stat
 import struct
+import subprocess
 import zlib
 from typing import Any
 
@@ -21,6 +22,7 @@ from virtcontainers import persist
 from virtcontainers.agent import AgentClient, AgentTimeoutError
 from virtcontainers.agent import protocol as p
 from virtcontainers.drivers.qemu import QemuHypervisor
+from virtcontainers.errors import AgentError
 from virtcontainers.sandbox import Sandbox
 from virtcontainers.types import Param
 
@@ -124,20 +126,75 @@ async def test_guest_flooding_its_console_neither_stalls_the_host_nor_fills_its_
     assert_clean(leak_check)
 
 
-async def test_guest_writing_raw_bytes_to_the_agent_port(sandbox: Sandbox) -> None:
-    # The agent holds its port open; whatever a guest process manages to write is garbage
-    # to the host decoder, which must skip it or fail cleanly — never hang.
-    res = await asyncio.wait_for(
-        sandbox.exec(
-            ["sh", "-c", "for p in /dev/vport*; do head -c 65536 /dev/urandom > $p; done; true"],
-            timeout=10,
-        ),
-        CALL,
+INJECT_C = r"""
+/* Write stdin's bytes into the agent's own open port (the port allows one open at a time, so
+ * the fd is taken from pid 1 with pidfd_getfd), i.e. to the host side of the channel. */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void)
+{
+	int pidfd = (int)syscall(SYS_pidfd_open, 1, 0);
+	DIR *d = opendir("/proc/1/fd");
+	struct dirent *de;
+	char path[64], link[64];
+	while (pidfd >= 0 && d && (de = readdir(d))) {
+		snprintf(path, sizeof path, "/proc/1/fd/%s", de->d_name);
+		ssize_t n = readlink(path, link, sizeof link - 1);
+		if (n <= 0)
+			continue;
+		link[n] = 0;
+		if (strncmp(link, "/dev/vport", 10))
+			continue;
+		int fd = (int)syscall(SYS_pidfd_getfd, pidfd, atoi(de->d_name), 0);
+		char buf[4096];
+		ssize_t r;
+		while (fd >= 0 && (r = read(0, buf, sizeof buf)) > 0)
+			if (write(fd, buf, (size_t)r) != r)
+				return 3;
+		return fd >= 0 ? 0 : 2;
+	}
+	return 1;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def injector(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The injector, built static for the guest."""
+    d = tmp_path_factory.mktemp("inject")
+    (d / "inject.c").write_text(INJECT_C)
+    subprocess.run(
+        ["gcc", "-static", "-O2", "-o", str(d / "inject"), str(d / "inject.c")], check=True
     )
-    assert res.exit_code == 0
-    for _ in range(2):
-        res = await sandbox.exec(["echo", "ok"])
-        assert res.stdout == b"ok\n"
+    return (d / "inject").read_bytes()
+
+
+async def test_guest_writing_garbage_to_the_host_side_of_the_agent_channel(
+    sandbox: Sandbox, injector: bytes
+) -> None:
+    """A guest root process writes into the agent's port itself: the host decoder skips the
+    garbage and keeps serving; an oversize frame header fails the connection cleanly (a
+    clear error for the request in flight) and the sandbox reconnects."""
+    await sandbox.write_file("/tmp/inject", injector, 0o755)
+    agent = await sandbox.agent()
+    skipped = agent._decoder.skipped
+    junk = os.urandom(65536).replace(b"VCAG", b"vcag")
+    res = await sandbox.exec(["/tmp/inject"], stdin=junk, timeout=30)
+    assert res.exit_code == 0, res
+    assert agent._decoder.skipped - skipped >= len(junk)  # it did reach the host, was skipped
+    assert (await sandbox.exec(["echo", "ok"])).stdout == b"ok\n"
+    assert not agent.closed
+
+    oversize = frame_header(p.MsgType.EXEC | p.REPLY, 1, p.MAX_FRAME + 1)
+    with pytest.raises(AgentError, match="exceeds"):
+        await sandbox.exec(["/tmp/inject"], stdin=oversize, timeout=30)
+    assert agent.closed
+    assert (await sandbox.exec(["echo", "back"])).stdout == b"back\n"  # a new connection
 
 
 def frame_header(type_: int, id_: int, length: int) -> bytes:

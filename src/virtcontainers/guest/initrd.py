@@ -18,6 +18,17 @@ RUNNER_SOURCE = "vc-run.c"
 RUNNER_PATH = "sbin/vc-run"
 """Inside the initrd: the program that starts a container process (guest/container/vc-run.c)."""
 CFLAGS: tuple[str, ...] = ("-static", "-O2", "-Wall", "-Wextra", "-s")
+SANITIZE_CFLAGS: tuple[str, ...] = (
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+    "-g",
+    "-O1",
+    "-Wall",
+    "-Wextra",
+)
+"""A host build for tests: AddressSanitizer and UndefinedBehaviorSanitizer, dynamic (the
+sanitizers' runtimes cannot be linked statically), stopping at the first error."""
 LIBC_A = "/usr/lib/x86_64-linux-gnu/libc.a"
 MODULE_LIST = "etc/vc-modules"
 """Inside the initrd: `name path deps` per module (path relative to lib/modules/<version>),
@@ -106,12 +117,21 @@ def compile_runner(out_path: str, work_dir: str) -> None:
     compile_c(runner_source(), RUNNER_SOURCE, out_path, work_dir, "vc-run")
 
 
-def compile_agent(out_path: str, work_dir: str) -> None:
-    """Build the agent with `gcc -static`; AssetError names the missing package."""
-    compile_c(agent_source(), AGENT_SOURCE, out_path, work_dir, "the guest agent")
+def compile_agent(out_path: str, work_dir: str, *, sanitize: bool = False) -> None:
+    """Build the agent with `gcc -static` (or, with `sanitize`, the ASan/UBSan host build of
+    `SANITIZE_CFLAGS` for tests); AssetError names the missing package."""
+    flags = SANITIZE_CFLAGS if sanitize else CFLAGS
+    compile_c(agent_source(), AGENT_SOURCE, out_path, work_dir, "the guest agent", flags)
 
 
-def compile_c(source: bytes, name: str, out_path: str, work_dir: str, what: str) -> None:
+def compile_c(
+    source: bytes,
+    name: str,
+    out_path: str,
+    work_dir: str,
+    what: str,
+    flags: Sequence[str] = CFLAGS,
+) -> None:
     """Build one static guest program; AssetError names the missing package."""
     if shutil.which("gcc") is None:
         raise AssetError("gcc not found: the guest agent is built from C; `apt-get install gcc`")
@@ -123,7 +143,7 @@ def compile_c(source: bytes, name: str, out_path: str, work_dir: str, what: str)
     with open(src, "wb") as f:
         f.write(source)
     res = subprocess.run(
-        ["gcc", *CFLAGS, "-o", out_path, src],
+        ["gcc", *flags, "-o", out_path, src],
         capture_output=True,
         text=True,
         check=False,
