@@ -15,11 +15,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from test_agent_native import NativeAgent, wait_gone
+from test_agent_native import NativeAgent, native, wait_gone
 
 from leaks import running
 from virtcontainers.agent import AgentClient, AgentRequestError, ExitStatus
 from virtcontainers.errors import AgentError
+
+__all__ = ["native"]  # the module's agent (a fixture)
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is needed to build it"),
@@ -34,17 +36,6 @@ async def settled(client: AgentClient) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the agent still runs processes")
-
-
-@pytest.fixture(scope="module")
-def native() -> Iterator[NativeAgent]:
-    d = tempfile.mkdtemp(prefix="vc-proc-", dir="/tmp")
-    agent = NativeAgent(d)
-    try:
-        yield agent
-    finally:
-        agent.stop()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
