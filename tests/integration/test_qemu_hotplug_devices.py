@@ -100,12 +100,12 @@ async def test_block_scsi_net_hotplug_and_errors(
         extra = BlockDrive(id="disk3", path=spare, driver="virtio-blk")
         with pytest.raises(HypervisorError, match="no free pcie-root-port for blk-disk3"):
             await drv.hotplug_add_device(extra)
-        assert extra.pci_path == "" and 2 not in drv.block_index_map
+        assert extra.pci_path == "" and 2 not in drv.hotplug.block_indexes
 
         # Removals: each device disappears from the guest.
         await drv.hotplug_remove_device(d1)
         await vm.wait_for("ls /sys/block | grep -c ^vd; true", "0")
-        assert d1.pci_path == "" and 0 not in drv.block_index_map
+        assert d1.pci_path == "" and 0 not in drv.hotplug.block_indexes
         await drv.hotplug_remove_device(d2)
         await vm.wait_for("ls /sys/block | grep -c ^sd; true", "0")
         await drv.hotplug_remove_device(nic)
@@ -119,7 +119,7 @@ async def test_block_scsi_net_hotplug_and_errors(
         await vm.wait_for("ls /sys/block | grep -c ^vd", "1")
         await drv.hotplug_add_device(d2)
         await vm.wait_for("ls /sys/block | grep ^sd", "sda")
-        assert drv.block_index_map == [0, 1]
+        assert drv.hotplug.block_indexes == [0, 1]
 
 
 async def test_vfio_refused_by_qemu_leaves_nothing(
@@ -136,7 +136,7 @@ async def test_vfio_refused_by_qemu_leaves_nothing(
         dev = VFIODevice(id="gpu0", bdf="0000:7f:1f.7", sysfs_dev=str(sysfs))
         with pytest.raises(HypervisorError, match=r"hotplugging VFIO device gpu0.*device_add"):
             await drv.hotplug_add_device(dev)
-        assert all(not b.devices_addr for b in drv.bridges)
+        assert all(not b.devices_addr for b in drv.hotplug.bridges)
         peripherals = await drv._execute("qom-list", {"path": "/machine/peripheral"})
         assert "vfio-gpu0" not in {p["name"] for p in peripherals}
         # Not bound to vfio-pci at all: refused before QEMU is asked.

@@ -58,8 +58,8 @@ async def test_vcpus_and_dimm_memory(run_root: str, guest_assets: Any) -> None:
 
         # vCPUs: up to maxcpus, onlined by the agent.
         assert await drv.resize_vcpus(2) == (1, 2)
-        assert len(drv.hotplugged_vcpus) == 1
-        assert [v.id for v in drv.save().hotplugged_vcpus] == drv.hotplugged_vcpus
+        assert len(drv.hotplug.vcpus) == 1
+        assert [v.id for v in drv.save().hotplugged_vcpus] == drv.hotplug.vcpus
         assert len(await drv.get_thread_ids()) == 2
         await online_cpus(vm, "0-1")
         assert (await vm.sh("nproc")).strip() == "2"
@@ -74,7 +74,7 @@ async def test_vcpus_and_dimm_memory(run_root: str, guest_assets: Any) -> None:
             await drv.resize_vcpus(1)
         with pytest.raises(UnsupportedError, match="under TCG"):
             await drv.hotplug_remove_device(CPUDevice(amount=1))
-        assert len(drv.hotplugged_vcpus) == 1
+        assert len(drv.hotplug.vcpus) == 1
         await drv.check()
         assert (await vm.sh("nproc")).strip() == "2"
 
@@ -83,7 +83,7 @@ async def test_vcpus_and_dimm_memory(run_root: str, guest_assets: Any) -> None:
         new_mb, dev = await drv.resize_memory(512, 128, False)
         assert new_mb == 512
         assert dev.slot == 0 and dev.size_mb == 256 and dev.addr >= 4 << 30 and not dev.probe
-        assert drv.hotplugged_memory == 256
+        assert drv.hotplug.memory_mb == 256
         await online_memory(vm, before + 256)
         # Aligned up to the guest's block size.
         new_mb, dev = await drv.resize_memory(600, 128, True)
@@ -95,7 +95,7 @@ async def test_vcpus_and_dimm_memory(run_root: str, guest_assets: Any) -> None:
             await drv.hotplug_add_device(MemoryHotplug(size_mb=128))
         with pytest.raises(UnsupportedError, match="qemu does not support shrinking memory"):
             await drv.resize_memory(512, 128, False)
-        assert drv.hotplugged_memory == 384
+        assert drv.hotplug.memory_mb == 384
 
 
 async def test_virtio_mem_grows_and_shrinks(run_root: str, guest_assets: Any) -> None:
@@ -109,12 +109,12 @@ async def test_virtio_mem_grows_and_shrinks(run_root: str, guest_assets: Any) ->
         await online_memory(vm, before + 256)
         new_mb, dev = await drv.resize_memory(384, 128, False)
         assert new_mb == 384 and dev.size_mb == 128
-        assert drv.hotplugged_memory == 128
+        assert drv.hotplug.memory_mb == 128
         await online_memory(vm, before + 128)
         dev = await drv.hotplug_add_device(MemoryHotplug(size_mb=64))
-        assert dev.size_mb == 192 and drv.hotplugged_memory == 192
+        assert dev.size_mb == 192 and drv.hotplug.memory_mb == 192
         with pytest.raises(ConfigError, match="booted with 256 MiB"):
             await drv.resize_memory(128, 128, False)
         with pytest.raises(ConfigError, match="the device holds at most"):
             await drv.resize_memory(10_000_000, 128, False)
-        assert drv.hotplugged_memory == 192
+        assert drv.hotplug.memory_mb == 192

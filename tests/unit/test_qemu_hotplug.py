@@ -27,7 +27,7 @@ from virtcontainers.devices import (
 )
 from virtcontainers.drivers.qemu import QemuHypervisor, machine_capabilities, pci, resize
 from virtcontainers.drivers.qemu import hotplug as qhotplug
-from virtcontainers.drivers.qemu.state import Dimm, HotplugState, Plugged, QemuState
+from virtcontainers.drivers.qemu.state import Dimm, Plugged, QemuState
 from virtcontainers.errors import (
     ConfigError,
     HypervisorError,
@@ -219,13 +219,13 @@ async def test_virtio_blk_add_and_remove(
     drive = BlockDrive(id="d0", path=path, driver="virtio-blk", read_only=True)
     assert await drv.hotplug_add_device(drive) is drive
     assert (drive.pci_path, drive.index, drive.scsi_addr) == ("01/00", 0, "")
-    assert drv.block_index_map == [0]
-    assert drv.bridges[0].devices_addr == {0: "blk-d0"}
+    assert drv.hotplug.block_indexes == [0]
+    assert drv.hotplug.bridges[0].devices_addr == {0: "blk-d0"}
     with pytest.raises(ConfigError, match="BlockDrive d0 is already hot-added"):
         await drv.hotplug_add_device(drive)
     await drv.hotplug_remove_device(drive)
-    assert drive.pci_path == "" and drv.block_index_map == []
-    assert not drv.bridges[0].devices_addr
+    assert drive.pci_path == "" and drv.hotplug.block_indexes == []
+    assert not drv.hotplug.bridges[0].devices_addr
     with pytest.raises(StateError, match="BlockDrive d0 from VM hp1: it was never hot-added"):
         await drv.hotplug_remove_device(drive)
     fake.assert_done()
@@ -251,7 +251,7 @@ async def test_failed_device_add_rolls_back(
     ):
         await drv.hotplug_add_device(drive)
     assert drive.pci_path == "" and drive.index == -1
-    assert drv.block_index_map == [] and all(not b.devices_addr for b in drv.bridges)
+    assert drv.hotplug.block_indexes == [] and all(not b.devices_addr for b in drv.hotplug.bridges)
     assert drv.hotplug.plugged == {}
     fake.assert_done()
     await drv.disconnect()
@@ -288,10 +288,10 @@ async def test_device_del_that_never_completes_leaves_the_device_recorded(
         await drv.hotplug_remove_device(drive)
     # No half state: still recorded, port and index held, backend not deleted.
     assert "BlockDrive:d0" in drv.hotplug.plugged
-    assert drv.bridges[0].devices_addr == {0: "blk-d0"} and drv.block_index_map == [0]
+    assert drv.hotplug.bridges[0].devices_addr == {0: "blk-d0"} and drv.hotplug.block_indexes == [0]
     assert drive.pci_path == "01/00"
     await drv.hotplug_remove_device(drive)
-    assert drv.hotplug.plugged == {} and drv.block_index_map == []
+    assert drv.hotplug.plugged == {} and drv.hotplug.block_indexes == []
     fake.assert_done()
     await drv.disconnect()
 
@@ -304,13 +304,12 @@ async def test_device_gone_meanwhile_counts_as_removed(
     tmp_path: Path,
 ) -> None:
     drv = await running(run_root, config, dummy, fake)
-    drv.hotplug.load(
-        HotplugState(
-            devices=[
-                Plugged("BlockDrive:d0", "blk-d0", backend_kind="blockdev", backend="d0", index=0)
-            ]
-        )
-    )
+    drv.hotplug.plugged = {
+        rec.key: rec
+        for rec in [
+            Plugged("BlockDrive:d0", "blk-d0", backend_kind="blockdev", backend="d0", index=0)
+        ]
+    }
     fake.add(
         Expect("device_del", error=("DeviceNotFound", "Device 'blk-d0' not found")),
         Expect("blockdev-del", {"node-name": "d0"}),
@@ -329,7 +328,7 @@ async def test_scsi_hd_add_picks_a_free_scsi_id(
 ) -> None:
     drv = await running(run_root, config, dummy, fake)
     drv.devices.append(BlockDrive(id="cold", path="/x/c.img", scsi_addr="0:0", index=0))
-    drv.block_index_map.append(0)
+    drv.hotplug.block_indexes.append(0)
     fake.add(
         Expect("blockdev-add"),
         Expect(
@@ -351,9 +350,9 @@ async def test_scsi_hd_add_picks_a_free_scsi_id(
     drive = BlockDrive(id="d1", path=image(tmp_path, "d1"))  # config default: virtio-scsi
     await drv.hotplug_add_device(drive)
     assert (drive.scsi_addr, drive.index, drive.pci_path) == ("1:0", 1, "")
-    assert all(not b.devices_addr for b in drv.bridges)  # no root port used
+    assert all(not b.devices_addr for b in drv.hotplug.bridges)  # no root port used
     await drv.hotplug_remove_device(drive)
-    assert drv.block_index_map == [0]
+    assert drv.hotplug.block_indexes == [0]
     fake.assert_done()
     await drv.disconnect()
 
@@ -448,7 +447,7 @@ async def test_vfio_add_and_remove_on_a_root_port(
     await drv.hotplug_add_device(dev)
     assert dev.pci_path == "01/00"
     await drv.hotplug_remove_device(dev)
-    assert all(not b.devices_addr for b in drv.bridges)
+    assert all(not b.devices_addr for b in drv.hotplug.bridges)
     fake.assert_done()
     await drv.disconnect()
 
@@ -586,7 +585,7 @@ async def test_external_vhost_user_blk(
             await drv.hotplug_add_device(VhostUserDevice(id="v0", socket_path=path))
     finally:
         listener.close()
-    assert drv.hotplug.plugged == {} and all(not b.devices_addr for b in drv.bridges)
+    assert drv.hotplug.plugged == {} and all(not b.devices_addr for b in drv.hotplug.bridges)
     fake.assert_done()
     await drv.disconnect()
 
@@ -650,10 +649,10 @@ async def test_vcpu_add_remove_with_kvm(
         Expect("qom-list", {"path": "/machine/peripheral"}, reply=[{"name": "rp0"}]),
     )
     assert await drv.resize_vcpus(2) == (1, 2)
-    assert drv.hotplugged_vcpus == ["cpu-0-1-0"]
+    assert drv.hotplug.vcpus == ["cpu-0-1-0"]
     assert [v.id for v in drv.save().hotplugged_vcpus] == ["cpu-0-1-0"]
     assert await drv.hotplug_remove_device(CPUDevice(amount=1)) == 1
-    assert drv.hotplugged_vcpus == []
+    assert drv.hotplug.vcpus == []
     fake.assert_done()
     await drv.disconnect()
 
@@ -671,10 +670,10 @@ async def test_vcpu_limits(
         await drv.resize_vcpus(3)
     with pytest.raises(ConfigError, match="to 0 vCPUs: it booted with 1"):
         await drv.resize_vcpus(0)
-    drv.hotplugged_vcpus.append("cpu-0-1-0")
+    drv.hotplug.vcpus.append("cpu-0-1-0")
     with pytest.raises(UnsupportedError, match="hot-removing vCPUs from VM hp1 under TCG"):
         await drv.resize_vcpus(1)
-    assert drv.hotplugged_vcpus == ["cpu-0-1-0"]
+    assert drv.hotplug.vcpus == ["cpu-0-1-0"]
     fake.assert_done()
     await drv.disconnect()
 
@@ -706,11 +705,11 @@ async def test_pc_dimm_resize(
         512,
         MemoryDevice(slot=0, size_mb=256, addr=4 * GIB, probe=True),
     )
-    assert drv.hotplugged_memory == 256 and drv.hotplug.dimms[0].id == "dimm0"
+    assert drv.hotplug.memory_mb == 256 and drv.hotplug.dimms[0].id == "dimm0"
     assert await drv.resize_memory(512, 128, False) == (512, MemoryDevice(-1, 0))
     with pytest.raises(HypervisorError, match="not enough space"):
         await drv.hotplug_add_device(MemoryHotplug(size_mb=128))
-    assert drv.hotplugged_memory == 256 and len(drv.hotplug.dimms) == 1
+    assert drv.hotplug.memory_mb == 256 and len(drv.hotplug.dimms) == 1
     with pytest.raises(UnsupportedError, match="shrinking memory from 512 to 256 MiB"):
         await drv.resize_memory(256, 128, False)
     with pytest.raises(ConfigError, match=r"would exceed maxmem"):
@@ -823,9 +822,9 @@ async def test_records_survive_save_and_load(
     await drv.disconnect()
     other = QemuHypervisor(run_root=run_root)
     other.load(state)
-    assert other.bridges[0].devices_addr == {0: "net-n0"}
+    assert other.hotplug.bridges[0].devices_addr == {0: "net-n0"}
     await other.hotplug_remove_device(NetworkEndpoint(id="n0", tap_name="tap0"))
-    assert not other.bridges[0].devices_addr
+    assert not other.hotplug.bridges[0].devices_addr
     fake.assert_done()
     await other.disconnect()
 
@@ -836,13 +835,12 @@ async def test_device_del_is_repeated_until_the_guest_acts(
     # A guest still booting drops the first eject request; the second one is honoured.
     drv = await running(run_root, config, dummy, fake)
     drv.hotplug.unplug_retry = 0.2
-    drv.hotplug.load(
-        HotplugState(
-            devices=[
-                Plugged("NetworkEndpoint:n0", "net-n0", backend_kind="netdev", backend="netdev-n0")
-            ]
-        )
-    )
+    drv.hotplug.plugged = {
+        rec.key: rec
+        for rec in [
+            Plugged("NetworkEndpoint:n0", "net-n0", backend_kind="netdev", backend="netdev-n0")
+        ]
+    }
     fake.add(
         Expect("device_del", {"id": "net-n0"}),
         Expect("device_del", {"id": "net-n0"}, events=[deleted("net-n0")]),

@@ -120,14 +120,9 @@ class QemuHypervisor(Hypervisor):
         self.devices: list[Device] = []
         self.argv: list[str] = []
         self.agent_socket = ""
-        #: Cold-plugged hotplug targets: pcie-root-ports (q35) or pci-bridges (pc).
-        self.bridges: list[persist.Bridge] = []
-        self.block_index_map: list[int] = []
-        self.hotplugged_vcpus: list[str] = []
-        self.hotplugged_memory = 0
         #: Helper processes: virtiofsd and qemu-storage-daemon for devices, the console keeper.
         self.helpers = Helpers()
-        self.hotplug = Hotplug(self)
+        self.hotplug = Hotplug(self, self.helpers, self._execute, self._attach)
         self._proc: VMProcess | None = None
         self._pid = 0
         self._pid_start: int | None = None
@@ -182,7 +177,7 @@ class QemuHypervisor(Hypervisor):
         except BaseException:
             shutil.rmtree(self.paths.vm_dir, ignore_errors=True)
             raise
-        self.bridges = [
+        self.hotplug.bridges = [
             persist.Bridge(id=i, type="pcie-root-port") for i in qargv.root_port_ids(spec)
         ] + [persist.Bridge(id=i, type="pci-bridge") for i in qargv.bridge_ids(spec)]
         self.state = VMState.CREATED
@@ -496,8 +491,8 @@ class QemuHypervisor(Hypervisor):
                 n += 1
             drive.scsi_addr = drive.scsi_addr or f"{n}:0"
         if drive.index < 0:
-            drive.index = self.get_virt_drive_offset() + len(self.block_index_map)
-        self.block_index_map.append(drive.index)
+            drive.index = self.get_virt_drive_offset() + len(self.hotplug.block_indexes)
+        self.hotplug.block_indexes.append(drive.index)
 
     async def hotplug_add_device(self, device: Device) -> Any:
         self._require_running("hotplug a device")
@@ -560,7 +555,7 @@ class QemuHypervisor(Hypervisor):
     @property
     def root_ports(self) -> list[str]:
         """Ids of the cold-plugged pcie-root-ports (q35), in bus order."""
-        return [b.id for b in self.bridges if b.type == "pcie-root-port"]
+        return [b.id for b in self.hotplug.bridges if b.type == "pcie-root-port"]
 
     @property
     def console_log(self) -> str:
@@ -580,12 +575,12 @@ class QemuHypervisor(Hypervisor):
             pid_start_time=self._proc.start_time if self._proc else self._pid_start,
             uuid=self.uuid,
             api_socket=self.paths.qmp_socket,
-            block_index_map=list(self.block_index_map),
-            hotplugged_vcpus=[persist.HotpluggedVCPU(id=v) for v in self.hotplugged_vcpus],
-            hotplugged_memory=self.hotplugged_memory,
+            block_index_map=list(self.hotplug.block_indexes),
+            hotplugged_vcpus=[persist.HotpluggedVCPU(id=v) for v in self.hotplug.vcpus],
+            hotplugged_memory=self.hotplug.memory_mb,
             virtiofsd_pid=next(iter(self.helpers.pids(virtiofsd.KIND)), 0),
             pcie_root_port=len(self.root_ports),
-            bridges=[b.model_copy(deep=True) for b in self.bridges],
+            bridges=[b.model_copy(deep=True) for b in self.hotplug.bridges],
             hotplug_vfio_on_root_bus=cfg.hotplug_vfio_on_root_bus,
             vm_dir=self.paths.vm_dir,
             qmp_socket=self.paths.qmp_socket,
@@ -620,18 +615,14 @@ class QemuHypervisor(Hypervisor):
         self._pid_start = state.pid_start_time
         self._proc = None
         self._qmp = None
-        self.block_index_map = list(state.block_index_map)
-        self.hotplugged_vcpus = [v.id for v in state.hotplugged_vcpus]
-        self.hotplugged_memory = state.hotplugged_memory
         self.helpers.load([asdict(h) for h in own.helpers])
-        self.hotplug.load(own.hotplug)
+        self.hotplug.load(own.hotplug, state)
         self.agent_socket = state.agent_socket
         self.accel = own.accel
         self.qemu_path = own.qemu_path
         self.kernel = own.kernel
         self.initrd = own.initrd
         self.image = own.image
-        self.bridges = [b.model_copy(deep=True) for b in state.bridges]
         self.argv = list(own.argv)
         self.state = state.vm_state
 

@@ -32,16 +32,25 @@ from ...devices import (
     VhostUserDevice,
     random_mac,
 )
-from ...errors import ConfigError, HypervisorError, StateError, VMTimeoutError
+from ...errors import (
+    ConfigError,
+    HypervisorError,
+    StateError,
+    UnsupportedError,
+    VMTimeoutError,
+)
 from ...types import Capabilities, MemoryDevice
 from . import argv as qargv
 from . import pci, resize, storage_daemon, virtiofsd
 from .helpers import is_socket
-from .qmp import QMPCommandError
+from .qmp import QMP, QMPCommandError
 from .state import Dimm, HotplugState, Plugged
 
 if TYPE_CHECKING:
+    from ...config import HypervisorConfig
+    from ...persist import Bridge, HypervisorState
     from .driver import QemuHypervisor
+    from .helpers import Helpers
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +86,41 @@ def device_key(device: Device) -> str:
     return f"{device.kind}:{getattr(device, 'id', '')}"
 
 
-class Hotplug:
-    """Hotplug operations on one running QEMU VM (uses the driver's QMP session)."""
+Execute = Callable[[str, dict[str, Any]], Awaitable[Any]]
+"""Runs one QMP command on the live VM (raises `QMPCommandError` when QEMU refuses it)."""
+Session = Callable[[], Awaitable[QMP]]
+"""The live QMP session, for waiting on its events."""
 
-    def __init__(self, driver: QemuHypervisor) -> None:
-        self.driver = driver
+
+class Hotplug:
+    """Hotplug operations on one running QEMU VM, and everything they change: the devices,
+    vCPUs and DIMMs added, the memory added, the drive indexes and PCI ports in use.
+
+    QMP is reached only through `execute` and `session`; the VM itself (`vm`) is only read,
+    for its id, config, paths and cold-plugged devices.
+    """
+
+    def __init__(
+        self, vm: QemuHypervisor, helpers: Helpers, execute: Execute, session: Session
+    ) -> None:
+        self._vm = vm
+        self._execute = execute
+        self._session = session
+        self.helpers = helpers
         self.unplug_timeout = UNPLUG_TIMEOUT
         self.unplug_retry = UNPLUG_RETRY
         self.plugged: dict[str, Plugged] = {}
         #: Hot-added pc-dimms.
         self.dimms: list[Dimm] = []
+        #: QEMU ids of the hot-added vCPUs, oldest first.
+        self.vcpus: list[str] = []
+        #: MiB of memory hot-added (pc-dimms, or virtio-mem's requested size).
+        self.memory_mb = 0
+        #: Drive indexes in use (cold-plugged drives included).
+        self.block_indexes: list[int] = []
+        #: Cold-plugged hotplug targets: pcie-root-ports (q35) or pci-bridges (pc), with the
+        #: devices placed on them.
+        self.bridges: list[Bridge] = []
         self._lock = asyncio.Lock()
 
     # -- entry points ------------------------------------------------------------------------
@@ -101,7 +135,7 @@ class Hotplug:
         if isinstance(device, MemoryHotplug):
             async with self._lock:
                 if self.config.virtio_mem:
-                    current = int(self.config.memory_size) + self.driver.hotplugged_memory
+                    current = int(self.config.memory_size) + self.memory_mb
                     _, dev = await resize.resize_memory(
                         self, current + device.size_mb, 0, device.probe
                     )
@@ -112,7 +146,7 @@ class Hotplug:
             if key in self.plugged:
                 raise ConfigError(
                     f"qemu: {device.kind} {key.split(':', 1)[1]} is already hot-added to VM "
-                    f"{self.driver.id}"
+                    f"{self.vm_id}"
                 )
             if isinstance(device, BlockDrive):
                 if self.config.enable_vhost_user_store:
@@ -127,7 +161,7 @@ class Hotplug:
                 return await self._add_fs(device)
             if isinstance(device, VhostUserDevice):
                 return await self._add_vhost_user(device)
-        raise self.driver.unsupported(
+        raise self.unsupported(
             op,
             "only block, network, VFIO, virtio-fs, vhost-user "
             "devices, vCPUs and memory can be hot-added",
@@ -141,7 +175,7 @@ class Hotplug:
             old, new = await self.resize_vcpus(self.current_vcpus() - device.amount)
             return old - new
         if isinstance(device, MemoryHotplug):
-            raise self.driver.unsupported(
+            raise self.unsupported(
                 "hot-removing memory DIMMs", "shrink memory with resize_memory and virtio_mem"
             )
         async with self._lock:
@@ -150,7 +184,7 @@ class Hotplug:
             if rec is None:
                 raise StateError(
                     f"qemu: cannot hot-remove {device.kind} {key.split(':', 1)[1]} from VM "
-                    f"{self.driver.id}: it was never hot-added"
+                    f"{self.vm_id}: it was never hot-added"
                 )
             await self._remove(rec, f"{op} {key.split(':', 1)[1]}")
             if isinstance(device, (BlockDrive, NetworkEndpoint, VFIODevice, VhostUserDevice)):
@@ -173,28 +207,53 @@ class Hotplug:
 
     # -- state -------------------------------------------------------------------------------
     @property
-    def config(self) -> Any:
-        return self.driver.hypervisor_config()
+    def vm_id(self) -> str:
+        return self._vm.id
+
+    @property
+    def config(self) -> HypervisorConfig:
+        return self._vm.hypervisor_config()
+
+    @property
+    def accel(self) -> str:
+        return self._vm.accel
+
+    def unsupported(self, operation: str, reason: str = "") -> UnsupportedError:
+        return self._vm.unsupported(operation, reason)
+
+    def launch_argv(self) -> list[str]:
+        """QEMU's command line (as launched, or as it would be)."""
+        return self._vm.argv or self._vm.build_launch().argv
+
+    def boot_dimms(self) -> int:
+        """Memory slots taken at boot (the root image as an nvdimm)."""
+        return 1 if self._vm.image and not self.config.disable_image_nvdimm else 0
 
     def current_vcpus(self) -> int:
-        return int(self.config.num_vcpus) + len(self.driver.hotplugged_vcpus)
+        return int(self.config.num_vcpus) + len(self.vcpus)
 
     def check_machine(self, op: str) -> str:
         """The machine type, refusing microvm (it has no hotplug of any kind)."""
         machine = qargv.machine_type(self.config)
         if machine == "microvm":
-            raise self.driver.unsupported(op, "the microvm machine type has no hotplug (use q35)")
+            raise self.unsupported(op, "the microvm machine type has no hotplug (use q35)")
         return machine
 
     def save(self) -> HotplugState:
+        """The records kept in the driver's state (vCPUs, memory, drive indexes and bridges
+        are saved in the shared `HypervisorState` fields)."""
         return HotplugState(
             devices=[replace(p) for p in self.plugged.values()],
             dimms=[replace(d) for d in self.dimms],
         )
 
-    def load(self, saved: HotplugState) -> None:
-        self.plugged = {rec.key: rec for rec in saved.devices}
-        self.dimms = list(saved.dimms)
+    def load(self, saved: HotplugState, state: HypervisorState) -> None:
+        self.plugged = {rec.key: replace(rec) for rec in saved.devices}
+        self.dimms = [replace(d) for d in saved.dimms]
+        self.vcpus = [v.id for v in state.hotplugged_vcpus]
+        self.memory_mb = state.hotplugged_memory
+        self.block_indexes = list(state.block_index_map)
+        self.bridges = [b.model_copy(deep=True) for b in state.bridges]
 
     # -- QMP helpers -------------------------------------------------------------------------
     async def execute(
@@ -202,9 +261,9 @@ class Hotplug:
     ) -> Any:
         """Run a QMP command; QEMU's refusal becomes a `HypervisorError` naming `op`."""
         try:
-            return await self.driver._execute(command, dict(arguments or {}))
+            return await self._execute(command, dict(arguments or {}))
         except QMPCommandError as exc:
-            raise HypervisorError(f"qemu: VM {self.driver.id}: {op} failed: {exc}") from exc
+            raise HypervisorError(f"qemu: VM {self.vm_id}: {op} failed: {exc}") from exc
 
     async def device_del(
         self, qdev: str, op: str, gone: Callable[[], Awaitable[bool]] | None = None
@@ -216,7 +275,7 @@ class Hotplug:
         guest does not release the device within `unplug_timeout`: it then stays attached.
         An id QEMU no longer knows counts as removed (an earlier request may have completed).
         """
-        qmp = await self.driver._attach()
+        qmp = await self._session()
         deadline = time.monotonic() + self.unplug_timeout
         with qmp.events("DEVICE_DELETED") as events:
             while True:
@@ -235,7 +294,7 @@ class Hotplug:
                         return
                 if time.monotonic() >= deadline:
                     raise VMTimeoutError(
-                        f"qemu: VM {self.driver.id}: {op}: the guest did not release device "
+                        f"qemu: VM {self.vm_id}: {op}: the guest did not release device "
                         f"{qdev} within {self.unplug_timeout:g}s; it is still attached (retry "
                         "the removal)"
                     )
@@ -243,17 +302,17 @@ class Hotplug:
     async def _request_unplug(self, qdev: str, op: str) -> bool:
         """Send `device_del`; False when QEMU no longer has the device."""
         try:
-            await self.driver._execute("device_del", {"id": qdev})
+            await self._execute("device_del", {"id": qdev})
         except QMPCommandError as exc:
             if exc.error_class == "DeviceNotFound":
                 return False
             if "in progress" not in exc.desc and "process of unplug" not in exc.desc:
-                raise HypervisorError(f"qemu: VM {self.driver.id}: {op} failed: {exc}") from exc
+                raise HypervisorError(f"qemu: VM {self.vm_id}: {op} failed: {exc}") from exc
         return True
 
     async def in_peripherals(self, qdev: str) -> bool:
         """Whether QEMU still has a user-created device with id `qdev`."""
-        children = await self.driver._execute("qom-list", {"path": "/machine/peripheral"})
+        children = await self._execute("qom-list", {"path": "/machine/peripheral"})
         return any(c.get("name") == qdev for c in children)
 
     # -- devices -----------------------------------------------------------------------------
@@ -265,14 +324,14 @@ class Hotplug:
         undo: contextlib.AsyncExitStack,
     ) -> str:
         """`device_add` on a free port/slot (released again on failure); returns the pci_path."""
-        bridges = self.driver.bridges
-        place = pci.take(bridges, rec.qdev, self.driver.id)
+        bridges = self.bridges
+        place = pci.take(bridges, rec.qdev, self.vm_id)
         undo.callback(pci.release, bridges, rec.qdev)
         args = {**device, "id": rec.qdev, "bus": place.bus}
         if place.addr:
             args["addr"] = place.addr
         await self.execute(op, "device_add", args)
-        return pci.pci_path(await self.driver._execute("query-pci"), rec.qdev)
+        return pci.pci_path(await self._execute("query-pci", {}), rec.qdev)
 
     async def _add_backend(
         self,
@@ -300,28 +359,28 @@ class Hotplug:
         await self.device_del(rec.qdev, op)
         # The device is gone from the guest: from here on, forget it whatever else fails.
         del self.plugged[rec.key]
-        pci.release(self.driver.bridges, rec.qdev)
-        if rec.index >= 0 and rec.index in self.driver.block_index_map:
-            self.driver.block_index_map.remove(rec.index)
+        pci.release(self.bridges, rec.qdev)
+        if rec.index >= 0 and rec.index in self.block_indexes:
+            self.block_indexes.remove(rec.index)
         try:
             await self._del_backend(rec)
         finally:
             if rec.helper:
                 # virtiofsd exits by itself once its vhost-user connection is gone.
                 grace = 1.0 if rec.helper.startswith("fs-") else 0.0
-                await self.driver.helpers.stop(rec.helper, grace=grace)
+                await self.helpers.stop(rec.helper, grace=grace)
 
     def _block_index(self, drive: BlockDrive) -> int:
-        used = set(self.driver.block_index_map)
+        used = set(self.block_indexes)
         index = drive.index
         if index < 0 or index in used:
-            index = self.driver.get_virt_drive_offset()
+            index = self._vm.get_virt_drive_offset()
             while index in used:
                 index += 1
         return index
 
     def _scsi_addr(self) -> str:
-        used = {d.scsi_addr for d in self.driver.devices if isinstance(d, BlockDrive)}
+        used = {d.scsi_addr for d in self._vm.devices if isinstance(d, BlockDrive)}
         used |= {p.scsi_addr for p in self.plugged.values()}
         n = 0
         while f"{n}:0" in used:
@@ -333,7 +392,7 @@ class Hotplug:
         cfg = self.config
         driver = drive.driver or cfg.block_device_driver or "virtio-scsi"
         if driver not in ("virtio-blk", "virtio-scsi"):
-            raise self.driver.unsupported(
+            raise self.unsupported(
                 f"hotplugging block drives with driver {driver!r}", "use virtio-blk or virtio-scsi"
             )
         if not os.path.exists(drive.path):
@@ -376,7 +435,7 @@ class Hotplug:
             undo.pop_all()
         drive.index = rec.index
         drive.scsi_addr = rec.scsi_addr
-        self.driver.block_index_map.append(rec.index)
+        self.block_indexes.append(rec.index)
         self.plugged[rec.key] = rec
         return drive
 
@@ -422,12 +481,12 @@ class Hotplug:
         args = {"driver": "vfio-pci", "host": dev.bdf}
         if self.config.hotplug_vfio_on_root_bus:
             if machine == "q35":
-                raise self.driver.unsupported(
+                raise self.unsupported(
                     "hotplugging VFIO on the root bus of q35",
                     "pcie.0 takes no hotplug; unset hotplug_vfio_on_root_bus",
                 )
             await self.execute(op, "device_add", {**args, "id": rec.qdev, "bus": "pci.0"})
-            dev.pci_path = pci.pci_path(await self.driver._execute("query-pci"), rec.qdev)
+            dev.pci_path = pci.pci_path(await self._execute("query-pci", {}), rec.qdev)
         else:
             async with contextlib.AsyncExitStack() as undo:
                 dev.pci_path = await self._plug_pci(op, rec, args, undo)
@@ -437,7 +496,7 @@ class Hotplug:
 
     def _require_shared_memory(self, op: str) -> None:
         if not qargv.shared_memory(self.config):
-            raise self.driver.unsupported(
+            raise self.unsupported(
                 op,
                 "vhost-user needs shared guest memory: set shared_fs = 'virtio-fs' or "
                 "enable_vhost_user_store before the VM starts",
@@ -465,24 +524,24 @@ class Hotplug:
     async def _add_fs(self, share: SharedFS) -> SharedFS:
         op = f"hotplugging shared fs {share.id}"
         if share.fs_type != "virtio-fs":
-            raise self.driver.unsupported(
+            raise self.unsupported(
                 f"hotplugging a {share.fs_type} share", "QMP cannot add a 9p fsdev; use virtio-fs"
             )
         self._require_shared_memory(op)
-        paths = self.driver.paths
+        paths = self._vm.paths
         assert paths is not None
         rec = Plugged(device_key(share), virtiofsd.key(share))
         sock = paths.virtiofsd_socket(share.id)
         async with contextlib.AsyncExitStack() as undo:
             await virtiofsd.start(
-                self.driver.helpers,
+                self.helpers,
                 self.config,
                 share,
                 sock,
                 os.path.join(paths.vm_dir, f"virtiofsd-{share.id}.log"),
             )
             rec.helper = virtiofsd.key(share)
-            undo.push_async_callback(self.driver.helpers.stop, rec.helper)
+            undo.push_async_callback(self.helpers.stop, rec.helper)
             dev = {"driver": "vhost-user-fs-pci", "tag": share.mount_tag}
             await self._add_vhost_user_chardev(op, rec, sock, dev, undo)
             undo.pop_all()
@@ -493,22 +552,22 @@ class Hotplug:
         """A block drive served by our own qemu-storage-daemon as vhost-user-blk."""
         op = f"hotplugging block drive {drive.id} as vhost-user-blk"
         self._require_shared_memory(op)
-        paths = self.driver.paths
+        paths = self._vm.paths
         assert paths is not None
         rec = Plugged(device_key(drive), storage_daemon.key(drive))
         rec.index = self._block_index(drive)
         sock = os.path.join(paths.vm_dir, f"{storage_daemon.key(drive)}.sock")
         async with contextlib.AsyncExitStack() as undo:
             await storage_daemon.start(
-                self.driver.helpers, drive, sock, os.path.join(paths.vm_dir, f"qsd-{drive.id}.log")
+                self.helpers, drive, sock, os.path.join(paths.vm_dir, f"qsd-{drive.id}.log")
             )
             rec.helper = storage_daemon.key(drive)
-            undo.push_async_callback(self.driver.helpers.stop, rec.helper)
+            undo.push_async_callback(self.helpers.stop, rec.helper)
             dev = {"driver": "vhost-user-blk-pci"}
             drive.pci_path = await self._add_vhost_user_chardev(op, rec, sock, dev, undo)
             undo.pop_all()
         drive.index = rec.index
-        self.driver.block_index_map.append(rec.index)
+        self.block_indexes.append(rec.index)
         self.plugged[rec.key] = rec
         return drive
 
@@ -517,7 +576,7 @@ class Hotplug:
         op = f"hotplugging vhost-user-{dev.backend} device {dev.id}"
         models = {"blk": {"driver": "vhost-user-blk-pci"}, "fs": {"driver": "vhost-user-fs-pci"}}
         if dev.backend not in models:
-            raise self.driver.unsupported(
+            raise self.unsupported(
                 f"hotplugging vhost-user-{dev.backend} devices", "only blk and fs are supported"
             )
         self._require_shared_memory(op)

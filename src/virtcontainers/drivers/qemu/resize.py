@@ -41,19 +41,18 @@ def cpu_id(props: dict[str, Any]) -> str:
 
 async def resize_vcpus(hp: Hotplug, vcpus: int) -> tuple[int, int]:
     """Add or remove hot-added vCPUs until `vcpus` are present; returns (old, new)."""
-    drv = hp.driver
     boot = int(hp.config.num_vcpus)
     old = hp.current_vcpus()
     slots = await hp.execute("resize_vcpus", "query-hotpluggable-cpus")
     maxcpus = sum(int(s.get("vcpus-count", 1)) for s in slots)
     if vcpus > maxcpus:
         raise ConfigError(
-            f"qemu: cannot resize VM {drv.id} to {vcpus} vCPUs: its maximum is {maxcpus} "
+            f"qemu: cannot resize VM {hp.vm_id} to {vcpus} vCPUs: its maximum is {maxcpus} "
             "(maxcpus, from default_max_vcpus and the host's CPUs)"
         )
     if vcpus < boot:
         raise ConfigError(
-            f"qemu: cannot resize VM {drv.id} to {vcpus} vCPUs: it booted with {boot} and "
+            f"qemu: cannot resize VM {hp.vm_id} to {vcpus} vCPUs: it booted with {boot} and "
             "only hot-added vCPUs can be removed"
         )
     if vcpus > old:
@@ -64,7 +63,6 @@ async def resize_vcpus(hp: Hotplug, vcpus: int) -> tuple[int, int]:
 
 
 async def _add_vcpus(hp: Hotplug, slots: list[dict[str, Any]], count: int) -> None:
-    drv = hp.driver
     free = sorted((s for s in slots if not s.get("qom-path")), key=_slot_order)
     added = 0
     for slot in free:
@@ -76,22 +74,21 @@ async def _add_vcpus(hp: Hotplug, slots: list[dict[str, Any]], count: int) -> No
             await hp.execute(f"hot-adding vCPU {qdev}", "device_add", args)
         except HypervisorError as exc:
             raise HypervisorError(f"{exc} (added {added} of {count} vCPUs)") from exc
-        drv.hotplugged_vcpus.append(qdev)
+        hp.vcpus.append(qdev)
         added += int(slot.get("vcpus-count", 1))
 
 
 async def _remove_vcpus(hp: Hotplug, count: int) -> None:
-    drv = hp.driver
-    if drv.accel == "tcg":
+    if hp.accel == "tcg":
         # Measured with QEMU 7.2: after a vCPU unplug under multi-threaded TCG the next
         # device_add aborts QEMU ("double free or corruption"); single-threaded TCG aborts at
         # the unplug itself (qemu_thread_join). Refuse rather than take the VM down.
-        raise drv.unsupported(
-            f"hot-removing vCPUs from VM {drv.id} under TCG",
+        raise hp.unsupported(
+            f"hot-removing vCPUs from VM {hp.vm_id} under TCG",
             "QEMU 7.2 corrupts its own state when a TCG vCPU is unplugged; it works with KVM",
         )
     for _ in range(count):
-        qdev = drv.hotplugged_vcpus[-1]
+        qdev = hp.vcpus[-1]
 
         async def gone(qdev: str = qdev) -> bool:
             # QEMU 7.2 announces a vCPU's removal only with its lapic child's path: check the
@@ -99,7 +96,7 @@ async def _remove_vcpus(hp: Hotplug, count: int) -> None:
             return not await hp.in_peripherals(qdev)
 
         await hp.device_del(qdev, f"hot-removing vCPU {qdev}", gone)
-        drv.hotplugged_vcpus.pop()
+        hp.vcpus.pop()
 
 
 # -- memory ----------------------------------------------------------------------------------
@@ -145,16 +142,15 @@ async def resize_memory(
 ) -> tuple[int, MemoryDevice]:
     """Bring guest memory to `mem_mb` MiB; returns (new size, the device that changed)."""
     cfg = hp.config
-    drv = hp.driver
     if mem_mb <= 0:
-        raise ConfigError(f"qemu: resize_memory of VM {drv.id}: {mem_mb} MiB is not a size")
+        raise ConfigError(f"qemu: resize_memory of VM {hp.vm_id}: {mem_mb} MiB is not a size")
     if cfg.virtio_mem:
         return await _resize_virtio_mem(hp, mem_mb)
-    current = int(cfg.memory_size) + drv.hotplugged_memory
+    current = int(cfg.memory_size) + hp.memory_mb
     if mem_mb == current:
         return current, MemoryDevice(slot=-1, size_mb=0, probe=probe)
     if mem_mb < current:
-        raise drv.unsupported(
+        raise hp.unsupported(
             f"shrinking memory from {current} to {mem_mb} MiB with pc-dimm",
             "DIMMs are not hot-removed; enable virtio_mem to shrink",
         )
@@ -168,17 +164,16 @@ async def resize_memory(
 async def add_dimm(hp: Hotplug, size_mb: int, probe: bool) -> MemoryDevice:
     """Hot-add one pc-dimm of `size_mb` MiB; the slot and guest address come from QEMU."""
     cfg = hp.config
-    drv = hp.driver
-    op = f"hot-adding {size_mb} MiB of memory to VM {drv.id}"
+    op = f"hot-adding {size_mb} MiB of memory to VM {hp.vm_id}"
     if size_mb <= 0:
         raise ConfigError(f"qemu: {op}: the size must be positive")
-    slots, maxmem = memory_limits(drv.argv or drv.build_launch().argv)
-    used = len(hp.dimms) + (1 if drv.image and not cfg.disable_image_nvdimm else 0)
+    slots, maxmem = memory_limits(hp.launch_argv())
+    used = len(hp.dimms) + hp.boot_dimms()
     if used >= slots:
         raise HypervisorError(
             f"qemu: {op}: no free memory slot (all {slots} are in use; raise mem_slots)"
         )
-    current = int(cfg.memory_size) + drv.hotplugged_memory
+    current = int(cfg.memory_size) + hp.memory_mb
     if maxmem and current + size_mb > maxmem:
         raise ConfigError(f"qemu: {op}: {current} + {size_mb} MiB would exceed maxmem {maxmem} MiB")
     n = 1 + max((int(d.id[4:]) for d in hp.dimms), default=-1)
@@ -192,7 +187,7 @@ async def add_dimm(hp: Hotplug, size_mb: int, probe: bool) -> MemoryDevice:
     slot = int(info.get("slot", -1)) if info else -1
     addr = int(info.get("addr", 0)) if info else 0
     hp.dimms.append(Dimm(id=qdev, slot=slot, size_mb=size_mb, addr=addr))
-    drv.hotplugged_memory += size_mb
+    hp.memory_mb += size_mb
     return MemoryDevice(slot=slot, size_mb=size_mb, addr=addr, probe=probe)
 
 
@@ -206,11 +201,10 @@ async def _memory_device(hp: Hotplug, qdev: str) -> dict[str, Any] | None:
 
 async def _resize_virtio_mem(hp: Hotplug, mem_mb: int) -> tuple[int, MemoryDevice]:
     cfg = hp.config
-    drv = hp.driver
-    op = f"resizing the memory of VM {drv.id} to {mem_mb} MiB with virtio-mem"
+    op = f"resizing the memory of VM {hp.vm_id} to {mem_mb} MiB with virtio-mem"
     info = await _memory_device(hp, qargv.VIRTIO_MEM_ID)
     if info is None:
-        raise drv.unsupported(op, "the VM was started without a virtio-mem device")
+        raise hp.unsupported(op, "the VM was started without a virtio-mem device")
     block = max(1, int(info["block-size"]) // MIB)
     want = mem_mb - int(cfg.memory_size)
     if want < 0:
@@ -228,7 +222,7 @@ async def _resize_virtio_mem(hp: Hotplug, mem_mb: int) -> tuple[int, MemoryDevic
     await hp.execute(
         op, "qom-set", {"path": VIRTIO_MEM_PATH, "property": "requested-size", "value": want * MIB}
     )
-    drv.hotplugged_memory = want
+    hp.memory_mb = want
     deadline = time.monotonic() + hp.unplug_timeout
     while True:
         info = await _memory_device(hp, qargv.VIRTIO_MEM_ID) or {}
