@@ -9,7 +9,7 @@ import subprocess
 import sys
 from typing import Any
 
-from virtcontainers import __version__, host
+from virtcontainers import __version__, host, kvm_probe
 
 
 def _first_line(argv: list[str]) -> str:
@@ -56,7 +56,7 @@ def _git_commit() -> str:
 
 def machine_info() -> dict[str, Any]:
     """Facts about this host that the numbers depend on."""
-    probe = host.cached_kvm_probe()
+    probe = kvm_probe.cached_kvm_probe()
     qemu = shutil.which("qemu-system-x86_64") or ""
     return {
         "cpu_model": _cpu_model(),

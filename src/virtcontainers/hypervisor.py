@@ -126,11 +126,18 @@ class Hypervisor(abc.ABC):
 
     @abc.abstractmethod
     async def from_grpc(self, config: HypervisorConfig, data: bytes) -> None:
-        """Take over a running VM described by `to_grpc()` bytes (from a VM cache)."""
+        """Take over a running VM described by `to_grpc()` bytes (from a VM cache).
+
+        The name is the seed's (fromGrpc); the bytes are JSON, not protobuf: the driver's
+        saved `HypervisorState` (see `drivers/handover.py`)."""
 
     @abc.abstractmethod
     async def to_grpc(self) -> bytes:
-        """Serialize what another process needs to take this VM over."""
+        """Serialize what another process needs to take this VM over.
+
+        The name is the seed's (toGrpc); the bytes are JSON, not protobuf: the driver's
+        saved `HypervisorState` (see `drivers/handover.py`), which the VM cache's gRPC
+        message carries as an opaque field."""
 
     @abc.abstractmethod
     async def check(self) -> None:

@@ -22,7 +22,7 @@ import pytest
 
 from fakes.clh.launcher import write_launcher
 from leaks import LeakCheck, running
-from virtcontainers import host
+from virtcontainers import host, kvm_probe
 from virtcontainers.agent import AGENT_PORT
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import (
@@ -122,7 +122,7 @@ def _real_binary() -> str:
     if not host.kvm_usable():
         pytest.skip(
             f"cloud-hypervisor needs a usable KVM and host.kvm_usable() is false here "
-            f"({host.cached_kvm_probe().reason})"
+            f"({kvm_probe.cached_kvm_probe().reason})"
         )
     return path
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from virtcontainers import host
+from virtcontainers import host, kvm_probe
 from virtcontainers.errors import ConfigError, HostError
 from virtcontainers.types import Socket, VSock
 
@@ -27,7 +27,7 @@ DATA = Path(__file__).resolve().parent.parent / "data" / "host"
 def isolated_run_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Keep the probe's cache file out of the real run root; probe afresh per test."""
     monkeypatch.setenv("VC_RUN_ROOT", str(tmp_path / "run-root"))
-    host.cached_kvm_probe.cache_clear()
+    kvm_probe.cached_kvm_probe.cache_clear()
 
 
 def fd_count() -> int:
@@ -351,37 +351,37 @@ def test_own_process_start_time() -> None:
 # -- KVM probe: structures --------------------------------------------------------------------
 def test_kvm_ioctl_numbers() -> None:
     # Values from <linux/kvm.h> on x86_64.
-    assert host.KVM_GET_API_VERSION == 0xAE00
-    assert host.KVM_CREATE_VM == 0xAE01
-    assert host.KVM_GET_VCPU_MMAP_SIZE == 0xAE04
-    assert host.KVM_CREATE_VCPU == 0xAE41
-    assert host.KVM_SET_USER_MEMORY_REGION == 0x4020AE46
-    assert host.KVM_RUN == 0xAE80
-    assert host.KVM_GET_REGS == 0x8090AE81
-    assert host.KVM_SET_REGS == 0x4090AE82
-    assert host.KVM_GET_SREGS == 0x8138AE83
-    assert host.KVM_SET_SREGS == 0x4138AE84
+    assert kvm_probe.KVM_GET_API_VERSION == 0xAE00
+    assert kvm_probe.KVM_CREATE_VM == 0xAE01
+    assert kvm_probe.KVM_GET_VCPU_MMAP_SIZE == 0xAE04
+    assert kvm_probe.KVM_CREATE_VCPU == 0xAE41
+    assert kvm_probe.KVM_SET_USER_MEMORY_REGION == 0x4020AE46
+    assert kvm_probe.KVM_RUN == 0xAE80
+    assert kvm_probe.KVM_GET_REGS == 0x8090AE81
+    assert kvm_probe.KVM_SET_REGS == 0x4090AE82
+    assert kvm_probe.KVM_GET_SREGS == 0x8138AE83
+    assert kvm_probe.KVM_SET_SREGS == 0x4138AE84
 
 
 def test_pack_memory_region_layout() -> None:
-    buf = host.pack_memory_region(1, 2, 0x1000, 0x10000, 0x7F0000001000)
+    buf = kvm_probe.pack_memory_region(1, 2, 0x1000, 0x10000, 0x7F0000001000)
     assert len(buf) == 32
     assert struct.unpack("<IIQQQ", buf) == (1, 2, 0x1000, 0x10000, 0x7F0000001000)
 
 
 def test_pack_regs_layout() -> None:
-    buf = host.pack_regs(rip=0x1000)
+    buf = kvm_probe.pack_regs(rip=0x1000)
     assert len(buf) == 144
     assert struct.unpack_from("<Q", buf, 16 * 8) == (0x1000,)
     assert struct.unpack_from("<Q", buf, 17 * 8) == (0x2,)
-    regs = host.unpack_regs(buf)
+    regs = kvm_probe.unpack_regs(buf)
     assert regs["rip"] == 0x1000 and regs["rflags"] == 2 and regs["rcx"] == 0
 
 
 def test_set_long_mode() -> None:
     sregs = bytearray(312)
-    host.set_long_mode(sregs, 0x2000)
-    ctrl = host.sregs_control(sregs)
+    kvm_probe.set_long_mode(sregs, 0x2000)
+    ctrl = kvm_probe.sregs_control(sregs)
     assert ctrl["cr3"] == 0x2000
     assert ctrl["cr0"] & 0x80000001 == 0x80000001  # PG | PE
     assert ctrl["cr4"] & 0x20  # PAE
@@ -408,12 +408,12 @@ def test_set_long_mode() -> None:
 
 def test_sregs_size_checked() -> None:
     with pytest.raises(ValueError, match="312"):
-        host.set_long_mode(bytearray(100), 0)
+        kvm_probe.set_long_mode(bytearray(100), 0)
 
 
 def test_identity_page_tables() -> None:
     mem = bytearray(0x10000)
-    cr3 = host.write_identity_page_tables(mem, 0x2000)
+    cr3 = kvm_probe.write_identity_page_tables(mem, 0x2000)
     assert cr3 == 0x2000
     assert struct.unpack_from("<Q", mem, 0x2000) == (0x3003,)
     assert struct.unpack_from("<Q", mem, 0x3000) == (0x4003,)
@@ -421,12 +421,12 @@ def test_identity_page_tables() -> None:
 
 
 def test_probe_code() -> None:
-    code = host.probe_code(1000)
+    code = kvm_probe.probe_code(1000)
     assert code[0] == 0xB9 and struct.unpack_from("<I", code, 1) == (1000,)
     assert code[5:9] == b"\xff\xc9\x75\xfc"  # dec ecx; jnz back to the dec
     assert code[-5:] == bytes([0xB0, 0x42, 0xE6, 0x10, 0xF4])
     with pytest.raises(ValueError):
-        host.probe_code(0)
+        kvm_probe.probe_code(0)
 
 
 def _run_buffer(reason: int, io: tuple[int, int, int, int, int] | None = None) -> bytearray:
@@ -440,7 +440,7 @@ def _run_buffer(reason: int, io: tuple[int, int, int, int, int] | None = None) -
 def test_parse_kvm_run_io() -> None:
     buf = _run_buffer(2, (1, 1, 0x10, 1, 0x1000 - 8))
     buf[0x1000 - 8] = 0x42
-    ex = host.parse_kvm_run(buf)
+    ex = kvm_probe.parse_kvm_run(buf)
     assert (ex.reason, ex.io_direction, ex.io_size, ex.io_port, ex.io_count) == (2, 1, 1, 0x10, 1)
     assert ex.io_data == b"\x42"
 
@@ -448,21 +448,21 @@ def test_parse_kvm_run_io() -> None:
 def test_parse_kvm_run_other_exit_keeps_detail() -> None:
     buf = _run_buffer(9)
     struct.pack_into("<Q", buf, 32, 0x80000021)
-    ex = host.parse_kvm_run(buf)
+    ex = kvm_probe.parse_kvm_run(buf)
     assert ex.reason == 9 and ex.detail == 0x80000021 and ex.io_data == b""
 
 
 def test_parse_kvm_run_data_offset_out_of_range() -> None:
-    ex = host.parse_kvm_run(_run_buffer(2, (1, 1, 0x10, 1, 10_000)))
+    ex = kvm_probe.parse_kvm_run(_run_buffer(2, (1, 1, 0x10, 1, 10_000)))
     assert ex.io_data == b""
 
 
-IO_OK = host.KvmExit(2, 1, 1, 0x10, 1, b"\x42")
-HLT = host.KvmExit(5)
+IO_OK = kvm_probe.KvmExit(2, 1, 1, 0x10, 1, b"\x42")
+HLT = kvm_probe.KvmExit(5)
 
 
 def test_check_probe_exits_success() -> None:
-    result = host.check_probe_exits(IO_OK, HLT, 0.004)
+    result = kvm_probe.check_probe_exits(IO_OK, HLT, 0.004)
     assert result.usable
     assert "4 ms" in result.reason
 
@@ -470,22 +470,22 @@ def test_check_probe_exits_success() -> None:
 @pytest.mark.parametrize(
     ("first", "second", "words"),
     [
-        (host.KvmExit(9, detail=0x21), None, ["KVM_RUN", "KVM_EXIT_FAIL_ENTRY (9)", "0x21"]),
-        (host.KvmExit(17, detail=1), None, ["KVM_EXIT_INTERNAL_ERROR (17)"]),
-        (host.KvmExit(8), None, ["KVM_EXIT_SHUTDOWN (8)"]),
-        (host.KvmExit(99), None, ["KVM_EXIT_99 (99)"]),
+        (kvm_probe.KvmExit(9, detail=0x21), None, ["KVM_RUN", "KVM_EXIT_FAIL_ENTRY (9)", "0x21"]),
+        (kvm_probe.KvmExit(17, detail=1), None, ["KVM_EXIT_INTERNAL_ERROR (17)"]),
+        (kvm_probe.KvmExit(8), None, ["KVM_EXIT_SHUTDOWN (8)"]),
+        (kvm_probe.KvmExit(99), None, ["KVM_EXIT_99 (99)"]),
         (HLT, None, ["halted without"]),
-        (host.KvmExit(2, 1, 1, 0x11, 1, b"\x42"), HLT, ["wrong port I/O", "port 0x11"]),
-        (host.KvmExit(2, 1, 1, 0x10, 1, b"\x41"), HLT, ["wrong port I/O", "data 41"]),
-        (host.KvmExit(2, 0, 1, 0x10, 1, b"\x42"), HLT, ["direction 0"]),
-        (IO_OK, host.KvmExit(6), ["KVM_EXIT_HLT", "KVM_EXIT_MMIO (6)"]),
+        (kvm_probe.KvmExit(2, 1, 1, 0x11, 1, b"\x42"), HLT, ["wrong port I/O", "port 0x11"]),
+        (kvm_probe.KvmExit(2, 1, 1, 0x10, 1, b"\x41"), HLT, ["wrong port I/O", "data 41"]),
+        (kvm_probe.KvmExit(2, 0, 1, 0x10, 1, b"\x42"), HLT, ["direction 0"]),
+        (IO_OK, kvm_probe.KvmExit(6), ["KVM_EXIT_HLT", "KVM_EXIT_MMIO (6)"]),
         (IO_OK, None, ["expected KVM_EXIT_HLT", "nothing"]),
     ],
 )
 def test_check_probe_exits_failures(
-    first: host.KvmExit, second: host.KvmExit | None, words: list[str]
+    first: kvm_probe.KvmExit, second: kvm_probe.KvmExit | None, words: list[str]
 ) -> None:
-    result = host.check_probe_exits(first, second)
+    result = kvm_probe.check_probe_exits(first, second)
     assert not result.usable
     assert result.reason.startswith("KVM_RUN:")
     for word in words:
@@ -493,7 +493,7 @@ def test_check_probe_exits_failures(
 
 
 def test_slow_guest_reason() -> None:
-    result = host.slow_guest_reason(750_000, 0.5)
+    result = kvm_probe.slow_guest_reason(750_000, 0.5)
     assert not result.usable
     assert result.reason.startswith("KVM_RUN:")
     assert "750,000 of 10,000,000" in result.reason
@@ -503,18 +503,20 @@ def test_slow_guest_reason() -> None:
 # -- KVM probe: report logic ------------------------------------------------------------------
 def test_interpret_success() -> None:
     out = json.dumps({"usable": True, "reason": "ran a guest"}) + "\n"
-    assert host.interpret_probe_output(0, out, "step open\nstep KVM_RUN\n") == host.KvmProbe(
-        True, "ran a guest"
-    )
+    assert kvm_probe.interpret_probe_output(
+        0, out, "step open\nstep KVM_RUN\n"
+    ) == kvm_probe.KvmProbe(True, "ran a guest")
 
 
 def test_interpret_failure_from_child() -> None:
     out = json.dumps({"usable": False, "reason": "KVM_CREATE_VM: EPERM"})
-    assert host.interpret_probe_output(0, out, "") == host.KvmProbe(False, "KVM_CREATE_VM: EPERM")
+    assert kvm_probe.interpret_probe_output(0, out, "") == kvm_probe.KvmProbe(
+        False, "KVM_CREATE_VM: EPERM"
+    )
 
 
 def test_interpret_timeout_names_last_step() -> None:
-    result = host.interpret_probe_output(
+    result = kvm_probe.interpret_probe_output(
         None, "", "step open\nstep KVM_CREATE_VM\nstep KVM_RUN\n", timeout=5.0
     )
     assert not result.usable
@@ -522,13 +524,15 @@ def test_interpret_timeout_names_last_step() -> None:
 
 
 def test_interpret_signal() -> None:
-    result = host.interpret_probe_output(-signal.SIGSEGV, "", "step open\nstep KVM_SET_SREGS\n")
+    result = kvm_probe.interpret_probe_output(
+        -signal.SIGSEGV, "", "step open\nstep KVM_SET_SREGS\n"
+    )
     assert not result.usable
     assert result.reason == "KVM_SET_SREGS: probe process killed by SIGSEGV"
 
 
 def test_interpret_exit_code_with_stderr_tail() -> None:
-    result = host.interpret_probe_output(1, "", "step open\nTraceback...\nImportError: boom\n")
+    result = kvm_probe.interpret_probe_output(1, "", "step open\nTraceback...\nImportError: boom\n")
     assert not result.usable
     assert "open:" in result.reason and "code 1" in result.reason and "boom" in result.reason
 
@@ -538,13 +542,13 @@ def test_interpret_exit_code_with_stderr_tail() -> None:
     ["not json", json.dumps({"usable": "yes", "reason": "x"}), json.dumps({"usable": True}), "[]"],
 )
 def test_interpret_garbage(stdout: str) -> None:
-    result = host.interpret_probe_output(0, stdout, "step KVM_RUN\n")
+    result = kvm_probe.interpret_probe_output(0, stdout, "step KVM_RUN\n")
     assert not result.usable
     assert result.reason.startswith("KVM_RUN:")
 
 
 def test_interpret_no_output() -> None:
-    result = host.interpret_probe_output(0, "", "")
+    result = kvm_probe.interpret_probe_output(0, "", "")
     assert not result.usable and "start-up" in result.reason
 
 
@@ -568,7 +572,7 @@ PROBE_STEPS = (
 
 
 def test_real_kvm_probe() -> None:
-    result = host.kvm_probe()
+    result = kvm_probe.kvm_probe()
     assert isinstance(result.usable, bool)
     assert result.reason
     if result.usable:
@@ -582,21 +586,21 @@ def test_real_kvm_probe() -> None:
 
 
 def test_kvm_probe_missing_device(tmp_path: Path) -> None:
-    result = host.kvm_probe(str(tmp_path / "kvm"))
-    assert result == host.KvmProbe(
+    result = kvm_probe.kvm_probe(str(tmp_path / "kvm"))
+    assert result == kvm_probe.KvmProbe(
         False, f"open {tmp_path / 'kvm'}: no such device (KVM not available)"
     )
 
 
 def test_kvm_probe_not_a_kvm_device() -> None:
-    result = host.kvm_probe("/dev/null")  # opens, but is no KVM: the first ioctl fails
+    result = kvm_probe.kvm_probe("/dev/null")  # opens, but is no KVM: the first ioctl fails
     assert not result.usable
     assert result.reason.startswith("KVM_GET_API_VERSION: ENOTTY")
 
 
 def test_kvm_probe_timeout_kills_child() -> None:
     before = set(os.listdir("/proc"))
-    result = host.kvm_probe("/dev/null", timeout=0.001)
+    result = kvm_probe.kvm_probe("/dev/null", timeout=0.001)
     assert not result.usable
     assert "probe timed out after 0.001 s" in result.reason
     assert result.reason.split(":", 1)[0] in PROBE_STEPS
@@ -609,49 +613,49 @@ def test_kvm_probe_timeout_kills_child() -> None:
 def test_kvm_probe_cache_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("VC_RUN_ROOT", str(tmp_path))
     calls: list[str] = []
-    verdict = host.KvmProbe(False, "KVM_RUN: canned")
+    verdict = kvm_probe.KvmProbe(False, "KVM_RUN: canned")
 
-    def fake_probe(device: str = host.KVM_DEVICE, timeout: float = 5.0) -> host.KvmProbe:
+    def fake_probe(device: str = kvm_probe.KVM_DEVICE, timeout: float = 5.0) -> kvm_probe.KvmProbe:
         calls.append(device)
         return verdict
 
-    monkeypatch.setattr(host, "kvm_probe", fake_probe)
-    monkeypatch.setattr(host, "probe_cache_key", lambda device=host.KVM_DEVICE: "key-1")
-    assert host._probe_with_file_cache() == verdict
+    monkeypatch.setattr(kvm_probe, "kvm_probe", fake_probe)
+    monkeypatch.setattr(kvm_probe, "probe_cache_key", lambda device=kvm_probe.KVM_DEVICE: "key-1")
+    assert kvm_probe._probe_with_file_cache() == verdict
     assert len(calls) == 1
-    saved = json.loads((tmp_path / host.PROBE_CACHE_FILE).read_text())
+    saved = json.loads((tmp_path / kvm_probe.PROBE_CACHE_FILE).read_text())
     assert saved == {"key": "key-1", "usable": False, "reason": "KVM_RUN: canned"}
-    assert (tmp_path / host.PROBE_CACHE_FILE).stat().st_mode & 0o777 == 0o600
-    assert host._probe_with_file_cache() == verdict
+    assert (tmp_path / kvm_probe.PROBE_CACHE_FILE).stat().st_mode & 0o777 == 0o600
+    assert kvm_probe._probe_with_file_cache() == verdict
     assert len(calls) == 1  # answered from the file
-    monkeypatch.setattr(host, "probe_cache_key", lambda device=host.KVM_DEVICE: "key-2")
-    verdict = host.KvmProbe(True, "ran a 64-bit guest")
-    assert host._probe_with_file_cache() == verdict
+    monkeypatch.setattr(kvm_probe, "probe_cache_key", lambda device=kvm_probe.KVM_DEVICE: "key-2")
+    verdict = kvm_probe.KvmProbe(True, "ran a 64-bit guest")
+    assert kvm_probe._probe_with_file_cache() == verdict
     assert len(calls) == 2  # another boot or /dev/kvm: probed again
 
 
 def test_kvm_probe_cache_skips_transient(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("VC_RUN_ROOT", str(tmp_path))
-    monkeypatch.setattr(host, "probe_cache_key", lambda device=host.KVM_DEVICE: "k")
-    timed_out = host.interpret_probe_output(None, "", "step KVM_RUN\n", timeout=5.0)
-    monkeypatch.setattr(host, "kvm_probe", lambda device=host.KVM_DEVICE: timed_out)
-    assert host._probe_with_file_cache() == timed_out
-    assert not (tmp_path / host.PROBE_CACHE_FILE).exists()
+    monkeypatch.setattr(kvm_probe, "probe_cache_key", lambda device=kvm_probe.KVM_DEVICE: "k")
+    timed_out = kvm_probe.interpret_probe_output(None, "", "step KVM_RUN\n", timeout=5.0)
+    monkeypatch.setattr(kvm_probe, "kvm_probe", lambda device=kvm_probe.KVM_DEVICE: timed_out)
+    assert kvm_probe._probe_with_file_cache() == timed_out
+    assert not (tmp_path / kvm_probe.PROBE_CACHE_FILE).exists()
 
 
 def test_probe_cache_key_tracks_device(tmp_path: Path) -> None:
     dev = tmp_path / "kvm"
     dev.write_bytes(b"")
-    key1 = host.probe_cache_key(str(dev))
+    key1 = kvm_probe.probe_cache_key(str(dev))
     dev.unlink()
-    assert host.probe_cache_key(str(dev)) is None
+    assert kvm_probe.probe_cache_key(str(dev)) is None
     dev.write_bytes(b"")
     os.utime(dev, ns=(1, 1))  # a recreated node gets a new ctime
-    assert key1 is not None and host.probe_cache_key(str(dev)) not in (None, key1)
+    assert key1 is not None and kvm_probe.probe_cache_key(str(dev)) not in (None, key1)
 
 
 def test_kvm_usable_matches_cached_probe() -> None:
-    assert host.kvm_usable() is host.cached_kvm_probe().usable
+    assert host.kvm_usable() is kvm_probe.cached_kvm_probe().usable
 
 
 # -- check ------------------------------------------------------------------------------------
@@ -725,7 +729,7 @@ def test_check_run_root_not_writable(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 
 def test_probe_child_entry_point_runs_in_fresh_interpreter() -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", host._CHILD_CODE, "/dev/null"],
+        [sys.executable, "-c", kvm_probe._CHILD_CODE, "/dev/null"],
         check=False,
         capture_output=True,
         text=True,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from virtcontainers import host
+from virtcontainers import kvm_probe
 from virtcontainers.drivers import vmm_process
 from virtcontainers.factory import daemon, paths
 
@@ -33,7 +33,7 @@ def planted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_kvm_probe_child_ignores_the_working_directory(planted: Path) -> None:
-    result = host.kvm_probe("/dev/null")
+    result = kvm_probe.kvm_probe("/dev/null")
     assert not planted.exists(), "the probe child imported the planted package"
     # The real probe ran (and found that /dev/null is no KVM).
     assert result.reason.startswith("KVM_GET_API_VERSION"), result.reason

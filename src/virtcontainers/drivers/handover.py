@@ -1,5 +1,8 @@
 """VM cache hand-over for drivers whose persisted state is all another process needs to take
-a VM over: `to_grpc` sends `save()` as JSON, `from_grpc` reads it back before `load()`."""
+a VM over: `to_grpc` sends `save()` as JSON, `from_grpc` reads it back before `load()`.
+
+`to_grpc`/`from_grpc` keep the seed's names, but what they exchange is this JSON document, not
+a protobuf message: the VM cache's gRPC message (`factory/cache.proto`) carries it as bytes."""
 
 from __future__ import annotations
 
