@@ -149,13 +149,14 @@ REPLIES = {
 @pytest.mark.parametrize("kind", sorted(REPLIES))
 async def test_hostile_agent_peer_yields_agent_errors(kind: str) -> None:
     async with HostileAgent(REPLIES[kind]) as agent:
-        client = await asyncio.wait_for(
-            AgentClient.connect(agent.path, BOUND, request_timeout=2.0), BOUND
-        )
+        # No wait_for: the client's own deadlines (connect's timeout, request_timeout,
+        # an exec's liveness pings) must end every call.
+        client = await AgentClient.connect(agent.path, BOUND, request_timeout=2.0)
         try:
-            for call in (client.ping(), client.exec(["true"])):
+            calls = (client.ping(), client.exec(["true"]), client.start_process(["true"]))
+            for call in calls:
                 with pytest.raises(AgentError):
-                    await asyncio.wait_for(call, BOUND)
+                    await call
         finally:
             await client.close()
 

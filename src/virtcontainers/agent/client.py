@@ -424,6 +424,8 @@ class AgentClient:
         self, made: list[Process], frame: p.Frame, *, tty: bool | None, detached: bool
     ) -> None:
         """In the reader, on a START/ATTACH reply: the Process exists before its output."""
+        if frame.type not in (p.MsgType.START | p.REPLY, p.MsgType.ATTACH | p.REPLY):
+            return  # not a reply to either: `_call` reports it
         f = p.Fields.decode(frame.payload, max_fields=p.NOTICE_FIELDS)
         handle = f.int_(p.Tag.PROC)
         if not 0 < handle < 2**32:
