@@ -1131,8 +1131,11 @@ static void proc_start(struct conn *c, uint32_t id, const uint8_t *p, size_t n, 
 		send_error(c, id, errno, "%s: pipe: %s", op, strerror(errno));
 		goto out;
 	}
-	pid_t pid = (pid_t)syscall(SYS_clone, SIGCHLD | (sp.namespaces & CLONE_NEWPID), NULL, NULL,
-				   NULL, NULL);
+	/* A new pid namespace must be made by the fork itself (raw clone: the child is its pid
+	 * 1); otherwise an ordinary fork (glibc's fork keeps its own state right). */
+	pid_t pid = (sp.namespaces & CLONE_NEWPID)
+			    ? (pid_t)syscall(SYS_clone, SIGCHLD | CLONE_NEWPID, NULL, NULL, NULL, NULL)
+			    : fork();
 	if (pid < 0) {
 		send_error(c, id, errno, "%s: fork: %s", op, strerror(errno));
 		goto out;
