@@ -364,3 +364,31 @@ async def test_process_streams_end_with_an_error_when_the_connection_dies(
         await proc.stdout.read()
     with pytest.raises(AgentError, match="closed"):
         await proc.wait()
+
+
+async def test_output_nobody_reads_is_bounded_on_the_host(
+    client: AgentClient, agent: FakeAgent
+) -> None:
+    """A guest flooding a stream the caller does not read: the host keeps at most
+    MAX_BUFFER bytes of it and counts the rest as dropped."""
+    from virtcontainers.agent.process import MAX_BUFFER
+
+    async def flood(req: ExecRequest) -> ExecResult:
+        return ExecResult(0, b"x" * (MAX_BUFFER // 2), b"")
+
+    agent.exec_handler = flood
+    procs = [await client.start_process(["flood"]) for _ in range(3)]
+    for proc in procs:
+        await proc.wait()
+    kept = [len(await proc.stdout.read()) for proc in procs]
+    assert kept == [MAX_BUFFER // 2] * 3  # each stream is bounded on its own
+    big = ExecResult(0, b"y" * (MAX_BUFFER + 1), b"")
+
+    async def flood_more(req: ExecRequest) -> ExecResult:
+        return big
+
+    agent.exec_handler = flood_more
+    proc = await client.start_process(["flood"])
+    await proc.wait()
+    assert await proc.stdout.read() == b""
+    assert proc.stdout.dropped == MAX_BUFFER + 1
