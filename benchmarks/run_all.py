@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, tuple[str, dict[str, Any]]] = {
     "exec_agent": ("exec_agent", {}),
     "streaming": ("streaming", {}),
     "density": ("density", {}),
+    "network": ("network", {}),
 }
 NOTES = {"template": "run_all runs it with --n 0: the memory comparison is in `density`"}
 

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..devices import random_mac
@@ -29,6 +29,8 @@ from .model import Address, Interface, Neighbour, Route
 T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
+MS_BIND, MS_REC, MS_SHARED = 0x1000, 0x4000, 1 << 20
+MNT_DETACH = 2
 NETNS_RUN_DIR = "/var/run/netns"
 ETH_P_ALL = 0x0003
 NUD_PERMANENT = 0x80
@@ -82,21 +84,61 @@ def netns_path(name: str) -> str:
 
 
 def create_netns(name: str) -> str:
-    """A new named namespace with its loopback up; returns its path."""
-    try:
-        netns.create(name)
-    except OSError as e:
-        raise HypervisorError(f"cannot create network namespace {name}: {e}") from e
+    """A new named namespace (bound at /var/run/netns/<name>, as `ip netns add` does) with
+    its loopback up; returns its path. Made by a thread of its own (no fork)."""
     path = netns_path(name)
-    call_in_netns(path, _loopback_up)
+    _prepare_run_dir()
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+    except FileExistsError:
+        raise HypervisorError(f"network namespace {name} already exists") from None
+    box: dict[str, BaseException] = {}
+
+    def body() -> None:
+        try:
+            if _libc.unshare(CLONE_NEWNET) != 0:
+                raise _errno_error("unshare(CLONE_NEWNET)")
+            if _libc.mount(b"/proc/thread-self/ns/net", path.encode(), b"none", MS_BIND, None):
+                raise _errno_error(f"bind mount on {path}")
+            _loopback_up()
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=body, name="vc-netns-new", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        remove_netns(name)
+        raise HypervisorError(f"cannot create network namespace {name}: {box['error']}")
     return path
 
 
+def _prepare_run_dir() -> None:
+    """/var/run/netns as a shared mount point, so namespaces bound there show everywhere."""
+    os.makedirs(NETNS_RUN_DIR, exist_ok=True)
+    run_dir = NETNS_RUN_DIR.encode()
+    if _libc.mount(b"", run_dir, b"none", MS_SHARED | MS_REC, None) == 0:
+        return
+    if _libc.mount(run_dir, run_dir, b"none", MS_BIND | MS_REC, None) != 0:
+        raise _errno_error(f"bind mount of {NETNS_RUN_DIR}")
+    if _libc.mount(b"", run_dir, b"none", MS_SHARED | MS_REC, None) != 0:
+        raise _errno_error(f"making {NETNS_RUN_DIR} shared")
+
+
+def _errno_error(what: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
 def remove_netns(name: str) -> bool:
-    """Delete a named namespace (and every interface in it); False if it was not there."""
-    if not os.path.exists(netns_path(name)):
+    """Delete a named namespace (its interfaces go once nothing else holds it); False if it
+    was not there."""
+    path = netns_path(name)
+    if not os.path.exists(path):
         return False
-    netns.remove(name)
+    _libc.umount2(path.encode(), MNT_DETACH)  # fails harmlessly when it was never mounted
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
     return True
 
 
@@ -110,8 +152,14 @@ def _ipr() -> Iterator[IPRoute]:
 
 
 def _index(ipr: IPRoute, name: str) -> int | None:
-    found = ipr.link_lookup(ifname=name)
-    return int(found[0]) if found else None
+    """The index of interface `name` (one request, not a dump of every link)."""
+    try:
+        (link,) = ipr.link("get", ifname=name)
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
+            return None
+        raise
+    return int(link["index"])
 
 
 def _loopback_up() -> None:
