@@ -105,7 +105,7 @@ def test_guest_script_and_files() -> None:
     )
     script = guest_script(net, wait=2)
     assert "dev0=$(find_nic 02:aa:00:00:00:01 20)" in script
-    assert 'ip link set dev "$dev0" mtu 1400' in script
+    assert 'ip link set dev "$dev0" mtu 1400 up' in script
     assert 'ip -4 addr add 10.1.0.2/24 dev "$dev0"' in script
     assert 'ip -6 addr add fd00::2/64 dev "$dev0"' in script
     assert 'ip -4 route replace default via 10.1.0.1 dev "$dev0"' in script

@@ -25,7 +25,7 @@ find_nic() {
   i=0
   while :; do
     for d in /sys/class/net/*; do
-      [ "$(cat "$d/address" 2>/dev/null)" = "$1" ] && { basename "$d"; return 0; }
+      read -r a < "$d/address" 2>/dev/null && [ "$a" = "$1" ] && { echo "${d##*/}"; return 0; }
     done
     i=$((i + 1)); [ "$i" -gt "$2" ] && { echo "no network interface with MAC $1" >&2; return 1; }
     sleep 0.1
@@ -50,8 +50,7 @@ def guest_script(net: GuestNetwork, *, wait: float = NIC_WAIT) -> str:
             f"{var}=$(find_nic {q(iface.mac.lower())} {int(wait * 10)})",
             # The host already made sure the addresses are unique on the link.
             f"echo 0 > /proc/sys/net/ipv6/conf/${var}/accept_dad",
-            f"ip link set dev {d} mtu {iface.mtu}",
-            f"ip link set dev {d} up",
+            f"ip link set dev {d} mtu {iface.mtu} up",
         ]
         for a in iface.addresses:
             lines.append(f"ip -{a.family} addr add {q(str(a))} dev {d}")

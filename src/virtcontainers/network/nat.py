@@ -13,7 +13,9 @@ way. No userland proxy is involved.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import ipaddress
 import json
 import shutil
@@ -33,28 +35,84 @@ def tag(sandbox_id: str) -> str:
     return f"virtc:{sandbox_id}"
 
 
-def nft(args: list[str], script: str | None = None) -> str:
-    """Run nft (in the calling thread's namespace); its stdout, or `HypervisorError`."""
-    binary = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
-    if not binary:
-        raise HypervisorError("nft not found: install nftables (apt-get install nftables)")
-    res = subprocess.run(
-        [binary, *args],
-        input=script,
-        capture_output=True,
-        text=True,
-        timeout=NFT_TIMEOUT,
-        check=False,
-    )
-    if res.returncode != 0:
-        raise HypervisorError(f"nft {' '.join(args)} failed: {res.stderr.strip()}")
-    return res.stdout
+class _LibNftables:
+    """libnftables (what the `nft` program is built on) through ctypes: no process per
+    command. Its netlink socket belongs to the namespace of the thread that makes it."""
+
+    OUTPUT_JSON = 1 << 4
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL("libnftables.so.1")
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        self.lib = lib
+
+    def run(self, commands: str, json_output: bool) -> tuple[int, str, str]:
+        lib = self.lib
+        ctx = lib.nft_ctx_new(0)
+        if not ctx:
+            raise HypervisorError("libnftables: cannot make a context")
+        try:
+            lib.nft_ctx_buffer_output(ctx)
+            lib.nft_ctx_buffer_error(ctx)
+            if json_output:
+                lib.nft_ctx_output_set_flags(ctx, self.OUTPUT_JSON)
+            rc = lib.nft_run_cmd_from_buffer(ctx, commands.encode())
+            out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode()
+            err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode()
+            return rc, out, err
+        finally:
+            lib.nft_ctx_free(ctx)
+
+
+@functools.cache
+def _libnftables() -> _LibNftables | None:
+    try:
+        return _LibNftables()
+    except OSError:
+        return None
+
+
+def nft(commands: str, *, json_output: bool = False) -> str:
+    """Run nft commands (one transaction) in the calling thread's namespace; the output.
+
+    libnftables when it is installed, else the `nft` program; `HypervisorError` with nft's
+    message when it refuses."""
+    lib = _libnftables()
+    if lib is not None:
+        rc, out, err = lib.run(commands, json_output)
+    else:
+        binary = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+        if not binary:
+            raise HypervisorError("nft not found: install nftables (apt-get install nftables)")
+        res = subprocess.run(
+            [binary, *(["-j"] if json_output else []), "-f", "-"],
+            input=commands,
+            capture_output=True,
+            text=True,
+            timeout=NFT_TIMEOUT,
+            check=False,
+        )
+        rc, out, err = res.returncode, res.stdout, res.stderr
+    if rc != 0:
+        first = commands.strip().splitlines()[0] if commands.strip() else ""
+        raise HypervisorError(f"nft {first!r}... failed: {err.strip()}")
+    return out
 
 
 def _rules() -> list[dict[str, Any]]:
     """Every rule of our table ([] when there is no table)."""
     try:
-        out = nft(["-j", "list", "table", "ip", TABLE])
+        out = nft(f"list table ip {TABLE}", json_output=True)
     except HypervisorError as e:
         if "No such file or directory" in str(e):
             return []
@@ -131,7 +189,7 @@ def add_rules(
         rule = f"{where} {p.protocol} dport {p.host_port} dnat to {address}:{p.guest_port} {c}"
         lines.append(f"add rule ip {TABLE} prerouting {rule}")
         lines.append(f"add rule ip {TABLE} output {rule}")
-    nft(["-f", "-"], "\n".join(lines) + "\n")
+    nft("\n".join(lines) + "\n")
 
 
 def remove_rules(sandbox_id: str) -> int:
@@ -142,5 +200,5 @@ def remove_rules(sandbox_id: str) -> int:
     if rules and len(mine) == len(rules):
         lines = [f"delete table ip {TABLE}"]
     if lines:
-        nft(["-f", "-"], "\n".join(lines) + "\n")
+        nft("\n".join(lines) + "\n")
     return len(mine)
