@@ -1,38 +1,104 @@
-"""virtcontainers: run lightweight VMs (sandboxes) through one hypervisor interface."""
+"""virtcontainers: run lightweight VMs (sandboxes) through one hypervisor interface.
+
+The public names load on first use (PEP 562): `import virtcontainers` costs next to nothing,
+so `virtc --version` and a containerd shim's `start` do not pay for pydantic, asyncio or the
+drivers they never touch. `from virtcontainers import Sandbox` works as before.
+"""
 
 from __future__ import annotations
 
-from .config import HypervisorConfig, apply_annotations
-from .errors import (
-    AgentError,
-    AssetError,
-    ConfigError,
-    HostError,
-    HypervisorError,
-    LaunchError,
-    StateError,
-    UnsupportedError,
-    VCError,
-    VMExitedError,
-    VMTimeoutError,
-)
-from .hypervisor import Hypervisor, new_hypervisor
-from .sandbox import Sandbox, SandboxInfo
-from .types import (
-    Asset,
-    AssetType,
-    Capabilities,
-    DeviceType,
-    HypervisorType,
-    MemoryDevice,
-    Param,
-    Socket,
-    VSock,
-    deserialize_params,
-    serialize_params,
-)
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs more than the rest
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .config import HypervisorConfig, apply_annotations
+    from .errors import (
+        AgentError,
+        AssetError,
+        ConfigError,
+        HostError,
+        HypervisorError,
+        LaunchError,
+        StateError,
+        UnsupportedError,
+        VCError,
+        VMExitedError,
+        VMTimeoutError,
+    )
+    from .hypervisor import Hypervisor, new_hypervisor
+    from .inventory import SandboxInfo
+    from .sandbox import Sandbox
+    from .types import (
+        Asset,
+        AssetType,
+        Capabilities,
+        DeviceType,
+        HypervisorType,
+        MemoryDevice,
+        Param,
+        Socket,
+        VSock,
+        deserialize_params,
+        serialize_params,
+    )
 
 __version__ = "0.1.0"
+
+_MODULE_OF = {
+    **dict.fromkeys(("HypervisorConfig", "apply_annotations"), ".config"),
+    **dict.fromkeys(
+        (
+            "AgentError",
+            "AssetError",
+            "ConfigError",
+            "HostError",
+            "HypervisorError",
+            "LaunchError",
+            "StateError",
+            "UnsupportedError",
+            "VCError",
+            "VMExitedError",
+            "VMTimeoutError",
+        ),
+        ".errors",
+    ),
+    **dict.fromkeys(("Hypervisor", "new_hypervisor"), ".hypervisor"),
+    "Sandbox": ".sandbox",
+    "SandboxInfo": ".inventory",
+    **dict.fromkeys(
+        (
+            "Asset",
+            "AssetType",
+            "Capabilities",
+            "DeviceType",
+            "HypervisorType",
+            "MemoryDevice",
+            "Param",
+            "Socket",
+            "VSock",
+            "deserialize_params",
+            "serialize_params",
+        ),
+        ".types",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module defining a public name on first use, then cache the name here."""
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODULE_OF})
+
 
 __all__ = [
     "AgentError",

@@ -18,37 +18,33 @@ which needs no new disk space (a pause cannot fail on a full disk).
 
 from __future__ import annotations
 
-import asyncio
-import builtins
 import contextlib
 import errno
 import fcntl
 import json
 import os
 import re
-import secrets
-import shutil
 import stat
-import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SerializeAsAny,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-
-from . import host
 from .errors import ConfigError, StateError
-from .types import VMState
+
+# Imported where used: listing sandboxes (`inventory`) reads state files and must stay cheap
+# (asyncio, secrets, shutil, tempfile, threading and `host` cost more than the reading).
+if TYPE_CHECKING:
+    import asyncio
+    import threading
+    from concurrent.futures import Future
+
+    # Re-exported (`X as X`): `persist.HypervisorState` resolves through `__getattr__`.
+    from .hypervisor_state import Bridge as Bridge  # noqa: PLC0414
+    from .hypervisor_state import DriverState as DriverState  # noqa: PLC0414
+    from .hypervisor_state import HotpluggedVCPU as HotpluggedVCPU  # noqa: PLC0414
+    from .hypervisor_state import HypervisorState as HypervisorState  # noqa: PLC0414
+
+_MODELS = ("Bridge", "DriverState", "HotpluggedVCPU", "HypervisorState")
 
 DEFAULT_ROOT_RUN_ROOT = "/run/vc"
 RUN_ROOT_ENV = "VC_RUN_ROOT"
@@ -109,6 +105,8 @@ def _run_root_path(override: str | None) -> str:
         with contextlib.suppress(OSError):
             if os.stat(user_dir).st_uid == os.geteuid():
                 return os.path.join(user_dir, "vc")
+        import tempfile
+
         return os.path.join(tempfile.gettempdir(), f"vc-{os.geteuid()}")
     if not os.path.isabs(path):
         raise ConfigError(f"{source} must be an absolute path, got {path!r}")
@@ -229,6 +227,15 @@ def sandbox_state_dir(id: str, run_root: str | None = None) -> str:
 _resolve_root = run_root
 
 
+def __getattr__(name: str) -> Any:
+    """The state models, defined in `hypervisor_state` (pydantic) and imported on first use."""
+    if name in _MODELS:
+        from . import hypervisor_state
+
+        return getattr(hypervisor_state, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def ensure_dir(path: str, mode: int = DIR_MODE) -> None:
     """Create `path` and missing parents with exactly `mode` (whatever the umask).
 
@@ -277,17 +284,23 @@ def _own_start_time() -> int | None:
     global _own_start
     pid = os.getpid()
     if _own_start is None or _own_start[0] != pid:
-        _own_start = (pid, host.process_start_time(pid))
+        from .host import process_start_time
+
+        _own_start = (pid, process_start_time(pid))
     return _own_start[1]
 
 
 def temp_name(final_name: str) -> str:
     """A temp file name for `final_name` naming this writer (pid and start time)."""
+    import secrets
+
     return f".{final_name}.tmp.{os.getpid()}.{_own_start_time() or 0}.{secrets.token_hex(4)}"
 
 
 def remove_stale_temps(directory: str, final_name: str = STATE_FILE) -> list[str]:
     """Remove temp files for `final_name` whose writer process is gone; return their names."""
+    from .host import pid_is
+
     prefix = f".{final_name}.tmp."
     removed: list[str] = []
     try:
@@ -302,7 +315,7 @@ def remove_stale_temps(directory: str, final_name: str = STATE_FILE) -> list[str
             pid, start = int(parts[0]), int(parts[1])
         except (IndexError, ValueError):
             pid, start = 0, 0
-        if pid > 0 and host.pid_is(pid, start):
+        if pid > 0 and pid_is(pid, start):
             continue  # its writer is still running
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(directory, name))
@@ -351,118 +364,6 @@ def atomic_write(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise StateError(f"cannot write {path}: {e.strerror or e}") from e
-
-
-# -- state models -----------------------------------------------------------------------------
-class Bridge(BaseModel):
-    """A PCI/PCIe bridge of the VM and the devices plugged into it (slot -> device id)."""
-
-    model_config = ConfigDict(extra="forbid", defer_build=True)
-
-    id: str = ""
-    type: str = ""
-    addr: int = Field(default=0, ge=0)
-    devices_addr: dict[int, str] = Field(default_factory=dict)
-
-
-class HotpluggedVCPU(BaseModel):
-    """A hot-added vCPU, by the id the hypervisor knows it under."""
-
-    model_config = ConfigDict(extra="forbid", defer_build=True)
-
-    id: str
-
-
-class DriverState(BaseModel):
-    """A driver's own part of `HypervisorState`: each driver subclasses it with its typed fields
-    (`drivers/<name>/state.py`). Read back from a file it holds the fields as loaded, until the
-    driver parses them with `HypervisorState.driver_state`."""
-
-    model_config = ConfigDict(extra="allow", defer_build=True)
-
-    def __eq__(self, other: object) -> bool:
-        """Equal when the fields are, whether parsed by the driver's model or not yet."""
-        if not isinstance(other, DriverState):
-            return NotImplemented
-        return self.model_dump() == other.model_dump()
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-_M = TypeVar("_M", bound=DriverState)
-
-
-class HypervisorState(BaseModel):
-    """What a driver persists so that another process can re-attach to its VM: the fields
-    every driver shares, and the driver's own typed part in `driver`."""
-
-    model_config = ConfigDict(extra="forbid", defer_build=True)
-
-    type: str = ""
-    id: str = ""
-    vm_state: VMState = VMState.NEW
-    pid: int = Field(default=0, ge=0)
-    pid_start_time: int | None = None
-    uuid: str = ""
-    api_socket: str = ""
-    block_index_map: list[int] = Field(default_factory=list)
-    hotplugged_vcpus: list[HotpluggedVCPU] = Field(default_factory=list)
-    hotplugged_memory: int = Field(default=0, ge=0)
-    virtiofsd_pid: int = Field(default=0, ge=0)
-    pcie_root_port: int = Field(default=0, ge=0)
-    bridges: list[Bridge] = Field(default_factory=list)
-    hotplug_vfio_on_root_bus: bool = False
-    vm_dir: str = ""
-    qmp_socket: str = ""
-    console_socket: str = ""
-    agent_socket: str = ""
-    config: dict[str, Any] = Field(default_factory=dict)
-    driver: SerializeAsAny[DriverState] = Field(default_factory=DriverState)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _previous_format(cls, data: Any) -> Any:
-        """Read a state written before `id`, `vm_state` and `driver` existed: everything
-        driver-specific was in a free-form `extra` dict, the VM state under `vm_state` (QEMU)
-        or `state` (the others), and Firecracker's VM id in `uuid`."""
-        if not isinstance(data, dict) or "extra" not in data:
-            return data
-        data = dict(data)
-        extra = dict(data.pop("extra") or {})
-        old_id = str(extra.pop("id", "") or "")
-        if data.get("type") == "firecracker":
-            old_id, data["uuid"] = str(data.get("uuid") or old_id), ""
-        data.setdefault("id", old_id or os.path.basename(str(data.get("vm_dir") or "")))
-        old_state = extra.pop("vm_state", None) or extra.pop("state", None)
-        data.setdefault("vm_state", old_state or VMState.RUNNING.value)
-        data.setdefault("driver", extra)
-        return data
-
-    @field_validator("hotplugged_vcpus", mode="before")
-    @classmethod
-    def _vcpu_ids(cls, value: Any) -> Any:
-        """Accept plain id strings as well as `{"id": ...}` entries."""
-        if isinstance(value, list):
-            return [{"id": v} if isinstance(v, str) else v for v in value]
-        return value
-
-    @field_validator("block_index_map")
-    @classmethod
-    def _indexes(cls, value: list[int]) -> list[int]:
-        if any(i < 0 for i in value):
-            raise ValueError("block indexes must be >= 0")
-        return sorted(set(value))
-
-    def driver_state(self, model: builtins.type[_M]) -> _M:
-        """The driver's part parsed as `model`; `StateError` naming the driver and the field
-        at fault when it does not fit."""
-        if isinstance(self.driver, model):
-            return self.driver
-        try:
-            return model.model_validate(self.driver.model_dump())
-        except ValidationError as e:
-            what = f"{self.type or 'hypervisor'} VM {self.id!r}"
-            raise StateError(f"{what}: invalid saved driver state: {e}") from e
 
 
 # -- the store --------------------------------------------------------------------------------
@@ -535,6 +436,8 @@ class StateStore:
         directory = self.dir(id)
         self._written.pop(id, None)
         try:
+            import shutil
+
             shutil.rmtree(directory)
         except FileNotFoundError:
             return
@@ -625,6 +528,9 @@ class StateStore:
     async def alock(self, id: str, timeout: float = 30.0) -> AsyncIterator[None]:
         """`lock` for async code: a free lock is taken at once; waiting for a busy one happens
         in a worker thread."""
+        import asyncio
+        import threading
+
         validate_id(id)
         fd = _try_flock(self.lock_path(id))
         if fd is None:
@@ -651,6 +557,10 @@ class StateStore:
 
     def load_hypervisor(self, id: str) -> HypervisorState:
         """The `HypervisorState` saved for `id`; `StateError` when absent or invalid."""
+        from pydantic import ValidationError
+
+        from .hypervisor_state import HypervisorState
+
         doc = self.read(id)
         if "hypervisor" not in doc:
             raise StateError(f"state of sandbox {id!r} ({self.path(id)}) has no hypervisor state")

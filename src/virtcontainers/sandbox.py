@@ -15,12 +15,10 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import persist
-from .config import HypervisorConfig
 from .devices import BlockDrive
 from .drivers.vmm_process import kill_strays
 from .errors import (
@@ -33,11 +31,19 @@ from .errors import (
     VMTimeoutError,
 )
 from .hypervisor import Hypervisor, VMState, new_hypervisor
+from .inventory import (
+    STARTING,
+    SandboxInfo,
+    list_sandboxes,
+    one_sandbox,
+    recorded_state,
+)
 from .types import Capabilities, HypervisorType
 
 if TYPE_CHECKING:
     from .agent import AgentClient, ExecResult, Process
     from .agent.endpoint import AgentEndpoint
+    from .config import HypervisorConfig
     from .containers import Container, Mount
     from .network import Interface, NetworkConfig, SandboxNetwork
 
@@ -51,37 +57,18 @@ LOCK_TIMEOUT = 60.0
 """Longest wait for another process's operation on the same sandbox (a stop takes seconds)."""
 GUEST_SETTLE_TIMEOUT = 30.0
 """Longest wait for the guest to see hotplugged hardware."""
-STARTING = "starting"
-"""Persisted while the VMM runs but start has not finished (it names the VMM's pid)."""
-_FIELDS = {f.name for f in dataclasses.fields(HypervisorConfig)}
-
-
-@dataclass(frozen=True)
-class SandboxInfo:
-    """A persisted sandbox as `Sandbox.list()` reports it."""
-
-    id: str
-    hypervisor: str
-    state: str
-    pid: int
-    created_at: float
-    vcpus: int
-    memory_mb: int
-    ip: str = ""
-    """The guest's (first IPv4) address when it has a network."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe form."""
-        return dataclasses.asdict(self)
 
 
 def build_config(
     config: HypervisorConfig | None, overrides: dict[str, Any], htype: HypervisorType
 ) -> HypervisorConfig:
     """A validated config: the caller's (copied), overrides applied, guest assets filled in."""
+    from .config import HypervisorConfig
+
     cfg = config.copy() if config is not None else HypervisorConfig()
+    fields = {f.name for f in dataclasses.fields(HypervisorConfig)}
     for name, value in overrides.items():
-        if name not in _FIELDS:
+        if name not in fields:
             raise ConfigError(f"unknown sandbox option {name!r} (not a HypervisorConfig field)")
         setattr(cfg, name, value)
     if htype is not HypervisorType.MOCK and not cfg.kernel_path and not cfg.custom_kernel_asset():
@@ -135,6 +122,9 @@ class Sandbox:
         self.config_request = config
         self.overrides = overrides
         self._hv: Hypervisor | None = None
+        self._saved: dict[str, Any] | None = None
+        """An attached sandbox's state document, until its driver is needed (`_driver`)."""
+        self._saved_state = VMState.NEW
         self._agent: AgentClient | None = None
         self._agent_endpoint: AgentEndpoint | None = None
         self._agent_lock = asyncio.Lock()
@@ -167,8 +157,25 @@ class Sandbox:
     @property
     def hypervisor(self) -> Hypervisor:
         """The driver behind this sandbox."""
-        if self._hv is None:
+        hv = self._driver()
+        if hv is None:
             raise StateError(f"sandbox {self.id} is not created")
+        return hv
+
+    def _driver(self) -> Hypervisor | None:
+        """The driver, if any; an attached sandbox's is loaded from its saved state on first
+        use: exec, file copies and detach need only the agent, not the driver's imports."""
+        if self._hv is None and self._saved is not None:
+            from .persist import HypervisorState
+
+            doc, self._saved = self._saved, None
+            hv = new_hypervisor(self.hypervisor_type, self.run_root)
+            try:
+                hv.load(HypervisorState.model_validate(doc.get("hypervisor", {})))
+            except ValueError as e:
+                raise StateError(f"sandbox {self.id}: unreadable hypervisor state: {e}") from e
+            hv.state = self._saved_state
+            self._hv = hv
         return self._hv
 
     @property
@@ -179,7 +186,9 @@ class Sandbox:
     @property
     def state(self) -> VMState:
         """Lifecycle state of the VM."""
-        return self._hv.state if self._hv is not None else VMState.NEW
+        if self._hv is not None:
+            return self._hv.state
+        return self._saved_state
 
     def capabilities(self) -> Capabilities:
         """What the driver supports for this sandbox."""
@@ -188,7 +197,7 @@ class Sandbox:
     # -- lifecycle --------------------------------------------------------------------------
     async def create(self) -> None:
         """Validate the config and prepare the VM (nothing is launched); persist it."""
-        if self._hv is not None:
+        if self._hv is not None or self._saved is not None:
             raise StateError(f"sandbox {self.id} is already created")
         cfg = build_config(self.config_request, self.overrides, self.hypervisor_type)
         if self.network_request is not None:
@@ -368,7 +377,7 @@ class Sandbox:
 
     async def stop(self, force: bool = False) -> None:
         """Stop the VM, release everything and forget the sandbox. Idempotent."""
-        if self._hv is None:
+        if self._driver() is None:
             return
         async with self._op(missing_ok=True):
             await self._teardown(force=force)
@@ -444,6 +453,7 @@ class Sandbox:
         if self._holding_lock:
             yield
             return
+        self._driver()  # the operation needs it: load it before refreshing its state
         async with self._store.alock(self.id, timeout=LOCK_TIMEOUT):
             self._holding_lock = True
             try:
@@ -842,7 +852,7 @@ class Sandbox:
                 log.debug("closing agent of %s: %s", self.id, e)
 
     async def _raise_if_vm_dead(self) -> None:
-        hv = self._hv
+        hv = self._driver()
         if hv is None:
             return
         try:
@@ -892,22 +902,12 @@ class Sandbox:
     @classmethod
     def list(cls, run_root: str | None = None) -> list[SandboxInfo]:
         """Every persisted sandbox under the run root, with its liveness checked."""
-        store = persist.StateStore(persist.run_root(run_root))
-        out: list[SandboxInfo] = []
-        for sid in store.list():
-            try:
-                out.append(_info(store, sid))
-            except StateError as e:
-                log.warning("skipping sandbox %s: %s", sid, e)
-        return out
+        return list_sandboxes(run_root)
 
     @classmethod
     def info(cls, id: str, run_root: str | None = None) -> SandboxInfo:
         """One persisted sandbox as `list()` reports it (`StateError` when there is none)."""
-        store = persist.StateStore(persist.run_root(run_root))
-        if not store.exists(id):
-            raise StateError(f"no such sandbox: {id}")
-        return _info(store, id)
+        return one_sandbox(id, run_root)
 
     @classmethod
     def adopt(
@@ -931,9 +931,8 @@ class Sandbox:
 
     @classmethod
     async def attach(cls, id: str, run_root: str | None = None) -> Sandbox:
-        """Take over a sandbox persisted by another process (the VM keeps running)."""
-        from .persist import HypervisorState
-
+        """Take over a sandbox persisted by another process (the VM keeps running). The
+        driver of a running sandbox is loaded when an operation needs it (see `_driver`)."""
         root = persist.run_root(run_root)
         store = persist.StateStore(root)
         if not store.exists(id):  # checked first: taking the lock would create its directory
@@ -950,25 +949,22 @@ class Sandbox:
         agent_timeout = sb_doc.get("agent_timeout")
         sb.agent_timeout = float(agent_timeout) if agent_timeout is not None else None
         sb.created_at = float(sb_doc.get("created_at", time.time()))
-        cfg = HypervisorConfig.from_dict(doc.get("config", {}))
         if sb_doc.get("network"):
             from .network import SandboxNetwork
 
             sb.network = SandboxNetwork.from_dict(sb_doc["network"])
-        hv = new_hypervisor(sb.hypervisor_type, root)
         state = recorded_state(store, id, doc) or "created"
         if state == VMState.CREATED.value:
-            await hv.create_sandbox(id, None, cfg)
+            from .config import HypervisorConfig
+
+            hv = new_hypervisor(sb.hypervisor_type, root)
+            await hv.create_sandbox(id, None, HypervisorConfig.from_dict(doc.get("config", {})))
             sb._hv = hv
             await sb._plug_agent_channel()
             return sb
-        try:
-            hv.load(HypervisorState.model_validate(doc.get("hypervisor", {})))
-        except ValueError as e:
-            raise StateError(f"sandbox {id}: unreadable hypervisor state: {e}") from e
         # A "starting" sandbox's manager died mid-start: its VMM may still be booting.
-        hv.state = VMState(state) if state in VMState._value2member_map_ else VMState.RUNNING
-        sb._hv = hv
+        sb._saved_state = VMState(state) if state in VMState._value2member_map_ else VMState.RUNNING
+        sb._saved = doc
         agent = sb_doc.get("agent")
         if agent:
             from .agent.endpoint import AgentEndpoint
@@ -989,40 +985,6 @@ class Sandbox:
             self.containers[cid] = Container(self, ContainerRecord(**record))
 
 
-def _info(store: persist.StateStore, sid: str) -> SandboxInfo:
-    """What `Sandbox.list()` says of one sandbox; a live state whose VMM is gone is "dead"."""
-    from .host import pid_is
-
-    doc = store.read(sid)
-    sb = doc.get("sandbox", {})
-    hs = doc.get("hypervisor", {})
-    cfg = doc.get("config", {})
-    state = recorded_state(store, sid, doc) or "unknown"
-    pid = int(hs.get("pid") or 0)
-    alive = bool(pid) and pid_is(pid, int(hs.get("pid_start_time") or 0))
-    if state in ("running", "paused", STARTING) and sb.get("hypervisor") != "mock" and not alive:
-        state = "dead"
-    return SandboxInfo(
-        id=sid,
-        hypervisor=str(sb.get("hypervisor", "")),
-        state=state,
-        pid=pid,
-        created_at=float(sb.get("created_at", 0.0)),
-        vcpus=int(cfg.get("num_vcpus", 0)),
-        memory_mb=int(cfg.get("memory_size", 0)),
-        ip=_network_ip(sb.get("network")),
-    )
-
-
-def _network_ip(record: dict[str, Any] | None) -> str:
-    """The first IPv4 address a persisted network record gives the guest."""
-    if not record:
-        return ""
-    from .network import SandboxNetwork
-
-    return str(SandboxNetwork.from_dict(record).summary()["ip"])
-
-
 def _vhost_net(cfg: HypervisorConfig) -> bool:
     """vhost-net (in-kernel virtio-net) where the host has it and the config allows it."""
     return not cfg.disable_vhost_net and os.path.exists("/dev/vhost-net")
@@ -1036,15 +998,6 @@ def _log_paths(vm_dir: str, vmm: bool) -> list[str]:
         return []
     names.sort(key=lambda n: (n.removesuffix(".1"), not n.endswith(".1")))
     return [os.path.join(vm_dir, n) for n in names if ("console" in n) != vmm]
-
-
-def recorded_state(store: persist.StateStore, id: str, doc: dict[str, Any]) -> str:
-    """The sandbox state a document records ("" if none): a running VM's pause state is the
-    separately kept run state, which pause and resume update without rewriting the document."""
-    state = str(doc.get("sandbox", {}).get("state", ""))
-    if state in (VMState.RUNNING.value, VMState.PAUSED.value):
-        state = store.runstate(id) or state
-    return state
 
 
 async def _force_kill(hv: Hypervisor) -> None:

@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import sandbox as _async
-from .sandbox import SandboxInfo
+from .inventory import SandboxInfo
 
 if TYPE_CHECKING:
     from .agent import ExecResult, ExitStatus

@@ -479,6 +479,7 @@ def test_stale_temp_files_are_removed_by_next_write(store: StateStore) -> None:
 WRITER = textwrap.dedent(
     """
     import hashlib, sys
+    import secrets, virtcontainers.host  # what a write imports on first use: not in the window
     from virtcontainers.persist import StateStore
     root, sid, seq = sys.argv[1], sys.argv[2], int(sys.argv[3])
     store = StateStore(root)
