@@ -1,7 +1,4 @@
-"""`virtc template` and `virtc factory` end to end, in a subprocess, on real QEMU (TCG).
-
-The sub-apps are registered on the `virtc` app here the way the CLI registers them.
-"""
+"""`virtc template` and `virtc factory` end to end, in a subprocess, on real QEMU (TCG)."""
 
 from __future__ import annotations
 
@@ -18,21 +15,13 @@ from virtcontainers.factory import tmpfs as tmpfs_mod
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check")]
 
-VIRTC = """
-import sys
-from virtcontainers.cli.app import app, main
-from virtcontainers.cli.factory_cmds import factory_app, template_app
-app.add_typer(template_app, name="template")
-app.add_typer(factory_app, name="factory")
-main(sys.argv[1:])
-"""
+VIRTC = ["-m", "virtcontainers.cli"]
 
 
 async def virtc(run_root: str, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-c",
-        VIRTC,
+        *VIRTC,
         "--run-root",
         run_root,
         *args,
@@ -102,8 +91,7 @@ async def test_sandbox_from_a_template_and_from_a_missing_cache(
     run_root: str, guest_assets: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """What `virtc run --from-template NAME` and `virtc run --factory` call."""
-    from virtcontainers.cli.factory_cmds import sandbox_from_factory
-    from virtcontainers.factory import TemplateStore
+    from virtcontainers.factory import TemplateStore, sandbox_from_factory
     from virtcontainers.sandbox import Sandbox, build_config
     from virtcontainers.types import HypervisorType
 

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
+from cli_support import invoke
 from virtcontainers.agent.client import AgentError
 from virtcontainers.cli import console
 from virtcontainers.cli.app import report_error
@@ -56,21 +56,15 @@ def test_console_history_is_shown_without_control_characters(
 
 
 def test_factory_status_shows_the_last_failure_without_control_characters(
-    monkeypatch: pytest.MonkeyPatch, run_root: str
+    monkeypatch: pytest.MonkeyPatch, run_root: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import typer
-
     from virtcontainers import factory
-    from virtcontainers.cli.factory_cmds import factory_app
     from virtcontainers.factory.base import FactoryStatus
 
     async def status(root: str | None = None) -> FactoryStatus:
         return FactoryStatus(base="template t", pid=os.getpid(), size=1, last_error=HOSTILE)
 
     monkeypatch.setattr(factory, "daemon_status", status)
-    root = typer.Typer()
-    root.callback()(lambda: None)
-    root.add_typer(factory_app, name="factory")
-    res = CliRunner().invoke(root, ["factory", "status"])
-    assert res.exit_code == 0, res.output
-    assert "last failure: exec failed: ^[]52" in res.output and "\x1b" not in res.output
+    res = invoke(capsys, "factory", "status")
+    assert res.code == 0, res.err
+    assert "last failure: exec failed: ^[]52" in res.out and "\x1b" not in res.out

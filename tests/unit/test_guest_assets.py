@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
+from cli_support import invoke
 from virtcontainers.errors import AssetError
 from virtcontainers.guest import assets, default_kernel_params, initrd, kernel, loops_per_jiffy
 from virtcontainers.types import Param
@@ -353,22 +353,21 @@ def test_prune_without_a_cache_or_inputs(
 
 
 def test_virtc_assets_prune(
-    tmp_path: Path, fake_build: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    fake_build: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import virtcontainers.cli.commands  # noqa: F401  (registers the subcommands)
-    from virtcontainers.cli import app
-
     old, current = _stale_setup(tmp_path, fake_build)
     monkeypatch.setenv("VC_ASSETS_DIR", str(tmp_path))
-    runner = CliRunner()
-    res = runner.invoke(app, ["--json", "assets", "prune", "--dry-run"])
-    assert res.exit_code == 0, res.output
-    doc = json.loads(res.stdout)
+    res = invoke(capsys, "--json", "assets", "prune", "--dry-run")
+    assert res.code == 0, res.err
+    doc = json.loads(res.out)
     assert doc["dry_run"] is True and [e["name"] for e in doc["stale"]] == [".build-killed", old]
     assert (tmp_path / old).is_dir()
-    res = runner.invoke(app, ["assets", "prune"])
-    assert res.exit_code == 0, res.output
-    assert f"removed {tmp_path / old} (" in res.stdout and "removed 2 stale entries" in res.stderr
+    res = invoke(capsys, "assets", "prune")
+    assert res.code == 0, res.err
+    assert f"removed {tmp_path / old} (" in res.out and "removed 2 stale entries" in res.err
     assert not (tmp_path / old).exists() and (tmp_path / current).is_dir()
 
 

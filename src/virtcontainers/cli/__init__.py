@@ -1,7 +1,21 @@
-"""The `virtc` command-line tool."""
+"""The `virtc` command-line tool.
+
+Start-up cost is part of its interface: `virtc list` runs in loops and scripts. The entry
+point (`app.main`) imports the standard library only, answers `--version` at once, and builds
+the parser of the one command being run; commands import what they use inside their function.
+To add a command, register it in a module listed in `app.COMMAND_MODULES`:
+
+    @command("ps", SANDBOX_ID, Arg("--all", "-a", action="store_true", help="..."))
+    def ps(g: Globals, a: argparse.Namespace) -> int | None:
+        \"\"\"One line for `virtc --help`; more lines for `virtc ps --help`.\"\"\"
+        from ..sandbox import Sandbox  # heavy imports here, never at the top
+        ...
+
+`tests/unit/test_cli_startup.py` fails when a command loads modules it should not.
+"""
 
 from __future__ import annotations
 
-from .app import app, main
+from .app import main, run
 
-__all__ = ["app", "main"]
+__all__ = ["main", "run"]

@@ -1,134 +1,180 @@
-"""`virtc`: the root command, global options and error handling."""
+"""`virtc`: the entry point, global options, dispatch to a registered command, error handling.
+
+Start-up cost is part of the interface (`virtc list` in a loop, a shim per container): this
+module imports the standard library only; `--version` is answered before anything else is
+imported, and only the command being run builds its parser and imports what it uses (see
+`registry`).
+"""
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import dataclass
-from typing import Annotated, Any
 
-import typer
-from rich.console import Console
-from rich.table import Table
+TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: `virtc --version` does without typing
+if TYPE_CHECKING:
+    import argparse
 
-from .. import __version__
-from ..errors import ConfigError, VCError
+    from .registry import Registry
 
 # Exit codes: distinct for usage errors, VM/infrastructure failures and command failures.
 EXIT_USAGE = 2
 EXIT_VM_FAILURE = 125
 EXIT_UNSUPPORTED = EXIT_USAGE  # asked for what this hypervisor cannot do
 EXIT_TIMED_OUT = 124  # as timeout(1)
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer killed by it
 
-app = typer.Typer(
-    name="virtc",
-    help="Run lightweight virtual machines (sandboxes) on QEMU, Firecracker, "
-    "Cloud Hypervisor, ACRN or a mock.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+DESCRIPTION = (
+    "Run lightweight virtual machines (sandboxes) on QEMU, Firecracker, Cloud Hypervisor, "
+    "ACRN or a mock."
 )
-out = Console()
-err = Console(stderr=True)
+COMMAND_MODULES = ("commands", "container_cmds", "factory_cmds", "image_cmds")
+"""Modules under `virtcontainers.cli` that register commands when imported (cheaply)."""
+_VALUE_OPTIONS = ("-H", "--hypervisor", "--run-root")
+"""Global options that take a value (the next word, unless given as `--opt=value`)."""
 
 
-@dataclass
 class Globals:
-    """Options given before the subcommand."""
+    """Options given before the command."""
 
-    hypervisor: str = "qemu"
-    run_root: str | None = None
-    debug: bool = False
-    json: bool = False
-
-
-def get_globals(ctx: typer.Context) -> Globals:
-    """The global options of this invocation."""
-    obj = ctx.find_root().obj
-    return obj if isinstance(obj, Globals) else Globals()
-
-
-def emit_json(data: Any) -> None:
-    """Print JSON to stdout (machine-readable output)."""
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def _version(value: bool) -> None:
-    if value:
-        out.print(f"virtc {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def root(
-    ctx: typer.Context,
-    hypervisor: Annotated[
-        str, typer.Option("--hypervisor", "-H", help="qemu, firecracker, clh, acrn or mock.")
-    ] = "qemu",
-    run_root: Annotated[
-        str | None,
-        typer.Option(
-            "--run-root", help="Where VM directories and state live.", envvar="VC_RUN_ROOT"
-        ),
-    ] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show error details and logs.")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    version: Annotated[
-        bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
-    ] = False,
-) -> None:
-    """Global options."""
-    from ..types import HypervisorType
-
-    HypervisorType.parse(hypervisor)
-    ctx.obj = Globals(hypervisor=hypervisor, run_root=run_root, debug=debug, json=json_output)
-
-
-@app.command()
-def check(
-    ctx: typer.Context,
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-) -> None:
-    """Report what this host can run: KVM or TCG, VMM binaries, vsock, run root."""
-    from .. import host
-
-    g = get_globals(ctx)
-    report = host.check()
-    data = report.to_dict()
-    if json_output or g.json:
-        emit_json(data)
-        return
-    table = Table(title="virtc check", show_lines=False)
-    table.add_column("item")
-    table.add_column("ok")
-    table.add_column("detail")
-    for item in data.get("items", []):
-        mark = "[green]yes[/]" if item.get("ok") else "[yellow]no[/]"
-        table.add_row(str(item.get("name")), mark, str(item.get("detail", "")))
-    out.print(table)
+    def __init__(
+        self,
+        hypervisor: str = "qemu",
+        run_root: str | None = None,
+        debug: bool = False,
+        json: bool = False,
+    ) -> None:
+        self.hypervisor = hypervisor
+        self.run_root = run_root
+        self.debug = debug
+        self.json = json
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app and turn errors into one readable line and an exit code."""
-    from . import commands, container_cmds  # noqa: F401  (register subcommands)
-    from .factory_cmds import factory_app, template_app
-    from .image_cmds import image_app
+    """Entry point of the `virtc` script: run it and exit with its code."""
+    sys.exit(run(sys.argv[1:] if argv is None else argv))
 
-    if not any(g.name == "template" for g in app.registered_groups):
-        app.add_typer(template_app, name="template")
-        app.add_typer(factory_app, name="factory")
-        app.add_typer(image_app, name="image")
 
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+def run(argv: list[str]) -> int:
+    """Run `virtc ARGV...`; errors become one readable line on stderr and an exit code."""
+    head, rest = split_globals(argv)
+    if "--version" in head:
+        from .. import __version__
+
+        sys.stdout.write(f"virtc {__version__}\n")
+        return 0
+    debug = "--debug" in head
     try:
-        # Standalone mode: the parser reports usage errors itself (exit code 2).
-        app(args=argv)
+        return _dispatch(head, rest)
+    except SystemExit as e:  # argparse: usage errors (2) and --help (0)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     except KeyboardInterrupt:
-        err.print("virtc: interrupted")
-        sys.exit(130)
+        sys.stderr.write("virtc: interrupted\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`virtc list | head -1`): as cat(1) does
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
     except Exception as e:
-        sys.exit(report_error(e, debug))
+        return report_error(e, debug)
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not fail again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def split_globals(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the global options, the command and its arguments): globals come before the command."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if not word.startswith("-") or word in ("-", "--"):
+            break
+        i += 2 if word in _VALUE_OPTIONS else 1
+    return argv[:i], argv[i:]
+
+
+def _dispatch(head: list[str], rest: list[str]) -> int:
+    root = _root_parser()
+    opts = root.parse_args(head)
+    g = Globals(opts.hypervisor, opts.run_root, opts.debug, opts.json)
+    registry = load_registry()
+    if opts.help or not rest:
+        out = sys.stdout if opts.help else sys.stderr
+        out.write(root.format_help() + _command_list(registry, None))
+        return 0 if opts.help else EXIT_USAGE
+    from ..types import HypervisorType
+
+    HypervisorType.parse(g.hypervisor)
+    name = rest[0]
+    if name in registry.groups:
+        sub = rest[1:2]
+        if not sub or sub[0] in ("-h", "--help"):
+            out = sys.stdout if sub else sys.stderr
+            out.write(
+                f"usage: virtc {name} COMMAND [ARGS]...\n\n{registry.groups[name]}\n"
+                + _command_list(registry, name)
+            )
+            return 0 if sub else EXIT_USAGE
+        name, args = f"{name} {sub[0]}", rest[2:]
+    else:
+        args = rest[1:]
+    cmd = registry.commands.get(name)
+    if cmd is None:
+        root.error(f"No such command '{name}'.")
+    code = cmd.func(g, cmd.parser().parse_args(args))
+    return code or 0
+
+
+def _root_parser() -> argparse.ArgumentParser:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="virtc",
+        usage="virtc [OPTIONS] COMMAND [ARGS]...",
+        description=DESCRIPTION,
+        add_help=False,
+    )
+    p.add_argument(
+        "-H",
+        "--hypervisor",
+        default="qemu",
+        metavar="NAME",
+        help="qemu, firecracker, clh, acrn or mock (default: qemu).",
+    )
+    p.add_argument(
+        "--run-root",
+        metavar="DIR",
+        help="Where VM directories and state live (default: $VC_RUN_ROOT, /run/vc as root).",
+    )
+    p.add_argument("--debug", action="store_true", help="Show error details and logs.")
+    p.add_argument("--json", action="store_true", help="Machine-readable output.")
+    p.add_argument("--version", action="store_true", help="Print the version.")
+    p.add_argument("-h", "--help", action="store_true", help="Show this help.")
+    return p
+
+
+def load_registry() -> Registry:
+    """The registry, filled by importing the command modules."""
+    import importlib
+
+    from .registry import REGISTRY
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(f"{__package__}.{module}")
+    return REGISTRY
+
+
+def _command_list(registry: Registry, group: str | None) -> str:
+    entries = registry.subcommands(group)
+    width = max(map(len, entries), default=0) + 2
+    lines = [f"  {name:<{width}}{summary}" for name, summary in entries.items()]
+    where = f"virtc {group} COMMAND" if group else "virtc COMMAND"
+    return "\ncommands:\n" + "\n".join(lines) + f"\n\nRun '{where} --help' for its options.\n"
 
 
 def report_error(e: BaseException, debug: bool) -> int:
@@ -137,23 +183,20 @@ def report_error(e: BaseException, debug: bool) -> int:
     Messages may carry guest text (an agent's error, a console tail): their control
     characters are shown visibly, never sent to the terminal.
     """
-    from ..errors import ImageError, UnsupportedError
+    from ..errors import ConfigError, ImageError, UnsupportedError, VCError
     from .logs import terminal_safe
 
     if debug:
-        from rich.traceback import Traceback
+        import traceback
 
-        trace = Traceback.extract(type(e), e, e.__traceback__)
-        for stack in trace.stacks:
-            stack.exc_value = terminal_safe(stack.exc_value)
-        err.print(Traceback(trace))
+        sys.stderr.write(terminal_safe("".join(traceback.format_exception(e))))
     message = terminal_safe(str(e).strip() or type(e).__name__)
     first, _, rest = message.partition("\n")
-    err.print(f"virtc: error: {first}", markup=False, highlight=False)
+    sys.stderr.write(f"virtc: error: {first}\n")
     if rest and debug:
-        err.print(rest, markup=False, highlight=False)
+        sys.stderr.write(rest + "\n")
     elif rest:
-        err.print("(run with --debug for details)", markup=False, highlight=False)
+        sys.stderr.write("(run with --debug for details)\n")
     if isinstance(e, ConfigError):
         return EXIT_USAGE
     if isinstance(e, UnsupportedError):

@@ -1,293 +1,162 @@
-"""Subcommands of `virtc`, registered on import."""
+"""The sandbox commands of `virtc` (run, create, exec, list, ...) and the host ones (check,
+capabilities, assets, config), registered on import.
+
+Each command imports what it uses inside its function (see `registry`): importing this module
+must stay cheap.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import argparse
 import contextlib
-import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Annotated, Any, TypeVar
-
-import typer
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, StateError
-from .app import EXIT_TIMED_OUT, app, emit_json, err, get_globals, out
+from .app import EXIT_TIMED_OUT, Globals
+from .options import (
+    COMMAND,
+    CONFIG,
+    CPUS,
+    GUEST,
+    MEMORY,
+    SANDBOX_ID,
+    TIMEOUT,
+    config_request,
+    guest_command,
+    parse_size_mib,
+)
+from .output import emit_json, line, run_async, say, table, with_spinner
+from .registry import Arg, command, group
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from ..agent import ExecResult
+    from ..sandbox import Sandbox
 
-disk_app = typer.Typer(help="Hot-add and remove disks.", no_args_is_help=True)
-assets_app = typer.Typer(help="Guest kernel and initrd.", no_args_is_help=True)
-config_app = typer.Typer(help="Effective configuration.", no_args_is_help=True)
-app.add_typer(disk_app, name="disk")
-app.add_typer(assets_app, name="assets")
-app.add_typer(config_app, name="config")
+group("disk", "Hot-add and remove disks.")
+group("assets", "Guest kernel and initrd.")
+group("config", "Effective configuration.")
 
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine to completion on a fresh event loop."""
-    return asyncio.run(coro)
-
-
-def parse_size_mib(text: str) -> int:
-    """Parse a memory size: plain MiB ('512'), or with a unit ('512M', '2G', '1024MiB')."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    factor = 1
-    if t.endswith("G"):
-        factor, t = 1024, t[:-1]
-    elif t.endswith("M"):
-        t = t[:-1]
-    try:
-        value = int(t) * factor
-    except ValueError:
-        raise ConfigError(f"invalid memory size {text!r} (e.g. 512, 512M, 2G)") from None
-    if value <= 0:
-        raise ConfigError(f"invalid memory size {text!r}: must be positive")
-    return value
-
-
-def with_spinner(label: str, make: Callable[[], Awaitable[T]], quiet: bool = False) -> T:
-    """Run `make()` while a spinner with elapsed time shows on stderr."""
-    if quiet or not err.is_terminal:
-        return run_async(_await(make))
-    start = time.monotonic()
-
-    async def body() -> T:
-        with err.status(f"{label} (0.0 s)") as status:
-            task = asyncio.ensure_future(_await(make))
-            while not task.done():
-                await asyncio.wait({task}, timeout=0.1)
-                status.update(f"{label} ({time.monotonic() - start:.1f} s)")
-            return task.result()
-
-    return run_async(body())
-
-
-async def _await(make: Callable[[], Awaitable[T]]) -> T:
-    return await make()
-
-
-def _overrides(
-    cpus: int | None,
-    memory: str | None,
-    extra: list[str],
-    kernel: str | None = None,
-    initrd: str | None = None,
-) -> dict[str, Any]:
-    """HypervisorConfig overrides from the shared sizing and guest-asset options."""
-    o: dict[str, Any] = {}
-    if cpus is not None:
-        if cpus <= 0:
-            raise ConfigError(f"invalid --cpus {cpus}: must be positive")
-        o["num_vcpus"] = cpus
-    if memory is not None:
-        o["memory_size"] = parse_size_mib(memory)
-    if extra:
-        from ..types import Param, params_from_string
-
-        params: list[Param] = []
-        for e in extra:
-            params.extend(params_from_string(e))
-        o["kernel_params"] = params
-    for flag, path, field in (
-        ("--kernel", kernel, "kernel_path"),
-        ("--initrd", initrd, "initrd_path"),
-    ):
-        if path is not None:
-            if not os.path.exists(path):
-                raise ConfigError(f"{flag}: no such file {path}")
-            o[field] = os.path.abspath(path)
-    return o
-
-
-def _load_config(path: str | None, hypervisor: str) -> Any:
-    if path is None:
-        return None
-    from ..config import HypervisorConfig
-
-    if not os.path.exists(path):
-        raise ConfigError(f"--config: no such file {path}")
-    return HypervisorConfig.from_toml(path, hypervisor=hypervisor)
-
-
-CpusOpt = Annotated[int | None, typer.Option("--cpus", "-c", help="vCPUs.")]
-MemOpt = Annotated[str | None, typer.Option("--memory", "-m", help="Memory, e.g. 512M or 2G.")]
-ConfigOpt = Annotated[
-    str | None, typer.Option("--config", help="A Kata configuration.toml to start from.")
-]
-KernelOpt = Annotated[str | None, typer.Option("--kernel", help="Guest kernel path.")]
-InitrdOpt = Annotated[str | None, typer.Option("--initrd", help="Guest initrd path.")]
-ParamOpt = Annotated[
-    list[str] | None, typer.Option("--kernel-param", help="Extra kernel parameters.")
-]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Boot timeout in seconds.")]
-NetOpt = Annotated[
-    str | None,
-    typer.Option(
+NAME = Arg("--name", help="Sandbox id.")
+JSON = Arg("--json", dest="json_output", action="store_true", help="Machine-readable output.")
+STDIN = Arg("--stdin", "-i", action="store_true", help="Send our stdin.")
+NETWORK = (
+    Arg(
         "--net",
         help="Network: none (loopback only), bridge[:NAME] (NAT, -p), ns:PATH (join a "
         "namespace), user (QEMU user-mode, no root). Default: bridge with -p, else no NIC.",
     ),
-]
-PublishOpt = Annotated[
-    list[str] | None,
-    typer.Option("--publish", "-p", help="Publish a port: [IP:]HOST_PORT:GUEST_PORT[/tcp|udp]."),
-]
-SubnetOpt = Annotated[
-    str | None, typer.Option("--subnet", help="IPv4 subnet of the bridge (made on first use).")
-]
+    Arg(
+        "--publish",
+        "-p",
+        action="append",
+        default=[],
+        help="Publish a port: [IP:]HOST_PORT:GUEST_PORT[/tcp|udp] (repeatable).",
+    ),
+    Arg("--subnet", help="IPv4 subnet of the bridge (made on first use)."),
+)
+
+CONTAINER = (
+    Arg("--image", help="Run this image (virtc image ls) as a container."),
+    Arg("--bundle", help="Run this OCI runtime bundle as a container."),
+    Arg(
+        "--volume",
+        "-v",
+        action="append",
+        default=[],
+        help="Share a host directory: HOST:GUEST[:ro] (repeatable).",
+    ),
+    Arg("--env", "-e", action="append", default=[], help="Container environment: K=V."),
+    Arg("--workdir", "-w", help="Container working directory."),
+    Arg("--user", "-u", help="Container user: UID[:GID] or a name."),
+    Arg("--detach", "-d", action="store_true", help="Leave the container running; print the id."),
+)
 
 
-def _new_sandbox(
-    ctx: typer.Context,
-    name: str | None,
-    cpus: int | None,
-    memory: str | None,
-    config: str | None,
-    kernel: str | None,
-    initrd: str | None,
-    params: list[str] | None,
-    timeout: float,
-    net: str | None = None,
-    publish: list[str] | None = None,
-    subnet: str | None = None,
-    **workload: Any,
-) -> Any:
+def _new_sandbox(g: Globals, a: argparse.Namespace, **workload: Any) -> Sandbox:
     """A Sandbox from the shared options; `workload`: image, bundle, mounts (see Sandbox)."""
     from ..sandbox import Sandbox
 
-    g = get_globals(ctx)
-    overrides = _overrides(cpus, memory, params or [], kernel, initrd)
+    config, overrides = config_request(g, a)
     network = None
-    if net or publish or subnet:
+    if a.net or a.publish or a.subnet:
         from ..network import NetworkConfig
 
-        network = NetworkConfig.parse(net or "bridge", publish or [], subnet=subnet or "")
+        network = NetworkConfig.parse(a.net or "bridge", a.publish, subnet=a.subnet or "")
     return Sandbox(
-        name,
+        a.name,
         g.hypervisor,
-        _load_config(config, g.hypervisor),
+        config,
         run_root=g.run_root,
-        start_timeout=timeout,
+        start_timeout=a.timeout,
         network=network,
         **workload,
         **overrides,
     )
 
 
-@app.command(context_settings={"allow_interspersed_args": False})
-def run(
-    ctx: typer.Context,
-    command: Annotated[
-        list[str] | None,
-        typer.Argument(help="Command to run (with --image: instead of the image's Cmd)."),
-    ] = None,
-    name: Annotated[str | None, typer.Option("--name", help="Sandbox id.")] = None,
-    cpus: CpusOpt = None,
-    memory: MemOpt = None,
-    config: ConfigOpt = None,
-    kernel: KernelOpt = None,
-    initrd: InitrdOpt = None,
-    kernel_param: ParamOpt = None,
-    timeout: TimeoutOpt = 60.0,
-    exec_timeout: Annotated[
-        float | None, typer.Option("--exec-timeout", help="Command timeout in seconds.")
-    ] = None,
-    stdin: Annotated[bool, typer.Option("--stdin", "-i", help="Send our stdin.")] = False,
-    from_template: Annotated[
-        str | None, typer.Option("--from-template", help="Clone from this VM template.")
-    ] = None,
-    factory: Annotated[
-        bool, typer.Option("--factory", help="Take a ready VM from the VM cache server.")
-    ] = False,
-    net: NetOpt = None,
-    publish: PublishOpt = None,
-    subnet: SubnetOpt = None,
-    image: Annotated[
-        str | None, typer.Option("--image", help="Run this image (virtc image ls) as a container.")
-    ] = None,
-    bundle: Annotated[
-        str | None, typer.Option("--bundle", help="Run this OCI runtime bundle as a container.")
-    ] = None,
-    volume: Annotated[
-        list[str] | None,
-        typer.Option("--volume", "-v", help="Share a host directory: HOST:GUEST[:ro]."),
-    ] = None,
-    env: Annotated[
-        list[str] | None, typer.Option("--env", "-e", help="Container environment: K=V.")
-    ] = None,
-    workdir: Annotated[
-        str | None, typer.Option("--workdir", "-w", help="Container working directory.")
-    ] = None,
-    user: Annotated[
-        str | None, typer.Option("--user", "-u", help="Container user: UID[:GID] or a name.")
-    ] = None,
-    detach: Annotated[
-        bool, typer.Option("--detach", "-d", help="Leave the container running; print the id.")
-    ] = False,
-) -> None:
+@command(
+    "run",
+    NAME,
+    *GUEST,
+    TIMEOUT,
+    Arg("--exec-timeout", type=float, help="Command timeout in seconds."),
+    STDIN,
+    Arg("--from-template", metavar="NAME", help="Clone from this VM template."),
+    Arg("--factory", action="store_true", help="Take a ready VM from the VM cache server."),
+    *NETWORK,
+    *CONTAINER,
+    Arg(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="COMMAND...",
+        help="Command to run (with --image: instead of the image's Cmd).",
+    ),
+)
+def run(g: Globals, a: argparse.Namespace) -> int | None:
     """Boot a sandbox, run COMMAND in it (or in a container of --image/--bundle), print its
     output, tear down; exit with its code."""
-    data = sys.stdin.buffer.read() if stdin else b""
-    container = image is not None or bundle is not None
-    if not container and (volume or env or workdir or user or detach):
+    container = a.image is not None or a.bundle is not None
+    if not container and (a.volume or a.env or a.workdir or a.user or a.detach):
         raise ConfigError("-v, -e, -w, -u and -d need --image or --bundle")
-    if not container and not command:
-        raise ConfigError("run: no command given (or use --image/--bundle)")
-    workload: dict[str, Any] = {}
-    if container:
-        workload = {"image": image, "bundle": bundle, "mounts": volume or []}
-    sb = _new_sandbox(
-        ctx,
-        name,
-        cpus,
-        memory,
-        config,
-        kernel,
-        initrd,
-        kernel_param,
-        timeout,
-        net,
-        publish,
-        subnet,
-        **workload,
-    )
+    data = sys.stdin.buffer.read() if a.stdin else b""
     if container:
         from .container_cmds import run_container
 
-        run_container(ctx, sb, command, env, workdir, user, data, exec_timeout, detach)
-        return
-    assert command is not None
+        sb = _new_sandbox(g, a, image=a.image, bundle=a.bundle, mounts=a.volume)
+        return run_container(g, a, sb, data)
+    if not [w for w in a.command if w != "--"]:
+        raise ConfigError("run: no command given (or use --image/--bundle)")
+    argv = guest_command(a)
+    sb = _new_sandbox(g, a)
 
-    async def body() -> Any:
-        if from_template or factory:
+    async def body() -> ExecResult:
+        if a.from_template or a.factory:
+            from ..factory import sandbox_from_factory
             from ..sandbox import build_config
-            from .factory_cmds import sandbox_from_factory
 
-            g = get_globals(ctx)
             cfg = build_config(sb.config_request, sb.overrides, sb.hypervisor_type)
             fsb = await sandbox_from_factory(
                 cfg,
-                template=from_template,
-                use_cache=factory,
+                template=a.from_template,
+                use_cache=a.factory,
                 run_root=g.run_root,
-                id=name,
-                timeout=timeout,
+                id=a.name,
+                timeout=a.timeout,
             )
             async with fsb:
-                return await fsb.exec(command, stdin=data, timeout=exec_timeout)
+                return await fsb.exec(argv, stdin=data, timeout=a.exec_timeout)
         async with sb:
-            return await sb.exec(command, stdin=data, timeout=exec_timeout)
+            return await sb.exec(argv, stdin=data, timeout=a.exec_timeout)
 
-    result = with_spinner("booting sandbox", body, quiet=get_globals(ctx).json)
-    _print_result(ctx, result)
+    return print_result(g, with_spinner("booting sandbox", body, quiet=g.json))
 
 
-def _print_result(ctx: typer.Context, result: Any) -> None:
-    if get_globals(ctx).json:
+def print_result(g: Globals, result: ExecResult) -> int:
+    """Print a guest command's output (or JSON); its exit code becomes ours."""
+    if g.json:
         emit_json(
             {
                 "exit_code": result.exit_code,
@@ -303,176 +172,154 @@ def _print_result(ctx: typer.Context, result: Any) -> None:
         sys.stderr.buffer.write(result.stderr)
         sys.stderr.buffer.flush()
     if result.timed_out:
-        err.print("virtc: command timed out (killed in the guest)", markup=False)
-        raise typer.Exit(EXIT_TIMED_OUT)
+        line("virtc: command timed out (killed in the guest)", err=True)
+        return EXIT_TIMED_OUT
     if result.signal:
-        raise typer.Exit(128 + result.signal)
-    raise typer.Exit(result.exit_code)
+        return 128 + result.signal
+    return result.exit_code
 
 
-@app.command()
-def create(
-    ctx: typer.Context,
-    name: Annotated[str | None, typer.Option("--name", help="Sandbox id.")] = None,
-    cpus: CpusOpt = None,
-    memory: MemOpt = None,
-    config: ConfigOpt = None,
-    kernel: KernelOpt = None,
-    initrd: InitrdOpt = None,
-    kernel_param: ParamOpt = None,
-    timeout: TimeoutOpt = 60.0,
-    start: Annotated[bool, typer.Option("--start", help="Start it right away.")] = False,
-    net: NetOpt = None,
-    publish: PublishOpt = None,
-    subnet: SubnetOpt = None,
-) -> None:
+@command(
+    "create",
+    NAME,
+    *GUEST,
+    TIMEOUT,
+    Arg("--start", action="store_true", help="Start it right away."),
+    *NETWORK,
+)
+def create(g: Globals, a: argparse.Namespace) -> None:
     """Create a sandbox (and start it with --start); prints its id."""
-    sb = _new_sandbox(
-        ctx, name, cpus, memory, config, kernel, initrd, kernel_param, timeout, net, publish, subnet
-    )
+    sb = _new_sandbox(g, a)
 
     async def body() -> None:
         await sb.create()
-        if start:
+        if a.start:
             await sb.start()
             await sb.detach()
 
-    with_spinner("booting sandbox" if start else "creating sandbox", body)
-    _say(ctx, {"id": sb.id, "state": sb.state.value}, sb.id)
+    with_spinner("booting sandbox" if a.start else "creating sandbox", body, quiet=g.json)
+    say(g, {"id": sb.id, "state": sb.state.value}, sb.id)
 
 
-def _say(ctx: typer.Context, data: dict[str, Any], text: str) -> None:
-    if get_globals(ctx).json:
-        emit_json(data)
-    else:
-        out.print(text, markup=False, highlight=False)
-
-
-async def _attach(ctx: typer.Context, sandbox_id: str) -> Any:
+async def attach(g: Globals, sandbox_id: str) -> Sandbox:
     from ..sandbox import Sandbox
 
-    return await Sandbox.attach(sandbox_id, run_root=get_globals(ctx).run_root)
+    return await Sandbox.attach(sandbox_id, run_root=g.run_root)
 
 
-IdArg = Annotated[str, typer.Argument(help="Sandbox id.", show_default=False)]
-
-
-@app.command()
-def start(ctx: typer.Context, sandbox_id: IdArg) -> None:
+@command("start", SANDBOX_ID)
+def start(g: Globals, a: argparse.Namespace) -> None:
     """Start a created sandbox."""
 
     async def body() -> None:
-        sb = await _attach(ctx, sandbox_id)
+        sb = await attach(g, a.sandbox_id)
         if sb.state.value != "created":
-            raise StateError(f"sandbox {sandbox_id} is {sb.state.value}, not created")
+            raise StateError(f"sandbox {a.sandbox_id} is {sb.state.value}, not created")
         await sb.start()
         await sb.detach()
 
-    with_spinner("booting sandbox", body)
-    _say(ctx, {"id": sandbox_id, "state": "running"}, sandbox_id)
+    with_spinner("booting sandbox", body, quiet=g.json)
+    say(g, {"id": a.sandbox_id, "state": "running"}, a.sandbox_id)
 
 
-@app.command()
-def stop(
-    ctx: typer.Context,
-    sandbox_id: IdArg,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Kill instead of shutdown.")] = False,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 30.0,
-) -> None:
+@command(
+    "stop",
+    SANDBOX_ID,
+    Arg("--force", "-f", action="store_true", help="Kill instead of shutdown."),
+    Arg("--timeout", type=float, default=30.0, help="Seconds to wait."),
+)
+def stop(g: Globals, a: argparse.Namespace) -> None:
     """Stop a sandbox and remove it."""
+    import asyncio
 
     async def body() -> None:
-        sb = await _attach(ctx, sandbox_id)
-        await asyncio.wait_for(sb.stop(force=force), timeout)
+        sb = await attach(g, a.sandbox_id)
+        await asyncio.wait_for(sb.stop(force=a.force), a.timeout)
 
     run_async(body())
-    _say(ctx, {"id": sandbox_id, "state": "stopped"}, sandbox_id)
+    say(g, {"id": a.sandbox_id, "state": "stopped"}, a.sandbox_id)
 
 
-@app.command()
-def kill(ctx: typer.Context, sandbox_id: IdArg) -> None:
+@command("kill", SANDBOX_ID)
+def kill(g: Globals, a: argparse.Namespace) -> None:
     """Kill a sandbox's VM at once (SIGKILL) and remove it."""
 
     async def body() -> None:
-        sb = await _attach(ctx, sandbox_id)
+        sb = await attach(g, a.sandbox_id)
         await sb.stop(force=True)
 
     run_async(body())
-    _say(ctx, {"id": sandbox_id, "state": "stopped"}, sandbox_id)
+    say(g, {"id": a.sandbox_id, "state": "stopped"}, a.sandbox_id)
 
 
-def _act(ctx: typer.Context, sandbox_id: str, action: str, new_state: str) -> None:
+def _act(g: Globals, sandbox_id: str, action: str, new_state: str) -> None:
     """Attach, call `Sandbox.<action>()`, let go; report the new state."""
 
     async def body() -> None:
-        sb = await _attach(ctx, sandbox_id)
+        sb = await attach(g, sandbox_id)
         try:
             await getattr(sb, action)()
         finally:
             await sb.detach()
 
     run_async(body())
-    _say(ctx, {"id": sandbox_id, "state": new_state}, sandbox_id)
+    say(g, {"id": sandbox_id, "state": new_state}, sandbox_id)
 
 
-@app.command()
-def pause(ctx: typer.Context, sandbox_id: IdArg) -> None:
+@command("pause", SANDBOX_ID)
+def pause(g: Globals, a: argparse.Namespace) -> None:
     """Pause a running sandbox."""
-    _act(ctx, sandbox_id, "pause", "paused")
+    _act(g, a.sandbox_id, "pause", "paused")
 
 
-@app.command()
-def resume(ctx: typer.Context, sandbox_id: IdArg) -> None:
+@command("resume", SANDBOX_ID)
+def resume(g: Globals, a: argparse.Namespace) -> None:
     """Resume a paused sandbox."""
-    _act(ctx, sandbox_id, "resume", "running")
+    _act(g, a.sandbox_id, "resume", "running")
 
 
-@app.command("list")
-def list_(
-    ctx: typer.Context,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only ids.")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-) -> None:
+@command("list", Arg("--quiet", "-q", action="store_true", help="Only ids."), JSON)
+def list_(g: Globals, a: argparse.Namespace) -> None:
     """List sandboxes."""
-    from ..sandbox import Sandbox
+    from ..inventory import list_sandboxes
 
-    infos = Sandbox.list(get_globals(ctx).run_root)
-    if json_output or get_globals(ctx).json:
+    infos = list_sandboxes(g.run_root)
+    if a.json_output or g.json:
         emit_json([i.to_dict() for i in infos])
         return
-    if quiet:
+    if a.quiet:
         for i in infos:
-            out.print(i.id, markup=False, highlight=False)
+            line(i.id)
         return
-    table = Table(box=None)
-    for col in ("ID", "HYPERVISOR", "STATE", "PID", "VCPUS", "MEMORY", "IP", "CREATED"):
-        table.add_column(col)
-    for i in infos:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.created_at))
-        table.add_row(
-            i.id,
-            i.hypervisor,
-            i.state,
-            str(i.pid),
-            str(i.vcpus),
-            f"{i.memory_mb} MiB",
-            i.ip or "-",
-            created,
-        )
-    out.print(table)
+    table(
+        ("ID", "HYPERVISOR", "STATE", "PID", "VCPUS", "MEMORY", "IP", "CREATED"),
+        [
+            (
+                i.id,
+                i.hypervisor,
+                i.state,
+                i.pid,
+                i.vcpus,
+                f"{i.memory_mb} MiB",
+                i.ip or "-",
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.created_at)),
+            )
+            for i in infos
+        ],
+    )
 
 
-@app.command()
-def inspect(ctx: typer.Context, sandbox_id: IdArg) -> None:
+@command("inspect", SANDBOX_ID)
+def inspect(g: Globals, a: argparse.Namespace) -> None:
     """Print everything known about a sandbox as JSON."""
     from .. import persist
-    from ..sandbox import recorded_state
+    from ..inventory import recorded_state
 
-    store = persist.StateStore(persist.run_root(get_globals(ctx).run_root))
-    if not store.exists(sandbox_id):
-        raise StateError(f"no such sandbox: {sandbox_id}")
-    doc = store.read(sandbox_id)
-    state = recorded_state(store, sandbox_id, doc)
+    store = persist.StateStore(persist.run_root(g.run_root))
+    if not store.exists(a.sandbox_id):
+        raise StateError(f"no such sandbox: {a.sandbox_id}")
+    doc = store.read(a.sandbox_id)
+    state = recorded_state(store, a.sandbox_id, doc)
     if isinstance(doc.get("sandbox"), dict) and state:
         doc["sandbox"]["state"] = state
     hv = doc.get("hypervisor")
@@ -487,270 +334,253 @@ def inspect(ctx: typer.Context, sandbox_id: IdArg) -> None:
     emit_json(doc)
 
 
-@app.command("exec", context_settings={"allow_interspersed_args": False})
-def exec_(
-    ctx: typer.Context,
-    sandbox_id: IdArg,
-    command: Annotated[list[str], typer.Argument(help="Command to run in the guest.")],
-    exec_timeout: Annotated[
-        float | None, typer.Option("--timeout", help="Command timeout in seconds.")
-    ] = None,
-    stdin: Annotated[bool, typer.Option("--stdin", "-i", help="Send our stdin.")] = False,
-    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE.")] = None,
-    cwd: Annotated[str | None, typer.Option("--cwd", "-w", help="Working directory.")] = None,
-    user: Annotated[
-        str | None, typer.Option("--user", "-u", help="In a container: UID[:GID] or a name.")
-    ] = None,
-) -> None:
+@command(
+    "exec",
+    Arg("--timeout", dest="exec_timeout", type=float, help="Command timeout in seconds."),
+    STDIN,
+    Arg("--env", "-e", action="append", default=[], help="KEY=VALUE (repeatable)."),
+    Arg("--cwd", "-w", help="Working directory."),
+    Arg("--user", "-u", help="In a container: UID[:GID] or a name."),
+    SANDBOX_ID,
+    COMMAND,
+)
+def exec_(g: Globals, a: argparse.Namespace) -> int:
     """Run a command in a running sandbox (inside its container when it has one)."""
-    if command and command[0] == "--":
-        command = command[1:]
-    if not command:
-        raise ConfigError("exec: no command given")
-    data = sys.stdin.buffer.read() if stdin else b""
-    env_map: dict[str, str] = {}
-    for item in env or []:
+    argv = guest_command(a)
+    env: dict[str, str] = {}
+    for item in a.env:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--env: expected KEY=VALUE, got {item!r}")
-        env_map[key] = value
+        env[key] = value
+    data = sys.stdin.buffer.read() if a.stdin else b""
 
-    async def body() -> Any:
-        sb = await _attach(ctx, sandbox_id)
+    async def body() -> ExecResult:
+        sb = await attach(g, a.sandbox_id)
         try:
             if sb.containers:
                 from .container_cmds import exec_in_container
 
-                return await exec_in_container(sb, command, env, cwd, user, data, exec_timeout)
-            if user:
+                return await exec_in_container(sb, argv, a.env, a.cwd, a.user, data, a.exec_timeout)
+            if a.user:
                 raise ConfigError("exec: --user needs a sandbox with a container")
             return await sb.exec(
-                command, stdin=data, env=env_map or None, cwd=cwd, timeout=exec_timeout
+                argv, stdin=data, env=env or None, cwd=a.cwd, timeout=a.exec_timeout
             )
         finally:
             await sb.detach()
 
-    _print_result(ctx, run_async(body()))
+    return print_result(g, run_async(body()))
 
 
-@app.command()
-def logs(
-    ctx: typer.Context,
-    sandbox_id: IdArg,
-    vmm: Annotated[bool, typer.Option("--vmm", help="The VMM's own log, not the console.")] = False,
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep printing new output until it stops.")
-    ] = False,
-    tail: Annotated[
-        int | None,
-        typer.Option(
-            "--tail", "-n", min=0, help="Only the last N lines (then, with -f, new ones)."
-        ),
-    ] = None,
-    raw: Annotated[
-        bool, typer.Option("--raw", help="Write control characters to a terminal as they are.")
-    ] = False,
-) -> None:
+@command(
+    "logs",
+    SANDBOX_ID,
+    Arg("--vmm", action="store_true", help="The VMM's own log, not the console."),
+    Arg("--follow", "-f", action="store_true", help="Keep printing new output until it stops."),
+    Arg("--tail", "-n", type=int, help="Only the last N lines (then, with -f, new ones)."),
+    Arg("--raw", action="store_true", help="Write control characters to a terminal as they are."),
+)
+def logs(g: Globals, a: argparse.Namespace) -> None:
     """Print the guest console log (or the VMM log)."""
+    from ..inventory import one_sandbox
     from ..sandbox import Sandbox
     from .logs import show_logs
 
-    root = get_globals(ctx).run_root
-    Sandbox.log_paths_of(sandbox_id, root, vmm=vmm)  # no such sandbox: say so before anything
+    if a.tail is not None and a.tail < 0:
+        raise ConfigError(f"--tail: expected a number >= 0, got {a.tail}")
+    root = g.run_root
+    Sandbox.log_paths_of(a.sandbox_id, root, vmm=a.vmm)  # no such sandbox: say so first
 
     def paths() -> list[str]:
         try:
-            return Sandbox.log_paths_of(sandbox_id, root, vmm=vmm)
+            return Sandbox.log_paths_of(a.sandbox_id, root, vmm=a.vmm)
         except StateError:
             return []  # stopped meanwhile: its files went with it
 
     def running() -> bool:
         try:
-            return Sandbox.info(sandbox_id, root).state not in ("dead", "stopped")
+            return one_sandbox(a.sandbox_id, root).state not in ("dead", "stopped")
         except StateError:
             return False
 
     def write(data: bytes) -> None:
         sys.stdout.buffer.write(data)
-        if follow:
+        if a.follow:
             sys.stdout.flush()
 
     with contextlib.suppress(KeyboardInterrupt):  # the way to end --follow
         show_logs(
             paths,
             write,
-            tail=tail,
-            terminal=sys.stdout.isatty() and not raw,
-            follow_while=running if follow else None,
+            tail=a.tail,
+            terminal=sys.stdout.isatty() and not a.raw,
+            follow_while=running if a.follow else None,
         )
     sys.stdout.flush()
 
 
-@app.command()
-def console(
-    ctx: typer.Context,
-    sandbox_id: IdArg,
-    escape: Annotated[str, typer.Option("--escape", help="Escape key: Ctrl-<key>.")] = "]",
-) -> None:
+@command(
+    "console",
+    SANDBOX_ID,
+    Arg("--escape", default="]", help="Escape key: Ctrl-<key> (default: ])."),
+)
+def console(g: Globals, a: argparse.Namespace) -> None:
     """Attach the terminal to the guest's serial console (Ctrl-] to leave)."""
     from .console import attach_console
 
-    if len(escape) != 1:
-        raise ConfigError(f"--escape: expected one character, got {escape!r}")
+    if len(a.escape) != 1:
+        raise ConfigError(f"--escape: expected one character, got {a.escape!r}")
 
     async def body() -> tuple[str, list[str]]:
-        sb = await _attach(ctx, sandbox_id)
+        sb = await attach(g, a.sandbox_id)
         try:
             return await sb.console_path(), sb.log_paths()
         finally:
             await sb.detach()
 
-    path, logs = run_async(body())
-    attach_console(path, escape, history=logs[-1] if logs else None)  # the newest
+    path, log_files = run_async(body())
+    attach_console(path, a.escape, history=log_files[-1] if log_files else None)  # the newest
 
 
-@disk_app.command("add")
-def disk_add(
-    ctx: typer.Context,
-    sandbox_id: IdArg,
-    path: Annotated[str, typer.Argument(help="Host file to attach.")],
-    disk_id: Annotated[str | None, typer.Option("--id", help="Device id.")] = None,
-    read_only: Annotated[bool, typer.Option("--read-only", help="Attach read-only.")] = False,
-) -> None:
+@command(
+    "disk add",
+    SANDBOX_ID,
+    Arg("path", help="Host file to attach."),
+    Arg("--id", dest="disk_id", help="Device id."),
+    Arg("--read-only", action="store_true", help="Attach read-only."),
+)
+def disk_add(g: Globals, a: argparse.Namespace) -> None:
     """Hot-add a host file as a disk."""
-    if not os.path.exists(path):
-        raise ConfigError(f"disk add: no such file {path}")
+    if not os.path.exists(a.path):
+        raise ConfigError(f"disk add: no such file {a.path}")
 
     async def body() -> Any:
-        sb = await _attach(ctx, sandbox_id)
+        sb = await attach(g, a.sandbox_id)
         try:
-            return await sb.add_disk(os.path.abspath(path), disk_id, read_only=read_only)
+            return await sb.add_disk(os.path.abspath(a.path), a.disk_id, read_only=a.read_only)
         finally:
             await sb.detach()
 
     drive = run_async(body())
-    _say(ctx, {"id": drive.id, "path": drive.path, "pci_path": drive.pci_path}, drive.id)
+    say(g, {"id": drive.id, "path": drive.path, "pci_path": drive.pci_path}, drive.id)
 
 
-@disk_app.command("rm")
-def disk_rm(
-    ctx: typer.Context,
-    sandbox_id: IdArg,
-    disk_id: Annotated[str, typer.Argument(help="Device id given by `disk add`.")],
-) -> None:
+@command("disk rm", SANDBOX_ID, Arg("disk_id", help="Device id given by `disk add`."))
+def disk_rm(g: Globals, a: argparse.Namespace) -> None:
     """Hot-remove a disk."""
 
     async def body() -> None:
-        sb = await _attach(ctx, sandbox_id)
+        sb = await attach(g, a.sandbox_id)
         try:
-            await sb.remove_disk_by_id(disk_id)
+            await sb.remove_disk_by_id(a.disk_id)
         finally:
             await sb.detach()
 
     run_async(body())
-    _say(ctx, {"id": disk_id, "removed": True}, disk_id)
+    say(g, {"id": a.disk_id, "removed": True}, a.disk_id)
 
 
-@app.command()
-def resize(
-    ctx: typer.Context,
-    sandbox_id: IdArg,
-    cpus: CpusOpt = None,
-    memory: MemOpt = None,
-) -> None:
+@command("resize", SANDBOX_ID, CPUS, MEMORY)
+def resize(g: Globals, a: argparse.Namespace) -> None:
     """Change vCPUs and/or memory of a running sandbox."""
-    if cpus is None and memory is None:
+    if a.cpus is None and a.memory is None:
         raise ConfigError("resize: give --cpus and/or --memory")
-    mem = parse_size_mib(memory) if memory is not None else None
+    mem = parse_size_mib(a.memory) if a.memory is not None else None
 
     async def body() -> None:
-        sb = await _attach(ctx, sandbox_id)
+        sb = await attach(g, a.sandbox_id)
         try:
-            await sb.resize(vcpus=cpus, memory_mb=mem)
+            await sb.resize(vcpus=a.cpus, memory_mb=mem)
         finally:
             await sb.detach()
 
     run_async(body())
-    _say(ctx, {"id": sandbox_id, "cpus": cpus, "memory_mb": mem}, sandbox_id)
+    say(g, {"id": a.sandbox_id, "cpus": a.cpus, "memory_mb": mem}, a.sandbox_id)
 
 
-@app.command()
-def capabilities(
-    ctx: typer.Context,
-    markdown: Annotated[bool, typer.Option("--markdown", help="As a Markdown table.")] = False,
-) -> None:
+@command("check", JSON)
+def check(g: Globals, a: argparse.Namespace) -> None:
+    """Report what this host can run: KVM or TCG, VMM binaries, vsock, run root."""
+    from .. import host
+
+    data = host.check().to_dict()
+    if a.json_output or g.json:
+        emit_json(data)
+        return
+    table(
+        ("ITEM", "OK", "DETAIL"),
+        [
+            (item.get("name"), "yes" if item.get("ok") else "no", item.get("detail", ""))
+            for item in data.get("items", [])
+        ],
+        title="virtc check",
+    )
+
+
+@command("capabilities", Arg("--markdown", action="store_true", help="As a Markdown table."))
+def capabilities(g: Globals, a: argparse.Namespace) -> None:
     """What each hypervisor (and QEMU machine type) supports."""
     from .captable import COLUMNS, capability_rows, markdown_table
 
-    if markdown:
+    if a.markdown:
         sys.stdout.write(markdown_table())
         return
     rows = capability_rows()
-    if get_globals(ctx).json:
+    if g.json:
         emit_json({label: caps.names() for label, caps in rows})
         return
-    table = Table(box=None)
-    table.add_column("HYPERVISOR")
-    for c in COLUMNS:
-        table.add_column((c.name or "").lower().replace("_", " "))
-    for label, caps in rows:
-        table.add_row(label, *("[green]yes[/]" if c in caps else "-" for c in COLUMNS))
-    out.print(table)
+    table(
+        ("HYPERVISOR", *((c.name or "").lower().replace("_", " ") for c in COLUMNS)),
+        [(label, *("yes" if c in caps else "-" for c in COLUMNS)) for label, caps in rows],
+    )
 
 
-@assets_app.command("build")
-def assets_build(
-    force: Annotated[bool, typer.Option("--force", help="Rebuild even if cached.")] = False,
-) -> None:
+@command("assets build", Arg("--force", action="store_true", help="Rebuild even if cached."))
+def assets_build(g: Globals, a: argparse.Namespace) -> None:
     """Build (or reuse) the guest kernel and initrd."""
     from .. import guest
 
-    assets = guest.build_assets(force=force)
-    err.print(f"kernel {assets.kernel_version}: {assets.kernel}", markup=False, highlight=False)
-    err.print(f"initrd: {assets.initrd}", markup=False, highlight=False)
+    assets = guest.build_assets(force=a.force)
+    line(f"kernel {assets.kernel_version}: {assets.kernel}", err=True)
+    line(f"initrd: {assets.initrd}", err=True)
 
 
-@assets_app.command("show")
-def assets_show(ctx: typer.Context) -> None:
+@command("assets show")
+def assets_show(g: Globals, a: argparse.Namespace) -> None:
     """Show the cached guest assets."""
     from .. import guest
 
-    info = guest.asset_info()
-    if get_globals(ctx).json:
-        emit_json(info)
-    else:
-        out.print_json(json.dumps(info, default=str))
+    emit_json(guest.asset_info())
 
 
-@assets_app.command("prune")
-def assets_prune(
-    ctx: typer.Context,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Only list what would be removed.")
-    ] = False,
-) -> None:
+@command(
+    "assets prune",
+    Arg("--dry-run", action="store_true", help="Only list what would be removed."),
+)
+def assets_prune(g: Globals, a: argparse.Namespace) -> None:
     """Remove cached guest assets that the current inputs no longer use."""
     from .. import guest
 
-    stale = guest.prune_assets(dry_run=dry_run)
-    if get_globals(ctx).json:
-        emit_json({"dry_run": dry_run, "stale": [{"name": e.name, "size": e.size} for e in stale]})
+    stale = guest.prune_assets(dry_run=a.dry_run)
+    if g.json:
+        emit_json(
+            {"dry_run": a.dry_run, "stale": [{"name": e.name, "size": e.size} for e in stale]}
+        )
         return
-    verb = "would remove" if dry_run else "removed"
+    verb = "would remove" if a.dry_run else "removed"
     for e in stale:
-        out.print(f"{verb} {e.path} ({e.size / 2**20:.1f} MiB)", soft_wrap=True, markup=False)
+        line(f"{verb} {e.path} ({e.size / 2**20:.1f} MiB)")
     total = sum(e.size for e in stale) / 2**20
-    err.print(f"{verb} {len(stale)} stale entries, {total:.1f} MiB", markup=False, highlight=False)
+    line(f"{verb} {len(stale)} stale entries, {total:.1f} MiB", err=True)
 
 
-@config_app.command("show")
-def config_show(ctx: typer.Context, config: ConfigOpt = None) -> None:
+@command("config show", CONFIG)
+def config_show(g: Globals, a: argparse.Namespace) -> None:
     """Print the effective configuration (defaults filled in) as JSON."""
-    from ..config import HypervisorConfig
     from ..sandbox import build_config
     from ..types import HypervisorType
+    from .options import load_config
 
-    g = get_globals(ctx)
-    base = _load_config(config, g.hypervisor) if config else HypervisorConfig()
-    cfg = build_config(base, {}, HypervisorType.parse(g.hypervisor))
+    cfg = build_config(load_config(a.config, g.hypervisor), {}, HypervisorType.parse(g.hypervisor))
     emit_json(cfg.to_dict())

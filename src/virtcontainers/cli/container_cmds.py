@@ -1,66 +1,55 @@
 """Containers from the command line: `virtc run --image/--bundle`, `virtc exec` into a
-container, `virtc ps`, `virtc cp`."""
+container, `virtc ps` (registered on import; the container code is imported inside)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+import argparse
+from typing import TYPE_CHECKING
 
-import typer
-
-from .app import app, emit_json, get_globals, out
+from .app import Globals
+from .options import SANDBOX_ID, guest_command
+from .output import emit_json, line, run_async, with_spinner
+from .registry import Arg, command
 
 if TYPE_CHECKING:
     from ..agent import ExecResult
     from ..sandbox import Sandbox
 
 
-def run_container(
-    ctx: typer.Context,
-    sb: Sandbox,
-    command: list[str] | None,
-    env: list[str] | None,
-    workdir: str | None,
-    user: str | None,
-    data: bytes,
-    exec_timeout: float | None,
-    detach: bool,
-) -> None:
+def run_container(g: Globals, a: argparse.Namespace, sb: Sandbox, data: bytes) -> int | None:
     """`virtc run --image|--bundle`: boot, create the container, run it; exit with its code
-    (or, with `detach`, leave it running and print the sandbox id)."""
-    from .commands import _print_result, with_spinner
+    (or, with `--detach`, leave it running and print the sandbox id)."""
+    from .commands import print_result
 
-    if command and command[0] == "--":
-        command = command[1:]
+    argv = guest_command(a) if [w for w in a.command if w != "--"] else None
 
     async def body() -> ExecResult | None:
         await sb.start()
         try:
-            container = await sb.create_container(
-                command or None, env=env or [], cwd=workdir, user=user
-            )
-            if detach:
+            container = await sb.create_container(argv, env=a.env, cwd=a.workdir, user=a.user)
+            if a.detach:
                 await container.start_detached()
                 sb._persist()
                 await sb.detach()
                 return None
-            result: ExecResult = await container.run(stdin=data, timeout=exec_timeout)
+            result: ExecResult = await container.run(stdin=data, timeout=a.exec_timeout)
         except BaseException:
             await sb.stop()
             raise
         await sb.stop()
         return result
 
-    result = with_spinner("booting sandbox", body, quiet=get_globals(ctx).json)
+    result = with_spinner("booting sandbox", body, quiet=g.json)
     if result is None:
-        out.print(sb.id, markup=False, highlight=False)
-        return
-    _print_result(ctx, result)
+        line(sb.id)
+        return None
+    return print_result(g, result)
 
 
 async def exec_in_container(
     sb: Sandbox,
-    command: list[str],
-    env: list[str] | None,
+    argv: list[str],
+    env: list[str],
     cwd: str | None,
     user: str | None,
     data: bytes,
@@ -74,37 +63,32 @@ async def exec_in_container(
     if user:
         uid, gid, _ = resolve_user(user, str(sb.workload.get("lower", "")))
         ids = (uid, gid)
-    return await container.exec(
-        command, env=env or [], cwd=cwd, user=ids, stdin=data, timeout=timeout
-    )
+    return await container.exec(argv, env=env, cwd=cwd, user=ids, stdin=data, timeout=timeout)
 
 
-IdArg = Annotated[str, typer.Argument(help="Sandbox id.", show_default=False)]
-
-
-@app.command()
-def ps(
-    ctx: typer.Context,
-    sandbox_id: IdArg,
-    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-) -> None:
+@command(
+    "ps",
+    SANDBOX_ID,
+    Arg("--json", dest="json_output", action="store_true", help="Machine-readable output."),
+)
+def ps(g: Globals, a: argparse.Namespace) -> None:
     """The processes of a sandbox's container (guest pids)."""
-    from .commands import _attach, run_async
+    from .commands import attach
 
     async def body() -> list[tuple[int, str]]:
-        sb: Sandbox = await _attach(ctx, sandbox_id)
+        sb = await attach(g, a.sandbox_id)
         try:
             return await sb.container().processes()
         finally:
             await sb.detach()
 
     procs = run_async(body())
-    if json_output or get_globals(ctx).json:
+    if a.json_output or g.json:
         emit_json([{"pid": pid, "command": cmd} for pid, cmd in procs])
         return
-    out.print("PID   COMMAND", markup=False, highlight=False)
+    line("PID   COMMAND")
     for pid, cmd in procs:
-        out.print(f"{pid:<5} {cmd}", markup=False, highlight=False, soft_wrap=True)
+        line(f"{pid:<5} {cmd}")
 
 
 def _split(arg: str) -> tuple[str | None, str]:
@@ -115,18 +99,18 @@ def _split(arg: str) -> tuple[str | None, str]:
     return None, arg
 
 
-@app.command()
-def cp(
-    ctx: typer.Context,
-    src: Annotated[str, typer.Argument(help="Host path, or ID:/path in a container.")],
-    dst: Annotated[str, typer.Argument(help="Host path, or ID:/path in a container.")],
-) -> None:
+@command(
+    "cp",
+    Arg("src", metavar="SRC", help="Host path, or ID:/path in a container."),
+    Arg("dst", metavar="DST", help="Host path, or ID:/path in a container."),
+)
+def cp(g: Globals, a: argparse.Namespace) -> None:
     """Copy files or directories between the host and a sandbox's container."""
     from ..errors import ConfigError
-    from .commands import _attach, run_async
+    from .commands import attach
 
-    src_id, src_path = _split(src)
-    dst_id, dst_path = _split(dst)
+    src_id, src_path = _split(a.src)
+    dst_id, dst_path = _split(a.dst)
     if (src_id is None) == (dst_id is None):
         raise ConfigError("cp: exactly one of SRC and DST must be ID:/path")
     sandbox_id = src_id or dst_id
@@ -136,7 +120,7 @@ def cp(
         from .. import persist
         from ..containers.copy import copy_in, copy_out
 
-        sb: Sandbox = await _attach(ctx, sandbox_id)
+        sb = await attach(g, sandbox_id)
         try:
             container = sb.container()
             vm_dir = persist.vm_dir(sb.id, sb.run_root)

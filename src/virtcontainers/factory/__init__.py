@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..agent.endpoint import AgentEndpoint
 from ..devices import random_mac
+from .adopt import adopt_vm, factory_vm, sandbox_from_factory
 from .base import DirectBase, FactoryBase, FactoryStatus, TemplateBase, VMStatus
 from .cache import VMCache
 from .daemon import DaemonSpec, daemon_status, start_daemon, stop_daemon
@@ -38,12 +39,15 @@ __all__ = [
     "VMCache",
     "VMConfig",
     "VMStatus",
+    "adopt_vm",
     "boot_vm",
     "config_hash",
     "daemon_status",
     "differences",
+    "factory_vm",
     "incompatibility",
     "random_mac",
+    "sandbox_from_factory",
     "start_daemon",
     "stop_daemon",
 ]

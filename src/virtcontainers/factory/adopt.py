@@ -1,0 +1,88 @@
+"""A factory VM as a `Sandbox`: what `virtc run --from-template NAME` / `--factory` run in."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..config import HypervisorConfig
+    from ..sandbox import Sandbox
+    from .vm import VM
+
+log = logging.getLogger(__name__)
+
+
+async def factory_vm(
+    config: HypervisorConfig,
+    *,
+    template: str | None = None,
+    use_cache: bool = False,
+    run_root: str | None = None,
+    templates: str | None = None,
+    id: str | None = None,
+    timeout: float = 60.0,
+) -> VM:
+    """A running VM with a ready agent: cloned from `template`, or from the run root's VM cache
+    server (`use_cache`). A config the template or cache cannot serve, or a cache server
+    that is not running, falls back to a direct boot with a log line saying why."""
+    from .errors import CacheUnavailableError
+    from .factory import Factory
+    from .template import TemplateStore
+    from .vm import boot_vm
+    from .vmconfig import VMConfig
+
+    if template and use_cache:
+        raise ConfigError("use either a template or the VM cache, not both")
+    if template:
+        store = TemplateStore(templates, run_root=run_root)
+        async with Factory.from_template(template, store=store) as factory:
+            return await factory.get_vm(config, id=id, timeout=timeout)
+    if use_cache:
+        try:
+            factory = await Factory.connect(run_root=run_root)
+        except CacheUnavailableError as exc:
+            log.warning("factory: booting a VM directly: %s", exc)
+            return await boot_vm(VMConfig.of(config), id=id, run_root=run_root, timeout=timeout)
+        async with factory:
+            return await factory.get_vm(config, id=id, timeout=timeout)
+    return await boot_vm(VMConfig.of(config), id=id, run_root=run_root, timeout=timeout)
+
+
+async def sandbox_from_factory(
+    config: HypervisorConfig,
+    *,
+    template: str | None = None,
+    use_cache: bool = False,
+    run_root: str | None = None,
+    templates: str | None = None,
+    id: str | None = None,
+    timeout: float = 60.0,
+) -> Sandbox:
+    """A started `Sandbox` around `factory_vm(...)` (its id is the VM's: a pooled VM already
+    has one). The VM is stopped if wrapping it fails."""
+    from .vm import stop_quietly
+
+    vm = await factory_vm(
+        config,
+        template=template,
+        use_cache=use_cache,
+        run_root=run_root,
+        templates=templates,
+        id=id,
+        timeout=timeout,
+    )
+    try:
+        return await adopt_vm(vm, run_root=run_root)
+    except BaseException:
+        await stop_quietly(vm)
+        raise
+
+
+async def adopt_vm(vm: VM, *, run_root: str | None = None) -> Sandbox:
+    """Wrap a running factory VM in a persisted `Sandbox` (which then owns it)."""
+    from ..sandbox import Sandbox
+
+    return Sandbox.adopt(vm.hypervisor, await vm.agent(), vm.agent_endpoint, run_root=run_root)

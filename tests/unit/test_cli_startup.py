@@ -1,0 +1,138 @@
+"""What `virtc` imports per command, checked in a fresh interpreter: start-up cost is guarded.
+
+`virtc --version`, `--help`, `list` and `inspect` must not load pydantic, asyncio, the drivers,
+grpc, httpx, qemu.qmp or rich (each costs tens of milliseconds; together they made every
+command take ~0.3 s). A change that imports one of them at the top of a module on these paths
+fails here, naming the module and the chain that imported it. Timings: benchmarks/startup.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from virtcontainers import persist
+from virtcontainers.host import process_start_time
+
+HEAVY = (
+    "asyncio",
+    "google.protobuf",
+    "grpc",
+    "httpx",
+    "pydantic",
+    "pydantic_core",
+    "pyroute2",
+    "qemu",
+    "rich",
+    "typer",
+    "virtcontainers.agent",
+    "virtcontainers.config",
+    "virtcontainers.drivers",
+    "virtcontainers.factory",
+    "virtcontainers.guest",
+    "virtcontainers.hypervisor_state",
+    "virtcontainers.sandbox",
+)
+"""Modules (and their submodules) that no listing or help command may load."""
+
+# Runs `virtc ARGS` through the entry point in a fresh, isolated interpreter, then reports
+# its exit code, output and loaded modules (the harness's own imports come after the list).
+_HARNESS = """
+import sys
+from virtcontainers.cli import run
+code = run(sys.argv[1:])
+modules = sorted(sys.modules)
+import json
+sys.__stderr__.write("\\n@@" + json.dumps({"code": code, "modules": modules}))
+"""
+
+
+def virtc_modules(*args: str) -> dict[str, Any]:
+    """Run `virtc ARGS`; its exit code, stdout and the modules it loaded."""
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", _HARNESS, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    err, sep, report = proc.stderr.rpartition("\n@@")
+    assert sep, f"virtc {' '.join(args)} did not finish: {proc.stderr[-2000:]}"
+    return {**json.loads(report), "out": proc.stdout, "err": err}
+
+
+def heavy_loaded(modules: list[str]) -> list[str]:
+    return [m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)]
+
+
+@pytest.fixture
+def listed_root(run_root: str) -> str:
+    """A run root with one sandbox recorded as running (this test process as its VMM)."""
+    store = persist.StateStore(run_root)
+    store.write(
+        "guard1",
+        {
+            "sandbox": {"id": "guard1", "hypervisor": "qemu", "state": "running"},
+            "hypervisor": {"pid": os.getpid(), "pid_start_time": process_start_time(os.getpid())},
+            "config": {"num_vcpus": 1, "memory_size": 256},
+        },
+    )
+    store.set_runstate("guard1", "running")
+    return run_root
+
+
+def test_import_virtcontainers_is_cheap() -> None:
+    code = "import sys, virtcontainers; print(sorted(sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    modules = [m.strip(" '") for m in out.strip()[1:-1].split(",")]
+    assert [m for m in modules if m.startswith("virtcontainers")] == ["virtcontainers"]
+    assert heavy_loaded(modules) == []
+    assert "typing" not in modules
+
+
+def test_version_loads_nothing_but_the_entry_point() -> None:
+    r = virtc_modules("--version")
+    assert r["code"] == 0 and r["out"].startswith("virtc ")
+    ours = [m for m in r["modules"] if m.startswith("virtcontainers")]
+    assert ours == ["virtcontainers", "virtcontainers.cli", "virtcontainers.cli.app"]
+    assert "argparse" not in r["modules"] and heavy_loaded(r["modules"]) == []
+
+
+@pytest.mark.parametrize(
+    "args", [("--help",), ("exec", "--help"), ("template", "--help"), ("run", "--help")]
+)
+def test_help_loads_no_heavy_module(args: tuple[str, ...]) -> None:
+    r = virtc_modules(*args)
+    assert r["code"] == 0 and "usage: virtc" in r["out"]
+    assert heavy_loaded(r["modules"]) == []
+
+
+def test_list_loads_no_heavy_module(listed_root: str) -> None:
+    r = virtc_modules("--run-root", listed_root, "list")
+    assert r["code"] == 0, r["err"]
+    assert "guard1" in r["out"] and "running" in r["out"]
+    assert heavy_loaded(r["modules"]) == []
+    r = virtc_modules("--run-root", listed_root, "--json", "list")
+    assert json.loads(r["out"])[0]["state"] == "running"
+    assert heavy_loaded(r["modules"]) == []
+
+
+def test_inspect_loads_no_heavy_module(listed_root: str) -> None:
+    r = virtc_modules("--run-root", listed_root, "inspect", "guard1")
+    assert r["code"] == 0, r["err"]
+    assert json.loads(r["out"])["sandbox"]["state"] == "running"
+    assert heavy_loaded(r["modules"]) == []
+
+
+def test_the_guard_sees_a_heavy_import(listed_root: str) -> None:
+    """The check itself can fail: a command that needs the drivers is caught loading them."""
+    r = virtc_modules("--run-root", listed_root, "capabilities")
+    assert r["code"] == 0, r["err"]
+    assert "virtcontainers.drivers.qemu" in heavy_loaded(r["modules"])
