@@ -128,6 +128,8 @@ async def test_kill_and_dead_vm_reporting(leak_check: str) -> None:
             break
         await asyncio.sleep(0.1)
     assert entry["state"] == "dead"
+    doc = json.loads((await virtc(leak_check, "inspect", "cli2")).stdout)
+    assert doc["sandbox"]["state"] == doc["hypervisor"]["vm_state"] == "dead"
     r = await virtc(leak_check, "exec", "cli2", "true")
     assert r.returncode == 125
     assert b"cli2" in r.stderr

@@ -311,19 +311,19 @@ def list_(g: Globals, a: argparse.Namespace) -> None:
 
 @command("inspect", SANDBOX_ID)
 def inspect(g: Globals, a: argparse.Namespace) -> None:
-    """Print everything known about a sandbox as JSON."""
+    """Print everything known about a sandbox as JSON (its state checked as `list` does)."""
     from .. import persist
-    from ..inventory import recorded_state
+    from ..inventory import live_state
 
     store = persist.StateStore(persist.run_root(g.run_root))
     if not store.exists(a.sandbox_id):
         raise StateError(f"no such sandbox: {a.sandbox_id}")
     doc = store.read(a.sandbox_id)
-    state = recorded_state(store, a.sandbox_id, doc)
-    if isinstance(doc.get("sandbox"), dict) and state:
+    state = live_state(store, a.sandbox_id, doc)
+    if isinstance(doc.get("sandbox"), dict) and state != "unknown":
         doc["sandbox"]["state"] = state
     hv = doc.get("hypervisor")
-    if isinstance(hv, dict) and hv.get("vm_state") in ("running", "paused") and state:
+    if isinstance(hv, dict) and hv.get("vm_state") in ("running", "paused"):
         hv["vm_state"] = state
     record = doc.get("sandbox", {}).get("network")
     if record:
