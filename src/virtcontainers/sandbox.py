@@ -43,6 +43,7 @@ from .types import Capabilities, HypervisorType
 if TYPE_CHECKING:
     from .agent import AgentClient, ExecResult, Process
     from .agent.endpoint import AgentEndpoint
+    from .agent.fake import FakeAgent
     from .config import HypervisorConfig
     from .containers import Container, Mount
     from .network import Interface, NetworkConfig, SandboxNetwork
@@ -57,6 +58,10 @@ LOCK_TIMEOUT = 60.0
 """Longest wait for another process's operation on the same sandbox (a stop takes seconds)."""
 GUEST_SETTLE_TIMEOUT = 30.0
 """Longest wait for the guest to see hotplugged hardware."""
+MOCK_GUEST = {"kernel_path": "/mock/vmlinux", "initrd_path": "/mock/initrd.img"}
+"""Guest asset paths the mock is given when the config names none: it boots nothing, but its
+config is validated as a real VMM's is (a kernel, and an initrd or image)."""
+MOCK_AGENT_SOCKET = "mock-agent.sock"
 
 
 def build_config(
@@ -71,6 +76,10 @@ def build_config(
         if name not in fields:
             raise ConfigError(f"unknown sandbox option {name!r} (not a HypervisorConfig field)")
         setattr(cfg, name, value)
+    if htype is HypervisorType.MOCK and not cfg.kernel_path and not cfg.custom_kernel_asset():
+        cfg.kernel_path = MOCK_GUEST["kernel_path"]
+        if not cfg.image_path and not cfg.initrd_path:
+            cfg.initrd_path = MOCK_GUEST["initrd_path"]
     if htype is not HypervisorType.MOCK and not cfg.kernel_path and not cfg.custom_kernel_asset():
         from .guest import default_kernel_params, ensure_assets, loops_per_jiffy
 
@@ -127,6 +136,8 @@ class Sandbox:
         self._saved_state = VMState.NEW
         self._agent: AgentClient | None = None
         self._agent_endpoint: AgentEndpoint | None = None
+        self._mock_agent: FakeAgent | None = None
+        """The mock's stand-in guest agent, served by the process that started the sandbox."""
         self._agent_lock = asyncio.Lock()
         self._holding_lock = False
         self._store = persist.StateStore(self.run_root)
@@ -345,11 +356,12 @@ class Sandbox:
                 raise StateError(f"cannot start sandbox {self.id}: it is {hv.state.value}")
             try:
                 await self._launch(hv)
+                if self.hypervisor_type is HypervisorType.MOCK:
+                    await self._serve_mock_agent()
                 self._persist()
-                if self.hypervisor_type is not HypervisorType.MOCK:
-                    await self._connect_agent(self.start_timeout)
-                    if self.network is not None:
-                        await self.network.configure_guest(await self.agent())
+                await self._connect_agent(self.start_timeout)
+                if self.network is not None and self.hypervisor_type is not HypervisorType.MOCK:
+                    await self.network.configure_guest(await self.agent())
             except BaseException:
                 await self._teardown()
                 raise
@@ -385,6 +397,7 @@ class Sandbox:
     async def _teardown(self, force: bool = False) -> None:
         hv = self._hv
         await self._close_agent()
+        await self._stop_mock_agent()
         try:
             if hv is not None:
                 if force:
@@ -790,6 +803,7 @@ class Sandbox:
     async def detach(self) -> None:
         """Let go of the sandbox without stopping it (it stays running for a later attach)."""
         await self._close_agent()
+        await self._stop_mock_agent()
         if self._hv is not None:
             # Under the lock and after a refresh: never write back a state another manager
             # has changed since, nor resurrect a sandbox it has stopped (checked before the
@@ -803,8 +817,12 @@ class Sandbox:
     # -- agent ------------------------------------------------------------------------------
     async def agent(self) -> AgentClient:
         """The connected agent client (connecting on first use)."""
-        if self.hypervisor_type is HypervisorType.MOCK:
-            raise UnsupportedError("mock", "guest agent operations", "the mock VM runs no guest")
+        if self.hypervisor_type is HypervisorType.MOCK and self._mock_agent is None:
+            raise UnsupportedError(
+                "mock",
+                "guest agent operations once the sandbox is detached",
+                "it runs no guest; its stand-in agent serves the process that started it",
+            )
         if self._agent is not None and self._agent.closed:
             await self._close_agent()  # the connection died: make a new one
         if self._agent is None:
@@ -818,6 +836,26 @@ class Sandbox:
         self._agent_endpoint = await plug_agent_channel(
             self.hypervisor, self.id, use_vsock=self.config.use_vsock
         )
+
+    async def _serve_mock_agent(self) -> None:
+        """The mock runs no guest: a fake agent (built-in echo, cat, true, false, exit, sleep,
+        env) answers its exec and file requests, on a socket in its VM directory."""
+        from .agent.endpoint import AgentEndpoint
+        from .agent.fake import FakeAgent
+        from .host import build_socket_path
+
+        vm_dir = persist.vm_dir(self.id, self.run_root)
+        persist.ensure_dir(vm_dir)
+        path = build_socket_path(vm_dir, MOCK_AGENT_SOCKET)
+        self._mock_agent = await FakeAgent(path).start()
+        self._agent_endpoint = AgentEndpoint.unix(path)
+
+    async def _stop_mock_agent(self) -> None:
+        agent, self._mock_agent = self._mock_agent, None
+        if agent is not None:
+            await agent.stop()
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(agent.path))
 
     async def _connect_agent(self, timeout: float) -> None:
         from .agent import AgentClient

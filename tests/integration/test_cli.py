@@ -57,7 +57,9 @@ async def test_lifecycle_across_invocations(leak_check: str) -> None:
     r = await virtc(leak_check, "--json", "list")
     [entry] = json.loads(r.stdout)
     assert entry["id"] == "cli1" and entry["state"] == "created"
-    assert set(entry) == {"id", "hypervisor", "state", "pid", "created_at", "vcpus", "memory_mb"}
+    assert set(entry) == {
+        "id", "hypervisor", "state", "pid", "created_at", "vcpus", "memory_mb", "ip"
+    }  # fmt: skip
 
     assert (await virtc(leak_check, "start", "cli1")).returncode == 0
     r = await virtc(leak_check, "exec", "cli1", "--", "nproc")

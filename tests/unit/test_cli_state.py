@@ -71,3 +71,11 @@ def test_a_reused_pid_is_not_the_vmm(capsys: Capsys, run_root: str) -> None:
     start = process_start_time(me)
     record(run_root, "reused", me, (start or 0) + 1, "running")
     assert states(capsys, "reused") == ("dead", "dead", "dead")
+
+
+def test_mock_runs_a_command(capsys: Capsys, run_root: str) -> None:
+    """`virtc -H mock run` needs no kernel: the mock's stand-in agent runs the command."""
+    res = invoke(capsys, "-H", "mock", "run", "--", "echo", "hi")
+    assert (res.code, res.out, res.err) == (0, "hi\n", "")
+    assert invoke(capsys, "-H", "mock", "run", "--", "exit", "7").code == 7
+    assert invoke(capsys, "--json", "list").out.strip() == "[]"

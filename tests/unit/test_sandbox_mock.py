@@ -8,7 +8,7 @@ import pytest
 
 from virtcontainers import ConfigError, StateError, UnsupportedError
 from virtcontainers.hypervisor import VMState
-from virtcontainers.sandbox import Sandbox
+from virtcontainers.sandbox import MOCK_GUEST, Sandbox
 
 MOCK_CFG = {"kernel_path": "/boot/vmlinuz", "initrd_path": "/boot/initrd.img"}
 
@@ -49,8 +49,8 @@ async def test_bad_input(run_root: str) -> None:
         Sandbox("../escape", "mock", run_root=run_root)
     with pytest.raises(StateError, match="no such sandbox: ghost"):
         await Sandbox.attach("ghost", run_root=run_root)
-    with pytest.raises(ConfigError, match="Missing kernel path"):
-        await Sandbox("m", "mock", run_root=run_root, initrd_path="/i").start()
+    with pytest.raises(ConfigError, match="Missing image and initrd path"):
+        await Sandbox("m", "mock", run_root=run_root, kernel_path="/k").start()
     assert Sandbox.list(run_root) == []
 
 
@@ -61,10 +61,24 @@ async def test_duplicate_id_refused(run_root: str) -> None:
         assert [i.id for i in Sandbox.list(run_root)] == ["dup"]
 
 
-async def test_mock_has_no_agent(run_root: str) -> None:
-    async with Sandbox("noagent", "mock", run_root=run_root, **MOCK_CFG) as sb:
-        with pytest.raises(UnsupportedError, match="mock does not support guest agent"):
-            await sb.exec(["true"])
+async def test_mock_runs_commands_with_a_stand_in_agent(run_root: str) -> None:
+    """The mock boots nothing (placeholder guest assets) and a fake agent answers its exec
+    and file requests, while the process that started it holds it."""
+    async with Sandbox("agent1", "mock", run_root=run_root) as sb:
+        assert sb.config.kernel_path == MOCK_GUEST["kernel_path"]
+        res = await sb.exec(["echo", "hi"])
+        assert (res.exit_code, res.stdout) == (0, b"hi\n")
+        assert (await sb.exec(["exit", "3"])).exit_code == 3
+        await sb.write_file("/tmp/f", b"data")
+        assert await sb.read_file("/tmp/f") == b"data"
+        other = await Sandbox.attach("agent1", run_root=run_root)
+        with pytest.raises(
+            UnsupportedError, match=r"mock does not support guest agent .* detached"
+        ):
+            await other.exec(["true"])
+        await other.detach()
+    assert Sandbox.list(run_root) == []
+    assert os.listdir(os.path.join(run_root, "vm")) == []  # the agent's socket went with it
 
 
 async def test_disks_persist_across_attach(run_root: str, tmp_path: object) -> None:

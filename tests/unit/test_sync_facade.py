@@ -15,12 +15,13 @@ def test_sync_lifecycle(run_root: str) -> None:
     with Sandbox("s1", "mock", run_root=run_root, **MOCK) as sb:
         assert sb.state is VMState.RUNNING
         assert [i.id for i in Sandbox.list(run_root)] == ["s1"]
+        assert sb.exec(["echo", "hi"]).stdout == b"hi\n"
         other = Sandbox.attach("s1", run_root=run_root)
+        with pytest.raises(UnsupportedError, match="detached"):
+            other.exec(["true"])  # the mock's stand-in agent serves only `sb`
         other.pause()
         assert Sandbox.list(run_root)[0].state == "paused"
         other.detach()
-        with pytest.raises(UnsupportedError):
-            sb.exec(["true"])
     assert Sandbox.list(run_root) == []
 
 
