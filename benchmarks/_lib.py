@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -290,6 +291,32 @@ async def wait_gone(pid: int, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"process {pid} still exists after {timeout:g}s")
         await asyncio.sleep(0.002)
+
+
+# -- commands ---------------------------------------------------------------------------------
+def virtc_argv() -> list[str]:
+    """The installed `virtc` next to this Python, else `python -m virtcontainers.cli`."""
+    script = os.path.join(os.path.dirname(sys.executable), "virtc")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "virtcontainers.cli"]
+
+
+def run_command(argv: list[str], env: Mapping[str, str]) -> float:
+    """Wall time of one command, from spawn to exit; it must succeed."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        argv, env=dict(env), capture_output=True, stdin=subprocess.DEVNULL, check=False
+    )
+    t = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.decode()[-2000:]}"
+        )
+    return t
+
+
+def run_virtc(args: list[str], env: Mapping[str, str]) -> float:
+    """Wall time of one `virtc` invocation; it must succeed."""
+    return run_command([*virtc_argv(), *args], env)
 
 
 # -- memory -----------------------------------------------------------------------------------

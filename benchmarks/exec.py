@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 import time
 
@@ -31,6 +30,7 @@ from _lib import (
     main,
     median,
     new_result,
+    run_virtc,
     temp_run_root,
 )
 
@@ -40,26 +40,6 @@ TITLE = "Exec round trip and `virtc run -- true` end to end (q35, TCG)"
 EXEC_TARGET = 0.020
 ROUND_TRIPS_PER_RUN = 20
 """Round-trip samples per run of the suite (`--runs 10` -> 200 of each)."""
-
-
-def virtc_argv() -> list[str]:
-    """The installed `virtc` next to this Python, else `python -m virtcontainers.cli`."""
-    script = os.path.join(os.path.dirname(sys.executable), "virtc")
-    return [script] if os.path.exists(script) else [sys.executable, "-m", "virtcontainers.cli"]
-
-
-def run_virtc(args: list[str], env: dict[str, str]) -> float:
-    """Wall time of one `virtc` invocation; it must succeed."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [*virtc_argv(), *args], env=env, capture_output=True, stdin=subprocess.DEVNULL, check=False
-    )
-    t = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"virtc {' '.join(args)} exited {proc.returncode}: {proc.stderr.decode()[-2000:]}"
-        )
-    return t
 
 
 async def round_trips(opts: Options, run_root: str) -> dict[str, dict[str, list[float]]]:

@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, tuple[str, dict[str, Any]]] = {
     "exec": ("exec", {}),
     "exec_agent": ("exec_agent", {}),
     "streaming": ("streaming", {}),
+    "startup": ("startup", {}),
     "density": ("density", {}),
     "network": ("network", {}),
 }
