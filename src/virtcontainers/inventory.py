@@ -8,14 +8,11 @@ cheap enough to run in a loop (and for a containerd shim to run per container).
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 from . import persist
 from .errors import StateError
-
-log = logging.getLogger(__name__)
 
 STARTING = "starting"
 """Persisted while the VMM runs but start has not finished (it names the VMM's pid)."""
@@ -109,7 +106,9 @@ def list_sandboxes(run_root: str | None = None) -> list[SandboxInfo]:
         try:
             out.append(sandbox_info(store, sid))
         except StateError as e:
-            log.warning("skipping sandbox %s: %s", sid, e)
+            import logging
+
+            logging.getLogger(__name__).warning("skipping sandbox %s: %s", sid, e)
     return out
 
 

@@ -13,7 +13,6 @@ import errno
 import logging
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -122,7 +121,7 @@ class Sandbox:
         runtime bundle directory) is the root of the sandbox's container (see
         `create_container`); `mounts` (`Mount`s or "HOST:GUEST[:ro]") are host directories
         shared into it. They reach the guest over virtio-fs, set up before the VM boots."""
-        self.id = id or uuid.uuid4().hex[:12]
+        self.id = id or _new_id(12)
         persist.vm_dir(self.id, run_root)  # validates the id early
         self.hypervisor_type = HypervisorType.parse(hypervisor)
         self.run_root = persist.run_root(run_root)
@@ -631,7 +630,7 @@ class Sandbox:
     ) -> BlockDrive:
         """Hot-add a host file as a guest disk."""
         self.hypervisor.require(Capabilities.BLOCK_DEVICE_HOTPLUG, "disk hotplug")
-        drive = BlockDrive(id=id or f"disk{uuid.uuid4().hex[:6]}", path=path, read_only=read_only)
+        drive = BlockDrive(id=id or f"disk{_new_id(6)}", path=path, read_only=read_only)
         async with self._op():
             if drive.id in self.disks:
                 raise ConfigError(f"sandbox {self.id} already has a disk with id {drive.id!r}")
@@ -1026,6 +1025,13 @@ class Sandbox:
 def _vhost_net(cfg: HypervisorConfig) -> bool:
     """vhost-net (in-kernel virtio-net) where the host has it and the config allows it."""
     return not cfg.disable_vhost_net and os.path.exists("/dev/vhost-net")
+
+
+def _new_id(length: int) -> str:
+    """A random id of `length` hex digits (uuid4's, imported only when an id is made)."""
+    import uuid
+
+    return uuid.uuid4().hex[:length]
 
 
 def _log_paths(vm_dir: str, vmm: bool) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -143,6 +142,8 @@ class AssetType(enum.StrEnum):
 
 def sha512_file(path: str) -> str:
     """Hex sha512 digest of a file's contents."""
+    import hashlib  # where used: OpenSSL's start-up is not free
+
     h = hashlib.sha512()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -136,3 +136,44 @@ def test_the_guard_sees_a_heavy_import(listed_root: str) -> None:
     r = virtc_modules("--run-root", listed_root, "capabilities")
     assert r["code"] == 0, r["err"]
     assert "virtcontainers.drivers.qemu" in heavy_loaded(r["modules"])
+
+
+async def test_exec_loads_only_the_agent_client(run_root: str) -> None:
+    """`virtc exec` into a running sandbox needs the state file and the agent: not the driver
+    (qemu.qmp), pydantic, grpc, httpx or rich. The sandbox here is a state file naming this
+    process as its VMM and a fake agent this test serves on the recorded agent socket."""
+    import asyncio
+
+    from virtcontainers.agent.fake import FakeAgent
+
+    sock = os.path.join(run_root, "agent.sock")
+    store = persist.StateStore(run_root)
+    store.write(
+        "guard2",
+        {
+            "sandbox": {
+                "id": "guard2",
+                "hypervisor": "qemu",
+                "state": "running",
+                "agent": ["unix", sock, 0],
+            },
+            "hypervisor": {"pid": os.getpid(), "pid_start_time": process_start_time(os.getpid())},
+            "config": {"num_vcpus": 1, "memory_size": 256},
+        },
+    )
+    store.set_runstate("guard2", "running")
+    async with FakeAgent(sock):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-I", "-c", _HARNESS, "--run-root", run_root,
+            "exec", "guard2", "--", "echo", "hi",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    text, sep, report = err.decode().rpartition("\n@@")
+    assert sep, text[-2000:]
+    r = json.loads(report)
+    assert (r["code"], out) == (0, b"hi\n"), text
+    needed = ("asyncio", "virtcontainers.agent", "virtcontainers.sandbox")
+    loaded = heavy_loaded(r["modules"])
+    assert [m for m in loaded if not m.startswith(needed)] == []  # no driver, config, pydantic
+    assert "virtcontainers.agent.client" in r["modules"]  # the check sees what exec loads

@@ -4,7 +4,6 @@ import (the factory itself is imported inside each command)."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +47,8 @@ def _store(g: Globals, templates: str | None) -> TemplateStore:
 
 
 def _when(ts: float) -> str:
+    import datetime
+
     return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 from typing import TYPE_CHECKING
 
 from .app import Globals
@@ -60,6 +59,8 @@ def ls(g: Globals, a: argparse.Namespace) -> None:
     if a.json_output or g.json:
         emit_json([i.to_dict() for i in images])
         return
+    import datetime
+
     rows = []
     for image in images:
         when = datetime.datetime.fromtimestamp(image.imported).strftime("%Y-%m-%d %H:%M")
