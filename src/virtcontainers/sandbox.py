@@ -347,7 +347,7 @@ class Sandbox:
 
     async def start(self) -> None:
         """Create if needed, launch the VM and connect to its agent."""
-        if self._hv is None:
+        if self._driver() is None:
             await self.create()
         async with self._op():
             hv = self.hypervisor
