@@ -44,8 +44,8 @@ class Command:
 
     @property
     def summary(self) -> str:
-        """The first line of the help, for command lists."""
-        return self.help.strip().split("\n", 1)[0]
+        """The help's first paragraph on one line, for command lists."""
+        return " ".join(self.help.split("\n\n", 1)[0].split())
 
     def parser(self) -> argparse.ArgumentParser:
         """The argparse parser of this command's arguments."""
@@ -101,7 +101,15 @@ def command(name: str, *args: Arg) -> Callable[[CommandFunc], CommandFunc]:
     """Register the decorated function as `virtc NAME`; its docstring is the help text."""
 
     def register(func: CommandFunc) -> CommandFunc:
-        REGISTRY.add(Command(name, func, args, (func.__doc__ or "").strip()))
+        REGISTRY.add(Command(name, func, args, _clean_doc(func.__doc__ or "")))
         return func
 
     return register
+
+
+def _clean_doc(doc: str) -> str:
+    """A docstring without the indentation of its continuation lines."""
+    import textwrap
+
+    first, _, rest = doc.strip().partition("\n")
+    return f"{first}\n{textwrap.dedent(rest)}".strip()
