@@ -57,7 +57,7 @@ from virtcontainers.factory import (
     start_daemon,
     stop_daemon,
 )
-from virtcontainers.factory.grpc_client import RemoteCache
+from virtcontainers.factory.rpc.client import RemoteCache
 from virtcontainers.guest import default_kernel_params, ensure_assets
 
 TITLE = "VM templates and the VM cache server vs cold boot (q35, TCG, 1 vCPU, 256 MiB)"

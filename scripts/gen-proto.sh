@@ -1,5 +1,5 @@
 #!/bin/sh
-# Regenerate the Python code of src/virtcontainers/factory/cache.proto and of the vendored
+# Regenerate the Python code of src/virtcontainers/factory/rpc/cache.proto and of the vendored
 # containerd/ttrpc protos (third_party/protos; grpcio-tools, from the
 # dev extra). The generated files are checked in; run this after editing the .proto.
 set -eu
@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 "$PYTHON" -m grpc_tools.protoc -I src \
     --python_out=src --pyi_out=src --grpc_python_out=src \
-    src/virtcontainers/factory/cache.proto
-echo "generated src/virtcontainers/factory/cache_pb2.py, cache_pb2.pyi, cache_pb2_grpc.py"
+    src/virtcontainers/factory/rpc/cache.proto
+echo "generated src/virtcontainers/factory/rpc/cache_pb2.py, cache_pb2.pyi, cache_pb2_grpc.py"
 # The containerd shim's protos, vendored unchanged under third_party/protos.
 "$PYTHON" scripts/gen_shim_proto.py

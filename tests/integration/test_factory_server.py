@@ -28,7 +28,7 @@ from virtcontainers.factory import (
     stop_daemon,
 )
 from virtcontainers.factory.daemon import read_pid_file
-from virtcontainers.factory.grpc_client import RemoteCache
+from virtcontainers.factory.rpc.client import RemoteCache
 from virtcontainers.hypervisor import VMState
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check")]
@@ -196,7 +196,7 @@ async def test_killed_server_fails_waiting_clients_and_leaves_no_vm(
 CLIENT = textwrap.dedent(
     """
     import asyncio, sys
-    from virtcontainers.factory.grpc_client import RemoteCache
+    from virtcontainers.factory.rpc.client import RemoteCache
 
     async def main():
         remote = await RemoteCache.connect(run_root=sys.argv[1])

@@ -20,9 +20,9 @@ from virtcontainers.factory import (
     VMCache,
     VMConfig,
 )
-from virtcontainers.factory import cache_pb2 as pb
-from virtcontainers.factory.grpc_client import RemoteCache, vm_from_message
-from virtcontainers.factory.grpc_server import CacheServer
+from virtcontainers.factory.rpc import cache_pb2 as pb
+from virtcontainers.factory.rpc.client import RemoteCache, vm_from_message
+from virtcontainers.factory.rpc.server import CacheServer
 from virtcontainers.hypervisor import VMState
 
 fake_hv = test_factory_fakes.fake_hv
@@ -218,7 +218,7 @@ async def test_unusable_vm_descriptions_are_factory_errors(fake_hv: type[FakeHV]
 
 
 async def test_rpc_status_codes_map_to_errors() -> None:
-    from virtcontainers.factory.grpc_client import rpc_error
+    from virtcontainers.factory.rpc.client import rpc_error
 
     class E(grpc.aio.AioRpcError):
         def __init__(self, code: grpc.StatusCode) -> None:

@@ -156,7 +156,7 @@ def _spawn(root: str) -> subprocess.Popen[bytes]:
 
 
 async def _answers(sock: str, root: str) -> bool:
-    from .grpc_client import RemoteCache
+    from .rpc.client import RemoteCache
 
     try:
         remote = await RemoteCache.connect(sock, run_root=root, timeout=1.0)
@@ -168,7 +168,7 @@ async def _answers(sock: str, root: str) -> bool:
 
 async def daemon_status(run_root: str | None = None, timeout: float = 5.0) -> FactoryStatus:
     """The running server's status; `CacheUnavailableError` when none runs."""
-    from .grpc_client import RemoteCache
+    from .rpc.client import RemoteCache
 
     if not running_pid(run_root):
         raise CacheUnavailableError(
@@ -213,7 +213,7 @@ def _remove_server_files(root: str) -> None:
 
 
 async def _quit(root: str, timeout: float) -> None:
-    from .grpc_client import RemoteCache
+    from .rpc.client import RemoteCache
 
     remote = await RemoteCache.connect(run_root=root, timeout=2.0)
     try:
@@ -372,8 +372,8 @@ async def _serve(root: str, spec: DaemonSpec) -> int:
     from ..errors import VCError
     from .base import DirectBase, FactoryBase, TemplateBase
     from .cache import VMCache
-    from .grpc_server import CacheServer
     from .ledger import Ledger
+    from .rpc.server import CacheServer
     from .template import TemplateStore
     from .vmconfig import VMConfig
 

@@ -93,7 +93,7 @@ class Factory:
         timeout: float = 5.0,
     ) -> Factory:
         """A factory over the VM cache server at `socket_path` (default: the run root's)."""
-        from .grpc_client import RemoteCache
+        from .rpc.client import RemoteCache
 
         remote = await RemoteCache.connect(socket_path, run_root=run_root, timeout=timeout)
         return cls(remote, fallback=fallback, run_root=run_root)

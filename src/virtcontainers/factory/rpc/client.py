@@ -12,17 +12,18 @@ from typing import Any
 
 import grpc
 
-from ..agent.endpoint import AgentEndpoint
-from ..config import HypervisorConfig
-from ..errors import VCError
-from ..hypervisor import new_hypervisor
-from ..types import HypervisorType
+from ...agent.endpoint import AgentEndpoint
+from ...config import HypervisorConfig
+from ...errors import VCError
+from ...hypervisor import new_hypervisor
+from ...types import HypervisorType
+from .. import paths
+from ..base import FactoryBase, FactoryStatus, VMStatus
+from ..errors import CacheUnavailableError, FactoryError
+from ..vm import VM, stop_quietly
+from ..vmconfig import VMConfig
 from . import cache_pb2 as pb
-from . import cache_pb2_grpc, paths
-from .base import FactoryBase, FactoryStatus, VMStatus
-from .errors import CacheUnavailableError, FactoryError
-from .vm import VM, stop_quietly
-from .vmconfig import VMConfig
+from . import cache_pb2_grpc
 
 DEFAULT_GET_TIMEOUT = 60.0
 RPC_MARGIN = 5.0

@@ -3,9 +3,9 @@
 import grpc
 import warnings
 
-from virtcontainers.factory import cache_pb2 as virtcontainers_dot_factory_dot_cache__pb2
+from virtcontainers.factory.rpc import cache_pb2 as virtcontainers_dot_factory_dot_rpc_dot_cache__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in virtcontainers/factory/cache_pb2_grpc.py depends on'
+        + ' but the generated code in virtcontainers/factory/rpc/cache_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class CacheServiceStub:
         """
         self.Config = channel.unary_unary(
                 '/virtcontainers.factory.v1.CacheService/Config',
-                request_serializer=virtcontainers_dot_factory_dot_cache__pb2.Empty.SerializeToString,
-                response_deserializer=virtcontainers_dot_factory_dot_cache__pb2.GrpcVMConfig.FromString,
+                request_serializer=virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.Empty.SerializeToString,
+                response_deserializer=virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.GrpcVMConfig.FromString,
                 _registered_method=True)
         self.GetBaseVM = channel.unary_unary(
                 '/virtcontainers.factory.v1.CacheService/GetBaseVM',
-                request_serializer=virtcontainers_dot_factory_dot_cache__pb2.GetBaseVMRequest.SerializeToString,
-                response_deserializer=virtcontainers_dot_factory_dot_cache__pb2.GrpcVM.FromString,
+                request_serializer=virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.GetBaseVMRequest.SerializeToString,
+                response_deserializer=virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.GrpcVM.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/virtcontainers.factory.v1.CacheService/Status',
-                request_serializer=virtcontainers_dot_factory_dot_cache__pb2.Empty.SerializeToString,
-                response_deserializer=virtcontainers_dot_factory_dot_cache__pb2.GrpcStatus.FromString,
+                request_serializer=virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.Empty.SerializeToString,
+                response_deserializer=virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.GrpcStatus.FromString,
                 _registered_method=True)
         self.Quit = channel.unary_unary(
                 '/virtcontainers.factory.v1.CacheService/Quit',
-                request_serializer=virtcontainers_dot_factory_dot_cache__pb2.Empty.SerializeToString,
-                response_deserializer=virtcontainers_dot_factory_dot_cache__pb2.Empty.FromString,
+                request_serializer=virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.Empty.SerializeToString,
+                response_deserializer=virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.Empty.FromString,
                 _registered_method=True)
 
 
@@ -93,23 +93,23 @@ def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Config': grpc.unary_unary_rpc_method_handler(
                     servicer.Config,
-                    request_deserializer=virtcontainers_dot_factory_dot_cache__pb2.Empty.FromString,
-                    response_serializer=virtcontainers_dot_factory_dot_cache__pb2.GrpcVMConfig.SerializeToString,
+                    request_deserializer=virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.Empty.FromString,
+                    response_serializer=virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.GrpcVMConfig.SerializeToString,
             ),
             'GetBaseVM': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBaseVM,
-                    request_deserializer=virtcontainers_dot_factory_dot_cache__pb2.GetBaseVMRequest.FromString,
-                    response_serializer=virtcontainers_dot_factory_dot_cache__pb2.GrpcVM.SerializeToString,
+                    request_deserializer=virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.GetBaseVMRequest.FromString,
+                    response_serializer=virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.GrpcVM.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=virtcontainers_dot_factory_dot_cache__pb2.Empty.FromString,
-                    response_serializer=virtcontainers_dot_factory_dot_cache__pb2.GrpcStatus.SerializeToString,
+                    request_deserializer=virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.Empty.FromString,
+                    response_serializer=virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.GrpcStatus.SerializeToString,
             ),
             'Quit': grpc.unary_unary_rpc_method_handler(
                     servicer.Quit,
-                    request_deserializer=virtcontainers_dot_factory_dot_cache__pb2.Empty.FromString,
-                    response_serializer=virtcontainers_dot_factory_dot_cache__pb2.Empty.SerializeToString,
+                    request_deserializer=virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.Empty.FromString,
+                    response_serializer=virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,8 +137,8 @@ class CacheService:
             request,
             target,
             '/virtcontainers.factory.v1.CacheService/Config',
-            virtcontainers_dot_factory_dot_cache__pb2.Empty.SerializeToString,
-            virtcontainers_dot_factory_dot_cache__pb2.GrpcVMConfig.FromString,
+            virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.Empty.SerializeToString,
+            virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.GrpcVMConfig.FromString,
             options,
             channel_credentials,
             insecure,
@@ -164,8 +164,8 @@ class CacheService:
             request,
             target,
             '/virtcontainers.factory.v1.CacheService/GetBaseVM',
-            virtcontainers_dot_factory_dot_cache__pb2.GetBaseVMRequest.SerializeToString,
-            virtcontainers_dot_factory_dot_cache__pb2.GrpcVM.FromString,
+            virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.GetBaseVMRequest.SerializeToString,
+            virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.GrpcVM.FromString,
             options,
             channel_credentials,
             insecure,
@@ -191,8 +191,8 @@ class CacheService:
             request,
             target,
             '/virtcontainers.factory.v1.CacheService/Status',
-            virtcontainers_dot_factory_dot_cache__pb2.Empty.SerializeToString,
-            virtcontainers_dot_factory_dot_cache__pb2.GrpcStatus.FromString,
+            virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.Empty.SerializeToString,
+            virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.GrpcStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -218,8 +218,8 @@ class CacheService:
             request,
             target,
             '/virtcontainers.factory.v1.CacheService/Quit',
-            virtcontainers_dot_factory_dot_cache__pb2.Empty.SerializeToString,
-            virtcontainers_dot_factory_dot_cache__pb2.Empty.FromString,
+            virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.Empty.SerializeToString,
+            virtcontainers_dot_factory_dot_rpc_dot_cache__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,14 +16,14 @@ from typing import Any
 
 import grpc
 
-from ..errors import VCError
+from ...errors import VCError
+from ..base import FactoryStatus
+from ..cache import DEFAULT_GET_TIMEOUT, VMCache
+from ..errors import FactoryError
+from ..vm import VM
 from . import cache_pb2 as pb
 from . import cache_pb2_grpc
-from .base import FactoryStatus
-from .cache import DEFAULT_GET_TIMEOUT, VMCache
-from .errors import FactoryError
-from .grpc_client import channel_target
-from .vm import VM
+from .client import channel_target
 
 log = logging.getLogger(__name__)
 
