@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from . import persist
 from .devices import BlockDrive
-from .drivers.vmm_process import kill_strays
 from .errors import (
     AgentError,
     ConfigError,
@@ -405,7 +404,7 @@ class Sandbox:
         finally:
             if hv is not None:
                 await hv.cleanup()
-            await asyncio.to_thread(kill_strays, persist.vm_dir(self.id, self.run_root))
+            await asyncio.to_thread(_kill_strays, persist.vm_dir(self.id, self.run_root))
             if self.network is not None:
                 await self.network.teardown()
             if self.workload.get("image_store"):
@@ -979,7 +978,7 @@ class Sandbox:
             if str(doc.get("sandbox", {}).get("state", "")) in ("new", "created"):
                 # Nobody holds the lock, so no start is under way: a VMM still serving the
                 # VM dir was left by a manager that died before recording its pid.
-                await asyncio.to_thread(kill_strays, persist.vm_dir(id, root))
+                await asyncio.to_thread(_kill_strays, persist.vm_dir(id, root))
         sb_doc = doc.get("sandbox", {})
         sb = cls(id, sb_doc.get("hypervisor", "qemu"), run_root=root)
         sb.start_timeout = float(sb_doc.get("start_timeout", DEFAULT_START_TIMEOUT))
@@ -1025,6 +1024,13 @@ class Sandbox:
 def _vhost_net(cfg: HypervisorConfig) -> bool:
     """vhost-net (in-kernel virtio-net) where the host has it and the config allows it."""
     return not cfg.disable_vhost_net and os.path.exists("/dev/vhost-net")
+
+
+def _kill_strays(vm_dir: str) -> list[int]:
+    """`vmm_process.kill_strays`, imported when needed (not on exec's path)."""
+    from .drivers.vmm_process import kill_strays
+
+    return kill_strays(vm_dir)
 
 
 def _new_id(length: int) -> str:
