@@ -8,15 +8,14 @@ which goes into the `HypervisorError` message with the endpoint.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 
-from ...errors import HypervisorError, VMExitedError, VMTimeoutError
+from ...errors import HypervisorError
+from ..vmm_http import VmmHttpClient
 
 API_PREFIX = "http://localhost/api/v1/"
-DEFAULT_TIMEOUT = 10.0
 
 
 def error_text(body: bytes) -> str:
@@ -34,49 +33,28 @@ def error_text(body: bytes) -> str:
 
 
 class ClhApiError(HypervisorError):
-    """Cloud Hypervisor answered an API call with a non-2xx status."""
+    """Cloud Hypervisor answered an API call with a non-2xx status (or did not answer)."""
 
-    def __init__(self, method: str, endpoint: str, status: int, body: bytes) -> None:
+    def __init__(self, method: str, endpoint: str, status: int | None, detail: str) -> None:
         self.method = method
         self.endpoint = endpoint
         self.status = status
-        self.detail = error_text(body)
-        super().__init__(
-            f"cloud-hypervisor {method} {endpoint} failed with HTTP {status}: {self.detail}"
-        )
+        self.detail = detail
+        code = f"with HTTP {status}" if status is not None else "(no answer)"
+        super().__init__(f"cloud-hypervisor {method} {endpoint} failed {code}: {detail}")
 
 
-class ClhApi:
-    """Async calls to one Cloud Hypervisor API socket.
+class ClhApi(VmmHttpClient):
+    """Async calls to one Cloud Hypervisor API socket (the shared `vmm_http` client)."""
 
-    `exited` (optional) is asked after a transport failure: when it returns a description of
-    the VMM's death, the failure becomes `VMExitedError` rather than a generic error.
-    """
+    vmm = "cloud-hypervisor"
+    base_url = API_PREFIX
 
-    def __init__(
-        self,
-        socket_path: str,
-        timeout: float = DEFAULT_TIMEOUT,
-        exited: Callable[[], Awaitable[str | None]] | None = None,
-    ) -> None:
-        self.socket_path = socket_path
-        self.timeout = timeout
-        self._exited = exited
-        self._client: httpx.AsyncClient | None = None
+    def error_detail(self, response: httpx.Response) -> str:
+        return error_text(response.content)
 
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                transport=httpx.AsyncHTTPTransport(uds=self.socket_path, retries=0),
-                base_url=API_PREFIX,
-            )
-        return self._client
-
-    async def close(self) -> None:
-        """Drop the connection pool (the VMM keeps running)."""
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
+    def api_error(self, method: str, path: str, status: int | None, detail: str) -> ClhApiError:
+        return ClhApiError(method, path, status, detail)
 
     async def call(
         self,
@@ -85,40 +63,8 @@ class ClhApi:
         body: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> Any:
-        """Send one request; returns the decoded JSON answer, or None for an empty one."""
-        limit = self.timeout if timeout is None else timeout
-        try:
-            resp = await self._http().request(
-                method,
-                endpoint,
-                json=body,
-                timeout=httpx.Timeout(limit),
-            )
-        except httpx.TimeoutException as e:
-            # A half-answered request would poison the pooled connection: start afresh.
-            await self.close()
-            raise VMTimeoutError(
-                f"cloud-hypervisor {method} {endpoint}: no answer within {limit:g}s"
-            ) from e
-        except httpx.TransportError as e:
-            await self.close()
-            death = await self._exited() if self._exited is not None else None
-            if death:
-                raise VMExitedError(f"cloud-hypervisor {method} {endpoint}: the VMM {death}") from e
-            raise HypervisorError(
-                f"cloud-hypervisor {method} {endpoint}: cannot reach the API socket "
-                f"{self.socket_path}: {e or type(e).__name__}"
-            ) from e
-        if not 200 <= resp.status_code < 300:
-            raise ClhApiError(method, endpoint, resp.status_code, resp.content)
-        if not resp.content.strip():
-            return None
-        try:
-            return resp.json()
-        except ValueError as e:
-            raise HypervisorError(
-                f"cloud-hypervisor {method} {endpoint}: answer is not JSON: {resp.text[:200]!r}"
-            ) from e
+        """Send one request to `endpoint` (relative to `/api/v1/`)."""
+        return await self.request(method, endpoint, body, timeout)
 
     # -- endpoints -------------------------------------------------------------------------
     async def ping(self, timeout: float | None = None) -> dict[str, Any]:

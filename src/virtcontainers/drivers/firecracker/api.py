@@ -1,4 +1,4 @@
-"""Firecracker's REST API over its Unix socket (httpx with a `uds=` transport).
+"""Firecracker's REST API over its Unix socket (the shared `vmm_http` client).
 
 Errors carry Firecracker's `fault_message`, the HTTP method and the path.
 """
@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from ...errors import HypervisorError, VMTimeoutError
+from ..vmm_http import VmmHttpClient
 
 
 class FirecrackerAPIError(HypervisorError):
@@ -39,70 +40,18 @@ def fault_message(response: httpx.Response) -> str:
     return response.text.strip()
 
 
-class FirecrackerAPI:
+class FirecrackerAPI(VmmHttpClient):
     """An async client for one Firecracker API socket."""
 
-    def __init__(self, socket_path: str, timeout: float = 10.0) -> None:
-        self.socket_path = socket_path
-        self.timeout = timeout
-        self._client: httpx.AsyncClient | None = None
+    vmm = "firecracker"
 
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            transport = httpx.AsyncHTTPTransport(uds=self.socket_path, retries=0)
-            self._client = httpx.AsyncClient(
-                transport=transport, base_url="http://localhost", timeout=self.timeout
-            )
-        return self._client
+    def error_detail(self, response: httpx.Response) -> str:
+        return fault_message(response)
 
-    async def close(self) -> None:
-        """Close the connection pool (the VM is not touched)."""
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
-
-    async def request(
-        self,
-        method: str,
-        path: str,
-        body: dict[str, Any] | None = None,
-        timeout: float | None = None,
-    ) -> Any:
-        """Send one request; the decoded JSON answer (None for 204), or `FirecrackerAPIError`."""
-        try:
-            response = await self._http().request(
-                method,
-                path,
-                json=body,
-                timeout=timeout if timeout is not None else self.timeout,
-            )
-        except httpx.TimeoutException as e:
-            raise VMTimeoutError(
-                f"firecracker {method} {path}: no answer within "
-                f"{timeout if timeout is not None else self.timeout:g}s on {self.socket_path}"
-            ) from e
-        except httpx.TransportError as e:
-            await self.close()
-            raise FirecrackerAPIError(method, path, None, f"{type(e).__name__}: {e}") from e
-        if response.status_code >= 300:
-            raise FirecrackerAPIError(method, path, response.status_code, fault_message(response))
-        if response.status_code == 204 or not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError as e:
-            raise FirecrackerAPIError(
-                method, path, response.status_code, f"answer is not JSON: {response.text[:200]}"
-            ) from e
-
-    async def get(self, path: str, timeout: float | None = None) -> Any:
-        return await self.request("GET", path, timeout=timeout)
-
-    async def put(self, path: str, body: dict[str, Any], timeout: float | None = None) -> None:
-        await self.request("PUT", path, body, timeout=timeout)
-
-    async def patch(self, path: str, body: dict[str, Any], timeout: float | None = None) -> None:
-        await self.request("PATCH", path, body, timeout=timeout)
+    def api_error(
+        self, method: str, path: str, status: int | None, detail: str
+    ) -> FirecrackerAPIError:
+        return FirecrackerAPIError(method, path, status, detail)
 
     async def describe(self, timeout: float | None = None) -> dict[str, Any]:
         """`GET /`: id, state ("Not started", "Running", "Paused"), vmm_version."""
