@@ -34,6 +34,8 @@ class Containerd:
     netns: str
     proc: subprocess.Popen[bytes]
     log_path: str
+    #: The run root of the shims' VMs (VC_RUN_ROOT given to containerd), if any.
+    vm_root: str = ""
 
     @property
     def address(self) -> str:
@@ -113,7 +115,7 @@ def running_containerd(
             env=env,
             start_new_session=True,
         )
-    c = Containerd(d, netns, proc, log_path)
+    c = Containerd(d, netns, proc, log_path, env.get("VC_RUN_ROOT", ""))
     try:
         deadline = time.monotonic() + 30
         while not os.path.exists(c.address) or not os.path.exists(c.ttrpc_address):

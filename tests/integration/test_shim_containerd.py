@@ -37,10 +37,17 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Conta
 def leftovers(c: Containerd, cid: str) -> list[str]:
     """What a finished container may have left: shim or VM processes, the shim's socket
     directory entries, the bundle, mounts under containerd's dirs."""
+    vm_root = c.vm_root
     found = [
         f"process {pid}: {cmd}"
-        for pid, cmd in processes_mentioning(c.dir)
+        for pid, cmd in processes_mentioning(c.dir) + processes_mentioning(vm_root)
         if not cmd.startswith(("/usr/bin/containerd --config", "nsenter"))
+    ]
+    # The VMs' directories and persisted state (the sandbox is named after the container).
+    found += [
+        os.path.join(vm_root, sub, cid)
+        for sub in ("vm", "sbs")
+        if os.path.exists(os.path.join(vm_root, sub, cid))
     ]
     sockets = os.path.join(c.dir, "s")
     found += [f"socket {n}" for n in os.listdir(sockets)] if os.path.isdir(sockets) else []
@@ -93,3 +100,136 @@ def settled(c: Containerd, cid: str, timeout: float = 15) -> list[str]:
     while (found := leftovers(c, cid)) and time.monotonic() < deadline:
         time.sleep(0.1)
     return found
+
+
+def task_status(c: Containerd, cid: str) -> str:
+    for line in c.ctr("task", "ls").stdout.decode().splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == cid:
+            return fields[-1]
+    return ""
+
+
+def wait_status(c: Containerd, cid: str, status: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (now := task_status(c, cid)) != status:
+        assert time.monotonic() < deadline, f"task {cid} is {now!r}, not {status}"
+        time.sleep(0.2)
+
+
+def test_detached_task_exec_ps_pause_metrics_kill_delete(
+    containerd: tuple[Containerd, str],
+) -> None:
+    c, image = containerd
+    cid = f"det-{uuid.uuid4().hex[:6]}"
+    fifo = ["--fifo-dir", c.fifo_dir]
+    c.ctr("run", "-d", *fifo, "--runtime", RUNTIME, image, cid, "sleep", "600", timeout=240)
+    assert task_status(c, cid) == "RUNNING"
+
+    cp = c.ctr(
+        "task",
+        "exec",
+        *fifo,
+        "--exec-id",
+        "e1",
+        cid,
+        "sh",
+        "-c",
+        "echo in-exec; exit 4",
+        check=False,
+    )
+    assert (cp.returncode, cp.stdout) == (4, b"in-exec\n"), cp.stderr
+    # The exec id is free again once the exec was deleted (ctr deletes it after it ends).
+    cp = c.ctr("task", "exec", *fifo, "--exec-id", "e1", cid, "true", check=False)
+    assert cp.returncode == 0, cp.stderr
+
+    ps = c.ctr("task", "ps", cid).stdout.decode().splitlines()
+    assert ps[0].split() == ["PID", "INFO"] and len(ps) == 2
+
+    c.ctr("task", "pause", cid)
+    assert task_status(c, cid) == "PAUSED"
+    c.ctr("task", "resume", cid)
+    assert task_status(c, cid) == "RUNNING"
+
+    metrics = c.ctr("task", "metrics", cid).stdout.decode()
+    assert "memory.usage_in_bytes" in metrics
+    usage = next(line.split()[-1] for line in metrics.splitlines() if "usage_in_bytes" in line)
+    assert int(usage) > 0
+
+    c.ctr("task", "kill", "-s", "SIGTERM", cid)
+    wait_status(c, cid, "STOPPED")
+    deleted = c.ctr("task", "delete", cid)
+    # ctr reports the task's exit status: 128 + SIGTERM.
+    assert b"exit with non-zero exit code 143" in deleted.stderr, deleted
+    c.ctr("container", "delete", cid)
+    assert settled(c, cid) == []
+
+
+def test_kill_all_ends_init_and_execs(containerd: tuple[Containerd, str]) -> None:
+    c, image = containerd
+    cid = f"all-{uuid.uuid4().hex[:6]}"
+    fifo = ["--fifo-dir", c.fifo_dir]
+    c.ctr("run", "-d", *fifo, "--runtime", RUNTIME, image, cid, "sleep", "600", timeout=240)
+    c.ctr("task", "exec", "-d", *fifo, "--exec-id", "bg", cid, "sleep", "600")
+    ps = c.ctr("task", "ps", cid).stdout.decode().splitlines()
+    assert len(ps) == 3, ps
+    c.ctr("task", "kill", "--all", "-s", "SIGKILL", cid)
+    wait_status(c, cid, "STOPPED")
+    c.ctr("task", "delete", cid)
+    c.ctr("container", "delete", cid)
+    assert settled(c, cid) == []
+
+
+def test_shim_killed_then_containerd_cleans_up(containerd: tuple[Containerd, str]) -> None:
+    c, image = containerd
+    cid = f"kill-{uuid.uuid4().hex[:6]}"
+    c.ctr(
+        "run",
+        "-d",
+        "--fifo-dir",
+        c.fifo_dir,
+        "--runtime",
+        RUNTIME,
+        image,
+        cid,
+        "sleep",
+        "600",
+        timeout=240,
+    )
+    bundle = os.path.join(c.state, "io.containerd.runtime.v2.task", "vctest", cid)
+    shim_pid = int(Path(bundle, "shim.pid").read_text())
+    os.kill(shim_pid, 9)
+    # containerd sees the shim gone, runs `containerd-shim-virtc-v2 delete` (which stops the
+    # VM and unmounts the rootfs) and marks the task stopped.
+    deadline = time.monotonic() + 60
+    while task_status(c, cid) not in ("", "STOPPED"):
+        assert time.monotonic() < deadline, task_status(c, cid)
+        time.sleep(0.2)
+    c.ctr("task", "delete", cid, check=False)
+    c.ctr("container", "delete", cid)
+    assert settled(c, cid, timeout=30) == []
+
+
+def test_vmm_killed_task_exits(containerd: tuple[Containerd, str]) -> None:
+    c, image = containerd
+    cid = f"vmm-{uuid.uuid4().hex[:6]}"
+    c.ctr(
+        "run",
+        "-d",
+        "--fifo-dir",
+        c.fifo_dir,
+        "--runtime",
+        RUNTIME,
+        image,
+        cid,
+        "sleep",
+        "600",
+        timeout=240,
+    )
+    qemu = [pid for pid, cmd in processes_mentioning(f"sandbox-{cid}") if "qemu-system" in cmd]
+    assert len(qemu) == 1
+    os.kill(qemu[0], 9)
+    wait_status(c, cid, "STOPPED")
+    c.ctr("task", "delete", cid)
+    c.ctr("container", "delete", cid)
+    assert settled(c, cid, timeout=30) == []
