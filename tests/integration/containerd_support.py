@@ -32,10 +32,46 @@ NAMESPACE = "vctest"
 class Containerd:
     dir: str
     netns: str
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | None
     log_path: str
     #: The run root of the shims' VMs (VC_RUN_ROOT given to containerd), if any.
     vm_root: str = ""
+    env: dict[str, str] | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                # nsenter, not `ip netns exec`: that remounts /sys and hides the cgroup mounts.
+                [
+                    "nsenter",
+                    f"--net=/run/netns/{self.netns}",
+                    CONTAINERD,
+                    "--config",
+                    os.path.join(self.dir, "config.toml"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.address) or not os.path.exists(self.ttrpc_address):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"containerd did not start:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop containerd (SIGTERM); its shims keep running."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for sock in (self.address, self.ttrpc_address):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sock)
 
     @property
     def address(self) -> str:
@@ -101,27 +137,13 @@ def running_containerd(
     d = tempfile.mkdtemp(prefix="vcctd-", dir="/tmp")
     netns = f"vcshim-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
-    conf = os.path.join(d, "config.toml")
-    Path(conf).write_text(_config(d))
-    log_path = os.path.join(d, "containerd.log")
+    Path(d, "config.toml").write_text(_config(d))
     env = {**os.environ, **(env or {})}
     env["PATH"] = os.pathsep.join([*extra_path, env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            # nsenter, not `ip netns exec`: that remounts /sys and hides the cgroup mounts.
-            ["nsenter", f"--net=/run/netns/{netns}", CONTAINERD, "--config", conf],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    c = Containerd(d, netns, proc, log_path, env.get("VC_RUN_ROOT", ""))
+    c = Containerd(d, netns, None, os.path.join(d, "containerd.log"), env.get("VC_RUN_ROOT", ""))
+    c.env = env
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(c.address) or not os.path.exists(c.ttrpc_address):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"containerd did not start:\n{c.log_tail()}")
-            time.sleep(0.05)
+        c.start()
         c.ctr("version")
         yield c
     finally:
@@ -129,13 +151,7 @@ def running_containerd(
 
 
 def _stop(c: Containerd) -> None:
-    if c.proc.poll() is None:
-        c.proc.send_signal(signal.SIGTERM)
-        try:
-            c.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            c.proc.kill()
-            c.proc.wait()
+    c.stop()
     # Snapshot mounts containerd left (it unmounts its own on a clean run).
     for line in reversed(Path("/proc/self/mounts").read_text().splitlines()):
         target = line.split()[1]

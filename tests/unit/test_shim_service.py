@@ -42,12 +42,25 @@ class FakeVM:
         self.calls.append("start")
         self.running = True
 
-    async def add_container(self, container_id: str, rootfs: str) -> None:
+    async def add_container(self, container_id: str) -> None:
         self.calls.append(f"add {container_id}")
 
+    async def signal(self, container_id: str, exec_id: str, sig: int) -> bool:
+        return False  # the service ends the process by cancelling its run
+
+    async def pids(self, container_id: str) -> list[int]:
+        return [1, 7]
+
     async def run(
-        self, container_id: str, exec_id: str, process: ProcessSpec, stdin: bytes, output: Output
+        self,
+        container_id: str,
+        exec_id: str,
+        process: ProcessSpec,
+        stdin: bytes,
+        output: Output,
+        started: asyncio.Event,
     ) -> int:
+        started.set()
         cmd, *args = process.args
         if cmd == "echo":
             await output((" ".join(args) + "\n").encode(), b"")
@@ -132,7 +145,7 @@ async def shim(tmp_path: Path) -> AsyncIterator[Shim]:
     vm = FakeVM()
     stop = asyncio.Event()
     publisher = Publisher("ns1", ttrpc_address=f"unix://{tmp_path / 'events.sock'}")
-    service = TaskService(lambda _id: vm, publisher, "ns1", "shim1", shutdown=stop.set)
+    service = TaskService(lambda _id, _bundle: vm, publisher, "ns1", "shim1", shutdown=stop.set)
     server = Server([service.service()])
     await server.listen(str(tmp_path / "shim.sock"))
     client = await Client.connect(str(tmp_path / "shim.sock"))

@@ -79,8 +79,8 @@ async def _serve(flags: Flags, listen_fd: int) -> None:
         containerd_address=flags.address,
     )
 
-    def new_vm(sandbox_id: str) -> PodVM:
-        return SandboxVM(sandbox_id, config.hypervisor, config=config.hypervisor_config)
+    def new_vm(sandbox_id: str, bundle: str) -> PodVM:
+        return SandboxVM(sandbox_id, bundle, config.hypervisor, config=config.hypervisor_config)
 
     tasks = TaskService(new_vm, publisher, flags.namespace, flags.id, shutdown=stop.set)
     server = Server([tasks.service()])

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
+from ..errors import VCError
 from .events import Publisher, now, pack
 from .proto.cgroups.stats.v1 import metrics_pb2
 from .proto.containerd.api.events import task_pb2 as ev
@@ -79,11 +80,12 @@ class Container:
 
 
 class TaskService:
-    """The task API over a PodVM. `on_empty` is called once the last container is deleted."""
+    """The task API over a PodVM, made by `vm_factory(shim id, bundle)` at the first Create.
+    `shutdown` is called by a Shutdown once no container is left."""
 
     def __init__(
         self,
-        vm_factory: Callable[[str], PodVM],
+        vm_factory: Callable[[str, str], PodVM],
         publisher: Publisher,
         namespace: str,
         shim_id: str,
@@ -130,7 +132,7 @@ class TaskService:
         async def call(ctx: CallContext, request: Message) -> Message:
             try:
                 result: Message = await fn(request)
-            except (VMError, StdioError) as e:
+            except (VMError, StdioError, VCError) as e:
                 raise TtrpcError(Code.FAILED_PRECONDITION, str(e)) from e
             return result
 
@@ -185,10 +187,15 @@ class TaskService:
             )
             try:
                 if self.vm is None:
-                    vm = self.vm_factory(self.shim_id)
-                    await vm.start()
+                    vm = self.vm_factory(self.shim_id, req.bundle)
+                    try:
+                        await vm.start()
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await vm.stop()
+                        raise
                     self.vm = vm
-                await self.vm.add_container(req.id, rootfs)
+                await self.vm.add_container(req.id)
                 container.init.io = await ProcessIO.open(stdio, req.id, self.namespace)
             except BaseException:
                 if container.init.io is not None:
@@ -230,10 +237,15 @@ class TaskService:
             )
         else:
             self.events.publish(ev.TaskStart(container_id=req.id, pid=p.pid))
-        p.runner = asyncio.get_running_loop().create_task(self._run(p))
+        started = asyncio.Event()
+        p.runner = asyncio.get_running_loop().create_task(self._run(p, started))
+        # Answer once the process runs (an exec or a signal may follow at once), or has ended.
+        waiting = asyncio.ensure_future(started.wait())
+        await asyncio.wait({waiting, p.runner}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
         return pb.StartResponse(pid=p.pid)
 
-    async def _run(self, p: Process) -> None:
+    async def _run(self, p: Process, started: asyncio.Event) -> None:
         assert self.vm is not None and p.io is not None
         io = p.io
         status = 0
@@ -244,7 +256,7 @@ class TaskService:
                 await io.write_stdout(out)
                 await io.write_stderr(err)
 
-            status = await self.vm.run(p.container_id, p.exec_id, p.spec, stdin, output)
+            status = await self.vm.run(p.container_id, p.exec_id, p.spec, stdin, output, started)
         except asyncio.CancelledError:
             status = signal_exit_status(p.killed_by or 9)
         except Exception as e:
@@ -315,7 +327,10 @@ class TaskService:
                 continue
             p.killed_by = req.signal
             if p.runner is not None:
-                p.runner.cancel()
+                if self.vm is None or not await self.vm.signal(
+                    p.container_id, p.exec_id, req.signal
+                ):
+                    p.runner.cancel()
             elif p.status == CREATED:
                 # Never started: it ends without running (runc reports it stopped).
                 if p.io is not None:
@@ -354,15 +369,12 @@ class TaskService:
 
     async def pids(self, req: pb.PidsRequest) -> pb.PidsResponse:
         c = self._container(req.id)
-        procs = [p for p in (c.init, *c.execs.values()) if p.status in (RUNNING, PAUSED)]
-        infos = []
-        for p in procs:
-            info = tasktypes.ProcessInfo(pid=p.pid)
-            if p.exec_id:
-                # As runc's shim does: the exec id rides along as ProcessDetails.
-                info.info.CopyFrom(_process_details(p.exec_id))
-            infos.append(info)
-        return pb.PidsResponse(processes=infos)
+        if self.vm is None or c.init.status not in (RUNNING, PAUSED):
+            return pb.PidsResponse()
+        # The guest's pids of the container (the VM's processes, not the host's).
+        return pb.PidsResponse(
+            processes=[tasktypes.ProcessInfo(pid=pid) for pid in await self.vm.pids(req.id)]
+        )
 
     # -- delete ------------------------------------------------------------------------------
     async def delete(self, req: pb.DeleteRequest) -> pb.DeleteResponse:
@@ -499,22 +511,6 @@ class TaskService:
         if self.vm is not None:
             vm, self.vm = self.vm, None
             await vm.stop()
-
-
-def _process_details(exec_id: str) -> any_pb2.Any:
-    # containerd.runc.v1.ProcessDetails {string exec_id = 1}, encoded by hand: one field.
-    data = exec_id.encode()
-    value = b"\x0a" + _varint(len(data)) + data
-    return any_pb2.Any(type_url="containerd.runc.v1.ProcessDetails", value=value)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _read_spec(bundle: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl, urlsplit
 from .main import spawn
 
 OPEN_TIMEOUT = 30.0
-STDIN_GRACE = 0.5
+STDIN_GRACE = 0.1
 
 
 class StdioError(Exception):

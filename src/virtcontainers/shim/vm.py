@@ -1,32 +1,28 @@
 """Everything the task service asks of the VM, in one interface (`PodVM`), and its
-implementation on `Sandbox`.
+implementation on `Sandbox` and its `Container` (the bundle's root shared over virtio-fs, the
+container made by vc-run in the guest).
 
-The sandbox runs each container's processes in the guest with the agent's exec, chrooted into
-the container's root filesystem (copied into the guest as a tar) until shared directories and
-the agent's streaming processes take over; output therefore reaches containerd when the process
-ends, and a signal ends the process the way the signal would (exit status 128 + signal).
+Processes run through the agent's buffered exec (as `Container` runs them): their output
+reaches containerd when they end.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import logging
 import os
-import shlex
 import signal as signals
-import tarfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..containers import Container
 
 log = logging.getLogger(__name__)
 
-#: Where containers' root filesystems are unpacked in the guest.
-GUEST_ROOT = "/run/vc/containers"
-#: Largest root filesystem that is copied into the guest (the agent's frame limit is 64 MiB).
-MAX_ROOTFS_COPY = 48 << 20
+STARTED_POLLS = 200
+STARTED_POLL_INTERVAL = 0.05
 
 
 class VMError(Exception):
@@ -73,15 +69,30 @@ class PodVM(Protocol):
 
     async def start(self) -> None: ...
 
-    async def add_container(self, container_id: str, rootfs: str) -> None:
-        """Make the root filesystem at host path `rootfs` the container's, in the guest."""
+    async def add_container(self, container_id: str) -> None:
+        """Make the container of the bundle the VM was made for, in the guest."""
+        ...
+
+    async def signal(self, container_id: str, exec_id: str, sig: int) -> bool:
+        """Send `sig` to a process; False when only ending it is possible (the caller then
+        cancels its `run`)."""
+        ...
+
+    async def pids(self, container_id: str) -> list[int]:
+        """Guest pids of the container's processes."""
         ...
 
     async def run(
-        self, container_id: str, exec_id: str, process: ProcessSpec, stdin: bytes, output: Output
+        self,
+        container_id: str,
+        exec_id: str,
+        process: ProcessSpec,
+        stdin: bytes,
+        output: Output,
+        started: asyncio.Event,
     ) -> int:
-        """Run a process to its end; its output goes to `output(stdout, stderr)`. Returns the
-        exit status; cancelling it stops the process."""
+        """Run a process to its end, setting `started` once it runs; its output goes to
+        `output(stdout, stderr)`. Returns the exit status; cancelling it stops the process."""
         ...
 
     async def remove_container(self, container_id: str) -> None: ...
@@ -100,26 +111,19 @@ class PodVM(Protocol):
     async def stop(self) -> None: ...
 
 
-def _tar_rootfs(rootfs: str) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name in sorted(os.listdir(rootfs)):
-            tf.add(os.path.join(rootfs, name), arcname=name)
-            if buf.tell() > MAX_ROOTFS_COPY:
-                raise VMError(
-                    f"root filesystem {rootfs} is larger than {MAX_ROOTFS_COPY >> 20} MiB: "
-                    "too large to copy into the VM"
-                )
-    return buf.getvalue()
-
-
 class SandboxVM:
-    """PodVM on a `Sandbox` (QEMU by default)."""
+    """PodVM on a `Sandbox` (QEMU by default) made for one OCI bundle."""
 
-    def __init__(self, sandbox_id: str, hypervisor: str = "qemu", **overrides: Any) -> None:
+    def __init__(
+        self, sandbox_id: str, bundle: str, hypervisor: str = "qemu", **overrides: Any
+    ) -> None:
         from ..sandbox import Sandbox
 
-        self.sandbox = Sandbox(sandbox_id, hypervisor, **overrides)
+        config = overrides.get("config")
+        if config is None or not config.shared_fs:
+            overrides.setdefault("shared_fs", "virtio-fs")
+        self.sandbox = Sandbox(sandbox_id, hypervisor, bundle=bundle, **overrides)
+        self.containers: dict[str, Container] = {}
 
     @property
     def pid(self) -> int:
@@ -132,54 +136,75 @@ class SandboxVM:
     async def start(self) -> None:
         await self.sandbox.start()
 
-    async def add_container(self, container_id: str, rootfs: str) -> None:
-        data = await asyncio.to_thread(_tar_rootfs, rootfs)
-        guest = f"{GUEST_ROOT}/{container_id}"
-        archive = f"{guest}.tar"
-        await self._sh(f"mkdir -p {shlex.quote(guest)}")
-        await self.sandbox.write_file(archive, data, 0o600)
-        quoted = shlex.quote(guest)
-        await self._sh(
-            f"tar -xf {shlex.quote(archive)} -C {quoted} && rm -f {shlex.quote(archive)} && "
-            f"mkdir -p {quoted}/proc {quoted}/dev {quoted}/sys {quoted}/tmp && "
-            f"mount -t proc proc {quoted}/proc && mount --rbind /dev {quoted}/dev && "
-            f"mount --rbind /sys {quoted}/sys"
-        )
+    async def add_container(self, container_id: str) -> None:
+        container = await self.sandbox.create_container(id=container_id)
+        await container.setup()
+        self.containers[container_id] = container
 
-    async def _sh(self, script: str) -> None:
-        result = await self.sandbox.exec(["/bin/sh", "-c", script], timeout=60)
-        if result.exit_code != 0:
-            raise VMError(
-                f"guest command failed ({result.exit_code}): {script}: "
-                f"{result.stderr.decode(errors='replace').strip()}"
-            )
+    def _container(self, container_id: str) -> Container:
+        try:
+            return self.containers[container_id]
+        except KeyError:
+            raise VMError(f"container {container_id} is not in sandbox {self.sandbox.id}") from None
 
     async def run(
-        self, container_id: str, exec_id: str, process: ProcessSpec, stdin: bytes, output: Output
+        self,
+        container_id: str,
+        exec_id: str,
+        process: ProcessSpec,
+        stdin: bytes,
+        output: Output,
+        started: asyncio.Event,
     ) -> int:
-        root = f"{GUEST_ROOT}/{container_id}"
-        env = dict(e.partition("=")[::2] for e in process.env)
-        argv = [
-            "/bin/busybox",
-            "chroot",
-            root,
-            "/bin/sh",
-            "-c",
-            'cd "$0" && exec "$@"',
-            process.cwd,
-        ]
-        result = await self.sandbox.exec(
-            [*argv, *process.args], stdin=stdin, env=env or {"PATH": "/usr/bin:/bin"}
-        )
+        c = self._container(container_id)
+        if exec_id:
+            env = process.env or None
+            running = asyncio.ensure_future(
+                c.exec(process.args, env=env, cwd=process.cwd, stdin=stdin)
+            )
+            started.set()
+        else:
+            await c.start(stdin=stdin)
+            running = asyncio.ensure_future(c.wait())
+            await self._until_running(c, running)
+            started.set()
+        result = await running
         await output(result.stdout, result.stderr)
-        return result.exit_code
+        return signal_exit_status(result.signal) if result.signal else result.exit_code
+
+    @staticmethod
+    async def _until_running(c: Container, running: asyncio.Future[Any]) -> None:
+        """Until the container's first process has its pid (it can be joined and signalled),
+        or has ended already."""
+        from ..errors import StateError
+
+        for _ in range(STARTED_POLLS):
+            if running.done():
+                return
+            try:
+                await c.pids()
+                return
+            except StateError:
+                await asyncio.sleep(STARTED_POLL_INTERVAL)
+
+    async def signal(self, container_id: str, exec_id: str, sig: int) -> bool:
+        if exec_id:
+            return False
+        await self._container(container_id).kill(sig)
+        return True
+
+    async def pids(self, container_id: str) -> list[int]:
+        return await self._container(container_id).pids()
 
     async def remove_container(self, container_id: str) -> None:
-        root = shlex.quote(f"{GUEST_ROOT}/{container_id}")
-        with contextlib.suppress(Exception):
-            await self._sh(
-                f"umount -l {root}/sys {root}/dev {root}/proc 2>/dev/null; rm -rf {root}"
-            )
+        from ..errors import VCError
+
+        c = self.containers.pop(container_id, None)
+        if c is not None:
+            try:
+                await c.delete()
+            except VCError as e:  # a dead VM has nothing left to clean
+                log.warning("removing container %s from the VM: %s", container_id, e)
 
     async def pause(self) -> None:
         await self.sandbox.pause()
