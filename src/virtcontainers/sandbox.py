@@ -993,10 +993,16 @@ class Sandbox:
         if state == VMState.CREATED.value:
             from .config import HypervisorConfig
 
+            # Created by another process, never started: rebuild the VM's devices.
+            cfg = HypervisorConfig.from_dict(doc.get("config", {}))
+            net = sb.network
             hv = new_hypervisor(sb.hypervisor_type, root)
-            await hv.create_sandbox(id, None, HypervisorConfig.from_dict(doc.get("config", {})))
+            await hv.create_sandbox(id, net.vmm_netns if net else None, cfg)
             sb._hv = hv
             await sb._plug_agent_channel()
+            if net is not None:
+                for dev in net.devices(cfg.num_vcpus, _vhost_net(cfg)):
+                    await hv.add_device(dev)
             return sb
         # A "starting" sandbox's manager died mid-start: its VMM may still be booting.
         sb._saved_state = VMState(state) if state in VMState._value2member_map_ else VMState.RUNNING
