@@ -18,13 +18,14 @@ if TYPE_CHECKING:
     from .agent import OutputStream as _AsyncStream
     from .agent import Process as _AsyncProcess
     from .config import HypervisorConfig
+    from .containers import Container as _AsyncContainer
     from .devices import BlockDrive
     from .hypervisor import VMState
     from .types import HypervisorType
 
 T = TypeVar("T")
 
-__all__ = ["OutputStream", "Process", "Sandbox", "SandboxInfo"]
+__all__ = ["Container", "OutputStream", "Process", "Sandbox", "SandboxInfo"]
 
 
 class Sandbox:
@@ -114,6 +115,10 @@ class Sandbox:
     def attach_process(self, handle: int) -> Process:
         """A handle on a process started earlier (e.g. detached, by another manager)."""
         return Process(self._runner, self._run(self._sb.attach_process(handle)))
+
+    def create_container(self, command: list[str] | None = None, **kwargs: Any) -> Container:
+        """The sandbox's container (arguments as `virtcontainers.Sandbox.create_container`)."""
+        return Container(self._runner, self._run(self._sb.create_container(command, **kwargs)))
 
     def write_file(self, guest_path: str, data: bytes, mode: int = 0o644) -> None:
         """Create or replace a guest file."""
@@ -239,3 +244,40 @@ class Process:
     def wait(self) -> ExitStatus:
         """Wait for it to end."""
         return self._runner.run(self.aio.wait())
+
+
+class Container:
+    """Blocking twin of `virtcontainers.containers.Container`."""
+
+    def __init__(self, runner: asyncio.Runner, container: _AsyncContainer) -> None:
+        self._runner = runner
+        self.aio = container
+        """The underlying async container (use only on its sandbox's own loop)."""
+
+    @property
+    def id(self) -> str:
+        return self.aio.id
+
+    def start(self, **kwargs: Any) -> Process:
+        """Start its process (arguments as the async `start`)."""
+        return Process(self._runner, self._runner.run(self.aio.start(**kwargs)))
+
+    def run(self, *, stdin: bytes = b"", timeout: float | None = None) -> ExecResult:
+        """Start and wait, collecting the output."""
+        return self._runner.run(self.aio.run(stdin=stdin, timeout=timeout))
+
+    def wait(self) -> ExecResult:
+        return self._runner.run(self.aio.wait())
+
+    def exec(self, argv: list[str], **kwargs: Any) -> ExecResult:
+        """Run a command inside the running container."""
+        return self._runner.run(self.aio.exec(argv, **kwargs))
+
+    def kill(self, sig: int = 15) -> None:
+        self._runner.run(self.aio.kill(sig))
+
+    def pids(self) -> list[int]:
+        return self._runner.run(self.aio.pids())
+
+    def delete(self) -> None:
+        self._runner.run(self.aio.delete())

@@ -272,3 +272,24 @@ def test_cli_cp(run_root: str, store: ImageStore, tmp_path: Path) -> None:
         assert missing.returncode == 2 and "/nope: no such file" in missing.stderr
     finally:
         assert virtc(run_root, store, "stop", "cp1").returncode == 0
+
+
+async def test_container_process_streams(run_root: str, store: ImageStore) -> None:
+    """The container's output arrives while it runs; stdin reaches it."""
+    async with Sandbox(image="busybox", image_store=store.root, run_root=run_root) as sb:
+        c = await sb.create_container(["sh", "-c", "echo first; read x; echo got $x; exit 3"])
+        proc = await c.start()
+        first = await anext(aiter(proc.stdout))
+        assert first == b"first\n"  # before the container has read its stdin: streamed
+        await proc.write_stdin(b"yes\n")
+        await proc.close_stdin()
+        assert await proc.stdout.read() == b"got yes\n"
+        assert (await proc.wait()).exit_code == 3
+
+
+def test_sync_container(run_root: str, store: ImageStore) -> None:
+    from virtcontainers import sync
+
+    with sync.Sandbox(image="busybox", image_store=store.root, run_root=run_root) as sb:
+        c = sb.create_container(["sh", "-c", "echo hi from $(hostname)"], hostname="syncbox")
+        assert c.run().stdout == b"hi from syncbox\n"

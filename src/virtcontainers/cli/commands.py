@@ -72,6 +72,7 @@ CONTAINER = (
     Arg("--workdir", "-w", help="Container working directory."),
     Arg("--user", "-u", help="Container user: UID[:GID] or a name."),
     Arg("--detach", "-d", action="store_true", help="Leave the container running; print the id."),
+    Arg("--tty", "-t", action="store_true", help="Give the container a terminal."),
 )
 
 
@@ -119,14 +120,14 @@ def run(g: Globals, a: argparse.Namespace) -> int | None:
     """Boot a sandbox, run COMMAND in it (or in a container of --image/--bundle), print its
     output, tear down; exit with its code."""
     container = a.image is not None or a.bundle is not None
-    if not container and (a.volume or a.env or a.workdir or a.user or a.detach):
-        raise ConfigError("-v, -e, -w, -u and -d need --image or --bundle")
-    data = sys.stdin.buffer.read() if a.stdin else b""
+    if not container and (a.volume or a.env or a.workdir or a.user or a.detach or a.tty):
+        raise ConfigError("-v, -e, -w, -u, -t and -d need --image or --bundle")
     if container:
         from .container_cmds import run_container
 
         sb = _new_sandbox(g, a, image=a.image, bundle=a.bundle, mounts=a.volume)
-        return run_container(g, a, sb, data)
+        return run_container(g, a, sb)
+    data = sys.stdin.buffer.read() if a.stdin else b""
     if not [w for w in a.command if w != "--"]:
         raise ConfigError("run: no command given (or use --image/--bundle)")
     argv = guest_command(a)

@@ -4,46 +4,110 @@ container, `virtc ps` (registered on import; the container code is imported insi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shutil
+import sys
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
 from .app import Globals
 from .options import SANDBOX_ID, guest_command
-from .output import emit_json, line, run_async, with_spinner
+from .output import emit_json, line, run_async
 from .registry import Arg, command
 
 if TYPE_CHECKING:
-    from ..agent import ExecResult
+    from ..agent import ExecResult, ExitStatus, Process
     from ..sandbox import Sandbox
 
 
-def run_container(g: Globals, a: argparse.Namespace, sb: Sandbox, data: bytes) -> int | None:
-    """`virtc run --image|--bundle`: boot, create the container, run it; exit with its code
-    (or, with `--detach`, leave it running and print the sandbox id)."""
-    from .commands import print_result
+def run_container(g: Globals, a: argparse.Namespace, sb: Sandbox) -> int | None:
+    """`virtc run --image|--bundle`: boot, create the container, run it with its output
+    streamed as written (our stdin too with -i, a terminal with -t); exit with its code. With
+    `--detach`, leave it running and print the sandbox id."""
+    from .app import EXIT_TIMED_OUT
 
     argv = guest_command(a) if [w for w in a.command if w != "--"] else None
 
-    async def body() -> ExecResult | None:
+    async def body() -> ExitStatus | None:
         await sb.start()
         try:
             container = await sb.create_container(argv, env=a.env, cwd=a.workdir, user=a.user)
             if a.detach:
-                await container.start_detached()
+                await container.start(detach=True, tty=a.tty)
                 sb._persist()
                 await sb.detach()
                 return None
-            result: ExecResult = await container.run(stdin=data, timeout=a.exec_timeout)
+            size = shutil.get_terminal_size() if a.tty else os.terminal_size((80, 24))
+            proc = await container.start(
+                tty=a.tty, rows=size.lines, cols=size.columns, timeout=a.exec_timeout
+            )
+            status = await stream(proc, a.stdin)
         except BaseException:
             await sb.stop()
             raise
         await sb.stop()
-        return result
+        return status
 
-    result = with_spinner("booting sandbox", body, quiet=g.json)
-    if result is None:
+    with raw_terminal(a.tty and a.stdin):
+        status = run_async(body())
+    if status is None:
         line(sb.id)
         return None
-    return print_result(g, result)
+    if g.json:
+        emit_json(
+            {"exit_code": status.exit_code, "signal": status.signal, "timed_out": status.timed_out}
+        )
+    if status.timed_out:
+        return EXIT_TIMED_OUT
+    return 128 + status.signal if status.signal else status.exit_code
+
+
+@contextlib.contextmanager
+def raw_terminal(enable: bool) -> Iterator[None]:
+    """Our terminal in raw mode (keys go to the container's terminal as typed)."""
+    if not enable or not sys.stdin.isatty():
+        yield
+        return
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(0)
+    try:
+        tty.setraw(0)
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+async def stream(proc: Process, interactive: bool) -> ExitStatus:
+    """Copy the process's output to ours as it arrives (and our stdin to it); its status."""
+    import asyncio
+
+    async def pump(chunks: AsyncIterator[bytes], fd: int) -> None:
+        async for chunk in chunks:
+            await asyncio.to_thread(_write_all, fd, chunk)
+
+    async def feed() -> None:
+        while data := await asyncio.to_thread(os.read, 0, 65536):
+            await proc.write_stdin(data)
+        await proc.close_stdin()
+
+    feeder = asyncio.ensure_future(feed() if interactive else proc.close_stdin())
+    try:
+        await asyncio.gather(pump(proc.stdout, 1), pump(proc.stderr, 2))
+        return await proc.wait()
+    finally:
+        if not feeder.done():
+            feeder.cancel()
+        with contextlib.suppress(BaseException):
+            await feeder
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 async def exec_in_container(

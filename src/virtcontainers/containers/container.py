@@ -20,7 +20,7 @@ from ..errors import ConfigError, StateError
 from .spec import Mount, ProcessSpec, Resources
 
 if TYPE_CHECKING:
-    from ..agent import ExecResult
+    from ..agent import ExecResult, Process
     from ..sandbox import Sandbox
 
 GUEST_ROOT = "/run/vc/c"
@@ -40,6 +40,8 @@ class ContainerRecord:
     volumes: list[dict[str, Any]] = field(default_factory=list)
     """Each: source, destination, read_only, tag."""
     status: str = "created"
+    process: int = 0
+    """The agent's handle on the container's first process (for attach, logs)."""
 
 
 def spec_from_dict(d: dict[str, Any]) -> ProcessSpec:
@@ -57,6 +59,8 @@ class Container:
         self.sandbox = sandbox
         self.record = record
         self._task: asyncio.Task[ExecResult] | None = None
+        self.process: Process | None = None
+        """The container's first process once started (streamed output, stdin, signals)."""
 
     @property
     def id(self) -> str:
@@ -126,45 +130,57 @@ class Container:
         cgroup = f"{CGROUP_ROOT}/vc-{self.id}" if spec.resources.files() else ""
         return spec.runner_argv(self.rootfs, cgroup=cgroup, pid_file=f"{self.guest_dir}/pid")
 
-    async def start(self, *, stdin: bytes = b"", timeout: float | None = None) -> None:
-        """Start the container's process (it runs until it exits; `wait` for it)."""
-        if self._task is not None:
+    def _start_argv(self) -> list[str]:
+        """Mount what the container needs, then become vc-run (one guest request)."""
+        script = f'{self.setup_script()} && exec "$@"'
+        return ["/bin/sh", "-c", script, "vc-setup", *self.runner_argv()]
+
+    async def start(
+        self,
+        *,
+        tty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+        detach: bool = False,
+        timeout: float | None = None,
+    ) -> Process:
+        """Start the container's process; its output streams as it is written (see
+        `Process`). A `detach`ed one outlives this connection (`attach`)."""
+        if self.process is not None or self._task is not None:
             raise StateError(f"container {self.id} is already started")
-        argv = self.runner_argv()
-        self._task = asyncio.ensure_future(self.sandbox.exec(argv, stdin=stdin, timeout=timeout))
+        self.process = await self.sandbox.start_process(
+            self._start_argv(), tty=tty, rows=rows, cols=cols, detach=detach, timeout=timeout
+        )
+        self.record.process = self.process.handle
         self.record.status = "running"
+        return self.process
+
+    async def attach(self) -> Process:
+        """A handle on the (detached) container process, from any manager."""
+        if self.process is None:
+            if not self.record.process:
+                raise StateError(f"container {self.id} was never started")
+            self.process = await self.sandbox.attach_process(self.record.process)
+        return self.process
 
     async def run(self, *, stdin: bytes = b"", timeout: float | None = None) -> ExecResult:
-        """Start and wait (the container's mounts are made in the same guest request)."""
-        script = f'{self.setup_script()} && exec "$@"'
-        argv = ["/bin/sh", "-c", script, "vc-setup", *self.runner_argv()]
-        self._task = asyncio.ensure_future(self.sandbox.exec(argv, stdin=stdin, timeout=timeout))
+        """Start and wait, collecting the output (the buffered form)."""
+        self._task = asyncio.ensure_future(
+            self.sandbox.exec(self._start_argv(), stdin=stdin, timeout=timeout)
+        )
         self.record.status = "running"
         return await self.wait()
 
-    async def start_detached(self) -> None:
-        """Start the container's process so that it outlives this connection: it runs in
-        its own session in the guest, its output kept in <guest dir>/output and its exit
-        code in <guest dir>/status."""
-        out, status = f"{self.guest_dir}/output", f"{self.guest_dir}/status"
-        script = (
-            f"{self.setup_script()} && rm -f {status} && "
-            f'setsid sh -c \'"$@" </dev/null >{out} 2>&1; echo $? >{status}\' vc-detach "$@" &'
-        )
-        result = await self.sandbox.exec(["/bin/sh", "-c", script, "vc-setup", *self.runner_argv()])
-        if result.exit_code != 0:
-            raise StateError(
-                f"container {self.id} did not start: "
-                f"{result.stderr.decode(errors='replace').strip()}"
-            )
-        self.record.status = "running"
-
     async def wait(self) -> ExecResult:
-        """The container process's result (exit code, output)."""
-        if self._task is None:
-            raise StateError(f"container {self.id} was not started by this process")
+        """The container process's result (exit code and, for `run`, its output)."""
+        from ..agent import ExecResult
+
         try:
-            return await self._task
+            if self._task is not None:
+                return await self._task
+            proc = await self.attach()
+            status = await proc.wait()
+            return ExecResult(status.exit_code, b"", b"", status.signal, status.timed_out)
         finally:
             self.record.status = "stopped"
 
@@ -230,9 +246,9 @@ class Container:
         """Kill what still runs, unmount its root and volumes in the guest, forget it."""
         with contextlib.suppress(StateError):
             await self.kill(signals.SIGKILL)
-        if self._task is not None:
+        if self._task is not None or self.process is not None:
             with contextlib.suppress(Exception):
-                await self._task
+                await self.wait()
         q = shlex.quote
         script = [f"umount -l {q(self.rootfs)} 2>/dev/null", f"rm -rf {q(self.guest_dir)}"]
         script += [f"rmdir {CGROUP_ROOT}/vc-{self.id} 2>/dev/null"]
