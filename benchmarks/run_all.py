@@ -38,6 +38,7 @@ BENCHMARKS: dict[str, tuple[str, dict[str, Any]]] = {
     # comparison (n > 0) is left to density.py, which also extrapolates to 24 GiB.
     "template": ("template", {"n": 0}),
     "exec": ("exec", {}),
+    "images": ("images", {}),
     "exec_agent": ("exec_agent", {}),
     "streaming": ("streaming", {}),
     "startup": ("startup", {}),
