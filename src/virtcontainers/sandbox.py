@@ -18,7 +18,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import persist
-from .devices import BlockDrive
 from .errors import (
     AgentError,
     ConfigError,
@@ -44,6 +43,7 @@ if TYPE_CHECKING:
     from .agent.fake import FakeAgent
     from .config import HypervisorConfig
     from .containers import Container, Mount
+    from .devices import BlockDrive
     from .network import Interface, NetworkConfig, SandboxNetwork
 
 log = logging.getLogger(__name__)
@@ -146,11 +146,13 @@ class Sandbox:
         """The sandbox's network (None: no network was asked for, the VM has no NIC)."""
         if image is not None and bundle is not None:
             raise ConfigError("a sandbox takes an image or a bundle, not both")
-        from .containers import Mount
-
         self.image = image
         self.bundle = os.path.abspath(bundle) if bundle is not None else None
-        self.mounts = [m if isinstance(m, Mount) else Mount.parse(m) for m in mounts]
+        self.mounts: list[Mount] = []
+        if mounts:  # the container code is imported only for sandboxes that use it
+            from .containers import Mount
+
+            self.mounts = [m if isinstance(m, Mount) else Mount.parse(m) for m in mounts]
         for m in self.mounts:
             m.check()
         self.image_store = image_store
@@ -629,6 +631,8 @@ class Sandbox:
     ) -> BlockDrive:
         """Hot-add a host file as a guest disk."""
         self.hypervisor.require(Capabilities.BLOCK_DEVICE_HOTPLUG, "disk hotplug")
+        from .devices import BlockDrive
+
         drive = BlockDrive(id=id or f"disk{_new_id(6)}", path=path, read_only=read_only)
         async with self._op():
             if drive.id in self.disks:
@@ -1013,6 +1017,8 @@ class Sandbox:
 
             sb._agent_endpoint = AgentEndpoint.from_doc(agent)
         for disk_id, d in (sb_doc.get("disks") or {}).items():
+            from .devices import BlockDrive
+
             sb.disks[disk_id] = BlockDrive(
                 id=disk_id, path=d["path"], read_only=bool(d.get("read_only"))
             )
@@ -1020,10 +1026,13 @@ class Sandbox:
         return sb
 
     def _adopt_containers(self, sb_doc: dict[str, Any]) -> None:
+        self.workload = dict(sb_doc.get("workload") or {})
+        records = sb_doc.get("containers") or {}
+        if not records:
+            return  # the container code is imported only for sandboxes that have some
         from .containers import Container, ContainerRecord
 
-        self.workload = dict(sb_doc.get("workload") or {})
-        for cid, record in (sb_doc.get("containers") or {}).items():
+        for cid, record in records.items():
             self.containers[cid] = Container(self, ContainerRecord(**record))
 
 

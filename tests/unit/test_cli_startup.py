@@ -32,10 +32,13 @@ HEAVY = (
     "typer",
     "virtcontainers.agent",
     "virtcontainers.config",
+    "virtcontainers.containers",
     "virtcontainers.drivers",
     "virtcontainers.factory",
     "virtcontainers.guest",
     "virtcontainers.hypervisor_state",
+    "virtcontainers.images",
+    "virtcontainers.network",
     "virtcontainers.sandbox",
 )
 """Modules (and their submodules) that no listing or help command may load."""
