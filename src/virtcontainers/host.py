@@ -7,12 +7,7 @@ import errno
 import fcntl
 import functools
 import os
-import platform
-import secrets
-import shutil
 import signal
-import struct
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -110,6 +105,8 @@ def host_memory_kib(meminfo_path: str = "/proc/meminfo") -> int:
 
 
 def _arch(arch: str | None = None) -> str:
+    import platform  # these imports are where used: listing reads pids only (`pid_is`)
+
     machine = (arch or platform.machine()).lower()
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
@@ -230,6 +227,8 @@ VsockIoctl = Callable[[int, int], None]
 
 
 def _set_guest_cid(fd: int, cid: int) -> None:
+    import struct
+
     fcntl.ioctl(fd, VHOST_VSOCK_SET_GUEST_CID, struct.pack("=Q", cid))
 
 
@@ -251,6 +250,8 @@ def find_context_id(
         raise ConfigError(f"find_context_id: max_attempts must be >= 1, got {max_attempts}")
     span = LAST_CONTEXT_ID - FIRST_CONTEXT_ID + 1
     if start is None:
+        import secrets
+
         start = FIRST_CONTEXT_ID + secrets.randbelow(span)
     elif not FIRST_CONTEXT_ID <= start <= LAST_CONTEXT_ID:
         raise ConfigError(
@@ -428,6 +429,8 @@ _QEMU_ARCH = {"x86_64": "x86_64", "aarch64": "aarch64", "ppc64le": "ppc64", "s39
 
 
 def _binary_version(path: str, timeout: float = 3.0) -> str:
+    import subprocess
+
     try:
         out = subprocess.run(
             [path, "--version"],
@@ -454,6 +457,8 @@ def _binary_item(name: str, env_var: str | None, candidates: list[str]) -> Check
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
             return CheckItem(name, False, f"{path}{source} is not an executable file")
     else:
+        import shutil
+
         for cand in candidates:
             found = (
                 shutil.which(cand)

@@ -133,8 +133,11 @@ def _dispatch(head: list[str], rest: list[str]) -> int:
 def _root_parser() -> argparse.ArgumentParser:
     import argparse
 
+    from .helpformat import HelpFormatter
+
     p = argparse.ArgumentParser(
         prog="virtc",
+        formatter_class=HelpFormatter,
         usage="virtc [OPTIONS] COMMAND [ARGS]...",
         description=DESCRIPTION,
         add_help=False,

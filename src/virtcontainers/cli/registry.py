@@ -51,10 +51,10 @@ class Command:
         """The argparse parser of this command's arguments."""
         import argparse
 
+        from .helpformat import HelpFormatter
+
         p = argparse.ArgumentParser(
-            prog=f"virtc {self.name}",
-            description=self.help,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            prog=f"virtc {self.name}", description=self.help, formatter_class=HelpFormatter
         )
         for arg in self.args:
             arg.add_to(p)
