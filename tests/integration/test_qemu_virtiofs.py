@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from qemu_hotplug_support import VM, booted, make_config
 
+from virtcontainers.config import VIRTIOFSD_FLAG_OPTIONS
 from virtcontainers.devices import SharedFS
 from virtcontainers.drivers.qemu import QemuHypervisor
 from virtcontainers.errors import StateError
@@ -46,14 +47,22 @@ async def test_cold_and_hotplugged_virtio_fs(
     cold_dir.mkdir()
     hot_dir.mkdir()
     cold = SharedFS(id="share0", source=str(cold_dir), mount_tag="cold")
-    cfg = make_config(guest_assets, shared_fs="virtio-fs", pcie_root_port=1)
+    # Every option the virtio_fs_extra_args allowlist takes: the real daemon accepts them all.
+    extra = ["--thread-pool-size=2", "--rlimit-nofile=4096", "--syslog", "-o"]
+    extra.append(",".join(sorted(VIRTIOFSD_FLAG_OPTIONS)))
+    extra += ["-o", "log_level=warn,max_idle_threads=4,timeout=5"]
+    cfg = make_config(
+        guest_assets, shared_fs="virtio-fs", pcie_root_port=1, virtio_fs_extra_args=extra
+    )
     async with booted(run_root, cfg, devices=(cold,)) as vm:
         drv = vm.drv
         pids = drv.get_pids()
         [fsd] = drv.helpers.pids("virtiofsd")
         assert len(pids) == 3 and fsd in pids  # QEMU, virtiofsd, the console log keeper
         assert cmdline_of(fsd)[0].endswith(b"virtiofsd")
-        assert f"source={cold_dir}".encode() in cmdline_of(fsd)
+        # The extra arguments come first, the project's own options last.
+        assert cmdline_of(fsd)[1 : 1 + len(extra)] == [a.encode() for a in extra]
+        assert cmdline_of(fsd)[-4:] == [b"-o", f"source={cold_dir}".encode(), b"-o", b"cache=auto"]
         assert drv.save().virtiofsd_pid == fsd
         assert any("memory-backend-memfd" in a and "share=on" in a for a in drv.argv)
         await check_share(vm, "cold", "/mnt/cold", cold_dir)

@@ -147,6 +147,7 @@ VIRTIOFSD_ATTACKS = [
     ["-o", "modcaps=+sys_admin"],
     ["-o", "sandbox=chroot"],
     ["-o", "allow_root"],
+    ["-o", "security_label"],  # wedges the share: a create is never answered
     ["-o", "cache=always"],
     ["-o", "xattrmap=:map::user.virtiofs.:"],
     ["-osource=/"],

@@ -85,10 +85,11 @@ def render_all(cfg: HypervisorConfig) -> Rendered:
     tmp = Path(kernel).parent
     share = str(tmp / "share")
     image = cfg.image_asset_path()
+    fs = SharedFS(id="s0", source=share, mount_tag="s0", fs_type=cfg.shared_fs or "virtio-9p")
     devices: list[Device] = [
         BlockDrive(id="disk0", path=str(tmp / "disk.img")),
         NetworkEndpoint(id="eth0", tap_name="tap0", mac="02:00:00:00:00:01", vhost=True),
-        SharedFS(id="s0", source=share, mount_tag="s0", fs_type=cfg.shared_fs or "virtio-9p"),
+        fs,
     ]
     spec = qargv.LaunchSpec(
         config=cfg,
@@ -105,7 +106,7 @@ def render_all(cfg: HypervisorConfig) -> Rendered:
         devices=devices,
     )
     qemu = qargv.build(spec).argv
-    fsd = virtiofsd.argv(cfg, "qemu", share, spec.paths.virtiofsd_socket("s0"))
+    fsd = virtiofsd.argv(cfg, "qemu", fs, spec.paths.virtiofsd_socket("s0"))
     trusted = {str(tmp / n) for n in ("vmlinuz", "initrd.img", "rootfs.img", "disk.img")}
     return Rendered(qemu, fsd, share, trusted | {share})
 
@@ -260,7 +261,7 @@ def harmless_virtiofsd(r: Rendered) -> None:
     controls either or names a host path, and the project's options come last."""
     fsd = r.virtiofsd
     assert fsd[0] == VIRTIOFSD
-    ours = fsd.index(f"--socket-path={VM_DIR}/vhost-fs-s0.sock")
+    ours = fsd.index(f"--socket-path={VM_DIR}/fs-s0.sock")
     assert fsd[ours + 1 : ours + 3] == ["-o", f"source={r.share}"]
     tail = fsd[ours + 3 :]
     assert tail[:1] == ["-o"] and tail[1].startswith("cache=") and tail[2:] in ([], ["-d"])
@@ -287,7 +288,13 @@ def render_bounded(cfg: HypervisorConfig) -> Rendered:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-NUMBERS = ("default_vcpus", "default_maxvcpus", "default_memory", "memory_slots", "memory_offset")
+NUMBERS: tuple[str, ...] = (
+    "default_vcpus",
+    "default_maxvcpus",
+    "default_memory",
+    "memory_slots",
+    "memory_offset",
+)
 NUMBERS += ("default_bridges", "msize_9p", "virtio_fs_cache_size", "pcie_root_port")
 large_ints = st.one_of(
     st.integers(min_value=0, max_value=2**32 - 1),

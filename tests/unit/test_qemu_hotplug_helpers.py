@@ -12,8 +12,8 @@ import pytest
 from leaks import running
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import BlockDrive, SharedFS
-from virtcontainers.drivers import virtiofsd as virtiofsd_common
-from virtcontainers.drivers.qemu import storage_daemon, virtiofsd
+from virtcontainers.drivers import virtiofsd
+from virtcontainers.drivers.qemu import storage_daemon
 from virtcontainers.drivers.qemu.helpers import Helpers
 from virtcontainers.errors import AssetError, ConfigError, LaunchError, VMTimeoutError
 
@@ -114,7 +114,7 @@ def test_virtiofsd_argv(tmp_path: Path) -> None:
     daemon = script(tmp_path, "exit 0")
     cfg = HypervisorConfig(virtio_fs_daemon=daemon, virtio_fs_extra_args=["--thread-pool-size=1"])
     share = SharedFS(id="s0", source=str(tmp_path), mount_tag="t")
-    assert virtiofsd.argv(cfg, share, "/run/x.sock") == [
+    assert virtiofsd.argv(cfg, "qemu", share, "/run/x.sock") == [
         daemon,
         "--thread-pool-size=1",
         "--socket-path=/run/x.sock",
@@ -127,15 +127,23 @@ def test_virtiofsd_argv(tmp_path: Path) -> None:
     # argument outside the allowlist never reaches the command line.
     cfg.virtio_fs_extra_args = ["-o", "source=/"]
     with pytest.raises(ConfigError, match="'-o source=/' is not allowed"):
-        virtiofsd.argv(cfg, share, "/run/x.sock")
+        virtiofsd.argv(cfg, "qemu", share, "/run/x.sock")
     cfg.virtio_fs_extra_args = []
     cfg.virtio_fs_cache = "sometimes"
     with pytest.raises(ConfigError, match="virtio_fs_cache: 'sometimes'"):
-        virtiofsd.argv(cfg, share, "/run/x.sock")
+        virtiofsd.argv(cfg, "qemu", share, "/run/x.sock")
+    cfg.virtio_fs_cache = "none"
+    cfg.debug = True
+    assert virtiofsd.argv(cfg, "clh", share, "/run/x.sock")[-3:] == ["-o", "cache=none", "-d"]
     cfg.virtio_fs_daemon = str(tmp_path / "missing")
-    with pytest.raises(AssetError, match=r"virtio-fs daemon .*missing.* is not an executable"):
-        virtiofsd.daemon_path(cfg)
-    assert virtiofsd_common.pid_file("/run/vc/x.sock") == "/run/virtiofsd/.run.vc.x.sock.pid"
+    with pytest.raises(
+        AssetError, match=r"^clh: virtio-fs daemon .*missing.* is not an executable"
+    ):
+        virtiofsd.argv(cfg, "clh", share, "/run/x.sock")
+    cfg.virtio_fs_daemon = str(tmp_path)  # a directory is not an executable file
+    with pytest.raises(AssetError, match=r"^qemu: virtio-fs daemon .* is not an executable file"):
+        virtiofsd.daemon_path(cfg, "qemu")
+    assert virtiofsd.pid_file("/run/vc/x.sock") == "/run/virtiofsd/.run.vc.x.sock.pid"
 
 
 def test_storage_daemon_argv() -> None:
@@ -156,18 +164,3 @@ def test_storage_daemon_binary_override(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("VC_QEMU_STORAGE_DAEMON", str(tmp_path / "absent"))
     with pytest.raises(AssetError, match="qemu-storage-daemon not found"):
         storage_daemon.binary_path()
-
-
-def test_virtiofsd_command_line_is_the_same_for_clh(tmp_path: Path) -> None:
-    from virtcontainers.drivers.clh import virtiofsd as clh_virtiofsd
-
-    daemon = script(tmp_path, "exit 0")
-    cfg = HypervisorConfig(virtio_fs_daemon=daemon, virtio_fs_cache="none", debug=True)
-    share = SharedFS(id="s0", source=str(tmp_path), mount_tag="t")
-    assert clh_virtiofsd.argv(cfg, share, "/run/x.sock") == virtiofsd.argv(
-        cfg, share, "/run/x.sock"
-    )
-    assert virtiofsd.argv(cfg, share, "/run/x.sock")[-3:] == ["-o", "cache=none", "-d"]
-    cfg.virtio_fs_daemon = str(tmp_path)  # a directory is not an executable file
-    with pytest.raises(AssetError, match=r"^clh: virtio-fs daemon .* is not an executable file"):
-        clh_virtiofsd.argv(cfg, share, "/run/x.sock")

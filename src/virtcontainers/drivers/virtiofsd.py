@@ -1,21 +1,29 @@
-"""virtiofsd (QEMU's C daemon, Debian's qemu-system-common) as every driver that serves
-virtio-fs shares runs it: where it lives, its command line, the pid file it leaves behind."""
+"""virtiofsd (QEMU's C daemon, Debian's qemu-system-common) serving one virtio-fs share, as
+the QEMU and Cloud Hypervisor drivers run it: where it lives, its command line, its start-up
+(listening before the VMM connects) and the files it leaves behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING
 
-from ..config import check_virtiofsd_args
+from ..config import VIRTIO_FS_CACHE_VALUES, check_virtiofsd_args
 from ..errors import AssetError, ConfigError
+from .vmm_process import VmmProcess, wait_for_path
 
 if TYPE_CHECKING:
     from ..config import HypervisorConfig
     from ..devices import SharedFS
+    from .qemu.helpers import Helper, Helpers
 
 DEFAULT_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 #: As root, the C virtiofsd locks a pid file named after its socket path here and leaves it.
 PID_FILE_DIR = "/run/virtiofsd"
+#: The helper kind (QEMU's `Helpers`) and process name.
+KIND = "virtiofsd"
+#: Seconds virtiofsd gets to create its socket.
+START_TIMEOUT = 10.0
 
 
 def daemon_path(cfg: HypervisorConfig, hypervisor: str) -> str:
@@ -30,17 +38,44 @@ def daemon_path(cfg: HypervisorConfig, hypervisor: str) -> str:
     return path
 
 
-def argv(cfg: HypervisorConfig, hypervisor: str, source: str, socket: str) -> list[str]:
-    """virtiofsd's command line: serve `source` on `socket` with the config's extra arguments
+def key(share: SharedFS) -> str:
+    """The helper key (and QEMU device id) of a share."""
+    return f"fs-{share.id}"
+
+
+def socket_path(vm_dir: str, share_id: str) -> str:
+    """Where the daemon for share `share_id` listens."""
+    return os.path.join(vm_dir, f"fs-{share_id}.sock")
+
+
+def log_path(vm_dir: str, share: SharedFS) -> str:
+    """Where the daemon for `share` writes its output."""
+    return os.path.join(vm_dir, f"virtiofsd-{share.id}.log")
+
+
+def argv(cfg: HypervisorConfig, hypervisor: str, share: SharedFS, socket: str) -> list[str]:
+    """virtiofsd's command line: serve `share` on `socket` with the config's extra arguments
     (allowlisted), cache mode and debug flag. The project's own options come last, so that
     even an option the allowlist missed cannot override them (virtiofsd's last one wins)."""
+    cache = cfg.virtio_fs_cache or "auto"
+    if cache not in VIRTIO_FS_CACHE_VALUES:
+        raise ConfigError(
+            f"virtio_fs_cache: {cache!r} is not a virtiofsd cache mode "
+            f"({', '.join(v for v in VIRTIO_FS_CACHE_VALUES if v)})"
+        )
+    source = share.source  # SharedFS refuses a comma in it (`-o` takes a comma list)
     check_virtiofsd_args("virtio_fs_extra_args", cfg.virtio_fs_extra_args)
     args = [daemon_path(cfg, hypervisor), *cfg.virtio_fs_extra_args]
-    args += [f"--socket-path={socket}", "-o", f"source={source}"]
-    args += ["-o", f"cache={cfg.virtio_fs_cache or 'auto'}"]
+    args += [f"--socket-path={socket}", "-o", f"source={source}", "-o", f"cache={cache}"]
     if cfg.debug:
         args.append("-d")
     return args
+
+
+def check_source(share: SharedFS) -> None:
+    """`ConfigError` unless the share's source is a directory."""
+    if not os.path.isdir(share.source):
+        raise ConfigError(f"shared fs {share.id}: source {share.source!r} is not a directory")
 
 
 def pid_file(socket: str) -> str:
@@ -48,32 +83,51 @@ def pid_file(socket: str) -> str:
     return os.path.join(PID_FILE_DIR, socket.replace("/", ".") + ".pid")
 
 
-# Run in the daemon's own mount namespace (it dies with the daemon: nothing to unmount, nothing
-# left on the host): a read-only bind, or an overlay of the share's lower and upper directories.
-_READ_ONLY = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" "$1" && shift && exec "$@"'
-_OVERLAY = (
-    'mkdir -p "$2.work" "$2.merged" && '
-    'mount -t overlay overlay -o "lowerdir=$1,upperdir=$2,workdir=$2.work" "$2.merged" && '
-    'shift 2 && exec "$@"'
-)
+def remove_leftovers(socket: str) -> None:
+    """Remove the socket and the pid file a stopped daemon leaves behind."""
+    for path in (socket, pid_file(socket)):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            os.unlink(path)
 
 
-def served_dir(share: SharedFS) -> str:
-    """The directory the daemon serves: the overlay's mount point, else the source."""
-    return share.source + ".merged" if share.lower else share.source
+async def start_helper(
+    helpers: Helpers,
+    cfg: HypervisorConfig,
+    share: SharedFS,
+    socket: str,
+    vm_dir: str,
+    timeout: float = START_TIMEOUT,
+) -> Helper:
+    """Start virtiofsd for `share` as one of QEMU's helpers and wait for its socket."""
+    check_source(share)
+    return await helpers.start(
+        KIND,
+        key(share),
+        argv(cfg, helpers.hypervisor, share, socket),
+        socket=socket,
+        log_path=log_path(vm_dir, share),
+        timeout=timeout,
+        leftovers=[pid_file(socket)],
+    )
 
 
-def wrap(share: SharedFS, argv: list[str]) -> list[str]:
-    """`argv` (the daemon's) run so that it serves `share` read-only or as an overlay."""
-    if not share.lower and not share.read_only:
-        return argv
-    if os.geteuid() != 0:
-        what = "an overlay (image root)" if share.lower else "a read-only share"
-        raise ConfigError(f"shared fs {share.id}: {what} needs root (mount namespaces)")
-    for path in (share.source, share.lower):
-        if any(c in path for c in ",:\n"):
-            raise ConfigError(f"shared fs {share.id}: path {path!r} contains ',' ':' or a newline")
-    prefix = ["unshare", "-m", "--propagation", "private", "--", "/bin/sh", "-c"]
-    if share.lower:
-        return [*prefix, _OVERLAY, "vc-share", share.lower, share.source, *argv]
-    return [*prefix, _READ_ONLY, "vc-share", share.source, *argv]
+async def spawn(
+    cfg: HypervisorConfig,
+    hypervisor: str,
+    share: SharedFS,
+    socket: str,
+    vm_dir: str,
+    timeout: float = START_TIMEOUT,
+) -> VmmProcess:
+    """Launch virtiofsd for `share` as a `VmmProcess` and wait for its socket; nothing is left
+    behind on failure."""
+    check_source(share)
+    args = argv(cfg, hypervisor, share, socket)
+    proc = await VmmProcess.spawn(KIND, args, log_path(vm_dir, share))
+    try:
+        await wait_for_path(socket, proc, timeout, "vhost-user socket")
+    except BaseException:
+        await proc.stop()
+        remove_leftovers(socket)
+        raise
+    return proc

@@ -36,9 +36,9 @@ from ...errors import (
 )
 from ...hypervisor import Hypervisor, VMState, register
 from ...types import AGENT_VSOCK_PORT, Capabilities, HypervisorType, MemoryDevice, Socket, VSock
+from .. import virtiofsd
 from ..handover import decode_state, encode_state
 from ..vmm_process import VmmProcess, threads_named
-from . import virtiofsd
 from .api import ClhApi
 from .state import ClhState, DaemonRecord, VsockRecord
 from .vmconfig import (
@@ -253,9 +253,11 @@ class CloudHypervisor(Hypervisor):
             async with asyncio.timeout(timeout):
                 step = "starting virtiofsd"
                 for share in self._cold_shares:
-                    self._daemons[share.id] = await virtiofsd.start(
-                        cfg, share, self.vm_dir, min(self.daemon_timeout, timeout)
+                    sock = virtiofsd.socket_path(self.vm_dir, share.id)
+                    daemon = await virtiofsd.spawn(
+                        cfg, "clh", share, sock, self.vm_dir, min(self.daemon_timeout, timeout)
                     )
+                    self._daemons[share.id] = (daemon, sock)
                 step = "launching cloud-hypervisor"
                 self._proc = await VmmProcess.spawn(
                     "cloud-hypervisor",
@@ -457,7 +459,10 @@ class CloudHypervisor(Hypervisor):
             return device
         if isinstance(device, SharedFS):
             self._check_share(device, "hotplug")
-            daemon, sock = await virtiofsd.start(cfg, device, self.vm_dir, self.daemon_timeout)
+            sock = virtiofsd.socket_path(self.vm_dir, device.id)
+            daemon = await virtiofsd.spawn(
+                cfg, "clh", device, sock, self.vm_dir, self.daemon_timeout
+            )
             try:
                 share = FsShare(device.id, device.mount_tag, sock)
                 await self._client().add("fs", fs_config(share))

@@ -20,6 +20,7 @@ from ...devices import (
 from ...errors import ConfigError, UnsupportedError
 from ...guest.params import FAST_BOOT_PARAMS
 from ...types import Param, serialize_params
+from .. import virtiofsd
 
 if TYPE_CHECKING:
     from ...config import HypervisorConfig
@@ -82,7 +83,7 @@ class VMPaths:
         return os.path.join(self.vm_dir, "qemu.log")
 
     def virtiofsd_socket(self, fs_id: str) -> str:
-        return os.path.join(self.vm_dir, f"vhost-fs-{fs_id}.sock")
+        return virtiofsd.socket_path(self.vm_dir, fs_id)
 
 
 @dataclass

@@ -39,10 +39,10 @@ from ...errors import (
 )
 from ...hypervisor import Hypervisor, VMState, check_transition, register
 from ...types import Capabilities, HypervisorType, MemoryDevice
+from .. import virtiofsd
 from ..handover import decode_state, encode_state
 from ..vmm_process import start_console_keeper
 from . import argv as qargv
-from . import virtiofsd
 from .helpers import Helper, Helpers
 from .hotplug import IMPLEMENTED as HOTPLUG_IMPLEMENTED
 from .hotplug import Hotplug
@@ -281,9 +281,9 @@ class QemuHypervisor(Hypervisor):
         assert self.config is not None and self.paths is not None
         for dev in self.devices:
             if isinstance(dev, SharedFS) and dev.fs_type == "virtio-fs":
-                log_path = os.path.join(self.paths.vm_dir, f"virtiofsd-{dev.id}.log")
                 sock = self.paths.virtiofsd_socket(dev.id)
-                await virtiofsd.start(self.helpers, self.config, dev, sock, log_path, timeout)
+                vm_dir = self.paths.vm_dir
+                await virtiofsd.start_helper(self.helpers, self.config, dev, sock, vm_dir, timeout)
 
     async def _start_console_log(self) -> int | None:
         """QEMU writes the console log into a pipe (`logfile=/dev/fdset/N`) whose keeper caps
@@ -465,7 +465,7 @@ class QemuHypervisor(Hypervisor):
             self.image = device.path
             return
         if isinstance(device, SharedFS) and device.fs_type == "virtio-fs":
-            virtiofsd.daemon_path(self._require_config("cold-plug a virtio-fs share"))
+            virtiofsd.daemon_path(self._require_config("cold-plug a virtio-fs share"), "qemu")
         if isinstance(device, BlockDrive):
             self._assign_block_slot(device)
         if not isinstance(

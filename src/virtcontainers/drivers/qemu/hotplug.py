@@ -40,8 +40,9 @@ from ...errors import (
     VMTimeoutError,
 )
 from ...types import Capabilities, MemoryDevice
+from .. import virtiofsd
 from . import argv as qargv
-from . import pci, resize, storage_daemon, virtiofsd
+from . import pci, resize, storage_daemon
 from .helpers import is_socket
 from .qmp import QMP, QMPCommandError
 from .state import Dimm, HotplugState, Plugged
@@ -533,13 +534,7 @@ class Hotplug:
         rec = Plugged(device_key(share), virtiofsd.key(share))
         sock = paths.virtiofsd_socket(share.id)
         async with contextlib.AsyncExitStack() as undo:
-            await virtiofsd.start(
-                self.helpers,
-                self.config,
-                share,
-                sock,
-                os.path.join(paths.vm_dir, f"virtiofsd-{share.id}.log"),
-            )
+            await virtiofsd.start_helper(self.helpers, self.config, share, sock, paths.vm_dir)
             rec.helper = virtiofsd.key(share)
             undo.push_async_callback(self.helpers.stop, rec.helper)
             dev = {"driver": "vhost-user-fs-pci", "tag": share.mount_tag}
