@@ -1,31 +1,24 @@
-"""HypervisorConfig: the VM's configuration, its validation, assets, annotations and TOML loading.
+"""HypervisorConfig: the VM's configuration, its fields (with their units), validation and
+assets.
 
-Mirrors the seed's `HypervisorConfig` (snake_case fields, zero defaults) and adds what the Go
-runtime spread over other packages: loading Kata's `configuration.toml` and applying
-`io.katacontainers.config.hypervisor.*` annotations safely (allowlists, sha512 checks,
-all-or-nothing).
+Mirrors the seed's `HypervisorConfig` (snake_case fields, zero defaults); loading Kata's
+`configuration.toml` lives in `toml.py`, applying annotations in `annotations.py`.
 """
 
 from __future__ import annotations
 
 import copy as _copy
 import dataclasses
-import fnmatch
-import json
 import logging
 import os
-import posixpath
 import re
-import stat
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from .devices import BLOCK_DRIVERS
-from .errors import AssetError, ConfigError
-from .types import Asset, AssetType, HypervisorType, Param, params_from_string, sha512_file
+from ..devices import BLOCK_DRIVERS
+from ..errors import AssetError, ConfigError
+from ..types import Asset, AssetType, HypervisorType, Param
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +100,6 @@ VIRTIOFSD_LONG_OPTIONS: dict[str, re.Pattern[str] | None] = {
 #: Host paths an `entropy_source` annotation may name (QEMU reads the file into the guest).
 SAFE_ENTROPY_SOURCES = ("/dev/urandom", "/dev/random", "/dev/hwrng")
 
-ANNOTATION_PREFIX = "io.katacontainers.config.hypervisor."
-
 _Kind = Literal["int", "str", "bool", "strlist", "params"]
 _KIND_OF_TYPE: dict[str, _Kind] = {
     "int": "int",
@@ -136,72 +127,155 @@ class HypervisorConfig:
     """
 
     num_vcpus: int = 0
+    """vCPUs the guest boots with (count; 0: 1). Kata: default_vcpus."""
     default_max_vcpus: int = 0
+    """Most vCPUs the guest can reach by hotplug (count; 0: the host's maximum). Kata:
+    default_maxvcpus.
+    """
     memory_size: int = 0
+    """Guest memory at boot (MiB; 0: 2048). Kata: default_memory."""
     default_bridges: int = 0
+    """PCI bridges cold-plugged on the `pc` machine for hotplug (count, at most 5; 0: 1)."""
     msize_9p: int = 0
+    """9p `msize`, the largest 9p message (bytes, 4 KiB..4 MiB; 0: 8192 unless virtio-fs)."""
     mem_slots: int = 0
+    """Memory hotplug slots (count, at most 256; 0: the driver's default, 10 on QEMU)."""
     mem_offset: int = 0
+    """Extra guest address space added to maxmem, e.g. for NVDIMM images (MiB; 0: none). Kata:
+    memory_offset.
+    """
     virtio_fs_cache_size: int = 0
+    """virtio-fs DAX window (MiB; 0: no DAX)."""
     kernel_params: list[Param] = field(default_factory=list)
+    """Extra guest kernel command-line parameters (`key=value` or `key`)."""
     hypervisor_params: list[Param] = field(default_factory=list)
+    """Extra VMM options (`-key value` for QEMU); trusted configuration only."""
     kernel_path: str = ""
+    """Guest kernel (host path). Kata: kernel."""
     image_path: str = ""
+    """Guest root image (host path; exclusive with initrd_path). Kata: image."""
     initrd_path: str = ""
+    """Guest initrd (host path; exclusive with image_path). Kata: initrd."""
     firmware_path: str = ""
+    """Guest firmware, e.g. OVMF (host path; empty: the VMM's default). Kata: firmware."""
     kernel_path_list: list[str] = field(default_factory=list)
+    """Globs a `kernel` annotation must match (empty: refuse all). Kata style: valid_kernel_paths.
+    """
     image_path_list: list[str] = field(default_factory=list)
+    """Globs an `image` annotation must match; a block device only by exact name. Kata style:
+    valid_image_paths.
+    """
     initrd_path_list: list[str] = field(default_factory=list)
+    """Globs an `initrd` annotation must match (empty: refuse all). Kata style: valid_initrd_paths.
+    """
     firmware_path_list: list[str] = field(default_factory=list)
+    """Globs a `firmware` annotation must match (empty: refuse all). Kata style:
+    valid_firmware_paths.
+    """
     machine_accelerators: str = ""
+    """Extra `-machine` flags, comma-separated (plain flags or key=value)."""
     cpu_features: str = ""
+    """Extra `-cpu` features, comma-separated (`+flag`, `-flag`, `flag=value`)."""
     hypervisor_path: str = ""
+    """VMM binary (host path). Kata: path."""
     hypervisor_path_list: list[str] = field(default_factory=list)
+    """Globs a `path` annotation must match (empty: refuse all). Kata: valid_hypervisor_paths."""
     hypervisor_ctl_path_list: list[str] = field(default_factory=list)
+    """Globs a `ctlpath` annotation must match. Kata: valid_ctlpaths."""
     hypervisor_ctl_path: str = ""
+    """VMM control binary, ACRN's acrnctl (host path). Kata: ctlpath."""
     jailer_path: str = ""
+    """Firecracker's jailer (host path; empty: no jailer)."""
     jailer_path_list: list[str] = field(default_factory=list)
+    """Globs a `jailer_path` annotation must match. Kata: valid_jailer_paths."""
     block_device_driver: str = ""
+    """How disks reach the guest: virtio-scsi, virtio-blk, virtio-blk-ccw, virtio-mmio or nvdimm
+    ('' : virtio-scsi).
+    """
     hypervisor_machine_type: str = ""
+    """QEMU machine type: q35, pc or microvm ('' : q35). Kata: machine_type."""
     memory_path: str = ""
+    """VM template: file backing the guest memory (host path)."""
     devices_state_path: str = ""
+    """VM template: saved device state (host path)."""
     entropy_source: str = ""
+    """Host file feeding the guest's virtio-rng (host path; '' : none)."""
     shared_fs: str = ""
+    """Shared file system: virtio-fs or virtio-9p ('' : the driver's default)."""
     virtio_fs_daemon: str = ""
+    """virtiofsd binary (host path; '' : /usr/lib/qemu/virtiofsd)."""
     virtio_fs_daemon_list: list[str] = field(default_factory=list)
+    """Globs a `virtio_fs_daemon` annotation must match. Kata: valid_virtio_fs_daemon_paths."""
     virtio_fs_cache: str = ""
+    """virtiofsd cache mode: none, auto or always ('' : auto)."""
     virtio_fs_extra_args: list[str] = field(default_factory=list)
+    """Extra virtiofsd arguments, allowlisted (see VIRTIOFSD_*_OPTIONS); placed before the
+    project's own.
+    """
     file_backed_mem_root_dir: str = ""
+    """Directory whose files back guest memory (host path; '' : anonymous memory). Kata:
+    file_mem_backend.
+    """
     pflash: list[str] = field(default_factory=list)
+    """Flash images for the guest firmware (host paths). Kata: pflashes."""
     file_backed_mem_root_list: list[str] = field(default_factory=list)
+    """Globs a `file_mem_backend` annotation must match. Kata: valid_file_mem_backends."""
     block_device_cache_set: bool = False
+    """Set the disks' cache flags below (else the VMM's defaults)."""
     block_device_cache_direct: bool = False
+    """Disks bypass the host page cache (O_DIRECT), when block_device_cache_set."""
     block_device_cache_noflush: bool = False
+    """Disks ignore guest flush requests, when block_device_cache_set."""
     disable_block_device_use: bool = False
+    """Do not use block devices for the container root file system."""
     enable_iothreads: bool = False
+    """Serve virtio-scsi from its own I/O thread."""
     debug: bool = False
+    """Debug output from the VMM and virtiofsd. Kata: enable_debug."""
     mem_prealloc: bool = False
+    """Allocate all guest memory at start. Kata: enable_mem_prealloc."""
     huge_pages: bool = False
+    """Back guest memory with huge pages. Kata: enable_hugepages."""
     virtio_mem: bool = False
+    """Resize memory with virtio-mem instead of DIMMs. Kata: enable_virtio_mem."""
     iommu: bool = False
+    """Give the guest a vIOMMU (q35 only). Kata: enable_iommu."""
     iommu_platform: bool = False
+    """Virtio devices use the platform IOMMU (`iommu_platform=on`). Kata: enable_iommu_platform."""
     realtime: bool = False
+    """With mlock: lock guest memory (`-overcommit mem-lock=on`)."""
     mlock: bool = False
+    """Lock guest memory in RAM (Kata's enable_swap = not mlock)."""
     disable_nesting_checks: bool = False
+    """Skip the check for running nested in a VM."""
     use_vsock: bool = False
+    """Reach the agent over vhost-vsock instead of a serial port."""
     disable_image_nvdimm: bool = False
+    """Attach the root image as a virtio-blk disk, not an NVDIMM."""
     hotplug_vfio_on_root_bus: bool = False
+    """Hotplug VFIO devices on the root bus."""
     pcie_root_port: int = 0
+    """Empty pcie-root-ports cold-plugged on q35 for hotplug (count, at most 16; 0: 2)."""
     boot_to_be_template: bool = False
+    """Boot this VM to be saved as a VM template."""
     boot_from_template: bool = False
+    """Boot this VM from a VM template (memory_path, devices_state_path)."""
     disable_vhost_net: bool = False
+    """Serve NICs from QEMU's user space instead of the vhost-net kernel module."""
     enable_vhost_user_store: bool = False
+    """Serve block devices through vhost-user (qemu-storage-daemon)."""
     vhost_user_store_path: str = ""
+    """Directory of vhost-user device sockets (host path)."""
     vhost_user_store_path_list: list[str] = field(default_factory=list)
+    """Globs a `vhost_user_store_path` annotation must match. Kata: valid_vhost_user_store_paths."""
     guest_hook_path: str = ""
+    """Guest directory of OCI hooks (guest path)."""
     vm_id: str = ""
+    """The VM's id (set by the sandbox)."""
     selinux_process_label: str = ""
+    """SELinux label for the VMM process."""
     enable_annotations: list[str] = field(default_factory=list)
+    """Regular expressions of the annotation names that may be applied (empty: none)."""
     _custom_assets: dict[AssetType, Asset] = field(default_factory=dict, init=False, repr=False)
 
     # -- validation ------------------------------------------------------------------------
@@ -233,7 +307,7 @@ class HypervisorConfig:
             if not 0 <= value <= U32_MAX:
                 raise ConfigError(f"{name} must be between 0 and {U32_MAX}, got {value}")
 
-        from . import host
+        from .. import host
 
         max_vcpus = host.max_qemu_vcpus()
         filled = self.copy()
@@ -465,6 +539,8 @@ class HypervisorConfig:
         Keys that map to no field are logged as a warning (or raise `ConfigError` when
         `strict`); use `load_toml()` to get them as a list. See `load_toml()` for details.
         """
+        from .toml import load_toml
+
         result = load_toml(path_or_text, hypervisor)
         if result.unknown_keys and strict:
             raise ConfigError(
@@ -688,531 +764,3 @@ _HOST_PATH_FIELDS = (
     "file_backed_mem_root_dir",
     "vhost_user_store_path",
 )
-
-
-# == TOML ====================================================================================
-
-#: Kata `[hypervisor.<name>]` key -> (field, how to read it). Special readers:
-#: "params" (space-separated kernel command line), "csv" (comma list, trimmed as Kata does),
-#: "vcpus" (negative means every host CPU), "swap" (enable_swap = not mlock, as Kata maps it).
-_TomlKind = Literal["int", "str", "bool", "strlist", "params", "csv", "vcpus", "swap"]
-_TOML_KEYS: dict[str, tuple[str, _TomlKind]] = {
-    "path": ("hypervisor_path", "str"),
-    "ctlpath": ("hypervisor_ctl_path", "str"),
-    "jailer_path": ("jailer_path", "str"),
-    "kernel": ("kernel_path", "str"),
-    "initrd": ("initrd_path", "str"),
-    "image": ("image_path", "str"),
-    "firmware": ("firmware_path", "str"),
-    "machine_type": ("hypervisor_machine_type", "str"),
-    "machine_accelerators": ("machine_accelerators", "csv"),
-    "cpu_features": ("cpu_features", "csv"),
-    "kernel_params": ("kernel_params", "params"),
-    "default_vcpus": ("num_vcpus", "vcpus"),
-    "default_maxvcpus": ("default_max_vcpus", "int"),
-    "default_memory": ("memory_size", "int"),
-    "memory_slots": ("mem_slots", "int"),
-    "memory_offset": ("mem_offset", "int"),
-    "default_bridges": ("default_bridges", "int"),
-    "msize_9p": ("msize_9p", "int"),
-    "pcie_root_port": ("pcie_root_port", "int"),
-    "virtio_fs_cache_size": ("virtio_fs_cache_size", "int"),
-    "valid_hypervisor_paths": ("hypervisor_path_list", "strlist"),
-    "valid_ctlpaths": ("hypervisor_ctl_path_list", "strlist"),
-    "valid_jailer_paths": ("jailer_path_list", "strlist"),
-    "valid_kernel_paths": ("kernel_path_list", "strlist"),
-    "valid_image_paths": ("image_path_list", "strlist"),
-    "valid_initrd_paths": ("initrd_path_list", "strlist"),
-    "valid_firmware_paths": ("firmware_path_list", "strlist"),
-    "valid_virtio_fs_daemon_paths": ("virtio_fs_daemon_list", "strlist"),
-    "valid_file_mem_backends": ("file_backed_mem_root_list", "strlist"),
-    "valid_vhost_user_store_paths": ("vhost_user_store_path_list", "strlist"),
-    "enable_annotations": ("enable_annotations", "strlist"),
-    "pflashes": ("pflash", "strlist"),
-    "virtio_fs_extra_args": ("virtio_fs_extra_args", "strlist"),
-    "block_device_driver": ("block_device_driver", "str"),
-    "entropy_source": ("entropy_source", "str"),
-    "shared_fs": ("shared_fs", "str"),
-    "virtio_fs_daemon": ("virtio_fs_daemon", "str"),
-    "virtio_fs_cache": ("virtio_fs_cache", "str"),
-    "file_mem_backend": ("file_backed_mem_root_dir", "str"),
-    "vhost_user_store_path": ("vhost_user_store_path", "str"),
-    "guest_hook_path": ("guest_hook_path", "str"),
-    "block_device_cache_set": ("block_device_cache_set", "bool"),
-    "block_device_cache_direct": ("block_device_cache_direct", "bool"),
-    "block_device_cache_noflush": ("block_device_cache_noflush", "bool"),
-    "disable_block_device_use": ("disable_block_device_use", "bool"),
-    "enable_iothreads": ("enable_iothreads", "bool"),
-    "enable_debug": ("debug", "bool"),
-    "enable_mem_prealloc": ("mem_prealloc", "bool"),
-    "enable_hugepages": ("huge_pages", "bool"),
-    "enable_virtio_mem": ("virtio_mem", "bool"),
-    "enable_iommu": ("iommu", "bool"),
-    "enable_iommu_platform": ("iommu_platform", "bool"),
-    "disable_nesting_checks": ("disable_nesting_checks", "bool"),
-    "use_vsock": ("use_vsock", "bool"),
-    "disable_image_nvdimm": ("disable_image_nvdimm", "bool"),
-    "hotplug_vfio_on_root_bus": ("hotplug_vfio_on_root_bus", "bool"),
-    "disable_vhost_net": ("disable_vhost_net", "bool"),
-    "enable_vhost_user_store": ("enable_vhost_user_store", "bool"),
-    "enable_swap": ("mlock", "swap"),
-}
-
-#: The Kata TOML key for each field it fills (for error messages and documentation).
-TOML_KEY_FOR_FIELD: dict[str, str] = {f: k for k, (f, _) in _TOML_KEYS.items()}
-
-
-@dataclass(frozen=True)
-class TomlLoadResult:
-    """What `load_toml()` read: the config, the keys it could not place, and where from."""
-
-    config: HypervisorConfig
-    unknown_keys: list[str]
-    hypervisor_type: HypervisorType
-    source: str
-
-
-def load_toml(
-    path_or_text: str | os.PathLike[str], hypervisor: HypervisorType | str | None = None
-) -> TomlLoadResult:
-    """Read the `[hypervisor.<name>]` section of a Kata `configuration.toml`.
-
-    `path_or_text` is a path (a `PathLike`, or a `str` without a newline) or the TOML text
-    itself (a `str` containing a newline). With `hypervisor=None` the file must hold exactly
-    one `[hypervisor.*]` section. Every known Kata key lands in its field (raw, no defaults:
-    `validate()` fills those); keys that map to no field are returned in `unknown_keys` and
-    logged as a warning. Other sections (`[runtime]`, `[agent.*]`, ...) belong to other layers
-    and are not read. Kata's mappings are kept: `enable_swap = true` means `mlock = False`
-    (so a file without it yields `mlock = True`), and a negative `default_vcpus` means every
-    host CPU. Unreadable files, bad TOML and values of the wrong type raise `ConfigError`
-    naming the file and the key.
-    """
-    text, source = _read_toml_source(path_or_text)
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{source}: invalid TOML: {e}") from e
-    sections = doc.get("hypervisor")
-    if not isinstance(sections, dict) or not sections:
-        raise ConfigError(f"{source}: no [hypervisor.<name>] section")
-    if hypervisor is None:
-        if len(sections) != 1:
-            raise ConfigError(
-                f"{source}: several hypervisor sections ({', '.join(sorted(sections))}); "
-                "name the one to load"
-            )
-        name = next(iter(sections))
-    else:
-        name = str(HypervisorType.parse(hypervisor))
-        if name not in sections:
-            raise ConfigError(
-                f"{source}: no [hypervisor.{name}] section (found: {', '.join(sorted(sections))})"
-            )
-    htype = HypervisorType.parse(name)
-    table = sections[name]
-    if not isinstance(table, dict):
-        raise ConfigError(f"{source}: hypervisor.{name} must be a table")
-
-    cfg = HypervisorConfig()
-    # Kata maps a missing enable_swap to mlock = true.
-    cfg.mlock = True
-    unknown: list[str] = []
-    for key, value in table.items():
-        spec = _TOML_KEYS.get(key)
-        if spec is None:
-            unknown.append(key)
-            continue
-        fname, kind = spec
-        setattr(cfg, fname, _read_toml_value(source, name, key, kind, value))
-    if unknown:
-        log.warning(
-            "%s: [hypervisor.%s] keys with no HypervisorConfig field, ignored: %s",
-            source,
-            name,
-            ", ".join(unknown),
-        )
-    return TomlLoadResult(cfg, unknown, htype, source)
-
-
-def _read_toml_source(path_or_text: str | os.PathLike[str]) -> tuple[str, str]:
-    if isinstance(path_or_text, str) and "\n" in path_or_text:
-        return path_or_text, "<toml text>"
-    if not isinstance(path_or_text, str | os.PathLike):
-        raise ConfigError(f"from_toml needs a path or TOML text, got {_describe(path_or_text)}")
-    path = Path(path_or_text)
-    try:
-        return path.read_text(encoding="utf-8"), str(path)
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read Kata configuration {path}: {e}") from e
-
-
-def _read_toml_value(source: str, section: str, key: str, kind: _TomlKind, value: Any) -> Any:
-    where = f"{source}: hypervisor.{section}.{key}"
-    if kind in ("int", "vcpus"):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{where} must be an integer, got {_describe(value)}")
-        if kind == "vcpus" and value < 0:
-            return os.cpu_count() or 1
-        if not 0 <= value <= U32_MAX:
-            raise ConfigError(f"{where} must be between 0 and {U32_MAX}, got {value}")
-        return value
-    if kind in ("bool", "swap"):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be a boolean, got {_describe(value)}")
-        return not value if kind == "swap" else value
-    if kind == "strlist":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where} must be a list of strings, got {_describe(value)}")
-        return list(value)
-    if not isinstance(value, str):
-        raise ConfigError(f"{where} must be a string, got {_describe(value)}")
-    if kind == "params":
-        return params_from_string(value)
-    if kind == "csv":
-        return ",".join(p.strip() for p in value.split(",") if p.strip())
-    return value
-
-
-# == annotations =============================================================================
-
-_BOOL_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
-_BOOL_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
-_UINT_RE = re.compile(r"[0-9]+")
-_SHA512_RE = re.compile(r"[0-9a-fA-F]{128}")
-_MACHINE_TYPE_RE = re.compile(r"[A-Za-z0-9._-]+")
-
-#: Annotation name -> field, for booleans.
-_ANNOT_BOOL = {
-    "enable_virtio_mem": "virtio_mem",
-    "block_device_cache_set": "block_device_cache_set",
-    "block_device_cache_direct": "block_device_cache_direct",
-    "block_device_cache_noflush": "block_device_cache_noflush",
-    "disable_block_device_use": "disable_block_device_use",
-    "enable_iothreads": "enable_iothreads",
-    "enable_mem_prealloc": "mem_prealloc",
-    "enable_hugepages": "huge_pages",
-    "enable_iommu": "iommu",
-    "enable_iommu_platform": "iommu_platform",
-    "use_vsock": "use_vsock",
-    "hotplug_vfio_on_root_bus": "hotplug_vfio_on_root_bus",
-    "disable_vhost_net": "disable_vhost_net",
-    "enable_vhost_user_store": "enable_vhost_user_store",
-    "disable_image_nvdimm": "disable_image_nvdimm",
-}
-#: Annotation name -> field, for unsigned 32-bit numbers.
-_ANNOT_UINT = {
-    "default_vcpus": "num_vcpus",
-    "default_max_vcpus": "default_max_vcpus",
-    "default_memory": "memory_size",
-    "memory_slots": "mem_slots",
-    "memory_offset": "mem_offset",
-    "default_bridges": "default_bridges",
-    "msize_9p": "msize_9p",
-    "virtio_fs_cache_size": "virtio_fs_cache_size",
-    "pcie_root_port": "pcie_root_port",
-}
-#: Annotation name -> (field, allowed values or None for free text).
-_ANNOT_STR: dict[str, tuple[str, tuple[str, ...] | None]] = {
-    "machine_accelerators": ("machine_accelerators", None),
-    "cpu_features": ("cpu_features", None),
-    "guest_hook_path": ("guest_hook_path", None),
-    "block_device_driver": ("block_device_driver", BLOCK_DRIVERS),
-    "shared_fs": ("shared_fs", SHARED_FS_VALUES),
-    "virtio_fs_cache": ("virtio_fs_cache", VIRTIO_FS_CACHE_VALUES),
-}
-#: Annotation name -> (asset type, field, allowlist field). Every asset path needs an
-#: allowlist match; guest assets (kernel, image, initrd, firmware) must also be regular files
-#: (QEMU reads them into guest memory or attaches them as disks).
-_ANNOT_ASSET: dict[str, tuple[AssetType, str, str]] = {
-    "path": (AssetType.HYPERVISOR, "hypervisor_path", "hypervisor_path_list"),
-    "ctlpath": (AssetType.HYPERVISOR_CTL, "hypervisor_ctl_path", "hypervisor_ctl_path_list"),
-    "jailer_path": (AssetType.JAILER, "jailer_path", "jailer_path_list"),
-    "kernel": (AssetType.KERNEL, "kernel_path", "kernel_path_list"),
-    "image": (AssetType.IMAGE, "image_path", "image_path_list"),
-    "initrd": (AssetType.INITRD, "initrd_path", "initrd_path_list"),
-    "firmware": (AssetType.FIRMWARE, "firmware_path", "firmware_path_list"),
-}
-#: Guest assets: an annotation may only name a regular file (an image may also be a block
-#: device, when its allowlist names that device exactly, without wildcards).
-_GUEST_ASSET_LISTS = {
-    AssetType.KERNEL: "kernel_path_list",
-    AssetType.IMAGE: "image_path_list",
-    AssetType.INITRD: "initrd_path_list",
-    AssetType.FIRMWARE: "firmware_path_list",
-}
-#: Annotation name -> (field, allowlist field) for other host paths.
-_ANNOT_PATH = {
-    "virtio_fs_daemon": ("virtio_fs_daemon", "virtio_fs_daemon_list"),
-    "file_mem_backend": ("file_backed_mem_root_dir", "file_backed_mem_root_list"),
-    "vhost_user_store_path": ("vhost_user_store_path", "vhost_user_store_path_list"),
-}
-#: Annotation name -> the asset whose file must have that sha512.
-_ANNOT_HASH = {
-    "kernel_hash": AssetType.KERNEL,
-    "image_hash": AssetType.IMAGE,
-    "initrd_hash": AssetType.INITRD,
-    "firmware_hash": AssetType.FIRMWARE,
-    "hypervisor_hash": AssetType.HYPERVISOR,
-    "hypervisorctl_hash": AssetType.HYPERVISOR_CTL,
-    "jailer_hash": AssetType.JAILER,
-}
-_ANNOT_SPECIAL = ("kernel_params", "virtio_fs_extra_args", "enable_swap", "machine_type")
-_ANNOT_OTHER = ("entropy_source",)
-
-#: Every hypervisor annotation name `apply_annotations()` understands.
-KNOWN_ANNOTATIONS: frozenset[str] = frozenset(
-    (
-        *_ANNOT_BOOL,
-        *_ANNOT_UINT,
-        *_ANNOT_STR,
-        *_ANNOT_ASSET,
-        *_ANNOT_PATH,
-        *_ANNOT_HASH,
-        *_ANNOT_SPECIAL,
-        *_ANNOT_OTHER,
-    )
-)
-
-
-def apply_annotations(config: HypervisorConfig, annotations: Mapping[str, str]) -> None:
-    """Apply `io.katacontainers.config.hypervisor.<name>` annotations to `config`, or none.
-
-    Rules (the CVE-2020-27151 class of attack is an annotation making the runtime run a host
-    binary of the caller's choice):
-
-    - a name is refused unless a regular expression of `config.enable_annotations` matches
-      it entirely; unknown names are refused;
-    - host paths (`path`, `ctlpath`, `jailer_path`, `kernel`, `image`, `initrd`, `firmware`,
-      `virtio_fs_daemon`, `file_mem_backend`, `vhost_user_store_path`) must be normalized
-      absolute paths matching a glob of their allowlist (`*`, `?`, `[...]` never cross `/`;
-      an empty allowlist refuses all), and their symlink-resolved target must match one too;
-    - guest assets (`kernel`, `image`, `initrd`, `firmware`, and the file their `*_hash`
-      checks) must be regular files; an image may be a block device only when
-      `image_path_list` names it exactly;
-    - `virtio_fs_extra_args` must be a JSON list of allowlisted virtiofsd options;
-    - `<asset>_hash` makes the asset's file (after this call's path changes) pass a sha512
-      check; path annotations for assets also register custom assets;
-    - `entropy_source` may only name /dev/urandom, /dev/random or /dev/hwrng;
-    - values with control characters, bad numbers or booleans, and `*_extra_args` that are
-      not a JSON list of strings are refused.
-
-    Annotations outside the hypervisor prefix are ignored (other layers own them). Any
-    refusal raises `ConfigError` naming the annotation and leaves `config` unchanged.
-    """
-    if not isinstance(annotations, Mapping):
-        raise ConfigError(f"annotations must be a mapping, got {_describe(annotations)}")
-    wanted: list[tuple[str, str, str]] = []
-    for key, value in annotations.items():
-        if not isinstance(key, str) or not key.startswith(ANNOTATION_PREFIX):
-            continue
-        if not isinstance(value, str):
-            raise ConfigError(f"annotation {key}: value must be a string, got {_describe(value)}")
-        wanted.append((key, key[len(ANNOTATION_PREFIX) :], value))
-    if not wanted:
-        return
-
-    config._check_types()
-    new = config.copy()
-    patterns = [_compile_annotation_pattern(p) for p in _str_list(config.enable_annotations)]
-    hashes: list[tuple[str, AssetType, str]] = []
-    for key, name, value in wanted:
-        if name not in KNOWN_ANNOTATIONS:
-            raise ConfigError(f"Unknown hypervisor annotation {key}")
-        if not any(p.fullmatch(name) for p in patterns):
-            raise ConfigError(
-                f"annotation {key} is not enabled (enable_annotations = "
-                f"{list(config.enable_annotations)!r})"
-            )
-        if name in _ANNOT_HASH:
-            hashes.append((key, _ANNOT_HASH[name], value))
-        else:
-            _apply_one(new, key, name, value)
-    for key, atype, digest in hashes:
-        _apply_hash(new, key, atype, digest)
-    config._assign_from(new)
-
-
-def _str_list(value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"enable_annotations must be a list of strings, got {_describe(value)}")
-    return value
-
-
-def _apply_one(cfg: HypervisorConfig, key: str, name: str, value: str) -> None:
-    if name == "virtio_fs_extra_args":
-        extra = _json_str_list(key, value)
-        check_virtiofsd_args(f"annotation {key}", extra)
-        cfg.virtio_fs_extra_args = [*cfg.virtio_fs_extra_args, *extra]
-        return
-    if _has_control(value):
-        raise ConfigError(f"annotation {key}: value {value!r} contains a control character")
-    if name in _ANNOT_BOOL:
-        setattr(cfg, _ANNOT_BOOL[name], _parse_bool(key, value))
-    elif name == "enable_swap":
-        cfg.mlock = not _parse_bool(key, value)
-    elif name in _ANNOT_UINT:
-        setattr(cfg, _ANNOT_UINT[name], _parse_uint(key, value))
-    elif name in _ANNOT_STR:
-        fname, allowed = _ANNOT_STR[name]
-        if allowed is not None and value not in allowed:
-            raise ConfigError(f"annotation {key}: unknown value {value!r} (one of {allowed})")
-        if fname == "guest_hook_path" and value and not value.startswith("/"):
-            raise ConfigError(f"annotation {key}: {value!r} is not an absolute guest path")
-        setattr(cfg, fname, value)
-    elif name == "machine_type":
-        if not _MACHINE_TYPE_RE.fullmatch(value):
-            raise ConfigError(f"annotation {key}: invalid machine type {value!r}")
-        cfg.hypervisor_machine_type = value
-    elif name == "kernel_params":
-        for param in params_from_string(value):
-            try:
-                cfg.add_kernel_param(param)
-            except ConfigError as e:
-                raise ConfigError(f"annotation {key}: {e} in {value!r}") from None
-    elif name == "entropy_source":
-        if value not in SAFE_ENTROPY_SOURCES:
-            raise ConfigError(
-                f"annotation {key}: entropy source {value!r} refused "
-                f"(one of {', '.join(SAFE_ENTROPY_SOURCES)})"
-            )
-        cfg.entropy_source = value
-    elif name in _ANNOT_PATH:
-        fname, list_name = _ANNOT_PATH[name]
-        _check_allowed_path(key, value, getattr(cfg, list_name), list_name)
-        setattr(cfg, fname, value)
-    else:
-        atype, asset_field, asset_list = _ANNOT_ASSET[name]
-        if not value:
-            raise ConfigError(f"annotation {key}: empty path")
-        allowlist = getattr(cfg, asset_list)
-        _check_allowed_path(key, value, allowlist, asset_list)
-        if atype in _GUEST_ASSET_LISTS:
-            _check_guest_file(key, atype, value, allowlist)
-        setattr(cfg, asset_field, value)
-        cfg._custom_assets[atype] = Asset(atype, value)
-
-
-def _apply_hash(cfg: HypervisorConfig, key: str, atype: AssetType, digest: str) -> None:
-    if not _SHA512_RE.fullmatch(digest):
-        raise ConfigError(f"annotation {key}: {digest!r} is not a sha512 hex digest")
-    path = cfg.asset_path(atype)
-    if not path:
-        raise ConfigError(f"annotation {key}: no {atype} path to check")
-    if atype in _GUEST_ASSET_LISTS:
-        _check_guest_file(key, atype, path, getattr(cfg, _GUEST_ASSET_LISTS[atype]))
-    try:
-        actual = sha512_file(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"annotation {key}: cannot read {atype} {path}: {e}") from None
-    if actual != digest.lower():
-        raise ConfigError(f"annotation {key}: sha512 of {atype} {path} does not match")
-    cfg._custom_assets[atype] = Asset(atype, path, digest.lower())
-
-
-def _parse_bool(key: str, value: str) -> bool:
-    if value in _BOOL_TRUE:
-        return True
-    if value in _BOOL_FALSE:
-        return False
-    raise ConfigError(f"annotation {key}: {value!r} is not a boolean (true or false)")
-
-
-def _parse_uint(key: str, value: str) -> int:
-    if not _UINT_RE.fullmatch(value) or int(value) > U32_MAX:
-        raise ConfigError(f"annotation {key}: {value!r} is not an integer in 0..{U32_MAX}")
-    return int(value)
-
-
-def _json_str_list(key: str, value: str) -> list[str]:
-    try:
-        parsed = json.loads(value)
-    except (ValueError, RecursionError) as e:
-        raise ConfigError(f"annotation {key}: not a JSON list of strings: {e}") from None
-    if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
-        raise ConfigError(f"annotation {key}: must be a JSON list of strings, got {value!r}")
-    for arg in parsed:
-        if _has_control(arg):
-            raise ConfigError(f"annotation {key}: argument {arg!r} contains a control character")
-    return parsed
-
-
-def _check_clean_path(key: str, path: str) -> None:
-    """A normalized absolute path: no `..`, `.`, `//` or trailing `/`."""
-    if not path.startswith("/") or posixpath.normpath(path) != path or path.startswith("//"):
-        raise ConfigError(f"annotation {key}: {path!r} is not a normalized absolute path")
-
-
-def _check_allowed_path(key: str, path: str, allowlist: list[str], list_name: str) -> None:
-    """Refuse `path` unless it and its symlink-resolved target match a glob of `allowlist`."""
-    if path == "":
-        if "" in allowlist:
-            return
-        raise ConfigError(f"annotation {key}: empty path is not allowed by {list_name}")
-    _check_clean_path(key, path)
-    if not any(glob_match(p, path) for p in allowlist):
-        raise ConfigError(
-            f"annotation {key}: path {path!r} is not allowed by {list_name} {allowlist!r}"
-        )
-    try:
-        real = os.path.realpath(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"annotation {key}: cannot resolve {path!r}: {e}") from None
-    if real == path:
-        return
-    if not any(glob_match(p, real) or glob_match(_resolve_pattern(p), real) for p in allowlist):
-        raise ConfigError(
-            f"annotation {key}: path {path!r} resolves to {real!r}, outside {list_name} "
-            f"{allowlist!r}"
-        )
-
-
-def _check_guest_file(key: str, atype: AssetType, path: str, allowlist: list[str]) -> None:
-    """Refuse a guest asset that is not a regular file (a device, a FIFO, a directory...).
-
-    Only an image may be a block device, and only one its allowlist names exactly.
-    """
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"annotation {key}: cannot use {atype} {path!r}: {e}") from None
-    if stat.S_ISREG(st.st_mode):
-        return
-    if atype is AssetType.IMAGE and stat.S_ISBLK(st.st_mode):
-        real = os.path.realpath(path)
-        if path in allowlist or real in allowlist:
-            return
-        raise ConfigError(
-            f"annotation {key}: {path!r} is a block device; image_path_list must name it "
-            "exactly (not by a wildcard) to allow it"
-        )
-    raise ConfigError(f"annotation {key}: {atype} {path!r} is not a regular file")
-
-
-def glob_match(pattern: str, path: str) -> bool:
-    """glob(3)-style match of a whole path: wildcards match within one `/` component only."""
-    if pattern == path:
-        return True
-    pattern_parts = pattern.split("/")
-    path_parts = path.split("/")
-    if len(pattern_parts) != len(path_parts):
-        return False
-    return all(fnmatch.fnmatchcase(s, p) for p, s in zip(pattern_parts, path_parts, strict=True))
-
-
-def _resolve_pattern(pattern: str) -> str:
-    """The pattern with the symlinks of its literal leading directories resolved."""
-    if not pattern.startswith("/"):
-        return pattern
-    parts = pattern.split("/")
-    for i, part in enumerate(parts):
-        if any(c in part for c in "*?["):
-            prefix = "/".join(parts[:i]) or "/"
-            rest = "/".join(parts[i:])
-            try:
-                return posixpath.join(os.path.realpath(prefix), rest)
-            except (OSError, ValueError):
-                return pattern
-    try:
-        return os.path.realpath(pattern)
-    except (OSError, ValueError):
-        return pattern
