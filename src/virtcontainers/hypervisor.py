@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import functools
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .errors import StateError, UnsupportedError
+from .errors import ConfigError, StateError, UnsupportedError
 from .types import Capabilities, HypervisorType, MemoryDevice, Socket, VSock
 from .types import VMState as VMState  # noqa: PLC0414 (re-exported; persist needs it below)
 
@@ -26,6 +27,34 @@ _TRANSITIONS: dict[VMState, frozenset[VMState]] = {
 }
 
 
+_DEVICE_METHODS = {
+    "add_device": "cold-plug",
+    "hotplug_add_device": "hotplug",
+    "hotplug_remove_device": "hot-remove",
+}
+
+
+def _checking_device(
+    method: Callable[[Any, Any], Awaitable[Any]], operation: str
+) -> Callable[[Any, Any], Awaitable[Any]]:
+    """`method`, refusing with `ConfigError` an argument that is not a `Device` (a `Socket`
+    from `generate_socket`, say) instead of failing deep inside on a missing attribute."""
+
+    @functools.wraps(method)
+    async def checked(self: Hypervisor, device: Any) -> Any:
+        from .devices import Device
+
+        if not isinstance(device, Device):
+            hint = " (wrap it: SerialPort(socket))" if isinstance(device, Socket) else ""
+            raise ConfigError(
+                f"{self.hypervisor_type}: cannot {operation} a {type(device).__name__}: "
+                f"not a device (use the classes of virtcontainers.devices){hint}"
+            )
+        return await method(self, device)
+
+    return checked
+
+
 def check_transition(current: VMState, target: VMState, operation: str, vm: str) -> None:
     """Raise `StateError` unless `current -> target` is a legal lifecycle step."""
     if target not in _TRANSITIONS[current]:
@@ -39,6 +68,14 @@ class Hypervisor(abc.ABC):
     """
 
     hypervisor_type: HypervisorType
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every driver's device methods refuse what is not a device, naming its type."""
+        super().__init_subclass__(**kwargs)
+        for name, operation in _DEVICE_METHODS.items():
+            method = cls.__dict__.get(name)
+            if method is not None:
+                setattr(cls, name, _checking_device(method, operation))
 
     def __init__(self, run_root: str | None = None) -> None:
         self.run_root = run_root

@@ -63,7 +63,9 @@ async def test_lifecycle_state_machine() -> None:
     await hv.pause_sandbox()
     with pytest.raises(StateError, match="cannot pause VM sb: it is paused"):
         await hv.pause_sandbox()
-    await hv.save_sandbox()
+    with pytest.raises(UnsupportedError, match="mock does not support save_sandbox"):
+        await hv.save_sandbox()  # no memory to save: no TEMPLATE capability either
+    assert Capabilities.TEMPLATE not in hv.capabilities()
     await hv.resume_sandbox()
     await hv.stop_sandbox()
     assert hv.state is VMState.STOPPED
@@ -105,6 +107,8 @@ async def test_cpu_and_memory_hotplug() -> None:
     assert size == 1024
     assert dev.size_mb == 512 and dev.probe
     assert await hv.hotplug_add_device(MemoryHotplug(256)) == 256
+    with pytest.raises(UnsupportedError, match="mock does not support hot-removing memory"):
+        await hv.hotplug_remove_device(MemoryHotplug(256))
 
 
 async def test_seed_mock_values() -> None:

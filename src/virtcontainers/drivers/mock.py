@@ -52,7 +52,6 @@ class MockHypervisor(Hypervisor):
         self.hotplugged: dict[str, Device] = {}
         self.vcpus = 0
         self.memory_mb = 0
-        self.saved = False
         self.restored_ids: set[str] = set()
 
     def _cfg(self) -> HypervisorConfig:
@@ -90,8 +89,9 @@ class MockHypervisor(Hypervisor):
         self.transition(VMState.RUNNING, "resume")
 
     async def save_sandbox(self) -> None:
+        """The mock keeps no guest memory or device state to save: no VM templates."""
         self.require_state("save", VMState.PAUSED)
-        self.saved = True
+        raise self.unsupported("save_sandbox (VM templates)", "a mock VM has no memory to save")
 
     async def add_device(self, device: Device) -> None:
         self.require_state("cold-plug a device into", VMState.CREATED)
@@ -119,7 +119,7 @@ class MockHypervisor(Hypervisor):
             old, new = await self.resize_vcpus(self.vcpus - device.amount)
             return old - new
         if isinstance(device, MemoryHotplug):
-            return 0
+            raise self.unsupported("hot-removing memory", "the mock, like a pc-dimm VM, only grows")
         if not isinstance(device, _HOTPLUGGABLE):
             raise self.unsupported(f"hot-removal of {device.kind}")
         if device.id in self.restored_ids:
@@ -164,7 +164,6 @@ class MockHypervisor(Hypervisor):
             | Capabilities.VFIO_HOTPLUG
             | Capabilities.VHOST_USER_HOTPLUG
             | Capabilities.PAUSE
-            | Capabilities.TEMPLATE
         )
 
     def hypervisor_config(self) -> HypervisorConfig:
