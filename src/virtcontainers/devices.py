@@ -66,6 +66,10 @@ class ImageDevice(Device):
         check_abs_path("image", "path", self.path)
 
 
+VIRTIO_BLK_ID_BYTES = 20
+"""Length of a virtio-blk serial (the device id the guest reads, /sys/block/vdX/serial)."""
+
+
 @dataclass
 class BlockDrive(Device):
     """A host file or block device attached as a guest disk."""

@@ -14,7 +14,7 @@ from .types import VMState as VMState  # noqa: PLC0414 (re-exported; persist nee
 
 if TYPE_CHECKING:
     from .config import HypervisorConfig
-    from .devices import Device
+    from .devices import BlockDrive, Device
     from .persist import HypervisorState
 
 
@@ -197,6 +197,14 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     def get_virt_drive_offset(self) -> int:
         """Index of the first virtio-blk drive available for hotplug."""
+
+    def block_serial(self, drive: BlockDrive) -> str:
+        """The serial the guest will read for `drive` once hot-added: its id, which the
+        drivers set as the disk's serial (cut to the 20 bytes virtio-blk has). A VMM that
+        cannot set it says what the guest sees instead."""
+        from .devices import VIRTIO_BLK_ID_BYTES
+
+        return drive.id[:VIRTIO_BLK_ID_BYTES]
 
     # -- helpers -----------------------------------------------------------------------------
     def unsupported(self, operation: str, reason: str = "") -> UnsupportedError:

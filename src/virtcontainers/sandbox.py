@@ -637,8 +637,8 @@ class Sandbox:
         async with self._op():
             if drive.id in self.disks:
                 raise ConfigError(f"sandbox {self.id} already has a disk with id {drive.id!r}")
-            # The QEMU driver gives each drive its id as serial (virtio-blk and scsi-hd).
-            async with self._guest_sees(f"disk {drive.id}", block_serial=drive.id[:20]):
+            serial = self.hypervisor.block_serial(drive)
+            async with self._guest_sees(f"disk {drive.id}", block_serial=serial):
                 await self.hypervisor.hotplug_add_device(drive)
                 self.disks[drive.id] = drive
             try:

@@ -367,6 +367,13 @@ async def test_hotplug_disk_and_net(env: ClhEnv) -> None:
     info = await vm_info(h.api_socket)
     disks = {d["id"]: d for d in info["config"]["disks"]}
     assert disks["disk1"]["readonly"] is True
+    # The guest reads the serial Sandbox.add_disk waits for (cut to virtio-blk's 20 bytes).
+    assert disks["disk1"]["serial"] == h.block_serial(disk) == "disk1"
+    long = BlockDrive("a-disk-id-longer-than-twenty", env.file("disk2.img"))
+    await h.hotplug_add_device(long)
+    info = await vm_info(h.api_socket)
+    assert {d["id"]: d for d in info["config"]["disks"]}[long.id]["serial"] == long.id[:20]
+    await h.hotplug_remove_device(long)
     [net] = info["config"]["net"]
     assert net["num_queues"] == 4 and net["mac"] == "02:00:00:00:00:01"
     await h.hotplug_remove_device(disk)

@@ -125,6 +125,16 @@ async def test_block_hotplug_patches_placeholder(
         assert result is drive and drive.index == 0
         drives = {d["drive_id"]: d for d in (await fc.api.get("/vm/config"))["drives"]}
         assert drives["pool_0"]["path_on_host"] == disk
+        # Firecracker takes no serial: the guest reads one derived from the file it opened.
+        st = os.stat(disk)
+        assert fc.block_serial(drive) == f"{st.st_dev}{st.st_rdev}{st.st_ino}"[:20]
+        if backend.name == "real":
+            [opened] = [
+                os.stat(f"/proc/{fc.pid}/fd/{n}")
+                for n in os.listdir(f"/proc/{fc.pid}/fd")
+                if os.path.realpath(f"/proc/{fc.pid}/fd/{n}") == os.path.realpath(disk)
+            ]
+            assert (opened.st_dev, opened.st_ino) == (st.st_dev, st.st_ino)
         with pytest.raises(Exception, match="already attached"):
             await fc.hotplug_add_device(BlockDrive(id="data-1", path=disk))
         second = await fc.hotplug_add_device(BlockDrive(id="data-2", path=disk))

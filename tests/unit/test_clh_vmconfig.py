@@ -134,6 +134,7 @@ def test_devices_validate_against_their_schemas(spec: ApiSpec) -> None:
         "path": "/img/raw.img",
         "readonly": False,
         "id": "d0",
+        "serial": "d0",  # what the guest reads as the disk's serial
         "direct": True,
         "iommu": True,
     }

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ...devices import (
+    VIRTIO_BLK_ID_BYTES,
     BlockDrive,
     HybridVSockDevice,
     NetworkEndpoint,
@@ -98,6 +99,7 @@ def disk_config(drive: BlockDrive, cfg: HypervisorConfig) -> dict[str, Any]:
         "path": drive.path,
         "readonly": drive.read_only,
         "id": drive.id,
+        "serial": drive.id[:VIRTIO_BLK_ID_BYTES],  # what the guest reads (Sandbox.add_disk)
     }
     if cfg.block_device_cache_set and cfg.block_device_cache_direct:
         body["direct"] = True

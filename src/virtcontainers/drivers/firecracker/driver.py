@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ... import host, persist
 from ...devices import (
+    VIRTIO_BLK_ID_BYTES,
     BlockDrive,
     Device,
     HybridVSockDevice,
@@ -560,6 +561,18 @@ class Firecracker(Hypervisor):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._vsock_link)
         os.symlink(self._root().host(self._vsock_name), self._vsock_link)
+
+    def block_serial(self, drive: BlockDrive) -> str:
+        """Firecracker takes no serial: the guest reads the id it derives from the disk
+        file, `<st_dev><st_rdev><st_ino>` cut to 20 bytes (as kvmtool does). The file it
+        opens is `drive.path` itself (a jail gets a hard link or bind mount of it)."""
+        try:
+            st = os.stat(drive.path)
+        except OSError as e:
+            raise ConfigError(
+                f"firecracker: drive {drive.id}: {drive.path}: {e.strerror or e}"
+            ) from e
+        return f"{st.st_dev}{st.st_rdev}{st.st_ino}"[:VIRTIO_BLK_ID_BYTES]
 
     def get_virt_drive_offset(self) -> int:
         """Drives before the hotplug pool: the root image and cold-plugged disks."""

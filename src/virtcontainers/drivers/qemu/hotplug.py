@@ -79,7 +79,6 @@ BACKEND_DEL: dict[str, tuple[str, str]] = {
     "chardev": ("chardev-remove", "id"),
     "object": ("object-del", "id"),
 }
-SERIAL_MAX = 20  # virtio-blk's serial field is 20 bytes
 
 
 def device_key(device: Device) -> str:
@@ -415,7 +414,7 @@ class Hotplug:
             }
         async with contextlib.AsyncExitStack() as undo:
             await self._add_backend(op, rec, "blockdev", drive.id, "blockdev-add", node, undo)
-            serial = drive.id[:SERIAL_MAX]
+            serial = self._vm.block_serial(drive)
             if scsi:
                 rec.scsi_addr = drive.scsi_addr or self._scsi_addr()
                 scsi_id, _, lun = rec.scsi_addr.partition(":")
