@@ -13,7 +13,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -38,9 +38,12 @@ from .inventory import (
 from .types import Capabilities, HypervisorType
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from .agent import AgentClient, ExecResult, Process
     from .agent.endpoint import AgentEndpoint
     from .agent.fake import FakeAgent
+    from .agent.process import StartOptions
     from .config import HypervisorConfig
     from .containers import Container, Mount
     from .devices import BlockDrive
@@ -541,22 +544,7 @@ class Sandbox:
             raise
 
     async def start_process(
-        self,
-        argv: list[str] | str,
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        uid: int | None = None,
-        gid: int | None = None,
-        groups: list[int] | None = None,
-        root: str | None = None,
-        namespaces: Collection[str] = (),
-        hostname: str | None = None,
-        tty: bool = False,
-        rows: int = 24,
-        cols: int = 80,
-        detach: bool = False,
-        timeout: float | None = None,
+        self, argv: list[str] | str, **options: Unpack[StartOptions]
     ) -> Process:
         """Start a process in the guest and return its `Process` handle (streamed stdout and
         stderr, stdin, signals, wait, terminal resize); see `AgentClient.start_process` for the
@@ -567,22 +555,7 @@ class Sandbox:
             raise ConfigError("start_process: empty command")
         agent = await self._running_agent("start a process")
         try:
-            return await agent.start_process(
-                argv,
-                env=env,
-                cwd=cwd,
-                uid=uid,
-                gid=gid,
-                groups=groups,
-                root=root,
-                namespaces=namespaces,
-                hostname=hostname,
-                tty=tty,
-                rows=rows,
-                cols=cols,
-                detach=detach,
-                timeout=timeout,
-            )
+            return await agent.start_process(argv, **options)
         except AgentError:
             await self._raise_if_vm_dead()
             raise

@@ -14,9 +14,12 @@ from . import sandbox as _async
 from .inventory import SandboxInfo
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from .agent import ExecResult, ExitStatus
     from .agent import OutputStream as _AsyncStream
     from .agent import Process as _AsyncProcess
+    from .agent.process import StartOptions
     from .config import HypervisorConfig
     from .containers import Container as _AsyncContainer
     from .devices import BlockDrive
@@ -108,9 +111,9 @@ class Sandbox:
         """Run a command in the guest."""
         return self._run(self._sb.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout=timeout))
 
-    def start_process(self, argv: list[str] | str, **kwargs: Any) -> Process:
+    def start_process(self, argv: list[str] | str, **options: Unpack[StartOptions]) -> Process:
         """Start a process in the guest (arguments as `virtcontainers.Sandbox.start_process`)."""
-        return Process(self._runner, self._run(self._sb.start_process(argv, **kwargs)))
+        return Process(self._runner, self._run(self._sb.start_process(argv, **options)))
 
     def attach_process(self, handle: int) -> Process:
         """A handle on a process started earlier (e.g. detached, by another manager)."""

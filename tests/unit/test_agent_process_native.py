@@ -220,6 +220,7 @@ async def test_setup_failures_are_named_errors(client: AgentClient, native: Nati
         ({"uid": -1}, "uid"),
         ({"root": "relative"}, "absolute"),
         ({"timeout": 0}, "timeout"),
+        ({"user": 0}, "unknown options user"),
     ]:
         with pytest.raises(AgentError, match=what):
             await client.start_process(["true"], **kw)  # type: ignore[arg-type]

@@ -17,15 +17,18 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import AgentError
 from ..types import AGENT_VSOCK_PORT
 from . import protocol as p
-from .process import Process, argv_fields, start_request, status_of
+from .process import Process, StartOptions, argv_fields, start_request, status_of
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +308,7 @@ class AgentClient:
         Output beyond `max_output` bytes per stream (default 16 MiB) is dropped and
         flagged as truncated.
         """
-        req = argv_fields("exec", argv, dict(env or {}))
+        req = argv_fields("exec", argv, env)
         if cwd is not None:
             req.add(p.Tag.CWD, cwd)
         data = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
@@ -354,24 +357,7 @@ class AgentClient:
             req.add(p.Tag.FLAGS, p.WRITE_MKDIRS)
         await self._call(f"write_file {path}", p.MsgType.WRITE_FILE, req, cancel=True)
 
-    async def start_process(
-        self,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        uid: int | None = None,
-        gid: int | None = None,
-        groups: Sequence[int] | None = None,
-        root: str | None = None,
-        namespaces: Collection[str] = (),
-        hostname: str | None = None,
-        tty: bool = False,
-        rows: int = 24,
-        cols: int = 80,
-        detach: bool = False,
-        timeout: float | None = None,
-    ) -> Process:
+    async def start_process(self, argv: Sequence[str], **options: Unpack[StartOptions]) -> Process:
         """Start `argv` in the guest and return its `Process` handle once it runs.
 
         Output streams back as it is written (`Process.stdout` / `stderr`); stdin stays open
@@ -386,23 +372,9 @@ class AgentClient:
         process group) after that many seconds. Set-up failures (no such binary, bad cwd,
         a root that cannot be entered) raise `AgentRequestError` with the guest's errno.
         """
-        req = start_request(
-            argv,
-            env=dict(env or {}),
-            cwd=cwd,
-            uid=uid,
-            gid=gid,
-            groups=groups,
-            root=root,
-            namespaces=namespaces,
-            hostname=hostname,
-            tty=tty,
-            rows=rows,
-            cols=cols,
-            detach=detach,
-            timeout=timeout,
-        )
+        req = start_request(argv, **options)
         made: list[Process] = []
+        tty, detach = bool(options.get("tty")), bool(options.get("detach"))
         hook = functools.partial(self._register, made, tty=tty, detached=detach)
         await self._call(f"start {list(argv)!r}", p.MsgType.START, req, cancel=True, hook=hook)
         return made[0]

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from ..errors import AgentError
 from . import protocol as p
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from .client import AgentClient
 
 NAMESPACES = {
@@ -200,25 +202,32 @@ class Process:
         return p.Fields().add(p.Tag.PROC, self.handle)
 
 
-def start_request(
-    argv: Sequence[str],
-    *,
-    env: dict[str, str] | None,
-    cwd: str | None,
-    uid: int | None,
-    gid: int | None,
-    groups: Sequence[int] | None,
-    root: str | None,
-    namespaces: Collection[str],
-    hostname: str | None,
-    tty: bool,
-    rows: int,
-    cols: int,
-    detach: bool,
-    timeout: float | None,
-) -> p.Fields:
+class StartOptions(TypedDict, total=False):
+    """The keyword arguments of `start_process` (all optional; see
+    `AgentClient.start_process` for what each does)."""
+
+    env: Mapping[str, str] | None
+    cwd: str | None
+    uid: int | None
+    gid: int | None
+    groups: Sequence[int] | None
+    root: str | None
+    namespaces: Collection[str]
+    hostname: str | None
+    tty: bool
+    rows: int
+    cols: int
+    detach: bool
+    timeout: float | None
+
+
+def start_request(argv: Sequence[str], **options: Unpack[StartOptions]) -> p.Fields:
     """The START request for these arguments; `AgentError` naming the bad one."""
-    req = argv_fields("start", argv, env)
+    unknown = sorted(set(options) - set(StartOptions.__annotations__))
+    if unknown:
+        raise AgentError(f"start: unknown options {', '.join(unknown)}")
+    req = argv_fields("start", argv, options.get("env"))
+    cwd, root = options.get("cwd"), options.get("root")
     for name, path in (("cwd", cwd), ("root", root)):
         if path is not None:
             if not path or "\0" in path:
@@ -226,34 +235,38 @@ def start_request(
             req.add(p.Tag.CWD if name == "cwd" else p.Tag.ROOT, path)
     if root is not None and not root.startswith("/"):
         raise AgentError(f"start: root must be an absolute guest path, got {root!r}")
-    for name, ident in (("uid", uid), ("gid", gid)):
+    for name, ident in (("uid", options.get("uid")), ("gid", options.get("gid"))):
         if ident is not None:
             _check_id(name, ident)
             req.add(p.Tag.UID if name == "uid" else p.Tag.GID, ident)
-    for g in groups or ():
+    for g in options.get("groups") or ():
         _check_id("group", g)
         req.add(p.Tag.GROUPS, g)
-    unknown = sorted(set(namespaces) - set(NAMESPACES))
-    if unknown or isinstance(namespaces, str):
+    namespaces = options.get("namespaces", ())
+    bad = sorted(set(namespaces) - set(NAMESPACES))
+    if bad or isinstance(namespaces, str):
         raise AgentError(
-            f"start: unknown namespaces {unknown or namespaces!r} (known: {', '.join(NAMESPACES)})"
+            f"start: unknown namespaces {bad or namespaces!r} (known: {', '.join(NAMESPACES)})"
         )
     flags = 0
     for ns in namespaces:
         flags |= NAMESPACES[ns]
     if flags:
         req.add(p.Tag.NAMESPACES, flags)
+    hostname = options.get("hostname")
     if hostname is not None:
         if "uts" not in namespaces:
             raise AgentError("start: a hostname needs a new uts namespace")
         if not hostname or len(hostname) > 64 or "\0" in hostname:
             raise AgentError(f"start: hostname must be 1..64 characters, got {hostname!r}")
         req.add(p.Tag.HOSTNAME, hostname)
-    if tty:
+    if options.get("tty"):
+        rows, cols = options.get("rows", 24), options.get("cols", 80)
         _check_size(rows, cols, "start")
         req.add(p.Tag.TTY, 1).add(p.Tag.ROWS, rows).add(p.Tag.COLS, cols)
-    if detach:
+    if options.get("detach"):
         req.add(p.Tag.DETACH, 1)
+    timeout = options.get("timeout")
     if timeout is not None:
         if not timeout > 0:
             raise AgentError(f"start: timeout must be positive, got {timeout!r}")
@@ -261,7 +274,7 @@ def start_request(
     return req
 
 
-def argv_fields(op: str, argv: Sequence[str], env: dict[str, str] | None) -> p.Fields:
+def argv_fields(op: str, argv: Sequence[str], env: Mapping[str, str] | None) -> p.Fields:
     """argv and env fields of an EXEC or START request, checked."""
     if isinstance(argv, str | bytes) or not argv:
         raise AgentError(f"{op}: argv must be a non-empty sequence of strings")
