@@ -61,8 +61,9 @@ async def test_output_streams_as_written_and_stdin_drives_it(client: AgentClient
     assert await proc.stdout.read() == b"end\n"
     assert await proc.stderr.read() == b""
     assert await proc.wait() == ExitStatus(0)
+    await proc.close_stdin()  # already ended: nothing to do
     with pytest.raises(AgentRequestError) as info:
-        await proc.write_stdin(b"late")
+        await proc.write_stdin(b"late")  # data that cannot arrive is an error
     assert info.value.errno == errno.ESRCH
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypedDict
@@ -175,15 +176,24 @@ class Process:
         await self._stdin(raw, close=False)
 
     async def close_stdin(self) -> None:
-        """Close stdin (the process reads end of file; with a terminal, a ^D is sent)."""
+        """Close stdin (the process reads end of file; with a terminal, a ^D is sent); nothing
+        to do if the process has already ended."""
         await self._stdin(b"", close=True)
 
     async def _stdin(self, data: bytes, *, close: bool) -> None:
         req = self._req().add(p.Tag.DATA, data)
         if close:
             req.add(p.Tag.CLOSE, 1)
+        from .client import AgentRequestError  # the client imports this module
+
         op = f"{'close_stdin' if close else 'write_stdin'} of process {self.handle}"
-        await self.client._call(op, p.MsgType.STDIN, req, long=True)
+        try:
+            await self.client._call(op, p.MsgType.STDIN, req, long=True)
+        except AgentRequestError as exc:
+            # Closing the stdin of a process that has already ended (and been forgotten by
+            # the agent) leaves nothing to do; written data that cannot arrive is an error.
+            if not (close and not data and exc.errno == errno.ESRCH):
+                raise
 
     async def signal(self, sig: int) -> None:
         """Send signal `sig` (1..64) to the process."""
