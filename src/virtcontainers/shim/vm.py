@@ -164,8 +164,7 @@ class SandboxVM:
             )
             started.set()
         else:
-            await c.start(stdin=stdin)
-            running = asyncio.ensure_future(c.wait())
+            running = asyncio.ensure_future(c.run(stdin=stdin))
             await self._until_running(c, running)
             started.set()
         result = await running
