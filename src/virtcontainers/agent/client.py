@@ -14,7 +14,6 @@ import functools
 import logging
 import math
 import os
-import secrets
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -423,7 +422,7 @@ class AgentClient:
 
     async def add_entropy(self, data: bytes | None = None) -> None:
         """Credit `data` (default 64 random host bytes) to the guest RNG and reseed it."""
-        raw = secrets.token_bytes(64) if data is None else bytes(data)
+        raw = os.urandom(64) if data is None else bytes(data)
         if not raw:
             raise AgentError("add_entropy: data must not be empty")
         await self._call("add_entropy", p.MsgType.ADD_ENTROPY, p.Fields().add(p.Tag.DATA, raw))
@@ -754,7 +753,7 @@ async def _hello(
     Anything else received first (stale replies of an earlier connection, garbage)
     is skipped: the nonce tells this connection's answer apart.
     """
-    nonce = secrets.token_bytes(8)
+    nonce = os.urandom(8)
     decoder = p.FrameDecoder()
     hello = p.Fields().add(p.Tag.NONCE, nonce).encode()
     writer.write(p.encode_frame(p.MsgType.HELLO, HELLO_ID, hello))
