@@ -62,7 +62,7 @@ _HASH_CHUNK = 1 << 20
 class FileStamp(BaseModel):
     """Identity of a file: path, size, mtime, inode and (for assets) its sha256."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     path: str
     size: int
@@ -94,7 +94,7 @@ class FileStamp(BaseModel):
 class TemplateInfo(BaseModel):
     """The metadata file of a template."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     format: int
     name: str
