@@ -135,6 +135,9 @@ class NetworkEndpoint(Device):
     queues: int = 1
     vhost: bool = False
     pci_path: str = ""
+    fds: list[int] = field(default_factory=list)
+    """Open queue fds of the tap (a macvtap's /dev/tapN, one per queue) instead of opening
+    `tap_name`; the VMM takes them (cold-plug only) and the driver closes its copies."""
 
     def __post_init__(self) -> None:
         check_id("network endpoint", self.id)
@@ -149,6 +152,10 @@ class NetworkEndpoint(Device):
         if not 1 <= self.queues <= 256:
             raise ConfigError(
                 f"network endpoint {self.id}: queues must be 1..256, got {self.queues}"
+            )
+        if self.fds and len(self.fds) != self.queues:
+            raise ConfigError(
+                f"network endpoint {self.id}: {len(self.fds)} fds for {self.queues} queues"
             )
 
 

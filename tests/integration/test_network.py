@@ -266,3 +266,31 @@ async def test_cli_user_and_bridge_networks_with_published_ports(run_root: str) 
                 await asyncio.to_thread(virtc, host, run_root, "stop", sid)
         assert host.links() == ["lo"]
         assert host.run("nft", "list", "ruleset").strip() == ""
+
+
+async def test_macvtap_model(run_root: str, guest_assets: Any, tmp_path: Path) -> None:
+    """Kata's macvtap model: QEMU gets the macvtap's queues as fds; the guest takes the
+    endpoint's MAC; stopping gives the endpoint its MAC back."""
+    async with namespaces(2) as (out, sbns):
+        await veth(out, "vth0", [f"{OUT4}/24"], sbns, "eth0", [f"{IN4}/24"], b_gateway=OUT4)
+        mac = await asyncio.to_thread(mac_of, sbns, "eth0")
+        server = serve(out, tmp_path, 8081, "from-outside")
+        cfg = NetworkConfig(mode="ns", netns_path=sbns.path, model="macvtap", dns=[])
+        try:
+            async with Sandbox(run_root=run_root, network=cfg, num_vcpus=2, memory_size=256) as sb:
+                assert "mvt0_vc" in sbns.links()
+                assert await asyncio.to_thread(mac_of, sbns, "mvt0_vc") == mac
+                assert await asyncio.to_thread(mac_of, sbns, "eth0") != mac
+                r = await sb.exec(f"grep -l {mac} /sys/class/net/*/address")
+                assert r.ok and b"/sys/class/net/eth" in r.stdout
+                await guest_serve(sb, 80, "via-macvtap")
+                assert get(out, f"http://{IN4}/") == "via-macvtap"
+                assert await guest_get(sb, f"http://{OUT4}:8081/") == "from-outside"
+            # The endpoint is as it was: MAC, address and default route.
+            assert sbns.links() == ["eth0", "lo"]
+            assert await asyncio.to_thread(mac_of, sbns, "eth0") == mac
+            assert f"{IN4}/24" in sbns.run("ip", "-o", "addr", "show", "dev", "eth0")
+            assert f"default via {OUT4}" in sbns.run("ip", "route")
+        finally:
+            server.kill()
+            server.wait()

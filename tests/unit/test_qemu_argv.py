@@ -321,6 +321,17 @@ def test_network_tap_multiqueue() -> None:
     )
 
 
+def test_network_tap_given_as_fds() -> None:
+    ep = NetworkEndpoint(
+        id="eth0", tap_name="mvt0_vc", mac="02:00:00:00:00:01", queues=2, fds=[11, 12]
+    )
+    launch = qa.build(make_spec([ep]))
+    assert one(launch.argv, "-netdev") == "tap,id=netdev-eth0,fds=11:12"
+    assert launch.pass_fds[-2:] == [11, 12]
+    with pytest.raises(ConfigError, match="1 fds for 2 queues"):
+        NetworkEndpoint(id="eth0", tap_name="mvt0_vc", queues=2, fds=[11])
+
+
 def test_9p_share() -> None:
     fs = SharedFS(id="fs0", source="/srv/share", mount_tag="share", fs_type="virtio-9p")
     argv = qa.build(make_spec([fs])).argv

@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import ConfigError
 
 MODES = ("none", "bridge", "ns", "user")
-MODELS = ("tcfilter", "none")
+MODELS = ("tcfilter", "macvtap", "none")
 DEFAULT_BRIDGE = "vc0"
 IFNAMSIZ = 15
 """Longest Linux interface name (IFNAMSIZ - 1)."""
@@ -67,7 +67,8 @@ class NetworkConfig:
     `host_netns`, outbound NAT, published `ports`), "ns" (join the namespace at `netns_path`:
     what CNI and the shim hand over), "user" (QEMU user-mode networking, no root needed).
     `model` is how endpoints are joined to the VM ("tcfilter": a tap with tc redirects both
-    ways; "none": not at all). `host_netns` (a namespace path, default the caller's) is
+    ways; "macvtap": a macvtap on the endpoint whose queues QEMU is handed as open fds,
+    cold-plug only; "none": not at all). `host_netns` (a namespace path, default the caller's) is
     where the bridge, its NAT and the published ports live.
     """
 
@@ -207,6 +208,8 @@ class Interface:
     addresses: list[Address] = field(default_factory=list)
     tap: str = ""
     nic_id: str = ""
+    tap_index: int = 0
+    """The macvtap's interface index (its queues are /dev/tap<index>); 0 for a tap."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

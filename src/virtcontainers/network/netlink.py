@@ -302,6 +302,56 @@ def connect_tcfilter(endpoint: str, tap: str, queues: int, mtu: int) -> None:
             ) from e
 
 
+def connect_macvtap(endpoint: str, name: str) -> int:
+    """Kata's macvtap model: a macvtap `name` (bridge mode) on `endpoint` takes the
+    endpoint's MAC (the guest's), the endpoint a random one and loses its addresses (the
+    namespace would otherwise answer for the guest). Returns the macvtap's index."""
+    with _ipr() as ipr:
+        ep = _index(ipr, endpoint)
+        if ep is None:
+            raise ConfigError(f"network endpoint {endpoint} is not in the sandbox's namespace")
+        (link,) = ipr.get_links(ep)
+        mac, mtu = link.get("IFLA_ADDRESS"), link.get("IFLA_MTU")
+        try:
+            ipr.link("set", index=ep, address=random_mac())
+            ipr.flush_addr(index=ep)
+            ipr.link("add", ifname=name, kind="macvtap", link=ep, macvtap_mode="bridge")
+            idx = _index(ipr, name)
+            assert idx is not None
+            ipr.link("set", index=idx, address=mac, mtu=mtu, state="up")
+            ipr.link("set", index=ep, state="up")
+        except NetlinkError as e:
+            disconnect_macvtap(endpoint, name, str(mac), [], [])
+            raise HypervisorError(f"cannot make macvtap {name} on {endpoint}: {e}") from e
+        return idx
+
+
+def disconnect_macvtap(
+    endpoint: str, name: str, mac: str, addresses: list[Address], routes: list[Route]
+) -> None:
+    """Undo `connect_macvtap`: the macvtap goes, the endpoint gets its MAC, `addresses`
+    and `routes` back."""
+    with _ipr() as ipr:
+        idx = _index(ipr, name)
+        if idx is not None:
+            with contextlib.suppress(NetlinkError):
+                ipr.link("del", index=idx)
+        ep = _index(ipr, endpoint)
+        if ep is None:
+            return
+        with contextlib.suppress(NetlinkError):
+            if mac:
+                ipr.link("set", index=ep, address=mac)
+            for a in addresses:
+                ipr.addr("replace", index=ep, address=a.ip, prefixlen=a.prefixlen)
+            for r in routes:
+                dst = r.dest or ("0.0.0.0/0" if r.family == 4 else "::/0")
+                kw: dict[str, Any] = {"dst": dst, "oif": ep}
+                if r.gateway:
+                    kw["gateway"] = r.gateway
+                ipr.route("replace", **kw)
+
+
 def disconnect_tcfilter(endpoint: str, tap: str) -> None:
     """Undo `connect_tcfilter`: the tap goes (its qdisc with it), the endpoint's ingress
     qdisc too. Whatever is already gone is skipped."""

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..devices import Device, NetworkEndpoint, UserNetwork, random_mac
-from ..errors import ConfigError, UnsupportedError
+from ..errors import ConfigError, HypervisorError, UnsupportedError
 from . import nat, netlink
 from .model import (
     Address,
@@ -155,12 +155,11 @@ class SandboxNetwork:
                     Interface("user", "user", random_mac(), 1500, [Address(str(USER_NET[15]), 24)])
                 ]
                 self.routes = [Route(gateway=str(USER_NET[2]))]
-            if self.netns_path and self.config.model == "tcfilter":
+            if self.netns_path and self.config.model != "none":
                 found, routes, neighbours = await netlink.in_netns(self.netns_path, netlink.scan)
                 for n, iface in enumerate(found):
                     self._check_endpoint(iface)
-                    iface.tap = iface.name if iface.kind == "tap" else f"tap{n}{netlink.TAP_SUFFIX}"
-                    iface.nic_id = f"net{n}"
+                    self._name_tap(iface, n)
                 self.interfaces, self.routes, self.neighbours = found, routes, neighbours
                 persist()
                 for iface in found:
@@ -168,6 +167,15 @@ class SandboxNetwork:
         except BaseException:
             await self.teardown()
             raise
+
+    def _name_tap(self, iface: Interface, n: int) -> None:
+        iface.nic_id = f"net{n}"
+        if iface.kind == "tap":
+            iface.tap = iface.name
+        elif self.config.model == "macvtap":
+            iface.tap = f"mvt{n}{netlink.TAP_SUFFIX}"
+        else:
+            iface.tap = f"tap{n}{netlink.TAP_SUFFIX}"
 
     def _check_ports(self) -> None:
         nat.check_ports_free(self.sandbox_id, self.config.ports)
@@ -181,7 +189,13 @@ class SandboxNetwork:
             )
 
     async def _connect(self, iface: Interface, queues: int) -> None:
-        if iface.kind != "tap":
+        if iface.kind == "tap":
+            return
+        if self.config.model == "macvtap":
+            iface.tap_index = await netlink.in_netns(
+                self.netns_path, netlink.connect_macvtap, iface.name, iface.tap
+            )
+        else:
             await netlink.in_netns(
                 self.netns_path, netlink.connect_tcfilter, iface.name, iface.tap, queues, iface.mtu
             )
@@ -282,8 +296,22 @@ class SandboxNetwork:
         return [self.endpoint(i, queues, vhost) for i in self.interfaces if i.tap]
 
     def endpoint(self, iface: Interface, queues: int, vhost: bool) -> NetworkEndpoint:
+        """The NIC of one interface. A macvtap's queues are opened here: the fds go to the
+        VMM with the device (the driver closes its copies once the VMM runs)."""
+        if iface.kind == "tap":
+            queues = 1  # someone else's tap: single queue unless made otherwise
+        fds: list[int] = []
+        if iface.tap_index:
+            path = f"/dev/tap{iface.tap_index}"
+            try:
+                for _ in range(queues):
+                    fds.append(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+            except OSError as e:
+                for fd in fds:
+                    os.close(fd)
+                raise HypervisorError(f"cannot open {path} (macvtap {iface.tap}): {e}") from e
         return NetworkEndpoint(
-            id=iface.nic_id, tap_name=iface.tap, mac=iface.mac, queues=queues, vhost=vhost
+            id=iface.nic_id, tap_name=iface.tap, mac=iface.mac, queues=queues, vhost=vhost, fds=fds
         )
 
     def guest(self) -> GuestNetwork:
@@ -310,6 +338,10 @@ class SandboxNetwork:
             raise ConfigError(
                 f"sandbox {self.sandbox_id} has no network namespace ({self.config.mode} mode)"
             )
+        if self.config.model == "macvtap":
+            raise UnsupportedError(
+                "qemu", "network hotplug with the macvtap model", "its queue fds are cold-plug only"
+            )
         if any(i.name == name for i in self.interfaces):
             raise ConfigError(f"sandbox {self.sandbox_id}: endpoint {name} is already added")
         found, routes, neighbours = await netlink.in_netns(self.netns_path, netlink.scan)
@@ -318,8 +350,7 @@ class SandboxNetwork:
                 self._check_endpoint(iface)
                 used = {i.nic_id for i in self.interfaces}
                 n = next(k for k in range(len(used) + 1) if f"net{k}" not in used)
-                iface.nic_id = f"net{n}"
-                iface.tap = iface.name if iface.kind == "tap" else f"tap{n}{netlink.TAP_SUFFIX}"
+                self._name_tap(iface, n)
                 mine = [r for r in routes if r.device == name]
                 return iface, mine, [nb for nb in neighbours if nb.device == name]
         raise ConfigError(
@@ -330,7 +361,20 @@ class SandboxNetwork:
         await self._connect(iface, queues)
 
     async def disconnect(self, iface: Interface) -> None:
-        if iface.kind != "tap" and os.path.exists(self.netns_path):
+        if iface.kind == "tap" or not os.path.exists(self.netns_path):
+            return
+        if self.config.model == "macvtap":
+            routes = [r for r in self.routes if r.device == iface.name]
+            await netlink.in_netns(
+                self.netns_path,
+                netlink.disconnect_macvtap,
+                iface.name,
+                iface.tap,
+                iface.mac,
+                iface.addresses,
+                routes,
+            )
+        else:
             await netlink.in_netns(
                 self.netns_path, netlink.disconnect_tcfilter, iface.name, iface.tap
             )

@@ -643,16 +643,15 @@ def _cold_block(a: _Argv, spec: LaunchSpec, machine: str, drive: BlockDrive) -> 
 
 
 def _cold_net(a: _Argv, machine: str, ep: NetworkEndpoint) -> None:
-    netdev = [
-        "tap",
-        f"id=netdev-{ep.id}",
-        f"ifname={ep.tap_name}",
-        "script=no",
-        "downscript=no",
-    ]
+    netdev = ["tap", f"id=netdev-{ep.id}"]
+    if ep.fds:  # queues QEMU is handed open (a macvtap's /dev/tapN)
+        netdev.append("fds=" + ":".join(str(fd) for fd in ep.fds))
+        a.pass_fds.extend(ep.fds)
+    else:
+        netdev += [f"ifname={ep.tap_name}", "script=no", "downscript=no"]
     if ep.vhost:
         netdev.append("vhost=on")
-    if ep.queues > 1:
+    if ep.queues > 1 and not ep.fds:
         netdev.append(f"queues={ep.queues}")
     a.add("-netdev", *netdev)
     dev = [virtio(machine, "virtio-net"), f"netdev=netdev-{ep.id}", f"id=net-{ep.id}"]

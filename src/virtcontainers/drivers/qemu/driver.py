@@ -477,6 +477,8 @@ class QemuHypervisor(Hypervisor):
             host.build_socket_path(device.socket.host_path)
         if isinstance(device, VSockDevice):
             self._owned_fds.append(device.vsock.vhost_fd)
+        if isinstance(device, NetworkEndpoint):
+            self._owned_fds.extend(device.fds)
         self.devices.append(device)
         # Render now so a bad device fails here rather than at start.
         qargv.build(self._spec())

@@ -441,6 +441,10 @@ class Hotplug:
 
     async def _add_net(self, ep: NetworkEndpoint) -> NetworkEndpoint:
         op = f"hotplugging network endpoint {ep.id}"
+        if ep.fds:
+            raise UnsupportedError(
+                "qemu", op, "a tap given as open fds (macvtap) is cold-plug only"
+            )
         rec = Plugged(device_key(ep), f"net-{ep.id}")
         netdev: dict[str, Any] = {
             "type": "tap",
