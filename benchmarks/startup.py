@@ -32,6 +32,7 @@ from _lib import (
     add_metrics,
     add_ratio,
     alternate,
+    fmt_s,
     main,
     median,
     new_result,
@@ -122,10 +123,18 @@ async def bench(opts: Options) -> Result:
         result, "virtc exec / in-process attach + exec + detach", ("virtc_exec", "wall"),
         ("attach_exec", "wall"),
     )  # fmt: skip
+    add_ratio(
+        result, "virtc exec / python -c pass", ("virtc_exec", "wall"), ("python_pass", "wall"),
+    )  # fmt: skip
     ve, ae = median(result, "virtc_exec", "wall"), median(result, "attach_exec", "wall")
-    if ve is not None and ae is not None:
+    pp = median(result, "python_pass", "wall")
+    if ve is not None and ae is not None and pp is not None:
         add_limit(result, "virtc exec: CLI's own cost (difference of medians)", ve - ae,
                   EXEC_CLI_COST_TARGET)  # fmt: skip
+        result["notes"].append(
+            f"virtc exec's own cost is {(ve - ae) / pp:.1f} times this run's python -c pass "
+            f"({fmt_s(pp)}): the absolute figure scales with the machine's load"
+        )
     return result
 
 
