@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import AsyncIterator
@@ -222,6 +223,27 @@ async def test_launch_flags_and_log(fake: ClhEnv) -> None:
     with open(f"/proc/{h2.get_pids()[0]}/cmdline", "rb") as f:
         assert b"-v" not in f.read().split(b"\0")
     await h2.stop_sandbox()
+
+
+async def test_files_are_private_whatever_the_umask(fake: ClhEnv) -> None:
+    """Under a lax umask (002) the group cannot reach the API or console socket (a shell in
+    the guest) or the logs: the VM directory is 0700, Cloud Hypervisor runs with umask 077."""
+    old = os.umask(0o002)
+    try:
+        h = await fake.start(fake.config())
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE(os.stat(h.vm_dir).st_mode) == 0o700
+        names = set(os.listdir(h.vm_dir))
+        assert {os.path.basename(h.api_socket), "cloud-hypervisor.log"} <= names
+        for name in names:
+            st = os.lstat(os.path.join(h.vm_dir, name))
+            if stat.S_ISSOCK(st.st_mode) or name.endswith(".log"):
+                assert stat.S_IMODE(st.st_mode) & 0o077 == 0, (name, oct(st.st_mode))
+                assert st.st_uid == os.geteuid()
+    finally:
+        await h.stop_sandbox()
 
 
 async def test_agent_over_hybrid_vsock_is_refused_without_a_guest(fake: ClhEnv) -> None:

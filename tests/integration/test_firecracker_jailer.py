@@ -5,6 +5,7 @@ paths relative to it, hotplug and templates through the jail, and full cleanup o
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 
 import pytest
@@ -21,6 +22,7 @@ from leaks import running
 from virtcontainers.devices import BlockDrive, Device, HybridVSockDevice
 from virtcontainers.drivers.firecracker import Firecracker
 from virtcontainers.drivers.firecracker.jail import CGROUP_ROOT
+from virtcontainers.types import Param
 
 pytestmark = [
     pytest.mark.integration,
@@ -135,3 +137,41 @@ async def test_jailed_template_and_clone(
         await clone.stop_sandbox()
     assert not os.path.exists(os.path.join(short_tmp, "jail", "firecracker", "fc-jclone"))
     assert os.path.exists(mem) and os.path.exists(state)  # the template outlives its clones
+
+
+def ids_of(pid: int) -> tuple[int, int]:
+    """The real uid and gid of `pid`."""
+    with open(f"/proc/{pid}/status") as f:
+        lines = dict(line.split(":", 1) for line in f)
+    return int(lines["Uid"].split()[0]), int(lines["Gid"].split()[0])
+
+
+@pytest.mark.parametrize("runas", ["", "daemon"])
+async def test_jailed_firecracker_runs_unprivileged_with_private_files(
+    jailed: Backend,
+    fc_kernel: tuple[str, str],  # noqa: F811
+    short_tmp: str,  # noqa: F811
+    runas: str,
+) -> None:
+    """The jailer drops Firecracker to the `runas` user of hypervisor_params (nobody by
+    default), never the manager's root; its root and sockets are that user's alone, even
+    under umask 002."""
+    cfg = {"hypervisor_params": [Param("runas", runas)]} if runas else {}
+    user = pwd.getpwnam(runas or "nobody")
+    uid, gid = user.pw_uid, user.pw_gid
+    assert uid != 0
+    old = os.umask(0o002)
+    try:
+        fc = await _start(jailed, fc_kernel, short_tmp, "fc-ids", **cfg)
+    finally:
+        os.umask(old)
+    try:
+        assert fc.root is not None
+        assert ids_of(fc.get_pids()[0]) == (uid, gid)
+        for path in (fc.root.path, fc.api_socket):
+            st = os.stat(path)
+            assert (st.st_uid, stat.S_IMODE(st.st_mode) & 0o077) == (uid, 0), path
+        for path in (fc.vm_dir, os.path.dirname(fc.jailer.jail_dir("fc-ids"))):  # type: ignore[union-attr]
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o700, path
+    finally:
+        await fc.stop_sandbox()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 
 import pytest
 from fc_support import (  # noqa: F401 - fixtures
@@ -389,3 +390,37 @@ def _read_all(path: str) -> bytes:
         with contextlib.suppress(FileNotFoundError), open(p, "rb") as f:
             out += f.read()
     return out
+
+
+async def test_files_are_private_whatever_the_umask(
+    backend: Backend,
+    fc_kernel: tuple[str, str],  # noqa: F811
+    short_tmp: str,  # noqa: F811
+) -> None:
+    """Under a lax umask (002) the group still cannot reach the API socket, the vsock or the
+    logs: Firecracker runs with umask 077 in a 0700 VM directory."""
+    old = os.umask(0o002)
+    try:
+        fc = await _started(backend, fc_kernel, short_tmp)
+    finally:
+        os.umask(old)
+    try:
+        assert private_files(fc.vm_dir) >= {os.path.basename(fc.api_socket)}
+        assert stat.S_IMODE(os.stat(fc.api_socket).st_mode) & 0o077 == 0
+        assert os.stat(fc.api_socket).st_uid == os.geteuid()  # not jailed: the manager's
+    finally:
+        await fc.stop_sandbox()
+
+
+def private_files(directory: str) -> set[str]:
+    """Check that `directory` is 0700 and every socket and log in it is closed to group and
+    others; returns the sockets' names."""
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
+    sockets = set()
+    for name in os.listdir(directory):
+        st = os.lstat(os.path.join(directory, name))
+        if stat.S_ISSOCK(st.st_mode):
+            sockets.add(name)
+        if stat.S_ISSOCK(st.st_mode) or name.endswith(".log"):
+            assert stat.S_IMODE(st.st_mode) & 0o077 == 0, (name, oct(st.st_mode))
+    return sockets

@@ -454,6 +454,21 @@ class HypervisorConfig:
         """The jailer binary path (Firecracker)."""
         return self.asset_path(AssetType.JAILER)
 
+    def runas_user(self) -> str:
+        """The unprivileged host user the VMM drops to (`runas` in hypervisor_params: QEMU's
+        `-runas`, Firecracker's jailer `--uid/--gid`), or ""; `ConfigError` if no such user."""
+        users = [p.value for p in self.hypervisor_params if p.key.lstrip("-") == "runas"]
+        if not users:
+            return ""
+        user = users[-1]
+        import pwd
+
+        try:
+            pwd.getpwnam(user)
+        except (KeyError, ValueError):
+            raise ConfigError(f"hypervisor_params: runas names no host user: {user!r}") from None
+        return user
+
     def firmware_asset_path(self) -> str:
         """The guest firmware path."""
         return self.asset_path(AssetType.FIRMWARE)

@@ -109,6 +109,7 @@ class VmmProcess:
                     start_new_session=True,
                     env=dict(env) if env is not None else None,
                     cwd=cwd,
+                    umask=0o077,  # its sockets (API, console, vsock) and files are private
                 )
         except OSError as e:
             raise LaunchError(f"cannot execute {name} {argv[0]}: {e.strerror}", argv=argv) from e

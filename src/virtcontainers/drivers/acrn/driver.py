@@ -137,7 +137,7 @@ class Acrn(Hypervisor):
             raise ConfigError(f"acrn: start timeout must be positive, got {timeout}")
         self.require_state("start", VMState.CREATED)
         argv = self.argv()
-        os.makedirs(self.vm_dir, mode=0o750, exist_ok=True)
+        persist.ensure_dir(self.vm_dir)
         try:
             self._proc = await VmmProcess.spawn(
                 "acrn-dm", argv, os.path.join(self.vm_dir, "acrn-dm.log")

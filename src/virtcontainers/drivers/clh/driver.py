@@ -247,7 +247,7 @@ class CloudHypervisor(Hypervisor):
         self.require_state("start", VMState.CREATED)
         cfg = self._cfg()
         deadline = time.monotonic() + timeout
-        os.makedirs(self.vm_dir, mode=0o750, exist_ok=True)
+        persist.ensure_dir(self.vm_dir)
         step = "launching cloud-hypervisor"
         try:
             async with asyncio.timeout(timeout):

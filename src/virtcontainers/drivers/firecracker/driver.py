@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -66,6 +67,8 @@ DEFAULT_RO_POOL_SIZE = 2
 STOP_TIMEOUT = 3.0
 KEEPER_GRACE = 1.0  # the console keeper exits once Firecracker has closed its stdout
 API_TIMEOUT = 10.0
+JAIL_USER = "nobody"
+"""Who a jailed Firecracker runs as when hypervisor_params name no `runas` user."""
 _VCPU_COMM = re.compile(r"^fc_vcpu (\d+)$")
 # Fields the spec has that older Firecracker servers refuse as unknown.
 _VSOCK_OVERRIDE_SINCE = (1, 16)
@@ -160,13 +163,14 @@ class Firecracker(Hypervisor):
         self._binary()
         jailer_path = config.jailer_asset_path() if config.jailer_path else ""
         if jailer_path:
+            jail_user = pwd.getpwnam(config.runas_user() or JAIL_USER)
             base = os.path.join(persist.run_root(self.run_root), "jail")
             self.jailer = JailerSpec(
                 jailer=jailer_path,
                 exec_file=self._binary(),
                 chroot_base_dir=base,
-                uid=os.geteuid(),
-                gid=os.getegid(),
+                uid=jail_user.pw_uid,
+                gid=jail_user.pw_gid,
                 cgroup_version=cgroup_version(),
                 netns=self.network_ns,
             )
@@ -212,15 +216,15 @@ class Firecracker(Hypervisor):
         root = self._root()
         if self.jailer:
             # The jailer refuses nothing pre-created under <base>/firecracker/<id>/root.
-            os.makedirs(self.jailer.chroot_base_dir, mode=0o750, exist_ok=True)
-        os.makedirs(self.vm_dir, mode=0o750, exist_ok=True)
+            persist.ensure_dir(self.jailer.chroot_base_dir)
+        persist.ensure_dir(self.vm_dir)
         root.create()
         root.touch(FC_LOG)
         root.touch(METRICS)
         self._slots = []
         for i in range(self.pool_size + self.read_only_pool_size):
             rel = f"{POOL_DIR}/pool_{i}"
-            root.touch(rel, 0o660)
+            root.touch(rel)
             ro = i >= self.pool_size
             self._slots.append(Slot(drive_id=f"pool_{i}", placeholder=rel, read_only=ro))
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 
+from ... import persist
 from ...errors import HypervisorError
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -35,14 +36,15 @@ class VMRoot:
         return os.path.join(self.path, rel.lstrip("/"))
 
     def create(self) -> None:
-        os.makedirs(self.path, mode=0o750, exist_ok=True)
+        """Make the root, private (0700) to the VMM's user."""
+        persist.ensure_dir(self.path)  # 0700 from the top, whatever the umask
         self._own(self.path)
 
     def _own(self, path: str) -> None:
         if self.jailed and (self.uid, self.gid) != (os.geteuid(), os.getegid()):
             os.chown(path, self.uid, self.gid)
 
-    def touch(self, rel: str, mode: int = 0o640) -> str:
+    def touch(self, rel: str, mode: int = 0o600) -> str:
         """Create an empty file (or truncate it) owned by the jail user; its host path."""
         dest = self.host(rel)
         os.makedirs(os.path.dirname(dest), exist_ok=True)

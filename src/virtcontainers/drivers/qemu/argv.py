@@ -525,26 +525,11 @@ def _rng(a: _Argv, spec: LaunchSpec, machine: str) -> None:
 def _sandbox(a: _Argv, spec: LaunchSpec) -> None:
     cfg = spec.config
     opts = list(SANDBOX_OPTS)
-    if runas_user(cfg):
+    if cfg.runas_user():
         # `-runas` (hypervisor_params) calls setuid() after the filter is in place: SIGSYS
         # with elevateprivileges=deny (measured). Once it has run, no privilege is left.
         opts[opts.index("elevateprivileges=deny")] = "elevateprivileges=allow"
     a.add("-sandbox", "on", *opts)
-
-
-def runas_user(cfg: HypervisorConfig) -> str:
-    """The unprivileged user QEMU drops to (`runas` in hypervisor_params), or ""."""
-    users = [p.value for p in cfg.hypervisor_params if p.key.lstrip("-") == "runas"]
-    if not users:
-        return ""
-    user = users[-1]
-    import pwd
-
-    try:
-        pwd.getpwnam(user)
-    except (KeyError, ValueError):
-        raise ConfigError(f"hypervisor_params: runas names no host user: {user!r}") from None
-    return user
 
 
 def _blockdev(node: str, path: str, fmt: str, read_only: bool, spec: LaunchSpec) -> list[str]:
