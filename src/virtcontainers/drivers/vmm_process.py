@@ -1,9 +1,9 @@
-"""A VMM (or helper daemon) host process: spawn, watch, signal, reap, and read its log tail.
+"""VMM and helper host processes: spawn, watch, signal (through pidfds), reap, read their
+log tails, and kill the strays no driver knew about.
 
-Used by the Cloud Hypervisor driver (cloud-hypervisor, virtiofsd), the ACRN driver (acrn-dm)
-and the Firecracker driver. A process is either our child (spawned here: reaped with `wait`)
-or attached from persisted state by pid and start time (another process's child: polled, and
-only signalled through a pidfd while `host.pid_is` confirms it is still the same process).
+`VmmProcess` is the one process handle of every driver (QEMU and its helpers, Firecracker,
+Cloud Hypervisor, ACRN, virtiofsd, the console keeper). A process is either our child
+(spawned here) or attached from persisted state by pid and start time.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import time
@@ -57,24 +58,74 @@ def read_tail(paths: Sequence[str], max_bytes: int = 4096) -> str:
     return "\n".join(parts)
 
 
+def log_tail(path: str, max_lines: int = 20, max_bytes: int = 8192) -> str:
+    """The last lines of a log file ("" when it is missing)."""
+    data = read_end(path, max_bytes)
+    return "\n".join(data.splitlines()[-max_lines:]) if data else ""
+
+
+def _private(path: str, flags: int) -> int:
+    """`open()` opener creating the file 0600."""
+    return os.open(path, flags, 0o600)
+
+
+def _popen(
+    name: str,
+    cmd: list[str],
+    output_path: str,
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+    stdin: int | None,
+    stdout: int | None,
+    pass_fds: Sequence[int],
+) -> subprocess.Popen[bytes]:
+    """`VmmProcess.spawn`'s fork and exec (quick: nothing here waits on the child)."""
+    try:
+        with contextlib.ExitStack() as stack:
+            if stdout is None:
+                log = stack.enter_context(open(output_path, "ab", buffering=0, opener=_private))
+                stdout = log.fileno()
+            return subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL if stdin is None else stdin,
+                stdout=stdout,
+                stderr=subprocess.STDOUT,
+                pass_fds=tuple(pass_fds),
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                start_new_session=True,
+                umask=0o077,  # its sockets (API, console, vsock) and files are private
+            )
+    except OSError as e:
+        raise LaunchError(f"cannot execute {name} {cmd[0]}: {e.strerror}", argv=cmd) from e
+
+
 class VmmProcess:
-    """One host process we started (or re-attached to) and must not leak."""
+    """One VMM or helper process (QEMU, Firecracker, cloud-hypervisor, acrn-dm, virtiofsd,
+    the console keeper...) we started, or attached to from persisted state, and must not leak.
+
+    A pidfd is held from spawn or attach until the process is known to have exited: waiting
+    watches it, and every signal goes through it, so a pid reused by another process is never
+    hit. The process is a `subprocess.Popen` child, not tied to any event loop.
+    """
 
     def __init__(
         self,
         name: str,
         pid: int,
         start_time: int | None,
+        pidfd: int | None,
         argv: Sequence[str] = (),
         log_paths: Sequence[str] = (),
-        proc: asyncio.subprocess.Process | None = None,
+        popen: subprocess.Popen[bytes] | None = None,
     ) -> None:
         self.name = name
         self.pid = pid
         self.start_time = start_time
         self.argv = list(argv)
         self.log_paths = list(log_paths)
-        self._proc = proc
+        self._pidfd = pidfd
+        self._popen = popen
         self._exit_code: int | None = None
 
     @classmethod
@@ -89,58 +140,60 @@ class VmmProcess:
         cwd: str | None = None,
         stdin: int | None = None,
         stdout: int | None = None,
+        pass_fds: Sequence[int] = (),
+        netns: str | None = None,
     ) -> VmmProcess:
-        """Start `argv` in its own session, stdout and stderr appended to `output_path` (or
-        written to the fd `stdout`, such as the pipe of a console log keeper), stdin from
-        /dev/null (or the fd `stdin`).
+        """Start `argv` in its own session (in network namespace `netns`, if given) with umask
+        077, stdout and stderr appended to `output_path` (created 0600; or written to the fd
+        `stdout`, such as the pipe of a console log keeper), stdin from /dev/null (or the fd
+        `stdin`), keeping the fds `pass_fds`.
 
         Raises `LaunchError` when the binary cannot be executed at all.
         """
+        cmd = list(argv)
+        if netns:
+            cmd = [shutil.which("nsenter") or "nsenter", f"--net={netns}", "--", *cmd]
+        popen = _popen(name, cmd, output_path, env, cwd, stdin, stdout, pass_fds)
         try:
-            with contextlib.ExitStack() as stack:
-                if stdout is None:
-                    # A local file: opening it never waits.
-                    stdout = stack.enter_context(open(output_path, "ab")).fileno()  # noqa: ASYNC230
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=subprocess.DEVNULL if stdin is None else stdin,
-                    stdout=stdout,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    env=dict(env) if env is not None else None,
-                    cwd=cwd,
-                    umask=0o077,  # its sockets (API, console, vsock) and files are private
-                )
-        except OSError as e:
-            raise LaunchError(f"cannot execute {name} {argv[0]}: {e.strerror}", argv=argv) from e
-        logs = [output_path, *log_paths]
-        return cls(name, proc.pid, host.process_start_time(proc.pid), argv, logs, proc)
+            pidfd = os.pidfd_open(popen.pid)  # our unreaped child: the pid is still its own
+        except OSError:
+            popen.kill()
+            popen.wait()
+            raise
+        start = host.process_start_time(popen.pid)
+        return cls(name, popen.pid, start, pidfd, cmd, [output_path, *log_paths], popen)
 
     @classmethod
     def attach(
         cls, name: str, pid: int, start_time: int | None, log_paths: Sequence[str] = ()
     ) -> VmmProcess:
-        """A handle on a process started by someone else (from persisted state)."""
-        return cls(name, pid, start_time, (), log_paths, None)
+        """A handle on a process started by someone else (from persisted state): live only
+        while `pid` is still the process that started at `start_time`."""
+        return cls(name, pid, start_time, host.pidfd_of(pid, start_time), (), log_paths)
 
     @property
     def is_child(self) -> bool:
         """True when this process was spawned by us (we reap it)."""
-        return self._proc is not None
+        return self._popen is not None
 
     @property
     def exit_code(self) -> int | None:
-        """The exit code once a child has been reaped (negative: killed by that signal)."""
-        if self._proc is not None and self._proc.returncode is not None:
-            return self._proc.returncode
+        """The exit code once it is known (negative: killed by that signal); None while it
+        runs, or when it was someone else's child."""
+        self.alive()  # collects the status of a process that has just exited
+        if self._popen is not None:
+            return self._popen.returncode
         return self._exit_code
 
     def alive(self) -> bool:
-        """True while the process runs (zombies count as gone)."""
-        if self._proc is not None and self._proc.returncode is not None:
+        """True until the process has exited (a zombie counts as exited)."""
+        if self._pidfd is None:
             return False
-        # A child the watcher has not reaped yet is a zombie: pid_is counts it as gone.
-        return host.pid_is(self.pid, self.start_time)
+        readable, _, _ = select.select([self._pidfd], [], [], 0)
+        if readable:
+            self._reap()
+            return False
+        return True
 
     def log_tail(self, max_bytes: int = 4096) -> str:
         """The end of the process's output and log files."""
@@ -157,68 +210,62 @@ class VmmProcess:
 
     async def wait(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for the process to end; True when it has (and is reaped)."""
-        if self._proc is not None:
-            try:
-                await asyncio.wait_for(self._proc.wait(), timeout)
-            except TimeoutError:
-                return False
+        if not self.alive():
             return True
-        deadline = time.monotonic() + timeout
-        while self.alive():
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(_POLL)
-        return True
+        assert self._pidfd is not None
+        await wait_pidfd(self._pidfd, timeout)
+        return not self.alive()
 
     def send_signal(self, sig: int) -> bool:
-        """Send `sig` if the process is still the one we know; False when it is already gone."""
+        """Send `sig` through the pidfd; False when the process is already gone."""
         if not self.alive():
             return False
-        if self._proc is not None:  # our unreaped child: its pid cannot be reused
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                return False
-            return True
-        # Not our child: pin the pid with a pidfd and check it again, so a reused pid is
-        # never hit.
+        assert self._pidfd is not None
         try:
-            pidfd = os.pidfd_open(self.pid)
+            signal.pidfd_send_signal(self._pidfd, sig)
         except ProcessLookupError:
             return False
-        try:
-            if not host.pid_is(self.pid, self.start_time):
-                return False
-            signal.pidfd_send_signal(pidfd, sig)
-        except ProcessLookupError:
-            return False
-        finally:
-            os.close(pidfd)
         return True
 
     async def stop(
         self, first: int = signal.SIGTERM, grace: float = 5.0, kill_wait: float = 5.0
     ) -> None:
-        """Send `first`, wait `grace` seconds, then SIGKILL and wait; always reaps a child.
+        """Send `first`, wait `grace` seconds, then SIGKILL and wait `kill_wait`; reaps a child.
 
         A process that is already gone (or whose pid now belongs to another process) gets no
         signal at all.
         """
         if not self.alive():
-            await self._reap()
             return
         if self.send_signal(first) and await self.wait(grace):
-            await self._reap()
             return
         self.send_signal(signal.SIGKILL)
         if not await self.wait(kill_wait):
-            raise self.launch_error(f"pid {self.pid} survived SIGKILL for {kill_wait}s")
-        await self._reap()
+            log.warning("%s (pid %d) survived SIGKILL for %gs", self.name, self.pid, kill_wait)
 
-    async def _reap(self) -> None:
-        if self._proc is not None:
-            with contextlib.suppress(ProcessLookupError, ChildProcessError):
-                await self._proc.wait()
+    def _reap(self) -> None:
+        """Collect the exit status (of our child; of another's child if it is ours after
+        all) and drop the pidfd: the process is gone."""
+        if self._popen is not None:
+            self._popen.wait()
+        elif self._pidfd is not None:
+            try:
+                res = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:
+                res = None
+            if res is not None:
+                code = res.si_status
+                self._exit_code = code if res.si_code == os.CLD_EXITED else -code
+        self.close()
+
+    def close(self) -> None:
+        """Release the pidfd (the process itself is left alone)."""
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 async def wait_pidfd(pidfd: int, timeout: float) -> bool:

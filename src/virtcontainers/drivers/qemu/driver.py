@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import time
 import uuid as uuidlib
@@ -41,12 +42,11 @@ from ...hypervisor import Hypervisor, VMState, check_transition, register
 from ...types import Capabilities, HypervisorType, MemoryDevice
 from .. import virtiofsd
 from ..handover import decode_state, encode_state
-from ..vmm_process import start_console_keeper
+from ..vmm_process import VmmProcess, log_tail, start_console_keeper
 from . import argv as qargv
 from .helpers import Helper, Helpers
 from .hotplug import IMPLEMENTED as HOTPLUG_IMPLEMENTED
 from .hotplug import Hotplug
-from .process import VMProcess, log_tail
 from .qmp import QMP, QMPDisconnectedError
 from .state import HelperRecord, QemuState
 
@@ -123,7 +123,7 @@ class QemuHypervisor(Hypervisor):
         #: Helper processes: virtiofsd and qemu-storage-daemon for devices, the console keeper.
         self.helpers = Helpers()
         self.hotplug = Hotplug(self, self.helpers, self._execute, self._attach)
-        self._proc: VMProcess | None = None
+        self._proc: VmmProcess | None = None
         self._pid = 0
         self._pid_start: int | None = None
         self._qmp: QMP | None = None
@@ -239,9 +239,10 @@ class QemuHypervisor(Hypervisor):
             log_fd = await self._start_console_log()
             launch = self.build_launch(qmp_fd=theirs.fileno(), console_log_fd=log_fd)
             self.argv = launch.argv
-            self._proc = VMProcess.launch(
+            self._proc = await VmmProcess.spawn(
+                "qemu",
                 launch.argv,
-                log_path=self.paths.qemu_log,
+                self.paths.qemu_log,
                 pass_fds=launch.pass_fds,
                 cwd=self.paths.vm_dir,
                 netns=self.network_ns,
@@ -312,7 +313,7 @@ class QemuHypervisor(Hypervisor):
         assert self._proc is not None
         proc = self._proc
         await proc.wait(EXIT_REPORT_TIMEOUT)
-        code = proc.returncode
+        code = proc.exit_code
         tail = proc.log_tail()
         console = self._console_tail()
         if console:
@@ -376,14 +377,14 @@ class QemuHypervisor(Hypervisor):
                 with contextlib.suppress(HypervisorError):
                     await qmp.execute("quit", timeout=QUIT_TIMEOUT)
                     await proc.wait(QUIT_TIMEOUT)
-            await proc.terminate(TERM_TIMEOUT, KILL_TIMEOUT)
+            await proc.stop(signal.SIGTERM, TERM_TIMEOUT, KILL_TIMEOUT)
         await self._teardown()
 
     async def _teardown(self) -> None:
         """Kill whatever is left, reap, and remove every file of this VM."""
         proc = self._proc
         if proc is not None and proc.alive():
-            await proc.terminate(0.5, KILL_TIMEOUT)
+            await proc.stop(signal.SIGTERM, 0.5, KILL_TIMEOUT)
         await self.helpers.stop_all(grace=HANGUP_GRACE)  # virtiofsd exits once QEMU is gone
         await self._release(remove_dir=True)
         self._pid, self._pid_start = 0, None
@@ -637,11 +638,12 @@ class QemuHypervisor(Hypervisor):
         await self._attach()
 
     # -- QMP plumbing ------------------------------------------------------------------------
-    def _process(self) -> VMProcess | None:
-        """Our process handle, adopting the persisted pid (only if it is still that process)."""
+    def _process(self) -> VmmProcess | None:
+        """Our process handle, attached to the persisted pid (only alive while it is still
+        that process)."""
         if self._proc is None and self._pid:
-            log_path = self.paths.qemu_log if self.paths else ""
-            self._proc = VMProcess.adopt(self._pid, self._pid_start, log_path)
+            logs = [self.paths.qemu_log] if self.paths else []
+            self._proc = VmmProcess.attach("qemu", self._pid, self._pid_start, logs)
         return self._proc
 
     def _require_qmp(self) -> QMP:
@@ -702,9 +704,9 @@ class QemuHypervisor(Hypervisor):
         proc = self._process()
         if proc is not None and proc.alive():
             return
-        code = proc.returncode if proc is not None else None
+        code = proc.exit_code if proc is not None else None
         detail = f" with exit code {code}" if code is not None and code >= 0 else ""
-        if code is not None and code < -1:
+        if code is not None and code < 0:
             detail = f" (killed by signal {-code})"
         tail = self._console_tail(5)
         raise VMExitedError(

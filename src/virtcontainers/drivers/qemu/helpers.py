@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import stat
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import LaunchError, VMTimeoutError
-from .process import VMProcess
+from ..vmm_process import VmmProcess
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class Helper:
     start_time: int | None = None
     #: Files to remove once the daemon is gone (its socket, pid files it leaves behind).
     leftovers: list[str] = field(default_factory=list)
-    proc: VMProcess | None = None
+    proc: VmmProcess | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -115,7 +116,7 @@ class Helpers:
         if socket:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(socket)  # a stale socket would look ready at once
-        proc = VMProcess.launch(argv, log_path=log_path, stdin=stdin)
+        proc = await VmmProcess.spawn(kind, argv, log_path, stdin=stdin)
         helper = Helper(
             kind=kind,
             key=key,
@@ -133,7 +134,7 @@ class Helpers:
                 if not proc.alive():
                     raise LaunchError(
                         f"{self.hypervisor}: {kind} for {key} exited during start-up",
-                        exit_code=proc.returncode,
+                        exit_code=proc.exit_code,
                         argv=proc.argv,
                         log_tail=proc.log_tail(),
                     )
@@ -175,11 +176,11 @@ class Helpers:
 async def _stop(helper: Helper, grace: float = 0.0) -> None:
     proc = helper.proc
     if proc is None and helper.pid:
-        proc = VMProcess.adopt(helper.pid, helper.start_time, helper.log_path)
+        proc = VmmProcess.attach(helper.kind, helper.pid, helper.start_time, [helper.log_path])
     if proc is not None:
         try:
             if grace <= 0 or not await proc.wait(grace):
-                await proc.terminate(TERM_TIMEOUT, KILL_TIMEOUT)
+                await proc.stop(signal.SIGTERM, TERM_TIMEOUT, KILL_TIMEOUT)
         finally:
             proc.close()
     helper.proc = None
