@@ -138,6 +138,7 @@ async def test_signals_go_through_pidfds(run_root: str, monkeypatch: pytest.Monk
     from virtcontainers import sandbox
     from virtcontainers.factory import daemon
     from virtcontainers.persist import HypervisorState
+    from virtcontainers.shim import cleanup
 
     class Driver:
         def __init__(self, proc: subprocess.Popen[bytes]) -> None:
@@ -155,6 +156,11 @@ async def test_signals_go_through_pidfds(run_root: str, monkeypatch: pytest.Monk
     vm_dir = persist.vm_dir("vm1", run_root)
     vmm, server = fake_vmm(vm_dir), subprocess.Popen(["sleep", "60"])
     forced = subprocess.Popen(["sleep", "60"])
+    shim = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "virtcontainers.shim"]
+    )
+    while shim.pid not in processes_naming("virtcontainers.shim"):
+        time.sleep(0.01)
     monkeypatch.setattr(os, "kill", no_kill)
     try:
         owner, start = dead_pid()
@@ -167,9 +173,13 @@ async def test_signals_go_through_pidfds(run_root: str, monkeypatch: pytest.Monk
         assert server.wait(5) == -signal.SIGTERM
         await sandbox._force_kill(Driver(forced))  # type: ignore[arg-type]
         assert forced.wait(5) == -signal.SIGKILL
+        with open(os.path.join(run_root, "shim.pid"), "w") as f:
+            f.write(str(shim.pid))
+        cleanup._kill_shim(run_root)
+        assert shim.wait(5) == -signal.SIGKILL
     finally:
         monkeypatch.undo()
-        for p in (vmm, server, forced):
+        for p in (vmm, server, forced, shim):
             p.kill()
             p.wait()
 

@@ -46,13 +46,18 @@ def _kill_shim(bundle: str) -> None:
     try:
         with open(os.path.join(bundle, "shim.pid")) as f:
             pid = int(f.read().strip())
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
+        pidfd = os.pidfd_open(pid)  # pinned before the check: a reused pid is never hit
     except (OSError, ValueError):
         return
-    if b"containerd-shim-virtc-v2" in cmdline or b"virtcontainers.shim" in cmdline:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        if b"containerd-shim-virtc-v2" in cmdline or b"virtcontainers.shim" in cmdline:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except (OSError, ProcessLookupError):
+        pass
+    finally:
+        os.close(pidfd)
 
 
 async def _stop_sandbox(sandbox_id: str) -> None:
