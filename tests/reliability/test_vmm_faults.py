@@ -37,7 +37,11 @@ async def test_killed_while_booting(leak_check: str, guest_assets: Any) -> None:
         assert not starting.done(), starting.exception()
         await asyncio.sleep(0.01)
     pid = vmm_pid(sb)
-    await asyncio.sleep(0.5)  # into firmware/kernel boot, before the agent is up
+    # Into firmware/kernel boot (QMP is up; under load that can take seconds), before the
+    # agent is up.
+    while sb.hypervisor._qmp is None:  # type: ignore[attr-defined]
+        assert not starting.done(), starting.exception()
+        await asyncio.sleep(0.01)
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(VMExitedError, match=rf"sandbox boot1: QEMU \(pid {pid}\) has exited"):
         await asyncio.wait_for(starting, NOTICE)
