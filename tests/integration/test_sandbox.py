@@ -95,12 +95,22 @@ async def test_attach_from_another_process(leak_check: str) -> None:
     assert Sandbox.list(leak_check) == []
 
 
-async def test_disk_and_resize_follow_capabilities(leak_check: str) -> None:
+@pytest.mark.parametrize("machine", ["q35", "pc"])
+async def test_disk_and_resize_follow_capabilities(leak_check: str, machine: str) -> None:
+    """What `capabilities()` claims for each hotplugging machine type works on real QEMU."""
     disk = os.path.join(leak_check, "disk.img")
     with open(disk, "wb") as f:
         f.truncate(8 << 20)
-    async with Sandbox("sbx3", run_root=leak_check, memory_size=256, num_vcpus=1) as sb:
+    async with Sandbox(
+        "sbx3",
+        run_root=leak_check,
+        memory_size=256,
+        num_vcpus=1,
+        hypervisor_machine_type=machine,
+    ) as sb:
         caps = sb.capabilities()
+        claimed = Capabilities.BLOCK_DEVICE_HOTPLUG | Capabilities.CPU_HOTPLUG
+        assert claimed | Capabilities.MEMORY_HOTPLUG in caps
         if Capabilities.BLOCK_DEVICE_HOTPLUG in caps:
             before = (await sb.exec(["ls", "/sys/block"])).stdout.split()
             drive = await sb.add_disk(disk, "data")
@@ -119,4 +129,13 @@ async def test_disk_and_resize_follow_capabilities(leak_check: str) -> None:
         else:
             with pytest.raises(UnsupportedError, match="vCPU resize"):
                 await sb.resize(vcpus=2)
+        if Capabilities.MEMORY_HOTPLUG in caps:
+            total = "awk '/MemTotal/ {print $2}' /proc/meminfo"
+            before_kib = int((await sb.exec(["sh", "-c", total])).stdout)
+            await sb.resize(memory_mb=384)
+            grown = f"until [ $({total}) -ge {before_kib + 120 * 1024} ]; do sleep 0.1; done"
+            assert (await sb.exec(["sh", "-c", grown], timeout=20)).exit_code == 0
+        else:
+            with pytest.raises(UnsupportedError, match="memory resize"):
+                await sb.resize(memory_mb=384)
     os.unlink(disk)

@@ -10,8 +10,9 @@ import pytest
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import BlockDrive, NetworkEndpoint, SerialPort, SharedFS, VSockDevice
 from virtcontainers.drivers.qemu import argv as qa
-from virtcontainers.errors import ConfigError
-from virtcontainers.types import Param, Socket, VSock
+from virtcontainers.drivers.qemu import machine_capabilities
+from virtcontainers.errors import ConfigError, UnsupportedError
+from virtcontainers.types import Capabilities, Param, Socket, VSock
 
 PATHS = qa.VMPaths("/run/vc/vm/sb1")
 
@@ -162,6 +163,17 @@ def test_microvm() -> None:
     assert "virtio-scsi-device,id=scsi0" in devices
     assert not [d for d in devices if "-pci" in d.split(",")[0]]
     assert "pci=lastbus=0" not in append_params(argv)
+
+
+@pytest.mark.parametrize("fs_type", ["virtio-fs", "virtio-9p"])
+def test_microvm_takes_no_shared_filesystem(fs_type: str) -> None:
+    """Nothing shows a share working on microvm: refused, and not claimed."""
+    fs = SharedFS(id="fs0", source="/srv/share", mount_tag="share", fs_type=fs_type)
+    spec = make_spec([fs], hypervisor_machine_type="microvm", shared_fs=fs_type)
+    with pytest.raises(UnsupportedError, match="microvm machine type"):
+        qa.build(spec)
+    assert Capabilities.FS_SHARING not in machine_capabilities("microvm")
+    assert Capabilities.FS_SHARING in machine_capabilities("q35")
 
 
 def test_microvm_under_kvm_drops_legacy_timers() -> None:

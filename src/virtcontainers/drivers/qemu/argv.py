@@ -648,6 +648,10 @@ def _cold_net(a: _Argv, machine: str, ep: NetworkEndpoint) -> None:
 
 
 def _cold_fs(a: _Argv, spec: LaunchSpec, machine: str, fs: SharedFS) -> None:
+    if machine == "microvm":
+        raise UnsupportedError(
+            "qemu", f"{fs.fs_type} share {fs.id} on the microvm machine type", "use q35"
+        )
     if fs.fs_type == "virtio-9p":
         src = check_path(f"shared fs {fs.id}", fs.source)
         a.add("-fsdev", "local", f"id=fsdev-{fs.id}", f"path={src}", "security_model=none")
