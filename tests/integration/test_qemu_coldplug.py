@@ -39,12 +39,16 @@ async def test_disks_virtio_blk_and_scsi(run_root: str, guest_assets: Any, tmp_p
 
 async def test_tap_nic_in_network_namespace(run_root: str, guest_assets: Any) -> None:
     mac = "02:00:00:aa:bb:01"
+    # iommu_platform: every virtio device (the NIC, the agent's serial bus, the SCSI
+    # controller) offers VIRTIO_F_ACCESS_PLATFORM (feature bit 33) and the guest takes it.
+    cfg = make_config(guest_assets, iommu_platform=True)
     async with netns_with_tap() as ns:
         ep = NetworkEndpoint(id="eth0", tap_name=ns.tap, mac=mac)
-        async with booted(
-            run_root, make_config(guest_assets), devices=(ep,), network_ns=ns.path
-        ) as vm:
+        async with booted(run_root, cfg, devices=(ep,), network_ns=ns.path) as vm:
             await vm.wait_for("cat /sys/class/net/eth0/address", mac)
+            assert len([a for a in vm.drv.argv if "iommu_platform=on" in a]) >= 3
+            bits = await vm.sh("cut -c34 /sys/bus/virtio/devices/*/features | sort -u")
+            assert bits == "1\n"
 
 
 async def test_rng_prealloc_under_seccomp(run_root: str, guest_assets: Any) -> None:

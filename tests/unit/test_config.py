@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from virtcontainers import host
-from virtcontainers.config import INT_FIELD_MAX, HypervisorConfig
+from virtcontainers.config import INT_FIELD_MAX, UNSUPPORTED_FIELDS, HypervisorConfig
 from virtcontainers.devices import BLOCK_DRIVERS
 from virtcontainers.errors import AssetError, ConfigError
 from virtcontainers.types import Asset, AssetType, Param
@@ -212,12 +212,31 @@ def test_validate_keeps_explicit_values() -> None:
         memory_size=256,
         default_bridges=2,
         block_device_driver="virtio-blk",
-        msize_9p=65536,
+        msize_9p=8192,
         shared_fs="virtio-9p",
     )
     cfg.validate()
     assert (cfg.num_vcpus, cfg.default_max_vcpus, cfg.memory_size) == (2, 4, 256)
-    assert (cfg.default_bridges, cfg.block_device_driver, cfg.msize_9p) == (2, "virtio-blk", 65536)
+    assert (cfg.default_bridges, cfg.block_device_driver, cfg.msize_9p) == (2, "virtio-blk", 8192)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("msize_9p", 65536),
+        ("virtio_fs_cache_size", 1024),
+        ("guest_hook_path", "/usr/share/oci/hooks"),
+        ("selinux_process_label", "system_u:system_r:container_t:s0"),
+        ("vhost_user_store_path", "/var/run/kata-containers/vhost-user"),
+    ],
+)
+def test_fields_no_driver_acts_on_are_refused_not_ignored(name: str, value: Any) -> None:
+    assert name in UNSUPPORTED_FIELDS
+    cfg = minimal(**{name: value})
+    with pytest.raises(ConfigError, match=rf"^{name} {value!r} is not supported: .*leave it unset"):
+        cfg.validate()
+    setattr(cfg, name, HypervisorConfig().__getattribute__(name))
+    cfg.validate()  # the default is accepted
 
 
 def test_validate_is_idempotent() -> None:

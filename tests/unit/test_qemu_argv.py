@@ -440,3 +440,46 @@ def test_iommu_on_q35_only() -> None:
     assert "kernel-irqchip=split" in one(qa.build(spec).argv, "-machine")
     with pytest.raises(ConfigError, match=r"iommu.*q35"):
         qa.build(make_spec(iommu=True, hypervisor_machine_type="microvm"))
+
+
+def test_cold_plugged_nic_honours_disable_vhost_net() -> None:
+    ep = NetworkEndpoint(id="eth0", tap_name="tap0", vhost=True)
+    assert "vhost=on" in one(qa.build(make_spec([ep])).argv, "-netdev")
+    argv = qa.build(make_spec([ep], disable_vhost_net=True)).argv
+    assert "vhost" not in one(argv, "-netdev")
+
+
+@pytest.mark.parametrize("machine", ["q35", "microvm"])
+def test_iommu_platform_on_every_virtio_device(machine: str) -> None:
+    devices = [
+        NetworkEndpoint(id="eth0", tap_name="tap0"),
+        BlockDrive(id="d0", path="/srv/d0.img", driver="virtio-blk"),
+    ]
+    spec = make_spec(devices, hypervisor_machine_type=machine, entropy_source="/dev/urandom")
+    assert not any("iommu_platform" in d for d in opts(qa.build(spec).argv, "-device"))
+    spec.config.iommu_platform = True
+    devs = opts(qa.build(spec).argv, "-device")
+    virtio = [d for d in devs if d.startswith(("virtio-", "vhost-"))]
+    assert len(virtio) >= 3  # the NIC, the disk, the rng (and the console's serial bus)
+    for dev in virtio:
+        assert "iommu_platform=on" in dev.split(","), dev
+        # QEMU refuses the IOMMU feature on a transitional (legacy-capable) PCI device.
+        assert ("disable-legacy=on" in dev.split(",")) == dev.split(",")[0].endswith("-pci")
+    assert not any("iommu_platform" in d for d in devs if d not in virtio)
+
+
+def test_nested_host_gets_no_guest_pmu_unless_nesting_checks_are_disabled() -> None:
+    spec = make_spec()
+    assert "pmu=off" not in one(qa.build(spec).argv, "-cpu")
+    spec.nested = True
+    assert one(qa.build(spec).argv, "-cpu").split(",")[-1] == "pmu=off"
+    spec.config.disable_nesting_checks = True
+    assert "pmu=off" not in one(qa.build(spec).argv, "-cpu")
+
+
+def test_iommu_platform_with_a_vhost_user_device_is_refused() -> None:
+    # QEMU refuses iommu_platform on vhost-user-fs unless virtiofsd translates IOVAs.
+    fs = SharedFS(id="fs0", source="/srv/share", mount_tag="share")
+    spec = make_spec([fs], shared_fs="virtio-fs", iommu_platform=True)
+    with pytest.raises(UnsupportedError, match="iommu_platform with a vhost-user-fs-pci device"):
+        qa.build(spec)

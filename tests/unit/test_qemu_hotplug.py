@@ -850,3 +850,25 @@ async def test_device_del_is_repeated_until_the_guest_acts(
     assert drv.hotplug.plugged == {}
     fake.assert_done()
     await drv.disconnect()
+
+
+async def test_hotplugged_virtio_device_gets_iommu_platform(
+    run_root: str, config: HypervisorConfig, dummy: subprocess.Popen[bytes], fake: FakeQMPServer
+) -> None:
+    config.iommu_platform = True
+    drv = await running(run_root, config, dummy, fake)
+    fake.add(
+        Expect("netdev_add", lambda args: args["id"] == "netdev-n0"),
+        Expect(
+            "device_add",
+            lambda args: (
+                args["driver"] == "virtio-net-pci"
+                and args["iommu_platform"] is True
+                and args["disable-legacy"] == "on"
+            ),
+        ),
+        Expect("query-pci", reply=query_pci("net-n0")),
+    )
+    await drv.hotplug_add_device(NetworkEndpoint(id="n0", tap_name="tap0"))
+    fake.assert_done()
+    await drv.disconnect()

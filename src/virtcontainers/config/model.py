@@ -59,6 +59,17 @@ INT_FIELD_MAX: dict[str, int] = {
     "pcie_root_port": MAX_PCIE_ROOT_PORTS,
 }
 
+#: Fields kept for Kata compatibility that no driver acts on: a non-default value is refused
+#: by `validate()` rather than silently ignored.
+UNSUPPORTED_FIELDS: dict[str, str] = {
+    "msize_9p": "no driver mounts 9p shares in the guest (the guest's mount chooses msize)",
+    "virtio_fs_cache_size": "no driver has a virtio-fs DAX window (QEMU 7.2's "
+    "vhost-user-fs-pci has no cache size, nor has Cloud Hypervisor's fs device)",
+    "guest_hook_path": "the guest agent runs no OCI hooks",
+    "selinux_process_label": "no driver labels its VMM process",
+    "vhost_user_store_path": "vhost-user sockets live in the VM directory",
+}
+
 #: virtiofsd (QEMU's C daemon) `-o` options `virtio_fs_extra_args` may carry: tuning and
 #: feature flags only. What the share is (`source`), how it is confined (`sandbox`, `modcaps`,
 #: `allow_root`), where it listens (`--socket-path`, `--fd`) and the cache mode
@@ -137,7 +148,9 @@ class HypervisorConfig:
     default_bridges: int = 0
     """PCI bridges cold-plugged on the `pc` machine for hotplug (count, at most 5; 0: 1)."""
     msize_9p: int = 0
-    """9p `msize`, the largest 9p message (bytes, 4 KiB..4 MiB; 0: 8192 unless virtio-fs)."""
+    """9p `msize`, the largest 9p message (bytes; 0: 8192 unless virtio-fs). No driver mounts
+    9p shares in the guest, so validate() refuses any other value.
+    """
     mem_slots: int = 0
     """Memory hotplug slots (count, at most 256; 0: the driver's default, 10 on QEMU)."""
     mem_offset: int = 0
@@ -145,7 +158,7 @@ class HypervisorConfig:
     memory_offset.
     """
     virtio_fs_cache_size: int = 0
-    """virtio-fs DAX window (MiB; 0: no DAX)."""
+    """virtio-fs DAX window (MiB; 0: no DAX). No driver has one: validate() refuses others."""
     kernel_params: list[Param] = field(default_factory=list)
     """Extra guest kernel command-line parameters (`key=value` or `key`)."""
     hypervisor_params: list[Param] = field(default_factory=list)
@@ -241,13 +254,15 @@ class HypervisorConfig:
     iommu: bool = False
     """Give the guest a vIOMMU (q35 only). Kata: enable_iommu."""
     iommu_platform: bool = False
-    """Virtio devices use the platform IOMMU (`iommu_platform=on`). Kata: enable_iommu_platform."""
+    """Virtio devices use the platform IOMMU (`iommu_platform=on`; QEMU refuses it with
+    vhost-user devices). Kata: enable_iommu_platform.
+    """
     realtime: bool = False
     """With mlock: lock guest memory (`-overcommit mem-lock=on`)."""
     mlock: bool = False
     """Lock guest memory in RAM (Kata's enable_swap = not mlock)."""
     disable_nesting_checks: bool = False
-    """Skip the check for running nested in a VM."""
+    """Skip the nested-host adjustment (QEMU on a host that is a VM: no guest PMU, as Kata)."""
     use_vsock: bool = False
     """Reach the agent over vhost-vsock instead of a serial port."""
     disable_image_nvdimm: bool = False
@@ -265,15 +280,17 @@ class HypervisorConfig:
     enable_vhost_user_store: bool = False
     """Serve block devices through vhost-user (qemu-storage-daemon)."""
     vhost_user_store_path: str = ""
-    """Directory of vhost-user device sockets (host path)."""
+    """Directory of vhost-user device sockets (host path). Sockets live in the VM directory:
+    validate() refuses it.
+    """
     vhost_user_store_path_list: list[str] = field(default_factory=list)
     """Globs a `vhost_user_store_path` annotation must match. Kata: valid_vhost_user_store_paths."""
     guest_hook_path: str = ""
-    """Guest directory of OCI hooks (guest path)."""
+    """Guest directory of OCI hooks (guest path). The agent runs none: validate() refuses it."""
     vm_id: str = ""
     """The VM's id (set by the sandbox)."""
     selinux_process_label: str = ""
-    """SELinux label for the VMM process."""
+    """SELinux label for the VMM process. No driver sets one: validate() refuses it."""
     enable_annotations: list[str] = field(default_factory=list)
     """Regular expressions of the annotation names that may be applied (empty: none)."""
     _custom_assets: dict[AssetType, Asset] = field(default_factory=dict, init=False, repr=False)
@@ -352,6 +369,7 @@ class HypervisorConfig:
                 f"memory_size {self.memory_size} MiB is out of range "
                 f"({MIN_MEMORY_MIB}..{MAX_MEMORY_MIB} MiB)"
             )
+        self._check_unsupported()
         for name, maximum in INT_FIELD_MAX.items():
             value = getattr(self, name)
             if value > maximum:
@@ -390,6 +408,14 @@ class HypervisorConfig:
             _compile_annotation_pattern(pattern)
         _check_option_list("machine_accelerators", self.machine_accelerators, _MACHINE_OPT_RE)
         _check_option_list("cpu_features", self.cpu_features, _CPU_FEATURE_RE)
+
+    def _check_unsupported(self) -> None:
+        """Refuse a non-default value in a field no driver acts on (no silent no-ops)."""
+        for name, why in UNSUPPORTED_FIELDS.items():
+            value = getattr(self, name)
+            default = DEFAULT_MSIZE_9P if name == "msize_9p" else type(value)()
+            if value and value != default:
+                raise ConfigError(f"{name} {value!r} is not supported: {why}; leave it unset")
 
     # -- kernel parameters and assets ------------------------------------------------------
     def add_kernel_param(self, param: Param) -> None:

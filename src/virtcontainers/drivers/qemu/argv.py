@@ -106,6 +106,9 @@ class LaunchSpec:
     devices: Sequence[Device] = ()
     console: str = "ttyS0"  # guest console device: "ttyS0" (isa serial) or "hvc0" (virtconsole)
     host_tsc_khz: int = 0  # the host's TSC rate, which a TCG guest's TSC runs at
+    #: The host is itself a VM: as Kata does, the guest gets no PMU (unless
+    #: disable_nesting_checks), which nested KVM handles badly.
+    nested: bool = False
     #: Where QEMU writes the console log: this pipe (to a keeper that caps its size), or,
     #: when None, console.log itself (uncapped; for command lines run by hand).
     console_log_fd: int | None = None
@@ -217,14 +220,36 @@ def virtio(machine: str, kind: str) -> str:
 class _Argv:
     """Accumulates `-opt value` pairs."""
 
-    def __init__(self, qemu: str) -> None:
+    def __init__(self, qemu: str, iommu_platform: bool = False) -> None:
         self.items: list[str] = [qemu]
         self.pass_fds: list[int] = []
+        self.iommu_platform = iommu_platform
 
     def add(self, opt: str, *parts: str) -> None:
         self.items.append(opt)
+        if opt == "-device" and self.iommu_platform and parts and is_virtio(parts[0]):
+            props = iommu_platform_props(parts[0]).items()
+            parts = (*parts, *(f"{k}={'on' if v is True else v}" for k, v in props))
         if parts:
             self.items.append(",".join(p for p in parts if p))
+
+
+def is_virtio(model: str) -> bool:
+    """Whether a QEMU device model is a virtio device (it takes `iommu_platform`)."""
+    return model.startswith(("virtio-", "vhost-"))
+
+
+def iommu_platform_props(model: str) -> dict[str, bool | str]:
+    """Device properties (QMP types) for `iommu_platform`: the IOMMU feature needs a
+    modern-only device (QEMU refuses it on a transitional one, as q35's root bus makes)."""
+    if model.startswith("vhost-user-"):
+        # QEMU refuses it unless the backend translates guest IOVAs: virtiofsd and
+        # qemu-storage-daemon do not.
+        raise UnsupportedError("qemu", f"iommu_platform with a {model} device")
+    props: dict[str, bool | str] = {"iommu_platform": True}
+    if model.endswith("-pci"):
+        props["disable-legacy"] = "on"
+    return props
 
 
 def build(spec: LaunchSpec) -> Launch:
@@ -232,7 +257,7 @@ def build(spec: LaunchSpec) -> Launch:
     cfg = spec.config
     machine = machine_type(cfg)
     qemu = check_path("hypervisor_path", spec.qemu)
-    a = _Argv(qemu)
+    a = _Argv(qemu, cfg.iommu_platform)
     a.add("-name", f"sandbox-{check_opt('id', spec.name)}", "debug-threads=on")
     a.add("-uuid", spec.uuid)
     _machine(a, spec, machine)
@@ -298,7 +323,8 @@ def _cpu(a: _Argv, spec: LaunchSpec) -> None:
     cfg = spec.config
     model = "host" if spec.accel == "kvm" else "max"
     feats = check_opt("cpu_features", cfg.cpu_features) if cfg.cpu_features else ""
-    a.add("-cpu", model, feats)
+    nested = "pmu=off" if spec.nested and not cfg.disable_nesting_checks else ""
+    a.add("-cpu", model, feats, nested)
     a.add("-smp", str(cfg.num_vcpus), f"maxcpus={max_vcpus(spec)}")
 
 
@@ -586,7 +612,7 @@ def cold_plug(a: _Argv, spec: LaunchSpec, machine: str, dev: Device) -> None:
     elif isinstance(dev, BlockDrive):
         _cold_block(a, spec, machine, dev)
     elif isinstance(dev, NetworkEndpoint):
-        _cold_net(a, machine, dev)
+        _cold_net(a, spec, machine, dev)
     elif isinstance(dev, UserNetwork):
         fwd = [f"hostfwd={f}" for f in dev.host_forwards]
         a.add("-netdev", "user", f"id=netdev-{dev.id}", f"net={dev.net}", *fwd)
@@ -627,14 +653,14 @@ def _cold_block(a: _Argv, spec: LaunchSpec, machine: str, drive: BlockDrive) -> 
         raise UnsupportedError("qemu", f"block driver {driver!r} for drive {drive.id}")
 
 
-def _cold_net(a: _Argv, machine: str, ep: NetworkEndpoint) -> None:
+def _cold_net(a: _Argv, spec: LaunchSpec, machine: str, ep: NetworkEndpoint) -> None:
     netdev = ["tap", f"id=netdev-{ep.id}"]
     if ep.fds:  # queues QEMU is handed open (a macvtap's /dev/tapN)
         netdev.append("fds=" + ":".join(str(fd) for fd in ep.fds))
         a.pass_fds.extend(ep.fds)
     else:
         netdev += [f"ifname={ep.tap_name}", "script=no", "downscript=no"]
-    if ep.vhost:
+    if ep.vhost and not spec.config.disable_vhost_net:
         netdev.append("vhost=on")
     if ep.queues > 1 and not ep.fds:
         netdev.append(f"queues={ep.queues}")

@@ -223,6 +223,7 @@ class QemuHypervisor(Hypervisor):
             qmp_fd=qmp_fd,
             host_memory_mib=host.host_memory_kib() // 1024,
             host_cpus=os.cpu_count() or 1,
+            nested=host.running_on_vmm(),
             devices=list(self.devices),
             console=self.console,
             host_tsc_khz=host.tsc_khz(),

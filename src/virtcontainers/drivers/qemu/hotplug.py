@@ -328,6 +328,8 @@ class Hotplug:
         place = pci.take(bridges, rec.qdev, self.vm_id)
         undo.callback(pci.release, bridges, rec.qdev)
         args = {**device, "id": rec.qdev, "bus": place.bus}
+        if self.config.iommu_platform and qargv.is_virtio(str(device["driver"])):
+            args.update(qargv.iommu_platform_props(str(device["driver"])))
         if place.addr:
             args["addr"] = place.addr
         await self.execute(op, "device_add", args)
