@@ -3,12 +3,8 @@ here (the deadlines under test are the client's own; pytest's timeout catches a 
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-
 import pytest
+from test_agent_client import agent, sockdir
 
 from virtcontainers.agent import AgentClient, AgentTimeoutError, ExecResult
 from virtcontainers.agent import protocol as p
@@ -16,22 +12,11 @@ from virtcontainers.agent.client import DEFAULT_REQUEST_TIMEOUT
 from virtcontainers.agent.fake import ExecRequest, FakeAgent
 from virtcontainers.errors import AgentError
 
+__all__ = ["agent", "sockdir"]  # the fake agent and its directory (fixtures)
+
 pytestmark = pytest.mark.timeout(30)
 
 SHORT = 0.3
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="vc-dl-", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-async def agent(sockdir: str) -> AsyncIterator[FakeAgent]:
-    async with FakeAgent(os.path.join(sockdir, "agent.sock")) as fake:
-        yield fake
 
 
 async def test_default_deadline_is_set_without_being_asked(agent: FakeAgent) -> None:

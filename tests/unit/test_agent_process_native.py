@@ -11,17 +11,17 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_agent_native import NativeAgent, native, wait_gone
+from test_agent_native import NativeAgent, client, native, wait_gone
 
 from leaks import running
 from virtcontainers.agent import AgentClient, AgentRequestError, ExitStatus
 from virtcontainers.errors import AgentError
 
-__all__ = ["native"]  # the module's agent (a fixture)
+__all__ = ["client", "native"]  # the module's agent and a client of it (fixtures)
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is needed to build it"),
@@ -36,13 +36,6 @@ async def settled(client: AgentClient) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the agent still runs processes")
-
-
-@pytest.fixture
-async def client(native: NativeAgent) -> AsyncIterator[AgentClient]:
-    async with await AgentClient.connect(native.path, 5) as c:
-        yield c
-    assert native.alive()
 
 
 async def test_output_streams_as_written_and_stdin_drives_it(client: AgentClient) -> None:

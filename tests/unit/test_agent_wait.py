@@ -5,33 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
-import shutil
-import tempfile
-from collections.abc import AsyncIterator
 
 import pytest
+from test_agent_client import agent, client, sockdir
 
 from virtcontainers.agent import AgentClient, AgentRequestError, WaitResult
 from virtcontainers.agent import protocol as p
 from virtcontainers.agent.fake import FakeAgent
 from virtcontainers.errors import AgentError
 
-
-@pytest.fixture
-async def agent() -> AsyncIterator[FakeAgent]:
-    d = tempfile.mkdtemp(prefix="vc-agent-", dir="/tmp")
-    try:
-        async with FakeAgent(os.path.join(d, "agent.sock")) as fake:
-            yield fake
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-async def client(agent: FakeAgent) -> AsyncIterator[AgentClient]:
-    async with await AgentClient.connect(agent.path, 5) as c:
-        yield c
+__all__ = ["agent", "client", "sockdir"]  # the fake agent and a client of it (fixtures)
 
 
 def last_wait(agent: FakeAgent) -> p.Fields:
