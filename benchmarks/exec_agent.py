@@ -98,6 +98,26 @@ async def host_agent(workdir: str) -> AsyncIterator[str]:
         await proc.wait()
 
 
+@asynccontextmanager
+async def agent_clients(prefix: str) -> AsyncIterator[tuple[str, dict[str, AgentClient]]]:
+    """A work directory and clients of the agent in a TCG guest ("guest") and on the host
+    ("host"); closes both and removes the directory on exit."""
+    workdir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    try:
+        async with guest_agent(workdir) as gsock, host_agent(workdir) as hsock:
+            clients = {
+                "guest": await AgentClient.connect(gsock, 30),
+                "host": await AgentClient.connect(hsock, 10),
+            }
+            try:
+                yield workdir, clients
+            finally:
+                for c in clients.values():
+                    await c.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 async def one_run(client: AgentClient, blob: str) -> Sample:
     """Time each operation once."""
     sample: Sample = {}
@@ -121,35 +141,23 @@ async def one_run(client: AgentClient, blob: str) -> Sample:
 
 async def bench(opts: Options) -> Result:
     result = new_result("exec_agent", "Agent round trips: TCG guest vs host baseline", opts)
-    workdir = tempfile.mkdtemp(prefix="vcb-agent-", dir="/tmp")
-    try:
-        async with guest_agent(workdir) as gsock, host_agent(workdir) as hsock:
-            clients = {
-                "guest": await AgentClient.connect(gsock, 30),
-                "host": await AgentClient.connect(hsock, 10),
-            }
-            try:
-                blobs = {"guest": "/tmp/blob", "host": os.path.join(workdir, "blob")}
-                for name, c in clients.items():
-                    await c.write_file(blobs[name], os.urandom(1 << 20))
+    async with agent_clients("vcb-agent-") as (workdir, clients):
+        blobs = {"guest": "/tmp/blob", "host": os.path.join(workdir, "blob")}
+        for name, c in clients.items():
+            await c.write_file(blobs[name], os.urandom(1 << 20))
 
-                def candidate(client: AgentClient, blob: str) -> Candidate:
-                    async def run(_: int) -> Sample:
-                        return await one_run(client, blob)
+        def candidate(client: AgentClient, blob: str) -> Candidate:
+            async def run(_: int) -> Sample:
+                return await one_run(client, blob)
 
-                    return run
+            return run
 
-                candidates = {name: candidate(c, blobs[name]) for name, c in clients.items()}
-                samples = await alternate(candidates, opts.runs, opts.warmup)
-            finally:
-                for c in clients.values():
-                    await c.close()
-        add_metrics(result, samples)
-        for metric in ("ping", "exec_true", "exec_1mib", "exec_10x"):
-            add_ratio(result, f"{metric}: guest / host", ("guest", metric), ("host", metric))
-        result["notes"].append("guest: QEMU q35 TCG, 1 vCPU, 256 MiB; host: the same agent binary")
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        candidates = {name: candidate(c, blobs[name]) for name, c in clients.items()}
+        samples = await alternate(candidates, opts.runs, opts.warmup)
+    add_metrics(result, samples)
+    for metric in ("ping", "exec_true", "exec_1mib", "exec_10x"):
+        add_ratio(result, f"{metric}: guest / host", ("guest", metric), ("host", metric))
+    result["notes"].append("guest: QEMU q35 TCG, 1 vCPU, 256 MiB; host: the same agent binary")
     return result
 
 

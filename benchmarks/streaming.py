@@ -11,9 +11,7 @@ one-way streaming delay (guest process writes -> iterator yields). Target: media
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 import time
 
 from _lib import (
@@ -29,9 +27,9 @@ from _lib import (
     median,
     new_result,
 )
-from exec_agent import guest_agent, host_agent
+from exec_agent import agent_clients
 
-from virtcontainers.agent import AgentClient, Process
+from virtcontainers.agent import Process
 
 LINES_PER_RUN = 20
 TARGET = 0.005
@@ -54,46 +52,34 @@ async def bench(opts: Options) -> Result:
     result = new_result(
         "streaming", "Started process: line written -> host iterator (TCG guest vs host)", opts
     )
-    workdir = tempfile.mkdtemp(prefix="vcb-stream-", dir="/tmp")
-    try:
-        async with guest_agent(workdir) as gsock, host_agent(workdir) as hsock:
-            clients = {
-                "guest": await AgentClient.connect(gsock, 30),
-                "host": await AgentClient.connect(hsock, 10),
-            }
-            try:
-                procs = {n: await c.start_process(["cat"]) for n, c in clients.items()}
+    async with agent_clients("vcb-stream-") as (_, clients):
+        procs = {n: await c.start_process(["cat"]) for n, c in clients.items()}
 
-                def candidate(proc: Process) -> Candidate:
-                    async def run(i: int) -> Sample:
-                        trips = [await line_trip(proc, i * 100 + k) for k in range(LINES_PER_RUN)]
-                        trips.sort()
-                        return {"line_trip": trips[len(trips) // 2], "line_trip_max": trips[-1]}
+        def candidate(proc: Process) -> Candidate:
+            async def run(i: int) -> Sample:
+                trips = [await line_trip(proc, i * 100 + k) for k in range(LINES_PER_RUN)]
+                trips.sort()
+                return {"line_trip": trips[len(trips) // 2], "line_trip_max": trips[-1]}
 
-                    return run
+            return run
 
-                samples = await alternate(
-                    {n: candidate(p) for n, p in procs.items()}, opts.runs, opts.warmup
-                )
-                for proc in procs.values():
-                    await proc.close_stdin()
-                    await proc.wait()
-            finally:
-                for c in clients.values():
-                    await c.close()
-        add_metrics(result, samples)
-        add_ratio(result, "line_trip: guest / host", ("guest", "line_trip"), ("host", "line_trip"))
-        add_limit(
-            result, "guest line_trip median (streaming delay bound)",
-            median(result, "guest", "line_trip"), TARGET,
-        )  # fmt: skip
-        result["notes"].append(
-            f"each sample is the median of {LINES_PER_RUN} lines echoed by cat; the trip "
-            "includes the stdin leg, so it bounds the output delay from above"
+        samples = await alternate(
+            {n: candidate(p) for n, p in procs.items()}, opts.runs, opts.warmup
         )
-        result["notes"].append("guest: QEMU q35 TCG, 1 vCPU, 256 MiB; host: the same agent binary")
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        for proc in procs.values():
+            await proc.close_stdin()
+            await proc.wait()
+    add_metrics(result, samples)
+    add_ratio(result, "line_trip: guest / host", ("guest", "line_trip"), ("host", "line_trip"))
+    add_limit(
+        result, "guest line_trip median (streaming delay bound)",
+        median(result, "guest", "line_trip"), TARGET,
+    )  # fmt: skip
+    result["notes"].append(
+        f"each sample is the median of {LINES_PER_RUN} lines echoed by cat; the trip "
+        "includes the stdin leg, so it bounds the output delay from above"
+    )
+    result["notes"].append("guest: QEMU q35 TCG, 1 vCPU, 256 MiB; host: the same agent binary")
     return result
 
 
