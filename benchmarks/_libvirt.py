@@ -29,6 +29,7 @@ from typing import Any
 from _lib import MARKER, Skip
 
 from virtcontainers.agent import AgentClient
+from virtcontainers.host import socket_listening
 
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 RUN_DIR = "/run/libvirt"
@@ -63,15 +64,6 @@ def load_bindings() -> ModuleType:
             sys.modules.pop(name, None)
             raise Skip(f"cannot load the libvirt bindings from {path}: {exc}") from exc
     return sys.modules["libvirt"]
-
-
-def _listening(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 def _kvm_hidden_from_qemu_user() -> bool:
@@ -120,7 +112,7 @@ def daemons(work_dir: str) -> Iterator[list[str]]:
     notes: list[str] = []
     try:
         for name, sock in (("virtlogd", VIRTLOGD_SOCK), ("libvirtd", LIBVIRT_SOCK)):
-            if _listening(sock):
+            if socket_listening(sock):
                 notes.append(f"{name} was already running (not started by the benchmark)")
                 continue
             binary = shutil.which(name) or f"/usr/sbin/{name}"
@@ -136,7 +128,7 @@ def daemons(work_dir: str) -> Iterator[list[str]]:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             started.append((name, proc))
             deadline = time.monotonic() + DAEMON_START_TIMEOUT
-            while not _listening(sock):
+            while not socket_listening(sock):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise Skip(f"{name} did not start (exit code {proc.poll()}); see {log_path}")
                 time.sleep(0.05)

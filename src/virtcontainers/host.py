@@ -8,6 +8,7 @@ import fcntl
 import functools
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -220,6 +221,18 @@ def build_socket_path(*parts: str) -> str:
             f"socket path too long ({length} bytes, max {MAX_SOCKET_PATH_LEN}): {path}"
         )
     return path
+
+
+def socket_listening(path: str) -> bool:
+    """Whether something accepts connections on the Unix socket `path` (a live VMM's QMP)."""
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 VsockIoctl = Callable[[int, int], None]

@@ -173,7 +173,7 @@ class QemuHypervisor(Hypervisor):
         self.paths = qargv.VMPaths(persist.vm_dir(id, self.run_root))
         for sock in (self.paths.qmp_socket, self.paths.console_socket):
             host.build_socket_path(sock)
-        if _listening(self.paths.qmp_socket):
+        if host.socket_listening(self.paths.qmp_socket):
             raise StateError(f"sandbox {id}: a running VM already uses {self.paths.vm_dir}")
         persist.ensure_dir(os.path.dirname(self.paths.vm_dir))  # 0700, whatever the umask
         os.makedirs(self.paths.vm_dir, mode=0o700, exist_ok=True)
@@ -753,18 +753,6 @@ async def _pass_file(qmp: QMP, path: str, flags: int) -> None:
         await qmp.pass_fd(fd, MIGRATION_FD)
     finally:
         os.close(fd)
-
-
-def _listening(path: str) -> bool:
-    """Whether something accepts connections on the Unix socket `path` (a live VM's QMP)."""
-    if not os.path.exists(path):
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 def _existing_asset(name: str, path: str) -> str:
