@@ -44,6 +44,7 @@ BENCHMARKS: dict[str, tuple[str, dict[str, Any]]] = {
     "startup": ("startup", {}),
     "density": ("density", {}),
     "network": ("network", {}),
+    "shim": ("shim", {}),
 }
 NOTES = {"template": "run_all runs it with --n 0: the memory comparison is in `density`"}
 

@@ -21,6 +21,7 @@ from virtcontainers.shim.proto.cgroups.stats.v1 import metrics_pb2
 from virtcontainers.shim.proto.containerd.api.services.ttrpc.events.v1 import events_pb2
 from virtcontainers.shim.proto.containerd.api.types import mount_pb2
 from virtcontainers.shim.proto.containerd.api.types.task import task_pb2 as tasktypes
+from virtcontainers.shim.proto.containerd.pkg.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from virtcontainers.shim.proto.containerd.runtime.v2.task import shim_pb2 as pb
 from virtcontainers.shim.service import PROCESS_TYPE, RESOURCES_TYPE, SERVICE, TaskService
 from virtcontainers.shim.ttrpc import CallContext, Client, Code, Server, Service, TtrpcError
@@ -33,6 +34,7 @@ class FakeVM:
 
     calls: list[str] = field(default_factory=list)
     running: bool = False
+    config_path: str = ""
 
     @property
     def pid(self) -> int:
@@ -145,7 +147,12 @@ async def shim(tmp_path: Path) -> AsyncIterator[Shim]:
     vm = FakeVM()
     stop = asyncio.Event()
     publisher = Publisher("ns1", ttrpc_address=f"unix://{tmp_path / 'events.sock'}")
-    service = TaskService(lambda _id, _bundle: vm, publisher, "ns1", "shim1", shutdown=stop.set)
+
+    def new_vm(shim_id: str, bundle: str, config_path: str) -> FakeVM:
+        vm.config_path = config_path
+        return vm
+
+    service = TaskService(new_vm, publisher, "ns1", "shim1", shutdown=stop.set)
     server = Server([service.service()])
     await server.listen(str(tmp_path / "shim.sock"))
     client = await Client.connect(str(tmp_path / "shim.sock"))
@@ -313,7 +320,11 @@ async def test_bad_input_gets_clear_errors_and_no_vm(shim: Shim) -> None:
 
 
 async def test_create_twice_is_already_exists(shim: Shim) -> None:
-    await shim.create("d1", ["echo", "a"])
+    opts = runtimeoptions.Options(config_path="/etc/vc/alt.toml")
+    packed = any_pb2.Any(type_url="runtimeoptions.v1.Options", value=opts.SerializeToString())
+    await shim.create("d1", ["echo", "a"], options=packed)
+    # CRI's runtime options choose the configuration of the pod's VM.
+    assert shim.vm.config_path == "/etc/vc/alt.toml"
     with pytest.raises(TtrpcError) as info:
         await shim.create("d1", ["echo", "a"])
     assert info.value.code == Code.ALREADY_EXISTS

@@ -23,6 +23,7 @@ CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 LISTEN_FD = 3
 BINARY = "containerd-shim-virtc-v2"
+RUNTIME = "io.containerd.virtc.v2"
 MAX_SOCKET_PATH = 107
 
 
@@ -59,8 +60,11 @@ def parse(argv: list[str]) -> Flags:
             flags.action = rest[0] if rest else ""
             break
         name, eq, value = arg.lstrip("-").partition("=")
-        if name in ("debug", "v"):
+        if name == "debug":
             flags.debug = not eq or value.lower() in ("1", "true", "t")
+        elif name in ("v", "version"):
+            flags.action = "version"
+            return flags
         elif name in _VALUED:
             if not eq:
                 i += 1
@@ -198,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("shim namespace cannot be empty (-namespace)")
         if not flags.id and flags.action in ("start", "delete", "serve"):
             raise UsageError("shim id cannot be empty (-id)")
+        if flags.action == "version":
+            from .. import __version__
+
+            print(f"{BINARY}:\n  Version: {__version__}\n  Runtime: {RUNTIME}")
+            return 0
         if flags.action == "start":
             return start(flags)
         if flags.action == "delete":

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import empty_pb2, timestamp_pb2
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from ..errors import VCError
 from .events import Publisher, now, pack
@@ -80,12 +80,13 @@ class Container:
 
 
 class TaskService:
-    """The task API over a PodVM, made by `vm_factory(shim id, bundle)` at the first Create.
+    """The task API over a PodVM, made by `vm_factory(shim id, bundle, config path)` at the
+    first Create (the config path from CRI's runtime options, "" for the shim's default).
     `shutdown` is called by a Shutdown once no container is left."""
 
     def __init__(
         self,
-        vm_factory: Callable[[str, str], PodVM],
+        vm_factory: Callable[[str, str, str], PodVM],
         publisher: Publisher,
         namespace: str,
         shim_id: str,
@@ -167,6 +168,12 @@ class TaskService:
                 f"unknown runtime options type {req.options.type_url!r} "
                 f"(understood: {', '.join(sorted(OPTIONS_TYPES))})",
             )
+        config_path = ""
+        if req.options.type_url == runtimeoptions.Options.DESCRIPTOR.full_name:
+            try:
+                config_path = runtimeoptions.Options.FromString(req.options.value).config_path
+            except DecodeError as e:
+                raise _err(Code.INVALID_ARGUMENT, f"runtime options: {e}") from e
         async with self._lock:
             if req.id in self.containers:
                 raise _err(Code.ALREADY_EXISTS, f"container {req.id}: already exists")
@@ -187,7 +194,7 @@ class TaskService:
             )
             try:
                 if self.vm is None:
-                    vm = self.vm_factory(self.shim_id, req.bundle)
+                    vm = self.vm_factory(self.shim_id, req.bundle, config_path)
                     try:
                         await vm.start()
                     except BaseException:

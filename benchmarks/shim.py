@@ -1,0 +1,169 @@
+"""`ctr run --rm IMAGE true` under containerd: this shim vs runc vs gVisor, alternated, same run.
+
+A private containerd (Debian's 1.6.20, own root/state/sockets, in its own network namespace:
+the tests' harness) with a busybox image. Candidates: `io.containerd.runc.v2` (runc),
+the same runc shim with Debian's `runsc` as its binary (`--network=none`), and
+`io.containerd.virtc.v2` cold (a new QEMU VM per container: q35, TCG, 1 vCPU, 256 MiB).
+Also the shim binary's own start-up (`containerd-shim-virtc-v2 -v`: interpreter and imports,
+what containerd pays on every start and delete) against `python -c pass`, and memory: the
+PSS of the shim server and of the VM (QEMU and its helpers) while a container runs.
+
+Targets (issue 13): with a VM factory or template <= 1.0x runsc (not measured: the shim does
+not use the factory yet); cold: the ratios are reported; shim PSS <= 40 MiB.
+
+    .venv/bin/python benchmarks/shim.py [--runs 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from _lib import (
+    Options,
+    Result,
+    Sample,
+    Skip,
+    add_metrics,
+    add_ratio,
+    alternate,
+    main,
+    new_result,
+    run_command,
+    smaps_rollup,
+    temp_run_root,
+    vm_memory,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "integration"))
+from containerd_support import import_busybox, running_containerd  # noqa: E402
+
+TITLE = "`ctr run --rm IMAGE true`: virtc shim (cold) vs runc vs runsc; shim start-up and memory"
+LABELS = {
+    "runc": "runc (io.containerd.runc.v2)",
+    "runsc": "runsc (runc shim, gVisor binary)",
+    "virtc": "virtc shim, cold VM",
+    "python_pass": "python -c pass",
+    "shim_version": "containerd-shim-virtc-v2 -v",
+}
+SHIM = os.path.join(os.path.dirname(sys.executable), "containerd-shim-virtc-v2")
+SHIM_PSS_LIMIT_MIB = 40
+SHIM_CONFIG = "[hypervisor.qemu]\ndefault_memory = 256\ndefault_vcpus = 1\n"
+
+
+async def bench(opts: Options) -> Result:
+    for binary in ("containerd", "ctr", "runc", "runsc"):
+        if shutil.which(binary) is None:
+            raise Skip(f"{binary} is not installed")
+    result = new_result("shim", TITLE, opts, unit="s", labels=LABELS)
+    host_run = os.path.exists("/run/containerd")
+    async with temp_run_root() as run_root:
+        config = os.path.join(run_root, "configuration.toml")
+        Path(config).write_text(SHIM_CONFIG)
+        wrapper = os.path.join(run_root, "runsc-none")
+        Path(wrapper).write_text(f'#!/bin/sh\nexec {shutil.which("runsc")} --network=none "$@"\n')
+        os.chmod(wrapper, 0o755)
+        env = {"VC_RUN_ROOT": run_root, "VC_SHIM_CONFIG": config}
+        with running_containerd(env=env) as c:
+            image = import_busybox(c)
+            runc_root = os.path.join(c.dir, "runc")
+
+            def ctr_run(*runtime: str) -> float:
+                cid = f"b{uuid.uuid4().hex[:8]}"
+                args = ["run", "--rm", "--fifo-dir", c.fifo_dir, *runtime, image, cid, "true"]
+                t0 = time.perf_counter()
+                c.ctr(*args, timeout=300)
+                return time.perf_counter() - t0
+
+            def candidate(*runtime: str):  # type: ignore[no-untyped-def]
+                async def run(_i: int) -> Sample:
+                    return {"wall": await asyncio.to_thread(ctr_run, *runtime)}
+
+                return run
+
+            runs = opts.runs if not opts.quick else 2
+            samples = await alternate(
+                {
+                    "runc": candidate("--runc-root", runc_root),
+                    "runsc": candidate("--runc-root", runc_root, "--runc-binary", wrapper),
+                    "virtc": candidate("--runtime", "io.containerd.virtc.v2"),
+                },
+                runs,
+                opts.warmup,
+            )
+            startup = await alternate(
+                {
+                    "python_pass": _command([sys.executable, "-c", "pass"]),
+                    "shim_version": _command([SHIM, "-v"]),
+                },
+                opts.scaled(3),
+                opts.warmup,
+            )
+            samples.update(startup)
+            memory = await asyncio.to_thread(_memory, c, image)
+    if not host_run:  # the runc shim's sockets go to /run/containerd/s whatever its root
+        with contextlib.suppress(OSError):
+            shutil.rmtree("/run/containerd")
+    add_metrics(result, samples)
+    add_ratio(result, "virtc cold / runc", ("virtc", "wall"), ("runc", "wall"))
+    add_ratio(result, "virtc cold / runsc", ("virtc", "wall"), ("runsc", "wall"))
+    add_ratio(result, "runsc / runc", ("runsc", "wall"), ("runc", "wall"))
+    add_ratio(
+        result, "containerd-shim-virtc-v2 -v / python -c pass", ("shim_version", "wall"),
+        ("python_pass", "wall"),
+    )  # fmt: skip
+    result["memory_mib"] = memory
+    met = "met" if memory["shim_pss"] <= SHIM_PSS_LIMIT_MIB else "NOT met"
+    result["notes"].append(
+        f"shim server PSS {memory['shim_pss']:.1f} MiB (target <= {SHIM_PSS_LIMIT_MIB} MiB: "
+        f"{met}); its VM (QEMU, virtiofsd, console keeper) {memory['vm_pss']:.1f} MiB"
+    )
+    return result
+
+
+def _command(argv: list[str]):  # type: ignore[no-untyped-def]
+    async def run(_i: int) -> Sample:
+        return {"wall": await asyncio.to_thread(run_command, argv, dict(os.environ))}
+
+    return run
+
+
+def _memory(c, image: str) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """PSS (MiB) of the shim server and of its VM while `sleep` runs in a container."""
+    cid = f"m{uuid.uuid4().hex[:8]}"
+    c.ctr("run", "-d", "--fifo-dir", c.fifo_dir, "--runtime", "io.containerd.virtc.v2",
+          image, cid, "sleep", "600", timeout=300)  # fmt: skip
+    try:
+        bundle = os.path.join(c.state, "io.containerd.runtime.v2.task", "vctest", cid)
+        with open(os.path.join(bundle, "shim.pid")) as f:
+            shim = int(f.read())
+        kids = subprocess.run(
+            ["pgrep", "-P", str(shim)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        time.sleep(1)
+        shim_pss = smaps_rollup(shim).get("Pss", 0) / (1 << 20)
+        vm = vm_memory([int(k) for k in kids])
+        return {"shim_pss": round(shim_pss, 1), "vm_pss": round(vm.get("Pss", 0) / (1 << 20), 1)}
+    finally:
+        c.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
+        for _ in range(100):
+            if (
+                b"STOPPED" in c.ctr("task", "ls").stdout
+                or cid.encode() not in c.ctr("task", "ls").stdout
+            ):
+                break
+            time.sleep(0.2)
+        c.ctr("task", "delete", cid, check=False)
+        c.ctr("container", "delete", cid, check=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main(bench, __doc__.splitlines()[0]))
