@@ -168,7 +168,10 @@ def _add(tf: tarfile.TarFile, info: tarfile.TarInfo, data: bytes | None = None) 
     tf.addfile(info, io.BytesIO(data) if data is not None else None)
 
 
-BUSYBOX_APPLETS = ("sh", "echo", "true", "false", "cat", "sleep", "ls", "ps", "hostname", "id")
+BUSYBOX_APPLETS = (
+    "sh", "echo", "true", "false", "cat", "sleep", "ls", "ps", "hostname", "id", "tr", "ip",
+    "ping",
+)  # fmt: skip
 
 
 def busybox_layer() -> bytes:

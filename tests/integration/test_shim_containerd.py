@@ -4,6 +4,7 @@ task runs in a QEMU VM, in the image's root filesystem; afterwards nothing is le
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -291,4 +292,37 @@ def test_stdin_reaches_the_process(containerd: tuple[Containerd, str]) -> None:
         timeout=240,
     )
     assert cp.stdout == b"PIPED IN\n"
+    assert settled(c, cid) == []
+
+
+def test_pod_network_namespace_reaches_the_vm(containerd: tuple[Containerd, str]) -> None:
+    """A container joining a network namespace (as CRI's pods do, set up by CNI) has that
+    namespace's address in the VM and reaches its peer."""
+    c, image = containerd
+    cid = f"net-{uuid.uuid4().hex[:6]}"
+    pod = f"vcpod-{uuid.uuid4().hex[:6]}"
+    host_if, pod_if = f"vh{cid[-6:]}", f"vp{cid[-6:]}"
+    sh = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    sh("ip", "netns", "add", pod)
+    try:
+        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", pod_if)
+        sh("ip", "link", "set", pod_if, "netns", pod)
+        sh("ip", "link", "set", host_if, "netns", c.netns)  # the peer: containerd's namespace
+        sh("ip", "-n", c.netns, "addr", "add", "10.213.7.1/24", "dev", host_if)
+        sh("ip", "-n", c.netns, "link", "set", host_if, "up")
+        sh("ip", "-n", pod, "addr", "add", "10.213.7.2/24", "dev", pod_if)
+        sh("ip", "-n", pod, "link", "set", pod_if, "up")
+        sh("ip", "-n", pod, "link", "set", "lo", "up")
+        cp = c.ctr(
+            "run", "--rm", "--fifo-dir", c.fifo_dir, "--runtime", RUNTIME,
+            "--with-ns", f"network:/run/netns/{pod}", image, cid,
+            "sh", "-c", "ip -4 addr; ping -c 1 -W 10 10.213.7.1",
+            check=False, timeout=240,
+        )  # fmt: skip
+        assert cp.returncode == 0, (cp.stdout, cp.stderr)
+        out = cp.stdout.decode()
+        assert "10.213.7.2/24" in out
+        assert "1 packets received" in out
+    finally:
+        subprocess.run(["ip", "netns", "delete", pod], check=False)
     assert settled(c, cid) == []

@@ -9,6 +9,7 @@ reaches containerd when they end.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal as signals
@@ -111,6 +112,40 @@ class PodVM(Protocol):
     async def stop(self) -> None: ...
 
 
+def network_namespace(bundle: str) -> str:
+    """The path of the network namespace the bundle's OCI spec joins ("" for none or a new
+    one: the container then has no network but its loopback)."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            spec = json.load(f)
+        namespaces = spec.get("linux", {}).get("namespaces") or []
+    except (OSError, ValueError, AttributeError):
+        return ""
+    for ns in namespaces:
+        if isinstance(ns, dict) and ns.get("type") == "network":
+            return str(ns.get("path") or "")
+    return ""
+
+
+def guest_bundle(bundle: str) -> str:
+    """A copy of the bundle's spec for the guest (<bundle>/virtc/config.json): no network
+    namespace of its own, the root filesystem at its absolute path. containerd removes it
+    with the bundle."""
+    with open(os.path.join(bundle, "config.json"), "rb") as f:
+        spec = json.load(f)
+    linux = spec.setdefault("linux", {})
+    linux["namespaces"] = [
+        ns for ns in linux.get("namespaces") or [] if ns.get("type") != "network"
+    ]
+    root = spec.setdefault("root", {})
+    root["path"] = os.path.join(bundle, root.get("path") or "rootfs")
+    out = os.path.join(bundle, "virtc")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(spec, f)
+    return out
+
+
 class SandboxVM:
     """PodVM on a `Sandbox` (QEMU by default) made for one OCI bundle."""
 
@@ -122,6 +157,12 @@ class SandboxVM:
         config = overrides.get("config")
         if config is None or not config.shared_fs:
             overrides.setdefault("shared_fs", "virtio-fs")
+        netns = network_namespace(bundle)
+        if netns:
+            # The pod's network namespace (CNI set it up): its interfaces move to the VM, and
+            # the container uses the guest's network (the VM is the pod).
+            overrides.setdefault("network", f"ns:{netns}")
+            bundle = guest_bundle(bundle)
         self.sandbox = Sandbox(sandbox_id, hypervisor, bundle=bundle, **overrides)
         self.containers: dict[str, Container] = {}
 
