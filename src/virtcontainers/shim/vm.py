@@ -2,8 +2,8 @@
 implementation on `Sandbox` and its `Container` (the bundle's root shared over virtio-fs, the
 container made by vc-run in the guest).
 
-Processes run through the agent's buffered exec (as `Container` runs them): their output
-reaches containerd when they end.
+Processes run through the agent's buffered exec (`Container.run`, `Container.exec`): their
+output reaches containerd when they end.
 """
 
 from __future__ import annotations
