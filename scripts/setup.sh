@@ -9,6 +9,8 @@ SYSTEM_PACKAGES=(
   busybox-static cpio kmod lz4 gcc libc6-dev
   # test images: Debian bookworm built by mmdebstrap (the busybox one uses busybox-static)
   mmdebstrap
+  # Firecracker has no virtio-fs: a container root becomes an ext4 image (mke2fs -d)
+  e2fsprogs
   iproute2 procps util-linux ca-certificates
   # sandbox networking: NAT and published ports (nft); the network tests ping with DF set
   nftables iputils-ping

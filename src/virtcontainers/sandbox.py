@@ -246,15 +246,18 @@ class Sandbox:
         from .devices import SharedFS
 
         hv = self.hypervisor
-        if Capabilities.FS_SHARING not in hv.capabilities() or not self.config.shared_fs:
-            raise UnsupportedError(
-                str(self.hypervisor_type),
-                "container roots and volumes",
-                "they are shared over virtio-fs (set shared_fs = virtio-fs)",
-            )
         vm_dir = persist.vm_dir(self.id, self.run_root)
         work: dict[str, Any] = {"share_tag": "vc-ctr"}
         self.workload = work  # teardown releases what is recorded here, even half-way
+        if Capabilities.FS_SHARING not in hv.capabilities() or not self.config.shared_fs:
+            if self.image is None or self.mounts:
+                raise UnsupportedError(
+                    str(self.hypervisor_type),
+                    "bundles and shared directories (-v)",
+                    "they are shared over virtio-fs",
+                )
+            await self._plug_image_block(work, vm_dir)
+            return
         if self.image is not None:
             from .images import ImageStore
 
@@ -281,6 +284,27 @@ class Sandbox:
                 id=f"vol{i}", source=v["source"], mount_tag=v["tag"], read_only=v["read_only"]
             )
             await hv.add_device(share)
+
+    async def _plug_image_block(self, work: dict[str, Any], vm_dir: str) -> None:
+        """Without virtio-fs: the image's root as an ext4 image file (built without mounting,
+        the sandbox's own copy, so the container writes to it) on a cold-plugged drive."""
+        from .devices import BlockDrive
+        from .images import ImageStore
+        from .images.ext4 import build_ext4
+
+        store = ImageStore(self.image_store)
+        assert self.image is not None
+        image = store.get(self.image)
+        lower = store.rootfs(image)
+        store.acquire(self.id, image)
+        work.update(image=image.digest, image_store=store.root, lower=lower, share_tag="")
+        os.makedirs(vm_dir, mode=0o750, exist_ok=True)  # the driver removes it with the VM
+        path = os.path.join(vm_dir, "ctr.ext4")
+        await asyncio.to_thread(build_ext4, lower, path)
+        drive = BlockDrive(id="ctr", path=path)
+        await self.hypervisor.add_device(drive)
+        work["block_serial"] = self.hypervisor.block_serial(drive)
+        work["volumes"] = []
 
     async def create_container(
         self,
@@ -332,6 +356,7 @@ class Sandbox:
         record = ContainerRecord(
             id=cid,
             share_tag=self.workload["share_tag"],
+            block_serial=self.workload.get("block_serial", ""),
             image=self.workload.get("image", ""),
             spec=dataclasses.asdict(spec),
             volumes=list(self.workload.get("volumes", [])),

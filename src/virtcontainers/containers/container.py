@@ -35,6 +35,9 @@ class ContainerRecord:
 
     id: str
     share_tag: str
+    """The virtio-fs tag of its root ("" when the root is a block device)."""
+    block_serial: str = ""
+    """Without virtio-fs: the serial of the drive holding its root (an ext4 image)."""
     image: str = ""
     spec: dict[str, Any] = field(default_factory=dict)
     volumes: list[dict[str, Any]] = field(default_factory=list)
@@ -90,10 +93,21 @@ class Container:
         and the cgroup (with its limits)."""
         q = shlex.quote
         lines = [f"mkdir -p {q(self.rootfs)}"]
-        lines.append(
-            f"grep -q ' {self.rootfs} ' /proc/mounts || mount -t virtiofs "
-            f"{q(self.record.share_tag)} {q(self.rootfs)}"
-        )
+        if self.record.block_serial:
+            find = (
+                'for d in /sys/block/vd*; do [ "$(cat $d/serial 2>/dev/null)" = '
+                f"{q(self.record.block_serial)} ] && dev=/dev/${{d##*/}}; done; "
+                '[ -n "$dev" ]'
+            )
+            lines.append(
+                f"(grep -q ' {self.rootfs} ' /proc/mounts || ({find} && "
+                f"mount -t ext4 $dev {q(self.rootfs)}))"
+            )
+        else:
+            lines.append(
+                f"grep -q ' {self.rootfs} ' /proc/mounts || mount -t virtiofs "
+                f"{q(self.record.share_tag)} {q(self.rootfs)}"
+            )
         for v in self.record.volumes:
             where = f"{GUEST_VOLUMES}/{v['tag']}"
             lines.append(f"mkdir -p {q(where)}")
