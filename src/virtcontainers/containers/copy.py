@@ -16,12 +16,12 @@ import tempfile
 from ..errors import ConfigError, StateError
 from ..images.unpack import apply_layer, resolve_in_root
 
-SHARE_SOCKET = "vhost-fs-ctr.sock"
 
-
-def share_root(vm_dir: str, socket_name: str = SHARE_SOCKET) -> str:
+def share_root(vm_dir: str, share_id: str = "ctr") -> str:
     """The root directory of the virtiofsd serving a sandbox's container share."""
-    marker = f"--socket-path={os.path.join(vm_dir, socket_name)}".encode()
+    from ..drivers.virtiofsd import socket_path
+
+    marker = f"--socket-path={socket_path(vm_dir, share_id)}".encode()
     host_root = os.stat("/")
     for name in os.listdir("/proc"):
         if not name.isdigit():

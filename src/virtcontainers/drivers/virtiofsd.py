@@ -63,13 +63,44 @@ def argv(cfg: HypervisorConfig, hypervisor: str, share: SharedFS, socket: str) -
             f"virtio_fs_cache: {cache!r} is not a virtiofsd cache mode "
             f"({', '.join(v for v in VIRTIO_FS_CACHE_VALUES if v)})"
         )
-    source = share.source  # SharedFS refuses a comma in it (`-o` takes a comma list)
+    source = served_dir(share)  # SharedFS refuses a comma in it (`-o` takes a comma list)
     check_virtiofsd_args("virtio_fs_extra_args", cfg.virtio_fs_extra_args)
     args = [daemon_path(cfg, hypervisor), *cfg.virtio_fs_extra_args]
     args += [f"--socket-path={socket}", "-o", f"source={source}", "-o", f"cache={cache}"]
     if cfg.debug:
         args.append("-d")
-    return args
+    return wrap(share, args)
+
+
+# Run in the daemon's own mount namespace (it dies with the daemon: nothing to unmount, nothing
+# left on the host): a read-only bind, or an overlay of the share's lower and upper directories.
+_READ_ONLY = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" "$1" && shift && exec "$@"'
+_OVERLAY = (
+    'mkdir -p "$2.work" "$2.merged" && '
+    'mount -t overlay overlay -o "lowerdir=$1,upperdir=$2,workdir=$2.work" "$2.merged" && '
+    'shift 2 && exec "$@"'
+)
+
+
+def served_dir(share: SharedFS) -> str:
+    """The directory the daemon serves: the overlay's mount point, else the source."""
+    return share.source + ".merged" if share.lower else share.source
+
+
+def wrap(share: SharedFS, argv: list[str]) -> list[str]:
+    """`argv` (the daemon's) run so that it serves `share` read-only or as an overlay."""
+    if not share.lower and not share.read_only:
+        return argv
+    if os.geteuid() != 0:
+        what = "an overlay (image root)" if share.lower else "a read-only share"
+        raise ConfigError(f"shared fs {share.id}: {what} needs root (mount namespaces)")
+    for path in (share.source, share.lower):
+        if any(c in path for c in ",:\n"):
+            raise ConfigError(f"shared fs {share.id}: path {path!r} contains ',' ':' or a newline")
+    prefix = ["unshare", "-m", "--propagation", "private", "--", "/bin/sh", "-c"]
+    if share.lower:
+        return [*prefix, _OVERLAY, "vc-share", share.lower, share.source, *argv]
+    return [*prefix, _READ_ONLY, "vc-share", share.source, *argv]
 
 
 def check_source(share: SharedFS) -> None:
