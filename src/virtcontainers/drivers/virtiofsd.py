@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..config import VIRTIO_FS_CACHE_VALUES, check_virtiofsd_args
 from ..errors import AssetError, ConfigError
+from ..host import VIRTIOFSD_PATH
 from .vmm_process import VmmProcess, wait_for_path
 
 if TYPE_CHECKING:
@@ -17,7 +18,8 @@ if TYPE_CHECKING:
     from ..devices import SharedFS
     from .qemu.helpers import Helper, Helpers
 
-DEFAULT_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+#: Debian's virtiofsd (qemu-system-common), the one `virtc check` looks for.
+DEFAULT_VIRTIOFSD = VIRTIOFSD_PATH
 #: As root, the C virtiofsd locks a pid file named after its socket path here and leaves it.
 PID_FILE_DIR = "/run/virtiofsd"
 #: The helper kind (QEMU's `Helpers`) and process name.
