@@ -1,0 +1,99 @@
+"""The containerd-shim-virtc-v2 binary without containerd: `start` daemonizes a server that
+answers the task API and exits on Shutdown; bad bundles and flags are refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from google.protobuf import empty_pb2
+
+from virtcontainers.shim.proto.containerd.runtime.v2.task import shim_pb2 as pb
+from virtcontainers.shim.service import SERVICE
+from virtcontainers.shim.ttrpc import Client
+
+SHIM = [sys.executable, "-m", "virtcontainers.shim"]
+
+
+def shim(bundle: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*SHIM, *args], cwd=bundle, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short directory: the shim's socket goes beside containerd's (108-byte limit)."""
+    path = tempfile.mkdtemp(prefix="vcs-", dir="/tmp")
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def flags(address: str, cid: str) -> list[str]:
+    return ["-namespace", "ns1", "-address", address, "-publish-binary", "", "-id", cid]
+
+
+async def test_start_serves_then_shutdown_removes_the_socket(short_tmp: Path) -> None:
+    tmp_path = short_tmp
+    bundle = tmp_path / "b1"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"process": {"args": ["true"]}}))
+    address = str(tmp_path / "containerd.sock")
+    cp = shim(bundle, *flags(address, "b1"), "start")
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.startswith(f"unix://{tmp_path}/s/")
+    path = cp.stdout.removeprefix("unix://")
+    assert (bundle / "address").read_text() == cp.stdout
+    pid = int((bundle / "shim.pid").read_text())
+    # A second start for the same container finds the running shim.
+    again = shim(bundle, *flags(address, "b1"), "start")
+    assert again.stdout == cp.stdout
+    async with await Client.connect(path) as client:
+        info = await client.call(SERVICE, "Connect", pb.ConnectRequest(id="b1"), pb.ConnectResponse)
+        assert info.shim_pid == pid
+        await client.call(SERVICE, "Shutdown", pb.ShutdownRequest(id="b1"), empty_pb2.Empty)
+    for _ in range(100):
+        if (
+            not os.path.exists(f"/proc/{pid}")
+            or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+        ):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the shim did not exit after Shutdown")
+    assert not os.path.exists(path)
+
+
+def test_delete_prints_a_delete_response(tmp_path: Path) -> None:
+    bundle = tmp_path / "b2"
+    bundle.mkdir()
+    (bundle / "config.json").write_text("{}")
+    cp = subprocess.run(
+        [*SHIM, *flags(str(tmp_path / "c.sock"), "b2"), "-bundle", str(bundle), "delete"],
+        cwd=bundle, capture_output=True, timeout=60, check=False,
+        env={**os.environ, "VC_RUN_ROOT": str(tmp_path / "rr")},
+    )  # fmt: skip
+    assert cp.returncode == 0, cp.stderr
+    resp = pb.DeleteResponse.FromString(cp.stdout)
+    assert resp.exit_status == 137
+    assert resp.exited_at.seconds > 0
+
+
+def test_bad_bundle_and_flags_are_named(tmp_path: Path) -> None:
+    cp = shim(tmp_path, *flags(str(tmp_path / "c.sock"), "x"), "start")
+    assert cp.returncode == 2
+    assert f"bundle {tmp_path} has no config.json" in cp.stderr
+    cp = shim(tmp_path, "-namespace", "n", "-id", "x", "-bogus", "start")
+    assert (cp.returncode, "flag provided but not defined: -bogus" in cp.stderr) == (2, True)
+    cp = shim(tmp_path, "-namespace", "n", "-id", "x", "frobnicate")
+    assert (cp.returncode, "unknown action 'frobnicate'" in cp.stderr) == (2, True)
+    cp = shim(tmp_path, "-id", "x", "start")
+    assert "namespace cannot be empty" in cp.stderr
