@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2 import NetNS, netns
+from pyroute2 import NetNS
 
+from net_support import namespaces
 from virtcontainers.agent import AgentClient
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import Device, SerialPort
@@ -95,28 +94,18 @@ class TapNS:
     tap: str
 
 
-def _create_netns_tap(name: str, tap: str) -> None:
-    netns.create(name)
-    try:
-        with NetNS(name) as ns:
-            ns.link("add", ifname=tap, kind="tuntap", mode="tap")
-            (index,) = ns.link_lookup(ifname=tap)
-            ns.link("set", index=index, state="up")
-    except BaseException:
-        netns.remove(name)
-        raise
+def _add_tap(path: str, tap: str) -> None:
+    with NetNS(path) as ns:
+        ns.link("add", ifname=tap, kind="tuntap", mode="tap")
+        (index,) = ns.link_lookup(ifname=tap)
+        ns.link("set", index=index, state="up")
 
 
 @contextlib.asynccontextmanager
 async def netns_with_tap() -> AsyncIterator[TapNS]:
-    """A fresh network namespace holding an up tap device; both removed afterwards.
-
-    pyroute2's synchronous API runs its own event loop, so it runs in a worker thread.
-    """
-    name = f"vct-{secrets.token_hex(4)}"
+    """A fresh network namespace (`net_support.namespaces`) holding an up tap device; both
+    removed afterwards. pyroute2's synchronous API runs its own event loop: a worker thread."""
     tap = "vctap0"
-    await asyncio.to_thread(_create_netns_tap, name, tap)
-    try:
-        yield TapNS(name, os.path.join("/var/run/netns", name), tap)
-    finally:
-        await asyncio.to_thread(netns.remove, name)
+    async with namespaces(1, "vct") as (ns,):
+        await asyncio.to_thread(_add_tap, ns.path, tap)
+        yield TapNS(ns.name, ns.path, tap)

@@ -24,6 +24,7 @@ from fc_support import (  # noqa: F401 - fixtures
 )
 
 from leaks import running
+from net_support import namespaces
 from virtcontainers import HypervisorError, StateError, UnsupportedError
 from virtcontainers.devices import BlockDrive, CPUDevice, NetworkEndpoint, SharedFS
 from virtcontainers.drivers.firecracker import Firecracker, FirecrackerAPIError
@@ -324,20 +325,15 @@ async def test_network_interface_in_namespace(
     short_tmp: str,  # noqa: F811
 ) -> None:
     import subprocess
-    import uuid
 
     def run(*argv: str) -> int:
         return subprocess.run(argv, capture_output=True, check=False).returncode
 
-    ns = f"fct-{uuid.uuid4().hex[:8]}"
-    if run("ip", "netns", "add", ns) != 0:
-        pytest.skip("cannot create a network namespace here")
-    try:
+    async with namespaces(1, "fct") as (netns,):
+        ns = netns.name
         fc = Firecracker(run_root=short_tmp)
         async with fc:
-            await fc.create_sandbox(
-                "fc-net", f"/var/run/netns/{ns}", make_config(backend, fc_kernel)
-            )
+            await fc.create_sandbox("fc-net", netns.path, make_config(backend, fc_kernel))
             await fc.add_device(
                 NetworkEndpoint(id="eth-0", tap_name="fctap0", mac="02:00:00:00:00:07")
             )
@@ -347,13 +343,11 @@ async def test_network_interface_in_namespace(
             assert nets[0]["iface_id"] == "eth_0" and nets[0]["host_dev_name"] == "fctap0"
             assert nets[0]["guest_mac"] == "02:00:00:00:00:07"
             pid = fc.get_pids()[0]
-            ns_inode = os.stat(f"/var/run/netns/{ns}").st_ino
+            ns_inode = os.stat(netns.path).st_ino
             assert os.stat(f"/proc/{pid}/ns/net").st_ino == ns_inode  # runs in the namespace
             if backend.name == "real":  # the real VMM opens (creates) the tap in that namespace
                 assert run("ip", "-n", ns, "link", "show", "fctap0") == 0
                 assert run("ip", "link", "show", "fctap0") != 0
-    finally:
-        run("ip", "netns", "delete", ns)
 
 
 async def test_console_log_is_capped(
