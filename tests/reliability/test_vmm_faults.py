@@ -111,8 +111,8 @@ async def test_killed_mid_hotplug(sandbox: Sandbox, leak_check: str, tmp_path: P
     disk.write_bytes(b"\0" * (1 << 20))
     drive = await sandbox.add_disk(str(disk), "d0")
     # Kill QEMU right after it accepted `device_del`, inside the wait for the guest.
-    hv = sandbox.hypervisor
-    real_execute = hv._execute  # type: ignore[attr-defined]
+    hp = sandbox.hypervisor.hotplug  # type: ignore[attr-defined]
+    real_execute = hp._execute  # the driver's QMP execute, as hotplug was given it
 
     async def execute_then_die(command: str, *args: Any, **kwargs: Any) -> Any:
         result = await real_execute(command, *args, **kwargs)
@@ -120,7 +120,7 @@ async def test_killed_mid_hotplug(sandbox: Sandbox, leak_check: str, tmp_path: P
             os.kill(vmm_pid(sandbox), signal.SIGKILL)
         return result
 
-    hv._execute = execute_then_die  # type: ignore[attr-defined]
+    hp._execute = execute_then_die
     with pytest.raises(HypervisorError, match="sb1"):
         await asyncio.wait_for(sandbox.remove_disk(drive), NOTICE)
     assert "d0" in sandbox.disks  # not forgotten: the removal did not happen
