@@ -3,6 +3,7 @@ answers the task API and exits on Shutdown; bad bundles and flags are refused by
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -17,8 +18,10 @@ import pytest
 from google.protobuf import empty_pb2
 
 from virtcontainers.shim.proto.containerd.runtime.v2.task import shim_pb2 as pb
+from virtcontainers.shim.proto.ttrpc import request_pb2
 from virtcontainers.shim.service import SERVICE
-from virtcontainers.shim.ttrpc import Client
+from virtcontainers.shim.ttrpc import MAX_MESSAGE, Client, Code, Header, MessageType, TtrpcError
+from virtcontainers.shim.ttrpc.framing import read_frame
 
 SHIM = [sys.executable, "-m", "virtcontainers.shim"]
 
@@ -56,7 +59,20 @@ async def test_start_serves_then_shutdown_removes_the_socket(short_tmp: Path) ->
     # A second start for the same container finds the running shim.
     again = shim(bundle, *flags(address, "b1"), "start")
     assert again.stdout == cp.stdout
+    # Bad frames get a status and the shim keeps serving: an oversized frame, a bad service.
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(Header(MAX_MESSAGE + 1, 1, MessageType.REQUEST).pack() + b"\0" * (MAX_MESSAGE + 1))
+    header, data = await asyncio.wait_for(read_frame(reader), 10)
+    assert header.stream_id == 1
+    assert request_pb2.Response.FromString(data).status.code == Code.RESOURCE_EXHAUSTED
+    writer.close()
+    await writer.wait_closed()
     async with await Client.connect(path) as client:
+        with pytest.raises(TtrpcError) as bad:
+            await client.call(
+                "containerd.task.v3.Task", "Connect", pb.ConnectRequest(), pb.ConnectResponse
+            )
+        assert bad.value.code == Code.UNIMPLEMENTED
         info = await client.call(SERVICE, "Connect", pb.ConnectRequest(id="b1"), pb.ConnectResponse)
         assert info.shim_pid == pid
         await client.call(SERVICE, "Shutdown", pb.ShutdownRequest(id="b1"), empty_pb2.Empty)
