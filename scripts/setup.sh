@@ -12,8 +12,9 @@ SYSTEM_PACKAGES=(
   # Firecracker has no virtio-fs: a container root becomes an ext4 image (mke2fs -d)
   e2fsprogs
   iproute2 procps util-linux ca-certificates
-  # sandbox networking: NAT and published ports (nft); the network tests ping with DF set
-  nftables iputils-ping
+  # sandbox networking: NAT and published ports (nft; iptables where nft is absent, and
+  # for a FORWARD chain that drops); the network tests ping with DF set
+  nftables iptables iputils-ping
   # the benchmarks' libvirt baseline (its smoke test runs in the suite)
   libvirt-daemon-system libvirt-clients python3-libvirt
   # the containerd shim's tests run a private containerd (runc: the benchmarks' baseline)
