@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import persist
 from .errors import (
@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from .network import Interface, NetworkConfig, SandboxNetwork
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_START_TIMEOUT = 60.0
 DEATH_POLL = 0.5
@@ -557,16 +559,10 @@ class Sandbox:
         timeout: float | None = None,
     ) -> ExecResult:
         """Run a command in the guest; returns its exit code, stdout and stderr."""
-        if isinstance(argv, str):
-            argv = ["/bin/sh", "-c", argv]
-        if not argv:
-            raise ConfigError("exec: empty command")
-        agent = await self._running_agent("exec")
-        try:
-            return await agent.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout=timeout)
-        except AgentError:
-            await self._raise_if_vm_dead()
-            raise
+        cmd = _command(argv, "exec")
+        return await self._agent_call(
+            "exec", lambda agent: agent.exec(cmd, stdin=stdin, env=env, cwd=cwd, timeout=timeout)
+        )
 
     async def start_process(
         self, argv: list[str] | str, **options: Unpack[StartOptions]
@@ -574,23 +570,24 @@ class Sandbox:
         """Start a process in the guest and return its `Process` handle (streamed stdout and
         stderr, stdin, signals, wait, terminal resize); see `AgentClient.start_process` for the
         arguments. A string `argv` runs under `/bin/sh -c`."""
-        if isinstance(argv, str):
-            argv = ["/bin/sh", "-c", argv]
-        if not argv:
-            raise ConfigError("start_process: empty command")
-        agent = await self._running_agent("start a process")
-        try:
-            return await agent.start_process(argv, **options)
-        except AgentError:
-            await self._raise_if_vm_dead()
-            raise
+        cmd = _command(argv, "start_process")
+        return await self._agent_call(
+            "start a process", lambda agent: agent.start_process(cmd, **options)
+        )
 
     async def attach_process(self, handle: int) -> Process:
         """A `Process` handle on a process started earlier (a detached one, typically from
         another manager): its kept output first, then live output and its exit."""
-        agent = await self._running_agent("attach to a process")
+        return await self._agent_call(
+            "attach to a process", lambda agent: agent.attach_process(handle)
+        )
+
+    async def _agent_call(self, what: str, call: Callable[[AgentClient], Awaitable[T]]) -> T:
+        """`call(agent)` on the running sandbox's agent; an agent error caused by the VM
+        having died is reported as that (see `_raise_if_vm_dead`)."""
+        agent = await self._running_agent(what)
         try:
-            return await agent.attach_process(handle)
+            return await call(agent)
         except AgentError:
             await self._raise_if_vm_dead()
             raise
@@ -1032,6 +1029,15 @@ class Sandbox:
 
         for cid, record in records.items():
             self.containers[cid] = Container(self, ContainerRecord(**record))
+
+
+def _command(argv: list[str] | str, what: str) -> list[str]:
+    """`argv`, or a string run under `/bin/sh -c`; an empty command is refused."""
+    if isinstance(argv, str):
+        argv = ["/bin/sh", "-c", argv]
+    if not argv:
+        raise ConfigError(f"{what}: empty command")
+    return argv
 
 
 def _vhost_net(cfg: HypervisorConfig) -> bool:
