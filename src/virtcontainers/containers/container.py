@@ -167,7 +167,19 @@ class Container:
         )
         self.record.process = self.process.handle
         self.record.status = "running"
+        if detach:
+            await self._until_running()
         return self.process
+
+    async def _until_running(self, polls: int = 200) -> None:
+        """Until the first process has written its pid (exec, kill and ps can find it), or
+        has ended: a detached start returns only then."""
+        assert self.process is not None
+        probe = ["test", "-s", f"{self.guest_dir}/pid"]
+        for _ in range(polls):
+            if self.process.done() or (await self.sandbox.exec(probe)).exit_code == 0:
+                return
+            await asyncio.sleep(0.02)
 
     async def attach(self) -> Process:
         """A handle on the (detached) container process, from any manager."""
