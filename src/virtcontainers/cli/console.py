@@ -9,6 +9,7 @@ import socket
 import sys
 import termios
 import tty
+from collections.abc import Iterator
 
 from ..errors import HypervisorError
 
@@ -29,22 +30,32 @@ def attach_console(path: str, escape: str = "]", history: str | None = None) -> 
     except OSError as e:
         sock.close()
         raise HypervisorError(f"cannot connect to console {path}: {e.strerror}") from e
-    stdin_fd = sys.stdin.fileno()
-    is_tty = os.isatty(stdin_fd)
-    saved = termios.tcgetattr(stdin_fd) if is_tty else None
     if history:
         _show_tail(history)
     sys.stderr.write(f"Connected to {path}. Escape: Ctrl-{escape}\r\n")
     sys.stderr.flush()
     try:
-        if is_tty:
-            tty.setraw(stdin_fd)
-        _relay(sock, stdin_fd, esc)
+        with raw_terminal():
+            _relay(sock, sys.stdin.fileno(), esc)
     finally:
-        if saved is not None:
-            termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
         sock.close()
         sys.stderr.write("\r\nDisconnected.\n")
+
+
+@contextlib.contextmanager
+def raw_terminal(enable: bool = True) -> Iterator[None]:
+    """Our terminal (stdin) in raw mode inside the block, so keys reach the guest as typed;
+    nothing when `enable` is false or stdin is not a terminal."""
+    if not enable or not sys.stdin.isatty():
+        yield
+        return
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def _show_tail(log: str) -> None:

@@ -7,8 +7,7 @@ import argparse
 import contextlib
 import os
 import shutil
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from .app import Globals
@@ -49,6 +48,8 @@ def run_container(g: Globals, a: argparse.Namespace, sb: Sandbox) -> int | None:
         await sb.stop()
         return status
 
+    from .console import raw_terminal
+
     with raw_terminal(a.tty and a.stdin):
         status = run_async(body())
     if status is None:
@@ -61,23 +62,6 @@ def run_container(g: Globals, a: argparse.Namespace, sb: Sandbox) -> int | None:
     if status.timed_out:
         return EXIT_TIMED_OUT
     return 128 + status.signal if status.signal else status.exit_code
-
-
-@contextlib.contextmanager
-def raw_terminal(enable: bool) -> Iterator[None]:
-    """Our terminal in raw mode (keys go to the container's terminal as typed)."""
-    if not enable or not sys.stdin.isatty():
-        yield
-        return
-    import termios
-    import tty
-
-    saved = termios.tcgetattr(0)
-    try:
-        tty.setraw(0)
-        yield
-    finally:
-        termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
 
 async def stream(proc: Process, interactive: bool) -> ExitStatus:
