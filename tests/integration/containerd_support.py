@@ -5,21 +5,19 @@ any) is touched; everything is removed afterwards."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from images_support import config_doc, docker_archive, layer
 
 CONTAINERD = shutil.which("containerd") or "/usr/bin/containerd"
 CTR = shutil.which("ctr") or "/usr/bin/ctr"
@@ -161,13 +159,6 @@ def _stop(c: Containerd) -> None:
     shutil.rmtree(c.dir, ignore_errors=True)
 
 
-def _add(tf: tarfile.TarFile, info: tarfile.TarInfo, data: bytes | None = None) -> None:
-    info.mtime = 1_700_000_000
-    if data is not None:
-        info.size = len(data)
-    tf.addfile(info, io.BytesIO(data) if data is not None else None)
-
-
 BUSYBOX_APPLETS = (
     "sh", "echo", "true", "false", "cat", "sleep", "ls", "ps", "hostname", "id", "tr", "ip",
     "ping",
@@ -176,51 +167,19 @@ BUSYBOX_APPLETS = (
 
 def busybox_layer() -> bytes:
     """A layer with the host's static busybox at /bin/busybox and a few applet links."""
-    busybox = Path("/bin/busybox").read_bytes()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name in ("bin", "etc", "proc", "sys", "dev", "tmp"):
-            info = tarfile.TarInfo(name)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
-            _add(tf, info)
-        info = tarfile.TarInfo("bin/busybox")
-        info.mode = 0o755
-        _add(tf, info, busybox)
-        for applet in BUSYBOX_APPLETS:
-            info = tarfile.TarInfo(f"bin/{applet}")
-            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
-            _add(tf, info)
-    return buf.getvalue()
-
-
-def docker_archive(path: str, ref: str) -> None:
-    """A `docker save` archive of the busybox image, tagged `ref`."""
-    layer = busybox_layer()
-    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {"Cmd": ["sh"], "Env": ["PATH=/bin"]},
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        }
-    ).encode()
-    config_name = hashlib.sha256(config).hexdigest() + ".json"
-    manifest = json.dumps(
-        [{"Config": config_name, "RepoTags": [ref], "Layers": ["layer/layer.tar"]}]
-    ).encode()
-    with tarfile.open(path, "w") as tf:
-        for name, data in (
-            ("layer/layer.tar", layer),
-            (config_name, config),
-            ("manifest.json", manifest),
-        ):
-            _add(tf, tarfile.TarInfo(name), data)
+    return layer(
+        [
+            *(("dir", d) for d in ("bin", "etc", "proc", "sys", "dev", "tmp")),
+            ("file", "bin/busybox", Path("/bin/busybox").read_bytes(), 0o755),
+            *(("sym", f"bin/{applet}", "busybox") for applet in BUSYBOX_APPLETS),
+        ]
+    )
 
 
 def import_busybox(c: Containerd, ref: str = "docker.io/vctest/busybox:1") -> str:
     archive = os.path.join(c.dir, "busybox.tar")
-    docker_archive(archive, ref)
+    layers = [busybox_layer()]
+    docker_archive(archive, layers, [ref], config_doc(layers, Cmd=["sh"], Env=["PATH=/bin"]))
     c.ctr("image", "import", archive)
     os.unlink(archive)
     return ref
