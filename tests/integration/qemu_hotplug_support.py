@@ -1,5 +1,5 @@
-"""Shared pieces of the QEMU hotplug integration tests: booting a VM with an agent, polling
-the guest, and a network namespace with a tap device."""
+"""Shared pieces of the QEMU integration tests: a small guest's config, booting a VM with an
+agent, polling the guest, and a network namespace with a tap device."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu_hotplug_support import make_config
 
 from leaks import running
 from virtcontainers import host
@@ -35,17 +36,6 @@ from virtcontainers.types import Param, Socket
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check")]
 
 BOOT_TIMEOUT = 60.0
-
-
-def make_config(guest_assets: Any, **overrides: Any) -> HypervisorConfig:
-    kw: dict[str, Any] = {
-        "kernel_path": guest_assets.kernel,
-        "initrd_path": guest_assets.initrd,
-        "memory_size": 256,
-        "num_vcpus": 1,
-    }
-    kw.update(overrides)
-    return HypervisorConfig(**kw)
 
 
 @dataclass
