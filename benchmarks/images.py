@@ -1,5 +1,6 @@
 """Containers from images: `virtc run --image busybox -- true` against `virtc run -- true`
-(alternated, same run; target <= 1.15x), image import time and store size for the test
+(alternated, same run; target <= 1.15x; `--net none`, the network's cost being
+benchmarks/network.py's), image import time and store size for the test
 images, and copying 100 MiB into and out of a running container (`virtc cp`).
 
     [VC_BENCH_DEBIAN=1] .venv/bin/python benchmarks/images.py [--runs 10] [--quick]
@@ -77,7 +78,7 @@ async def bench(opts: Options) -> Result:
                 return {"wall": await asyncio.to_thread(run_virtc, ["run", "--", "true"], env)}
 
             async def run_image(_i: int) -> Sample:
-                args = ["run", "--image", "busybox", "--", "true"]
+                args = ["run", "--net", "none", "--image", "busybox", "--", "true"]
                 return {"wall": await asyncio.to_thread(run_virtc, args, env)}
 
             cands: dict[str, Candidate] = {"virtc_run": run_plain, "virtc_run_image": run_image}
@@ -85,7 +86,7 @@ async def bench(opts: Options) -> Result:
 
                 async def run_python(_i: int) -> Sample:
                     image = "debian-python:bookworm"
-                    args = ["run", "--image", image, "--", "python3", "-c", "pass"]
+                    args = ["run", "--net", "none", "--image", image, "--", "python3", "-c", "pass"]
                     return {"wall": await asyncio.to_thread(run_virtc, args, env)}
 
                 cands["virtc_run_python"] = run_python
@@ -118,7 +119,9 @@ async def _copy(opts: Options, env: dict[str, str], tmp: str) -> dict[str, dict[
     await asyncio.to_thread(_write_blob, src)
     sid = "cpbench"
     await asyncio.to_thread(
-        run_virtc, ["run", "-d", "--name", sid, "--image", "busybox", "--", "sleep", "3600"], env
+        run_virtc,
+        ["run", "-d", "--net", "none", "--name", sid, "--image", "busybox", "--", "sleep", "3600"],
+        env,
     )
     try:
 

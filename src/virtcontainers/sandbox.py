@@ -344,7 +344,7 @@ class Sandbox:
                 uid=uid,
                 gid=gid,
                 groups=groups,
-                hostname=hostname or self.id[:63],
+                hostname=hostname or (self.network.hostname if self.network else self.id[:63]),
             )
         else:
             spec = spec_from_dict(self.workload["spec"])

@@ -46,7 +46,8 @@ NETWORK = (
     Arg(
         "--net",
         help="Network: none (loopback only), bridge[:NAME] (NAT, -p), ns:PATH (join a "
-        "namespace), user (QEMU user-mode, no root). Default: bridge with -p, else no NIC.",
+        "namespace), user (QEMU user-mode, no root). Default: bridge with -p or for run "
+        "--image on QEMU (user when not root), else no NIC.",
     ),
     Arg(
         "--publish",
@@ -76,16 +77,20 @@ CONTAINER = (
 )
 
 
-def _new_sandbox(g: Globals, a: argparse.Namespace, **workload: Any) -> Sandbox:
-    """A Sandbox from the shared options; `workload`: image, bundle, mounts (see Sandbox)."""
+def _new_sandbox(
+    g: Globals, a: argparse.Namespace, default_net: str = "", **workload: Any
+) -> Sandbox:
+    """A Sandbox from the shared options; `workload`: image, bundle, mounts (see Sandbox);
+    `default_net`: the network when no --net, -p or --subnet asks for one ("": no NIC)."""
     from ..sandbox import Sandbox
 
     config, overrides = config_request(g, a)
     network = None
-    if a.net or a.publish or a.subnet:
+    if a.net or a.publish or a.subnet or default_net:
         from ..network import NetworkConfig
 
-        network = NetworkConfig.parse(a.net or "bridge", a.publish, subnet=a.subnet or "")
+        mode = a.net or ("bridge" if a.publish or a.subnet else default_net)
+        network = NetworkConfig.parse(mode, a.publish, subnet=a.subnet or "")
     return Sandbox(
         a.name,
         g.hypervisor,
@@ -125,7 +130,12 @@ def run(g: Globals, a: argparse.Namespace) -> int | None:
     if container:
         from .container_cmds import run_container
 
-        sb = _new_sandbox(g, a, image=a.image, bundle=a.bundle, mounts=a.volume)
+        # Like `docker run`, an image gets a bridged network unless told otherwise (QEMU
+        # user-mode networking without root, which a bridge needs).
+        default = ""
+        if a.image is not None and g.hypervisor == "qemu":
+            default = "bridge" if os.geteuid() == 0 else "user"
+        sb = _new_sandbox(g, a, default, image=a.image, bundle=a.bundle, mounts=a.volume)
         return run_container(g, a, sb)
     data = sys.stdin.buffer.read() if a.stdin else b""
     if not [w for w in a.command if w != "--"]:

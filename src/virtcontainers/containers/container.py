@@ -27,6 +27,8 @@ GUEST_ROOT = "/run/vc/c"
 """Where containers live in the guest: <id>/rootfs (the share), <id>/pid."""
 GUEST_VOLUMES = "/run/vc/v"
 CGROUP_ROOT = "/sys/fs/cgroup"
+NETWORK_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/hostname")
+"""What the guest's network set-up writes (network/guest.py), shared with its container."""
 
 
 @dataclass
@@ -138,9 +140,17 @@ class Container:
                 f"{result.stderr.decode(errors='replace').strip()}"
             )
 
+    def _network_mounts(self, spec: ProcessSpec) -> list[tuple[str, str, str, str]]:
+        """The guest's /etc/hosts, /etc/resolv.conf and /etc/hostname bound into the
+        container (as Kata does) when the sandbox has a network and the spec binds none."""
+        if self.sandbox.network is None:
+            return []
+        taken = {m[2] for m in spec.mounts}
+        return [("bind", f, f, "bind") for f in NETWORK_FILES if f not in taken]
+
     def runner_argv(self, spec: ProcessSpec | None = None) -> list[str]:
         spec = spec or self.spec
-        spec.mounts = [*spec.mounts, *self._volume_mounts()]
+        spec.mounts = [*spec.mounts, *self._volume_mounts(), *self._network_mounts(spec)]
         cgroup = f"{CGROUP_ROOT}/vc-{self.id}" if spec.resources.files() else ""
         return spec.runner_argv(self.rootfs, cgroup=cgroup, pid_file=f"{self.guest_dir}/pid")
 

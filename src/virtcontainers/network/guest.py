@@ -1,9 +1,9 @@
 """Configure the guest's network from what the host read in the sandbox's namespace.
 
 For now this runs the initrd's busybox (`ip`, `arp`, `hostname`) through the agent's exec,
-one shell script per call, and writes /etc/hosts and /etc/resolv.conf with the agent's file
-request. `configure_guest_network` is the one entry point, so a dedicated agent request can
-replace the script without touching its callers.
+one shell script per call, and writes /etc/hosts, /etc/resolv.conf and /etc/hostname with
+the agent's file request. `configure_guest_network` is the one entry point, so a dedicated
+agent request can replace the script without touching its callers.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ async def configure_guest_network(
 ) -> None:
     """Bring the guest's interfaces up as `net` describes (found by MAC, waiting up to
     `wait` seconds for hotplugged ones), with routes, static neighbours, hostname and, with
-    `files`, /etc/hosts and /etc/resolv.conf. `AgentError` says what the guest refused."""
+    `files`, /etc/hosts, /etc/resolv.conf and /etc/hostname (a container binds all three).
+    `AgentError` says what the guest refused."""
     res = await agent.exec(["/bin/sh", "-c", guest_script(net, wait=wait)], timeout=wait + 30)
     if not res.ok:
         raise AgentError(
@@ -101,6 +102,7 @@ async def configure_guest_network(
     if files:
         await agent.write_file("/etc/hosts", hosts_file(net))
         await agent.write_file("/etc/resolv.conf", resolv_conf(net))
+        await agent.write_file("/etc/hostname", f"{net.hostname}\n" if net.hostname else "")
 
 
 def only(net: GuestNetwork, iface: Interface) -> GuestNetwork:
