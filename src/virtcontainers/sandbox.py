@@ -682,6 +682,7 @@ class Sandbox:
             queues = self.config.num_vcpus
             net.interfaces.append(iface)
             self._persist()  # the tap is named in the record before it exists
+            ep = None
             try:
                 await net.connect(iface, queues)
                 ep = net.endpoint(iface, queues, _vhost_net(self.config))
@@ -691,6 +692,9 @@ class Sandbox:
                 net.interfaces.remove(iface)
                 self._persist()
                 raise
+            finally:
+                for fd in ep.fds if ep else []:  # a macvtap's queues: QEMU has its copies
+                    os.close(fd)
             net.routes += routes
             net.neighbours += neighbours
             self._persist()
@@ -710,7 +714,9 @@ class Sandbox:
         if net is None or iface is None:
             raise ConfigError(f"sandbox {self.id} has no network endpoint {name!r}")
         async with self._op():
-            ep = net.endpoint(iface, self.config.num_vcpus, _vhost_net(self.config))
+            ep = net.endpoint(
+                iface, self.config.num_vcpus, _vhost_net(self.config), open_queues=False
+            )
             await hv.hotplug_remove_device(ep)
             await net.disconnect(iface)
             net.interfaces.remove(iface)

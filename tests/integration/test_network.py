@@ -269,8 +269,9 @@ async def test_cli_user_and_bridge_networks_with_published_ports(run_root: str) 
 
 
 async def test_macvtap_model(run_root: str, guest_assets: Any, tmp_path: Path) -> None:
-    """Kata's macvtap model: QEMU gets the macvtap's queues as fds; the guest takes the
-    endpoint's MAC; stopping gives the endpoint its MAC back."""
+    """Kata's macvtap model: QEMU gets the macvtap's queues as fds (at start, and passed over
+    QMP for a hotplugged endpoint); the guest takes the endpoint's MAC; removing or stopping
+    gives the endpoint its MAC back."""
     async with namespaces(2) as (out, sbns):
         await veth(out, "vth0", [f"{OUT4}/24"], sbns, "eth0", [f"{IN4}/24"], b_gateway=OUT4)
         mac = await asyncio.to_thread(mac_of, sbns, "eth0")
@@ -286,8 +287,26 @@ async def test_macvtap_model(run_root: str, guest_assets: Any, tmp_path: Path) -
                 await guest_serve(sb, 80, "via-macvtap")
                 assert get(out, f"http://{IN4}/") == "via-macvtap"
                 assert await guest_get(sb, f"http://{OUT4}:8081/") == "from-outside"
-            # The endpoint is as it was: MAC, address and default route.
-            assert sbns.links() == ["eth0", "lo"]
+
+                # Hotplug: a second endpoint, its two queues passed to the running QEMU.
+                await veth(out, "vth1", ["192.168.78.1/24"], sbns, "eth1", ["192.168.78.2/24"])
+                mac1 = await asyncio.to_thread(mac_of, sbns, "eth1")
+                iface = await sb.add_network("eth1")
+                assert iface.tap == "mvt1_vc" and "mvt1_vc" in sbns.links()
+                r = await sb.exec(f"grep -l {mac1} /sys/class/net/*/address")
+                assert r.ok, r
+                dev = r.stdout.decode().strip().split("/")[-2]
+                queues = (await sb.exec(f"ls /sys/class/net/{dev}/queues")).stdout.split()
+                assert sorted(queues) == [b"rx-0", b"rx-1", b"tx-0", b"tx-1"]
+                assert get(out, "http://192.168.78.2/") == "via-macvtap"
+                await sb.remove_network("eth1")
+                assert "mvt1_vc" not in sbns.links()
+                assert await asyncio.to_thread(mac_of, sbns, "eth1") == mac1
+                assert get_fails(out, "http://192.168.78.2/")
+                assert get(out, f"http://{IN4}/") == "via-macvtap"
+            # The endpoints are as they were: MAC, address and default route.
+            assert sbns.links() == ["eth0", "eth1", "lo"]
+            assert "192.168.78.2/24" in sbns.run("ip", "-o", "addr", "show", "dev", "eth1")
             assert await asyncio.to_thread(mac_of, sbns, "eth0") == mac
             assert f"{IN4}/24" in sbns.run("ip", "-o", "addr", "show", "dev", "eth0")
             assert f"default via {OUT4}" in sbns.run("ip", "route")

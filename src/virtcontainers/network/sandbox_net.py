@@ -295,13 +295,16 @@ class SandboxNetwork:
             return [UserNetwork(id="user0", mac=iface.mac, net=str(USER_NET), host_forwards=fwd)]
         return [self.endpoint(i, queues, vhost) for i in self.interfaces if i.tap]
 
-    def endpoint(self, iface: Interface, queues: int, vhost: bool) -> NetworkEndpoint:
-        """The NIC of one interface. A macvtap's queues are opened here: the fds go to the
-        VMM with the device (the driver closes its copies once the VMM runs)."""
+    def endpoint(
+        self, iface: Interface, queues: int, vhost: bool, *, open_queues: bool = True
+    ) -> NetworkEndpoint:
+        """The NIC of one interface. A macvtap's queues are opened here (unless not
+        `open_queues`: a NIC being removed): the fds go to the VMM with the device (the
+        driver closes its copies once the VMM runs; `Sandbox.add_network` once hotplugged)."""
         if iface.kind == "tap":
             queues = 1  # someone else's tap: single queue unless made otherwise
         fds: list[int] = []
-        if iface.tap_index:
+        if iface.tap_index and open_queues:
             path = f"/dev/tap{iface.tap_index}"
             try:
                 for _ in range(queues):
@@ -337,10 +340,6 @@ class SandboxNetwork:
         if not self.netns_path:
             raise ConfigError(
                 f"sandbox {self.sandbox_id} has no network namespace ({self.config.mode} mode)"
-            )
-        if self.config.model == "macvtap":
-            raise UnsupportedError(
-                "qemu", "network hotplug with the macvtap model", "its queue fds are cold-plug only"
             )
         if any(i.name == name for i in self.interfaces):
             raise ConfigError(f"sandbox {self.sandbox_id}: endpoint {name} is already added")

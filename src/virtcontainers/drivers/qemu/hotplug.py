@@ -443,33 +443,40 @@ class Hotplug:
 
     async def _add_net(self, ep: NetworkEndpoint) -> NetworkEndpoint:
         op = f"hotplugging network endpoint {ep.id}"
-        if ep.fds:
-            raise UnsupportedError(
-                "qemu", op, "a tap given as open fds (macvtap) is cold-plug only"
-            )
         rec = Plugged(device_key(ep), f"net-{ep.id}")
-        netdev: dict[str, Any] = {
-            "type": "tap",
-            "id": f"netdev-{ep.id}",
-            "ifname": ep.tap_name,
-            "script": "no",
-            "downscript": "no",
-        }
+        netdev: dict[str, Any] = {"type": "tap", "id": f"netdev-{ep.id}"}
+        fd_names = [f"netdev-{ep.id}-q{i}" for i in range(len(ep.fds))]
+        if fd_names:  # queues opened by the caller (a macvtap's /dev/tapN): named copies
+            netdev["fds"] = ":".join(fd_names)
+        else:
+            netdev.update({"ifname": ep.tap_name, "script": "no", "downscript": "no"})
         if ep.vhost and not self.config.disable_vhost_net:
             netdev["vhost"] = True
-        if ep.queues > 1:
+        if ep.queues > 1 and not fd_names:
             netdev["queues"] = ep.queues
         mac = ep.mac or random_mac()
         dev: dict[str, Any] = {"driver": "virtio-net-pci", "netdev": netdev["id"], "mac": mac}
         if ep.queues > 1:
             dev.update({"mq": True, "vectors": 2 * ep.queues + 2})
         async with contextlib.AsyncExitStack() as undo:
+            if fd_names:
+                # getfd and netdev_add on one QMP session: netdev_add takes (and so
+                # removes) the named fds; whichever it did not take are closed on failure.
+                qmp = await self._session()
+                undo.push_async_callback(self._close_fds, fd_names)
+                for fd, name in zip(ep.fds, fd_names, strict=True):
+                    await qmp.pass_fd(fd, name)
             await self._add_backend(op, rec, "netdev", netdev["id"], "netdev_add", netdev, undo)
             ep.pci_path = await self._plug_pci(op, rec, dev, undo)
             undo.pop_all()
         ep.mac = mac
         self.plugged[rec.key] = rec
         return ep
+
+    async def _close_fds(self, names: list[str]) -> None:
+        for name in names:
+            with contextlib.suppress(HypervisorError, QMPCommandError):
+                await self._execute("closefd", {"fdname": name})
 
     async def _add_vfio(self, dev: VFIODevice) -> VFIODevice:
         op = f"hotplugging VFIO device {dev.id} ({dev.bdf})"
