@@ -269,6 +269,8 @@ def _rule_ports(rule: dict[str, Any]) -> tuple[str, int] | None:
 
 def check_ports_free(sandbox_id: str, ports: list[PortMapping]) -> None:
     """`ConfigError` naming the first host port that a socket or another sandbox holds."""
+    if not ports:
+        return
     taken = _iptables_ports()
     for r in _rules() if nft_available() else []:
         where = _rule_ports(r)
