@@ -99,10 +99,17 @@ async def test_lifecycle_across_invocations(leak_check: str) -> None:
         env={**os.environ, "VC_RUN_ROOT": leak_check},
     )
     try:
-        r = await virtc(leak_check, "exec", "cli1", "sh", "-c", "echo FOLLOWED > /dev/ttyS0")
-        assert r.returncode == 0, r.stderr
+        # The follower may not have opened the log yet when the first line is written
+        # (--tail 0 would skip it): write until it sees one.
         assert follower.stdout is not None
-        line = await asyncio.wait_for(follower.stdout.readuntil(b"FOLLOWED"), 30)
+        reading = asyncio.ensure_future(follower.stdout.readuntil(b"FOLLOWED"))
+        for _ in range(15):
+            r = await virtc(leak_check, "exec", "cli1", "sh", "-c", "echo FOLLOWED > /dev/ttyS0")
+            assert r.returncode == 0, r.stderr
+            done, _pending = await asyncio.wait({reading}, timeout=2)
+            if done:
+                break
+        line = await asyncio.wait_for(reading, 5)
         assert b"VC-AGENT-READY" not in line  # --tail 0: nothing from before
 
         r = await virtc(leak_check, "list", "-q")
