@@ -17,8 +17,9 @@ SYSTEM_PACKAGES=(
   nftables iptables iputils-ping
   # the benchmarks' libvirt baseline (its smoke test runs in the suite)
   libvirt-daemon-system libvirt-clients python3-libvirt
-  # the containerd shim's tests run a private containerd (runc: the benchmarks' baseline)
-  containerd runc
+  # the containerd shim's tests run a private containerd (runc and runsc: the benchmarks'
+  # baselines)
+  containerd runc runsc
 )
 
 missing=()
