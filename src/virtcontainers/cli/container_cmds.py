@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -37,6 +36,8 @@ def run_container(g: Globals, a: argparse.Namespace, sb: Sandbox) -> int | None:
                 sb._persist()
                 await sb.detach()
                 return None
+            import shutil  # bz2, lzma, fnmatch: not for the commands that only register here
+
             size = shutil.get_terminal_size() if a.tty else os.terminal_size((80, 24))
             proc = await container.start(
                 tty=a.tty, rows=size.lines, cols=size.columns, timeout=a.exec_timeout
