@@ -25,6 +25,7 @@ import json
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +260,12 @@ class FakeClh:
             t = self.vcpus.pop()
             t.stop_event.set()
             t.join()
+            # join() returns before the OS thread is gone: answer only once /proc no
+            # longer lists it, as the real VMM's threads are gone when it answers.
+            task = f"/proc/self/task/{t.native_id}"
+            deadline = time.monotonic() + 5
+            while os.path.exists(task) and time.monotonic() < deadline:
+                time.sleep(0.001)
 
     def _release(self) -> None:
         self._set_vcpus(0)
