@@ -50,6 +50,8 @@ DEFAULT_ROOT_RUN_ROOT = "/run/vc"
 RUN_ROOT_ENV = "VC_RUN_ROOT"
 STATE_FILE = "persist.json"
 LOCK_FILE = "lock"
+DELETE_TRIES = 50
+"""How often `delete` removes a directory that lock waiters keep re-populating."""
 RUNSTATE_FILE = "runstate"
 _RUNSTATE_CODES = {"running": b"R", "paused": b"P"}
 _RUNSTATE_NAMES = {code: name for name, code in _RUNSTATE_CODES.items()}
@@ -433,16 +435,22 @@ class StateStore:
 
     def delete(self, id: str) -> None:
         """Remove the sandbox directory (state, lock, temp files); a no-op when absent."""
+        import shutil
+
         directory = self.dir(id)
         self._written.pop(id, None)
-        try:
-            import shutil
-
-            shutil.rmtree(directory)
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            raise StateError(f"cannot delete {directory}: {e.strerror or e}") from e
+        for attempt in range(DELETE_TRIES):
+            try:
+                shutil.rmtree(directory)
+                return
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                # A process waiting for the lock re-creates its lock file between rmtree's
+                # unlink and rmdir: remove the directory again.
+                if e.errno == errno.ENOTEMPTY and attempt + 1 < DELETE_TRIES:
+                    continue
+                raise StateError(f"cannot delete {directory}: {e.strerror or e}") from e
 
     def list(self) -> list[str]:
         """Sorted ids of the sandboxes that have a state file."""

@@ -667,6 +667,31 @@ def test_delete_under_lock_then_relock(store: StateStore) -> None:
     assert not store.exists("sb1")
 
 
+def test_delete_while_a_waiter_recreates_the_lock_file(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second `virtc stop` polling for the lock re-creates the lock file between rmtree's
+    # unlink and its rmdir of the directory (seen as "Directory not empty" from one of two
+    # concurrent stops).
+    store.write("sb1", {"a": 1})
+    directory = store.dir("sb1")
+    real_rmdir = os.rmdir
+    recreated = 0
+
+    def rmdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        nonlocal recreated
+        if os.fspath(path) == directory and recreated < 3:
+            recreated += 1
+            Path(store.lock_path("sb1")).touch()  # what the waiter's O_CREAT open does
+        real_rmdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rmdir", rmdir)
+    with store.lock("sb1"):
+        store.delete("sb1")
+    assert recreated == 3
+    assert not os.path.exists(directory)
+
+
 def test_lock_refuses_bad_id(store: StateStore) -> None:
     with pytest.raises(ConfigError), store.lock("../etc"):
         pass
