@@ -24,6 +24,7 @@ CTR = shutil.which("ctr") or "/usr/bin/ctr"
 #: The venv's bin directory: the shim's console script is there.
 VENV_BIN = os.path.dirname(sys.executable)
 NAMESPACE = "vctest"
+RUNTIME = "io.containerd.virtc.v2"
 
 
 @dataclass
@@ -103,6 +104,25 @@ class Containerd:
                 f"stderr: {cp.stderr!r}\ncontainerd log tail:\n{self.log_tail()}"
             )
         return cp
+
+    def run(
+        self,
+        image: str,
+        cid: str,
+        *argv: str,
+        detach: bool = False,
+        options: Sequence[str] = (),
+        check: bool = True,
+        timeout: float = 240,
+        input: bytes | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """`ctr run` of `argv` in a new container `cid` on this shim's runtime: detached
+        (`-d`) or removed once it ends (`--rm`); `options` go before the image."""
+        mode = "-d" if detach else "--rm"
+        return self.ctr(
+            "run", mode, "--fifo-dir", self.fifo_dir, "--runtime", RUNTIME, *options,
+            image, cid, *argv, check=check, timeout=timeout, input=input,
+        )  # fmt: skip
 
     def log_tail(self, n: int = 40) -> str:
         try:

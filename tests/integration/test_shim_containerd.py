@@ -17,7 +17,6 @@ from leaks import processes_mentioning
 
 pytestmark = pytest.mark.integration
 
-RUNTIME = "io.containerd.virtc.v2"
 SHIM_CONFIG = """[hypervisor.qemu]
 default_memory = 256
 default_vcpus = 1
@@ -65,21 +64,8 @@ def test_ctr_run_rm_prints_output_and_exits_with_the_code(
 ) -> None:
     c, image = containerd
     cid = f"run-{uuid.uuid4().hex[:6]}"
-    cp = c.ctr(
-        "run",
-        "--rm",
-        "--fifo-dir",
-        c.fifo_dir,
-        "--runtime",
-        RUNTIME,
-        image,
-        cid,
-        "sh",
-        "-c",
-        "echo hello from $(hostname); ls /; echo oops >&2; exit 7",
-        check=False,
-        timeout=240,
-    )
+    script = "echo hello from $(hostname); ls /; echo oops >&2; exit 7"
+    cp = c.run(image, cid, "sh", "-c", script, check=False)
     assert cp.returncode == 7, (cp.stderr, c.log_tail())
     lines = cp.stdout.decode().splitlines()
     assert lines[0].startswith("hello from")
@@ -126,7 +112,7 @@ def test_detached_task_exec_ps_pause_metrics_kill_delete(
     fifo = ["--fifo-dir", c.fifo_dir]
     # The container's first process handles SIGTERM (as PID 1 of its namespace it must).
     trap = "trap 'exit 42' TERM; while :; do sleep 1; done"
-    c.ctr("run", "-d", *fifo, "--runtime", RUNTIME, image, cid, "sh", "-c", trap, timeout=240)
+    c.run(image, cid, "sh", "-c", trap, detach=True)
     assert task_status(c, cid) == "RUNNING"
 
     cp = c.ctr(
@@ -173,7 +159,7 @@ def test_kill_all_ends_init_and_execs(containerd: tuple[Containerd, str]) -> Non
     c, image = containerd
     cid = f"all-{uuid.uuid4().hex[:6]}"
     fifo = ["--fifo-dir", c.fifo_dir]
-    c.ctr("run", "-d", *fifo, "--runtime", RUNTIME, image, cid, "sleep", "600", timeout=240)
+    c.run(image, cid, "sleep", "600", detach=True)
     c.ctr("task", "exec", "-d", *fifo, "--exec-id", "bg", cid, "sleep", "600")
     before = len(c.ctr("task", "ps", cid).stdout.decode().splitlines())
     c.ctr("task", "exec", "-d", *fifo, "--exec-id", "bg2", cid, "sleep", "600")
@@ -189,19 +175,7 @@ def test_kill_all_ends_init_and_execs(containerd: tuple[Containerd, str]) -> Non
 def test_shim_killed_then_containerd_cleans_up(containerd: tuple[Containerd, str]) -> None:
     c, image = containerd
     cid = f"kill-{uuid.uuid4().hex[:6]}"
-    c.ctr(
-        "run",
-        "-d",
-        "--fifo-dir",
-        c.fifo_dir,
-        "--runtime",
-        RUNTIME,
-        image,
-        cid,
-        "sleep",
-        "600",
-        timeout=240,
-    )
+    c.run(image, cid, "sleep", "600", detach=True)
     bundle = os.path.join(c.state, "io.containerd.runtime.v2.task", "vctest", cid)
     shim_pid = int(Path(bundle, "shim.pid").read_text())
     os.kill(shim_pid, 9)
@@ -219,19 +193,7 @@ def test_shim_killed_then_containerd_cleans_up(containerd: tuple[Containerd, str
 def test_vmm_killed_task_exits(containerd: tuple[Containerd, str]) -> None:
     c, image = containerd
     cid = f"vmm-{uuid.uuid4().hex[:6]}"
-    c.ctr(
-        "run",
-        "-d",
-        "--fifo-dir",
-        c.fifo_dir,
-        "--runtime",
-        RUNTIME,
-        image,
-        cid,
-        "sleep",
-        "600",
-        timeout=240,
-    )
+    c.run(image, cid, "sleep", "600", detach=True)
     qemu = [pid for pid, cmd in processes_mentioning(f"sandbox-{cid}") if "qemu-system" in cmd]
     assert len(qemu) == 1
     os.kill(qemu[0], 9)
@@ -246,19 +208,7 @@ def test_containerd_restart_reconnects_to_the_running_task(
 ) -> None:
     c, image = containerd
     cid = f"rst-{uuid.uuid4().hex[:6]}"
-    c.ctr(
-        "run",
-        "-d",
-        "--fifo-dir",
-        c.fifo_dir,
-        "--runtime",
-        RUNTIME,
-        image,
-        cid,
-        "sleep",
-        "600",
-        timeout=240,
-    )
+    c.run(image, cid, "sleep", "600", detach=True)
     c.stop()
     c.start()
     # containerd read the shim's address from the bundle and reconnected: the task still runs
@@ -276,21 +226,7 @@ def test_containerd_restart_reconnects_to_the_running_task(
 def test_stdin_reaches_the_process(containerd: tuple[Containerd, str]) -> None:
     c, image = containerd
     cid = f"in-{uuid.uuid4().hex[:6]}"
-    cp = c.ctr(
-        "run",
-        "--rm",
-        "--fifo-dir",
-        c.fifo_dir,
-        "--runtime",
-        RUNTIME,
-        image,
-        cid,
-        "sh",
-        "-c",
-        "tr a-z A-Z",
-        input=b"piped in\n",
-        timeout=240,
-    )
+    cp = c.run(image, cid, "sh", "-c", "tr a-z A-Z", input=b"piped in\n")
     assert cp.stdout == b"PIPED IN\n"
     assert settled(c, cid) == []
 
@@ -313,11 +249,9 @@ def test_pod_network_namespace_reaches_the_vm(containerd: tuple[Containerd, str]
         sh("ip", "-n", pod, "addr", "add", "10.213.7.2/24", "dev", pod_if)
         sh("ip", "-n", pod, "link", "set", pod_if, "up")
         sh("ip", "-n", pod, "link", "set", "lo", "up")
-        cp = c.ctr(
-            "run", "--rm", "--fifo-dir", c.fifo_dir, "--runtime", RUNTIME,
-            "--with-ns", f"network:/run/netns/{pod}", image, cid,
-            "sh", "-c", "ip -4 addr; ping -c 1 -W 10 10.213.7.1",
-            check=False, timeout=240,
+        cp = c.run(
+            image, cid, "sh", "-c", "ip -4 addr; ping -c 1 -W 10 10.213.7.1",
+            options=["--with-ns", f"network:/run/netns/{pod}"], check=False,
         )  # fmt: skip
         assert cp.returncode == 0, (cp.stdout, cp.stderr)
         out = cp.stdout.decode()
