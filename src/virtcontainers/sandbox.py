@@ -45,8 +45,8 @@ if TYPE_CHECKING:
     from .agent.fake import FakeAgent
     from .agent.process import StartOptions
     from .config import HypervisorConfig
-    from .containers import Container, Mount
-    from .devices import BlockDrive
+    from .containers import Container, Mount, ProcessSpec
+    from .devices import BlockDrive, SharedFS
     from .network import Interface, NetworkConfig, SandboxNetwork
 
 log = logging.getLogger(__name__)
@@ -268,9 +268,7 @@ class Sandbox:
             lower = store.rootfs(image)
             store.acquire(self.id, image)
             work.update(image=image.digest, image_store=store.root, lower=lower)
-            upper = os.path.join(vm_dir, "ctr", "upper")
-            os.makedirs(upper, mode=0o755)
-            await hv.add_device(SharedFS(id="ctr", source=upper, mount_tag="vc-ctr", lower=lower))
+            await hv.add_device(self._root_share(0, lower=lower))
         elif self.bundle is not None:
             from .containers import from_oci
 
@@ -278,8 +276,7 @@ class Sandbox:
             spec, root, extra = from_oci(doc, self.bundle)
             self.mounts = [*self.mounts, *extra]
             work.update(bundle=self.bundle, lower=root, spec=dataclasses.asdict(spec))
-            ro = spec.readonly_root
-            await hv.add_device(SharedFS(id="ctr", source=root, mount_tag="vc-ctr", read_only=ro))
+            await hv.add_device(self._root_share(0, root=root, read_only=spec.readonly_root))
         work["volumes"] = volume_records(self.mounts, "vc-")
         for i, v in enumerate(work["volumes"]):
             share = SharedFS(
@@ -308,6 +305,22 @@ class Sandbox:
         work["block_serial"] = self.hypervisor.block_serial(drive)
         work["volumes"] = []
 
+    def _root_share(
+        self, index: int, *, lower: str = "", root: str = "", read_only: bool = False
+    ) -> SharedFS:
+        """The virtio-fs share of a container's root: over an image (`lower`), an overlay with
+        a writable upper directory of its own under the VM directory; else a bundle's root.
+        The first container's ("ctr") is plugged before boot; each later one's ("ctrN") is
+        hot-added, served by its own virtiofsd."""
+        from .devices import SharedFS
+
+        sid = "ctr" if index == 0 else f"ctr{index}"
+        if lower:
+            upper = os.path.join(persist.vm_dir(self.id, self.run_root), sid, "upper")
+            os.makedirs(upper, mode=0o755)
+            return SharedFS(id=sid, source=upper, mount_tag=f"vc-{sid}", lower=lower)
+        return SharedFS(id=sid, source=root, mount_tag=f"vc-{sid}", read_only=read_only)
+
     async def create_container(
         self,
         command: list[str] | None = None,
@@ -317,24 +330,83 @@ class Sandbox:
         cwd: str | None = None,
         user: str | None = None,
         hostname: str | None = None,
+        bundle: str | None = None,
     ) -> Container:
-        """The sandbox's container, from its image (Entrypoint + `command`, else Cmd; the
-        image's Env, WorkingDir and User unless given) or its bundle's config.json."""
-        from .containers import Container, ContainerRecord, ProcessSpec
-        from .containers.container import spec_from_dict
-        from .containers.spec import merge_env, resolve_user
+        """A container in the sandbox, from its image (Entrypoint + `command`, else Cmd; the
+        image's Env, WorkingDir and User unless given), its bundle's config.json, or another
+        OCI runtime `bundle`. Each container has its own root (the first one's plugged with
+        the sandbox, later ones hot-added), pid namespace and cgroup in the guest; its id
+        defaults to the sandbox's for the first, a random one after."""
+        from .containers import Container, ContainerRecord
 
-        if not self.workload or not (self.workload.get("image") or self.workload.get("bundle")):
+        own = self.workload.get("image") or self.workload.get("bundle")
+        if bundle is None and not own:
             raise StateError(f"sandbox {self.id} has no image or bundle to make a container from")
-        if self.containers:
-            raise UnsupportedError(
-                str(self.hypervisor_type), "a second container", "one container per sandbox"
+        cid = id or (_new_id(12) if self.containers else self.id)
+        persist.validate_id(cid, "container id")
+        async with self._op():
+            if cid in self.containers:
+                raise ConfigError(f"sandbox {self.id} already has a container {cid!r}")
+            index = int(self.workload.get("next_share", 0))
+            if bundle is not None and index == 0:
+                index = 1  # the share plugged with the sandbox holds the sandbox's own root
+            if index > 0 and not self.workload.get("share_tag"):
+                raise UnsupportedError(
+                    str(self.hypervisor_type),
+                    "a second container",
+                    "a container's root reaches the guest over virtio-fs",
+                )
+            spec, volumes, shares = await self._container_parts(
+                index, command, env, cwd, user, hostname, bundle
             )
-        cid = persist.validate_id(id or self.id, "container id")
-        lower = self.workload["lower"]
-        if self.workload.get("image"):
+            self.workload["next_share"] = index + 1
+            record = ContainerRecord(
+                id=cid,
+                share_tag=shares[0]["tag"] if shares else self.workload["share_tag"],
+                share_id=shares[0]["id"] if shares else "ctr",
+                block_serial=self.workload.get("block_serial", ""),
+                image=self.workload.get("image", "") if bundle is None else "",
+                spec=dataclasses.asdict(spec),
+                volumes=volumes,
+                hot_shares=shares,
+            )
+            container = Container(self, record)
+            self.containers[cid] = container
+            try:
+                self._persist()
+            except BaseException:
+                del self.containers[cid]
+                await self._unplug_shares(shares)
+                raise
+        return container
+
+    async def _container_parts(
+        self,
+        index: int,
+        command: list[str] | None,
+        env: Sequence[str],
+        cwd: str | None,
+        user: str | None,
+        hostname: str | None,
+        bundle: str | None,
+    ) -> tuple[ProcessSpec, list[dict[str, Any]], list[dict[str, Any]]]:
+        """A new container's process spec, its volumes, and the shares hot-added for it
+        (its root and a bundle's bind mounts; none for the first container of the sandbox's
+        own image or bundle, whose root was plugged with the sandbox)."""
+        from .containers import ProcessSpec
+        from .containers.container import spec_from_dict, volume_records
+        from .containers.spec import from_oci, merge_env, resolve_user
+        from .devices import SharedFS
+
+        volumes = list(self.workload.get("volumes", []))
+        extra: list[Mount] = []
+        if bundle is not None:
+            bundle = os.path.abspath(bundle)
+            spec, lower, extra = from_oci(_read_bundle(bundle), bundle)
+        elif self.workload.get("image"):
             from .images import ImageStore
 
+            lower = self.workload["lower"]
             image = ImageStore(self.workload["image_store"]).get(self.workload["image"])
             uid, gid, groups = resolve_user(user or image.config.user, lower)
             spec = ProcessSpec(
@@ -347,7 +419,9 @@ class Sandbox:
                 hostname=hostname or (self.network.hostname if self.network else self.id[:63]),
             )
         else:
+            lower = self.workload["lower"]
             spec = spec_from_dict(self.workload["spec"])
+        if bundle is not None or not self.workload.get("image"):
             if command:
                 spec.args = list(command)
             spec.env = merge_env(spec.env, list(env))
@@ -355,18 +429,75 @@ class Sandbox:
                 spec.cwd = cwd
             if user:
                 spec.uid, spec.gid, spec.groups = resolve_user(user, lower)
-        record = ContainerRecord(
-            id=cid,
-            share_tag=self.workload["share_tag"],
-            block_serial=self.workload.get("block_serial", ""),
-            image=self.workload.get("image", ""),
-            spec=dataclasses.asdict(spec),
-            volumes=list(self.workload.get("volumes", [])),
-        )
-        container = Container(self, record)
-        self.containers[cid] = container
-        self._persist()
-        return container
+            if hostname:
+                spec.hostname = hostname
+        if index == 0:
+            return spec, volumes, []
+        if bundle is None and self.workload.get("image"):
+            root = self._root_share(index, lower=lower)
+        else:
+            root = self._root_share(index, root=lower, read_only=spec.readonly_root)
+        shares = [root]
+        if bundle is not None:
+            volumes = volume_records(extra, f"{root.mount_tag}-")
+            shares += [
+                SharedFS(
+                    id=f"{root.id}v{i}",
+                    source=v["source"],
+                    mount_tag=v["tag"],
+                    read_only=v["read_only"],
+                )
+                for i, v in enumerate(volumes)
+            ]
+        records = [{"id": s.id, "source": s.source, "tag": s.mount_tag} for s in shares]
+        plugged: list[dict[str, Any]] = []
+        try:
+            for share, rec in zip(shares, records, strict=True):
+                await self._plug_share(share)
+                plugged.append(rec)
+        except BaseException:
+            await self._unplug_shares(plugged)
+            await asyncio.to_thread(self._remove_share_dir, root.id)
+            raise
+        return spec, volumes, records
+
+    async def _plug_share(self, share: SharedFS) -> None:
+        """Share a directory with the VM: plugged before it boots, else hot-added."""
+        hv = self.hypervisor
+        if hv.state is VMState.CREATED:
+            await hv.add_device(share)
+        else:
+            await hv.hotplug_add_device(share)
+
+    async def _unplug_shares(self, records: Sequence[dict[str, Any]]) -> None:
+        """Hot-remove the shares made for one container (unmounted in the guest first) and
+        delete their upper directories; a VM that no longer runs has nothing to remove."""
+        from .devices import SharedFS
+
+        hv = self._driver()
+        for rec in reversed(records):
+            if hv is not None and hv.state is VMState.RUNNING:
+                share = SharedFS(id=rec["id"], source=rec["source"], mount_tag=rec["tag"])
+                try:
+                    await hv.hotplug_remove_device(share)
+                except VCError as e:
+                    log.warning("sandbox %s: removing share %s: %s", self.id, rec["id"], e)
+            await asyncio.to_thread(self._remove_share_dir, rec["id"])
+
+    def _remove_share_dir(self, share_id: str) -> None:
+        """The upper directory (and overlay work and mount point) of a container's root."""
+        import shutil
+
+        shutil.rmtree(os.path.join(persist.vm_dir(self.id, self.run_root), share_id), True)
+
+    async def remove_container(self, container: Container) -> None:
+        """Forget a deleted container: its hot-added shares go, the others stay."""
+        async with self._op(missing_ok=True):
+            await self._unplug_shares(container.record.hot_shares)
+            if self.containers.get(container.id) is container:
+                del self.containers[container.id]
+            if self._store.exists(self.id):
+                self._persist()
 
     def container(self, id: str | None = None) -> Container:
         """A container of this sandbox (the only one when `id` is None)."""

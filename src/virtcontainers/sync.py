@@ -120,8 +120,12 @@ class Sandbox:
         return Process(self._runner, self._run(self._sb.attach_process(handle)))
 
     def create_container(self, command: list[str] | None = None, **kwargs: Any) -> Container:
-        """The sandbox's container (arguments as `virtcontainers.Sandbox.create_container`)."""
+        """A container in the sandbox (arguments as `virtcontainers.Sandbox.create_container`)."""
         return Container(self._runner, self._run(self._sb.create_container(command, **kwargs)))
+
+    def container(self, id: str | None = None) -> Container:
+        """One of the sandbox's containers (the only one when `id` is None)."""
+        return Container(self._runner, self._sb.container(id))
 
     def write_file(self, guest_path: str, data: bytes, mode: int = 0o644) -> None:
         """Create or replace a guest file."""

@@ -5,6 +5,7 @@ input refused before anything boots; nothing left behind."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import pytest
 
 from leaks import processes_mentioning
 from virtcontainers import Sandbox
+from virtcontainers.containers import Container
 from virtcontainers.errors import ConfigError, ImageError, UnsupportedError
 from virtcontainers.images import ImageStore
 from virtcontainers.images.build import busybox_image, debian_image
@@ -297,3 +299,73 @@ def test_sync_container(run_root: str, store: ImageStore) -> None:
     with sync.Sandbox(image="busybox", image_store=store.root, run_root=run_root) as sb:
         c = sb.create_container(["sh", "-c", "echo hi from $(hostname)"], hostname="syncbox")
         assert c.run().stdout == b"hi from syncbox\n"
+
+
+async def until_ok(c: Container, argv: list[str]) -> bytes:
+    """`argv`'s output in container `c` once it succeeds (its first process may still be
+    setting up when a detached start returns)."""
+    for _ in range(200):
+        result = await c.exec(argv)
+        if result.exit_code == 0:
+            return result.stdout
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{argv} kept failing in {c.id}: {result}")
+
+
+async def test_containers_in_one_sandbox(run_root: str, store: ImageStore) -> None:
+    """Two containers from one image in one sandbox: each its own root, processes and cgroup;
+    one deleted while the other runs on; a new one takes its place; nothing left after stop."""
+    sb = Sandbox(image="busybox", image_store=store.root, run_root=run_root, pcie_root_port=2)
+    async with sb:
+        mine = "echo {0} > /mine; touch /only-{0}; exec sleep 600"
+        a = await sb.create_container(["sh", "-c", mine.format("a")], id="ca")
+        b = await sb.create_container(["sh", "-c", mine.format("b")], id="cb")
+        with pytest.raises(ConfigError, match=f"sandbox {sb.id} already has a container 'ca'"):
+            await sb.create_container(["true"], id="ca")
+        fsd = set(sb.hypervisor.helpers.pids("virtiofsd"))  # type: ignore[attr-defined]
+        assert len(fsd) == 2  # the sandbox's share, and the one hot-added for b
+        for c in (a, b):
+            await c.setup()
+            await c.start(detach=True)
+        assert await until_ok(a, ["cat", "/mine"]) == b"a\n"
+        assert await until_ok(b, ["cat", "/mine"]) == b"b\n"
+        # Each sees only its own files...
+        assert (await a.exec(["ls", "/only-b"])).exit_code != 0
+        assert (await b.exec(["ls", "/only-a"])).exit_code != 0
+        # ...and its own processes: its own pid namespace and cgroup.
+        pa, pb = await a.processes(), await b.processes()
+        assert [cmd for _, cmd in pa] == ["sleep 600"] and [cmd for _, cmd in pb] == ["sleep 600"]
+        assert pa != pb
+        inside = (await a.exec(["ps", "-o", "args"])).stdout.decode().splitlines()
+        assert inside[1:] == ["sleep 600", "ps -o args"], inside
+        procs = await sb.exec(["cat", "/sys/fs/cgroup/vc-ca/cgroup.procs"])
+        assert [int(p) for p in procs.stdout.split()] == [pid for pid, _ in pa]
+
+        # b goes (with its share and virtiofsd); a runs on.
+        await b.delete()
+        assert list(sb.containers) == ["ca"]
+        assert set(sb.hypervisor.helpers.pids("virtiofsd")) < fsd  # type: ignore[attr-defined]
+        assert (await sb.exec(["ls", "/run/vc/c"])).stdout == b"ca\n"
+        assert (await sb.exec(["ls", "/sys/fs/cgroup/vc-cb"])).exit_code != 0
+        assert await a.processes() == pa
+        assert (await a.exec(["cat", "/mine"])).stdout == b"a\n"
+        # The id is free again: a fresh root (not b's files), on a freed hotplug port.
+        again = await sb.create_container(["sh", "-c", "ls /only-b /only-a 2>&1; true"], id="cb")
+        out = (await again.run()).stdout.decode()
+        assert "only-b: No such file" in out and "only-a: No such file" in out, out
+    assert not processes_mentioning(run_root)
+
+
+def test_sync_containers_in_one_sandbox(run_root: str, store: ImageStore) -> None:
+    from virtcontainers import sync
+
+    with sync.Sandbox(
+        image="busybox", image_store=store.root, run_root=run_root, pcie_root_port=1
+    ) as sb:
+        one = sb.create_container(["sh", "-c", "echo one > /f; cat /f"])
+        two = sb.create_container(["sh", "-c", "cat /f 2>&1; echo two"], id="two")
+        assert one.run().stdout == b"one\n"
+        assert two.run().stdout.endswith(b"No such file or directory\ntwo\n")
+        assert sb.container("two").id == "two"
+        two.delete()
+        assert list(sb.aio.containers) == [sb.id]

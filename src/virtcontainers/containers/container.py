@@ -27,6 +27,9 @@ GUEST_ROOT = "/run/vc/c"
 """Where containers live in the guest: <id>/rootfs (the share), <id>/pid."""
 GUEST_VOLUMES = "/run/vc/v"
 CGROUP_ROOT = "/sys/fs/cgroup"
+MOUNT_TRIES = 200
+"""A hot-added share is probed by the guest a moment after it is plugged: its mount is
+retried (every 50 ms) this many times."""
 NETWORK_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/hostname")
 """What the guest's network set-up writes (network/guest.py), shared with its container."""
 
@@ -47,6 +50,10 @@ class ContainerRecord:
     status: str = "created"
     process: int = 0
     """The agent's handle on the container's first process (for attach, logs)."""
+    share_id: str = "ctr"
+    """The id of the virtio-fs share of its root (what `virtc cp` reaches on the host)."""
+    hot_shares: list[dict[str, Any]] = field(default_factory=list)
+    """Shares hot-added for this container alone (id, source, tag): removed with it."""
 
 
 def spec_from_dict(d: dict[str, Any]) -> ProcessSpec:
@@ -83,6 +90,11 @@ class Container:
     def rootfs(self) -> str:
         return f"{self.guest_dir}/rootfs"
 
+    @property
+    def cgroup(self) -> str:
+        """The container's own cgroup in the guest (its processes and limits)."""
+        return f"{CGROUP_ROOT}/vc-{self.id}"
+
     def _volume_mounts(self) -> list[tuple[str, str, str, str]]:
         out = []
         for v in self.record.volumes:
@@ -94,6 +106,15 @@ class Container:
         """Shell run once in the guest before the first start: mount the root, the volumes
         and the cgroup (with its limits)."""
         q = shlex.quote
+
+        def virtiofs(tag: str, where: str) -> str:
+            mount = f"mount -t virtiofs {q(tag)} {q(where)}"
+            return (
+                f"grep -q ' {where} ' /proc/mounts || {{ n=0; until {mount} 2>/dev/null; do "
+                f"n=$((n+1)); [ $n -lt {MOUNT_TRIES} ] || {{ {mount}; break; }}; sleep 0.05; "
+                f"done; grep -q ' {where} ' /proc/mounts; }}"
+            )
+
         lines = [f"mkdir -p {q(self.rootfs)}"]
         if self.record.block_serial:
             find = (
@@ -106,29 +127,21 @@ class Container:
                 f"mount -t ext4 $dev {q(self.rootfs)}))"
             )
         else:
-            lines.append(
-                f"grep -q ' {self.rootfs} ' /proc/mounts || mount -t virtiofs "
-                f"{q(self.record.share_tag)} {q(self.rootfs)}"
-            )
+            lines.append(virtiofs(self.record.share_tag, self.rootfs))
         for v in self.record.volumes:
             where = f"{GUEST_VOLUMES}/{v['tag']}"
             lines.append(f"mkdir -p {q(where)}")
-            lines.append(
-                f"grep -q ' {where} ' /proc/mounts || mount -t virtiofs {q(v['tag'])} {q(where)}"
-            )
-        limits = self.spec.resources.files()
-        if limits:
-            cg = f"{CGROUP_ROOT}/vc-{self.id}"
-            lines.append(
-                f"grep -q ' {CGROUP_ROOT} cgroup2 ' /proc/mounts || "
-                f"mount -t cgroup2 none {CGROUP_ROOT}"
-            )
-            lines.append(
-                f"echo '+memory +pids +cpu' > {CGROUP_ROOT}/cgroup.subtree_control 2>/dev/null;"
-                f" mkdir -p {cg}"
-            )
-            for name, value in limits.items():
-                lines.append(f"echo {q(value)} > {cg}/{name}")
+            lines.append(virtiofs(v["tag"], where))
+        lines.append(
+            f"(grep -q ' {CGROUP_ROOT} cgroup2 ' /proc/mounts || "
+            f"mount -t cgroup2 none {CGROUP_ROOT})"
+        )
+        lines.append(
+            f"(echo '+memory +pids +cpu' > {CGROUP_ROOT}/cgroup.subtree_control 2>/dev/null;"
+            f" mkdir -p {self.cgroup})"
+        )
+        for name, value in self.spec.resources.files().items():
+            lines.append(f"echo {q(value)} > {self.cgroup}/{name}")
         return " && ".join(lines)
 
     async def setup(self) -> None:
@@ -151,8 +164,7 @@ class Container:
     def runner_argv(self, spec: ProcessSpec | None = None) -> list[str]:
         spec = spec or self.spec
         spec.mounts = [*spec.mounts, *self._volume_mounts(), *self._network_mounts(spec)]
-        cgroup = f"{CGROUP_ROOT}/vc-{self.id}" if spec.resources.files() else ""
-        return spec.runner_argv(self.rootfs, cgroup=cgroup, pid_file=f"{self.guest_dir}/pid")
+        return spec.runner_argv(self.rootfs, cgroup=self.cgroup, pid_file=f"{self.guest_dir}/pid")
 
     def _start_argv(self) -> list[str]:
         """Mount what the container needs, then become vc-run (one guest request)."""
@@ -245,7 +257,8 @@ class Container:
         spec = self.spec
         pid = await self._pid()
         uid, gid = user if user is not None else (spec.uid, spec.gid)
-        runner = ["/sbin/vc-run", "--join", str(pid), "--cwd", cwd or spec.cwd or "/"]
+        runner = ["/sbin/vc-run", "--join", str(pid), "--cgroup", self.cgroup]
+        runner += ["--cwd", cwd or spec.cwd or "/"]
         runner += ["--user", f"{uid}:{gid}", "--caps", format(caps_mask(spec.caps), "x")]
         for e in merge_env(spec.env, env or []):
             runner += ["--env", e]
@@ -263,12 +276,11 @@ class Container:
         return [pid for pid, _ in await self.processes()]
 
     async def processes(self) -> list[tuple[int, str]]:
-        """(guest pid, command line) of every process in the container."""
-        pid = await self._pid()
+        """(guest pid, command line) of every process in the container (its cgroup's)."""
+        await self._pid()
         script = (
-            f"ns=$(readlink /proc/{pid}/ns/pid); for p in /proc/[0-9]*; do "
-            f'[ "$(readlink $p/ns/pid 2>/dev/null)" = "$ns" ] && '
-            f"echo \"${{p#/proc/}} $(tr '\\0' ' ' < $p/cmdline)\"; done; true"
+            f"for p in $(cat {self.cgroup}/cgroup.procs); do "
+            f"echo \"$p $(tr '\\0' ' ' < /proc/$p/cmdline)\"; done 2>/dev/null; true"
         )
         result = await self.sandbox.exec(["/bin/sh", "-c", script])
         out = []
@@ -279,18 +291,31 @@ class Container:
         return sorted(out)
 
     async def delete(self) -> None:
-        """Kill what still runs, unmount its root and volumes in the guest, forget it."""
+        """Kill what still runs in it, unmount its root and volumes in the guest, remove
+        its cgroup and the shares made for it alone; the sandbox's other containers go on."""
         with contextlib.suppress(StateError):
             await self.kill(signals.SIGKILL)
+        with contextlib.suppress(Exception):
+            await self.sandbox.exec(["/bin/sh", "-c", f"echo 1 > {self.cgroup}/cgroup.kill"])
         if self._task is not None or self.process is not None:
             with contextlib.suppress(Exception):
                 await self.wait()
         q = shlex.quote
         script = [f"umount -l {q(self.rootfs)} 2>/dev/null", f"rm -rf {q(self.guest_dir)}"]
-        script += [f"rmdir {CGROUP_ROOT}/vc-{self.id} 2>/dev/null"]
+        hot = {s["tag"] for s in self.record.hot_shares}
+        script += [
+            f"umount {q(GUEST_VOLUMES + '/' + v['tag'])} 2>/dev/null"
+            for v in self.record.volumes
+            if v["tag"] in hot
+        ]
+        script += [
+            f"for i in $(seq 100); do rmdir {self.cgroup} 2>/dev/null && break; "
+            f"[ -d {self.cgroup} ] || break; sleep 0.02; done"
+        ]
         with contextlib.suppress(Exception):
             await self.sandbox.exec(["/bin/sh", "-c", "; ".join(script) + "; true"])
         self.record.status = "deleted"
+        await self.sandbox.remove_container(self)
 
     def locate(self, path: str, vm_dir: str) -> tuple[str, str, bool]:
         """Where a container path lives on the host: (directory, path under it, read-only).
@@ -304,7 +329,7 @@ class Container:
             dest = "/" + v["destination"].strip("/")
             if norm == dest or norm.startswith(dest + "/"):
                 return v["source"], norm[len(dest) :] or "/", bool(v["read_only"])
-        return share_root(vm_dir), norm, False
+        return share_root(vm_dir, self.record.share_id), norm, False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.record)

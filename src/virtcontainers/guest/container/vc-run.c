@@ -14,10 +14,13 @@
  *          [--hostname NAME] [--ns m,p,u,i,n] [--readonly] [--no-new-privs]
  *          [--caps HEXMASK] [--rlimit RESOURCE:SOFT:HARD]... [--cgroup DIR]
  *          [--mount TYPE:SOURCE:DEST:OPTIONS]... [--pid-file FILE] -- ARGV...
- *   vc-run --join PID [--cwd DIR] [--user UID:GID] [--env K=V]... [--caps HEXMASK] -- ARGV...
+ *   vc-run --join PID [--cgroup DIR] [--cwd DIR] [--user UID:GID] [--env K=V]...
+ *          [--caps HEXMASK] -- ARGV...
  *
  * --pid-file receives the container's first process's pid (as the guest sees it); --join
  * runs ARGV inside that running container instead (its namespaces and root: `virtc exec`).
+ * --cgroup is the container's cgroup: the process that becomes ARGV joins it (vc-run's own
+ * waiting parent stays out, so the cgroup holds the container's processes only).
  *
  * Exit status: the container process's (128+N for signal N); 125 when setting up failed,
  * 126 when the command cannot be executed, 127 when it is not found (as docker run).
@@ -58,6 +61,7 @@ static int n_rlimits;
 static const char *user, *groups, *caps;
 static int readonly, no_new_privs;
 static pid_t child;
+static int cgroup_fd = -1;
 
 static void die(const char *fmt, ...)
 {
@@ -315,6 +319,28 @@ static void write_pid(pid_t pid)
 
 static int wait_child(void);
 
+/* Opened before the root changes; written by the process that becomes the command. */
+static void open_cgroup(void)
+{
+	char path[4096];
+	if (!cgroup)
+		return;
+	snprintf(path, sizeof path, "%s/cgroup.procs", cgroup);
+	cgroup_fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (cgroup_fd < 0)
+		die("cgroup %s", cgroup);
+}
+
+static void join_cgroup(void)
+{
+	if (cgroup_fd < 0)
+		return;
+	if (dprintf(cgroup_fd, "0\n") < 0)
+		die("join cgroup %s", cgroup);
+	close(cgroup_fd);
+	cgroup_fd = -1;
+}
+
 /* Enter a running container: its namespaces, then its root (as seen from its pid). */
 static void enter(void)
 {
@@ -431,17 +457,10 @@ int main(int argc, char **argv)
 {
 	int cmd;
 	parse(argc, argv, &cmd);
+	open_cgroup();
 	if (join) {
 		enter();
 		goto process;
-	}
-	if (cgroup) {
-		char path[4096];
-		snprintf(path, sizeof path, "%s/cgroup.procs", cgroup);
-		int fd = open(path, O_WRONLY | O_CLOEXEC);
-		if (fd < 0 || dprintf(fd, "%d\n", getpid()) < 0)
-			die("join cgroup %s", cgroup);
-		close(fd);
 	}
 	int flags = CLONE_NEWNS;
 	if (has_ns('u'))
@@ -499,6 +518,7 @@ int main(int argc, char **argv)
 	if (readonly && mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL))
 		die("remount the root read-only");
 process:
+	join_cgroup();
 	apply_rlimits();
 	if (chdir(cwd))
 		die("working directory %s", cwd);
