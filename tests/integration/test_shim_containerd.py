@@ -14,6 +14,7 @@ import pytest
 from containerd_support import Containerd, import_busybox, running_containerd
 
 from leaks import processes_mentioning
+from virtcontainers.shim.main import CONTAINER_TYPE, SANDBOX_ID
 
 pytestmark = pytest.mark.integration
 
@@ -260,3 +261,57 @@ def test_pod_network_namespace_reaches_the_vm(containerd: tuple[Containerd, str]
     finally:
         subprocess.run(["ip", "netns", "delete", pod], check=False)
     assert settled(c, cid) == []
+
+
+def test_pod_containers_run_in_one_vm(containerd: tuple[Containerd, str]) -> None:
+    """Containers CRI marks as one pod's (annotations) run in the VM of its sandbox
+    container, behind its shim: each in its own root, with its own processes, exit and
+    delete; the VM goes with the sandbox container."""
+    c, image = containerd
+    pod, app = f"pod-{uuid.uuid4().hex[:6]}", f"app-{uuid.uuid4().hex[:6]}"
+    mine = "echo {} > /who; exec sleep 600"
+    c.run(
+        image, pod, "sh", "-c", mine.format("pod"), detach=True,
+        options=["--annotation", f"{CONTAINER_TYPE}=sandbox"],
+    )  # fmt: skip
+    c.run(
+        image, app, "sh", "-c", mine.format("app"), detach=True,
+        options=["--annotation", f"{CONTAINER_TYPE}=container",
+                 "--annotation", f"{SANDBOX_ID}={pod}"],
+    )  # fmt: skip
+    # One VM, behind one shim: both tasks report its VMM's pid; no VM for the app container.
+    qemu = [pid for pid, cmd in processes_mentioning(f"sandbox-{pod}") if "qemu-system" in cmd]
+    assert len(qemu) == 1
+    assert not [cmd for _, cmd in processes_mentioning(f"sandbox-{app}") if "qemu" in cmd]
+    tasks = {line.split()[0]: line.split()[1:] for line in task_lines(c)}
+    assert tasks[pod] == tasks[app] == [str(qemu[0]), "RUNNING"]
+    bundles = os.path.join(c.state, "io.containerd.runtime.v2.task", "vctest")
+    address = Path(bundles, pod, "address").read_text()
+    assert Path(bundles, app, "address").read_text() == address
+
+    def in_task(cid: str, *argv: str) -> bytes:
+        exec_id = ["--exec-id", f"x{uuid.uuid4().hex[:6]}"]
+        return c.ctr("task", "exec", "--fifo-dir", c.fifo_dir, *exec_id, cid, *argv).stdout
+
+    assert in_task(pod, "cat", "/who") == b"pod\n"
+    assert in_task(app, "cat", "/who") == b"app\n"
+    ps = {cid: c.ctr("task", "ps", cid).stdout.decode().splitlines()[1:] for cid in (pod, app)}
+    assert len(ps[pod]) == len(ps[app]) == 1 and ps[pod] != ps[app], ps
+
+    # The app container ends and goes; the pod's keeps running in the same VM.
+    c.ctr("task", "kill", "-s", "SIGKILL", app)
+    wait_status(c, app, "STOPPED")
+    assert task_status(c, pod) == "RUNNING"
+    c.ctr("task", "delete", app)
+    c.ctr("container", "delete", app)
+    assert in_task(pod, "cat", "/who") == b"pod\n"
+    assert [pid for pid, cmd in processes_mentioning(f"sandbox-{pod}") if "qemu" in cmd] == qemu
+    c.ctr("task", "kill", "-s", "SIGKILL", pod)
+    wait_status(c, pod, "STOPPED")
+    c.ctr("task", "delete", pod)
+    c.ctr("container", "delete", pod)
+    assert settled(c, pod) == [] and settled(c, app) == []
+
+
+def task_lines(c: Containerd) -> list[str]:
+    return c.ctr("task", "ls").stdout.decode().splitlines()[1:]

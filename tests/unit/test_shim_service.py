@@ -33,6 +33,7 @@ class FakeVM:
     """A PodVM that runs a tiny command language: echo ARGS, exit N, sleep S, cat (stdin)."""
 
     calls: list[str] = field(default_factory=list)
+    bundles: dict[str, str] = field(default_factory=dict)
     running: bool = False
     config_path: str = ""
 
@@ -44,8 +45,9 @@ class FakeVM:
         self.calls.append("start")
         self.running = True
 
-    async def add_container(self, container_id: str) -> None:
+    async def add_container(self, container_id: str, bundle: str) -> None:
         self.calls.append(f"add {container_id}")
+        self.bundles[container_id] = bundle
 
     async def signal(self, container_id: str, exec_id: str, sig: int) -> bool:
         return False  # the service ends the process by cancelling its run
@@ -209,6 +211,38 @@ async def test_output_to_fifos(shim: Shim) -> None:
     finally:
         os.close(rout)
         os.close(rerr)
+
+
+async def test_pod_containers_share_one_vm(shim: Shim) -> None:
+    """A pod's later container is made in the VM of its first, addressed by its own id: its
+    own state, exit and events; deleting it leaves the other running, the VM stays."""
+    await shim.create("pod", ["sleep", "30"])
+    await shim.create("app", ["sleep", "30"])
+    for cid in ("pod", "app"):
+        await shim.call("Start", pb.StartRequest(id=cid), pb.StartResponse)
+    assert shim.vm.calls == ["start", "add pod", "add app"]
+    assert shim.vm.bundles == {"pod": str(shim.dir / "pod"), "app": str(shim.dir / "app")}
+    await shim.call("Kill", pb.KillRequest(id="app", signal=signal.SIGKILL))
+    waited = await shim.call("Wait", pb.WaitRequest(id="app"), pb.WaitResponse)
+    assert waited.exit_status == 128 + signal.SIGKILL  # type: ignore[attr-defined]
+    state = await shim.call("State", pb.StateRequest(id="pod"), pb.StateResponse)
+    assert state.status == tasktypes.RUNNING  # type: ignore[attr-defined]
+    await shim.call("Delete", pb.DeleteRequest(id="app"), pb.DeleteResponse)
+    assert shim.vm.calls[-1] == "remove app" and shim.vm.running
+    with pytest.raises(TtrpcError) as info:
+        await shim.call("State", pb.StateRequest(id="app"), pb.StateResponse)
+    assert info.value.code == Code.NOT_FOUND
+    await shim.call("Shutdown", pb.ShutdownRequest(id="app"))
+    assert not shim.shutdown.is_set()  # the pod's sandbox container still runs
+    state = await shim.call("State", pb.StateRequest(id="pod"), pb.StateResponse)
+    assert state.status == tasktypes.RUNNING  # type: ignore[attr-defined]
+    await shim.call("Kill", pb.KillRequest(id="pod", signal=signal.SIGKILL))
+    await shim.call("Wait", pb.WaitRequest(id="pod"), pb.WaitResponse)
+    await shim.call("Delete", pb.DeleteRequest(id="pod"), pb.DeleteResponse)
+    await shim.call("Shutdown", pb.ShutdownRequest(id="pod"))
+    assert shim.shutdown.is_set()
+    await shim.service.close()
+    assert shim.vm.calls == ["start", "add pod", "add app", "remove app", "remove pod", "stop"]
 
 
 async def test_exec_lifecycle_and_errors(shim: Shim) -> None:

@@ -202,7 +202,7 @@ class TaskService:
                             await vm.stop()
                         raise
                     self.vm = vm
-                await self.vm.add_container(req.id)
+                await self.vm.add_container(req.id, req.bundle)
                 container.init.io = await ProcessIO.open(stdio, req.id, self.namespace)
             except BaseException:
                 if container.init.io is not None:

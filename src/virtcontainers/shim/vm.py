@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 STARTED_POLLS = 200
 STARTED_POLL_INTERVAL = 0.05
+POD_ROOT_PORTS = 4
+"""PCIe root ports a CRI pod's VM gets (unless its configuration sets some): one for the root
+of each container hot-added beside the sandbox's."""
 
 
 class VMError(Exception):
@@ -70,8 +73,9 @@ class PodVM(Protocol):
 
     async def start(self) -> None: ...
 
-    async def add_container(self, container_id: str) -> None:
-        """Make the container of the bundle the VM was made for, in the guest."""
+    async def add_container(self, container_id: str, bundle: str) -> None:
+        """Make the container of `bundle` in the guest: the bundle the VM was made for, or
+        another container of the same pod (its root shared into the running VM)."""
         ...
 
     async def signal(self, container_id: str, exec_id: str, sig: int) -> bool:
@@ -112,14 +116,22 @@ class PodVM(Protocol):
     async def stop(self) -> None: ...
 
 
+def _spec(bundle: str) -> dict[str, Any]:
+    """The bundle's OCI spec ({} when unreadable: the sandbox then reports what is wrong)."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            spec = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return spec if isinstance(spec, dict) else {}
+
+
 def network_namespace(bundle: str) -> str:
     """The path of the network namespace the bundle's OCI spec joins ("" for none or a new
     one: the container then has no network but its loopback)."""
     try:
-        with open(os.path.join(bundle, "config.json"), "rb") as f:
-            spec = json.load(f)
-        namespaces = spec.get("linux", {}).get("namespaces") or []
-    except (OSError, ValueError, AttributeError):
+        namespaces = _spec(bundle).get("linux", {}).get("namespaces") or []
+    except AttributeError:
         return ""
     for ns in namespaces:
         if isinstance(ns, dict) and ns.get("type") == "network":
@@ -127,15 +139,26 @@ def network_namespace(bundle: str) -> str:
     return ""
 
 
+def pod_sandbox(bundle: str) -> bool:
+    """Whether the bundle is a CRI pod's sandbox container (its pod's containers follow)."""
+    from .main import CONTAINER_TYPE
+
+    annotations = _spec(bundle).get("annotations")
+    return isinstance(annotations, dict) and annotations.get(CONTAINER_TYPE) == "sandbox"
+
+
 def guest_bundle(bundle: str) -> str:
     """A copy of the bundle's spec for the guest (<bundle>/virtc/config.json): no network
-    namespace of its own, the root filesystem at its absolute path. containerd removes it
-    with the bundle."""
+    namespace of its own, none joined by path (a pod's namespaces on the host: in the VM,
+    which is the pod, the guest's own), the root filesystem at its absolute path.
+    containerd removes it with the bundle."""
     with open(os.path.join(bundle, "config.json"), "rb") as f:
         spec = json.load(f)
     linux = spec.setdefault("linux", {})
     linux["namespaces"] = [
-        ns for ns in linux.get("namespaces") or [] if ns.get("type") != "network"
+        ns
+        for ns in linux.get("namespaces") or []
+        if ns.get("type") != "network" and not ns.get("path")
     ]
     root = spec.setdefault("root", {})
     root["path"] = os.path.join(bundle, root.get("path") or "rootfs")
@@ -157,6 +180,12 @@ class SandboxVM:
         config = overrides.get("config")
         if config is None or not config.shared_fs:
             overrides.setdefault("shared_fs", "virtio-fs")
+        self.bundle = bundle
+        if pod_sandbox(bundle) and (
+            config is None
+            or (not config.pcie_root_port and config.hypervisor_machine_type in ("", "q35"))
+        ):
+            overrides.setdefault("pcie_root_port", POD_ROOT_PORTS)
         netns = network_namespace(bundle)
         if netns:
             # The pod's network namespace (CNI set it up): its interfaces move to the VM, and
@@ -177,8 +206,12 @@ class SandboxVM:
     async def start(self) -> None:
         await self.sandbox.start()
 
-    async def add_container(self, container_id: str) -> None:
-        container = await self.sandbox.create_container(id=container_id)
+    async def add_container(self, container_id: str, bundle: str) -> None:
+        if bundle == self.bundle:
+            container = await self.sandbox.create_container(id=container_id)
+        else:
+            own = guest_bundle(bundle)
+            container = await self.sandbox.create_container(id=container_id, bundle=own)
         await container.setup()
         self.containers[container_id] = container
 
