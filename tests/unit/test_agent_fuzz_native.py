@@ -1,9 +1,10 @@
 """Fuzz the C agent past its framing: frames with valid headers (so every handler is reached)
 and mutated TLV payloads, against a host build with AddressSanitizer and UBSan.
 
-The sanitized agent runs jailed, since fuzzed requests do run commands and write files: as
-user nobody, in new mount and pid namespaces (tmpfs over /tmp, /var/tmp and /dev/shm; when
-the jail's first process dies the kernel ends every process left in it). A sanitizer report
+The sanitized agent runs jailed, since fuzzed requests do run commands, write files and
+configure the network: as user nobody, in new mount, pid, network and UTS namespaces (tmpfs
+over /tmp, /var/tmp and /dev/shm; when the jail's first process dies the kernel ends every
+process left in it). A sanitizer report
 kills the agent (halt on the first error), which the liveness check after each example sees;
 its report is on the agent's stderr, shown by the failure."""
 
@@ -58,7 +59,8 @@ class JailedAgent:
             UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
         )
         self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private",
+            ["unshare", "--mount", "--pid", "--net", "--uts", "--fork", "--kill-child",
+             "--propagation", "private",
              "sh", "-c", JAIL, "jail", binary, "--unix", self.path],
             stdout=subprocess.PIPE, stderr=self.stderr, stdin=subprocess.DEVNULL, env=env,
         )  # fmt: skip
@@ -113,6 +115,7 @@ RELEVANT: dict[int, list[int]] = {
     T.SIGNAL: [G.PROC, G.SIGNAL],
     T.RESIZE: [G.PROC, G.ROWS, G.COLS],
     T.ATTACH: [G.PROC],
+    T.NETWORK: [G.LINK, G.ROUTE, G.NEIGH, G.HOSTNAME, G.HOSTS, G.RESOLV, G.TIMEOUT_MS],
 }  # fmt: skip
 """Per request type, the tags its handler reads: most generated fields use them."""
 values = st.one_of(
@@ -125,6 +128,22 @@ values = st.one_of(
 )  # fmt: skip
 
 
+NESTED = (G.LINK, G.ROUTE, G.NEIGH)
+"""Tags whose value is a payload of its own (NETWORK's links, routes, neighbours)."""
+net_values = st.one_of(
+    st.sampled_from([b"02:aa:00:00:00:01", b"02:aa:00:00:00:0", b"zz:aa:00:00:00:01",
+                     b"10.1.0.2/24", b"10.1.0.2/33", b"fd00::2/64", b"fd00::2/-1", b"10.1.0.1",
+                     b"fd00::1", b"::/0", b"0.0.0.0/0", b"1.2.3.4/", b"/8", b"1.2.3.4/8x"]),
+    st.integers(-2, 70000).map(_int),
+    values,
+)  # fmt: skip
+nested = st.lists(
+    st.tuples(st.sampled_from([G.MAC, G.MTU, G.ADDRESS, G.DEST, G.GATEWAY, G.FAMILY, G.LLADDR]),
+              net_values),
+    max_size=6,
+).map(lambda items: p.Fields(list(items)).encode())  # fmt: skip
+
+
 @st.composite
 def frames(draw: st.DrawFn) -> bytes:
     """One frame with a valid header (type, id, length, CRC) and a mutated TLV payload."""
@@ -132,6 +151,9 @@ def frames(draw: st.DrawFn) -> bytes:
     tags = RELEVANT.get(type_) or [int(t) for t in p.Tag]
     tag = st.one_of(st.sampled_from(tags), st.sampled_from(list(p.Tag)), st.integers(0, 0xFFFF))
     items = draw(st.lists(st.tuples(tag, values), max_size=12))
+    if type_ == T.NETWORK:
+        items += draw(st.lists(st.tuples(st.sampled_from(NESTED), nested), max_size=6))
+        items.insert(0, (G.TIMEOUT_MS, _int(draw(st.integers(0, 50)))))
     if type_ in (T.EXEC, T.START) and draw(st.booleans()):
         items.insert(0, (G.ARGV, draw(st.sampled_from([b"true", b"cat", b"/nonexistent"]))))
     payload = bytearray(p.Fields(list(items)).encode())

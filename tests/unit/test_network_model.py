@@ -14,7 +14,7 @@ from virtcontainers.network import (
     PortMapping,
     Route,
 )
-from virtcontainers.network.guest import guest_script, hosts_file, resolv_conf
+from virtcontainers.network.guest import hosts_file, resolv_conf
 from virtcontainers.network.sandbox_net import host_dns
 
 
@@ -79,7 +79,7 @@ def test_bad_network_specs(text: str, ports: list[str], subnet: str, message: st
         NetworkConfig.parse(text, ports, subnet=subnet)
 
 
-def test_guest_script_and_files() -> None:
+def test_guest_files() -> None:
     net = GuestNetwork(
         interfaces=[
             Interface(
@@ -103,23 +103,8 @@ def test_guest_script_and_files() -> None:
         dns_search=["a.test"],
         extra_hosts={"db": "10.1.0.7"},
     )
-    script = guest_script(net, wait=2)
-    assert "dev0=$(find_nic 02:aa:00:00:00:01 20)" in script
-    assert 'ip link set dev "$dev0" mtu 1400 up' in script
-    assert 'ip -4 addr add 10.1.0.2/24 dev "$dev0"' in script
-    assert 'ip -6 addr add fd00::2/64 dev "$dev0"' in script
-    assert 'ip -4 route replace default via 10.1.0.1 dev "$dev0"' in script
-    assert 'ip -4 route replace 10.7.0.0/16 via 10.1.0.9 dev "$dev0"' in script
-    assert 'arp -i "$dev0" -s 10.1.0.9 02:00:00:00:00:09' in script
-    assert "fd00::9" not in script
-    assert "hostname box" in script
     assert hosts_file(net).splitlines()[2:] == ["10.1.0.2\tbox", "fd00::2\tbox", "10.1.0.7\tdb"]
     assert resolv_conf(net) == "nameserver 10.1.0.53\nsearch a.test\n"
-
-
-def test_guest_script_quotes_what_it_is_given() -> None:
-    net = GuestNetwork(hostname="x; reboot")
-    assert "hostname 'x; reboot'" in guest_script(net)
 
 
 def test_host_dns_drops_loopback_servers(tmp_path: pytest.TempPathFactory) -> None:

@@ -29,6 +29,8 @@ from .process import Process, StartOptions, argv_fields, start_request, status_o
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+    from ..network.model import GuestNetwork
+
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 5.0
@@ -484,6 +486,57 @@ class AgentClient:
             cpus_online=f.int_(p.Tag.CPUS_ONLINE) if f.get(p.Tag.CPUS_ONLINE) is not None else None,
             mem_blocks=f.int_(p.Tag.MEM_BLOCKS),
         )
+
+    async def configure_network(
+        self,
+        net: GuestNetwork,
+        *,
+        hosts: str | None = None,
+        resolv: str | None = None,
+        wait: float = 30.0,
+    ) -> list[str]:
+        """Configure the guest's network as `net` says, in one request the agent carries out
+        by rtnetlink: loopback up, the hostname, each interface (found by MAC, waiting up to
+        `wait` seconds for a hotplugged one) up with its MTU and addresses, then routes and
+        static neighbours of those interfaces; `hosts` and `resolv` (when given) replace
+        /etc/hosts and /etc/resolv.conf. Returns the guest's name for each interface.
+        `AgentRequestError` names the step the guest refused."""
+        op = "configure_network"
+        limit_s = p.MAX_WAIT_MS / 1000
+        if not isinstance(wait, int | float) or not 0 <= wait <= limit_s:
+            raise AgentError(f"{op}: wait must be in [0, {limit_s:g}] seconds, got {wait!r}")
+        req = p.Fields().add(p.Tag.TIMEOUT_MS, round(wait * 1000))
+        macs: dict[str, str] = {}
+        for iface in net.interfaces:
+            link = p.Fields().add(p.Tag.MAC, iface.mac.lower()).add(p.Tag.MTU, iface.mtu)
+            for a in iface.addresses:
+                link.add(p.Tag.ADDRESS, str(a))
+            req.add(p.Tag.LINK, link.encode())
+            macs[iface.name] = iface.mac.lower()
+        for r in net.routes:
+            if r.device and r.device not in macs:
+                continue  # leaves by an interface the guest is not given
+            route = p.Fields().add(p.Tag.FAMILY, r.family)
+            if r.dest:
+                route.add(p.Tag.DEST, r.dest)
+            if r.gateway:
+                route.add(p.Tag.GATEWAY, r.gateway)
+            if r.device:
+                route.add(p.Tag.MAC, macs[r.device])
+            req.add(p.Tag.ROUTE, route.encode())
+        for nb in net.neighbours:
+            if nb.device in macs:
+                neigh = p.Fields().add(p.Tag.DEST, nb.ip).add(p.Tag.LLADDR, nb.mac.lower())
+                req.add(p.Tag.NEIGH, neigh.add(p.Tag.MAC, macs[nb.device]).encode())
+        if net.hostname:
+            req.add(p.Tag.HOSTNAME, net.hostname)
+        for tag, text in ((p.Tag.HOSTS, hosts), (p.Tag.RESOLV, resolv)):
+            if text is not None:
+                req.add(tag, text)
+        f = await self._call(
+            op, p.MsgType.NETWORK, req, wait=wait + EXEC_GRACE, long=True, cancel=True
+        )
+        return [d.decode(errors="replace") for d in f.all(p.Tag.DEVICE)]
 
     # -- plumbing ---------------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ class MsgType(enum.IntEnum):
     """Notification (id 0): a chunk of a started process's stdout or stderr."""
     EXITED = 0x11
     """Notification (id 0): a started process ended (after its last OUTPUT)."""
+    NETWORK = 0x12
     ERROR = 0xFF
 
 
@@ -110,6 +111,18 @@ class Tag(enum.IntEnum):
     MEMORY = 0x92
     DEVICE = 0x93
     CPUS_ONLINE = 0x94
+    LINK = 0xA0
+    MAC = 0xA1
+    MTU = 0xA2
+    ADDRESS = 0xA3
+    ROUTE = 0xA4
+    DEST = 0xA5
+    GATEWAY = 0xA6
+    FAMILY = 0xA7
+    NEIGH = 0xA8
+    LLADDR = 0xA9
+    HOSTS = 0xAA
+    RESOLV = 0xAB
     ERRNO = 0x80
     MESSAGE = 0x81
 
@@ -124,6 +137,12 @@ MAX_WAIT_MS = 600_000
 MAX_SERIAL = 255
 """Longest block-device serial a WAIT may name, in bytes."""
 MAX_WANT_CPUS = 8192
+MAX_NET_LINKS = 32
+"""Most links one NETWORK request configures."""
+MAX_NET_ITEMS = 1024
+"""Most addresses (all links together), routes and neighbours, each, in one NETWORK request."""
+MAX_NET_FILE = 1 << 20
+"""Largest /etc/hosts or /etc/resolv.conf a NETWORK request carries, in bytes."""
 STDOUT = 1
 STDERR = 2
 NOTICE_FIELDS = 8

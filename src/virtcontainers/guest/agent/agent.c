@@ -15,11 +15,15 @@
  * Build: gcc -static -O2 -o init agent.c
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <net/if.h>
 #include <linux/netlink.h>
+#include <linux/rtnetlink.h>
 #include <linux/random.h>
 #include <linux/vm_sockets.h>
 #include <grp.h>
@@ -89,6 +93,7 @@ enum {
 	T_ATTACH = 0x0F,
 	T_OUTPUT = 0x10, /* notifications (id 0): output of a started process */
 	T_EXITED = 0x11, /* ... and its end */
+	T_NETWORK = 0x12,
 	T_REPLY = 0x80,
 	T_ERROR = 0xFF,
 };
@@ -144,6 +149,18 @@ enum {
 	F_MEMORY = 0x92,
 	F_DEVICE = 0x93,
 	F_CPUS_ONLINE = 0x94,
+	F_LINK = 0xA0,
+	F_MAC = 0xA1,
+	F_MTU = 0xA2,
+	F_ADDRESS = 0xA3,
+	F_ROUTE = 0xA4,
+	F_DEST = 0xA5,
+	F_GATEWAY = 0xA6,
+	F_FAMILY = 0xA7,
+	F_NEIGH = 0xA8,
+	F_LLADDR = 0xA9,
+	F_HOSTS = 0xAA,
+	F_RESOLV = 0xAB,
 	F_ERRNO = 0x80,
 	F_MESSAGE = 0x81,
 };
@@ -1818,6 +1835,610 @@ static void handle_online(struct conn *c, uint32_t id, const uint8_t *p, size_t 
 	buf_free(&b);
 }
 
+/* ---------------------------------------------------------------- network */
+
+/* NETWORK: configure the guest's interfaces by rtnetlink in one request (PROTOCOL.md). */
+#define MAX_NET_LINKS 32
+#define MAX_NET_ITEMS 1024 /* addresses (all links), routes, neighbours: at most this many each */
+#define MAX_NET_FILE (1u << 20)
+#define NL_BUF 8192
+
+struct net_addr {
+	int family; /* AF_INET or AF_INET6 */
+	uint8_t ip[16];
+	int plen;
+};
+
+struct net_link {
+	uint8_t mac[6];
+	int64_t mtu; /* 0: leave it */
+	int first_addr, n_addrs;
+	int index;
+	char name[IF_NAMESIZE];
+};
+
+struct net_route {
+	int family;
+	int has_dst, has_gw, link; /* link: index into the links, -1 for none */
+	struct net_addr dst;
+	uint8_t gw[16];
+};
+
+struct net_neigh {
+	struct net_addr ip;
+	uint8_t lladdr[6];
+	int link;
+};
+
+struct net_req {
+	struct net_link links[MAX_NET_LINKS];
+	int n_links;
+	struct net_addr *addrs;
+	int n_addrs;
+	struct net_route *routes;
+	int n_routes;
+	struct net_neigh *neighs;
+	int n_neighs;
+};
+
+static int parse_mac(const struct field *f, uint8_t mac[6])
+{
+	char s[18];
+	if (f->len != 17)
+		return -1;
+	memcpy(s, f->val, 17);
+	s[17] = 0;
+	for (int i = 0; i < 6; i++) {
+		char *hex = s + 3 * i;
+		if ((i < 5 && hex[2] != ':') || !isxdigit((unsigned char)hex[0]) ||
+		    !isxdigit((unsigned char)hex[1]))
+			return -1;
+		char two[3] = {hex[0], hex[1], 0};
+		mac[i] = (uint8_t)strtoul(two, NULL, 16);
+	}
+	return 0;
+}
+
+/* "IP" (want_plen 0) or "IP/PREFIX" (want_plen 1) as text. */
+static int parse_ip(const struct field *f, struct net_addr *a, int want_plen)
+{
+	char s[INET6_ADDRSTRLEN + 8];
+	if (f->len == 0 || f->len >= sizeof s || memchr(f->val, 0, f->len))
+		return -1;
+	memcpy(s, f->val, f->len);
+	s[f->len] = 0;
+	char *slash = strchr(s, '/');
+	if (!!slash != !!want_plen)
+		return -1;
+	if (slash)
+		*slash = 0;
+	memset(a, 0, sizeof *a);
+	if (inet_pton(AF_INET, s, a->ip) == 1)
+		a->family = AF_INET;
+	else if (inet_pton(AF_INET6, s, a->ip) == 1)
+		a->family = AF_INET6;
+	else
+		return -1;
+	a->plen = a->family == AF_INET ? 32 : 128;
+	if (slash) {
+		char *end;
+		const char *digits = slash + 1;
+		if (!isdigit((unsigned char)digits[0]))
+			return -1;
+		long v = strtol(digits, &end, 10);
+		if (*end || v < 0 || v > a->plen)
+			return -1;
+		a->plen = (int)v;
+	}
+	return 0;
+}
+
+/* The link a route or neighbour names by its MAC (field `tag`): its index, -1 if none named. */
+static int net_link_of(const struct net_req *r, const uint8_t *p, size_t n, int *out)
+{
+	struct field f;
+	*out = -1;
+	if (!tlv_find(p, n, F_MAC, &f))
+		return 0;
+	uint8_t mac[6];
+	if (parse_mac(&f, mac))
+		return -1;
+	for (int i = 0; i < r->n_links; i++)
+		if (!memcmp(r->links[i].mac, mac, 6)) {
+			*out = i;
+			return 0;
+		}
+	return -1;
+}
+
+/* Parse and check the whole request before anything is changed; 0, or -1 with `err` set. */
+static int net_parse(struct net_req *r, const uint8_t *p, size_t n, char *err, size_t cap)
+{
+	size_t pos = 0;
+	struct field f, g;
+	int links = 0, routes = 0, neighs = 0, addrs = 0;
+	while (tlv_next(p, n, &pos, &f) == 1) {
+		if (f.tag == F_LINK || f.tag == F_ROUTE || f.tag == F_NEIGH) {
+			if (!tlv_valid(f.val, f.len)) {
+				snprintf(err, cap, "a link, route or neighbour is a malformed payload");
+				return -1;
+			}
+		}
+		if (f.tag == F_LINK) {
+			links++;
+			size_t ip = 0;
+			while (tlv_next(f.val, f.len, &ip, &g) == 1)
+				addrs += g.tag == F_ADDRESS;
+		}
+		routes += f.tag == F_ROUTE;
+		neighs += f.tag == F_NEIGH;
+	}
+	if (links > MAX_NET_LINKS || addrs > MAX_NET_ITEMS || routes > MAX_NET_ITEMS ||
+	    neighs > MAX_NET_ITEMS) {
+		snprintf(err, cap, "at most %d links and %d addresses, routes and neighbours each",
+			 MAX_NET_LINKS, MAX_NET_ITEMS);
+		return -1;
+	}
+	r->addrs = calloc((size_t)addrs + 1, sizeof *r->addrs);
+	r->routes = calloc((size_t)routes + 1, sizeof *r->routes);
+	r->neighs = calloc((size_t)neighs + 1, sizeof *r->neighs);
+	if (!r->addrs || !r->routes || !r->neighs) {
+		snprintf(err, cap, "out of memory");
+		return -1;
+	}
+	pos = 0;
+	while (tlv_next(p, n, &pos, &f) == 1) {
+		if (f.tag != F_LINK)
+			continue;
+		struct net_link *l = &r->links[r->n_links];
+		int k = r->n_links++;
+		if (!tlv_find(f.val, f.len, F_MAC, &g) || parse_mac(&g, l->mac)) {
+			snprintf(err, cap, "link %d: mac must be aa:bb:cc:dd:ee:ff", k);
+			return -1;
+		}
+		for (int i = 0; i < k; i++)
+			if (!memcmp(r->links[i].mac, l->mac, 6)) {
+				snprintf(err, cap, "link %d: mac given twice", k);
+				return -1;
+			}
+		int got = tlv_int(f.val, f.len, F_MTU, &l->mtu);
+		if (got < 0 || (got && (l->mtu < 68 || l->mtu > 65535))) {
+			snprintf(err, cap, "link %d: mtu must be an integer in 68..65535", k);
+			return -1;
+		}
+		l->first_addr = r->n_addrs;
+		size_t ip = 0;
+		while (tlv_next(f.val, f.len, &ip, &g) == 1) {
+			if (g.tag != F_ADDRESS)
+				continue;
+			if (parse_ip(&g, &r->addrs[r->n_addrs], 1)) {
+				snprintf(err, cap, "link %d: address %d is not IP/PREFIX", k, l->n_addrs);
+				return -1;
+			}
+			r->n_addrs++;
+			l->n_addrs++;
+		}
+	}
+	pos = 0;
+	while (tlv_next(p, n, &pos, &f) == 1) {
+		if (f.tag == F_ROUTE) {
+			struct net_route *rt = &r->routes[r->n_routes];
+			int k = r->n_routes++;
+			struct net_addr gw;
+			int64_t fam = 0;
+			rt->has_dst = tlv_find(f.val, f.len, F_DEST, &g);
+			if (rt->has_dst && parse_ip(&g, &rt->dst, 1)) {
+				snprintf(err, cap, "route %d: dest is not NETWORK/PREFIX", k);
+				return -1;
+			}
+			rt->has_gw = tlv_find(f.val, f.len, F_GATEWAY, &g);
+			if (rt->has_gw && parse_ip(&g, &gw, 0)) {
+				snprintf(err, cap, "route %d: gateway is not an IP address", k);
+				return -1;
+			}
+			if (rt->has_gw)
+				memcpy(rt->gw, gw.ip, 16);
+			int got = tlv_int(f.val, f.len, F_FAMILY, &fam);
+			if (got < 0 || (got && fam != 4 && fam != 6)) {
+				snprintf(err, cap, "route %d: family must be 4 or 6", k);
+				return -1;
+			}
+			rt->family = got ? (fam == 4 ? AF_INET : AF_INET6)
+				     : rt->has_dst ? rt->dst.family
+				     : rt->has_gw  ? gw.family
+						   : 0;
+			if (!rt->family || (rt->has_dst && rt->dst.family != rt->family) ||
+			    (rt->has_gw && gw.family != rt->family)) {
+				snprintf(err, cap, "route %d: no family, or dest, gateway and family disagree",
+					 k);
+				return -1;
+			}
+			if (net_link_of(r, f.val, f.len, &rt->link)) {
+				snprintf(err, cap, "route %d: mac names none of the links", k);
+				return -1;
+			}
+			if (!rt->has_gw && rt->link < 0) {
+				snprintf(err, cap, "route %d: needs a gateway or a link", k);
+				return -1;
+			}
+		} else if (f.tag == F_NEIGH) {
+			struct net_neigh *nb = &r->neighs[r->n_neighs];
+			int k = r->n_neighs++;
+			if (!tlv_find(f.val, f.len, F_DEST, &g) || parse_ip(&g, &nb->ip, 0)) {
+				snprintf(err, cap, "neighbour %d: dest is not an IP address", k);
+				return -1;
+			}
+			if (!tlv_find(f.val, f.len, F_LLADDR, &g) || parse_mac(&g, nb->lladdr)) {
+				snprintf(err, cap, "neighbour %d: lladdr must be aa:bb:cc:dd:ee:ff", k);
+				return -1;
+			}
+			if (net_link_of(r, f.val, f.len, &nb->link) || nb->link < 0) {
+				snprintf(err, cap, "neighbour %d: mac must name one of the links", k);
+				return -1;
+			}
+		}
+	}
+	return 0;
+}
+
+struct nl {
+	int fd;
+	uint32_t seq;
+};
+
+struct nl_msg {
+	struct nlmsghdr h;
+	uint8_t body[NL_BUF - sizeof(struct nlmsghdr)];
+} __attribute__((aligned(NLMSG_ALIGNTO)));
+
+static void nl_init(struct nl_msg *m, uint16_t type, uint16_t flags, const void *hdr, size_t len)
+{
+	memset(m, 0, sizeof *m);
+	m->h.nlmsg_type = type;
+	m->h.nlmsg_flags = (uint16_t)(NLM_F_REQUEST | flags);
+	m->h.nlmsg_len = (uint32_t)NLMSG_LENGTH(len);
+	memcpy(NLMSG_DATA(&m->h), hdr, len);
+}
+
+static void nl_attr(struct nl_msg *m, uint16_t type, const void *data, size_t len)
+{
+	struct rtattr *a = (struct rtattr *)((uint8_t *)m + NLMSG_ALIGN(m->h.nlmsg_len));
+	a->rta_type = type;
+	a->rta_len = (uint16_t)RTA_LENGTH(len);
+	memcpy(RTA_DATA(a), data, len);
+	m->h.nlmsg_len = (uint32_t)(NLMSG_ALIGN(m->h.nlmsg_len) + RTA_ALIGN(a->rta_len));
+}
+
+/* Send one request and read until its ACK, or with `each` (a dump, which `each` sees every
+ * message of) until its end: 0 or -errno. */
+static int nl_talk(struct nl *nl, struct nl_msg *m, void (*each)(struct nlmsghdr *, void *),
+		   void *arg)
+{
+	m->h.nlmsg_seq = ++nl->seq;
+	m->h.nlmsg_flags |= NLM_F_ACK;
+	if (send(nl->fd, m, m->h.nlmsg_len, 0) < 0)
+		return -errno;
+	static uint8_t rbuf[32768] __attribute__((aligned(NLMSG_ALIGNTO)));
+	for (;;) {
+		ssize_t got = recv(nl->fd, rbuf, sizeof rbuf, 0);
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got < 0)
+			return -errno;
+		size_t left = (size_t)got;
+		for (struct nlmsghdr *h = (struct nlmsghdr *)rbuf; NLMSG_OK(h, left);
+		     h = NLMSG_NEXT(h, left)) {
+			if (h->nlmsg_seq != nl->seq)
+				continue;
+			if (h->nlmsg_type == NLMSG_DONE)
+				return 0;
+			if (h->nlmsg_type == NLMSG_ERROR) {
+				const struct nlmsgerr *e = NLMSG_DATA(h);
+				if (h->nlmsg_len < NLMSG_LENGTH(sizeof *e))
+					return -EBADMSG;
+				if (e->error || !each)
+					return e->error;
+				continue;
+			}
+			if (each)
+				each(h, arg);
+		}
+	}
+}
+
+/* RTM_GETLINK dump: note the index and name of every wanted link that exists. */
+static void net_found_link(struct nlmsghdr *h, void *arg)
+{
+	struct net_req *r = arg;
+	if (h->nlmsg_type != RTM_NEWLINK || h->nlmsg_len < NLMSG_LENGTH(sizeof(struct ifinfomsg)))
+		return;
+	struct ifinfomsg *ifi = NLMSG_DATA(h);
+	const uint8_t *mac = NULL;
+	const char *name = NULL;
+	size_t name_len = 0, alen = IFLA_PAYLOAD(h);
+	for (struct rtattr *a = IFLA_RTA(ifi); RTA_OK(a, alen); a = RTA_NEXT(a, alen)) {
+		if (a->rta_type == IFLA_ADDRESS && RTA_PAYLOAD(a) == 6) {
+			mac = RTA_DATA(a);
+		} else if (a->rta_type == IFLA_IFNAME && RTA_PAYLOAD(a) > 0) {
+			name = RTA_DATA(a);
+			name_len = strnlen(name, RTA_PAYLOAD(a));
+		}
+	}
+	if (!mac || !name)
+		return;
+	for (int i = 0; i < r->n_links; i++) {
+		struct net_link *l = &r->links[i];
+		if (!l->index && !memcmp(l->mac, mac, 6)) {
+			l->index = ifi->ifi_index;
+			int len = (int)(name_len < IF_NAMESIZE ? name_len : IF_NAMESIZE - 1);
+			snprintf(l->name, sizeof l->name, "%.*s", len, name);
+		}
+	}
+}
+
+static int nl_link_up(struct nl *nl, int index, int64_t mtu)
+{
+	struct ifinfomsg ifi = {.ifi_family = AF_UNSPEC,
+				.ifi_index = index,
+				.ifi_flags = IFF_UP,
+				.ifi_change = IFF_UP};
+	struct nl_msg m;
+	nl_init(&m, RTM_NEWLINK, 0, &ifi, sizeof ifi);
+	if (mtu) {
+		uint32_t v = (uint32_t)mtu;
+		nl_attr(&m, IFLA_MTU, &v, sizeof v);
+	}
+	return nl_talk(nl, &m, NULL, NULL);
+}
+
+static size_t ip_len(int family)
+{
+	return family == AF_INET ? 4 : 16;
+}
+
+static void net_fmt(const struct net_addr *a, char *out, size_t cap)
+{
+	char ip[INET6_ADDRSTRLEN] = "?";
+	inet_ntop(a->family, a->ip, ip, sizeof ip);
+	snprintf(out, cap, "%s/%d", ip, a->plen);
+}
+
+/* Static addresses: no duplicate address detection (the host made them unique), so an IPv6
+ * address is usable at once, as Kata's agent does. */
+static int nl_addr(struct nl *nl, int index, const struct net_addr *a)
+{
+	struct ifaddrmsg ifa = {.ifa_family = (uint8_t)a->family,
+				.ifa_prefixlen = (uint8_t)a->plen,
+				.ifa_flags = IFA_F_NODAD | IFA_F_PERMANENT,
+				.ifa_index = (uint32_t)index};
+	struct nl_msg m;
+	nl_init(&m, RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE, &ifa, sizeof ifa);
+	nl_attr(&m, IFA_LOCAL, a->ip, ip_len(a->family));
+	nl_attr(&m, IFA_ADDRESS, a->ip, ip_len(a->family));
+	uint32_t flags = IFA_F_NODAD | IFA_F_PERMANENT;
+	nl_attr(&m, IFA_FLAGS, &flags, sizeof flags);
+	return nl_talk(nl, &m, NULL, NULL);
+}
+
+static int nl_route(struct nl *nl, const struct net_route *rt, int oif)
+{
+	struct rtmsg rtm = {.rtm_family = (uint8_t)rt->family,
+			    .rtm_dst_len = (uint8_t)(rt->has_dst ? rt->dst.plen : 0),
+			    .rtm_table = RT_TABLE_MAIN,
+			    .rtm_protocol = RTPROT_BOOT,
+			    .rtm_scope = rt->has_gw ? RT_SCOPE_UNIVERSE : RT_SCOPE_LINK,
+			    .rtm_type = RTN_UNICAST};
+	struct nl_msg m;
+	nl_init(&m, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, &rtm, sizeof rtm);
+	if (rt->has_dst)
+		nl_attr(&m, RTA_DST, rt->dst.ip, ip_len(rt->family));
+	if (rt->has_gw)
+		nl_attr(&m, RTA_GATEWAY, rt->gw, ip_len(rt->family));
+	if (oif > 0) {
+		uint32_t v = (uint32_t)oif;
+		nl_attr(&m, RTA_OIF, &v, sizeof v);
+	}
+	return nl_talk(nl, &m, NULL, NULL);
+}
+
+static int nl_neigh(struct nl *nl, const struct net_neigh *nb, int index)
+{
+	struct ndmsg ndm = {.ndm_family = (uint8_t)nb->ip.family,
+			    .ndm_ifindex = index,
+			    .ndm_state = NUD_PERMANENT,
+			    .ndm_type = RTN_UNICAST};
+	struct nl_msg m;
+	nl_init(&m, RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, &ndm, sizeof ndm);
+	nl_attr(&m, NDA_DST, nb->ip.ip, ip_len(nb->ip.family));
+	nl_attr(&m, NDA_LLADDR, nb->lladdr, 6);
+	return nl_talk(nl, &m, NULL, NULL);
+}
+
+/* Replace sysroot + `path` with `data` (the guest's own /etc: root's, no symlink followed). */
+static int net_write_file(const char *path, const struct field *data)
+{
+	char full[PATH_MAX], dir[PATH_MAX];
+	snprintf(dir, sizeof dir, "%s/etc", sysroot);
+	mkdir(dir, 0755);
+	snprintf(full, sizeof full, "%s%s", sysroot, path);
+	int fd = open(full, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY, 0644);
+	if (fd < 0)
+		return -errno;
+	size_t off = 0;
+	while (off < data->len) {
+		ssize_t w = write(fd, data->val + off, data->len - off);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w < 0) {
+			int e = errno;
+			close(fd);
+			return -e;
+		}
+		off += (size_t)w;
+	}
+	return close(fd) ? -errno : 0;
+}
+
+static void net_req_free(struct net_req *r)
+{
+	free(r->addrs);
+	free(r->routes);
+	free(r->neighs);
+	free(r);
+}
+
+static void handle_network(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
+{
+	struct net_req *r = calloc(1, sizeof *r);
+	struct nl nl = {.fd = -1};
+	struct buf b = {0};
+	char err[200] = "", what[160] = "";
+	int e = EINVAL;
+	if (!r) {
+		send_error(c, id, ENOMEM, "network: out of memory");
+		return;
+	}
+	int64_t timeout = 0;
+	struct field host = {0}, hosts = {0}, resolv = {0};
+	int has_host = tlv_find(p, n, F_HOSTNAME, &host);
+	int has_hosts = tlv_find(p, n, F_HOSTS, &hosts);
+	int has_resolv = tlv_find(p, n, F_RESOLV, &resolv);
+	if (tlv_int(p, n, F_TIMEOUT_MS, &timeout) < 0 || timeout < 0 || timeout > MAX_WAIT_MS) {
+		snprintf(err, sizeof err, "timeout_ms must be an integer in 0..%d", MAX_WAIT_MS);
+		goto fail;
+	}
+	if (has_host && (host.len > 64 || memchr(host.val, 0, host.len))) {
+		snprintf(err, sizeof err, "hostname must be 0..64 bytes without NUL");
+		goto fail;
+	}
+	if ((has_hosts && hosts.len > MAX_NET_FILE) || (has_resolv && resolv.len > MAX_NET_FILE)) {
+		snprintf(err, sizeof err, "hosts and resolv must be at most %u bytes", MAX_NET_FILE);
+		goto fail;
+	}
+	if (net_parse(r, p, n, err, sizeof err))
+		goto fail;
+	/* Everything is checked: from here on the guest is changed. */
+	if (has_host && host.len) {
+		struct field line = host;
+		if (sethostname((const char *)host.val, host.len)) {
+			e = errno;
+			snprintf(what, sizeof what, "hostname");
+			goto sys;
+		}
+		char text[80];
+		snprintf(text, sizeof text, "%.*s\n", (int)host.len, (const char *)host.val);
+		line.val = (const uint8_t *)text;
+		line.len = (uint32_t)strlen(text);
+		if ((e = -net_write_file("/etc/hostname", &line))) {
+			snprintf(what, sizeof what, "/etc/hostname");
+			goto sys;
+		}
+	}
+	nl.fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+	if (nl.fd < 0) {
+		e = errno;
+		snprintf(what, sizeof what, "netlink socket");
+		goto sys;
+	}
+	int lo = (int)if_nametoindex("lo");
+	if (lo && (e = -nl_link_up(&nl, lo, 0))) {
+		snprintf(what, sizeof what, "loopback up");
+		goto sys;
+	}
+	/* Find each link by its MAC (a hotplugged NIC may still be probing): a dump every 10 ms
+	 * until all are there or the timeout passes. */
+	int64_t deadline = now_ms() + timeout;
+	for (;;) {
+		struct ifinfomsg ifi = {.ifi_family = AF_UNSPEC};
+		struct nl_msg m;
+		nl_init(&m, RTM_GETLINK, NLM_F_DUMP, &ifi, sizeof ifi);
+		if ((e = -nl_talk(&nl, &m, net_found_link, r))) {
+			snprintf(what, sizeof what, "listing links");
+			goto sys;
+		}
+		int missing = -1;
+		for (int i = 0; i < r->n_links && missing < 0; i++)
+			if (!r->links[i].index)
+				missing = i;
+		if (missing < 0)
+			break;
+		if (now_ms() >= deadline) {
+			const uint8_t *mac = r->links[missing].mac;
+			e = ETIMEDOUT;
+			snprintf(err, sizeof err,
+				 "no interface with MAC %02x:%02x:%02x:%02x:%02x:%02x after %lld ms",
+				 mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], (long long)timeout);
+			goto fail;
+		}
+		struct timespec ts = {0, 10 * 1000000L};
+		nanosleep(&ts, NULL);
+	}
+	for (int i = 0; i < r->n_links; i++) {
+		struct net_link *l = &r->links[i];
+		if ((e = -nl_link_up(&nl, l->index, l->mtu))) {
+			snprintf(what, sizeof what, "%s: up, mtu %lld", l->name, (long long)l->mtu);
+			goto sys;
+		}
+		for (int k = 0; k < l->n_addrs; k++) {
+			const struct net_addr *a = &r->addrs[l->first_addr + k];
+			if ((e = -nl_addr(&nl, l->index, a))) {
+				char t[64];
+				net_fmt(a, t, sizeof t);
+				snprintf(what, sizeof what, "%s: address %s", l->name, t);
+				goto sys;
+			}
+		}
+	}
+	/* Routes to the link first: a gateway must be reachable when its route is added. */
+	for (int pass = 0; pass < 2; pass++)
+		for (int i = 0; i < r->n_routes; i++) {
+			const struct net_route *rt = &r->routes[i];
+			if (rt->has_gw != pass)
+				continue;
+			int oif = rt->link >= 0 ? r->links[rt->link].index : 0;
+			if ((e = -nl_route(&nl, rt, oif))) {
+				char d[64] = "default", g[INET6_ADDRSTRLEN] = "";
+				if (rt->has_dst)
+					net_fmt(&rt->dst, d, sizeof d);
+				if (rt->has_gw)
+					inet_ntop(rt->family, rt->gw, g, sizeof g);
+				snprintf(what, sizeof what, "route %d (%s%s%s)", i, d, g[0] ? " via " : "",
+					 g);
+				goto sys;
+			}
+		}
+	for (int i = 0; i < r->n_neighs; i++) {
+		const struct net_neigh *nb = &r->neighs[i];
+		if ((e = -nl_neigh(&nl, nb, r->links[nb->link].index))) {
+			char t[64];
+			net_fmt(&nb->ip, t, sizeof t);
+			snprintf(what, sizeof what, "neighbour %s", t);
+			goto sys;
+		}
+	}
+	if (has_hosts && (e = -net_write_file("/etc/hosts", &hosts))) {
+		snprintf(what, sizeof what, "/etc/hosts");
+		goto sys;
+	}
+	if (has_resolv && (e = -net_write_file("/etc/resolv.conf", &resolv))) {
+		snprintf(what, sizeof what, "/etc/resolv.conf");
+		goto sys;
+	}
+	for (int i = 0; i < r->n_links; i++)
+		put_str(&b, F_DEVICE, r->links[i].name);
+	send_frame(c, T_NETWORK | T_REPLY, id, &b);
+	goto out;
+sys:
+	snprintf(err, sizeof err, "%s: %s", what, strerror(e));
+fail:
+	send_error(c, id, e, "network: %s", err);
+out:
+	if (nl.fd >= 0)
+		close(nl.fd);
+	buf_free(&b);
+	net_req_free(r);
+}
+
 /* ------------------------------------------------------------------ waits */
 
 /* A file's raw bytes (sysfs binary attributes such as vpd_pg80); -1 if unreadable. */
@@ -2189,6 +2810,9 @@ static void dispatch(struct conn *c, uint8_t type, uint32_t id, const uint8_t *p
 		break;
 	case T_WAIT:
 		handle_wait(c, id, p, n);
+		break;
+	case T_NETWORK:
+		start_job(c, id, p, n, handle_network);
 		break;
 	default:
 		send_error(c, id, ENOSYS, "unknown request type 0x%02x", type);
