@@ -26,6 +26,7 @@ import errno
 import functools
 import ipaddress
 import json
+import os
 import re
 import shlex
 import shutil
@@ -172,10 +173,27 @@ def _comment_of(line: str) -> str:
 def _forward_drops() -> bool:
     """Whether iptables' FORWARD chain (if there is one) does not accept by policy, or has
     rules of its own that may drop."""
-    if not _iptables_binary("iptables"):
+    binary = _iptables_binary("iptables")
+    if not binary:
         return False
+    if _libnftables() is not None and "nft" in os.path.basename(os.path.realpath(binary)):
+        return _nft_chain_drops("ip", "filter", "FORWARD")
     lines = iptables("-t", "filter", "-S", "FORWARD").splitlines()
     return any(line.startswith("-A ") for line in lines) or "-P FORWARD ACCEPT" not in lines
+
+
+def _nft_chain_drops(family: str, table: str, chain: str) -> bool:
+    """`_forward_drops` for iptables-nft, whose chains are nftables': read through libnftables
+    (no process to start). A chain that does not exist accepts."""
+    try:
+        out = nft(f"list chain {family} {table} {chain}", json_output=True)
+    except HypervisorError as e:
+        if "No such file or directory" in str(e):
+            return False
+        raise
+    items = json.loads(out)["nftables"]
+    policy = next((i["chain"].get("policy", "accept") for i in items if "chain" in i), "accept")
+    return policy != "accept" or any("rule" in i for i in items)
 
 
 def _forward_rules(sandbox_id: str, address: ipaddress.IPv4Address, bridge: str) -> list[str]:

@@ -4,6 +4,8 @@ pyroute2's synchronous API runs an event loop of its own, so everything here is 
 and is run off the caller's loop (`in_netns`). A namespace is entered by a fresh thread
 that calls setns(2) on itself: netlink sockets, sysctl files and child processes (nft)
 opened by that thread all belong to the namespace, and no pooled thread is left in it.
+Everything one `call_in_netns` does shares one rtnetlink socket (opening a pyroute2
+`IPRoute` costs more than most requests made on it).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
 import ipaddress
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -34,6 +38,7 @@ MNT_DETACH = 2
 NETNS_RUN_DIR = "/var/run/netns"
 ETH_P_ALL = 0x0003
 NUD_PERMANENT = 0x80
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 RTPROT_KERNEL = 2
 TAP_SUFFIX = "_vc"
 """Taps this package makes end with it (Kata's are `tapN_kata`): never taken as endpoints."""
@@ -51,10 +56,28 @@ def _enter(path: str) -> None:
         os.close(fd)
 
 
+_session = threading.local()
+"""Per thread: `active` inside `call_in_netns`, and the `ipr` its calls share."""
+
+
+def _in_session(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` with one rtnetlink socket for all it does (closed afterwards)."""
+    if getattr(_session, "active", False):
+        return fn(*args)
+    _session.active = True
+    try:
+        return fn(*args)
+    finally:
+        _session.active = False
+        ipr, _session.ipr = getattr(_session, "ipr", None), None
+        if ipr is not None:
+            ipr.close()
+
+
 def call_in_netns(path: str, fn: Callable[..., T], *args: Any) -> T:
     """Run `fn(*args)` in the namespace at `path` ("" for the caller's) and return its result."""
     if not path:
-        return fn(*args)
+        return _in_session(fn, *args)
     if not os.path.exists(path):
         raise ConfigError(f"network namespace {path} does not exist")
     box: dict[str, Any] = {}
@@ -62,7 +85,7 @@ def call_in_netns(path: str, fn: Callable[..., T], *args: Any) -> T:
     def body() -> None:
         try:
             _enter(path)
-            box["result"] = fn(*args)
+            box["result"] = _in_session(fn, *args)
         except BaseException as e:  # handed to the caller's thread
             box["error"] = e
 
@@ -75,8 +98,36 @@ def call_in_netns(path: str, fn: Callable[..., T], *args: Any) -> T:
 
 
 async def in_netns(path: str, fn: Callable[..., T], *args: Any) -> T:
-    """`call_in_netns` off the event loop."""
-    return await asyncio.to_thread(call_in_netns, path, fn, *args)
+    """`call_in_netns` off the event loop (for another namespace, its thread reports straight
+    back to the loop: no pooled thread waits on it)."""
+    if not path:
+        return await asyncio.to_thread(_in_session, fn, *args)
+    if not os.path.exists(path):
+        raise ConfigError(f"network namespace {path} does not exist")
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def report(error: BaseException | None, result: Any = None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def body() -> None:
+        try:
+            _enter(path)
+            result = _in_session(fn, *args)
+        except BaseException as e:  # handed to the loop
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody to tell
+                loop.call_soon_threadsafe(report, e)
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(report, None, result)
+
+    threading.Thread(target=body, name="vc-netns", daemon=True).start()
+    return await asyncio.shield(done)
 
 
 def netns_path(name: str) -> str:
@@ -144,6 +195,13 @@ def remove_netns(name: str) -> bool:
 
 @contextlib.contextmanager
 def _ipr() -> Iterator[IPRoute]:
+    """An rtnetlink socket of the current namespace: inside `call_in_netns` the one its
+    calls share (opened on first use), else one of its own."""
+    if getattr(_session, "active", False):
+        if getattr(_session, "ipr", None) is None:
+            _session.ipr = IPRoute()
+        yield _session.ipr
+        return
     ipr = IPRoute()
     try:
         yield ipr
@@ -163,10 +221,11 @@ def _index(ipr: IPRoute, name: str) -> int | None:
 
 
 def _loopback_up() -> None:
-    with _ipr() as ipr:
-        idx = _index(ipr, "lo")
-        if idx is not None:
-            ipr.link("set", index=idx, state="up")
+    """Loopback up in the current namespace (two ioctls: no rtnetlink socket to open)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
 
 
 def link_exists(name: str) -> bool:

@@ -156,17 +156,22 @@ class SandboxNetwork:
                 ]
                 self.routes = [Route(gateway=str(USER_NET[2]))]
             if self.netns_path and self.config.model != "none":
-                found, routes, neighbours = await netlink.in_netns(self.netns_path, netlink.scan)
-                for n, iface in enumerate(found):
-                    self._check_endpoint(iface)
-                    self._name_tap(iface, n)
-                self.interfaces, self.routes, self.neighbours = found, routes, neighbours
-                persist()
-                for iface in found:
-                    await self._connect(iface, queues)
+                await netlink.in_netns(self.netns_path, self._take_endpoints, queues, persist)
         except BaseException:
             await self.teardown()
             raise
+
+    def _take_endpoints(self, queues: int, persist: Callable[[], None]) -> None:
+        """In the sandbox's namespace (one visit, one netlink socket): find the endpoints,
+        record them, then join each to the VM."""
+        found, routes, neighbours = netlink.scan()
+        for n, iface in enumerate(found):
+            self._check_endpoint(iface)
+            self._name_tap(iface, n)
+        self.interfaces, self.routes, self.neighbours = found, routes, neighbours
+        persist()
+        for iface in found:
+            self._connect_here(iface, queues)
 
     def _name_tap(self, iface: Interface, n: int) -> None:
         iface.nic_id = f"net{n}"
@@ -188,17 +193,14 @@ class SandboxNetwork:
                 "only veth-like endpoints (joined by a tap with tc redirects) and taps are taken",
             )
 
-    async def _connect(self, iface: Interface, queues: int) -> None:
+    def _connect_here(self, iface: Interface, queues: int) -> None:
+        """Join endpoint `iface` to its tap (in the sandbox's namespace)."""
         if iface.kind == "tap":
             return
         if self.config.model == "macvtap":
-            iface.tap_index = await netlink.in_netns(
-                self.netns_path, netlink.connect_macvtap, iface.name, iface.tap
-            )
+            iface.tap_index = netlink.connect_macvtap(iface.name, iface.tap)
         else:
-            await netlink.in_netns(
-                self.netns_path, netlink.connect_tcfilter, iface.name, iface.tap, queues, iface.mtu
-            )
+            netlink.connect_tcfilter(iface.name, iface.tap, queues, iface.mtu)
 
     def _bridge_side(self) -> None:
         """In the bridge's namespace: check, then bridge, lease, namespace, veth, NAT."""
@@ -357,7 +359,7 @@ class SandboxNetwork:
         )
 
     async def connect(self, iface: Interface, queues: int) -> None:
-        await self._connect(iface, queues)
+        await netlink.in_netns(self.netns_path, self._connect_here, iface, queues)
 
     async def disconnect(self, iface: Interface) -> None:
         if iface.kind == "tap" or not os.path.exists(self.netns_path):
