@@ -7,6 +7,8 @@ SYSTEM_PACKAGES=(
   python3 python3-venv python3-pip
   qemu-system-x86 qemu-utils qemu-system-common
   busybox-static cpio kmod lz4 gcc libc6-dev
+  # vc-run links libseccomp statically (libseccomp.a) to apply OCI seccomp profiles
+  libseccomp-dev
   # test images: Debian bookworm built by mmdebstrap (the busybox one uses busybox-static)
   mmdebstrap
   # Firecracker has no virtio-fs: a container root becomes an ext4 image (mke2fs -d)

@@ -82,8 +82,42 @@ def test_from_oci_translates(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"linux": {"seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}}}, r"linux\.seccomp"),
-        ({"linux": {"namespaces": [{"type": "user"}, {"type": "mount"}]}}, "a user namespace"),
+        ({"linux": {"devices": [{"path": "/dev/fuse", "type": "c"}]}}, r"linux\.devices"),
+        ({"linux": {"namespaces": [{"type": "time"}, {"type": "mount"}]}}, "a time namespace"),
+        ({"linux": {"seccomp": {"defaultAction": "SCMP_ACT_NOPE"}}}, "action 'SCMP_ACT_NOPE'"),
+        ({"linux": {"seccomp": {"defaultAction": "SCMP_ACT_NOTIFY"}}}, "SCMP_ACT_NOTIFY"),
+        (
+            {"linux": {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "flags": ["SECCOMP_X"]}}},
+            "flag 'SECCOMP_X'",
+        ),
+        (
+            {
+                "linux": {
+                    "seccomp": {
+                        "defaultAction": "SCMP_ACT_ALLOW",
+                        "syscalls": [
+                            {
+                                "names": ["read"],
+                                "action": "SCMP_ACT_ERRNO",
+                                "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_ALMOST"}],
+                            }
+                        ],
+                    }
+                }
+            },
+            r"syscalls\[0\]: unknown seccomp operator 'SCMP_CMP_ALMOST'",
+        ),
+        (
+            {
+                "linux": {
+                    "seccomp": {
+                        "defaultAction": "SCMP_ACT_ALLOW",
+                        "syscalls": [{"names": "read", "action": "SCMP_ACT_LOG"}],
+                    }
+                }
+            },
+            r"syscalls\[0\]\.names must be a list",
+        ),
         ({"linux": {"namespaces": [{"type": "pid"}]}}, "without a mount namespace"),
         ({"linux": {"namespaces": [{"type": "mount", "path": "/proc/1/ns/mnt"}]}}, "joining"),
         ({"hooks": {"prestart": [{"path": "/bin/true"}]}}, "hooks are not supported"),
@@ -100,6 +134,85 @@ def test_from_oci_refuses(tmp_path: Path, change: dict[str, Any], message: str) 
         else:
             doc[key] = value
     with pytest.raises(UnsupportedError, match=message):
+        from_oci(doc, bundle)
+
+
+def test_from_oci_seccomp_as_runc_reads_it(tmp_path: Path) -> None:
+    doc, bundle = _bundle(tmp_path)
+    doc["linux"]["seccomp"] = {
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"],
+        "flags": ["SECCOMP_FILTER_FLAG_LOG", "SECCOMP_FILTER_FLAG_TSYNC"],
+        "syscalls": [
+            {"names": ["read", "write", "bad name", ""], "action": "SCMP_ACT_ALLOW"},
+            {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"},  # = the default: dropped
+            {"names": ["chmod"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13},
+            {
+                "names": ["personality"],
+                "action": "SCMP_ACT_ALLOW",
+                "args": [
+                    {"index": 0, "value": 0, "op": "SCMP_CMP_EQ"},
+                    {"index": 0, "value": 8, "op": "SCMP_CMP_EQ"},
+                ],
+            },
+            {
+                "names": ["clone"],
+                "action": "SCMP_ACT_ALLOW",
+                "args": [
+                    {"index": 0, "value": 0x7E020000, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"},
+                    {"index": 1, "value": 5, "op": "SCMP_CMP_NE"},
+                ],
+            },
+        ],
+    }
+    spec, _, _ = from_oci(doc, bundle)
+    assert spec.seccomp == [
+        "--seccomp-default",
+        "errno=1",
+        "--seccomp-arch",
+        "x86_64",
+        "--seccomp-arch",
+        "x86",
+        "--seccomp-flag",
+        "log",
+        "--seccomp-syscall",
+        "allow:read,write",
+        "--seccomp-syscall",
+        "errno=13:chmod",
+        # one index twice: one rule per condition (either matches), as runc does
+        "--seccomp-syscall",
+        "allow:personality:0,eq,0,0",
+        "--seccomp-syscall",
+        "allow:personality:0,eq,8,0",
+        "--seccomp-syscall",
+        "allow:clone:0,masked_eq,2114060288,0:1,ne,5,0",
+    ]
+    argv = spec.runner_argv("/r")
+    assert argv[argv.index("--") - len(spec.seccomp) : argv.index("--")] == spec.seccomp
+
+
+def test_from_oci_user_and_cgroup_namespaces(tmp_path: Path) -> None:
+    doc, bundle = _bundle(tmp_path)
+    doc["process"]["user"] = {"uid": 0, "gid": 0}
+    doc["linux"] = {
+        "namespaces": [{"type": "mount"}, {"type": "user"}, {"type": "cgroup"}],
+        "uidMappings": [{"containerID": 0, "hostID": 100000, "size": 65536}],
+        "gidMappings": [{"containerID": 0, "hostID": 200000, "size": 10}],
+    }
+    spec, _, _ = from_oci(doc, bundle)
+    argv = spec.runner_argv("/r")
+    assert argv[argv.index("--ns") + 1] == "m,U,c"
+    assert argv[argv.index("--uid-map") + 1] == "0:100000:65536"
+    assert argv[argv.index("--gid-map") + 1] == "0:200000:10"
+
+    doc["process"]["user"] = {"uid": 0, "gid": 10}
+    with pytest.raises(ConfigError, match=r"process\.user\.gid 10 is not in linux\.gidMappings"):
+        from_oci(doc, bundle)
+    del doc["linux"]["gidMappings"]
+    with pytest.raises(ConfigError, match=r"linux\.gidMappings: a user namespace needs id"):
+        from_oci(doc, bundle)
+    doc["linux"]["namespaces"] = [{"type": "mount"}]
+    with pytest.raises(ConfigError, match=r"uidMappings given without a user namespace"):
         from_oci(doc, bundle)
 
 

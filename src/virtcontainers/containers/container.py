@@ -61,6 +61,8 @@ def spec_from_dict(d: dict[str, Any]) -> ProcessSpec:
     d["resources"] = Resources(**(d.get("resources") or {}))
     d["rlimits"] = [tuple(x) for x in d.get("rlimits") or []]
     d["mounts"] = [tuple(x) for x in d.get("mounts") or []]
+    for key in ("uid_mappings", "gid_mappings"):
+        d[key] = [tuple(x) for x in d.get(key) or []]
     return ProcessSpec(**d)
 
 
@@ -262,6 +264,7 @@ class Container:
         runner += ["--user", f"{uid}:{gid}", "--caps", format(caps_mask(spec.caps), "x")]
         for e in merge_env(spec.env, env or []):
             runner += ["--env", e]
+        runner += spec.seccomp
         return await self.sandbox.exec([*runner, "--", *argv], stdin=stdin, timeout=timeout)
 
     async def kill(self, sig: int = signals.SIGTERM) -> None:

@@ -1,13 +1,14 @@
 """What a container runs and how, from an image config (plus `virtc run` options) or an OCI
 runtime bundle's config.json, turned into the guest's `vc-run` command line.
 
-A config.json feature the guest cannot do (a user namespace, seccomp, devices, hooks...) is
+A config.json feature the guest cannot do (devices, hooks, sysctl, a time namespace...) is
 refused with `UnsupportedError` naming it, never silently dropped.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +92,68 @@ STANDARD_MOUNTS = {
     "/sys",
     "/sys/fs/cgroup",
 }
-NAMESPACE_LETTERS = {"mount": "m", "pid": "p", "uts": "u", "ipc": "i", "network": "n"}
+NAMESPACE_LETTERS = {
+    "mount": "m",
+    "pid": "p",
+    "uts": "u",
+    "ipc": "i",
+    "network": "n",
+    "cgroup": "c",
+    "user": "U",
+}
+SECCOMP_ACTIONS = {
+    "SCMP_ACT_KILL": "kill",
+    "SCMP_ACT_KILL_THREAD": "kill",
+    "SCMP_ACT_KILL_PROCESS": "kill_process",
+    "SCMP_ACT_TRAP": "trap",
+    "SCMP_ACT_ERRNO": "errno",
+    "SCMP_ACT_TRACE": "trace",
+    "SCMP_ACT_ALLOW": "allow",
+    "SCMP_ACT_LOG": "log",
+}
+"""OCI seccomp actions -> vc-run's; ERRNO and TRACE carry a number (errnoRet, EPERM unless
+given). SCMP_ACT_NOTIFY needs a listener the guest does not have."""
+SECCOMP_OPS = {
+    "SCMP_CMP_NE": "ne",
+    "SCMP_CMP_LT": "lt",
+    "SCMP_CMP_LE": "le",
+    "SCMP_CMP_EQ": "eq",
+    "SCMP_CMP_GE": "ge",
+    "SCMP_CMP_GT": "gt",
+    "SCMP_CMP_MASKED_EQ": "masked_eq",
+}
+SECCOMP_FLAGS = {
+    "SECCOMP_FILTER_FLAG_LOG": "log",
+    "SECCOMP_FILTER_FLAG_SPEC_ALLOW": "spec_allow",
+    "SECCOMP_FILTER_FLAG_TSYNC": "",
+}
+"""OCI filter flags -> vc-run's; TSYNC needs nothing (vc-run has one thread)."""
+SECCOMP_ARCHES = {
+    "SCMP_ARCH_" + a.upper(): a
+    for a in [
+        "x86",
+        "x86_64",
+        "x32",
+        "arm",
+        "aarch64",
+        "mips",
+        "mips64",
+        "mips64n32",
+        "mipsel",
+        "mipsel64",
+        "mipsel64n32",
+        "ppc",
+        "ppc64",
+        "ppc64le",
+        "s390",
+        "s390x",
+        "parisc",
+        "parisc64",
+        "riscv64",
+    ]
+}
+"""OCI architecture names -> libseccomp's."""
+EPERM = 1
 RLIMIT_NAMES = {
     "RLIMIT_" + n
     for n in [
@@ -185,6 +247,11 @@ class ProcessSpec:
     mounts: list[tuple[str, str, str, str]] = field(default_factory=list)
     """(type, source in the guest, destination in the container, options)."""
     resources: Resources = field(default_factory=Resources)
+    uid_mappings: list[tuple[int, int, int]] = field(default_factory=list)
+    """(container id, guest id, count) for a user namespace; gid_mappings likewise."""
+    gid_mappings: list[tuple[int, int, int]] = field(default_factory=list)
+    seccomp: list[str] = field(default_factory=list)
+    """The seccomp profile as vc-run options (`seccomp_options`), for every process."""
 
     def runner_argv(self, rootfs: str, *, cgroup: str = "", pid_file: str = "") -> list[str]:
         """vc-run's command line for this process in the container rooted at `rootfs`."""
@@ -207,11 +274,14 @@ class ProcessSpec:
             argv += ["--rlimit", f"{name}:{soft}:{hard}"]
         for kind, src, dest, opts in self.mounts:
             argv += ["--mount", f"{kind}:{src}:{dest}:{opts}"]
+        for flag, maps in (("--uid-map", self.uid_mappings), ("--gid-map", self.gid_mappings)):
+            for inside, outside, count in maps:
+                argv += [flag, f"{inside}:{outside}:{count}"]
         if cgroup:
             argv += ["--cgroup", cgroup]
         if pid_file:
             argv += ["--pid-file", pid_file]
-        return [*argv, "--", *self.args]
+        return [*argv, *self.seccomp, "--", *self.args]
 
 
 def caps_mask(names: list[str]) -> int:
@@ -222,6 +292,82 @@ def caps_mask(names: list[str]) -> int:
             raise ConfigError(f"unknown capability {name!r}")
         mask |= 1 << CAPABILITIES[key]
     return mask
+
+
+def seccomp_options(profile: Any, refuse: Callable[[str], Exception]) -> list[str]:
+    """An OCI `linux.seccomp` profile -> vc-run's `--seccomp-*` options, as runc reads it:
+    syscall names are resolved in the guest (names its libseccomp does not know are
+    skipped), a rule repeating the default action is dropped, a rule whose conditions name
+    one argument twice becomes one rule per condition (OR); an unknown action, operator,
+    architecture or flag is refused by name."""
+    if not isinstance(profile, dict):
+        raise refuse("linux.seccomp must be an object")
+    if profile.get("listenerPath"):
+        raise refuse("linux.seccomp.listenerPath (a seccomp notify listener) is not supported")
+
+    def action(name: Any, errno_ret: Any, where: str) -> str:
+        if name is None:
+            raise refuse(f"{where}: no seccomp action")
+        if name == "SCMP_ACT_NOTIFY":
+            raise refuse(f"{where}: seccomp action SCMP_ACT_NOTIFY is not supported")
+        if name not in SECCOMP_ACTIONS:
+            raise refuse(f"{where}: unknown seccomp action {name!r}")
+        kind = SECCOMP_ACTIONS[name]
+        if kind in ("errno", "trace"):
+            value = EPERM if errno_ret is None else errno_ret
+            if not isinstance(value, int) or not 0 <= value <= 0xFFFF:
+                raise refuse(f"{where}: errnoRet {value!r} is not a number 0-65535")
+            return f"{kind}={value}"
+        return kind
+
+    default = action(profile.get("defaultAction"), profile.get("defaultErrnoRet"), "linux.seccomp")
+    out = ["--seccomp-default", default]
+    for arch in profile.get("architectures") or []:
+        if arch not in SECCOMP_ARCHES:
+            raise refuse(f"linux.seccomp: unknown architecture {arch!r}")
+        out += ["--seccomp-arch", SECCOMP_ARCHES[arch]]
+    for flag in profile.get("flags") or []:
+        if flag not in SECCOMP_FLAGS:
+            raise refuse(f"linux.seccomp: unknown or unsupported flag {flag!r}")
+        if SECCOMP_FLAGS[flag]:
+            out += ["--seccomp-flag", SECCOMP_FLAGS[flag]]
+    for i, rule in enumerate(profile.get("syscalls") or []):
+        where = f"linux.seccomp.syscalls[{i}]"
+        if not isinstance(rule, dict):
+            raise refuse(f"{where} must be an object")
+        act = action(rule.get("action"), rule.get("errnoRet"), where)
+        names = rule.get("names") or []
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise refuse(f"{where}.names must be a list of syscall names")
+        names = [n for n in names if _syscall_name(n)]
+        conditions = []
+        for arg in rule.get("args") or []:
+            op = arg.get("op") if isinstance(arg, dict) else None
+            if op not in SECCOMP_OPS:
+                raise refuse(f"{where}: unknown seccomp operator {op!r}")
+            index, value, two = arg.get("index"), arg.get("value", 0), arg.get("valueTwo", 0)
+            if not isinstance(index, int) or not 0 <= index <= 5:
+                raise refuse(f"{where}: argument index {index!r} is not 0-5")
+            for v in (value, two):
+                if not isinstance(v, int) or not 0 <= v < 1 << 64:
+                    raise refuse(f"{where}: argument value {v!r} is not a 64-bit number")
+            conditions.append((index, f"{index},{SECCOMP_OPS[op]},{value},{two}"))
+        if act == default or not names:
+            continue
+        indexes = [index for index, _ in conditions]
+        groups = (
+            [[c] for _, c in conditions]
+            if len(set(indexes)) < len(indexes)
+            else [[c for _, c in conditions]]
+        )
+        for group in groups:
+            out += ["--seccomp-syscall", ":".join([act, ",".join(names), *group])]
+    return out
+
+
+def _syscall_name(name: str) -> bool:
+    """A name that can be a syscall's (others cannot resolve: skipped like unknown ones)."""
+    return bool(name) and all(c.isascii() and (c.isalnum() or c == "_") for c in name)
 
 
 def merge_env(base: list[str], extra: list[str]) -> list[str]:
@@ -331,7 +477,7 @@ def from_oci(doc: Any, bundle: str) -> tuple[ProcessSpec, str, list[Mount]]:
         kind = ns.get("type")
         if ns.get("path"):
             raise refuse(f"joining an existing {kind} namespace (path) is not supported")
-        if kind in ("user", "cgroup", "time"):
+        if kind == "time":
             raise refuse(f"a {kind} namespace is not supported")
         if kind not in NAMESPACE_LETTERS:
             raise refuse(f"unknown namespace type {kind!r}")
@@ -340,7 +486,21 @@ def from_oci(doc: Any, bundle: str) -> tuple[ProcessSpec, str, list[Mount]]:
         if "m" not in letters:
             raise refuse("a container without a mount namespace is not supported")
         spec.namespaces = ",".join(letters)
-    for key in ("seccomp", "devices", "uidMappings", "gidMappings", "sysctl", "intelRdt"):
+    spec.uid_mappings = _id_mappings(linux, "uidMappings", "U" in letters, bundle)
+    spec.gid_mappings = _id_mappings(linux, "gidMappings", "U" in letters, bundle)
+    if "U" in letters:
+        for what, value, maps in (
+            ("uid", spec.uid, spec.uid_mappings),
+            ("gid", spec.gid, spec.gid_mappings),
+        ):
+            if not any(inside <= value < inside + count for inside, _, count in maps):
+                raise ConfigError(
+                    f"{bundle}/config.json: process.user.{what} {value} is not in "
+                    f"linux.{what}Mappings"
+                )
+    if linux.get("seccomp") is not None:
+        spec.seccomp = seccomp_options(linux["seccomp"], refuse)
+    for key in ("devices", "sysctl", "intelRdt"):
         if linux.get(key):
             raise refuse(f"linux.{key} is not supported")
     for key in ("hooks",):
@@ -375,3 +535,25 @@ def from_oci(doc: Any, bundle: str) -> tuple[ProcessSpec, str, list[Mount]]:
         else:
             raise refuse(f"mount {dest} of type {kind!r} is not supported")
     return spec, root_path, shares
+
+
+def _id_mappings(
+    linux: dict[str, Any], key: str, userns: bool, bundle: str
+) -> list[tuple[int, int, int]]:
+    """`linux.uidMappings`/`gidMappings` -> (container id, guest id, count); they come with
+    a user namespace and only with one."""
+    items = linux.get(key) or []
+    where = f"{bundle}/config.json: linux.{key}"
+    if items and not userns:
+        raise ConfigError(f"{where} given without a user namespace")
+    if userns and not items:
+        raise ConfigError(f"{where}: a user namespace needs id mappings")
+    out = []
+    for m in items:
+        fields = [
+            m.get(k) if isinstance(m, dict) else None for k in ("containerID", "hostID", "size")
+        ]
+        if not all(isinstance(v, int) and 0 <= v < 1 << 32 for v in fields) or not fields[2]:
+            raise ConfigError(f"{where}: {m!r} needs containerID, hostID and size > 0 (32-bit)")
+        out.append((int(fields[0] or 0), int(fields[1] or 0), int(fields[2] or 0)))
+    return out

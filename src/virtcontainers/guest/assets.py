@@ -97,6 +97,12 @@ def _inputs(cache_dir: str) -> dict[str, Any]:
         "agent_sha256": hashlib.sha256(initrd_mod.agent_source()).hexdigest(),
         "runner_sha256": hashlib.sha256(initrd_mod.runner_source()).hexdigest(),
         "cflags": list(initrd_mod.CFLAGS),
+        "runner_libs": list(initrd_mod.RUNNER_LIBS),
+        "libseccomp_sha256": (
+            initrd_mod.file_sha256(initrd_mod.LIBSECCOMP_A)
+            if os.path.exists(initrd_mod.LIBSECCOMP_A)
+            else ""
+        ),
         "required_modules": list(kernel_mod.REQUIRED_MODULES),
         "optional_modules": list(kernel_mod.OPTIONAL_MODULES),
         "compression": initrd_mod.default_compression(),

@@ -18,6 +18,10 @@ RUNNER_SOURCE = "vc-run.c"
 RUNNER_PATH = "sbin/vc-run"
 """Inside the initrd: the program that starts a container process (guest/container/vc-run.c)."""
 CFLAGS: tuple[str, ...] = ("-static", "-O2", "-Wall", "-Wextra", "-s")
+RUNNER_LIBS: tuple[str, ...] = ("-lseccomp",)
+"""vc-run applies seccomp profiles with libseccomp, linked statically (no libraries in the
+initrd)."""
+LIBSECCOMP_A = "/usr/lib/x86_64-linux-gnu/libseccomp.a"
 SANITIZE_CFLAGS: tuple[str, ...] = (
     "-fsanitize=address,undefined",
     "-fno-sanitize-recover=all",
@@ -113,8 +117,13 @@ def runner_source() -> bytes:
 
 
 def compile_runner(out_path: str, work_dir: str) -> None:
-    """Build vc-run with `gcc -static`."""
-    compile_c(runner_source(), RUNNER_SOURCE, out_path, work_dir, "vc-run")
+    """Build vc-run with `gcc -static`, libseccomp linked in."""
+    if not os.path.exists(LIBSECCOMP_A):
+        raise AssetError(
+            f"{LIBSECCOMP_A} not found: vc-run links libseccomp statically; "
+            "`apt-get install libseccomp-dev`"
+        )
+    compile_c(runner_source(), RUNNER_SOURCE, out_path, work_dir, "vc-run", libs=RUNNER_LIBS)
 
 
 def compile_agent(out_path: str, work_dir: str, *, sanitize: bool = False) -> None:
@@ -131,6 +140,7 @@ def compile_c(
     work_dir: str,
     what: str,
     flags: Sequence[str] = CFLAGS,
+    libs: Sequence[str] = (),
 ) -> None:
     """Build one static guest program; AssetError names the missing package."""
     if shutil.which("gcc") is None:
@@ -143,7 +153,7 @@ def compile_c(
     with open(src, "wb") as f:
         f.write(source)
     res = subprocess.run(
-        ["gcc", *flags, "-o", out_path, src],
+        ["gcc", *flags, "-o", out_path, src, *libs],
         capture_output=True,
         text=True,
         check=False,

@@ -11,16 +11,29 @@
  * ~0.3 s (loading its shared libraries alone takes 0.14 s): see docs/architecture.md.
  *
  *   vc-run --rootfs DIR [--cwd DIR] [--user UID:GID] [--groups G,G] [--env K=V]...
- *          [--hostname NAME] [--ns m,p,u,i,n] [--readonly] [--no-new-privs]
- *          [--caps HEXMASK] [--rlimit RESOURCE:SOFT:HARD]... [--cgroup DIR]
- *          [--mount TYPE:SOURCE:DEST:OPTIONS]... [--pid-file FILE] -- ARGV...
+ *          [--hostname NAME] [--ns m,p,u,i,n,c,U] [--uid-map C:H:N]... [--gid-map C:H:N]...
+ *          [--readonly] [--no-new-privs] [--caps HEXMASK] [--rlimit RESOURCE:SOFT:HARD]...
+ *          [--cgroup DIR] [--mount TYPE:SOURCE:DEST:OPTIONS]... [--pid-file FILE]
+ *          [SECCOMP...] -- ARGV...
  *   vc-run --join PID [--cgroup DIR] [--cwd DIR] [--user UID:GID] [--env K=V]...
- *          [--caps HEXMASK] -- ARGV...
+ *          [--caps HEXMASK] [SECCOMP...] -- ARGV...
  *
  * --pid-file receives the container's first process's pid (as the guest sees it); --join
  * runs ARGV inside that running container instead (its namespaces and root: `virtc exec`).
  * --cgroup is the container's cgroup: the process that becomes ARGV joins it (vc-run's own
  * waiting parent stays out, so the cgroup holds the container's processes only).
+ * --ns letters: m mount, p pid, u uts, i ipc, n network, c cgroup, U user (with the
+ * --uid-map/--gid-map lines, CONTAINER:HOST:COUNT, written from outside by a helper).
+ *
+ * SECCOMP, an OCI linux.seccomp profile (libseccomp, linked statically):
+ *   --seccomp-default ACTION  --seccomp-arch NAME...  --seccomp-flag log|spec_allow...
+ *   --seccomp-syscall ACTION:NAME[,NAME...][:INDEX,OP,VALUE,VALUE2]...
+ * ACTION: kill, kill_process, trap, allow, log, errno=N, trace=N; OP: ne, lt, le, eq, ge,
+ * gt, masked_eq. Conditions of one rule must all match (AND). Names libseccomp does not
+ * know are skipped (as runc does); anything else malformed is refused before anything
+ * starts. The filter is built first and loaded last: just before exec, or, without
+ * no_new_privs, just before the user and capabilities change (loading needs either
+ * no_new_privs or CAP_SYS_ADMIN, as in runc).
  *
  * Exit status: the container process's (128+N for signal N); 125 when setting up failed,
  * 126 when the command cannot be executed, 127 when it is not found (as docker run).
@@ -44,6 +57,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <grp.h>
+#include <seccomp.h>
 
 #define MAX_ITEMS 256
 #define EXIT_SETUP 125
@@ -52,12 +66,19 @@ extern char **environ;
 
 static const char *rootfs, *cwd = "/", *hostname, *cgroup, *namespaces = "m,p,u,i";
 static const char *pid_file, *join;
+static int pid_fd = -1;
 static char *envs[MAX_ITEMS + 1];
 static int n_envs;
 static char *mounts[MAX_ITEMS];
 static int n_mounts;
 static char *rlimits[MAX_ITEMS];
 static int n_rlimits;
+static char *uid_maps[MAX_ITEMS], *gid_maps[MAX_ITEMS];
+static int n_uid_maps, n_gid_maps;
+static char *sc_rules[MAX_ITEMS], *sc_archs[MAX_ITEMS], *sc_flags[MAX_ITEMS];
+static int n_sc_rules, n_sc_archs, n_sc_flags;
+static const char *sc_default;
+static scmp_filter_ctx filter;
 static const char *user, *groups, *caps;
 static int readonly, no_new_privs;
 static pid_t child;
@@ -307,14 +328,248 @@ static void apply_user(void)
 		die("setuid %u", uid);
 }
 
+/* "kill", "errno=1"... -> the libseccomp action; anything else is refused by name. */
+static uint32_t seccomp_action(const char *text)
+{
+	static const struct {
+		const char *name;
+		uint32_t action;
+	} plain[] = {
+		{"kill", SCMP_ACT_KILL_THREAD}, {"kill_process", SCMP_ACT_KILL_PROCESS},
+		{"trap", SCMP_ACT_TRAP},        {"allow", SCMP_ACT_ALLOW},
+		{"log", SCMP_ACT_LOG},
+	};
+	for (size_t i = 0; i < sizeof plain / sizeof plain[0]; i++)
+		if (!strcmp(text, plain[i].name))
+			return plain[i].action;
+	unsigned n;
+	char end;
+	if (sscanf(text, "errno=%u%c", &n, &end) == 1 && n <= 0xffff)
+		return SCMP_ACT_ERRNO(n);
+	if (sscanf(text, "trace=%u%c", &n, &end) == 1 && n <= 0xffff)
+		return SCMP_ACT_TRACE(n);
+	errno = 0;
+	die("unknown seccomp action %s", text);
+	return 0;
+}
+
+static enum scmp_compare seccomp_op(const char *text)
+{
+	static const struct {
+		const char *name;
+		enum scmp_compare op;
+	} ops[] = {
+		{"ne", SCMP_CMP_NE}, {"lt", SCMP_CMP_LT}, {"le", SCMP_CMP_LE}, {"eq", SCMP_CMP_EQ},
+		{"ge", SCMP_CMP_GE}, {"gt", SCMP_CMP_GT}, {"masked_eq", SCMP_CMP_MASKED_EQ},
+	};
+	for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++)
+		if (!strcmp(text, ops[i].name))
+			return ops[i].op;
+	errno = 0;
+	die("unknown seccomp operator %s", text);
+	return SCMP_CMP_EQ;
+}
+
+static void seccomp_fail(int rc, const char *fmt, const char *what)
+{
+	errno = -rc;
+	die(fmt, what);
+}
+
+/* ACTION:NAME[,NAME...][:INDEX,OP,VALUE,VALUE2]... added to the filter. */
+static void seccomp_rule(uint32_t def, char *rule)
+{
+	char *save = NULL, *action = strtok_r(rule, ":", &save), *names = strtok_r(NULL, ":", &save);
+	if (!action || !names) {
+		errno = 0;
+		die("bad --seccomp-syscall %s (ACTION:NAMES[:ARG]...)", rule);
+	}
+	uint32_t act = seccomp_action(action);
+	struct scmp_arg_cmp cmp[6];
+	unsigned n = 0;
+	for (char *arg = strtok_r(NULL, ":", &save); arg; arg = strtok_r(NULL, ":", &save)) {
+		unsigned index;
+		char op[16];
+		unsigned long long a, b;
+		if (n >= 6 || sscanf(arg, "%u,%15[a-z_],%llu,%llu", &index, op, &a, &b) != 4 ||
+		    index > 5) {
+			errno = 0;
+			die("bad seccomp argument condition %s (INDEX,OP,VALUE,VALUE2, at most 6)", arg);
+		}
+		cmp[n++] = (struct scmp_arg_cmp){.arg = index, .op = seccomp_op(op), .datum_a = a,
+						 .datum_b = b};
+	}
+	if (act == def)
+		return; /* libseccomp refuses a rule that repeats the default; runc skips it */
+	char *nsave = NULL;
+	for (char *name = strtok_r(names, ",", &nsave); name; name = strtok_r(NULL, ",", &nsave)) {
+		int nr = seccomp_syscall_resolve_name(name);
+		if (nr == __NR_SCMP_ERROR)
+			continue; /* a name this libseccomp does not know: skipped, as runc does */
+		int rc = seccomp_rule_add_array(filter, act, nr, n, cmp);
+		if (rc < 0)
+			seccomp_fail(rc, "seccomp rule for %s", name);
+	}
+}
+
+/* Build the whole filter before anything starts, so a bad profile changes nothing. */
+static void build_seccomp(void)
+{
+	if (!sc_default) {
+		if (n_sc_rules || n_sc_archs || n_sc_flags) {
+			errno = 0;
+			die("seccomp options need --seccomp-default");
+		}
+		return;
+	}
+	uint32_t def = seccomp_action(sc_default);
+	filter = seccomp_init(def);
+	if (!filter) {
+		errno = 0;
+		die("seccomp_init");
+	}
+	/* no_new_privs is the config's choice, not libseccomp's default. */
+	int rc = seccomp_attr_set(filter, SCMP_FLTATR_CTL_NNP, 0);
+	if (rc < 0)
+		seccomp_fail(rc, "seccomp attribute %s", "no_new_privs");
+	for (int i = 0; i < n_sc_archs; i++) {
+		uint32_t arch = seccomp_arch_resolve_name(sc_archs[i]);
+		if (!arch) {
+			errno = 0;
+			die("unknown seccomp architecture %s", sc_archs[i]);
+		}
+		rc = seccomp_arch_add(filter, arch);
+		if (rc < 0 && rc != -EEXIST)
+			seccomp_fail(rc, "seccomp architecture %s", sc_archs[i]);
+	}
+	for (int i = 0; i < n_sc_flags; i++) {
+		enum scmp_filter_attr attr;
+		if (!strcmp(sc_flags[i], "log"))
+			attr = SCMP_FLTATR_CTL_LOG;
+		else if (!strcmp(sc_flags[i], "spec_allow"))
+			attr = SCMP_FLTATR_CTL_SSB;
+		else {
+			errno = 0;
+			die("unknown seccomp flag %s", sc_flags[i]);
+		}
+		rc = seccomp_attr_set(filter, attr, 1);
+		if (rc < 0)
+			seccomp_fail(rc, "seccomp flag %s", sc_flags[i]);
+	}
+	for (int i = 0; i < n_sc_rules; i++)
+		seccomp_rule(def, sc_rules[i]);
+}
+
+static void load_seccomp(void)
+{
+	if (!filter)
+		return;
+	int rc = seccomp_load(filter);
+	if (rc < 0)
+		seccomp_fail(rc, "load the seccomp filter%s", "");
+	seccomp_release(filter);
+	filter = NULL;
+}
+
+/* The id maps, checked before anything is set up. */
+static void check_maps(void)
+{
+	if (has_ns('U') && (!n_uid_maps || !n_gid_maps)) {
+		errno = 0;
+		die("a user namespace needs --uid-map and --gid-map");
+	}
+	for (int i = 0; i < n_uid_maps + n_gid_maps; i++) {
+		const char *m = i < n_uid_maps ? uid_maps[i] : gid_maps[i - n_uid_maps];
+		unsigned long c, h, count;
+		char end;
+		if (sscanf(m, "%lu:%lu:%lu%c", &c, &h, &count, &end) != 3) {
+			errno = 0;
+			die("bad id map %s (CONTAINER:HOST:COUNT)", m);
+		}
+	}
+}
+
+/* One write of "C H N" lines (the kernel takes a map in a single write). */
+static void write_map(pid_t pid, const char *file, char **maps, int n)
+{
+	char path[64], buf[4096];
+	size_t len = 0;
+	for (int i = 0; i < n; i++) {
+		unsigned long c, h, count;
+		char end;
+		sscanf(maps[i], "%lu:%lu:%lu%c", &c, &h, &count, &end);
+		len += (size_t)snprintf(buf + len, sizeof buf - len, "%lu %lu %lu\n", c, h, count);
+		if (len >= sizeof buf) {
+			errno = E2BIG;
+			die("%s", file);
+		}
+	}
+	snprintf(path, sizeof path, "/proc/%d/%s", (int)pid, file);
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0 || write(fd, buf, len) != (ssize_t)len)
+		die("write %s", path);
+	close(fd);
+}
+
+/*
+ * A new user namespace, its id maps written by a helper left outside it (only a process
+ * with CAP_SETUID in the parent namespace may map other ids than its own).
+ */
+static void enter_userns(void)
+{
+	int go[2];
+	pid_t self = getpid();
+	if (pipe2(go, O_CLOEXEC))
+		die("pipe");
+	pid_t helper = fork();
+	if (helper < 0)
+		die("fork");
+	if (helper == 0) {
+		char c;
+		close(go[1]);
+		if (read(go[0], &c, 1) != 1)
+			_exit(EXIT_SETUP);
+		write_map(self, "uid_map", uid_maps, n_uid_maps);
+		write_map(self, "gid_map", gid_maps, n_gid_maps);
+		_exit(0);
+	}
+	close(go[0]);
+	int failed = unshare(CLONE_NEWUSER);
+	int e = errno;
+	if (!failed && write(go[1], "u", 1) != 1)
+		failed = 1, e = errno;
+	close(go[1]);
+	int status;
+	while (waitpid(helper, &status, 0) < 0)
+		if (errno != EINTR)
+			die("waitpid");
+	errno = e;
+	if (failed)
+		die("unshare user namespace");
+	if (!WIFEXITED(status) || WEXITSTATUS(status)) {
+		errno = 0;
+		die("the user namespace's id maps were not written");
+	}
+	/* Become the namespace's root: files it makes (the container's /dev) need mapped ids. */
+	if (setresgid(0, 0, 0) || setresuid(0, 0, 0))
+		die("become root in the user namespace (container id 0 must be mapped)");
+}
+
+/* Opened before a user namespace is entered: its root may not create files here. */
+static void open_pid_file(void)
+{
+	if (pid_file && (pid_fd = open(pid_file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644)) < 0)
+		die("open %s", pid_file);
+}
+
 static void write_pid(pid_t pid)
 {
-	if (!pid_file)
+	if (pid_fd < 0)
 		return;
-	int fd = open(pid_file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (fd < 0 || dprintf(fd, "%d\n", (int)pid) < 0)
+	if (dprintf(pid_fd, "%d\n", (int)pid) < 0)
 		die("write %s", pid_file);
-	close(fd);
+	close(pid_fd);
+	pid_fd = -1;
 }
 
 static int wait_child(void);
@@ -344,7 +599,8 @@ static void join_cgroup(void)
 /* Enter a running container: its namespaces, then its root (as seen from its pid). */
 static void enter(void)
 {
-	static const char *kinds[] = {"ipc", "uts", "net", "pid", "mnt"};
+	/* The user namespace first: it owns the others, whose joining needs its capabilities. */
+	static const char *kinds[] = {"user", "cgroup", "ipc", "uts", "net", "pid", "mnt"};
 	char path[256];
 	snprintf(path, sizeof path, "/proc/%s/root", join);
 	int root = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -437,6 +693,18 @@ static void parse(int argc, char **argv, int *cmd)
 			pid_file = argv[++i];
 		else if (!strcmp(a, "--join"))
 			join = argv[++i];
+		else if (!strcmp(a, "--uid-map"))
+			add(uid_maps, &n_uid_maps, argv[++i], "--uid-map");
+		else if (!strcmp(a, "--gid-map"))
+			add(gid_maps, &n_gid_maps, argv[++i], "--gid-map");
+		else if (!strcmp(a, "--seccomp-default"))
+			sc_default = argv[++i];
+		else if (!strcmp(a, "--seccomp-arch"))
+			add(sc_archs, &n_sc_archs, argv[++i], "--seccomp-arch");
+		else if (!strcmp(a, "--seccomp-flag"))
+			add(sc_flags, &n_sc_flags, argv[++i], "--seccomp-flag");
+		else if (!strcmp(a, "--seccomp-syscall"))
+			add(sc_rules, &n_sc_rules, argv[++i], "--seccomp-syscall");
 		else if (!strcmp(a, "--readonly"))
 			readonly = 1;
 		else if (!strcmp(a, "--no-new-privs"))
@@ -457,11 +725,16 @@ int main(int argc, char **argv)
 {
 	int cmd;
 	parse(argc, argv, &cmd);
+	build_seccomp();
+	check_maps();
 	open_cgroup();
 	if (join) {
 		enter();
 		goto process;
 	}
+	open_pid_file();
+	if (has_ns('U'))
+		enter_userns();
 	int flags = CLONE_NEWNS;
 	if (has_ns('u'))
 		flags |= CLONE_NEWUTS;
@@ -491,7 +764,11 @@ int main(int argc, char **argv)
 		die("bind %s", rootfs);
 	do_mount("proc", "proc", "/proc", "nosuid,nodev,noexec");
 	make_dev();
-	do_mount("sysfs", "sysfs", "/sys", "ro,nosuid,nodev,noexec");
+	if (has_ns('U') && !has_ns('n'))
+		/* sysfs can be mounted only by the user namespace owning the network namespace */
+		do_mount("bind", "/sys", "/sys", "rbind,ro,nosuid,nodev,noexec");
+	else
+		do_mount("sysfs", "sysfs", "/sys", "ro,nosuid,nodev,noexec");
 	for (int i = 0; i < n_mounts; i++) {
 		/* TYPE:SOURCE:DEST:OPTIONS; the options may hold further colons. */
 		char *spec = mounts[i], *type = spec, *src, *dest, *opts;
@@ -519,16 +796,22 @@ int main(int argc, char **argv)
 		die("remount the root read-only");
 process:
 	join_cgroup();
+	/* After joining the cgroup: it becomes the namespace's root. */
+	if (!join && has_ns('c') && unshare(CLONE_NEWCGROUP))
+		die("unshare cgroup namespace");
 	apply_rlimits();
 	if (chdir(cwd))
 		die("working directory %s", cwd);
 	if (caps)
 		drop_bounding();
+	if (!no_new_privs)
+		load_seccomp(); /* while CAP_SYS_ADMIN is still held */
 	apply_user();
 	if (caps)
 		apply_caps();
 	if (no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
 		die("no_new_privs");
+	load_seccomp();
 	envs[n_envs] = NULL;
 	environ = envs;
 	execvp(argv[cmd], argv + cmd);
