@@ -2,16 +2,19 @@
 user-mode networking, measured in the same run.
 
 Set-up cost: a sandbox start with `--net bridge` against one with `--net none` (both
-configure the guest: loopback, hostname, /etc/hosts), alternated; and the host side alone
-(mock VMM: namespace, veth, bridge, nftables, no guest). Target: <= 50 ms extra.
+configure the guest with the agent's NETWORK request: loopback, hostname, /etc/hosts),
+alternated; and the host side alone (mock VMM: namespace, veth, bridge, nftables, no
+guest). Target: <= 50 ms extra.
 
-Throughput: 16 MiB over one TCP connection host -> guest and guest -> host, timed on the
-host from connect (or accept) to the end of the stream; the guest side is busybox `nc`
-(the initrd has no iperf3). "tap" is Kata's model (a veth in the sandbox's namespace, a
-tap joined to it with tc redirects); "user" is QEMU's user-mode stack with a published
-port (-p) and the guest connecting to its gateway. Target: tap >= 2x user (time ratio
-tap / user <= 0.5). Latency: 20 pings from the guest to its gateway (the host side's
-address; QEMU's stack for user mode), median and p99 RTT.
+Throughput: iperf3 (from the Debian test image, in a container of each sandbox) against an
+iperf3 server on the host side, one TCP stream for SECONDS s (the first second omitted) each
+way: "host -> guest" with -R (the host sends), "guest -> host" without. The metric is the
+seconds 100 MiB take at the rate the receiver measured. "tap" is Kata's model (a veth in the
+sandbox's namespace, a tap joined to it with tc redirects; the server at the veth's far end);
+"user" is QEMU's user-mode stack (the guest connects to its gateway, which QEMU forwards to
+the server on the host's loopback). Target: tap >= 2x user (time ratio tap / user <= 0.5).
+Latency: 20 pings from the guest to its gateway (the host side's address; QEMU's stack for
+user mode), median and p99 RTT.
 
 Everything runs inside network namespaces this script makes ("the host"), never the
 machine's own: no traffic leaves them.
@@ -23,13 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import secrets
-import socket
+import shutil
+import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from _lib import (
@@ -48,16 +53,20 @@ from _lib import (
 )
 from pyroute2 import IPRoute
 
-from virtcontainers.network import NetworkConfig, PortMapping
+from virtcontainers.containers import Container
+from virtcontainers.images import ImageStore
+from virtcontainers.images.build import debian_image
+from virtcontainers.network import NetworkConfig
 from virtcontainers.network.netlink import call_in_netns, create_netns, remove_netns
+from virtcontainers.network.sandbox_net import USER_NET
 from virtcontainers.sandbox import Sandbox
 
 TITLE = "Sandbox networking: set-up cost, TCP throughput and ping RTT, tap vs user-mode (TCG)"
 SETUP_TARGET = 0.050
 THROUGHPUT_TARGET = 0.5
 """tap transfer time / user-mode transfer time (<= 0.5: at least twice the throughput)."""
-MIB = 16
-PORT = 5001
+SECONDS = 5
+PORT = 5201
 PINGS = 20
 HOST_IP, GUEST_IP = "192.168.99.1", "192.168.99.2"
 MOCK = {"kernel_path": "/boot/vmlinuz", "initrd_path": "/boot/initrd.img"}
@@ -126,62 +135,41 @@ async def setup_cost(opts: Options, run_root: str, host: str) -> dict[str, dict[
 
 
 # -- throughput and latency -------------------------------------------------------------------
-def _receive(listener: socket.socket) -> tuple[float, int]:
-    """Accept one connection and read it to the end: (seconds from accept, bytes)."""
-    listener.settimeout(120)
-    conn, _ = listener.accept()
-    t0 = time.perf_counter()
-    n = 0
-    with conn:
-        while chunk := conn.recv(1 << 20):
-            n += len(chunk)
-    return time.perf_counter() - t0, n
+@contextlib.contextmanager
+def iperf3_server(netns: str) -> Iterator[None]:
+    """`iperf3 -s` in the bench's host namespace (every address, IPv4 and IPv6), stopped after."""
+    binary = shutil.which("iperf3")
+    if binary is None:
+        raise RuntimeError("iperf3 is missing on the host: apt-get install iperf3")
+    proc = subprocess.Popen(
+        ["nsenter", f"--net={netns}", "--", binary, "-s", "-p", str(PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
-def _send(addr: tuple[str, int], size: int) -> float:
-    """Connect, send `size` bytes, wait for the peer to close: seconds from connect."""
-    block = b"\0" * (1 << 20)
-    t0 = time.perf_counter()
-    for _ in range(100):
-        try:
-            s = socket.create_connection(addr, timeout=120)
+async def iperf3(ctr: Container, server: str, reverse: bool) -> float:
+    """One iperf3 run from the guest's container to `server`: seconds per 100 MiB at the rate
+    the receiver saw (`reverse`: the host sends, the guest receives)."""
+    argv = ["iperf3", "-c", server, "-p", str(PORT), "-t", str(SECONDS), "-O", "1", "-J"]
+    for _ in range(50):  # the server may still be finishing the previous test
+        r = await ctr.exec([*argv, *(["-R"] if reverse else [])], timeout=SECONDS + 60)
+        if r.ok:
             break
-        except ConnectionRefusedError:
-            time.sleep(0.05)
+        if b"busy" not in r.stdout + r.stderr:
+            raise RuntimeError(f"iperf3 -c {server}: {r.stdout[-500:]!r} {r.stderr[-500:]!r}")
+        await asyncio.sleep(0.2)
     else:
-        raise RuntimeError(f"nothing listens on {addr}")
-    t0 = time.perf_counter()
-    with s:
-        for _ in range(size // len(block)):
-            s.sendall(block)
-        s.shutdown(socket.SHUT_WR)
-        while s.recv(65536):
-            pass
-    return time.perf_counter() - t0
-
-
-async def transfer_pair(
-    sb: Sandbox, netns: str, target: tuple[str, int], guest_peer: str, listen_ip: str
-) -> Sample:
-    """One host -> guest and one guest -> host transfer of MIB MiB; seconds each."""
-    size = MIB << 20
-    # host -> guest: the guest's nc listens, we send (to `target`, a published port or its IP).
-    r = await sb.exec(f"(nc -l -p {PORT} > /dev/null &) ; sleep 0.2")
-    if not r.ok:
-        raise RuntimeError(f"guest nc -l: {r.stderr!r}")
-    h2g = await asyncio.to_thread(call_in_netns, netns, _send, target, size)
-    # guest -> host: we listen, the guest's dd | nc sends.
-    listener = call_in_netns(netns, socket.create_server, (listen_ip, PORT + 1))
-    with listener:
-        got = asyncio.create_task(asyncio.to_thread(_receive, listener))
-        r = await sb.exec(
-            f"dd if=/dev/zero bs=1M count={MIB} 2>/dev/null | nc {guest_peer} {PORT + 1}",
-            timeout=300,
-        )
-        g2h, n = await got
-    if n != size:
-        raise RuntimeError(f"guest -> host: {n} of {size} bytes arrived ({r.stderr!r})")
-    return {"host_to_guest": h2g, "guest_to_host": g2h}
+        raise RuntimeError(f"iperf3 server {server} stayed busy")
+    bits = float(json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"])
+    if bits <= 0:
+        raise RuntimeError(f"iperf3 -c {server}: nothing received")
+    return (100 << 20) * 8 / bits
 
 
 async def rtts(sb: Sandbox, gateway: str) -> list[float]:
@@ -193,28 +181,45 @@ async def rtts(sb: Sandbox, gateway: str) -> list[float]:
 
 
 async def throughput(opts: Options, run_root: str) -> dict[str, dict[str, list[float]]]:
+    store = ImageStore(os.path.join(run_root, "images"))
+    (image,) = await asyncio.to_thread(store.import_archive, debian_image())
     async with namespace("vcbh") as host, namespace("vcbs") as sbns:
         await asyncio.to_thread(_veth, host, sbns)
         tap_cfg = NetworkConfig(mode="ns", netns_path=sbns, dns=[])
-        user_cfg = NetworkConfig(
-            mode="user", host_netns=host, ports=[PortMapping(PORT, PORT, host_ip="127.0.0.1")]
-        )
-        async with (
-            Sandbox("nbtap", run_root=run_root, network=tap_cfg, memory_size=512) as tap,
-            Sandbox("nbuser", run_root=run_root, network=user_cfg, memory_size=512) as user,
-        ):
+        user_cfg = NetworkConfig(mode="user", host_netns=host, dns=[])
+        kw: dict[str, Any] = {
+            "run_root": run_root, "memory_size": 512, "image": image.name,
+            "image_store": store.root,
+        }  # fmt: skip
+        with iperf3_server(host):
+            async with (
+                Sandbox("nbtap", network=tap_cfg, **kw) as tap,
+                Sandbox("nbuser", network=user_cfg, **kw) as user,
+            ):
+                guests = {}
+                for name, sb in (("tap", tap), ("user", user)):
+                    ctr = await sb.create_container(["sleep", "infinity"])
+                    await ctr.start(detach=True)
+                    guests[name] = ctr
 
-            async def over_tap(_i: int) -> Sample:
-                return await transfer_pair(tap, host, (GUEST_IP, PORT), HOST_IP, HOST_IP)
+                def over(name: str, server: str) -> Candidate:
+                    async def run(_i: int) -> Sample:
+                        return {
+                            "host_to_guest": await iperf3(guests[name], server, reverse=True),
+                            "guest_to_host": await iperf3(guests[name], server, reverse=False),
+                        }
 
-            async def over_user(_i: int) -> Sample:
-                return await transfer_pair(user, host, ("127.0.0.1", PORT), "10.0.2.2", "127.0.0.1")
+                    return run
 
-            print(f"TCP throughput, {MIB} MiB each way: tap vs user-mode", flush=True)
-            out = await alternate({"tap": over_tap, "user": over_user}, opts.runs, opts.warmup)
-            out["tap"]["ping_rtt"] = await rtts(tap, HOST_IP)
-            out["user"]["ping_rtt"] = await rtts(user, "10.0.2.2")
-            return out
+                print(f"TCP throughput, iperf3 {SECONDS} s each way: tap vs user", flush=True)
+                out = await alternate(
+                    {"tap": over("tap", HOST_IP), "user": over("user", str(USER_NET[2]))},
+                    opts.runs,
+                    opts.warmup,
+                )
+                out["tap"]["ping_rtt"] = await rtts(tap, HOST_IP)
+                out["user"]["ping_rtt"] = await rtts(user, str(USER_NET[2]))
+                return out
 
 
 async def bench(opts: Options) -> Result:
@@ -245,7 +250,8 @@ async def bench(opts: Options) -> Result:
         for cand in ("tap", "user"):
             t = median(result, cand, metric)
             if t:
-                result["notes"].append(f"{cand} {metric}: {MIB * 8 / t:.0f} Mbit/s (median)")
+                mbit = 100 * 8 * 1.048576 / t
+                result["notes"].append(f"{cand} {metric}: {mbit:.0f} Mbit/s (median)")
     result["notes"].append(
         "vhost-net: " + ("present" if os.path.exists("/dev/vhost-net") else "absent on this host "
                          "(virtio-net runs in QEMU's userspace)")

@@ -17,6 +17,8 @@ SYSTEM_PACKAGES=(
   # sandbox networking: NAT and published ports (nft; iptables where nft is absent, and
   # for a FORWARD chain that drops); the network tests ping with DF set
   nftables iptables iputils-ping
+  # the network benchmark's host-side iperf3 server (the guest's is in the Debian test image)
+  iperf3
   # the benchmarks' libvirt baseline (its smoke test runs in the suite)
   libvirt-daemon-system libvirt-clients python3-libvirt
   # the containerd shim's tests run a private containerd (runc and runsc: the benchmarks'

@@ -1,6 +1,6 @@
 """Write OCI image archives without a registry or a container engine: the suite's test images
-(busybox from Debian's busybox-static; Debian bookworm with python3 by `mmdebstrap`), cached
-under a directory by the hash of their inputs.
+(busybox from Debian's busybox-static; Debian bookworm with python3 and iperf3 by
+`mmdebstrap`), cached under a directory by the hash of their inputs.
 
 `python -m virtcontainers.images.build busybox|debian [--cache DIR]` prints the archive path
 (scripts/demo.sh and the tests use it); `virtc image import` takes it.
@@ -29,7 +29,7 @@ BUILDER_VERSION = "1"
 BUSYBOX = "/bin/busybox"
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
-DEBIAN_PACKAGES = ("python3", "ca-certificates")
+DEBIAN_PACKAGES = ("python3", "ca-certificates", "iperf3")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -195,8 +195,9 @@ def busybox_image(cache_dir: str | None = None) -> str:
 
 
 def debian_image(cache_dir: str | None = None) -> str:
-    """An OCI archive `debian-python:bookworm` (minbase + python3) built by mmdebstrap from
-    Debian's archive; slow the first time, then cached by its inputs."""
+    """An OCI archive `debian-python:bookworm` (minbase + python3, and iperf3 for the network
+    benchmark) built by mmdebstrap from Debian's archive; slow the first time, then cached by
+    its inputs."""
     mmdebstrap = shutil.which("mmdebstrap")
     if mmdebstrap is None:
         raise ImageError("mmdebstrap is missing: apt-get install mmdebstrap")
