@@ -244,8 +244,7 @@ class Sandbox:
         """Share the container's root and volumes with the guest (before it boots)."""
         if self.image is None and self.bundle is None and not self.mounts:
             return
-        from .containers.container import volume_records
-        from .devices import SharedFS
+        from .containers.container import volume_records, volume_shares
 
         hv = self.hypervisor
         vm_dir = persist.vm_dir(self.id, self.run_root)
@@ -278,10 +277,7 @@ class Sandbox:
             work.update(bundle=self.bundle, lower=root, spec=dataclasses.asdict(spec))
             await hv.add_device(self._root_share(0, root=root, read_only=spec.readonly_root))
         work["volumes"] = volume_records(self.mounts, "vc-")
-        for i, v in enumerate(work["volumes"]):
-            share = SharedFS(
-                id=f"vol{i}", source=v["source"], mount_tag=v["tag"], read_only=v["read_only"]
-            )
+        for share in volume_shares(work["volumes"], "vol"):
             await hv.add_device(share)
 
     async def _plug_image_block(self, work: dict[str, Any], vm_dir: str) -> None:
@@ -394,9 +390,8 @@ class Sandbox:
         (its root and a bundle's bind mounts; none for the first container of the sandbox's
         own image or bundle, whose root was plugged with the sandbox)."""
         from .containers import ProcessSpec
-        from .containers.container import spec_from_dict, volume_records
+        from .containers.container import spec_from_dict, volume_records, volume_shares
         from .containers.spec import from_oci, merge_env, resolve_user
-        from .devices import SharedFS
 
         volumes = list(self.workload.get("volumes", []))
         extra: list[Mount] = []
@@ -439,16 +434,10 @@ class Sandbox:
             root = self._root_share(index, root=lower, read_only=spec.readonly_root)
         shares = [root]
         if bundle is not None:
-            volumes = volume_records(extra, f"{root.mount_tag}-")
-            shares += [
-                SharedFS(
-                    id=f"{root.id}v{i}",
-                    source=v["source"],
-                    mount_tag=v["tag"],
-                    read_only=v["read_only"],
-                )
-                for i, v in enumerate(volumes)
-            ]
+            shared = list(self.workload.get("volumes", []))
+            volumes = volume_records(extra, f"{root.mount_tag}-", shared)
+            reused = {v["tag"] for v in shared}
+            shares += volume_shares([v for v in volumes if v["tag"] not in reused], f"{root.id}v")
         records = [{"id": s.id, "source": s.source, "tag": s.mount_tag} for s in shares]
         plugged: list[dict[str, Any]] = []
         try:

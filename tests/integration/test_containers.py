@@ -369,3 +369,63 @@ def test_sync_containers_in_one_sandbox(run_root: str, store: ImageStore) -> Non
         assert sb.container("two").id == "two"
         two.delete()
         assert list(sb.aio.containers) == [sb.id]
+
+
+def write_bundle(store: ImageStore, path: Path, script: str, mounts: list[object]) -> str:
+    """An OCI bundle of the busybox image running `script`, with `mounts`."""
+    path.mkdir()
+    shutil.copytree(store.rootfs(store.get("busybox")), path / "rootfs", symlinks=True)
+    config = {
+        "ociVersion": "1.0.2",
+        "process": {"args": ["sh", "-c", script], "env": ["PATH=/bin"], "cwd": "/"},
+        "root": {"path": "rootfs"},
+        "mounts": mounts,
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+async def test_bundles_with_file_binds_in_one_sandbox(
+    run_root: str, store: ImageStore, tmp_path: Path
+) -> None:
+    """Files bound by a bundle's config.json (as CRI binds /etc/hosts and /etc/resolv.conf)
+    reach the container read-write or read-only, their siblings do not; a second bundle's
+    container, hot-added to the running sandbox, gets its own root and binds."""
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "hosts").write_text("10.0.0.1 pod\n")
+    (files / "resolv.conf").write_text("nameserver 10.0.0.53\n")
+    (files / "secret").write_text("not for the container\n")
+    bind = lambda name, dest, *o: {  # noqa: E731
+        "destination": dest, "type": "bind", "source": str(files / name),
+        "options": ["rbind", *o],
+    }  # fmt: skip
+    first = write_bundle(
+        store,
+        tmp_path / "first",
+        "cat /etc/hosts /etc/resolv.conf; echo 10.0.0.2 me >> /etc/hosts; "
+        "echo x >> /etc/resolv.conf || echo read-only; ls /etc/secret 2>&1; echo first > /mine",
+        [bind("hosts", "/etc/hosts", "rw"), bind("resolv.conf", "/etc/resolv.conf", "ro")],
+    )
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "log").write_text("")
+    second = write_bundle(
+        store, tmp_path / "second", "cat /etc/resolv.conf; cat /mine 2>&1; echo 2nd > /log",
+        [bind("resolv.conf", "/etc/resolv.conf", "ro"),  # the sandbox's share, reused
+         bind("../more/log", "/log", "rw")],  # a share hot-added for this container
+    )  # fmt: skip
+    sb = Sandbox(bundle=first, run_root=run_root, pcie_root_port=2)
+    async with sb:
+        one = (await (await sb.create_container()).run()).stdout.decode().splitlines()
+        assert one[:2] == ["10.0.0.1 pod", "nameserver 10.0.0.53"]
+        assert "read-only" in one and "No such file" in one[-1], one
+        assert (files / "hosts").read_text() == "10.0.0.1 pod\n10.0.0.2 me\n"
+        assert (files / "resolv.conf").read_text() == "nameserver 10.0.0.53\n"
+        two = await sb.create_container(bundle=second, id="second")
+        out = (await two.run()).stdout.decode().splitlines()
+        assert out[0] == "nameserver 10.0.0.53" and "No such file" in out[1], out
+        assert (tmp_path / "more" / "log").read_text() == "2nd\n"
+        assert len(two.record.hot_shares) == 2  # its root and the log's directory
+        await two.delete()
+    assert (tmp_path / "first" / "rootfs" / "mine").read_text() == "first\n"
+    assert not (tmp_path / "second" / "rootfs" / "mine").exists()

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import shlex
 import signal as signals
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +23,7 @@ from .spec import Mount, ProcessSpec, Resources
 
 if TYPE_CHECKING:
     from ..agent import ExecResult, Process
+    from ..devices import SharedFS
     from ..sandbox import Sandbox
 
 GUEST_ROOT = "/run/vc/c"
@@ -46,7 +49,8 @@ class ContainerRecord:
     image: str = ""
     spec: dict[str, Any] = field(default_factory=dict)
     volumes: list[dict[str, Any]] = field(default_factory=list)
-    """Each: source, destination, read_only, tag."""
+    """Each: source, destination, read_only, tag, and file (a file bound from the shared
+    directory `source`; "" for a directory)."""
     status: str = "created"
     process: int = 0
     """The agent's handle on the container's first process (for attach, logs)."""
@@ -101,7 +105,8 @@ class Container:
         out = []
         for v in self.record.volumes:
             opts = "rbind,ro" if v["read_only"] else "rbind"
-            out.append(("bind", f"{GUEST_VOLUMES}/{v['tag']}", str(v["destination"]), opts))
+            src = f"{GUEST_VOLUMES}/{v['tag']}" + (f"/{v['file']}" if v.get("file") else "")
+            out.append(("bind", src, str(v["destination"]), opts))
         return out
 
     def setup_script(self) -> str:
@@ -130,10 +135,10 @@ class Container:
             )
         else:
             lines.append(virtiofs(self.record.share_tag, self.rootfs))
-        for v in self.record.volumes:
-            where = f"{GUEST_VOLUMES}/{v['tag']}"
+        for tag in dict.fromkeys(v["tag"] for v in self.record.volumes):
+            where = f"{GUEST_VOLUMES}/{tag}"
             lines.append(f"mkdir -p {q(where)}")
-            lines.append(virtiofs(v["tag"], where))
+            lines.append(virtiofs(tag, where))
         lines.append(
             f"(grep -q ' {CGROUP_ROOT} cgroup2 ' /proc/mounts || "
             f"mount -t cgroup2 none {CGROUP_ROOT})"
@@ -307,9 +312,9 @@ class Container:
         script = [f"umount -l {q(self.rootfs)} 2>/dev/null", f"rm -rf {q(self.guest_dir)}"]
         hot = {s["tag"] for s in self.record.hot_shares}
         script += [
-            f"umount {q(GUEST_VOLUMES + '/' + v['tag'])} 2>/dev/null"
-            for v in self.record.volumes
-            if v["tag"] in hot
+            f"umount {q(GUEST_VOLUMES + '/' + tag)} 2>/dev/null"
+            for tag in dict.fromkeys(v["tag"] for v in self.record.volumes)
+            if tag in hot
         ]
         script += [
             f"for i in $(seq 100); do rmdir {self.cgroup} 2>/dev/null && break; "
@@ -330,7 +335,9 @@ class Container:
         norm = "/" + "/".join(p for p in path.split("/") if p not in ("", "."))
         for v in sorted(self.record.volumes, key=lambda v: -len(v["destination"])):
             dest = "/" + v["destination"].strip("/")
-            if norm == dest or norm.startswith(dest + "/"):
+            if v.get("file") and norm == dest:
+                return v["source"], "/" + v["file"], bool(v["read_only"])
+            if not v.get("file") and (norm == dest or norm.startswith(dest + "/")):
                 return v["source"], norm[len(dest) :] or "/", bool(v["read_only"])
         return share_root(vm_dir, self.record.share_id), norm, False
 
@@ -338,13 +345,45 @@ class Container:
         return dataclasses.asdict(self.record)
 
 
-def volume_records(mounts: list[Mount], prefix: str) -> list[dict[str, Any]]:
+def volume_records(
+    mounts: list[Mount], prefix: str, shared: Sequence[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """The volumes of `mounts`, each with the tag of the share that holds it: a directory's
+    own, or for a file (a bundle's bind of /etc/resolv.conf...) its directory's, shared once
+    for every file bound from it in the same mode. The container sees only the file; the
+    guest, the directory (containerd's and CRI's files sit in per-container directories).
+    A directory already `shared` (volume records of the sandbox) read-write, or in the same
+    mode, is reused; new tags are `prefix`vN."""
+    tags: dict[tuple[str, bool], str] = {}
+    for v in shared:
+        tags.setdefault((v["source"], bool(v["read_only"])), v["tag"])
+        if not v["read_only"]:
+            tags.setdefault((v["source"], True), v["tag"])
+    reused = len(tags)
+    out = []
+    for m in mounts:
+        directory, name = (m.source, "") if os.path.isdir(m.source) else os.path.split(m.source)
+        tag = tags.setdefault((directory, m.read_only), f"{prefix}v{len(tags) - reused}")
+        out.append(
+            {
+                "source": directory,
+                "destination": m.destination,
+                "read_only": m.read_only,
+                "tag": tag,
+                "file": name,
+            }
+        )
+    return out
+
+
+def volume_shares(volumes: list[dict[str, Any]], id_prefix: str) -> list[SharedFS]:
+    """One virtio-fs share per tag of `volumes` (ids `id_prefix`0, 1, ...)."""
+    from ..devices import SharedFS
+
+    unique = list({v["tag"]: v for v in volumes}.values())
     return [
-        {
-            "source": m.source,
-            "destination": m.destination,
-            "read_only": m.read_only,
-            "tag": f"{prefix}v{i}",
-        }
-        for i, m in enumerate(mounts)
+        SharedFS(
+            id=f"{id_prefix}{i}", source=v["source"], mount_tag=v["tag"], read_only=v["read_only"]
+        )
+        for i, v in enumerate(unique)
     ]

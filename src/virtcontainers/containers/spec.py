@@ -179,7 +179,9 @@ RLIMIT_NAMES = {
 
 @dataclass(frozen=True)
 class Mount:
-    """A host directory shared into a container (`-v HOST:GUEST[:ro]`)."""
+    """A host directory shared into a container (`-v HOST:GUEST[:ro]`); from a bundle's
+    config.json, a file too (its directory is what the guest is given, see
+    `volume_records`)."""
 
     source: str
     destination: str
@@ -527,8 +529,10 @@ def from_oci(doc: Any, bundle: str) -> tuple[ProcessSpec, str, list[Mount]]:
             source = str(m.get("source", ""))
             if not os.path.isabs(source):
                 source = os.path.join(bundle, source)
-            if not os.path.isdir(source):
-                raise refuse(f"mount {dest}: only directories can be bind-mounted ({source})")
+            if not os.path.isdir(source) and not os.path.isfile(source):
+                raise refuse(
+                    f"mount {dest}: only directories and files can be bind-mounted ({source})"
+                )
             shares.append(Mount(source, dest, "ro" in opts))
         elif kind in ("tmpfs", "proc", "sysfs", "mqueue", "devpts"):
             spec.mounts.append((kind, kind, dest, ",".join(opts)))
