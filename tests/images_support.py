@@ -15,6 +15,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import zstandard
+
 Entry = tuple[Any, ...]
 
 
@@ -85,14 +87,28 @@ def docker_archive(
         _add(tf, "manifest.json", json.dumps(manifest).encode())
 
 
+def compress_layer(data: bytes, compression: str) -> bytes:
+    """A layer tar as stored: as is, gzip or zstd (several frames, as chunked writers make)."""
+    if compression == "gzip":
+        return gzip.compress(data, mtime=0)
+    if compression == "zstd":
+        half = len(data) // 2
+        zc = zstandard.ZstdCompressor()
+        return zc.compress(data[:half]) + zc.compress(data[half:])
+    assert not compression, compression
+    return data
+
+
 def _oci_files(
-    layers: list[bytes], ref: str, gzip_layers: bool, config: dict[str, Any] | None
+    layers: list[bytes], ref: str, compression: str, config: dict[str, Any] | None
 ) -> dict[str, bytes]:
     blobs: dict[str, bytes] = {}
     descs = []
     for data in layers:
-        stored = gzip.compress(data, mtime=0) if gzip_layers else data
-        media = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if gzip_layers else "")
+        stored = compress_layer(data, compression)
+        media = "application/vnd.oci.image.layer.v1.tar" + (
+            f"+{compression}" if compression else ""
+        )
         blobs[sha256(stored)] = stored
         descs.append({"mediaType": media, "digest": sha256(stored), "size": len(stored)})
     config_bytes = json.dumps(config or config_doc(layers)).encode()
@@ -131,11 +147,11 @@ def oci_layout(
     path: str,
     layers: list[bytes],
     ref: str,
-    gzip_layers: bool = False,
+    compression: str = "",
     config: dict[str, Any] | None = None,
 ) -> None:
-    """An OCI image layout directory."""
-    for name, data in _oci_files(layers, ref, gzip_layers, config).items():
+    """An OCI image layout directory (`compression`: "", "gzip" or "zstd" layers)."""
+    for name, data in _oci_files(layers, ref, compression, config).items():
         full = os.path.join(path, name)
         os.makedirs(os.path.dirname(full), exist_ok=True)
         with open(full, "wb") as f:
@@ -146,12 +162,12 @@ def oci_archive(
     path: str,
     layers: list[bytes],
     ref: str,
-    gzip_layers: bool = False,
+    compression: str = "",
     config: dict[str, Any] | None = None,
 ) -> None:
-    """An OCI archive (a tar of an OCI image layout)."""
+    """An OCI archive (a tar of an OCI image layout; `compression` as `oci_layout`)."""
     with tarfile.open(path, "w") as tf:
-        for name, data in _oci_files(layers, ref, gzip_layers, config).items():
+        for name, data in _oci_files(layers, ref, compression, config).items():
             _add(tf, name, data)
 
 

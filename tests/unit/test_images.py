@@ -78,7 +78,7 @@ def _check_tree(root: str) -> None:
         assert (owned.st_uid, owned.st_gid) == (1000, 1001)
 
 
-@pytest.mark.parametrize("fmt", ["docker", "oci-archive", "oci-layout", "oci-gzip"])
+@pytest.mark.parametrize("fmt", ["docker", "oci-archive", "oci-layout", "oci-gzip", "oci-zstd"])
 def test_import_formats_and_layer_semantics(store: ImageStore, tmp_path: str, fmt: str) -> None:
     src = os.path.join(str(tmp_path), "image")
     layers = [BASE, TOP]
@@ -95,7 +95,8 @@ def test_import_formats_and_layer_semantics(store: ImageStore, tmp_path: str, fm
     elif fmt == "oci-layout":
         oci_layout(src, layers, "demo:1", config=config)
     else:
-        oci_archive(src, layers, "demo:1", gzip_layers=fmt == "oci-gzip", config=config)
+        compression = {"oci-gzip": "gzip", "oci-zstd": "zstd"}.get(fmt, "")
+        oci_archive(src, layers, "demo:1", compression=compression, config=config)
     (image,) = store.import_archive(src)
     assert image.references == ["demo:1"]
     assert image.config.argv() == ["/bin/tool", "--help"]
@@ -265,6 +266,41 @@ def test_corrupt_archives_refused(store: ImageStore, tmp_path: str, how: str, fm
         oci_archive(src, [big], "x")
     _corrupt(src, how)
     with pytest.raises(ImageError, match=r"truncated or corrupt|not a readable image archive"):
+        store.import_archive(src)
+    assert store.images() == []
+    assert store_problems(store.root) == []
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("truncated", "zstd stream is truncated"),
+        ("corrupt", "zstd stream is corrupt"),
+        ("diff", "layer digest mismatch: the config says"),
+    ],
+)
+def test_zstd_layer_refused(
+    store: ImageStore, tmp_path: str, monkeypatch: pytest.MonkeyPatch, how: str, message: str
+) -> None:
+    """A zstd layer whose blob digest is right (the manifest names these very bytes) but
+    whose stream stops inside a frame, is not zstd past its first frame, or does not
+    decompress to the config's diff_id."""
+    import images_support
+
+    real = images_support.compress_layer
+
+    def bad(data: bytes, compression: str) -> bytes:
+        stored = real(data, compression)
+        if how == "truncated":
+            return stored[:-7]
+        if how == "corrupt":
+            return stored[: len(stored) // 2] + b"\x28\xb5\x2f\xfd" + os.urandom(64)
+        return real(data[:-1024] + bytes(1024) + b"x", compression)
+
+    monkeypatch.setattr(images_support, "compress_layer", bad)
+    src = os.path.join(str(tmp_path), "layout")
+    oci_layout(src, [BASE], "x", compression="zstd")
+    with pytest.raises(ImageError, match=message):
         store.import_archive(src)
     assert store.images() == []
     assert store_problems(store.root) == []

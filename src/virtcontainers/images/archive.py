@@ -24,6 +24,7 @@ MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 MT_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 MT_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MT_OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MT_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
@@ -31,6 +32,7 @@ MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 LAYER_TYPES = {
     MT_OCI_LAYER,
     MT_OCI_LAYER_GZIP,
+    MT_OCI_LAYER_ZSTD,
     MT_DOCKER_LAYER_GZIP,
     "application/vnd.docker.image.rootfs.diff.tar",
 }
@@ -38,6 +40,8 @@ REF_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.nam
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _REFERENCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
 _GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZSTD_SKIPPABLE = range(0x184D2A50, 0x184D2A60)
 
 
 def normalize_reference(ref: str) -> str:
@@ -332,3 +336,70 @@ def _docker_candidates(src: Source) -> list[Candidate]:
 
 def is_gzip(head: bytes) -> bool:
     return head[:2] == _GZIP_MAGIC
+
+
+def is_zstd(head: bytes) -> bool:
+    """A zstd frame, or a skippable frame (zstd:chunked starts some layers with one)."""
+    return head[:4] == _ZSTD_MAGIC or (
+        len(head) >= 4 and int.from_bytes(head[:4], "little") in _ZSTD_SKIPPABLE
+    )
+
+
+class LayerDecoder:
+    """A compressed layer's stream -> its tar, chunk by chunk: gzip (one member) or zstd
+    (any number of frames, skippable ones included). `finish` refuses a stream that stops
+    inside a gzip member or a zstd frame."""
+
+    def __init__(self, kind: str, what: str) -> None:
+        import zstandard  # only when a layer is zstd: the CLI's start-up stays lean
+
+        self.kind = kind
+        self.what = what
+        self._zstd_error = zstandard.ZstdError
+        self._zstd = zstandard.ZstdDecompressor() if kind == "zstd" else None
+        self._d: Any = self._new()
+        self._fed = False
+
+    @classmethod
+    def for_head(cls, head: bytes, what: str) -> LayerDecoder | None:
+        """The decoder for a stream starting with `head` (`what` names it in errors), None
+        for a plain tar."""
+        if is_gzip(head):
+            return cls("gzip", what)
+        if is_zstd(head):
+            return cls("zstd", what)
+        return None
+
+    def _new(self) -> Any:
+        if self._zstd is not None:
+            return self._zstd.decompressobj()
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+    def feed(self, chunk: bytes) -> bytes:
+        try:
+            if self.kind == "gzip":
+                if self._d.eof and chunk:
+                    raise ImageError(f"{self.what}: data after the end of the gzip stream")
+                return bytes(self._d.decompress(chunk))
+            out = []
+            while chunk:
+                self._fed = True
+                out.append(self._d.decompress(chunk))
+                if not self._d.eof:
+                    break
+                chunk = self._d.unused_data
+                self._d = self._new()
+                self._fed = False
+            return b"".join(out)
+        except self._zstd_error as e:
+            raise ImageError(f"{self.what}: zstd stream is corrupt: {e}") from None
+
+    def finish(self) -> bytes:
+        if self.kind == "gzip":
+            tail = bytes(self._d.flush())
+            if not self._d.eof:
+                raise ImageError(f"{self.what}: gzip stream is truncated")
+            return tail
+        if self._fed:
+            raise ImageError(f"{self.what}: zstd stream is truncated")
+        return b""

@@ -439,22 +439,20 @@ def _copy_blob(src: Source, blob: Blob, staging: str) -> Blob:
     raw = hashlib.sha256()
     plain = hashlib.sha256()
     size = 0
-    gunzip: Any = None
+    decoder: archive.LayerDecoder | None = None
     tmp = os.path.join(staging, f".part-{os.getpid()}")
     try:
         with src.open(blob.name) as f, open(tmp, "wb") as out:
             while chunk := f.read(_CHUNK):
-                if size == 0 and archive.is_gzip(chunk):
-                    gunzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                if size == 0:
+                    decoder = archive.LayerDecoder.for_head(chunk, what)
                 size += len(chunk)
                 raw.update(chunk)
                 out.write(chunk)
                 if blob.diff_id:
-                    plain.update(_gunzip(gunzip, chunk) if gunzip is not None else chunk)
-            if gunzip is not None and blob.diff_id:
-                plain.update(gunzip.flush())
-                if not gunzip.eof:
-                    raise ImageError(f"{what}: gzip stream is truncated")
+                    plain.update(decoder.feed(chunk) if decoder is not None else chunk)
+            if decoder is not None and blob.diff_id:
+                plain.update(decoder.finish())
     except (EOFError, zlib.error, OSError) as e:
         _remove_tree(tmp)
         raise ImageError(f"{what} is truncated or corrupt: {e}") from None
@@ -478,14 +476,9 @@ def _copy_blob(src: Source, blob: Blob, staging: str) -> Blob:
     os.rename(tmp, os.path.join(staging, digest[len("sha256:") :]))
     media = blob.media_type
     if not media:
-        media = archive.MT_OCI_LAYER_GZIP if gunzip is not None else archive.MT_OCI_LAYER
+        kind = decoder.kind if decoder is not None else ""
+        media = archive.MT_OCI_LAYER + (f"+{kind}" if kind else "")
     return Blob(name=blob.name, digest=digest, size=size, media_type=media, diff_id=blob.diff_id)
-
-
-def _gunzip(d: Any, chunk: bytes) -> bytes:
-    if d.eof and chunk:
-        raise ImageError("data after the end of the gzip stream")
-    return bytes(d.decompress(chunk))
 
 
 def _remove_tree(path: str) -> None:

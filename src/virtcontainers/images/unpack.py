@@ -15,10 +15,12 @@ import os
 import shutil
 import stat
 import tarfile
+import tempfile
 import zlib
 from typing import IO
 
 from ..errors import ImageError
+from .archive import LayerDecoder, is_zstd
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +117,34 @@ def _apply_xattrs(path: str, member: tarfile.TarInfo, chown: bool) -> None:
                 os.setxattr(path, attr, value.encode("utf-8", "surrogateescape"))
 
 
+def _zstd_to_tar(layer: IO[bytes], what: str, stack: contextlib.ExitStack) -> IO[bytes]:
+    """A zstd layer decompressed into a temporary file (tarfile reads gzip itself, not zstd,
+    and the layer is read twice: whiteouts first); any other stream as it is."""
+    if not layer.seekable():
+        return layer
+    start = layer.tell()
+    head = layer.read(4)
+    layer.seek(start)
+    if not is_zstd(head):
+        return layer
+    decoder = LayerDecoder("zstd", what)
+    plain = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 (the stack closes it)
+    while chunk := layer.read(_COPY_CHUNK):
+        plain.write(decoder.feed(chunk))
+    plain.write(decoder.finish())
+    plain.seek(0)
+    return plain
+
+
 def apply_layer(root: str, layer: IO[bytes], what: str, *, whiteouts: bool = True) -> None:
-    """Apply one layer tar (plain or gzip) to `root`; `what` names the layer in errors.
+    """Apply one layer tar (plain, gzip or zstd) to `root`; `what` names the layer in errors.
     Without `whiteouts` (a copy, not a layer) `.wh.` names are ordinary files."""
     chown = os.geteuid() == 0
     try:
-        with tarfile.open(fileobj=layer, mode="r:*") as tf:
+        with (
+            contextlib.ExitStack() as stack,
+            tarfile.open(fileobj=_zstd_to_tar(layer, what, stack), mode="r:*") as tf,
+        ):
             members = tf.getmembers()
             # Whiteouts first: they delete what lower layers put there, never this layer's own.
             for m in members:
