@@ -1,6 +1,6 @@
 #!/bin/sh
 # Regenerate the Python code of src/virtcontainers/factory/rpc/cache.proto and of the vendored
-# containerd/ttrpc protos (third_party/protos; grpcio-tools, from the
+# containerd/ttrpc and CRI protos (third_party/protos; grpcio-tools, from the
 # dev extra). The generated files are checked in; run this after editing the .proto.
 set -eu
 cd "$(dirname "$0")/.."
@@ -9,5 +9,5 @@ PYTHON=${PYTHON:-.venv/bin/python}
     --python_out=src --pyi_out=src --grpc_python_out=src \
     src/virtcontainers/factory/rpc/cache.proto
 echo "generated src/virtcontainers/factory/rpc/cache_pb2.py, cache_pb2.pyi, cache_pb2_grpc.py"
-# The containerd shim's protos, vendored unchanged under third_party/protos.
-"$PYTHON" scripts/gen_shim_proto.py
+# The vendored protos (containerd shim, CRI), unchanged under third_party/protos.
+"$PYTHON" scripts/gen_vendored_proto.py
