@@ -22,8 +22,8 @@ SYSTEM_PACKAGES=(
   # the benchmarks' libvirt baseline (its smoke test runs in the suite)
   libvirt-daemon-system libvirt-clients python3-libvirt
   # the containerd shim's tests run a private containerd (runc and runsc: the benchmarks'
-  # baselines)
-  containerd runc runsc
+  # baselines); its CRI plugin's pods get their network from the CNI bridge plugin
+  containerd runc runsc containernetworking-plugins
 )
 
 missing=()

@@ -5,6 +5,7 @@ any) is touched; everything is removed afterwards."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -13,11 +14,13 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from images_support import config_doc, docker_archive, layer
+from leaks import processes_mentioning
 
 CONTAINERD = shutil.which("containerd") or "/usr/bin/containerd"
 CTR = shutil.which("ctr") or "/usr/bin/ctr"
@@ -90,10 +93,15 @@ class Containerd:
         return os.path.join(self.dir, "fifo")
 
     def ctr(
-        self, *args: str, check: bool = True, timeout: float = 120, input: bytes | None = None
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 120,
+        input: bytes | None = None,
+        namespace: str = NAMESPACE,
     ) -> subprocess.CompletedProcess[bytes]:
         """Run `ctr -a SOCKET -n NAMESPACE ARGS` (a client: it needs no network)."""
-        cmd = [CTR, "-a", self.address, "-n", NAMESPACE]
+        cmd = [CTR, "-a", self.address, "-n", namespace]
         # ctr copies its stdin into the task's: give it an empty one (EOF, then CloseIO).
         cp = subprocess.run(
             [*cmd, *args], capture_output=True, timeout=timeout, input=input or b"", check=False
@@ -131,31 +139,37 @@ class Containerd:
             return ""
 
 
-def _config(d: str) -> str:
+def _config(d: str, cri: str) -> str:
+    disabled = ["io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]
+    if not cri:
+        disabled.append("io.containerd.grpc.v1.cri")
     return f"""version = 2
 root = "{d}/root"
 state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.tracing",
-                    "io.containerd.tracing.processor.v1.otlp"]
+disabled_plugins = {json.dumps(disabled)}
 [grpc]
   address = "{d}/c.sock"
 [ttrpc]
   address = "{d}/c.sock.ttrpc"
 [debug]
   level = "debug"
-"""
+{cri}"""
 
 
 @contextlib.contextmanager
 def running_containerd(
-    extra_path: Sequence[str] = (VENV_BIN,), env: dict[str, str] | None = None
+    extra_path: Sequence[str] = (VENV_BIN,),
+    env: dict[str, str] | None = None,
+    cri: Callable[[str], str] | None = None,
 ) -> Iterator[Containerd]:
     """Start containerd in a new network namespace (its shims inherit `env` and find their
-    binaries on `extra_path`); stop it and remove everything after."""
+    binaries on `extra_path`); stop it and remove everything after. `cri(dir)` gives the CRI
+    plugin's configuration (TOML) for containerd's directory `dir`: the plugin is disabled
+    without it."""
     d = tempfile.mkdtemp(prefix="vcctd-", dir="/tmp")
     netns = f"vcshim-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
-    Path(d, "config.toml").write_text(_config(d))
+    Path(d, "config.toml").write_text(_config(d, cri(d) if cri else ""))
     env = {**os.environ, **(env or {})}
     env["PATH"] = os.pathsep.join([*extra_path, env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
     c = Containerd(d, netns, None, os.path.join(d, "containerd.log"), env.get("VC_RUN_ROOT", ""))
@@ -179,6 +193,40 @@ def _stop(c: Containerd) -> None:
     shutil.rmtree(c.dir, ignore_errors=True)
 
 
+def leftovers(c: Containerd, *ids: str) -> list[str]:
+    """What finished containers (or pods) `ids` may have left: shim or VM processes, the shims'
+    socket directory entries, the bundles, mounts under containerd's dirs."""
+    vm_root = c.vm_root
+    found = [
+        f"process {pid}: {cmd}"
+        for pid, cmd in processes_mentioning(c.dir) + processes_mentioning(vm_root)
+        if not cmd.startswith(("/usr/bin/containerd --config", "nsenter"))
+    ]
+    # The VMs' directories and persisted state (the sandbox is named after the container).
+    found += [
+        os.path.join(vm_root, sub, cid)
+        for sub in ("vm", "sbs")
+        for cid in ids
+        if os.path.exists(os.path.join(vm_root, sub, cid))
+    ]
+    sockets = os.path.join(c.dir, "s")
+    found += [f"socket {n}" for n in os.listdir(sockets)] if os.path.isdir(sockets) else []
+    tasks = os.path.join(c.state, "io.containerd.runtime.v2.task")
+    for dirpath, dirnames, _ in os.walk(tasks):
+        found += [os.path.join(dirpath, d) for d in dirnames if d in ids]
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    found += [m for m in mounts if f"{c.dir}/" in m.split()[1] and "/rootfs" in m.split()[1]]
+    return found
+
+
+def settled(c: Containerd, *ids: str, timeout: float = 15) -> list[str]:
+    """leftovers() once the shim had time to exit (ctr returns as the shim shuts down)."""
+    deadline = time.monotonic() + timeout
+    while (found := leftovers(c, *ids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found
+
+
 BUSYBOX_APPLETS = (
     "sh", "echo", "true", "false", "cat", "sleep", "ls", "ps", "hostname", "id", "tr", "ip",
     "ping",
@@ -196,10 +244,18 @@ def busybox_layer() -> bytes:
     )
 
 
-def import_busybox(c: Containerd, ref: str = "docker.io/vctest/busybox:1") -> str:
-    archive = os.path.join(c.dir, "busybox.tar")
-    layers = [busybox_layer()]
-    docker_archive(archive, layers, [ref], config_doc(layers, Cmd=["sh"], Env=["PATH=/bin"]))
-    c.ctr("image", "import", archive)
+def import_image(
+    c: Containerd, ref: str, layers: list[bytes], namespace: str = NAMESPACE, **config: Any
+) -> str:
+    """Import an image of `layers` and image `config` as `ref` (through a docker archive)."""
+    archive = os.path.join(c.dir, "image.tar")
+    docker_archive(archive, layers, [ref], config_doc(layers, **config))
+    c.ctr("image", "import", archive, namespace=namespace)
     os.unlink(archive)
     return ref
+
+
+def import_busybox(
+    c: Containerd, ref: str = "docker.io/vctest/busybox:1", namespace: str = NAMESPACE
+) -> str:
+    return import_image(c, ref, [busybox_layer()], namespace, Cmd=["sh"], Env=["PATH=/bin"])

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from containerd_support import Containerd, import_busybox, running_containerd
+from containerd_support import Containerd, import_busybox, running_containerd, settled
 
 from leaks import processes_mentioning
 from virtcontainers.shim.main import CONTAINER_TYPE, SANDBOX_ID
@@ -35,31 +35,6 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Conta
     assert not processes_mentioning(run_root)
 
 
-def leftovers(c: Containerd, cid: str) -> list[str]:
-    """What a finished container may have left: shim or VM processes, the shim's socket
-    directory entries, the bundle, mounts under containerd's dirs."""
-    vm_root = c.vm_root
-    found = [
-        f"process {pid}: {cmd}"
-        for pid, cmd in processes_mentioning(c.dir) + processes_mentioning(vm_root)
-        if not cmd.startswith(("/usr/bin/containerd --config", "nsenter"))
-    ]
-    # The VMs' directories and persisted state (the sandbox is named after the container).
-    found += [
-        os.path.join(vm_root, sub, cid)
-        for sub in ("vm", "sbs")
-        if os.path.exists(os.path.join(vm_root, sub, cid))
-    ]
-    sockets = os.path.join(c.dir, "s")
-    found += [f"socket {n}" for n in os.listdir(sockets)] if os.path.isdir(sockets) else []
-    tasks = os.path.join(c.state, "io.containerd.runtime.v2.task")
-    for dirpath, dirnames, _ in os.walk(tasks):
-        found += [os.path.join(dirpath, d) for d in dirnames if d == cid]
-    mounts = Path("/proc/self/mounts").read_text().splitlines()
-    found += [m for m in mounts if f"{c.dir}/" in m.split()[1] and "/rootfs" in m.split()[1]]
-    return found
-
-
 def test_ctr_run_rm_prints_output_and_exits_with_the_code(
     containerd: tuple[Containerd, str],
 ) -> None:
@@ -80,14 +55,6 @@ def test_ctr_run_rm_prints_output_and_exits_with_the_code(
         assert f"topic={topic}" in log
     assert "shutting down" in log
     assert settled(c, cid) == []
-
-
-def settled(c: Containerd, cid: str, timeout: float = 15) -> list[str]:
-    """leftovers() once the shim had time to exit (ctr returns as the shim shuts down)."""
-    deadline = time.monotonic() + timeout
-    while (found := leftovers(c, cid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return found
 
 
 def task_status(c: Containerd, cid: str) -> str:

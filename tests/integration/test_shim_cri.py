@@ -1,0 +1,131 @@
+"""The path kubelet uses: a CRI client (the CRI v1 API over gRPC) drives containerd's CRI plugin,
+which runs a pod through containerd-shim-virtc-v2 with runtime handler `virtc`, its network
+made by Debian's CNI bridge plugin inside containerd's own network namespace. The pod is one
+VM; its address answers from that namespace; afterwards nothing is left."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from containerd_support import Containerd, import_busybox, running_containerd, settled
+from cri_support import K8S_NAMESPACE, RUNTIME_HANDLER, CriClient, PodNetwork, import_pause
+
+from cri_api import api_pb2 as cri
+from leaks import kill_all, processes_mentioning
+from net_support import Namespace
+
+pytestmark = pytest.mark.integration
+
+SHIM_CONFIG = """[hypervisor.qemu]
+default_memory = 256
+default_vcpus = 1
+"""
+#: gRPC deadline of the calls that boot or stop a VM (TCG on a busy machine).
+VM_CALL = 300
+
+
+@pytest.fixture(scope="module")
+def cri_containerd() -> Iterator[tuple[Containerd, PodNetwork, str]]:
+    # Short: the VMs' sockets are under <run root>/vm/<64-character CRI sandbox id>/.
+    run_root = tempfile.mkdtemp(prefix="vccri-", dir="/tmp")
+    config = os.path.join(run_root, "configuration.toml")
+    Path(config).write_text(SHIM_CONFIG)
+    env = {"VC_RUN_ROOT": run_root, "VC_SHIM_CONFIG": config}
+    net = PodNetwork.unique()
+    netns_before = cri_netns()
+    try:
+        with running_containerd(env=env, cri=net.plugin_config) as c:
+            import_pause(c)
+            try:
+                yield c, net, import_busybox(c, namespace=K8S_NAMESPACE)
+            finally:
+                remove_pods(c)
+        left = processes_mentioning(run_root)
+    finally:
+        # After a failure: what a pod left (the test itself asserts that nothing is).
+        kill_all(processes_mentioning(run_root))
+        for name in cri_netns() - netns_before:
+            subprocess.run(["ip", "netns", "delete", name], check=False)
+        shutil.rmtree(run_root, ignore_errors=True)
+    assert not left
+
+
+def remove_pods(c: Containerd) -> None:
+    """Stop and remove every pod CRI still has (a failed test's), as kubelet would."""
+    with CriClient(c) as client, contextlib.suppress(grpc.RpcError):
+        for pod in client.runtime.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=30).items:
+            with contextlib.suppress(grpc.RpcError):
+                client.runtime.StopPodSandbox(
+                    cri.StopPodSandboxRequest(pod_sandbox_id=pod.id), timeout=VM_CALL
+                )
+                client.runtime.RemovePodSandbox(
+                    cri.RemovePodSandboxRequest(pod_sandbox_id=pod.id), timeout=VM_CALL
+                )
+
+
+def cri_netns() -> set[str]:
+    """The network namespaces CRI made for pods (cni-<uuid> under /run/netns)."""
+    return {name for name in os.listdir("/run/netns") if name.startswith("cni-")}
+
+
+def qemu_processes(c: Containerd) -> list[tuple[int, str]]:
+    return [(pid, cmd) for pid, cmd in processes_mentioning(c.vm_root) if "qemu-system" in cmd]
+
+
+def mounts_under(path: str) -> list[str]:
+    lines = Path("/proc/self/mounts").read_text().splitlines()
+    return [line.split()[1] for line in lines if line.split()[1].startswith(path + "/")]
+
+
+def test_pod_sandbox_is_one_vm_on_the_cni_network(
+    cri_containerd: tuple[Containerd, PodNetwork, str], host_untouched: None
+) -> None:
+    c, net, _ = cri_containerd
+    ns = Namespace(c.netns)
+    netns_before = cri_netns()
+    tag = uuid.uuid4().hex[:6]
+    pod_config = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name=f"pod-{tag}", uid=tag, namespace="default"),
+        hostname=f"pod-{tag}",
+        linux=cri.LinuxPodSandboxConfig(),
+    )
+    with CriClient(c) as client:
+        rt = client.runtime
+        version = rt.Version(cri.VersionRequest(), timeout=30)
+        assert (version.runtime_name, version.runtime_api_version) == ("containerd", "v1")
+        pod_id = rt.RunPodSandbox(
+            cri.RunPodSandboxRequest(config=pod_config, runtime_handler=RUNTIME_HANDLER),
+            timeout=VM_CALL,
+        ).pod_sandbox_id
+        status = rt.PodSandboxStatus(
+            cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id), timeout=30
+        ).status
+        assert status.state == cri.SANDBOX_READY
+        assert status.runtime_handler == RUNTIME_HANDLER
+        pod_ip = status.network.ip
+        assert pod_ip in [str(a) for a in net.subnet.hosts()], status
+        # The pod's sandbox (the pause image's process) runs in a VM of ours: one QEMU.
+        assert len(qemu_processes(c)) == 1
+        # The pod's address, given by CNI's host-local IPAM in the pod's namespace, is the
+        # guest's: it answers from containerd's namespace (the bridge's side).
+        assert ns.ok("ping", "-c", "1", "-W", "10", pod_ip), c.log_tail(60)
+
+        rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=VM_CALL)
+        rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=VM_CALL)
+        assert not rt.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=30).items
+
+    assert settled(c, pod_id) == []
+    assert mounts_under(c.dir) == []
+    # The pod's network namespace (CRI's, under /run/netns) is gone, and with it the veth: the
+    # test namespace keeps only its loopback and the CNI bridge.
+    assert cri_netns() == netns_before
+    assert ns.links() == sorted(["lo", net.bridge])
