@@ -92,6 +92,10 @@ class Containerd:
         """Where ctr makes a task's FIFOs (its default is the host's /run/containerd/fifo)."""
         return os.path.join(self.dir, "fifo")
 
+    def ctr_argv(self, namespace: str = NAMESPACE) -> list[str]:
+        """`ctr` talking to this containerd in `namespace` (for a Popen)."""
+        return [CTR, "-a", self.address, "-n", namespace]
+
     def ctr(
         self,
         *args: str,
@@ -101,7 +105,7 @@ class Containerd:
         namespace: str = NAMESPACE,
     ) -> subprocess.CompletedProcess[bytes]:
         """Run `ctr -a SOCKET -n NAMESPACE ARGS` (a client: it needs no network)."""
-        cmd = [CTR, "-a", self.address, "-n", namespace]
+        cmd = self.ctr_argv(namespace)
         # ctr copies its stdin into the task's: give it an empty one (EOF, then CloseIO).
         cp = subprocess.run(
             [*cmd, *args], capture_output=True, timeout=timeout, input=input or b"", check=False
@@ -126,11 +130,18 @@ class Containerd:
     ) -> subprocess.CompletedProcess[bytes]:
         """`ctr run` of `argv` in a new container `cid` on this shim's runtime: detached
         (`-d`) or removed once it ends (`--rm`); `options` go before the image."""
+        args = self.run_args(image, cid, *argv, detach=detach, options=options)
+        return self.ctr(*args, check=check, timeout=timeout, input=input)
+
+    def run_args(
+        self, image: str, cid: str, *argv: str, detach: bool = False, options: Sequence[str] = ()
+    ) -> list[str]:
+        """The arguments of `ctr` for `run` (for a `ctr` run with Popen: after `ctr_argv`)."""
         mode = "-d" if detach else "--rm"
-        return self.ctr(
+        return [
             "run", mode, "--fifo-dir", self.fifo_dir, "--runtime", RUNTIME, *options,
-            image, cid, *argv, check=check, timeout=timeout, input=input,
-        )  # fmt: skip
+            image, cid, *argv,
+        ]  # fmt: skip
 
     def log_tail(self, n: int = 40) -> str:
         try:

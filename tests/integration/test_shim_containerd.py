@@ -3,18 +3,36 @@ task runs in a QEMU VM, in the image's root filesystem; afterwards nothing is le
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import json
 import os
+import pty
+import select
+import signal
+import struct
 import subprocess
+import termios
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from containerd_support import Containerd, import_busybox, running_containerd, settled
+from containerd_support import (
+    NAMESPACE,
+    Containerd,
+    import_busybox,
+    running_containerd,
+    settled,
+)
+from google.protobuf import any_pb2, empty_pb2
 
 from leaks import processes_mentioning
 from virtcontainers.shim.main import CONTAINER_TYPE, SANDBOX_ID
+from virtcontainers.shim.proto.containerd.runtime.v2.task import shim_pb2 as pb
+from virtcontainers.shim.service import RESOURCES_TYPE, SERVICE
+from virtcontainers.shim.ttrpc import Client
 
 pytestmark = pytest.mark.integration
 
@@ -109,10 +127,8 @@ def test_detached_task_exec_ps_pause_metrics_kill_delete(
     c.ctr("task", "resume", cid)
     assert task_status(c, cid) == "RUNNING"
 
-    metrics = c.ctr("task", "metrics", cid).stdout.decode()
-    assert "memory.usage_in_bytes" in metrics
-    usage = next(line.split()[-1] for line in metrics.splitlines() if "usage_in_bytes" in line)
-    assert int(usage) > 0
+    # The container's cgroup (v2): its memory use, not the guest's.
+    assert int(metrics(c, cid)["memory.usage"]) > 0
 
     c.ctr("task", "kill", "-s", "SIGTERM", cid)
     wait_status(c, cid, "STOPPED")
@@ -282,3 +298,145 @@ def test_pod_containers_run_in_one_vm(containerd: tuple[Containerd, str]) -> Non
 
 def task_lines(c: Containerd) -> list[str]:
     return c.ctr("task", "ls").stdout.decode().splitlines()[1:]
+
+
+def metrics(c: Containerd, cid: str) -> dict[str, str]:
+    """`ctr task metrics` as METRIC -> VALUE (its table for cgroup v2 Metrics)."""
+    out = c.ctr("task", "metrics", cid).stdout.decode()
+    return {f[0]: f[1] for line in out.splitlines() if len(f := line.split()) == 2}
+
+
+def read_until(fd: int, want: bytes, timeout: float = 120) -> bytes:
+    """Read from `fd` until `want` has arrived (AssertionError with what came, at timeout)."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    while want not in got:
+        left = deadline - time.monotonic()
+        assert left > 0, f"waited for {want!r}, got {got!r}"
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: a pty whose other side has closed
+                chunk = b""
+            assert chunk, f"end of output while waiting for {want!r}, got {got!r}"
+            got += chunk
+    return got
+
+
+def test_output_streams_and_stdin_is_interactive(containerd: tuple[Containerd, str]) -> None:
+    """Output reaches ctr while the process runs; each line written to ctr's stdin reaches
+    the process as it is written; closing stdin ends it."""
+    c, image = containerd
+    cid = f"io-{uuid.uuid4().hex[:6]}"
+    script = "echo started; while read l; do echo got:$l; done; echo bye"
+    ctr = subprocess.Popen(
+        [*c.ctr_argv(), *c.run_args(image, cid, "sh", "-c", script)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert ctr.stdin is not None and ctr.stdout is not None
+    try:
+        out = read_until(ctr.stdout.fileno(), b"started\n")
+        for word in ("one", "two"):
+            ctr.stdin.write(f"{word}\n".encode())
+            ctr.stdin.flush()
+            out += read_until(ctr.stdout.fileno(), f"got:{word}\n".encode())
+            assert ctr.poll() is None  # answered while it runs
+        ctr.stdin.close()
+        out += read_until(ctr.stdout.fileno(), b"bye\n")
+        assert ctr.wait(120) == 0
+    finally:
+        if ctr.poll() is None:
+            ctr.kill()
+            ctr.wait()
+    assert out == b"started\ngot:one\ngot:two\nbye\n"
+    assert settled(c, cid) == []
+
+
+def test_run_t_gives_a_terminal_that_resizes(containerd: tuple[Containerd, str]) -> None:
+    c, image = containerd
+    cid = f"tty-{uuid.uuid4().hex[:6]}"
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
+    script = "[ -t 0 ] && echo is-a-tty; while read l; do busybox stty size; done; exit 3"
+    ctr = subprocess.Popen(
+        [*c.ctr_argv(), *c.run_args(image, cid, "sh", "-c", script, options=["-t"])],
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        read_until(master, b"is-a-tty")
+
+        def size_seen(size: bytes) -> None:
+            # ctr sends its terminal's size after the start: ask until the process sees it.
+            deadline = time.monotonic() + 60
+            while True:
+                os.write(master, b"\r")
+                try:
+                    read_until(master, size, timeout=2)
+                    return
+                except AssertionError:
+                    assert time.monotonic() < deadline, f"the terminal never was {size!r}"
+
+        size_seen(b"33 111")
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        os.kill(ctr.pid, signal.SIGWINCH)  # what a terminal emulator's resize does
+        size_seen(b"40 120")
+        os.write(master, b"\x04")  # ^D: end of input at the terminal
+        assert ctr.wait(120) == 3
+    finally:
+        if ctr.poll() is None:
+            ctr.kill()
+            ctr.wait()
+        os.close(master)
+    assert settled(c, cid) == []
+
+
+def update_task(c: Containerd, cid: str, resources: dict[str, object]) -> None:
+    """The Update containerd sends for a task's new OCI LinuxResources (ctr 1.6 has no
+    command for it: sent to the task's shim at the address containerd keeps in the bundle)."""
+    bundle = os.path.join(c.state, "io.containerd.runtime.v2.task", NAMESPACE, cid)
+    address = Path(bundle, "address").read_text().strip().removeprefix("unix://")
+    packed = any_pb2.Any(type_url=RESOURCES_TYPE, value=json.dumps(resources).encode())
+
+    async def call() -> None:
+        async with await Client.connect(address) as client:
+            request = pb.UpdateTaskRequest(id=cid, resources=packed)
+            await client.call(SERVICE, "Update", request, empty_pb2.Empty, timeout=120)
+
+    asyncio.run(call())
+
+
+def test_memory_limit_update_metrics_and_oom_event(containerd: tuple[Containerd, str]) -> None:
+    """The container's cgroup in the guest: its limit in `ctr task metrics`, an Update changes
+    it, and an OOM kill in it is a /tasks/oom event."""
+    c, image = containerd
+    cid = f"oom-{uuid.uuid4().hex[:6]}"
+    fifo = ["--fifo-dir", c.fifo_dir]
+    loop = "while :; do sleep 1; done"
+    c.run(image, cid, "sh", "-c", loop, detach=True, options=["--memory-limit", str(48 << 20)])
+    events = subprocess.Popen(
+        [*c.ctr_argv(), "events"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    assert events.stdout is not None
+    try:
+        before = metrics(c, cid)
+        assert int(before["memory.usage_limit"]) == 48 << 20
+        assert 0 < int(before["memory.usage"]) < 48 << 20
+        update_task(c, cid, {"memory": {"limit": 40 << 20}})
+        assert int(metrics(c, cid)["memory.usage_limit"]) == 40 << 20
+        # 64 MiB touched in a 40 MiB cgroup: the guest kernel kills dd.
+        hog = "busybox dd if=/dev/zero of=/dev/null bs=64M count=1"
+        cp = c.ctr("task", "exec", *fifo, "--exec-id", "hog", cid, "sh", "-c", hog, check=False)
+        assert cp.returncode != 0, cp
+        out = read_until(events.stdout.fileno(), b"/tasks/oom", timeout=60)
+        line = next(x for x in out.decode().splitlines() if "/tasks/oom" in x)
+        assert cid in line
+    finally:
+        events.kill()
+        events.wait()
+    c.ctr("task", "kill", "-s", "SIGKILL", cid)
+    wait_status(c, cid, "STOPPED")
+    c.ctr("task", "delete", cid)
+    c.ctr("container", "delete", cid)
+    assert settled(c, cid) == []

@@ -123,7 +123,6 @@ def test_from_oci_translates(tmp_path: Path) -> None:
         ({"hooks": {"prestart": [{"path": "/bin/true"}]}}, "hooks are not supported"),
         ({"mounts": [{"destination": "/x", "type": "nfs", "source": "h:/"}]}, "type 'nfs'"),
         ({"linux": {"resources": {"hugepageLimits": [{}]}}}, "hugepageLimits"),
-        ({"process": {"args": ["true"], "terminal": True}}, "process.terminal"),
     ],
 )
 def test_from_oci_refuses(tmp_path: Path, change: dict[str, Any], message: str) -> None:

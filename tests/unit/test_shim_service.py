@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from google.protobuf import any_pb2, empty_pb2
 
+from virtcontainers.agent import ExitStatus
 from virtcontainers.shim.events import EVENTS_SERVICE, Publisher
 from virtcontainers.shim.main import UsageError, group_id, parse, socket_path
-from virtcontainers.shim.proto.cgroups.stats.v1 import metrics_pb2
+from virtcontainers.shim.proto.cgroups.v2.stats import metrics_pb2
 from virtcontainers.shim.proto.containerd.api.services.ttrpc.events.v1 import events_pb2
 from virtcontainers.shim.proto.containerd.api.types import mount_pb2
 from virtcontainers.shim.proto.containerd.api.types.task import task_pb2 as tasktypes
@@ -25,17 +26,98 @@ from virtcontainers.shim.proto.containerd.pkg.runtimeoptions.v1 import api_pb2 a
 from virtcontainers.shim.proto.containerd.runtime.v2.task import shim_pb2 as pb
 from virtcontainers.shim.service import PROCESS_TYPE, RESOURCES_TYPE, SERVICE, TaskService
 from virtcontainers.shim.ttrpc import CallContext, Client, Code, Server, Service, TtrpcError
-from virtcontainers.shim.vm import Output, ProcessSpec
+from virtcontainers.shim.vm import ProcessSpec
+
+
+class FakeStream:
+    """An output stream of a FakeProcess: chunks until None."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    def __aiter__(self) -> FakeStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self.queue.get()
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+
+class FakeProcess:
+    """A GuestProcess running a tiny command language: echo ARGS, exit N, sleep S, cat (stdin
+    echoed as it comes, until it is closed), size (the terminal's size, then again after each
+    resize, until killed)."""
+
+    def __init__(self, args: list[str], tty: bool, rows: int, cols: int) -> None:
+        self.args, self.tty, self.size = args, tty, (rows, cols)
+        self.stdout, self.stderr = FakeStream(), FakeStream()
+        self.stdin_closed = asyncio.Event()
+        self.signals: list[int] = []
+        self.resized = asyncio.Event()
+        self.exit: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        cmd, *args = self.args
+        status = 127
+        if cmd == "echo":
+            self.stdout.queue.put_nowait((" ".join(args) + "\n").encode())
+            status = 0
+        elif cmd == "exit":
+            self.stderr.queue.put_nowait(b"bye\n")
+            status = int(args[0])
+        elif cmd == "sleep":
+            await asyncio.sleep(float(args[0]))
+            status = 0
+        elif cmd == "cat":
+            await self.stdin_closed.wait()
+            status = 0
+        elif cmd == "size":
+            self.stdout.queue.put_nowait(f"{self.size[0]} {self.size[1]}\n".encode())
+            await asyncio.Event().wait()
+        self._end(ExitStatus(status))
+
+    def _end(self, status: ExitStatus) -> None:
+        if not self.exit.done():
+            self.stdout.queue.put_nowait(None)
+            self.stderr.queue.put_nowait(None)
+            self.exit.set_result(status)
+
+    async def write_stdin(self, data: bytes) -> None:
+        if self.args[0] == "cat":
+            self.stdout.queue.put_nowait(data)
+
+    async def close_stdin(self) -> None:
+        self.stdin_closed.set()
+
+    async def signal(self, sig: int) -> None:
+        self.signals.append(sig)
+        self.task.cancel()
+        self._end(ExitStatus(-1, signal=sig))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        assert self.tty
+        self.size = (rows, cols)
+        if self.args[0] == "size":
+            self.stdout.queue.put_nowait(f"{rows} {cols}\n".encode())
+
+    async def wait(self) -> ExitStatus:
+        return await asyncio.shield(self.exit)
 
 
 @dataclass
 class FakeVM:
-    """A PodVM that runs a tiny command language: echo ARGS, exit N, sleep S, cat (stdin)."""
+    """A PodVM whose processes are FakeProcesses."""
 
     calls: list[str] = field(default_factory=list)
     bundles: dict[str, str] = field(default_factory=dict)
     running: bool = False
     config_path: str = ""
+    processes: dict[tuple[str, str], FakeProcess] = field(default_factory=dict)
+    ooms: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
+    stats_values: dict[str, int] = field(default_factory=dict)
 
     @property
     def pid(self) -> int:
@@ -49,36 +131,22 @@ class FakeVM:
         self.calls.append(f"add {container_id}")
         self.bundles[container_id] = bundle
 
-    async def signal(self, container_id: str, exec_id: str, sig: int) -> bool:
-        return False  # the service ends the process by cancelling its run
+    async def start_process(
+        self, container_id: str, exec_id: str, process: ProcessSpec, rows: int, cols: int
+    ) -> FakeProcess:
+        proc = FakeProcess(process.args, process.terminal, rows, cols)
+        self.processes[container_id, exec_id] = proc
+        return proc
+
+    async def kill(self, container_id: str, sig: int) -> None:
+        await self.processes[container_id, ""].signal(sig)
 
     async def pids(self, container_id: str) -> list[int]:
         return [1, 7]
 
-    async def run(
-        self,
-        container_id: str,
-        exec_id: str,
-        process: ProcessSpec,
-        stdin: bytes,
-        output: Output,
-        started: asyncio.Event,
-    ) -> int:
-        started.set()
-        cmd, *args = process.args
-        if cmd == "echo":
-            await output((" ".join(args) + "\n").encode(), b"")
-            return 0
-        if cmd == "exit":
-            await output(b"", b"bye\n")
-            return int(args[0])
-        if cmd == "sleep":
-            await asyncio.sleep(float(args[0]))
-            return 0
-        if cmd == "cat":
-            await output(stdin, b"")
-            return 0
-        return 127
+    async def oom_kills(self, container_id: str) -> AsyncIterator[int]:
+        while True:
+            yield await self.ooms.get()
 
     async def remove_container(self, container_id: str) -> None:
         self.calls.append(f"remove {container_id}")
@@ -89,8 +157,11 @@ class FakeVM:
     async def resume(self) -> None:
         self.calls.append("resume")
 
-    async def stats(self) -> dict[str, int]:
-        return {"memory_usage": 1 << 20, "memory_limit": 256 << 20, "cpu_total": 5, "cpu_user": 3}
+    async def stats(self, container_id: str) -> dict[str, int]:
+        return self.stats_values
+
+    async def update(self, container_id: str, files: dict[str, str]) -> None:
+        self.calls.append(f"update {container_id} {sorted(files.items())}")
 
     async def resize(self, vcpus: int | None, memory_mb: int | None) -> None:
         self.calls.append(f"resize {vcpus} {memory_mb}")
@@ -366,14 +437,38 @@ async def test_create_twice_is_already_exists(shim: Shim) -> None:
 
 async def test_stats_update_shutdown(shim: Shim) -> None:
     await shim.create("s1", ["sleep", "30"])
+    shim.vm.stats_values = {
+        "memory.current": 3 << 20,
+        "memory.max": 64 << 20,
+        "memory.stat.anon": 1 << 20,
+        "memory.events.oom_kill": 2,
+        "cpu.stat.usage_usec": 1500,
+        "pids.current": 3,
+    }
     stats = await shim.call("Stats", pb.StatsRequest(id="s1"), pb.StatsResponse)
-    assert stats.stats.type_url == "io.containerd.cgroups.v1.Metrics"  # type: ignore[attr-defined]
+    # What containerd's runc shim reports for a container on a cgroup v2 host.
+    assert stats.stats.type_url == "io.containerd.cgroups.v2.Metrics"  # type: ignore[attr-defined]
     metrics = metrics_pb2.Metrics.FromString(stats.stats.value)  # type: ignore[attr-defined]
-    assert metrics.memory.usage.limit == 256 << 20
-    res = {"cpu": {"quota": 150000, "period": 100000}, "memory": {"limit": 512 << 20}}
+    assert (metrics.memory.usage, metrics.memory.usage_limit) == (3 << 20, 64 << 20)
+    assert metrics.memory.anon == 1 << 20
+    assert metrics.memory_events.oom_kill == 2
+    assert (metrics.cpu.usage_usec, metrics.pids.current) == (1500, 3)
+    res = {
+        "cpu": {"quota": 150000, "period": 100000},
+        "memory": {"limit": 512 << 20},
+        "pids": {"limit": 50},
+    }
     resources = any_pb2.Any(type_url=RESOURCES_TYPE, value=json.dumps(res).encode())
     await shim.call("Update", pb.UpdateTaskRequest(id="s1", resources=resources))
-    assert shim.vm.calls[-1] == "resize 2 512"
+    # The VM grows as Kata sizes it, and the container's cgroup gets the limits.
+    assert shim.vm.calls[-2:] == [
+        "update s1 [('cpu.max', '150000 100000'), ('memory.max', '536870912'), ('pids.max', '50')]",
+        "resize 2 512",
+    ]
+    bad = any_pb2.Any(type_url=RESOURCES_TYPE, value=b"[1]")
+    with pytest.raises(TtrpcError) as info:
+        await shim.call("Update", pb.UpdateTaskRequest(id="s1", resources=bad))
+    assert info.value.code == Code.INVALID_ARGUMENT
     # Shutdown while a container exists does nothing; after its delete it stops the shim.
     await shim.call("Shutdown", pb.ShutdownRequest(id="s1"))
     assert not shim.shutdown.is_set()
@@ -381,6 +476,130 @@ async def test_stats_update_shutdown(shim: Shim) -> None:
     await shim.call("Delete", pb.DeleteRequest(id="s1"), pb.DeleteResponse)
     await shim.call("Shutdown", pb.ShutdownRequest(id="s1"))
     assert shim.shutdown.is_set()
+
+
+def fifos(shim: Shim, name: str) -> tuple[str, str, str]:
+    paths = tuple(str(shim.dir / f"{name}-{s}") for s in ("in", "out", "err"))
+    for path in paths:
+        os.mkfifo(path)
+    return paths  # type: ignore[return-value]
+
+
+async def read_until(fd: int, want: bytes, timeout: float = 10) -> bytes:
+    """Read a FIFO (non-blocking) until `want` has arrived."""
+    got = b""
+    async with asyncio.timeout(timeout):
+        while want not in got:
+            try:
+                got += os.read(fd, 4096)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+    return got
+
+
+async def test_output_and_stdin_stream_while_the_process_runs(shim: Shim) -> None:
+    stdin, stdout, stderr = fifos(shim, "s")
+    rout = os.open(stdout, os.O_RDONLY | os.O_NONBLOCK)
+    rerr = os.open(stderr, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        bundle = shim.bundle("st", {"args": ["cat"]})
+        req = pb.CreateTaskRequest(
+            id="st", bundle=bundle, stdin=stdin, stdout=stdout, stderr=stderr
+        )
+        await shim.call("Create", req)
+        # The client's writer connects once the shim opens stdin (as ctr's pending open does).
+        opening = asyncio.ensure_future(asyncio.to_thread(os.open, stdin, os.O_WRONLY))
+        await shim.call("Start", pb.StartRequest(id="st"), pb.StartResponse)
+        win = await opening
+        try:
+            for line in (b"first\n", b"second\n"):
+                os.write(win, line)
+                # Echoed back while the process still runs: nothing waits for its end.
+                assert (await read_until(rout, line)) == line
+                state = await shim.call("State", pb.StateRequest(id="st"), pb.StateResponse)
+                assert state.status == tasktypes.RUNNING  # type: ignore[attr-defined]
+            os.write(win, b"last\n")
+        finally:
+            os.close(win)
+        await shim.call("CloseIO", pb.CloseIORequest(id="st", stdin=True))
+        waited = await shim.call("Wait", pb.WaitRequest(id="st"), pb.WaitResponse)
+        assert waited.exit_status == 0  # type: ignore[attr-defined]
+        # Written before the close: it still reached the process.
+        assert (await read_until(rout, b"last\n")) == b"last\n"
+        # The output FIFOs were closed by the time Wait answered (the client reads them to
+        # their end before it deletes the process).
+        assert os.read(rout, 10) == b""
+    finally:
+        os.close(rout)
+        os.close(rerr)
+
+
+async def test_closeio_without_a_writer_ends_stdin(shim: Shim) -> None:
+    stdin, _, _ = fifos(shim, "c")
+    bundle = shim.bundle("ci", {"args": ["cat"]})
+    out = f"file://{shim.dir}/ci.log"
+    await shim.call("Create", pb.CreateTaskRequest(id="ci", bundle=bundle, stdin=stdin, stdout=out))
+    await shim.call("Start", pb.StartRequest(id="ci"), pb.StartResponse)
+    waited = await shim.call("Wait", pb.WaitRequest(id="ci"), pb.WaitResponse)
+    # No writer ever connected: after the grace period stdin is at its end and cat is done.
+    assert waited.exit_status == 0  # type: ignore[attr-defined]
+
+
+async def test_exec_exit_does_not_wait_for_its_stdin(shim: Shim) -> None:
+    """A client keeping an exec's stdin open (a terminal, say) still sees the exec end."""
+    await shim.create("xs", ["sleep", "30"])
+    await shim.call("Start", pb.StartRequest(id="xs"), pb.StartResponse)
+    stdin, stdout, _ = fifos(shim, "x")
+    rout = os.open(stdout, os.O_RDONLY | os.O_NONBLOCK)
+    spec = any_pb2.Any(type_url=PROCESS_TYPE, value=json.dumps({"args": ["echo", "x"]}).encode())
+    await shim.call(
+        "Exec",
+        pb.ExecProcessRequest(id="xs", exec_id="e", stdin=stdin, stdout=stdout, spec=spec),
+    )
+    opening = asyncio.ensure_future(asyncio.to_thread(os.open, stdin, os.O_WRONLY))
+    await shim.call("Start", pb.StartRequest(id="xs", exec_id="e"), pb.StartResponse)
+    win = await opening
+    try:
+        waited = await shim.call("Wait", pb.WaitRequest(id="xs", exec_id="e"), pb.WaitResponse)
+        assert waited.exit_status == 0  # type: ignore[attr-defined]
+        assert (await read_until(rout, b"x\n")) == b"x\n"
+        assert os.read(rout, 10) == b""
+    finally:
+        os.close(win)
+        os.close(rout)
+
+
+async def test_resize_pty_reaches_the_terminal(shim: Shim) -> None:
+    bundle = shim.bundle("tt", {"args": ["size"], "terminal": True})
+    out = f"file://{shim.dir}/tt.log"
+    req = pb.CreateTaskRequest(id="tt", bundle=bundle, stdout=out, terminal=True)
+    await shim.call("Create", req)
+    # A size given before the start is the terminal's first.
+    await shim.call("ResizePty", pb.ResizePtyRequest(id="tt", width=100, height=30))
+    await shim.call("Start", pb.StartRequest(id="tt"), pb.StartResponse)
+    await shim.call("ResizePty", pb.ResizePtyRequest(id="tt", width=120, height=40))
+    with pytest.raises(TtrpcError) as info:
+        await shim.call("ResizePty", pb.ResizePtyRequest(id="tt", width=0, height=40))
+    assert info.value.code == Code.INVALID_ARGUMENT
+    await shim.call("Kill", pb.KillRequest(id="tt", signal=9))
+    await shim.call("Wait", pb.WaitRequest(id="tt"), pb.WaitResponse)
+    assert (shim.dir / "tt.log").read_bytes() == b"30 100\n40 120\n"
+    # Without a terminal there is nothing to resize.
+    await shim.create("nt", ["sleep", "30"])
+    with pytest.raises(TtrpcError) as info:
+        await shim.call("ResizePty", pb.ResizePtyRequest(id="nt", width=80, height=24))
+    assert info.value.code == Code.FAILED_PRECONDITION
+
+
+async def test_oom_in_the_guest_is_a_task_oom_event(shim: Shim) -> None:
+    await shim.create("om", ["sleep", "30"])
+    await shim.call("Start", pb.StartRequest(id="om"), pb.StartResponse)
+    shim.vm.ooms.put_nowait(1)
+    events = await shim.wait_events(3)
+    assert events[2] == ("/tasks/oom", "containerd.events.TaskOOM")
+    await shim.call("Kill", pb.KillRequest(id="om", signal=9))
+    await shim.call("Delete", pb.DeleteRequest(id="om"), pb.DeleteResponse)
+    assert shim.service.containers == {}
 
 
 # --- the binary's command line ----------------------------------------------------------------

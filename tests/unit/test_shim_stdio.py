@@ -55,9 +55,18 @@ async def test_fifo_output_and_stdin(tmp_path: Path) -> None:
         with open(inp, "wb") as f:
             f.write(b"input bytes")
 
+    got: list[bytes] = []
+
+    async def write(data: bytes) -> None:
+        got.append(data)
+
+    async def close() -> None:
+        got.append(b"<closed>")
+
     feeding = asyncio.ensure_future(asyncio.to_thread(feed))
-    assert await io.read_stdin(grace=5) == b"input bytes"
+    await io.copy_stdin(write, close, grace=5)
     await feeding
+    assert b"".join(got) == b"input bytes<closed>"
     await io.write_stdout(b"out\n")
     await io.close()
     assert os.read(reader, 100) == b"out\n"
@@ -68,7 +77,16 @@ async def test_stdin_nobody_writes_is_empty(tmp_path: Path) -> None:
     inp = tmp_path / "in"
     os.mkfifo(inp)
     io = await ProcessIO.open(Stdio(stdin=str(inp)), "c1", "ns1")
-    assert await io.read_stdin(grace=0.05) == b""
+    got: list[bytes] = []
+
+    async def write(data: bytes) -> None:
+        got.append(data)
+
+    async def close() -> None:
+        got.append(b"<closed>")
+
+    await io.copy_stdin(write, close, grace=0.05)
+    assert got == [b"<closed>"]
     await io.close()
 
 

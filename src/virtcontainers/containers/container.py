@@ -111,7 +111,7 @@ class Container:
 
     def setup_script(self) -> str:
         """Shell run once in the guest before the first start: mount the root, the volumes
-        and the cgroup (with its limits)."""
+        and make the cgroup (with its limits)."""
         q = shlex.quote
 
         def virtiofs(tag: str, where: str) -> str:
@@ -257,6 +257,33 @@ class Container:
         timeout: float | None = None,
     ) -> ExecResult:
         """Run a command inside the running container (its namespaces, root, env, user)."""
+        runner = await self._exec_argv(argv, env, cwd, user)
+        return await self.sandbox.exec(runner, stdin=stdin, timeout=timeout)
+
+    async def start_exec(
+        self,
+        argv: list[str],
+        *,
+        env: list[str] | None = None,
+        cwd: str | None = None,
+        user: tuple[int, int] | None = None,
+        tty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+    ) -> Process:
+        """`exec` as a started process: output streams as it is written, stdin as it comes,
+        with `tty` a terminal of rows x cols."""
+        runner = await self._exec_argv(argv, env, cwd, user)
+        return await self.sandbox.start_process(runner, tty=tty, rows=rows, cols=cols)
+
+    async def _exec_argv(
+        self,
+        argv: list[str],
+        env: list[str] | None,
+        cwd: str | None,
+        user: tuple[int, int] | None,
+    ) -> list[str]:
+        """vc-run joining the running container (its namespaces, root, cgroup, env, user)."""
         if not argv:
             raise ConfigError("exec: empty command")
         from .spec import caps_mask, merge_env
@@ -270,7 +297,7 @@ class Container:
         for e in merge_env(spec.env, env or []):
             runner += ["--env", e]
         runner += spec.seccomp
-        return await self.sandbox.exec([*runner, "--", *argv], stdin=stdin, timeout=timeout)
+        return [*runner, "--", *argv]
 
     async def kill(self, sig: int = signals.SIGTERM) -> None:
         """Send a signal to the container's first process."""

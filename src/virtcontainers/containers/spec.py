@@ -230,6 +230,19 @@ class Resources:
         return out
 
 
+def resources_from_oci(resources: dict[str, Any]) -> Resources:
+    """The limits of an OCI LinuxResources object (memory.limit, pids.limit, cpu.quota and
+    cpu.period; unset or not positive: no limit)."""
+    memory = resources.get("memory") or {}
+    cpu = resources.get("cpu") or {}
+    return Resources(
+        memory_max=int(memory.get("limit") or 0),
+        pids_max=int((resources.get("pids") or {}).get("limit") or 0),
+        cpu_quota=int(cpu.get("quota") or 0),
+        cpu_period=int(cpu.get("period") or 0),
+    )
+
+
 @dataclass
 class ProcessSpec:
     """One container's process and isolation, as vc-run applies them."""
@@ -444,8 +457,7 @@ def from_oci(doc: Any, bundle: str) -> tuple[ProcessSpec, str, list[Mount]]:
     args = process.get("args") or []
     if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
         raise ConfigError(f"{bundle}/config.json: process.args must be a non-empty string list")
-    if process.get("terminal"):
-        raise refuse("process.terminal (a pty) is not supported yet")
+    # process.terminal: whoever starts the process gives it a pty (`Container.start(tty=)`).
     user = process.get("user") or {}
     linux = doc.get("linux") or {}
     root = doc.get("root") or {}
@@ -512,12 +524,7 @@ def from_oci(doc: Any, bundle: str) -> tuple[ProcessSpec, str, list[Mount]]:
     for key in resources:
         if key not in ("memory", "pids", "cpu", "devices"):
             raise refuse(f"linux.resources.{key} is not supported")
-    memory = resources.get("memory") or {}
-    spec.resources.memory_max = int(memory.get("limit") or 0)
-    spec.resources.pids_max = int((resources.get("pids") or {}).get("limit") or 0)
-    cpu = resources.get("cpu") or {}
-    spec.resources.cpu_quota = int(cpu.get("quota") or 0)
-    spec.resources.cpu_period = int(cpu.get("period") or 0)
+    spec.resources = resources_from_oci(resources)
     shares: list[Mount] = []
     for m in doc.get("mounts") or []:
         dest = str(m.get("destination", ""))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -20,9 +21,10 @@ from typing import Any
 from google.protobuf import empty_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 
+from ..containers.spec import resources_from_oci
 from ..errors import VCError
 from .events import Publisher, now, pack
-from .proto.cgroups.stats.v1 import metrics_pb2
+from .proto.cgroups.v2.stats import metrics_pb2
 from .proto.containerd.api.events import task_pb2 as ev
 from .proto.containerd.api.types import mount_pb2
 from .proto.containerd.api.types.task import task_pb2 as tasktypes
@@ -30,7 +32,7 @@ from .proto.containerd.pkg.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from .proto.containerd.runtime.v2.task import shim_pb2 as pb
 from .stdio import ProcessIO, Stdio, StdioError
 from .ttrpc import CallContext, Code, Service, TtrpcError
-from .vm import PodVM, ProcessSpec, VMError, signal_exit_status
+from .vm import SIGKILL, GuestProcess, PodVM, ProcessSpec, VMError, signal_exit_status
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ OPTIONS_TYPES = {runtimeoptions.Options.DESCRIPTOR.full_name}
 #: Root filesystem mount types the shim can hand to the VM.
 SHAREABLE_MOUNTS = {"overlay", "bind", "rbind"}
 PROCESS_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+#: A terminal's size until the first ResizePty (what a terminal starts with).
+ROWS, COLS = 24, 80
 RESOURCES_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 
 
@@ -66,7 +70,10 @@ class Process:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     io: ProcessIO | None = None
     runner: asyncio.Task[None] | None = None
+    guest: GuestProcess | None = None
     killed_by: int = 0
+    size: tuple[int, int] = (ROWS, COLS)
+    """rows, cols of its terminal (a ResizePty before the start applies at the start)."""
 
 
 @dataclass
@@ -77,6 +84,7 @@ class Container:
     mounted: bool
     init: Process
     execs: dict[str, Process] = field(default_factory=dict)
+    oom_watch: asyncio.Task[None] | None = None
 
 
 class TaskService:
@@ -250,30 +258,60 @@ class TaskService:
         waiting = asyncio.ensure_future(started.wait())
         await asyncio.wait({waiting, p.runner}, return_when=asyncio.FIRST_COMPLETED)
         waiting.cancel()
+        if not req.exec_id:
+            c = self._container(req.id)
+            c.oom_watch = asyncio.get_running_loop().create_task(self._watch_oom(req.id))
         return pb.StartResponse(pid=p.pid)
 
     async def _run(self, p: Process, started: asyncio.Event) -> None:
+        """Run a process: its output copied to containerd as written, stdin as it comes. The
+        exit is reported (Wait, the exit event) once all output is copied and the output
+        FIFOs are closed (the client reads them to their end before it deletes the process),
+        not waiting for stdin: a client may keep it open after the process has ended."""
         assert self.vm is not None and p.io is not None
         io = p.io
         status = 0
+        copying: list[asyncio.Task[None]] = []
         try:
-            stdin = await io.read_stdin()
-
-            async def output(out: bytes, err: bytes) -> None:
-                await io.write_stdout(out)
-                await io.write_stderr(err)
-
-            status = await self.vm.run(p.container_id, p.exec_id, p.spec, stdin, output, started)
+            spec = dataclasses.replace(p.spec, terminal=p.stdio.terminal)
+            rows, cols = p.size
+            proc = await self.vm.start_process(p.container_id, p.exec_id, spec, rows, cols)
+            p.guest = proc
+            started.set()
+            if p.size != (rows, cols):  # resized while it was starting
+                await proc.resize(*p.size)
+            loop = asyncio.get_running_loop()
+            copying.append(loop.create_task(io.copy_stdin(proc.write_stdin, proc.close_stdin)))
+            await asyncio.gather(io.copy_output(proc.stdout), io.copy_output(proc.stderr, True))
+            result = await proc.wait()
+            status = signal_exit_status(result.signal) if result.signal else result.exit_code
         except asyncio.CancelledError:
-            status = signal_exit_status(p.killed_by or 9)
+            status = signal_exit_status(p.killed_by or SIGKILL)
+            if p.guest is not None:
+                with contextlib.suppress(Exception):
+                    await p.guest.signal(SIGKILL)
         except Exception as e:
             log.error("process %s/%s failed: %s", p.container_id, p.exec_id, e)
             with contextlib.suppress(Exception):
                 await io.write_stderr(f"virtc: {e}\n".encode())
             status = 255
         finally:
+            for task in copying:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
             await io.close()
             self._exited(p, status)
+
+    async def _watch_oom(self, container_id: str) -> None:
+        """A TaskOOM event each time the guest kills a process of the container for want of
+        memory (its cgroup's memory.events oom_kill grows)."""
+        assert self.vm is not None
+        try:
+            async for _ in self.vm.oom_kills(container_id):
+                self.events.publish(ev.TaskOOM(container_id=container_id))
+        except (VMError, VCError) as e:
+            log.warning("OOM events of %s: %s", container_id, e)
 
     def _exited(self, p: Process, status: int) -> None:
         p.status = STOPPED
@@ -334,10 +372,7 @@ class TaskService:
                 continue
             p.killed_by = req.signal
             if p.runner is not None:
-                if self.vm is None or not await self.vm.signal(
-                    p.container_id, p.exec_id, req.signal
-                ):
-                    p.runner.cancel()
+                await self._signal(p, req.signal)
             elif p.status == CREATED:
                 # Never started: it ends without running (runc reports it stopped).
                 if p.io is not None:
@@ -350,6 +385,17 @@ class TaskService:
                     p.killed_by = 9
                     p.runner.cancel()
         return empty_pb2.Empty()
+
+    async def _signal(self, p: Process, sig: int) -> None:
+        """Signal a started process: the container's first one as the container's (its pid 1),
+        an exec through its handle; one still starting is ended."""
+        assert p.runner is not None
+        if p.guest is None or self.vm is None:
+            p.runner.cancel()
+        elif p.exec_id:
+            await p.guest.signal(sig)
+        else:
+            await self.vm.kill(p.container_id, sig)
 
     async def wait(self, req: pb.WaitRequest) -> pb.WaitResponse:
         p = self._process(req.id, req.exec_id)
@@ -404,6 +450,7 @@ class TaskService:
                     e.runner.cancel()
                     with contextlib.suppress(BaseException):
                         await e.runner
+            await _cancel(c.oom_watch)
             del self.containers[req.id]
             if self.vm is not None:
                 await self.vm.remove_container(req.id)
@@ -446,6 +493,14 @@ class TaskService:
         p = self._process(req.id, req.exec_id)
         if not p.stdio.terminal:
             raise _err(Code.FAILED_PRECONDITION, f"process {req.exec_id or req.id} has no terminal")
+        if not 1 <= req.height <= 0xFFFF or not 1 <= req.width <= 0xFFFF:
+            raise _err(
+                Code.INVALID_ARGUMENT,
+                f"terminal size {req.width}x{req.height}: width and height must be 1..65535",
+            )
+        p.size = (req.height, req.width)
+        if p.guest is not None and p.status == RUNNING:
+            await p.guest.resize(req.height, req.width)
         return empty_pb2.Empty()
 
     async def closeio(self, req: pb.CloseIORequest) -> empty_pb2.Empty:
@@ -467,6 +522,13 @@ class TaskService:
             res = json.loads(req.resources.value or b"{}")
         except ValueError as e:
             raise _err(Code.INVALID_ARGUMENT, f"resources: {e}") from e
+        if not isinstance(res, dict):
+            raise _err(Code.INVALID_ARGUMENT, "resources: not an OCI LinuxResources object")
+        try:
+            limits = resources_from_oci(res).files()
+        except (TypeError, ValueError, AttributeError) as e:
+            raise _err(Code.INVALID_ARGUMENT, f"resources: {e}") from e
+        await self.vm.update(req.id, limits)
         vcpus, memory_mb = _vm_size(res)
         if vcpus is not None or memory_mb is not None:
             await self.vm.resize(vcpus, memory_mb)
@@ -476,22 +538,7 @@ class TaskService:
         self._container(req.id)
         if self.vm is None:
             raise _err(Code.FAILED_PRECONDITION, f"container {req.id} has no VM")
-        s = await self.vm.stats()
-        metrics = metrics_pb2.Metrics(
-            memory=metrics_pb2.MemoryStat(
-                usage=metrics_pb2.MemoryEntry(
-                    usage=s.get("memory_usage", 0), limit=s.get("memory_limit", 0)
-                )
-            ),
-            cpu=metrics_pb2.CPUStat(
-                usage=metrics_pb2.CPUUsage(
-                    total=s.get("cpu_total", 0),
-                    user=s.get("cpu_user", 0),
-                    kernel=s.get("cpu_kernel", 0),
-                )
-            ),
-        )
-        return pb.StatsResponse(stats=pack(metrics))
+        return pb.StatsResponse(stats=pack(_metrics(await self.vm.stats(req.id))))
 
     async def connect(self, req: pb.ConnectRequest) -> pb.ConnectResponse:
         return pb.ConnectResponse(shim_pid=os.getpid(), task_pid=self._pid())
@@ -505,6 +552,7 @@ class TaskService:
     async def close(self) -> None:
         """Stop every process and the VM; unmount what is mounted."""
         for c in list(self.containers.values()):
+            await _cancel(c.oom_watch)
             for p in (c.init, *c.execs.values()):
                 if p.runner is not None:
                     p.runner.cancel()
@@ -518,6 +566,47 @@ class TaskService:
         if self.vm is not None:
             vm, self.vm = self.vm, None
             await vm.stop()
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+
+def _metrics(s: dict[str, int]) -> metrics_pb2.Metrics:
+    """containerd's cgroups v2 Metrics (what its runc shim reports on a cgroup v2 host) from a
+    container cgroup's counters (`PodVM.stats`)."""
+    memory = {
+        f.name: s[f"memory.stat.{f.name}"]
+        for f in metrics_pb2.MemoryStat.DESCRIPTOR.fields
+        if f"memory.stat.{f.name}" in s
+    }
+    return metrics_pb2.Metrics(
+        pids=metrics_pb2.PidsStat(current=s.get("pids.current", 0), limit=s.get("pids.max", 0)),
+        cpu=metrics_pb2.CPUStat(
+            **{
+                f.name: s[f"cpu.stat.{f.name}"]
+                for f in metrics_pb2.CPUStat.DESCRIPTOR.fields
+                if f"cpu.stat.{f.name}" in s
+            }
+        ),
+        memory=metrics_pb2.MemoryStat(
+            **memory,
+            usage=s.get("memory.current", 0),
+            usage_limit=s.get("memory.max", 0),
+            swap_usage=s.get("memory.swap.current", 0),
+            swap_limit=s.get("memory.swap.max", 0),
+        ),
+        memory_events=metrics_pb2.MemoryEvents(
+            **{
+                f.name: s[f"memory.events.{f.name}"]
+                for f in metrics_pb2.MemoryEvents.DESCRIPTOR.fields
+                if f"memory.events.{f.name}" in s
+            }
+        ),
+    )
 
 
 def _read_spec(bundle: str) -> dict[str, Any]:

@@ -1,19 +1,23 @@
 """A process's stdio as containerd hands it over: FIFO paths (fifo:// or bare), `file://`
 (stdout and stderr appended to one file) and `binary://` (a logging program reading the output
-on fds 3 and 4, saying it is ready by closing fd 5)."""
+on fds 3 and 4, saying it is ready by closing fd 5). Output is copied as the process writes it,
+stdin as the client writes it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from .main import spawn
 
 OPEN_TIMEOUT = 30.0
 STDIN_GRACE = 0.1
+STDIN_CHUNK = 1 << 16
 
 
 class StdioError(Exception):
@@ -120,31 +124,75 @@ class ProcessIO:
     async def write_stderr(self, data: bytes) -> None:
         await _write(self._err if self._err is not None else self._out, data)
 
-    async def read_stdin(self, grace: float = STDIN_GRACE) -> bytes:
-        """All of stdin (until its writer closes it); b"" without stdin.
+    async def copy_output(self, stream: AsyncIterator[bytes], stderr: bool = False) -> None:
+        """Copy a process's output stream to stdout (or stderr) chunk by chunk, as written."""
+        async for chunk in stream:
+            await (self.write_stderr if stderr else self.write_stdout)(chunk)
+
+    async def copy_stdin(
+        self,
+        write: Callable[[bytes], Awaitable[None]],
+        close: Callable[[], Awaitable[None]],
+        grace: float = STDIN_GRACE,
+    ) -> None:
+        """Copy stdin to `write` as the client writes it, then `close()` it: at the FIFO's
+        end, or at a CloseIO once what was written is read. Without stdin, just `close()`.
 
         A client whose stdin is already at its end never opens the FIFO (ctr closes its pending
         open) and may not send CloseIO: a writer that has not connected within `grace`
-        seconds, or a CloseIO, means no input.
+        seconds means no input. Cancelling it stops the copy (the process has ended).
         """
-        if not self.stdio.stdin:
-            return b""
-        path = _path(self.stdio.stdin)[1]
+        if self.stdio.stdin:
+            path = _path(self.stdio.stdin)[1]
+            fd = await self._open_stdin(path, grace)
+            try:
+                await self._copy_stdin(fd, write)
+            finally:
+                os.close(fd)
+        await close()
+
+    async def _open_stdin(self, path: str, grace: float) -> int:
+        """The FIFO opened for reading: once its writer connects, or (released by a writer of
+        our own, so it reads to an end) after `grace` seconds without one or at a CloseIO."""
         opening = asyncio.ensure_future(asyncio.to_thread(_open_read, path))
         closed = asyncio.ensure_future(self._stdin_closed.wait())
-        done, _ = await asyncio.wait(
-            {opening, closed}, timeout=grace, return_when=asyncio.FIRST_COMPLETED
-        )
-        closed.cancel()
-        if opening not in done:
-            # Release the blocked open by connecting a writer ourselves (it reads EOF).
-            with contextlib.suppress(OSError):
-                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        try:
+            first = asyncio.FIRST_COMPLETED
+            await asyncio.wait({opening, closed}, timeout=grace, return_when=first)
+        except asyncio.CancelledError:
+            await _release(path, opening)
             os.close(await opening)
-            return b""
-        return await asyncio.to_thread(_read_all, opening.result())
+            raise
+        finally:
+            closed.cancel()
+        await _release(path, opening)
+        return await opening
+
+    async def _copy_stdin(self, fd: int, write: Callable[[bytes], Awaitable[None]]) -> None:
+        os.set_blocking(fd, False)
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                data = os.read(fd, STDIN_CHUNK)
+            except BlockingIOError:
+                if self._stdin_closed.is_set():
+                    return  # CloseIO, and nothing more is waiting
+                readable: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(fd, _wake, readable)
+                closed = asyncio.ensure_future(self._stdin_closed.wait())
+                waiters: set[asyncio.Future[Any]] = {readable, closed}
+                try:
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    loop.remove_reader(fd)
+                    closed.cancel()
+                continue
+            if not data:
+                return
+            await write(data)
 
     def close_stdin(self) -> None:
+        """CloseIO: the process gets the end of its stdin once what was written is read."""
         self._stdin_closed.set()
 
     async def close(self) -> None:
@@ -167,14 +215,20 @@ def _open_read(path: str) -> int:
     return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    try:
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def _release(path: str, opening: asyncio.Future[int]) -> None:
+    """End a blocked open for reading of a FIFO by connecting (and closing) a writer."""
+    while not opening.done():
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        except OSError:  # ENXIO: the opening thread is not in open() yet
+            await asyncio.sleep(0.01)
+            continue
+        await asyncio.wait({opening}, timeout=1)
 
 
 async def _write(fd: int | None, data: bytes) -> None:

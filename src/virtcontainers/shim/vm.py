@@ -2,22 +2,25 @@
 implementation on `Sandbox` and its `Container` (the bundle's root shared over virtio-fs, the
 container made by vc-run in the guest).
 
-Processes run through the agent's buffered exec (`Container.run`, `Container.exec`): their
-output reaches containerd when they end.
+Processes are the agent's streamed ones (`Container.start`, `Container.start_exec`): output
+arrives as it is written, stdin is written as it comes, a terminal can be resized.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import shlex
 import signal as signals
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from ..agent import ExitStatus
     from ..containers import Container
 
 log = logging.getLogger(__name__)
@@ -27,15 +30,22 @@ STARTED_POLL_INTERVAL = 0.05
 POD_ROOT_PORTS = 4
 """PCIe root ports a CRI pod's VM gets (unless its configuration sets some): one for the root
 of each container hot-added beside the sandbox's."""
+OOM_POLL_SECONDS = 1
+UNLIMITED = 2**64 - 1
+"""A cgroup limit of "max", as containerd's cgroups package reports it."""
+CGROUP_VALUES = (
+    "memory.current",
+    "memory.max",
+    "memory.swap.current",
+    "memory.swap.max",
+    "pids.current",
+    "pids.max",
+)
+CGROUP_KEYED = ("memory.stat", "memory.events", "cpu.stat")
 
 
 class VMError(Exception):
     """The VM could not do what the task asked; the message says what and why."""
-
-
-@dataclass
-class Exit:
-    status: int
 
 
 @dataclass
@@ -60,7 +70,24 @@ class ProcessSpec:
         )
 
 
-Output = Callable[[bytes, bytes], Awaitable[None]]
+class GuestProcess(Protocol):
+    """A process running in the VM (the agent's `Process`): output streams as it is written."""
+
+    @property
+    def stdout(self) -> AsyncIterator[bytes]: ...
+
+    @property
+    def stderr(self) -> AsyncIterator[bytes]: ...
+
+    async def write_stdin(self, data: bytes) -> None: ...
+
+    async def close_stdin(self) -> None: ...
+
+    async def signal(self, sig: int) -> None: ...
+
+    async def resize(self, rows: int, cols: int) -> None: ...
+
+    async def wait(self) -> ExitStatus: ...
 
 
 class PodVM(Protocol):
@@ -78,26 +105,25 @@ class PodVM(Protocol):
         another container of the same pod (its root shared into the running VM)."""
         ...
 
-    async def signal(self, container_id: str, exec_id: str, sig: int) -> bool:
-        """Send `sig` to a process; False when only ending it is possible (the caller then
-        cancels its `run`)."""
+    async def start_process(
+        self, container_id: str, exec_id: str, process: ProcessSpec, rows: int, cols: int
+    ) -> GuestProcess:
+        """Start the container's first process (no `exec_id`) or an exec in it, with a
+        terminal of rows x cols when `process.terminal`; returns once it runs (it can be
+        signalled and joined) or has ended."""
+        ...
+
+    async def kill(self, container_id: str, sig: int) -> None:
+        """Send `sig` to the container's first process."""
         ...
 
     async def pids(self, container_id: str) -> list[int]:
         """Guest pids of the container's processes."""
         ...
 
-    async def run(
-        self,
-        container_id: str,
-        exec_id: str,
-        process: ProcessSpec,
-        stdin: bytes,
-        output: Output,
-        started: asyncio.Event,
-    ) -> int:
-        """Run a process to its end, setting `started` once it runs; its output goes to
-        `output(stdout, stderr)`. Returns the exit status; cancelling it stops the process."""
+    def oom_kills(self, container_id: str) -> AsyncIterator[int]:
+        """The container cgroup's oom_kill count each time it grows (until the container is
+        removed)."""
         ...
 
     async def remove_container(self, container_id: str) -> None: ...
@@ -106,9 +132,14 @@ class PodVM(Protocol):
 
     async def resume(self) -> None: ...
 
-    async def stats(self) -> dict[str, int]:
-        """Memory (bytes) and CPU (ns) use of the guest: memory_usage, memory_limit,
-        cpu_total, cpu_user, cpu_kernel."""
+    async def stats(self, container_id: str) -> dict[str, int]:
+        """The container's cgroup v2 counters: "memory.current", "pids.max", ..., and each line
+        of memory.stat, memory.events and cpu.stat as "memory.stat.anon", ...; a limit of
+        "max" is `UNLIMITED`."""
+        ...
+
+    async def update(self, container_id: str, files: dict[str, str]) -> None:
+        """Write cgroup v2 limits (file name -> value) into the container's cgroup."""
         ...
 
     async def resize(self, vcpus: int | None, memory_mb: int | None) -> None: ...
@@ -221,50 +252,41 @@ class SandboxVM:
         except KeyError:
             raise VMError(f"container {container_id} is not in sandbox {self.sandbox.id}") from None
 
-    async def run(
-        self,
-        container_id: str,
-        exec_id: str,
-        process: ProcessSpec,
-        stdin: bytes,
-        output: Output,
-        started: asyncio.Event,
-    ) -> int:
+    async def start_process(
+        self, container_id: str, exec_id: str, process: ProcessSpec, rows: int, cols: int
+    ) -> GuestProcess:
         c = self._container(container_id)
+        tty = process.terminal
         if exec_id:
             env = process.env or None
-            running = asyncio.ensure_future(
-                c.exec(process.args, env=env, cwd=process.cwd, stdin=stdin)
+            return await c.start_exec(
+                process.args, env=env, cwd=process.cwd, tty=tty, rows=rows, cols=cols
             )
-            started.set()
-        else:
-            running = asyncio.ensure_future(c.run(stdin=stdin))
-            await self._until_running(c, running)
-            started.set()
-        result = await running
-        await output(result.stdout, result.stderr)
-        return signal_exit_status(result.signal) if result.signal else result.exit_code
+        proc = await c.start(tty=tty, rows=rows, cols=cols)
+        await self._until_running(c, proc)
+        return proc
 
     @staticmethod
-    async def _until_running(c: Container, running: asyncio.Future[Any]) -> None:
+    async def _until_running(c: Container, proc: GuestProcess) -> None:
         """Until the container's first process has its pid (it can be joined and signalled),
         or has ended already."""
         from ..errors import StateError
 
-        for _ in range(STARTED_POLLS):
-            if running.done():
-                return
-            try:
-                await c.pids()
-                return
-            except StateError:
-                await asyncio.sleep(STARTED_POLL_INTERVAL)
+        ended = asyncio.ensure_future(proc.wait())
+        try:
+            for _ in range(STARTED_POLLS):
+                if ended.done():
+                    return
+                try:
+                    await c.pids()
+                    return
+                except StateError:
+                    await asyncio.sleep(STARTED_POLL_INTERVAL)
+        finally:
+            ended.cancel()
 
-    async def signal(self, container_id: str, exec_id: str, sig: int) -> bool:
-        if exec_id:
-            return False
+    async def kill(self, container_id: str, sig: int) -> None:
         await self._container(container_id).kill(sig)
-        return True
 
     async def pids(self, container_id: str) -> list[int]:
         return await self._container(container_id).pids()
@@ -285,28 +307,69 @@ class SandboxVM:
     async def resume(self) -> None:
         await self.sandbox.resume()
 
-    async def stats(self) -> dict[str, int]:
-        result = await self.sandbox.exec(["cat", "/proc/meminfo", "/proc/stat"], timeout=30)
-        info: dict[str, int] = {}
+    async def oom_kills(self, container_id: str) -> AsyncIterator[int]:
+        c = self._container(container_id)
+        # memory.events is polled by a shell loop in the guest (no round trip per poll) for as
+        # long as the container's directory exists.
+        script = (
+            f"n=0; while [ -d {c.guest_dir} ]; do "
+            f"m=$(sed -n 's/^oom_kill //p' {c.cgroup}/memory.events 2>/dev/null); "
+            f'[ "${{m:-0}}" -gt "$n" ] && n=$m && echo $n; sleep {OOM_POLL_SECONDS}; done'
+        )
+        proc = await self.sandbox.start_process(["/bin/sh", "-c", script])
+        try:
+            pending = b""
+            async for chunk in proc.stdout:
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    if line.strip().isdigit():
+                        yield int(line)
+        finally:
+            if not proc.done():
+                with contextlib.suppress(Exception):
+                    await proc.signal(SIGKILL)
+
+    async def stats(self, container_id: str) -> dict[str, int]:
+        c = self._container(container_id)
+        script = (
+            f"cd {c.cgroup} || exit 1; for f in {' '.join(CGROUP_VALUES)}; do "
+            f"[ -f $f ] && echo $f $(cat $f); done; for f in {' '.join(CGROUP_KEYED)}; do "
+            f'[ -f $f ] && sed "s/^/$f./" $f; done; true'
+        )
+        result = await self.sandbox.exec(["/bin/sh", "-c", script], timeout=30)
+        if result.exit_code != 0:
+            raise VMError(f"container {container_id} has no cgroup in the guest")
+        values: dict[str, int] = {}
         for line in result.stdout.decode(errors="replace").splitlines():
-            key, _, rest = line.partition(":")
-            fields = rest.split()
-            if key in ("MemTotal", "MemAvailable") and fields:
-                info[key] = int(fields[0]) * 1024
-            elif line.startswith("cpu "):
-                ticks = [int(x) for x in line.split()[1:]]
-                hz = os.sysconf("SC_CLK_TCK")
-                user, kernel = ticks[0] + ticks[1], ticks[2]
-                info["cpu_user"] = user * 1_000_000_000 // hz
-                info["cpu_kernel"] = kernel * 1_000_000_000 // hz
-                info["cpu_total"] = info["cpu_user"] + info["cpu_kernel"]
-        total = info.pop("MemTotal", 0)
-        info["memory_limit"] = total
-        info["memory_usage"] = total - info.pop("MemAvailable", total)
-        return info
+            key, _, rest = line.partition(" ")
+            value = rest.split()[0] if rest.split() else ""
+            if value == "max":
+                values[key] = UNLIMITED
+            elif value.isdigit():
+                values[key] = int(value)
+        return values
+
+    async def update(self, container_id: str, files: dict[str, str]) -> None:
+        if not files:
+            return
+        c = self._container(container_id)
+        q = shlex.quote
+        script = " && ".join(f"echo {q(v)} > {q(f'{c.cgroup}/{k}')}" for k, v in files.items())
+        result = await self.sandbox.exec(["/bin/sh", "-c", script], timeout=30)
+        if result.exit_code != 0:
+            raise VMError(
+                f"container {container_id}: setting {', '.join(files)} of its cgroup: "
+                f"{result.stderr.decode(errors='replace').strip()}"
+            )
 
     async def resize(self, vcpus: int | None, memory_mb: int | None) -> None:
-        await self.sandbox.resize(vcpus=vcpus, memory_mb=memory_mb)
+        # The VM grows to hold the container's limits; it never shrinks below its boot size
+        # (Kata's hotplug adds, it does not take a booted VM's memory away).
+        boot = self.sandbox.hypervisor.hypervisor_config()
+        vcpus = vcpus if vcpus is not None and vcpus > boot.num_vcpus else None
+        memory_mb = memory_mb if memory_mb is not None and memory_mb > boot.memory_size else None
+        if vcpus is not None or memory_mb is not None:
+            await self.sandbox.resize(vcpus=vcpus, memory_mb=memory_mb)
 
     async def stop(self) -> None:
         await self.sandbox.stop()
