@@ -695,11 +695,16 @@ class Sandbox:
             "start a process", lambda agent: agent.start_process(cmd, **options)
         )
 
-    async def attach_process(self, handle: int) -> Process:
+    async def attach_process(
+        self, handle: int, *, keep: bool = False, offsets: tuple[int, int] = (0, 0)
+    ) -> Process:
         """A `Process` handle on a process started earlier (a detached one, typically from
-        another manager): its kept output first, then live output and its exit."""
+        another manager): its kept output first (from the stream `offsets` on), then live
+        output and its exit (with `keep`, an exited process stays for the next attach: see
+        `AgentClient.attach_process`)."""
         return await self._agent_call(
-            "attach to a process", lambda agent: agent.attach_process(handle)
+            "attach to a process",
+            lambda agent: agent.attach_process(handle, keep=keep, offsets=offsets),
         )
 
     async def _agent_call(self, what: str, call: Callable[[AgentClient], Awaitable[T]]) -> T:

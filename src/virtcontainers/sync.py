@@ -115,9 +115,12 @@ class Sandbox:
         """Start a process in the guest (arguments as `virtcontainers.Sandbox.start_process`)."""
         return Process(self._runner, self._run(self._sb.start_process(argv, **options)))
 
-    def attach_process(self, handle: int) -> Process:
+    def attach_process(
+        self, handle: int, *, keep: bool = False, offsets: tuple[int, int] = (0, 0)
+    ) -> Process:
         """A handle on a process started earlier (e.g. detached, by another manager)."""
-        return Process(self._runner, self._run(self._sb.attach_process(handle)))
+        aio = self._sb.attach_process(handle, keep=keep, offsets=offsets)
+        return Process(self._runner, self._run(aio))
 
     def create_container(self, command: list[str] | None = None, **kwargs: Any) -> Container:
         """A container in the sandbox (arguments as `virtcontainers.Sandbox.create_container`)."""
@@ -205,6 +208,10 @@ class OutputStream:
     def read(self) -> bytes:
         """Everything until the process exits."""
         return self._runner.run(self._stream.read())
+
+    def read_nowait(self) -> bytes:
+        """What has arrived and not been read yet, without waiting."""
+        return self._stream.read_nowait()
 
 
 class Process:

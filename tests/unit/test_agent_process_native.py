@@ -153,6 +153,42 @@ async def test_detached_process_that_exited_unattached_is_collected_later(
         assert (await again.wait()).exit_code == 4
 
 
+async def test_keep_attach_reads_a_detached_process_without_collecting_it(
+    native: NativeAgent,
+) -> None:
+    async with await AgentClient.connect(native.path, 5) as first:
+        proc = await first.start_process(
+            ["sh", "-c", "echo one; echo err >&2; read x; echo two; exit 3"], detach=True
+        )
+        handle = proc.handle
+    async with await AgentClient.connect(native.path, 5) as reader:
+        seen = await reader.attach_process(handle, keep=True)
+        assert await anext(seen.stdout) == b"one\n"  # a log reader while it runs
+        assert await anext(seen.stderr) == b"err\n"
+        await seen.write_stdin(b"go\n")
+        assert await seen.stdout.read() == b"two\n"
+        assert await seen.wait() == ExitStatus(3)
+    for _ in range(2):  # each reader sees all of it again, exit status included
+        async with await AgentClient.connect(native.path, 5) as reader:
+            again = await reader.attach_process(handle, keep=True)
+            assert await again.stdout.read() == b"one\ntwo\n"
+            assert await again.stderr.read() == b"err\n"
+            assert await again.wait() == ExitStatus(3)
+    async with await AgentClient.connect(native.path, 5) as reader:
+        rest = await reader.attach_process(handle, keep=True, offsets=(4, 99))
+        assert rest.offsets == (4, 4)  # from stdout's byte 4; all of stderr already seen
+        assert (await rest.stdout.read(), await rest.stderr.read()) == (b"two\n", b"")
+        with pytest.raises(AgentError, match="bad stream offsets"):
+            await reader.attach_process(handle, offsets=(-1, 0))
+    async with await AgentClient.connect(native.path, 5) as last:
+        collected = await last.attach_process(handle)  # without keep: collected
+        assert await collected.stdout.read() == b"one\ntwo\n"
+        assert await collected.wait() == ExitStatus(3)
+        with pytest.raises(AgentRequestError) as info:
+            await last.attach_process(handle, keep=True)
+        assert info.value.errno == errno.ESRCH
+
+
 async def test_user_cwd_env(client: AgentClient, native: NativeAgent) -> None:
     proc = await client.start_process(
         ["sh", "-c", 'echo "$(id -u):$(id -g):$(id -G):$(pwd):$GREETING"'],

@@ -380,16 +380,27 @@ class AgentClient:
         await self._call(f"start {list(argv)!r}", p.MsgType.START, req, cancel=True, hook=hook)
         return made[0]
 
-    async def attach_process(self, handle: int) -> Process:
+    async def attach_process(
+        self, handle: int, *, keep: bool = False, offsets: tuple[int, int] = (0, 0)
+    ) -> Process:
         """A handle on a process started earlier (by any connection, typically a detached one):
         this connection gets its output from now on, starting with what the guest kept of it
-        (see `Process.dropped_in_guest`); if it has already exited, its output and exit
-        status come at once. `AgentRequestError` (ESRCH) if the agent has no such process."""
+        from the stream `offsets` (stdout, stderr) on (see `Process.offsets`); if it has
+        already exited, its output and exit status come at once. Once its exit has been
+        reported the agent forgets it, unless `keep` (a log reader): then it stays, output
+        and status, for the next attach. `AgentRequestError` (ESRCH) if the agent has no
+        such process."""
         if isinstance(handle, bool) or not isinstance(handle, int) or not 0 < handle < 2**32:
             raise AgentError(f"attach_process: bad process handle {handle!r}")
+        if any(isinstance(o, bool) or not isinstance(o, int) or o < 0 for o in offsets):
+            raise AgentError(f"attach_process: bad stream offsets {offsets!r}")
         made: list[Process] = []
         hook = functools.partial(self._register, made, tty=None, detached=True)
         req = p.Fields().add(p.Tag.PROC, handle)
+        if keep:
+            req.add(p.Tag.FLAGS, p.ATTACH_KEEP)
+        if offsets != (0, 0):
+            req.add(p.Tag.OUT_FROM, offsets[0]).add(p.Tag.ERR_FROM, offsets[1])
         await self._call(f"attach to process {handle}", p.MsgType.ATTACH, req, hook=hook)
         return made[0]
 
@@ -413,6 +424,7 @@ class AgentClient:
             detached=detached,
         )
         proc.dropped_in_guest = f.int_(p.Tag.DROPPED)
+        proc.offsets = (f.int_(p.Tag.OUT_FROM), f.int_(p.Tag.ERR_FROM))
         self._procs[handle] = proc
         made.append(proc)
 

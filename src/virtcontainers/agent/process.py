@@ -107,6 +107,13 @@ class OutputStream:
         """Everything until the process exits."""
         return b"".join([chunk async for chunk in self])
 
+    def read_nowait(self) -> bytes:
+        """What has arrived and not been read yet, without waiting (b"" if nothing has)."""
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._size = 0
+        return data
+
 
 class Process:
     """A process the agent started; made by `AgentClient.start_process` / `attach_process`.
@@ -131,6 +138,9 @@ class Process:
         self.stderr = OutputStream("stderr")
         self.dropped_in_guest = 0
         """Output bytes the guest dropped from its buffer before an attach (detached only)."""
+        self.offsets = (0, 0)
+        """After an attach: how many bytes stdout and stderr had written before the first one
+        this handle delivers (more than asked for when the guest dropped them)."""
         self._exit: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
 
     def __repr__(self) -> str:

@@ -94,6 +94,8 @@ class Tag(enum.IntEnum):
     CLOSE = 0x29
     EXITED = 0x2A
     DROPPED = 0x2B
+    OUT_FROM = 0x2C
+    ERR_FROM = 0x2D
     PATH = 0x30
     DATA = 0x31
     MODE = 0x32
@@ -128,6 +130,8 @@ class Tag(enum.IntEnum):
 
 
 WRITE_MKDIRS = 1
+ATTACH_KEEP = 1
+"""ATTACH flag: an exited detached process stays kept after this attach saw its exit."""
 ONLINE_CPUS = 1
 ONLINE_MEMORY = 2
 TRUNC_STDOUT = 1

@@ -387,19 +387,31 @@ def exec_(g: Globals, a: argparse.Namespace) -> int:
 @command(
     "logs",
     SANDBOX_ID,
-    Arg("--vmm", action="store_true", help="The VMM's own log, not the console."),
+    Arg("--console", action="store_true", help="The guest console log instead."),
+    Arg("--vmm", action="store_true", help="The VMM's own log instead."),
     Arg("--follow", "-f", action="store_true", help="Keep printing new output until it stops."),
     Arg("--tail", "-n", type=int, help="Only the last N lines (then, with -f, new ones)."),
     Arg("--raw", action="store_true", help="Write control characters to a terminal as they are."),
 )
 def logs(g: Globals, a: argparse.Namespace) -> None:
-    """Print the guest console log (or the VMM log)."""
+    """Print a detached container's output (stdout and stderr as kept by the guest), or the
+    guest console log (--console) or the VMM log (--vmm).
+
+    With --follow: then what it writes, until it exits (Ctrl-C stops following, not it)."""
+    if a.tail is not None and a.tail < 0:
+        raise ConfigError(f"--tail: expected a number >= 0, got {a.tail}")
+    if a.console and a.vmm:
+        raise ConfigError("logs: --console and --vmm: give one")
+    if not (a.console or a.vmm):
+        from .container_cmds import container_logs
+
+        with contextlib.suppress(KeyboardInterrupt):  # the way to end --follow
+            container_logs(g, a)
+        return
     from ..inventory import one_sandbox
     from ..sandbox import Sandbox
     from .logs import show_logs
 
-    if a.tail is not None and a.tail < 0:
-        raise ConfigError(f"--tail: expected a number >= 0, got {a.tail}")
     root = g.run_root
     Sandbox.log_paths_of(a.sandbox_id, root, vmm=a.vmm)  # no such sandbox: say so first
 

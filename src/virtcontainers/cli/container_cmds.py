@@ -17,6 +17,7 @@ from .registry import Arg, command
 if TYPE_CHECKING:
     from ..agent import ExecResult, ExitStatus, Process
     from ..sandbox import Sandbox
+    from .logs import TerminalFilter
 
 
 def run_container(g: Globals, a: argparse.Namespace, sb: Sandbox) -> int | None:
@@ -69,10 +70,6 @@ async def stream(proc: Process, interactive: bool) -> ExitStatus:
     """Copy the process's output to ours as it arrives (and our stdin to it); its status."""
     import asyncio
 
-    async def pump(chunks: AsyncIterator[bytes], fd: int) -> None:
-        async for chunk in chunks:
-            await asyncio.to_thread(_write_all, fd, chunk)
-
     async def feed() -> None:
         while data := await asyncio.to_thread(os.read, 0, 65536):
             await proc.write_stdin(data)
@@ -80,7 +77,7 @@ async def stream(proc: Process, interactive: bool) -> ExitStatus:
 
     feeder = asyncio.ensure_future(feed() if interactive else proc.close_stdin())
     try:
-        await asyncio.gather(pump(proc.stdout, 1), pump(proc.stderr, 2))
+        await asyncio.gather(_pump(proc.stdout, _Sink(1)), _pump(proc.stderr, _Sink(2)))
         return await proc.wait()
     finally:
         if not feeder.done():
@@ -89,10 +86,109 @@ async def stream(proc: Process, interactive: bool) -> ExitStatus:
             await feeder
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+class _Sink:
+    """One of our output fds; with `safe`, guest bytes pass the terminal filter first."""
+
+    def __init__(self, fd: int, safe: bool = False) -> None:
+        self.fd = fd
+        self._filter: TerminalFilter | None = None
+        if safe:
+            from .logs import TerminalFilter
+
+            self._filter = TerminalFilter()
+
+    def write(self, data: bytes) -> None:
+        if self._filter is not None:
+            data = self._filter.feed(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def close(self) -> None:
+        f, self._filter = self._filter, None
+        if f is not None:
+            self.write(f.flush())
+
+
+async def _pump(chunks: AsyncIterator[bytes], sink: _Sink) -> None:
+    import asyncio
+
+    async for chunk in chunks:
+        await asyncio.to_thread(sink.write, chunk)
+
+
+def container_logs(g: Globals, a: argparse.Namespace) -> None:
+    """`virtc logs ID`: what the guest kept of the (detached) container process's stdout and
+    stderr (the newest 1 MiB of each), to ours; with --follow, then what it writes, until it
+    exits. Terminals get guest bytes through the terminal filter (not with --raw); pipes get
+    them unchanged.
+
+    Each look is a short attach with `keep` (reading logs never collects the process) from
+    the stream offsets already shown: the agent's channel may take one host connection at a
+    time (virtio-serial), so a follower must not hold it between looks."""
+    import asyncio
+    import errno
+    import io
+
+    from ..agent import AgentRequestError
+    from ..errors import StateError
+    from .commands import attach
+    from .logs import FOLLOW_INTERVAL, tail_start
+
+    sinks = [_Sink(fd, safe=os.isatty(fd) and not a.raw) for fd in (1, 2)]
+    offsets = (0, 0)
+
+    async def look() -> tuple[list[bytes], bool]:
+        """Output since `offsets` (stdout, stderr; a note first if some was dropped), and
+        whether the process has exited."""
+        nonlocal offsets
+        sb = await attach(g, a.sandbox_id)
+        try:
+            if not sb.containers:
+                raise StateError(
+                    f"sandbox {sb.id} has no container (its guest console: "
+                    f"virtc logs --console {sb.id})"
+                )
+            container = sb.container()
+            try:
+                proc = await container.attach(keep=True, offsets=offsets)
+            except AgentRequestError as e:
+                if e.errno != errno.ESRCH:
+                    raise
+                raise StateError(
+                    f"container {container.id} has no output kept: its process was not "
+                    "started detached (-d), or has exited and been collected"
+                ) from None
+            await (await sb.agent()).ping()  # what it sends comes before this answer
+            data = [proc.stdout.read_nowait(), proc.stderr.read_nowait()]
+            lost = sum(proc.offsets) - sum(offsets)
+            offsets = (proc.offsets[0] + len(data[0]), proc.offsets[1] + len(data[1]))
+            if lost:
+                data[1] = f"virtc: {lost} bytes of output were dropped\n".encode() + data[1]
+            return data, proc.done()
+        finally:
+            await sb.detach()
+
+    async def body() -> None:
+        data, done = await look()
+        if a.tail is not None:
+            data = [d[tail_start(io.BytesIO(d), a.tail)[0] :] for d in data]
+        while True:
+            for chunk, sink in zip(data, sinks, strict=True):
+                await asyncio.to_thread(sink.write, chunk)  # not while holding the agent
+            if done or not a.follow:
+                return
+            await asyncio.sleep(FOLLOW_INTERVAL)
+            try:
+                data, done = await look()
+            except StateError:
+                return  # stopped meanwhile (or its process collected by another attach)
+
+    try:
+        run_async(body())
+    finally:
+        for sink in sinks:
+            sink.close()
 
 
 async def exec_in_container(

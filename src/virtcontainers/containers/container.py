@@ -210,12 +210,16 @@ class Container:
                 return
             await asyncio.sleep(0.02)
 
-    async def attach(self) -> Process:
-        """A handle on the (detached) container process, from any manager."""
+    async def attach(self, *, keep: bool = False, offsets: tuple[int, int] = (0, 0)) -> Process:
+        """A handle on the (detached) container process, from any manager; with `keep` (a
+        log reader) its exit is left for a later attach to collect; its kept output from the
+        stream `offsets` (stdout, stderr) on."""
         if self.process is None:
             if not self.record.process:
                 raise StateError(f"container {self.id} was never started")
-            self.process = await self.sandbox.attach_process(self.record.process)
+            self.process = await self.sandbox.attach_process(
+                self.record.process, keep=keep, offsets=offsets
+            )
         return self.process
 
     async def run(self, *, stdin: bytes = b"", timeout: float | None = None) -> ExecResult:

@@ -132,6 +132,8 @@ enum {
 	F_CLOSE = 0x29,
 	F_EXITED = 0x2A,
 	F_DROPPED = 0x2B,
+	F_OUT_FROM = 0x2C,
+	F_ERR_FROM = 0x2D,
 	F_PATH = 0x30,
 	F_DATA = 0x31,
 	F_MODE = 0x32,
@@ -167,6 +169,7 @@ enum {
 
 enum { WF_MKDIRS = 1 };
 enum { ON_CPUS = 1, ON_MEMORY = 2 };
+enum { AT_KEEP = 1 };
 enum { CONN_PORT, CONN_STREAM };
 enum { ST_HEADER, ST_PAYLOAD, ST_SKIP };
 
@@ -222,6 +225,7 @@ struct exec {
 	struct conn *conn; /* where replies/notifications go (NULL: nobody attached) */
 	uint32_t conn_gen;
 	int detached; /* outlives its connection; output kept in rings */
+	int keep;     /* attached with AT_KEEP: the exit it reports leaves it kept, not forgotten */
 	int started;  /* set-up succeeded (START answered) */
 	pid_t pid;
 	int exited, status;
@@ -871,6 +875,10 @@ static void proc_exit_notify(struct exec *e)
 	if (ok && ok2)
 		send_frame(e->conn, T_EXITED, 0, &b);
 	buf_free(&b);
+	if (e->keep && e->detached) {
+		e->conn = NULL; /* a log reader saw it: kept (output, status) for the next attach */
+		return;
+	}
 	exec_free(e);
 }
 
@@ -1338,30 +1346,51 @@ static void handle_resize(struct conn *c, uint32_t id, const uint8_t *p, size_t 
 }
 
 /* Make this connection the one a process reports to: the reply, then the kept output of a
- * detached process, then (if it has exited) its end. */
+ * detached process (from the stream offsets asked for), then (if it has exited) its end.
+ * With AT_KEEP (a log reader) an exited detached process is kept for the next attach
+ * instead of forgotten. */
 static void handle_attach(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
 {
 	struct exec *e = proc_of(c, id, "attach", p, n);
 	if (!e)
 		return;
+	int64_t flags = 0, from[2] = {0, 0};
+	if (tlv_int(p, n, F_FLAGS, &flags) < 0 || (flags & ~(int64_t)AT_KEEP) ||
+	    tlv_int(p, n, F_OUT_FROM, &from[0]) < 0 || tlv_int(p, n, F_ERR_FROM, &from[1]) < 0 ||
+	    from[0] < 0 || from[1] < 0) {
+		send_error(c, id, EINVAL, "attach: bad flags or stream offsets");
+		return;
+	}
+	e->keep = (flags & AT_KEEP) != 0;
 	if (proc_attached(e) && e->conn != c)
 		stdin_ack(e, EPIPE); /* the previous connection's write is abandoned */
 	e->conn = c;
 	e->conn_gen = c->gen;
+	size_t skip[2];
+	for (int s = 0; s < 2; s++) {
+		const struct ring *r = &e->ring[s];
+		uint64_t want = (uint64_t)from[s];
+		skip[s] = want > r->dropped ? (size_t)(want - r->dropped) : 0;
+		if (skip[s] > r->len)
+			skip[s] = r->len;
+	}
 	struct buf b = {0};
 	uint64_t dropped = e->ring[0].dropped + e->ring[1].dropped;
 	if (!put_int(&b, F_PROC, e->handle) && !put_int(&b, F_PID, e->pid) &&
 	    !put_int(&b, F_EXITED, e->exited) && !put_int(&b, F_DROPPED, (int64_t)dropped) &&
-	    !put_int(&b, F_TTY, e->tty_fd >= 0))
+	    !put_int(&b, F_TTY, e->tty_fd >= 0) &&
+	    !put_int(&b, F_OUT_FROM, (int64_t)(e->ring[0].dropped + skip[0])) &&
+	    !put_int(&b, F_ERR_FROM, (int64_t)(e->ring[1].dropped + skip[1])))
 		send_frame(c, T_ATTACH | T_REPLY, id, &b);
 	buf_free(&b);
 	for (int s = 0; s < 2; s++) {
 		struct ring *r = &e->ring[s];
-		size_t first = r->start + r->len > RING_CAP ? RING_CAP - r->start : r->len;
+		size_t at = (r->start + skip[s]) % RING_CAP, len = r->len - skip[s];
+		size_t first = at + len > RING_CAP ? RING_CAP - at : len;
 		if (first)
-			proc_notify_output(e, s + 1, r->p + r->start, first);
-		if (r->len > first)
-			proc_notify_output(e, s + 1, r->p, r->len - first);
+			proc_notify_output(e, s + 1, r->p + at, first);
+		if (len > first)
+			proc_notify_output(e, s + 1, r->p, len - first);
 	}
 	if (e->exited)
 		proc_exit_notify(e);
