@@ -165,8 +165,8 @@ class Sandbox:
         """What was shared for the container: image digest, store, root, volumes."""
         self.containers: dict[str, Container] = {}
         workload = image is not None or bundle is not None or bool(self.mounts)
-        qemu = self.hypervisor_type is HypervisorType.QEMU
-        if workload and qemu and not overrides.get("shared_fs"):
+        virtio_fs = self.hypervisor_type in (HypervisorType.QEMU, HypervisorType.CLH)
+        if workload and virtio_fs and not overrides.get("shared_fs"):
             self.overrides = {**overrides, "shared_fs": "virtio-fs"}
 
     # -- properties -------------------------------------------------------------------------

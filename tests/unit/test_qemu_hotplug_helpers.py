@@ -13,8 +13,8 @@ from leaks import running
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import BlockDrive, SharedFS
 from virtcontainers.drivers import virtiofsd
+from virtcontainers.drivers.helpers import Helpers
 from virtcontainers.drivers.qemu import storage_daemon
-from virtcontainers.drivers.qemu.helpers import Helpers
 from virtcontainers.errors import AssetError, ConfigError, LaunchError, VMTimeoutError
 
 

@@ -1,28 +1,27 @@
 """virtiofsd (QEMU's C daemon, Debian's qemu-system-common) serving one virtio-fs share, as
-the QEMU and Cloud Hypervisor drivers run it: where it lives, its command line, its start-up
-(listening before the VMM connects) and the files it leaves behind."""
+the QEMU and Cloud Hypervisor drivers run it (one of the VM's `Helpers`): where it lives, its
+command line, its start-up (listening before the VMM connects) and the files it leaves
+behind."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import TYPE_CHECKING
 
 from ..config import VIRTIO_FS_CACHE_VALUES, check_virtiofsd_args
 from ..errors import AssetError, ConfigError
 from ..host import VIRTIOFSD_PATH
-from .vmm_process import VmmProcess, wait_for_path
 
 if TYPE_CHECKING:
     from ..config import HypervisorConfig
     from ..devices import SharedFS
-    from .qemu.helpers import Helper, Helpers
+    from .helpers import Helper, Helpers
 
 #: Debian's virtiofsd (qemu-system-common), the one `virtc check` looks for.
 DEFAULT_VIRTIOFSD = VIRTIOFSD_PATH
 #: As root, the C virtiofsd locks a pid file named after its socket path here and leaves it.
 PID_FILE_DIR = "/run/virtiofsd"
-#: The helper kind (QEMU's `Helpers`) and process name.
+#: The helper kind (see `Helpers`) and process name.
 KIND = "virtiofsd"
 #: Seconds virtiofsd gets to create its socket.
 START_TIMEOUT = 10.0
@@ -50,9 +49,9 @@ def socket_path(vm_dir: str, share_id: str) -> str:
     return os.path.join(vm_dir, f"fs-{share_id}.sock")
 
 
-def log_path(vm_dir: str, share: SharedFS) -> str:
-    """Where the daemon for `share` writes its output."""
-    return os.path.join(vm_dir, f"virtiofsd-{share.id}.log")
+def log_path(vm_dir: str, share_id: str) -> str:
+    """Where the daemon for share `share_id` writes its output."""
+    return os.path.join(vm_dir, f"virtiofsd-{share_id}.log")
 
 
 def argv(cfg: HypervisorConfig, hypervisor: str, share: SharedFS, socket: str) -> list[str]:
@@ -116,14 +115,7 @@ def pid_file(socket: str) -> str:
     return os.path.join(PID_FILE_DIR, socket.replace("/", ".") + ".pid")
 
 
-def remove_leftovers(socket: str) -> None:
-    """Remove the socket and the pid file a stopped daemon leaves behind."""
-    for path in (socket, pid_file(socket)):
-        with contextlib.suppress(FileNotFoundError, PermissionError):
-            os.unlink(path)
-
-
-async def start_helper(
+async def start(
     helpers: Helpers,
     cfg: HypervisorConfig,
     share: SharedFS,
@@ -131,36 +123,15 @@ async def start_helper(
     vm_dir: str,
     timeout: float = START_TIMEOUT,
 ) -> Helper:
-    """Start virtiofsd for `share` as one of QEMU's helpers and wait for its socket."""
+    """Start virtiofsd for `share` as one of the VM's helpers and wait for its socket;
+    nothing is left behind on failure."""
     check_source(share)
     return await helpers.start(
         KIND,
         key(share),
         argv(cfg, helpers.hypervisor, share, socket),
         socket=socket,
-        log_path=log_path(vm_dir, share),
+        log_path=log_path(vm_dir, share.id),
         timeout=timeout,
         leftovers=[pid_file(socket)],
     )
-
-
-async def spawn(
-    cfg: HypervisorConfig,
-    hypervisor: str,
-    share: SharedFS,
-    socket: str,
-    vm_dir: str,
-    timeout: float = START_TIMEOUT,
-) -> VmmProcess:
-    """Launch virtiofsd for `share` as a `VmmProcess` and wait for its socket; nothing is left
-    behind on failure."""
-    check_source(share)
-    args = argv(cfg, hypervisor, share, socket)
-    proc = await VmmProcess.spawn(KIND, args, log_path(vm_dir, share))
-    try:
-        await wait_for_path(socket, proc, timeout, "vhost-user socket")
-    except BaseException:
-        await proc.stop()
-        remove_leftovers(socket)
-        raise
-    return proc

@@ -38,6 +38,7 @@ from ...hypervisor import Hypervisor, VMState, register
 from ...types import AGENT_VSOCK_PORT, Capabilities, HypervisorType, MemoryDevice, Socket, VSock
 from .. import virtiofsd
 from ..handover import decode_state, encode_state
+from ..helpers import Helper, Helpers
 from ..vmm_process import VmmProcess, threads_named
 from .api import ClhApi
 from .state import ClhState, DaemonRecord, VsockRecord
@@ -94,7 +95,8 @@ class CloudHypervisor(Hypervisor):
         self._cold_shares: list[SharedFS] = []
         self._proc: VmmProcess | None = None
         self._api: ClhApi | None = None
-        self._daemons: dict[str, tuple[VmmProcess, str]] = {}
+        self.helpers = Helpers("clh")
+        """virtiofsd of each virtio-fs share."""
         self._hotplugged: dict[str, str] = {}
         self._hotplug_mb = 0
         self._shared_memory = False
@@ -254,10 +256,8 @@ class CloudHypervisor(Hypervisor):
                 step = "starting virtiofsd"
                 for share in self._cold_shares:
                     sock = virtiofsd.socket_path(self.vm_dir, share.id)
-                    daemon = await virtiofsd.spawn(
-                        cfg, "clh", share, sock, self.vm_dir, min(self.daemon_timeout, timeout)
-                    )
-                    self._daemons[share.id] = (daemon, sock)
+                    wait = min(self.daemon_timeout, timeout)
+                    await virtiofsd.start(self.helpers, cfg, share, sock, self.vm_dir, wait)
                 step = "launching cloud-hypervisor"
                 self._proc = await VmmProcess.spawn(
                     "cloud-hypervisor",
@@ -379,13 +379,10 @@ class CloudHypervisor(Hypervisor):
                     await proc.stop(grace=0)
             except HypervisorError as e:
                 errors.append(e)
-        for share_id in list(self._daemons):
-            daemon, sock = self._daemons.pop(share_id)
-            try:
-                await daemon.stop(grace=self.stop_grace)
-            except HypervisorError as e:
-                errors.append(e)
-            virtiofsd.remove_leftovers(sock)
+        try:
+            await self.helpers.stop_all()
+        except HypervisorError as e:
+            errors.append(e)
         if self._api is not None:
             await self._api.close()
             self._api = None
@@ -460,17 +457,13 @@ class CloudHypervisor(Hypervisor):
         if isinstance(device, SharedFS):
             self._check_share(device, "hotplug")
             sock = virtiofsd.socket_path(self.vm_dir, device.id)
-            daemon = await virtiofsd.spawn(
-                cfg, "clh", device, sock, self.vm_dir, self.daemon_timeout
-            )
+            await virtiofsd.start(self.helpers, cfg, device, sock, self.vm_dir, self.daemon_timeout)
             try:
                 share = FsShare(device.id, device.mount_tag, sock)
                 await self._client().add("fs", fs_config(share))
             except BaseException:
-                await daemon.stop(grace=self.stop_grace)
-                virtiofsd.remove_leftovers(sock)
+                await self.helpers.stop(virtiofsd.key(device))
                 raise
-            self._daemons[device.id] = (daemon, sock)
             self._hotplugged[device.id] = "fs"
             return device
         raise self.unsupported(f"hotplug of {device.kind}")
@@ -500,10 +493,8 @@ class CloudHypervisor(Hypervisor):
         self.require(cap, f"hot-remove of {device.kind}")
         await self._client().remove_device(device.id)
         self._hotplugged.pop(device.id, None)
-        if device.id in self._daemons:
-            daemon, sock = self._daemons.pop(device.id)
-            await daemon.stop(grace=self.stop_grace)
-            virtiofsd.remove_leftovers(sock)
+        if isinstance(device, SharedFS):
+            await self.helpers.stop(virtiofsd.key(device), grace=self.stop_grace)
         return device
 
     def _vcpus(self) -> int:
@@ -616,7 +607,7 @@ class CloudHypervisor(Hypervisor):
     def get_pids(self) -> list[int]:
         """The cloud-hypervisor pid, then the virtiofsd pids."""
         pids = [self._proc.pid] if self._proc is not None else []
-        return pids + [daemon.pid for daemon, _sock in self._daemons.values()]
+        return pids + self.helpers.pids(virtiofsd.KIND)
 
     async def check(self) -> None:
         """Raise unless the VMM process lives and its VM is Running or Paused."""
@@ -647,8 +638,10 @@ class CloudHypervisor(Hypervisor):
         cfg = self._cfg()
         proc = self._proc
         daemons = [
-            DaemonRecord(id=sid, pid=d.pid, start_time=d.start_time, socket=sock)
-            for sid, (d, sock) in self._daemons.items()
+            DaemonRecord(
+                id=h.key.removeprefix("fs-"), pid=h.pid, start_time=h.start_time, socket=h.socket
+            )
+            for h in self.helpers
         ]
         vsock = self._cold.vsock
         return HypervisorState(
@@ -662,7 +655,7 @@ class CloudHypervisor(Hypervisor):
                 HotpluggedVCPU(id=str(cfg.num_vcpus + i)) for i in range(self.hotplugged_vcpus)
             ],
             hotplugged_memory=self.hotplugged_memory_mb,
-            virtiofsd_pid=next(iter(self._daemons.values()))[0].pid if self._daemons else 0,
+            virtiofsd_pid=next(iter(self.helpers.pids(virtiofsd.KIND)), 0),
             vm_dir=self.vm_dir,
             console_socket=self.serial_socket,
             agent_socket=vsock.uds_path if vsock else "",
@@ -701,10 +694,20 @@ class CloudHypervisor(Hypervisor):
             if state.pid
             else None
         )
-        self._daemons = {
-            d.id: (VmmProcess.attach("virtiofsd", d.pid, d.start_time), d.socket)
-            for d in own.virtiofsd
-        }
+        self.helpers.load(
+            [
+                Helper(
+                    kind=virtiofsd.KIND,
+                    key=f"fs-{d.id}",
+                    socket=d.socket,
+                    log_path=virtiofsd.log_path(self.vm_dir, d.id),
+                    pid=d.pid,
+                    start_time=d.start_time,
+                    leftovers=[d.socket, virtiofsd.pid_file(d.socket)],
+                ).to_dict()
+                for d in own.virtiofsd
+            ]
+        )
         self._hotplugged = dict(own.hotplugged)
         self._hotplug_mb = own.hotplug_mb
         self._shared_memory = own.shared_memory

@@ -42,9 +42,9 @@ from ...hypervisor import Hypervisor, VMState, check_transition, register
 from ...types import Capabilities, HypervisorType, MemoryDevice
 from .. import virtiofsd
 from ..handover import decode_state, encode_state
+from ..helpers import Helper, Helpers
 from ..vmm_process import VmmProcess, log_tail, start_console_keeper
 from . import argv as qargv
-from .helpers import Helper, Helpers
 from .hotplug import IMPLEMENTED as HOTPLUG_IMPLEMENTED
 from .hotplug import Hotplug
 from .qmp import QMP, QMPDisconnectedError
@@ -292,7 +292,7 @@ class QemuHypervisor(Hypervisor):
             if isinstance(dev, SharedFS) and dev.fs_type == "virtio-fs":
                 sock = self.paths.virtiofsd_socket(dev.id)
                 vm_dir = self.paths.vm_dir
-                await virtiofsd.start_helper(self.helpers, self.config, dev, sock, vm_dir, timeout)
+                await virtiofsd.start(self.helpers, self.config, dev, sock, vm_dir, timeout)
 
     async def _start_console_log(self) -> int | None:
         """QEMU writes the console log into a pipe (`logfile=/dev/fdset/N`) whose keeper caps

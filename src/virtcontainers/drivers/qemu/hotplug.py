@@ -41,17 +41,17 @@ from ...errors import (
 )
 from ...types import Capabilities, MemoryDevice
 from .. import virtiofsd
+from ..helpers import is_socket
 from . import argv as qargv
 from . import pci, resize, storage_daemon
-from .helpers import is_socket
 from .qmp import QMP, QMPCommandError
 from .state import Dimm, HotplugState, Plugged
 
 if TYPE_CHECKING:
     from ...config import HypervisorConfig
     from ...persist import Bridge, HypervisorState
+    from ..helpers import Helpers
     from .driver import QemuHypervisor
-    from .helpers import Helpers
 
 log = logging.getLogger(__name__)
 
@@ -546,7 +546,7 @@ class Hotplug:
         rec = Plugged(device_key(share), virtiofsd.key(share))
         sock = paths.virtiofsd_socket(share.id)
         async with contextlib.AsyncExitStack() as undo:
-            await virtiofsd.start_helper(self.helpers, self.config, share, sock, paths.vm_dir)
+            await virtiofsd.start(self.helpers, self.config, share, sock, paths.vm_dir)
             rec.helper = virtiofsd.key(share)
             undo.push_async_callback(self.helpers.stop, rec.helper)
             dev = {"driver": "vhost-user-fs-pci", "tag": share.mount_tag}

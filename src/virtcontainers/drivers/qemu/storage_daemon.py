@@ -7,8 +7,8 @@ import shutil
 
 from ...devices import BlockDrive
 from ...errors import AssetError, ConfigError
+from ..helpers import Helper, Helpers
 from .argv import check_path
-from .helpers import Helper, Helpers
 
 KIND = "qemu-storage-daemon"
 BINARY = "qemu-storage-daemon"

@@ -1,8 +1,8 @@
 """Host daemons that serve one VM: its vhost-user devices (virtiofsd, qemu-storage-daemon)
-and its console log keeper.
+and its console log keeper (QEMU); virtiofsd (Cloud Hypervisor).
 
-Each helper is keyed by what it serves, is started before QEMU connects to it and stopped
-after QEMU let go of it (device removed or VM stopped). Helpers are persisted by
+Each helper is keyed by what it serves, is started before the VMM connects to it and stopped
+after the VMM let go of it (device removed or VM stopped). Helpers are persisted by
 pid + start time so another process can stop them; signals go through a pidfd.
 """
 
@@ -15,12 +15,12 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...errors import LaunchError, VMTimeoutError
-from ..vmm_process import VmmProcess
+from ..errors import LaunchError, VMTimeoutError
+from .vmm_process import VmmProcess
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,9 @@ class Helpers:
 
     def __contains__(self, key: str) -> bool:
         return key in self._helpers
+
+    def __iter__(self) -> Iterator[Helper]:
+        return iter(list(self._helpers.values()))
 
     def get(self, key: str) -> Helper | None:
         return self._helpers.get(key)
