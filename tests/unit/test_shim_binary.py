@@ -103,6 +103,31 @@ def test_delete_prints_a_delete_response(tmp_path: Path) -> None:
     assert resp.exited_at.seconds > 0
 
 
+def test_delete_kills_the_recorded_shim_never_a_recycled_pid(tmp_path: Path) -> None:
+    """`delete` SIGKILLs the shim server `start` recorded (pid and start time); a process
+    that got that pid since is never signalled, even one whose command line looks like a
+    shim's."""
+    from virtcontainers.host import process_start_time
+    from virtcontainers.shim.cleanup import _kill_shim
+
+    look_alike = [sys.executable, "-c", "import time; time.sleep(60)", "virtcontainers.shim"]
+    proc = subprocess.Popen(look_alike)
+    try:
+        start = process_start_time(proc.pid)
+        assert start is not None
+        (tmp_path / "shim.pid").write_text(str(proc.pid))
+        (tmp_path / "shim.start_time").write_text(str(start - 1))  # the pid was recycled
+        _kill_shim(str(tmp_path))
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(0.5)
+        (tmp_path / "shim.start_time").write_text(str(start))
+        _kill_shim(str(tmp_path))
+        assert proc.wait(10) == -9
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_bad_bundle_and_flags_are_named(tmp_path: Path) -> None:
     cp = shim(tmp_path, *flags(str(tmp_path / "c.sock"), "x"), "start")
     assert cp.returncode == 2

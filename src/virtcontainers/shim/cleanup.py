@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 
-from .main import Flags, group_id, socket_path
+from .main import SHIM_START_TIME, Flags, group_id, socket_path
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +42,18 @@ def delete(flags: Flags) -> int:
 
 
 def _kill_shim(bundle: str) -> None:
-    """SIGKILL a shim server that still runs for this bundle (pid file written by start)."""
+    """SIGKILL the shim server of this bundle if it still runs: the process `start` recorded
+    (pid and start time), never another one that got its pid since."""
+    from ..host import signal_process
+
     try:
         with open(os.path.join(bundle, "shim.pid")) as f:
             pid = int(f.read().strip())
-        pidfd = os.pidfd_open(pid)  # pinned before the check: a reused pid is never hit
+        with open(os.path.join(bundle, SHIM_START_TIME)) as f:
+            start_time = int(f.read().strip())
     except (OSError, ValueError):
-        return
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-        if b"containerd-shim-virtc-v2" in cmdline or b"virtcontainers.shim" in cmdline:
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except (OSError, ProcessLookupError):
-        pass
-    finally:
-        os.close(pidfd)
+        return  # no server recorded (or not by this version): nothing known to kill
+    signal_process(pid, start_time, signal.SIGKILL)
 
 
 async def _stop_sandbox(sandbox_id: str) -> None:

@@ -18,6 +18,8 @@ import socket
 import sys
 from dataclasses import dataclass
 
+SHIM_START_TIME = "shim.start_time"
+"""Bundle file: the shim server's start time (clock ticks since boot), beside shim.pid."""
 #: containerd's annotations (CRI) that put a pod's containers behind one shim and VM.
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
@@ -147,7 +149,11 @@ def start(flags: Flags) -> int:
         raise
     finally:
         listener.close()
+    from ..host import process_start_time
+
     _write(os.path.join(bundle, "shim.pid"), str(pid))
+    # With the pid, `delete` knows the server again (never another process given its pid).
+    _write(os.path.join(bundle, SHIM_START_TIME), str(process_start_time(pid)))
     _write(os.path.join(bundle, "address"), address)
     print(address, end="")
     return 0
