@@ -175,6 +175,8 @@ async def test_signals_go_through_pidfds(run_root: str, monkeypatch: pytest.Monk
         assert forced.wait(5) == -signal.SIGKILL
         with open(os.path.join(run_root, "shim.pid"), "w") as f:
             f.write(str(shim.pid))
+        with open(os.path.join(run_root, "shim.start_time"), "w") as f:
+            f.write(str(host.process_start_time(shim.pid)))
         cleanup._kill_shim(run_root)
         assert shim.wait(5) == -signal.SIGKILL
     finally:
