@@ -80,9 +80,9 @@ async def test_lifecycle_across_invocations(leak_check: str) -> None:
     doc = json.loads(r.stdout)
     assert doc["sandbox"]["state"] == "running" and doc["config"]["num_vcpus"] == 2
 
-    full = (await virtc(leak_check, "logs", "cli1")).stdout
+    full = (await virtc(leak_check, "logs", "--console", "cli1")).stdout
     assert b"VC-AGENT-READY" in full
-    r = await virtc(leak_check, "logs", "--tail", "1", "cli1")
+    r = await virtc(leak_check, "logs", "--console", "--tail", "1", "cli1")
     assert r.returncode == 0 and r.stdout and r.stdout.count(b"\n") <= 1
     assert full.endswith(r.stdout) and len(r.stdout) < len(full)
 
@@ -90,6 +90,7 @@ async def test_lifecycle_across_invocations(leak_check: str) -> None:
     follower = await asyncio.create_subprocess_exec(
         *VIRTC,
         "logs",
+        "--console",
         "--follow",
         "--tail",
         "0",
