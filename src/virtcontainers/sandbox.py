@@ -492,6 +492,11 @@ class Sandbox:
         """A container of this sandbox (the only one when `id` is None)."""
         if id is None and len(self.containers) == 1:
             return next(iter(self.containers.values()))
+        if id is None and self.containers:
+            raise StateError(
+                f"sandbox {self.id} has {len(self.containers)} containers "
+                f"({', '.join(self.containers)}): name one"
+            )
         if id is None or id not in self.containers:
             raise StateError(f"sandbox {self.id} has no container {id or ''}".rstrip())
         return self.containers[id]

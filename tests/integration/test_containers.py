@@ -20,7 +20,7 @@ import pytest
 from leaks import processes_mentioning
 from virtcontainers import Sandbox
 from virtcontainers.containers import Container
-from virtcontainers.errors import ConfigError, ImageError, UnsupportedError
+from virtcontainers.errors import ConfigError, ImageError, StateError, UnsupportedError
 from virtcontainers.images import ImageStore
 from virtcontainers.images.build import busybox_image, debian_image
 
@@ -322,6 +322,9 @@ async def test_containers_in_one_sandbox(run_root: str, store: ImageStore) -> No
         b = await sb.create_container(["sh", "-c", mine.format("b")], id="cb")
         with pytest.raises(ConfigError, match=f"sandbox {sb.id} already has a container 'ca'"):
             await sb.create_container(["true"], id="ca")
+        with pytest.raises(StateError, match=r"has 2 containers \(ca, cb\): name one"):
+            sb.container()
+        assert sb.container("cb") is b
         fsd = set(sb.hypervisor.helpers.pids("virtiofsd"))  # type: ignore[attr-defined]
         assert len(fsd) == 2  # the sandbox's share, and the one hot-added for b
         for c in (a, b):

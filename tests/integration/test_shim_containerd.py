@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from containerd_support import (
+    CTR,
     NAMESPACE,
     Containerd,
     import_busybox,
@@ -253,6 +254,9 @@ def test_pod_containers_run_in_one_vm(containerd: tuple[Containerd, str]) -> Non
     c, image = containerd
     pod, app = f"pod-{uuid.uuid4().hex[:6]}", f"app-{uuid.uuid4().hex[:6]}"
     mine = "echo {} > /who; exec sleep 600"
+    events_log = Path(c.dir, f"events-{pod}")
+    with open(events_log, "w") as out:  # every event from now on, as containerd saw it
+        events = subprocess.Popen([CTR, "-a", c.address, "events"], stdout=out)
     c.run(
         image, pod, "sh", "-c", mine.format("pod"), detach=True,
         options=["--annotation", f"{CONTAINER_TYPE}=sandbox"],
@@ -288,6 +292,15 @@ def test_pod_containers_run_in_one_vm(containerd: tuple[Containerd, str]) -> Non
     c.ctr("task", "delete", app)
     c.ctr("container", "delete", app)
     assert in_task(pod, "cat", "/who") == b"pod\n"
+    events.terminate()
+    events.wait()
+    lines = [line.split() for line in events_log.read_text().splitlines() if app in line]
+    topics = [next(w for w in words if w.startswith("/")) for words in lines]
+    assert [t for t in topics if t.startswith("/tasks/")] == [
+        *("/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started"),
+        *("/tasks/exit", "/tasks/delete"),  # the exec's
+        *("/tasks/exit", "/tasks/delete"),  # the container's
+    ], topics
     assert [pid for pid, cmd in processes_mentioning(f"sandbox-{pod}") if "qemu" in cmd] == qemu
     c.ctr("task", "kill", "-s", "SIGKILL", pod)
     wait_status(c, pod, "STOPPED")
