@@ -306,7 +306,7 @@ def test_pod_containers_run_in_one_vm(containerd: tuple[Containerd, str]) -> Non
     wait_status(c, pod, "STOPPED")
     c.ctr("task", "delete", pod)
     c.ctr("container", "delete", pod)
-    assert settled(c, pod) == [] and settled(c, app) == []
+    assert settled(c, pod, app) == []
 
 
 def task_lines(c: Containerd) -> list[str]:
