@@ -28,10 +28,13 @@ class Namespace:
     def path(self) -> str:
         return os.path.join("/var/run/netns", self.name)
 
-    def run(self, *argv: str, check: bool = True, timeout: float = 60) -> str:
-        """Run a command in this namespace; its stdout."""
+    def run(
+        self, *argv: str, check: bool = True, timeout: float = 60, input: str | None = None
+    ) -> str:
+        """Run a command in this namespace (`input` on its stdin); its stdout."""
         res = subprocess.run(
             ["nsenter", f"--net={self.path}", "--", *argv],
+            input=input,
             capture_output=True,
             text=True,
             timeout=timeout,

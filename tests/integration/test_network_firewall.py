@@ -4,16 +4,18 @@ namespaces: "the host" with the bridge, "the world" it is linked to."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_network import get, guest_get, guest_serve, serve
+from test_network import get, get_fails, guest_get, guest_serve, serve
 
 from net_support import namespaces, veth
 from virtcontainers import Sandbox
 from virtcontainers.errors import ConfigError
 from virtcontainers.network import NetworkConfig, PortMapping, nat
+from virtcontainers.network.netlink import loopback_return6
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check", "host_untouched")]
 
@@ -77,4 +79,90 @@ async def test_forward_drop_policy_and_iptables_fallback(
             assert len(tagged) == 1 and OTHER in tagged[0], tagged
         assert "-P FORWARD DROP" in host.run("iptables", "-S", "FORWARD")
         assert not host.ok("nft", "list", "table", "ip", "virtc")
+        assert host.links() == ["lo", "up0"]
+
+
+HOST_FIREWALL = """
+table inet hostfw {
+	chain input {
+		type filter hook input priority filter; policy drop;
+		iifname "lo" accept
+		ct state established,related accept
+		icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept
+	}
+
+	chain forward {
+		type filter hook forward priority filter; policy drop;
+		iifname "nowhere0" accept comment "virtc:someone-else"
+	}
+}
+"""
+"""A pure nftables host firewall (no iptables): forward and input drop by policy; loopback
+is trusted and neighbour discovery let in, as firewalls commonly do."""
+
+
+async def test_ipv6_bridge_nat66_published_ports_under_pure_nftables_firewall(
+    run_root: str, guest_assets: Any, tmp_path: Path
+) -> None:
+    """`--net bridge` over IPv6 in a "host" namespace with a pure nftables firewall that
+    drops forwarded traffic: the guest gets a ULA address and a default route; NAT66 reaches
+    a "world" namespace that has no route back; a published port answers over IPv6 from the
+    world, from the host's own IPv6 address and from ::1; the loopback-return path gives a
+    guest no way around the host's input policy; the firewall is left exactly as it was."""
+    async with namespaces(2) as (host, world):
+        await veth(
+            host,
+            "up0",
+            ["203.0.113.1/24", "2001:db8:77::1/64"],
+            world,
+            "wan0",
+            ["203.0.113.2/24", "2001:db8:77::2/64"],
+        )
+        host.run("nft", "-f", "-", input=HOST_FIREWALL)
+        before = host.run("nft", "list", "table", "inet", "hostfw")
+        world_server = serve(world, tmp_path, 8090, "outside-world")
+        host_server = serve(host, tmp_path, 9099, "host-private")
+        cfg = NetworkConfig(
+            mode="bridge",
+            host_netns=host.path,
+            ports=[PortMapping(8080, 80), PortMapping.parse("[::1]:8081:80")],
+        )
+        try:
+            async with Sandbox(run_root=run_root, network=cfg, memory_size=256) as sb:
+                assert sb.network is not None
+                ip6, gw6 = sb.network.summary()["ip6"], sb.network.summary()["gateway6"]
+                assert ip6.startswith("fd") and gw6.startswith("fd")
+                assert ip6 in (await sb.exec("ip -6 addr")).stdout.decode()
+                assert f"default via {gw6}" in (await sb.exec("ip -6 route")).stdout.decode()
+                # Our accept rules sit at the head of the host's forward chain, tagged.
+                forward = host.run("nft", "list", "chain", "inet", "hostfw", "forward")
+                assert forward.count(f'"virtc:{sb.id}"') == 6, forward
+
+                await guest_serve(sb, 80, "g1")
+                # NAT66 and NAT44 out through the dropping forward chain.
+                assert await guest_get(sb, "http://[2001:db8:77::2]:8090/") == "outside-world"
+                assert await guest_get(sb, "http://203.0.113.2:8090/") == "outside-world"
+                # The published port over IPv6: from the world, the host's address, ::1.
+                assert get(world, "http://[2001:db8:77::1]:8080/") == "g1"
+                assert get(host, "http://[2001:db8:77::1]:8080/") == "g1"
+                assert get(host, "http://[::1]:8080/") == "g1"
+                assert get(host, "http://[::1]:8081/") == "g1"
+                assert get(world, "http://203.0.113.1:8080/") == "g1"
+                assert get(host, "http://127.0.0.1:8080/") == "g1"
+                # [::1]:8081 is published on ::1 only.
+                assert get_fails(world, "http://[2001:db8:77::1]:8081/")
+                # The host's input policy holds for the guest, also by the loopback-return
+                # address (whose answers are handed to lo, which the firewall trusts).
+                back = str(loopback_return6(ipaddress.IPv6Network(gw6 + "/64", strict=False)))
+                for target in (f"[{gw6}]", f"[{back}]"):
+                    url = f"http://{target}:9099/"
+                    r = await sb.exec(["wget", "-q", "-O", "-", url], timeout=5)
+                    assert r.timed_out and b"host-private" not in r.stdout, target
+        finally:
+            for server in (world_server, host_server):
+                server.kill()
+                server.wait()
+        # Exactly our rules are gone: the host's firewall is as it was, our tables too.
+        assert host.run("nft", "list", "table", "inet", "hostfw") == before
+        assert host.run("nft", "list", "ruleset").count("table") == 1
         assert host.links() == ["lo", "up0"]

@@ -24,11 +24,16 @@ from virtcontainers.network.sandbox_net import host_dns
         ("8080:80", PortMapping(8080, 80)),
         ("127.0.0.1:8080:80/udp", PortMapping(8080, 80, "udp", "127.0.0.1")),
         ("1:65535/tcp", PortMapping(1, 65535)),
+        ("[::1]:8080:80", PortMapping(8080, 80, "tcp", "::1")),
+        ("[fd00:0::5]:53:53/udp", PortMapping(53, 53, "udp", "fd00::5")),
     ],
 )
 def test_port_specs(spec: str, expected: PortMapping) -> None:
     assert PortMapping.parse(spec) == expected
     assert PortMapping.parse(str(expected)) == expected
+    assert expected.families == (
+        (4, 6) if not expected.host_ip else (6,) if spec.startswith("[") else (4,)
+    )
 
 
 @pytest.mark.parametrize(
@@ -40,7 +45,9 @@ def test_port_specs(spec: str, expected: PortMapping) -> None:
         ("0:80", "host port 0"),
         ("8080:70000", "guest port 70000"),
         ("300.1.1.1:80:80", "not an IP address"),
-        ("[::1]:80:80", "only IPv4"),
+        ("::1:80:80", "expected"),
+        ("[127.0.0.1]:80:80", "in brackets"),
+        ("[fe80::zz]:80:80", "expected"),
     ],
 )
 def test_bad_port_specs(spec: str, message: str) -> None:
@@ -68,7 +75,7 @@ def test_network_specs() -> None:
         ("bridge:a-very-long-bridge", [], "", "bridge name 'a-very-long-bridge'"),
         ("bridge", [], "10.0.0.1/24", "subnet '10.0.0.1/24'"),
         ("bridge", [], "10.0.0.0/30", "prefix must be /8 to /29"),
-        ("bridge", [], "fd00::/64", "only IPv4"),
+        ("bridge", [], "fd00::/64", "not an IPv4 subnet"),
         ("bridge", [], "banana", "subnet 'banana'"),
         ("bridge", ["80:80", "80:81"], "", "host port 80 given twice"),
         ("user:x", [], "", "takes no argument"),
@@ -77,6 +84,27 @@ def test_network_specs() -> None:
 def test_bad_network_specs(text: str, ports: list[str], subnet: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         NetworkConfig.parse(text, ports, subnet=subnet)
+
+
+@pytest.mark.parametrize(
+    ("subnet6", "message"),
+    [
+        ("10.0.0.0/24", "IPv6 subnet '10.0.0.0/24': not an IPv6 subnet"),
+        ("fd00::1/64", "IPv6 subnet 'fd00::1/64': .*host bits"),
+        ("fd00::/32", "prefix must be /48 to /112"),
+        ("fd00::/120", "prefix must be /48 to /112"),
+    ],
+)
+def test_bad_ipv6_subnets(subnet6: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        NetworkConfig.parse("bridge", subnet6=subnet6)
+    assert NetworkConfig.parse("bridge", subnet6="none").subnet6 == "none"
+    assert NetworkConfig.parse("bridge", subnet6="fd00:1::/64").subnet6 == "fd00:1::/64"
+
+
+def test_user_mode_publishes_ipv4_only() -> None:
+    with pytest.raises(ConfigError, match=r"\[::1\]:8080:80/tcp: --net user publishes on IPv4"):
+        NetworkConfig.parse("user", ["[::1]:8080:80"])
 
 
 def test_guest_files() -> None:

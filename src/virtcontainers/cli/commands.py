@@ -54,9 +54,11 @@ NETWORK = (
         "-p",
         action="append",
         default=[],
-        help="Publish a port: [IP:]HOST_PORT:GUEST_PORT[/tcp|udp] (repeatable).",
+        help="Publish a port: [IP:]HOST_PORT:GUEST_PORT[/tcp|udp], an IPv6 IP in brackets "
+        "(repeatable; without IP on IPv4 and IPv6).",
     ),
     Arg("--subnet", help="IPv4 subnet of the bridge (made on first use)."),
+    Arg("--subnet6", help="IPv6 subnet of the bridge (default: a ULA /64), or none."),
 )
 
 CONTAINER = (
@@ -86,11 +88,13 @@ def _new_sandbox(
 
     config, overrides = config_request(g, a)
     network = None
-    if a.net or a.publish or a.subnet or default_net:
+    if a.net or a.publish or a.subnet or a.subnet6 or default_net:
         from ..network import NetworkConfig
 
-        mode = a.net or ("bridge" if a.publish or a.subnet else default_net)
-        network = NetworkConfig.parse(mode, a.publish, subnet=a.subnet or "")
+        mode = a.net or ("bridge" if a.publish or a.subnet or a.subnet6 else default_net)
+        network = NetworkConfig.parse(
+            mode, a.publish, subnet=a.subnet or "", subnet6=a.subnet6 or ""
+        )
     return Sandbox(
         a.name,
         g.hypervisor,

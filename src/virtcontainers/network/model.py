@@ -32,12 +32,22 @@ class PortMapping:
     host_ip: str = ""
 
     def __str__(self) -> str:
-        ip = f"{self.host_ip}:" if self.host_ip else ""
+        ip = (
+            f"[{self.host_ip}]:" if ":" in self.host_ip else f"{self.host_ip}:" * bool(self.host_ip)
+        )
         return f"{ip}{self.host_port}:{self.guest_port}/{self.protocol}"
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The IP versions it is published on: its host address's, or both without one."""
+        if not self.host_ip:
+            return (4, 6)
+        return (ipaddress.ip_address(self.host_ip).version,)
 
     @classmethod
     def parse(cls, spec: str) -> PortMapping:
-        """`[IP:]HOST_PORT:GUEST_PORT[/tcp|udp]`, as Docker's `-p` (IPv4 host addresses)."""
+        """`[IP:]HOST_PORT:GUEST_PORT[/tcp|udp]`, as Docker's `-p`; an IPv6 host address in
+        brackets (`[::1]:8080:80`)."""
         m = _PORT_RE.match(spec.strip())
         if not m:
             raise ConfigError(
@@ -49,8 +59,11 @@ class PortMapping:
                 addr = ipaddress.ip_address(ip)
             except ValueError:
                 raise ConfigError(f"published port {spec!r}: {ip!r} is not an IP address") from None
-            if addr.version != 4:
-                raise ConfigError(f"published port {spec!r}: only IPv4 host addresses are served")
+            if (addr.version == 6) != m["ip"].startswith("["):
+                raise ConfigError(
+                    f"published port {spec!r}: an IPv6 host address goes in brackets, "
+                    "an IPv4 one without"
+                )
             ip = str(addr)
         host, guest = int(m["host"]), int(m["guest"])
         for name, port in (("host", host), ("guest", guest)):
@@ -64,8 +77,10 @@ class NetworkConfig:
     """How a sandbox is networked.
 
     `mode`: "none" (loopback only), "bridge" (a namespace of its own, a veth to `bridge` in
-    `host_netns`, outbound NAT, published `ports`), "ns" (join the namespace at `netns_path`:
-    what CNI and the shim hand over), "user" (QEMU user-mode networking, no root needed).
+    `host_netns`, outbound NAT, published `ports`; IPv4 `subnet` and IPv6 `subnet6`, each
+    chosen clear of the host's routes when empty; `subnet6` "none" for IPv4 only), "ns"
+    (join the namespace at `netns_path`: what CNI and the shim hand over), "user" (QEMU
+    user-mode networking, no root needed).
     `model` is how endpoints are joined to the VM ("tcfilter": a tap with tc redirects both
     ways; "macvtap": a macvtap on the endpoint whose queues QEMU is handed as open fds,
     cold-plug only; "none": not at all). `host_netns` (a namespace path, default the caller's) is
@@ -76,6 +91,7 @@ class NetworkConfig:
     netns_path: str = ""
     bridge: str = DEFAULT_BRIDGE
     subnet: str = ""
+    subnet6: str = ""
     ports: list[PortMapping] = field(default_factory=list)
     dns: list[str] | None = None
     dns_search: list[str] = field(default_factory=list)
@@ -98,8 +114,12 @@ class NetworkConfig:
             check_ifname("bridge", self.bridge)
             if self.subnet:
                 parse_subnet(self.subnet)
+            if self.subnet6 and self.subnet6 != "none":
+                parse_subnet6(self.subnet6)
         seen: set[tuple[str, int]] = set()
         for p in self.ports:
+            if self.mode == "user" and p.host_ip and ":" in p.host_ip:
+                raise ConfigError(f"published port {p}: --net user publishes on IPv4 only")
             if (p.protocol, p.host_port) in seen:
                 raise ConfigError(f"published port {p}: host port {p.host_port} given twice")
             seen.add((p.protocol, p.host_port))
@@ -117,10 +137,17 @@ class NetworkConfig:
                 raise ConfigError(f"extra host {name}: {ip!r} is not an IP address") from None
 
     @classmethod
-    def parse(cls, text: str, ports: list[str] | None = None, subnet: str = "") -> NetworkConfig:
+    def parse(
+        cls, text: str, ports: list[str] | None = None, subnet: str = "", subnet6: str = ""
+    ) -> NetworkConfig:
         """`none`, `bridge`, `bridge:NAME`, `ns:PATH` or `user`, with `-p` specs."""
         mode, _, arg = text.partition(":")
-        cfg = cls(mode=mode, subnet=subnet, ports=[PortMapping.parse(p) for p in ports or []])
+        cfg = cls(
+            mode=mode,
+            subnet=subnet,
+            subnet6=subnet6,
+            ports=[PortMapping.parse(p) for p in ports or []],
+        )
         if mode == "ns":
             cfg.netns_path = arg
         elif mode == "bridge" and arg:
@@ -151,14 +178,35 @@ def check_ifname(what: str, name: str) -> None:
 
 def parse_subnet(text: str) -> ipaddress.IPv4Network:
     """An IPv4 subnet with room for a gateway and sandboxes (prefix /8../29)."""
+    net = _parse_network(text, 4)
+    assert isinstance(net, ipaddress.IPv4Network)
+    return net
+
+
+def parse_subnet6(text: str) -> ipaddress.IPv6Network:
+    """An IPv6 subnet for the bridge (prefix /48../112: room for the gateway, the
+    loopback-return address and a sandbox per IPv4 lease)."""
+    net = _parse_network(text, 6)
+    assert isinstance(net, ipaddress.IPv6Network)
+    return net
+
+
+_SUBNET_RULES = {
+    4: ("subnet", 8, 29, "not an IPv4 subnet (an IPv6 one is subnet6)"),
+    6: ("IPv6 subnet", 48, 112, "not an IPv6 subnet"),
+}
+
+
+def _parse_network(text: str, version: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    what, shortest, longest, other = _SUBNET_RULES[version]
     try:
         net = ipaddress.ip_network(text, strict=True)
     except ValueError as e:
-        raise ConfigError(f"subnet {text!r}: {e}") from None
-    if not isinstance(net, ipaddress.IPv4Network):
-        raise ConfigError(f"subnet {text!r}: only IPv4 subnets are supported for the bridge")
-    if not 8 <= net.prefixlen <= 29:
-        raise ConfigError(f"subnet {text!r}: prefix must be /8 to /29")
+        raise ConfigError(f"{what} {text!r}: {e}") from None
+    if net.version != version:
+        raise ConfigError(f"{what} {text!r}: {other}")
+    if not shortest <= net.prefixlen <= longest:
+        raise ConfigError(f"{what} {text!r}: prefix must be /{shortest} to /{longest}")
     return net
 
 
@@ -195,6 +243,10 @@ class Neighbour:
     ip: str
     mac: str
     device: str
+
+    @property
+    def family(self) -> int:
+        return ipaddress.ip_address(self.ip).version
 
 
 @dataclass

@@ -40,6 +40,7 @@ ETH_P_ALL = 0x0003
 NUD_PERMANENT = 0x80
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 RTPROT_KERNEL = 2
+IFA_F_NODAD = 0x02
 TAP_SUFFIX = "_vc"
 """Taps this package makes end with it (Kata's are `tapN_kata`): never taken as endpoints."""
 
@@ -431,15 +432,28 @@ def disconnect_tcfilter(endpoint: str, tap: str) -> None:
 # -- the bridge side -------------------------------------------------------------------------
 
 
-def route_networks() -> list[ipaddress.IPv4Network]:
-    """The IPv4 destinations of the current namespace's routes (the default route aside)."""
+def route_networks(version: int = 4) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The IPv`version` destinations of the current namespace's routes (the default route,
+    link-local and multicast ones aside)."""
+    family = socket.AF_INET if version == 4 else socket.AF_INET6
     with _ipr() as ipr:
         out = []
-        for r in ipr.get_routes(family=socket.AF_INET, table=254):
+        for r in ipr.get_routes(family=family, table=254):
             dst = r.get("RTA_DST")
             if dst and r["dst_len"]:
-                out.append(ipaddress.IPv4Network(f"{dst}/{r['dst_len']}", strict=False))
+                net = ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False)
+                if not (net.is_link_local or net.is_multicast):
+                    out.append(net)
         return out
+
+
+def ipv6_enabled() -> bool:
+    """Whether the current namespace has IPv6 (the kernel's, and not disabled)."""
+    try:
+        with open("/proc/sys/net/ipv6/conf/default/disable_ipv6") as f:
+            return f.read().strip() == "0"
+    except OSError:
+        return False
 
 
 def bridge_address(name: str) -> ipaddress.IPv4Interface | None:
@@ -457,6 +471,59 @@ def bridge_address(name: str) -> ipaddress.IPv4Interface | None:
         for a in ipr.get_addr(index=idx, family=socket.AF_INET):
             return ipaddress.IPv4Interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
         raise ConfigError(f"bridge {name} exists but has no IPv4 address")
+
+
+def bridge_network6(name: str) -> ipaddress.IPv6Network | None:
+    """The IPv6 subnet of bridge `name` (its first global address's), None without one."""
+    with _ipr() as ipr:
+        idx = _index(ipr, name)
+        if idx is None:
+            return None
+        for a in ipr.get_addr(index=idx, family=socket.AF_INET6):
+            ip = ipaddress.IPv6Address(a.get("IFA_ADDRESS"))
+            if not ip.is_link_local:
+                return ipaddress.IPv6Network(f"{ip}/{a['prefixlen']}", strict=False)
+        return None
+
+
+def add_bridge_subnet6(name: str, subnet: ipaddress.IPv6Network) -> None:
+    """Give bridge `name` IPv6: the gateway (`subnet`'s ::1) and the loopback-return address
+    (`loopback_return6`, deprecated so no socket picks it as its source), both without
+    duplicate address detection (usable at once); IPv6 forwarding on."""
+    write_sysctl(f"net/ipv6/conf/{name}/disable_ipv6", "0")
+    with _ipr() as ipr:
+        idx = _index(ipr, name)
+        assert idx is not None
+        ipr.addr(
+            "add", index=idx, address=str(subnet[1]), prefixlen=subnet.prefixlen, flags=IFA_F_NODAD
+        )
+        ipr.addr(
+            "add",
+            index=idx,
+            address=str(loopback_return6(subnet)),
+            prefixlen=subnet.prefixlen,
+            flags=IFA_F_NODAD,
+            preferred_lft=0,
+        )
+    enable_ipv6_forwarding()
+
+
+def loopback_return6(subnet: ipaddress.IPv6Network) -> ipaddress.IPv6Address:
+    """The bridge's address that connections from ::1 to a published port are masqueraded
+    to (see nat.py: there is no route_localnet for IPv6)."""
+    return subnet[-2]
+
+
+def enable_ipv6_forwarding() -> None:
+    """IPv6 forwarding on in the current namespace. Forwarding makes the kernel ignore router
+    advertisements where accept_ra is 1, so those interfaces get 2 first (what they did
+    before: a host configured by SLAAC keeps its routes)."""
+    if read_sysctl("net/ipv6/conf/all/forwarding") == "1":
+        return
+    for name in os.listdir("/proc/sys/net/ipv6/conf"):
+        if name != "all" and read_sysctl(f"net/ipv6/conf/{name}/accept_ra") == "1":
+            write_sysctl(f"net/ipv6/conf/{name}/accept_ra", "2")
+    write_sysctl("net/ipv6/conf/all/forwarding", "1")
 
 
 def create_bridge(name: str, gateway: ipaddress.IPv4Interface) -> None:
@@ -495,9 +562,11 @@ def add_veth(
     inner: str,
     address: ipaddress.IPv4Interface,
     gateway: ipaddress.IPv4Address,
+    address6: ipaddress.IPv6Interface | None = None,
+    gateway6: ipaddress.IPv6Address | None = None,
 ) -> None:
     """A veth pair: `host_end` on `bridge` here, `inner` in the namespace at `ns_path` with
-    `address` and a default route via `gateway`."""
+    `address` and a default route via `gateway` (and the same in IPv6, if given)."""
     with _ipr() as ipr:
         fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -514,10 +583,29 @@ def add_veth(
             idx = _index(ipr, inner)
             assert idx is not None
             ipr.addr("add", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
+            if address6 is not None and gateway6 is not None:
+                ipr.addr(
+                    "add",
+                    index=idx,
+                    address=str(address6.ip),
+                    prefixlen=address6.network.prefixlen,
+                    flags=IFA_F_NODAD,
+                )
             ipr.link("set", index=idx, state="up")
             ipr.route("add", dst="0.0.0.0/0", gateway=str(gateway))
+            if address6 is not None and gateway6 is not None:
+                ipr.route("add", dst="::/0", gateway=str(gateway6), family=socket.AF_INET6)
 
     call_in_netns(ns_path, inside)
+
+
+def read_sysctl(key: str) -> str:
+    """/proc/sys/<key> of the current namespace ("" when it does not exist)."""
+    try:
+        with open(os.path.join("/proc/sys", key)) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
 
 
 def write_sysctl(key: str, value: str) -> None:

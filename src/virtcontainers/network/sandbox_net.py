@@ -35,6 +35,7 @@ from .model import (
     PortMapping,
     Route,
     parse_subnet,
+    parse_subnet6,
 )
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ LOCK_PATH = "/run/lock/virtc-net.lock"
 """Serialises bridge creation/removal and address leases across managers."""
 SUBNET_CANDIDATES = ("10.213.0.0/16", "10.214.0.0/16", "172.29.0.0/16", "192.168.213.0/24")
 """Default bridge subnets, the first that no route of the bridge's namespace overlaps."""
+SUBNET6_CANDIDATES = ("fd5c:76c1:a7e3::/64", "fd5c:76c1:a7e3:1::/64", "fd9b:3e05:41d2::/64")
+"""Default IPv6 bridge subnets (unique local addresses, RFC 4193), chosen the same way."""
 INNER_IFNAME = "eth0"
 USER_NET = ipaddress.IPv4Network("10.0.2.0/24")
 """QEMU user-mode networking: guest .15, gateway .2, DNS .3."""
@@ -98,6 +101,8 @@ class SandboxNetwork:
     lease_dir: str = ""
     address: str = ""
     gateway: str = ""
+    address6: str = ""
+    gateway6: str = ""
     interfaces: list[Interface] = field(default_factory=list)
     routes: list[Route] = field(default_factory=list)
     neighbours: list[Neighbour] = field(default_factory=list)
@@ -217,30 +222,85 @@ class SandboxNetwork:
                 )
             addr = self._lease(gw)
             self.address, self.gateway = str(addr), str(gw.ip)
+            subnet6 = self._bridge_subnet6()
+            addr6 = None
+            if subnet6 is not None:
+                # The IPv4 lease's offset in the IPv6 subnet: no second lease to keep.
+                offset = int(addr.ip) - int(gw.network.network_address)
+                if offset >= subnet6.num_addresses - 2:
+                    raise ConfigError(
+                        f"IPv6 subnet {subnet6} is too small for {gw.network}'s address {addr.ip}"
+                    )
+                addr6 = ipaddress.IPv6Interface(f"{subnet6[offset]}/{subnet6.prefixlen}")
+                self.address6, self.gateway6 = str(addr6), str(subnet6[1])
             netlink.create_netns(self.netns_name)
-            netlink.add_veth(self.host_veth, cfg.bridge, self.netns_path, INNER_IFNAME, addr, gw.ip)
-            nat.add_rules(self.sandbox_id, addr.ip, gw.network, cfg.bridge, cfg.ports)
+            netlink.add_veth(
+                self.host_veth,
+                cfg.bridge,
+                self.netns_path,
+                INNER_IFNAME,
+                addr,
+                gw.ip,
+                addr6,
+                subnet6[1] if subnet6 is not None else None,
+            )
+            nat.add_rules(
+                self.sandbox_id,
+                nat.Bridge(cfg.bridge, gw.network, subnet6, self.host_veth),
+                addr.ip,
+                addr6.ip if addr6 is not None else None,
+                cfg.ports,
+            )
+
+    def _bridge_subnet6(self) -> ipaddress.IPv6Network | None:
+        """The bridge's IPv6 subnet, given to it now if it has none; None without IPv6."""
+        cfg = self.config
+        if cfg.subnet6 == "none":
+            return None
+        if not netlink.ipv6_enabled():
+            if cfg.subnet6:
+                raise ConfigError(f"IPv6 subnet {cfg.subnet6}: IPv6 is disabled on this host")
+            return None
+        have = netlink.bridge_network6(cfg.bridge)
+        if have is not None:
+            if cfg.subnet6 and have != parse_subnet6(cfg.subnet6):
+                raise ConfigError(
+                    f"bridge {cfg.bridge} already serves {have}, not IPv6 subnet {cfg.subnet6}"
+                )
+            return have
+        subnet6 = self._free_subnet(cfg.subnet6, SUBNET6_CANDIDATES, 6)
+        assert isinstance(subnet6, ipaddress.IPv6Network)
+        netlink.add_bridge_subnet6(cfg.bridge, subnet6)
+        return subnet6
 
     def _gateway_for_new_bridge(self) -> ipaddress.IPv4Interface:
-        if self.config.subnet:
-            subnet = parse_subnet(self.config.subnet)
-            clash = [r for r in netlink.route_networks() if r.overlaps(subnet)]
-            if clash:
-                raise ConfigError(f"subnet {subnet} overlaps the route to {clash[0]} on this host")
-        else:
-            taken = netlink.route_networks()
-            free = [
-                parse_subnet(c)
-                for c in SUBNET_CANDIDATES
-                if not any(r.overlaps(ipaddress.IPv4Network(c)) for r in taken)
-            ]
-            if not free:
-                raise ConfigError(
-                    f"every default bridge subnet ({', '.join(SUBNET_CANDIDATES)}) overlaps a "
-                    "route of this host: choose one with --subnet"
-                )
-            subnet = free[0]
+        subnet = self._free_subnet(self.config.subnet, SUBNET_CANDIDATES, 4)
         return ipaddress.IPv4Interface(f"{subnet[1]}/{subnet.prefixlen}")
+
+    @staticmethod
+    def _free_subnet(
+        asked: str, candidates: tuple[str, ...], version: int
+    ) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        """`asked` if no route of this namespace overlaps it, else (when not asked) the first
+        candidate that none overlaps."""
+        parse = parse_subnet if version == 4 else parse_subnet6
+        what = "subnet" if version == 4 else "IPv6 subnet"
+        taken = netlink.route_networks(version)
+        if asked:
+            subnet = parse(asked)
+            clash = [r for r in taken if r.overlaps(subnet)]
+            if clash:
+                raise ConfigError(f"{what} {subnet} overlaps the route to {clash[0]} on this host")
+            return subnet
+        for c in candidates:
+            subnet = parse(c)
+            if not any(r.overlaps(subnet) for r in taken):
+                return subnet
+        option = "--subnet" if version == 4 else "--subnet6"
+        raise ConfigError(
+            f"every default bridge {what} ({', '.join(candidates)}) overlaps a route of "
+            f"this host: choose one with {option}"
+        )
 
     def _lease(self, gw: ipaddress.IPv4Interface) -> ipaddress.IPv4Interface:
         """The first free address of the bridge's subnet, held by a file named after it."""
@@ -424,8 +484,10 @@ class SandboxNetwork:
         return {
             "mode": self.config.mode,
             "netns": self.netns_path,
-            "ip": self.address.split("/")[0] if self.address else self._first_ipv4(),
+            "ip": self.address.split("/")[0] if self.address else self._first_ip(4),
+            "ip6": self.address6.split("/")[0] if self.address6 else self._first_ip(6),
             "gateway": self.gateway,
+            "gateway6": self.gateway6,
             "interfaces": [
                 {
                     "name": i.name,
@@ -439,10 +501,10 @@ class SandboxNetwork:
             "dns": self.dns,
         }
 
-    def _first_ipv4(self) -> str:
+    def _first_ip(self, family: int) -> str:
         for i in self.interfaces:
             for a in i.addresses:
-                if a.family == 4:
+                if a.family == family:
                     return a.ip
         return ""
 
