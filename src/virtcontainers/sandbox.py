@@ -224,15 +224,16 @@ class Sandbox:
             self._store.write(self.id, self._doc(VMState.NEW.value, cfg))
         try:
             net = self.network
+            hv = new_hypervisor(self.hypervisor_type, self.run_root)
+            queues = cfg.num_vcpus if Capabilities.MULTI_QUEUE in hv.capabilities() else 1
             if net is not None:
                 # Each step of the plan is recorded before it is made (see SandboxNetwork).
-                await net.setup(cfg.num_vcpus, lambda: self._write_doc(VMState.NEW.value, cfg))
-            hv = new_hypervisor(self.hypervisor_type, self.run_root)
+                await net.setup(queues, lambda: self._write_doc(VMState.NEW.value, cfg))
             await hv.create_sandbox(self.id, net.vmm_netns if net else None, cfg)
             self._hv = hv
             await self._plug_agent_channel()
             if net is not None:
-                for dev in net.devices(cfg.num_vcpus, _vhost_net(cfg)):
+                for dev in net.devices(queues, _vhost_net(cfg)):
                     await hv.add_device(dev)
             await self._plug_workload()
             self._persist()
@@ -793,10 +794,22 @@ class Sandbox:
         from .network import NetworkConfig, SandboxNetwork
 
         cfg = NetworkConfig.parse(request) if isinstance(request, str) else request
-        if self.hypervisor_type not in (HypervisorType.QEMU, HypervisorType.MOCK):
+        kind = self.hypervisor_type
+        if kind is HypervisorType.ACRN and cfg.mode != "none":
             raise UnsupportedError(
-                str(self.hypervisor_type), "sandbox networking", "only QEMU is wired up so far"
+                str(kind), "sandbox networking", "its driver plugs no network device yet"
             )
+        if kind not in (HypervisorType.QEMU, HypervisorType.MOCK):
+            if cfg.mode == "user":
+                raise UnsupportedError(
+                    str(kind), "--net user", "user-mode networking is QEMU's own: use bridge"
+                )
+            if cfg.model == "macvtap":
+                raise UnsupportedError(
+                    str(kind),
+                    "the macvtap network model",
+                    "it opens taps by name; a macvtap's queues are handed over as fds",
+                )
         return SandboxNetwork.plan(self.id, cfg, self.run_root)
 
     async def add_network(self, name: str) -> Interface:
@@ -809,7 +822,7 @@ class Sandbox:
         net = self.network
         async with self._op():
             iface, routes, neighbours = await net.find_new(name)
-            queues = self.config.num_vcpus
+            queues = self.config.num_vcpus if Capabilities.MULTI_QUEUE in hv.capabilities() else 1
             net.interfaces.append(iface)
             self._persist()  # the tap is named in the record before it exists
             ep = None

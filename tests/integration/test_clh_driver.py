@@ -693,3 +693,58 @@ async def test_nine_p_shares_are_refused_at_cold_plug(fake: ClhEnv) -> None:
     with pytest.raises(UnsupportedError, match="virtio-9p"):
         await h.add_device(SharedFS("p9", share_dir, "t", fs_type="virtio-9p"))
     await h.stop_sandbox()
+
+
+# -- networking ------------------------------------------------------------------------------
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and taps need root")
+async def test_sandbox_bridge_network_through_the_api(fake: ClhEnv) -> None:
+    """`--net bridge` on Cloud Hypervisor, inside a test namespace: the VMM runs in the
+    sandbox's namespace and is given its multiqueue tap (one queue pair per vCPU) and the
+    endpoint's MAC through the `net` config; stop removes everything again. The macvtap
+    model and user-mode networking are refused before anything is made."""
+    from net_support import namespaces
+    from virtcontainers import Sandbox
+    from virtcontainers.network import NetworkConfig, PortMapping
+
+    rr = os.path.join(fake.tmp, "rr")  # the sandbox's own run root (its state directory)
+    async with namespaces(1, "clhn") as (hostns,):
+        cfg = NetworkConfig(mode="bridge", host_netns=hostns.path, ports=[PortMapping(18110, 80)])
+        sb = Sandbox(hypervisor="clh", config=fake.config(num_vcpus=2), run_root=rr, network=cfg)
+        try:
+            await sb.create()
+            await sb.hypervisor.start_sandbox(20)
+            assert sb.network is not None
+            iface = sb.network.interfaces[0]
+            info = await vm_info(sb.hypervisor.api_socket)  # type: ignore[attr-defined]
+            nets = info["config"]["net"]
+            assert [(n["id"], n["tap"], n["mac"], n["num_queues"]) for n in nets] == [
+                ("net0", "tap0_vc", iface.mac.lower(), 4)
+            ]
+            pid = sb.hypervisor.get_pids()[0]
+            assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(sb.network.netns_path).st_ino
+            assert await asyncio.to_thread(tun_multi_queue, sb.network.netns_path, "tap0_vc")
+            assert "table ip virtc" in hostns.run("nft", "list", "ruleset")
+        finally:
+            await sb.stop()
+        assert hostns.links() == ["lo"]
+        assert hostns.run("nft", "list", "ruleset").strip() == ""
+        for bad, what in (("user", "--net user"), ("macvtap", "macvtap network model")):
+            req = (
+                NetworkConfig(mode="user")
+                if bad == "user"
+                else NetworkConfig(mode="bridge", host_netns=hostns.path, model="macvtap")
+            )
+            refused = Sandbox(hypervisor="clh", config=fake.config(), run_root=rr, network=req)
+            with pytest.raises(UnsupportedError, match=what):
+                await refused.create()
+        assert hostns.links() == ["lo"]
+
+
+def tun_multi_queue(netns: str, name: str) -> bool:
+    """Whether tap `name` in namespace `netns` was made multiqueue."""
+    from pyroute2 import NetNS
+
+    with NetNS(netns) as ns:
+        (link,) = ns.get_links(ns.link_lookup(ifname=name)[0])
+        data = link.get("IFLA_LINKINFO").get("IFLA_INFO_DATA")
+        return bool(data.get("IFLA_TUN_MULTI_QUEUE"))

@@ -183,6 +183,7 @@ class CloudHypervisor(Hypervisor):
             self.require(Capabilities.BLOCK_DEVICE, "block devices")
             self._cold.disks.append(device)
         elif isinstance(device, NetworkEndpoint):
+            self._check_nic(device)
             self._cold.nets.append(device)
         elif isinstance(device, SharedFS):
             self._check_share(device, "cold-plug")
@@ -199,6 +200,15 @@ class CloudHypervisor(Hypervisor):
             self._cold.vhost_user.append(device)
         else:
             raise self.unsupported(f"cold-plug of {device.kind}")
+
+    def _check_nic(self, nic: NetworkEndpoint) -> None:
+        """Cloud Hypervisor is given a tap by name (its API takes fds only as SCM_RIGHTS,
+        which this client does not send)."""
+        if nic.fds:
+            raise self.unsupported(
+                f"network interface {nic.id} from open fds (macvtap)",
+                "cloud hypervisor is given a tap by name",
+            )
 
     def _check_share(self, share: SharedFS, operation: str) -> None:
         self.require(Capabilities.FS_SHARING, f"{operation} of shared fs {share.id}")
@@ -444,6 +454,7 @@ class CloudHypervisor(Hypervisor):
             return device
         if isinstance(device, NetworkEndpoint):
             self.require(Capabilities.NET_DEVICE_HOTPLUG, "network device hotplug")
+            self._check_nic(device)
             info = await self._client().add("net", net_config(device, cfg))
             device.pci_path = _pci_path(info)
             self._hotplugged[device.id] = "net"

@@ -533,6 +533,16 @@ class Firecracker(Hypervisor):
                 raise ConfigError(f"firecracker: drive id {device.id!r} ({rid}) is already used")
             self._cold_drives.append(device)
         elif isinstance(device, NetworkEndpoint):
+            if device.fds:
+                raise self.unsupported(
+                    f"network interface {device.id} from open fds (macvtap)",
+                    "firecracker opens a tap by name",
+                )
+            if device.queues > 1:
+                raise self.unsupported(
+                    f"{device.queues} queues on network interface {device.id}",
+                    "firecracker's virtio-net has one queue pair",
+                )
             rid = resource_id(device.id)
             if any(resource_id(n.id) == rid for n in self._nets):
                 raise ConfigError(
