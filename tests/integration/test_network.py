@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check", "ho
 OUT4, IN4 = "192.168.77.1", "192.168.77.2"
 OUT6, IN6 = "fd77::1", "fd77::2"
 NEIGH_IP, NEIGH_MAC = "192.168.77.9", "02:00:00:77:00:09"
+NEIGH6_IP = "fd77::9"
 MTU = 2000
 
 
@@ -38,6 +39,7 @@ def add_neigh(ns: Namespace) -> None:
     with NetNS(ns.path) as n:
         idx = n.link_lookup(ifname="eth0")[0]
         n.neigh("add", dst=NEIGH_IP, lladdr=NEIGH_MAC, ifindex=idx, state=0x80)
+        n.neigh("add", dst=NEIGH6_IP, lladdr=NEIGH_MAC, ifindex=idx, state=0x80, family=10)
 
 
 def serve(ns: Namespace, tmp: Path, port: int, text: str) -> Any:
@@ -118,6 +120,13 @@ async def test_namespace_endpoint_tcfilter_guest_config_and_hotplug(
                 routes = (await sb.exec("ip route")).stdout.decode()
                 assert f"default via {OUT4}" in routes
                 assert NEIGH_MAC in (await sb.exec("arp -n")).stdout.decode()
+                # Both static neighbours are read from the namespace and set in the guest.
+                assert sb.network is not None
+                found = {(nb.ip, nb.family) for nb in sb.network.guest().neighbours}
+                assert found == {(NEIGH_IP, 4), (NEIGH6_IP, 6)}
+                neigh6 = (await sb.exec("ip -6 neigh show")).stdout.decode()
+                assert f"{NEIGH6_IP} dev {dev} lladdr {NEIGH_MAC}" in neigh6, neigh6
+                assert "PERMANENT" in neigh6
                 assert (await sb.exec("hostname")).stdout.strip() == b"sbx-net"
                 hosts = (await sb.read_file("/etc/hosts")).decode()
                 assert f"{OUT4}\toutside.test" in hosts and f"{IN4}\tsbx-net" in hosts
