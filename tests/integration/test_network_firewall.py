@@ -30,8 +30,16 @@ async def test_forward_drop_policy_and_iptables_fallback(
     if backend == "iptables":
         monkeypatch.setattr(nat, "nft_available", lambda: False)
     async with namespaces(2) as (host, world):
-        await veth(host, "up0", ["203.0.113.1/24"], world, "wan0", ["203.0.113.2/24"])
+        await veth(
+            host,
+            "up0",
+            ["203.0.113.1/24", "2001:db8:77::1/64"],
+            world,
+            "wan0",
+            ["203.0.113.2/24", "2001:db8:77::2/64"],
+        )
         host.run("iptables", "-P", "FORWARD", "DROP")
+        host.run("ip6tables", "-P", "FORWARD", "DROP")
         decoys = [
             ["-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "8081"],
             ["-t", "filter", "-A", "FORWARD", "-i", "nowhere0"],
@@ -64,15 +72,23 @@ async def test_forward_drop_policy_and_iptables_fallback(
                     assert mine not in nat_rules and nft_table
                 forward = host.run("iptables", "-S", "FORWARD")
                 assert forward.count(mine) == 2 and "-P FORWARD DROP" in forward
+                forward6 = host.run("ip6tables", "-S", "FORWARD")
+                assert forward6.count(mine) == 2 and "-P FORWARD DROP" in forward6
+                nat6 = host.run("ip6tables", "-t", "nat", "-S")
+                assert (mine in nat6) == (backend == "iptables")
                 # Routed both ways through the dropping FORWARD chain: outbound NAT and the
                 # published port from outside; the host's own loopback too.
                 await guest_serve(sb, 80, "g1")
                 assert await guest_get(sb, "http://203.0.113.2:8090/") == "outside-world"
                 assert get(world, "http://203.0.113.1:8080/") == "g1"
                 assert get(host, "http://127.0.0.1:8080/") == "g1"
+                # The same over IPv6 (NAT66 and the published port from outside).
+                assert await guest_get(sb, "http://[2001:db8:77::2]:8090/") == "outside-world"
+                assert get(world, "http://[2001:db8:77::1]:8080/") == "g1"
         finally:
             server.kill()
             server.wait()
+        assert mine not in host.run("ip6tables", "-S") + host.run("ip6tables", "-t", "nat", "-S")
         # Exactly this sandbox's rules are gone: the other's and the policy remain.
         for table in ("nat", "filter"):
             tagged = [r for r in host.run("iptables", "-t", table, "-S").splitlines() if "--" in r]
