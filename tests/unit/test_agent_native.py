@@ -16,7 +16,7 @@ import struct
 import subprocess
 import tempfile
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -32,13 +32,21 @@ pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is need
 
 
 class NativeAgent:
-    def __init__(self, workdir: str) -> None:
+    """The agent serving on `workdir`/agent.sock: built there unless `binary` is given, run
+    under the `wrap` command (e.g. one entering namespaces), with `args` added."""
+
+    def __init__(
+        self, workdir: str, *, binary: str = "", wrap: Sequence[str] = (), args: Sequence[str] = ()
+    ) -> None:
         self.workdir = workdir
-        self.binary = os.path.join(workdir, "init")
+        self.binary = binary or os.path.join(workdir, "init")
         self.path = os.path.join(workdir, "agent.sock")
-        initrd.compile_agent(self.binary, workdir)
+        if not binary:
+            initrd.compile_agent(self.binary, workdir)
         self.proc = subprocess.Popen(
-            [self.binary, "--unix", self.path], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+            [*wrap, self.binary, "--unix", self.path, *args],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
         )
         assert self.proc.stdout is not None
         assert self.proc.stdout.readline() == b"VC-AGENT-READY\n"

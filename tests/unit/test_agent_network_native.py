@@ -9,7 +9,6 @@ import errno
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from pyroute2 import NetNS
+from test_agent_native import NativeAgent
 
 from net_support import Namespace, _create, _remove
 from virtcontainers.agent import AgentClient, AgentRequestError
@@ -35,28 +35,16 @@ IFA_F_TENTATIVE = 0x40
 NUD_PERMANENT = 0x80
 
 
-class NetAgent:
-    """The agent serving on a Unix socket from inside namespace `ns` and a UTS namespace of
-    its own, its /etc under `root/etc`."""
+class NetAgent(NativeAgent):
+    """The agent inside namespace `ns` and a UTS namespace of its own, its /etc under
+    `root/etc`."""
 
     def __init__(self, binary: str, workdir: str, ns: Namespace) -> None:
         self.ns = ns
         self.root = Path(workdir, "root")
         (self.root / "etc").mkdir(parents=True)
-        self.path = os.path.join(workdir, "agent.sock")
-        self.proc = subprocess.Popen(
-            ["nsenter", f"--net={ns.path}", "--", "unshare", "--uts", "--",
-             binary, "--unix", self.path, "--sysroot", str(self.root)],
-            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        assert self.proc.stdout.readline() == b"VC-AGENT-READY\n"
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
+        wrap = ["nsenter", f"--net={ns.path}", "--", "unshare", "--uts", "--"]
+        super().__init__(workdir, binary=binary, wrap=wrap, args=["--sysroot", str(self.root)])
 
 
 @pytest.fixture(scope="module")

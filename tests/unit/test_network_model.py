@@ -1,18 +1,14 @@
-"""Parsing and validation of network requests, and the guest script they produce."""
+"""Parsing and validation of network requests, and the guest files they produce."""
 
 from __future__ import annotations
 
 import pytest
+from test_agent_network_native import NET
 
 from virtcontainers.errors import ConfigError
 from virtcontainers.network import (
-    Address,
-    GuestNetwork,
-    Interface,
-    Neighbour,
     NetworkConfig,
     PortMapping,
-    Route,
 )
 from virtcontainers.network.guest import hosts_file, resolv_conf
 from virtcontainers.network.sandbox_net import host_dns
@@ -108,31 +104,8 @@ def test_user_mode_publishes_ipv4_only() -> None:
 
 
 def test_guest_files() -> None:
-    net = GuestNetwork(
-        interfaces=[
-            Interface(
-                "eth0",
-                "veth",
-                "02:AA:00:00:00:01",
-                1400,
-                [Address("10.1.0.2", 24), Address("fd00::2", 64)],
-            )
-        ],
-        routes=[
-            Route(gateway="10.1.0.1", device="eth0"),
-            Route("10.7.0.0/16", "10.1.0.9", 4, "eth0"),
-        ],
-        neighbours=[
-            Neighbour("10.1.0.9", "02:00:00:00:00:09", "eth0"),
-            Neighbour("fd00::9", "x", "eth0"),
-        ],
-        hostname="box",
-        dns=["10.1.0.53"],
-        dns_search=["a.test"],
-        extra_hosts={"db": "10.1.0.7"},
-    )
-    assert hosts_file(net).splitlines()[2:] == ["10.1.0.2\tbox", "fd00::2\tbox", "10.1.0.7\tdb"]
-    assert resolv_conf(net) == "nameserver 10.1.0.53\nsearch a.test\n"
+    assert hosts_file(NET).splitlines()[2:] == ["10.1.0.2\tbox", "fd00::2\tbox", "10.1.0.7\tdb"]
+    assert resolv_conf(NET) == "nameserver 10.1.0.53\nsearch a.test\n"
 
 
 def test_host_dns_drops_loopback_servers(tmp_path: pytest.TempPathFactory) -> None:
