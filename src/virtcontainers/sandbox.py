@@ -242,7 +242,8 @@ class Sandbox:
             raise
 
     async def _plug_workload(self) -> None:
-        """Share the container's root and volumes with the guest (before it boots)."""
+        """Share the container's root and volumes with the guest: before it boots, or
+        hot-added to a running VM (one from the VM factory: see `share_workload`)."""
         if self.image is None and self.bundle is None and not self.mounts:
             return
         from .containers.container import volume_records, volume_shares
@@ -252,6 +253,12 @@ class Sandbox:
         work: dict[str, Any] = {"share_tag": "vc-ctr"}
         self.workload = work  # teardown releases what is recorded here, even half-way
         if Capabilities.FS_SHARING not in hv.capabilities() or not self.config.shared_fs:
+            if hv.state is not VMState.CREATED:
+                raise UnsupportedError(
+                    str(self.hypervisor_type),
+                    "containers in a VM from the factory",
+                    "its VMs need shared_fs = 'virtio-fs' (`virtc template create --virtio-fs`)",
+                )
             if self.image is None or self.mounts:
                 raise UnsupportedError(
                     str(self.hypervisor_type),
@@ -268,7 +275,7 @@ class Sandbox:
             lower = store.rootfs(image)
             store.acquire(self.id, image)
             work.update(image=image.digest, image_store=store.root, lower=lower)
-            await hv.add_device(self._root_share(0, lower=lower))
+            await self._plug_share(self._root_share(0, lower=lower))
         elif self.bundle is not None:
             from .containers import from_oci
 
@@ -276,10 +283,10 @@ class Sandbox:
             spec, root, extra = from_oci(doc, self.bundle)
             self.mounts = [*self.mounts, *extra]
             work.update(bundle=self.bundle, lower=root, spec=dataclasses.asdict(spec))
-            await hv.add_device(self._root_share(0, root=root, read_only=spec.readonly_root))
+            await self._plug_share(self._root_share(0, root=root, read_only=spec.readonly_root))
         work["volumes"] = volume_records(self.mounts, "vc-")
         for share in volume_shares(work["volumes"], "vol"):
-            await hv.add_device(share)
+            await self._plug_share(share)
 
     async def _plug_image_block(self, work: dict[str, Any], vm_dir: str) -> None:
         """Without virtio-fs: the image's root as an ext4 image file (built without mounting,
@@ -1100,10 +1107,24 @@ class Sandbox:
         agent: AgentClient,
         endpoint: AgentEndpoint,
         run_root: str | None = None,
+        *,
+        image: str | None = None,
+        bundle: str | None = None,
+        mounts: Sequence[Mount | str] = (),
+        image_store: str | None = None,
     ) -> Sandbox:
         """Wrap a VM that is already running with a connected agent (e.g. from the factory)
-        reached at `endpoint`."""
-        sb = cls(hv.id, hv.hypervisor_type, run_root=run_root)
+        reached at `endpoint`. Its container's root (`image` or `bundle`) and `mounts` are
+        hot-added by `share_workload`."""
+        sb = cls(
+            hv.id,
+            hv.hypervisor_type,
+            run_root=run_root,
+            image=image,
+            bundle=bundle,
+            mounts=mounts,
+            image_store=image_store,
+        )
         sb._hv = hv
         sb._agent = agent
         sb._agent_endpoint = endpoint
@@ -1112,6 +1133,14 @@ class Sandbox:
                 raise StateError(f"sandbox {sb.id} already exists")
             sb._store.write(sb.id, sb._doc(hv.state.value, hv.hypervisor_config()))
         return sb
+
+    async def share_workload(self) -> None:
+        """Hot-add the shares of an adopted sandbox's container (its root and volumes): a
+        booted sandbox has them from the start. The guest mounts them when the container
+        starts (waiting for a share it has not probed yet)."""
+        async with self._op():
+            await self._plug_workload()
+            self._persist()
 
     @classmethod
     async def attach(cls, id: str, run_root: str | None = None) -> Sandbox:

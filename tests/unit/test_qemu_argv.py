@@ -222,6 +222,19 @@ def test_template_memory_backends() -> None:
     assert one(argv, "-incoming") == "defer"
     assert "spawn=deny" in one(argv, "-sandbox")
 
+    # A clone for virtio-fs: memory_path is its own copy, mapped shared (virtiofsd maps it).
+    argv = qa.build(
+        make_spec(
+            boot_from_template=True,
+            shared_fs="virtio-fs",
+            memory_path="/proc/1/fd/9",
+            devices_state_path="/tpl/st",
+        )
+    ).argv
+    assert one(argv, "-object") == (
+        "memory-backend-file,id=ram0,size=2048M,mem-path=/proc/1/fd/9,share=on"
+    )
+
 
 def test_hugepages_prealloc_and_plain_prealloc() -> None:
     argv = qa.build(make_spec(huge_pages=True, mem_prealloc=True)).argv

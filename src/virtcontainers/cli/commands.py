@@ -139,8 +139,17 @@ def run(g: Globals, a: argparse.Namespace) -> int | None:
         default = ""
         if a.image is not None and g.hypervisor == "qemu":
             default = "bridge" if os.geteuid() == 0 else "user"
+        if a.from_template or a.factory:
+            default = ""  # a factory VM has no NIC (see _from_factory)
         sb = _new_sandbox(g, a, default, image=a.image, bundle=a.bundle, mounts=a.volume)
-        return run_container(g, a, sb)
+
+        async def started() -> Sandbox:
+            if a.from_template or a.factory:
+                return await _from_factory(g, a, sb)
+            await sb.start()
+            return sb
+
+        return run_container(g, a, started)
     data = sys.stdin.buffer.read() if a.stdin else b""
     if not [w for w in a.command if w != "--"]:
         raise ConfigError("run: no command given (or use --image/--bundle)")
@@ -149,24 +158,39 @@ def run(g: Globals, a: argparse.Namespace) -> int | None:
 
     async def body() -> ExecResult:
         if a.from_template or a.factory:
-            from ..factory import sandbox_from_factory
-            from ..sandbox import build_config
-
-            cfg = build_config(sb.config_request, sb.overrides, sb.hypervisor_type)
-            fsb = await sandbox_from_factory(
-                cfg,
-                template=a.from_template,
-                use_cache=a.factory,
-                run_root=g.run_root,
-                id=a.name,
-                timeout=a.timeout,
-            )
-            async with fsb:
+            async with await _from_factory(g, a, sb) as fsb:
                 return await fsb.exec(argv, stdin=data, timeout=a.exec_timeout)
         async with sb:
             return await sb.exec(argv, stdin=data, timeout=a.exec_timeout)
 
     return print_result(g, with_spinner("booting sandbox", body, quiet=g.json))
+
+
+async def _from_factory(g: Globals, a: argparse.Namespace, sb: Sandbox) -> Sandbox:
+    """The sandbox `sb` describes, on a VM cloned from --from-template or taken from the VM
+    cache (--factory), its container's shares hot-added."""
+    from ..factory import sandbox_from_factory
+    from ..sandbox import build_config
+
+    net = sb.network_request
+    if net is not None:
+        from ..network import NetworkConfig
+
+        if (NetworkConfig.parse(net) if isinstance(net, str) else net).mode != "none":
+            raise ConfigError("--from-template and --factory take no network yet (--net none)")
+    cfg = build_config(sb.config_request, sb.overrides, sb.hypervisor_type)
+    return await sandbox_from_factory(
+        cfg,
+        template=a.from_template,
+        use_cache=a.factory,
+        run_root=g.run_root,
+        id=a.name,
+        timeout=a.timeout,
+        image=sb.image,
+        bundle=sb.bundle,
+        mounts=sb.mounts,
+        image_store=sb.image_store,
+    )
 
 
 def print_result(g: Globals, result: ExecResult) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from .app import Globals
@@ -20,16 +20,21 @@ if TYPE_CHECKING:
     from .logs import TerminalFilter
 
 
-def run_container(g: Globals, a: argparse.Namespace, sb: Sandbox) -> int | None:
-    """`virtc run --image|--bundle`: boot, create the container, run it with its output
-    streamed as written (our stdin too with -i, a terminal with -t); exit with its code. With
-    `--detach`, leave it running and print the sandbox id."""
+def run_container(
+    g: Globals, a: argparse.Namespace, started: Callable[[], Awaitable[Sandbox]]
+) -> int | None:
+    """`virtc run --image|--bundle`: boot (`started()`: a booted sandbox, or one from the VM
+    factory), create the container, run it with its output streamed as written (our stdin too
+    with -i, a terminal with -t); exit with its code. With `--detach`, leave it running and
+    print the sandbox id."""
     from .app import EXIT_TIMED_OUT
 
     argv = guest_command(a) if [w for w in a.command if w != "--"] else None
+    ids: list[str] = []
 
     async def body() -> ExitStatus | None:
-        await sb.start()
+        sb = await started()
+        ids.append(sb.id)
         try:
             container = await sb.create_container(argv, env=a.env, cwd=a.workdir, user=a.user)
             if a.detach:
@@ -55,7 +60,7 @@ def run_container(g: Globals, a: argparse.Namespace, sb: Sandbox) -> int | None:
     with raw_terminal(a.tty and a.stdin):
         status = run_async(body())
     if status is None:
-        line(sb.id)
+        line(ids[0])
         return None
     if g.json:
         emit_json(

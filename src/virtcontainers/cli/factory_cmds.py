@@ -27,16 +27,25 @@ DIRECTORY = Arg(
     "under the run root; needs root).",
 )
 TEMPLATES = Arg("--templates", help="Template store (default: <run root>/templates).")
+VIRTIO_FS = Arg(
+    "--virtio-fs",
+    action="store_true",
+    help="VMs for containers (run --image/--bundle/-v): shares hot-added over virtio-fs "
+    "(a clone then gets its own copy of the template's memory).",
+)
 
 
 def qemu_config(g: Globals, a: argparse.Namespace) -> HypervisorConfig:
-    """The validated QEMU config the `GUEST` options describe (as `virtc run` reads them)."""
+    """The validated QEMU config the `GUEST` options describe (as `virtc run` reads them);
+    with --virtio-fs, for containers (as `virtc run --image` asks for)."""
     from ..sandbox import build_config
     from ..types import HypervisorType
 
     if g.hypervisor != "qemu":
         raise ConfigError(f"the VM factory supports QEMU only, not {g.hypervisor} (-H qemu)")
     config, overrides = config_request(g, a)
+    if getattr(a, "virtio_fs", False):
+        overrides["shared_fs"] = "virtio-fs"
     return build_config(config, overrides, HypervisorType.QEMU)
 
 
@@ -54,7 +63,13 @@ def _when(ts: float) -> str:
 
 # -- virtc template ---------------------------------------------------------------------------
 @command(
-    "template create", Arg("name", help="Template name."), *GUEST, DIRECTORY, TEMPLATES, TIMEOUT
+    "template create",
+    Arg("name", help="Template name."),
+    *GUEST,
+    VIRTIO_FS,
+    DIRECTORY,
+    TEMPLATES,
+    TIMEOUT,
 )
 def template_create(g: Globals, a: argparse.Namespace) -> None:
     """Boot a VM, wait for its agent and save it as template NAME."""
@@ -134,6 +149,7 @@ def template_rm(g: Globals, a: argparse.Namespace) -> None:
     Arg("--concurrency", type=int, default=1, help="VMs made at the same time (default: 1)."),
     Arg("--wait", action="store_true", help="Return once the pool is full."),
     *GUEST,
+    VIRTIO_FS,
     TIMEOUT,
 )
 def factory_init(g: Globals, a: argparse.Namespace) -> None:
@@ -145,7 +161,7 @@ def factory_init(g: Globals, a: argparse.Namespace) -> None:
     vm_config: dict[str, Any] = {}
     if a.template is None:
         vm_config = VMConfig.of(qemu_config(g, a), HypervisorType.QEMU).to_dict()
-    elif guest_options_given(a):
+    elif guest_options_given(a) or a.virtio_fs:
         raise ConfigError("factory init: with --template the VM config is the template's")
     root = persist.run_root(g.run_root)
     spec = DaemonSpec(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..config import HypervisorConfig
+    from ..containers import Mount
     from ..sandbox import Sandbox
     from .vm import VM
 
@@ -60,11 +62,20 @@ async def sandbox_from_factory(
     templates: str | None = None,
     id: str | None = None,
     timeout: float = 60.0,
+    image: str | None = None,
+    bundle: str | None = None,
+    mounts: Sequence[Mount | str] = (),
+    image_store: str | None = None,
 ) -> Sandbox:
     """A started `Sandbox` around `factory_vm(...)` (its id is the VM's: a pooled VM already
-    has one). The VM is stopped if wrapping it fails."""
+    has one), with its container's root (`image` or `bundle`) and `mounts` hot-added over
+    virtio-fs (`config.shared_fs` must be "virtio-fs": the factory's VMs then are too). The
+    VM is stopped if wrapping it fails."""
     from .vm import stop_quietly
 
+    workload = image is not None or bundle is not None or bool(mounts)
+    if workload and config.shared_fs != "virtio-fs":
+        raise ConfigError("a container from the VM factory needs shared_fs = 'virtio-fs'")
     vm = await factory_vm(
         config,
         template=template,
@@ -75,14 +86,46 @@ async def sandbox_from_factory(
         timeout=timeout,
     )
     try:
-        return await adopt_vm(vm, run_root=run_root)
+        sb = await adopt_vm(
+            vm,
+            run_root=run_root,
+            image=image,
+            bundle=bundle,
+            mounts=mounts,
+            image_store=image_store,
+        )
     except BaseException:
         await stop_quietly(vm)
         raise
+    if workload:
+        try:
+            await sb.share_workload()
+        except BaseException:
+            await sb.stop()
+            raise
+    return sb
 
 
-async def adopt_vm(vm: VM, *, run_root: str | None = None) -> Sandbox:
-    """Wrap a running factory VM in a persisted `Sandbox` (which then owns it)."""
+async def adopt_vm(
+    vm: VM,
+    *,
+    run_root: str | None = None,
+    image: str | None = None,
+    bundle: str | None = None,
+    mounts: Sequence[Mount | str] = (),
+    image_store: str | None = None,
+) -> Sandbox:
+    """Wrap a running factory VM in a persisted `Sandbox` (which then owns it), for the
+    container of `image` or `bundle` (see `Sandbox.adopt`)."""
     from ..sandbox import Sandbox
 
-    return Sandbox.adopt(vm.hypervisor, await vm.agent(), vm.agent_endpoint, run_root=run_root)
+    return Sandbox.adopt(
+        vm.hypervisor,
+        await vm.agent(),
+        vm.agent_endpoint,
+        run_root=run_root,
+        image=image,
+        bundle=bundle,
+        mounts=mounts,
+        image_store=image_store,
+    )

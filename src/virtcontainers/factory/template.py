@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -554,14 +555,18 @@ class TemplateStore:
         vm: VM | None = None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        memory = -1
         try:
             vm_id = id or new_vm_id()
-            await hv.create_sandbox(vm_id, None, cfg)
-            endpoint = await plug_agent_channel(hv, vm_id)
             async with self._shared_lock(name, timeout=LOCK_TIMEOUT):
-                # QEMU opens the memory file during start; removal waits for that.
+                # QEMU opens the memory file (or it is copied) during start; removal waits.
                 if not os.path.exists(self.metadata_path(name)):
                     raise TemplateError(f"template {name} was removed")
+                if cfg.shared_fs == "virtio-fs":
+                    memory = await asyncio.to_thread(private_memory, info, vm_id)
+                    cfg.memory_path = f"/proc/{os.getpid()}/fd/{memory}"
+                await hv.create_sandbox(vm_id, None, cfg)
+                endpoint = await plug_agent_channel(hv, vm_id)
                 await hv.start_sandbox(timeout)
             vm = VM(
                 hv,
@@ -582,7 +587,53 @@ class TemplateStore:
         except BaseException:
             await stop_quietly(vm, hv)
             raise
+        finally:
+            if memory >= 0:
+                os.close(memory)  # QEMU has its own
         return vm
+
+
+def private_memory(info: TemplateInfo, vm_id: str) -> int:
+    """A memfd holding a copy of the template's memory (its data only: holes stay holes).
+
+    A clone of a template made for virtio-fs maps this copy shared, as vhost-user devices
+    need: virtiofsd then sees the clone's memory, and nothing it writes reaches the template.
+    """
+    fd = os.memfd_create(f"vc-{vm_id}", os.MFD_CLOEXEC)
+    try:
+        with open(info.memory_path, "rb") as src:
+            size = os.fstat(src.fileno()).st_size
+            os.ftruncate(fd, size)
+            copy_data(src.fileno(), fd, size)
+    except OSError as exc:
+        os.close(fd)
+        raise TemplateError(
+            f"template {info.name}: cannot copy its memory for a clone: {exc}"
+        ) from exc
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def copy_data(src: int, dst: int, size: int) -> None:
+    """Copy the data extents of file `src` to the same offsets of `dst` (holes skipped)."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after offset
+                return
+            raise
+        end = os.lseek(src, start, os.SEEK_HOLE)
+        os.lseek(dst, start, os.SEEK_SET)
+        while start < end:
+            sent = os.sendfile(dst, src, start, end - start)
+            if sent == 0:
+                raise OSError(errno.EIO, "short read copying template memory")
+            start += sent
+        offset = end
 
 
 def _verify_asset(name: str, what: str, stamp: FileStamp) -> None:
@@ -609,8 +660,6 @@ def _base_dict(cfg: HypervisorConfig) -> dict[str, Any]:
 
 
 def _refuse_untemplatable(cfg: HypervisorConfig) -> None:
-    if cfg.shared_fs == "virtio-fs":
-        raise ConfigError("shared_fs: VM templates cannot use virtio-fs (it needs shared memory)")
     if cfg.huge_pages or cfg.file_backed_mem_root_dir:
         raise ConfigError(
             "huge_pages / file_backed_mem_root_dir: a template's memory is its own file; "

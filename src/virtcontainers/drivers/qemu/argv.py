@@ -353,7 +353,10 @@ def _memory_backend(spec: LaunchSpec) -> list[str]:
     prealloc = ["prealloc=on"] if cfg.mem_prealloc else []
     if cfg.boot_to_be_template or cfg.boot_from_template:
         path = check_path("memory_path", cfg.memory_path)
-        share = "share=on" if cfg.boot_to_be_template else "share=off"
+        # A clone maps the template's file copy-on-write, unless vhost-user devices must
+        # see its memory: then memory_path is the clone's own copy, mapped shared.
+        shared = cfg.boot_to_be_template or cfg.shared_fs == "virtio-fs"
+        share = "share=on" if shared else "share=off"
         return ["memory-backend-file", "id=ram0", size, f"mem-path={path}", share, *prealloc]
     if cfg.huge_pages:
         root = check_path(
