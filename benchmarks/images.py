@@ -1,7 +1,10 @@
 """Containers from images: `virtc run --image busybox -- true` against `virtc run -- true`
 (alternated, same run; target <= 1.15x; `--net none`, the network's cost being
-benchmarks/network.py's), image import time and store size for the test
-images, and copying 100 MiB into and out of a running container (`virtc cp`).
+benchmarks/network.py's); the same from a VM template (`--from-template`, a template made
+with `--virtio-fs` and the same config) and from the VM cache server (`--factory`, its pool
+cloned from that template and full before each run) against the cold one (target <= 0.15x);
+image import time and store size for the test images, and copying 100 MiB into and out of a
+running container (`virtc cp`).
 
     [VC_BENCH_DEBIAN=1] .venv/bin/python benchmarks/images.py [--runs 10] [--quick]
 
@@ -36,8 +39,12 @@ from exec import run_virtc
 from virtcontainers.images import ImageStore
 from virtcontainers.images.build import busybox_image, debian_image
 
-TITLE = "Containers from images: run --image vs run, import, cp (q35, TCG)"
+TITLE = "Containers from images: run --image vs run, from a template / the VM cache, import, cp"
 RUN_TARGET = 1.15
+FACTORY_TARGET = 0.15
+TEMPLATE = "bench-img"
+POOL = 2
+POOL_TIMEOUT = 300.0
 CP_BYTES = 100 << 20
 DEBIAN = os.environ.get("VC_BENCH_DEBIAN") == "1"
 """Also the Debian image (`VC_BENCH_DEBIAN=1`): its first build takes minutes."""
@@ -82,6 +89,25 @@ async def bench(opts: Options) -> Result:
                 return {"wall": await asyncio.to_thread(run_virtc, args, env)}
 
             cands: dict[str, Candidate] = {"virtc_run": run_plain, "virtc_run_image": run_image}
+            await asyncio.to_thread(run_virtc, ["template", "create", TEMPLATE, "--virtio-fs"], env)
+            await asyncio.to_thread(
+                run_virtc,
+                ["factory", "init", "--template", TEMPLATE, "--size", str(POOL), "--wait"],
+                env,
+            )
+            image_true = ["--image", "busybox", "--", "true"]
+
+            async def run_template(_i: int) -> Sample:
+                args = ["run", "--from-template", TEMPLATE, *image_true]
+                return {"wall": await asyncio.to_thread(run_virtc, args, env)}
+
+            async def run_factory(_i: int) -> Sample:
+                await _pool_full(run_root)
+                args = ["run", "--factory", *image_true]
+                return {"wall": await asyncio.to_thread(run_virtc, args, env)}
+
+            cands["virtc_run_image_template"] = run_template
+            cands["virtc_run_image_factory"] = run_factory
             if DEBIAN:
 
                 async def run_python(_i: int) -> Sample:
@@ -91,7 +117,11 @@ async def bench(opts: Options) -> Result:
 
                 cands["virtc_run_python"] = run_python
             print("virtc run --image busybox -- true vs virtc run -- true", flush=True)
-            samples.update(await alternate(cands, opts.runs, opts.warmup, settle=0.5))
+            try:
+                samples.update(await alternate(cands, opts.runs, opts.warmup, settle=0.5))
+            finally:
+                await asyncio.to_thread(run_virtc, ["factory", "destroy"], env)
+                await asyncio.to_thread(run_virtc, ["template", "rm", TEMPLATE], env)
             samples.update(await _copy(opts, env, tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -103,9 +133,28 @@ async def bench(opts: Options) -> Result:
         ("virtc_run", "wall"),
         target=RUN_TARGET,
     )
+    for cand, how in (("template", "a template"), ("factory", "the VM cache")):
+        add_ratio(
+            result,
+            f"run --image busybox -- true from {how} / cold",
+            (f"virtc_run_image_{cand}", "wall"),
+            ("virtc_run_image", "wall"),
+            target=FACTORY_TARGET,
+        )
     for name, mib in result.get("store_mib", {}).items():
         result["notes"].append(f"store size after importing {name}: {mib} MiB")
     return result
+
+
+async def _pool_full(run_root: str) -> None:
+    """Until the cache server's pool is full again (its refill is not what is measured)."""
+    from virtcontainers.factory import daemon_status
+
+    deadline = time.monotonic() + POOL_TIMEOUT
+    while len((await daemon_status(run_root)).vms) < POOL:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the VM cache server's pool did not refill")
+        await asyncio.sleep(0.1)
 
 
 def _write_blob(path: str) -> None:

@@ -8,8 +8,13 @@ Also the shim binary's own start-up (`containerd-shim-virtc-v2 -v`: interpreter 
 what containerd pays on every start and delete) against `python -c pass`, and memory: the
 PSS of the shim server and of the VM (QEMU and its helpers) while a container runs.
 
-Targets (issue 13): with a VM factory or template <= 1.0x runsc (not measured: the shim does
-not use the factory yet); cold: the ratios are reported; shim PSS <= 40 MiB.
+With the VM factory of the shim's configuration.toml (Kata's `[factory]`): `virtc_template`
+clones each VM from a template made for virtio-fs (`enable_template`), `virtc_cache` takes
+it from the VM cache server (`vm_cache_number`; a pool of 2 clones of that template, full
+before each run), the bundle's root hot-added in both.
+
+Targets (issue 13): with a VM factory or template <= 1.0x runsc; cold: the ratios are
+reported; shim PSS <= 40 MiB.
 
     .venv/bin/python benchmarks/shim.py [--runs 3] [--quick]
 """
@@ -42,6 +47,17 @@ from _lib import (
     vm_memory,
 )
 
+from virtcontainers.config import load_toml
+from virtcontainers.factory import (
+    DaemonSpec,
+    TemplateStore,
+    daemon_status,
+    start_daemon,
+    stop_daemon,
+)
+from virtcontainers.sandbox import build_config
+from virtcontainers.types import HypervisorType
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "integration"))
 from containerd_support import import_busybox, running_containerd  # noqa: E402
@@ -51,12 +67,18 @@ LABELS = {
     "runc": "runc (io.containerd.runc.v2)",
     "runsc": "runsc (runc shim, gVisor binary)",
     "virtc": "virtc shim, cold VM",
+    "virtc_template": "virtc shim, VM from a template",
+    "virtc_cache": "virtc shim, VM from the VM cache server",
     "python_pass": "python -c pass",
     "shim_version": "containerd-shim-virtc-v2 -v",
 }
 SHIM = os.path.join(os.path.dirname(sys.executable), "containerd-shim-virtc-v2")
 SHIM_PSS_LIMIT_MIB = 40
 SHIM_CONFIG = "[hypervisor.qemu]\ndefault_memory = 256\ndefault_vcpus = 1\n"
+TEMPLATE = "shim"
+POOL = 2
+POOL_TIMEOUT = 300.0
+FACTORY_TARGET = 1.0
 
 
 async def bench(opts: Options) -> Result:
@@ -72,6 +94,14 @@ async def bench(opts: Options) -> Result:
         Path(wrapper).write_text(f'#!/bin/sh\nexec {shutil.which("runsc")} --network=none "$@"\n')
         os.chmod(wrapper, 0o755)
         env = {"VC_RUN_ROOT": run_root, "VC_SHIM_CONFIG": config}
+        templates = os.path.join(run_root, "templates")
+        factory_configs = {
+            "template": f'enable_template = true\ntemplate_path = "{templates}/{TEMPLATE}"\n',
+            "cache": f"vm_cache_number = {POOL}\n",
+        }
+        for name, section in factory_configs.items():
+            Path(run_root, f"{name}.toml").write_text(f"{SHIM_CONFIG}\n[factory]\n{section}")
+        store = await _factory(config, templates, run_root)
         with running_containerd(env=env) as c:
             image = import_busybox(c)
             runc_root = os.path.join(c.dir, "runc")
@@ -89,16 +119,37 @@ async def bench(opts: Options) -> Result:
 
                 return run
 
+            def virtc_factory(name: str):  # type: ignore[no-untyped-def]
+                run = candidate(
+                    "--runtime",
+                    "io.containerd.virtc.v2",
+                    "--runtime-config-path",
+                    os.path.join(run_root, f"{name}.toml"),
+                )
+
+                async def measured(i: int) -> Sample:
+                    if name == "cache":
+                        await _pool_full(run_root)
+                    return await run(i)  # type: ignore[no-any-return]
+
+                return measured
+
             runs = opts.runs if not opts.quick else 2
-            samples = await alternate(
-                {
-                    "runc": candidate("--runc-root", runc_root),
-                    "runsc": candidate("--runc-root", runc_root, "--runc-binary", wrapper),
-                    "virtc": candidate("--runtime", "io.containerd.virtc.v2"),
-                },
-                runs,
-                opts.warmup,
-            )
+            try:
+                samples = await alternate(
+                    {
+                        "runc": candidate("--runc-root", runc_root),
+                        "runsc": candidate("--runc-root", runc_root, "--runc-binary", wrapper),
+                        "virtc": candidate("--runtime", "io.containerd.virtc.v2"),
+                        "virtc_template": virtc_factory("template"),
+                        "virtc_cache": virtc_factory("cache"),
+                    },
+                    runs,
+                    opts.warmup,
+                )
+            finally:
+                await stop_daemon(run_root)
+                store.remove(TEMPLATE)
             startup = await alternate(
                 {
                     "python_pass": _command([sys.executable, "-c", "pass"]),
@@ -116,6 +167,12 @@ async def bench(opts: Options) -> Result:
     add_ratio(result, "virtc cold / runc", ("virtc", "wall"), ("runc", "wall"))
     add_ratio(result, "virtc cold / runsc", ("virtc", "wall"), ("runsc", "wall"))
     add_ratio(result, "runsc / runc", ("runsc", "wall"), ("runc", "wall"))
+    for cand, how in (("virtc_template", "a template"), ("virtc_cache", "the VM cache")):
+        add_ratio(
+            result, f"virtc, VM from {how} / runsc", (cand, "wall"), ("runsc", "wall"),
+            target=FACTORY_TARGET,
+        )  # fmt: skip
+        add_ratio(result, f"virtc, VM from {how} / runc", (cand, "wall"), ("runc", "wall"))
     add_ratio(
         result, "containerd-shim-virtc-v2 -v / python -c pass", ("shim_version", "wall"),
         ("python_pass", "wall"),
@@ -127,6 +184,28 @@ async def bench(opts: Options) -> Result:
         f"{met}); its VM (QEMU, virtiofsd, console keeper) {memory['vm_pss']:.1f} MiB"
     )
     return result
+
+
+async def _factory(config: str, templates: str, run_root: str) -> TemplateStore:
+    """Template `TEMPLATE`, made from the shim's config as the shim asks for VMs (virtio-fs),
+    and the VM cache server (the run root's) filled with clones of it."""
+    cfg = build_config(load_toml(config).config, {"shared_fs": "virtio-fs"}, HypervisorType.QEMU)
+    store = TemplateStore(templates, run_root=run_root)
+    await store.create(TEMPLATE, cfg)
+    await start_daemon(
+        DaemonSpec(size=POOL, template=TEMPLATE, template_root=templates), run_root=run_root
+    )
+    await _pool_full(run_root)
+    return store
+
+
+async def _pool_full(run_root: str) -> None:
+    """Until the cache server's pool is full again (its refill is not what is measured)."""
+    deadline = time.monotonic() + POOL_TIMEOUT
+    while len((await daemon_status(run_root)).vms) < POOL:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the VM cache server's pool did not refill")
+        await asyncio.sleep(0.1)
 
 
 def _command(argv: list[str]):  # type: ignore[no-untyped-def]

@@ -26,10 +26,12 @@ async def factory_vm(
     templates: str | None = None,
     id: str | None = None,
     timeout: float = 60.0,
+    cache_socket: str | None = None,
 ) -> VM:
-    """A running VM with a ready agent: cloned from `template`, or from the run root's VM cache
-    server (`use_cache`). A config the template or cache cannot serve, or a cache server
-    that is not running, falls back to a direct boot with a log line saying why."""
+    """A running VM with a ready agent: cloned from `template`, or from the VM cache server
+    (`use_cache`) at `cache_socket` (default: the run root's). A config the template or cache
+    cannot serve, or a cache server that is not running, falls back to a direct boot with a
+    log line saying why."""
     from .errors import CacheUnavailableError
     from .factory import Factory
     from .template import TemplateStore
@@ -44,7 +46,7 @@ async def factory_vm(
             return await factory.get_vm(config, id=id, timeout=timeout)
     if use_cache:
         try:
-            factory = await Factory.connect(run_root=run_root)
+            factory = await Factory.connect(cache_socket, run_root=run_root)
         except CacheUnavailableError as exc:
             log.warning("factory: booting a VM directly: %s", exc)
             return await boot_vm(VMConfig.of(config), id=id, run_root=run_root, timeout=timeout)
@@ -66,6 +68,7 @@ async def sandbox_from_factory(
     bundle: str | None = None,
     mounts: Sequence[Mount | str] = (),
     image_store: str | None = None,
+    cache_socket: str | None = None,
 ) -> Sandbox:
     """A started `Sandbox` around `factory_vm(...)` (its id is the VM's: a pooled VM already
     has one), with its container's root (`image` or `bundle`) and `mounts` hot-added over
@@ -84,6 +87,7 @@ async def sandbox_from_factory(
         templates=templates,
         id=id,
         timeout=timeout,
+        cache_socket=cache_socket,
     )
     try:
         sb = await adopt_vm(

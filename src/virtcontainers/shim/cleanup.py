@@ -29,7 +29,7 @@ def delete(flags: Flags) -> int:
     if group == flags.id:
         # The container's own VM (a pod's VM belongs to its sandbox container's shim).
         _kill_shim(bundle)
-        asyncio.run(_stop_sandbox(group))
+        asyncio.run(_stop_sandbox(_recorded_sandbox(bundle) or group))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path(flags.address, flags.namespace, group))
     rootfs = os.path.join(bundle, "rootfs")
@@ -39,6 +39,17 @@ def delete(flags: Flags) -> int:
     sys.stdout.buffer.write(response.SerializeToString())
     sys.stdout.flush()
     return 0
+
+
+def _recorded_sandbox(bundle: str) -> str:
+    """The sandbox id the shim recorded in the bundle (a VM from the VM cache), or ""."""
+    from .vm import SANDBOX_FILE
+
+    try:
+        with open(os.path.join(bundle, SANDBOX_FILE)) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _kill_shim(bundle: str) -> None:

@@ -81,7 +81,9 @@ async def _serve(flags: Flags, listen_fd: int) -> None:
 
     def new_vm(sandbox_id: str, bundle: str, config_path: str) -> PodVM:
         cfg = ShimConfig.load(config_path) if config_path else config
-        return SandboxVM(sandbox_id, bundle, cfg.hypervisor, config=cfg.hypervisor_config)
+        return SandboxVM(
+            sandbox_id, bundle, cfg.hypervisor, factory=cfg.factory, config=cfg.hypervisor_config
+        )
 
     tasks = TaskService(new_vm, publisher, flags.namespace, flags.id, shutdown=stop.set)
     server = Server([tasks.service()])

@@ -17,14 +17,19 @@ import shlex
 import signal as signals
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ..agent import ExitStatus
     from ..containers import Container
+    from .config import FactoryConfig
 
 log = logging.getLogger(__name__)
 
+SANDBOX_FILE = "virtc-sandbox"
+"""In the bundle: the id of the sandbox running it when that is not the shim's (a VM from the
+VM cache keeps its own), for `delete` after the shim is gone."""
 STARTED_POLLS = 200
 STARTED_POLL_INTERVAL = 0.05
 POD_ROOT_PORTS = 4
@@ -201,10 +206,17 @@ def guest_bundle(bundle: str) -> str:
 
 
 class SandboxVM:
-    """PodVM on a `Sandbox` (QEMU by default) made for one OCI bundle."""
+    """PodVM on a `Sandbox` (QEMU by default) made for one OCI bundle; with `factory`, its VM
+    comes from a template or the VM cache server (the bundle's root hot-added)."""
 
     def __init__(
-        self, sandbox_id: str, bundle: str, hypervisor: str = "qemu", **overrides: Any
+        self,
+        sandbox_id: str,
+        bundle: str,
+        hypervisor: str = "qemu",
+        *,
+        factory: FactoryConfig | None = None,
+        **overrides: Any,
     ) -> None:
         from ..sandbox import Sandbox
 
@@ -217,12 +229,16 @@ class SandboxVM:
             or (not config.pcie_root_port and config.hypervisor_machine_type in ("", "q35"))
         ):
             overrides.setdefault("pcie_root_port", POD_ROOT_PORTS)
+        self.factory = factory if factory is not None and factory.enabled else None
         netns = network_namespace(bundle)
         if netns:
             # The pod's network namespace (CNI set it up): its interfaces move to the VM, and
             # the container uses the guest's network (the VM is the pod).
             overrides.setdefault("network", f"ns:{netns}")
             bundle = guest_bundle(bundle)
+            if self.factory is not None:
+                log.info("the pod's network is cold-plugged: booting its VM (no VM factory)")
+                self.factory = None
         self.sandbox = Sandbox(sandbox_id, hypervisor, bundle=bundle, **overrides)
         self.containers: dict[str, Container] = {}
 
@@ -235,7 +251,38 @@ class SandboxVM:
         return pids[0] if pids else 0
 
     async def start(self) -> None:
+        if self.factory is not None and await self._from_factory(self.factory):
+            return
         await self.sandbox.start()
+
+    async def _from_factory(self, factory: FactoryConfig) -> bool:
+        """Take the VM from the factory; False (logged) when it cannot give one."""
+        from ..factory import sandbox_from_factory
+        from ..factory.errors import FactoryError, TemplateError
+        from ..sandbox import build_config
+
+        sb = self.sandbox
+        cfg = build_config(sb.config_request, sb.overrides, sb.hypervisor_type)
+        store, name = factory.template()
+        try:
+            self.sandbox = await sandbox_from_factory(
+                cfg,
+                template=name if factory.enable_template else None,
+                templates=store,
+                use_cache=factory.vm_cache_number > 0,
+                cache_socket=factory.vm_cache_endpoint or None,
+                run_root=sb.run_root,
+                id=sb.id,
+                timeout=sb.start_timeout,
+                bundle=sb.bundle,
+            )
+        except (TemplateError, FactoryError) as e:
+            log.warning("VM factory: %s; booting the VM instead", e)
+            return False
+        if self.sandbox.id != sb.id:  # a pooled VM has its own id: `delete` must find it
+            path = os.path.join(self.bundle, SANDBOX_FILE)
+            await asyncio.to_thread(Path(path).write_text, self.sandbox.id)
+        return True
 
     async def add_container(self, container_id: str, bundle: str) -> None:
         if bundle == self.bundle:

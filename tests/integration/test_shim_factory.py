@@ -1,0 +1,99 @@
+"""containerd-shim-virtc-v2 with the VM factory of its configuration.toml (Kata's `[factory]`
+section) under a real containerd: each task's VM is cloned from a template made for
+virtio-fs, the bundle's root hot-added; a missing template falls back to a boot; afterwards
+nothing is left."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from containerd_support import Containerd, import_busybox, running_containerd
+from test_shim_containerd import RUNTIME, SHIM_CONFIG, settled, wait_status
+
+from leaks import processes_mentioning
+from virtcontainers.config import load_toml
+from virtcontainers.factory import TemplateStore
+from virtcontainers.sandbox import build_config
+from virtcontainers.types import HypervisorType
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Containerd, str, str]]:
+    """containerd whose shims clone template `shim` (made here with the shim's own config)."""
+    run_root = str(tmp_path_factory.mktemp("shimfrr"))
+    templates = os.path.join(run_root, "templates")
+    config = os.path.join(run_root, "configuration.toml")
+    Path(config).write_text(
+        f'{SHIM_CONFIG}\n[factory]\nenable_template = true\ntemplate_path = "{templates}/shim"\n'
+    )
+    cfg = build_config(load_toml(config).config, {"shared_fs": "virtio-fs"}, HypervisorType.QEMU)
+    store = TemplateStore(templates, run_root=run_root)
+    asyncio.run(store.create("shim", cfg))
+    env = {"VC_RUN_ROOT": run_root, "VC_SHIM_CONFIG": config}
+    try:
+        with running_containerd(env=env) as c:
+            yield c, import_busybox(c), run_root
+    finally:
+        store.remove("shim")
+    assert not processes_mentioning(run_root)
+
+
+def qemu_cmdlines(run_root: str) -> list[str]:
+    return [cmd for _, cmd in processes_mentioning(run_root) if "qemu-system" in cmd]
+
+
+def test_ctr_run_on_a_clone_of_the_template(containerd: tuple[Containerd, str, str]) -> None:
+    c, image, run_root = containerd
+    fifo = ["--fifo-dir", c.fifo_dir]
+    cid = f"tpl-{uuid.uuid4().hex[:6]}"
+    cp = c.ctr(
+        "run", "--rm", *fifo, "--runtime", RUNTIME, image, cid,
+        "sh", "-c", "ls /; echo from-clone > /tmp/x && cat /tmp/x; exit 6",
+        check=False, timeout=240,
+    )  # fmt: skip
+    assert cp.returncode == 6, (cp.stderr, c.log_tail())
+    lines = cp.stdout.decode().splitlines()
+    assert set(lines[:-1]) - {"run"} == {"bin", "dev", "etc", "proc", "sys", "tmp"}
+    assert lines[-1] == "from-clone"
+    assert "VM factory" not in c.log_tail(400)  # no fallback to a boot
+    assert settled(c, cid) == []
+
+    # A running task's VM is a clone: QEMU restored the template's state.
+    cid = f"tpd-{uuid.uuid4().hex[:6]}"
+    c.ctr("run", "-d", *fifo, "--runtime", RUNTIME, image, cid, "sleep", "600", timeout=240)
+    try:
+        [cmd] = qemu_cmdlines(run_root)
+        assert "-incoming defer" in cmd and "/templates/shim/" not in cmd.split("mem-path=")[1]
+    finally:
+        c.ctr("task", "kill", "-s", "SIGKILL", cid)
+        wait_status(c, cid, "STOPPED")
+        c.ctr("task", "delete", cid)
+        c.ctr("container", "delete", cid)
+    assert settled(c, cid) == []
+
+
+def test_a_missing_template_falls_back_to_a_boot(
+    containerd: tuple[Containerd, str, str], tmp_path: Path
+) -> None:
+    c, image, _ = containerd
+    config = tmp_path / "configuration.toml"
+    config.write_text(
+        f'{SHIM_CONFIG}\n[factory]\nenable_template = true\ntemplate_path = "{tmp_path}/none"\n'
+    )
+    cid = f"nt-{uuid.uuid4().hex[:6]}"
+    cp = c.ctr(
+        "run", "--rm", "--fifo-dir", c.fifo_dir, "--runtime", RUNTIME,
+        "--runtime-config-path", str(config), image, cid, "echo", "booted",
+        check=False, timeout=240,
+    )  # fmt: skip
+    assert (cp.returncode, cp.stdout) == (0, b"booted\n"), (cp.stderr, c.log_tail())
+    assert "no such template: none" in c.log_tail(400)
+    assert "booting the VM instead" in c.log_tail(400)
+    assert settled(c, cid) == []
