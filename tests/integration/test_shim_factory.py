@@ -46,7 +46,11 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Conta
 
 
 def qemu_cmdlines(run_root: str) -> list[str]:
-    return [cmd for _, cmd in processes_mentioning(run_root) if "qemu-system" in cmd]
+    return [
+        Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        for pid, cmd in processes_mentioning(run_root)
+        if "qemu-system" in cmd
+    ]
 
 
 def test_ctr_run_on_a_clone_of_the_template(containerd: tuple[Containerd, str, str]) -> None:
