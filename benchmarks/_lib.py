@@ -256,6 +256,18 @@ def print_result(result: Result) -> None:
 
 
 # -- run roots and leftovers ------------------------------------------------------------------
+async def pool_full(run_root: str, size: int, timeout: float = 300.0) -> None:
+    """Until the run root's VM cache server holds `size` ready VMs (a refill is not what a
+    benchmark measures)."""
+    from virtcontainers.factory import daemon_status
+
+    deadline = time.monotonic() + timeout
+    while len((await daemon_status(run_root)).vms) < size:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the VM cache server's pool did not refill")
+        await asyncio.sleep(0.1)
+
+
 @contextlib.asynccontextmanager
 async def temp_run_root(prefix: str = "vcb-", base: str = "/tmp") -> AsyncIterator[str]:
     """A fresh run root under $VC_BENCH_TMPDIR if set, else under `base` (short: socket

@@ -32,6 +32,7 @@ from _lib import (
     alternate,
     main,
     new_result,
+    pool_full,
     temp_run_root,
 )
 from exec import run_virtc
@@ -102,7 +103,7 @@ async def bench(opts: Options) -> Result:
                 return {"wall": await asyncio.to_thread(run_virtc, args, env)}
 
             async def run_factory(_i: int) -> Sample:
-                await _pool_full(run_root)
+                await pool_full(run_root, POOL, POOL_TIMEOUT)
                 args = ["run", "--factory", *image_true]
                 return {"wall": await asyncio.to_thread(run_virtc, args, env)}
 
@@ -144,17 +145,6 @@ async def bench(opts: Options) -> Result:
     for name, mib in result.get("store_mib", {}).items():
         result["notes"].append(f"store size after importing {name}: {mib} MiB")
     return result
-
-
-async def _pool_full(run_root: str) -> None:
-    """Until the cache server's pool is full again (its refill is not what is measured)."""
-    from virtcontainers.factory import daemon_status
-
-    deadline = time.monotonic() + POOL_TIMEOUT
-    while len((await daemon_status(run_root)).vms) < POOL:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the VM cache server's pool did not refill")
-        await asyncio.sleep(0.1)
 
 
 def _write_blob(path: str) -> None:

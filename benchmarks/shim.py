@@ -41,6 +41,7 @@ from _lib import (
     alternate,
     main,
     new_result,
+    pool_full,
     run_command,
     smaps_rollup,
     temp_run_root,
@@ -51,7 +52,6 @@ from virtcontainers.config import load_toml
 from virtcontainers.factory import (
     DaemonSpec,
     TemplateStore,
-    daemon_status,
     start_daemon,
     stop_daemon,
 )
@@ -129,7 +129,7 @@ async def bench(opts: Options) -> Result:
 
                 async def measured(i: int) -> Sample:
                     if name == "cache":
-                        await _pool_full(run_root)
+                        await pool_full(run_root, POOL, POOL_TIMEOUT)
                     return await run(i)  # type: ignore[no-any-return]
 
                 return measured
@@ -195,17 +195,8 @@ async def _factory(config: str, templates: str, run_root: str) -> TemplateStore:
     await start_daemon(
         DaemonSpec(size=POOL, template=TEMPLATE, template_root=templates), run_root=run_root
     )
-    await _pool_full(run_root)
+    await pool_full(run_root, POOL, POOL_TIMEOUT)
     return store
-
-
-async def _pool_full(run_root: str) -> None:
-    """Until the cache server's pool is full again (its refill is not what is measured)."""
-    deadline = time.monotonic() + POOL_TIMEOUT
-    while len((await daemon_status(run_root)).vms) < POOL:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the VM cache server's pool did not refill")
-        await asyncio.sleep(0.1)
 
 
 def _command(argv: list[str]):  # type: ignore[no-untyped-def]

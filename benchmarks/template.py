@@ -40,6 +40,7 @@ from _lib import (
     add_ratio,
     alternate,
     new_result,
+    pool_full,
     print_result,
     temp_run_root,
     vm_memory,
@@ -53,7 +54,6 @@ from virtcontainers.factory import (
     TemplateStore,
     VMConfig,
     boot_vm,
-    daemon_status,
     start_daemon,
     stop_daemon,
 )
@@ -105,12 +105,8 @@ async def latency(
     vmc = VMConfig.of(cfg)
     try:
 
-        async def pool_full() -> None:
-            deadline = time.monotonic() + TIMEOUT
-            while len((await daemon_status(run_root)).vms) < POOL:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the cache server's pool did not refill")
-                await asyncio.sleep(0.05)
+        async def full() -> None:
+            await pool_full(run_root, POOL, TIMEOUT)
 
         async def cold() -> tuple[VM, Sample]:
             t0 = time.perf_counter()
@@ -143,11 +139,11 @@ async def latency(
             return vm, {"agent_ready": time.perf_counter() - t0}
 
         candidates: dict[str, Candidate] = {
-            "cold_boot": timed(cold, pool_full),
-            "clone": timed(clone, pool_full),
-            "clone_fresh": timed(clone_fresh, pool_full),
-            "get_base_vm": timed(get_base_vm, pool_full),
-            "cache_get_vm": timed(cache_get_vm, pool_full),
+            "cold_boot": timed(cold, full),
+            "clone": timed(clone, full),
+            "clone_fresh": timed(clone_fresh, full),
+            "get_base_vm": timed(get_base_vm, full),
+            "cache_get_vm": timed(cache_get_vm, full),
         }
         samples = await alternate(candidates, opts.runs, opts.warmup)
     finally:

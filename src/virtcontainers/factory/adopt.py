@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 
@@ -110,26 +110,10 @@ async def sandbox_from_factory(
     return sb
 
 
-async def adopt_vm(
-    vm: VM,
-    *,
-    run_root: str | None = None,
-    image: str | None = None,
-    bundle: str | None = None,
-    mounts: Sequence[Mount | str] = (),
-    image_store: str | None = None,
-) -> Sandbox:
-    """Wrap a running factory VM in a persisted `Sandbox` (which then owns it), for the
-    container of `image` or `bundle` (see `Sandbox.adopt`)."""
+async def adopt_vm(vm: VM, *, run_root: str | None = None, **workload: Any) -> Sandbox:
+    """Wrap a running factory VM in a persisted `Sandbox` (which then owns it); `workload`:
+    its container's image, bundle, mounts, image_store (see `Sandbox.adopt`)."""
     from ..sandbox import Sandbox
 
-    return Sandbox.adopt(
-        vm.hypervisor,
-        await vm.agent(),
-        vm.agent_endpoint,
-        run_root=run_root,
-        image=image,
-        bundle=bundle,
-        mounts=mounts,
-        image_store=image_store,
-    )
+    endpoint = vm.agent_endpoint
+    return Sandbox.adopt(vm.hypervisor, await vm.agent(), endpoint, run_root, **workload)
