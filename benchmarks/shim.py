@@ -59,7 +59,8 @@ from virtcontainers.sandbox import build_config
 from virtcontainers.types import HypervisorType
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "integration"))
+# containerd_support and what it imports (tests/images_support.py)
+sys.path[:0] = [os.path.join(HERE, "..", "tests", "integration"), os.path.join(HERE, "..", "tests")]
 from containerd_support import import_busybox, running_containerd  # noqa: E402
 
 TITLE = "`ctr run --rm IMAGE true`: virtc shim (cold) vs runc vs runsc; shim start-up and memory"
