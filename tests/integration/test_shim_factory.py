@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from containerd_support import Containerd, import_busybox, running_containerd
-from test_shim_containerd import RUNTIME, SHIM_CONFIG, settled, wait_status
+from test_shim_containerd import SHIM_CONFIG, settled, wait_status
 
 from leaks import processes_mentioning
 from virtcontainers.config import load_toml
@@ -55,13 +55,9 @@ def qemu_cmdlines(run_root: str) -> list[str]:
 
 def test_ctr_run_on_a_clone_of_the_template(containerd: tuple[Containerd, str, str]) -> None:
     c, image, run_root = containerd
-    fifo = ["--fifo-dir", c.fifo_dir]
     cid = f"tpl-{uuid.uuid4().hex[:6]}"
-    cp = c.ctr(
-        "run", "--rm", *fifo, "--runtime", RUNTIME, image, cid,
-        "sh", "-c", "ls /; echo from-clone > /tmp/x && cat /tmp/x; exit 6",
-        check=False, timeout=240,
-    )  # fmt: skip
+    script = "ls /; echo from-clone > /tmp/x && cat /tmp/x; exit 6"
+    cp = c.run(image, cid, "sh", "-c", script, check=False)
     assert cp.returncode == 6, (cp.stderr, c.log_tail())
     lines = cp.stdout.decode().splitlines()
     assert set(lines[:-1]) - {"run"} == {"bin", "dev", "etc", "proc", "sys", "tmp"}
@@ -71,7 +67,7 @@ def test_ctr_run_on_a_clone_of_the_template(containerd: tuple[Containerd, str, s
 
     # A running task's VM is a clone: QEMU restored the template's state.
     cid = f"tpd-{uuid.uuid4().hex[:6]}"
-    c.ctr("run", "-d", *fifo, "--runtime", RUNTIME, image, cid, "sleep", "600", timeout=240)
+    c.run(image, cid, "sleep", "600", detach=True)
     try:
         [cmd] = qemu_cmdlines(run_root)
         assert "-incoming defer" in cmd and "/templates/shim/" not in cmd.split("mem-path=")[1]
@@ -92,11 +88,8 @@ def test_a_missing_template_falls_back_to_a_boot(
         f'{SHIM_CONFIG}\n[factory]\nenable_template = true\ntemplate_path = "{tmp_path}/none"\n'
     )
     cid = f"nt-{uuid.uuid4().hex[:6]}"
-    cp = c.ctr(
-        "run", "--rm", "--fifo-dir", c.fifo_dir, "--runtime", RUNTIME,
-        "--runtime-config-path", str(config), image, cid, "echo", "booted",
-        check=False, timeout=240,
-    )  # fmt: skip
+    options = ["--runtime-config-path", str(config)]
+    cp = c.run(image, cid, "echo", "booted", options=options, check=False)
     assert (cp.returncode, cp.stdout) == (0, b"booted\n"), (cp.stderr, c.log_tail())
     assert "no such template: none" in c.log_tail(400)
     assert "booting the VM instead" in c.log_tail(400)
