@@ -77,7 +77,8 @@ async def test_seccomp_rules_in_first_process_and_exec(
     run_root: str, rootfs: str, tmp_path: Path
 ) -> None:
     """A profile that allows everything but mkdir (EPERM), chmod (EACCES) and kill(.., 9)
-    makes exactly those fail, in the container's first process and in what exec runs."""
+    makes exactly those fail, in the container's first process and in what exec runs; the
+    config's device node is made."""
     profile = {
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
@@ -94,7 +95,9 @@ async def test_seccomp_rules_in_first_process_and_exec(
         ],
     }
     first = "mkdir /tmp/d 2>/tmp/err; echo $? > /tmp/rc; exec sleep 600"
-    bundle = make_bundle(tmp_path, rootfs, ["sh", "-c", first], {"seccomp": profile})
+    device = {"path": "/dev/vc/null", "type": "c", "major": 1, "minor": 3, "fileMode": 0o620}
+    linux = {"seccomp": profile, "devices": [device | {"gid": 5}]}
+    bundle = make_bundle(tmp_path, rootfs, ["sh", "-c", first], linux)
     async with Sandbox(bundle=bundle, run_root=run_root) as sb:
         c = await sb.create_container()
         await started(c)
@@ -123,6 +126,11 @@ async def test_seccomp_rules_in_first_process_and_exec(
         ], result
         err = result.stderr.decode()
         assert "Operation not permitted" in err and "Permission denied" in err
+        # The config's device node, made with its mode and owner.
+        node = await c.exec(["sh", "-c", "ls -ln /dev/vc/null; echo x > /dev/vc/null && echo ok"])
+        fields = node.stdout.decode().split()
+        assert fields[0] == "crw--w----" and fields[2:6] == ["0", "5", "1,", "3"], node
+        assert fields[-1] == "ok"
         # The guest itself is not filtered.
         assert (await sb.exec(["mkdir", "/tmp/guest-dir"])).exit_code == 0
         await c.delete()

@@ -82,7 +82,10 @@ def test_from_oci_translates(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"linux": {"devices": [{"path": "/dev/fuse", "type": "c"}]}}, r"linux\.devices"),
+        ({"linux": {"devices": [{"path": "/dev/x", "type": "c"}]}}, "must be numbers"),
+        ({"linux": {"devices": [{"path": "/dev/x", "type": "z"}]}}, "unknown device type 'z'"),
+        ({"linux": {"devices": [{"path": "x", "type": "p"}]}}, "path 'x' must be absolute"),
+        ({"linux": {"sysctl": {"net.ipv4.ip_forward": "1"}}}, r"linux\.sysctl"),
         ({"linux": {"namespaces": [{"type": "time"}, {"type": "mount"}]}}, "a time namespace"),
         ({"linux": {"seccomp": {"defaultAction": "SCMP_ACT_NOPE"}}}, "action 'SCMP_ACT_NOPE'"),
         ({"linux": {"seccomp": {"defaultAction": "SCMP_ACT_NOTIFY"}}}, "SCMP_ACT_NOTIFY"),
@@ -213,6 +216,24 @@ def test_from_oci_user_and_cgroup_namespaces(tmp_path: Path) -> None:
     doc["linux"]["namespaces"] = [{"type": "mount"}]
     with pytest.raises(ConfigError, match=r"uidMappings given without a user namespace"):
         from_oci(doc, bundle)
+
+
+def test_from_oci_devices(tmp_path: Path) -> None:
+    doc, bundle = _bundle(tmp_path)
+    doc["linux"]["devices"] = [
+        {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
+        {"path": "/dev/sda", "type": "b", "major": 8, "minor": 0, "fileMode": 0o660, "gid": 6},
+        {"path": "/dev/kmsg", "type": "u", "major": 1, "minor": 11, "uid": 5},
+        {"path": "/dev/pipe", "type": "p"},
+    ]
+    spec, _, _ = from_oci(doc, bundle)
+    argv = spec.runner_argv("/r")
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--device"] == [
+        "/dev/fuse:c:10:229:666:0:0",
+        "/dev/sda:b:8:0:660:0:6",
+        "/dev/kmsg:c:1:11:666:5:0",
+        "/dev/pipe:p:0:0:666:0:0",
+    ]
 
 
 def test_caps() -> None:

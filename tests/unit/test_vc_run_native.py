@@ -41,6 +41,8 @@ def vc_run(tmp_path_factory: pytest.TempPathFactory) -> str:
         (["--seccomp-syscall", "allow:read"], "seccomp options need --seccomp-default"),
         (["--ns", "m,U", "--uid-map", "0:1:1"], "a user namespace needs --uid-map and --gid-map"),
         (["--ns", "m,U", "--uid-map", "0:1", "--gid-map", "0:1:1"], "bad id map 0:1 "),
+        (["--device", "/dev/x:z:1:2:666:0:0"], "bad --device /dev/x:z:1:2:666:0:0"),
+        (["--device", "dev/x:c:1:2:666:0:0"], "bad --device dev/x:c:1:2:666:0:0"),
     ],
 )
 def test_bad_options_refused_before_setup(

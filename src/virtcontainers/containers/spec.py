@@ -1,7 +1,7 @@
 """What a container runs and how, from an image config (plus `virtc run` options) or an OCI
 runtime bundle's config.json, turned into the guest's `vc-run` command line.
 
-A config.json feature the guest cannot do (devices, hooks, sysctl, a time namespace...) is
+A config.json feature the guest cannot do (hooks, sysctl, a time namespace...) is
 refused with `UnsupportedError` naming it, never silently dropped.
 """
 
@@ -267,6 +267,8 @@ class ProcessSpec:
     gid_mappings: list[tuple[int, int, int]] = field(default_factory=list)
     seccomp: list[str] = field(default_factory=list)
     """The seccomp profile as vc-run options (`seccomp_options`), for every process."""
+    devices: list[str] = field(default_factory=list)
+    """Device nodes to make in the container, as vc-run's `PATH:TYPE:MAJOR:MINOR:MODE:UID:GID`."""
 
     def runner_argv(self, rootfs: str, *, cgroup: str = "", pid_file: str = "") -> list[str]:
         """vc-run's command line for this process in the container rooted at `rootfs`."""
@@ -292,6 +294,8 @@ class ProcessSpec:
         for flag, maps in (("--uid-map", self.uid_mappings), ("--gid-map", self.gid_mappings)):
             for inside, outside, count in maps:
                 argv += [flag, f"{inside}:{outside}:{count}"]
+        for device in self.devices:
+            argv += ["--device", device]
         if cgroup:
             argv += ["--cgroup", cgroup]
         if pid_file:
@@ -514,7 +518,8 @@ def from_oci(doc: Any, bundle: str) -> tuple[ProcessSpec, str, list[Mount]]:
                 )
     if linux.get("seccomp") is not None:
         spec.seccomp = seccomp_options(linux["seccomp"], refuse)
-    for key in ("devices", "sysctl", "intelRdt"):
+    spec.devices = [_device(d, i, refuse) for i, d in enumerate(linux.get("devices") or [])]
+    for key in ("sysctl", "intelRdt"):
         if linux.get(key):
             raise refuse(f"linux.{key} is not supported")
     for key in ("hooks",):
@@ -546,6 +551,28 @@ def from_oci(doc: Any, bundle: str) -> tuple[ProcessSpec, str, list[Mount]]:
         else:
             raise refuse(f"mount {dest} of type {kind!r} is not supported")
     return spec, root_path, shares
+
+
+def _device(d: Any, i: int, refuse: Callable[[str], Exception]) -> str:
+    """One `linux.devices` entry -> vc-run's `--device` value (fileMode 0666, owner root
+    unless given; a type `u` node is a character one)."""
+    where = f"linux.devices[{i}]"
+    if not isinstance(d, dict):
+        raise refuse(f"{where} must be an object")
+    path = d.get("path")
+    kind = {"c": "c", "u": "c", "b": "b", "p": "p"}.get(str(d.get("type")))
+    if not isinstance(path, str) or not path.startswith("/") or ".." in path.split("/"):
+        raise refuse(f"{where}: path {path!r} must be absolute, without '..'")
+    if ":" in path or path.rstrip("/") in ("", "/dev"):
+        raise refuse(f"{where}: path {path!r} cannot be a device node")
+    if kind is None:
+        raise refuse(f"{where}: unknown device type {d.get('type')!r} (c, u, b or p)")
+    numbers = [d.get(k, 0 if kind == "p" else None) for k in ("major", "minor")]
+    numbers += [d.get("fileMode", 0o666), d.get("uid", 0), d.get("gid", 0)]
+    if not all(isinstance(n, int) and 0 <= n < 1 << 32 for n in numbers):
+        raise refuse(f"{where}: major, minor, fileMode, uid and gid must be numbers")
+    major, minor, mode, uid, gid = (int(n or 0) for n in numbers)
+    return f"{path}:{kind}:{major}:{minor}:{mode & 0o7777:o}:{uid}:{gid}"
 
 
 def _id_mappings(

@@ -14,7 +14,7 @@
  *          [--hostname NAME] [--ns m,p,u,i,n,c,U] [--uid-map C:H:N]... [--gid-map C:H:N]...
  *          [--readonly] [--no-new-privs] [--caps HEXMASK] [--rlimit RESOURCE:SOFT:HARD]...
  *          [--cgroup DIR] [--mount TYPE:SOURCE:DEST:OPTIONS]... [--pid-file FILE]
- *          [SECCOMP...] -- ARGV...
+ *          [--device PATH:c|b|p:MAJOR:MINOR:MODE:UID:GID]... [SECCOMP...] -- ARGV...
  *   vc-run --join PID [--cgroup DIR] [--cwd DIR] [--user UID:GID] [--env K=V]...
  *          [--caps HEXMASK] [SECCOMP...] -- ARGV...
  *
@@ -52,6 +52,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -71,6 +72,8 @@ static char *envs[MAX_ITEMS + 1];
 static int n_envs;
 static char *mounts[MAX_ITEMS];
 static int n_mounts;
+static char *devices[MAX_ITEMS];
+static int n_devices;
 static char *rlimits[MAX_ITEMS];
 static int n_rlimits;
 static char *uid_maps[MAX_ITEMS], *gid_maps[MAX_ITEMS];
@@ -235,6 +238,74 @@ static void make_dev(void)
 		snprintf(path, sizeof path, "%s/dev/%s", rootfs, links[i][1]);
 		if (symlink(links[i][0], path) && errno != EEXIST)
 			die("symlink %s", path);
+	}
+}
+
+/* PATH:TYPE:MAJOR:MINOR:MODE:UID:GID (TYPE c, b or p; MODE octal), checked before set-up. */
+static int parse_device(const char *spec, char *path, size_t size, char *type, unsigned *major,
+			unsigned *minor, unsigned *mode, unsigned *uid, unsigned *gid)
+{
+	const char *colon = strchr(spec, ':');
+	if (!colon || (size_t)(colon - spec) >= size)
+		return -1;
+	memcpy(path, spec, (size_t)(colon - spec));
+	path[colon - spec] = 0;
+	char end;
+	if (sscanf(colon + 1, "%c:%u:%u:%o:%u:%u%c", type, major, minor, mode, uid, gid, &end) != 6)
+		return -1;
+	return (*type == 'c' || *type == 'b' || *type == 'p') && path[0] == '/' ? 0 : -1;
+}
+
+static void check_devices(void)
+{
+	char path[4096], type;
+	unsigned major, minor, mode, uid, gid;
+	for (int i = 0; i < n_devices; i++)
+		if (parse_device(devices[i], path, sizeof path, &type, &major, &minor, &mode, &uid,
+				 &gid)) {
+			errno = 0;
+			die("bad --device %s (PATH:c|b|p:MAJOR:MINOR:MODE:UID:GID)", devices[i]);
+		}
+}
+
+/*
+ * The config's device nodes, made in the container's /dev after the standard ones (a path
+ * that already exists is left as it is). A user namespace may not mknod: there the guest's
+ * own node of the same path, type and number is bound instead, as rootless runc does.
+ */
+static void make_devices(int userns)
+{
+	for (int i = 0; i < n_devices; i++) {
+		char path[4096], target[4096], parent[4096], type;
+		unsigned major, minor, mode, uid, gid;
+		struct stat st;
+		parse_device(devices[i], path, sizeof path, &type, &major, &minor, &mode, &uid, &gid);
+		under_root(target, sizeof target, path);
+		if (!lstat(target, &st))
+			continue;
+		snprintf(parent, sizeof parent, "%s", target);
+		*strrchr(parent, '/') = 0;
+		mkdirs(parent);
+		mode_t kind = type == 'c' ? S_IFCHR : type == 'b' ? S_IFBLK : S_IFIFO;
+		dev_t dev = kind == S_IFIFO ? 0 : makedev(major, minor);
+		if (userns) {
+			if (stat(path, &st) || (st.st_mode & S_IFMT) != kind || st.st_rdev != dev) {
+				errno = 0;
+				die("device %s: a user namespace cannot make device nodes, and the guest "
+				    "has no such one to bind", path);
+			}
+			int fd = open(target, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
+			if (fd < 0)
+				die("create %s", path);
+			close(fd);
+			if (mount(path, target, NULL, MS_BIND, NULL))
+				die("bind device %s", path);
+			continue;
+		}
+		if (mknod(target, kind | (mode & 07777), dev))
+			die("mknod %s", path);
+		if (chmod(target, mode & 07777) || lchown(target, uid, gid))
+			die("device %s: mode and owner", path);
 	}
 }
 
@@ -693,6 +764,8 @@ static void parse(int argc, char **argv, int *cmd)
 			pid_file = argv[++i];
 		else if (!strcmp(a, "--join"))
 			join = argv[++i];
+		else if (!strcmp(a, "--device"))
+			add(devices, &n_devices, argv[++i], "--device");
 		else if (!strcmp(a, "--uid-map"))
 			add(uid_maps, &n_uid_maps, argv[++i], "--uid-map");
 		else if (!strcmp(a, "--gid-map"))
@@ -727,6 +800,7 @@ int main(int argc, char **argv)
 	parse(argc, argv, &cmd);
 	build_seccomp();
 	check_maps();
+	check_devices();
 	open_cgroup();
 	if (join) {
 		enter();
@@ -764,6 +838,7 @@ int main(int argc, char **argv)
 		die("bind %s", rootfs);
 	do_mount("proc", "proc", "/proc", "nosuid,nodev,noexec");
 	make_dev();
+	make_devices(has_ns('U'));
 	if (has_ns('U') && !has_ns('n'))
 		/* sysfs can be mounted only by the user namespace owning the network namespace */
 		do_mount("bind", "/sys", "/sys", "rbind,ro,nosuid,nodev,noexec");
