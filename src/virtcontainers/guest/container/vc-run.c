@@ -214,6 +214,17 @@ static void do_mount(const char *type, const char *src, const char *dest, const 
 		die("remount %s read-only", dest);
 }
 
+/* The guest's node `src` bound onto a new empty file `target`. */
+static void bind_node(const char *src, const char *target)
+{
+	int fd = open(target, O_CREAT | O_WRONLY | O_CLOEXEC, 0666);
+	if (fd < 0)
+		die("create %s", target);
+	close(fd);
+	if (mount(src, target, NULL, MS_BIND, NULL))
+		die("bind %s", src);
+}
+
 static void make_dev(void)
 {
 	static const char *nodes[] = {"null", "zero", "full", "random", "urandom", "tty"};
@@ -222,12 +233,7 @@ static void make_dev(void)
 	for (size_t i = 0; i < sizeof nodes / sizeof nodes[0]; i++) {
 		snprintf(path, sizeof path, "%s/dev/%s", rootfs, nodes[i]);
 		snprintf(src, sizeof src, "/dev/%s", nodes[i]);
-		int fd = open(path, O_CREAT | O_WRONLY | O_CLOEXEC, 0666);
-		if (fd < 0)
-			die("create %s", path);
-		close(fd);
-		if (mount(src, path, NULL, MS_BIND, NULL))
-			die("bind %s", src);
+		bind_node(src, path);
 	}
 	do_mount("devpts", "devpts", "/dev/pts", "nosuid,noexec,newinstance,ptmxmode=0666,mode=0620");
 	do_mount("tmpfs", "shm", "/dev/shm", "nosuid,nodev,noexec,mode=1777,size=65536k");
@@ -294,12 +300,7 @@ static void make_devices(int userns)
 				die("device %s: a user namespace cannot make device nodes, and the guest "
 				    "has no such one to bind", path);
 			}
-			int fd = open(target, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
-			if (fd < 0)
-				die("create %s", path);
-			close(fd);
-			if (mount(path, target, NULL, MS_BIND, NULL))
-				die("bind device %s", path);
+			bind_node(path, target);
 			continue;
 		}
 		if (mknod(target, kind | (mode & 07777), dev))
