@@ -110,6 +110,10 @@ async def test_logs_of_a_detached_container(run_root: str, store: ImageStore) ->
             await asyncio.sleep(0.1)
         # To a pipe: the bytes as written, each stream to its own.
         assert (kept.stdout, kept.stderr) == (KEPT, b"err1\n")
+        named = virtc(run_root, store, "logs", "--container", "lg1", "lg1")  # its first one
+        assert (named.stdout, named.stderr) == (KEPT, b"err1\n")
+        other = virtc(run_root, store, "logs", "-c", "nope", "lg1")
+        assert other.returncode == 125 and b"sandbox lg1 has no container nope" in other.stderr
         tail = virtc(run_root, store, "logs", "--tail", "1", "lg1")
         assert (tail.stdout, tail.stderr) == (KEPT.split(b"\n")[1] + b"\n", b"err1\n")
         # To a terminal: control characters shown, not sent (no clipboard write).

@@ -415,6 +415,7 @@ def exec_(g: Globals, a: argparse.Namespace) -> int:
 @command(
     "logs",
     SANDBOX_ID,
+    Arg("--container", "-c", help="Which container, when the sandbox has several."),
     Arg("--console", action="store_true", help="The guest console log instead."),
     Arg("--vmm", action="store_true", help="The VMM's own log instead."),
     Arg("--follow", "-f", action="store_true", help="Keep printing new output until it stops."),
@@ -430,6 +431,8 @@ def logs(g: Globals, a: argparse.Namespace) -> None:
         raise ConfigError(f"--tail: expected a number >= 0, got {a.tail}")
     if a.console and a.vmm:
         raise ConfigError("logs: --console and --vmm: give one")
+    if a.container is not None and (a.console or a.vmm):
+        raise ConfigError("logs: --container is for a container's output, not --console/--vmm")
     if not (a.console or a.vmm):
         from .container_cmds import container_logs
 

@@ -154,7 +154,7 @@ def container_logs(g: Globals, a: argparse.Namespace) -> None:
                     f"sandbox {sb.id} has no container (its guest console: "
                     f"virtc logs --console {sb.id})"
                 )
-            container = sb.container()
+            container = sb.container(a.container)
             try:
                 proc = await container.attach(keep=True, offsets=offsets)
             except AgentRequestError as e:
