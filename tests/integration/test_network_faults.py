@@ -8,6 +8,7 @@ test creates ("the host").
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -51,7 +52,7 @@ def add_routed_link(ns: Namespace, address: str) -> None:
     with NetNS(ns.path) as n:
         n.link("add", ifname="tv0", kind="veth", peer={"ifname": "tv1"})  # no dummy module here
         idx = n.link_lookup(ifname="tv0")[0]
-        n.addr("add", index=idx, address=ip, prefixlen=int(plen))
+        n.addr("add", index=idx, address=ip, prefixlen=int(plen), flags=0x02)  # no DAD
         n.link("set", index=idx, state="up")
 
 
@@ -105,6 +106,41 @@ async def test_bad_input_is_refused_before_anything_is_made(run_root: str) -> No
             await mock(run_root, "ns:/var/run/netns/vctn-gone").start()
         assert state_of(host) == before
         assert Sandbox.list(run_root) == []
+
+
+async def test_ipv6_subnet_clear_of_routes_and_ports_held_on_ipv6(run_root: str) -> None:
+    """The bridge's IPv6 subnet: the first default that no route overlaps, an asked one
+    refused when a route overlaps it or the bridge serves another; a port held by an IPv6
+    socket is refused for a port published without an address; `none` for IPv4 only."""
+    async with namespaces(1) as (host,):
+        await asyncio.to_thread(add_routed_link, host, "fd5c:76c1:a7e3::1/64")
+        before = state_of(host)
+        with pytest.raises(
+            ConfigError,
+            match=r"IPv6 subnet fd5c:76c1:a7e3::/64 overlaps the route to fd5c:76c1:a7e3::/64",
+        ):
+            await mock(run_root, bridge(host, subnet6="fd5c:76c1:a7e3::/64")).start()
+        held = call_in_netns(
+            host.path,
+            functools.partial(socket.create_server, ("::1", 18085), family=socket.AF_INET6),
+        )
+        try:
+            with pytest.raises(ConfigError, match=r"host port 18085/tcp is in use"):
+                await mock(run_root, bridge(host, "18085:80")).start()
+            # Published on IPv4 only, the port is free.
+            async with mock(run_root, bridge(host, "127.0.0.1:18085:80")) as sb:
+                assert sb.network is not None
+                assert sb.network.address6.startswith("fd5c:76c1:a7e3:1::")
+                assert sb.network.gateway6 == "fd5c:76c1:a7e3:1::1"
+                with pytest.raises(
+                    ConfigError, match=r"bridge vc0 already serves fd5c:76c1:a7e3:1::/64"
+                ):
+                    await mock(run_root, bridge(host, subnet6="fd00:9::/64")).start()
+                async with mock(run_root, bridge(host, subnet6="none")) as v4only:
+                    assert v4only.network is not None and not v4only.network.address6
+        finally:
+            held.close()
+        assert state_of(host) == before
 
 
 async def test_fifty_cycles_leave_nothing(run_root: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from test_agent_network_native import NET
 
@@ -113,3 +115,38 @@ def test_host_dns_drops_loopback_servers(tmp_path: pytest.TempPathFactory) -> No
     conf.write_text("nameserver 127.0.0.53\nnameserver 10.0.0.2\nsearch a b\n")
     assert host_dns(str(conf)) == (["10.0.0.2"], ["a", "b"])
     assert host_dns(str(conf) + ".missing") == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("hypervisor", "network", "message"),
+    [
+        ("acrn", "bridge", "acrn does not support sandbox networking"),
+        ("firecracker", "user", "firecracker does not support --net user"),
+        ("clh", "user", "clh does not support --net user"),
+        (
+            "firecracker",
+            NetworkConfig(mode="ns", netns_path="/proc/self/ns/net", model="macvtap"),
+            "firecracker does not support the macvtap network model",
+        ),
+    ],
+)
+async def test_networks_a_vmm_cannot_take_are_refused_before_anything(
+    hypervisor: str, network: NetworkConfig | str, message: str, tmp_path: Path
+) -> None:
+    from virtcontainers import Sandbox
+    from virtcontainers.errors import UnsupportedError
+
+    assets = {name: tmp_path / name for name in ("vmlinux", "initrd.img")}
+    for path in assets.values():
+        path.write_bytes(b"x")
+    run_root = tmp_path / "run"
+    sb = Sandbox(
+        hypervisor=hypervisor,
+        run_root=str(run_root),
+        network=network,
+        kernel_path=str(assets["vmlinux"]),
+        initrd_path=str(assets["initrd.img"]),
+    )
+    with pytest.raises(UnsupportedError, match=message):
+        await sb.create()
+    assert not run_root.exists() or not any(run_root.rglob("*.json"))
