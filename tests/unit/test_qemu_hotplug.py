@@ -148,6 +148,8 @@ def test_pci_take_release_and_path() -> None:
     assert pci.pci_path(query_pci("blk-d0", port_slot=3), "blk-d0") == "03/00"
     assert pci.pci_path(query_pci("blk-d0"), "rp0") == "01"
     assert pci.pci_path(query_pci("blk-d0"), "nothing") == ""
+    with pytest.raises(HypervisorError, match=r"nowhere to hot-add z: .*set pcie_root_port"):
+        pci.take([], "z", "vm")
 
 
 def test_memory_limits_from_argv() -> None:

@@ -44,6 +44,11 @@ def take(bridges: Sequence[Bridge], qdev: str, vm: str) -> Placement:
                 if slot not in b.devices_addr:
                     b.devices_addr[slot] = qdev
                     return Placement(b.id, slot)
+    if not bridges:
+        raise HypervisorError(
+            f"qemu: VM {vm}: nowhere to hot-add {qdev}: the VM was made without a hotplug "
+            "port (set pcie_root_port on q35, default_bridges on pc)"
+        )
     ports = sum(1 for b in bridges if b.type == ROOT_PORT)
     if ports:
         raise HypervisorError(
