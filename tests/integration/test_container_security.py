@@ -50,11 +50,13 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> str:
     return store.rootfs(store.get("busybox"))
 
 
-def make_bundle(path: Path, rootfs: str, args: list[str], linux: dict[str, Any]) -> str:
+def make_bundle(
+    path: Path, rootfs: str, args: list[str], linux: dict[str, Any], **process: Any
+) -> str:
     shutil.copytree(rootfs, path / "rootfs", symlinks=True)
     config = {
         "ociVersion": "1.0.2",
-        "process": {"args": args, "env": ["PATH=/bin:/usr/bin"], "cwd": "/"},
+        "process": {"args": args, "env": ["PATH=/bin:/usr/bin"], "cwd": "/", **process},
         "root": {"path": "rootfs"},
         "linux": {"namespaces": [{"type": "mount"}, {"type": "pid"}], **linux},
     }
@@ -97,7 +99,9 @@ async def test_seccomp_rules_in_first_process_and_exec(
     first = "mkdir /tmp/d 2>/tmp/err; echo $? > /tmp/rc; exec sleep 600"
     device = {"path": "/dev/vc/null", "type": "c", "major": 1, "minor": 3, "fileMode": 0o620}
     linux = {"seccomp": profile, "devices": [device | {"gid": 5}]}
-    bundle = make_bundle(tmp_path, rootfs, ["sh", "-c", first], linux)
+    # no_new_privs: the filter is loaded last, just before exec (the other test loads it
+    # before the user changes)
+    bundle = make_bundle(tmp_path, rootfs, ["sh", "-c", first], linux, noNewPrivileges=True)
     async with Sandbox(bundle=bundle, run_root=run_root) as sb:
         c = await sb.create_container()
         await started(c)
@@ -113,7 +117,7 @@ async def test_seccomp_rules_in_first_process_and_exec(
         script = (
             "mkdir /tmp/e; echo mkdir=$?; touch /tmp/f; echo touch=$?; chmod 600 /tmp/f;"
             " echo chmod=$?; kill -9 $$; echo kill9=$?; kill -0 $$; echo kill0=$?;"
-            " ls -d /tmp/e; echo ls=$?"
+            " ls -d /tmp/e; echo ls=$?; grep NoNewPrivs /proc/self/status"
         )
         result = await c.exec(["sh", "-c", script])
         assert result.stdout.decode().split() == [
@@ -123,6 +127,8 @@ async def test_seccomp_rules_in_first_process_and_exec(
             "kill9=1",
             "kill0=0",
             "ls=1",
+            "NoNewPrivs:",
+            "1",
         ], result
         err = result.stderr.decode()
         assert "Operation not permitted" in err and "Permission denied" in err

@@ -300,6 +300,8 @@ class Container:
         runner += ["--user", f"{uid}:{gid}", "--caps", format(caps_mask(spec.caps), "x")]
         for e in merge_env(spec.env, env or []):
             runner += ["--env", e]
+        if spec.no_new_privs:
+            runner.append("--no-new-privs")
         runner += spec.seccomp
         return [*runner, "--", *argv]
 
