@@ -13,7 +13,7 @@ from qemu_hotplug_support import VM, booted, make_config
 from virtcontainers.config import VIRTIOFSD_FLAG_OPTIONS
 from virtcontainers.devices import SharedFS
 from virtcontainers.drivers.qemu import QemuHypervisor
-from virtcontainers.errors import StateError
+from virtcontainers.errors import LaunchError, StateError
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check")]
 
@@ -103,3 +103,24 @@ async def test_cold_and_hotplugged_virtio_fs(
         for pid in all_pids:
             assert not cmdline_of(pid)
         assert not os.path.exists(state.vm_dir)
+
+
+async def test_a_virtiofsd_that_cannot_start_fails_the_launch_with_its_log(
+    run_root: str, guest_assets: Any, tmp_path: Path
+) -> None:
+    """QEMU starts beside virtiofsd (on a socket already listening): when virtiofsd dies
+    first (here: the overlay of an image root whose lower directory is gone), the launch fails
+    with virtiofsd's own error, and nothing is left."""
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    share = SharedFS(id="ctr", source=str(upper), mount_tag="ctr", lower=str(tmp_path / "gone"))
+    cfg = make_config(guest_assets, shared_fs="virtio-fs")
+    drv = QemuHypervisor(run_root=run_root)
+    await drv.create_sandbox("vfail", None, cfg)
+    await drv.add_device(share)
+    with pytest.raises(LaunchError) as err:
+        await drv.start_sandbox(60)
+    assert "virtiofsd for fs-ctr exited" in err.value.log_tail
+    assert "mount: " in err.value.log_tail  # its wrapper's failing overlay mount
+    await drv.stop_sandbox()
+    assert drv.get_pids() == []

@@ -90,6 +90,10 @@ class Helpers:
     def get(self, key: str) -> Helper | None:
         return self._helpers.get(key)
 
+    def dead(self) -> list[Helper]:
+        """The helpers started here whose process has exited."""
+        return [h for h in self._helpers.values() if h.proc is not None and not h.proc.alive()]
+
     def pids(self, kind: str | None = None) -> list[int]:
         """Pids of the helpers still believed running (all kinds, or one)."""
         return [h.pid for h in self._helpers.values() if h.pid and kind in (None, h.kind)]
@@ -106,9 +110,10 @@ class Helpers:
         leftovers: Sequence[str] = (),
         ready: Callable[[], bool] | None = None,
         stdin: int | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> Helper:
-        """Launch a daemon and wait until `socket` is a listening Unix socket (no socket:
-        until `ready()`, or not at all).
+        """Launch a daemon (keeping `pass_fds`) and wait until `socket` is a listening Unix
+        socket (no socket: until `ready()`, or not at all).
 
         A daemon that exits first raises `LaunchError` with its log tail; one that does not
         listen within `timeout` is killed and raises `VMTimeoutError`. Nothing is left behind
@@ -116,10 +121,10 @@ class Helpers:
         """
         if key in self._helpers:
             raise LaunchError(f"{self.hypervisor}: a {kind} for {key} is already running")
-        if socket:
+        if socket and not pass_fds:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(socket)  # a stale socket would look ready at once
-        proc = await VmmProcess.spawn(kind, argv, log_path, stdin=stdin)
+        proc = await VmmProcess.spawn(kind, argv, log_path, stdin=stdin, pass_fds=pass_fds)
         helper = Helper(
             kind=kind,
             key=key,

@@ -5,7 +5,9 @@ behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket as sock
 from typing import TYPE_CHECKING
 
 from ..config import VIRTIO_FS_CACHE_VALUES, check_virtiofsd_args
@@ -54,10 +56,17 @@ def log_path(vm_dir: str, share_id: str) -> str:
     return os.path.join(vm_dir, f"virtiofsd-{share_id}.log")
 
 
-def argv(cfg: HypervisorConfig, hypervisor: str, share: SharedFS, socket: str) -> list[str]:
-    """virtiofsd's command line: serve `share` on `socket` with the config's extra arguments
-    (allowlisted), cache mode and debug flag. The project's own options come last, so that
-    even an option the allowlist missed cannot override them (virtiofsd's last one wins)."""
+def argv(
+    cfg: HypervisorConfig,
+    hypervisor: str,
+    share: SharedFS,
+    socket: str,
+    listen_fd: int | None = None,
+) -> list[str]:
+    """virtiofsd's command line: serve `share` on `socket` (or on the listening socket it
+    inherits as `listen_fd`) with the config's extra arguments (allowlisted), cache mode and
+    debug flag. The project's own options come last, so that even an option the allowlist
+    missed cannot override them (virtiofsd's last one wins)."""
     cache = cfg.virtio_fs_cache or "auto"
     if cache not in VIRTIO_FS_CACHE_VALUES:
         raise ConfigError(
@@ -67,7 +76,8 @@ def argv(cfg: HypervisorConfig, hypervisor: str, share: SharedFS, socket: str) -
     source = served_dir(share)  # SharedFS refuses a comma in it (`-o` takes a comma list)
     check_virtiofsd_args("virtio_fs_extra_args", cfg.virtio_fs_extra_args)
     args = [daemon_path(cfg, hypervisor), *cfg.virtio_fs_extra_args]
-    args += [f"--socket-path={socket}", "-o", f"source={source}", "-o", f"cache={cache}"]
+    where = f"--fd={listen_fd}" if listen_fd is not None else f"--socket-path={socket}"
+    args += [where, "-o", f"source={source}", "-o", f"cache={cache}"]
     if cfg.debug:
         args.append("-d")
     return wrap(share, args)
@@ -135,3 +145,38 @@ async def start(
         timeout=timeout,
         leftovers=[pid_file(socket)],
     )
+
+
+async def start_listening(
+    helpers: Helpers, cfg: HypervisorConfig, share: SharedFS, socket: str, vm_dir: str
+) -> Helper:
+    """Start virtiofsd for `share` as one of the VM's helpers on a socket made listening here
+    and handed to it (`--fd`): QEMU can connect at once, its vhost-user requests waiting in
+    the socket until virtiofsd serves them, so the two start side by side. A virtiofsd that
+    dies first closes the socket's last copy: QEMU's connection then fails (see the
+    driver's launch error, which carries virtiofsd's log tail)."""
+    check_source(share)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket)  # a stale one
+    listener = sock.socket(sock.AF_UNIX, sock.SOCK_STREAM)
+    try:
+        listener.bind(socket)
+        listener.listen(1)
+        fd = listener.fileno()
+        args = argv(cfg, helpers.hypervisor, share, socket, listen_fd=fd)
+        return await helpers.start(
+            KIND,
+            key(share),
+            args,
+            socket=socket,
+            log_path=log_path(vm_dir, share.id),
+            timeout=0,
+            leftovers=[pid_file(socket)],
+            pass_fds=[fd],
+        )
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket)
+        raise
+    finally:
+        listener.close()  # virtiofsd holds its own copy

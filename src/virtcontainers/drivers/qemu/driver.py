@@ -286,13 +286,14 @@ class QemuHypervisor(Hypervisor):
         self.state = VMState.RUNNING
 
     async def _start_virtiofsd(self, timeout: float) -> None:
-        """One virtiofsd per cold-plugged virtio-fs share, listening before QEMU connects."""
+        """One virtiofsd per cold-plugged virtio-fs share, on a socket listening before QEMU
+        connects (QEMU need not wait for virtiofsd's start-up: see `start_listening`)."""
         assert self.config is not None and self.paths is not None
         for dev in self.devices:
             if isinstance(dev, SharedFS) and dev.fs_type == "virtio-fs":
                 sock = self.paths.virtiofsd_socket(dev.id)
                 vm_dir = self.paths.vm_dir
-                await virtiofsd.start(self.helpers, self.config, dev, sock, vm_dir, timeout)
+                await virtiofsd.start_listening(self.helpers, self.config, dev, sock, vm_dir)
 
     async def _start_console_log(self) -> int | None:
         """QEMU writes the console log into a pipe (`logfile=/dev/fdset/N`) whose keeper caps
@@ -326,6 +327,9 @@ class QemuHypervisor(Hypervisor):
         console = self._console_tail()
         if console:
             tail += f"\n--- console tail ---\n{console}"
+        for helper in self.helpers.dead():
+            tail += f"\n--- {helper.kind} for {helper.key} exited: log tail ---\n"
+            tail += log_tail(helper.log_path)
         argv = proc.argv
         await self._teardown()
         raise LaunchError(
