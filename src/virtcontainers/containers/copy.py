@@ -18,10 +18,14 @@ from ..images.unpack import apply_layer, resolve_in_root
 
 
 def share_root(vm_dir: str, share_id: str = "ctr") -> str:
-    """The root directory of the virtiofsd serving a sandbox's container share."""
+    """The root directory of the virtiofsd serving a sandbox's container share: the one
+    named after the share's socket (`--socket-path`), or holding that listening socket (one
+    handed to it as `--fd`)."""
     from ..drivers.virtiofsd import socket_path
 
-    marker = f"--socket-path={socket_path(vm_dir, share_id)}".encode()
+    path = socket_path(vm_dir, share_id)
+    marker = f"--socket-path={path}".encode()
+    held = {f"socket:[{inode}]" for inode in _unix_socket_inodes(path)}
     host_root = os.stat("/")
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -29,7 +33,7 @@ def share_root(vm_dir: str, share_id: str = "ctr") -> str:
         try:
             with open(f"/proc/{name}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-            if marker not in argv:
+            if marker not in argv and not (b"virtiofsd" in argv[0] and _holds(name, held)):
                 continue
             st = os.stat(f"/proc/{name}/root")
         except OSError:
@@ -38,6 +42,30 @@ def share_root(vm_dir: str, share_id: str = "ctr") -> str:
         if (st.st_dev, st.st_ino) != (host_root.st_dev, host_root.st_ino):
             return f"/proc/{name}/root"
     raise StateError(f"no file server for the container of {vm_dir}: is the sandbox running?")
+
+
+def _unix_socket_inodes(path: str) -> list[str]:
+    """Inodes of the Unix sockets bound at `path` (this network namespace's /proc/net/unix)."""
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return []
+    return [f[6] for f in (line.split() for line in lines) if len(f) >= 8 and f[7] == path]
+
+
+def _holds(pid: str, targets: set[str]) -> bool:
+    """Whether process `pid` has an fd open on one of `targets` ("socket:[inode]")."""
+    if not targets:
+        return False
+    fds = f"/proc/{pid}/fd"
+    for fd in os.listdir(fds):
+        try:
+            if os.readlink(f"{fds}/{fd}") in targets:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _parts(path: str) -> list[str]:
