@@ -80,7 +80,7 @@ async def test_seccomp_rules_in_first_process_and_exec(
 ) -> None:
     """A profile that allows everything but mkdir (EPERM), chmod (EACCES) and kill(.., 9)
     makes exactly those fail, in the container's first process and in what exec runs; the
-    config's device node is made."""
+    config's device node is made and its sysctl set in the container's namespace."""
     profile = {
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
@@ -98,7 +98,12 @@ async def test_seccomp_rules_in_first_process_and_exec(
     }
     first = "mkdir /tmp/d 2>/tmp/err; echo $? > /tmp/rc; exec sleep 600"
     device = {"path": "/dev/vc/null", "type": "c", "major": 1, "minor": 3, "fileMode": 0o620}
-    linux = {"seccomp": profile, "devices": [device | {"gid": 5}]}
+    linux = {
+        "seccomp": profile,
+        "devices": [device | {"gid": 5}],
+        "namespaces": [{"type": "mount"}, {"type": "pid"}, {"type": "ipc"}],
+        "sysctl": {"kernel.shmmni": "1234"},
+    }
     # no_new_privs: the filter is loaded last, just before exec (the other test loads it
     # before the user changes)
     bundle = make_bundle(tmp_path, rootfs, ["sh", "-c", first], linux, noNewPrivileges=True)
@@ -137,6 +142,10 @@ async def test_seccomp_rules_in_first_process_and_exec(
         fields = node.stdout.decode().split()
         assert fields[0] == "crw--w----" and fields[2:6] == ["0", "5", "1,", "3"], node
         assert fields[-1] == "ok"
+        # The sysctl is the container's ipc namespace's, not the guest's.
+        shmmni = await c.exec(["cat", "/proc/sys/kernel/shmmni"])
+        assert shmmni.stdout == b"1234\n"
+        assert (await sb.exec(["cat", "/proc/sys/kernel/shmmni"])).stdout != b"1234\n"
         # The guest itself is not filtered.
         assert (await sb.exec(["mkdir", "/tmp/guest-dir"])).exit_code == 0
         await c.delete()

@@ -85,7 +85,9 @@ def test_from_oci_translates(tmp_path: Path) -> None:
         ({"linux": {"devices": [{"path": "/dev/x", "type": "c"}]}}, "must be numbers"),
         ({"linux": {"devices": [{"path": "/dev/x", "type": "z"}]}}, "unknown device type 'z'"),
         ({"linux": {"devices": [{"path": "x", "type": "p"}]}}, "path 'x' must be absolute"),
-        ({"linux": {"sysctl": {"net.ipv4.ip_forward": "1"}}}, r"linux\.sysctl"),
+        ({"linux": {"sysctl": {"vm.swappiness": "1"}}}, "'vm.swappiness' is not namespaced"),
+        ({"linux": {"sysctl": {"kernel.shmmax": "1"}}}, "'kernel.shmmax' needs an ipc"),
+        ({"linux": {"sysctl": {"net/../x": "1"}}}, "is not a sysctl name"),
         ({"linux": {"namespaces": [{"type": "time"}, {"type": "mount"}]}}, "a time namespace"),
         ({"linux": {"seccomp": {"defaultAction": "SCMP_ACT_NOPE"}}}, "action 'SCMP_ACT_NOPE'"),
         ({"linux": {"seccomp": {"defaultAction": "SCMP_ACT_NOTIFY"}}}, "SCMP_ACT_NOTIFY"),
@@ -233,6 +235,18 @@ def test_from_oci_devices(tmp_path: Path) -> None:
         "/dev/sda:b:8:0:660:0:6",
         "/dev/kmsg:c:1:11:666:5:0",
         "/dev/pipe:p:0:0:666:0:0",
+    ]
+
+
+def test_from_oci_sysctls(tmp_path: Path) -> None:
+    doc, bundle = _bundle(tmp_path)
+    doc["linux"]["namespaces"].append({"type": "ipc"})
+    doc["linux"]["sysctl"] = {"kernel.shmmni": "1234", "net.ipv4.ping_group_range": "0 10"}
+    spec, _, _ = from_oci(doc, bundle)
+    argv = spec.runner_argv("/r")
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--sysctl"] == [
+        "kernel.shmmni=1234",
+        "net.ipv4.ping_group_range=0 10",
     ]
 
 

@@ -43,6 +43,8 @@ def vc_run(tmp_path_factory: pytest.TempPathFactory) -> str:
         (["--ns", "m,U", "--uid-map", "0:1", "--gid-map", "0:1:1"], "bad id map 0:1 "),
         (["--device", "/dev/x:z:1:2:666:0:0"], "bad --device /dev/x:z:1:2:666:0:0"),
         (["--device", "dev/x:c:1:2:666:0:0"], "bad --device dev/x:c:1:2:666:0:0"),
+        (["--sysctl", "kernel.shmmni"], "bad --sysctl kernel.shmmni (KEY=VALUE)"),
+        (["--sysctl", "net/../x=1"], "bad --sysctl net/../x=1"),
     ],
 )
 def test_bad_options_refused_before_setup(

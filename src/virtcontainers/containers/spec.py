@@ -1,7 +1,7 @@
 """What a container runs and how, from an image config (plus `virtc run` options) or an OCI
 runtime bundle's config.json, turned into the guest's `vc-run` command line.
 
-A config.json feature the guest cannot do (hooks, sysctl, a time namespace...) is
+A config.json feature the guest cannot do (hooks, a time namespace...) is
 refused with `UnsupportedError` naming it, never silently dropped.
 """
 
@@ -267,6 +267,8 @@ class ProcessSpec:
     gid_mappings: list[tuple[int, int, int]] = field(default_factory=list)
     seccomp: list[str] = field(default_factory=list)
     """The seccomp profile as vc-run options (`seccomp_options`), for every process."""
+    sysctls: list[str] = field(default_factory=list)
+    """`KEY=VALUE` written from inside the container's namespaces."""
     devices: list[str] = field(default_factory=list)
     """Device nodes to make in the container, as vc-run's `PATH:TYPE:MAJOR:MINOR:MODE:UID:GID`."""
 
@@ -296,6 +298,8 @@ class ProcessSpec:
                 argv += [flag, f"{inside}:{outside}:{count}"]
         for device in self.devices:
             argv += ["--device", device]
+        for sysctl in self.sysctls:
+            argv += ["--sysctl", sysctl]
         if cgroup:
             argv += ["--cgroup", cgroup]
         if pid_file:
@@ -519,7 +523,8 @@ def from_oci(doc: Any, bundle: str) -> tuple[ProcessSpec, str, list[Mount]]:
     if linux.get("seccomp") is not None:
         spec.seccomp = seccomp_options(linux["seccomp"], refuse)
     spec.devices = [_device(d, i, refuse) for i, d in enumerate(linux.get("devices") or [])]
-    for key in ("sysctl", "intelRdt"):
+    spec.sysctls = _sysctls(linux.get("sysctl") or {}, spec.namespaces.split(","), refuse)
+    for key in ("intelRdt",):
         if linux.get(key):
             raise refuse(f"linux.{key} is not supported")
     for key in ("hooks",):
@@ -551,6 +556,44 @@ def from_oci(doc: Any, bundle: str) -> tuple[ProcessSpec, str, list[Mount]]:
         else:
             raise refuse(f"mount {dest} of type {kind!r} is not supported")
     return spec, root_path, shares
+
+
+IPC_SYSCTLS = {
+    "kernel.msgmax",
+    "kernel.msgmnb",
+    "kernel.msgmni",
+    "kernel.sem",
+    "kernel.shmall",
+    "kernel.shmmax",
+    "kernel.shmmni",
+    "kernel.shm_rmid_forced",
+}
+UTS_SYSCTLS = {"kernel.hostname", "kernel.domainname"}
+
+
+def _sysctls(items: Any, letters: list[str], refuse: Callable[[str], Exception]) -> list[str]:
+    """`linux.sysctl` -> `KEY=VALUE`s, only namespaced ones, as runc allows them: IPC ones
+    with an IPC namespace, UTS ones with a UTS namespace; `net.*` also without a network
+    namespace of the container's own (the guest's is the sandbox's, as in Kata)."""
+    if not isinstance(items, dict):
+        raise refuse("linux.sysctl must be an object")
+    out = []
+    for key, value in items.items():
+        where = f"linux.sysctl {key!r}"
+        if not key or not all(c.isalnum() or c in "._-" for c in key) or ".." in key:
+            raise refuse(f"{where} is not a sysctl name")
+        if not isinstance(value, str):
+            raise refuse(f"{where}: the value must be a string")
+        if key in IPC_SYSCTLS or key.startswith("fs.mqueue."):
+            if "i" not in letters:
+                raise refuse(f"{where} needs an ipc namespace")
+        elif key in UTS_SYSCTLS:
+            if "u" not in letters:
+                raise refuse(f"{where} needs a uts namespace")
+        elif not key.startswith("net."):
+            raise refuse(f"{where} is not namespaced: it would change the whole guest")
+        out.append(f"{key}={value}")
+    return out
 
 
 def _device(d: Any, i: int, refuse: Callable[[str], Exception]) -> str:

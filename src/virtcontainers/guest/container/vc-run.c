@@ -14,7 +14,8 @@
  *          [--hostname NAME] [--ns m,p,u,i,n,c,U] [--uid-map C:H:N]... [--gid-map C:H:N]...
  *          [--readonly] [--no-new-privs] [--caps HEXMASK] [--rlimit RESOURCE:SOFT:HARD]...
  *          [--cgroup DIR] [--mount TYPE:SOURCE:DEST:OPTIONS]... [--pid-file FILE]
- *          [--device PATH:c|b|p:MAJOR:MINOR:MODE:UID:GID]... [SECCOMP...] -- ARGV...
+ *          [--device PATH:c|b|p:MAJOR:MINOR:MODE:UID:GID]... [--sysctl KEY=VALUE]...
+ *          [SECCOMP...] -- ARGV...
  *   vc-run --join PID [--cgroup DIR] [--cwd DIR] [--user UID:GID] [--env K=V]...
  *          [--caps HEXMASK] [SECCOMP...] -- ARGV...
  *
@@ -74,6 +75,8 @@ static char *mounts[MAX_ITEMS];
 static int n_mounts;
 static char *devices[MAX_ITEMS];
 static int n_devices;
+static char *sysctls[MAX_ITEMS];
+static int n_sysctls;
 static char *rlimits[MAX_ITEMS];
 static int n_rlimits;
 static char *uid_maps[MAX_ITEMS], *gid_maps[MAX_ITEMS];
@@ -307,6 +310,46 @@ static void make_devices(int userns)
 			die("mknod %s", path);
 		if (chmod(target, mode & 07777) || lchown(target, uid, gid))
 			die("device %s: mode and owner", path);
+	}
+}
+
+/* KEY=VALUE -> /proc/sys/KEY (dots as slashes) and VALUE; -1 when malformed. */
+static int sysctl_path(const char *item, char *path, size_t size, const char **value)
+{
+	const char *eq = strchr(item, '=');
+	size_t len = eq ? (size_t)(eq - item) : 0;
+	if (!len || len >= 256 || strstr(item, "..") || memchr(item, '/', len))
+		return -1;
+	snprintf(path, size, "/proc/sys/%.*s", (int)len, item);
+	for (char *p = path + strlen("/proc/sys/"); *p; p++)
+		if (*p == '.')
+			*p = '/';
+	*value = eq + 1;
+	return 0;
+}
+
+static void check_sysctls(void)
+{
+	char path[512];
+	const char *value;
+	for (int i = 0; i < n_sysctls; i++)
+		if (sysctl_path(sysctls[i], path, sizeof path, &value)) {
+			errno = 0;
+			die("bad --sysctl %s (KEY=VALUE)", sysctls[i]);
+		}
+}
+
+/* Written from inside the new namespaces: net, ipc and uts sysctls are the writer's. */
+static void apply_sysctls(void)
+{
+	for (int i = 0; i < n_sysctls; i++) {
+		char path[512];
+		const char *value;
+		sysctl_path(sysctls[i], path, sizeof path, &value);
+		int fd = open(path, O_WRONLY | O_CLOEXEC);
+		if (fd < 0 || write(fd, value, strlen(value)) < 0)
+			die("sysctl %s", sysctls[i]);
+		close(fd);
 	}
 }
 
@@ -765,6 +808,8 @@ static void parse(int argc, char **argv, int *cmd)
 			pid_file = argv[++i];
 		else if (!strcmp(a, "--join"))
 			join = argv[++i];
+		else if (!strcmp(a, "--sysctl"))
+			add(sysctls, &n_sysctls, argv[++i], "--sysctl");
 		else if (!strcmp(a, "--device"))
 			add(devices, &n_devices, argv[++i], "--device");
 		else if (!strcmp(a, "--uid-map"))
@@ -802,6 +847,7 @@ int main(int argc, char **argv)
 	build_seccomp();
 	check_maps();
 	check_devices();
+	check_sysctls();
 	open_cgroup();
 	if (join) {
 		enter();
@@ -833,6 +879,7 @@ int main(int argc, char **argv)
 	} else {
 		write_pid(getpid());
 	}
+	apply_sysctls();
 	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL))
 		die("make mounts private");
 	if (mount(rootfs, rootfs, NULL, MS_BIND | MS_REC, NULL))
