@@ -283,7 +283,7 @@ class Sandbox:
             spec, root, extra = from_oci(doc, self.bundle)
             self.mounts = [*self.mounts, *extra]
             work.update(bundle=self.bundle, lower=root, spec=dataclasses.asdict(spec))
-            await self._plug_share(self._root_share(0, root=root, read_only=spec.readonly_root))
+            await self._plug_share(self._root_share(0, root=root))
         work["volumes"] = volume_records(self.mounts, "vc-")
         for share in volume_shares(work["volumes"], "vol"):
             await self._plug_share(share)
@@ -309,13 +309,12 @@ class Sandbox:
         work["block_serial"] = self.hypervisor.block_serial(drive)
         work["volumes"] = []
 
-    def _root_share(
-        self, index: int, *, lower: str = "", root: str = "", read_only: bool = False
-    ) -> SharedFS:
+    def _root_share(self, index: int, *, lower: str = "", root: str = "") -> SharedFS:
         """The virtio-fs share of a container's root: over an image (`lower`), an overlay with
         a writable upper directory of its own under the VM directory; else a bundle's root.
         The first container's ("ctr") is plugged before boot; each later one's ("ctrN") is
-        hot-added, served by its own virtiofsd."""
+        hot-added, served by its own virtiofsd. Always writable: vc-run makes a read-only
+        root's mount points in it, then remounts it read-only (as runc does)."""
         from .devices import SharedFS
 
         sid = "ctr" if index == 0 else f"ctr{index}"
@@ -323,7 +322,7 @@ class Sandbox:
             upper = os.path.join(persist.vm_dir(self.id, self.run_root), sid, "upper")
             os.makedirs(upper, mode=0o755)
             return SharedFS(id=sid, source=upper, mount_tag=f"vc-{sid}", lower=lower)
-        return SharedFS(id=sid, source=root, mount_tag=f"vc-{sid}", read_only=read_only)
+        return SharedFS(id=sid, source=root, mount_tag=f"vc-{sid}")
 
     async def create_container(
         self,
@@ -439,7 +438,7 @@ class Sandbox:
         if bundle is None and self.workload.get("image"):
             root = self._root_share(index, lower=lower)
         else:
-            root = self._root_share(index, root=lower, read_only=spec.readonly_root)
+            root = self._root_share(index, root=lower)
         shares = [root]
         if bundle is not None:
             shared = list(self.workload.get("volumes", []))

@@ -121,7 +121,12 @@ async def test_bundle(run_root: str, store: ImageStore, tmp_path: Path) -> None:
     config = {
         "ociVersion": "1.0.2",
         "process": {
-            "args": ["sh", "-c", "hostname; ulimit -n; grep CapEff /proc/self/status; touch /x"],
+            "args": [
+                "sh",
+                "-c",
+                "hostname; ulimit -n; grep CapEff /proc/self/status; "
+                "touch /scratch/ok && echo scratch; touch /x",
+            ],
             "env": ["PATH=/bin"],
             "cwd": "/",
             "user": {"uid": 0, "gid": 0},
@@ -131,6 +136,8 @@ async def test_bundle(run_root: str, store: ImageStore, tmp_path: Path) -> None:
         "root": {"path": "rootfs", "readonly": True},
         "hostname": "bundled",
         "linux": {"namespaces": [{"type": "mount"}, {"type": "pid"}, {"type": "uts"}]},
+        # A mount point the read-only root lacks: made before the root turns read-only.
+        "mounts": [{"destination": "/scratch", "type": "tmpfs", "source": "tmpfs"}],
     }
     (bundle / "config.json").write_text(json.dumps(config))
     async with Sandbox(bundle=str(bundle), run_root=run_root) as sb:
@@ -139,6 +146,7 @@ async def test_bundle(run_root: str, store: ImageStore, tmp_path: Path) -> None:
     lines = result.stdout.decode().splitlines()
     assert lines[:2] == ["bundled", "123"]
     assert lines[2].split() == ["CapEff:", f"{1 << 5:016x}"]
+    assert lines[3] == "scratch"
     assert b"Read-only file system" in result.stderr
     assert result.exit_code == 1
     assert not (bundle / "rootfs" / "x").exists()
