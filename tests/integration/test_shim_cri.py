@@ -1,7 +1,8 @@
 """The path kubelet uses: a CRI client (the CRI v1 API over gRPC) drives containerd's CRI plugin,
-which runs a pod through containerd-shim-virtc-v2 with runtime handler `virtc`, its network
-made by Debian's CNI bridge plugin inside containerd's own network namespace. The pod is one
-VM; its address answers from that namespace; afterwards nothing is left."""
+which runs a pod of two containers through containerd-shim-virtc-v2 with runtime handler
+`virtc`, its network made by Debian's CNI bridge plugin inside containerd's own network
+namespace. The pod is one VM; its address answers from that namespace; afterwards nothing is
+left."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,10 +89,24 @@ def mounts_under(path: str) -> list[str]:
     return [line.split()[1] for line in lines if line.split()[1].startswith(path + "/")]
 
 
-def test_pod_sandbox_is_one_vm_on_the_cni_network(
+def fetch(ns: Namespace, url: str, timeout: float = 120) -> str:
+    """`url`'s body fetched from namespace `ns`, once it answers."""
+    get = (
+        "import sys, urllib.request as u;"
+        "sys.stdout.buffer.write(u.urlopen(sys.argv[1], None, 5).read())"
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        body = ns.run(sys.executable, "-c", get, url, check=False)
+        if body or time.monotonic() > deadline:
+            return body
+        time.sleep(0.5)
+
+
+def test_pod_of_two_containers_is_one_vm_on_the_cni_network(
     cri_containerd: tuple[Containerd, PodNetwork, str], host_untouched: None
 ) -> None:
-    c, net, _ = cri_containerd
+    c, net, image = cri_containerd
     ns = Namespace(c.netns)
     netns_before = cri_netns()
     tag = uuid.uuid4().hex[:6]
@@ -115,15 +132,61 @@ def test_pod_sandbox_is_one_vm_on_the_cni_network(
         assert pod_ip in [str(a) for a in net.subnet.hosts()], status
         # The pod's sandbox (the pause image's process) runs in a VM of ours: one QEMU.
         assert len(qemu_processes(c)) == 1
+
+        def container(name: str, script: str) -> str:
+            cid = rt.CreateContainer(
+                cri.CreateContainerRequest(
+                    pod_sandbox_id=pod_id,
+                    config=cri.ContainerConfig(
+                        metadata=cri.ContainerMetadata(name=name),
+                        image=cri.ImageSpec(image=image),
+                        command=["sh", "-c", script],
+                    ),
+                    sandbox_config=pod_config,
+                ),
+                timeout=VM_CALL,
+            ).container_id
+            return str(cid)
+
+        serve = (
+            f"mkdir -p /tmp/www && echo hello-{tag} > /tmp/www/index.html && "
+            "exec busybox httpd -f -p 8080 -h /tmp/www"
+        )
+        web = container("web", serve)
+        side = container("side", "exec sleep 600")
+        for cid in (web, side):
+            rt.StartContainer(cri.StartContainerRequest(container_id=cid), timeout=VM_CALL)
+        # Both containers joined the pod's VM.
+        assert len(qemu_processes(c)) == 1
+
+        def exec_sync(cid: str, script: str) -> cri.ExecSyncResponse:
+            request = cri.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", script], timeout=60)
+            return rt.ExecSync(request, timeout=VM_CALL)
+
+        ran = exec_sync(web, "cat /tmp/www/index.html; exit 3")
+        assert (ran.exit_code, ran.stdout) == (3, f"hello-{tag}\n".encode()), ran
+        # The other container shares the pod's network (the guest's), not web's root.
+        ran = exec_sync(side, "busybox wget -q -O - http://127.0.0.1:8080/; test -e /tmp/www")
+        assert (ran.exit_code, ran.stdout) == (1, f"hello-{tag}\n".encode()), ran
+
         # The pod's address, given by CNI's host-local IPAM in the pod's namespace, is the
-        # guest's: it answers from containerd's namespace (the bridge's side).
-        assert ns.ok("ping", "-c", "1", "-W", "10", pod_ip), c.log_tail(60)
+        # guest's: it answers from containerd's namespace (the bridge's side) with what the
+        # web container serves.
+        assert fetch(ns, f"http://{pod_ip}:8080/") == f"hello-{tag}\n"
+
+        stats = rt.ContainerStats(
+            cri.ContainerStatsRequest(container_id=web), timeout=VM_CALL
+        ).stats
+        assert stats.attributes.id == web
+        assert stats.memory.working_set_bytes.value > 0, stats
+        assert stats.cpu.usage_core_nano_seconds.value > 0, stats
 
         rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=VM_CALL)
         rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=VM_CALL)
         assert not rt.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=30).items
+        assert not rt.ListContainers(cri.ListContainersRequest(), timeout=30).containers
 
-    assert settled(c, pod_id) == []
+    assert settled(c, pod_id, web, side) == []
     assert mounts_under(c.dir) == []
     # The pod's network namespace (CRI's, under /run/netns) is gone, and with it the veth: the
     # test namespace keeps only its loopback and the CNI bridge.
