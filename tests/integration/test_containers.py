@@ -373,6 +373,47 @@ async def test_containers_in_one_sandbox(run_root: str, store: ImageStore) -> No
     assert not processes_mentioning(run_root)
 
 
+async def test_cli_names_one_of_several_containers(
+    run_root: str, store: ImageStore, tmp_path: Path
+) -> None:
+    """`virtc exec/ps/cp --container` reach the container named among several; without it
+    they say which there are."""
+    sb = Sandbox(image="busybox", image_store=store.root, run_root=run_root, pcie_root_port=1)
+    await sb.start()
+    try:
+        for cid in ("ca", "cb"):
+            c = await sb.create_container(
+                ["sh", "-c", f"echo {cid} > /mine; exec sleep 600"], id=cid
+            )
+            await c.setup()
+            await c.start(detach=True)
+            assert await until_ok(c, ["cat", "/mine"]) == f"{cid}\n".encode()
+        await sb.detach()
+
+        def cli(*args: str) -> str:
+            done = virtc(run_root, store, *args)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        assert cli("exec", "--container", "cb", sb.id, "--", "cat", "/mine") == "cb\n"
+        assert cli("exec", "-c", "ca", sb.id, "--", "cat", "/mine") == "ca\n"
+        assert "sleep 600" in cli("ps", "-c", "cb", sb.id)
+        cli("cp", "-c", "cb", f"{sb.id}:/mine", str(tmp_path / "b.txt"))
+        assert (tmp_path / "b.txt").read_text() == "cb\n"
+        (tmp_path / "in.txt").write_text("to a\n")
+        cli("cp", "-c", "ca", str(tmp_path / "in.txt"), f"{sb.id}:/in.txt")
+        assert cli("exec", "-c", "ca", sb.id, "--", "cat", "/in.txt") == "to a\n"
+        assert virtc(run_root, store, "exec", "-c", "cb", sb.id, "--", "ls", "/in.txt").returncode
+        for args in (("exec", sb.id, "--", "true"), ("ps", sb.id)):
+            done = virtc(run_root, store, *args)
+            assert done.returncode != 0 and "has 2 containers (ca, cb): name one" in done.stderr
+        done = virtc(run_root, store, "exec", "-c", "nope", sb.id, "--", "true")
+        assert done.returncode != 0 and "nope" in done.stderr, done.stderr
+    finally:
+        await sb.stop()  # this process is the VMM's parent: it reaps
+    assert not processes_mentioning(run_root)
+
+
 def test_sync_containers_in_one_sandbox(run_root: str, store: ImageStore) -> None:
     from virtcontainers import sync
 

@@ -24,6 +24,7 @@ from .options import (
     MEMORY,
     SANDBOX_ID,
     TIMEOUT,
+    WHICH_CONTAINER,
     config_request,
     guest_command,
     parse_size_mib,
@@ -380,6 +381,7 @@ def inspect(g: Globals, a: argparse.Namespace) -> None:
     Arg("--env", "-e", action="append", default=[], help="KEY=VALUE (repeatable)."),
     Arg("--cwd", "-w", help="Working directory."),
     Arg("--user", "-u", help="In a container: UID[:GID] or a name."),
+    WHICH_CONTAINER,
     SANDBOX_ID,
     COMMAND,
 )
@@ -400,9 +402,13 @@ def exec_(g: Globals, a: argparse.Namespace) -> int:
             if sb.containers:
                 from .container_cmds import exec_in_container
 
-                return await exec_in_container(sb, argv, a.env, a.cwd, a.user, data, a.exec_timeout)
-            if a.user:
-                raise ConfigError("exec: --user needs a sandbox with a container")
+                return await exec_in_container(
+                    sb, a.container, argv, a.env, a.cwd, a.user, data, a.exec_timeout
+                )
+            if a.user or a.container:
+                raise ConfigError(
+                    f"exec: --{'user' if a.user else 'container'} needs a sandbox with a container"
+                )
             return await sb.exec(
                 argv, stdin=data, env=env or None, cwd=a.cwd, timeout=a.exec_timeout
             )
@@ -415,7 +421,7 @@ def exec_(g: Globals, a: argparse.Namespace) -> int:
 @command(
     "logs",
     SANDBOX_ID,
-    Arg("--container", "-c", help="Which container, when the sandbox has several."),
+    WHICH_CONTAINER,
     Arg("--console", action="store_true", help="The guest console log instead."),
     Arg("--vmm", action="store_true", help="The VMM's own log instead."),
     Arg("--follow", "-f", action="store_true", help="Keep printing new output until it stops."),

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from .app import Globals
-from .options import SANDBOX_ID, guest_command
+from .options import SANDBOX_ID, WHICH_CONTAINER, guest_command
 from .output import emit_json, line, run_async
 from .registry import Arg, command
 
@@ -198,6 +198,7 @@ def container_logs(g: Globals, a: argparse.Namespace) -> None:
 
 async def exec_in_container(
     sb: Sandbox,
+    container_id: str | None,
     argv: list[str],
     env: list[str],
     cwd: str | None,
@@ -208,7 +209,7 @@ async def exec_in_container(
     """`virtc exec ID -- CMD` in a sandbox that runs a container: inside the container."""
     from ..containers.spec import resolve_user
 
-    container = sb.container()
+    container = sb.container(container_id)
     ids = None
     if user:
         uid, gid, _ = resolve_user(user, str(sb.workload.get("lower", "")))
@@ -218,6 +219,7 @@ async def exec_in_container(
 
 @command(
     "ps",
+    WHICH_CONTAINER,
     SANDBOX_ID,
     Arg("--json", dest="json_output", action="store_true", help="Machine-readable output."),
 )
@@ -228,7 +230,7 @@ def ps(g: Globals, a: argparse.Namespace) -> None:
     async def body() -> list[tuple[int, str]]:
         sb = await attach(g, a.sandbox_id)
         try:
-            return await sb.container().processes()
+            return await sb.container(a.container).processes()
         finally:
             await sb.detach()
 
@@ -253,6 +255,7 @@ def _split(arg: str) -> tuple[str | None, str]:
     "cp",
     Arg("src", metavar="SRC", help="Host path, or ID:/path in a container."),
     Arg("dst", metavar="DST", help="Host path, or ID:/path in a container."),
+    WHICH_CONTAINER,
 )
 def cp(g: Globals, a: argparse.Namespace) -> None:
     """Copy files or directories between the host and a sandbox's container."""
@@ -272,7 +275,7 @@ def cp(g: Globals, a: argparse.Namespace) -> None:
 
         sb = await attach(g, sandbox_id)
         try:
-            container = sb.container()
+            container = sb.container(a.container)
             vm_dir = persist.vm_dir(sb.id, sb.run_root)
             if dst_id is not None:
                 root, where, read_only = container.locate(dst_path, vm_dir)

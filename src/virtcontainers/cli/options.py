@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .app import Globals
 
 SANDBOX_ID = Arg("sandbox_id", metavar="ID", help="Sandbox id.")
+WHICH_CONTAINER = Arg("--container", "-c", help="Which container, when the sandbox has several.")
 CPUS = Arg("--cpus", "-c", type=int, help="vCPUs.")
 MEMORY = Arg("--memory", "-m", help="Memory, e.g. 512M or 2G.")
 CONFIG = Arg("--config", help="A Kata configuration.toml to start from.")
