@@ -371,14 +371,15 @@ def test_run_t_gives_a_terminal_that_resizes(containerd: tuple[Containerd, str])
     cid = f"tty-{uuid.uuid4().hex[:6]}"
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
-    script = "[ -t 0 ] && echo is-a-tty; while read l; do busybox stty size; done; exit 3"
+    script = "busybox tty; while read l; do busybox stty size; done; exit 3"
     ctr = subprocess.Popen(
         [*c.ctr_argv(), *c.run_args(image, cid, "sh", "-c", script, options=["-t"])],
         stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
     )  # fmt: skip
     os.close(slave)
     try:
-        read_until(master, b"is-a-tty")
+        # A terminal of the container's own (its first pty), which `tty` can name.
+        read_until(master, b"/dev/pts/0\r")
 
         def size_seen(size: bytes) -> None:
             # ctr sends its terminal's size after the start: ask until the process sees it.

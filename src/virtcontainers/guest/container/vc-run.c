@@ -36,6 +36,11 @@
  * no_new_privs, just before the user and capabilities change (loading needs either
  * no_new_privs or CAP_SYS_ADMIN, as in runc).
  *
+ * When stdin is a terminal and the command runs in a child (a new or joined pid namespace),
+ * the child gets a terminal of the container's own devpts instance (as runc's console), so
+ * `tty` names it; the waiting parent relays between it and its own terminal, put in raw
+ * mode, and passes its window size on at each SIGWINCH.
+ *
  * Exit status: the container process's (128+N for signal N); 125 when setting up failed,
  * 126 when the command cannot be executed, 127 when it is not found (as docker run).
  */
@@ -49,7 +54,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
+#include <sys/socket.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -57,6 +65,7 @@
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <unistd.h>
 #include <grp.h>
 #include <seccomp.h>
@@ -88,6 +97,8 @@ static scmp_filter_ctx filter;
 static const char *user, *groups, *caps;
 static int readonly, no_new_privs;
 static pid_t child;
+static int console_sock[2] = {-1, -1}; /* the child sends its terminal's master over it */
+static volatile sig_atomic_t resized;
 static int cgroup_fd = -1;
 
 static void die(const char *fmt, ...)
@@ -688,6 +699,7 @@ static void write_pid(pid_t pid)
 }
 
 static int wait_child(void);
+static void prepare_console(void);
 
 /* Opened before the root changes; written by the process that becomes the command. */
 static void open_cgroup(void)
@@ -739,6 +751,7 @@ static void enter(void)
 		die("enter the root of %s", join);
 	close(root);
 	/* A new pid namespace applies to children: the command runs in one. */
+	prepare_console();
 	child = fork();
 	if (child < 0)
 		die("fork");
@@ -753,6 +766,133 @@ static void forward(int sig)
 		kill(child, sig);
 }
 
+static void on_winch(int sig)
+{
+	(void)sig;
+	resized = 1;
+}
+
+/* Before forking: a terminal on stdin is replaced by one of the container's in the child. */
+static void prepare_console(void)
+{
+	if (isatty(0) && socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, console_sock))
+		die("socketpair");
+}
+
+/* In the child, inside the container's root: a new terminal of its devpts becomes its
+ * controlling terminal and stdio; the master goes to the parent. */
+static void make_console(void)
+{
+	if (console_sock[1] < 0)
+		return;
+	close(console_sock[0]);
+	int master = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+	if (master < 0 || unlockpt(master))
+		die("open the container's /dev/ptmx");
+	struct winsize ws;
+	if (!ioctl(0, TIOCGWINSZ, &ws))
+		ioctl(master, TIOCSWINSZ, &ws);
+	char name[64];
+	if (ptsname_r(master, name, sizeof name))
+		die("ptsname");
+	int slave = open(name, O_RDWR | O_NOCTTY);
+	if (slave < 0)
+		die("open %s", name);
+	if (setsid() < 0 || ioctl(slave, TIOCSCTTY, 0))
+		die("make %s the controlling terminal", name);
+	char data = 0;
+	char control[CMSG_SPACE(sizeof(int))] = {0};
+	struct iovec iov = {.iov_base = &data, .iov_len = 1};
+	struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
+			     .msg_controllen = sizeof control};
+	struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+	c->cmsg_level = SOL_SOCKET;
+	c->cmsg_type = SCM_RIGHTS;
+	c->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(c), &master, sizeof(int));
+	if (sendmsg(console_sock[1], &msg, 0) != 1)
+		die("send the terminal to vc-run");
+	close(console_sock[1]);
+	close(master);
+	for (int fd = 0; fd < 3; fd++)
+		if (dup2(slave, fd) < 0)
+			die("dup2 %s", name);
+	if (slave > 2)
+		close(slave);
+}
+
+static int receive_console(void)
+{
+	char data, control[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = {.iov_base = &data, .iov_len = 1};
+	struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
+			     .msg_controllen = sizeof control};
+	close(console_sock[1]);
+	ssize_t n;
+	while ((n = recvmsg(console_sock[0], &msg, 0)) < 0 && errno == EINTR)
+		;
+	close(console_sock[0]);
+	struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+	if (n != 1 || !c || c->cmsg_type != SCM_RIGHTS)
+		return -1; /* the child failed before making its terminal */
+	int master;
+	memcpy(&master, CMSG_DATA(c), sizeof(int));
+	return master;
+}
+
+static int copy(int from, int to)
+{
+	char buf[4096];
+	ssize_t n = read(from, buf, sizeof buf);
+	if (n <= 0)
+		return n < 0 && errno == EINTR ? 0 : -1;
+	for (ssize_t off = 0; off < n;) {
+		ssize_t w = write(to, buf + off, (size_t)(n - off));
+		if (w < 0 && errno != EINTR)
+			return -1;
+		off += w > 0 ? w : 0;
+	}
+	return 0;
+}
+
+/* Relay between our terminal (raw) and the child's until the child's side is closed. */
+static void relay_console(void)
+{
+	int master = receive_console();
+	if (master < 0)
+		return;
+	struct termios saved, raw;
+	int restore = !tcgetattr(0, &saved);
+	if (restore) {
+		raw = saved;
+		cfmakeraw(&raw);
+		tcsetattr(0, TCSANOW, &raw);
+	}
+	struct sigaction sa = {.sa_handler = on_winch};
+	sigaction(SIGWINCH, &sa, NULL);
+	struct pollfd fds[2] = {{.fd = 0, .events = POLLIN}, {.fd = master, .events = POLLIN}};
+	for (;;) {
+		if (resized) {
+			struct winsize ws;
+			resized = 0;
+			if (!ioctl(0, TIOCGWINSZ, &ws))
+				ioctl(master, TIOCSWINSZ, &ws);
+		}
+		if (poll(fds, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			break;
+		}
+		if (fds[1].revents && copy(master, 1) < 0)
+			break; /* EIO: every process of the child's terminal is gone */
+		if (fds[0].revents && copy(0, master) < 0)
+			fds[0].fd = -1; /* our stdin ended: the child's terminal stays */
+	}
+	close(master);
+	if (restore)
+		tcsetattr(0, TCSANOW, &saved);
+}
+
 /* Outside the container: forward signals, then exit as its first process did. */
 static int wait_child(void)
 {
@@ -763,6 +903,8 @@ static int wait_child(void)
 	signal(SIGQUIT, forward);
 	signal(SIGUSR1, forward);
 	signal(SIGUSR2, forward);
+	if (console_sock[0] >= 0)
+		relay_console();
 	while (waitpid(child, &status, 0) < 0)
 		if (errno != EINTR)
 			die("waitpid");
@@ -868,6 +1010,7 @@ int main(int argc, char **argv)
 	if (has_ns('p')) {
 		if (unshare(CLONE_NEWPID))
 			die("unshare pid namespace");
+		prepare_console();
 		child = fork();
 		if (child < 0)
 			die("fork");
@@ -918,6 +1061,7 @@ int main(int argc, char **argv)
 	if (readonly && mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL))
 		die("remount the root read-only");
 process:
+	make_console();
 	join_cgroup();
 	/* After joining the cgroup: it becomes the namespace's root. */
 	if (!join && has_ns('c') && unshare(CLONE_NEWCGROUP))
