@@ -366,20 +366,19 @@ def test_output_streams_and_stdin_is_interactive(containerd: tuple[Containerd, s
     assert settled(c, cid) == []
 
 
-def test_run_t_gives_a_terminal_that_resizes(containerd: tuple[Containerd, str]) -> None:
-    c, image = containerd
-    cid = f"tty-{uuid.uuid4().hex[:6]}"
+def on_a_terminal(c: Containerd, *args: str) -> int:
+    """Run `ctr ARGS` on a new terminal of 33x111 (ctr -t needs one), answer each line with
+    `stty size` until the process sees ctr's size, then again after a resize to 40x120 (and
+    SIGWINCH to ctr, as a terminal emulator does), then type ^D; ctr's exit status."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
-    script = "busybox tty; while read l; do busybox stty size; done; exit 3"
     ctr = subprocess.Popen(
-        [*c.ctr_argv(), *c.run_args(image, cid, "sh", "-c", script, options=["-t"])],
-        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-    )  # fmt: skip
+        [*c.ctr_argv(), *args], stdin=slave, stdout=slave, stderr=slave, start_new_session=True
+    )
     os.close(slave)
     try:
-        # A terminal of the container's own (its first pty), which `tty` can name.
-        read_until(master, b"/dev/pts/0\r")
+        # A terminal of the container's own (a pty of its devpts), which `tty` can name.
+        read_until(master, b"/dev/pts/")
 
         def size_seen(size: bytes) -> None:
             # ctr sends its terminal's size after the start: ask until the process sees it.
@@ -394,15 +393,24 @@ def test_run_t_gives_a_terminal_that_resizes(containerd: tuple[Containerd, str])
 
         size_seen(b"33 111")
         fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-        os.kill(ctr.pid, signal.SIGWINCH)  # what a terminal emulator's resize does
+        os.kill(ctr.pid, signal.SIGWINCH)
         size_seen(b"40 120")
         os.write(master, b"\x04")  # ^D: end of input at the terminal
-        assert ctr.wait(120) == 3
+        return ctr.wait(120)
     finally:
         if ctr.poll() is None:
             ctr.kill()
             ctr.wait()
         os.close(master)
+
+
+SIZES = "busybox tty; while read l; do busybox stty size; done; exit 3"
+
+
+def test_run_t_gives_a_terminal_that_resizes(containerd: tuple[Containerd, str]) -> None:
+    c, image = containerd
+    cid = f"tty-{uuid.uuid4().hex[:6]}"
+    assert on_a_terminal(c, *c.run_args(image, cid, "sh", "-c", SIZES, options=["-t"])) == 3
     assert settled(c, cid) == []
 
 
@@ -421,9 +429,11 @@ def update_task(c: Containerd, cid: str, resources: dict[str, object]) -> None:
     asyncio.run(call())
 
 
-def test_memory_limit_update_metrics_and_oom_event(containerd: tuple[Containerd, str]) -> None:
-    """The container's cgroup in the guest: its limit in `ctr task metrics`, an Update changes
-    it, and an OOM kill in it is a /tasks/oom event."""
+def test_exec_terminal_memory_limit_update_metrics_and_oom_event(
+    containerd: tuple[Containerd, str],
+) -> None:
+    """`ctr task exec -t` gets a terminal; the container's cgroup in the guest: its limit in
+    `ctr task metrics`, an Update changes it, and an OOM kill in it is a /tasks/oom event."""
     c, image = containerd
     cid = f"oom-{uuid.uuid4().hex[:6]}"
     fifo = ["--fifo-dir", c.fifo_dir]
@@ -434,6 +444,9 @@ def test_memory_limit_update_metrics_and_oom_event(containerd: tuple[Containerd,
     )
     assert events.stdout is not None
     try:
+        # An exec gets a terminal of its own too, resized with ctr's.
+        exec_t = ["task", "exec", "-t", *fifo, "--exec-id", "t", cid, "sh", "-c", SIZES]
+        assert on_a_terminal(c, *exec_t) == 3
         before = metrics(c, cid)
         assert int(before["memory.usage_limit"]) == 48 << 20
         assert 0 < int(before["memory.usage"]) < 48 << 20
