@@ -7,6 +7,7 @@ left."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -34,6 +35,8 @@ default_vcpus = 1
 """
 #: gRPC deadline of the calls that boot or stop a VM (TCG on a busy machine).
 VM_CALL = 300
+#: The network namespaces CRI made for the tests' pods.
+POD_NETNS: list[str] = []
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +47,25 @@ def cri_containerd() -> Iterator[tuple[Containerd, PodNetwork, str]]:
     Path(config).write_text(SHIM_CONFIG)
     env = {"VC_RUN_ROOT": run_root, "VC_SHIM_CONFIG": config}
     net = PodNetwork.unique()
-    netns_before = cri_netns()
+    containerd_dir = ""
     try:
         with running_containerd(env=env, cri=net.plugin_config) as c:
+            containerd_dir = c.dir
             import_pause(c)
             try:
                 yield c, net, import_busybox(c, namespace=K8S_NAMESPACE)
             finally:
                 remove_pods(c)
-        left = processes_mentioning(run_root)
+        # containerd is gone: shims (which name its directory) and VMs must be too.
+        left = processes_mentioning(run_root) + processes_mentioning(containerd_dir)
     finally:
         # After a failure: what a pod left (the test itself asserts that nothing is).
         kill_all(processes_mentioning(run_root))
-        for name in cri_netns() - netns_before:
-            subprocess.run(["ip", "netns", "delete", name], check=False)
+        if containerd_dir:
+            kill_all(processes_mentioning(containerd_dir))
+        for path in POD_NETNS:
+            if os.path.exists(path):
+                subprocess.run(["ip", "netns", "delete", os.path.basename(path)], check=False)
         shutil.rmtree(run_root, ignore_errors=True)
     assert not left
 
@@ -75,9 +83,14 @@ def remove_pods(c: Containerd) -> None:
                 )
 
 
-def cri_netns() -> set[str]:
-    """The network namespaces CRI made for pods (cni-<uuid> under /run/netns)."""
-    return {name for name in os.listdir("/run/netns") if name.startswith("cni-")}
+def pod_netns(c: Containerd, pod_id: str) -> str:
+    """The network namespace CRI made for a pod (/var/run/netns/cni-<uuid>), from its sandbox
+    container's bundle; remembered for the fixture's clean-up after a failure."""
+    bundle = os.path.join(c.state, "io.containerd.runtime.v2.task", K8S_NAMESPACE, pod_id)
+    spec = json.loads(Path(bundle, "config.json").read_text())
+    path = next(n["path"] for n in spec["linux"]["namespaces"] if n["type"] == "network")
+    POD_NETNS.append(path)
+    return str(path)
 
 
 def qemu_processes(c: Containerd) -> list[tuple[int, str]]:
@@ -108,7 +121,6 @@ def test_pod_of_two_containers_is_one_vm_on_the_cni_network(
 ) -> None:
     c, net, image = cri_containerd
     ns = Namespace(c.netns)
-    netns_before = cri_netns()
     tag = uuid.uuid4().hex[:6]
     pod_config = cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name=f"pod-{tag}", uid=tag, namespace="default"),
@@ -130,6 +142,7 @@ def test_pod_of_two_containers_is_one_vm_on_the_cni_network(
         assert status.runtime_handler == RUNTIME_HANDLER
         pod_ip = status.network.ip
         assert pod_ip in [str(a) for a in net.subnet.hosts()], status
+        netns = pod_netns(c, pod_id)
         # The pod's sandbox (the pause image's process) runs in a VM of ours: one QEMU.
         assert len(qemu_processes(c)) == 1
 
@@ -190,5 +203,5 @@ def test_pod_of_two_containers_is_one_vm_on_the_cni_network(
     assert mounts_under(c.dir) == []
     # The pod's network namespace (CRI's, under /run/netns) is gone, and with it the veth: the
     # test namespace keeps only its loopback and the CNI bridge.
-    assert cri_netns() == netns_before
+    assert not os.path.exists(netns)
     assert ns.links() == sorted(["lo", net.bridge])
