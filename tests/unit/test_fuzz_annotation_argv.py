@@ -367,6 +367,7 @@ def test_no_annotation_puts_an_attacker_option_on_a_command_line(
         ({"virtio_fs_extra_args": '["--socket-path=/tmp/x"]'}, "virtio_fs_extra_args"),
         ({"pcie_root_port": "4294967295"}, "pcie_root_port"),
         ({"memory_offset": "4294967295"}, "mem_offset"),
+        ({"cpu_features": "EVIL,kernel=EVIL"}, "cpu_features"),
     ],
 )
 def test_issue_14_attacks_are_refused(

@@ -642,7 +642,7 @@ _MACHINE_OPT_RE = re.compile(r"[A-Za-z0-9_.-]+(=[A-Za-z0-9_.:-]*)?")
 #: One `-cpu` feature: `+flag`, `-flag`, `flag` or `flag=value`.
 _CPU_FEATURE_RE = re.compile(r"[+-]?[A-Za-z0-9_.-]+(=[A-Za-z0-9_.:-]*)?")
 #: Machine properties naming host files, guest boot images or backing objects: a
-#: `machine_accelerators` value (settable by annotation) must not reach them.
+#: `machine_accelerators` or `cpu_features` value (settable by annotation) must not reach them.
 UNSAFE_MACHINE_OPTIONS = frozenset(
     {
         "kernel",
@@ -672,7 +672,7 @@ def _check_option_list(name: str, value: str, token: re.Pattern[str]) -> None:
                 f"{name}: option {item!r} in {value!r} is not a plain flag or key=value"
             )
         key = item.lstrip("+-").split("=", 1)[0].replace("_", "-")
-        if name == "machine_accelerators" and key in UNSAFE_MACHINE_OPTIONS:
+        if key in UNSAFE_MACHINE_OPTIONS:  # no CPU property has these names either
             raise ConfigError(f"{name}: option {key!r} in {value!r} is not allowed")
 
 
