@@ -138,3 +138,32 @@ def test_bad_bundle_and_flags_are_named(tmp_path: Path) -> None:
     assert (cp.returncode, "unknown action 'frobnicate'" in cp.stderr) == (2, True)
     cp = shim(tmp_path, "-id", "x", "start")
     assert "namespace cannot be empty" in cp.stderr
+
+
+def test_debug_log_keeps_pyroute2_quiet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """containerd -debug: the shim's own debug lines reach its log fifo, pyroute2's per-message
+    debug chatter (thousands of lines a pod) does not."""
+    import logging
+
+    from virtcontainers.shim import daemon
+
+    os.mkfifo(tmp_path / "log")
+    reader = os.open(tmp_path / "log", os.O_RDONLY | os.O_NONBLOCK)
+    monkeypatch.chdir(tmp_path)
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("pyroute2").level)
+    try:
+        daemon._log_to_fifo(debug=True)
+        logging.getLogger("virtcontainers.shim").debug("ours")
+        logging.getLogger("pyroute2.netlink").debug("netlink chatter")
+        logging.getLogger("pyroute2").warning("theirs, worth a look")
+        text = os.read(reader, 65536).decode()
+    finally:
+        for handler in root.handlers[len(saved[0]) :]:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(saved[1])
+        logging.getLogger("pyroute2").setLevel(saved[2])
+        os.close(reader)
+    assert "ours" in text and "theirs, worth a look" in text, text
+    assert "netlink chatter" not in text, text

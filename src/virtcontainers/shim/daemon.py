@@ -49,6 +49,8 @@ def _log_to_fifo(debug: bool) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    # containerd -debug asks for the shim's story, not every netlink message pyroute2 parses.
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
 
 
 def serve(flags: Flags, listen_fd: int) -> int:
