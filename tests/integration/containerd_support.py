@@ -15,12 +15,12 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from images_support import config_doc, docker_archive, layer
-from leaks import processes_mentioning
+from leaks import kill_all, processes_mentioning
 
 CONTAINERD = shutil.which("containerd") or "/usr/bin/containerd"
 CTR = shutil.which("ctr") or "/usr/bin/ctr"
@@ -39,6 +39,8 @@ class Containerd:
     #: The run root of the shims' VMs (VC_RUN_ROOT given to containerd), if any.
     vm_root: str = ""
     env: dict[str, str] | None = None
+    #: Shim and VM processes still running once containerd stopped (then killed).
+    left_at_stop: list[tuple[int, str]] = field(default_factory=list)
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
@@ -195,6 +197,11 @@ def running_containerd(
 
 def _stop(c: Containerd) -> None:
     c.stop()
+    # A failed test's shims and VMs: kept for the caller's check, not left for the next test.
+    c.left_at_stop = processes_mentioning(c.dir)
+    if c.vm_root:
+        c.left_at_stop += processes_mentioning(c.vm_root)
+    kill_all(c.left_at_stop)
     # Snapshot mounts containerd left (it unmounts its own on a clean run).
     for line in reversed(Path("/proc/self/mounts").read_text().splitlines()):
         target = line.split()[1]

@@ -47,22 +47,18 @@ def cri_containerd() -> Iterator[tuple[Containerd, PodNetwork, str]]:
     Path(config).write_text(SHIM_CONFIG)
     env = {"VC_RUN_ROOT": run_root, "VC_SHIM_CONFIG": config}
     net = PodNetwork.unique()
-    containerd_dir = ""
     try:
         with running_containerd(env=env, cri=net.plugin_config) as c:
-            containerd_dir = c.dir
             import_pause(c)
             try:
                 yield c, net, import_busybox(c, namespace=K8S_NAMESPACE)
             finally:
                 remove_pods(c)
         # containerd is gone: shims (which name its directory) and VMs must be too.
-        left = processes_mentioning(run_root) + processes_mentioning(containerd_dir)
+        left = c.left_at_stop
     finally:
         # After a failure: what a pod left (the test itself asserts that nothing is).
         kill_all(processes_mentioning(run_root))
-        if containerd_dir:
-            kill_all(processes_mentioning(containerd_dir))
         for path in POD_NETNS:
             if os.path.exists(path):
                 subprocess.run(["ip", "netns", "delete", os.path.basename(path)], check=False)
