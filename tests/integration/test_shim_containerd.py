@@ -467,3 +467,29 @@ def test_exec_terminal_memory_limit_update_metrics_and_oom_event(
     c.ctr("task", "delete", cid)
     c.ctr("container", "delete", cid)
     assert settled(c, cid) == []
+
+
+def test_pod_whose_sandbox_container_exits_at_once_goes_entirely(
+    containerd: tuple[Containerd, str],
+) -> None:
+    """A pod's sandbox container that exits as it starts (as a broken pause image would), then
+    an app container refused or ended: deleting them leaves no shim, VM or virtiofsd."""
+    c, image = containerd
+    pod, app = f"pod-{uuid.uuid4().hex[:6]}", f"app-{uuid.uuid4().hex[:6]}"
+    c.run(
+        image, pod, "sh", "-c", "exit 125", detach=True,
+        options=["--annotation", f"{CONTAINER_TYPE}=sandbox"],
+    )  # fmt: skip
+    wait_status(c, pod, "STOPPED")
+    c.run(
+        image, app, "sh", "-c", "exit 3", detach=True, check=False,
+        options=["--annotation", f"{CONTAINER_TYPE}=container",
+                 "--annotation", f"{SANDBOX_ID}={pod}"],
+    )  # fmt: skip
+    if app in {line.split()[0] for line in task_lines(c)}:
+        wait_status(c, app, "STOPPED")
+        c.ctr("task", "delete", app)
+    c.ctr("container", "delete", app, check=False)
+    c.ctr("task", "delete", pod)
+    c.ctr("container", "delete", pod)
+    assert settled(c, pod, app) == []
