@@ -516,15 +516,27 @@ class Sandbox:
             hv = self.hypervisor
             if hv.state is not VMState.CREATED:
                 raise StateError(f"cannot start sandbox {self.id}: it is {hv.state.value}")
+            net = self.network
+            # The bridge and its rules are not needed before the guest's network is
+            # configured: they are made while the VM boots.
+            joining = asyncio.ensure_future(net.join_bridge()) if net is not None else None
             try:
                 await self._launch(hv)
                 if self.hypervisor_type is HypervisorType.MOCK:
                     await self._serve_mock_agent()
                 self._persist()
                 await self._connect_agent(self.start_timeout)
-                if self.network is not None and self.hypervisor_type is not HypervisorType.MOCK:
-                    await self.network.configure_guest(await self.agent())
+                if net is not None and joining is not None:
+                    await joining
+                    self._persist()
+                    if self.hypervisor_type is not HypervisorType.MOCK:
+                        await net.configure_guest(await self.agent())
             except BaseException:
+                if joining is not None:
+                    # Let it finish (its thread cannot be stopped) before undoing what it made.
+                    await asyncio.wait({joining})
+                    if not joining.cancelled():
+                        joining.exception()  # retrieved: the start's own error is raised
                 await self._teardown()
                 raise
 
@@ -1006,8 +1018,16 @@ class Sandbox:
         agent, self._mock_agent = self._mock_agent, None
         if agent is not None:
             await agent.stop()
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(agent.path))
+            path = agent.path
+        elif self.hypervisor_type is HypervisorType.MOCK:
+            # The stand-in of a manager that was killed: its socket is left behind.
+            path = os.path.join(persist.vm_dir(self.id, self.run_root), MOCK_AGENT_SOCKET)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        else:
+            return
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(path))
 
     async def _connect_agent(self, timeout: float) -> None:
         from .agent import AgentClient

@@ -554,7 +554,6 @@ def bridge_ports(name: str) -> int:
 
 def add_veth(
     host_end: str,
-    bridge: str,
     ns_path: str,
     inner: str,
     address: ipaddress.IPv4Interface,
@@ -562,8 +561,9 @@ def add_veth(
     address6: ipaddress.IPv6Interface | None = None,
     gateway6: ipaddress.IPv6Address | None = None,
 ) -> None:
-    """A veth pair: `host_end` on `bridge` here, `inner` in the namespace at `ns_path` with
-    `address` and a default route via `gateway` (and the same in IPv6, if given)."""
+    """A veth pair: `host_end` up here (on no bridge yet: `enslave`), `inner` in the
+    namespace at `ns_path` with `address` and a default route via `gateway` (and the same
+    in IPv6, if given)."""
     with _ipr() as ipr:
         fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -571,9 +571,8 @@ def add_veth(
         finally:
             os.close(fd)
         idx = _index(host_end)
-        br = _index(bridge)
-        assert idx is not None and br is not None
-        ipr.link("set", index=idx, master=br, state="up")
+        assert idx is not None
+        ipr.link("set", index=idx, state="up")
 
     def inside() -> None:
         with _ipr() as ipr:
@@ -594,6 +593,15 @@ def add_veth(
                 ipr.route("add", dst="::/0", gateway=str(gateway6), family=socket.AF_INET6)
 
     call_in_netns(ns_path, inside)
+
+
+def enslave(name: str, bridge: str) -> None:
+    """Put interface `name` on `bridge`."""
+    with _ipr() as ipr:
+        idx, br = _index(name), _index(bridge)
+        if idx is None or br is None:
+            raise ConfigError(f"cannot put {name} on bridge {bridge}: one of them is gone")
+        ipr.link("set", index=idx, master=br)
 
 
 def read_sysctl(key: str) -> str:

@@ -108,6 +108,8 @@ class SandboxNetwork:
     neighbours: list[Neighbour] = field(default_factory=list)
     dns: list[str] = field(default_factory=list)
     dns_search: list[str] = field(default_factory=list)
+    bridged: bool = False
+    """Bridge mode: the veth is on the bridge and the rules are in (`join_bridge`)."""
 
     # -- planning (no side effects) -----------------------------------------------------------
     @classmethod
@@ -208,14 +210,14 @@ class SandboxNetwork:
             netlink.connect_tcfilter(iface.name, iface.tap, queues, iface.mtu)
 
     def _bridge_side(self) -> None:
-        """In the bridge's namespace: check, then bridge, lease, namespace, veth, NAT."""
+        """In the bridge's namespace: check, lease, then namespace and veth (what the VMM
+        needs); the bridge itself and the rules wait for `join_bridge`."""
         cfg = self.config
         with _net_lock():
             self._check_ports()
             gw = netlink.bridge_address(cfg.bridge)
             if gw is None:
                 gw = self._gateway_for_new_bridge()
-                netlink.create_bridge(cfg.bridge, gw)
             elif cfg.subnet and gw.network != parse_subnet(cfg.subnet):
                 raise ConfigError(
                     f"bridge {cfg.bridge} already serves {gw.network}, not subnet {cfg.subnet}"
@@ -236,7 +238,6 @@ class SandboxNetwork:
             netlink.create_netns(self.netns_name)
             netlink.add_veth(
                 self.host_veth,
-                cfg.bridge,
                 self.netns_path,
                 INNER_IFNAME,
                 addr,
@@ -244,16 +245,51 @@ class SandboxNetwork:
                 addr6,
                 subnet6[1] if subnet6 is not None else None,
             )
+
+    async def join_bridge(self) -> None:
+        """Bridge mode: put the veth's host end on the bridge (made now if missing) and add
+        the NAT, port and forward rules. Not needed before the guest's network is
+        configured, so it runs while the VM boots; the caller tears down on failure."""
+        if self.config.mode != "bridge" or self.bridged:
+            return
+        await netlink.in_netns(self.config.host_netns, self._join_bridge)
+        self.bridged = True
+
+    def _join_bridge(self) -> None:
+        cfg = self.config
+        addr = ipaddress.IPv4Interface(self.address)
+        want = ipaddress.IPv4Interface(f"{self.gateway}/{addr.network.prefixlen}")
+        addr6 = ipaddress.IPv6Interface(self.address6) if self.address6 else None
+        with _net_lock():
+            gw = netlink.bridge_address(cfg.bridge)
+            if gw is None:
+                netlink.create_bridge(cfg.bridge, want)
+            elif gw != want:
+                raise ConfigError(
+                    f"bridge {cfg.bridge} now serves {gw.network}, not {addr.network}"
+                )
+            if addr6 is not None:
+                have6 = netlink.bridge_network6(cfg.bridge)
+                if have6 is None:
+                    netlink.add_bridge_subnet6(cfg.bridge, addr6.network)
+                elif have6 != addr6.network:
+                    raise ConfigError(
+                        f"bridge {cfg.bridge} now serves {have6}, not IPv6 {addr6.network}"
+                    )
+            netlink.enslave(self.host_veth, cfg.bridge)
             nat.add_rules(
                 self.sandbox_id,
-                nat.Bridge(cfg.bridge, gw.network, subnet6, self.host_veth),
+                nat.Bridge(
+                    cfg.bridge, addr.network, addr6.network if addr6 else None, self.host_veth
+                ),
                 addr.ip,
                 addr6.ip if addr6 is not None else None,
                 cfg.ports,
             )
 
     def _bridge_subnet6(self) -> ipaddress.IPv6Network | None:
-        """The bridge's IPv6 subnet, given to it now if it has none; None without IPv6."""
+        """The bridge's IPv6 subnet (chosen if it has none: `join_bridge` gives it); None
+        without IPv6."""
         cfg = self.config
         if cfg.subnet6 == "none":
             return None
@@ -270,7 +306,6 @@ class SandboxNetwork:
             return have
         subnet6 = self._free_subnet(cfg.subnet6, SUBNET6_CANDIDATES, 6)
         assert isinstance(subnet6, ipaddress.IPv6Network)
-        netlink.add_bridge_subnet6(cfg.bridge, subnet6)
         return subnet6
 
     def _gateway_for_new_bridge(self) -> ipaddress.IPv4Interface:
