@@ -25,7 +25,7 @@ from net_support import Namespace, namespaces
 from virtcontainers import Sandbox
 from virtcontainers.errors import ConfigError
 from virtcontainers.network import NetworkConfig, PortMapping
-from virtcontainers.network.netlink import call_in_netns
+from virtcontainers.network.netlink import call_in_netns, scan
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check", "host_untouched")]
 
@@ -132,6 +132,12 @@ async def test_ipv6_subnet_clear_of_routes_and_ports_held_on_ipv6(run_root: str)
                 assert sb.network is not None
                 assert sb.network.address6.startswith("fd5c:76c1:a7e3:1::")
                 assert sb.network.gateway6 == "fd5c:76c1:a7e3:1::1"
+                # The endpoint recorded from the plan is what a scan of its namespace finds.
+                found, routes, _ = call_in_netns(sb.network.netns_path, scan)
+                assert [(i.name, i.kind, i.mac, i.mtu, i.addresses) for i in found] == [
+                    (i.name, i.kind, i.mac, i.mtu, i.addresses) for i in sb.network.interfaces
+                ]
+                assert routes == sb.network.routes and len(routes) == 2
                 with pytest.raises(
                     ConfigError, match=r"bridge vc0 already serves fd5c:76c1:a7e3:1::/64"
                 ):
@@ -141,6 +147,32 @@ async def test_ipv6_subnet_clear_of_routes_and_ports_held_on_ipv6(run_root: str)
         finally:
             held.close()
         assert state_of(host) == before
+
+
+def add_link(ns: Namespace, name: str) -> None:
+    with NetNS(ns.path) as n:
+        n.link("add", ifname=name, kind="veth", peer={"ifname": f"{name}p"})
+
+
+async def test_bridge_made_while_booting_fails_the_start_and_undoes_all(run_root: str) -> None:
+    """The bridge and rules are made while the VM boots: when that fails (here an interface
+    took the bridge's name between create and start), the start fails with that error and
+    the namespace, veth, lease and sandbox made before the launch are gone."""
+    async with namespaces(1) as (host,):
+        sb = mock(run_root, bridge(host, "18097:80"))
+        await sb.create()
+        assert "vc-" + sb.id in state_of(host)[2]
+        await asyncio.to_thread(add_link, host, "vc0")
+        before = state_of(host)
+        with pytest.raises(ConfigError, match=r"bridge vc0: an interface of that name exists"):
+            await sb.start()
+        assert state_of(host) == (
+            [n for n in before[0] if not n.startswith("vcv")],
+            before[1],
+            [n for n in before[2] if n != "vc-" + sb.id],
+        )
+        assert Sandbox.list(run_root) == []
+        assert not os.path.exists(os.path.join(run_root, "net"))
 
 
 async def test_fifty_cycles_leave_nothing(run_root: str) -> None:

@@ -544,10 +544,11 @@ def create_bridge(name: str, gateway: ipaddress.IPv4Interface) -> None:
 
 
 def bridge_ports(name: str) -> int:
-    """How many interfaces are enslaved to bridge `name` (-1 when it does not exist)."""
+    """How many interfaces are enslaved to bridge `name` (-1 when there is no such bridge:
+    an interface of that name that is no bridge is not ours to remove)."""
     with _ipr() as ipr:
         idx = _index(name)
-        if idx is None:
+        if idx is None or _kind(ipr.get_links(idx)[0]) != "bridge":
             return -1
         return sum(1 for link in ipr.get_links() if link.get("IFLA_MASTER") == idx)
 
@@ -560,10 +561,10 @@ def add_veth(
     gateway: ipaddress.IPv4Address,
     address6: ipaddress.IPv6Interface | None = None,
     gateway6: ipaddress.IPv6Address | None = None,
-) -> None:
+) -> tuple[str, int]:
     """A veth pair: `host_end` up here (on no bridge yet: `enslave`), `inner` in the
     namespace at `ns_path` with `address` and a default route via `gateway` (and the same
-    in IPv6, if given)."""
+    in IPv6, if given). Returns `inner`'s MAC and MTU."""
     with _ipr() as ipr:
         fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -574,10 +575,11 @@ def add_veth(
         assert idx is not None
         ipr.link("set", index=idx, state="up")
 
-    def inside() -> None:
+    def inside() -> tuple[str, int]:
         with _ipr() as ipr:
             idx = _index(inner)
             assert idx is not None
+            (link,) = ipr.get_links(idx)
             ipr.addr("add", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
             if address6 is not None and gateway6 is not None:
                 ipr.addr(
@@ -591,8 +593,9 @@ def add_veth(
             ipr.route("add", dst="0.0.0.0/0", gateway=str(gateway))
             if address6 is not None and gateway6 is not None:
                 ipr.route("add", dst="::/0", gateway=str(gateway6), family=socket.AF_INET6)
+        return str(link.get("IFLA_ADDRESS")), int(link.get("IFLA_MTU"))
 
-    call_in_netns(ns_path, inside)
+    return call_in_netns(ns_path, inside)
 
 
 def enslave(name: str, bridge: str) -> None:

@@ -169,9 +169,12 @@ class SandboxNetwork:
             raise
 
     def _take_endpoints(self, queues: int, persist: Callable[[], None]) -> None:
-        """In the sandbox's namespace (one visit, one netlink socket): find the endpoints,
-        record them, then join each to the VM."""
-        found, routes, neighbours = netlink.scan()
+        """In the sandbox's namespace (one visit, one netlink socket): find the endpoints
+        (bridge mode: the veth just made), record them, then join each to the VM."""
+        if self.config.mode == "bridge":  # made by `_bridge_side`: known already
+            found, routes, neighbours = self.interfaces, self.routes, self.neighbours
+        else:
+            found, routes, neighbours = netlink.scan()
         for n, iface in enumerate(found):
             self._check_endpoint(iface)
             self._name_tap(iface, n)
@@ -236,7 +239,7 @@ class SandboxNetwork:
                 addr6 = ipaddress.IPv6Interface(f"{subnet6[offset]}/{subnet6.prefixlen}")
                 self.address6, self.gateway6 = str(addr6), str(subnet6[1])
             netlink.create_netns(self.netns_name)
-            netlink.add_veth(
+            mac, mtu = netlink.add_veth(
                 self.host_veth,
                 self.netns_path,
                 INNER_IFNAME,
@@ -245,6 +248,15 @@ class SandboxNetwork:
                 addr6,
                 subnet6[1] if subnet6 is not None else None,
             )
+        # The endpoint as `netlink.scan` would find it, without scanning.
+        eth = Interface(
+            INNER_IFNAME, "veth", mac, mtu, [Address(str(addr.ip), addr.network.prefixlen)]
+        )
+        self.routes = [Route(gateway=self.gateway, family=4, device=INNER_IFNAME)]
+        if addr6 is not None:
+            eth.addresses.append(Address(str(addr6.ip), addr6.network.prefixlen))
+            self.routes.append(Route(gateway=self.gateway6, family=6, device=INNER_IFNAME))
+        self.interfaces = [eth]
 
     async def join_bridge(self) -> None:
         """Bridge mode: put the veth's host end on the bridge (made now if missing) and add
