@@ -142,7 +142,9 @@ def test_pod_of_two_containers_is_one_vm_on_the_cni_network(
         # The pod's sandbox (the pause image's process) runs in a VM of ours: one QEMU.
         assert len(qemu_processes(c)) == 1
 
-        def container(name: str, script: str) -> str:
+        def container(name: str, script: str, pid: int = cri.POD) -> str:
+            options = cri.NamespaceOption(pid=pid)
+            security = cri.LinuxContainerSecurityContext(namespace_options=options)
             cid = rt.CreateContainer(
                 cri.CreateContainerRequest(
                     pod_sandbox_id=pod_id,
@@ -150,6 +152,7 @@ def test_pod_of_two_containers_is_one_vm_on_the_cni_network(
                         metadata=cri.ContainerMetadata(name=name),
                         image=cri.ImageSpec(image=image),
                         command=["sh", "-c", script],
+                        linux=cri.LinuxContainerConfig(security_context=security),
                     ),
                     sandbox_config=pod_config,
                 ),
@@ -163,7 +166,8 @@ def test_pod_of_two_containers_is_one_vm_on_the_cni_network(
         )
         web = container("web", serve)
         side = container("side", "exec sleep 600")
-        for cid in (web, side):
+        solo = container("solo", "exec sleep 601", pid=cri.CONTAINER)
+        for cid in (web, side, solo):
             rt.StartContainer(cri.StartContainerRequest(container_id=cid), timeout=VM_CALL)
         # Both containers joined the pod's VM.
         assert len(qemu_processes(c)) == 1
@@ -177,6 +181,26 @@ def test_pod_of_two_containers_is_one_vm_on_the_cni_network(
         # The other container shares the pod's network (the guest's), not web's root.
         ran = exec_sync(side, "busybox wget -q -O - http://127.0.0.1:8080/; test -e /tmp/www")
         assert (ran.exit_code, ran.stdout) == (1, f"hello-{tag}\n".encode()), ran
+
+        def ps(cid: str) -> dict[int, str]:
+            """pid -> command line of what the container sees."""
+            ran = exec_sync(cid, "busybox ps -o pid,args")
+            assert ran.exit_code == 0, ran
+            lines = [line.split(None, 1) for line in ran.stdout.decode().splitlines()[1:]]
+            return {int(f[0]): f[1] for f in lines if len(f) == 2}
+
+        # The pod's pid namespace (CRI's POD mode, its default) is the sandbox container's:
+        # pause is its pid 1 and both containers' processes are there, but nothing of the
+        # guest's own (the agent, vc-run, the shim's scripts) nor the third container's.
+        seen = ps(side)
+        assert seen.get(1) == "/pause", seen
+        assert "sleep 600" in seen.values() and any("httpd" in a for a in seen.values()), seen
+        for other in ("/init", "vc-run", "vc-setup", "oom_kill", "sleep 601"):
+            assert not any(other in a for a in seen.values()), (other, seen)
+        # A pid namespace of its own (CONTAINER mode): only its processes, its command pid 1.
+        seen = ps(solo)
+        assert seen.get(1) == "sleep 601", seen
+        assert not any(a in ("/pause", "sleep 600") or "httpd" in a for a in seen.values()), seen
 
         # The pod's address, given by CNI's host-local IPAM in the pod's namespace, is the
         # guest's: it answers from containerd's namespace (the bridge's side) with what the
@@ -195,7 +219,7 @@ def test_pod_of_two_containers_is_one_vm_on_the_cni_network(
         assert not rt.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=30).items
         assert not rt.ListContainers(cri.ListContainersRequest(), timeout=30).containers
 
-    assert settled(c, pod_id, web, side) == []
+    assert settled(c, pod_id, web, side, solo) == []
     assert mounts_under(c.dir) == []
     # The pod's network namespace (CRI's, under /run/netns) is gone, and with it the veth: the
     # test namespace keeps only its loopback and the CNI bridge.

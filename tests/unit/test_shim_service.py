@@ -16,8 +16,16 @@ import pytest
 from google.protobuf import any_pb2, empty_pb2
 
 from virtcontainers.agent import ExitStatus
+from virtcontainers.containers import ProcessSpec as ContainerSpec
 from virtcontainers.shim.events import EVENTS_SERVICE, Publisher
-from virtcontainers.shim.main import UsageError, group_id, parse, socket_path
+from virtcontainers.shim.main import (
+    CONTAINER_TYPE,
+    SANDBOX_ID,
+    UsageError,
+    group_id,
+    parse,
+    socket_path,
+)
 from virtcontainers.shim.proto.cgroups.v2.stats import metrics_pb2
 from virtcontainers.shim.proto.containerd.api.services.ttrpc.events.v1 import events_pb2
 from virtcontainers.shim.proto.containerd.api.types import mount_pb2
@@ -26,7 +34,7 @@ from virtcontainers.shim.proto.containerd.pkg.runtimeoptions.v1 import api_pb2 a
 from virtcontainers.shim.proto.containerd.runtime.v2.task import shim_pb2 as pb
 from virtcontainers.shim.service import PROCESS_TYPE, RESOURCES_TYPE, SERVICE, TaskService
 from virtcontainers.shim.ttrpc import CallContext, Client, Code, Server, Service, TtrpcError
-from virtcontainers.shim.vm import ProcessSpec
+from virtcontainers.shim.vm import ProcessSpec, guest_bundle, pod_pid_namespace
 
 
 class FakeStream:
@@ -652,3 +660,28 @@ def test_socket_path_and_pod_grouping(tmp_path: Path) -> None:
     assert group_id("c2", str(tmp_path)) == "c2"
     with pytest.raises(UsageError, match=r"has no config\.json"):
         group_id("c2", str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize(
+    ("kind", "pid_ns", "joined"),
+    [
+        ("container", {"type": "pid", "path": "/proc/7/ns/pid"}, "pod1"),  # CRI's POD mode
+        ("container", {"type": "pid"}, ""),  # CONTAINER mode: a pid namespace of its own
+        ("sandbox", {"type": "pid"}, ""),
+        ("", {"type": "pid", "path": "/proc/7/ns/pid"}, ""),  # not CRI: no pod to join
+    ],
+)
+def test_pod_pid_namespace_is_the_sandbox_containers(
+    tmp_path: Path, kind: str, pid_ns: dict[str, str], joined: str
+) -> None:
+    annotations = {CONTAINER_TYPE: kind, SANDBOX_ID: "pod1"} if kind else {}
+    namespaces = [pid_ns, {"type": "ipc", "path": "/proc/7/ns/ipc"}, {"type": "mount"}]
+    spec = {"annotations": annotations, "linux": {"namespaces": namespaces}}
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    assert pod_pid_namespace(str(tmp_path)) == joined
+    guest = json.loads((Path(guest_bundle(str(tmp_path))) / "config.json").read_text())
+    # Namespaces joined by path are the host's: none reaches the guest's spec.
+    kept = [ns for ns in namespaces if not ns.get("path")]
+    assert guest["linux"]["namespaces"] == kept
+    argv = ContainerSpec(args=["true"], joined=[("p", "/run/vc/c/pod1/pid")]).runner_argv("/r")
+    assert argv[argv.index("--join-ns") + 1] == "p:/run/vc/c/pod1/pid"

@@ -45,6 +45,9 @@ def vc_run(tmp_path_factory: pytest.TempPathFactory) -> str:
         (["--device", "dev/x:c:1:2:666:0:0"], "bad --device dev/x:c:1:2:666:0:0"),
         (["--sysctl", "kernel.shmmni"], "bad --sysctl kernel.shmmni (KEY=VALUE)"),
         (["--sysctl", "net/../x=1"], "bad --sysctl net/../x=1"),
+        (["--join-ns", "m:/run/x"], "bad --join-ns m:/run/x (LETTER:PIDFILE"),
+        (["--ns", "m,p", "--join-ns", "p:/run/x"], "bad --join-ns p:/run/x"),
+        (["--ns", "m", "--join-ns", "p:/nowhere/pid"], "--join-ns p:/nowhere/pid: no running"),
     ],
 )
 def test_bad_options_refused_before_setup(

@@ -65,7 +65,7 @@ def spec_from_dict(d: dict[str, Any]) -> ProcessSpec:
     d["resources"] = Resources(**(d.get("resources") or {}))
     d["rlimits"] = [tuple(x) for x in d.get("rlimits") or []]
     d["mounts"] = [tuple(x) for x in d.get("mounts") or []]
-    for key in ("uid_mappings", "gid_mappings"):
+    for key in ("uid_mappings", "gid_mappings", "joined"):
         d[key] = [tuple(x) for x in d.get(key) or []]
     return ProcessSpec(**d)
 

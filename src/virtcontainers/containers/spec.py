@@ -271,6 +271,9 @@ class ProcessSpec:
     """`KEY=VALUE` written from inside the container's namespaces."""
     devices: list[str] = field(default_factory=list)
     """Device nodes to make in the container, as vc-run's `PATH:TYPE:MAJOR:MINOR:MODE:UID:GID`."""
+    joined: list[tuple[str, str]] = field(default_factory=list)
+    """(namespace letter, guest pid file): namespaces joined, not made: those of another
+    container of the sandbox (a pod's containers share its sandbox container's pid one)."""
 
     def runner_argv(self, rootfs: str, *, cgroup: str = "", pid_file: str = "") -> list[str]:
         """vc-run's command line for this process in the container rooted at `rootfs`."""
@@ -300,6 +303,8 @@ class ProcessSpec:
             argv += ["--device", device]
         for sysctl in self.sysctls:
             argv += ["--sysctl", sysctl]
+        for letter, pid_file_of in self.joined:
+            argv += ["--join-ns", f"{letter}:{pid_file_of}"]
         if cgroup:
             argv += ["--cgroup", cgroup]
         if pid_file:

@@ -32,7 +32,7 @@ SANDBOX_FILE = "virtc-sandbox"
 VM cache keeps its own), for `delete` after the shim is gone."""
 STARTED_POLLS = 200
 STARTED_POLL_INTERVAL = 0.05
-POD_ROOT_PORTS = 4
+POD_ROOT_PORTS = 8
 """PCIe root ports a CRI pod's VM gets (unless its configuration sets some): one for the root
 of each container hot-added beside the sandbox's."""
 OOM_POLL_SECONDS = 1
@@ -183,11 +183,28 @@ def pod_sandbox(bundle: str) -> bool:
     return isinstance(annotations, dict) and annotations.get(CONTAINER_TYPE) == "sandbox"
 
 
+def pod_pid_namespace(bundle: str) -> str:
+    """The id of the pod's sandbox container whose pid namespace a CRI container joins (its
+    spec joins one by path: CRI's NamespaceMode POD), "" for one of its own (CONTAINER)."""
+    from .main import CONTAINER_TYPE, SANDBOX_ID
+
+    spec = _spec(bundle)
+    annotations = spec.get("annotations")
+    if not isinstance(annotations, dict) or annotations.get(CONTAINER_TYPE) != "container":
+        return ""
+    linux = spec.get("linux")
+    namespaces = linux.get("namespaces") if isinstance(linux, dict) else None
+    for ns in namespaces or []:
+        if isinstance(ns, dict) and ns.get("type") == "pid" and ns.get("path"):
+            return str(annotations.get(SANDBOX_ID) or "")
+    return ""
+
+
 def guest_bundle(bundle: str) -> str:
     """A copy of the bundle's spec for the guest (<bundle>/virtc/config.json): no network
     namespace of its own, none joined by path (a pod's namespaces on the host: in the VM,
-    which is the pod, the guest's own), the root filesystem at its absolute path.
-    containerd removes it with the bundle."""
+    which is the pod, the guest's own, but for the pid one, `pod_pid_namespace`), the root
+    filesystem at its absolute path. containerd removes it with the bundle."""
     with open(os.path.join(bundle, "config.json"), "rb") as f:
         spec = json.load(f)
     linux = spec.setdefault("linux", {})
@@ -289,7 +306,12 @@ class SandboxVM:
             container = await self.sandbox.create_container(id=container_id)
         else:
             own = guest_bundle(bundle)
-            container = await self.sandbox.create_container(id=container_id, bundle=own)
+            # As Kata's agent: a container sharing the pod's pid namespace joins the sandbox
+            # container's in the guest (not the guest's own, the agent's).
+            share = pod_pid_namespace(bundle)
+            container = await self.sandbox.create_container(
+                id=container_id, bundle=own, share_pid_with=share or None
+            )
         await container.setup()
         self.containers[container_id] = container
 

@@ -15,7 +15,7 @@
  *          [--readonly] [--no-new-privs] [--caps HEXMASK] [--rlimit RESOURCE:SOFT:HARD]...
  *          [--cgroup DIR] [--mount TYPE:SOURCE:DEST:OPTIONS]... [--pid-file FILE]
  *          [--device PATH:c|b|p:MAJOR:MINOR:MODE:UID:GID]... [--sysctl KEY=VALUE]...
- *          [SECCOMP...] -- ARGV...
+ *          [--join-ns LETTER:PIDFILE]... [SECCOMP...] -- ARGV...
  *   vc-run --join PID [--cgroup DIR] [--cwd DIR] [--user UID:GID] [--env K=V]...
  *          [--caps HEXMASK] [SECCOMP...] -- ARGV...
  *
@@ -25,6 +25,8 @@
  * waiting parent stays out, so the cgroup holds the container's processes only).
  * --ns letters: m mount, p pid, u uts, i ipc, n network, c cgroup, U user (with the
  * --uid-map/--gid-map lines, CONTAINER:HOST:COUNT, written from outside by a helper).
+ * --join-ns p:FILE joins the pid namespace (i, u, n: ipc, uts, network) of the process whose
+ * pid FILE holds instead of making one: a pod's containers share its sandbox container's.
  *
  * SECCOMP, an OCI linux.seccomp profile (libseccomp, linked statically):
  *   --seccomp-default ACTION  --seccomp-arch NAME...  --seccomp-flag log|spec_allow...
@@ -77,6 +79,8 @@ extern char **environ;
 
 static const char *rootfs, *cwd = "/", *hostname, *cgroup, *namespaces = "m,p,u,i";
 static const char *pid_file, *join;
+static char *joins[MAX_ITEMS];
+static int n_joins;
 static int pid_fd = -1;
 static char *envs[MAX_ITEMS + 1];
 static int n_envs;
@@ -723,6 +727,50 @@ static void join_cgroup(void)
 	cgroup_fd = -1;
 }
 
+/* Join the `kind` namespace of guest process `pid` (nothing to do when it is already ours). */
+static void join_ns(const char *pid, const char *kind)
+{
+	char path[256], self[64], target[64], mine[64];
+	snprintf(path, sizeof path, "/proc/%s/ns/%s", pid, kind);
+	snprintf(self, sizeof self, "/proc/self/ns/%s", kind);
+	ssize_t a = readlink(path, target, sizeof target - 1), b;
+	b = readlink(self, mine, sizeof mine - 1);
+	if (a > 0 && b > 0 && a == b && !memcmp(target, mine, (size_t)a))
+		return;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0 || setns(fd, 0))
+		die("join %s namespace of %s", kind, pid);
+	close(fd);
+}
+
+/* --join-ns LETTER:PIDFILE: join that namespace of the process whose pid the file holds (a
+ * pod's container joining the pid namespace of the pod's sandbox container). */
+static int join_shared(void)
+{
+	int pidns = 0;
+	for (int i = 0; i < n_joins; i++) {
+		char *spec = joins[i], pid[32] = "";
+		const char *kind = spec[1] != ':' ? NULL
+				   : spec[0] == 'p' ? "pid"
+				   : spec[0] == 'i' ? "ipc"
+				   : spec[0] == 'u' ? "uts"
+				   : spec[0] == 'n' ? "net"
+						    : NULL;
+		if (!kind || has_ns(spec[0])) {
+			errno = 0;
+			die("bad --join-ns %s (LETTER:PIDFILE, p i u or n, not also in --ns)", spec);
+		}
+		FILE *f = fopen(spec + 2, "re");
+		if (!f || !fgets(pid, sizeof pid, f) || !strtol(pid, NULL, 10))
+			die("--join-ns %s: no running process", spec);
+		fclose(f);
+		pid[strcspn(pid, "\n")] = 0;
+		join_ns(pid, kind);
+		pidns |= spec[0] == 'p';
+	}
+	return pidns;
+}
+
 /* Enter a running container: its namespaces, then its root (as seen from its pid). */
 static void enter(void)
 {
@@ -733,20 +781,8 @@ static void enter(void)
 	int root = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (root < 0)
 		die("container process %s", join);
-	for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
-		char self[64], target[64];
-		snprintf(path, sizeof path, "/proc/%s/ns/%s", join, kinds[i]);
-		snprintf(self, sizeof self, "/proc/self/ns/%s", kinds[i]);
-		ssize_t a = readlink(path, target, sizeof target - 1), b;
-		char mine[64];
-		b = readlink(self, mine, sizeof mine - 1);
-		if (a > 0 && b > 0 && a == b && !memcmp(target, mine, (size_t)a))
-			continue; /* the same namespace: nothing to join */
-		int fd = open(path, O_RDONLY | O_CLOEXEC);
-		if (fd < 0 || setns(fd, 0))
-			die("join %s namespace of %s", kinds[i], join);
-		close(fd);
-	}
+	for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
+		join_ns(join, kinds[i]);
 	if (fchdir(root) || chroot("."))
 		die("enter the root of %s", join);
 	close(root);
@@ -950,6 +986,8 @@ static void parse(int argc, char **argv, int *cmd)
 			pid_file = argv[++i];
 		else if (!strcmp(a, "--join"))
 			join = argv[++i];
+		else if (!strcmp(a, "--join-ns"))
+			add(joins, &n_joins, argv[++i], "--join-ns");
 		else if (!strcmp(a, "--sysctl"))
 			add(sysctls, &n_sysctls, argv[++i], "--sysctl");
 		else if (!strcmp(a, "--device"))
@@ -995,6 +1033,8 @@ int main(int argc, char **argv)
 		enter();
 		goto process;
 	}
+	/* Before a user namespace of its own: the shared ones belong to the guest's. */
+	int shared_pid = join_shared();
 	open_pid_file();
 	if (has_ns('U'))
 		enter_userns();
@@ -1007,8 +1047,8 @@ int main(int argc, char **argv)
 		flags |= CLONE_NEWNET;
 	if (unshare(flags))
 		die("unshare");
-	if (has_ns('p')) {
-		if (unshare(CLONE_NEWPID))
+	if (has_ns('p') || shared_pid) {
+		if (has_ns('p') && unshare(CLONE_NEWPID))
 			die("unshare pid namespace");
 		prepare_console();
 		child = fork();
