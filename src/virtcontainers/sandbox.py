@@ -334,16 +334,18 @@ class Sandbox:
         user: str | None = None,
         hostname: str | None = None,
         bundle: str | None = None,
-        share_pid_with: str | None = None,
+        share_with: str | None = None,
+        shared: Sequence[str] = ("pid",),
     ) -> Container:
         """A container in the sandbox, from its image (Entrypoint + `command`, else Cmd; the
         image's Env, WorkingDir and User unless given), its bundle's config.json, or another
         OCI runtime `bundle`. Each container has its own root (the first one's plugged with
         the sandbox, later ones hot-added), pid namespace and cgroup in the guest (with
-        `share_pid_with`, that container's pid namespace, as a pod's containers share their
-        sandbox container's); its id defaults to the sandbox's for the first, a random one
-        after."""
+        `share_with`, that container's `shared` namespaces: "pid", "ipc", "uts", as a pod's
+        containers share their sandbox container's); its id defaults to the sandbox's for the
+        first, a random one after."""
         from .containers import Container, ContainerRecord
+        from .containers.spec import NAMESPACE_LETTERS
 
         own = self.workload.get("image") or self.workload.get("bundle")
         if bundle is None and not own:
@@ -362,17 +364,24 @@ class Sandbox:
                     "a second container",
                     "a container's root reaches the guest over virtio-fs",
                 )
-            if share_pid_with is not None and share_pid_with not in self.containers:
+            if share_with is not None and share_with not in self.containers:
                 raise ConfigError(
-                    f"sandbox {self.id} has no container {share_pid_with!r} to share a pid "
-                    "namespace with"
+                    f"sandbox {self.id} has no container {share_with!r} to share namespaces with"
+                )
+            if set(shared) - {"pid", "ipc", "uts"}:
+                raise ConfigError(
+                    f"only pid, ipc and uts namespaces are shared, not {', '.join(shared)}"
                 )
             spec, volumes, shares = await self._container_parts(
                 index, command, env, cwd, user, hostname, bundle
             )
-            if share_pid_with is not None:
-                spec.namespaces = ",".join(n for n in spec.namespaces.split(",") if n != "p")
-                spec.joined.append(("p", f"{self.containers[share_pid_with].guest_dir}/pid"))
+            if share_with is not None:
+                letters = [NAMESPACE_LETTERS[kind] for kind in shared]
+                pid_file = f"{self.containers[share_with].guest_dir}/pid"
+                spec.namespaces = ",".join(
+                    n for n in spec.namespaces.split(",") if n not in letters
+                )
+                spec.joined = [(letter, pid_file) for letter in letters]
             self.workload["next_share"] = index + 1
             record = ContainerRecord(
                 id=cid,

@@ -197,6 +197,10 @@ def test_pod_of_two_containers_is_one_vm_on_the_cni_network(
         assert "sleep 600" in seen.values() and any("httpd" in a for a in seen.values()), seen
         for other in ("/init", "vc-run", "vc-setup", "oom_kill", "sleep 601"):
             assert not any(other in a for a in seen.values()), (other, seen)
+        # Its ipc and uts namespaces are pause's (pid 1's) too: the pod's hostname.
+        same = "[ $(readlink /proc/1/ns/$0) = $(readlink /proc/self/ns/$0) ] || echo $0"
+        ran = exec_sync(side, f"hostname; for ns in ipc uts; do sh -c '{same}' $ns; done")
+        assert (ran.exit_code, ran.stdout.decode()) == (0, f"pod-{tag}\n"), ran
         # A pid namespace of its own (CONTAINER mode): only its processes, its command pid 1.
         seen = ps(solo)
         assert seen.get(1) == "sleep 601", seen

@@ -34,7 +34,7 @@ from virtcontainers.shim.proto.containerd.pkg.runtimeoptions.v1 import api_pb2 a
 from virtcontainers.shim.proto.containerd.runtime.v2.task import shim_pb2 as pb
 from virtcontainers.shim.service import PROCESS_TYPE, RESOURCES_TYPE, SERVICE, TaskService
 from virtcontainers.shim.ttrpc import CallContext, Client, Code, Server, Service, TtrpcError
-from virtcontainers.shim.vm import ProcessSpec, guest_bundle, pod_pid_namespace
+from virtcontainers.shim.vm import ProcessSpec, guest_bundle, pod_namespaces
 
 
 class FakeStream:
@@ -664,21 +664,26 @@ def test_socket_path_and_pod_grouping(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("kind", "pid_ns", "joined"),
-    [
-        ("container", {"type": "pid", "path": "/proc/7/ns/pid"}, "pod1"),  # CRI's POD mode
-        ("container", {"type": "pid"}, ""),  # CONTAINER mode: a pid namespace of its own
-        ("sandbox", {"type": "pid"}, ""),
-        ("", {"type": "pid", "path": "/proc/7/ns/pid"}, ""),  # not CRI: no pod to join
+    [  # CRI's POD mode, then CONTAINER mode (a pid namespace of its own)
+        ("container", {"type": "pid", "path": "/proc/7/ns/pid"}, ("pod1", ["pid", "ipc"])),
+        ("container", {"type": "pid"}, ("pod1", ["ipc"])),
+        ("sandbox", {"type": "pid"}, ("", [])),
+        ("", {"type": "pid", "path": "/proc/7/ns/pid"}, ("", [])),  # not CRI: no pod
     ],
 )
-def test_pod_pid_namespace_is_the_sandbox_containers(
-    tmp_path: Path, kind: str, pid_ns: dict[str, str], joined: str
+def test_pod_namespaces_are_the_sandbox_containers(
+    tmp_path: Path, kind: str, pid_ns: dict[str, str], joined: tuple[str, list[str]]
 ) -> None:
     annotations = {CONTAINER_TYPE: kind, SANDBOX_ID: "pod1"} if kind else {}
-    namespaces = [pid_ns, {"type": "ipc", "path": "/proc/7/ns/ipc"}, {"type": "mount"}]
+    namespaces = [
+        pid_ns,
+        {"type": "ipc", "path": "/proc/7/ns/ipc"},
+        {"type": "network", "path": "/run/netns/cni-1"},
+        {"type": "mount"},
+    ]
     spec = {"annotations": annotations, "linux": {"namespaces": namespaces}}
     (tmp_path / "config.json").write_text(json.dumps(spec))
-    assert pod_pid_namespace(str(tmp_path)) == joined
+    assert pod_namespaces(str(tmp_path)) == joined
     guest = json.loads((Path(guest_bundle(str(tmp_path))) / "config.json").read_text())
     # Namespaces joined by path are the host's: none reaches the guest's spec.
     kept = [ns for ns in namespaces if not ns.get("path")]

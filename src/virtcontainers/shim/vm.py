@@ -183,27 +183,36 @@ def pod_sandbox(bundle: str) -> bool:
     return isinstance(annotations, dict) and annotations.get(CONTAINER_TYPE) == "sandbox"
 
 
-def pod_pid_namespace(bundle: str) -> str:
-    """The id of the pod's sandbox container whose pid namespace a CRI container joins (its
-    spec joins one by path: CRI's NamespaceMode POD), "" for one of its own (CONTAINER)."""
+POD_SHARED = ("pid", "ipc", "uts")
+"""The namespaces a CRI container shares with its pod's sandbox container in the guest (the
+network one is the guest's: the VM is the pod)."""
+
+
+def pod_namespaces(bundle: str) -> tuple[str, list[str]]:
+    """The id of the pod's sandbox container and the namespaces (of `POD_SHARED`) a CRI
+    container joins of it: those its spec joins by path (the pause container's on the host;
+    a pid namespace without a path, CRI's CONTAINER mode, is its own); ("", []) for others."""
     from .main import CONTAINER_TYPE, SANDBOX_ID
 
     spec = _spec(bundle)
     annotations = spec.get("annotations")
     if not isinstance(annotations, dict) or annotations.get(CONTAINER_TYPE) != "container":
-        return ""
+        return "", []
     linux = spec.get("linux")
     namespaces = linux.get("namespaces") if isinstance(linux, dict) else None
-    for ns in namespaces or []:
-        if isinstance(ns, dict) and ns.get("type") == "pid" and ns.get("path"):
-            return str(annotations.get(SANDBOX_ID) or "")
-    return ""
+    kinds = [
+        str(ns["type"])
+        for ns in namespaces or []
+        if isinstance(ns, dict) and ns.get("type") in POD_SHARED and ns.get("path")
+    ]
+    sandbox = str(annotations.get(SANDBOX_ID) or "")
+    return (sandbox, kinds) if sandbox and kinds else ("", [])
 
 
 def guest_bundle(bundle: str) -> str:
     """A copy of the bundle's spec for the guest (<bundle>/virtc/config.json): no network
     namespace of its own, none joined by path (a pod's namespaces on the host: in the VM,
-    which is the pod, the guest's own, but for the pid one, `pod_pid_namespace`), the root
+    which is the pod, the guest's own, or the sandbox container's: `pod_namespaces`), the root
     filesystem at its absolute path. containerd removes it with the bundle."""
     with open(os.path.join(bundle, "config.json"), "rb") as f:
         spec = json.load(f)
@@ -306,11 +315,11 @@ class SandboxVM:
             container = await self.sandbox.create_container(id=container_id)
         else:
             own = guest_bundle(bundle)
-            # As Kata's agent: a container sharing the pod's pid namespace joins the sandbox
+            # As Kata's agent: a container sharing the pod's namespaces joins the sandbox
             # container's in the guest (not the guest's own, the agent's).
-            share = pod_pid_namespace(bundle)
+            sandbox, shared = pod_namespaces(bundle)
             container = await self.sandbox.create_container(
-                id=container_id, bundle=own, share_pid_with=share or None
+                id=container_id, bundle=own, share_with=sandbox or None, shared=shared
             )
         await container.setup()
         self.containers[container_id] = container
