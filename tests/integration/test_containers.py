@@ -336,6 +336,10 @@ async def test_containers_in_one_sandbox(run_root: str, store: ImageStore) -> No
         b = await sb.create_container(["sh", "-c", mine.format("b")], id="cb")
         with pytest.raises(ConfigError, match=f"sandbox {sb.id} already has a container 'ca'"):
             await sb.create_container(["true"], id="ca")
+        with pytest.raises(ConfigError, match=f"{sb.id} has no container 'cx' to share namesp"):
+            await sb.create_container(["true"], id="cc", share_with="cx")
+        with pytest.raises(ConfigError, match="only pid, ipc and uts namespaces are shared, not n"):
+            await sb.create_container(["true"], id="cc", share_with="ca", shared=["network"])
         with pytest.raises(StateError, match=r"has 2 containers \(ca, cb\): name one"):
             sb.container()
         assert sb.container("cb") is b
