@@ -553,18 +553,9 @@ def bridge_ports(name: str) -> int:
         return sum(1 for link in ipr.get_links() if link.get("IFLA_MASTER") == idx)
 
 
-def add_veth(
-    host_end: str,
-    ns_path: str,
-    inner: str,
-    address: ipaddress.IPv4Interface,
-    gateway: ipaddress.IPv4Address,
-    address6: ipaddress.IPv6Interface | None = None,
-    gateway6: ipaddress.IPv6Address | None = None,
-) -> tuple[str, int]:
+def add_veth(host_end: str, ns_path: str, inner: str) -> None:
     """A veth pair: `host_end` up here (on no bridge yet: `enslave`), `inner` in the
-    namespace at `ns_path` with `address` and a default route via `gateway` (and the same
-    in IPv6, if given). Returns `inner`'s MAC and MTU."""
+    namespace at `ns_path` (configured there by `configure_inner`)."""
     with _ipr() as ipr:
         fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -575,27 +566,34 @@ def add_veth(
         assert idx is not None
         ipr.link("set", index=idx, state="up")
 
-    def inside() -> tuple[str, int]:
-        with _ipr() as ipr:
-            idx = _index(inner)
-            assert idx is not None
-            (link,) = ipr.get_links(idx)
-            ipr.addr("add", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
-            if address6 is not None and gateway6 is not None:
-                ipr.addr(
-                    "add",
-                    index=idx,
-                    address=str(address6.ip),
-                    prefixlen=address6.network.prefixlen,
-                    flags=IFA_F_NODAD,
-                )
-            ipr.link("set", index=idx, state="up")
-            ipr.route("add", dst="0.0.0.0/0", gateway=str(gateway))
-            if address6 is not None and gateway6 is not None:
-                ipr.route("add", dst="::/0", gateway=str(gateway6), family=socket.AF_INET6)
-        return str(link.get("IFLA_ADDRESS")), int(link.get("IFLA_MTU"))
 
-    return call_in_netns(ns_path, inside)
+def configure_inner(
+    inner: str,
+    address: ipaddress.IPv4Interface,
+    gateway: ipaddress.IPv4Address,
+    address6: ipaddress.IPv6Interface | None = None,
+    gateway6: ipaddress.IPv6Address | None = None,
+) -> tuple[str, int]:
+    """In the sandbox's namespace: `inner` up with `address` and a default route via
+    `gateway` (and the same in IPv6, if given). Returns its MAC and MTU."""
+    with _ipr() as ipr:
+        idx = _index(inner)
+        assert idx is not None
+        (link,) = ipr.get_links(idx)
+        ipr.addr("add", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
+        if address6 is not None and gateway6 is not None:
+            ipr.addr(
+                "add",
+                index=idx,
+                address=str(address6.ip),
+                prefixlen=address6.network.prefixlen,
+                flags=IFA_F_NODAD,
+            )
+        ipr.link("set", index=idx, state="up")
+        ipr.route("add", dst="0.0.0.0/0", gateway=str(gateway))
+        if address6 is not None and gateway6 is not None:
+            ipr.route("add", dst="::/0", gateway=str(gateway6), family=socket.AF_INET6)
+    return str(link.get("IFLA_ADDRESS")), int(link.get("IFLA_MTU"))
 
 
 def enslave(name: str, bridge: str) -> None:

@@ -162,7 +162,7 @@ class SandboxNetwork:
                     Interface("user", "user", random_mac(), 1500, [Address(str(USER_NET[15]), 24)])
                 ]
                 self.routes = [Route(gateway=str(USER_NET[2]))]
-            if self.netns_path and self.config.model != "none":
+            if self.config.mode == "bridge" or (self.netns_path and self.config.model != "none"):
                 await netlink.in_netns(self.netns_path, self._take_endpoints, queues, persist)
         except BaseException:
             await self.teardown()
@@ -172,7 +172,11 @@ class SandboxNetwork:
         """In the sandbox's namespace (one visit, one netlink socket): find the endpoints
         (bridge mode: the veth just made), record them, then join each to the VM."""
         if self.config.mode == "bridge":  # made by `_bridge_side`: known already
+            self._configure_inner()
             found, routes, neighbours = self.interfaces, self.routes, self.neighbours
+            if self.config.model == "none":  # the VM is not joined to it
+                persist()
+                return
         else:
             found, routes, neighbours = netlink.scan()
         for n, iface in enumerate(found):
@@ -239,16 +243,17 @@ class SandboxNetwork:
                 addr6 = ipaddress.IPv6Interface(f"{subnet6[offset]}/{subnet6.prefixlen}")
                 self.address6, self.gateway6 = str(addr6), str(subnet6[1])
             netlink.create_netns(self.netns_name)
-            mac, mtu = netlink.add_veth(
-                self.host_veth,
-                self.netns_path,
-                INNER_IFNAME,
-                addr,
-                gw.ip,
-                addr6,
-                subnet6[1] if subnet6 is not None else None,
-            )
-        # The endpoint as `netlink.scan` would find it, without scanning.
+            netlink.add_veth(self.host_veth, self.netns_path, INNER_IFNAME)
+
+    def _configure_inner(self) -> None:
+        """In the sandbox's namespace: the veth's inner end gets the lease; recorded as
+        `netlink.scan` would find it, without scanning."""
+        addr = ipaddress.IPv4Interface(self.address)
+        addr6 = ipaddress.IPv6Interface(self.address6) if self.address6 else None
+        gw6 = ipaddress.IPv6Address(self.gateway6) if self.gateway6 else None
+        mac, mtu = netlink.configure_inner(
+            INNER_IFNAME, addr, ipaddress.IPv4Address(self.gateway), addr6, gw6
+        )
         eth = Interface(
             INNER_IFNAME, "veth", mac, mtu, [Address(str(addr.ip), addr.network.prefixlen)]
         )
