@@ -134,6 +134,7 @@ def container_logs(g: Globals, a: argparse.Namespace) -> None:
     import asyncio
     import errno
     import io
+    import signal
 
     from ..agent import AgentRequestError
     from ..errors import StateError
@@ -176,6 +177,11 @@ def container_logs(g: Globals, a: argparse.Namespace) -> None:
 
     async def body() -> None:
         data, done = await look()
+        # Once following, Ctrl-C ends it between looks: a cancellation inside one could be
+        # lost (and the follower run on) or cut an attach short.
+        stop = asyncio.Event()
+        if a.follow:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
         if a.tail is not None:
             data = [d[tail_start(io.BytesIO(d), a.tail)[0] :] for d in data]
         while True:
@@ -183,7 +189,10 @@ def container_logs(g: Globals, a: argparse.Namespace) -> None:
                 await asyncio.to_thread(sink.write, chunk)  # not while holding the agent
             if done or not a.follow:
                 return
-            await asyncio.sleep(FOLLOW_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), FOLLOW_INTERVAL)
+            if stop.is_set():
+                return
             try:
                 data, done = await look()
             except StateError:
