@@ -717,6 +717,8 @@ async def test_sandbox_bridge_network_through_the_api(fake: ClhEnv) -> None:
             await sb.create()
             await sb.hypervisor.start_sandbox(20)
             assert sb.network is not None
+            # What Sandbox.start does while the VM boots (the fake runs no guest agent).
+            await sb.network.join_bridge()
             iface = sb.network.interfaces[0]
             info = await vm_info(sb.hypervisor.api_socket)  # type: ignore[attr-defined]
             nets = info["config"]["net"]
