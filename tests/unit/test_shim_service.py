@@ -5,6 +5,7 @@ over ttrpc to a stand-in of containerd's events service, the VM replaced by a fa
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import pytest
 from google.protobuf import any_pb2, empty_pb2
 
 from virtcontainers.agent import ExitStatus
+from virtcontainers.agent.client import AgentRequestError
 from virtcontainers.containers import ProcessSpec as ContainerSpec
 from virtcontainers.shim.events import EVENTS_SERVICE, Publisher
 from virtcontainers.shim.main import (
@@ -104,6 +106,8 @@ class FakeProcess:
         self.signals.append(sig)
         self.task.cancel()
         self._end(ExitStatus(-1, signal=sig))
+        if self.args[-1] == "gone":  # had already exited in the guest: the agent says so
+            raise AgentRequestError(f"signal {sig} to process 4", errno.ESRCH, "no such process")
 
     async def resize(self, rows: int, cols: int) -> None:
         assert self.tty
@@ -382,6 +386,21 @@ async def test_kill_all_and_pids(shim: Shim) -> None:
     await shim.call("Kill", pb.KillRequest(id="c3", signal=9, all=True))
     for exec_id in ("", "e1"):
         waited = await shim.call("Wait", pb.WaitRequest(id="c3", exec_id=exec_id), pb.WaitResponse)
+        assert waited.exit_status == 137  # type: ignore[attr-defined]
+
+
+async def test_kill_all_when_an_exec_is_already_gone_in_the_guest(shim: Shim) -> None:
+    """Kill --all races the execs' own exits (pid 1's death ends them): ESRCH is no error."""
+    await shim.create("c9", ["sleep", "30"])
+    await shim.call("Start", pb.StartRequest(id="c9"), pb.StartResponse)
+    spec = any_pb2.Any(
+        type_url=PROCESS_TYPE, value=json.dumps({"args": ["sleep", "30", "gone"]}).encode()
+    )
+    await shim.call("Exec", pb.ExecProcessRequest(id="c9", exec_id="e9", spec=spec))
+    await shim.call("Start", pb.StartRequest(id="c9", exec_id="e9"), pb.StartResponse)
+    await shim.call("Kill", pb.KillRequest(id="c9", signal=9, all=True))
+    for exec_id in ("", "e9"):
+        waited = await shim.call("Wait", pb.WaitRequest(id="c9", exec_id=exec_id), pb.WaitResponse)
         assert waited.exit_status == 137  # type: ignore[attr-defined]
 
 

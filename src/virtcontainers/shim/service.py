@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any
 from google.protobuf import empty_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 
+from ..agent.client import AgentRequestError
 from ..containers.spec import resources_from_oci
 from ..errors import VCError
 from .events import Publisher, now, pack
@@ -372,7 +374,13 @@ class TaskService:
                 continue
             p.killed_by = req.signal
             if p.runner is not None:
-                await self._signal(p, req.signal)
+                try:
+                    await self._signal(p, req.signal)
+                except AgentRequestError as e:
+                    # Gone in the guest, its exit not seen here yet (with --all: ended by its
+                    # container's pid 1 just killed); the exit arrives through its wait.
+                    if e.errno != errno.ESRCH:
+                        raise
             elif p.status == CREATED:
                 # Never started: it ends without running (runc reports it stopped).
                 if p.io is not None:
