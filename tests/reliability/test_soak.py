@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from rel_support import assert_clean, sandbox_kw
 
-from leaks import open_fds
+from leaks import fd_targets, new_fds, open_fds
 from virtcontainers.sandbox import Sandbox
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -45,7 +45,8 @@ async def test_mock_lifecycle_soak(run_root: str) -> None:
         assert [s.id for s in Sandbox.list(run_root)] == [sb.id]
         await sb.stop()
     gc.collect()
-    assert open_fds() == fds
+    extra = fd_targets(await new_fds(fds))
+    assert not extra, f"fds left open: {extra}"
     assert_clean(run_root)
 
 
@@ -64,7 +65,8 @@ async def test_qemu_lifecycle_soak(leak_check: str, guest_assets: Any) -> None:
     gc.collect()
     rss_end = rss_kib()
     print(f"\nsoak: {QEMU_CYCLES} cycles; RSS at cycle 10 {rss_at_10} KiB, at end {rss_end} KiB")
-    assert open_fds() == fds
+    extra = fd_targets(await new_fds(fds))
+    assert not extra, f"fds left open: {extra}"
     if QEMU_CYCLES > 10:
         assert rss_end - rss_at_10 < RSS_GROWTH_LIMIT_KIB
 
@@ -88,5 +90,6 @@ async def test_concurrent_sandboxes(leak_check: str, guest_assets: Any) -> None:
         await asyncio.gather(*(sb.stop() for sb in sbs), return_exceptions=True)
     gc.collect()
     assert_clean(leak_check)
-    assert open_fds() == fds
+    extra = fd_targets(await new_fds(fds))
+    assert not extra, f"fds left open: {extra}"
     assert thread_count() <= threads + 8  # the default executor's idle workers at most
