@@ -863,19 +863,14 @@ class Sandbox:
             queues = self.config.num_vcpus if Capabilities.MULTI_QUEUE in hv.capabilities() else 1
             net.interfaces.append(iface)
             self._persist()  # the tap is named in the record before it exists
-            ep = None
             try:
                 await net.connect(iface, queues)
-                ep = net.endpoint(iface, queues, _vhost_net(self.config))
-                await hv.hotplug_add_device(ep)
+                await self._hot_add_nic(net, iface, queues)
             except BaseException:
                 await net.disconnect(iface)
                 net.interfaces.remove(iface)
                 self._persist()
                 raise
-            finally:
-                for fd in ep.fds if ep else []:  # a macvtap's queues: QEMU has its copies
-                    os.close(fd)
             net.routes += routes
             net.neighbours += neighbours
             self._persist()
@@ -885,6 +880,42 @@ class Sandbox:
                 guest = only(net.guest(), iface)
                 await configure_guest_network(await self.agent(), guest, files=False)
         return iface
+
+    async def _hot_add_nic(self, net: SandboxNetwork, iface: Interface, queues: int) -> None:
+        """Hot-add the NIC of `iface` (its tap made and joined already)."""
+        ep = await net.nic(iface, queues, _vhost_net(self.config))
+        try:
+            await self.hypervisor.hotplug_add_device(ep)
+        finally:
+            for fd in ep.fds:  # the tap's queues: QEMU has its copies
+                os.close(fd)
+
+    async def plug_network(self) -> None:
+        """Give an adopted sandbox (a VM from the factory, whose VMM runs outside the
+        sandbox's namespace) the network it was asked for: the endpoints found or made in
+        the namespace joined to taps there, each tap handed to the VMM open with a hot-added
+        NIC, the guest configured before returning. A booted sandbox has it from the start."""
+        if self.network_request is None or self.network is not None:
+            return
+        net = self._plan_network(hot_network(self.network_request))
+        if net.config.mode == "none":
+            return
+        hv = self.hypervisor
+        hv.require(Capabilities.NET_DEVICE_HOTPLUG, "a network on a VM from the factory")
+        net.vmm_outside = True
+        queues = self.config.num_vcpus if Capabilities.MULTI_QUEUE in hv.capabilities() else 1
+        async with self._op():
+            self.network = net
+            await net.setup(queues, self._persist)  # undoes itself on failure
+            try:
+                await net.join_bridge()
+                for iface in net.interfaces:
+                    if iface.tap:
+                        await self._hot_add_nic(net, iface, queues)
+            finally:
+                self._persist()
+            if self.hypervisor_type is not HypervisorType.MOCK:
+                await net.configure_guest(await self.agent())
 
     async def remove_network(self, name: str) -> None:
         """Hot-remove the NIC of endpoint `name` and undo its tap."""
@@ -1151,14 +1182,16 @@ class Sandbox:
         bundle: str | None = None,
         mounts: Sequence[Mount | str] = (),
         image_store: str | None = None,
+        network: NetworkConfig | str | None = None,
     ) -> Sandbox:
         """Wrap a VM that is already running with a connected agent (e.g. from the factory)
         reached at `endpoint`. Its container's root (`image` or `bundle`) and `mounts` are
-        hot-added by `share_workload`."""
+        hot-added by `share_workload`, its `network` by `plug_network`."""
         sb = cls(
             hv.id,
             hv.hypervisor_type,
             run_root=run_root,
+            network=network,
             image=image,
             bundle=bundle,
             mounts=mounts,
@@ -1246,6 +1279,21 @@ class Sandbox:
 
         for cid, record in records.items():
             self.containers[cid] = Container(self, ContainerRecord(**record))
+
+
+def hot_network(request: NetworkConfig | str) -> NetworkConfig:
+    """`request` checked for a VM that runs already (one from the factory): its NICs are
+    hot-added, which QEMU's user-mode network, made at boot, cannot be."""
+    from .network import NetworkConfig
+
+    cfg = NetworkConfig.parse(request) if isinstance(request, str) else request
+    cfg.validate()
+    if cfg.mode == "user":
+        raise ConfigError(
+            "--net user: a VM from the factory cannot take QEMU's user-mode network (made "
+            "at boot): use bridge or ns:PATH"
+        )
+    return cfg
 
 
 def _command(argv: list[str] | str, what: str) -> list[str]:

@@ -141,7 +141,7 @@ def run(g: Globals, a: argparse.Namespace) -> int | None:
         if a.image is not None and g.hypervisor == "qemu":
             default = "bridge" if os.geteuid() == 0 else "user"
         if a.from_template or a.factory:
-            default = ""  # a factory VM has no NIC (see _from_factory)
+            default = ""  # a NIC only when asked (--net): hot-adding one costs the fast start
         sb = _new_sandbox(g, a, default, image=a.image, bundle=a.bundle, mounts=a.volume)
 
         async def started() -> Sandbox:
@@ -169,16 +169,10 @@ def run(g: Globals, a: argparse.Namespace) -> int | None:
 
 async def _from_factory(g: Globals, a: argparse.Namespace, sb: Sandbox) -> Sandbox:
     """The sandbox `sb` describes, on a VM cloned from --from-template or taken from the VM
-    cache (--factory), its container's shares hot-added."""
+    cache (--factory), its network and its container's shares hot-added."""
     from ..factory import sandbox_from_factory
     from ..sandbox import build_config
 
-    net = sb.network_request
-    if net is not None:
-        from ..network import NetworkConfig
-
-        if (NetworkConfig.parse(net) if isinstance(net, str) else net).mode != "none":
-            raise ConfigError("--from-template and --factory take no network yet (--net none)")
     cfg = build_config(sb.config_request, sb.overrides, sb.hypervisor_type)
     return await sandbox_from_factory(
         cfg,
@@ -191,6 +185,7 @@ async def _from_factory(g: Globals, a: argparse.Namespace, sb: Sandbox) -> Sandb
         bundle=sb.bundle,
         mounts=sb.mounts,
         image_store=sb.image_store,
+        network=sb.network_request,
     )
 
 

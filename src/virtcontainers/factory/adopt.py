@@ -11,6 +11,7 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from ..config import HypervisorConfig
     from ..containers import Mount
+    from ..network import NetworkConfig
     from ..sandbox import Sandbox
     from .vm import VM
 
@@ -69,16 +70,21 @@ async def sandbox_from_factory(
     mounts: Sequence[Mount | str] = (),
     image_store: str | None = None,
     cache_socket: str | None = None,
+    network: NetworkConfig | str | None = None,
 ) -> Sandbox:
     """A started `Sandbox` around `factory_vm(...)` (its id is the VM's: a pooled VM already
-    has one), with its container's root (`image` or `bundle`) and `mounts` hot-added over
-    virtio-fs (`config.shared_fs` must be "virtio-fs": the factory's VMs then are too). The
-    VM is stopped if wrapping it fails."""
+    has one), with its `network` (see `Sandbox.plug_network`) and its container's root
+    (`image` or `bundle`) and `mounts` hot-added over virtio-fs (`config.shared_fs` must be
+    "virtio-fs": the factory's VMs then are too). The VM is stopped if wrapping it fails."""
     from .vm import stop_quietly
 
     workload = image is not None or bundle is not None or bool(mounts)
     if workload and config.shared_fs != "virtio-fs":
         raise ConfigError("a container from the VM factory needs shared_fs = 'virtio-fs'")
+    if network is not None:
+        from ..sandbox import hot_network
+
+        network = hot_network(network)  # refused before a VM is taken
     vm = await factory_vm(
         config,
         template=template,
@@ -97,16 +103,18 @@ async def sandbox_from_factory(
             bundle=bundle,
             mounts=mounts,
             image_store=image_store,
+            network=network,
         )
     except BaseException:
         await stop_quietly(vm)
         raise
-    if workload:
-        try:
+    try:
+        await sb.plug_network()
+        if workload:
             await sb.share_workload()
-        except BaseException:
-            await sb.stop()
-            raise
+    except BaseException:
+        await sb.stop()
+        raise
     return sb
 
 

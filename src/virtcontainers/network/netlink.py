@@ -41,6 +41,8 @@ NUD_PERMANENT = 0x80
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 RTPROT_KERNEL = 2
 IFA_F_NODAD = 0x02
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE = 0x0002, 0x1000, 0x4000, 0x0100
 TAP_SUFFIX = "_vc"
 """Taps this package makes end with it (Kata's are `tapN_kata`): never taken as endpoints."""
 
@@ -357,6 +359,23 @@ def connect_tcfilter(endpoint: str, tap: str, queues: int, mtu: int) -> None:
             raise HypervisorError(
                 f"cannot redirect endpoint {endpoint} to tap {tap} with tc: {e}"
             ) from e
+
+
+def open_tap(name: str, queues: int) -> list[int]:
+    """`queues` open queues of tap `name` in this namespace (as QEMU opens a tap by name),
+    for a VMM that runs in another namespace: the fds are handed to it with the NIC."""
+    flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
+    ifr = struct.pack("16sH22x", name.encode(), flags)
+    fds: list[int] = []
+    try:
+        for _ in range(queues):
+            fds.append(os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC))
+            fcntl.ioctl(fds[-1], TUNSETIFF, ifr)
+    except OSError as e:
+        for fd in fds:
+            os.close(fd)
+        raise HypervisorError(f"cannot open tap {name} ({queues} queues): {e}") from e
+    return fds
 
 
 def connect_macvtap(endpoint: str, name: str) -> int:

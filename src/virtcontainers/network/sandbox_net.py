@@ -8,7 +8,9 @@ from which `teardown` removes exactly that sandbox's pieces and nothing else.
 
 QEMU is launched inside the sandbox's namespace (the driver runs it under `nsenter`), so it
 opens the taps by name both at start and on hotplug (`netdev_add ifname=`), without
-passing file descriptors around, and its user-mode stack (if any) lives there too.
+passing file descriptors around, and its user-mode stack (if any) lives there too. A VM
+from the factory runs outside it (`vmm_outside`): its taps are opened in the namespace and
+handed to QEMU open with each hot-added NIC (`nic`), as Kata does for factory VMs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import ipaddress
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ..devices import Device, NetworkEndpoint, UserNetwork, random_mac
@@ -110,6 +112,9 @@ class SandboxNetwork:
     dns_search: list[str] = field(default_factory=list)
     bridged: bool = False
     """Bridge mode: the veth is on the bridge and the rules are in (`join_bridge`)."""
+    vmm_outside: bool = False
+    """The VMM runs outside the sandbox's namespace (a VM from the factory): its NICs are
+    hot-added with their taps opened in the namespace (`nic`)."""
 
     # -- planning (no side effects) -----------------------------------------------------------
     @classmethod
@@ -430,6 +435,16 @@ class SandboxNetwork:
         return NetworkEndpoint(
             id=iface.nic_id, tap_name=iface.tap, mac=iface.mac, queues=queues, vhost=vhost, fds=fds
         )
+
+    async def nic(self, iface: Interface, queues: int, vhost: bool) -> NetworkEndpoint:
+        """The NIC of `iface` to hot-add: `endpoint`, with its tap's queues opened in the
+        sandbox's namespace when the VMM runs outside it. The caller closes `fds` once the
+        VMM has its copies."""
+        ep = self.endpoint(iface, queues, vhost)
+        if not self.vmm_outside or ep.fds:  # a macvtap's queues are open already
+            return ep
+        fds = await netlink.in_netns(self.netns_path, netlink.open_tap, ep.tap_name, ep.queues)
+        return replace(ep, fds=fds)
 
     def guest(self) -> GuestNetwork:
         """What the guest is told."""

@@ -258,13 +258,11 @@ class SandboxVM:
         self.factory = factory if factory is not None and factory.enabled else None
         netns = network_namespace(bundle)
         if netns:
-            # The pod's network namespace (CNI set it up): its interfaces move to the VM, and
-            # the container uses the guest's network (the VM is the pod).
+            # The pod's network namespace (CNI set it up): its interfaces are joined to the
+            # VM (hot-added to one from the factory), and the container uses the guest's
+            # network (the VM is the pod).
             overrides.setdefault("network", f"ns:{netns}")
             bundle = guest_bundle(bundle)
-            if self.factory is not None:
-                log.info("the pod's network is cold-plugged: booting its VM (no VM factory)")
-                self.factory = None
         self.sandbox = Sandbox(sandbox_id, hypervisor, bundle=bundle, **overrides)
         self.containers: dict[str, Container] = {}
 
@@ -301,6 +299,7 @@ class SandboxVM:
                 id=sb.id,
                 timeout=sb.start_timeout,
                 bundle=sb.bundle,
+                network=sb.network_request,
             )
         except (TemplateError, FactoryError) as e:
             log.warning("VM factory: %s; booting the VM instead", e)
