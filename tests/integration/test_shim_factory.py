@@ -1,7 +1,7 @@
 """containerd-shim-virtc-v2 with the VM factory of its configuration.toml (Kata's `[factory]`
 section) under a real containerd: each task's VM is cloned from a template made for
-virtio-fs, the bundle's root hot-added; a missing template falls back to a boot; afterwards
-nothing is left."""
+virtio-fs, the bundle's root hot-added (and a network namespace's endpoint, for a task that
+joins one); a missing template falls back to a boot; afterwards nothing is left."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 from containerd_support import Containerd, import_busybox, running_containerd
+from test_network import IN4, OUT4, mac_of
 from test_shim_containerd import SHIM_CONFIG, settled, wait_status
+from test_shim_cri import fetch
 
 from leaks import processes_mentioning
+from net_support import namespaces, veth
 from virtcontainers.config import load_toml
 from virtcontainers.factory import TemplateStore
 from virtcontainers.sandbox import build_config
@@ -94,3 +97,44 @@ def test_a_missing_template_falls_back_to_a_boot(
     assert "no such template: none" in c.log_tail(400)
     assert "booting the VM instead" in c.log_tail(400)
     assert settled(c, cid) == []
+
+
+async def test_a_task_in_a_network_namespace_takes_a_clone_and_its_endpoint(
+    containerd: tuple[Containerd, str, str], host_untouched: None
+) -> None:
+    """A task whose spec joins a network namespace (as a CRI pod's does) still gets a clone
+    of the template, with the namespace's veth joined to it: its address answers from the
+    other end with the namespace's MAC in the guest; afterwards the namespace holds only
+    its endpoint again."""
+    c, image, run_root = containerd
+    async with namespaces(2, "vcsfn") as (out, pod):
+        await veth(out, "vth0", [f"{OUT4}/24"], pod, "eth0", [f"{IN4}/24"], b_gateway=OUT4)
+        mac = await asyncio.to_thread(mac_of, pod, "eth0")
+        cid = f"tpn-{uuid.uuid4().hex[:6]}"
+        serve = f"mkdir -p /w && echo hi-{cid} > /w/index.html && exec busybox httpd -f -p 80 -h /w"
+        with_ns = ["--with-ns", f"network:{pod.path}"]
+        logged = os.path.getsize(c.log_path)
+        await asyncio.to_thread(c.run, image, cid, "sh", "-c", serve, detach=True, options=with_ns)
+        try:
+            # The VM is a clone of the template (not a boot), its QEMU outside the namespace.
+            [cmd] = qemu_cmdlines(run_root)
+            assert "-incoming defer" in cmd
+            [(vmm, _)] = [p for p in processes_mentioning(run_root) if "qemu-system" in p[1]]
+            assert os.stat(f"/proc/{vmm}/ns/net").st_ino != os.stat(pod.path).st_ino
+            with open(c.log_path, "rb") as f:
+                f.seek(logged)
+                log = f.read().decode(errors="replace")
+            assert "cold-plugged" not in log and "VM factory" not in log, log
+            assert await asyncio.to_thread(fetch, out, f"http://{IN4}/") == f"hi-{cid}\n"
+            macs = c.ctr(
+                "task", "exec", "--exec-id", "m", cid, "cat", "/sys/class/net/eth0/address"
+            )
+            assert macs.stdout.decode().strip() == mac
+        finally:
+            c.ctr("task", "kill", "-s", "SIGKILL", cid)
+            wait_status(c, cid, "STOPPED")
+            c.ctr("task", "delete", cid)
+            c.ctr("container", "delete", cid)
+        assert settled(c, cid) == []
+        assert pod.links() == ["eth0", "lo"]
+        assert "ingress" not in pod.run("tc", "qdisc", "show", "dev", "eth0")
