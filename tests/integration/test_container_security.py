@@ -258,6 +258,41 @@ async def test_user_namespace(run_root: str, rootfs: str, tmp_path: Path) -> Non
     assert (shared / "exec").stat().st_uid == 100000
 
 
+async def test_device_rules_enforced_by_the_cgroup_device_program(
+    run_root: str, rootfs: str, tmp_path: Path
+) -> None:
+    """linux.resources.devices denying all but runc's defaults: the container (holding
+    CAP_MKNOD) makes a /dev/kmsg node (1:11) but cannot open it (EPERM), in its first
+    process and in what exec runs, while /dev/null works; a second container whose rules
+    allow writing 1:11 can."""
+    deny_all = {"allow": False, "access": "rwm"}
+    write = "echo vc-devices > /tmp/kmsg; echo kmsg=$?; echo x > /dev/null; echo null=$?"
+    probe = f"mknod /tmp/kmsg c 1 11 && echo made; {write}"
+    first = f"({probe}) >/tmp/out 2>&1; exec sleep 600"
+    resources = {"devices": [deny_all, {"allow": True, "type": "c", "major": 1, "minor": 3}]}
+    bundle = make_bundle(tmp_path / "deny", rootfs, ["sh", "-c", first], {"resources": resources})
+    allowing = {
+        "devices": [deny_all, {"allow": True, "type": "c", "major": 1, "minor": 11, "access": "w"}]
+    }
+    other = make_bundle(tmp_path / "allow", rootfs, ["sh", "-c", probe], {"resources": allowing})
+    async with Sandbox(bundle=bundle, run_root=run_root) as sb:
+        c = await sb.create_container()
+        await started(c)
+        for _ in range(100):
+            out = (await c.exec(["cat", "/tmp/out"])).stdout.decode()
+            if "null=" in out:
+                break
+            await asyncio.sleep(0.05)
+        again = await c.exec(["sh", "-c", write])
+        await c.delete()
+        allowed = await (await sb.create_container(bundle=other)).run()
+    denied = "sh: can't create /tmp/kmsg: Operation not permitted"
+    assert out.splitlines() == ["made", denied, "kmsg=1", "null=0"], out
+    assert again.stdout.decode().split() == ["kmsg=1", "null=0"], again
+    assert again.stderr.decode().strip() == denied
+    assert allowed.stdout.decode().split() == ["made", "kmsg=0", "null=0"], allowed
+
+
 async def test_bad_profiles_refused_before_boot(run_root: str, rootfs: str, tmp_path: Path) -> None:
     bad: list[tuple[dict[str, Any], type[Exception], str]] = [
         (
@@ -288,6 +323,13 @@ async def test_bad_profiles_refused_before_boot(run_root: str, rootfs: str, tmp_
         bundle = make_bundle(tmp_path / str(i), rootfs, ["true"], {"seccomp": profile})
         with pytest.raises(error, match=message):
             await Sandbox(bundle=bundle, run_root=run_root).start()
+    hole = [
+        {"allow": True, "type": "c", "major": 1, "access": "rwm"},
+        {"allow": False, "type": "c", "major": 1, "minor": 5, "access": "r"},
+    ]
+    bundle = make_bundle(tmp_path / "d", rootfs, ["true"], {"resources": {"devices": hole}})
+    with pytest.raises(UnsupportedError, match=r"devices\[1\]: denying c 1:5 r inside"):
+        await Sandbox(bundle=bundle, run_root=run_root).start()
     userns = {"namespaces": [{"type": "mount"}, {"type": "user"}]}
     bundle = make_bundle(tmp_path / "u", rootfs, ["true"], userns)
     with pytest.raises(ConfigError, match="a user namespace needs id mappings"):

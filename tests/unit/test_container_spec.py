@@ -254,3 +254,123 @@ def test_caps() -> None:
     assert caps_mask(["CAP_KILL", "chown"]) == (1 << 5) | 1
     with pytest.raises(ConfigError, match="unknown capability 'CAP_NOPE'"):
         caps_mask(["CAP_NOPE"])
+
+
+def _device_rules(rules: list[dict[str, Any]]) -> list[str]:
+    from virtcontainers.containers.spec import device_cgroup_options
+
+    def refuse(what: str) -> UnsupportedError:
+        return UnsupportedError("the guest", what)
+
+    out = device_cgroup_options(rules, refuse)
+    if not out:
+        return []
+    assert out[::2] == ["--device-cgroup"] + ["--device-rule"] * (len(out) // 2 - 1)
+    return [out[1], *out[3::2]]
+
+
+DEFAULTS = [
+    "b:*:*:m",
+    "c:*:*:m",
+    "c:1:3:rwm",
+    "c:1:5:rwm",
+    "c:1:7:rwm",
+    "c:1:8:rwm",
+    "c:1:9:rwm",
+    "c:5:0:rwm",
+    "c:5:1:rwm",
+    "c:5:2:rwm",
+    "c:10:200:rwm",
+    "c:136:*:rwm",
+]
+DENY_ALL = {"allow": False, "access": "rwm"}
+
+
+@pytest.mark.parametrize(
+    ("rules", "expected"),
+    [
+        # none given: deny-all with runc's default devices, as runc does
+        ([], ["deny", *DEFAULTS]),
+        ([DENY_ALL], ["deny", *DEFAULTS]),
+        # an allowed device joins the exceptions; accesses given twice are merged
+        (
+            [
+                DENY_ALL,
+                {"allow": True, "type": "b", "major": 8, "minor": 0, "access": "r"},
+                {"allow": True, "type": "b", "major": 8, "minor": 0, "access": "w"},
+            ],
+            ["deny", "b:*:*:m", "b:8:0:rw", *DEFAULTS[1:]],
+        ),
+        # a later deny takes accesses away from an earlier allow (last match wins)
+        (
+            [
+                DENY_ALL,
+                {"allow": True, "type": "c", "major": 4, "minor": 1, "access": "rwm"},
+                {"allow": False, "type": "c", "major": 4, "minor": 1, "access": "wm"},
+            ],
+            [
+                "deny",
+                *DEFAULTS[:2],
+                "c:1:3:rwm",
+                "c:1:5:rwm",
+                "c:1:7:rwm",
+                "c:1:8:rwm",
+                "c:1:9:rwm",
+                "c:4:1:r",
+                *DEFAULTS[7:],
+            ],
+        ),
+        # allow-all resets: every device allowed, no program at all
+        ([DENY_ALL, {"allow": True, "type": "a", "access": "rwm"}], []),
+        # allow-all then denies: a deny list (the defaults, being allows, change nothing)
+        (
+            [{"allow": True}, {"allow": False, "type": "c", "major": 1, "minor": 11}],
+            ["allow", "c:1:11:rwm"],
+        ),
+        # a default device denied after allow-all is allowed again by runc's defaults
+        ([{"allow": True}, {"allow": False, "type": "c", "major": 1, "minor": 5}], []),
+    ],
+)
+def test_device_rules_reduced_as_runc(rules: list[dict[str, Any]], expected: list[str]) -> None:
+    assert _device_rules(rules) == expected
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        (
+            {"allow": True, "type": "u", "major": 1},
+            r"devices\[1\]: device type 'u' is not a, c or b",
+        ),
+        ({"allow": True, "type": "c", "access": "rx"}, r"access 'rx' is not made of r, w and m"),
+        ({"allow": "yes"}, "allow must be true or false"),
+        ({"allow": True, "type": "c", "major": -2}, "major -2 is not a 32-bit number"),
+        ({"allow": True, "type": "c", "minor": 1 << 32}, "minor 4294967296 is not a 32-bit"),
+        ({"allow": True, "type": "a", "major": 1}, "must be for every number and rwm"),
+        ({"allow": False, "access": "m"}, "must be for every number and rwm"),
+        # a hole in a wildcard exception cannot be expressed (runc refuses it too)
+        (
+            {"allow": False, "type": "c", "major": 136, "minor": 3, "access": "w"},
+            r"denying c 136:3 w inside the wider exception c 136:\* rwm",
+        ),
+    ],
+)
+def test_device_rules_refused_by_name(rule: dict[str, Any], message: str, tmp_path: Path) -> None:
+    doc, bundle = _bundle(tmp_path)
+    hole = rule.get("major") == 136
+    first = {"allow": True, "type": "c", "major": 136, "access": "rwm"} if hole else DENY_ALL
+    doc["linux"]["resources"] = {"devices": [first, rule]}
+    with pytest.raises(UnsupportedError, match=message):
+        from_oci(doc, bundle)
+
+
+def test_device_rules_reach_vc_run(tmp_path: Path) -> None:
+    doc, bundle = _bundle(tmp_path)
+    doc["linux"]["resources"] = {"devices": [{"allow": True, "access": "rwm"}]}
+    spec, _, _ = from_oci(doc, bundle)
+    assert "--device-cgroup" not in spec.runner_argv("/r")
+    doc["linux"]["resources"] = {"devices": [DENY_ALL]}
+    argv = from_oci(doc, bundle)[0].runner_argv("/r", cgroup="/sys/fs/cgroup/x")
+    at = argv.index("--device-cgroup")
+    assert argv[at : at + 4] == ["--device-cgroup", "deny", "--device-rule", "b:*:*:m"]
+    assert argv.index("--") > at

@@ -45,6 +45,21 @@ def vc_run(tmp_path_factory: pytest.TempPathFactory) -> str:
         (["--device", "dev/x:c:1:2:666:0:0"], "bad --device dev/x:c:1:2:666:0:0"),
         (["--sysctl", "kernel.shmmni"], "bad --sysctl kernel.shmmni (KEY=VALUE)"),
         (["--sysctl", "net/../x=1"], "bad --sysctl net/../x=1"),
+        (["--device-rule", "c:1:3:rwm"], "--device-rule needs --device-cgroup"),
+        (["--device-cgroup", "maybe", "--cgroup", "/x"], "bad --device-cgroup maybe"),
+        (["--device-cgroup", "deny"], "--device-cgroup needs --cgroup"),
+        (
+            ["--cgroup", "/x", "--device-cgroup", "deny", "--device-rule", "u:1:3:rwm"],
+            "bad --device-rule u:1:3:rwm",
+        ),
+        (
+            ["--cgroup", "/x", "--device-cgroup", "deny", "--device-rule", "c:1:3:rwx"],
+            "bad --device-rule c:1:3:rwx",
+        ),
+        (
+            ["--cgroup", "/x", "--device-cgroup", "deny", "--device-rule", "c:4294967296:3:r"],
+            "bad --device-rule c:4294967296:3:r",
+        ),
         (["--join-ns", "m:/run/x"], "bad --join-ns m:/run/x (LETTER:PIDFILE"),
         (["--ns", "m,p", "--join-ns", "p:/run/x"], "bad --join-ns p:/run/x"),
         (["--ns", "m", "--join-ns", "p:/nowhere/pid"], "--join-ns p:/nowhere/pid: no running"),

@@ -274,6 +274,9 @@ class ProcessSpec:
     joined: list[tuple[str, str]] = field(default_factory=list)
     """(namespace letter, guest pid file): namespaces joined, not made: those of another
     container of the sandbox (a pod's containers share its sandbox container's pid one)."""
+    device_cgroup: list[str] = field(default_factory=list)
+    """`linux.resources.devices` as vc-run's `--device-cgroup`/`--device-rule` options
+    (`device_cgroup_options`); empty: no device program (every device allowed)."""
 
     def runner_argv(self, rootfs: str, *, cgroup: str = "", pid_file: str = "") -> list[str]:
         """vc-run's command line for this process in the container rooted at `rootfs`."""
@@ -305,6 +308,7 @@ class ProcessSpec:
             argv += ["--sysctl", sysctl]
         for letter, pid_file_of in self.joined:
             argv += ["--join-ns", f"{letter}:{pid_file_of}"]
+        argv += self.device_cgroup
         if cgroup:
             argv += ["--cgroup", cgroup]
         if pid_file:
@@ -540,6 +544,7 @@ def from_oci(doc: Any, bundle: str) -> tuple[ProcessSpec, str, list[Mount]]:
         if key not in ("memory", "pids", "cpu", "devices"):
             raise refuse(f"linux.resources.{key} is not supported")
     spec.resources = resources_from_oci(resources)
+    spec.device_cgroup = device_cgroup_options(resources.get("devices") or [], refuse)
     shares: list[Mount] = []
     for m in doc.get("mounts") or []:
         dest = str(m.get("destination", ""))
@@ -599,6 +604,109 @@ def _sysctls(items: Any, letters: list[str], refuse: Callable[[str], Exception])
             raise refuse(f"{where} is not namespaced: it would change the whole guest")
         out.append(f"{key}={value}")
     return out
+
+
+DeviceKey = tuple[str, int, int]
+"""(type c|b, major, minor), -1 for a wildcard number."""
+WILDCARD = -1
+DEFAULT_ALLOWED_DEVICES: tuple[dict[str, Any], ...] = tuple(
+    {"allow": True, "type": t, "major": major, "minor": minor, "access": access}
+    for t, major, minor, access in [
+        ("c", None, None, "m"),
+        ("b", None, None, "m"),
+        ("c", 1, 3, "rwm"),  # /dev/null
+        ("c", 1, 8, "rwm"),  # /dev/random
+        ("c", 1, 7, "rwm"),  # /dev/full
+        ("c", 5, 0, "rwm"),  # /dev/tty
+        ("c", 1, 5, "rwm"),  # /dev/zero
+        ("c", 1, 9, "rwm"),  # /dev/urandom
+        ("c", 5, 1, "rwm"),  # /dev/console
+        ("c", 136, None, "rwm"),  # /dev/pts/*
+        ("c", 5, 2, "rwm"),  # /dev/ptmx
+        ("c", 10, 200, "rwm"),  # /dev/net/tun
+    ]
+)
+"""What runc appends to every container's device rules (specconv's AllowedDevices): mknod
+of any node, and the standard nodes vc-run makes in /dev."""
+
+
+def device_cgroup_options(rules: Any, refuse: Callable[[str], Exception]) -> list[str]:
+    """`linux.resources.devices` (then runc's `DEFAULT_ALLOWED_DEVICES`) -> vc-run's options
+    for the cgroup v2 device program: `--device-cgroup allow|deny` (the default) and one
+    `--device-rule TYPE:MAJOR:MINOR:ACCESS` per exception to it (`*` for a wildcard number).
+
+    The rules are reduced as runc's devices emulator (and cgroup v1) does: they start from
+    deny-all; a rule of type `a` (all devices, `rwm`) resets to allow- or deny-all; each
+    later rule adds an exception to the default or takes accesses away from an exception;
+    taking away what only a wildcard exception grants (a "hole" in `c 1:* rwm`) cannot be
+    expressed and is refused by name, as runc refuses it. No access given means `rwm`."""
+    if not isinstance(rules, list):
+        raise refuse("linux.resources.devices must be a list")
+    default_allow = False
+    exceptions: dict[DeviceKey, set[str]] = {}
+    for i, rule in enumerate([*rules, *DEFAULT_ALLOWED_DEVICES]):
+        where = f"linux.resources.devices[{i}]" if i < len(rules) else "a default device rule"
+        if not isinstance(rule, dict):
+            raise refuse(f"{where} must be an object")
+        allow = rule.get("allow")
+        if not isinstance(allow, bool):
+            raise refuse(f"{where}: allow must be true or false")
+        kind = rule.get("type") or "a"
+        if kind not in ("a", "c", "b"):
+            raise refuse(f"{where}: device type {kind!r} is not a, c or b")
+        access = rule.get("access") or "rwm"
+        if not isinstance(access, str) or not set(access) <= set("rwm"):
+            raise refuse(f"{where}: access {access!r} is not made of r, w and m")
+        numbers = []
+        for name in ("major", "minor"):
+            value = rule.get(name)
+            if value is None or value == WILDCARD:
+                numbers.append(WILDCARD)
+            elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 32:
+                numbers.append(value)
+            else:
+                raise refuse(f"{where}: {name} {value!r} is not a 32-bit number")
+        if kind == "a":
+            if numbers != [WILDCARD, WILDCARD] or set(access) != set("rwm"):
+                raise refuse(
+                    f"{where}: a rule for all device types must be for every number and rwm"
+                )
+            default_allow, exceptions = allow, {}
+            continue
+        key = (kind, numbers[0], numbers[1])
+        perms = set(access)
+        if allow != default_allow:
+            exceptions.setdefault(key, set()).update(perms)
+            continue
+        for wider in (
+            (kind, WILDCARD, key[2]),
+            (kind, key[1], WILDCARD),
+            (kind, WILDCARD, WILDCARD),
+        ):
+            if wider != key and perms & exceptions.get(wider, set()):
+                raise refuse(
+                    f"{where}: {'allowing' if allow else 'denying'} {_rule_text(key, perms)} "
+                    f"inside the wider exception {_rule_text(wider, exceptions[wider])} "
+                    "cannot be expressed (as in runc)"
+                )
+        left = exceptions.get(key, set()) - perms
+        if left:
+            exceptions[key] = left
+        else:
+            exceptions.pop(key, None)
+    if default_allow and not exceptions:
+        return []
+    out = ["--device-cgroup", "allow" if default_allow else "deny"]
+    for key, perms in sorted(exceptions.items()):
+        out += ["--device-rule", _rule_text(key, perms).replace(" ", ":")]
+    return out
+
+
+def _rule_text(key: DeviceKey, perms: set[str]) -> str:
+    """`c 1:* rw`, as cgroup v1 writes a device rule."""
+    kind, major, minor = key
+    numbers = ":".join("*" if n == WILDCARD else str(n) for n in (major, minor))
+    return f"{kind} {numbers} {''.join(c for c in 'rwm' if c in perms)}"
 
 
 def _device(d: Any, i: int, refuse: Callable[[str], Exception]) -> str:

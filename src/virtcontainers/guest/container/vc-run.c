@@ -15,7 +15,8 @@
  *          [--readonly] [--no-new-privs] [--caps HEXMASK] [--rlimit RESOURCE:SOFT:HARD]...
  *          [--cgroup DIR] [--mount TYPE:SOURCE:DEST:OPTIONS]... [--pid-file FILE]
  *          [--device PATH:c|b|p:MAJOR:MINOR:MODE:UID:GID]... [--sysctl KEY=VALUE]...
- *          [--join-ns LETTER:PIDFILE]... [SECCOMP...] -- ARGV...
+ *          [--join-ns LETTER:PIDFILE]... [--device-cgroup allow|deny
+ *          [--device-rule c|b:MAJOR:MINOR:ACCESS]...] [SECCOMP...] -- ARGV...
  *   vc-run --join PID [--cgroup DIR] [--cwd DIR] [--user UID:GID] [--env K=V]...
  *          [--caps HEXMASK] [SECCOMP...] -- ARGV...
  *
@@ -27,6 +28,12 @@
  * --uid-map/--gid-map lines, CONTAINER:HOST:COUNT, written from outside by a helper).
  * --join-ns p:FILE joins the pid namespace (i, u, n: ipc, uts, network) of the process whose
  * pid FILE holds instead of making one: a pod's containers share its sandbox container's.
+ * --device-cgroup is the default of the cgroup's device program (cgroup v2's device
+ * controller: an eBPF program attached to --cgroup, as crun and runc make it); each
+ * --device-rule is an exception to it (MAJOR, MINOR a number or *; ACCESS of r, w, m). The
+ * host has already reduced the OCI rules to these (containers/spec.py), so their order does
+ * not matter: an allow exception matches a request whose accesses it all grants, a deny
+ * exception one that asks any access it denies (as cgroup v1 does).
  *
  * SECCOMP, an OCI linux.seccomp profile (libseccomp, linked statically):
  *   --seccomp-default ACTION  --seccomp-arch NAME...  --seccomp-flag log|spec_allow...
@@ -49,6 +56,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/bpf.h>
 #include <linux/capability.h>
 #include <sched.h>
 #include <signal.h>
@@ -104,6 +112,11 @@ static pid_t child;
 static int console_sock[2] = {-1, -1}; /* the child sends its terminal's master over it */
 static volatile sig_atomic_t resized;
 static int cgroup_fd = -1;
+static const char *dev_default;
+static char *dev_rules[MAX_ITEMS];
+static int n_dev_rules;
+static struct bpf_insn dev_prog[MAX_ITEMS * 8 + 8];
+static int dev_len;
 
 static void die(const char *fmt, ...)
 {
@@ -705,6 +718,132 @@ static void write_pid(pid_t pid)
 static int wait_child(void);
 static void prepare_console(void);
 
+static void emit(__u8 code, __u8 dst, __u8 src, __s16 off, __s32 imm)
+{
+	dev_prog[dev_len++] = (struct bpf_insn){.code = code, .dst_reg = dst, .src_reg = src,
+						.off = off, .imm = imm};
+}
+
+/* "c:1:*:rw" -> type, major, minor (-1: any) and BPF_DEVCG_ACC_* bits; -1 when malformed. */
+static int parse_dev_rule(const char *rule, int *type, long long *num, int *access)
+{
+	char kind, nums[2][16], acc[8], end;
+	if (sscanf(rule, "%c:%15[0-9*]:%15[0-9*]:%7[rwm]%c", &kind, nums[0], nums[1], acc, &end) != 4 ||
+	    (kind != 'c' && kind != 'b'))
+		return -1;
+	*type = kind == 'c' ? BPF_DEVCG_DEV_CHAR : BPF_DEVCG_DEV_BLOCK;
+	for (int i = 0; i < 2; i++) {
+		char *stop;
+		errno = 0;
+		num[i] = !strcmp(nums[i], "*") ? -1 : strtoll(nums[i], &stop, 10);
+		if (num[i] != -1 && (errno || *stop || num[i] > 0xffffffffLL))
+			return -1;
+	}
+	*access = (strchr(acc, 'r') ? BPF_DEVCG_ACC_READ : 0) |
+		  (strchr(acc, 'w') ? BPF_DEVCG_ACC_WRITE : 0) |
+		  (strchr(acc, 'm') ? BPF_DEVCG_ACC_MKNOD : 0);
+	return 0;
+}
+
+/*
+ * The device program, built before anything is set up. r2: device type, r3: the accesses
+ * asked, r4: major, r5: minor (from struct bpf_cgroup_dev_ctx); each exception is a block
+ * of 32-bit compares jumping to the next block on a mismatch, then returning its verdict;
+ * the default verdict ends the program.
+ */
+static void build_device_program(void)
+{
+	if (!dev_default) {
+		if (n_dev_rules) {
+			errno = 0;
+			die("--device-rule needs --device-cgroup");
+		}
+		return;
+	}
+	if (strcmp(dev_default, "allow") && strcmp(dev_default, "deny")) {
+		errno = 0;
+		die("bad --device-cgroup %s (allow or deny)", dev_default);
+	}
+	if (!cgroup) {
+		errno = 0;
+		die("--device-cgroup needs --cgroup");
+	}
+	int allow = !strcmp(dev_default, "allow");
+	emit(BPF_LDX | BPF_MEM | BPF_W, BPF_REG_2, BPF_REG_1, 0, 0);
+	emit(BPF_ALU | BPF_AND | BPF_K, BPF_REG_2, 0, 0, 0xffff);
+	emit(BPF_LDX | BPF_MEM | BPF_W, BPF_REG_3, BPF_REG_1, 0, 0);
+	emit(BPF_ALU | BPF_RSH | BPF_K, BPF_REG_3, 0, 0, 16);
+	emit(BPF_LDX | BPF_MEM | BPF_W, BPF_REG_4, BPF_REG_1, 4, 0);
+	emit(BPF_LDX | BPF_MEM | BPF_W, BPF_REG_5, BPF_REG_1, 8, 0);
+	for (int i = 0; i < n_dev_rules; i++) {
+		int type, access, jumps[4], n = 0;
+		long long num[2];
+		if (parse_dev_rule(dev_rules[i], &type, num, &access)) {
+			errno = 0;
+			die("bad --device-rule %s (c|b:MAJOR|*:MINOR|*:ACCESS)", dev_rules[i]);
+		}
+		jumps[n++] = dev_len;
+		emit(BPF_JMP32 | BPF_JNE | BPF_K, BPF_REG_2, 0, 0, type);
+		if (access != (BPF_DEVCG_ACC_READ | BPF_DEVCG_ACC_WRITE | BPF_DEVCG_ACC_MKNOD)) {
+			emit(BPF_ALU | BPF_MOV | BPF_X, BPF_REG_1, BPF_REG_3, 0, 0);
+			emit(BPF_ALU | BPF_AND | BPF_K, BPF_REG_1, 0, 0, access);
+			jumps[n++] = dev_len;
+			if (allow) /* a deny exception: any access it names */
+				emit(BPF_JMP32 | BPF_JEQ | BPF_K, BPF_REG_1, 0, 0, 0);
+			else /* an allow exception: all the accesses asked */
+				emit(BPF_JMP32 | BPF_JNE | BPF_X, BPF_REG_1, BPF_REG_3, 0, 0);
+		}
+		for (int k = 0; k < 2; k++)
+			if (num[k] != -1) {
+				jumps[n++] = dev_len;
+				emit(BPF_JMP32 | BPF_JNE | BPF_K, k ? BPF_REG_5 : BPF_REG_4, 0, 0,
+				     (__s32)(__u32)num[k]);
+			}
+		emit(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_0, 0, 0, !allow);
+		emit(BPF_JMP | BPF_EXIT, 0, 0, 0, 0);
+		for (int j = 0; j < n; j++)
+			dev_prog[jumps[j]].off = (__s16)(dev_len - jumps[j] - 1);
+	}
+	emit(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_0, 0, 0, allow);
+	emit(BPF_JMP | BPF_EXIT, 0, 0, 0, 0);
+}
+
+/* Loaded and attached while vc-run still holds the guest's capabilities (before a user
+ * namespace), before the container's first process joins the cgroup. */
+static void attach_device_program(void)
+{
+	static char log[16384];
+	union bpf_attr attr;
+	if (!dev_len)
+		return;
+	int dir = open(cgroup, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dir < 0)
+		die("cgroup %s", cgroup);
+	memset(&attr, 0, sizeof attr);
+	attr.prog_type = BPF_PROG_TYPE_CGROUP_DEVICE;
+	attr.insns = (__u64)(uintptr_t)dev_prog;
+	attr.insn_cnt = (__u32)dev_len;
+	attr.license = (__u64)(uintptr_t) "GPL";
+	attr.log_buf = (__u64)(uintptr_t)log;
+	attr.log_size = sizeof log;
+	attr.log_level = 1;
+	int prog = (int)syscall(SYS_bpf, BPF_PROG_LOAD, &attr, sizeof attr);
+	if (prog < 0) {
+		int e = errno;
+		fprintf(stderr, "%s", log);
+		errno = e;
+		die("load the device program (CONFIG_CGROUP_BPF)");
+	}
+	memset(&attr, 0, sizeof attr);
+	attr.target_fd = (__u32)dir;
+	attr.attach_bpf_fd = (__u32)prog;
+	attr.attach_type = BPF_CGROUP_DEVICE;
+	if (syscall(SYS_bpf, BPF_PROG_ATTACH, &attr, sizeof attr))
+		die("attach the device program to %s", cgroup);
+	close(prog);
+	close(dir);
+}
+
 /* Opened before the root changes; written by the process that becomes the command. */
 static void open_cgroup(void)
 {
@@ -992,6 +1131,10 @@ static void parse(int argc, char **argv, int *cmd)
 			add(sysctls, &n_sysctls, argv[++i], "--sysctl");
 		else if (!strcmp(a, "--device"))
 			add(devices, &n_devices, argv[++i], "--device");
+		else if (!strcmp(a, "--device-cgroup"))
+			dev_default = argv[++i];
+		else if (!strcmp(a, "--device-rule"))
+			add(dev_rules, &n_dev_rules, argv[++i], "--device-rule");
 		else if (!strcmp(a, "--uid-map"))
 			add(uid_maps, &n_uid_maps, argv[++i], "--uid-map");
 		else if (!strcmp(a, "--gid-map"))
@@ -1028,11 +1171,14 @@ int main(int argc, char **argv)
 	check_maps();
 	check_devices();
 	check_sysctls();
+	if (!join)
+		build_device_program();
 	open_cgroup();
 	if (join) {
 		enter();
 		goto process;
 	}
+	attach_device_program();
 	/* Before a user namespace of its own: the shared ones belong to the guest's. */
 	int shared_pid = join_shared();
 	open_pid_file();
