@@ -75,6 +75,16 @@ async def started(c: Container) -> None:
     raise AssertionError("the container did not start")
 
 
+async def written(c: Container, path: str, marker: str) -> str:
+    """The container's file `path` once it holds `marker` (its first process writes it)."""
+    for _ in range(100):
+        out = (await c.exec(["cat", path])).stdout.decode()
+        if marker in out:
+            return out
+        await asyncio.sleep(0.05)
+    return out
+
+
 async def test_seccomp_rules_in_first_process_and_exec(
     run_root: str, rootfs: str, tmp_path: Path
 ) -> None:
@@ -195,11 +205,7 @@ async def test_default_deny_profile_runs_busybox_in_cgroup_namespace(
     async with Sandbox(bundle=bundle, run_root=run_root) as sb:
         c = await sb.create_container()
         await started(c)
-        for _ in range(100):
-            out = (await c.exec(["cat", "/tmp/out"])).stdout.decode()
-            if "unshare=" in out:
-                break
-            await asyncio.sleep(0.05)
+        out = await written(c, "/tmp/out", "unshare=")
         inside = await c.exec(["cat", "/proc/self/cgroup"])
         (pid,) = await c.pids()
         outside = await sb.exec(["cat", f"/proc/{pid}/cgroup"])
@@ -278,11 +284,7 @@ async def test_device_rules_enforced_by_the_cgroup_device_program(
     async with Sandbox(bundle=bundle, run_root=run_root) as sb:
         c = await sb.create_container()
         await started(c)
-        for _ in range(100):
-            out = (await c.exec(["cat", "/tmp/out"])).stdout.decode()
-            if "null=" in out:
-                break
-            await asyncio.sleep(0.05)
+        out = await written(c, "/tmp/out", "null=")
         again = await c.exec(["sh", "-c", write])
         await c.delete()
         allowed = await (await sb.create_container(bundle=other)).run()
