@@ -164,4 +164,4 @@ def host_untouched() -> Iterator[None]:
     after = host_snapshot()
     assert after[0] == before[0], "host interfaces changed"
     assert after[1] == before[1], "host nftables ruleset changed"
-    assert after[2] == before[2], "sandbox namespaces left behind"
+    assert after[2] == before[2], f"sandbox namespaces left behind {before[2]} {after[2]}"

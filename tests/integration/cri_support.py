@@ -74,9 +74,11 @@ class PodNetwork:
             ],
         }
 
-    def plugin_config(self, d: str) -> str:
+    def plugin_config(self, d: str, handlers: dict[str, str] | None = None) -> str:
         """Write the network's CNI config under containerd's directory `d`; the CRI plugin's
-        configuration (TOML) that uses it, with runtime handler `virtc` as the default."""
+        configuration (TOML) that uses it, with runtime handler `virtc` as the default and
+        `handlers` (name -> the shim's configuration.toml, CRI's runtime option
+        `ConfigPath`) beside it."""
         conf_dir = os.path.join(d, "cni", "net.d")
         os.makedirs(conf_dir)
         conf = json.dumps(self.conflist(os.path.join(d, "cni", "ipam")))
@@ -94,7 +96,14 @@ class PodNetwork:
 [{cri}.cni]
   bin_dir = "{CNI_BIN_DIR}"
   conf_dir = "{conf_dir}"
+""" + "".join(
+            f"""[{cri}.containerd.runtimes.{name}]
+  runtime_type = "{RUNTIME_TYPE}"
+[{cri}.containerd.runtimes.{name}.options]
+  ConfigPath = "{path}"
 """
+            for name, path in (handlers or {}).items()
+        )
 
 
 def pause_binary() -> bytes:

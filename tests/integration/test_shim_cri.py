@@ -6,6 +6,7 @@ left."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -26,6 +27,10 @@ from cri_support import K8S_NAMESPACE, RUNTIME_HANDLER, CriClient, PodNetwork, i
 from cri_api import api_pb2 as cri
 from leaks import kill_all, processes_mentioning
 from net_support import Namespace
+from virtcontainers.config import load_toml
+from virtcontainers.factory import TemplateStore
+from virtcontainers.sandbox import build_config
+from virtcontainers.types import HypervisorType
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +38,10 @@ SHIM_CONFIG = """[hypervisor.qemu]
 default_memory = 256
 default_vcpus = 1
 """
+#: The runtime handler whose shims take their VMs from the template FACTORY_TEMPLATE (made
+#: by the test that uses it) through the configuration.toml given as CRI's `ConfigPath`.
+FACTORY_HANDLER = "virtc-factory"
+FACTORY_TEMPLATE = "pod"
 #: gRPC deadline of the calls that boot or stop a VM (TCG on a busy machine).
 VM_CALL = 300
 #: The network namespaces CRI made for the tests' pods.
@@ -45,10 +54,19 @@ def cri_containerd() -> Iterator[tuple[Containerd, PodNetwork, str]]:
     run_root = tempfile.mkdtemp(prefix="vccri-", dir="/tmp")
     config = os.path.join(run_root, "configuration.toml")
     Path(config).write_text(SHIM_CONFIG)
+    factory = os.path.join(run_root, "factory.toml")
+    template = os.path.join(run_root, "templates", FACTORY_TEMPLATE)
+    # A pod's VM needs root ports for its containers' roots: the template is made with them.
+    Path(factory).write_text(
+        f"{SHIM_CONFIG}pcie_root_port = 8\n[factory]\n"
+        f'enable_template = true\ntemplate_path = "{template}"\n'
+    )
     env = {"VC_RUN_ROOT": run_root, "VC_SHIM_CONFIG": config}
     net = PodNetwork.unique()
     try:
-        with running_containerd(env=env, cri=net.plugin_config) as c:
+        with running_containerd(
+            env=env, cri=lambda d: net.plugin_config(d, {FACTORY_HANDLER: factory})
+        ) as c:
             import_pause(c)
             try:
                 yield c, net, import_busybox(c, namespace=K8S_NAMESPACE)
@@ -229,3 +247,74 @@ def test_pod_of_two_containers_is_one_vm_on_the_cni_network(
     # test namespace keeps only its loopback and the CNI bridge.
     assert not os.path.exists(netns)
     assert ns.links() == sorted(["lo", net.bridge])
+
+
+def test_a_pod_with_a_cni_network_takes_its_vm_from_the_template(
+    cri_containerd: tuple[Containerd, PodNetwork, str], host_untouched: None
+) -> None:
+    """A pod run with the runtime handler whose configuration (CRI's `ConfigPath`) has Kata's
+    `[factory]`: its VM is a clone of the template, not a boot, though the pod has a network
+    namespace; the namespace's CNI veth is joined to it (QEMU stays outside the namespace) and
+    the pod's address answers from the node with what the pod's container serves."""
+    c, net, image = cri_containerd
+    ns = Namespace(c.netns)
+    run_root = c.vm_root
+    config = load_toml(os.path.join(run_root, "factory.toml")).config
+    cfg = build_config(config, {"shared_fs": "virtio-fs"}, HypervisorType.QEMU)
+    store = TemplateStore(os.path.join(run_root, "templates"), run_root=run_root)
+    asyncio.run(store.create(FACTORY_TEMPLATE, cfg))
+    tag = uuid.uuid4().hex[:6]
+    pod_config = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name=f"fpod-{tag}", uid=tag, namespace="default"),
+        hostname=f"fpod-{tag}",
+        linux=cri.LinuxPodSandboxConfig(),
+    )
+    logged = os.path.getsize(c.log_path)
+    try:
+        with CriClient(c) as client:
+            rt = client.runtime
+            pod_id = rt.RunPodSandbox(
+                cri.RunPodSandboxRequest(config=pod_config, runtime_handler=FACTORY_HANDLER),
+                timeout=VM_CALL,
+            ).pod_sandbox_id
+            status = rt.PodSandboxStatus(
+                cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id), timeout=30
+            ).status
+            pod_ip = status.network.ip
+            netns = pod_netns(c, pod_id)
+            # The pod's VM is a clone (QEMU restored the template's state), outside the
+            # pod's network namespace.
+            [(vmm, _)] = qemu_processes(c)
+            assert b"-incoming\0defer" in Path(f"/proc/{vmm}/cmdline").read_bytes()
+            assert os.stat(f"/proc/{vmm}/ns/net").st_ino != os.stat(netns).st_ino
+            serve = (
+                f"mkdir -p /tmp/www && echo hello-{tag} > /tmp/www/index.html && "
+                "exec busybox httpd -f -p 8080 -h /tmp/www"
+            )
+            web = rt.CreateContainer(
+                cri.CreateContainerRequest(
+                    pod_sandbox_id=pod_id,
+                    config=cri.ContainerConfig(
+                        metadata=cri.ContainerMetadata(name="web"),
+                        image=cri.ImageSpec(image=image),
+                        command=["sh", "-c", serve],
+                    ),
+                    sandbox_config=pod_config,
+                ),
+                timeout=VM_CALL,
+            ).container_id
+            rt.StartContainer(cri.StartContainerRequest(container_id=web), timeout=VM_CALL)
+            assert fetch(ns, f"http://{pod_ip}:8080/") == f"hello-{tag}\n"
+            assert len(qemu_processes(c)) == 1
+            with open(c.log_path, "rb") as f:
+                f.seek(logged)
+                log = f.read().decode(errors="replace")
+            for boot in ("cold-plugged", "VM factory", "booting a VM directly"):
+                assert boot not in log, log
+            rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=VM_CALL)
+            rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=VM_CALL)
+        assert settled(c, pod_id, web) == []
+        assert not os.path.exists(netns)
+        assert ns.links() == sorted(["lo", net.bridge])
+    finally:
+        store.remove(FACTORY_TEMPLATE)
