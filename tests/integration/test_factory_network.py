@@ -18,7 +18,7 @@ from test_template_clone import NAME, Made, made_template
 
 from net_support import Namespace, namespaces, veth
 from virtcontainers import Sandbox
-from virtcontainers.errors import ConfigError
+from virtcontainers.errors import ConfigError, HypervisorError
 from virtcontainers.factory import (
     DaemonSpec,
     daemon_status,
@@ -26,7 +26,7 @@ from virtcontainers.factory import (
     start_daemon,
     stop_daemon,
 )
-from virtcontainers.network import NetworkConfig
+from virtcontainers.network import NetworkConfig, PortMapping
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check", "host_untouched")]
 
@@ -98,10 +98,19 @@ async def test_a_factory_vm_takes_the_namespace_endpoint(
                     vmm = sb.hypervisor.get_pids()[0]
                     assert b"-incoming" in Path(f"/proc/{vmm}/cmdline").read_bytes()
                 await check_joined(sb, out, sbns, mac)
+                # A second endpoint put into the namespace later goes the same way (the
+                # sandbox's record says its VMM is outside), and comes out again.
+                await veth(out, "vth1", ["192.168.78.1/24"], sbns, "eth1", ["192.168.78.2/24"])
+                iface = await sb.add_network("eth1")
+                assert iface.tap == "tap1_vc"
+                assert get(out, "http://192.168.78.2/") == "from-factory-vm"
+                await sb.remove_network("eth1")
+                assert "tap1_vc" not in sbns.links()
+                assert get_fails(out, "http://192.168.78.2/")
             finally:
                 await sb.stop()
-            # Our tap and the endpoint's qdisc are gone, the endpoint stays, unreachable.
-            assert sbns.links() == ["eth0", "lo"]
+            # Our taps and the endpoints' qdiscs are gone, the endpoints stay, unreachable.
+            assert sbns.links() == ["eth0", "eth1", "lo"]
             assert "ingress" not in sbns.run("tc", "qdisc", "show", "dev", "eth0")
             assert get_fails(out, f"http://{IN4}/")
             assert Sandbox.list(run_root) == []
@@ -125,3 +134,62 @@ async def test_a_namespace_that_vanished_stops_the_vm(template: Made, run_root: 
             network=net,
         )
     assert Sandbox.list(run_root) == []
+
+
+async def test_bridge_mode_on_a_clone(template: Made, run_root: str, tmp_path: Path) -> None:
+    """`--net bridge` on a clone, the bridge and its rules in a test namespace ("the host")
+    linked to another ("the world"): the sandbox's namespace and veth are made, the veth's
+    tap handed to the clone; a published port reaches the guest and outbound NAT reaches
+    the world; afterwards the "host" has only what it had."""
+    async with namespaces(2) as (host, world):
+        await veth(host, "up0", ["203.0.113.1/24"], world, "wan0", ["203.0.113.2/24"])
+        server = serve(world, tmp_path, 8090, "outside-world")
+        net = NetworkConfig(mode="bridge", host_netns=host.path, ports=[PortMapping(8080, 80)])
+        try:
+            sb = await sandbox_from_factory(
+                template.config,
+                template=NAME,
+                templates=template.store_root,
+                run_root=run_root,
+                network=net,
+            )
+            try:
+                assert sb.network is not None
+                ip = str(sb.network.summary()["ip"])
+                assert ip.startswith("10.213.0."), ip
+                addrs = (await sb.exec("ip -4 addr")).stdout.decode()
+                assert f"{ip}/" in addrs, addrs
+                await guest_serve(sb, 80, "bridged-clone")
+                assert get(host, "http://127.0.0.1:8080/") == "bridged-clone"
+                assert get(world, "http://203.0.113.1:8080/") == "bridged-clone"
+                assert await guest_get(sb, "http://203.0.113.2:8090/") == "outside-world"
+            finally:
+                await sb.stop()
+        finally:
+            server.kill()
+            server.wait()
+        assert host.links() == ["lo", "up0"]
+        assert host.run("nft", "list", "ruleset").strip() == ""
+        assert Sandbox.list(run_root) == []
+
+
+async def test_more_endpoints_than_root_ports_fail_cleanly(template: Made, run_root: str) -> None:
+    """A namespace with more endpoints than the clone has free PCIe root ports: the NIC that
+    finds none fails the hand-out with the QEMU driver's error, and the clone, its taps and
+    the endpoints' tc filters are all undone."""
+    async with namespaces(2) as (out, sbns):
+        for n in range(3):
+            await veth(out, f"vth{n}", [f"192.168.{80 + n}.1/24"], sbns, f"eth{n}", [])
+        net = NetworkConfig(mode="ns", netns_path=sbns.path, dns=[])
+        with pytest.raises(HypervisorError, match="no free pcie-root-port"):
+            await sandbox_from_factory(
+                template.config,
+                template=NAME,
+                templates=template.store_root,
+                run_root=run_root,
+                network=net,
+            )
+        assert sbns.links() == ["eth0", "eth1", "eth2", "lo"]
+        for n in range(3):
+            assert "ingress" not in sbns.run("tc", "qdisc", "show", "dev", f"eth{n}")
+        assert Sandbox.list(run_root) == []
