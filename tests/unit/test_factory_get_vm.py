@@ -207,21 +207,6 @@ async def test_bad_request_config_is_a_config_error(fake_hv: type[FakeHV], run_r
         )
 
 
-async def test_network_hotplug_gets_a_fresh_mac(fake_hv: type[FakeHV], run_root: str) -> None:
-    from virtcontainers.devices import NetworkEndpoint
-
-    factory = Factory.direct(fake_config(), "mock", run_root=run_root)
-    vm = await factory.get_vm()
-    try:
-        a = await vm.add_network(NetworkEndpoint(id="n1", tap_name="tap1"))
-        b = await vm.add_network(NetworkEndpoint(id="n2", tap_name="tap2", mac="02:00:00:00:00:01"))
-        assert a.mac and a.mac != b.mac
-        assert b.mac == "02:00:00:00:00:01"
-        assert set(vm.hypervisor.hotplugged) == {"n1", "n2"}  # type: ignore[attr-defined]
-    finally:
-        await vm.stop()
-
-
 async def test_guest_that_never_onlines_hot_added_cpus_gets_a_direct_boot(
     fake_hv: type[FakeHV], run_root: str, caplog: pytest.LogCaptureFixture
 ) -> None:

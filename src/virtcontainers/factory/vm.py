@@ -15,7 +15,6 @@ from types import TracebackType
 from ..agent import AgentClient
 from ..agent.endpoint import AgentEndpoint, plug_agent_channel
 from ..agent.waiting import wait_watched
-from ..devices import NetworkEndpoint, random_mac
 from ..errors import AgentError, ConfigError, VCError, VMTimeoutError
 from ..hypervisor import Hypervisor, VMState, new_hypervisor
 from ..types import Capabilities
@@ -185,14 +184,6 @@ class VM:
                     f"after {timeout:g}s, expected {cpus} CPUs and {mem_kib >> 10} MiB"
                 )
             await asyncio.sleep(ONLINE_POLL)
-
-    async def add_network(self, endpoint: NetworkEndpoint) -> NetworkEndpoint:
-        """Hot-add a NIC, giving it a fresh random MAC when it has none."""
-        if not endpoint.mac:
-            endpoint.mac = random_mac()
-        self.hypervisor.require(Capabilities.NET_DEVICE_HOTPLUG, "NIC hotplug")
-        await self.hypervisor.hotplug_add_device(endpoint)
-        return endpoint
 
     async def release(self) -> None:
         """Let go of a VM that another process takes over: drop connections, keep it running."""
