@@ -1334,15 +1334,28 @@ def _log_paths(vm_dir: str, vmm: bool) -> list[str]:
     return [os.path.join(vm_dir, n) for n in names if ("console" in n) != vmm]
 
 
+FORCE_KILL_WAIT = 5.0
+"""Seconds a SIGKILLed VMM gets to be gone before its driver's stop goes on regardless."""
+
+
 async def _force_kill(hv: Hypervisor) -> None:
-    """SIGKILL the VMM process if it is still the process that was started (via a pidfd)."""
+    """SIGKILL the VMM process if it is still the process that was started (via a pidfd), and
+    wait for its end: the driver's stop then finds it gone (no quit over a dying QMP)."""
     import signal
 
-    from .host import signal_process
+    from .drivers.vmm_process import wait_pidfd
+    from .host import pidfd_of
 
     state = hv.save()
-    signal_process(state.pid, state.pid_start_time, signal.SIGKILL)
-    await asyncio.sleep(0)
+    fd = pidfd_of(state.pid, state.pid_start_time)
+    if fd is None:
+        return
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        await wait_pidfd(fd, FORCE_KILL_WAIT)
+    finally:
+        os.close(fd)
 
 
 def _read_host_file(path: str) -> bytes:

@@ -24,6 +24,7 @@ from containerd_support import (
     NAMESPACE,
     Containerd,
     import_busybox,
+    leftovers,
     running_containerd,
     settled,
 )
@@ -74,6 +75,25 @@ def test_ctr_run_rm_prints_output_and_exits_with_the_code(
         assert f"topic={topic}" in log
     assert "shutting down" in log
     assert settled(c, cid) == []
+
+
+def test_ctr_run_rm_leaves_nothing_the_moment_it_returns(
+    containerd: tuple[Containerd, str],
+) -> None:
+    """containerd waits for the task's Delete, the shim's Shutdown and the `delete` binary it
+    runs once the shim's connection closes, before `ctr run --rm` returns. The shim kills the
+    container's VM at its Delete and exits by itself after Shutdown (the `delete` binary
+    waits for that, it does not kill it mid-cleanup): no VMM, virtiofsd, shim, socket, mount
+    or directory is left when `ctr` returns, without waiting for anything to settle."""
+    c, image = containerd
+    cid = f"rm-{uuid.uuid4().hex[:6]}"
+    c.run(image, cid, "true")
+    assert leftovers(c, cid) == []
+    deadline = time.monotonic() + 30  # containerd copies the shim's log lines as they come
+    while f"shim {cid}: exiting (0)" not in (log := c.log_tail(400)):
+        assert time.monotonic() < deadline, log
+        time.sleep(0.1)
+    assert f"delete {cid}: VM killed" in log
 
 
 def task_status(c: Containerd, cid: str) -> str:

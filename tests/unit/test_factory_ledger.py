@@ -177,7 +177,7 @@ async def test_signals_go_through_pidfds(run_root: str, monkeypatch: pytest.Monk
             f.write(str(shim.pid))
         with open(os.path.join(run_root, "shim.start_time"), "w") as f:
             f.write(str(host.process_start_time(shim.pid)))
-        cleanup._kill_shim(run_root)
+        cleanup._end_shim(run_root, wait=0)
         assert shim.wait(5) == -signal.SIGKILL
     finally:
         monkeypatch.undo()

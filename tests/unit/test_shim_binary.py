@@ -104,11 +104,11 @@ def test_delete_prints_a_delete_response(tmp_path: Path) -> None:
 
 
 def test_delete_kills_the_recorded_shim_never_a_recycled_pid(tmp_path: Path) -> None:
-    """`delete` SIGKILLs the shim server `start` recorded (pid and start time); a process
-    that got that pid since is never signalled, even one whose command line looks like a
-    shim's."""
+    """`delete` SIGKILLs the shim server `start` recorded (pid and start time) once it had
+    its time to exit; a process that got that pid since is never signalled, even one whose
+    command line looks like a shim's."""
     from virtcontainers.host import process_start_time
-    from virtcontainers.shim.cleanup import _kill_shim
+    from virtcontainers.shim.cleanup import _end_shim
 
     look_alike = [sys.executable, "-c", "import time; time.sleep(60)", "virtcontainers.shim"]
     proc = subprocess.Popen(look_alike)
@@ -117,12 +117,30 @@ def test_delete_kills_the_recorded_shim_never_a_recycled_pid(tmp_path: Path) -> 
         assert start is not None
         (tmp_path / "shim.pid").write_text(str(proc.pid))
         (tmp_path / "shim.start_time").write_text(str(start - 1))  # the pid was recycled
-        _kill_shim(str(tmp_path))
+        _end_shim(str(tmp_path), wait=0.2)
         with pytest.raises(subprocess.TimeoutExpired):
             proc.wait(0.5)
         (tmp_path / "shim.start_time").write_text(str(start))
-        _kill_shim(str(tmp_path))
+        _end_shim(str(tmp_path), wait=0.2)
         assert proc.wait(10) == -9
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_delete_lets_an_exiting_shim_finish(tmp_path: Path) -> None:
+    """containerd runs `delete` as soon as a shim's connection closes, while the shim is still
+    ending after Shutdown: `delete` waits for that exit instead of killing it mid-cleanup."""
+    from virtcontainers.host import process_start_time
+    from virtcontainers.shim.cleanup import _end_shim
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    try:
+        start = process_start_time(proc.pid)
+        (tmp_path / "shim.pid").write_text(str(proc.pid))
+        (tmp_path / "shim.start_time").write_text(str(start))
+        _end_shim(str(tmp_path), wait=30)
+        assert proc.poll() == 0  # it ended by itself, and `delete` returned once it had
     finally:
         proc.kill()
         proc.wait()

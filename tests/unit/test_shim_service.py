@@ -178,8 +178,8 @@ class FakeVM:
     async def resize(self, vcpus: int | None, memory_mb: int | None) -> None:
         self.calls.append(f"resize {vcpus} {memory_mb}")
 
-    async def stop(self) -> None:
-        self.calls.append("stop")
+    async def stop(self, *, force: bool = False) -> None:
+        self.calls.append("kill" if force else "stop")
         self.running = False
 
 
@@ -275,6 +275,27 @@ async def test_lifecycle_output_exit_and_event_order(shim: Shim) -> None:
     with pytest.raises(TtrpcError) as info:
         await shim.call("State", pb.StateRequest(id="c1"), pb.StateResponse)
     assert info.value.code == Code.NOT_FOUND
+
+
+async def test_deleting_the_shims_own_container_kills_its_vm_at_once(shim: Shim) -> None:
+    """The VM made for the shim's own container (a `ctr run`'s, a pod's sandbox once its
+    containers are gone) is killed when that container is deleted, before Delete answers: no
+    container removal in the guest first, no shutdown left for later."""
+    await shim.create("app", ["sleep", "30"])
+    await shim.create("shim1", ["exit", "0"])
+    await shim.call("Start", pb.StartRequest(id="shim1"), pb.StartResponse)
+    await shim.call("Wait", pb.WaitRequest(id="shim1"), pb.WaitResponse)
+    await shim.call("Delete", pb.DeleteRequest(id="shim1"), pb.DeleteResponse)
+    assert shim.vm.calls == ["start", "add app", "add shim1", "remove shim1"]  # app still runs
+    await shim.call("Kill", pb.KillRequest(id="app", signal=signal.SIGKILL))
+    await shim.call("Wait", pb.WaitRequest(id="app"), pb.WaitResponse)
+    await shim.create("shim1", ["exit", "0"])
+    await shim.call("Delete", pb.DeleteRequest(id="app"), pb.DeleteResponse)
+    assert shim.vm.running
+    await shim.call("Delete", pb.DeleteRequest(id="shim1"), pb.DeleteResponse)
+    assert shim.vm.calls[-2:] == ["remove app", "kill"] and not shim.vm.running
+    await shim.service.close()
+    assert shim.vm.calls[-1] == "kill"
 
 
 async def test_output_to_fifos(shim: Shim) -> None:

@@ -33,6 +33,8 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 MOUNT_TRIES = 200
 """A hot-added share is probed by the guest a moment after it is plugged: its mount is
 retried (every 50 ms) this many times."""
+RUNNING_TRIES = 1000
+"""Looks (10 ms apart, in the guest) for a started container's pid before giving up waiting."""
 NETWORK_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/hostname")
 """What the guest's network set-up writes (network/guest.py), shared with its container."""
 
@@ -197,18 +199,27 @@ class Container:
         self.record.process = self.process.handle
         self.record.status = "running"
         if detach:
-            await self._until_running()
+            await self.until_running()
         return self.process
 
-    async def _until_running(self, polls: int = 200) -> None:
+    async def until_running(self) -> None:
         """Until the first process has written its pid (exec, kill and ps can find it), or
-        has ended: a detached start returns only then."""
+        has ended: a detached start returns only then. One guest request that looks there,
+        not a round trip per look."""
         assert self.process is not None
-        probe = ["test", "-s", f"{self.guest_dir}/pid"]
-        for _ in range(polls):
-            if self.process.done() or (await self.sandbox.exec(probe)).exit_code == 0:
-                return
-            await asyncio.sleep(0.02)
+        script = (
+            f"n=0; until [ -s {self.guest_dir}/pid ]; do n=$((n+1)); "
+            f"[ $n -lt {RUNNING_TRIES} ] || exit 1; sleep 0.01; done"
+        )
+        probe = asyncio.ensure_future(self.sandbox.exec(["/bin/sh", "-c", script]))
+        ended = asyncio.ensure_future(self.process.wait())
+        try:
+            await asyncio.wait({probe, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (probe, ended):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     async def attach(self, *, keep: bool = False, offsets: tuple[int, int] = (0, 0)) -> Process:
         """A handle on the (detached) container process, from any manager; with `keep` (a

@@ -1,6 +1,10 @@
 """`containerd-shim-virtc-v2 delete`: clean up after a shim that is gone (SIGKILLed, or found
 dead when containerd restarts): stop its VM, unmount the bundle's rootfs, remove its socket,
-and print the DeleteResponse containerd reads from stdout."""
+and print the DeleteResponse containerd reads from stdout.
+
+containerd also runs it each time a shim's connection closes, a normal `ctr run --rm`
+included (and waits for it): after a shim's Shutdown it waits for the shim to exit, and finds
+nothing left to do without importing the sandbox's code."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -15,6 +20,10 @@ import sys
 from .main import SHIM_START_TIME, Flags, group_id, socket_path
 
 log = logging.getLogger(__name__)
+
+SHIM_EXIT_WAIT = 2.0
+"""Seconds a running shim server gets to exit before `delete` kills it (one that answered a
+Shutdown exits at once)."""
 
 
 def delete(flags: Flags) -> int:
@@ -28,8 +37,10 @@ def delete(flags: Flags) -> int:
         group = flags.id
     if group == flags.id:
         # The container's own VM (a pod's VM belongs to its sandbox container's shim).
-        _kill_shim(bundle)
-        asyncio.run(_stop_sandbox(_recorded_sandbox(bundle) or group))
+        _end_shim(bundle)
+        sandbox = _recorded_sandbox(bundle) or group
+        if _sandbox_exists(sandbox):
+            asyncio.run(_stop_sandbox(sandbox))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path(flags.address, flags.namespace, group))
     rootfs = os.path.join(bundle, "rootfs")
@@ -52,10 +63,11 @@ def _recorded_sandbox(bundle: str) -> str:
         return ""
 
 
-def _kill_shim(bundle: str) -> None:
-    """SIGKILL the shim server of this bundle if it still runs: the process `start` recorded
-    (pid and start time), never another one that got its pid since."""
-    from ..host import signal_process
+def _end_shim(bundle: str, wait: float = SHIM_EXIT_WAIT) -> None:
+    """Until the shim server of this bundle has exited: given `wait` seconds to exit by itself
+    (it is ending after a Shutdown), then SIGKILLed. Only the process `start` recorded (pid and
+    start time), never another one that got its pid since."""
+    from ..host import pidfd_of
 
     try:
         with open(os.path.join(bundle, "shim.pid")) as f:
@@ -63,8 +75,29 @@ def _kill_shim(bundle: str) -> None:
         with open(os.path.join(bundle, SHIM_START_TIME)) as f:
             start_time = int(f.read().strip())
     except (OSError, ValueError):
-        return  # no server recorded (or not by this version): nothing known to kill
-    signal_process(pid, start_time, signal.SIGKILL)
+        return  # no server recorded (or not by this version): nothing known to end
+    fd = pidfd_of(pid, start_time)
+    if fd is None:
+        return
+    try:
+        # A pidfd turns readable when its process exits.
+        if not select.select([fd], [], [], wait)[0]:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            select.select([fd], [], [], wait)
+    finally:
+        os.close(fd)
+
+
+def _sandbox_exists(sandbox_id: str) -> bool:
+    """Whether the sandbox has persisted state (`Sandbox.attach` finds nothing otherwise)."""
+    from ..errors import VCError
+    from ..persist import StateStore, run_root
+
+    try:
+        return StateStore(run_root()).exists(sandbox_id)
+    except VCError:
+        return False
 
 
 async def _stop_sandbox(sandbox_id: str) -> None:

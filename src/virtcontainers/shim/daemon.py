@@ -27,6 +27,7 @@ class _LogfmtFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        ts += f".{int(record.created % 1 * 1e9):09d}"
         msg = record.getMessage().replace("\\", "\\\\").replace('"', '\\"')
         if record.exc_info:
             msg += " " + self.formatException(record.exc_info).replace("\n", " | ")
@@ -55,12 +56,14 @@ def _log_to_fifo(debug: bool) -> None:
 
 def serve(flags: Flags, listen_fd: int) -> int:
     _log_to_fifo(flags.debug)
+    log.debug("shim %s: server process up", flags.id)
     code = 0
     try:
         asyncio.run(_serve(flags, listen_fd))
     except Exception:
         log.exception("shim %s failed", flags.id)
         code = 1
+    log.debug("shim %s: exiting (%d)", flags.id, code)
     logging.shutdown()
     # Not a normal exit: a worker thread may still be blocked opening a FIFO nobody opens.
     os._exit(code)
@@ -95,11 +98,12 @@ async def _serve(flags: Flags, listen_fd: int) -> None:
         await stop.wait()
     finally:
         log.info("shim %s shutting down", flags.id)
-        # Answer the Shutdown call before the connection goes.
-        await asyncio.sleep(0.05)
+        # The Shutdown call's answer is written already: its handler sets `stop` and the
+        # reply goes out in the same step of the loop, before this task runs again.
         await server.close()
         with contextlib.suppress(Exception):
             await tasks.close()
+        log.debug("shim %s: VM stopped", flags.id)
         await publisher.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

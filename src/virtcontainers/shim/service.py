@@ -184,6 +184,7 @@ class TaskService:
                 config_path = runtimeoptions.Options.FromString(req.options.value).config_path
             except DecodeError as e:
                 raise _err(Code.INVALID_ARGUMENT, f"runtime options: {e}") from e
+        log.debug("create %s: received", req.id)
         async with self._lock:
             if req.id in self.containers:
                 raise _err(Code.ALREADY_EXISTS, f"container {req.id}: already exists")
@@ -198,6 +199,7 @@ class TaskService:
                     )
             rootfs = os.path.join(req.bundle, "rootfs")
             mounted = await _mount_rootfs(list(req.rootfs), rootfs)
+            log.debug("create %s: rootfs mounted", req.id)
             stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
             container = Container(
                 req.id, req.bundle, rootfs, mounted, Process(req.id, "", process, stdio)
@@ -212,7 +214,9 @@ class TaskService:
                             await vm.stop()
                         raise
                     self.vm = vm
+                    log.debug("create %s: VM ready", req.id)
                 await self.vm.add_container(req.id, req.bundle)
+                log.debug("create %s: container made in the guest", req.id)
                 container.init.io = await ProcessIO.open(stdio, req.id, self.namespace)
             except BaseException:
                 if container.init.io is not None:
@@ -260,6 +264,7 @@ class TaskService:
         waiting = asyncio.ensure_future(started.wait())
         await asyncio.wait({waiting, p.runner}, return_when=asyncio.FIRST_COMPLETED)
         waiting.cancel()
+        log.debug("start %s/%s: running", req.id, req.exec_id)
         if not req.exec_id:
             c = self._container(req.id)
             c.oom_watch = asyncio.get_running_loop().create_task(self._watch_oom(req.id))
@@ -286,6 +291,7 @@ class TaskService:
             copying.append(loop.create_task(io.copy_stdin(proc.write_stdin, proc.close_stdin)))
             await asyncio.gather(io.copy_output(proc.stdout), io.copy_output(proc.stderr, True))
             result = await proc.wait()
+            log.debug("process %s/%s: exited", p.container_id, p.exec_id)
             status = signal_exit_status(result.signal) if result.signal else result.exit_code
         except asyncio.CancelledError:
             status = signal_exit_status(p.killed_by or SIGKILL)
@@ -439,6 +445,7 @@ class TaskService:
 
     # -- delete ------------------------------------------------------------------------------
     async def delete(self, req: pb.DeleteRequest) -> pb.DeleteResponse:
+        log.debug("delete %s/%s: received", req.id, req.exec_id)
         c = self._container(req.id)
         p = self._process(req.id, req.exec_id)
         if p.status not in (CREATED, STOPPED):
@@ -460,8 +467,15 @@ class TaskService:
                         await e.runner
             await _cancel(c.oom_watch)
             del self.containers[req.id]
-            if self.vm is not None:
+            if self.vm is not None and req.id == self.shim_id and not self.containers:
+                # The VM was made for this container (or pod) alone and nothing is left in
+                # it: killed at once (its host side all cleaned up), not shut down in turn.
+                vm, self.vm = self.vm, None
+                await vm.stop(force=True)
+                log.debug("delete %s: VM killed", req.id)
+            elif self.vm is not None:
                 await self.vm.remove_container(req.id)
+                log.debug("delete %s: container removed from the guest", req.id)
             if c.mounted:
                 await _umount(c.rootfs)
         self.events.publish(
@@ -552,6 +566,7 @@ class TaskService:
         return pb.ConnectResponse(shim_pid=os.getpid(), task_pid=self._pid())
 
     async def shutdown(self, req: pb.ShutdownRequest) -> empty_pb2.Empty:
+        log.debug("shutdown: received (%d containers)", len(self.containers))
         if self.containers and not req.now:
             return empty_pb2.Empty()
         self._shutdown()

@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 SANDBOX_FILE = "virtc-sandbox"
 """In the bundle: the id of the sandbox running it when that is not the shim's (a VM from the
 VM cache keeps its own), for `delete` after the shim is gone."""
-STARTED_POLLS = 200
-STARTED_POLL_INTERVAL = 0.05
 POD_ROOT_PORTS = 8
 """PCIe root ports a CRI pod's VM gets (unless its configuration sets some): one for the root
 of each container hot-added beside the sandbox's."""
@@ -149,7 +147,10 @@ class PodVM(Protocol):
 
     async def resize(self, vcpus: int | None, memory_mb: int | None) -> None: ...
 
-    async def stop(self) -> None: ...
+    async def stop(self, *, force: bool = False) -> None:
+        """Stop the VM and clean up its host side; `force`: kill it at once (nothing in it
+        is wanted any more) rather than shut it down."""
+        ...
 
 
 def _spec(bundle: str) -> dict[str, Any]:
@@ -340,27 +341,8 @@ class SandboxVM:
                 process.args, env=env, cwd=process.cwd, tty=tty, rows=rows, cols=cols
             )
         proc = await c.start(tty=tty, rows=rows, cols=cols)
-        await self._until_running(c, proc)
+        await c.until_running()
         return proc
-
-    @staticmethod
-    async def _until_running(c: Container, proc: GuestProcess) -> None:
-        """Until the container's first process has its pid (it can be joined and signalled),
-        or has ended already."""
-        from ..errors import StateError
-
-        ended = asyncio.ensure_future(proc.wait())
-        try:
-            for _ in range(STARTED_POLLS):
-                if ended.done():
-                    return
-                try:
-                    await c.pids()
-                    return
-                except StateError:
-                    await asyncio.sleep(STARTED_POLL_INTERVAL)
-        finally:
-            ended.cancel()
 
     async def kill(self, container_id: str, sig: int) -> None:
         await self._container(container_id).kill(sig)
@@ -448,8 +430,8 @@ class SandboxVM:
         if vcpus is not None or memory_mb is not None:
             await self.sandbox.resize(vcpus=vcpus, memory_mb=memory_mb)
 
-    async def stop(self) -> None:
-        await self.sandbox.stop()
+    async def stop(self, *, force: bool = False) -> None:
+        await self.sandbox.stop(force=force)
 
 
 def signal_exit_status(sig: int) -> int:
