@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import empty_pb2
 
+from virtcontainers.shim.main import CONTAINER_TYPE, SANDBOX_ID
 from virtcontainers.shim.proto.containerd.runtime.v2.task import shim_pb2 as pb
 from virtcontainers.shim.proto.ttrpc import request_pb2
 from virtcontainers.shim.service import SERVICE
@@ -56,9 +57,23 @@ async def test_start_serves_then_shutdown_removes_the_socket(short_tmp: Path) ->
     path = cp.stdout.removeprefix("unix://")
     assert (bundle / "address").read_text() == cp.stdout
     pid = int((bundle / "shim.pid").read_text())
-    # A second start for the same container finds the running shim.
+    # `start` returned (containerd reads its output to the end) while the server runs on in
+    # a session of its own, in the bundle, its stdio /dev/null, listening on fd 3.
+    assert os.getsid(pid) == pid
+    assert os.readlink(f"/proc/{pid}/cwd") == str(bundle)
+    assert [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (0, 1, 2)] == ["/dev/null"] * 3
+    assert os.readlink(f"/proc/{pid}/fd/3").startswith("socket:")
+    # A second start for the same container finds the running shim; so does the start of a
+    # container of the pod whose sandbox container it is.
     again = shim(bundle, *flags(address, "b1"), "start")
     assert again.stdout == cp.stdout
+    app = tmp_path / "app"
+    app.mkdir()
+    annotations = {CONTAINER_TYPE: "container", SANDBOX_ID: "b1"}
+    (app / "config.json").write_text(json.dumps({"annotations": annotations}))
+    joined = shim(app, *flags(address, "app"), "start")
+    assert (joined.returncode, joined.stdout) == (0, cp.stdout), joined.stderr
+    assert not (app / "shim.pid").exists()
     # Bad frames get a status and the shim keeps serving: an oversized frame, a bad service.
     reader, writer = await asyncio.open_unix_connection(path)
     writer.write(Header(MAX_MESSAGE + 1, 1, MessageType.REQUEST).pack() + b"\0" * (MAX_MESSAGE + 1))

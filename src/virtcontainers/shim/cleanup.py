@@ -8,18 +8,13 @@ nothing left to do without importing the sandbox's code."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 import os
 import select
 import signal
-import subprocess
 import sys
 
-from .main import SHIM_START_TIME, Flags, group_id, socket_path
-
-log = logging.getLogger(__name__)
+from .main import SANDBOX_FILE, SHIM_START_TIME, Flags, group_id, socket_path
 
 SHIM_EXIT_WAIT = 2.0
 """Seconds a running shim server gets to exit before `delete` kills it (one that answered a
@@ -27,7 +22,6 @@ Shutdown exits at once)."""
 
 
 def delete(flags: Flags) -> int:
-    from .events import now
     from .proto.containerd.runtime.v2.task import shim_pb2
 
     bundle = flags.bundle or os.getcwd()
@@ -40,13 +34,18 @@ def delete(flags: Flags) -> int:
         _end_shim(bundle)
         sandbox = _recorded_sandbox(bundle) or group
         if _sandbox_exists(sandbox):
+            import asyncio
+
             asyncio.run(_stop_sandbox(sandbox))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path(flags.address, flags.namespace, group))
     rootfs = os.path.join(bundle, "rootfs")
     if os.path.ismount(rootfs):
+        import subprocess
+
         subprocess.run(["umount", "-l", rootfs], check=False)
-    response = shim_pb2.DeleteResponse(pid=0, exit_status=128 + signal.SIGKILL, exited_at=now())
+    response = shim_pb2.DeleteResponse(pid=0, exit_status=128 + signal.SIGKILL)
+    response.exited_at.GetCurrentTime()
     sys.stdout.buffer.write(response.SerializeToString())
     sys.stdout.flush()
     return 0
@@ -54,8 +53,6 @@ def delete(flags: Flags) -> int:
 
 def _recorded_sandbox(bundle: str) -> str:
     """The sandbox id the shim recorded in the bundle (a VM from the VM cache), or ""."""
-    from .vm import SANDBOX_FILE
-
     try:
         with open(os.path.join(bundle, SANDBOX_FILE)) as f:
             return f.read().strip()
@@ -111,4 +108,6 @@ async def _stop_sandbox(sandbox_id: str) -> None:
     try:
         await sb.stop(force=True)
     except VCError as e:
-        log.error("stopping sandbox %s: %s", sandbox_id, e)
+        import logging
+
+        logging.getLogger(__name__).error("stopping sandbox %s: %s", sandbox_id, e)

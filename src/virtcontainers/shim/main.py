@@ -3,8 +3,9 @@
 containerd 1.6's shim protocol (runtime/v2/README.md): every call has the bundle as its working
 directory and the flags -namespace, -address, -publish-binary, -id (and -bundle, -debug).
 `start` starts the shim server (or finds the pod's running one) and prints its address;
-`delete` cleans up after a shim that is gone and prints a DeleteResponse. The server itself runs
-as `serve`, started by `start` with the listening socket as fd 3.
+`delete` cleans up after a shim that is gone and prints a DeleteResponse. The server is a
+child `start` forks (its own session, /dev/null as stdio, the listening socket as fd 3): no
+second interpreter start-up, as Go's shims need (Go cannot fork), on every container's path.
 
 Only the standard library is imported here: `start` and `delete` run for every container.
 """
@@ -14,12 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import sys
-from dataclasses import dataclass
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `start` more
+
+if TYPE_CHECKING:
+    import socket
 
 SHIM_START_TIME = "shim.start_time"
 """Bundle file: the shim server's start time (clock ticks since boot), beside shim.pid."""
+SANDBOX_FILE = "virtc-sandbox"
+"""In the bundle: the id of the sandbox running it when that is not the shim's (a VM from the
+VM cache keeps its own), for `delete` after the shim is gone."""
 #: containerd's annotations (CRI) that put a pod's containers behind one shim and VM.
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
@@ -33,15 +40,17 @@ class UsageError(Exception):
     """Bad command line or bundle; the message names what is at fault."""
 
 
-@dataclass
 class Flags:
-    namespace: str = ""
-    address: str = ""
-    publish_binary: str = ""
-    id: str = ""
-    bundle: str = ""
-    debug: bool = False
-    action: str = ""
+    """The command line (a plain class: dataclasses cost `start` and `delete` an import)."""
+
+    def __init__(self) -> None:
+        self.namespace = ""
+        self.address = ""
+        self.publish_binary = ""
+        self.id = ""
+        self.bundle = ""
+        self.debug = False
+        self.action = ""
 
 
 _VALUED = {"namespace", "address", "publish-binary", "id", "bundle", "socket"}
@@ -108,6 +117,8 @@ def socket_path(containerd_address: str, namespace: str, group: str) -> str:
 
 
 def _connectable(path: str) -> bool:
+    import socket
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
             s.connect(path)
@@ -127,6 +138,8 @@ def start(flags: Flags) -> int:
         _write(os.path.join(bundle, "address"), address)
         print(address, end="")
         return 0
+    import socket
+
     os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
     if os.path.exists(path):  # a stale socket: nobody answered on it
         os.unlink(path)
@@ -137,13 +150,8 @@ def start(flags: Flags) -> int:
     finally:
         os.umask(old)
     listener.listen(128)
-    # Run as the console script when there is one, so that the server shows in `ps` as
-    # containerd-shim-virtc-v2 (containerd's convention).
-    script = sys.argv[0] if os.path.basename(sys.argv[0]) == BINARY else ""
-    program = [sys.executable, script] if script else [sys.executable, "-m", "virtcontainers.shim"]
-    argv = [*program, *_flag_args(flags), "serve"]
     try:
-        pid = spawn(argv, [listener.fileno()], setsid=True)
+        pid = _fork_server(flags, listener)
     except BaseException:
         os.unlink(path)
         raise
@@ -159,9 +167,32 @@ def start(flags: Flags) -> int:
     return 0
 
 
-def spawn(
-    argv: list[str], fds: list[int], env: dict[str, str] | None = None, setsid: bool = False
-) -> int:
+def _fork_server(flags: Flags, listener: socket.socket) -> int:
+    """Fork the shim server (this process has no threads: `start` runs nothing but this
+    module); returns its pid. The child never returns: it serves, then exits."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.setsid()
+        # containerd reads `start`'s output to its end: the server keeps none of its pipes.
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        if listener.fileno() != LISTEN_FD:
+            os.dup2(listener.fileno(), LISTEN_FD, inheritable=False)
+        os.closerange(LISTEN_FD + 1, os.sysconf("SC_OPEN_MAX"))
+        from .daemon import serve
+
+        code = serve(flags, LISTEN_FD)
+    finally:
+        os._exit(code)
+
+
+def spawn(argv: list[str], fds: list[int], env: dict[str, str] | None = None) -> int:
     """Start `argv` (an absolute path first) with /dev/null as stdio and `fds` as its fds 3,
     4, ... (posix_spawn: safe with threads); returns its pid."""
     import fcntl
@@ -173,24 +204,10 @@ def spawn(
         ]
         actions += [(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(high)]
         env = dict(os.environ) if env is None else env
-        return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=setsid)
+        return os.posix_spawn(argv[0], argv, env, file_actions=actions)
     finally:
         for fd in high:
             os.close(fd)
-
-
-def _flag_args(flags: Flags) -> list[str]:
-    out = [
-        "-namespace",
-        flags.namespace,
-        "-address",
-        flags.address,
-        "-publish-binary",
-        flags.publish_binary,
-        "-id",
-        flags.id,
-    ]
-    return [*out, "-debug"] if flags.debug else out
 
 
 def _write(path: str, text: str) -> None:
@@ -204,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         flags = parse(args)
-        if not flags.namespace and flags.action in ("start", "delete", "serve"):
+        if not flags.namespace and flags.action in ("start", "delete"):
             raise UsageError("shim namespace cannot be empty (-namespace)")
-        if not flags.id and flags.action in ("start", "delete", "serve"):
+        if not flags.id and flags.action in ("start", "delete"):
             raise UsageError("shim id cannot be empty (-id)")
         if flags.action == "version":
             from .. import __version__
@@ -219,10 +236,6 @@ def main(argv: list[str] | None = None) -> int:
             from .cleanup import delete
 
             return delete(flags)
-        if flags.action == "serve":
-            from .daemon import serve
-
-            return serve(flags, LISTEN_FD)
         raise UsageError(
             f"unknown action {flags.action!r}: use start or delete"
             if flags.action

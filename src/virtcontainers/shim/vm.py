@@ -27,9 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SANDBOX_FILE = "virtc-sandbox"
-"""In the bundle: the id of the sandbox running it when that is not the shim's (a VM from the
-VM cache keeps its own), for `delete` after the shim is gone."""
 POD_ROOT_PORTS = 8
 """PCIe root ports a CRI pod's VM gets (unless its configuration sets some): one for the root
 of each container hot-added beside the sandbox's."""
@@ -306,6 +303,8 @@ class SandboxVM:
             log.warning("VM factory: %s; booting the VM instead", e)
             return False
         if self.sandbox.id != sb.id:  # a pooled VM has its own id: `delete` must find it
+            from .main import SANDBOX_FILE
+
             path = os.path.join(self.bundle, SANDBOX_FILE)
             await asyncio.to_thread(Path(path).write_text, self.sandbox.id)
         return True
