@@ -251,7 +251,12 @@ class Sandbox:
         hv = self.hypervisor
         vm_dir = persist.vm_dir(self.id, self.run_root)
         work: dict[str, Any] = {"share_tag": "vc-ctr"}
+        if self.workload.get("share_dir"):
+            work["share_dir"] = self.workload["share_dir"]
         self.workload = work  # teardown releases what is recorded here, even half-way
+        if work.get("share_dir"):
+            await self._stage_workload(work)
+            return
         if Capabilities.FS_SHARING not in hv.capabilities() or not self.config.shared_fs:
             if hv.state is not VMState.CREATED:
                 raise UnsupportedError(
@@ -267,6 +272,17 @@ class Sandbox:
                 )
             await self._plug_image_block(work, vm_dir)
             return
+        root = self._workload_root(work)
+        if root:
+            await self._plug_share(self._root_share(0, **root))
+        work["volumes"] = volume_records(self.mounts, "vc-")
+        for share in volume_shares(work["volumes"], "vol"):
+            await self._plug_share(share)
+
+    def _workload_root(self, work: dict[str, Any]) -> dict[str, str]:
+        """The container's root, recorded in `work`: {"lower": the image's unpacked root}
+        (leased to this sandbox), {"root": a bundle's root} (its mounts join `mounts`), or
+        {} without either."""
         if self.image is not None:
             from .images import ImageStore
 
@@ -275,32 +291,51 @@ class Sandbox:
             lower = store.rootfs(image)
             store.acquire(self.id, image)
             work.update(image=image.digest, image_store=store.root, lower=lower)
-            await self._plug_share(self._root_share(0, lower=lower))
-        elif self.bundle is not None:
+            return {"lower": lower}
+        if self.bundle is not None:
             from .containers import from_oci
 
-            doc = _read_bundle(self.bundle)
-            spec, root, extra = from_oci(doc, self.bundle)
+            spec, root, extra = from_oci(_read_bundle(self.bundle), self.bundle)
             self.mounts = [*self.mounts, *extra]
             work.update(bundle=self.bundle, lower=root, spec=dataclasses.asdict(spec))
-            await self._plug_share(self._root_share(0, root=root))
-        work["volumes"] = volume_records(self.mounts, "vc-")
-        for share in volume_shares(work["volumes"], "vol"):
-            await self._plug_share(share)
+            return {"root": root}
+        return {}
+
+    async def _stage_workload(self, work: dict[str, Any]) -> None:
+        """In a pooled VM with a staged share (see factory/poolshare.py): mount the root and
+        volumes under the share's directory on the host, where the guest already sees them."""
+        from .containers.container import volume_records
+        from .factory import poolshare
+
+        directory = work["share_dir"]
+        work.update(share_tag=poolshare.TAG, share_id=poolshare.SHARE_ID)
+        root = self._workload_root(work)
+        try:
+            if root:
+                work["share_path"] = await asyncio.to_thread(
+                    poolshare.stage_root, directory, **root
+                )
+            work["volumes"] = volume_records(self.mounts, "vc-")
+            staged: dict[str, str] = {}
+            for v in work["volumes"]:
+                if v["tag"] not in staged:
+                    staged[v["tag"]] = await asyncio.to_thread(
+                        poolshare.stage_volume, directory, v["tag"], v["source"], v["read_only"]
+                    )
+                v["guest"] = staged[v["tag"]]
+        except OSError as exc:
+            raise StateError(
+                f"sandbox {self.id}: cannot stage its container's files: {exc}"
+            ) from exc
 
     async def _plug_image_block(self, work: dict[str, Any], vm_dir: str) -> None:
         """Without virtio-fs: the image's root as an ext4 image file (built without mounting,
         the sandbox's own copy, so the container writes to it) on a cold-plugged drive."""
         from .devices import BlockDrive
-        from .images import ImageStore
         from .images.ext4 import build_ext4
 
-        store = ImageStore(self.image_store)
-        assert self.image is not None
-        image = store.get(self.image)
-        lower = store.rootfs(image)
-        store.acquire(self.id, image)
-        work.update(image=image.digest, image_store=store.root, lower=lower, share_tag="")
+        lower = self._workload_root(work)["lower"]  # an image: refused above otherwise
+        work["share_tag"] = ""
         os.makedirs(vm_dir, mode=0o750, exist_ok=True)  # the driver removes it with the VM
         path = os.path.join(vm_dir, "ctr.ext4")
         await asyncio.to_thread(build_ext4, lower, path)
@@ -386,7 +421,8 @@ class Sandbox:
             record = ContainerRecord(
                 id=cid,
                 share_tag=shares[0]["tag"] if shares else self.workload["share_tag"],
-                share_id=shares[0]["id"] if shares else "ctr",
+                share_id=shares[0]["id"] if shares else self.workload.get("share_id", "ctr"),
+                share_path="" if shares else self.workload.get("share_path", ""),
                 block_serial=self.workload.get("block_serial", ""),
                 image=self.workload.get("image", "") if bundle is None else "",
                 spec=dataclasses.asdict(spec),
@@ -603,6 +639,10 @@ class Sandbox:
             await asyncio.to_thread(_kill_strays, persist.vm_dir(self.id, self.run_root))
             if self.network is not None:
                 await self.network.teardown()
+            if self.workload.get("share_dir"):
+                from .factory.poolshare import release_quietly
+
+                await asyncio.to_thread(release_quietly, self.workload["share_dir"])
             if self.workload.get("image_store"):
                 from .images import ImageStore
 
@@ -1183,10 +1223,13 @@ class Sandbox:
         mounts: Sequence[Mount | str] = (),
         image_store: str | None = None,
         network: NetworkConfig | str | None = None,
+        share_dir: str = "",
     ) -> Sandbox:
         """Wrap a VM that is already running with a connected agent (e.g. from the factory)
         reached at `endpoint`. Its container's root (`image` or `bundle`) and `mounts` are
-        hot-added by `share_workload`, its `network` by `plug_network`."""
+        hot-added by `share_workload` (or with `share_dir`, a pooled VM's staged share: see
+        factory/poolshare.py, mounted there; the sandbox releases it when it stops), its
+        `network` by `plug_network`."""
         sb = cls(
             hv.id,
             hv.hypervisor_type,
@@ -1200,6 +1243,8 @@ class Sandbox:
         sb._hv = hv
         sb._agent = agent
         sb._agent_endpoint = endpoint
+        if share_dir:
+            sb.workload = {"share_dir": share_dir}
         with sb._store.lock(sb.id):
             if sb._store.exists(sb.id):
                 raise StateError(f"sandbox {sb.id} already exists")
@@ -1207,9 +1252,9 @@ class Sandbox:
         return sb
 
     async def share_workload(self) -> None:
-        """Hot-add the shares of an adopted sandbox's container (its root and volumes): a
-        booted sandbox has them from the start. The guest mounts them when the container
-        starts (waiting for a share it has not probed yet)."""
+        """Hot-add the shares of an adopted sandbox's container (its root and volumes), or
+        mount them in its staged share: a booted sandbox has them from the start. The guest
+        mounts them when the container starts (waiting for a share it has not probed yet)."""
         async with self._op():
             await self._plug_workload()
             self._persist()

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +17,10 @@ import pytest
 from virtcontainers.errors import UnsupportedError
 from virtcontainers.factory import TemplateStore, adopt_vm, factory_vm, sandbox_from_factory
 from virtcontainers.images import ImageStore
-from virtcontainers.images.build import busybox_image
 from virtcontainers.sandbox import Sandbox, build_config
 from virtcontainers.types import HypervisorType
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check")]
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImageStore]:
-    s = ImageStore(str(tmp_path_factory.mktemp("images")))
-    s.import_archive(busybox_image())
-    yield s
-    assert not os.listdir(os.path.join(s.root, "leases")), "a sandbox kept its image lease"
 
 
 def digest(path: str) -> str:

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 GUEST_ROOT = "/run/vc/c"
 """Where containers live in the guest: <id>/rootfs (the share), <id>/pid."""
 GUEST_VOLUMES = "/run/vc/v"
+GUEST_POOL = "/run/vc/pool"
+"""Where a pooled VM's staged share is mounted (see factory/poolshare.py)."""
 CGROUP_ROOT = "/sys/fs/cgroup"
 MOUNT_TRIES = 200
 """A hot-added share is probed by the guest a moment after it is plugged: its mount is
@@ -60,6 +62,27 @@ class ContainerRecord:
     """The id of the virtio-fs share of its root (what `virtc cp` reaches on the host)."""
     hot_shares: list[dict[str, Any]] = field(default_factory=list)
     """Shares hot-added for this container alone (id, source, tag): removed with it."""
+    share_path: str = ""
+    """In a VM from the pool: the guest directory holding its root in the share the guest
+    mounted before hand-out (bound there; `share_tag` is that share's)."""
+
+
+def mount_virtiofs(tag: str, where: str) -> str:
+    """Shell that mounts the virtio-fs share `tag` on `where` unless something is mounted
+    there already: a hot-added share is probed by the guest a moment after it is plugged."""
+    q = shlex.quote
+    mount = f"mount -t virtiofs {q(tag)} {q(where)}"
+    return (
+        f"grep -q ' {where} ' /proc/mounts || {{ n=0; until {mount} 2>/dev/null; do "
+        f"n=$((n+1)); [ $n -lt {MOUNT_TRIES} ] || {{ {mount}; break; }}; sleep 0.05; "
+        f"done; grep -q ' {where} ' /proc/mounts; }}"
+    )
+
+
+def _bind(source: str, where: str) -> str:
+    """Shell that binds the guest directory `source` on `where` unless already mounted."""
+    q = shlex.quote
+    return f"(grep -q ' {where} ' /proc/mounts || mount -o bind {q(source)} {q(where)})"
 
 
 def spec_from_dict(d: dict[str, Any]) -> ProcessSpec:
@@ -107,7 +130,8 @@ class Container:
         out = []
         for v in self.record.volumes:
             opts = "rbind,ro" if v["read_only"] else "rbind"
-            src = f"{GUEST_VOLUMES}/{v['tag']}" + (f"/{v['file']}" if v.get("file") else "")
+            base = v.get("guest") or f"{GUEST_VOLUMES}/{v['tag']}"
+            src = base + (f"/{v['file']}" if v.get("file") else "")
             out.append(("bind", src, str(v["destination"]), opts))
         return out
 
@@ -115,15 +139,6 @@ class Container:
         """Shell run once in the guest before the first start: mount the root, the volumes
         and make the cgroup (with its limits)."""
         q = shlex.quote
-
-        def virtiofs(tag: str, where: str) -> str:
-            mount = f"mount -t virtiofs {q(tag)} {q(where)}"
-            return (
-                f"grep -q ' {where} ' /proc/mounts || {{ n=0; until {mount} 2>/dev/null; do "
-                f"n=$((n+1)); [ $n -lt {MOUNT_TRIES} ] || {{ {mount}; break; }}; sleep 0.05; "
-                f"done; grep -q ' {where} ' /proc/mounts; }}"
-            )
-
         lines = [f"mkdir -p {q(self.rootfs)}"]
         if self.record.block_serial:
             find = (
@@ -135,12 +150,14 @@ class Container:
                 f"(grep -q ' {self.rootfs} ' /proc/mounts || ({find} && "
                 f"mount -t ext4 $dev {q(self.rootfs)}))"
             )
+        elif self.record.share_path:
+            lines.append(_bind(self.record.share_path, self.rootfs))
         else:
-            lines.append(virtiofs(self.record.share_tag, self.rootfs))
-        for tag in dict.fromkeys(v["tag"] for v in self.record.volumes):
+            lines.append(mount_virtiofs(self.record.share_tag, self.rootfs))
+        for tag in dict.fromkeys(v["tag"] for v in self.record.volumes if not v.get("guest")):
             where = f"{GUEST_VOLUMES}/{tag}"
             lines.append(f"mkdir -p {q(where)}")
-            lines.append(virtiofs(tag, where))
+            lines.append(mount_virtiofs(tag, where))
         lines.append(
             f"(grep -q ' {CGROUP_ROOT} cgroup2 ' /proc/mounts || "
             f"mount -t cgroup2 none {CGROUP_ROOT})"
@@ -383,7 +400,10 @@ class Container:
                 return v["source"], "/" + v["file"], bool(v["read_only"])
             if not v.get("file") and (norm == dest or norm.startswith(dest + "/")):
                 return v["source"], norm[len(dest) :] or "/", bool(v["read_only"])
-        return share_root(vm_dir, self.record.share_id), norm, False
+        root = share_root(vm_dir, self.record.share_id)
+        if self.record.share_path:  # the share's directory that holds the root
+            root += self.record.share_path[len(GUEST_POOL) :]
+        return root, norm, False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.record)

@@ -74,8 +74,9 @@ async def sandbox_from_factory(
 ) -> Sandbox:
     """A started `Sandbox` around `factory_vm(...)` (its id is the VM's: a pooled VM already
     has one), with its `network` (see `Sandbox.plug_network`) and its container's root
-    (`image` or `bundle`) and `mounts` hot-added over virtio-fs (`config.shared_fs` must be
-    "virtio-fs": the factory's VMs then are too). The VM is stopped if wrapping it fails."""
+    (`image` or `bundle`) and `mounts` shared over virtio-fs (`config.shared_fs` must be
+    "virtio-fs": the factory's VMs then are too): in a pooled VM's staged share (no hotplug
+    at hand-out), else hot-added. The VM is stopped if wrapping it fails."""
     from .vm import stop_quietly
 
     workload = image is not None or bundle is not None or bool(mounts)
@@ -124,4 +125,7 @@ async def adopt_vm(vm: VM, *, run_root: str | None = None, **workload: Any) -> S
     from ..sandbox import Sandbox
 
     endpoint = vm.agent_endpoint
-    return Sandbox.adopt(vm.hypervisor, await vm.agent(), endpoint, run_root, **workload)
+    agent = await vm.agent()
+    return Sandbox.adopt(
+        vm.hypervisor, agent, endpoint, run_root, share_dir=vm.share_dir, **workload
+    )

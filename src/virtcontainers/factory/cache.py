@@ -40,7 +40,10 @@ class VMCache(FactoryBase):
         paused: bool = True,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         ledger: Ledger | None = None,
+        stage_root: str | None = None,
     ) -> None:
+        """`stage_root`: the run root under which each pooled VM gets its staged share (see
+        `poolshare`) before it is pooled; None: VMs are pooled without one."""
         if size < 1:
             raise ConfigError(f"VM cache size must be at least 1, got {size}")
         if concurrency < 1:
@@ -51,6 +54,7 @@ class VMCache(FactoryBase):
         self.paused = paused
         self.boot_timeout = boot_timeout
         self.ledger = ledger
+        self.stage_root = stage_root
         self.handed_out = 0
         self.last_error = ""
         self._ready: collections.deque[VM] = collections.deque()
@@ -137,6 +141,8 @@ class VMCache(FactoryBase):
         try:
             vm = await self.base.get_base_vm(id=vm_id, timeout=self.boot_timeout)
             await vm.wait_agent(self.boot_timeout)
+            if self.stage_root is not None:
+                await vm.stage_share(self.stage_root)
             if self.paused and vm.state is VMState.RUNNING:
                 await vm.quiesce()
             else:

@@ -370,6 +370,7 @@ async def _quit_when_orphaned(root: str, socket_path: str, server: Any) -> None:
 
 async def _serve(root: str, spec: DaemonSpec) -> int:
     from ..errors import VCError
+    from . import poolshare
     from .base import DirectBase, FactoryBase, TemplateBase
     from .cache import VMCache
     from .ledger import Ledger
@@ -394,6 +395,7 @@ async def _serve(root: str, spec: DaemonSpec) -> int:
         concurrency=spec.concurrency,
         boot_timeout=spec.boot_timeout,
         ledger=ledger,
+        stage_root=root if poolshare.wanted(base.config()) else None,
     )
     server = CacheServer(cache, paths.socket_path(root))
     loop = asyncio.get_running_loop()

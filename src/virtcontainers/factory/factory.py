@@ -12,6 +12,7 @@ import asyncio
 import logging
 from types import TracebackType
 
+from .. import persist
 from ..config import HypervisorConfig
 from ..errors import VCError
 from ..hypervisor import VMState
@@ -79,7 +80,10 @@ class Factory:
         run_root: str | None = None,
     ) -> Factory:
         """A factory over an in-process pool of `size` VMs of `base`, filling from now on."""
-        cache = VMCache(base, size, concurrency=concurrency)
+        from . import poolshare
+
+        stage_root = persist.run_root(run_root) if poolshare.wanted(base.config()) else None
+        cache = VMCache(base, size, concurrency=concurrency, stage_root=stage_root)
         await cache.start()
         return cls(cache, fallback=fallback, run_root=run_root)
 

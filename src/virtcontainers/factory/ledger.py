@@ -20,6 +20,7 @@ from typing import Any
 
 from .. import host, persist
 from ..drivers.vmm_process import kill_strays
+from . import poolshare
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Ledger:
         self._entries[vm_id] = {
             "id": vm_id,
             "vm_dir": persist.vm_dir(vm_id, self.run_root),
+            "share_dir": poolshare.share_dir(self.run_root, vm_id),
             "pid": pid,
             "start_time": host.process_start_time(pid) if pid else None,
         }
@@ -104,6 +106,9 @@ def reap(path: str, owner: int | None = None) -> list[str]:
     while any(host.pid_is(p, s) for p, s in recorded) and time.monotonic() < deadline:
         time.sleep(0.02)
     for e in entries:
+        share = str(e.get("share_dir") or "")
+        if share:
+            poolshare.release_quietly(share)
         vm_dir = str(e.get("vm_dir") or "")
         if vm_dir:
             shutil.rmtree(vm_dir, ignore_errors=True)

@@ -60,6 +60,8 @@ class VM:
         self.created_at = time.time() if created_at is None else created_at
         self.origin = origin
         """How the VM was made: "direct", "template:<name>" or "cache" (+ its base)."""
+        self.share_dir = ""
+        """The host staging area of its staged share (see `stage_share`), if it has one."""
         self._agent: AgentClient | None = None
 
     @property
@@ -185,6 +187,22 @@ class VM:
                 )
             await asyncio.sleep(ONLINE_POLL)
 
+    async def stage_share(self, run_root: str | None) -> None:
+        """Attach the staged share (see `poolshare`) that will carry a container's root and
+        volumes, and mount it in the guest: the hotplug is paid before hand-out."""
+        from . import poolshare
+
+        directory = poolshare.share_dir(run_root, self.id)
+        share = await asyncio.to_thread(poolshare.prepare, directory)
+        self.share_dir = directory  # released by `stop` from here on
+        await self.hypervisor.hotplug_add_device(share)
+        res = await (await self.agent()).exec(["/bin/sh", "-c", poolshare.guest_mount_script()])
+        if res.exit_code != 0:
+            raise AgentError(
+                f"VM {self.id}: the guest cannot mount its staged share: "
+                f"{res.stderr.decode(errors='replace').strip()}"
+            )
+
     async def release(self) -> None:
         """Let go of a VM that another process takes over: drop connections, keep it running."""
         await self.close_agent()
@@ -198,6 +216,10 @@ class VM:
             await self.hypervisor.stop_sandbox()
         finally:
             await self.hypervisor.cleanup()
+            if self.share_dir:
+                from .poolshare import release_quietly
+
+                await asyncio.to_thread(release_quietly, self.share_dir)
 
     async def __aenter__(self) -> VM:
         return self

@@ -25,7 +25,7 @@ class GetBaseVMRequest(_message.Message):
     def __init__(self, timeout_ms: _Optional[int] = ...) -> None: ...
 
 class GrpcVM(_message.Message):
-    __slots__ = ("id", "hypervisor", "data", "config", "agent_socket", "agent_vsock_port", "cpu", "memory_mb", "created_at", "origin")
+    __slots__ = ("id", "hypervisor", "data", "config", "agent_socket", "agent_vsock_port", "cpu", "memory_mb", "created_at", "origin", "share_dir")
     ID_FIELD_NUMBER: _ClassVar[int]
     HYPERVISOR_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class GrpcVM(_message.Message):
     MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    SHARE_DIR_FIELD_NUMBER: _ClassVar[int]
     id: str
     hypervisor: str
     data: bytes
@@ -46,7 +47,8 @@ class GrpcVM(_message.Message):
     memory_mb: int
     created_at: float
     origin: str
-    def __init__(self, id: _Optional[str] = ..., hypervisor: _Optional[str] = ..., data: _Optional[bytes] = ..., config: _Optional[bytes] = ..., agent_socket: _Optional[str] = ..., agent_vsock_port: _Optional[int] = ..., cpu: _Optional[int] = ..., memory_mb: _Optional[int] = ..., created_at: _Optional[float] = ..., origin: _Optional[str] = ...) -> None: ...
+    share_dir: str
+    def __init__(self, id: _Optional[str] = ..., hypervisor: _Optional[str] = ..., data: _Optional[bytes] = ..., config: _Optional[bytes] = ..., agent_socket: _Optional[str] = ..., agent_vsock_port: _Optional[int] = ..., cpu: _Optional[int] = ..., memory_mb: _Optional[int] = ..., created_at: _Optional[float] = ..., origin: _Optional[str] = ..., share_dir: _Optional[str] = ...) -> None: ...
 
 class GrpcVMStatus(_message.Message):
     __slots__ = ("id", "pid", "cpu", "memory_mb", "state", "created_at")

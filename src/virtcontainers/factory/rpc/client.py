@@ -62,7 +62,7 @@ async def vm_from_message(msg: pb.GrpcVM, run_root: str | None = None) -> VM:
         if isinstance(exc, VCError):
             raise FactoryError(f"cannot take over VM {msg.id} from the cache: {exc}") from exc
         raise
-    return VM(
+    vm = VM(
         hv,
         AgentEndpoint.hybrid(msg.agent_socket, msg.agent_vsock_port)
         if msg.agent_vsock_port
@@ -72,6 +72,8 @@ async def vm_from_message(msg: pb.GrpcVM, run_root: str | None = None) -> VM:
         created_at=msg.created_at,
         origin=f"cache:{msg.origin}",
     )
+    vm.share_dir = msg.share_dir
+    return vm
 
 
 def status_from_message(msg: pb.GrpcStatus) -> FactoryStatus:

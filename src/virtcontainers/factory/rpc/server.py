@@ -42,6 +42,7 @@ async def vm_to_message(vm: VM) -> pb.GrpcVM:
         memory_mb=vm.memory_mb,
         created_at=vm.created_at,
         origin=vm.origin,
+        share_dir=vm.share_dir,
     )
 
 

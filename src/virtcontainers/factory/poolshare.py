@@ -1,0 +1,131 @@
+"""A pooled VM's staged share: one virtio-fs share attached while the VM waits in the pool,
+through which its container's root and volumes reach the guest at hand-out, without hotplug.
+
+vhost-user-fs cannot be in a template (QEMU cannot migrate it), so a clone would have to
+hot-add its container's share, and the guest's handling of that PCI hotplug (under TCG) is
+most of a hand-out. Instead the cache server makes `<run root>/pool/<vm id>/share` a shared
+bind mount, hot-adds a share of it (served by the VM's own virtiofsd) and mounts it in the
+guest at `GUEST_POOL`, all before the VM is pooled. At hand-out the container's root (an
+overlay of its image under an upper directory next to the share, or a bundle's root) and its
+volumes are mounted under that directory on the host: virtiofsd's mount namespace holds a
+slave of the shared mount, so they appear in what it serves. Each pooled VM is used once,
+with its own directory and virtiofsd: a container sees only its own files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+from typing import TYPE_CHECKING
+
+from .. import persist
+from ..containers.container import GUEST_POOL, mount_virtiofs
+from ..devices import SharedFS
+from ..types import HypervisorType
+from . import tmpfs
+
+if TYPE_CHECKING:
+    from .vmconfig import VMConfig
+
+log = logging.getLogger(__name__)
+
+SHARE_ID = "pool"
+"""The share's id (its virtiofsd's key and socket name)."""
+TAG = "vc-pool"
+ROOT = "ctr"
+"""Where a container's root goes in the share."""
+
+
+def wanted(config: VMConfig) -> bool:
+    """Whether pooled VMs of `config` get a staged share: QEMU VMs made for containers."""
+    return config.hypervisor is HypervisorType.QEMU and config.config.shared_fs == "virtio-fs"
+
+
+def share_dir(run_root: str | None, vm_id: str) -> str:
+    """The staging area of VM `vm_id`: the served `share/` and the root's upper directory."""
+    return os.path.join(persist.run_root(run_root), "pool", vm_id)
+
+
+def served(directory: str) -> str:
+    return os.path.join(directory, "share")
+
+
+def prepare(directory: str) -> SharedFS:
+    """Make the (new) staging area's served directory a shared mount, before its virtiofsd
+    starts; the share to hot-add. Nothing is left behind on failure."""
+    path = served(directory)
+    os.makedirs(path, mode=0o700)
+    try:
+        tmpfs.make_shared(path)
+    except BaseException:
+        release(directory)
+        raise
+    return SharedFS(id=SHARE_ID, source=path, mount_tag=TAG)
+
+
+def guest_mount_script() -> str:
+    """Shell run in the guest to mount the share (retried while the guest probes it)."""
+    return f"mkdir -p {GUEST_POOL} && {mount_virtiofs(TAG, GUEST_POOL)}"
+
+
+def _target(directory: str, name: str) -> str:
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"bad staged share entry name {name!r}")
+    target = os.path.join(served(directory), name)
+    os.mkdir(target, 0o755)  # a new name: the guest has never looked it up
+    return target
+
+
+def stage_root(directory: str, *, lower: str = "", root: str = "", name: str = ROOT) -> str:
+    """Mount a container's root in the share as `name`: over an image (`lower`), an overlay
+    with a writable upper directory of its own; else a bundle's `root`, writable. Returns
+    its path in the guest."""
+    target = _target(directory, name)
+    if lower:
+        upper = os.path.join(directory, f"{name}.upper")
+        work = os.path.join(directory, f"{name}.work")
+        os.mkdir(upper, 0o755)
+        os.mkdir(work, 0o700)
+        tmpfs.mount_overlay(lower, upper, work, target)
+    else:
+        tmpfs.bind(root, target)
+    return f"{GUEST_POOL}/{name}"
+
+
+def stage_volume(directory: str, name: str, source: str, read_only: bool) -> str:
+    """Mount the host directory `source` in the share as `name` (read-only from the start
+    when `read_only`); returns its path in the guest."""
+    if not os.path.isdir(source):
+        raise NotADirectoryError(errno.ENOTDIR, "volume source is not a directory", source)
+    tmpfs.bind(source, _target(directory, name), read_only=read_only)
+    return f"{GUEST_POOL}/{name}"
+
+
+def release(directory: str) -> None:
+    """Unmount everything in a staging area (deepest first) and remove it. The files are
+    removed only once nothing is mounted there any more: never through a volume's bind."""
+    if not os.path.lexists(directory):
+        return
+    for point in sorted(tmpfs.mounts_under(directory), key=len, reverse=True):
+        try:
+            tmpfs.unmount(point)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOENT):
+                raise
+    left = tmpfs.mounts_under(directory)
+    if left:
+        raise OSError(errno.EBUSY, f"still mounted, not removed: {left}", directory)
+    shutil.rmtree(directory)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(directory))  # the run root's pool/ once it is empty
+
+
+def release_quietly(directory: str) -> None:
+    """`release`, logging instead of raising (clean-up paths)."""
+    try:
+        release(directory)
+    except OSError as exc:
+        log.error("staged share %s: %s", directory, exc)

@@ -1,0 +1,191 @@
+"""Pooled VMs with a staged share (real QEMU, TCG): the VM cache attaches and mounts one
+virtio-fs share per VM while it waits in the pool; at hand-out the container's root and
+volumes are mounted under it on the host and reach the guest by mount propagation, with no
+device hot-added. Read-only volumes stay read-only, one VM never sees another's files, and
+stopping (or a dead cache server) leaves no mount, directory or process behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from virtcontainers import host
+from virtcontainers.drivers.qemu.driver import QemuHypervisor
+from virtcontainers.factory import Factory, TemplateStore, adopt_vm, poolshare, sandbox_from_factory
+from virtcontainers.factory.base import TemplateBase
+from virtcontainers.factory.daemon import (
+    DaemonSpec,
+    daemon_status,
+    read_pid_file,
+    start_daemon,
+    stop_daemon,
+)
+from virtcontainers.factory.tmpfs import mounts_under
+from virtcontainers.images import ImageStore
+from virtcontainers.sandbox import Sandbox, build_config
+from virtcontainers.types import HypervisorType
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check")]
+
+
+CFG = build_config(None, {"memory_size": 256, "shared_fs": "virtio-fs"}, HypervisorType.QEMU)
+
+
+async def _no_hotplug(device: Any) -> Any:
+    raise AssertionError(f"a device was hot-added at hand-out: {device!r}")
+
+
+async def test_pooled_vms_take_containers_without_hotplug(
+    run_root: str, guest_assets: Any, images: ImageStore, tmp_path: Path
+) -> None:
+    store = TemplateStore(run_root=run_root)
+    await store.create("pool", CFG)
+    factory = await Factory.cached(TemplateBase(store, "pool"), 2, run_root=run_root)
+    sandboxes: list[Sandbox] = []
+    try:
+        await factory.base.wait_full(240)  # type: ignore[attr-defined]
+        staged = [os.path.join(run_root, "pool", d) for d in os.listdir(f"{run_root}/pool")]
+        assert len(staged) == 2
+        assert sorted(mounts_under(f"{run_root}/pool")) == sorted(map(poolshare.served, staged))
+        volumes = []
+        for name in ("a", "b"):
+            rw, ro = tmp_path / f"{name}-rw", tmp_path / f"{name}-ro"
+            rw.mkdir()
+            ro.mkdir()
+            (ro / "given").write_text(name)
+            vm = await factory.get_vm(CFG)
+            assert vm.share_dir in staged
+            vm.hypervisor.hotplug_add_device = _no_hotplug  # type: ignore[method-assign]
+            sb = await adopt_vm(
+                vm,
+                run_root=run_root,
+                image="busybox",
+                image_store=images.root,
+                mounts=[f"{rw}:/rw", f"{ro}:/ro:ro"],
+            )
+            sandboxes.append(sb)
+            await sb.share_workload()
+            volumes.append((rw, ro))
+
+        script = (
+            "ls / | tr '\\n' ' '; echo; cat /ro/given; echo; echo mine > /rw/new; "
+            "echo secret-$(hostname) > /only-here; "
+            "if echo x > /ro/x 2>/dev/null; then echo ro-writable; else echo ro-refused; fi"
+        )
+        for sb, (rw, ro), name in zip(sandboxes, volumes, "ab", strict=True):
+            result = await (await sb.create_container(["sh", "-c", script])).run()
+            assert result.exit_code == 0, result
+            listing, given, verdict = result.stdout.decode().splitlines()
+            assert "bin" in listing.split() and "only-here" not in listing.split()
+            assert (given, verdict) == (name, "ro-refused")
+            assert (rw / "new").read_text() == "mine\n"
+            assert not (ro / "x").exists()
+            # Read-only on the host side too: the guest itself cannot write through the share.
+            guest_ro = await sb.exec(["/bin/sh", "-c", "echo x > /run/vc/pool/vc-v1/y"])
+            assert guest_ro.exit_code != 0 and b"Read-only" in guest_ro.stderr, guest_ro
+            assert not (ro / "y").exists()
+
+        # Each VM's share holds its own container's files only.
+        for sb in sandboxes:
+            seen = await sb.exec(
+                ["/bin/sh", "-c", "ls /run/vc/pool; cat /run/vc/pool/ctr/only-here"]
+            )
+            assert seen.stdout.decode().split() == ["ctr", "vc-v0", "vc-v1", f"secret-{sb.id}"]
+    finally:
+        for sb in sandboxes:
+            await sb.stop()
+        await factory.close()
+        store.remove("pool")
+    assert mounts_under(run_root) == []  # the template's tmpfs too: it was removed
+    assert not os.path.exists(os.path.join(run_root, "pool"))
+    assert Sandbox.list(run_root) == []
+
+
+async def test_a_dead_cache_server_leaves_no_staged_share(run_root: str, guest_assets: Any) -> None:
+    store = TemplateStore(run_root=run_root)
+    await store.create("pool", CFG)
+    try:
+        pid = await start_daemon(DaemonSpec(size=1, template="pool"), run_root=run_root)
+        for _ in range(2400):
+            if (await daemon_status(run_root)).vms:
+                break
+            await asyncio.sleep(0.1)
+        assert len(mounts_under(os.path.join(run_root, "pool"))) == 1
+        watcher = read_pid_file(run_root)[2]
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(300):
+            if not host.pid_is(watcher, None) and not os.path.exists(f"{run_root}/pool"):
+                break
+            await asyncio.sleep(0.1)
+        assert mounts_under(os.path.join(run_root, "pool")) == []
+        assert not os.path.exists(os.path.join(run_root, "pool"))
+    finally:
+        await stop_daemon(run_root)
+        store.remove("pool")
+
+
+async def test_a_bundle_from_the_cache_server_is_staged_not_hot_added(
+    run_root: str,
+    guest_assets: Any,
+    images: ImageStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The shim's path: a bundle (read-only root, a file bound from a directory) in a VM
+    handed out by the cache server over gRPC, which names the VM's staged share."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    shutil.copytree(images.rootfs(images.get("busybox")), bundle / "rootfs", symlinks=True)
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "resolv.conf").write_text("nameserver 192.0.2.1\n")
+    config = {
+        "ociVersion": "1.0.2",
+        "process": {
+            "args": ["sh", "-c", "cat /etc/resolv.conf; hostname; touch /x || echo root-ro"],
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+        },
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": "bundled",
+        "mounts": [
+            {
+                "destination": "/etc/resolv.conf",
+                "type": "bind",
+                "source": str(files / "resolv.conf"),
+                "options": ["rbind", "ro"],
+            }
+        ],
+    }
+    (bundle / "config.json").write_text(json.dumps(config))
+    store = TemplateStore(run_root=run_root)
+    await store.create("pool", CFG)
+    try:
+        await start_daemon(DaemonSpec(size=1, template="pool"), run_root=run_root)
+        monkeypatch.setattr(QemuHypervisor, "hotplug_add_device", _no_hotplug)
+        sb = await sandbox_from_factory(
+            CFG, use_cache=True, run_root=run_root, bundle=str(bundle), timeout=240
+        )
+        try:
+            assert sb.workload["share_dir"] == os.path.join(run_root, "pool", sb.id)
+            result = await (await sb.create_container()).run()
+            assert result.stdout.decode().splitlines() == [
+                "nameserver 192.0.2.1",
+                "bundled",
+                "root-ro",
+            ], result
+        finally:
+            await sb.stop()
+        assert not os.path.exists(os.path.join(run_root, "pool", sb.id))
+        assert (bundle / "rootfs" / "bin" / "busybox").exists()  # released, never deleted
+    finally:
+        await stop_daemon(run_root)
+        store.remove("pool")
+    assert mounts_under(run_root) == []
