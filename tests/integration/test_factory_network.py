@@ -33,7 +33,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check", "ho
 
 @pytest.fixture(scope="module")
 def template(guest_assets: Any) -> Iterator[Made]:
-    yield from made_template(guest_assets)
+    """Two vCPUs: each NIC has two queues, so two open fds of a multiqueue tap."""
+    yield from made_template(guest_assets, num_vcpus=2)
 
 
 def netns_inode(pid: int) -> int:
@@ -50,6 +51,8 @@ async def check_joined(sb: Sandbox, out: Namespace, sbns: Namespace, mac: str) -
     assert "mirred (Egress Redirect to device tap0_vc)" in filters
     found = (await sb.exec(f"grep -l {mac} /sys/class/net/*/address")).stdout.decode()
     dev = found.strip().split("/")[-2]
+    queues = (await sb.exec(f"ls /sys/class/net/{dev}/queues")).stdout.split()
+    assert sorted(queues) == [b"rx-0", b"rx-1", b"tx-0", b"tx-1"]
     addrs = (await sb.exec(f"ip addr show dev {dev}")).stdout.decode()
     assert f"{IN4}/24" in addrs and "UP" in addrs, addrs
     assert f"default via {OUT4}" in (await sb.exec("ip route")).stdout.decode()

@@ -50,11 +50,12 @@ class Made:
     config: HypervisorConfig
 
 
-def made_template(guest_assets: Any) -> Iterator[Made]:
-    """Template `base` (1 vCPU, 256 MiB) on its own tmpfs; removed, unmounted afterwards."""
+def made_template(guest_assets: Any, **config: Any) -> Iterator[Made]:
+    """Template `base` (1 vCPU, 256 MiB, unless `config` says otherwise) on its own tmpfs;
+    removed, unmounted afterwards."""
     root = tempfile.mkdtemp(prefix="vctpl-", dir="/tmp")
     store = TemplateStore(os.path.join(root, "templates"), run_root=os.path.join(root, "rr"))
-    cfg = base_config(guest_assets)
+    cfg = base_config(guest_assets, **config)
     try:
         info = asyncio.run(store.create(NAME, cfg))
         yield Made(root, store.root, info, cfg)
