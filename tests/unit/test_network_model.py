@@ -150,3 +150,21 @@ async def test_networks_a_vmm_cannot_take_are_refused_before_anything(
     with pytest.raises(UnsupportedError, match=message):
         await sb.create()
     assert not run_root.exists() or not any(run_root.rglob("*.json"))
+
+
+def test_opening_a_tap_that_is_not_there_names_it_and_makes_none() -> None:
+    """TUNSETIFF on a missing name would make a fresh tap: `open_tap` refuses first."""
+    from virtcontainers.network import netlink
+
+    with pytest.raises(ConfigError, match="tap vcnone9_vc is not in the sandbox's namespace"):
+        netlink.call_in_netns("", netlink.open_tap, "vcnone9_vc", 2)
+    assert not netlink.link_exists("vcnone9_vc")
+
+
+@pytest.mark.parametrize("request_", ["user", NetworkConfig(mode="user")])
+def test_a_factory_vm_refuses_user_mode_networking(request_: NetworkConfig | str) -> None:
+    from virtcontainers.sandbox import hot_network
+
+    with pytest.raises(ConfigError, match="--net user: a VM from the factory cannot take"):
+        hot_network(request_)
+    assert hot_network("none").mode == "none"

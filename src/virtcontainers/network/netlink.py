@@ -364,6 +364,8 @@ def connect_tcfilter(endpoint: str, tap: str, queues: int, mtu: int) -> None:
 def open_tap(name: str, queues: int) -> list[int]:
     """`queues` open queues of tap `name` in this namespace (as QEMU opens a tap by name),
     for a VMM that runs in another namespace: the fds are handed to it with the NIC."""
+    if _index(name) is None:  # else TUNSETIFF would make a new, unconnected tap
+        raise ConfigError(f"tap {name} is not in the sandbox's namespace")
     flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
     ifr = struct.pack("16sH22x", name.encode(), flags)
     fds: list[int] = []
