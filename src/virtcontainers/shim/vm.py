@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 POD_ROOT_PORTS = 8
 """PCIe root ports a CRI pod's VM gets (unless its configuration sets some): one for the root
 of each container hot-added beside the sandbox's."""
-OOM_POLL_SECONDS = 1
 UNLIMITED = 2**64 - 1
 """A cgroup limit of "max", as containerd's cgroups package reports it."""
 CGROUP_VALUES = (
@@ -366,15 +365,11 @@ class SandboxVM:
         await self.sandbox.resume()
 
     async def oom_kills(self, container_id: str) -> AsyncIterator[int]:
+        from ..containers.spec import RUNNER
+
         c = self._container(container_id)
-        # memory.events is polled by a shell loop in the guest (no round trip per poll) for as
-        # long as the container's directory exists.
-        script = (
-            f"n=0; while [ -d {c.guest_dir} ]; do "
-            f"m=$(sed -n 's/^oom_kill //p' {c.cgroup}/memory.events 2>/dev/null); "
-            f'[ "${{m:-0}}" -gt "$n" ] && n=$m && echo $n; sleep {OOM_POLL_SECONDS}; done'
-        )
-        proc = await self.sandbox.start_process(["/bin/sh", "-c", script])
+        # vc-run sleeps on inotify until memory.events changes: no polling in the guest.
+        proc = await self.sandbox.start_process([RUNNER, "--oom-events", c.cgroup])
         try:
             pending = b""
             async for chunk in proc.stdout:

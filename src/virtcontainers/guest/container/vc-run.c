@@ -19,6 +19,7 @@
  *          [--device-rule c|b:MAJOR:MINOR:ACCESS]...] [SECCOMP...] -- ARGV...
  *   vc-run --join PID [--cgroup DIR] [--cwd DIR] [--user UID:GID] [--env K=V]...
  *          [--caps HEXMASK] [SECCOMP...] -- ARGV...
+ *   vc-run --oom-events DIR
  *
  * --pid-file receives the container's first process's pid (as the guest sees it); --join
  * runs ARGV inside that running container instead (its namespaces and root: `virtc exec`).
@@ -34,6 +35,9 @@
  * host has already reduced the OCI rules to these (containers/spec.py), so their order does
  * not matter: an allow exception matches a request whose accesses it all grants, a deny
  * exception one that asks any access it denies (as cgroup v1 does).
+ * --oom-events prints the oom_kill count of cgroup DIR's memory.events (a line, as soon as
+ * it grows) until the cgroup is removed: it sleeps in inotify (the kernel reports each
+ * change of memory.events as IN_MODIFY), never polling.
  *
  * SECCOMP, an OCI linux.seccomp profile (libseccomp, linked statically):
  *   --seccomp-default ACTION  --seccomp-arch NAME...  --seccomp-flag log|spec_allow...
@@ -45,9 +49,9 @@
  * no_new_privs, just before the user and capabilities change (loading needs either
  * no_new_privs or CAP_SYS_ADMIN, as in runc).
  *
- * When stdin is a terminal and the command runs in a child (a new or joined pid namespace),
- * the child gets a terminal of the container's own devpts instance (as runc's console), so
- * `tty` names it; the waiting parent relays between it and its own terminal, put in raw
+ * When stdin is a terminal the command runs in a child (as it does in a new or joined pid
+ * namespace), which gets a terminal of the container's own devpts instance (as runc's
+ * console), so `tty` names it; the waiting parent relays between it and its own terminal, put in raw
  * mode, and passes its window size on at each SIGWINCH.
  *
  * Exit status: the container process's (128+N for signal N); 125 when setting up failed,
@@ -65,6 +69,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <poll.h>
+#include <sys/inotify.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/socket.h>
@@ -1086,6 +1091,59 @@ static int wait_child(void)
 	return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
+/* The "oom_kill N" count of a memory.events file; -1 once it is gone (the cgroup removed). */
+static long long oom_kills(const char *path)
+{
+	FILE *f = fopen(path, "re");
+	if (!f)
+		return -1;
+	char line[128];
+	long long n = 0;
+	while (fgets(line, sizeof line, f))
+		if (sscanf(line, "oom_kill %lld", &n) == 1)
+			break;
+	fclose(f);
+	return n;
+}
+
+static int oom_events(const char *dir)
+{
+	char path[4096];
+	if (snprintf(path, sizeof path, "%s/memory.events", dir) >= (int)sizeof path) {
+		errno = ENAMETOOLONG;
+		die("cgroup %s", dir);
+	}
+	int fd = inotify_init1(IN_CLOEXEC);
+	if (fd < 0)
+		die("inotify");
+	/* Watched before the first read: a kill in between is in that read or wakes the next. */
+	if (inotify_add_watch(fd, path, IN_MODIFY) < 0)
+		die("watch %s", path);
+	long long seen = 0;
+	for (;;) {
+		long long n = oom_kills(path);
+		if (n < 0)
+			return 0;
+		if (n > seen) {
+			seen = n;
+			printf("%lld\n", n);
+			fflush(stdout);
+		}
+		char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
+		ssize_t r = read(fd, buf, sizeof buf);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			die("read inotify events of %s", path);
+		for (char *p = buf; p < buf + r;) {
+			struct inotify_event *ev = (struct inotify_event *)p;
+			if (ev->mask & IN_IGNORED)
+				return 0; /* the watch went with the file */
+			p += sizeof *ev + ev->len;
+		}
+	}
+}
+
 static void parse(int argc, char **argv, int *cmd)
 {
 	int i;
@@ -1166,6 +1224,8 @@ static void parse(int argc, char **argv, int *cmd)
 int main(int argc, char **argv)
 {
 	int cmd;
+	if (argc == 3 && !strcmp(argv[1], "--oom-events"))
+		return oom_events(argv[2]);
 	parse(argc, argv, &cmd);
 	build_seccomp();
 	check_maps();
@@ -1193,7 +1253,7 @@ int main(int argc, char **argv)
 		flags |= CLONE_NEWNET;
 	if (unshare(flags))
 		die("unshare");
-	if (has_ns('p') || shared_pid) {
+	if (has_ns('p') || shared_pid || isatty(0)) {
 		if (has_ns('p') && unshare(CLONE_NEWPID))
 			die("unshare pid namespace");
 		prepare_console();
