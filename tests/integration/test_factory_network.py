@@ -13,7 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_network import IN4, OUT4, get, get_fails, guest_get, guest_serve, mac_of, serve
+from test_network import (
+    IN4,
+    OUT4,
+    get,
+    get_fails,
+    guest_get,
+    guest_serve,
+    mac_of,
+    second_endpoint_comes_and_goes,
+    serve,
+)
 from test_template_clone import NAME, Made, made_template
 
 from net_support import Namespace, namespaces, veth
@@ -35,6 +45,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check", "ho
 def template(guest_assets: Any) -> Iterator[Made]:
     """Two vCPUs: each NIC has two queues, so two open fds of a multiqueue tap."""
     yield from made_template(guest_assets, num_vcpus=2)
+
+
+async def clone(template: Made, run_root: str, net: NetworkConfig) -> Sandbox:
+    """A sandbox on a clone of the module's template, with network `net`."""
+    return await sandbox_from_factory(
+        template.config,
+        template=NAME,
+        templates=template.store_root,
+        run_root=run_root,
+        network=net,
+    )
 
 
 def netns_inode(pid: int) -> int:
@@ -103,13 +124,7 @@ async def test_a_factory_vm_takes_the_namespace_endpoint(
                 await check_joined(sb, out, sbns, mac)
                 # A second endpoint put into the namespace later goes the same way (the
                 # sandbox's record says its VMM is outside), and comes out again.
-                await veth(out, "vth1", ["192.168.78.1/24"], sbns, "eth1", ["192.168.78.2/24"])
-                iface = await sb.add_network("eth1")
-                assert iface.tap == "tap1_vc"
-                assert get(out, "http://192.168.78.2/") == "from-factory-vm"
-                await sb.remove_network("eth1")
-                assert "tap1_vc" not in sbns.links()
-                assert get_fails(out, "http://192.168.78.2/")
+                await second_endpoint_comes_and_goes(sb, out, sbns, "from-factory-vm")
             finally:
                 await sb.stop()
             # Our taps and the endpoints' qdiscs are gone, the endpoints stay, unreachable.
@@ -129,13 +144,7 @@ async def test_a_namespace_that_vanished_stops_the_vm(template: Made, run_root: 
     stopped, nothing left."""
     net = NetworkConfig(mode="ns", netns_path="/var/run/netns/vctn-gone")
     with pytest.raises(ConfigError, match="vctn-gone does not exist"):
-        await sandbox_from_factory(
-            template.config,
-            template=NAME,
-            templates=template.store_root,
-            run_root=run_root,
-            network=net,
-        )
+        await clone(template, run_root, net)
     assert Sandbox.list(run_root) == []
 
 
@@ -149,13 +158,7 @@ async def test_bridge_mode_on_a_clone(template: Made, run_root: str, tmp_path: P
         server = serve(world, tmp_path, 8090, "outside-world")
         net = NetworkConfig(mode="bridge", host_netns=host.path, ports=[PortMapping(8080, 80)])
         try:
-            sb = await sandbox_from_factory(
-                template.config,
-                template=NAME,
-                templates=template.store_root,
-                run_root=run_root,
-                network=net,
-            )
+            sb = await clone(template, run_root, net)
             try:
                 assert sb.network is not None
                 ip = str(sb.network.summary()["ip"])
@@ -185,13 +188,7 @@ async def test_more_endpoints_than_root_ports_fail_cleanly(template: Made, run_r
             await veth(out, f"vth{n}", [f"192.168.{80 + n}.1/24"], sbns, f"eth{n}", [])
         net = NetworkConfig(mode="ns", netns_path=sbns.path, dns=[])
         with pytest.raises(HypervisorError, match="no free pcie-root-port"):
-            await sandbox_from_factory(
-                template.config,
-                template=NAME,
-                templates=template.store_root,
-                run_root=run_root,
-                network=net,
-            )
+            await clone(template, run_root, net)
         assert sbns.links() == ["eth0", "eth1", "eth2", "lo"]
         for n in range(3):
             assert "ingress" not in sbns.run("tc", "qdisc", "show", "dev", f"eth{n}")

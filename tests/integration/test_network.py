@@ -77,6 +77,20 @@ def get_fails(ns: Namespace, url: str) -> bool:
     return not ns.ok(sys.executable, "-c", FETCH, url)
 
 
+async def second_endpoint_comes_and_goes(
+    sb: Sandbox, out: Namespace, sbns: Namespace, served: str
+) -> None:
+    """A veth eth1 put into `sbns` is hot-added to `sb` (on tap1_vc), reaches the guest's
+    server (answering `served`) from `out`, then is removed, its tap with it."""
+    await veth(out, "vth1", ["192.168.78.1/24"], sbns, "eth1", ["192.168.78.2/24"])
+    iface = await sb.add_network("eth1")
+    assert iface.tap == "tap1_vc"
+    assert get(out, "http://192.168.78.2/") == served
+    await sb.remove_network("eth1")
+    assert "tap1_vc" not in sbns.links()
+    assert get_fails(out, "http://192.168.78.2/")
+
+
 async def test_namespace_endpoint_tcfilter_guest_config_and_hotplug(
     run_root: str, guest_assets: Any, tmp_path: Path
 ) -> None:
@@ -149,13 +163,7 @@ async def test_namespace_endpoint_tcfilter_guest_config_and_hotplug(
                 out.run("ping", "-6", "-c", "2", "-W", "5", "-M", "do", "-s", str(MTU - 48), IN6)
 
                 # Hotplug: a second endpoint put into the namespace carries traffic.
-                await veth(out, "vth1", ["192.168.78.1/24"], sbns, "eth1", ["192.168.78.2/24"])
-                iface = await sb.add_network("eth1")
-                assert iface.tap == "tap1_vc"
-                assert get(out, "http://192.168.78.2/") == "from-guest"
-                await sb.remove_network("eth1")
-                assert "tap1_vc" not in sbns.links()
-                assert get_fails(out, "http://192.168.78.2/")
+                await second_endpoint_comes_and_goes(sb, out, sbns, "from-guest")
                 # The first endpoint still works.
                 assert get(out, f"http://{IN4}/") == "from-guest"
             # Stopped: our tap and the endpoint's qdisc are gone, the endpoint stays.

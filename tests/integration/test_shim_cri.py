@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -130,28 +131,72 @@ def fetch(ns: Namespace, url: str, timeout: float = 120) -> str:
         time.sleep(0.5)
 
 
+def new_pod_config(name: str) -> cri.PodSandboxConfig:
+    """A pod named and hostnamed `name`."""
+    return cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name=name, uid=name, namespace="default"),
+        hostname=name,
+        linux=cri.LinuxPodSandboxConfig(),
+    )
+
+
+def serving(tag: str) -> str:
+    """A script serving "hello-<tag>" on port 8080 with busybox httpd."""
+    return (
+        f"mkdir -p /tmp/www && echo hello-{tag} > /tmp/www/index.html && "
+        "exec busybox httpd -f -p 8080 -h /tmp/www"
+    )
+
+
+def run_pod(rt: Any, pod_config: cri.PodSandboxConfig, handler: str) -> tuple[str, Any]:
+    """RunPodSandbox with runtime handler `handler`: the pod's id and status."""
+    pod_id = rt.RunPodSandbox(
+        cri.RunPodSandboxRequest(config=pod_config, runtime_handler=handler), timeout=VM_CALL
+    ).pod_sandbox_id
+    status = rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id), timeout=30)
+    return str(pod_id), status.status
+
+
+def create_container(
+    rt: Any,
+    pod_id: str,
+    pod_config: cri.PodSandboxConfig,
+    image: str,
+    name: str,
+    script: str,
+    pid: int = cri.POD,
+) -> str:
+    """CreateContainer of `sh -c script` in the pod, in pid namespace mode `pid`."""
+    options = cri.NamespaceOption(pid=pid)
+    security = cri.LinuxContainerSecurityContext(namespace_options=options)
+    cid = rt.CreateContainer(
+        cri.CreateContainerRequest(
+            pod_sandbox_id=pod_id,
+            config=cri.ContainerConfig(
+                metadata=cri.ContainerMetadata(name=name),
+                image=cri.ImageSpec(image=image),
+                command=["sh", "-c", script],
+                linux=cri.LinuxContainerConfig(security_context=security),
+            ),
+            sandbox_config=pod_config,
+        ),
+        timeout=VM_CALL,
+    ).container_id
+    return str(cid)
+
+
 def test_pod_of_two_containers_is_one_vm_on_the_cni_network(
     cri_containerd: tuple[Containerd, PodNetwork, str], host_untouched: None
 ) -> None:
     c, net, image = cri_containerd
     ns = Namespace(c.netns)
     tag = uuid.uuid4().hex[:6]
-    pod_config = cri.PodSandboxConfig(
-        metadata=cri.PodSandboxMetadata(name=f"pod-{tag}", uid=tag, namespace="default"),
-        hostname=f"pod-{tag}",
-        linux=cri.LinuxPodSandboxConfig(),
-    )
+    pod_config = new_pod_config(f"pod-{tag}")
     with CriClient(c) as client:
         rt = client.runtime
         version = rt.Version(cri.VersionRequest(), timeout=30)
         assert (version.runtime_name, version.runtime_api_version) == ("containerd", "v1")
-        pod_id = rt.RunPodSandbox(
-            cri.RunPodSandboxRequest(config=pod_config, runtime_handler=RUNTIME_HANDLER),
-            timeout=VM_CALL,
-        ).pod_sandbox_id
-        status = rt.PodSandboxStatus(
-            cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id), timeout=30
-        ).status
+        pod_id, status = run_pod(rt, pod_config, RUNTIME_HANDLER)
         assert status.state == cri.SANDBOX_READY
         assert status.runtime_handler == RUNTIME_HANDLER
         pod_ip = status.network.ip
@@ -161,28 +206,9 @@ def test_pod_of_two_containers_is_one_vm_on_the_cni_network(
         assert len(qemu_processes(c)) == 1
 
         def container(name: str, script: str, pid: int = cri.POD) -> str:
-            options = cri.NamespaceOption(pid=pid)
-            security = cri.LinuxContainerSecurityContext(namespace_options=options)
-            cid = rt.CreateContainer(
-                cri.CreateContainerRequest(
-                    pod_sandbox_id=pod_id,
-                    config=cri.ContainerConfig(
-                        metadata=cri.ContainerMetadata(name=name),
-                        image=cri.ImageSpec(image=image),
-                        command=["sh", "-c", script],
-                        linux=cri.LinuxContainerConfig(security_context=security),
-                    ),
-                    sandbox_config=pod_config,
-                ),
-                timeout=VM_CALL,
-            ).container_id
-            return str(cid)
+            return create_container(rt, pod_id, pod_config, image, name, script, pid)
 
-        serve = (
-            f"mkdir -p /tmp/www && echo hello-{tag} > /tmp/www/index.html && "
-            "exec busybox httpd -f -p 8080 -h /tmp/www"
-        )
-        web = container("web", serve)
+        web = container("web", serving(tag))
         side = container("side", "exec sleep 600")
         solo = container("solo", "exec sleep 601", pid=cri.CONTAINER)
         for cid in (web, side, solo):
@@ -264,22 +290,13 @@ def test_a_pod_with_a_cni_network_takes_its_vm_from_the_template(
     store = TemplateStore(os.path.join(run_root, "templates"), run_root=run_root)
     asyncio.run(store.create(FACTORY_TEMPLATE, cfg))
     tag = uuid.uuid4().hex[:6]
-    pod_config = cri.PodSandboxConfig(
-        metadata=cri.PodSandboxMetadata(name=f"fpod-{tag}", uid=tag, namespace="default"),
-        hostname=f"fpod-{tag}",
-        linux=cri.LinuxPodSandboxConfig(),
-    )
+    pod_config = new_pod_config(f"fpod-{tag}")
     logged = os.path.getsize(c.log_path)
     try:
         with CriClient(c) as client:
             rt = client.runtime
-            pod_id = rt.RunPodSandbox(
-                cri.RunPodSandboxRequest(config=pod_config, runtime_handler=FACTORY_HANDLER),
-                timeout=VM_CALL,
-            ).pod_sandbox_id
-            status = rt.PodSandboxStatus(
-                cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id), timeout=30
-            ).status
+            pod_id, status = run_pod(rt, pod_config, FACTORY_HANDLER)
+            assert status.state == cri.SANDBOX_READY
             pod_ip = status.network.ip
             netns = pod_netns(c, pod_id)
             # The pod's VM is a clone (QEMU restored the template's state), outside the
@@ -287,22 +304,7 @@ def test_a_pod_with_a_cni_network_takes_its_vm_from_the_template(
             [(vmm, _)] = qemu_processes(c)
             assert b"-incoming\0defer" in Path(f"/proc/{vmm}/cmdline").read_bytes()
             assert os.stat(f"/proc/{vmm}/ns/net").st_ino != os.stat(netns).st_ino
-            serve = (
-                f"mkdir -p /tmp/www && echo hello-{tag} > /tmp/www/index.html && "
-                "exec busybox httpd -f -p 8080 -h /tmp/www"
-            )
-            web = rt.CreateContainer(
-                cri.CreateContainerRequest(
-                    pod_sandbox_id=pod_id,
-                    config=cri.ContainerConfig(
-                        metadata=cri.ContainerMetadata(name="web"),
-                        image=cri.ImageSpec(image=image),
-                        command=["sh", "-c", serve],
-                    ),
-                    sandbox_config=pod_config,
-                ),
-                timeout=VM_CALL,
-            ).container_id
+            web = create_container(rt, pod_id, pod_config, image, "web", serving(tag))
             rt.StartContainer(cri.StartContainerRequest(container_id=web), timeout=VM_CALL)
             assert fetch(ns, f"http://{pod_ip}:8080/") == f"hello-{tag}\n"
             assert len(qemu_processes(c)) == 1

@@ -56,6 +56,14 @@ def qemu_cmdlines(run_root: str) -> list[str]:
     ]
 
 
+def kill_and_remove(c: Containerd, cid: str) -> None:
+    """SIGKILL the task, then delete it and its container."""
+    c.ctr("task", "kill", "-s", "SIGKILL", cid)
+    wait_status(c, cid, "STOPPED")
+    c.ctr("task", "delete", cid)
+    c.ctr("container", "delete", cid)
+
+
 def test_ctr_run_on_a_clone_of_the_template(containerd: tuple[Containerd, str, str]) -> None:
     c, image, run_root = containerd
     cid = f"tpl-{uuid.uuid4().hex[:6]}"
@@ -75,10 +83,7 @@ def test_ctr_run_on_a_clone_of_the_template(containerd: tuple[Containerd, str, s
         [cmd] = qemu_cmdlines(run_root)
         assert "-incoming defer" in cmd and "/templates/shim/" not in cmd.split("mem-path=")[1]
     finally:
-        c.ctr("task", "kill", "-s", "SIGKILL", cid)
-        wait_status(c, cid, "STOPPED")
-        c.ctr("task", "delete", cid)
-        c.ctr("container", "delete", cid)
+        kill_and_remove(c, cid)
     assert settled(c, cid) == []
 
 
@@ -131,10 +136,7 @@ async def test_a_task_in_a_network_namespace_takes_a_clone_and_its_endpoint(
             )
             assert macs.stdout.decode().strip() == mac
         finally:
-            c.ctr("task", "kill", "-s", "SIGKILL", cid)
-            wait_status(c, cid, "STOPPED")
-            c.ctr("task", "delete", cid)
-            c.ctr("container", "delete", cid)
+            kill_and_remove(c, cid)
         assert settled(c, cid) == []
         assert pod.links() == ["eth0", "lo"]
         assert "ingress" not in pod.run("tc", "qdisc", "show", "dev", "eth0")
