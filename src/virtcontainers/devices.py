@@ -110,6 +110,10 @@ class SharedFS(Device):
     lower: str = ""
     """When set, the guest sees an overlay: `lower` read-only underneath, `source` the
     writable upper directory (a container's root over its image); nothing changes `lower`."""
+    id_shift: int = 0
+    """With `lower`: the overlay is mounted with `metacopy=on`, its owners shifted by this
+    much once (`shift_owners`), metadata-only copies in `source`: a root for a user
+    namespace mapping container id 0 to this id."""
 
     def __post_init__(self) -> None:
         check_id("shared fs", self.id)

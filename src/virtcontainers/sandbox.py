@@ -115,6 +115,7 @@ class Sandbox:
         bundle: str | None = None,
         mounts: Sequence[Mount | str] = (),
         image_store: str | None = None,
+        userns: str | None = None,
         **overrides: Any,
     ) -> None:
         """`agent_timeout` bounds each guest agent request that should be answered promptly,
@@ -124,7 +125,10 @@ class Sandbox:
         `image` (a reference in the image store at `image_store`) or `bundle` (an OCI
         runtime bundle directory) is the root of the sandbox's container (see
         `create_container`); `mounts` (`Mount`s or "HOST:GUEST[:ro]") are host directories
-        shared into it. They reach the guest over virtio-fs, set up before the VM boots."""
+        shared into it. They reach the guest over virtio-fs, set up before the VM boots.
+        `userns` ("host", "auto" or "ID:SIZE", see `containers.spec.parse_userns`) runs the
+        image's containers in a user namespace whose root is outside id ID: their roots'
+        owners are shifted by ID (metadata-only copies in their overlays)."""
         self.id = id or _new_id(12)
         persist.vm_dir(self.id, run_root)  # validates the id early
         self.hypervisor_type = HypervisorType.parse(hypervisor)
@@ -161,6 +165,13 @@ class Sandbox:
         for m in self.mounts:
             m.check()
         self.image_store = image_store
+        self.userns: tuple[int, int] | None = None
+        if userns is not None:
+            from .containers.spec import parse_userns
+
+            if bundle is not None:
+                raise ConfigError("userns is for an image: a bundle's config.json maps its own")
+            self.userns = parse_userns(userns)
         self.workload: dict[str, Any] = {}
         """What was shared for the container: image digest, store, root, volumes."""
         self.containers: dict[str, Container] = {}
@@ -270,6 +281,12 @@ class Sandbox:
                     "bundles and shared directories (-v)",
                     "they are shared over virtio-fs",
                 )
+            if self.userns is not None:
+                raise UnsupportedError(
+                    str(self.hypervisor_type),
+                    "a user namespace (userns)",
+                    "a root's owners are shifted in its virtio-fs overlay",
+                )
             await self._plug_image_block(work, vm_dir)
             return
         root = self._workload_root(work)
@@ -291,6 +308,8 @@ class Sandbox:
             lower = store.rootfs(image)
             store.acquire(self.id, image)
             work.update(image=image.digest, image_store=store.root, lower=lower)
+            if self.userns is not None:
+                work["userns"] = list(self.userns)
             return {"lower": lower}
         if self.bundle is not None:
             from .containers import from_oci
@@ -356,7 +375,10 @@ class Sandbox:
         if lower:
             upper = os.path.join(persist.vm_dir(self.id, self.run_root), sid, "upper")
             os.makedirs(upper, mode=0o755)
-            return SharedFS(id=sid, source=upper, mount_tag=f"vc-{sid}", lower=lower)
+            shift = (self.workload.get("userns") or [0])[0]
+            return SharedFS(
+                id=sid, source=upper, mount_tag=f"vc-{sid}", lower=lower, id_shift=shift
+            )
         return SharedFS(id=sid, source=root, mount_tag=f"vc-{sid}")
 
     async def create_container(
@@ -454,7 +476,7 @@ class Sandbox:
         own image or bundle, whose root was plugged with the sandbox)."""
         from .containers import ProcessSpec
         from .containers.container import spec_from_dict, volume_records, volume_shares
-        from .containers.spec import from_oci, merge_env, resolve_user
+        from .containers.spec import apply_userns, from_oci, merge_env, resolve_user
 
         volumes = list(self.workload.get("volumes", []))
         extra: list[Mount] = []
@@ -476,6 +498,9 @@ class Sandbox:
                 groups=groups,
                 hostname=hostname or (self.network.hostname if self.network else self.id[:63]),
             )
+            if self.workload.get("userns"):
+                start, size = self.workload["userns"]
+                apply_userns(spec, (start, size))
         else:
             lower = self.workload["lower"]
             spec = spec_from_dict(self.workload["spec"])
@@ -516,6 +541,10 @@ class Sandbox:
     async def _plug_share(self, share: SharedFS) -> None:
         """Share a directory with the VM: plugged before it boots, else hot-added."""
         hv = self.hypervisor
+        if share.id_shift:
+            from .containers.idshift import shift_owners
+
+            await shift_owners(share)
         if hv.state is VMState.CREATED:
             await hv.add_device(share)
         else:

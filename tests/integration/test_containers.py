@@ -252,6 +252,35 @@ def test_cli_run_exec_ps(run_root: str, store: ImageStore, tmp_path: Path) -> No
     assert bad.returncode == 2 and "volume source /no/dir is not an existing" in bad.stderr
 
 
+def test_cli_run_userns(run_root: str, store: ImageStore, tmp_path: Path) -> None:
+    """`virtc run --image --userns auto`: inside, the user is root and owns / and /bin/sh
+    (the image's owners shifted in the container's overlay, the store's root untouched);
+    outside, what it writes in a -v directory belongs to the mapped id; bad maps named."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chown(shared, 100000, 100000)  # the container's root, outside
+    script = (
+        "id -u; id -g; stat -c '%u:%g' / /bin/sh /bin/busybox; cat /proc/self/uid_map;"
+        " touch /shared/made; echo x > /etc/written && stat -c %u /etc/written"
+    )
+    args = ["run", "--net", "none", "--image", "busybox", "--userns", "auto"]
+    done = virtc(run_root, store, *args, "-v", f"{shared}:/shared", "--", "sh", "-c", script)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "0", *["0:0"] * 3, "0", "100000", "65536", "0"]
+    made = (shared / "made").stat()
+    assert (made.st_uid, made.st_gid) == (100000, 100000)
+    lower = store.rootfs(store.get("busybox"))
+    assert os.stat(os.path.join(lower, "bin", "busybox")).st_uid == 0
+
+    bad = virtc(run_root, store, "run", "--image", "busybox", "--userns", "0:10", "--", "true")
+    assert bad.returncode == 2 and "invalid userns '0:10'" in bad.stderr
+    unmapped = virtc(run_root, store, *args[:-1], "1000:100", "-u", "200", "--", "true")
+    assert unmapped.returncode == 2, unmapped.stderr
+    assert "container uid 200 is not mapped by userns 1000:100" in unmapped.stderr
+    alone = virtc(run_root, store, "run", "--userns", "auto", "--", "true")
+    assert alone.returncode == 2 and "--userns needs --image" in alone.stderr
+
+
 def test_cli_cp(run_root: str, store: ImageStore, tmp_path: Path) -> None:
     """`virtc cp` both ways, files and directories, a volume path, and a container symlink
     that points at the host's /etc: the copy lands in the container's /etc."""

@@ -374,3 +374,45 @@ def test_device_rules_reach_vc_run(tmp_path: Path) -> None:
     at = argv.index("--device-cgroup")
     assert argv[at : at + 4] == ["--device-cgroup", "deny", "--device-rule", "b:*:*:m"]
     assert argv.index("--") > at
+
+
+def test_userns_parsed_and_applied() -> None:
+    from virtcontainers.containers import ProcessSpec
+    from virtcontainers.containers.spec import apply_userns, parse_userns
+
+    assert parse_userns("host") is None
+    assert parse_userns("auto") == (100000, 65536)
+    assert parse_userns("5000:10") == (5000, 10)
+    for bad in ("0:10", "5:0", "x", "5", "-1:2", "4294967295:2"):
+        with pytest.raises(ConfigError, match=f"invalid userns '{bad}'"):
+            parse_userns(bad)
+    spec = ProcessSpec(args=["true"], uid=9, gid=3)
+    apply_userns(spec, (5000, 10))
+    argv = spec.runner_argv("/r")
+    assert argv[argv.index("--ns") + 1] == "m,p,u,i,U"
+    assert argv[argv.index("--uid-map") + 1] == argv[argv.index("--gid-map") + 1] == "0:5000:10"
+    with pytest.raises(ConfigError, match="container uid 10 is not mapped by userns 5000:10"):
+        apply_userns(ProcessSpec(args=["true"], uid=10), (5000, 10))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_idshift_keeps_set_id_bits_and_capabilities(tmp_path: Path) -> None:
+    from virtcontainers.containers.idshift import CAPS_XATTR, shift
+
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    tool = root / "bin" / "tool"
+    tool.write_text("")
+    os.chown(tool, 0, 5)
+    tool.chmod(0o6755)
+    caps = bytes.fromhex("0000000200200000000000000000000000000000")  # v2: cap_net_raw
+    os.setxattr(tool, CAPS_XATTR, caps)
+    outside = tmp_path / "outside"
+    outside.write_text("")
+    (root / "link").symlink_to(outside)
+    assert shift(str(root), 1000) == 4
+    st = tool.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1000, 1005, 0o6755)
+    assert os.getxattr(tool, CAPS_XATTR) == caps
+    assert os.lstat(root / "link").st_uid == 1000 and outside.stat().st_uid == 0
+    assert (root.stat().st_uid, (root / "bin").stat().st_gid) == (1000, 1000)

@@ -22,6 +22,10 @@ def test_overlay_and_read_only_shares(tmp_path: object) -> None:
     assert argv[:5] == ["unshare", "-m", "--propagation", "private", "--"]
     assert "mount -t overlay" in argv[7] and argv[9:11] == ["/store/rootfs/x", "/vm/ctr/upper"]
     assert "source=/vm/ctr/upper.merged" in argv
+    assert "metacopy" not in argv[7]
+    shifted = SharedFS(id="ctr", source="/u", mount_tag="t", lower="/l", id_shift=100000)
+    script = virtiofsd.argv(cfg, "qemu", shifted, "/vm/s.sock")[7]
+    assert 'workdir=$2.work,metacopy=on"' in script and 'mkdir -p "$2.work" ' in script
     ro = SharedFS(id="v0", source="/data", mount_tag="v", read_only=True)
     argv = virtiofsd.argv(cfg, "qemu", ro, "/vm/v.sock")
     assert "remount,bind,ro" in argv[7] and argv[9] == "/data"

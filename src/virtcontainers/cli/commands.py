@@ -77,6 +77,14 @@ CONTAINER = (
     Arg("--user", "-u", help="Container user: UID[:GID] or a name."),
     Arg("--detach", "-d", action="store_true", help="Leave the container running; print the id."),
     Arg("--tty", "-t", action="store_true", help="Give the container a terminal."),
+    Arg(
+        "--userns",
+        metavar="MODE",
+        help="With --image: host (default: no user namespace), auto (container ids 0-65535 "
+        "are ids 100000-165535 outside) or ID:SIZE (container ids 0..SIZE-1 are ID.. outside); "
+        "the image's files are shifted to match, and what the container writes in -v "
+        "directories belongs to the outside ids.",
+    ),
 )
 
 
@@ -132,6 +140,10 @@ def run(g: Globals, a: argparse.Namespace) -> int | None:
     container = a.image is not None or a.bundle is not None
     if not container and (a.volume or a.env or a.workdir or a.user or a.detach or a.tty):
         raise ConfigError("-v, -e, -w, -u, -t and -d need --image or --bundle")
+    if a.userns is not None and a.image is None:
+        raise ConfigError("--userns needs --image (a bundle's config.json maps its own)")
+    if a.userns is not None and (a.from_template or a.factory):
+        raise ConfigError("--userns cannot be used with --from-template or --factory")
     if container:
         from .container_cmds import run_container
 
@@ -142,7 +154,9 @@ def run(g: Globals, a: argparse.Namespace) -> int | None:
             default = "bridge" if os.geteuid() == 0 else "user"
         if a.from_template or a.factory:
             default = ""  # a NIC only when asked (--net): hot-adding one costs the fast start
-        sb = _new_sandbox(g, a, default, image=a.image, bundle=a.bundle, mounts=a.volume)
+        sb = _new_sandbox(
+            g, a, default, image=a.image, bundle=a.bundle, mounts=a.volume, userns=a.userns
+        )
 
         async def started() -> Sandbox:
             if a.from_template or a.factory:

@@ -316,6 +316,40 @@ class ProcessSpec:
         return [*argv, *self.seccomp, "--", *self.args]
 
 
+USERNS_AUTO = (100000, 65536)
+"""`--userns auto`: container ids 0-65535 are guest (and host) ids 100000-165535."""
+
+
+def parse_userns(text: str) -> tuple[int, int] | None:
+    """`host` (no user namespace), `auto` (`USERNS_AUTO`) or `ID:SIZE` (container ids
+    0..SIZE-1 are ids ID..ID+SIZE-1 outside) -> (first outside id, size), None for host."""
+    if text == "host":
+        return None
+    if text == "auto":
+        return USERNS_AUTO
+    first, sep, size = text.partition(":")
+    if sep and first.isdigit() and size.isdigit():
+        start, count = int(first), int(size)
+        if start > 0 and count > 0 and start + count <= 1 << 32:
+            return start, count
+    raise ConfigError(
+        f"invalid userns {text!r}: use host, auto or ID:SIZE (ID > 0, ids below 2^32)"
+    )
+
+
+def apply_userns(spec: ProcessSpec, userns: tuple[int, int]) -> None:
+    """Run `spec` in a user namespace mapping container ids 0..size-1 (uids and gids) to
+    `userns`'s; its user must be one of them."""
+    start, size = userns
+    for what, value in (("uid", spec.uid), ("gid", spec.gid)):
+        if value >= size:
+            raise ConfigError(f"container {what} {value} is not mapped by userns {start}:{size}")
+    if "U" not in spec.namespaces.split(","):
+        spec.namespaces += ",U"
+    spec.uid_mappings = [(0, start, size)]
+    spec.gid_mappings = [(0, start, size)]
+
+
 def caps_mask(names: list[str]) -> int:
     mask = 0
     for name in names:

@@ -110,7 +110,11 @@ def wrap(share: SharedFS, argv: list[str]) -> list[str]:
             raise ConfigError(f"shared fs {share.id}: path {path!r} contains ',' ':' or a newline")
     prefix = ["unshare", "-m", "--propagation", "private", "--", "/bin/sh", "-c"]
     if share.lower:
-        return [*prefix, _OVERLAY, "vc-share", share.lower, share.source, *argv]
+        # metacopy: the shifted owners of a user namespace's root are metadata-only copies
+        script = (
+            _OVERLAY.replace('=$2.work"', '=$2.work,metacopy=on"') if share.id_shift else _OVERLAY
+        )
+        return [*prefix, script, "vc-share", share.lower, share.source, *argv]
     return [*prefix, _READ_ONLY, "vc-share", share.source, *argv]
 
 
