@@ -9,6 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from test_network import mac_of
+
+from net_support import namespaces, veth
 
 pytestmark = pytest.mark.integration
 
@@ -217,7 +220,7 @@ async def test_console_through_a_pty(leak_check: str) -> None:
         assert (await virtc(leak_check, "stop", "con1")).returncode == 0
 
 
-async def test_run_from_template(leak_check: str) -> None:
+async def test_run_from_template(leak_check: str, host_untouched: None) -> None:
     r = await virtc(leak_check, "template", "create", "tpl", "--memory", "256M")
     assert r.returncode == 0, r.stderr
     try:
@@ -227,6 +230,17 @@ async def test_run_from_template(leak_check: str) -> None:
             leak_check, "run", "-m", "256M", "--from-template", "tpl", "--", "sh", "-c", "exit 5"
         )
         assert r.returncode == 5, r.stderr
+        # A clone joined to a test namespace's veth: its MAC and address, the other end reached.
+        async with namespaces(2) as (out, sbns):
+            await veth(out, "vth0", ["192.168.77.1/24"], sbns, "eth0", ["192.168.77.2/24"])
+            mac = await asyncio.to_thread(mac_of, sbns, "eth0")
+            script = "cat /sys/class/net/eth0/address; ip -4 addr; ping -c 1 -W 10 192.168.77.1"
+            net = ("--net", f"ns:{sbns.path}")
+            r = await virtc(leak_check, "run", "-m", "256M", "--from-template", "tpl", *net,
+                            "--", "sh", "-c", script)  # fmt: skip
+            assert r.returncode == 0, (r.stdout, r.stderr)
+            assert r.stdout.decode().startswith(f"{mac}\n") and b"192.168.77.2/24" in r.stdout
+            assert sbns.links() == ["eth0", "lo"]
         r = await virtc(leak_check, "run", "-m", "256M", "--from-template", "nope", "--", "true")
         assert r.returncode != 0 and b"nope" in r.stderr
         assert state_files(leak_check) == []
