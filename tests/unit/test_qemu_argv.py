@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from virtcontainers.config import HypervisorConfig
-from virtcontainers.devices import BlockDrive, NetworkEndpoint, SerialPort, SharedFS, VSockDevice
+from virtcontainers.devices import (
+    BlockDrive,
+    NetworkEndpoint,
+    SerialPort,
+    SharedFS,
+    UserNetwork,
+    VSockDevice,
+)
 from virtcontainers.drivers.qemu import argv as qa
 from virtcontainers.drivers.qemu import machine_capabilities
 from virtcontainers.errors import ConfigError, UnsupportedError
@@ -341,9 +348,24 @@ def test_network_tap_multiqueue() -> None:
         "tap,id=netdev-eth0,ifname=tap0,script=no,downscript=no,vhost=on,queues=4"
     )
     assert (
-        "virtio-net-pci,netdev=netdev-eth0,id=net-eth0,mac=02:00:00:00:00:01,mq=on,vectors=10"
-        in opts(argv, "-device")
+        "virtio-net-pci,netdev=netdev-eth0,id=net-eth0,mac=02:00:00:00:00:01,mq=on,vectors=10,"
+        "romfile=" in opts(argv, "-device")
     )
+
+
+@pytest.mark.parametrize("machine", ["q35", "pc", "microvm"])
+def test_nics_have_no_option_rom(machine: str) -> None:
+    """A PCI NIC gets `romfile=` (SeaBIOS would run its iPXE ROM on every boot); microvm's
+    virtio-mmio NIC has no such property (QEMU refuses it)."""
+    tap = NetworkEndpoint(id="eth0", tap_name="tap0", mac="02:00:00:00:00:01")
+    user = UserNetwork(id="user0", mac="02:00:00:00:00:02", net="10.0.2.0/24")
+    nics = [
+        d for d in opts(qa.build(make_spec([tap, user], hypervisor_machine_type=machine)).argv,
+                        "-device") if d.startswith("virtio-net")
+    ]  # fmt: skip
+    assert len(nics) == 2
+    for nic in nics:
+        assert ("romfile=" in nic.split(",")) == (machine != "microvm"), nic
 
 
 def test_network_tap_given_as_fds() -> None:

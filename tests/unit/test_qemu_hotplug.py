@@ -388,6 +388,7 @@ async def test_network_add_and_remove(
             "mac": args["mac"],
             "mq": True,
             "vectors": 6,
+            "romfile": "",
             "id": "net-n0",
             "bus": "rp0",
         }

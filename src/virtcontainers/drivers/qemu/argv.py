@@ -58,6 +58,9 @@ SCSI_CONTROLLER = "scsi0"
 SERIAL_CONTROLLER = "serial0"
 VIRTIO_MEM_ID = "virtiomem0"
 VIRTIO_MEM_ALIGN_MIB = 2  # virtio-mem's default block size on x86 (a THP)
+NIC_NO_ROM = "romfile="
+"""virtio-net-pci without its option ROM (efi-virtio.rom, iPXE): the guest never boots from
+the network, and SeaBIOS would run the ROM's init on every boot (~30 ms of CPU under TCG)."""
 
 
 @dataclass(frozen=True)
@@ -625,6 +628,7 @@ def cold_plug(a: _Argv, spec: LaunchSpec, machine: str, dev: Device) -> None:
             f"netdev=netdev-{dev.id}",
             f"id=net-{dev.id}",
             f"mac={dev.mac}",
+            *_nic_rom(machine),
         )
     elif isinstance(dev, SharedFS):
         _cold_fs(a, spec, machine, dev)
@@ -673,7 +677,12 @@ def _cold_net(a: _Argv, spec: LaunchSpec, machine: str, ep: NetworkEndpoint) -> 
         dev.append(f"mac={ep.mac}")
     if ep.queues > 1 and machine != "microvm":
         dev += ["mq=on", f"vectors={2 * ep.queues + 2}"]
-    a.add("-device", *dev)
+    a.add("-device", *dev, *_nic_rom(machine))
+
+
+def _nic_rom(machine: str) -> list[str]:
+    """No option ROM on a PCI NIC (microvm's virtio-mmio NIC has no ROM property)."""
+    return [] if machine == "microvm" else [NIC_NO_ROM]
 
 
 def _cold_fs(a: _Argv, spec: LaunchSpec, machine: str, fs: SharedFS) -> None:

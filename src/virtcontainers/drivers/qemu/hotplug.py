@@ -455,7 +455,9 @@ class Hotplug:
         if ep.queues > 1 and not fd_names:
             netdev["queues"] = ep.queues
         mac = ep.mac or random_mac()
+        # No option ROM (as cold-plugged NICs): nothing boots from it, QEMU need not load it.
         dev: dict[str, Any] = {"driver": "virtio-net-pci", "netdev": netdev["id"], "mac": mac}
+        dev["romfile"] = ""
         if ep.queues > 1:
             dev.update({"mq": True, "vectors": 2 * ep.queues + 2})
         async with contextlib.AsyncExitStack() as undo:

@@ -38,6 +38,7 @@
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -2318,6 +2319,7 @@ static void net_req_free(struct net_req *r)
 
 static void handle_network(struct conn *c, uint32_t id, const uint8_t *p, size_t n)
 {
+	int64_t t0 = now_ms();
 	struct net_req *r = calloc(1, sizeof *r);
 	struct nl nl = {.fd = -1};
 	struct buf b = {0};
@@ -2456,6 +2458,7 @@ static void handle_network(struct conn *c, uint32_t id, const uint8_t *p, size_t
 	for (int i = 0; i < r->n_links; i++)
 		put_str(&b, F_DEVICE, r->links[i].name);
 	send_frame(c, T_NETWORK | T_REPLY, id, &b);
+	DEBUG("network id=%u: %d links in %lld ms\n", id, r->n_links, (long long)(now_ms() - t0));
 	goto out;
 sys:
 	snprintf(err, sizeof err, "%s: %s", what, strerror(e));
@@ -3238,7 +3241,9 @@ static void load_present_drivers(void)
 	}
 }
 
-/* The rest (hotplug drivers, filesystems) in a child, so the agent serves meanwhile. */
+/* The rest (hotplug drivers, filesystems) in a child, so the agent serves meanwhile; at the
+ * lowest priority, so that it takes the vCPU only when the agent leaves it idle (it competed
+ * with the host's first requests: the start's network set-up, the first exec). */
 static void load_remaining_drivers(void)
 {
 	int left = 0;
@@ -3248,6 +3253,7 @@ static void load_remaining_drivers(void)
 		return;
 	pid_t pid = fork();
 	if (pid == 0) {
+		setpriority(PRIO_PROCESS, 0, 19);
 		for (int i = 0; i < nmodules; i++)
 			load_module(i);
 		DEBUG("all modules loaded\n");
