@@ -177,10 +177,9 @@ def test_kill_all_ends_init_and_execs(containerd: tuple[Containerd, str]) -> Non
     assert settled(c, cid) == []
 
 
-def test_shim_killed_then_containerd_cleans_up(containerd: tuple[Containerd, str]) -> None:
-    c, image = containerd
-    cid = f"kill-{uuid.uuid4().hex[:6]}"
-    c.run(image, cid, "sleep", "600", detach=True)
+def kill_shim_then_delete(c: Containerd, cid: str) -> None:
+    """SIGKILL the task's shim; once containerd has cleaned up after it, delete the task and
+    the container."""
     bundle = os.path.join(c.state, "io.containerd.runtime.v2.task", "vctest", cid)
     shim_pid = int(Path(bundle, "shim.pid").read_text())
     os.kill(shim_pid, 9)
@@ -192,6 +191,13 @@ def test_shim_killed_then_containerd_cleans_up(containerd: tuple[Containerd, str
         time.sleep(0.2)
     c.ctr("task", "delete", cid, check=False)
     c.ctr("container", "delete", cid)
+
+
+def test_shim_killed_then_containerd_cleans_up(containerd: tuple[Containerd, str]) -> None:
+    c, image = containerd
+    cid = f"kill-{uuid.uuid4().hex[:6]}"
+    c.run(image, cid, "sleep", "600", detach=True)
+    kill_shim_then_delete(c, cid)
     assert settled(c, cid, timeout=30) == []
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from containerd_support import Containerd, import_busybox, running_containerd
 from test_network import IN4, OUT4, mac_of
-from test_shim_containerd import SHIM_CONFIG, settled, wait_status
+from test_shim_containerd import SHIM_CONFIG, kill_shim_then_delete, settled, wait_status
 from test_shim_cri import fetch
 
 from leaks import processes_mentioning
@@ -109,8 +109,8 @@ async def test_a_task_in_a_network_namespace_takes_a_clone_and_its_endpoint(
 ) -> None:
     """A task whose spec joins a network namespace (as a CRI pod's does) still gets a clone
     of the template, with the namespace's veth joined to it: its address answers from the
-    other end with the namespace's MAC in the guest; afterwards the namespace holds only
-    its endpoint again."""
+    other end with the namespace's MAC in the guest. Its shim SIGKILLed, containerd's clean-up
+    leaves the namespace holding only its endpoint again."""
     c, image, run_root = containerd
     async with namespaces(2, "vcsfn") as (out, pod):
         await veth(out, "vth0", [f"{OUT4}/24"], pod, "eth0", [f"{IN4}/24"], b_gateway=OUT4)
@@ -135,8 +135,12 @@ async def test_a_task_in_a_network_namespace_takes_a_clone_and_its_endpoint(
                 "task", "exec", "--exec-id", "m", cid, "cat", "/sys/class/net/eth0/address"
             )
             assert macs.stdout.decode().strip() == mac
-        finally:
+        except BaseException:
             kill_and_remove(c, cid)
-        assert settled(c, cid) == []
+            raise
+        # The shim SIGKILLed: containerd's `delete` stops the VM as the sandbox's record
+        # says, its tap and tc filters with it.
+        kill_shim_then_delete(c, cid)
+        assert settled(c, cid, timeout=30) == []
         assert pod.links() == ["eth0", "lo"]
         assert "ingress" not in pod.run("tc", "qdisc", "show", "dev", "eth0")
