@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from test_network import (
     IN4,
+    MTU,
     OUT4,
     get,
     get_fails,
@@ -75,11 +76,15 @@ async def check_joined(sb: Sandbox, out: Namespace, sbns: Namespace, mac: str) -
     queues = (await sb.exec(f"ls /sys/class/net/{dev}/queues")).stdout.split()
     assert sorted(queues) == [b"rx-0", b"rx-1", b"tx-0", b"tx-1"]
     addrs = (await sb.exec(f"ip addr show dev {dev}")).stdout.decode()
-    assert f"{IN4}/24" in addrs and "UP" in addrs, addrs
+    assert f"{IN4}/24" in addrs and "UP" in addrs and f"mtu {MTU}" in addrs, addrs
     assert f"default via {OUT4}" in (await sb.exec("ip route")).stdout.decode()
     assert (await sb.exec("hostname")).stdout.strip() == b"fvm-net"
     resolv = (await sb.read_file("/etc/resolv.conf")).decode()
     assert resolv == "nameserver 192.168.77.53\n"
+    assert f"{IN4}\tfvm-net" in (await sb.read_file("/etc/hosts")).decode()
+    # The MTU carried over: a full-size packet with DF set crosses, one byte more does not.
+    out.run("ping", "-c", "2", "-W", "5", "-M", "do", "-s", str(MTU - 28), IN4)
+    assert not out.ok("ping", "-c", "1", "-W", "2", "-M", "do", "-s", str(MTU - 27), IN4)
     await guest_serve(sb, 80, "from-factory-vm")
     assert get(out, f"http://{IN4}/") == "from-factory-vm"
     assert await guest_get(sb, f"http://{OUT4}:8081/") == "from-outside"
@@ -90,7 +95,9 @@ async def test_a_factory_vm_takes_the_namespace_endpoint(
     source: str, template: Made, run_root: str, tmp_path: Path
 ) -> None:
     async with namespaces(2) as (out, sbns):
-        await veth(out, "vth0", [f"{OUT4}/24"], sbns, "eth0", [f"{IN4}/24"], b_gateway=OUT4)
+        await veth(
+            out, "vth0", [f"{OUT4}/24"], sbns, "eth0", [f"{IN4}/24"], mtu=MTU, b_gateway=OUT4
+        )
         mac = await asyncio.to_thread(mac_of, sbns, "eth0")
         server = serve(out, tmp_path, 8081, "from-outside")
         net = NetworkConfig(
