@@ -13,6 +13,10 @@ clones each VM from a template made for virtio-fs (`enable_template`), `virtc_ca
 it from the VM cache server (`vm_cache_number`; a pool of 2 clones of that template, full
 before each run), the bundle's root hot-added in both.
 
+The factory runs are broken down into the steps of `ctr run --rm` (`PHASES`), from the
+times of containerd's log lines and the shim's (at debug level, copied into containerd's
+log), each the time since the step before: where the time goes, run by run.
+
 Targets (issue 13): with a VM factory or template <= 1.0x runsc; cold: the ratios are
 reported; shim PSS <= 40 MiB.
 
@@ -23,7 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,6 +86,26 @@ TEMPLATE = "shim"
 POOL = 2
 POOL_TIMEOUT = 300.0
 FACTORY_TARGET = 1.0
+#: The steps of `ctr run --rm` with a factory VM: (metric, what ends the step in containerd's
+#: log: containerd's message or the shim's), in order; each step is timed from the one before
+#: (the first from ctr's start).
+PHASES = (
+    ("1 ctr+containerd: container made", "topic=/containers/create"),
+    ("2 shim start: fork, server imports", "shim {cid}: server process up"),
+    ("3 Connect, Create sent", "create {cid}: received"),
+    ("4 Create: rootfs mounted", "create {cid}: rootfs mounted"),
+    ("5 Create: factory VM, share", "create {cid}: VM ready"),
+    ("6 Create: container in the guest", "create {cid}: container made in the guest"),
+    ("7 Create answered, Start", "topic=/tasks/start"),
+    ("8 Start: process running", "start {cid}/: running"),
+    ("9 process ran, exit seen", "process {cid}/: exited"),
+    ("10 exit event, Wait, Delete", "delete {cid}/: received"),
+    ("11 Delete: VM killed", "delete {cid}: VM killed"),
+    ("12 Delete: unmount, answer", "topic=/tasks/delete"),
+    ("13 Shutdown, shim exit", "shim {cid}: exiting"),
+    ("14 shim delete binary, bundle", "topic=/containers/delete"),
+)
+PHASE_END = "15 container removed, ctr exit"
 
 
 async def bench(opts: Options) -> Result:
@@ -107,16 +133,22 @@ async def bench(opts: Options) -> Result:
             image = import_busybox(c)
             runc_root = os.path.join(c.dir, "runc")
 
-            def ctr_run(*runtime: str) -> float:
+            def ctr_run(*runtime: str, phases: bool = False) -> Sample:
                 cid = f"b{uuid.uuid4().hex[:8]}"
                 args = ["run", "--rm", "--fifo-dir", c.fifo_dir, *runtime, image, cid, "true"]
+                offset = os.path.getsize(c.log_path)
+                start = time.time()
                 t0 = time.perf_counter()
                 c.ctr(*args, timeout=300)
-                return time.perf_counter() - t0
+                wall = time.perf_counter() - t0
+                sample = {"wall": wall}
+                if phases:
+                    sample.update(_phases(c.log_path, offset, cid, start, start + wall))
+                return sample
 
-            def candidate(*runtime: str):  # type: ignore[no-untyped-def]
+            def candidate(*runtime: str, phases: bool = False):  # type: ignore[no-untyped-def]
                 async def run(_i: int) -> Sample:
-                    return {"wall": await asyncio.to_thread(ctr_run, *runtime)}
+                    return await asyncio.to_thread(ctr_run, *runtime, phases=phases)
 
                 return run
 
@@ -126,6 +158,7 @@ async def bench(opts: Options) -> Result:
                     "io.containerd.virtc.v2",
                     "--runtime-config-path",
                     os.path.join(run_root, f"{name}.toml"),
+                    phases=True,
                 )
 
                 async def measured(i: int) -> Sample:
@@ -198,6 +231,43 @@ async def _factory(config: str, templates: str, run_root: str) -> TemplateStore:
     )
     await pool_full(run_root, POOL, POOL_TIMEOUT)
     return store
+
+
+_LOG_TIME = re.compile(r'^time="([^".]+)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)"')
+
+
+def _phases(log_path: str, offset: int, cid: str, start: float, end: float) -> Sample:
+    """The steps of one `ctr run --rm` (`PHASES`) from containerd's log past `offset`; the
+    shim's last lines may reach it a moment after ctr returned. {} when a step is missing."""
+    deadline = time.monotonic() + 5
+    while True:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode(errors="replace").splitlines()
+        times = [_first(lines, needle.format(cid=cid)) for _, needle in PHASES]
+        if all(t is not None for t in times) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if any(t is None for t in times):
+        return {}
+    out: Sample = {}
+    before = start
+    for (name, _), t in zip(PHASES, times, strict=True):
+        assert t is not None
+        out[name] = t - before
+        before = t
+    out[PHASE_END] = end - before
+    return out
+
+
+def _first(lines: list[str], needle: str) -> float | None:
+    """The time (epoch seconds) of the first log line containing `needle`."""
+    for line in lines:
+        m = _LOG_TIME.match(line)
+        if m and needle in line:
+            when = datetime.datetime.fromisoformat(m.group(1) + m.group(3).replace("Z", "+00:00"))
+            return when.timestamp() + float(f"0.{m.group(2) or 0}")
+    return None
 
 
 def _command(argv: list[str]):  # type: ignore[no-untyped-def]
