@@ -101,6 +101,13 @@ async def test_start_serves_then_shutdown_removes_the_socket(short_tmp: Path) ->
     else:
         raise AssertionError("the shim did not exit after Shutdown")
     assert not os.path.exists(path)
+    # It left the response `delete` prints (nothing left to clean): containerd runs `delete`
+    # after every shim's end.
+    left = (bundle / "shim.clean-exit").read_bytes()
+    assert pb.DeleteResponse.FromString(left).exited_at.seconds > 0
+    argv = [*SHIM, *flags(address, "b1"), "delete"]
+    deleted = subprocess.run(argv, cwd=bundle, capture_output=True, timeout=60, check=False)
+    assert (deleted.returncode, deleted.stdout) == (0, left), deleted.stderr
 
 
 def test_delete_prints_a_delete_response(tmp_path: Path) -> None:

@@ -3,8 +3,9 @@ dead when containerd restarts): stop its VM, unmount the bundle's rootfs, remove
 and print the DeleteResponse containerd reads from stdout.
 
 containerd also runs it each time a shim's connection closes, a normal `ctr run --rm`
-included (and waits for it): after a shim's Shutdown it waits for the shim to exit, and finds
-nothing left to do without importing the sandbox's code."""
+included (and waits for it): after a shim's Shutdown it waits for the shim to exit and, when
+the shim recorded that it cleaned up after itself (`CLEAN_EXIT`), prints the response the shim
+left, importing nothing of the sandbox's code or protobuf's."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import select
 import signal
 import sys
 
-from .main import SANDBOX_FILE, SHIM_START_TIME, Flags, group_id, socket_path
+from .main import CLEAN_EXIT, SANDBOX_FILE, SHIM_START_TIME, Flags, group_id, socket_path
 
 SHIM_EXIT_WAIT = 2.0
 """Seconds a running shim server gets to exit before `delete` kills it (one that answered a
@@ -22,8 +23,6 @@ Shutdown exits at once)."""
 
 
 def delete(flags: Flags) -> int:
-    from .proto.containerd.runtime.v2.task import shim_pb2
-
     bundle = flags.bundle or os.getcwd()
     try:
         group = group_id(flags.id, bundle)
@@ -32,23 +31,42 @@ def delete(flags: Flags) -> int:
     if group == flags.id:
         # The container's own VM (a pod's VM belongs to its sandbox container's shim).
         _end_shim(bundle)
+        response = _clean_exit(bundle)
         sandbox = _recorded_sandbox(bundle) or group
-        if _sandbox_exists(sandbox):
+        if response is None and _sandbox_exists(sandbox):
             import asyncio
 
             asyncio.run(_stop_sandbox(sandbox))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path(flags.address, flags.namespace, group))
+    else:
+        response = None
     rootfs = os.path.join(bundle, "rootfs")
     if os.path.ismount(rootfs):
         import subprocess
 
         subprocess.run(["umount", "-l", rootfs], check=False)
-    response = shim_pb2.DeleteResponse(pid=0, exit_status=128 + signal.SIGKILL)
-    response.exited_at.GetCurrentTime()
-    sys.stdout.buffer.write(response.SerializeToString())
+    sys.stdout.buffer.write(response or delete_response())
     sys.stdout.flush()
     return 0
+
+
+def delete_response() -> bytes:
+    """The DeleteResponse of a shim's end: killed, now."""
+    from .proto.containerd.runtime.v2.task import shim_pb2
+
+    response = shim_pb2.DeleteResponse(pid=0, exit_status=128 + signal.SIGKILL)
+    response.exited_at.GetCurrentTime()
+    return response.SerializeToString()
+
+
+def _clean_exit(bundle: str) -> bytes | None:
+    """The response the shim server left as it exited having cleaned up (`CLEAN_EXIT`)."""
+    try:
+        with open(os.path.join(bundle, CLEAN_EXIT), "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 def _recorded_sandbox(bundle: str) -> str:
@@ -64,7 +82,7 @@ def _end_shim(bundle: str, wait: float = SHIM_EXIT_WAIT) -> None:
     """Until the shim server of this bundle has exited: given `wait` seconds to exit by itself
     (it is ending after a Shutdown), then SIGKILLed. Only the process `start` recorded (pid and
     start time), never another one that got its pid since."""
-    from ..host import pidfd_of
+    from ..pids import pidfd_of
 
     try:
         with open(os.path.join(bundle, "shim.pid")) as f:

@@ -12,9 +12,10 @@ import signal
 import socket
 import time
 
+from .cleanup import delete_response
 from .config import ShimConfig
 from .events import Publisher
-from .main import Flags
+from .main import CLEAN_EXIT, Flags, write_file
 from .service import TaskService
 from .ttrpc import Server
 from .vm import PodVM, SandboxVM
@@ -101,9 +102,15 @@ async def _serve(flags: Flags, listen_fd: int) -> None:
         # The Shutdown call's answer is written already: its handler sets `stop` and the
         # reply goes out in the same step of the loop, before this task runs again.
         await server.close()
-        with contextlib.suppress(Exception):
+        clean = False
+        try:
             await tasks.close()
+            clean = True
+        except Exception:
+            log.exception("shim %s: stopping its containers and VM", flags.id)
         log.debug("shim %s: VM stopped", flags.id)
         await publisher.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+        if clean:  # in the bundle `start` ran in: `delete` finds nothing to do
+            write_file(CLEAN_EXIT, delete_response())

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 SHIM_START_TIME = "shim.start_time"
 """Bundle file: the shim server's start time (clock ticks since boot), beside shim.pid."""
+CLEAN_EXIT = "shim.clean-exit"
+"""Bundle file: the DeleteResponse `delete` prints, written by the shim server as it exits
+having stopped its VM and unmounted every root it mounted (`delete` has nothing to do)."""
 SANDBOX_FILE = "virtc-sandbox"
 """In the bundle: the id of the sandbox running it when that is not the shim's (a VM from the
 VM cache keeps its own), for `delete` after the shim is gone."""
@@ -135,7 +138,7 @@ def start(flags: Flags) -> int:
     if group != flags.id or _connectable(path):
         if not _connectable(path):
             raise UsageError(f"pod sandbox {group}: no shim is serving {path}")
-        _write(os.path.join(bundle, "address"), address)
+        write_file(os.path.join(bundle, "address"), address)
         print(address, end="")
         return 0
     import socket
@@ -157,12 +160,12 @@ def start(flags: Flags) -> int:
         raise
     finally:
         listener.close()
-    from ..host import process_start_time
+    from ..pids import process_start_time
 
-    _write(os.path.join(bundle, "shim.pid"), str(pid))
+    write_file(os.path.join(bundle, "shim.pid"), str(pid))
     # With the pid, `delete` knows the server again (never another process given its pid).
-    _write(os.path.join(bundle, SHIM_START_TIME), str(process_start_time(pid)))
-    _write(os.path.join(bundle, "address"), address)
+    write_file(os.path.join(bundle, SHIM_START_TIME), str(process_start_time(pid)))
+    write_file(os.path.join(bundle, "address"), address)
     print(address, end="")
     return 0
 
@@ -210,10 +213,11 @@ def spawn(argv: list[str], fds: list[int], env: dict[str, str] | None = None) ->
             os.close(fd)
 
 
-def _write(path: str, text: str) -> None:
+def write_file(path: str, data: str | bytes) -> None:
+    """Write a bundle file whole (a temp file renamed over it: readers never see half)."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
 
 

@@ -470,8 +470,8 @@ class TaskService:
             if self.vm is not None and req.id == self.shim_id and not self.containers:
                 # The VM was made for this container (or pod) alone and nothing is left in
                 # it: killed at once (its host side all cleaned up), not shut down in turn.
-                vm, self.vm = self.vm, None
-                await vm.stop(force=True)
+                await self.vm.stop(force=True)  # Shutdown's close() retries a failed one
+                self.vm = None
                 log.debug("delete %s: VM killed", req.id)
             elif self.vm is not None:
                 await self.vm.remove_container(req.id)
