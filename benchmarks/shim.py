@@ -45,7 +45,9 @@ from _lib import (
     add_metrics,
     add_ratio,
     alternate,
+    fmt_s,
     main,
+    median,
     new_result,
     pool_full,
     run_command,
@@ -211,6 +213,10 @@ async def bench(opts: Options) -> Result:
         result, "containerd-shim-virtc-v2 -v / python -c pass", ("shim_version", "wall"),
         ("python_pass", "wall"),
     )  # fmt: skip
+    for cand, how in (("virtc_cache", "the VM cache"), ("virtc_template", "a template")):
+        note = _breakdown(result, cand, how)
+        if note:
+            result["notes"].append(note)
     result["memory_mib"] = memory
     met = "met" if memory["shim_pss"] <= SHIM_PSS_LIMIT_MIB else "NOT met"
     result["notes"].append(
@@ -231,6 +237,29 @@ async def _factory(config: str, templates: str, run_root: str) -> TemplateStore:
     )
     await pool_full(run_root, POOL, POOL_TIMEOUT)
     return store
+
+
+def _breakdown(result: Result, cand: str, how: str) -> str:
+    """The steps' medians grouped: whose time it is (they add up to about the wall median)."""
+    steps = [median(result, cand, name) for name, _ in PHASES] + [median(result, cand, PHASE_END)]
+    if any(s is None for s in steps):
+        return ""
+    t = dict(enumerate((float(s or 0) for s in steps), start=1))
+
+    def total(*ns: int) -> str:
+        return fmt_s(sum(t[n] for n in ns))
+
+    return (
+        f"`ctr run --rm` with a VM from {how}, step medians grouped (step numbers in the "
+        f"table): ctr and containerd {total(1, 3, 7, 10, 15)} (1, 3, 7, 10, 15); the shim's "
+        f"start {total(2)} (2: `start`'s interpreter and fork, the server's imports); Create "
+        f"{total(4, 5, 6)} (rootfs mount {total(4)}, factory VM and its share {total(5)}, the "
+        f"container made in the guest {total(6)}); in the guest until the process runs "
+        f"{total(8)} and until its exit is seen {total(9)} (vc-run's set-up, `true`, the "
+        f"namespaces' end); teardown {total(11, 12, 13, 14)} (VM killed {total(11)}, unmount "
+        f"{total(12)}, Shutdown and the shim's exit {total(13)}, the `delete` binary containerd "
+        f"runs and the bundle's removal {total(14)})"
+    )
 
 
 _LOG_TIME = re.compile(r'^time="([^".]+)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)"')
