@@ -191,6 +191,7 @@ class Shim:
     events: list[tuple[str, str]]
     dir: Path
     shutdown: asyncio.Event
+    created: list[str] = field(default_factory=list)
 
     async def call(self, method: str, request: object, response: type = empty_pb2.Empty) -> object:
         return await self.client.call(SERVICE, method, request, response, timeout=10)  # type: ignore[arg-type]
@@ -237,11 +238,14 @@ async def shim(tmp_path: Path) -> AsyncIterator[Shim]:
         vm.config_path = config_path
         return vm
 
-    service = TaskService(new_vm, publisher, "ns1", "shim1", shutdown=stop.set)
+    created: list[str] = []
+    service = TaskService(
+        new_vm, publisher, "ns1", "shim1", shutdown=stop.set, created=lambda: created.append("c")
+    )
     server = Server([service.service()])
     await server.listen(str(tmp_path / "shim.sock"))
     client = await Client.connect(str(tmp_path / "shim.sock"))
-    yield Shim(client, vm, service, events, tmp_path, stop)
+    yield Shim(client, vm, service, events, tmp_path, stop, created)
     await client.close()
     await server.close()
     await service.close()
@@ -470,6 +474,18 @@ async def test_bad_input_gets_clear_errors_and_no_vm(shim: Shim) -> None:
     assert shim.vm.calls == []
     connected = await shim.call("Connect", pb.ConnectRequest(id="b1"), pb.ConnectResponse)
     assert connected.shim_pid == os.getpid()  # type: ignore[attr-defined]
+
+
+async def test_created_is_called_once_after_the_first_create_that_succeeds(shim: Shim) -> None:
+    """The server turns its cycle collector back on there (its imports are done)."""
+    bundle = shim.bundle("bad", {"args": []})
+    with pytest.raises(TtrpcError):
+        await shim.call("Create", pb.CreateTaskRequest(id="bad", bundle=bundle))
+    assert shim.created == []
+    await shim.create("one", ["sleep", "30"])
+    assert shim.created == ["c"]
+    await shim.create("two", ["sleep", "30"])
+    assert shim.created == ["c"]
 
 
 async def test_create_twice_is_already_exists(shim: Shim) -> None:

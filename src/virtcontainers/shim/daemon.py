@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
 import signal
@@ -70,6 +71,13 @@ def serve(flags: Flags, listen_fd: int) -> int:
     os._exit(code)
 
 
+def _collect_cycles() -> None:
+    """Turn the cycle collector back on (`main` turned it off while modules load), the
+    objects made so far (the modules' own) kept out of its passes."""
+    gc.freeze()
+    gc.enable()
+
+
 async def _serve(flags: Flags, listen_fd: int) -> None:
     listener = socket.socket(fileno=listen_fd)
     path = listener.getsockname()
@@ -91,7 +99,9 @@ async def _serve(flags: Flags, listen_fd: int) -> None:
             sandbox_id, bundle, cfg.hypervisor, factory=cfg.factory, config=cfg.hypervisor_config
         )
 
-    tasks = TaskService(new_vm, publisher, flags.namespace, flags.id, shutdown=stop.set)
+    tasks = TaskService(
+        new_vm, publisher, flags.namespace, flags.id, shutdown=stop.set, created=_collect_cycles
+    )
     server = Server([tasks.service()])
     await server.serve_socket(listener)
     log.info("shim %s serving on %s (pid %d)", flags.id, path, os.getpid())

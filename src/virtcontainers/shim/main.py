@@ -12,6 +12,7 @@ Only the standard library is imported here: `start` and `delete` run for every c
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -222,6 +223,10 @@ def write_file(path: str, data: str | bytes) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # No cycle collection while modules load (dozens of passes over what is imported):
+    # `start` and `delete` are short-lived, the server turns it back on once its first
+    # Create has imported what it needs (daemon.py).
+    gc.disable()
     args = sys.argv[1:] if argv is None else argv
     try:
         flags = parse(args)

@@ -92,7 +92,8 @@ class Container:
 class TaskService:
     """The task API over a PodVM, made by `vm_factory(shim id, bundle, config path)` at the
     first Create (the config path from CRI's runtime options, "" for the shim's default).
-    `shutdown` is called by a Shutdown once no container is left."""
+    `shutdown` is called by a Shutdown once no container is left, `created` after the first
+    Create that succeeds."""
 
     def __init__(
         self,
@@ -102,6 +103,7 @@ class TaskService:
         shim_id: str,
         *,
         shutdown: Callable[[], None] = lambda: None,
+        created: Callable[[], None] = lambda: None,
     ) -> None:
         self.vm_factory = vm_factory
         self.vm: PodVM | None = None
@@ -111,6 +113,7 @@ class TaskService:
         self.containers: dict[str, Container] = {}
         self.paused = False
         self._shutdown = shutdown
+        self._created: Callable[[], None] | None = created
         self._lock = asyncio.Lock()
 
     # -- the ttrpc service -----------------------------------------------------------------
@@ -226,6 +229,9 @@ class TaskService:
                 raise
             container.init.pid = self._pid()
             self.containers[req.id] = container
+        if self._created is not None:
+            created, self._created = self._created, None
+            created()
         self.events.publish(
             ev.TaskCreate(
                 container_id=req.id,
