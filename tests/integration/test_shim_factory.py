@@ -144,3 +144,33 @@ async def test_a_task_in_a_network_namespace_takes_a_clone_and_its_endpoint(
         assert settled(c, cid, timeout=30) == []
         assert pod.links() == ["eth0", "lo"]
         assert "ingress" not in pod.run("tc", "qdisc", "show", "dev", "eth0")
+
+
+async def test_a_namespace_with_more_endpoints_than_the_clone_takes_boots_instead(
+    containerd: tuple[Containerd, str, str], host_untouched: None
+) -> None:
+    """Three endpoints, two free root ports on a clone of the template: the third NIC finds
+    none, the clone is undone and the task's VM is booted with all three cold-plugged (a log
+    line says why); its address answers."""
+    c, image, run_root = containerd
+    async with namespaces(2, "vcsfm") as (out, pod):
+        await veth(out, "vth0", [f"{OUT4}/24"], pod, "eth0", [f"{IN4}/24"], b_gateway=OUT4)
+        for n in (1, 2):
+            await veth(out, f"vth{n}", [], pod, f"eth{n}", [f"192.168.{80 + n}.2/24"])
+        cid = f"tpm-{uuid.uuid4().hex[:6]}"
+        serve = f"mkdir -p /w && echo hi-{cid} > /w/index.html && exec busybox httpd -f -p 80 -h /w"
+        with_ns = ["--with-ns", f"network:{pod.path}"]
+        logged = os.path.getsize(c.log_path)
+        await asyncio.to_thread(c.run, image, cid, "sh", "-c", serve, detach=True, options=with_ns)
+        try:
+            [cmd] = qemu_cmdlines(run_root)
+            assert "-incoming" not in cmd
+            with open(c.log_path, "rb") as f:
+                f.seek(logged)
+                log = f.read().decode(errors="replace")
+            assert "no free pcie-root-port" in log and "booting the VM instead" in log, log
+            assert await asyncio.to_thread(fetch, out, f"http://{IN4}/") == f"hi-{cid}\n"
+        finally:
+            kill_and_remove(c, cid)
+        assert settled(c, cid) == []
+        assert pod.links() == ["eth0", "eth1", "eth2", "lo"]

@@ -278,6 +278,7 @@ class SandboxVM:
 
     async def _from_factory(self, factory: FactoryConfig) -> bool:
         """Take the VM from the factory; False (logged) when it cannot give one."""
+        from ..errors import HypervisorError
         from ..factory import sandbox_from_factory
         from ..factory.errors import FactoryError, TemplateError
         from ..sandbox import build_config
@@ -298,7 +299,9 @@ class SandboxVM:
                 bundle=sb.bundle,
                 network=sb.network_request,
             )
-        except (TemplateError, FactoryError) as e:
+        except (TemplateError, FactoryError, HypervisorError) as e:
+            # HypervisorError: the VM cannot take what is hot-added (e.g. more NICs than it
+            # has free root ports); a booted VM gets them cold-plugged.
             log.warning("VM factory: %s; booting the VM instead", e)
             return False
         if self.sandbox.id != sb.id:  # a pooled VM has its own id: `delete` must find it
