@@ -459,7 +459,23 @@ class Sandbox:
                 del self.containers[cid]
                 await self._unplug_shares(shares)
                 raise
+        if spec.hooks:
+            await self._create_hooks(container)
         return container
+
+    async def _create_hooks(self, container: Container) -> None:
+        """The new container's prestart, then createRuntime hooks (OCI order); when one
+        fails the container is deleted (its poststop hooks run) and the error raised."""
+        from .containers.hooks import run_hooks
+
+        pid = container._vmm_pid()
+        try:
+            for kind in ("prestart", "createRuntime"):
+                await run_hooks(container.spec.hooks, kind, container.id, "creating", pid)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await container.delete()
+            raise
 
     async def _container_parts(
         self,
@@ -678,6 +694,9 @@ class Sandbox:
                 ImageStore(self.workload["image_store"]).release(self.id)
             with self._locked_store():
                 self._store.delete(self.id)
+            for c in self.containers.values():
+                if c.record.status != "deleted":
+                    await c.poststop()
 
     async def pause(self) -> None:
         """Freeze the guest."""

@@ -15,7 +15,7 @@ import pytest
 from leaks import processes_mentioning
 from virtcontainers import Sandbox
 from virtcontainers.containers import Container
-from virtcontainers.errors import ConfigError, UnsupportedError
+from virtcontainers.errors import ConfigError, HostError, UnsupportedError
 from virtcontainers.images import ImageStore
 from virtcontainers.images.build import busybox_image
 
@@ -293,6 +293,71 @@ async def test_device_rules_enforced_by_the_cgroup_device_program(
     assert again.stdout.decode().split() == ["kmsg=1", "null=0"], again
     assert again.stderr.decode().strip() == denied
     assert allowed.stdout.decode().split() == ["made", "kmsg=0", "null=0"], allowed
+
+
+async def test_oci_hooks_run_on_the_host(run_root: str, rootfs: str, tmp_path: Path) -> None:
+    """config.json's hooks run on the host in the lifecycle's order, the OCI state on their
+    stdin (pid: the VMM's); a failing poststart hook is a warning only; a failing prestart
+    hook fails the create, skips the hooks after it, deletes the container and runs its
+    poststop hooks; a container still there when the sandbox stops gets its poststop."""
+    log = tmp_path / "hooks.log"
+
+    def hook(name: str, then: str = "") -> dict[str, Any]:
+        record = f'{{ printf "%s " "$0"; cat; echo; }} >> {log}; {then}'
+        return {"path": "/bin/sh", "args": [name, "-c", record]}
+
+    def with_hooks(bundle: str, hooks: dict[str, Any]) -> str:
+        path = Path(bundle) / "config.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"hooks": hooks}))
+        return bundle
+
+    good = with_hooks(
+        make_bundle(tmp_path / "ok", rootfs, ["sh", "-c", "echo ran"], {}),
+        {
+            "prestart": [hook("prestart")],
+            "createRuntime": [hook("createRuntime")],
+            "poststart": [hook("poststart-fails", "exit 1"), hook("poststart")],
+            "poststop": [hook("poststop")],
+        },
+    )
+    bad = with_hooks(
+        make_bundle(tmp_path / "bad", rootfs, ["true"], {}),
+        {
+            "prestart": [hook("bad-prestart", "echo no >&2; exit 3"), hook("never")],
+            "createRuntime": [hook("never")],
+            "poststop": [hook("bad-poststop")],
+        },
+    )
+    async with Sandbox(bundle=good, run_root=run_root) as sb:
+        vmm = sb.hypervisor.get_pids()[0]
+        c = await sb.create_container()
+        result = await c.run()
+        message = r"hooks\.prestart\[0\] /bin/sh failed \(exit status 3\): no"
+        with pytest.raises(HostError, match=message):
+            await sb.create_container(id="bad", bundle=bad)
+        assert list(sb.containers) == [c.id]
+    assert result.stdout == b"ran\n"
+    seen = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    states = [json.loads(doc) for _, doc in seen]
+    assert [name for name, _ in seen] == [
+        "prestart",
+        "createRuntime",
+        "poststart-fails",
+        "poststart",
+        "bad-prestart",
+        "bad-poststop",
+        "poststop",
+    ]
+    assert [(s["id"], s["status"], s.get("pid")) for s in states] == [
+        (c.id, "creating", vmm),
+        (c.id, "creating", vmm),
+        (c.id, "running", vmm),
+        (c.id, "running", vmm),
+        ("bad", "creating", vmm),
+        ("bad", "stopped", None),
+        (c.id, "stopped", None),
+    ]
+    assert {s["bundle"] for s in states} == {good, bad}
 
 
 async def test_bad_profiles_refused_before_boot(run_root: str, rootfs: str, tmp_path: Path) -> None:

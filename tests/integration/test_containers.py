@@ -148,9 +148,9 @@ async def test_bundle(run_root: str, store: ImageStore, tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert not (bundle / "rootfs" / "x").exists()
 
-    config["hooks"] = {"prestart": [{"path": "/bin/true"}]}
+    config["hooks"] = {"startContainer": [{"path": "/bin/true"}]}
     (bundle / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedError, match="hooks are not supported"):
+    with pytest.raises(UnsupportedError, match=r"hooks\.startContainer run in the container's"):
         await Sandbox(bundle=str(bundle), run_root=run_root).start()
 
 

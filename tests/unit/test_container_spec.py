@@ -3,7 +3,9 @@ refused naming the feature the guest cannot do)."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +127,13 @@ def test_from_oci_translates(tmp_path: Path) -> None:
         ),
         ({"linux": {"namespaces": [{"type": "pid"}]}}, "without a mount namespace"),
         ({"linux": {"namespaces": [{"type": "mount", "path": "/proc/1/ns/mnt"}]}}, "joining"),
-        ({"hooks": {"prestart": [{"path": "/bin/true"}]}}, "hooks are not supported"),
+        ({"hooks": {"createContainer": [{"path": "/bin/true"}]}}, "hooks.createContainer run in"),
+        ({"hooks": {"startContainer": [{"path": "/x"}]}}, "hooks.startContainer run in the"),
+        ({"hooks": {"prestop": [{"path": "/bin/true"}]}}, "unknown hook kind hooks.prestop"),
+        ({"hooks": {"poststop": [{"path": "true"}]}}, r"poststop\[0\]: path 'true' must be an"),
+        ({"hooks": {"poststart": [{"path": "/x", "timeout": 0}]}}, "timeout 0 must be a number"),
+        ({"hooks": {"prestart": [{"path": "/x", "env": ["NOEQ"]}]}}, "must be KEY=VALUE"),
+        ({"hooks": {"prestart": [{"path": "/x", "args": "a b"}]}}, "args must be a list"),
         ({"mounts": [{"destination": "/x", "type": "nfs", "source": "h:/"}]}, "type 'nfs'"),
         ({"linux": {"resources": {"hugepageLimits": [{}]}}}, "hugepageLimits"),
     ],
@@ -416,3 +424,61 @@ def test_idshift_keeps_set_id_bits_and_capabilities(tmp_path: Path) -> None:
     assert os.getxattr(tool, CAPS_XATTR) == caps
     assert os.lstat(root / "link").st_uid == 1000 and outside.stat().st_uid == 0
     assert (root.stat().st_uid, (root / "bin").stat().st_gid) == (1000, 1000)
+
+
+async def test_hooks_run_with_state_env_and_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hooks get the OCI state on stdin and their own env only; a failure names the hook and
+    stops the ones after it (run_hooks) or not (run_hooks_warning); a hook outliving its
+    timeout is killed with its children."""
+    from virtcontainers.containers.hooks import run_hooks, run_hooks_warning
+    from virtcontainers.errors import HostError
+
+    log = tmp_path / "log"
+    record = f'{{ echo "$0 $HOOK_VAR ${{HOME:-nohome}}"; cat; echo; }} >> {log}'
+    doc, bundle = _bundle(tmp_path)
+    doc["annotations"] = {"a": "b"}
+    doc["hooks"] = {
+        "prestart": [
+            {"path": "/bin/sh", "args": ["first", "-c", record], "env": ["HOOK_VAR=1"]},
+            {"path": "/bin/sh", "args": ["sh", "-c", "echo broken; exit 3"]},
+            {"path": "/bin/sh", "args": ["never", "-c", record]},
+        ],
+        "poststart": [
+            {"path": "/no/such/hook"},
+            {
+                "path": "/bin/sh",
+                "args": ["sleeper", "-c", f"sleep 30 & echo $! > {log}.child; wait"],
+                "timeout": 1,
+            },
+            {"path": "/bin/sh", "args": ["last", "-c", record], "env": ["HOOK_VAR=2"]},
+        ],
+    }
+    hooks = from_oci(doc, bundle)[0].hooks
+    with pytest.raises(
+        HostError, match=r"c1: hooks.prestart\[1\] /bin/sh failed \(exit status 3\): broken"
+    ):
+        await run_hooks(hooks, "prestart", "c1", "creating", 42)
+    await run_hooks_warning(hooks, "poststart", "c1", "running", 42)
+    lines = log.read_text().splitlines()
+    assert lines[0] == "first 1 nohome" and lines[2] == "last 2 nohome"
+    state = {
+        "ociVersion": "1.0.2",
+        "id": "c1",
+        "pid": 42,
+        "bundle": bundle,
+        "annotations": {"a": "b"},
+    }
+    assert json.loads(lines[1]) == state | {"status": "creating"}
+    assert json.loads(lines[3]) == state | {"status": "running"}
+    child = int((tmp_path / "log.child").read_text())
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):
+            os.kill(child, 0)
+            time.sleep(0.02)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [
+        "container c1: hooks.poststart[0] /no/such/hook cannot be run: No such file or directory",
+        "container c1: hooks.poststart[1] /bin/sh timed out after 1 s (killed)",
+    ]

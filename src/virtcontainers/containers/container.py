@@ -215,21 +215,39 @@ class Container:
         )
         self.record.process = self.process.handle
         self.record.status = "running"
-        if detach:
+        if detach or self.spec.hooks.get("poststart"):
             await self.until_running()
+        await self._poststart()
         return self.process
+
+    def _vmm_pid(self) -> int:
+        """The pid OCI hooks get in the container's state: the VMM's, as Kata gives."""
+        hv = self.sandbox._driver()
+        pids = hv.get_pids() if hv is not None else []
+        return pids[0] if pids else 0
+
+    async def _poststart(self) -> None:
+        from .hooks import run_hooks_warning
+
+        hooks = self.spec.hooks
+        if hooks.get("poststart"):
+            await run_hooks_warning(hooks, "poststart", self.id, "running", self._vmm_pid())
 
     async def until_running(self) -> None:
         """Until the first process has written its pid (exec, kill and ps can find it), or
         has ended: a detached start returns only then. One guest request that looks there,
         not a round trip per look."""
-        assert self.process is not None
         script = (
             f"n=0; until [ -s {self.guest_dir}/pid ]; do n=$((n+1)); "
             f"[ $n -lt {RUNNING_TRIES} ] || exit 1; sleep 0.01; done"
         )
         probe = asyncio.ensure_future(self.sandbox.exec(["/bin/sh", "-c", script]))
-        ended = asyncio.ensure_future(self.process.wait())
+        ended: asyncio.Future[Any]
+        if self.process is not None:
+            ended = asyncio.ensure_future(self.process.wait())
+        else:  # `run`'s buffered request
+            assert self._task is not None
+            ended = asyncio.ensure_future(asyncio.shield(self._task))
         try:
             await asyncio.wait({probe, ended}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -256,6 +274,9 @@ class Container:
             self.sandbox.exec(self._start_argv(), stdin=stdin, timeout=timeout)
         )
         self.record.status = "running"
+        if self.spec.hooks.get("poststart"):
+            await self.until_running()
+            await self._poststart()
         return await self.wait()
 
     async def wait(self) -> ExecResult:
@@ -385,6 +406,13 @@ class Container:
             await self.sandbox.exec(["/bin/sh", "-c", "; ".join(script) + "; true"])
         self.record.status = "deleted"
         await self.sandbox.remove_container(self)
+        await self.poststop()
+
+    async def poststop(self) -> None:
+        """Run the container's poststop hooks (failures are warnings), once it is gone."""
+        from .hooks import run_hooks_warning
+
+        await run_hooks_warning(self.spec.hooks, "poststop", self.id, "stopped")
 
     def locate(self, path: str, vm_dir: str) -> tuple[str, str, bool]:
         """Where a container path lives on the host: (directory, path under it, read-only).

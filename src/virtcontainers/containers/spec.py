@@ -1,7 +1,7 @@
 """What a container runs and how, from an image config (plus `virtc run` options) or an OCI
 runtime bundle's config.json, turned into the guest's `vc-run` command line.
 
-A config.json feature the guest cannot do (hooks, a time namespace...) is
+A config.json feature the guest cannot do (a time namespace, hooks run in the guest...) is
 refused with `UnsupportedError` naming it, never silently dropped.
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, UnsupportedError
+from .hooks import hooks_from_oci
 
 RUNNER = "/sbin/vc-run"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -274,6 +275,8 @@ class ProcessSpec:
     joined: list[tuple[str, str]] = field(default_factory=list)
     """(namespace letter, guest pid file): namespaces joined, not made: those of another
     container of the sandbox (a pod's containers share its sandbox container's pid one)."""
+    hooks: dict[str, Any] = field(default_factory=dict)
+    """A bundle's OCI hooks, run on the host (`containers.hooks.hooks_from_oci`)."""
     device_cgroup: list[str] = field(default_factory=list)
     """`linux.resources.devices` as vc-run's `--device-cgroup`/`--device-rule` options
     (`device_cgroup_options`); empty: no device program (every device allowed)."""
@@ -570,9 +573,7 @@ def from_oci(doc: Any, bundle: str) -> tuple[ProcessSpec, str, list[Mount]]:
     for key in ("intelRdt",):
         if linux.get(key):
             raise refuse(f"linux.{key} is not supported")
-    for key in ("hooks",):
-        if doc.get(key):
-            raise refuse(f"{key} are not supported")
+    spec.hooks = hooks_from_oci(doc, bundle, refuse)
     resources = linux.get("resources") or {}
     for key in resources:
         if key not in ("memory", "pids", "cpu", "devices"):
