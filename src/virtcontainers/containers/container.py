@@ -412,7 +412,9 @@ class Container:
         """Run the container's poststop hooks (failures are warnings), once it is gone."""
         from .hooks import run_hooks_warning
 
-        await run_hooks_warning(self.spec.hooks, "poststop", self.id, "stopped")
+        hooks = self.record.spec.get("hooks") or {}
+        if hooks.get("poststop"):
+            await run_hooks_warning(hooks, "poststop", self.id, "stopped")
 
     def locate(self, path: str, vm_dir: str) -> tuple[str, str, bool]:
         """Where a container path lives on the host: (directory, path under it, read-only).
