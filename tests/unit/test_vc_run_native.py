@@ -3,6 +3,8 @@ seccomp profile or id map is refused by name before anything is set up."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -80,3 +82,78 @@ def test_bad_options_refused_before_setup(
     assert res.returncode == 125
     assert res.stderr.startswith(f"vc-run: {message}"), res.stderr
     assert not (tmp_path / "pid").exists()
+
+
+def _cgroup2_root() -> str:
+    """Where this host mounts cgroup v2 (the unified hierarchy, also in hybrid mode)."""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == "cgroup2":
+                return fields[1]
+    raise AssertionError("this host mounts no cgroup2 hierarchy")
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        # an allow list: /dev/null read-write, /dev/zero (1:5) not at all
+        (
+            ["--device-cgroup", "deny", "--device-rule", "c:1:3:rwm"],
+            "null-r=0 null-w=0 null-rw=0 zero-r=1",
+        ),
+        # a wildcard minor allows every 1:* node, only for reading
+        (
+            ["--device-cgroup", "deny", "--device-rule", "c:1:*:r"],
+            "null-r=0 null-w=1 null-rw=1 zero-r=0",
+        ),
+        # a deny list: a write exception denies a read-write open too (cgroup v1's rule)
+        (
+            ["--device-cgroup", "allow", "--device-rule", "c:1:3:w"],
+            "null-r=0 null-w=1 null-rw=1 zero-r=0",
+        ),
+        # a block exception does not touch character devices
+        (
+            ["--device-cgroup", "allow", "--device-rule", "b:1:*:rwm"],
+            "null-r=0 null-w=0 null-rw=0 zero-r=0",
+        ),
+    ],
+)
+def test_device_program_on_this_host(
+    vc_run: str, tmp_path: Path, options: list[str], expected: str
+) -> None:
+    """The device program vc-run attaches, run by this host's kernel: which opens of the
+    container's /dev/null and /dev/zero it lets through (1: EPERM)."""
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(initrd.busybox_path(), root / "bin" / "busybox")
+    cgroup = os.path.join(_cgroup2_root(), f"vc-test-{os.getpid()}-{len(expected)}")
+    os.mkdir(cgroup)
+    probe = (
+        "cat /dev/null; echo null-r=$?; echo x > /dev/null; echo null-w=$?;"
+        " true <> /dev/null; echo null-rw=$?; head -c1 /dev/zero >&-; echo zero-r=$?"
+    )
+    try:
+        res = subprocess.run(
+            [
+                vc_run,
+                "--rootfs",
+                str(root),
+                "--cgroup",
+                cgroup,
+                *options,
+                "--",
+                "/bin/busybox",
+                "sh",
+                "-c",
+                probe,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.rmdir(cgroup)
+    assert res.returncode == 0, res.stderr
+    assert " ".join(res.stdout.split()) == expected, res.stderr
