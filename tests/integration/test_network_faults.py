@@ -175,6 +175,65 @@ async def test_bridge_made_while_booting_fails_the_start_and_undoes_all(run_root
         assert not os.path.exists(os.path.join(run_root, "net"))
 
 
+def inner_state(path: str) -> tuple[list[str], bool, str]:
+    """In a sandbox's namespace: the inner veth's addresses, whether tap0_vc is up, and the
+    veth's ingress filters."""
+    with NetNS(path) as n:
+        eth = n.link_lookup(ifname="eth0")[0]
+        addrs = [str(a.get("IFA_ADDRESS")) for a in n.get_addr(index=eth)]
+        (tap,) = n.get_links(n.link_lookup(ifname="tap0_vc")[0])
+    tc = subprocess.run(
+        ["ip", "netns", "exec", os.path.basename(path), "tc", "filter", "show", "dev", "eth0",
+         "ingress"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return sorted(a for a in addrs if not a.startswith("fe80")), tap["state"] == "up", tc
+
+
+def delete_link_in(path: str, name: str) -> None:
+    with NetNS(path) as n:
+        n.link("del", index=n.link_lookup(ifname=name)[0])
+
+
+async def test_before_launch_only_the_tap_then_the_inner_end_while_booting(
+    run_root: str,
+) -> None:
+    """Before the VMM is launched a bridge sandbox's namespace gets its veth and the tap
+    (up: all QEMU opens); the veth's inner addresses and its tc redirect to the tap come
+    while the VM boots. When that half fails (here the tap vanished before the start), the
+    start fails naming it and everything made is undone."""
+    async with namespaces(1) as (host,):
+        before = state_of(host)
+        sb = mock(run_root, bridge(host))
+        try:
+            await sb.create()
+            assert sb.network is not None
+            path = sb.network.netns_path
+            addrs, tap_up, tc = await asyncio.to_thread(inner_state, path)
+            assert addrs == [] and tap_up and "mirred" not in tc
+            await sb.start()
+            addrs, tap_up, tc = await asyncio.to_thread(inner_state, path)
+            want = sorted(a.ip for a in sb.network.interfaces[0].addresses)
+            assert addrs == want and len(want) == 2
+            assert "mirred (Egress Redirect to device tap0_vc)" in tc
+        finally:
+            await sb.stop()
+        assert state_of(host) == before
+
+        broken = mock(run_root, bridge(host))
+        try:
+            await broken.create()
+            assert broken.network is not None
+            await asyncio.to_thread(delete_link_in, broken.network.netns_path, "tap0_vc")
+            gone = "tap tap0_vc is not in the sandbox's namespace"
+            with pytest.raises(ConfigError, match=gone):
+                await broken.start()
+        finally:
+            await broken.stop()  # a no-op when the failed start undid it all
+        assert state_of(host) == before
+        assert Sandbox.list(run_root) == []
+
+
 async def test_fifty_cycles_leave_nothing(run_root: str) -> None:
     async with namespaces(1) as (host,):
         before = state_of(host)

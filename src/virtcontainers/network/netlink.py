@@ -310,13 +310,23 @@ def scan() -> tuple[list[Interface], list[Route], list[Neighbour]]:
 
 
 def connect_tcfilter(endpoint: str, tap: str, queues: int, mtu: int) -> None:
-    """Make `tap` (multiqueue when `queues` > 1) and join it to `endpoint` both ways: an
-    ingress qdisc on each with a u32 match-all filter whose mirred action redirects every
-    frame out of the other. What arrives on the endpoint goes to the VM and back."""
+    """`make_tap` then `redirect`: the tap made and joined to `endpoint` both ways. On
+    failure the tap is removed again."""
+    if _index(endpoint) is None:
+        raise ConfigError(f"network endpoint {endpoint} is not in the sandbox's namespace")
+    make_tap(tap, queues, mtu, endpoint)
+    try:
+        redirect(endpoint, tap)
+    except HypervisorError:
+        delete_link(tap)
+        raise
+
+
+def make_tap(tap: str, queues: int, mtu: int, endpoint: str = "") -> None:
+    """Tap `tap` (multiqueue when `queues` > 1), up with `mtu`: all QEMU needs to open it.
+    `endpoint` (the one it will be joined to) only names it in errors."""
+    what = f" for endpoint {endpoint}" if endpoint else ""
     with _ipr() as ipr:
-        ep = _index(endpoint)
-        if ep is None:
-            raise ConfigError(f"network endpoint {endpoint} is not in the sandbox's namespace")
         try:
             ipr.link(
                 "add",
@@ -326,11 +336,28 @@ def connect_tcfilter(endpoint: str, tap: str, queues: int, mtu: int) -> None:
                 ifr={"no_pi": True, "vnet_hdr": True, "multi_queue": queues > 1},
             )
         except (NetlinkError, OSError) as e:
-            raise HypervisorError(f"cannot create tap {tap} for endpoint {endpoint}: {e}") from e
+            raise HypervisorError(f"cannot create tap {tap}{what}: {e}") from e
         tp = _index(tap)
         assert tp is not None
         try:
             ipr.link("set", index=tp, mtu=mtu, state="up")
+        except NetlinkError as e:
+            with contextlib.suppress(NetlinkError):
+                ipr.link("del", index=tp)
+            raise HypervisorError(f"cannot bring tap {tap}{what} up (mtu {mtu}): {e}") from e
+
+
+def redirect(endpoint: str, tap: str) -> None:
+    """Join `tap` to `endpoint` both ways (Kata's tcfilter model): an ingress qdisc on each
+    with a u32 match-all filter whose mirred action redirects every frame out of the other.
+    What arrives on the endpoint goes to the VM and back. Undone on failure."""
+    with _ipr() as ipr:
+        ep, tp = _index(endpoint), _index(tap)
+        if ep is None:
+            raise ConfigError(f"network endpoint {endpoint} is not in the sandbox's namespace")
+        if tp is None:
+            raise ConfigError(f"tap {tap} is not in the sandbox's namespace")
+        try:
             for src, dst in ((ep, tp), (tp, ep)):
                 with contextlib.suppress(NetlinkError):  # an ingress qdisc may already be there
                     ipr.tc("add", "ingress", src, "ffff:")
@@ -352,10 +379,9 @@ def connect_tcfilter(endpoint: str, tap: str, queues: int, mtu: int) -> None:
                 )
             ipr.link("set", index=ep, state="up")
         except NetlinkError as e:
-            with contextlib.suppress(NetlinkError):
-                ipr.link("del", index=tp)
-            with contextlib.suppress(NetlinkError):
-                ipr.tc("del", "ingress", ep, "ffff:")
+            for index in (tp, ep):
+                with contextlib.suppress(NetlinkError):
+                    ipr.tc("del", "ingress", index, "ffff:")
             raise HypervisorError(
                 f"cannot redirect endpoint {endpoint} to tap {tap} with tc: {e}"
             ) from e
@@ -588,19 +614,28 @@ def add_veth(host_end: str, ns_path: str, inner: str) -> None:
         ipr.link("set", index=idx, state="up")
 
 
+def link_info(name: str) -> tuple[str, int]:
+    """MAC and MTU of interface `name` in this namespace."""
+    with _ipr() as ipr:
+        idx = _index(name)
+        if idx is None:
+            raise ConfigError(f"interface {name} is not in the sandbox's namespace")
+        (link,) = ipr.get_links(idx)
+    return str(link.get("IFLA_ADDRESS")), int(link.get("IFLA_MTU"))
+
+
 def configure_inner(
     inner: str,
     address: ipaddress.IPv4Interface,
     gateway: ipaddress.IPv4Address,
     address6: ipaddress.IPv6Interface | None = None,
     gateway6: ipaddress.IPv6Address | None = None,
-) -> tuple[str, int]:
+) -> None:
     """In the sandbox's namespace: `inner` up with `address` and a default route via
-    `gateway` (and the same in IPv6, if given). Returns its MAC and MTU."""
+    `gateway` (and the same in IPv6, if given)."""
     with _ipr() as ipr:
         idx = _index(inner)
         assert idx is not None
-        (link,) = ipr.get_links(idx)
         ipr.addr("add", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
         if address6 is not None and gateway6 is not None:
             ipr.addr(
@@ -614,7 +649,6 @@ def configure_inner(
         ipr.route("add", dst="0.0.0.0/0", gateway=str(gateway))
         if address6 is not None and gateway6 is not None:
             ipr.route("add", dst="::/0", gateway=str(gateway6), family=socket.AF_INET6)
-    return str(link.get("IFLA_ADDRESS")), int(link.get("IFLA_MTU"))
 
 
 def enslave(name: str, bridge: str) -> None:

@@ -15,6 +15,7 @@ handed to QEMU open with each hot-added NIC (`nic`), as Kata does for factory VM
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -175,9 +176,15 @@ class SandboxNetwork:
 
     def _take_endpoints(self, queues: int, persist: Callable[[], None]) -> None:
         """In the sandbox's namespace (one visit, one netlink socket): find the endpoints
-        (bridge mode: the veth just made), record them, then join each to the VM."""
+        (bridge mode: the veth just made), record them, then join each to the VM. In bridge
+        mode with taps joined by tc, only the taps are made here (all the VMM needs): the
+        veth's inner end is configured and joined to its tap while the VM boots
+        (`join_bridge`)."""
+        later = self._inner_later()
         if self.config.mode == "bridge":  # made by `_bridge_side`: known already
-            self._configure_inner()
+            self._record_inner()
+            if not later:  # macvtap then takes the addresses away; "none" leaves them
+                self._configure_inner()
             found, routes, neighbours = self.interfaces, self.routes, self.neighbours
             if self.config.model == "none":  # the VM is not joined to it
                 persist()
@@ -190,7 +197,14 @@ class SandboxNetwork:
         self.interfaces, self.routes, self.neighbours = found, routes, neighbours
         persist()
         for iface in found:
-            self._connect_here(iface, queues)
+            if later:
+                netlink.make_tap(iface.tap, queues, iface.mtu, iface.name)
+            else:
+                self._connect_here(iface, queues)
+
+    def _inner_later(self) -> bool:
+        """Whether `join_bridge` configures the veth's inner end and joins it to its tap."""
+        return self.config.mode == "bridge" and self.config.model == "tcfilter"
 
     def _name_tap(self, iface: Interface, n: int) -> None:
         iface.nic_id = f"net{n}"
@@ -250,31 +264,56 @@ class SandboxNetwork:
             netlink.create_netns(self.netns_name)
             netlink.add_veth(self.host_veth, self.netns_path, INNER_IFNAME)
 
-    def _configure_inner(self) -> None:
-        """In the sandbox's namespace: the veth's inner end gets the lease; recorded as
-        `netlink.scan` would find it, without scanning."""
+    def _record_inner(self) -> None:
+        """In the sandbox's namespace: record the veth's inner end with its lease, as
+        `netlink.scan` would find it once configured, without scanning."""
+        mac, mtu = netlink.link_info(INNER_IFNAME)
         addr = ipaddress.IPv4Interface(self.address)
-        addr6 = ipaddress.IPv6Interface(self.address6) if self.address6 else None
-        gw6 = ipaddress.IPv6Address(self.gateway6) if self.gateway6 else None
-        mac, mtu = netlink.configure_inner(
-            INNER_IFNAME, addr, ipaddress.IPv4Address(self.gateway), addr6, gw6
-        )
         eth = Interface(
             INNER_IFNAME, "veth", mac, mtu, [Address(str(addr.ip), addr.network.prefixlen)]
         )
         self.routes = [Route(gateway=self.gateway, family=4, device=INNER_IFNAME)]
-        if addr6 is not None:
+        if self.address6:
+            addr6 = ipaddress.IPv6Interface(self.address6)
             eth.addresses.append(Address(str(addr6.ip), addr6.network.prefixlen))
             self.routes.append(Route(gateway=self.gateway6, family=6, device=INNER_IFNAME))
         self.interfaces = [eth]
 
+    def _configure_inner(self) -> None:
+        """In the sandbox's namespace: the veth's inner end gets the lease and the routes."""
+        addr6 = ipaddress.IPv6Interface(self.address6) if self.address6 else None
+        gw6 = ipaddress.IPv6Address(self.gateway6) if self.gateway6 else None
+        netlink.configure_inner(
+            INNER_IFNAME,
+            ipaddress.IPv4Interface(self.address),
+            ipaddress.IPv4Address(self.gateway),
+            addr6,
+            gw6,
+        )
+
+    def _finish_inner(self) -> None:
+        """In the sandbox's namespace, while the VM boots: `_configure_inner`, then each
+        endpoint joined to its tap."""
+        self._configure_inner()
+        for iface in self.interfaces:
+            if iface.tap:
+                netlink.redirect(iface.name, iface.tap)
+
     async def join_bridge(self) -> None:
         """Bridge mode: put the veth's host end on the bridge (made now if missing) and add
-        the NAT, port and forward rules. Not needed before the guest's network is
-        configured, so it runs while the VM boots; the caller tears down on failure."""
+        the NAT, port and forward rules; meanwhile, in the sandbox's namespace, configure
+        the veth's inner end and join it to its tap (tcfilter model). Not needed before the
+        guest's network is configured, so it runs while the VM boots; the caller tears down
+        on failure."""
         if self.config.mode != "bridge" or self.bridged:
             return
-        await netlink.in_netns(self.config.host_netns, self._join_bridge)
+        jobs = [netlink.in_netns(self.config.host_netns, self._join_bridge)]
+        if self._inner_later():  # the sandbox's side of the veth, at the same time
+            jobs.append(netlink.in_netns(self.netns_path, self._finish_inner))
+        # Both finish before a failure is raised: the caller then undoes everything.
+        for outcome in await asyncio.gather(*jobs, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
         self.bridged = True
 
     def _join_bridge(self) -> None:
