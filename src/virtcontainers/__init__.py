@@ -9,6 +9,7 @@ from __future__ import annotations
 
 TYPE_CHECKING = False  # not `typing.TYPE_CHECKING`: importing typing costs more than the rest
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from .config import HypervisorConfig, apply_annotations
@@ -84,20 +85,30 @@ _MODULE_OF = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Import the module defining a public name on first use, then cache the name here."""
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
+def _lazy_exports(
+    package: str, module_of: dict[str, str], namespace: dict[str, Any]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """`__getattr__` and `__dir__` for a package whose public names load on first use: a
+    name of `module_of` is imported from its module (relative to `package`), then cached in
+    `namespace` (the package's globals)."""
 
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+    def getattr_(name: str) -> Any:
+        module = module_of.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        import importlib
+
+        value = getattr(importlib.import_module(module, package), name)
+        namespace[name] = value
+        return value
+
+    def dir_() -> list[str]:
+        return sorted({*namespace, *module_of})
+
+    return getattr_, dir_
 
 
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_MODULE_OF})
+__getattr__, __dir__ = _lazy_exports(__name__, _MODULE_OF, globals())
 
 
 __all__ = [

@@ -67,22 +67,51 @@ class ContainerRecord:
     mounted before hand-out (bound there; `share_tag` is that share's)."""
 
 
+GUEST_MOUNTED = (
+    'vc_mounted() { while read -r _ m t _; do [ "$m" = "$1" ] && { [ -z "$2" ] || '
+    '[ "$t" = "$2" ]; } && return 0; done < /proc/mounts; return 1; }'
+)
+"""Shell function `vc_mounted WHERE [TYPE]`: whether something (of TYPE) is mounted on
+WHERE, read by the shell itself: under TCG every process the guest starts costs
+milliseconds, so the scripts below start only the ones that do something."""
+
+
+def _mkdir(where: str) -> str:
+    q = shlex.quote
+    return f"{{ [ -d {q(where)} ] || mkdir -p {q(where)}; }}"
+
+
 def mount_virtiofs(tag: str, where: str) -> str:
-    """Shell that mounts the virtio-fs share `tag` on `where` unless something is mounted
-    there already: a hot-added share is probed by the guest a moment after it is plugged."""
+    """Shell (using `GUEST_MOUNTED`) that mounts the virtio-fs share `tag` on `where` unless
+    something is mounted there already: a hot-added share is probed by the guest a moment
+    after it is plugged."""
     q = shlex.quote
     mount = f"mount -t virtiofs {q(tag)} {q(where)}"
     return (
-        f"grep -q ' {where} ' /proc/mounts || {{ n=0; until {mount} 2>/dev/null; do "
+        f"{{ vc_mounted {q(where)} || {{ n=0; until {mount} 2>/dev/null; do "
         f"n=$((n+1)); [ $n -lt {MOUNT_TRIES} ] || {{ {mount}; break; }}; sleep 0.05; "
-        f"done; grep -q ' {where} ' /proc/mounts; }}"
+        f"done; vc_mounted {q(where)}; }}; }}"
     )
 
 
-def _bind(source: str, where: str) -> str:
-    """Shell that binds the guest directory `source` on `where` unless already mounted."""
-    q = shlex.quote
-    return f"(grep -q ' {where} ' /proc/mounts || mount -o bind {q(source)} {q(where)})"
+def rootfs_of(container_id: str) -> str:
+    """Where container `container_id`'s root is mounted in the guest."""
+    return f"{GUEST_ROOT}/{container_id}/rootfs"
+
+
+def cgroup_of(container_id: str) -> str:
+    """Container `container_id`'s own cgroup in the guest."""
+    return f"{CGROUP_ROOT}/vc-{container_id}"
+
+
+def cgroup_script() -> str:
+    """Shell (using `GUEST_MOUNTED`) that mounts the guest's cgroup2 hierarchy and enables
+    the controllers containers use (once per guest)."""
+    return (
+        f"{{ vc_mounted {CGROUP_ROOT} cgroup2 || mount -t cgroup2 none {CGROUP_ROOT}; }} && "
+        f"{{ echo '+memory +pids +cpu' > {CGROUP_ROOT}/cgroup.subtree_control 2>/dev/null; "
+        "true; }"
+    )
 
 
 def spec_from_dict(d: dict[str, Any]) -> ProcessSpec:
@@ -119,12 +148,12 @@ class Container:
 
     @property
     def rootfs(self) -> str:
-        return f"{self.guest_dir}/rootfs"
+        return rootfs_of(self.id)
 
     @property
     def cgroup(self) -> str:
         """The container's own cgroup in the guest (its processes and limits)."""
-        return f"{CGROUP_ROOT}/vc-{self.id}"
+        return cgroup_of(self.id)
 
     def _volume_mounts(self) -> list[tuple[str, str, str, str]]:
         out = []
@@ -139,7 +168,7 @@ class Container:
         """Shell run once in the guest before the first start: mount the root, the volumes
         and make the cgroup (with its limits)."""
         q = shlex.quote
-        lines = [f"mkdir -p {q(self.rootfs)}"]
+        lines = [GUEST_MOUNTED, _mkdir(self.rootfs)]
         if self.record.block_serial:
             find = (
                 'for d in /sys/block/vd*; do [ "$(cat $d/serial 2>/dev/null)" = '
@@ -147,25 +176,22 @@ class Container:
                 '[ -n "$dev" ]'
             )
             lines.append(
-                f"(grep -q ' {self.rootfs} ' /proc/mounts || ({find} && "
-                f"mount -t ext4 $dev {q(self.rootfs)}))"
+                f"{{ vc_mounted {q(self.rootfs)} || {{ {find} && "
+                f"mount -t ext4 $dev {q(self.rootfs)}; }}; }}"
             )
         elif self.record.share_path:
-            lines.append(_bind(self.record.share_path, self.rootfs))
+            src = q(self.record.share_path)
+            lines.append(
+                f"{{ vc_mounted {q(self.rootfs)} || mount -o bind {src} {q(self.rootfs)}; }}"
+            )
         else:
             lines.append(mount_virtiofs(self.record.share_tag, self.rootfs))
         for tag in dict.fromkeys(v["tag"] for v in self.record.volumes if not v.get("guest")):
             where = f"{GUEST_VOLUMES}/{tag}"
-            lines.append(f"mkdir -p {q(where)}")
+            lines.append(_mkdir(where))
             lines.append(mount_virtiofs(tag, where))
-        lines.append(
-            f"(grep -q ' {CGROUP_ROOT} cgroup2 ' /proc/mounts || "
-            f"mount -t cgroup2 none {CGROUP_ROOT})"
-        )
-        lines.append(
-            f"(echo '+memory +pids +cpu' > {CGROUP_ROOT}/cgroup.subtree_control 2>/dev/null;"
-            f" mkdir -p {self.cgroup})"
-        )
+        lines.append(cgroup_script())
+        lines.append(_mkdir(self.cgroup))
         for name, value in self.spec.resources.files().items():
             lines.append(f"echo {q(value)} > {self.cgroup}/{name}")
         return " && ".join(lines)

@@ -22,7 +22,14 @@ import shutil
 from typing import TYPE_CHECKING
 
 from .. import persist
-from ..containers.container import GUEST_POOL, mount_virtiofs
+from ..containers.container import (
+    GUEST_MOUNTED,
+    GUEST_POOL,
+    cgroup_of,
+    cgroup_script,
+    mount_virtiofs,
+    rootfs_of,
+)
 from ..devices import SharedFS
 from ..types import HypervisorType
 from . import tmpfs
@@ -66,9 +73,21 @@ def prepare(directory: str) -> SharedFS:
     return SharedFS(id=SHARE_ID, source=path, mount_tag=TAG)
 
 
-def guest_mount_script() -> str:
-    """Shell run in the guest to mount the share (retried while the guest probes it)."""
-    return f"mkdir -p {GUEST_POOL} && {mount_virtiofs(TAG, GUEST_POOL)}"
+def guest_script(vm_id: str) -> str:
+    """Shell run in the guest of pooled VM `vm_id`: mount the share (retried while the guest
+    probes it), and do now what a container's set-up would do after hand-out: the cgroup
+    hierarchy, and the root and cgroup directories of a container named after the VM (what
+    `virtc run` makes: a sandbox from the pool takes the VM's id, its first container the
+    sandbox's)."""
+    return " && ".join(
+        [
+            GUEST_MOUNTED,
+            f"mkdir -p {GUEST_POOL} {rootfs_of(vm_id)}",
+            mount_virtiofs(TAG, GUEST_POOL),
+            cgroup_script(),
+            f"mkdir -p {cgroup_of(vm_id)}",
+        ]
+    )
 
 
 def _target(directory: str, name: str) -> str:

@@ -196,7 +196,7 @@ class VM:
         share = await asyncio.to_thread(poolshare.prepare, directory)
         self.share_dir = directory  # released by `stop` from here on
         await self.hypervisor.hotplug_add_device(share)
-        res = await (await self.agent()).exec(["/bin/sh", "-c", poolshare.guest_mount_script()])
+        res = await (await self.agent()).exec(["/bin/sh", "-c", poolshare.guest_script(self.id)])
         if res.exit_code != 0:
             raise AgentError(
                 f"VM {self.id}: the guest cannot mount its staged share: "
