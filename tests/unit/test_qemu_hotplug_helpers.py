@@ -13,7 +13,7 @@ from leaks import running
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import BlockDrive, SharedFS
 from virtcontainers.drivers import virtiofsd
-from virtcontainers.drivers.helpers import Helpers
+from virtcontainers.drivers.helpers import Helpers, is_listening
 from virtcontainers.drivers.qemu import storage_daemon
 from virtcontainers.errors import AssetError, ConfigError, LaunchError, VMTimeoutError
 
@@ -164,3 +164,15 @@ def test_storage_daemon_binary_override(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("VC_QEMU_STORAGE_DAEMON", str(tmp_path / "absent"))
     with pytest.raises(AssetError, match="qemu-storage-daemon not found"):
         storage_daemon.binary_path()
+
+
+def test_a_socket_counts_as_ready_once_it_listens(tmp_path: Path) -> None:
+    """A daemon binds before it listens: its socket file alone is not ready (a connect then
+    is refused, as QEMU's chardev-add to a starting virtiofsd was under load)."""
+    path = str(tmp_path / "d.sock")
+    assert not is_listening(path)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(path)
+        assert not is_listening(path)
+        s.listen(1)
+        assert is_listening(path)

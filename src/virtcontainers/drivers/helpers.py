@@ -74,6 +74,25 @@ def is_socket(path: str) -> bool:
         return False
 
 
+SO_ACCEPTCON = 0x10000
+"""/proc/net/unix's flag of a listening socket."""
+
+
+def is_listening(path: str) -> bool:
+    """Whether the Unix socket at `path` listens: a daemon binds (the file appears) before
+    it listens, and a connect in between is refused. /proc/net/unix lists this network
+    namespace's sockets; one bound elsewhere (not listed) counts once its file exists."""
+    if not is_socket(path):
+        return False
+    try:
+        with open("/proc/net/unix") as f:
+            listed = [line.split() for line in f if line.rstrip().endswith(" " + path)]
+    except OSError:
+        return True
+    rows = [r for r in listed if len(r) == 8 and r[7] == path]
+    return not rows or any(int(r[3], 16) & SO_ACCEPTCON for r in rows)
+
+
 class Helpers:
     """The helper daemons of one VM."""
 
@@ -135,7 +154,7 @@ class Helpers:
             leftovers=[socket, *leftovers] if socket else list(leftovers),
             proc=proc,
         )
-        check = ready or (lambda: not socket or is_socket(socket))
+        check = ready or (lambda: not socket or is_listening(socket))
         deadline = time.monotonic() + timeout
         try:
             while not check():
