@@ -301,13 +301,14 @@ def test_a_pod_with_a_cni_network_takes_its_vm_from_the_template(
             netns = pod_netns(c, pod_id)
             # The pod's VM is a clone (QEMU restored the template's state), outside the
             # pod's network namespace.
-            [(vmm, _)] = qemu_processes(c)
+            [(vmm, _)] = [(p, cmd) for p, cmd in qemu_processes(c) if pod_id in cmd]
             assert b"-incoming\0defer" in Path(f"/proc/{vmm}/cmdline").read_bytes()
             assert os.stat(f"/proc/{vmm}/ns/net").st_ino != os.stat(netns).st_ino
             web = create_container(rt, pod_id, pod_config, image, "web", serving(tag))
             rt.StartContainer(cri.StartContainerRequest(container_id=web), timeout=VM_CALL)
             assert fetch(ns, f"http://{pod_ip}:8080/") == f"hello-{tag}\n"
-            assert len(qemu_processes(c)) == 1
+            # The container joined the pod's VM (none of its own).
+            assert [p for p, cmd in qemu_processes(c) if pod_id in cmd or web in cmd] == [vmm]
             with open(c.log_path, "rb") as f:
                 f.seek(logged)
                 log = f.read().decode(errors="replace")
