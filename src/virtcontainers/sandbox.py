@@ -13,7 +13,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -391,7 +391,7 @@ class Sandbox:
         user: str | None = None,
         hostname: str | None = None,
         bundle: str | None = None,
-        share_with: str | None = None,
+        share_with: str | Mapping[str, str] | None = None,
         shared: Sequence[str] = ("pid",),
     ) -> Container:
         """A container in the sandbox, from its image (Entrypoint + `command`, else Cmd; the
@@ -399,8 +399,9 @@ class Sandbox:
         OCI runtime `bundle`. Each container has its own root (the first one's plugged with
         the sandbox, later ones hot-added), pid namespace and cgroup in the guest (with
         `share_with`, that container's `shared` namespaces: "pid", "ipc", "uts", as a pod's
-        containers share their sandbox container's); its id defaults to the sandbox's for the
-        first, a random one after."""
+        containers share their sandbox container's; or, as a mapping, each namespace kind's
+        of the container named); its id defaults to the sandbox's for the first, a random one
+        after."""
         from .containers import Container, ContainerRecord
         from .containers.spec import NAMESPACE_LETTERS
 
@@ -421,24 +422,33 @@ class Sandbox:
                     "a second container",
                     "a container's root reaches the guest over virtio-fs",
                 )
-            if share_with is not None and share_with not in self.containers:
-                raise ConfigError(
-                    f"sandbox {self.id} has no container {share_with!r} to share namespaces with"
-                )
-            if set(shared) - {"pid", "ipc", "uts"}:
-                raise ConfigError(
-                    f"only pid, ipc and uts namespaces are shared, not {', '.join(shared)}"
-                )
+            joins = (
+                {}
+                if share_with is None
+                else dict.fromkeys(shared, share_with)
+                if isinstance(share_with, str)
+                else dict(share_with)
+            )
+            for other in joins.values():
+                if other not in self.containers:
+                    raise ConfigError(
+                        f"sandbox {self.id} has no container {other!r} to share namespaces with"
+                    )
+            if set(joins) - {"pid", "ipc", "uts"}:
+                bad = ", ".join(k for k in joins if k not in ("pid", "ipc", "uts"))
+                raise ConfigError(f"only pid, ipc and uts namespaces are shared, not {bad}")
             spec, volumes, shares = await self._container_parts(
                 index, command, env, cwd, user, hostname, bundle
             )
-            if share_with is not None:
-                letters = [NAMESPACE_LETTERS[kind] for kind in shared]
-                pid_file = f"{self.containers[share_with].guest_dir}/pid"
+            if joins:
+                letters = {NAMESPACE_LETTERS[kind]: other for kind, other in joins.items()}
                 spec.namespaces = ",".join(
                     n for n in spec.namespaces.split(",") if n not in letters
                 )
-                spec.joined = [(letter, pid_file) for letter in letters]
+                spec.joined = [
+                    (letter, f"{self.containers[other].guest_dir}/pid")
+                    for letter, other in letters.items()
+                ]
             self.workload["next_share"] = index + 1
             record = ContainerRecord(
                 id=cid,

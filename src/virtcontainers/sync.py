@@ -290,6 +290,10 @@ class Container:
     def kill(self, sig: int = 15) -> None:
         self._runner.run(self.aio.kill(sig))
 
+    def pid(self) -> int:
+        """The guest pid of its first process."""
+        return self._runner.run(self.aio.pid())
+
     def pids(self) -> list[int]:
         return self._runner.run(self.aio.pids())
 

@@ -292,12 +292,14 @@ def test_pod_containers_run_in_one_vm(containerd: tuple[Containerd, str]) -> Non
         options=["--annotation", f"{CONTAINER_TYPE}=container",
                  "--annotation", f"{SANDBOX_ID}={pod}"],
     )  # fmt: skip
-    # One VM, behind one shim: both tasks report its VMM's pid; no VM for the app container.
+    # One VM, behind one shim: the first task reports its VMM's pid, the app container's the
+    # guest pid of its process; no VM for the app container.
     qemu = [pid for pid, cmd in processes_mentioning(f"sandbox-{pod}") if "qemu-system" in cmd]
     assert len(qemu) == 1
     assert not [cmd for _, cmd in processes_mentioning(f"sandbox-{app}") if "qemu" in cmd]
     tasks = {line.split()[0]: line.split()[1:] for line in task_lines(c)}
-    assert tasks[pod] == tasks[app] == [str(qemu[0]), "RUNNING"]
+    assert tasks[pod] == [str(qemu[0]), "RUNNING"]
+    assert tasks[app][1] == "RUNNING" and tasks[app][0] != tasks[pod][0], tasks
     bundles = os.path.join(c.state, "io.containerd.runtime.v2.task", "vctest")
     address = Path(bundles, pod, "address").read_text()
     assert Path(bundles, app, "address").read_text() == address
@@ -310,6 +312,31 @@ def test_pod_containers_run_in_one_vm(containerd: tuple[Containerd, str]) -> Non
     assert in_task(app, "cat", "/who") == b"app\n"
     ps = {cid: c.ctr("task", "ps", cid).stdout.decode().splitlines()[1:] for cid in (pod, app)}
     assert len(ps[pod]) == len(ps[app]) == 1 and ps[pod] != ps[app], ps
+    assert ps[app][0].split()[0] == tasks[app][0], (ps, tasks)
+
+    # A container of the pod naming the app task's pid namespace by its path joins the app
+    # container's in the guest (not the pod's); a path of no task of the pod is refused.
+    pidns = "busybox readlink /proc/self/ns/pid; busybox readlink /proc/1/ns/pid"
+    dbg, stray = (f"{what}-{uuid.uuid4().hex[:6]}" for what in ("dbg", "str"))
+    c.run(
+        image, dbg, "sh", "-c", f"{pidns}; exec sleep 600", detach=True,
+        options=["--annotation", f"{CONTAINER_TYPE}=container",
+                 "--annotation", f"{SANDBOX_ID}={pod}",
+                 "--with-ns", f"pid:/proc/{tasks[app][0]}/ns/pid"],
+    )  # fmt: skip
+    assert in_task(dbg, "sh", "-c", pidns) == in_task(app, "sh", "-c", pidns)
+    assert in_task(dbg, "sh", "-c", pidns) != in_task(pod, "sh", "-c", pidns)
+    c.ctr("task", "kill", "-s", "SIGKILL", dbg)
+    wait_status(c, dbg, "STOPPED")
+    c.ctr("task", "delete", dbg)
+    c.ctr("container", "delete", dbg)
+    cp = c.run(
+        image, stray, "true", detach=True, check=False,
+        options=["--annotation", f"{CONTAINER_TYPE}=container",
+                 "--annotation", f"{SANDBOX_ID}={pod}", "--with-ns", "pid:/proc/1/ns/pid"],
+    )  # fmt: skip
+    assert cp.returncode != 0 and b"pid namespace /proc/1/ns/pid is none" in cp.stderr, cp
+    c.ctr("container", "delete", stray, check=False)
 
     # The app container ends and goes; the pod's keeps running in the same VM.
     c.ctr("task", "kill", "-s", "SIGKILL", app)
@@ -323,8 +350,9 @@ def test_pod_containers_run_in_one_vm(containerd: tuple[Containerd, str]) -> Non
     lines = [line.split() for line in events_log.read_text().splitlines() if app in line]
     topics = [next(w for w in words if w.startswith("/")) for words in lines]
     assert [t for t in topics if t.startswith("/tasks/")] == [
-        *("/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started"),
-        *("/tasks/exit", "/tasks/delete"),  # the exec's
+        *("/tasks/create", "/tasks/start"),
+        *("/tasks/exec-added", "/tasks/exec-started", "/tasks/exit", "/tasks/delete"),  # cat
+        *("/tasks/exec-added", "/tasks/exec-started", "/tasks/exit", "/tasks/delete"),  # readlink
         *("/tasks/exit", "/tasks/delete"),  # the container's
     ], topics
     assert [pid for pid, cmd in processes_mentioning(f"sandbox-{pod}") if "qemu" in cmd] == qemu

@@ -165,9 +165,11 @@ def create_container(
     name: str,
     script: str,
     pid: int = cri.POD,
+    target: str = "",
 ) -> str:
-    """CreateContainer of `sh -c script` in the pod, in pid namespace mode `pid`."""
-    options = cri.NamespaceOption(pid=pid)
+    """CreateContainer of `sh -c script` in the pod, in pid namespace mode `pid` (TARGET:
+    container `target`'s)."""
+    options = cri.NamespaceOption(pid=pid, target_id=target)
     security = cri.LinuxContainerSecurityContext(namespace_options=options)
     cid = rt.CreateContainer(
         cri.CreateContainerRequest(
@@ -205,14 +207,17 @@ def test_pod_of_two_containers_is_one_vm_on_the_cni_network(
         # The pod's sandbox (the pause image's process) runs in a VM of ours: one QEMU.
         assert len(qemu_processes(c)) == 1
 
-        def container(name: str, script: str, pid: int = cri.POD) -> str:
-            return create_container(rt, pod_id, pod_config, image, name, script, pid)
+        def container(name: str, script: str, pid: int = cri.POD, target: str = "") -> str:
+            return create_container(rt, pod_id, pod_config, image, name, script, pid, target)
 
         web = container("web", serving(tag))
         side = container("side", "exec sleep 600")
         solo = container("solo", "exec sleep 601", pid=cri.CONTAINER)
         for cid in (web, side, solo):
             rt.StartContainer(cri.StartContainerRequest(container_id=cid), timeout=VM_CALL)
+        # An ephemeral (debug) container targeting solo's pid namespace (TARGET mode).
+        debug = container("debug", "exec sleep 602", pid=cri.TARGET, target=solo)
+        rt.StartContainer(cri.StartContainerRequest(container_id=debug), timeout=VM_CALL)
         # Both containers joined the pod's VM.
         assert len(qemu_processes(c)) == 1
 
@@ -249,6 +254,10 @@ def test_pod_of_two_containers_is_one_vm_on_the_cni_network(
         seen = ps(solo)
         assert seen.get(1) == "sleep 601", seen
         assert not any(a in ("/pause", "sleep 600") or "httpd" in a for a in seen.values()), seen
+        # The debug container sees solo's processes, solo's command its pid 1, not the pod's.
+        seen = ps(debug)
+        assert seen.get(1) == "sleep 601" and "sleep 602" in seen.values(), seen
+        assert not any(a in ("/pause", "sleep 600") or "httpd" in a for a in seen.values()), seen
 
         # The pod's address, given by CNI's host-local IPAM in the pod's namespace, is the
         # guest's: it answers from containerd's namespace (the bridge's side) with what the
@@ -267,7 +276,7 @@ def test_pod_of_two_containers_is_one_vm_on_the_cni_network(
         assert not rt.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=30).items
         assert not rt.ListContainers(cri.ListContainersRequest(), timeout=30).containers
 
-    assert settled(c, pod_id, web, side, solo) == []
+    assert settled(c, pod_id, web, side, solo, debug) == []
     assert mounts_under(c.dir) == []
     # The pod's network namespace (CRI's, under /run/netns) is gone, and with it the veth: the
     # test namespace keeps only its loopback and the CNI bridge.

@@ -1,6 +1,6 @@
 """The shim's VM (`SandboxVM`) on a real QEMU guest, below containerd: OOM kills reported
 from inotify (nothing in the guest polls), a terminal of its own for a container without a
-pid namespace."""
+pid namespace, namespaces named by a task's /proc path joined in the guest."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 from virtcontainers.images import ImageStore
 from virtcontainers.images.build import busybox_image
-from virtcontainers.shim.vm import GuestProcess, ProcessSpec, SandboxVM
+from virtcontainers.shim.vm import GuestProcess, ProcessSpec, SandboxVM, VMError
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check")]
 
@@ -132,4 +132,67 @@ async def test_terminal_of_its_own_without_a_pid_namespace(
         assert out.replace(b"\r", b"").splitlines() == [b"/dev/pts/0", b"33 111"], out
     finally:
         await vm.remove_container("t")
+        await vm.stop()
+
+
+async def ps(vm: SandboxVM, cid: str) -> dict[int, str]:
+    """pid -> command line of what container `cid` sees."""
+    spec = ProcessSpec(["ps", "-o", "pid,args"], ENV)
+    proc = await vm.start_process(cid, f"ps-{uuid.uuid4().hex[:6]}", spec, 24, 80)
+    out = (await output(proc)).decode()
+    assert (await proc.wait()).exit_code == 0, out
+    lines = [line.split(None, 1) for line in out.splitlines()[1:]]
+    return {int(f[0]): f[1] for f in lines if len(f) == 2}
+
+
+async def test_namespaces_named_by_a_tasks_path_are_that_containers(
+    run_root: str, store: ImageStore, tmp_path: Path
+) -> None:
+    """A bundle naming a namespace /proc/<pid>/ns/<type> joins the namespace of the container
+    whose task has that pid (CRI names the target container's pid namespace so in TARGET
+    mode, the pod sandbox's ipc one): tasks after the VM's first are known by distinct pids;
+    any other path is refused, naming it, and nothing is made for that container."""
+    own = [{"type": "mount"}, {"type": "pid"}, {"type": "ipc"}]
+    first = bundle(store, tmp_path / "first", ["sleep", "601"], namespaces=own)
+    vm = SandboxVM(f"ns-{uuid.uuid4().hex[:6]}", first, run_root=run_root, pcie_root_port=3)
+    await vm.start()
+    target = bundle(store, tmp_path / "target", ["sleep", "602"], namespaces=own)
+    added = []
+    try:
+        for cid, b, args in (("first", first, "601"), ("target", target, "602")):
+            await vm.add_container(cid, b)
+            added.append(cid)
+            await vm.start_process(cid, "", ProcessSpec(["sleep", args], ENV), 24, 80)
+        pids = {cid: vm.task_pid(cid) for cid in added}
+        assert pids["first"] == vm.pid and pids["target"] not in (0, vm.pid), pids
+        joining = [
+            {"type": "mount"},
+            {"type": "pid", "path": f"/proc/{pids['target']}/ns/pid"},
+            {"type": "ipc", "path": f"/proc/{pids['first']}/ns/ipc"},
+        ]
+        debug = bundle(store, tmp_path / "debug", ["sleep", "603"], namespaces=joining)
+        await vm.add_container("debug", debug)
+        added.append("debug")
+        await vm.start_process("debug", "", ProcessSpec(["sleep", "603"], ENV), 24, 80)
+        # The target's pid namespace: its process is pid 1 there, the first's is not seen.
+        seen = await ps(vm, "debug")
+        assert seen.get(1) == "sleep 602" and "sleep 603" in seen.values(), seen
+        assert "sleep 601" not in seen.values(), seen
+        # The first container's ipc namespace, not the target's.
+        ipc = {}
+        for cid in ("first", "target", "debug"):
+            p = await vm.start_process(
+                cid, f"i{cid}", ProcessSpec(["sh", "-c", "readlink /proc/self/ns/ipc"], ENV), 24, 80
+            )
+            ipc[cid] = await output(p)
+            await p.wait()
+        assert ipc["debug"] == ipc["first"] != ipc["target"], ipc
+        bad = [{"type": "mount"}, {"type": "pid", "path": "/proc/1/ns/pid"}]
+        stray = bundle(store, tmp_path / "stray", ["true"], namespaces=bad)
+        with pytest.raises(VMError, match=r"the pid namespace /proc/1/ns/pid is none of this"):
+            await vm.add_container("stray", stray)
+        assert "stray" not in vm.containers and "stray" not in vm.sandbox.containers
+    finally:
+        for cid in reversed(added):
+            await vm.remove_container(cid)
         await vm.stop()

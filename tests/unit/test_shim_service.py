@@ -8,6 +8,7 @@ import asyncio
 import errno
 import json
 import os
+import re
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,8 +22,6 @@ from virtcontainers.agent.client import AgentRequestError
 from virtcontainers.containers import ProcessSpec as ContainerSpec
 from virtcontainers.shim.events import EVENTS_SERVICE, Publisher
 from virtcontainers.shim.main import (
-    CONTAINER_TYPE,
-    SANDBOX_ID,
     UsageError,
     group_id,
     parse,
@@ -36,7 +35,7 @@ from virtcontainers.shim.proto.containerd.pkg.runtimeoptions.v1 import api_pb2 a
 from virtcontainers.shim.proto.containerd.runtime.v2.task import shim_pb2 as pb
 from virtcontainers.shim.service import PROCESS_TYPE, RESOURCES_TYPE, SERVICE, TaskService
 from virtcontainers.shim.ttrpc import CallContext, Client, Code, Server, Service, TtrpcError
-from virtcontainers.shim.vm import ProcessSpec, guest_bundle, pod_namespaces
+from virtcontainers.shim.vm import ProcessSpec, VMError, guest_bundle, joined_namespaces
 
 
 class FakeStream:
@@ -130,10 +129,17 @@ class FakeVM:
     processes: dict[tuple[str, str], FakeProcess] = field(default_factory=dict)
     ooms: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
     stats_values: dict[str, int] = field(default_factory=dict)
+    guest_pids: dict[str, int] = field(default_factory=dict)
+    """Container id -> the pid its task has once its process runs (else the VMM's)."""
 
     @property
     def pid(self) -> int:
         return 4242
+
+    def task_pid(self, container_id: str) -> int:
+        if (container_id, "") in self.processes:
+            return self.guest_pids.get(container_id, self.pid)
+        return self.pid
 
     async def start(self) -> None:
         self.calls.append("start")
@@ -279,6 +285,30 @@ async def test_lifecycle_output_exit_and_event_order(shim: Shim) -> None:
     with pytest.raises(TtrpcError) as info:
         await shim.call("State", pb.StateRequest(id="c1"), pb.StateResponse)
     assert info.value.code == Code.NOT_FOUND
+
+
+async def test_a_task_is_known_by_the_pid_the_vm_gives_once_its_process_runs(
+    shim: Shim,
+) -> None:
+    """Created, a task has the VMM's pid; started, the one the VM gives it (a pod's later
+    containers: the guest pid of their process, which CRI names their namespaces by): Start's
+    answer, State and Delete say it; an exec keeps the VMM's."""
+    shim.vm.guest_pids["c2"] = 77
+    created = await shim.create("c2", ["sleep", "30"])
+    assert created.pid == 4242
+    started = await shim.call("Start", pb.StartRequest(id="c2"), pb.StartResponse)
+    assert started.pid == 77  # type: ignore[attr-defined]
+    state = await shim.call("State", pb.StateRequest(id="c2"), pb.StateResponse)
+    assert state.pid == 77  # type: ignore[attr-defined]
+    spec = any_pb2.Any(type_url=PROCESS_TYPE, value=json.dumps({"args": ["sleep", "9"]}).encode())
+    await shim.call("Exec", pb.ExecProcessRequest(id="c2", exec_id="e", spec=spec))
+    started = await shim.call("Start", pb.StartRequest(id="c2", exec_id="e"), pb.StartResponse)
+    assert started.pid == 4242  # type: ignore[attr-defined]
+    await shim.call("Kill", pb.KillRequest(id="c2", signal=9))
+    await shim.call("Wait", pb.WaitRequest(id="c2"), pb.WaitResponse)
+    await shim.call("Delete", pb.DeleteRequest(id="c2", exec_id="e"), pb.DeleteResponse)
+    deleted = await shim.call("Delete", pb.DeleteRequest(id="c2"), pb.DeleteResponse)
+    assert deleted.pid == 77  # type: ignore[attr-defined]
 
 
 async def test_deleting_the_shims_own_container_kills_its_vm_at_once(shim: Shim) -> None:
@@ -719,30 +749,71 @@ def test_socket_path_and_pod_grouping(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "pid_ns", "joined"),
-    [  # CRI's POD mode, then CONTAINER mode (a pid namespace of its own)
-        ("container", {"type": "pid", "path": "/proc/7/ns/pid"}, ("pod1", ["pid", "ipc"])),
-        ("container", {"type": "pid"}, ("pod1", ["ipc"])),
-        ("sandbox", {"type": "pid"}, ("", [])),
-        ("", {"type": "pid", "path": "/proc/7/ns/pid"}, ("", [])),  # not CRI: no pod
+    ("pid_ns", "joined"),
+    [  # CRI's POD mode, TARGET mode, then CONTAINER mode (a pid namespace of its own)
+        ({"type": "pid", "path": "/proc/7/ns/pid"}, {"pid": "pod1", "ipc": "pod1"}),
+        ({"type": "pid", "path": "/proc/90/ns/pid"}, {"pid": "app", "ipc": "pod1"}),
+        ({"type": "pid"}, {"ipc": "pod1"}),
     ],
 )
-def test_pod_namespaces_are_the_sandbox_containers(
-    tmp_path: Path, kind: str, pid_ns: dict[str, str], joined: tuple[str, list[str]]
+def test_namespaces_joined_by_path_are_those_of_the_tasks_named(
+    tmp_path: Path, pid_ns: dict[str, str], joined: dict[str, str]
 ) -> None:
-    annotations = {CONTAINER_TYPE: kind, SANDBOX_ID: "pod1"} if kind else {}
     namespaces = [
         pid_ns,
         {"type": "ipc", "path": "/proc/7/ns/ipc"},
-        {"type": "network", "path": "/run/netns/cni-1"},
+        {"type": "network", "path": "/proc/7/ns/net"},
         {"type": "mount"},
     ]
-    spec = {"annotations": annotations, "linux": {"namespaces": namespaces}}
+    spec = {"linux": {"namespaces": namespaces}}
     (tmp_path / "config.json").write_text(json.dumps(spec))
-    assert pod_namespaces(str(tmp_path)) == joined
+    assert joined_namespaces(str(tmp_path), {7: "pod1", 90: "app"}) == joined
     guest = json.loads((Path(guest_bundle(str(tmp_path))) / "config.json").read_text())
     # Namespaces joined by path are the host's: none reaches the guest's spec.
     kept = [ns for ns in namespaces if not ns.get("path")]
     assert guest["linux"]["namespaces"] == kept
     argv = ContainerSpec(args=["true"], joined=[("p", "/run/vc/c/pod1/pid")]).runner_argv("/r")
     assert argv[argv.index("--join-ns") + 1] == "p:/run/vc/c/pod1/pid"
+
+
+@pytest.mark.parametrize(
+    ("ns", "tasks", "message"),
+    [
+        (  # a host process's namespace: not in the VM
+            {"type": "pid", "path": "/proc/1/ns/pid"},
+            {7: "pod1"},
+            "the pid namespace /proc/1/ns/pid is none of this pod's containers'",
+        ),
+        (  # not a task's path at all
+            {"type": "uts", "path": "/run/uts/x"},
+            {7: "pod1"},
+            "the uts namespace /run/uts/x is none of this pod's containers'",
+        ),
+        (  # a task's, but of another type than the one named
+            {"type": "ipc", "path": "/proc/7/ns/pid"},
+            {7: "pod1"},
+            "the ipc namespace /proc/7/ns/pid is none",
+        ),
+        (  # the first container has no task to join
+            {"type": "pid", "path": "/proc/7/ns/pid"},
+            {},
+            "the pid namespace /proc/7/ns/pid is none",
+        ),
+        (
+            {"type": "network", "path": "/run/netns/other"},
+            {7: "pod1"},
+            "the network namespace /run/netns/other is none",
+        ),
+        (
+            {"type": "mount", "path": "/proc/7/ns/mnt"},
+            {7: "pod1"},
+            "joining the mount namespace of container pod1 (/proc/7/ns/mnt) is not supported",
+        ),
+    ],
+)
+def test_namespace_paths_of_no_task_are_refused_by_name(
+    tmp_path: Path, ns: dict[str, str], tasks: dict[int, str], message: str
+) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"linux": {"namespaces": [ns]}}))
+    with pytest.raises(VMError, match=re.escape(message)):
+        joined_namespaces(str(tmp_path), tasks)

@@ -318,7 +318,8 @@ class Container:
         finally:
             self.record.status = "stopped"
 
-    async def _pid(self) -> int:
+    async def pid(self) -> int:
+        """The guest pid of the container's first process (in the guest's pid namespace)."""
         result = await self.sandbox.exec(["/bin/cat", f"{self.guest_dir}/pid"])
         text = result.stdout.decode().strip()
         if result.exit_code != 0 or not text.isdigit():
@@ -368,7 +369,7 @@ class Container:
         from .spec import caps_mask, merge_env
 
         spec = self.spec
-        pid = await self._pid()
+        pid = await self.pid()
         uid, gid = user if user is not None else (spec.uid, spec.gid)
         runner = ["/sbin/vc-run", "--join", str(pid), "--cgroup", self.cgroup]
         runner += ["--cwd", cwd or spec.cwd or "/"]
@@ -382,7 +383,7 @@ class Container:
 
     async def kill(self, sig: int = signals.SIGTERM) -> None:
         """Send a signal to the container's first process."""
-        pid = await self._pid()
+        pid = await self.pid()
         result = await self.sandbox.exec(["/bin/kill", f"-{int(sig)}", str(pid)])
         if result.exit_code != 0:
             raise StateError(f"container {self.id}: kill failed: {result.stderr.decode().strip()}")
@@ -393,7 +394,7 @@ class Container:
 
     async def processes(self) -> list[tuple[int, str]]:
         """(guest pid, command line) of every process in the container (its cgroup's)."""
-        await self._pid()
+        await self.pid()
         script = (
             f"for p in $(cat {self.cgroup}/cgroup.procs); do "
             f"echo \"$p $(tr '\\0' ' ' < /proc/$p/cmdline)\"; done 2>/dev/null; true"

@@ -227,7 +227,7 @@ class TaskService:
                 if mounted:
                     await _umount(rootfs)
                 raise
-            container.init.pid = self._pid()
+            container.init.pid = self.vm.task_pid(req.id)
             self.containers[req.id] = container
         if self._created is not None:
             created, self._created = self._created, None
@@ -258,12 +258,6 @@ class TaskService:
             raise _err(Code.FAILED_PRECONDITION, f"container {req.id} is paused")
         p.status = RUNNING
         p.pid = self._pid()
-        if req.exec_id:
-            self.events.publish(
-                ev.TaskExecStarted(container_id=req.id, exec_id=req.exec_id, pid=p.pid)
-            )
-        else:
-            self.events.publish(ev.TaskStart(container_id=req.id, pid=p.pid))
         started = asyncio.Event()
         p.runner = asyncio.get_running_loop().create_task(self._run(p, started))
         # Answer once the process runs (an exec or a signal may follow at once), or has ended.
@@ -285,11 +279,16 @@ class TaskService:
         io = p.io
         status = 0
         copying: list[asyncio.Task[None]] = []
+        announced = False
         try:
             spec = dataclasses.replace(p.spec, terminal=p.stdio.terminal)
             rows, cols = p.size
             proc = await self.vm.start_process(p.container_id, p.exec_id, spec, rows, cols)
             p.guest = proc
+            if not p.exec_id:  # the container's task pid is known once its process runs
+                p.pid = self.vm.task_pid(p.container_id)
+            self._started(p)
+            announced = True
             started.set()
             if p.size != (rows, cols):  # resized while it was starting
                 await proc.resize(*p.size)
@@ -315,7 +314,17 @@ class TaskService:
                 with contextlib.suppress(BaseException):
                     await task
             await io.close()
+            if not announced:
+                self._started(p)
             self._exited(p, status)
+
+    def _started(self, p: Process) -> None:
+        """The start event of a process (before its exit, even when it failed to start)."""
+        if p.exec_id:
+            started = ev.TaskExecStarted(container_id=p.container_id, exec_id=p.exec_id, pid=p.pid)
+            self.events.publish(started)
+        else:
+            self.events.publish(ev.TaskStart(container_id=p.container_id, pid=p.pid))
 
     async def _watch_oom(self, container_id: str) -> None:
         """A TaskOOM event each time the guest kills a process of the container for want of

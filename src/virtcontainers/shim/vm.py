@@ -13,9 +13,10 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shlex
 import signal as signals
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -101,7 +102,15 @@ class PodVM(Protocol):
 
     async def add_container(self, container_id: str, bundle: str) -> None:
         """Make the container of `bundle` in the guest: the bundle the VM was made for, or
-        another container of the same pod (its root shared into the running VM)."""
+        another container of the same pod (its root shared into the running VM; namespaces
+        its spec names by a task's path joined: `joined_namespaces`)."""
+        ...
+
+    def task_pid(self, container_id: str) -> int:
+        """The pid the container's task is known by: the VMM's for the VM's first container
+        (and for any before its first process runs), the guest pid of its first process for
+        the others: distinct, so that /proc/<pid>/ns/<type> names one container's namespace
+        (CRI's TARGET pid mode names the target's so)."""
         ...
 
     async def start_process(
@@ -180,37 +189,55 @@ def pod_sandbox(bundle: str) -> bool:
     return isinstance(annotations, dict) and annotations.get(CONTAINER_TYPE) == "sandbox"
 
 
-POD_SHARED = ("pid", "ipc", "uts")
-"""The namespaces a CRI container shares with its pod's sandbox container in the guest (the
-network one is the guest's: the VM is the pod)."""
+SHAREABLE = ("pid", "ipc", "uts")
+"""The namespaces of a container in the guest another can join (the network one is the
+guest's for all: the VM is the pod)."""
+TASK_NAMESPACE = re.compile(r"/proc/([0-9]+)/ns/([a-z]+)")
+PROC_NS = {"network": "net", "mount": "mnt"}
+"""OCI namespace types named otherwise under /proc/<pid>/ns."""
 
 
-def pod_namespaces(bundle: str) -> tuple[str, list[str]]:
-    """The id of the pod's sandbox container and the namespaces (of `POD_SHARED`) a CRI
-    container joins of it: those its spec joins by path (the pause container's on the host;
-    a pid namespace without a path, CRI's CONTAINER mode, is its own); ("", []) for others."""
-    from .main import CONTAINER_TYPE, SANDBOX_ID
-
+def joined_namespaces(bundle: str, tasks: Mapping[int, str]) -> dict[str, str]:
+    """The namespaces the bundle's spec joins by path, as kind -> the id of the container
+    whose namespace that is in the guest: a path /proc/<pid>/ns/<kind> where pid is a task's
+    (`tasks`: task pid -> container id). CRI names a pod's namespaces so: the sandbox
+    container's, or, in TARGET pid mode, the target container's pid namespace. A network
+    namespace is the VM's (a task's path: the guest's, which all containers share; the first
+    container's, any: the pod's on the host). Any other path is refused, naming it."""
     spec = _spec(bundle)
-    annotations = spec.get("annotations")
-    if not isinstance(annotations, dict) or annotations.get(CONTAINER_TYPE) != "container":
-        return "", []
     linux = spec.get("linux")
     namespaces = linux.get("namespaces") if isinstance(linux, dict) else None
-    kinds = [
-        str(ns["type"])
-        for ns in namespaces or []
-        if isinstance(ns, dict) and ns.get("type") in POD_SHARED and ns.get("path")
-    ]
-    sandbox = str(annotations.get(SANDBOX_ID) or "")
-    return (sandbox, kinds) if sandbox and kinds else ("", [])
+    joined: dict[str, str] = {}
+    for ns in namespaces or []:
+        path = ns.get("path") if isinstance(ns, dict) else None
+        if not path:
+            continue
+        kind = str(ns.get("type"))
+        if kind == "network" and not tasks:
+            continue
+        match = TASK_NAMESPACE.fullmatch(str(path))
+        owner = tasks.get(int(match[1])) if match and match[2] == PROC_NS.get(kind, kind) else None
+        if owner is None:
+            raise VMError(
+                f"{bundle}: the {kind} namespace {path} is none of this pod's containers' "
+                "(a namespace is joined by the path /proc/<pid>/ns/<type> of one of its tasks)"
+            )
+        if kind == "network":
+            continue
+        if kind not in SHAREABLE:
+            raise VMError(
+                f"{bundle}: joining the {kind} namespace of container {owner} ({path}) is "
+                f"not supported (only {', '.join(SHAREABLE)})"
+            )
+        joined[kind] = owner
+    return joined
 
 
 def guest_bundle(bundle: str) -> str:
     """A copy of the bundle's spec for the guest (<bundle>/virtc/config.json): no network
-    namespace of its own, none joined by path (a pod's namespaces on the host: in the VM,
-    which is the pod, the guest's own, or the sandbox container's: `pod_namespaces`), the root
-    filesystem at its absolute path. containerd removes it with the bundle."""
+    namespace of its own, none joined by path (host paths: in the guest, another container's,
+    `joined_namespaces`), the root filesystem at its absolute path. containerd removes it
+    with the bundle."""
     with open(os.path.join(bundle, "config.json"), "rb") as f:
         spec = json.load(f)
     linux = spec.setdefault("linux", {})
@@ -253,6 +280,7 @@ class SandboxVM:
         ):
             overrides.setdefault("pcie_root_port", POD_ROOT_PORTS)
         self.factory = factory if factory is not None and factory.enabled else None
+        joined_namespaces(bundle, {})  # the first container has none to join
         netns = network_namespace(bundle)
         if netns:
             # The pod's network namespace (CNI set it up): its interfaces are joined to the
@@ -262,6 +290,10 @@ class SandboxVM:
             bundle = guest_bundle(bundle)
         self.sandbox = Sandbox(sandbox_id, hypervisor, bundle=bundle, **overrides)
         self.containers: dict[str, Container] = {}
+        self.first = ""
+        """The id of the container of the VM's own bundle (its task pid is the VMM's)."""
+        self.guest_pids: dict[str, int] = {}
+        """Container id -> guest pid of the first process of the containers after the first."""
 
     @property
     def pid(self) -> int:
@@ -314,16 +346,20 @@ class SandboxVM:
     async def add_container(self, container_id: str, bundle: str) -> None:
         if bundle == self.bundle:
             container = await self.sandbox.create_container(id=container_id)
+            self.first = container_id
         else:
-            own = guest_bundle(bundle)
-            # As Kata's agent: a container sharing the pod's namespaces joins the sandbox
-            # container's in the guest (not the guest's own, the agent's).
-            sandbox, shared = pod_namespaces(bundle)
+            tasks = {self.task_pid(cid): cid for cid in reversed(self.containers)}
+            if self.first in self.containers:  # a guest pid equal to the VMM's: the first's
+                tasks[self.pid] = self.first
+            joined = joined_namespaces(bundle, tasks)
             container = await self.sandbox.create_container(
-                id=container_id, bundle=own, share_with=sandbox or None, shared=shared
+                id=container_id, bundle=guest_bundle(bundle), share_with=joined or None
             )
         await container.setup()
         self.containers[container_id] = container
+
+    def task_pid(self, container_id: str) -> int:
+        return self.guest_pids.get(container_id) or self.pid
 
     def _container(self, container_id: str) -> Container:
         try:
@@ -343,6 +379,11 @@ class SandboxVM:
             )
         proc = await c.start(tty=tty, rows=rows, cols=cols)
         await c.until_running()
+        if container_id != self.first:
+            from ..errors import StateError
+
+            with contextlib.suppress(StateError):  # ended already: it keeps the VMM's pid
+                self.guest_pids[container_id] = await c.pid()
         return proc
 
     async def kill(self, container_id: str, sig: int) -> None:
@@ -355,6 +396,7 @@ class SandboxVM:
         from ..errors import VCError
 
         c = self.containers.pop(container_id, None)
+        self.guest_pids.pop(container_id, None)
         if c is not None:
             try:
                 await c.delete()
