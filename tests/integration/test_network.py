@@ -125,7 +125,12 @@ async def test_namespace_endpoint_tcfilter_guest_config_and_hotplug(
 
                 # Guest side: the same MAC, MTU, addresses, routes, neighbour, names.
                 dev = (await sb.exec(f"grep -l {mac} /sys/class/net/*/address")).stdout.decode()
+                assert dev.count("/address") == 1, f"no single guest link has {mac}: {dev!r}"
                 dev = dev.strip().split("/")[-2]
+                state = await sb.exec(
+                    f"cat /sys/class/net/{dev}/address /sys/class/net/{dev}/operstate"
+                )
+                assert state.stdout.decode().split() == [mac, "up"], state
                 assert (await sb.exec(f"cat /sys/class/net/{dev}/mtu")).stdout.strip() == b"2000"
                 queues = (await sb.exec(f"ls /sys/class/net/{dev}/queues")).stdout.split()
                 assert sorted(queues) == [b"rx-0", b"rx-1", b"tx-0", b"tx-1"]

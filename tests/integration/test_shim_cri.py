@@ -204,6 +204,9 @@ def test_pod_of_two_containers_is_one_vm_on_the_cni_network(
         pod_ip = status.network.ip
         assert pod_ip in [str(a) for a in net.subnet.hosts()], status
         netns = pod_netns(c, pod_id)
+        # The MAC of the pod's interface, as CNI made it in the pod's namespace.
+        veth = Namespace(os.path.basename(netns)).run("ip", "-o", "link", "show", "eth0")
+        pod_mac = veth.split("link/ether ")[1].split()[0]
         # The pod's sandbox (the pause image's process) runs in a VM of ours: one QEMU.
         assert len(qemu_processes(c)) == 1
 
@@ -225,6 +228,10 @@ def test_pod_of_two_containers_is_one_vm_on_the_cni_network(
             request = cri.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", script], timeout=60)
             return rt.ExecSync(request, timeout=VM_CALL)
 
+        # The guest's NIC is up with the pod interface's MAC (the guest side of the VM).
+        links = "for d in /sys/class/net/*; do echo $(cat $d/address $d/operstate); done"
+        ran = exec_sync(side, links)
+        assert f"{pod_mac} up" in ran.stdout.decode().splitlines(), (pod_mac, ran)
         ran = exec_sync(web, "cat /tmp/www/index.html; exit 3")
         assert (ran.exit_code, ran.stdout) == (3, f"hello-{tag}\n".encode()), ran
         # The other container shares the pod's network (the guest's), not web's root.
