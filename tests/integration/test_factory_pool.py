@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from virtcontainers import host
+from virtcontainers import host, persist
+from virtcontainers.containers.copy import copy_out
 from virtcontainers.drivers.qemu.driver import QemuHypervisor
 from virtcontainers.factory import Factory, TemplateStore, adopt_vm, poolshare, sandbox_from_factory
 from virtcontainers.factory.base import TemplateBase
@@ -80,7 +81,8 @@ async def test_pooled_vms_take_containers_without_hotplug(
             "if echo x > /ro/x 2>/dev/null; then echo ro-writable; else echo ro-refused; fi"
         )
         for sb, (rw, ro), name in zip(sandboxes, volumes, "ab", strict=True):
-            result = await (await sb.create_container(["sh", "-c", script])).run()
+            container = await sb.create_container(["sh", "-c", script])
+            result = await container.run()
             assert result.exit_code == 0, result
             listing, given, verdict = result.stdout.decode().splitlines()
             assert "bin" in listing.split() and "only-here" not in listing.split()
@@ -91,6 +93,11 @@ async def test_pooled_vms_take_containers_without_hotplug(
             guest_ro = await sb.exec(["/bin/sh", "-c", "echo x > /run/vc/pool/vc-v1/y"])
             assert guest_ro.exit_code != 0 and b"Read-only" in guest_ro.stderr, guest_ro
             assert not (ro / "y").exists()
+            # `virtc cp` finds the root in the share its virtiofsd serves.
+            root, where, read_only = container.locate("/only-here", persist.vm_dir(sb.id, run_root))
+            copy_out(root, where, str(tmp_path / f"{name}-copied"))
+            assert (tmp_path / f"{name}-copied").read_text() == f"secret-{sb.id}\n"
+            assert not read_only
 
         # Each VM's share holds its own container's files only.
         for sb in sandboxes:
@@ -139,7 +146,8 @@ async def test_a_bundle_from_the_cache_server_is_staged_not_hot_added(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The shim's path: a bundle (read-only root, a file bound from a directory) in a VM
-    handed out by the cache server over gRPC, which names the VM's staged share."""
+    handed out by the cache server over gRPC, which names the VM's staged share; a process
+    that attaches to the sandbox later releases it when it stops the sandbox."""
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     shutil.copytree(images.rootfs(images.get("busybox")), bundle / "rootfs", symlinks=True)
@@ -181,6 +189,9 @@ async def test_a_bundle_from_the_cache_server_is_staged_not_hot_added(
                 "bundled",
                 "root-ro",
             ], result
+            # Another process (as `virtc stop`, or containerd's delete) stops it from its record.
+            await sb.detach()
+            sb = await Sandbox.attach(sb.id, run_root)
         finally:
             await sb.stop()
         assert not os.path.exists(os.path.join(run_root, "pool", sb.id))
