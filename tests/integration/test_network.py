@@ -335,3 +335,116 @@ async def test_macvtap_model(run_root: str, guest_assets: Any, tmp_path: Path) -
         finally:
             server.kill()
             server.wait()
+
+
+DUAL_STACK_SERVERS = """
+import http.server, os, socket, threading
+os.chdir("/tmp")
+with open("index.html", "w") as f:
+    f.write("g1")
+
+def echo():
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", 53))
+    while True:
+        data, peer = s.recvfrom(2048)
+        s.sendto(data.upper(), peer)
+
+class Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+threading.Thread(target=echo, daemon=True).start()
+Server(("::", 80), http.server.SimpleHTTPRequestHandler).serve_forever()
+"""
+
+UDP_ASK = """
+import socket, sys
+host, port, text, tries = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode(), int(sys.argv[4])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+for _ in range(tries):  # datagrams may be lost while the guest is busy
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.settimeout(2)
+        s.sendto(text, (host, port))
+        try:
+            print(s.recvfrom(2048)[0].decode())
+            break
+        except (TimeoutError, ConnectionRefusedError):
+            continue
+"""
+
+
+def udp_ask(ns: Namespace, host: str, port: int, text: str, tries: int = 10) -> str:
+    """A datagram to `host`:`port` from namespace `ns`, sent again (up to `tries` times) until
+    an answer comes within 2 s; the answer ("" if none came)."""
+    return ns.run(sys.executable, "-c", UDP_ASK, host, str(port), text, str(tries)).strip()
+
+
+@pytest.mark.timeout(900)
+async def test_ipv6_hairpin_and_udp_over_ipv6_through_published_ports(
+    run_root: str, guest_assets: Any, tmp_path: Path
+) -> None:
+    """Two sandboxes on one dual-stack bridge in a test "host" linked to a "world": UDP over
+    IPv6 through a published port (from the world to the host's IPv6 address, and from the
+    host's ::1), over IPv4 too; the other sandbox reaches the first's published TCP port by
+    the host's IPv6 address (IPv6 hairpin) and the first directly by its IPv6 address."""
+    from virtcontainers.images import ImageStore
+    from virtcontainers.images.build import debian_image
+
+    store = ImageStore(str(tmp_path / "images"))
+    (image,) = await asyncio.to_thread(store.import_archive, debian_image())
+    async with namespaces(2) as (host, world):
+        await veth(
+            host,
+            "up0",
+            ["203.0.113.1/24", "2001:db8:77::1/64"],
+            world,
+            "wan0",
+            ["203.0.113.2/24", "2001:db8:77::2/64"],
+        )
+        ports = [PortMapping(8080, 80), PortMapping.parse("5353:53/udp")]
+        one = Sandbox(
+            run_root=run_root,
+            network=NetworkConfig(mode="bridge", host_netns=host.path, ports=ports),
+            image=image.name,
+            image_store=store.root,
+            memory_size=512,
+        )
+        two = Sandbox(
+            run_root=run_root,
+            network=NetworkConfig(mode="bridge", host_netns=host.path),
+            memory_size=256,
+        )
+        try:
+            await asyncio.gather(one.start(), two.start())
+            ctr = await one.create_container(["python3", "-c", DUAL_STACK_SERVERS])
+            await ctr.start(detach=True)
+            assert one.network is not None and two.network is not None
+            ip6 = one.network.summary()["ip6"]
+            assert ip6 and ip6 != two.network.summary()["ip6"]
+            # Both servers are up once the TCP one answers on the guest's own address.
+            for _ in range(60):
+                up = await two.exec(["wget", "-q", "-O", "-", f"http://[{ip6}]/"], timeout=10)
+                if up.ok:
+                    break
+                await asyncio.sleep(1)
+
+            # UDP through the published port: over IPv6 from the world and from ::1 on the
+            # host itself, over IPv4 from the world.
+            assert udp_ask(world, "2001:db8:77::1", 5353, "over-v6") == "OVER-V6"
+            assert udp_ask(host, "::1", 5353, "loop-v6") == "LOOP-V6"
+            assert udp_ask(world, "203.0.113.1", 5353, "over-v4") == "OVER-V4"
+            # Nothing answers on a port that is not published for UDP.
+            assert udp_ask(world, "2001:db8:77::1", 8080, "tcp-only", tries=2) == ""
+            # IPv6 hairpin: the other sandbox by the host's IPv6 address and the published
+            # port; and the first sandbox directly by its IPv6 address on the bridge.
+            assert await guest_get(two, "http://[2001:db8:77::1]:8080/") == "g1"
+            assert await guest_get(two, f"http://[{ip6}]/") == "g1"
+            assert get(world, "http://[2001:db8:77::1]:8080/") == "g1"
+        finally:
+            await asyncio.gather(one.stop(), two.stop())
+        assert host.links() == ["lo", "up0"]
+        assert host.run("nft", "list", "ruleset").strip() == ""
