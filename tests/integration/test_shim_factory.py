@@ -18,7 +18,7 @@ from test_shim_containerd import SHIM_CONFIG, kill_shim_then_delete, settled, wa
 from test_shim_cri import fetch
 
 from leaks import processes_mentioning
-from net_support import namespaces, veth
+from net_support import Namespace, namespaces, veth
 from virtcontainers.config import load_toml
 from virtcontainers.factory import TemplateStore
 from virtcontainers.sandbox import build_config
@@ -104,6 +104,18 @@ def test_a_missing_template_falls_back_to_a_boot(
     assert settled(c, cid) == []
 
 
+async def serve_in(c: Containerd, image: str, pod: Namespace, cid: str) -> str:
+    """Run task `cid` detached in network namespace `pod`, serving "hi-<cid>" on port 80;
+    what containerd logged meanwhile (the shim's lines included)."""
+    serve = f"mkdir -p /w && echo hi-{cid} > /w/index.html && exec busybox httpd -f -p 80 -h /w"
+    with_ns = ["--with-ns", f"network:{pod.path}"]
+    logged = os.path.getsize(c.log_path)
+    await asyncio.to_thread(c.run, image, cid, "sh", "-c", serve, detach=True, options=with_ns)
+    with open(c.log_path, "rb") as f:
+        f.seek(logged)
+        return f.read().decode(errors="replace")
+
+
 async def test_a_task_in_a_network_namespace_takes_a_clone_and_its_endpoint(
     containerd: tuple[Containerd, str, str], host_untouched: None
 ) -> None:
@@ -116,19 +128,13 @@ async def test_a_task_in_a_network_namespace_takes_a_clone_and_its_endpoint(
         await veth(out, "vth0", [f"{OUT4}/24"], pod, "eth0", [f"{IN4}/24"], b_gateway=OUT4)
         mac = await asyncio.to_thread(mac_of, pod, "eth0")
         cid = f"tpn-{uuid.uuid4().hex[:6]}"
-        serve = f"mkdir -p /w && echo hi-{cid} > /w/index.html && exec busybox httpd -f -p 80 -h /w"
-        with_ns = ["--with-ns", f"network:{pod.path}"]
-        logged = os.path.getsize(c.log_path)
-        await asyncio.to_thread(c.run, image, cid, "sh", "-c", serve, detach=True, options=with_ns)
+        log = await serve_in(c, image, pod, cid)
         try:
             # The VM is a clone of the template (not a boot), its QEMU outside the namespace.
             [cmd] = qemu_cmdlines(run_root)
             assert "-incoming defer" in cmd
             [(vmm, _)] = [p for p in processes_mentioning(run_root) if "qemu-system" in p[1]]
             assert os.stat(f"/proc/{vmm}/ns/net").st_ino != os.stat(pod.path).st_ino
-            with open(c.log_path, "rb") as f:
-                f.seek(logged)
-                log = f.read().decode(errors="replace")
             assert "cold-plugged" not in log and "VM factory" not in log, log
             assert await asyncio.to_thread(fetch, out, f"http://{IN4}/") == f"hi-{cid}\n"
             macs = c.ctr(
@@ -158,16 +164,10 @@ async def test_a_namespace_with_more_endpoints_than_the_clone_takes_boots_instea
         for n in (1, 2):
             await veth(out, f"vth{n}", [], pod, f"eth{n}", [f"192.168.{80 + n}.2/24"])
         cid = f"tpm-{uuid.uuid4().hex[:6]}"
-        serve = f"mkdir -p /w && echo hi-{cid} > /w/index.html && exec busybox httpd -f -p 80 -h /w"
-        with_ns = ["--with-ns", f"network:{pod.path}"]
-        logged = os.path.getsize(c.log_path)
-        await asyncio.to_thread(c.run, image, cid, "sh", "-c", serve, detach=True, options=with_ns)
+        log = await serve_in(c, image, pod, cid)
         try:
             [cmd] = qemu_cmdlines(run_root)
             assert "-incoming" not in cmd
-            with open(c.log_path, "rb") as f:
-                f.seek(logged)
-                log = f.read().decode(errors="replace")
             assert "no free pcie-root-port" in log and "booting the VM instead" in log, log
             assert await asyncio.to_thread(fetch, out, f"http://{IN4}/") == f"hi-{cid}\n"
         finally:
