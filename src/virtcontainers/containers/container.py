@@ -133,6 +133,8 @@ class Container:
         self._task: asyncio.Task[ExecResult] | None = None
         self.process: Process | None = None
         """The container's first process once started (streamed output, stdin, signals)."""
+        self._set_up = False
+        """`setup` ran (through this object): the start need not run its script again."""
 
     @property
     def id(self) -> str:
@@ -204,6 +206,7 @@ class Container:
                 f"container {self.id}: cannot mount its root in the guest: "
                 f"{result.stderr.decode(errors='replace').strip()}"
             )
+        self._set_up = True
 
     def _network_mounts(self, spec: ProcessSpec) -> list[tuple[str, str, str, str]]:
         """The guest's /etc/hosts, /etc/resolv.conf and /etc/hostname bound into the
@@ -219,7 +222,10 @@ class Container:
         return spec.runner_argv(self.rootfs, cgroup=self.cgroup, pid_file=f"{self.guest_dir}/pid")
 
     def _start_argv(self) -> list[str]:
-        """Mount what the container needs, then become vc-run (one guest request)."""
+        """Mount what the container needs, then become vc-run (one guest request); vc-run
+        alone once `setup` has run (its script, idempotent, costs a TCG guest ~0.2 s)."""
+        if self._set_up:
+            return self.runner_argv()
         script = f'{self.setup_script()} && exec "$@"'
         return ["/bin/sh", "-c", script, "vc-setup", *self.runner_argv()]
 

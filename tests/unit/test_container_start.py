@@ -1,0 +1,53 @@
+"""Container.start's guest request: the set-up script only when `setup` has not run it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from virtcontainers.agent.client import ExecResult
+from virtcontainers.containers import Container, ContainerRecord
+from virtcontainers.containers.spec import RUNNER
+
+
+@dataclass
+class FakeProcess:
+    handle: int = 7
+
+
+@dataclass
+class FakeSandbox:
+    """What Container.setup and Container.start ask of their sandbox."""
+
+    network: None = None
+    execs: list[list[str]] = field(default_factory=list)
+    started: list[list[str]] = field(default_factory=list)
+
+    async def exec(self, argv: list[str], **_: Any) -> ExecResult:
+        self.execs.append(argv)
+        return ExecResult(0, b"", b"")
+
+    async def start_process(self, argv: list[str], **_: Any) -> FakeProcess:
+        self.started.append(argv)
+        return FakeProcess()
+
+
+def container(sandbox: FakeSandbox, cid: str) -> Container:
+    record = ContainerRecord(id=cid, share_tag="vc-ctr", spec={"args": ["true"]})
+    return Container(sandbox, record)  # type: ignore[arg-type]
+
+
+async def test_start_runs_the_setup_script_only_when_setup_has_not() -> None:
+    sb = FakeSandbox()
+    fresh = container(sb, "c1")
+    await fresh.start()
+    [argv] = sb.started
+    assert argv[:2] == ["/bin/sh", "-c"] and fresh.setup_script() in argv[2]
+    assert argv[argv.index("vc-setup") + 1] == RUNNER
+
+    set_up = container(sb, "c2")
+    await set_up.setup()
+    assert sb.execs == [["/bin/sh", "-c", set_up.setup_script()]]
+    await set_up.start()
+    assert sb.started[1][0] == RUNNER  # vc-run at once: its mounts and cgroup are there
+    assert sb.started[1] == set_up.runner_argv()
