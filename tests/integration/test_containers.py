@@ -279,6 +279,8 @@ def test_cli_run_userns(run_root: str, store: ImageStore, tmp_path: Path) -> Non
     assert "container uid 200 is not mapped by userns 1000:100" in unmapped.stderr
     alone = virtc(run_root, store, "run", "--userns", "auto", "--", "true")
     assert alone.returncode == 2 and "--userns needs --image" in alone.stderr
+    pooled = virtc(run_root, store, *args, "--factory", "--", "true")
+    assert pooled.returncode == 2 and "--userns cannot be used with" in pooled.stderr
 
 
 def test_cli_cp(run_root: str, store: ImageStore, tmp_path: Path) -> None:

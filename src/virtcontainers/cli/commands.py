@@ -142,7 +142,7 @@ def run(g: Globals, a: argparse.Namespace) -> int | None:
         raise ConfigError("-v, -e, -w, -u, -t and -d need --image or --bundle")
     if a.userns is not None and a.image is None:
         raise ConfigError("--userns needs --image (a bundle's config.json maps its own)")
-    if a.userns is not None and (a.from_template or a.factory):
+    if a.userns not in (None, "host") and (a.from_template or a.factory):
         raise ConfigError("--userns cannot be used with --from-template or --factory")
     if container:
         from .container_cmds import run_container
