@@ -454,7 +454,9 @@ class Sandbox:
                 id=cid,
                 share_tag=shares[0]["tag"] if shares else self.workload["share_tag"],
                 share_id=shares[0]["id"] if shares else self.workload.get("share_id", "ctr"),
-                share_path="" if shares else self.workload.get("share_path", ""),
+                share_path=shares[0].get("guest", "")
+                if shares
+                else self.workload.get("share_path", ""),
                 block_serial=self.workload.get("block_serial", ""),
                 image=self.workload.get("image", "") if bundle is None else "",
                 spec=dataclasses.asdict(spec),
@@ -542,7 +544,13 @@ class Sandbox:
                 spec.hostname = hostname
         if index == 0:
             return spec, volumes, []
-        if bundle is None and self.workload.get("image"):
+        of_image = bundle is None and bool(self.workload.get("image"))
+        if self.workload.get("share_dir"):
+            volumes, records = await self._stage_container(
+                index, lower, of_image, extra if bundle is not None else None
+            )
+            return spec, volumes, records
+        if of_image:
             root = self._root_share(index, lower=lower)
         else:
             root = self._root_share(index, root=lower)
@@ -564,6 +572,50 @@ class Sandbox:
             raise
         return spec, volumes, records
 
+    async def _stage_container(
+        self, index: int, lower: str, image: bool, extra: list[Mount] | None
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """A later container's root (and a bundle's new volumes) in the sandbox's staged
+        share, as the first one's (`_stage_workload`): its volumes, and a record per entry
+        (`staged`: its name in the share; the first, the root's, with its `guest` path)."""
+        from .containers.container import volume_records
+        from .factory import poolshare
+
+        directory = self.workload["share_dir"]
+        name = f"ctr{index}"
+        volumes = list(self.workload.get("volumes", []))
+        records: list[dict[str, Any]] = []
+
+        def record(entry: str, guest: str = "") -> dict[str, Any]:
+            rec = {"id": poolshare.SHARE_ID, "source": "", "tag": poolshare.TAG}
+            return {**rec, "staged": entry, "guest": guest}
+
+        try:
+            root = {"lower": lower} if image else {"root": lower}
+            guest = await asyncio.to_thread(poolshare.stage_root, directory, name=name, **root)
+            records.append(record(name, guest))
+            if extra is not None:
+                shared = volumes
+                volumes = volume_records(extra, f"vc-{name}-", shared)
+                reused = {v["tag"] for v in shared}
+                staged: dict[str, str] = {}
+                for v in volumes:
+                    if v["tag"] in reused:
+                        continue
+                    if v["tag"] not in staged:
+                        staged[v["tag"]] = await asyncio.to_thread(
+                            poolshare.stage_volume, directory, v["tag"], v["source"], v["read_only"]
+                        )
+                        records.append(record(v["tag"]))
+                    v["guest"] = staged[v["tag"]]
+        except BaseException as exc:
+            for rec in reversed(records):
+                await asyncio.to_thread(poolshare.unstage, directory, rec["staged"])
+            if isinstance(exc, OSError):
+                raise StateError(f"sandbox {self.id}: cannot stage a container: {exc}") from exc
+            raise
+        return volumes, records
+
     async def _plug_share(self, share: SharedFS) -> None:
         """Share a directory with the VM: plugged before it boots, else hot-added."""
         hv = self.hypervisor
@@ -583,6 +635,11 @@ class Sandbox:
 
         hv = self._driver()
         for rec in reversed(records):
+            if rec.get("staged"):
+                from .factory.poolshare import unstage
+
+                await asyncio.to_thread(unstage, self.workload["share_dir"], rec["staged"])
+                continue
             if hv is not None and hv.state is VMState.RUNNING:
                 share = SharedFS(id=rec["id"], source=rec["source"], mount_tag=rec["tag"])
                 try:

@@ -99,6 +99,16 @@ async def test_pooled_vms_take_containers_without_hotplug(
             assert (tmp_path / f"{name}-copied").read_text() == f"secret-{sb.id}\n"
             assert not read_only
 
+        # A second container in the same VM: its root is staged too (ctr1), then taken out.
+        first = sandboxes[0]
+        second = await first.create_container(["sh", "-c", "cat /only-here; echo 2 > /two"])
+        assert (await second.run()).stdout == b""
+        staged = os.path.join(poolshare.served(first.workload["share_dir"]), "ctr1")
+        assert staged in mounts_under(staged)
+        assert (Path(staged) / "two").read_text() == "2\n"
+        await second.delete()
+        assert not os.path.exists(staged) and mounts_under(staged) == []
+
         # Each VM's share holds its own container's files only.
         for sb in sandboxes:
             seen = await sb.exec(

@@ -123,20 +123,36 @@ def stage_volume(directory: str, name: str, source: str, read_only: bool) -> str
     return f"{GUEST_POOL}/{name}"
 
 
-def release(directory: str) -> None:
-    """Unmount everything in a staging area (deepest first) and remove it. The files are
-    removed only once nothing is mounted there any more: never through a volume's bind."""
-    if not os.path.lexists(directory):
-        return
-    for point in sorted(tmpfs.mounts_under(directory), key=len, reverse=True):
+def _unmount_all(path: str) -> None:
+    """Detach every mount at or below `path`, deepest first; `OSError` if any is left."""
+    for point in sorted(tmpfs.mounts_under(path), key=len, reverse=True):
         try:
             tmpfs.unmount(point)
         except OSError as exc:
             if exc.errno not in (errno.EINVAL, errno.ENOENT):
                 raise
-    left = tmpfs.mounts_under(directory)
+    left = tmpfs.mounts_under(path)
     if left:
-        raise OSError(errno.EBUSY, f"still mounted, not removed: {left}", directory)
+        raise OSError(errno.EBUSY, f"still mounted, not removed: {left}", path)
+
+
+def unstage(directory: str, name: str) -> None:
+    """Take entry `name` (a later container's root or volume) out of the share: unmount it,
+    remove its mount point and a root's upper and work directories."""
+    target = os.path.join(served(directory), name)
+    if os.path.lexists(target):
+        _unmount_all(target)
+        os.rmdir(target)
+    for extra in (f"{name}.upper", f"{name}.work"):
+        shutil.rmtree(os.path.join(directory, extra), ignore_errors=True)
+
+
+def release(directory: str) -> None:
+    """Unmount everything in a staging area (deepest first) and remove it. The files are
+    removed only once nothing is mounted there any more: never through a volume's bind."""
+    if not os.path.lexists(directory):
+        return
+    _unmount_all(directory)
     shutil.rmtree(directory)
     with contextlib.suppress(OSError):
         os.rmdir(os.path.dirname(directory))  # the run root's pool/ once it is empty
