@@ -98,7 +98,7 @@ PHASES = (
     ("4 Create: rootfs mounted", "create {cid}: rootfs mounted"),
     ("5 Create: factory VM, share", "create {cid}: VM ready"),
     ("6 Create: container in the guest", "create {cid}: container made in the guest"),
-    ("7 Create answered, Start", "topic=/tasks/start"),
+    ("7 Create answered, Start sent", "start {cid}/: received"),
     ("8 Start: process running", "start {cid}/: running"),
     ("9 process ran, exit seen", "process {cid}/: exited"),
     ("10 exit event, Wait, Delete", "delete {cid}/: received"),

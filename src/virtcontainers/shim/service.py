@@ -247,6 +247,7 @@ class TaskService:
         return pb.CreateTaskResponse(pid=container.init.pid)
 
     async def start(self, req: pb.StartRequest) -> pb.StartResponse:
+        log.debug("start %s/%s: received", req.id, req.exec_id)
         p = self._process(req.id, req.exec_id)
         if p.status != CREATED:
             raise _err(
