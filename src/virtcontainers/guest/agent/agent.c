@@ -287,6 +287,7 @@ static int is_pid1;
 static int console_shell = 1; /* vc.console_shell=0 turns the console shell off */
 static pid_t shell_pid;
 static int64_t shell_respawn_ms;
+#define CONSOLE_SHELL_DELAY_MS 1000
 static int sig_fd = -1;
 static int listen_fd = -1;     /* vsock or --unix listener */
 static int listen_kind_vsock;
@@ -3299,6 +3300,9 @@ static void print_ready(void)
 		attach_console();
 	if (console_ok || !is_pid1 || now_ms() >= ready_deadline) {
 		ready_printed = 1;
+		/* The console shell (for a human) starts a second later: its exec and banner
+		 * competed for the vCPU with the host's first requests (the start's). */
+		shell_respawn_ms = now_ms() + CONSOLE_SHELL_DELAY_MS;
 		console("VC-AGENT-READY\n");
 	}
 }
