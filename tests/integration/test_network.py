@@ -337,6 +337,19 @@ async def test_macvtap_model(run_root: str, guest_assets: Any, tmp_path: Path) -
             server.wait()
 
 
+async def link_to_world(host: Namespace, world: Namespace) -> None:
+    """A dual-stack veth from the test's "host" (`up0`: 203.0.113.1, 2001:db8:77::1) to its
+    "world" (`wan0`: .2 and ::2), documentation prefixes both."""
+    await veth(
+        host,
+        "up0",
+        ["203.0.113.1/24", "2001:db8:77::1/64"],
+        world,
+        "wan0",
+        ["203.0.113.2/24", "2001:db8:77::2/64"],
+    )
+
+
 DUAL_STACK_SERVERS = """
 import http.server, os, socket, threading
 os.chdir("/tmp")
@@ -397,14 +410,7 @@ async def test_ipv6_hairpin_and_udp_over_ipv6_through_published_ports(
     store = ImageStore(str(tmp_path / "images"))
     (image,) = await asyncio.to_thread(store.import_archive, debian_image())
     async with namespaces(2) as (host, world):
-        await veth(
-            host,
-            "up0",
-            ["203.0.113.1/24", "2001:db8:77::1/64"],
-            world,
-            "wan0",
-            ["203.0.113.2/24", "2001:db8:77::2/64"],
-        )
+        await link_to_world(host, world)
         ports = [PortMapping(8080, 80), PortMapping.parse("5353:53/udp")]
         one = Sandbox(
             run_root=run_root,

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_network import get, get_fails, guest_get, guest_serve, serve
+from test_network import get, get_fails, guest_get, guest_serve, link_to_world, serve
 
-from net_support import namespaces, veth
+from net_support import namespaces
 from virtcontainers import Sandbox
 from virtcontainers.errors import ConfigError
 from virtcontainers.network import NetworkConfig, PortMapping, nat
@@ -30,14 +30,7 @@ async def test_forward_drop_policy_and_iptables_fallback(
     if backend == "iptables":
         monkeypatch.setattr(nat, "nft_available", lambda: False)
     async with namespaces(2) as (host, world):
-        await veth(
-            host,
-            "up0",
-            ["203.0.113.1/24", "2001:db8:77::1/64"],
-            world,
-            "wan0",
-            ["203.0.113.2/24", "2001:db8:77::2/64"],
-        )
+        await link_to_world(host, world)
         host.run("iptables", "-P", "FORWARD", "DROP")
         host.run("ip6tables", "-P", "FORWARD", "DROP")
         decoys = [
@@ -126,14 +119,7 @@ async def test_ipv6_bridge_nat66_published_ports_under_pure_nftables_firewall(
     world, from the host's own IPv6 address and from ::1; the loopback-return path gives a
     guest no way around the host's input policy; the firewall is left exactly as it was."""
     async with namespaces(2) as (host, world):
-        await veth(
-            host,
-            "up0",
-            ["203.0.113.1/24", "2001:db8:77::1/64"],
-            world,
-            "wan0",
-            ["203.0.113.2/24", "2001:db8:77::2/64"],
-        )
+        await link_to_world(host, world)
         host.run("nft", "-f", "-", input=HOST_FIREWALL)
         before = host.run("nft", "list", "table", "inet", "hostfw")
         world_server = serve(world, tmp_path, 8090, "outside-world")
