@@ -88,6 +88,12 @@ async def test_image_container_volumes_and_processes(
         )
         assert b"wrote" not in guest.stdout
         assert not (ro / "y").exists()
+        # The guest keeps a file's pages across opens (the share's default cache), yet still
+        # sees the host's later change to it (same size, new bytes).
+        (ro / "data.txt").write_text("READ ONLY\n")
+        await asyncio.sleep(1.5)
+        again = await sb.exec("cat /run/vc/v/vc-v1/data.txt")
+        assert again.stdout == b"READ ONLY\n", again
 
 
 async def test_exec_kill_pids(run_root: str, store: ImageStore) -> None:

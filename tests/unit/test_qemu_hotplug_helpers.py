@@ -121,7 +121,7 @@ def test_virtiofsd_argv(tmp_path: Path) -> None:
         "-o",
         f"source={tmp_path}",
         "-o",
-        "cache=auto",
+        "cache=always,timeout=1",
     ]
     # The project's own options come last (virtiofsd takes the last of each), and an extra
     # argument outside the allowlist never reaches the command line.
