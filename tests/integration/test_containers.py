@@ -350,11 +350,12 @@ def test_sync_container(run_root: str, store: ImageStore) -> None:
 
 
 async def until_ok(c: Container, argv: list[str]) -> bytes:
-    """`argv`'s output in container `c` once it succeeds (its first process may still be
-    setting up when a detached start returns)."""
+    """`argv`'s output in container `c` once it succeeds with some (its first process may
+    still be setting up when a detached start returns, or have created a file not yet
+    written)."""
     for _ in range(200):
         result = await c.exec(argv)
-        if result.exit_code == 0:
+        if result.exit_code == 0 and result.stdout:
             return result.stdout
         await asyncio.sleep(0.05)
     raise AssertionError(f"{argv} kept failing in {c.id}: {result}")
