@@ -188,3 +188,43 @@ async def test_exec_loads_only_the_agent_client(run_root: str) -> None:
     assert [m for m in loaded if not m.startswith(needed)] == []  # no driver, config, pydantic
     assert unused_loaded(r["modules"]) == []
     assert "virtcontainers.agent.client" in r["modules"]  # the check sees what exec loads
+
+
+FACTORY_RUN_DEFERRED = (
+    "tomllib",
+    "virtcontainers.config.toml",
+    "virtcontainers.factory.cache",
+    "virtcontainers.factory.ledger",
+    "virtcontainers.images.unpack",
+)
+"""What `virtc run --factory --image NAME` has no use for: the TOML loader, the in-process VM
+pool and the layer unpacker (the image is unpacked already); each used to load on its path."""
+
+
+def test_factory_run_path_defers_what_it_does_not_use() -> None:
+    """The modules `virtc run --factory --image` loads (the command, the config, the cache
+    client, the QEMU driver's take-over, the image store), imported in a fresh interpreter:
+    none of FACTORY_RUN_DEFERRED comes with them, and the names still resolve on use."""
+    code = (
+        "import sys\n"
+        "from virtcontainers.cli import commands, container_cmds\n"
+        "from virtcontainers.config import HypervisorConfig\n"
+        "from virtcontainers.factory import Factory, sandbox_from_factory\n"
+        "from virtcontainers.factory.rpc import client\n"
+        "from virtcontainers.drivers.qemu import driver\n"
+        "from virtcontainers.images import ImageStore\n"
+        "from virtcontainers.sandbox import build_config\n"
+        "loaded = sorted(sys.modules)\n"
+        "from virtcontainers.config import load_toml\n"
+        "print(' '.join(loaded))\n"
+        "print(load_toml.__module__)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    modules, resolved = proc.stdout.splitlines()
+    loaded = modules.split()
+    assert "virtcontainers.drivers.qemu.driver" in loaded  # the import above did load
+    assert [m for m in FACTORY_RUN_DEFERRED if m in loaded] == []
+    assert resolved == "virtcontainers.config.toml"

@@ -2,9 +2,13 @@
 (toml.py) and `io.katacontainers.config.hypervisor.*` annotations (annotations.py).
 
 Importing it builds nothing beyond the model's dataclass and a few compiled patterns: no
-validation, host probe or file access happens until a method is called.
+validation, host probe or file access happens until a method is called. The TOML loader
+(tomllib) loads on first use: `virtc run` and the factory's clients never read a TOML file.
 """
 
+from typing import TYPE_CHECKING
+
+from .. import _lazy_exports
 from .annotations import ANNOTATION_PREFIX, KNOWN_ANNOTATIONS, apply_annotations, glob_match
 from .model import (
     DEFAULT_BLOCK_DRIVER,
@@ -34,7 +38,15 @@ from .model import (
     HypervisorConfig,
     check_virtiofsd_args,
 )
-from .toml import TOML_KEY_FOR_FIELD, TomlLoadResult, load_toml
+
+if TYPE_CHECKING:
+    from .toml import TOML_KEY_FOR_FIELD, TomlLoadResult, load_toml
+
+__getattr__, __dir__ = _lazy_exports(
+    __name__,
+    dict.fromkeys(("TOML_KEY_FOR_FIELD", "TomlLoadResult", "load_toml"), ".toml"),
+    globals(),
+)
 
 __all__ = [
     "ANNOTATION_PREFIX",

@@ -18,7 +18,6 @@ from ..errors import VCError
 from ..hypervisor import VMState
 from ..types import Capabilities, HypervisorType
 from .base import DirectBase, FactoryBase, FactoryStatus, TemplateBase
-from .cache import VMCache
 from .errors import FactoryError
 from .template import TemplateStore
 from .vm import DEFAULT_BOOT_TIMEOUT, VM, boot_vm, stop_quietly
@@ -81,6 +80,7 @@ class Factory:
     ) -> Factory:
         """A factory over an in-process pool of `size` VMs of `base`, filling from now on."""
         from . import poolshare
+        from .cache import VMCache  # the in-process pool: not for the cache server's clients
 
         stage_root = persist.run_root(run_root) if poolshare.wanted(base.config()) else None
         cache = VMCache(base, size, concurrency=concurrency, stage_root=stage_root)

@@ -35,7 +35,6 @@ from ..host import host_dir
 from ..persist import atomic_write, ensure_dir, validate_id
 from . import archive
 from .archive import Blob, Candidate, Source, check_digest, normalize_reference
-from .unpack import apply_layer
 
 ROOT_ENV = "VC_IMAGE_ROOT"
 IMAGES_FILE = "images.json"
@@ -301,6 +300,8 @@ class ImageStore:
         c.manifest_digest = "sha256:" + hexd
         tree = os.path.join(staging, f"rootfs-{hexd}")
         if not os.path.isdir(os.path.join(self.root, "rootfs", hexd)) and not os.path.isdir(tree):
+            from .unpack import apply_layer  # not for a run from an unpacked image
+
             os.mkdir(tree, 0o755)
             name = c.names[0] if c.names else c.manifest_digest
             for i, layer in enumerate(layers):
@@ -386,6 +387,8 @@ class ImageStore:
         with self._locked():
             if os.path.isdir(final):
                 return final
+            from .unpack import apply_layer  # not for a run from an unpacked image
+
             staging = tempfile.mkdtemp(prefix="unpack-", dir=os.path.join(self.root, "tmp"))
             try:
                 tree = os.path.join(staging, "rootfs")
