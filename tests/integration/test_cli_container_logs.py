@@ -137,7 +137,10 @@ async def test_logs_of_a_detached_container(run_root: str, store: ImageStore) ->
         second = await follower(run_root, store, "lg1")
         assert second.stdout is not None
         assert await asyncio.wait_for(second.stdout.readuntil(b"late\n"), 60) == KEPT + b"late\n"
-        assert virtc(run_root, store, "exec", "lg1", "--", "touch", "/tmp/end").returncode == 0
+        # The script (the container's pid 1) ends as soon as it sees the file, and its pid
+        # namespace's end may kill `touch` before touch has exited itself (137).
+        ended = virtc(run_root, store, "exec", "lg1", "--", "touch", "/tmp/end")
+        assert ended.returncode in (0, 137), ended
         out, _err = await asyncio.wait_for(second.communicate(), 60)
         assert second.returncode == 0 and out == b"bye\n"
         again = virtc(run_root, store, "logs", "lg1")
