@@ -116,26 +116,13 @@ def test_virtiofsd_argv(tmp_path: Path) -> None:
     share = SharedFS(id="s0", source=str(tmp_path), mount_tag="t")
     assert virtiofsd.argv(cfg, "qemu", share, "/run/x.sock") == [
         daemon,
-        "-o",
-        "timeout=1",
         "--thread-pool-size=1",
         "--socket-path=/run/x.sock",
         "-o",
         f"source={tmp_path}",
         "-o",
-        "cache=always",
+        "cache=auto",
     ]
-    # The default cache mode's timeout comes before the extra arguments: a configured one wins
-    # (virtiofsd takes the last). A configured cache mode gets no timeout of ours.
-    cfg.virtio_fs_extra_args = ["-o", "timeout=5"]
-    assert virtiofsd.argv(cfg, "qemu", share, "/run/x.sock")[1:5] == [
-        "-o", "timeout=1", "-o", "timeout=5",
-    ]  # fmt: skip
-    cfg.virtio_fs_cache = "auto"
-    auto = virtiofsd.argv(cfg, "qemu", share, "/run/x.sock")
-    assert auto[1:3] == ["-o", "timeout=5"] and auto[-2:] == ["-o", "cache=auto"]
-    assert not any(a.startswith("timeout=1") for a in auto)
-    cfg.virtio_fs_cache = ""
     # The project's own options come last (virtiofsd takes the last of each), and an extra
     # argument outside the allowlist never reaches the command line.
     cfg.virtio_fs_extra_args = ["-o", "source=/"]

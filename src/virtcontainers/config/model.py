@@ -220,7 +220,7 @@ class HypervisorConfig:
     virtio_fs_daemon_list: list[str] = field(default_factory=list)
     """Globs a `virtio_fs_daemon` annotation must match. Kata: valid_virtio_fs_daemon_paths."""
     virtio_fs_cache: str = ""
-    """virtiofsd cache mode: none, auto or always ('': always, names and attributes kept 1 s)."""
+    """virtiofsd cache mode: none, auto or always ('' : auto)."""
     virtio_fs_extra_args: list[str] = field(default_factory=list)
     """Extra virtiofsd arguments, allowlisted (see VIRTIOFSD_*_OPTIONS); placed before the
     project's own.

@@ -25,14 +25,6 @@ DEFAULT_VIRTIOFSD = VIRTIOFSD_PATH
 PID_FILE_DIR = "/run/virtiofsd"
 #: The helper kind (see `Helpers`) and process name.
 KIND = "virtiofsd"
-#: The cache mode when none is configured: a file's pages kept across opens (cache=auto drops
-#: them at each open: every exec in a container re-read its binary through the share,
-#: busybox's 1 MB ~0.15 s under TCG), with auto's coherence for names and attributes
-#: (`DEFAULT_TIMEOUT` s), so a file changed on the host is re-read once its attributes are.
-DEFAULT_CACHE = "always"
-#: Seconds names and attributes are cached with the default cache mode; given before the
-#: config's extra arguments, so a `timeout=` there wins.
-DEFAULT_TIMEOUT = 1
 #: Seconds virtiofsd gets to create its socket.
 START_TIMEOUT = 10.0
 
@@ -75,7 +67,7 @@ def argv(
     inherits as `listen_fd`) with the config's extra arguments (allowlisted), cache mode and
     debug flag. The project's own options come last, so that even an option the allowlist
     missed cannot override them (virtiofsd's last one wins)."""
-    cache = cfg.virtio_fs_cache or DEFAULT_CACHE
+    cache = cfg.virtio_fs_cache or "auto"
     if cache not in VIRTIO_FS_CACHE_VALUES:
         raise ConfigError(
             f"virtio_fs_cache: {cache!r} is not a virtiofsd cache mode "
@@ -83,10 +75,7 @@ def argv(
         )
     source = served_dir(share)  # SharedFS refuses a comma in it (`-o` takes a comma list)
     check_virtiofsd_args("virtio_fs_extra_args", cfg.virtio_fs_extra_args)
-    args = [daemon_path(cfg, hypervisor)]
-    if not cfg.virtio_fs_cache:
-        args += ["-o", f"timeout={DEFAULT_TIMEOUT}"]
-    args += cfg.virtio_fs_extra_args
+    args = [daemon_path(cfg, hypervisor), *cfg.virtio_fs_extra_args]
     where = f"--fd={listen_fd}" if listen_fd is not None else f"--socket-path={socket}"
     args += [where, "-o", f"source={source}", "-o", f"cache={cache}"]
     if cfg.debug:
