@@ -1048,8 +1048,17 @@ static void relay_console(void)
 		cfmakeraw(&raw);
 		tcsetattr(0, TCSANOW, &raw);
 	}
+	/* A resize may have come after the child copied our size and before this handler: the
+	 * first turn copies it again. SIGWINCH is let in only inside ppoll, so none is missed
+	 * between the check and the wait. */
+	sigset_t winch, waiting;
+	sigemptyset(&winch);
+	sigaddset(&winch, SIGWINCH);
+	sigprocmask(SIG_BLOCK, &winch, &waiting);
+	sigdelset(&waiting, SIGWINCH);
 	struct sigaction sa = {.sa_handler = on_winch};
 	sigaction(SIGWINCH, &sa, NULL);
+	resized = 1;
 	struct pollfd fds[2] = {{.fd = 0, .events = POLLIN}, {.fd = master, .events = POLLIN}};
 	for (;;) {
 		if (resized) {
@@ -1058,7 +1067,7 @@ static void relay_console(void)
 			if (!ioctl(0, TIOCGWINSZ, &ws))
 				ioctl(master, TIOCSWINSZ, &ws);
 		}
-		if (poll(fds, 2, -1) < 0) {
+		if (ppoll(fds, 2, NULL, &waiting) < 0) {
 			if (errno == EINTR)
 				continue;
 			break;
