@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import threading
 from pathlib import Path
@@ -167,6 +168,37 @@ def test_missing_libc_a_names_the_package(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setattr(initrd, "LIBC_A", str(tmp_path / "libc.a"))
     with pytest.raises(AssetError, match="libc6-dev"):
         initrd.compile_agent(str(tmp_path / "init"), str(tmp_path))
+
+
+# -- module signatures ---------------------------------------------------------------------------
+
+
+def _signed(body: bytes, sig: bytes) -> bytes:
+    # struct module_signature: algo, hash, id_type, signer_len, key_id_len, pad[3], be32 sig_len
+    info = struct.pack(">BBBBB3xI", 0, 0, 2, 0, 0, len(sig))
+    return body + sig + info + initrd.MODULE_SIG_MARKER
+
+
+def test_module_copied_without_its_signature(tmp_path: Path) -> None:
+    body = b"\x7fELF" + bytes(range(256)) * 4
+    src, dst = tmp_path / "m.ko", tmp_path / "out.ko"
+    src.write_bytes(_signed(body, b"S" * 512))
+    initrd.copy_unsigned_module(str(src), str(dst))
+    assert dst.read_bytes() == body
+    src.write_bytes(body)  # an unsigned module is copied as it is
+    initrd.copy_unsigned_module(str(src), str(dst))
+    assert dst.read_bytes() == body
+
+
+def test_module_with_a_bad_signature_length_is_an_error(tmp_path: Path) -> None:
+    src = tmp_path / "m.ko"
+    info = struct.pack(">BBBBB3xI", 0, 0, 2, 0, 0, 1 << 20)  # longer than the file
+    src.write_bytes(b"\x7fELF" + b"S" * 8 + info + initrd.MODULE_SIG_MARKER)
+    with pytest.raises(AssetError, match=r"m\.ko: signature length 1048576 exceeds the file"):
+        initrd.copy_unsigned_module(str(src), str(tmp_path / "out.ko"))
+    src.write_bytes(b"abc" + initrd.MODULE_SIG_MARKER)
+    with pytest.raises(AssetError, match="truncated signature"):
+        initrd.copy_unsigned_module(str(src), str(tmp_path / "out.ko"))
 
 
 # -- cpio ----------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from .vmlinux import extract_vmlinux
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 """Bump whenever the build recipe changes in a way the other inputs do not capture."""
 KERNEL_FILE = "vmlinuz"
 VMLINUX_FILE = "vmlinux"
