@@ -122,6 +122,8 @@ async def test_namespace_endpoint_tcfilter_guest_config_and_hotplug(
                 assert "tap0_vc" in sbns.links()
                 filters = sbns.run("tc", "filter", "show", "dev", "eth0", "ingress")
                 assert "mirred (Egress Redirect to device tap0_vc)" in filters
+                # The tap only carries the guest's frames: the host speaks no IPv6 on it.
+                assert sbns.run("ip", "-6", "addr", "show", "dev", "tap0_vc").strip() == ""
 
                 # Guest side: the same MAC, MTU, addresses, routes, neighbour, names.
                 dev = (await sb.exec(f"grep -l {mac} /sys/class/net/*/address")).stdout.decode()
@@ -199,6 +201,10 @@ async def test_bridge_nat_published_ports_and_two_sandboxes(
         try:
             await asyncio.gather(one.start(), two.start())
             ip1, ip2 = _ip_of(one), _ip_of(two)
+            # The veths' ends on the bridge carry only the guests' frames: no IPv6 of their
+            # own (the bridge itself has the gateway's addresses).
+            assert one.network is not None and one.network.host_veth in host.links()
+            assert host.run("ip", "-6", "addr", "show", "dev", one.network.host_veth).strip() == ""
             assert ip1.startswith("10.213.0.") and ip2.startswith("10.213.0.") and ip1 != ip2
             assert Sandbox.info(one.id, run_root).ip == ip1
             await guest_serve(one, 80, "g1")
