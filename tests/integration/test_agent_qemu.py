@@ -145,7 +145,8 @@ async def test_ping_and_kernel_version(client: AgentClient, assets: GuestAssets)
 
 
 async def test_modules_and_devices(client: AgentClient, assets: GuestAssets) -> None:
-    # Drivers of present devices load before the marker, the rest right after it.
+    # Drivers of present devices load before the marker (a NIC's right after it, first),
+    # the rest right after it.
     loaded: set[str] = set()
     for _ in range(200):
         res = await client.exec(["cut", "-d", " ", "-f1", "/proc/modules"])

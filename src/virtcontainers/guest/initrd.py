@@ -38,7 +38,8 @@ LIBC_A = "/usr/lib/x86_64-linux-gnu/libc.a"
 MODULE_LIST = "etc/vc-modules"
 """Inside the initrd: `name path deps` per module (path relative to lib/modules/<version>),
 dependencies first. The agent loads the drivers of the devices present before it says
-it is ready, and everything else right after, in the background."""
+it is ready (a NIC's right after, first: the host's NETWORK request waits for the link),
+and everything else right after, in the background."""
 
 
 MODULE_SIG_MARKER = b"~Module signature appended~\n"

@@ -2285,6 +2285,18 @@ static int nl_neigh(struct nl *nl, const struct net_neigh *nb, int index)
 	return nl_talk(nl, &m, NULL, NULL);
 }
 
+/* A netlink socket that hears of new links (RTMGRP_LINK), or -1. */
+static int nl_watch_links(void)
+{
+	int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC | SOCK_NONBLOCK, NETLINK_ROUTE);
+	struct sockaddr_nl sa = {.nl_family = AF_NETLINK, .nl_groups = RTMGRP_LINK};
+	if (fd >= 0 && bind(fd, (struct sockaddr *)&sa, sizeof sa)) {
+		close(fd);
+		fd = -1;
+	}
+	return fd;
+}
+
 /* Replace sysroot + `path` with `data` (the guest's own /etc: root's, no symlink followed). */
 static int net_write_file(const char *path, const struct field *data)
 {
@@ -2323,6 +2335,7 @@ static void handle_network(struct conn *c, uint32_t id, const uint8_t *p, size_t
 	int64_t t0 = now_ms();
 	struct net_req *r = calloc(1, sizeof *r);
 	struct nl nl = {.fd = -1};
+	int watch = -1;
 	struct buf b = {0};
 	char err[200] = "", what[160] = "";
 	int e = EINVAL;
@@ -2377,8 +2390,9 @@ static void handle_network(struct conn *c, uint32_t id, const uint8_t *p, size_t
 		snprintf(what, sizeof what, "loopback up");
 		goto sys;
 	}
-	/* Find each link by its MAC (a hotplugged NIC may still be probing): a dump every 10 ms
-	 * until all are there or the timeout passes. */
+	/* Find each link by its MAC (a NIC may still be probing: its driver loads right after
+	 * the ready marker, or it was just hotplugged): a dump, then another as soon as the
+	 * kernel announces a new link (or every 100 ms), until all are there or time is up. */
 	int64_t deadline = now_ms() + timeout;
 	for (;;) {
 		struct ifinfomsg ifi = {.ifi_family = AF_UNSPEC};
@@ -2394,7 +2408,8 @@ static void handle_network(struct conn *c, uint32_t id, const uint8_t *p, size_t
 				missing = i;
 		if (missing < 0)
 			break;
-		if (now_ms() >= deadline) {
+		int64_t left = deadline - now_ms();
+		if (left <= 0) {
 			const uint8_t *mac = r->links[missing].mac;
 			e = ETIMEDOUT;
 			snprintf(err, sizeof err,
@@ -2402,8 +2417,20 @@ static void handle_network(struct conn *c, uint32_t id, const uint8_t *p, size_t
 				 mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], (long long)timeout);
 			goto fail;
 		}
-		struct timespec ts = {0, 10 * 1000000L};
-		nanosleep(&ts, NULL);
+		if (watch < 0) {
+			/* Subscribed, then dumped again: a link that comes after is announced. */
+			if ((watch = nl_watch_links()) >= 0)
+				continue;
+			struct timespec ts = {0, 10 * 1000000L};
+			nanosleep(&ts, NULL);
+			continue;
+		}
+		struct pollfd pw = {.fd = watch, .events = POLLIN};
+		if (poll(&pw, 1, (int)(left < 100 ? left : 100)) > 0) {
+			static uint8_t drain[8192];
+			while (recv(watch, drain, sizeof drain, MSG_DONTWAIT) > 0)
+				;
+		}
 	}
 	for (int i = 0; i < r->n_links; i++) {
 		struct net_link *l = &r->links[i];
@@ -2468,6 +2495,8 @@ fail:
 out:
 	if (nl.fd >= 0)
 		close(nl.fd);
+	if (watch >= 0)
+		close(watch);
 	buf_free(&b);
 	net_req_free(r);
 }
@@ -3205,6 +3234,12 @@ static void load_module_named(const char *name)
 		load_module(i);
 }
 
+/* A NIC's driver (virtio_net, with failover and net_failover: ~20-30 ms of the vCPU under
+ * TCG) is not needed for the ready marker: it loads right after it, first and at normal
+ * priority, while the host connects and sends its NETWORK request (which waits for the link
+ * to appear), in time the vCPU would otherwise give to the background loading. */
+static int nic_deferred;
+
 /* Drivers for the virtio devices present now (ids from the virtio spec). */
 static void load_present_drivers(void)
 {
@@ -3230,6 +3265,10 @@ static void load_present_drivers(void)
 		if (read_text(path, val, sizeof val) <= 0)
 			continue;
 		unsigned id = (unsigned)strtoul(val, NULL, 16);
+		if (id == 1) {
+			nic_deferred = 1;
+			continue;
+		}
 		for (size_t t = 0; t < sizeof table / sizeof table[0]; t++)
 			for (int k = 0; k < 2 && table[t].id == id && table[t].mods[k]; k++)
 				load_module_named(table[t].mods[k]);
@@ -3242,9 +3281,10 @@ static void load_present_drivers(void)
 	}
 }
 
-/* The rest (hotplug drivers, filesystems) in a child, so the agent serves meanwhile; at the
- * lowest priority, so that it takes the vCPU only when the agent leaves it idle (it competed
- * with the host's first requests: the start's network set-up, the first exec). */
+/* The rest (a deferred NIC driver first, then hotplug drivers, filesystems) in a child, so
+ * the agent serves meanwhile; all but the NIC's at the lowest priority, so that they take
+ * the vCPU only when the agent leaves it idle (they competed with the host's first requests:
+ * the start's network set-up, the first exec). */
 static void load_remaining_drivers(void)
 {
 	int left = 0;
@@ -3254,6 +3294,8 @@ static void load_remaining_drivers(void)
 		return;
 	pid_t pid = fork();
 	if (pid == 0) {
+		if (nic_deferred)
+			load_module_named("virtio_net");
 		setpriority(PRIO_PROCESS, 0, 19);
 		for (int i = 0; i < nmodules; i++)
 			load_module(i);
