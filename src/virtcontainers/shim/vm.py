@@ -118,7 +118,8 @@ class PodVM(Protocol):
     ) -> GuestProcess:
         """Start the container's first process (no `exec_id`) or an exec in it, with a
         terminal of rows x cols when `process.terminal`; returns once it runs (it can be
-        signalled and joined) or has ended."""
+        signalled and joined) or has ended, or, for the VM's first container (whose task
+        pid is the VMM's), once it is started: its kill, exec and ps wait until it runs."""
         ...
 
     async def kill(self, container_id: str, sig: int) -> None:
@@ -294,6 +295,11 @@ class SandboxVM:
         """The id of the container of the VM's own bundle (its task pid is the VMM's)."""
         self.guest_pids: dict[str, int] = {}
         """Container id -> guest pid of the first process of the containers after the first."""
+        self._unseen: dict[str, Container] = {}
+        """Started containers whose first process may not have written its pid yet: the VM's
+        first container's Start answers before that (`start_process`); what needs the pid
+        waits for it (`_running`)."""
+        self._seen: dict[str, asyncio.Task[None]] = {}
 
     @property
     def pid(self) -> int:
@@ -352,6 +358,7 @@ class SandboxVM:
             if self.first in self.containers:  # a guest pid equal to the VMM's: the first's
                 tasks[self.pid] = self.first
             joined = joined_namespaces(bundle, tasks)
+            await self._running(*joined.values())  # vc-run joins them by their pid files
             container = await self.sandbox.create_container(
                 id=container_id, bundle=guest_bundle(bundle), share_with=joined or None
             )
@@ -373,30 +380,54 @@ class SandboxVM:
         c = self._container(container_id)
         tty = process.terminal
         if exec_id:
+            await self._running(container_id)
             env = process.env or None
             return await c.start_exec(
                 process.args, env=env, cwd=process.cwd, tty=tty, rows=rows, cols=cols
             )
         proc = await c.start(tty=tty, rows=rows, cols=cols)
+        if container_id == self.first:
+            # Its task pid is the VMM's: nothing to learn from the guest. Looking for its pid
+            # file now would start a guest process beside the container's own start (one
+            # vCPU under TCG); a kill, exec, ps or a later container that joins it waits.
+            self._unseen[container_id] = c
+            return proc
         await c.until_running()
-        if container_id != self.first:
-            from ..errors import StateError
+        from ..errors import StateError
 
-            with contextlib.suppress(StateError):  # ended already: it keeps the VMM's pid
-                self.guest_pids[container_id] = await c.pid()
+        with contextlib.suppress(StateError):  # ended already: it keeps the VMM's pid
+            self.guest_pids[container_id] = await c.pid()
         return proc
 
+    async def _running(self, *container_ids: str) -> None:
+        """Until the first process of each of `container_ids` has written its pid (or ended)."""
+        for cid in container_ids:
+            c = self._unseen.pop(cid, None)
+            if c is not None:
+                self._seen[cid] = asyncio.get_running_loop().create_task(c.until_running())
+            seen = self._seen.get(cid)
+            if seen is not None:
+                await asyncio.shield(seen)
+
     async def kill(self, container_id: str, sig: int) -> None:
-        await self._container(container_id).kill(sig)
+        c = self._container(container_id)
+        await self._running(container_id)
+        await c.kill(sig)
 
     async def pids(self, container_id: str) -> list[int]:
-        return await self._container(container_id).pids()
+        c = self._container(container_id)
+        await self._running(container_id)
+        return await c.pids()
 
     async def remove_container(self, container_id: str) -> None:
         from ..errors import VCError
 
         c = self.containers.pop(container_id, None)
         self.guest_pids.pop(container_id, None)
+        self._unseen.pop(container_id, None)
+        seen = self._seen.pop(container_id, None)
+        if seen is not None:
+            seen.cancel()
         if c is not None:
             try:
                 await c.delete()
@@ -470,6 +501,10 @@ class SandboxVM:
             await self.sandbox.resize(vcpus=vcpus, memory_mb=memory_mb)
 
     async def stop(self, *, force: bool = False) -> None:
+        for task in self._seen.values():
+            task.cancel()
+        self._seen.clear()
+        self._unseen.clear()
         await self.sandbox.stop(force=force)
 
 
