@@ -18,6 +18,8 @@ _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 
 BLOCK_DRIVERS = ("virtio-scsi", "virtio-blk", "virtio-blk-ccw", "virtio-mmio", "nvdimm")
 SHARED_FS_TYPES = ("virtio-fs", "virtio-9p")
+#: virtiofsd `cache=` modes (Kata's `virtio_fs_cache` values).
+FS_CACHE_MODES = ("none", "auto", "always")
 VHOST_USER_KINDS = ("blk", "scsi", "net", "fs")
 
 
@@ -114,9 +116,17 @@ class SharedFS(Device):
     """With `lower`: the overlay is mounted with `metacopy=on`, its owners shifted by this
     much once (`shift_owners`), metadata-only copies in `source`: a root for a user
     namespace mapping container id 0 to this id."""
+    cache: str = ""
+    """Its daemon's cache mode (one of `FS_CACHE_MODES`); "": the config's `virtio_fs_cache`.
+    A container's root is served with "always" (see `drivers.virtiofsd.ROOT_CACHE`)."""
 
     def __post_init__(self) -> None:
         check_id("shared fs", self.id)
+        if self.cache and self.cache not in FS_CACHE_MODES:
+            raise ConfigError(
+                f"shared fs {self.id}: unknown cache mode {self.cache!r} "
+                f"(one of {', '.join(FS_CACHE_MODES)})"
+            )
         check_abs_path(f"shared fs {self.id}", "source", self.source)
         if self.lower:
             check_abs_path(f"shared fs {self.id}", "lower", self.lower)

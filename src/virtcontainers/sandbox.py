@@ -367,9 +367,11 @@ class Sandbox:
         """The virtio-fs share of a container's root: over an image (`lower`), an overlay with
         a writable upper directory of its own under the VM directory; else a bundle's root.
         The first container's ("ctr") is plugged before boot; each later one's ("ctrN") is
-        hot-added, served by its own virtiofsd. Always writable: vc-run makes a read-only
-        root's mount points in it, then remounts it read-only (as runc does)."""
+        hot-added, served by its own virtiofsd, its cache mode `ROOT_CACHE`. Always
+        writable: vc-run makes a read-only root's mount points in it, then remounts it
+        read-only (as runc does)."""
         from .devices import SharedFS
+        from .drivers.virtiofsd import ROOT_CACHE
 
         sid = "ctr" if index == 0 else f"ctr{index}"
         if lower:
@@ -377,9 +379,14 @@ class Sandbox:
             os.makedirs(upper, mode=0o755)
             shift = (self.workload.get("userns") or [0])[0]
             return SharedFS(
-                id=sid, source=upper, mount_tag=f"vc-{sid}", lower=lower, id_shift=shift
+                id=sid,
+                source=upper,
+                mount_tag=f"vc-{sid}",
+                lower=lower,
+                id_shift=shift,
+                cache=ROOT_CACHE,
             )
-        return SharedFS(id=sid, source=root, mount_tag=f"vc-{sid}")
+        return SharedFS(id=sid, source=root, mount_tag=f"vc-{sid}", cache=ROOT_CACHE)
 
     async def create_container(
         self,

@@ -1,8 +1,9 @@
-"""Pooled VMs with a staged share (real QEMU, TCG): the VM cache attaches and mounts one
-virtio-fs share per VM while it waits in the pool; at hand-out the container's root and
-volumes are mounted under it on the host and reach the guest by mount propagation, with no
-device hot-added. Read-only volumes stay read-only, one VM never sees another's files, and
-stopping (or a dead cache server) leaves no mount, directory or process behind."""
+"""Pooled VMs with staged shares (real QEMU, TCG): the VM cache attaches and mounts two
+virtio-fs shares per VM while it waits in the pool (roots with cache=always, volumes with the
+config's mode); at hand-out the container's root and volumes are mounted under them on the
+host and reach the guest by mount propagation, with no device hot-added. Read-only volumes
+stay read-only, one VM never sees another's files, and stopping (or a dead cache server)
+leaves no mount, directory or process behind."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ async def test_pooled_vms_take_containers_without_hotplug(
         await factory.base.wait_full(240)  # type: ignore[attr-defined]
         staged = [os.path.join(run_root, "pool", d) for d in os.listdir(f"{run_root}/pool")]
         assert len(staged) == 2
-        assert sorted(mounts_under(f"{run_root}/pool")) == sorted(map(poolshare.served, staged))
+        served = [f(d) for d in staged for f in (poolshare.served, poolshare.served_volumes)]
+        assert sorted(mounts_under(f"{run_root}/pool")) == sorted(served)
         volumes = []
         for name in ("a", "b"):
             rw, ro = tmp_path / f"{name}-rw", tmp_path / f"{name}-ro"
@@ -90,7 +92,7 @@ async def test_pooled_vms_take_containers_without_hotplug(
             assert (rw / "new").read_text() == "mine\n"
             assert not (ro / "x").exists()
             # Read-only on the host side too: the guest itself cannot write through the share.
-            guest_ro = await sb.exec(["/bin/sh", "-c", "echo x > /run/vc/pool/vc-v1/y"])
+            guest_ro = await sb.exec(["/bin/sh", "-c", "echo x > /run/vc/poolv/vc-v1/y"])
             assert guest_ro.exit_code != 0 and b"Read-only" in guest_ro.stderr, guest_ro
             assert not (ro / "y").exists()
             # `virtc cp` finds the root in the share its virtiofsd serves.
@@ -112,9 +114,11 @@ async def test_pooled_vms_take_containers_without_hotplug(
         # Each VM's share holds its own container's files only.
         for sb in sandboxes:
             seen = await sb.exec(
-                ["/bin/sh", "-c", "ls /run/vc/pool; cat /run/vc/pool/ctr/only-here"]
+                ["/bin/sh", "-c", "ls /run/vc/pool /run/vc/poolv; cat /run/vc/pool/ctr/only-here"]
             )
-            assert seen.stdout.decode().split() == ["ctr", "vc-v0", "vc-v1", f"secret-{sb.id}"]
+            assert seen.stdout.decode().split() == [
+                "/run/vc/pool:", "ctr", "/run/vc/poolv:", "vc-v0", "vc-v1", f"secret-{sb.id}"
+            ]  # fmt: skip
     finally:
         for sb in sandboxes:
             await sb.stop()
@@ -134,7 +138,7 @@ async def test_a_dead_cache_server_leaves_no_staged_share(run_root: str, guest_a
             if (await daemon_status(run_root)).vms:
                 break
             await asyncio.sleep(0.1)
-        assert len(mounts_under(os.path.join(run_root, "pool"))) == 1
+        assert len(mounts_under(os.path.join(run_root, "pool"))) == 2  # roots, volumes
         watcher = read_pid_file(run_root)[2]
         os.kill(pid, signal.SIGKILL)
         for _ in range(300):

@@ -1,6 +1,6 @@
-"""A pooled VM's staged share on the host (real mounts in a temporary directory: root), its
+"""A pooled VM's staged shares on the host (real mounts in a temporary directory: root), their
 release (never deleting through a volume's bind), the ledger's clean-up of a dead server's
-shares, and the guest script of a container whose root and volumes are in the share."""
+shares, and the guest script of a container whose root and volumes are in the shares."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from virtcontainers.containers import Container, ContainerRecord
-from virtcontainers.containers.container import GUEST_POOL
+from virtcontainers.containers.container import GUEST_POOL, GUEST_POOL_VOLUMES
+from virtcontainers.drivers.virtiofsd import ROOT_CACHE
 from virtcontainers.factory import ledger as ledger_mod
 from virtcontainers.factory import poolshare
 from virtcontainers.factory.tmpfs import mounts_under
@@ -41,8 +42,14 @@ def test_mounts_made_after_a_namespace_copy_reach_it_read_only_stays(
     area: str, tmp_path: Path
 ) -> None:
     """What the guest sees through virtiofsd: its namespace was copied before hand-out."""
-    share = poolshare.prepare(area)
-    assert share.source == poolshare.served(area) and share.mount_tag == poolshare.TAG
+    roots, volumes = poolshare.prepare(area)
+    assert (roots.source, roots.mount_tag) == (poolshare.served(area), poolshare.TAG)
+    assert (volumes.source, volumes.mount_tag) == (
+        poolshare.served_volumes(area),
+        poolshare.VOLUMES_TAG,
+    )
+    # The roots' daemon keeps the guest's caches; the volumes' has the config's mode.
+    assert (roots.cache, volumes.cache) == (ROOT_CACHE, "")
     rw, ro, lower = tmp_path / "rw", tmp_path / "ro", tmp_path / "lower"
     for d in (rw, ro, lower):
         d.mkdir()
@@ -50,16 +57,18 @@ def test_mounts_made_after_a_namespace_copy_reach_it_read_only_stays(
     proc = in_new_namespace(area)
     try:
         assert poolshare.stage_root(area, lower=str(lower)) == f"{GUEST_POOL}/ctr"
-        assert poolshare.stage_volume(area, "v0", str(rw), False) == f"{GUEST_POOL}/v0"
+        assert poolshare.stage_volume(area, "v0", str(rw), False) == f"{GUEST_POOL_VOLUMES}/v0"
         poolshare.stage_volume(area, "v1", str(ro), True)
         seen = f"/proc/{proc.pid}/root{poolshare.served(area)}"
+        seen_volumes = f"/proc/{proc.pid}/root{poolshare.served_volumes(area)}"
+        assert os.listdir(seen) == ["ctr"] and sorted(os.listdir(seen_volumes)) == ["v0", "v1"]
         assert Path(seen, "ctr", "from-image").read_text() == "img"
         Path(seen, "ctr", "new").write_text("x")
         assert (Path(area) / "ctr.upper" / "new").exists()  # writes go to the upper dir
-        Path(seen, "v0", "f").write_text("rw")
+        Path(seen_volumes, "v0", "f").write_text("rw")
         assert (rw / "f").read_text() == "rw"
         with pytest.raises(OSError, match="Read-only"):
-            Path(seen, "v1", "f").write_text("ro")
+            Path(seen_volumes, "v1", "f").write_text("ro")
         with pytest.raises(FileExistsError):
             poolshare.stage_volume(area, "v0", str(rw), False)  # names are never reused
     finally:
@@ -122,7 +131,7 @@ def test_a_staged_container_binds_its_root_and_volumes_from_the_share() -> None:
                 "read_only": True,
                 "tag": "vc-v0",
                 "file": "",
-                "guest": f"{GUEST_POOL}/vc-v0",
+                "guest": f"{GUEST_POOL_VOLUMES}/vc-v0",
             },
         ],
     )
@@ -130,4 +139,4 @@ def test_a_staged_container_binds_its_root_and_volumes_from_the_share() -> None:
     script = c.setup_script()
     assert f"mount -o bind {GUEST_POOL}/ctr {c.rootfs}" in script
     assert "virtiofs" not in script  # nothing mounted by tag: the share is mounted already
-    assert ("bind", f"{GUEST_POOL}/vc-v0", "/a", "rbind,ro") in c._volume_mounts()
+    assert ("bind", f"{GUEST_POOL_VOLUMES}/vc-v0", "/a", "rbind,ro") in c._volume_mounts()

@@ -135,6 +135,11 @@ def test_virtiofsd_argv(tmp_path: Path) -> None:
     cfg.virtio_fs_cache = "none"
     cfg.debug = True
     assert virtiofsd.argv(cfg, "clh", share, "/run/x.sock")[-3:] == ["-o", "cache=none", "-d"]
+    # A share's own cache mode (a container's root: always) wins over the config's.
+    root = SharedFS(id="ctr", source=str(tmp_path), mount_tag="t", cache=virtiofsd.ROOT_CACHE)
+    assert virtiofsd.argv(cfg, "clh", root, "/run/x.sock")[-3:] == ["-o", "cache=always", "-d"]
+    with pytest.raises(ConfigError, match="shared fs ctr: unknown cache mode 'sometimes'"):
+        SharedFS(id="ctr", source=str(tmp_path), mount_tag="t", cache="sometimes")
     cfg.virtio_fs_daemon = str(tmp_path / "missing")
     with pytest.raises(
         AssetError, match=r"^clh: virtio-fs daemon .*missing.* is not an executable"

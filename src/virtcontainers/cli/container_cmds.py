@@ -280,17 +280,14 @@ def cp(g: Globals, a: argparse.Namespace) -> None:
 
     async def body() -> None:
         from .. import persist
-        from ..containers.copy import copy_in, copy_out
+        from ..containers.copy import copy_out
 
         sb = await attach(g, sandbox_id)
         try:
             container = sb.container(a.container)
             vm_dir = persist.vm_dir(sb.id, sb.run_root)
             if dst_id is not None:
-                root, where, read_only = container.locate(dst_path, vm_dir)
-                if read_only:
-                    raise ConfigError(f"cp: {dst_path} is on a read-only volume")
-                copy_in(root, src_path, where)  # forks: not from a worker thread
+                await container.copy_in(src_path, dst_path)
             else:
                 root, where, _ = container.locate(src_path, vm_dir)
                 copy_out(root, where, dst_path)

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..devices import BLOCK_DRIVERS
+from ..devices import BLOCK_DRIVERS, FS_CACHE_MODES
 from ..errors import AssetError, ConfigError
 from ..types import Asset, AssetType, HypervisorType, Param
 
@@ -33,7 +33,7 @@ VIRTIO_9P = "virtio-9p"
 #: Shared file systems Kata's shipped configurations use ("" means the driver's default).
 SHARED_FS_VALUES = ("", VIRTIO_9P, VIRTIO_FS)
 #: virtiofsd `cache=` modes documented in Kata's configuration files ("" means the default).
-VIRTIO_FS_CACHE_VALUES = ("", "none", "auto", "always")
+VIRTIO_FS_CACHE_VALUES = ("", *FS_CACHE_MODES)
 
 U32_MAX = 2**32 - 1
 #: Kata's cap on cold-plugged PCI bridges (`maxPCIBridges`).
@@ -220,7 +220,10 @@ class HypervisorConfig:
     virtio_fs_daemon_list: list[str] = field(default_factory=list)
     """Globs a `virtio_fs_daemon` annotation must match. Kata: valid_virtio_fs_daemon_paths."""
     virtio_fs_cache: str = ""
-    """virtiofsd cache mode: none, auto or always ('' : auto)."""
+    """virtiofsd cache mode of the shares of host directories (volumes, a bundle's bind mounts,
+    shares a caller adds): none, auto or always ('' : auto). A container's root share is
+    always served with `always` (nothing on the host writes under it but `virtc cp`, which
+    makes the guest drop its caches)."""
     virtio_fs_extra_args: list[str] = field(default_factory=list)
     """Extra virtiofsd arguments, allowlisted (see VIRTIOFSD_*_OPTIONS); placed before the
     project's own.

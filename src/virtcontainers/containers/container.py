@@ -30,7 +30,9 @@ GUEST_ROOT = "/run/vc/c"
 """Where containers live in the guest: <id>/rootfs (the share), <id>/pid."""
 GUEST_VOLUMES = "/run/vc/v"
 GUEST_POOL = "/run/vc/pool"
-"""Where a pooled VM's staged share is mounted (see factory/poolshare.py)."""
+"""Where a pooled VM's staged share of roots is mounted (see factory/poolshare.py)."""
+GUEST_POOL_VOLUMES = "/run/vc/poolv"
+"""Where a pooled VM's staged share of volumes is mounted."""
 CGROUP_ROOT = "/sys/fs/cgroup"
 MOUNT_TRIES = 200
 """A hot-added share is probed by the guest a moment after it is plugged: its mount is
@@ -65,6 +67,11 @@ class ContainerRecord:
     share_path: str = ""
     """In a VM from the pool: the guest directory holding its root in the share the guest
     mounted before hand-out (bound there; `share_tag` is that share's)."""
+
+
+DROP_CACHES = "echo 3 > /proc/sys/vm/drop_caches"
+"""Guest shell: forget every unused name and inode, and every clean page, of every file
+system (virtio-fs shares included): what a share cached is read again from the host."""
 
 
 GUEST_MOUNTED = (
@@ -448,6 +455,27 @@ class Container:
         hooks = self.record.spec.get("hooks") or {}
         if hooks.get("poststop"):
             await run_hooks_warning(hooks, "poststop", self.id, "stopped")
+
+    async def copy_in(self, host_src: str, path: str) -> None:
+        """Copy the host file or directory `host_src` to container path `path` (docker cp
+        rules: see `copy.copy_in`), written on the host, then make the guest drop its caches:
+        its root share keeps names, attributes and pages (`ROOT_CACHE`), so the guest would
+        go on reading what a copy replaced."""
+        from .. import persist
+        from .copy import copy_in
+
+        root, where, read_only = self.locate(
+            path, persist.vm_dir(self.sandbox.id, self.sandbox.run_root)
+        )
+        if read_only:
+            raise ConfigError(f"cp: {path} is on a read-only volume")
+        copy_in(root, host_src, where)  # forks: not from a worker thread
+        result = await self.sandbox.exec(["/bin/sh", "-c", DROP_CACHES])
+        if result.exit_code != 0:
+            raise StateError(
+                f"container {self.id}: copied, but the guest cannot drop its caches: "
+                f"{result.stderr.decode(errors='replace').strip()}"
+            )
 
     def locate(self, path: str, vm_dir: str) -> tuple[str, str, bool]:
         """Where a container path lives on the host: (directory, path under it, read-only).

@@ -25,6 +25,14 @@ DEFAULT_VIRTIOFSD = VIRTIOFSD_PATH
 PID_FILE_DIR = "/run/virtiofsd"
 #: The helper kind (see `Helpers`) and process name.
 KIND = "virtiofsd"
+#: The cache mode of a container's root share: the guest keeps a file's pages across opens,
+#: names and attributes a day (virtiofsd's default with it). With `auto` (pages dropped at
+#: every open) each exec in a container re-reads its binary through the share (busybox's
+#: 1 MB: ~0.16 s under TCG). Nothing on the host writes under a running container's root
+#: except `virtc cp`, which then makes the guest drop its caches (`Container.copy_in`); host
+#: directories (volumes) keep the config's mode: a guest under `always` never sees a file the
+#: host rewrites in place.
+ROOT_CACHE = "always"
 #: Seconds virtiofsd gets to create its socket.
 START_TIMEOUT = 10.0
 
@@ -64,10 +72,11 @@ def argv(
     listen_fd: int | None = None,
 ) -> list[str]:
     """virtiofsd's command line: serve `share` on `socket` (or on the listening socket it
-    inherits as `listen_fd`) with the config's extra arguments (allowlisted), cache mode and
-    debug flag. The project's own options come last, so that even an option the allowlist
-    missed cannot override them (virtiofsd's last one wins)."""
-    cache = cfg.virtio_fs_cache or "auto"
+    inherits as `listen_fd`) with the config's extra arguments (allowlisted), the share's
+    cache mode (else the config's) and debug flag. The project's own options come last, so
+    that even an option the allowlist missed cannot override them (virtiofsd's last one
+    wins)."""
+    cache = share.cache or cfg.virtio_fs_cache or "auto"
     if cache not in VIRTIO_FS_CACHE_VALUES:
         raise ConfigError(
             f"virtio_fs_cache: {cache!r} is not a virtiofsd cache mode "

@@ -1,15 +1,19 @@
-"""A pooled VM's staged share: one virtio-fs share attached while the VM waits in the pool,
-through which its container's root and volumes reach the guest at hand-out, without hotplug.
+"""A pooled VM's staged shares: two virtio-fs shares attached while the VM waits in the pool,
+through which its container's root and its volumes reach the guest at hand-out, without
+hotplug.
 
 vhost-user-fs cannot be in a template (QEMU cannot migrate it), so a clone would have to
-hot-add its container's share, and the guest's handling of that PCI hotplug (under TCG) is
-most of a hand-out. Instead the cache server makes `<run root>/pool/<vm id>/share` a shared
-bind mount, hot-adds a share of it (served by the VM's own virtiofsd) and mounts it in the
-guest at `GUEST_POOL`, all before the VM is pooled. At hand-out the container's root (an
-overlay of its image under an upper directory next to the share, or a bundle's root) and its
-volumes are mounted under that directory on the host: virtiofsd's mount namespace holds a
-slave of the shared mount, so they appear in what it serves. Each pooled VM is used once,
-with its own directory and virtiofsd: a container sees only its own files.
+hot-add its container's shares, and the guest's handling of that PCI hotplug (under TCG) is
+most of a hand-out. Instead the cache server makes `<run root>/pool/<vm id>/share` and
+`.../volumes` shared bind mounts, hot-adds a share of each (each served by its own
+virtiofsd) and mounts them in the guest at `GUEST_POOL` and `GUEST_POOL_VOLUMES`, all before
+the VM is pooled. At hand-out the container's root (an overlay of its image under an upper
+directory next to the shares, or a bundle's root) is mounted under `share/`, its volumes
+under `volumes/`, on the host: each virtiofsd's mount namespace holds a slave of its shared
+mount, so they appear in what it serves. The roots' share is served with `ROOT_CACHE` (the
+guest keeps what it read), the volumes' with the config's mode (`auto`: a file the host
+rewrites is seen). Each pooled VM is used once, with its own directory and daemons: a
+container sees only its own files.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ from .. import persist
 from ..containers.container import (
     GUEST_MOUNTED,
     GUEST_POOL,
+    GUEST_POOL_VOLUMES,
     cgroup_of,
     cgroup_script,
     mount_virtiofs,
     rootfs_of,
 )
 from ..devices import SharedFS
+from ..drivers.virtiofsd import ROOT_CACHE
 from ..types import HypervisorType
 from . import tmpfs
 
@@ -40,69 +46,85 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHARE_ID = "pool"
-"""The share's id (its virtiofsd's key and socket name)."""
+"""The roots' share's id (its virtiofsd's key and socket name)."""
 TAG = "vc-pool"
+VOLUMES_ID = "poolv"
+"""The volumes' share's id."""
+VOLUMES_TAG = "vc-poolv"
 ROOT = "ctr"
-"""Where a container's root goes in the share."""
+"""Where a container's root goes in the roots' share."""
 
 
 def wanted(config: VMConfig) -> bool:
-    """Whether pooled VMs of `config` get a staged share: QEMU VMs made for containers."""
+    """Whether pooled VMs of `config` get staged shares: QEMU VMs made for containers."""
     return config.hypervisor is HypervisorType.QEMU and config.config.shared_fs == "virtio-fs"
 
 
 def share_dir(run_root: str | None, vm_id: str) -> str:
-    """The staging area of VM `vm_id`: the served `share/` and the root's upper directory."""
+    """The staging area of VM `vm_id`: the served `share/` and `volumes/`, and the roots'
+    upper directories."""
     return os.path.join(persist.run_root(run_root), "pool", vm_id)
 
 
 def served(directory: str) -> str:
+    """The roots' served directory in staging area `directory`."""
     return os.path.join(directory, "share")
 
 
-def prepare(directory: str) -> SharedFS:
-    """Make the (new) staging area's served directory a shared mount, before its virtiofsd
-    starts; the share to hot-add. Nothing is left behind on failure."""
-    path = served(directory)
-    os.makedirs(path, mode=0o700)
+def served_volumes(directory: str) -> str:
+    """The volumes' served directory in staging area `directory`."""
+    return os.path.join(directory, "volumes")
+
+
+def prepare(directory: str) -> list[SharedFS]:
+    """Make the (new) staging area's served directories shared mounts, before their
+    virtiofsd start; the shares to hot-add (the roots', the volumes'). Nothing is left
+    behind on failure."""
+    roots, volumes = served(directory), served_volumes(directory)
     try:
-        tmpfs.make_shared(path)
+        for path in (roots, volumes):
+            os.makedirs(path, mode=0o700)
+            tmpfs.make_shared(path)
     except BaseException:
         release(directory)
         raise
-    return SharedFS(id=SHARE_ID, source=path, mount_tag=TAG)
+    return [
+        SharedFS(id=SHARE_ID, source=roots, mount_tag=TAG, cache=ROOT_CACHE),
+        SharedFS(id=VOLUMES_ID, source=volumes, mount_tag=VOLUMES_TAG),
+    ]
 
 
 def guest_script(vm_id: str) -> str:
-    """Shell run in the guest of pooled VM `vm_id`: mount the share (retried while the guest
-    probes it), and do now what a container's set-up would do after hand-out: the cgroup
+    """Shell run in the guest of pooled VM `vm_id`: mount the shares (retried while the guest
+    probes them), and do now what a container's set-up would do after hand-out: the cgroup
     hierarchy, and the root and cgroup directories of a container named after the VM (what
     `virtc run` makes: a sandbox from the pool takes the VM's id, its first container the
     sandbox's)."""
     return " && ".join(
         [
             GUEST_MOUNTED,
-            f"mkdir -p {GUEST_POOL} {rootfs_of(vm_id)}",
+            f"mkdir -p {GUEST_POOL} {GUEST_POOL_VOLUMES} {rootfs_of(vm_id)}",
             mount_virtiofs(TAG, GUEST_POOL),
+            mount_virtiofs(VOLUMES_TAG, GUEST_POOL_VOLUMES),
             cgroup_script(),
             f"mkdir -p {cgroup_of(vm_id)}",
         ]
     )
 
 
-def _target(directory: str, name: str) -> str:
+def _target(served_dir: str, name: str) -> str:
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"bad staged share entry name {name!r}")
-    target = os.path.join(served(directory), name)
+    target = os.path.join(served_dir, name)
     os.mkdir(target, 0o755)  # a new name: the guest has never looked it up
     return target
 
 
 def stage_root(directory: str, *, lower: str = "", root: str = "", name: str = ROOT) -> str:
-    """Mount a container's root in the share as `name`: over an image (`lower`), an overlay
-    with a writable upper directory of its own; else a bundle's `root`, writable. Returns
-    its path in the guest."""
-    target = _target(directory, name)
+    """Mount a container's root in the roots' share as `name`: over an image (`lower`), an
+    overlay with a writable upper directory of its own; else a bundle's `root`, writable.
+    Returns its path in the guest."""
+    target = _target(served(directory), name)
     if lower:
         upper = os.path.join(directory, f"{name}.upper")
         work = os.path.join(directory, f"{name}.work")
@@ -115,12 +137,12 @@ def stage_root(directory: str, *, lower: str = "", root: str = "", name: str = R
 
 
 def stage_volume(directory: str, name: str, source: str, read_only: bool) -> str:
-    """Mount the host directory `source` in the share as `name` (read-only from the start
-    when `read_only`); returns its path in the guest."""
+    """Mount the host directory `source` in the volumes' share as `name` (read-only from
+    the start when `read_only`); returns its path in the guest."""
     if not os.path.isdir(source):
         raise NotADirectoryError(errno.ENOTDIR, "volume source is not a directory", source)
-    tmpfs.bind(source, _target(directory, name), read_only=read_only)
-    return f"{GUEST_POOL}/{name}"
+    tmpfs.bind(source, _target(served_volumes(directory), name), read_only=read_only)
+    return f"{GUEST_POOL_VOLUMES}/{name}"
 
 
 def _unmount_all(path: str) -> None:
@@ -137,12 +159,15 @@ def _unmount_all(path: str) -> None:
 
 
 def unstage(directory: str, name: str) -> None:
-    """Take entry `name` (a later container's root or volume) out of the share: unmount it,
+    """Take entry `name` (a later container's root or volume) out of its share: unmount it,
     remove its mount point and a root's upper and work directories."""
-    target = os.path.join(served(directory), name)
-    if os.path.lexists(target):
-        _unmount_all(target)
-        os.rmdir(target)
+    for target in (
+        os.path.join(served(directory), name),
+        os.path.join(served_volumes(directory), name),
+    ):
+        if os.path.lexists(target):
+            _unmount_all(target)
+            os.rmdir(target)
     for extra in (f"{name}.upper", f"{name}.work"):
         shutil.rmtree(os.path.join(directory, extra), ignore_errors=True)
 

@@ -188,18 +188,19 @@ class VM:
             await asyncio.sleep(ONLINE_POLL)
 
     async def stage_share(self, run_root: str | None) -> None:
-        """Attach the staged share (see `poolshare`) that will carry a container's root and
-        volumes, and mount it in the guest: the hotplug is paid before hand-out."""
+        """Attach the staged shares (see `poolshare`) that will carry a container's root and
+        its volumes, and mount them in the guest: the hotplugs are paid before hand-out."""
         from . import poolshare
 
         directory = poolshare.share_dir(run_root, self.id)
-        share = await asyncio.to_thread(poolshare.prepare, directory)
+        shares = await asyncio.to_thread(poolshare.prepare, directory)
         self.share_dir = directory  # released by `stop` from here on
-        await self.hypervisor.hotplug_add_device(share)
+        for share in shares:
+            await self.hypervisor.hotplug_add_device(share)
         res = await (await self.agent()).exec(["/bin/sh", "-c", poolshare.guest_script(self.id)])
         if res.exit_code != 0:
             raise AgentError(
-                f"VM {self.id}: the guest cannot mount its staged share: "
+                f"VM {self.id}: the guest cannot mount its staged shares: "
                 f"{res.stderr.decode(errors='replace').strip()}"
             )
 
