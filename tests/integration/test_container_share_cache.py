@@ -69,12 +69,15 @@ async def test_root_cached_volumes_coherent_and_cp_seen(
             f.write("other\n")
         assert await cat("/data.txt") == b"first\n"
 
-        # `cp` over the file the guest read, and to a name it looked up and did not find:
-        # both seen right after the copy returns.
+        # `cp` over the file the guest read, and to a name it looked up and did not find in
+        # a directory it listed (the container's root, in use): all seen right after the
+        # copy returns.
         assert (await cat("/made.txt")).startswith(b"<missing>")
+        assert b"made.txt" not in (await c.exec(["ls", "/"])).stdout
         await c.copy_in(str(tmp_path / "third"), "/data.txt")
         await c.copy_in(str(tmp_path / "new"), "/made.txt")
         assert await cat("/data.txt") == b"third\n"
         assert await cat("/made.txt") == b"made\n"
+        assert b"made.txt" in (await c.exec(["ls", "/"])).stdout
         await c.kill(signal.SIGKILL)
         await c.wait()
