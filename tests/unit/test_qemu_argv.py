@@ -349,7 +349,7 @@ def test_network_tap_multiqueue() -> None:
     )
     assert (
         "virtio-net-pci,netdev=netdev-eth0,id=net-eth0,mac=02:00:00:00:00:01,mq=on,vectors=10,"
-        "romfile=" in opts(argv, "-device")
+        "romfile=,status=off,guest_announce=off" in opts(argv, "-device")
     )
 
 
@@ -366,6 +366,8 @@ def test_nics_have_no_option_rom(machine: str) -> None:
     assert len(nics) == 2
     for nic in nics:
         assert ("romfile=" in nic.split(",")) == (machine != "microvm"), nic
+        # The link has no status to report: up for the guest as soon as the driver probes.
+        assert {"status=off", "guest_announce=off"} <= set(nic.split(",")), nic
 
 
 def test_network_tap_given_as_fds() -> None:

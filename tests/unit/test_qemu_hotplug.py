@@ -389,6 +389,8 @@ async def test_network_add_and_remove(
             "mq": True,
             "vectors": 6,
             "romfile": "",
+            "status": False,
+            "guest_announce": False,
             "id": "net-n0",
             "bus": "rp0",
         }

@@ -458,6 +458,7 @@ class Hotplug:
         # No option ROM (as cold-plugged NICs): nothing boots from it, QEMU need not load it.
         dev: dict[str, Any] = {"driver": "virtio-net-pci", "netdev": netdev["id"], "mac": mac}
         dev["romfile"] = ""
+        dev.update(qargv.NIC_LINK_ALWAYS_UP)
         if ep.queues > 1:
             dev.update({"mq": True, "vectors": 2 * ep.queues + 2})
         async with contextlib.AsyncExitStack() as undo:
