@@ -62,6 +62,7 @@ async def test_image_sandbox_shares_its_root_over_virtio_fs(fake: ClhEnv, tmp_pa
         argv = Path(f"/proc/{daemon}/cmdline").read_bytes().decode().split("\0")
         upper = os.path.join(home, "ctr", "upper")
         assert f"source={upper}.merged" in argv  # the overlay of the image and the upper
+        assert f"cache={virtiofsd.ROOT_CACHE}" in argv  # a root: the guest keeps what it read
         # What virtiofsd serves (its root: it pivots into the share): the image's files; a
         # write lands in the sandbox's upper directory, never in the image store.
         served = f"/proc/{daemon}/root"
