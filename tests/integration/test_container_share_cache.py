@@ -1,10 +1,12 @@
 """The cache modes of a container's shares on real QEMU (TCG): its root served with
 `cache=always` (the guest keeps what it read), its volumes with the config's mode (`auto`:
 a host's in-place change is seen at once), and `Container.copy_in` (`virtc cp`) over files
-the guest already read or looked up still seen at once."""
+the guest already read or looked up still seen at once, over a file the container holds
+open within ROOT_TIMEOUT s."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
@@ -42,7 +44,9 @@ async def test_root_cached_volumes_coherent_and_cp_seen(
         image="busybox", image_store=images.root, mounts=[f"{vol}:/vol"], run_root=run_root
     )
     async with sb:
-        c = await sb.create_container(["sleep", "600"])
+        # The container holds /held.txt open from its start: the guest keeps its name in use.
+        c = await sb.create_container(["sh", "-c", "exec 3< /held.txt; exec sleep 600"])
+        await c.copy_in(str(tmp_path / "first"), "/held.txt")
         await c.start(detach=True)
         # Two daemons: the root's (its overlay's merged directory) `always`, the volume's `auto`.
         modes = virtiofsd_sources(sb)
@@ -79,5 +83,15 @@ async def test_root_cached_volumes_coherent_and_cp_seen(
         assert await cat("/data.txt") == b"third\n"
         assert await cat("/made.txt") == b"made\n"
         assert b"made.txt" in (await c.exec(["ls", "/"])).stdout
+
+        # A name the guest holds in use is not dropped: it is looked up again after
+        # ROOT_TIMEOUT s, and the copy that replaced the file is seen then.
+        assert await cat("/held.txt") == b"first\n"
+        await c.copy_in(str(tmp_path / "third"), "/held.txt")
+        for _ in range(50):
+            if await cat("/held.txt") == b"third\n":
+                break
+            await asyncio.sleep(0.1)
+        assert await cat("/held.txt") == b"third\n"
         await c.kill(signal.SIGKILL)
         await c.wait()

@@ -136,8 +136,15 @@ def test_virtiofsd_argv(tmp_path: Path) -> None:
     cfg.debug = True
     assert virtiofsd.argv(cfg, "clh", share, "/run/x.sock")[-3:] == ["-o", "cache=none", "-d"]
     # A share's own cache mode (a container's root: always) wins over the config's.
+    # Its names and attributes are kept ROOT_TIMEOUT s, unless the extra arguments say else.
     root = SharedFS(id="ctr", source=str(tmp_path), mount_tag="t", cache=virtiofsd.ROOT_CACHE)
+    cfg.virtio_fs_extra_args = ["-o", "timeout=5"]
+    assert virtiofsd.argv(cfg, "clh", root, "/run/x.sock")[1:5] == [
+        "-o", f"timeout={virtiofsd.ROOT_TIMEOUT}", "-o", "timeout=5"
+    ]  # fmt: skip
     assert virtiofsd.argv(cfg, "clh", root, "/run/x.sock")[-3:] == ["-o", "cache=always", "-d"]
+    assert virtiofsd.argv(cfg, "clh", share, "/run/x.sock")[1:3] == ["-o", "timeout=5"]
+    cfg.virtio_fs_extra_args = []
     with pytest.raises(ConfigError, match="shared fs ctr: unknown cache mode 'sometimes'"):
         SharedFS(id="ctr", source=str(tmp_path), mount_tag="t", cache="sometimes")
     cfg.virtio_fs_daemon = str(tmp_path / "missing")

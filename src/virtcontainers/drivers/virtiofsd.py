@@ -25,14 +25,20 @@ DEFAULT_VIRTIOFSD = VIRTIOFSD_PATH
 PID_FILE_DIR = "/run/virtiofsd"
 #: The helper kind (see `Helpers`) and process name.
 KIND = "virtiofsd"
-#: The cache mode of a container's root share: the guest keeps a file's pages across opens,
-#: names and attributes a day (virtiofsd's default with it). With `auto` (pages dropped at
+#: The cache mode of a container's root share: the guest keeps a file's pages across opens
+#: (names and attributes `ROOT_TIMEOUT` s). With `auto` (pages dropped at
 #: every open) each exec in a container re-reads its binary through the share (busybox's
 #: 1 MB: ~0.16 s under TCG). Nothing on the host writes under a running container's root
 #: except `virtc cp`, which then makes the guest drop its caches (`Container.copy_in`); host
 #: directories (volumes) keep the config's mode: a guest under `always` never sees a file the
 #: host rewrites in place.
 ROOT_CACHE = "always"
+#: Seconds a root share's names and attributes are kept (`always` alone: a day). A name the
+#: guest holds in use (a file a container keeps open, a running binary) survives the cache
+#: drop after `virtc cp`: looked up again after this, a copy that replaced it is seen then.
+#: A file's pages stay cached while its size and times are unchanged. Given before the
+#: config's extra arguments: a configured `timeout=` wins.
+ROOT_TIMEOUT = 1
 #: Seconds virtiofsd gets to create its socket.
 START_TIMEOUT = 10.0
 
@@ -84,7 +90,10 @@ def argv(
         )
     source = served_dir(share)  # SharedFS refuses a comma in it (`-o` takes a comma list)
     check_virtiofsd_args("virtio_fs_extra_args", cfg.virtio_fs_extra_args)
-    args = [daemon_path(cfg, hypervisor), *cfg.virtio_fs_extra_args]
+    args = [daemon_path(cfg, hypervisor)]
+    if share.cache == ROOT_CACHE:
+        args += ["-o", f"timeout={ROOT_TIMEOUT}"]
+    args += cfg.virtio_fs_extra_args
     where = f"--fd={listen_fd}" if listen_fd is not None else f"--socket-path={socket}"
     args += [where, "-o", f"source={source}", "-o", f"cache={cache}"]
     if cfg.debug:
