@@ -21,7 +21,7 @@ import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import host, persist
 from ..errors import ConfigError
@@ -29,6 +29,9 @@ from . import ledger as ledger_mod
 from . import paths
 from .base import FactoryStatus
 from .errors import CacheUnavailableError, FactoryError
+
+if TYPE_CHECKING:
+    from ..zygote.control import Zygote
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +229,15 @@ def cleanup_after(root: str, dead_pid: int) -> list[str]:
     """Stop VMs a dead server `dead_pid` left in its ledger; remove its socket and pid file."""
     reaped = ledger_mod.reap(paths.ledger_file(root), owner=dead_pid)
     if read_pid_file(root)[0] == dead_pid:
-        for path in (paths.socket_path(root), paths.pid_file(root)):
+        for path in _own_files(root):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
     return reaped
+
+
+def _own_files(root: str) -> tuple[str, ...]:
+    """What a running server has under its directory: its socket, its zygote's, its pid."""
+    return (paths.socket_path(root), paths.zygote_socket(root), paths.pid_file(root))
 
 
 def _wait_gone(pid: int, start: int | None, timeout: float) -> bool:
@@ -312,11 +320,28 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(0)
     os.close(read_end)
     _write_pid_file(root, watcher)
+    zygote = _start_zygote(root)
     try:
         return asyncio.run(_serve(root, spec))
     finally:
+        if zygote is not None:
+            zygote.stop()
         _remove_own_files(root)
         # write_end stays open until this process exits: the watcher's cue.
+
+
+def _start_zygote(root: str) -> Zygote | None:
+    """The zygote beside this server (`virtc` and shim commands forked pre-imported), unless
+    $VIRTC_NO_ZYGOTE is set; a zygote that cannot start costs speed only, not the cache."""
+    from ..zygote import control
+
+    if not control.enabled():
+        return None
+    try:
+        return control.start(paths.zygote_socket(root), paths.log_file(root))
+    except (OSError, ConfigError) as exc:
+        log.warning("VM cache: no zygote: %s", exc)
+        return None
 
 
 def _write_pid_file(root: str, watcher: int) -> None:
@@ -331,7 +356,7 @@ def _write_pid_file(root: str, watcher: int) -> None:
 
 def _remove_own_files(root: str) -> None:
     if read_pid_file(root)[0] == os.getpid():
-        for path in (paths.socket_path(root), paths.pid_file(root)):
+        for path in _own_files(root):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 

@@ -34,3 +34,10 @@ def spec_file(run_root: str | None = None) -> str:
 
 def log_file(run_root: str | None = None) -> str:
     return os.path.join(factory_dir(run_root), "cache.log")
+
+
+def zygote_socket(run_root: str | None = None) -> str:
+    """The zygote's socket (`virtcontainers.zygote`), beside the server's own."""
+    from ..zygote.protocol import SOCKET_NAME
+
+    return host.build_socket_path(factory_dir(run_root), SOCKET_NAME)

@@ -223,11 +223,25 @@ def write_file(path: str, data: str | bytes) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: `start` and `delete` run in a zygote's worker when one takes them (the
+    shim server `start` forks then has everything imported), else here."""
+    if argv is None:
+        args = sys.argv[1:]
+        if "start" in args or "delete" in args:
+            from ..zygote.client import delegate, shim_sockets
+
+            code = delegate("shim", [sys.argv[0], *args], shim_sockets())
+            if code is not None:
+                return code
+    return run_local(sys.argv[1:] if argv is None else argv)
+
+
+def run_local(args: list[str]) -> int:
+    """Run the shim command `args` in this process."""
     # No cycle collection while modules load (dozens of passes over what is imported):
     # `start` and `delete` are short-lived, the server turns it back on once its first
     # Create has imported what it needs (daemon.py).
     gc.disable()
-    args = sys.argv[1:] if argv is None else argv
     try:
         flags = parse(args)
         if not flags.namespace and flags.action in ("start", "delete"):
