@@ -3,7 +3,9 @@
 benchmarks/network.py's); the same from a VM template (`--from-template`, a template made
 with `--virtio-fs` and the same config) and from the VM cache server (`--factory`, its pool
 cloned from that template, each pooled VM's virtio-fs share already attached: see
-factory/poolshare.py, and full before each run) against the cold one (target <= 0.15x), with
+factory/poolshare.py, and full before each run; the command served by a worker of the
+server's zygote, pre-imported) against the cold one (its own interpreter: $VIRTC_NO_ZYGOTE,
+as are the other candidates) (target <= 0.15x), with
 where the factory run's time goes (the same hand-out in this process, by phase);
 image import time and store size for the test images, and copying 100 MiB into and out of a
 running container (`virtc cp`).
@@ -41,6 +43,7 @@ from exec import run_virtc
 
 from virtcontainers.images import ImageStore
 from virtcontainers.images.build import busybox_image, debian_image
+from virtcontainers.zygote.protocol import DISABLE_ENV as ZYGOTE_OFF
 
 TITLE = "Containers from images: run --image vs run, from a template / the VM cache, import, cp"
 RUN_TARGET = 1.15
@@ -83,13 +86,17 @@ async def bench(opts: Options) -> Result:
             ImageStore(store_root).import_archive(archives["debian"])
         async with temp_run_root() as run_root:
             env = dict(os.environ, VC_RUN_ROOT=run_root, VC_IMAGE_ROOT=store_root)
+            # Cold runs are cold: each its own interpreter, never a worker of the zygote the
+            # VM cache server runs (only `--factory`, which needs that server, uses it).
+            env.pop(ZYGOTE_OFF, None)
+            cold = dict(env, **{ZYGOTE_OFF: "1"})
 
             async def run_plain(_i: int) -> Sample:
-                return {"wall": await asyncio.to_thread(run_virtc, ["run", "--", "true"], env)}
+                return {"wall": await asyncio.to_thread(run_virtc, ["run", "--", "true"], cold)}
 
             async def run_image(_i: int) -> Sample:
                 args = ["run", "--net", "none", "--image", "busybox", "--", "true"]
-                return {"wall": await asyncio.to_thread(run_virtc, args, env)}
+                return {"wall": await asyncio.to_thread(run_virtc, args, cold)}
 
             cands: dict[str, Candidate] = {"virtc_run": run_plain, "virtc_run_image": run_image}
             await asyncio.to_thread(run_virtc, ["template", "create", TEMPLATE, "--virtio-fs"], env)
@@ -102,7 +109,7 @@ async def bench(opts: Options) -> Result:
 
             async def run_template(_i: int) -> Sample:
                 args = ["run", "--from-template", TEMPLATE, *image_true]
-                return {"wall": await asyncio.to_thread(run_virtc, args, env)}
+                return {"wall": await asyncio.to_thread(run_virtc, args, cold)}
 
             async def run_factory(_i: int) -> Sample:
                 await pool_full(run_root, POOL, POOL_TIMEOUT)
@@ -121,7 +128,7 @@ async def bench(opts: Options) -> Result:
                 async def run_python(_i: int) -> Sample:
                     image = "debian-python:bookworm"
                     args = ["run", "--net", "none", "--image", image, "--", "python3", "-c", "pass"]
-                    return {"wall": await asyncio.to_thread(run_virtc, args, env)}
+                    return {"wall": await asyncio.to_thread(run_virtc, args, cold)}
 
                 cands["virtc_run_python"] = run_python
             print("virtc run --image busybox -- true vs virtc run -- true", flush=True)
@@ -159,7 +166,7 @@ async def bench(opts: Options) -> Result:
             "same work in this process by phase): "
             + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in parts.items())
             + f"; the rest of the command's median, {rest * 1000:.0f} ms, is the CLI's own "
-            "(interpreter start-up, imports, argument parsing)"
+            "(its client's interpreter start-up, the zygote's fork, argument parsing)"
         )
     for name, mib in result.get("store_mib", {}).items():
         result["notes"].append(f"store size after importing {name}: {mib} MiB")

@@ -78,10 +78,9 @@ def supervise(conn: socket.socket, peer_pid: int) -> int:
     os.write(go_w, b"g")
     os.close(go_w)
     log.info(
-        "zygote: worker %d runs %s %s for pid %d%s",
+        "zygote: worker %d runs %s for pid %d%s",
         pid,
-        req.entry,
-        " ".join(req.argv[1:4]),
+        " ".join([os.path.basename(req.argv[0]), *req.argv[1:]])[:300],
         peer_pid,
         f" (joined {', '.join(joined)})" if joined else "",
     )
