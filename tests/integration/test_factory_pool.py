@@ -65,6 +65,16 @@ async def test_pooled_vms_take_containers_without_hotplug(
             (ro / "given").write_text(name)
             vm = await factory.get_vm(CFG)
             assert vm.share_dir in staged
+            # Its two daemons: the roots' keeps the guest's caches, the volumes' has `auto`.
+            modes = {}
+            for pid in vm.hypervisor.helpers.pids("virtiofsd"):  # type: ignore[attr-defined]
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                opts = dict(a.split(b"=", 1) for a in argv if a.startswith((b"source=", b"cache=")))
+                modes[os.fsdecode(opts[b"source"])] = opts[b"cache"]
+            assert modes == {
+                poolshare.served(vm.share_dir): b"always",
+                poolshare.served_volumes(vm.share_dir): b"auto",
+            }
             vm.hypervisor.hotplug_add_device = _no_hotplug  # type: ignore[method-assign]
             sb = await adopt_vm(
                 vm,
