@@ -1506,23 +1506,31 @@ FORCE_KILL_WAIT = 5.0
 
 
 async def _force_kill(hv: Hypervisor) -> None:
-    """SIGKILL the VMM process if it is still the process that was started (via a pidfd), and
-    wait for its end: the driver's stop then finds it gone (no quit over a dying QMP)."""
+    """SIGKILL the VMM process and its driver's helper daemons (virtiofsd, the console log
+    keeper), each if it is still the process that was started (via a pidfd), all at once, and
+    wait for their end: the driver's stop then finds them gone (no quit over a dying QMP, no
+    wait for a helper to notice the VMM's end before it exits, tearing its mappings of the
+    guest's memory down in turn)."""
     import signal
 
+    from .drivers.helpers import Helpers
     from .drivers.vmm_process import wait_pidfd
     from .host import pidfd_of
 
     state = hv.save()
-    fd = pidfd_of(state.pid, state.pid_start_time)
-    if fd is None:
-        return
+    targets = [(state.pid, state.pid_start_time)]
+    helpers = getattr(hv, "helpers", None)  # the drivers that have helper daemons
+    if isinstance(helpers, Helpers):
+        targets += [(h.pid, h.start_time) for h in helpers if h.pid]
+    fds = [fd for pid, start in targets if (fd := pidfd_of(pid, start)) is not None]
     try:
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-        await wait_pidfd(fd, FORCE_KILL_WAIT)
+        for fd in fds:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+        await asyncio.gather(*(wait_pidfd(fd, FORCE_KILL_WAIT) for fd in fds))
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
 
 
 def _read_host_file(path: str) -> bytes:
