@@ -106,9 +106,9 @@ PHASES = (
     ("8 Start: process running", "start {cid}/: running"),
     ("9 process ran, exit seen", "process {cid}/: exited"),
     ("10 exit event, Wait, Delete", "delete {cid}/: received"),
-    ("11 Delete: VM killed", "delete {cid}: VM killed"),
-    ("12 Delete: unmount, answer", "topic=/tasks/delete"),
-    ("13 Shutdown, shim exit", "shim {cid}: exiting"),
+    ("11 Delete answered", "delete {cid}/: answered"),
+    ("12 Shutdown sent", "shutdown: received"),
+    ("13 VM killed, root unmounted, shim exit", "shim {cid}: exiting"),
     ("14 shim delete binary, bundle", "topic=/containers/delete"),
 )
 PHASE_END = "15 container removed, ctr exit"
@@ -277,8 +277,9 @@ def _breakdown(result: Result, cand: str, how: str) -> str:
         f"{total(4, 5, 6)} (rootfs mount {total(4)}, factory VM and its share {total(5)}, the "
         f"container made in the guest {total(6)}); in the guest until the process runs "
         f"{total(8)} and until its exit is seen {total(9)} (vc-run's set-up, `true`, the "
-        f"namespaces' end); teardown {total(11, 12, 13, 14)} (VM killed {total(11)}, unmount "
-        f"{total(12)}, Shutdown and the shim's exit {total(13)}, the `delete` binary containerd "
+        f"namespaces' end); teardown {total(11, 12, 13, 14)} (Delete answered {total(11)}, "
+        f"Shutdown sent {total(12)}, the rest of the VM's end (killed while Delete answers), "
+        f"the root's unmount and the shim's exit {total(13)}, the `delete` binary containerd "
         f"runs and the bundle's removal {total(14)})"
     )
 

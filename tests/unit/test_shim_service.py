@@ -131,6 +131,8 @@ class FakeVM:
     stats_values: dict[str, int] = field(default_factory=dict)
     guest_pids: dict[str, int] = field(default_factory=dict)
     """Container id -> the pid its task has once its process runs (else the VMM's)."""
+    dying: asyncio.Event | None = None
+    """When set, a stop lasts until it is set (a VM that takes its time to die)."""
 
     @property
     def pid(self) -> int:
@@ -186,6 +188,8 @@ class FakeVM:
 
     async def stop(self, *, force: bool = False) -> None:
         self.calls.append("kill" if force else "stop")
+        if self.dying is not None:
+            await self.dying.wait()
         self.running = False
 
 
@@ -313,8 +317,9 @@ async def test_a_task_is_known_by_the_pid_the_vm_gives_once_its_process_runs(
 
 async def test_deleting_the_shims_own_container_kills_its_vm_at_once(shim: Shim) -> None:
     """The VM made for the shim's own container (a `ctr run`'s, a pod's sandbox once its
-    containers are gone) is killed when that container is deleted, before Delete answers: no
-    container removal in the guest first, no shutdown left for later."""
+    containers are gone) is killed when that container is deleted: no container removal in
+    the guest first, no shutdown left for later. Delete answers as the kill begins (the
+    container's state is final); the shim's end (`close`, after Shutdown) waits for the VM's."""
     await shim.create("app", ["sleep", "30"])
     await shim.create("shim1", ["exit", "0"])
     await shim.call("Start", pb.StartRequest(id="shim1"), pb.StartResponse)
@@ -326,10 +331,20 @@ async def test_deleting_the_shims_own_container_kills_its_vm_at_once(shim: Shim)
     await shim.create("shim1", ["exit", "0"])
     await shim.call("Delete", pb.DeleteRequest(id="app"), pb.DeleteResponse)
     assert shim.vm.running
-    await shim.call("Delete", pb.DeleteRequest(id="shim1"), pb.DeleteResponse)
-    assert shim.vm.calls[-2:] == ["remove app", "kill"] and not shim.vm.running
-    await shim.service.close()
-    assert shim.vm.calls[-1] == "kill"
+    shim.vm.dying = dying = asyncio.Event()
+    try:
+        delete = shim.call("Delete", pb.DeleteRequest(id="shim1"), pb.DeleteResponse)
+        await asyncio.wait_for(delete, 5)
+        assert shim.vm.calls[-2:] == ["remove app", "kill"] and shim.vm.running
+        await shim.call("Shutdown", pb.ShutdownRequest(id="shim1"))
+        assert shim.shutdown.is_set()
+        closing = asyncio.ensure_future(shim.service.close())
+        await asyncio.sleep(0.1)
+        assert not closing.done()
+    finally:
+        dying.set()
+    await asyncio.wait_for(closing, 5)
+    assert shim.vm.calls[-1] == "kill" and not shim.vm.running
 
 
 async def test_output_to_fifos(shim: Shim) -> None:

@@ -115,6 +115,8 @@ class TaskService:
         self._shutdown = shutdown
         self._created: Callable[[], None] | None = created
         self._lock = asyncio.Lock()
+        self._ending: asyncio.Task[None] | None = None
+        """The end of the VM after its last container's Delete (`_end_vm`): `close` waits."""
 
     # -- the ttrpc service -----------------------------------------------------------------
     def service(self) -> Service:
@@ -485,15 +487,17 @@ class TaskService:
             del self.containers[req.id]
             if self.vm is not None and req.id == self.shim_id and not self.containers:
                 # The VM was made for this container (or pod) alone and nothing is left in
-                # it: killed at once (its host side all cleaned up), not shut down in turn.
-                await self.vm.stop(force=True)  # Shutdown's close() retries a failed one
-                self.vm = None
-                log.debug("delete %s: VM killed", req.id)
-            elif self.vm is not None:
-                await self.vm.remove_container(req.id)
-                log.debug("delete %s: container removed from the guest", req.id)
-            if c.mounted:
-                await _umount(c.rootfs)
+                # it: killed at once (its host side all cleaned up), not shut down in turn,
+                # while Delete is answered (the container's state is final): Shutdown, then
+                # the shim's exit, wait for it.
+                vm, self.vm = self.vm, None
+                self._ending = asyncio.get_running_loop().create_task(self._end_vm(vm, c))
+            else:
+                if self.vm is not None:
+                    await self.vm.remove_container(req.id)
+                    log.debug("delete %s: container removed from the guest", req.id)
+                if c.mounted:
+                    await _umount(c.rootfs)
         self.events.publish(
             ev.TaskDelete(
                 container_id=req.id,
@@ -503,7 +507,21 @@ class TaskService:
                 id=req.exec_id,
             )
         )
+        log.debug("delete %s/%s: answered", req.id, req.exec_id)
         return pb.DeleteResponse(pid=p.pid, exit_status=p.exit_status, exited_at=p.exited_at)
+
+    async def _end_vm(self, vm: PodVM, c: Container) -> None:
+        """Kill the VM of the shim's last container, then unmount that container's root; a
+        VM that could not be stopped is kept for `close` to stop."""
+        try:
+            await vm.stop(force=True)
+            log.debug("delete %s: VM killed", c.id)
+        except Exception as e:
+            log.error("killing the VM of %s: %s", c.id, e)
+            self.vm = vm
+        finally:
+            if c.mounted:
+                await _umount(c.rootfs)
 
     # -- the VM ------------------------------------------------------------------------------
     async def pause(self, req: pb.PauseRequest) -> empty_pb2.Empty:
@@ -590,6 +608,9 @@ class TaskService:
 
     async def close(self) -> None:
         """Stop every process and the VM; unmount what is mounted."""
+        if self._ending is not None:
+            await self._ending
+            self._ending = None
         for c in list(self.containers.values()):
             await _cancel(c.oom_watch)
             for p in (c.init, *c.execs.values()):
