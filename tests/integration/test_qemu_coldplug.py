@@ -7,11 +7,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu_hotplug_support import booted, make_config, netns_with_tap
+from qemu_hotplug_support import VM, booted, make_config, netns_with_tap
 
 from virtcontainers.devices import BlockDrive, NetworkEndpoint
+from virtcontainers.guest import AGENT_READY_MARKER
+from virtcontainers.types import Param
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check")]
+
+
+AGENT_DEBUG = [Param("vc.debug", "1")]  # the agent logs each module it loads to the console
+
+
+def scsi_loaded_before_ready(vm: VM) -> bool:
+    """From the console: did the agent load virtio_scsi before printing its ready marker?"""
+    log = Path(vm.drv.paths.console_log).read_text(errors="replace")
+    assert AGENT_READY_MARKER in log and "loaded virtio_scsi" in log, log
+    return log.index("loaded virtio_scsi") < log.index(AGENT_READY_MARKER)
 
 
 def disk(tmp_path: Path, name: str, size_mib: int) -> str:
@@ -24,17 +36,40 @@ def disk(tmp_path: Path, name: str, size_mib: int) -> str:
 async def test_disks_virtio_blk_and_scsi(run_root: str, guest_assets: Any, tmp_path: Path) -> None:
     blk = BlockDrive(id="d0", path=disk(tmp_path, "a.img", 8), driver="virtio-blk")
     scsi = BlockDrive(id="d1", path=disk(tmp_path, "b.img", 16), read_only=True)
-    cfg = make_config(guest_assets)  # block_device_driver defaults to virtio-scsi
+    # block_device_driver defaults to virtio-scsi
+    cfg = make_config(guest_assets, kernel_params=list(AGENT_DEBUG))
     async with booted(run_root, cfg, devices=(blk, scsi)) as vm:
         assert scsi.scsi_addr == "0:0"
+        assert "vc.scsi=late" not in vm.drv.argv[vm.drv.argv.index("-append") + 1]
         # vda: 8 MiB in 512-byte sectors; the scsi disk: 16 MiB, read-only.
         await vm.wait_for("cat /sys/block/vda/size", str(8 << 11))
         await vm.wait_for("cat /sys/block/sda/size", str(16 << 11))
         assert (await vm.sh("cat /sys/block/sda/ro")).strip() == "1"
         assert (await vm.sh("cat /sys/block/vda/ro")).strip() == "0"
         await vm.sh("echo written > /dev/vda")
+        # A cold-plugged SCSI disk is there when the agent is ready: its driver loads before.
+        assert scsi_loaded_before_ready(vm)
     with open(blk.path, "rb") as f:
         assert f.read(8) == b"written\n"
+
+
+async def test_scsi_driver_after_ready_without_scsi_disks(
+    run_root: str, guest_assets: Any, tmp_path: Path
+) -> None:
+    """No SCSI disk cold-plugged: virtio_scsi (and its scan of the empty bus) loads after the
+    ready marker, and a SCSI disk hot-added right after boot is still found and usable."""
+    cfg = make_config(guest_assets, kernel_params=list(AGENT_DEBUG))
+    async with booted(run_root, cfg) as vm:
+        assert "vc.scsi=late" in vm.drv.argv[vm.drv.argv.index("-append") + 1]
+        drive = BlockDrive(id="late", path=disk(tmp_path, "late.img", 8))
+        await vm.drv.hotplug_add_device(drive)
+        res = await vm.agent.wait_hardware(block_serial=vm.drv.block_serial(drive), timeout=30)
+        assert res.device is not None and res.device.startswith("sd")
+        await vm.sh(f"echo hot > {res.dev_path}")
+        with open(drive.path, "rb") as f:
+            assert f.read(4) == b"hot\n"
+        assert not scsi_loaded_before_ready(vm)
+        await vm.drv.hotplug_remove_device(drive)
 
 
 async def test_tap_nic_in_network_namespace(run_root: str, guest_assets: Any) -> None:
@@ -47,8 +82,8 @@ async def test_tap_nic_in_network_namespace(run_root: str, guest_assets: Any) ->
         async with booted(run_root, cfg, devices=(ep,), network_ns=ns.path) as vm:
             await vm.wait_for("cat /sys/class/net/eth0/address", mac)
             assert len([a for a in vm.drv.argv if "iommu_platform=on" in a]) >= 3
-            bits = await vm.sh("cut -c34 /sys/bus/virtio/devices/*/features | sort -u")
-            assert bits == "1\n"
+            # Polled: the SCSI controller's driver loads after the ready marker (no disk).
+            await vm.wait_for("cut -c34 /sys/bus/virtio/devices/*/features | sort -u", "1")
 
 
 async def test_rng_prealloc_under_seccomp(run_root: str, guest_assets: Any) -> None:

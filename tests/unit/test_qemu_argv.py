@@ -148,6 +148,20 @@ def test_debug_switches_kernel_verbosity() -> None:
     assert Param("debug") in debug and Param("quiet") not in debug
 
 
+def test_scsi_driver_late_only_without_cold_plugged_scsi_disks() -> None:
+    late = qa.SCSI_LATE_PARAM
+    assert late in qa.kernel_params(make_spec())  # the controller, no disk on it
+    scsi = BlockDrive(id="d1", path="/d1.img")  # the config's driver: virtio-scsi
+    assert late not in qa.kernel_params(make_spec([scsi]))
+    blk = BlockDrive(id="d0", path="/d0.img", driver="virtio-blk")
+    assert late in qa.kernel_params(make_spec([blk]))
+    assert late not in qa.kernel_params(make_spec([blk, scsi]))
+    # No controller at all: nothing to say.
+    assert late not in qa.kernel_params(make_spec(block_device_driver="virtio-blk"))
+    assert late not in append_params(qa.build(make_spec([scsi])).argv)
+    assert "vc.scsi=late" in append_params(qa.build(make_spec()).argv)
+
+
 def test_vcpus_and_max_bounded_by_host() -> None:
     argv = qa.build(make_spec(num_vcpus=2, default_max_vcpus=16)).argv
     assert one(argv, "-smp") == "2,maxcpus=4"

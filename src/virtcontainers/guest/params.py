@@ -54,7 +54,8 @@ def default_kernel_params(
     `console` None leaves it out. `hvc0` works only once the agent has loaded
     virtio_console, so kernel messages before that are lost there; ttyS0 (built in)
     shows everything. `lpj` (see `loops_per_jiffy`) is added when non-zero. The agent
-    reads `vc.debug`, `vc.agent_port`, `vc.hostname` and `vc.channel` from /proc/cmdline.
+    reads `vc.debug`, `vc.agent_port`, `vc.hostname`, `vc.channel` and `vc.scsi` (the QEMU
+    driver's) from /proc/cmdline.
     """
     params: list[Param] = []
     if console:

@@ -189,8 +189,22 @@ def kernel_params(spec: LaunchSpec) -> list[Param]:
             params.extend(NVDIMM_ROOT_PARAMS)
         else:
             params.extend(VIRTIO_BLK_ROOT_PARAMS)
+    if uses_scsi(spec) and not scsi_disks_at_boot(spec):
+        params.append(SCSI_LATE_PARAM)
     params.extend(cfg.kernel_params)
     return dedupe_params(params)
+
+
+SCSI_LATE_PARAM = Param("vc.scsi", "late")
+"""Tells the agent no SCSI disk is cold-plugged: it loads virtio_scsi after its ready marker
+(the driver's scan of the empty bus took 170-250 ms of the boot's vCPU under TCG)."""
+
+
+def scsi_disks_at_boot(spec: LaunchSpec) -> bool:
+    """Whether a drive on the virtio-scsi controller is cold-plugged."""
+    return any(
+        isinstance(d, BlockDrive) and block_driver(spec, d) == "virtio-scsi" for d in spec.devices
+    )
 
 
 def image_as_nvdimm(spec: LaunchSpec) -> bool:
