@@ -72,6 +72,15 @@ async def test_scsi_driver_after_ready_without_scsi_disks(
         await vm.drv.hotplug_remove_device(drive)
 
 
+async def test_module_parameters_from_kernel_command_line(run_root: str, guest_assets: Any) -> None:
+    """`module.param=value` on the kernel command line reaches a module the agent loads (the
+    kernel applies it to built-in code only), '-' standing for '_' in the name."""
+    params = [Param("fuse.max_user_bgreq", "17"), Param("virtio-net.napi_tx", "0")]
+    async with booted(run_root, make_config(guest_assets, kernel_params=params)) as vm:
+        await vm.wait_for("cat /sys/module/fuse/parameters/max_user_bgreq", "17")
+        await vm.wait_for("cat /sys/module/virtio_net/parameters/napi_tx", "N")
+
+
 async def test_tap_nic_in_network_namespace(run_root: str, guest_assets: Any) -> None:
     mac = "02:00:00:aa:bb:01"
     # iommu_platform: every virtio device (the NIC, the agent's serial bus, the SCSI

@@ -3137,11 +3137,15 @@ static void mount_fs(const char *src, const char *dst, const char *type, unsigne
  * background loader has brought the driver. */
 static int scsi_late;
 
+/* The kernel command line, kept for the module parameters on it (read_cmdline). */
+static char cmdline[4096];
+
 static void parse_cmdline(void)
 {
 	char line[4096];
 	if (read_text("/proc/cmdline", line, sizeof line) < 0)
 		return;
+	snprintf(cmdline, sizeof cmdline, "%s", line);
 	char *save = NULL;
 	for (char *tok = strtok_r(line, " ", &save); tok; tok = strtok_r(NULL, " ", &save)) {
 		if (!strcmp(tok, "vc.debug") || !strcmp(tok, "vc.debug=1"))
@@ -3213,6 +3217,31 @@ static void read_module_list(void)
 	fclose(f);
 }
 
+/* A module's parameters from the kernel command line ("virtio_scsi.x=1 scsi_mod.scan=none"):
+ * the kernel applies them only to built-in code, modprobe passes them for modules, and so
+ * does the agent. '-' and '_' are the same in a module's name; quoted values are not split. */
+static void module_params(const char *name, char *out, size_t cap)
+{
+	size_t len = strlen(name), used = 0;
+	out[0] = 0;
+	char line[sizeof cmdline], *save = NULL;
+	snprintf(line, sizeof line, "%s", cmdline);
+	for (char *tok = strtok_r(line, " \n", &save); tok; tok = strtok_r(NULL, " \n", &save)) {
+		size_t k = 0;
+		while (k < len && (tok[k] == name[k] ||
+				   (strchr("-_", tok[k]) && tok[k] && strchr("-_", name[k]))))
+			k++;
+		if (k < len || tok[k] != '.' || !tok[k + 1])
+			continue;
+		int n = snprintf(out + used, cap - used, "%s%s", used ? " " : "", tok + k + 1);
+		if (n < 0 || (size_t)n >= cap - used) {
+			out[used] = 0; /* too long: the parameters that fitted */
+			break;
+		}
+		used += (size_t)n;
+	}
+}
+
 static void load_module(int i)
 {
 	struct module *m = &modules[i];
@@ -3228,10 +3257,13 @@ static void load_module(int i)
 		console("vc-agent: module %s: %s\n", path, strerror(errno));
 		return;
 	}
+	char params[512];
+	module_params(m->name, params, sizeof params);
 	int64_t t0 = now_ms();
-	if (syscall(SYS_finit_module, fd, "", 0) && errno != EEXIST)
-		console("vc-agent: loading %s: %s\n", m->name, strerror(errno));
-	DEBUG("loaded %s in %lld ms\n", m->name, (long long)(now_ms() - t0));
+	if (syscall(SYS_finit_module, fd, params, 0) && errno != EEXIST)
+		console("vc-agent: loading %s (%s): %s\n", m->name, params, strerror(errno));
+	DEBUG("loaded %s in %lld ms%s%s\n", m->name, (long long)(now_ms() - t0),
+	      params[0] ? ": " : "", params);
 	close(fd);
 }
 
