@@ -832,3 +832,33 @@ def test_namespace_paths_of_no_task_are_refused_by_name(
     (tmp_path / "config.json").write_text(json.dumps({"linux": {"namespaces": [ns]}}))
     with pytest.raises(VMError, match=re.escape(message)):
         joined_namespaces(str(tmp_path), tasks)
+
+
+def mounted(path: str | Path) -> bool:
+    """Whether `path` is a mount point (a bind within one filesystem included)."""
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
+
+
+async def test_a_mounted_root_is_unmounted_by_delete_or_after_the_vms_end(shim: Shim) -> None:
+    """The root the shim mounted from containerd's mounts is unmounted: at a pod container's
+    Delete, and after the VM's end for the shim's own container (whose Delete answers before)."""
+    source = shim.dir / "snapshot"
+    source.mkdir()
+    (source / "f").write_text("x")
+    mount = mount_pb2.Mount(type="bind", source=str(source), options=["rbind", "ro"])
+    for cid in ("app", "shim1"):
+        bundle = shim.bundle(cid, {"args": ["exit", "0"], "cwd": "/"})
+        await shim.call("Create", pb.CreateTaskRequest(id=cid, bundle=bundle, rootfs=[mount]))
+        assert mounted(f"{bundle}/rootfs") and os.listdir(f"{bundle}/rootfs") == ["f"]
+    await shim.call("Delete", pb.DeleteRequest(id="app"), pb.DeleteResponse)
+    assert not mounted(shim.dir / "app" / "rootfs")
+    shim.vm.dying = dying = asyncio.Event()
+    try:
+        await shim.call("Delete", pb.DeleteRequest(id="shim1"), pb.DeleteResponse)
+        assert mounted(shim.dir / "shim1" / "rootfs")  # the VM may still use it
+    finally:
+        dying.set()
+    await shim.service.close()
+    assert not mounted(shim.dir / "shim1" / "rootfs")
+    assert os.listdir(source) == ["f"]

@@ -725,6 +725,10 @@ async def _mount_rootfs(mounts: list[mount_pb2.Mount], target: str) -> bool:
 
 
 async def _umount(target: str) -> None:
-    cp = await asyncio.to_thread(subprocess.run, ["umount", target], capture_output=True, text=True)
-    if cp.returncode != 0:
-        log.error("unmounting %s: %s", target, cp.stderr.strip())
+    """Detach the rootfs mount (a system call: no `umount` process on the Delete's path)."""
+    from ..factory.tmpfs import unmount
+
+    try:
+        await asyncio.to_thread(unmount, target)
+    except OSError as e:
+        log.error("unmounting %s: %s", target, e)
