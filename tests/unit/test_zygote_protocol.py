@@ -4,8 +4,10 @@ name, the client's paths agree with the server's, and the client stays cheap to 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,7 +83,7 @@ def test_the_client_finds_the_socket_the_server_makes(monkeypatch: pytest.Monkey
     assert client.DEFAULT_RUN_ROOT == persist.DEFAULT_ROOT_RUN_ROOT
 
 
-def test_no_zygote_means_none(monkeypatch: pytest.MonkeyPatch, tmp_path: str) -> None:
+def test_no_zygote_means_none(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert client.delegate("virtc", ["virtc", "list"], [f"{tmp_path}/none.sock"]) is None
     monkeypatch.setenv(protocol.DISABLE_ENV, "1")
     assert client.delegate("virtc", ["virtc", "list"], ["/nonexistent"]) is None
@@ -117,3 +119,19 @@ def test_the_preload_builds_every_model_of_the_library() -> None:
     ours = [m for m in subclasses(BaseModel) if m.__module__.startswith("virtcontainers.")]
     assert len(ours) >= 10
     assert [m.__qualname__ for m in ours if not m.__pydantic_complete__] == []
+
+
+def test_the_shim_finds_the_zygote_beside_its_vm_cache_endpoint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("VC_RUN_ROOT", str(tmp_path / "root"))
+    config = tmp_path / "configuration.toml"
+    monkeypatch.setenv("VC_SHIM_CONFIG", str(config))
+    config.write_text("[factory]\nvm_cache_number = 1\n")
+    assert client.shim_sockets() == []
+    config.write_text('[factory]\nvm_cache_number = 1\nvm_cache_endpoint = "/srv/f/cache.sock"\n')
+    assert client.shim_sockets() == ["/srv/f/zygote.sock"]
+    # The run root's own zygote comes first when it is there.
+    os.makedirs(tmp_path / "root" / "factory")
+    (tmp_path / "root" / "factory" / "zygote.sock").touch()
+    assert client.shim_sockets() == [str(tmp_path / "root" / "factory" / "zygote.sock")]

@@ -189,10 +189,13 @@ def shim_sockets() -> list[str]:
     if root is not None and os.path.exists(socket_in(root)):
         return [socket_in(root)]
     try:
+        with open(os.environ.get(SHIM_CONFIG_ENV) or SHIM_CONFIG_PATH, "rb") as f:
+            data = f.read()
+        if b"vm_cache_endpoint" not in data:  # the usual case: no TOML parser to import
+            return []
         import tomllib
 
-        with open(os.environ.get(SHIM_CONFIG_ENV) or SHIM_CONFIG_PATH, "rb") as f:
-            factory = tomllib.load(f).get("factory")
+        factory = tomllib.loads(data.decode()).get("factory")
         endpoint = factory.get("vm_cache_endpoint") if isinstance(factory, dict) else None
     except (OSError, ValueError):
         return []
