@@ -103,8 +103,8 @@ PHASES = (
     ("5 Create: factory VM, share", "create {cid}: VM ready"),
     ("6 Create: container in the guest", "create {cid}: container made in the guest"),
     ("7 Create answered, Start sent", "start {cid}/: received"),
-    ("8 Start: process running", "start {cid}/: running"),
-    ("9 process ran, exit seen", "process {cid}/: exited"),
+    ("8 Start: vc-run started", "start {cid}/: running"),
+    ("9 process set up, ran, exit seen", "process {cid}/: exited"),
     ("10 exit event, Wait, Delete", "delete {cid}/: received"),
     ("11 Delete answered", "delete {cid}/: answered"),
     ("12 Shutdown sent", "shutdown: received"),
@@ -275,12 +275,12 @@ def _breakdown(result: Result, cand: str, how: str) -> str:
         f"table): ctr and containerd {total(1, 3, 7, 10, 15)} (1, 3, 7, 10, 15); the shim's "
         f"start {total(2)} (2: `start`'s interpreter and fork, the server's imports); Create "
         f"{total(4, 5, 6)} (rootfs mount {total(4)}, factory VM and its share {total(5)}, the "
-        f"container made in the guest {total(6)}); in the guest until the process runs "
-        f"{total(8)} and until its exit is seen {total(9)} (vc-run's set-up, `true`, the "
-        f"namespaces' end); teardown {total(11, 12, 13, 14)} (Delete answered {total(11)}, "
-        f"Shutdown sent {total(12)}, the rest of the VM's end (killed while Delete answers), "
-        f"the root's unmount and the shim's exit {total(13)}, the `delete` binary containerd "
-        f"runs and the bundle's removal {total(14)})"
+        f"container made in the guest {total(6)}); Start until the agent has started vc-run "
+        f"{total(8)}, then until the process's exit is seen {total(9)} (vc-run's set-up, "
+        f"`true`, the namespaces' end); teardown {total(11, 12, 13, 14)} (Delete answered "
+        f"{total(11)}, Shutdown sent {total(12)}, the rest of the VM's end (killed while "
+        f"Delete answers), the root's unmount and the shim's exit {total(13)}, the `delete` "
+        f"binary containerd runs and the bundle's removal {total(14)})"
     )
 
 
