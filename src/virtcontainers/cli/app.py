@@ -34,6 +34,15 @@ _VALUE_OPTIONS = ("-H", "--hypervisor", "--run-root")
 """Global options that take a value (the next word, unless given as `--opt=value`)."""
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP stopped the command after its clean-up (as KeyboardInterrupt does
+    for SIGINT); a BaseException so that no `except Exception` takes it for a failure."""
+
+    def __init__(self, signo: int) -> None:
+        super().__init__(signo)
+        self.signo = signo
+
+
 class Globals:
     """Options given before the command."""
 
@@ -71,6 +80,15 @@ def run(argv: list[str]) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("virtc: interrupted\n")
         return EXIT_INTERRUPTED
+    except Terminated as e:
+        import signal
+
+        try:
+            sys.stderr.write(f"virtc: terminated by {signal.Signals(e.signo).name}\n")
+            sys.stderr.flush()
+        except OSError:  # after SIGHUP our terminal may be gone
+            pass
+        return 128 + e.signo
     except BrokenPipeError:  # the reader went away (`virtc list | head -1`): as cat(1) does
         _discard_stdout()
         return EXIT_BROKEN_PIPE

@@ -43,10 +43,49 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str = ""
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine to completion on a fresh event loop."""
+    """Run a coroutine to completion on a fresh event loop. SIGTERM and SIGHUP cancel it as
+    SIGINT does, so its clean-up runs (a VM is stopped, not left behind); then `Terminated`."""
     import asyncio
 
-    return asyncio.run(coro)
+    return asyncio.run(_stoppable(coro))
+
+
+async def _stoppable(coro: Coroutine[Any, Any, T]) -> T:
+    import asyncio
+    import signal
+
+    from .app import Terminated
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    got: list[int] = []
+
+    def stop(signo: int) -> None:
+        if not got and task is not None:
+            got.append(signo)
+            task.cancel()
+
+    installed = []
+    for signo in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signo) is signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            continue
+        try:
+            loop.add_signal_handler(signo, stop, signo)
+        except (RuntimeError, ValueError):  # not the main thread: signals are not ours
+            break
+        installed.append(signo)
+    try:
+        result = await coro
+    except asyncio.CancelledError:
+        if not got:
+            raise
+        raise Terminated(got[0]) from None
+    finally:
+        for signo in installed:
+            loop.remove_signal_handler(signo)
+    if got:
+        raise Terminated(got[0])
+    return result
 
 
 def with_spinner(label: str, make: Callable[[], Awaitable[T]], quiet: bool = False) -> T:
@@ -62,9 +101,14 @@ def with_spinner(label: str, make: Callable[[], Awaitable[T]], quiet: bool = Fal
     async def body() -> T:
         with Console(stderr=True).status(f"{label} (0.0 s)") as status:
             task = asyncio.ensure_future(_await(make))
-            while not task.done():
-                await asyncio.wait({task}, timeout=0.1)
-                status.update(f"{label} ({time.monotonic() - start:.1f} s)")
+            try:
+                while not task.done():
+                    await asyncio.wait({task}, timeout=0.1)
+                    status.update(f"{label} ({time.monotonic() - start:.1f} s)")
+            finally:  # cancelled (a signal): `make` cleans up before we return
+                if not task.done():
+                    task.cancel()
+                    await asyncio.wait({task})
             return task.result()
 
     return run_async(body())
