@@ -5,6 +5,8 @@ A `sleep` process stands in for QEMU; the fake server listens on the VM's QMP so
 
 from __future__ import annotations
 
+import asyncio
+import socket as pysocket
 import subprocess
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
@@ -27,6 +29,7 @@ from virtcontainers.devices import (
 )
 from virtcontainers.drivers.qemu import QemuHypervisor, machine_capabilities, pci, resize
 from virtcontainers.drivers.qemu import hotplug as qhotplug
+from virtcontainers.drivers.qemu.rollback import Rollback
 from virtcontainers.drivers.qemu.state import Dimm, Plugged, QemuState
 from virtcontainers.errors import (
     ConfigError,
@@ -560,8 +563,6 @@ async def test_external_vhost_user_blk(
     fake: FakeQMPServer,
     tmp_path: Path,
 ) -> None:
-    import socket as pysocket
-
     config.enable_vhost_user_store = True
     drv = await running(run_root, config, dummy, fake)
     path = str(tmp_path / "vu.sock")
@@ -593,6 +594,105 @@ async def test_external_vhost_user_blk(
     assert drv.hotplug.plugged == {} and all(not b.devices_addr for b in drv.hotplug.bridges)
     fake.assert_done()
     await drv.disconnect()
+
+
+@pytest.fixture
+def vhost_fs_backend(tmp_path: Path) -> Iterator[str]:
+    """A listening socket standing in for an external virtio-fs backend."""
+    path = str(tmp_path / "vfs.sock")
+    listener = pysocket.socket(pysocket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+    yield path
+    listener.close()
+
+
+async def test_cancelled_device_add_removes_the_device_before_its_chardev(
+    run_root: str,
+    config: HypervisorConfig,
+    dummy: subprocess.Popen[bytes],
+    fake: FakeQMPServer,
+    vhost_fs_backend: str,
+) -> None:
+    """QEMU made the device but the add was cancelled while awaiting the reply: the rollback
+    removes the device (waiting for DEVICE_DELETED) before the chardev it holds, and the
+    caller still sees its CancelledError."""
+    config.shared_fs = "virtio-fs"
+    drv = await running(run_root, config, dummy, fake)
+    fake.add(
+        Expect("chardev-add"),
+        Expect("device_add", delay=0.5),
+        Expect("device_del", {"id": "vhost-fs-v0"}, events=[deleted("vhost-fs-v0")]),
+        Expect("chardev-remove", {"id": "char-vhost-fs-v0"}),
+    )
+    dev = VhostUserDevice(id="v0", socket_path=vhost_fs_backend, backend="fs", tag="t0")
+    task = asyncio.create_task(drv.hotplug_add_device(dev))
+    while "device_add" not in fake.commands:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert drv.hotplug.plugged == {} and all(not b.devices_addr for b in drv.hotplug.bridges)
+    fake.assert_done()
+    await drv.disconnect()
+
+
+async def test_a_failed_rollback_never_hides_the_error_that_caused_it(
+    run_root: str,
+    config: HypervisorConfig,
+    dummy: subprocess.Popen[bytes],
+    fake: FakeQMPServer,
+    vhost_fs_backend: str,
+) -> None:
+    config.shared_fs = "virtio-fs"
+    drv = await running(run_root, config, dummy, fake)
+    drv.hotplug.unplug_timeout = 0.3
+    fake.add(
+        Expect("chardev-add"),
+        Expect("device_add"),
+        Expect("query-pci", error=("GenericError", "query-pci broke")),
+        Expect("device_del", {"id": "vhost-fs-v0"}),  # the guest never lets go
+        Expect("chardev-remove", error=("GenericError", "Chardev 'char-vhost-fs-v0' is busy")),
+    )
+    dev = VhostUserDevice(id="v0", socket_path=vhost_fs_backend, backend="fs", tag="t0")
+    with pytest.raises(HypervisorError, match="query-pci broke") as exc:
+        await drv.hotplug_add_device(dev)
+    notes = "\n".join(getattr(exc.value, "__notes__", []))
+    assert "did not release device vhost-fs-v0 within 0.3s" in notes
+    assert "Chardev 'char-vhost-fs-v0' is busy" in notes
+    assert drv.hotplug.plugged == {}
+    fake.assert_done()
+    await drv.disconnect()
+
+
+async def test_rollback_keeps_the_error_and_lets_a_cancellation_through() -> None:
+    async def fail(what: BaseException) -> None:
+        raise what
+
+    # Every undo step runs; their failures become notes of the error that caused them.
+    ran: list[str] = []
+    with pytest.raises(asyncio.CancelledError) as cancelled:
+        async with Rollback() as undo:
+            undo.callback(ran.append, "first")
+            undo.push_async_callback(fail, StateError("undo 2"))
+            undo.push_async_callback(fail, HypervisorError("undo 3"))
+            raise asyncio.CancelledError()
+    assert ran == ["first"]
+    assert cancelled.value.__notes__ == [
+        "undoing it failed too: HypervisorError: undo 3",
+        "undoing it failed too: StateError: undo 2",
+    ]
+    # A cancellation that interrupts the undo of an ordinary error is not swallowed.
+    with pytest.raises(asyncio.CancelledError) as again:
+        async with Rollback() as undo:
+            undo.push_async_callback(fail, asyncio.CancelledError())
+            raise HypervisorError("add failed")
+    assert isinstance(again.value.__context__, HypervisorError)
+    # Success: nothing is undone.
+    async with Rollback() as undo:
+        undo.callback(ran.append, "undone")
+        undo.pop_all()
+    assert ran == ["first"]
 
 
 async def test_virtiofsd_that_dies_at_start_is_reported_and_rolled_back(

@@ -4,10 +4,11 @@ The driver delegates every hotplug operation here. `IMPLEMENTED` lists the hotpl
 capabilities this module really provides; the driver advertises a hotplug capability only
 when both the machine type allows it and it is in `IMPLEMENTED`.
 
-Every add is all-or-nothing: a failed step undoes the earlier ones (backend, helper daemon,
-PCI port). Every removal is `device_del`, then the wait for QEMU's confirmation, then the
-backend's removal; a guest that never releases the device leaves it attached and recorded,
-so the removal can be retried.
+Every add is all-or-nothing: a failed (or cancelled) step undoes the earlier ones (device,
+backend, helper daemon, PCI port) through one `Rollback`, whose own failures never hide the
+error that caused it. Every removal is `device_del`, then the wait for QEMU's confirmation,
+then the backend's removal; a guest that never releases the device leaves it attached and
+recorded, so the removal can be retried.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from ..helpers import is_socket
 from . import argv as qargv
 from . import pci, resize, storage_daemon
 from .qmp import QMP, QMPCommandError
+from .rollback import Rollback
 from .state import Dimm, HotplugState, Plugged
 
 if TYPE_CHECKING:
@@ -263,7 +265,10 @@ class Hotplug:
         try:
             return await self._execute(command, dict(arguments or {}))
         except QMPCommandError as exc:
-            raise HypervisorError(f"qemu: VM {self.vm_id}: {op} failed: {exc}") from exc
+            raise self._refused(op, exc) from exc
+
+    def _refused(self, op: str, exc: QMPCommandError) -> HypervisorError:
+        return HypervisorError(f"qemu: VM {self.vm_id}: {op} failed: {exc}")
 
     async def device_del(
         self, qdev: str, op: str, gone: Callable[[], Awaitable[bool]] | None = None
@@ -307,7 +312,7 @@ class Hotplug:
             if exc.error_class == "DeviceNotFound":
                 return False
             if "in progress" not in exc.desc and "process of unplug" not in exc.desc:
-                raise HypervisorError(f"qemu: VM {self.vm_id}: {op} failed: {exc}") from exc
+                raise self._refused(op, exc) from exc
         return True
 
     async def in_peripherals(self, qdev: str) -> bool:
@@ -316,12 +321,30 @@ class Hotplug:
         return any(c.get("name") == qdev for c in children)
 
     # -- devices -----------------------------------------------------------------------------
+    async def _device_add(self, op: str, device: Mapping[str, Any], undo: Rollback) -> None:
+        """`device_add`, undone by `device_del` (and the wait for DEVICE_DELETED) unless QEMU
+        refused it: a lost reply or a cancelled await may leave the device made, holding its
+        backend, which can only be removed after it."""
+        qdev = str(device["id"])
+        refused = False
+
+        async def unplug() -> None:
+            if not refused:  # an id QEMU does not know counts as removed
+                await self.device_del(qdev, f"{op}: removing device {qdev} again")
+
+        undo.push_async_callback(unplug)
+        try:
+            await self._execute("device_add", dict(device))
+        except QMPCommandError as exc:
+            refused = True
+            raise self._refused(op, exc) from exc
+
     async def _plug_pci(
         self,
         op: str,
         rec: Plugged,
         device: Mapping[str, Any],
-        undo: contextlib.AsyncExitStack,
+        undo: Rollback,
     ) -> str:
         """`device_add` on a free port/slot (released again on failure); returns the pci_path."""
         bridges = self.bridges
@@ -332,8 +355,8 @@ class Hotplug:
             args.update(qargv.iommu_platform_props(str(device["driver"])))
         if place.addr:
             args["addr"] = place.addr
-        await self.execute(op, "device_add", args)
-        return pci.pci_path(await self._execute("query-pci", {}), rec.qdev)
+        await self._device_add(op, args, undo)
+        return pci.pci_path(await self.execute(op, "query-pci"), rec.qdev)
 
     async def _add_backend(
         self,
@@ -343,7 +366,7 @@ class Hotplug:
         name: str,
         command: str,
         args: Mapping[str, Any],
-        undo: contextlib.AsyncExitStack,
+        undo: Rollback,
     ) -> None:
         await self.execute(op, command, args)
         rec.backend_kind, rec.backend = kind, name
@@ -414,7 +437,7 @@ class Hotplug:
                 "direct": cfg.block_device_cache_direct,
                 "no-flush": cfg.block_device_cache_noflush,
             }
-        async with contextlib.AsyncExitStack() as undo:
+        async with Rollback() as undo:
             await self._add_backend(op, rec, "blockdev", drive.id, "blockdev-add", node, undo)
             serial = self._vm.block_serial(drive)
             if scsi:
@@ -430,7 +453,7 @@ class Hotplug:
                     "lun": int(lun or 0),
                     "serial": serial,
                 }
-                await self.execute(op, "device_add", dev)
+                await self._device_add(op, dev, undo)
             else:
                 dev = {"driver": "virtio-blk-pci", "drive": drive.id, "serial": serial}
                 drive.pci_path = await self._plug_pci(op, rec, dev, undo)
@@ -461,7 +484,7 @@ class Hotplug:
         dev.update(qargv.NIC_LINK_ALWAYS_UP)
         if ep.queues > 1:
             dev.update({"mq": True, "vectors": 2 * ep.queues + 2})
-        async with contextlib.AsyncExitStack() as undo:
+        async with Rollback() as undo:
             if fd_names:
                 # getfd and netdev_add on one QMP session: netdev_add takes (and so
                 # removes) the named fds; whichever it did not take are closed on failure.
@@ -495,18 +518,18 @@ class Hotplug:
             )
         rec = Plugged(device_key(dev), f"vfio-{dev.id}")
         args = {"driver": "vfio-pci", "host": dev.bdf}
-        if self.config.hotplug_vfio_on_root_bus:
-            if machine == "q35":
-                raise self.unsupported(
-                    "hotplugging VFIO on the root bus of q35",
-                    "pcie.0 takes no hotplug; unset hotplug_vfio_on_root_bus",
-                )
-            await self.execute(op, "device_add", {**args, "id": rec.qdev, "bus": "pci.0"})
-            dev.pci_path = pci.pci_path(await self._execute("query-pci", {}), rec.qdev)
-        else:
-            async with contextlib.AsyncExitStack() as undo:
+        if self.config.hotplug_vfio_on_root_bus and machine == "q35":
+            raise self.unsupported(
+                "hotplugging VFIO on the root bus of q35",
+                "pcie.0 takes no hotplug; unset hotplug_vfio_on_root_bus",
+            )
+        async with Rollback() as undo:
+            if self.config.hotplug_vfio_on_root_bus:
+                await self._device_add(op, {**args, "id": rec.qdev, "bus": "pci.0"}, undo)
+                dev.pci_path = pci.pci_path(await self.execute(op, "query-pci"), rec.qdev)
+            else:
                 dev.pci_path = await self._plug_pci(op, rec, args, undo)
-                undo.pop_all()
+            undo.pop_all()
         self.plugged[rec.key] = rec
         return dev
 
@@ -524,7 +547,7 @@ class Hotplug:
         rec: Plugged,
         socket: str,
         device: Mapping[str, Any],
-        undo: contextlib.AsyncExitStack,
+        undo: Rollback,
     ) -> str:
         chardev_id = f"char-{rec.qdev}"
         chardev = {
@@ -548,7 +571,7 @@ class Hotplug:
         assert paths is not None
         rec = Plugged(device_key(share), virtiofsd.key(share))
         sock = paths.virtiofsd_socket(share.id)
-        async with contextlib.AsyncExitStack() as undo:
+        async with Rollback() as undo:
             await virtiofsd.start(self.helpers, self.config, share, sock, paths.vm_dir)
             rec.helper = virtiofsd.key(share)
             undo.push_async_callback(self.helpers.stop, rec.helper)
@@ -567,7 +590,7 @@ class Hotplug:
         rec = Plugged(device_key(drive), storage_daemon.key(drive))
         rec.index = self._block_index(drive)
         sock = os.path.join(paths.vm_dir, f"{storage_daemon.key(drive)}.sock")
-        async with contextlib.AsyncExitStack() as undo:
+        async with Rollback() as undo:
             await storage_daemon.start(
                 self.helpers, drive, sock, os.path.join(paths.vm_dir, f"qsd-{drive.id}.log")
             )
@@ -599,7 +622,7 @@ class Hotplug:
         model = dict(models[dev.backend])
         if dev.backend == "fs":
             model["tag"] = dev.tag
-        async with contextlib.AsyncExitStack() as undo:
+        async with Rollback() as undo:
             dev.pci_path = await self._add_vhost_user_chardev(op, rec, dev.socket_path, model, undo)
             undo.pop_all()
         self.plugged[rec.key] = rec

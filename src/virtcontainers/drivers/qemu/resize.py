@@ -8,13 +8,13 @@ the boot-time virtio-mem device's `requested-size` (grows and shrinks).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError, HypervisorError, VMTimeoutError
 from ...types import MemoryDevice
 from . import argv as qargv
+from .rollback import Rollback
 from .state import Dimm
 
 if TYPE_CHECKING:
@@ -178,7 +178,7 @@ async def add_dimm(hp: Hotplug, size_mb: int, probe: bool) -> MemoryDevice:
         raise ConfigError(f"qemu: {op}: {current} + {size_mb} MiB would exceed maxmem {maxmem} MiB")
     n = 1 + max((int(d.id[4:]) for d in hp.dimms), default=-1)
     qdev, obj = f"dimm{n}", f"mem-dimm{n}"
-    async with contextlib.AsyncExitStack() as undo:
+    async with Rollback() as undo:
         await hp.execute(op, "object-add", dimm_backend(cfg, obj, size_mb))
         undo.push_async_callback(hp.execute, f"removing {obj}", "object-del", {"id": obj})
         await hp.execute(op, "device_add", {"driver": "pc-dimm", "id": qdev, "memdev": obj})
