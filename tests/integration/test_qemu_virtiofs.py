@@ -3,6 +3,7 @@ hotplugged share, host directories readable and writable from the guest and back
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,30 @@ async def test_cold_and_hotplugged_virtio_fs(
         with pytest.raises(StateError, match=r"share1 .*never hot-added"):
             await drv.hotplug_remove_device(hot)
         assert (await vm.sh("cat /mnt/cold/from-guest.txt")) == "written in the guest\n"
+
+        # An add cancelled while QEMU's reply to device_add is on its way (QEMU made the
+        # device): the rollback removes the device before the chardev it holds, stops the
+        # share's virtiofsd, and the caller sees the cancellation.
+        real = drv.hotplug._execute
+
+        async def cancelled_after_device_add(command: str, args: dict[str, Any]) -> Any:
+            reply = await real(command, args)
+            if command == "device_add":
+                task = asyncio.current_task()
+                assert task is not None
+                task.cancel()
+                await asyncio.sleep(0)
+            return reply
+
+        drv.hotplug._execute = cancelled_after_device_add
+        adding = asyncio.create_task(drv.hotplug_add_device(hot))
+        with pytest.raises(asyncio.CancelledError):
+            await adding
+        drv.hotplug._execute = real
+        assert drv.get_pids() == pids and drv.hotplug.plugged == {}
+        assert not await drv.hotplug.in_peripherals("fs-share1")
+        chardevs = [c["label"] for c in await drv._execute("query-chardev")]
+        assert "char-fs-share1" not in chardevs
 
         # Hotplug again, then let another process stop the VM from its persisted state: it
         # stops QEMU, both daemons and the console log keeper.
