@@ -1,13 +1,21 @@
 """`virtc run --image` on a real QEMU guest, and what reaches it from outside while it runs:
-SIGTERM and SIGHUP stop it as cleanly as SIGINT (nothing left behind). Run without the
-zygote (`test_zygote` covers the hand-over)."""
+SIGTERM and SIGHUP stop it as cleanly as SIGINT (nothing left behind), and `-t -i` ends
+with its command (or SIGINT) though its stdin stays open. Run without the zygote
+(`test_zygote` covers the hand-over)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import pty
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -57,3 +65,81 @@ def test_a_termination_signal_stops_the_sandbox(
     assert signo.name.encode() in err, err
     assert vm_processes(run_root) == []
     assert leftovers(run_root) == []
+
+
+def _set_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _on_a_pty(
+    run_root: str, store: ImageStore, args: list[str], until: bytes | None = None
+) -> tuple[int, int, bytes]:
+    """Start `virtc ARGS` on a new 33x99 pty whose leader we keep (its stdin stays open);
+    returns (pid, leader fd, what it wrote up to and including `until`)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child becomes virtc on the pty
+        _set_size(0, 33, 99)
+        os.execve(sys.executable, [*VIRTC, *args], env(run_root, store))
+    seen = b""
+    deadline = time.monotonic() + 180
+    while until is not None and until not in seen and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                seen += os.read(fd, 65536)
+            except OSError:
+                break
+    return pid, fd, seen
+
+
+def _finish(pid: int, fd: int, seen: bytes, timeout: float) -> tuple[int | None, bytes]:
+    """Read the pty until `pid` exits (or `timeout` passes: then it is killed, None)."""
+    deadline = time.monotonic() + timeout
+    code: int | None = None
+    try:
+        while time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.2)[0]:
+                with contextlib.suppress(OSError):  # EIO: every other side is closed
+                    seen += os.read(fd, 65536)
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                code = os.waitstatus_to_exitcode(status)
+                break
+    finally:
+        if code is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    return code, seen
+
+
+def test_run_i_streams_all_of_stdin_to_the_container(run_root: str, store: ImageStore) -> None:
+    data = b"".join(b"line %d of the input\n" % i for i in range(20000))  # 0.4 MB, in order
+    done = subprocess.run(
+        [*VIRTC, *RUN, "-i", "--", "tr", "a-z", "A-Z"],
+        input=data,
+        capture_output=True,
+        env=env(run_root, store),
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == data.upper()
+
+
+def test_run_t_i_ends_with_its_command_while_stdin_stays_open(
+    run_root: str, store: ImageStore
+) -> None:
+    pid, fd, seen = _on_a_pty(run_root, store, [*RUN, "-t", "-i", "--", "sh", "-c", "exit 3"])
+    code, seen = _finish(pid, fd, seen, 180)
+    assert code == 3, seen
+
+
+def test_sigint_ends_run_t_i_while_stdin_stays_open(run_root: str, store: ImageStore) -> None:
+    pid, fd, seen = _on_a_pty(
+        run_root, store, [*RUN, "-t", "-i", "--", "sh", "-c", "echo up; sleep 600"], until=b"up"
+    )
+    assert b"up" in seen, seen
+    os.kill(pid, signal.SIGINT)
+    code, seen = _finish(pid, fd, seen, 120)
+    assert code == 130, seen
+    assert vm_processes(run_root) == []

@@ -75,12 +75,7 @@ async def stream(proc: Process, interactive: bool) -> ExitStatus:
     """Copy the process's output to ours as it arrives (and our stdin to it); its status."""
     import asyncio
 
-    async def feed() -> None:
-        while data := await asyncio.to_thread(os.read, 0, 65536):
-            await proc.write_stdin(data)
-        await proc.close_stdin()
-
-    feeder = asyncio.ensure_future(feed() if interactive else proc.close_stdin())
+    feeder = asyncio.ensure_future(_feed(proc) if interactive else proc.close_stdin())
     try:
         await asyncio.gather(_pump(proc.stdout, _Sink(1)), _pump(proc.stderr, _Sink(2)))
         return await proc.wait()
@@ -89,6 +84,36 @@ async def stream(proc: Process, interactive: bool) -> ExitStatus:
             feeder.cancel()
         with contextlib.suppress(BaseException):
             await feeder
+
+
+async def _feed(proc: Process) -> None:
+    """Our stdin to the process, then its end. The reads block in a daemon thread that
+    nothing waits for, so the command may end (or be interrupted) while stdin stays open."""
+    import asyncio
+    import threading
+
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue[bytes] = asyncio.Queue()
+    room = threading.Semaphore(4)  # chunks read ahead of the guest
+
+    def read() -> None:
+        while room.acquire():
+            try:
+                data = os.read(0, 65536)
+            except OSError:
+                data = b""
+            try:
+                loop.call_soon_threadsafe(chunks.put_nowait, data)
+            except RuntimeError:  # the loop is closed: the command is over
+                return
+            if not data:
+                return
+
+    threading.Thread(target=read, name="virtc-stdin", daemon=True).start()
+    while data := await chunks.get():
+        room.release()
+        await proc.write_stdin(data)
+    await proc.close_stdin()
 
 
 class _Sink:
