@@ -1,7 +1,7 @@
 """`virtc run --image` on a real QEMU guest, and what reaches it from outside while it runs:
-SIGTERM and SIGHUP stop it as cleanly as SIGINT (nothing left behind), and `-t -i` ends
-with its command (or SIGINT) though its stdin stays open. Run without the zygote
-(`test_zygote` covers the hand-over)."""
+SIGTERM and SIGHUP stop it as cleanly as SIGINT (nothing left behind), a terminal's resize
+reaches the container's terminal, and `-t -i` ends with its command (or SIGINT) though its
+stdin stays open. Run without the zygote (`test_zygote` covers the hand-over)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import os
 import pty
+import re
 import select
 import signal
 import struct
@@ -110,6 +111,19 @@ def _finish(pid: int, fd: int, seen: bytes, timeout: float) -> tuple[int | None,
             os.waitpid(pid, 0)
         os.close(fd)
     return code, seen
+
+
+def test_run_t_follows_the_terminal_size(run_root: str, store: ImageStore) -> None:
+    script = (
+        'stty size; while [ "$(stty size)" != "40 120" ]; do sleep 0.1; done; stty size; exit 4'
+    )
+    pid, fd, seen = _on_a_pty(
+        run_root, store, [*RUN, "-t", "--", "sh", "-c", script], until=b"33 99"
+    )
+    _set_size(fd, 40, 120)
+    code, seen = _finish(pid, fd, seen, 60)
+    assert code == 4, seen
+    assert re.search(rb"33 99\r+\n40 120\r+\n", seen), seen
 
 
 def test_run_i_streams_all_of_stdin_to_the_container(run_root: str, store: ImageStore) -> None:

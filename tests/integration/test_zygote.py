@@ -225,8 +225,7 @@ def _set_size(fd: int, rows: int, cols: int) -> None:
 
 def test_run_t_through_the_zygote_has_the_client_terminal(server: Server) -> None:
     """`virtc run -t` on a pty: the worker has the client's terminal (the container's
-    terminal gets its size). (`virtc run -t` follows no later resize, and with -i waits for
-    the end of its input even after the command exits, with or without the zygote.)"""
+    terminal gets its size)."""
     vm = server.pooled()
     pid, fd = pty.fork()
     if pid == 0:  # the child becomes virtc on the pty

@@ -48,7 +48,7 @@ def run_container(
             proc = await container.start(
                 tty=a.tty, rows=size.lines, cols=size.columns, timeout=a.exec_timeout
             )
-            status = await stream(proc, a.stdin)
+            status = await stream(proc, a.stdin, tty=a.tty)
         except BaseException:
             await sb.stop()
             raise
@@ -71,19 +71,48 @@ def run_container(
     return 128 + status.signal if status.signal else status.exit_code
 
 
-async def stream(proc: Process, interactive: bool) -> ExitStatus:
-    """Copy the process's output to ours as it arrives (and our stdin to it); its status."""
+async def stream(proc: Process, interactive: bool, tty: bool = False) -> ExitStatus:
+    """Copy the process's output to ours as it arrives (and our stdin to it; with `tty`, our
+    terminal's new sizes to its terminal); its status."""
     import asyncio
 
-    feeder = asyncio.ensure_future(_feed(proc) if interactive else proc.close_stdin())
+    helpers = [asyncio.ensure_future(_feed(proc) if interactive else proc.close_stdin())]
+    if tty:
+        helpers.append(asyncio.ensure_future(_follow_size(proc)))
     try:
         await asyncio.gather(_pump(proc.stdout, _Sink(1)), _pump(proc.stderr, _Sink(2)))
         return await proc.wait()
     finally:
-        if not feeder.done():
-            feeder.cancel()
-        with contextlib.suppress(BaseException):
-            await feeder
+        for task in helpers:
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def _follow_size(proc: Process) -> None:
+    """On each SIGWINCH, give the process's terminal our terminal's size, until cancelled."""
+    import asyncio
+    import shutil
+    import signal
+
+    from ..agent import AgentRequestError
+
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+    try:
+        loop.add_signal_handler(signal.SIGWINCH, changed.set)
+    except (RuntimeError, ValueError):  # not the main thread: signals are not ours
+        return
+    try:
+        while True:
+            await changed.wait()
+            changed.clear()
+            size = shutil.get_terminal_size()
+            with contextlib.suppress(AgentRequestError):  # the process has just exited
+                await proc.resize(size.lines, size.columns)
+    finally:
+        loop.remove_signal_handler(signal.SIGWINCH)
 
 
 async def _feed(proc: Process) -> None:
