@@ -173,7 +173,16 @@ def test_run_is_served_by_a_worker_of_the_zygote(server: Server, tmp_path: Path)
     assert vm not in server.listed()
 
 
-def test_a_signal_reaches_the_worker(server: Server) -> None:
+@pytest.mark.parametrize(
+    ("signo", "code", "said"),
+    [
+        (signal.SIGINT, 130, "virtc: interrupted"),
+        (signal.SIGTERM, 143, "virtc: terminated by SIGTERM"),
+    ],
+)
+def test_a_signal_reaches_the_worker(server: Server, signo: int, code: int, said: str) -> None:
+    """The client's signal reaches the worker, which stops the sandbox and exits as virtc
+    would without the zygote."""
     vm = server.pooled()
     proc = server.popen(*RUN, "--", "sh", "-c", "echo up; sleep 600")
     try:
@@ -182,9 +191,9 @@ def test_a_signal_reaches_the_worker(server: Server) -> None:
         # The worker shows the client's command line, not the zygote's.
         cmdline = Path(f"/proc/{worker}/cmdline").read_bytes()
         assert b"sleep 600" in cmdline and b"virtcontainers.zygote" not in cmdline
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signo)
         _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 130 and "virtc: interrupted" in err, err
+        assert proc.returncode == code and said in err, err
         assert wait_gone(worker)
     finally:
         with contextlib.suppress(ProcessLookupError):
