@@ -17,13 +17,11 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from leaks import leftovers, vm_processes
 from virtcontainers.images import ImageStore
-from virtcontainers.images.build import busybox_image
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check")]
 
@@ -32,10 +30,9 @@ RUN = ("run", "--net", "none", "--image", "busybox")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImageStore]:
-    s = ImageStore(str(tmp_path_factory.mktemp("images")))
-    s.import_archive(busybox_image())
-    yield s
+def store(images: ImageStore) -> ImageStore:
+    """The busybox store (conftest's `images`)."""
+    return images
 
 
 def env(run_root: str, store: ImageStore) -> dict[str, str]:
