@@ -142,18 +142,10 @@ def start(flags: Flags) -> int:
         write_file(os.path.join(bundle, "address"), address)
         print(address, end="")
         return 0
-    import socket
+    from ..unixsock import listen_private
 
     os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
-    if os.path.exists(path):  # a stale socket: nobody answered on it
-        os.unlink(path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        listener.bind(path)
-    finally:
-        os.umask(old)
-    listener.listen(128)
+    listener = listen_private(path, 128)  # a stale socket there: nobody answered on it
     try:
         pid = _fork_server(flags, listener)
     except BaseException:

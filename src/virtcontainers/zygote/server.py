@@ -17,6 +17,7 @@ import signal
 import socket
 import struct
 
+from ..unixsock import listen_private
 from . import protocol
 
 log = logging.getLogger("virtcontainers.zygote")
@@ -42,16 +43,7 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
 
 def listen(path: str) -> socket.socket:
     """The zygote's socket at `path`, mode 0600 (a stale one from a dead zygote replaced)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
-    sock.listen(64)
-    return sock
+    return listen_private(path, 64)
 
 
 def serve(path: str, parent_fd: int | None = None) -> int:
