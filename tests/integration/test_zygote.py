@@ -13,6 +13,7 @@ import fcntl
 import os
 import pty
 import re
+import resource
 import select
 import shutil
 import signal
@@ -22,9 +23,10 @@ import subprocess
 import sys
 import tempfile
 import termios
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -292,34 +294,71 @@ def test_the_shim_start_is_served_by_the_zygote_under_containerd(
     assert c.left_at_stop == []
 
 
-def _connect_as(path: str, uid: int) -> bytes:
-    """Connect to `path` as `uid` (file access still as root, so only the zygote's own
-    check stands in the way), send a request; the zygote's answer."""
+def _command_process(zygote: int, title: bytes, timeout: float = 60) -> int:
+    """The pid of the command process (a grandchild of `zygote`) showing `title` as its
+    command line (the client's words joined by spaces: `proctitle`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0] != title:
+                    continue
+                parent = _ppid(int(entry))
+                if _ppid(parent) == zygote:
+                    return int(entry)
+            except (OSError, ValueError):
+                continue
+        time.sleep(0.05)
+    raise AssertionError(f"no worker runs {title!r}")
+
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _client(path: str, setup: Callable[[], None], stdout: int = 1) -> bytes:
+    """Connect to `path` from a child that ran `setup` first, send a `virtc --version`
+    request (fds 0, `stdout`, 2); the zygote's answer."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         answer = b"?"
         try:
             os.close(r)
-            os.setresuid(uid, uid, 0)
-            ctypes.CDLL(None, use_errno=True).setfsuid(0)
+            setup()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(path)
             req = protocol.Request("virtc", ["virtc", "--version"], {}, "/", 0o22)
             data = protocol.encode_request(req)
-            fds = struct.pack("3i", 0, 1, 2)
+            fds = struct.pack("3i", 0, stdout, 2)
             with contextlib.suppress(BrokenPipeError):  # refused before it was all sent
                 sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
             answer = sock.recv(64) or b"EOF"
+            if answer.startswith(protocol.ACCEPT):  # stay, as a client does, till the end
+                answer += sock.recv(64)
         except BaseException as exc:
             answer = repr(exc).encode()
         finally:
             os.write(w, answer)
             os._exit(0)
     os.close(w)
-    os.waitpid(pid, 0)
     with os.fdopen(r, "rb") as f:
-        return f.read()
+        got = f.read()
+    os.waitpid(pid, 0)
+    return got
+
+
+def _connect_as(path: str, uid: int) -> bytes:
+    """Connect to `path` as `uid` (file access still as root, so only the zygote's own
+    check stands in the way)."""
+
+    def become() -> None:
+        os.setresuid(uid, uid, 0)
+        ctypes.CDLL(None, use_errno=True).setfsuid(0)
+
+    return _client(path, become)
 
 
 @pytest.fixture
@@ -416,3 +455,73 @@ def test_a_dead_zygote_means_commands_run_themselves(server: Server) -> None:
     )
     assert (r.returncode, r.stdout) == (3, "local\n"), r.stderr
     assert server.logged().count(" runs ") == served
+
+
+PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, CAP_SYS_ADMIN = 24, 38, 21
+
+
+def _prctl(option: int, arg: int) -> None:
+    if ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}, {arg})")
+
+
+@pytest.mark.parametrize(
+    ("setup", "said"),
+    [
+        (lambda: _prctl(PR_CAPBSET_DROP, CAP_SYS_ADMIN), "CapBnd"),
+        (lambda: _prctl(PR_SET_NO_NEW_PRIVS, 1), "NoNewPrivs"),
+    ],
+    ids=["without CAP_SYS_ADMIN", "no_new_privs"],
+)
+def test_a_client_with_fewer_privileges_is_refused(
+    lone_zygote: tuple[str, subprocess.Popen[bytes], str], setup: Callable[[], None], said: str
+) -> None:
+    """A root process that gave up a capability (or may gain none) must not get a worker
+    that has it: the zygote refuses, and the client runs the command itself, as it is."""
+    sock, _, log = lone_zygote
+    answer = _client(sock, setup)
+    assert answer.startswith(protocol.REFUSE), answer
+    assert said in answer.decode(errors="replace")
+    assert "runs virtc" not in Path(log).read_text()
+
+
+def test_a_worker_takes_on_its_client_limits_groups_and_nice(
+    lone_zygote: tuple[str, subprocess.Popen[bytes], str],
+) -> None:
+    """The worker has the client's resource limits, group ids and nice value, as a command
+    the client ran itself would (not the zygote's). Its stdout is a full pipe, so it waits
+    in its first write while it is looked at."""
+    sock, zygote, _ = lone_zygote
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(w, b"x" * 4096)
+    os.set_blocking(w, True)
+    result: list[bytes] = []
+
+    def setup() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (321, 4321))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.setgroups([0, 4242])
+        os.setresgid(4243, 4243, 4243)
+        os.nice(7)
+
+    t = threading.Thread(target=lambda: result.append(_client(sock, setup, stdout=w)))
+    t.start()
+    try:
+        worker = _command_process(zygote.pid, b"virtc --version")
+        limits = Path(f"/proc/{worker}/limits").read_text()
+        status = Path(f"/proc/{worker}/status").read_text()
+        stat = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()
+    finally:
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            f.read()
+        t.join(60)
+    assert re.search(r"Max open files\s+321\s+4321\s", limits), limits
+    assert re.search(r"Max core file size\s+0\s+0\s", limits), limits
+    assert re.search(r"^Groups:\s+0 4242\s*$", status, re.M), status
+    assert re.search(r"^Gid:\s+4243\s+4243\s+4243\s", status, re.M), status
+    assert int(stat[16]) == 7, stat  # nice
+    assert result and result[0].startswith(protocol.ACCEPT), result

@@ -1,7 +1,8 @@
 """A zygote's worker: a supervisor forked per command, and the command's process it forks.
 
-The supervisor (a child of the zygote, its own session) reads the request, joins the
-client's namespaces and cgroup (`namespaces`), forks the command's process, answers ACCEPT,
+The supervisor (a child of the zygote, its own session) reads the request, checks the
+client has the zygote's privileges and takes on its ids and limits (`credentials`), joins
+the client's namespaces and cgroup (`namespaces`), forks the command's process, answers ACCEPT,
 then relays: signals from the client go to the command, the command's exit status goes back,
 and a client that disappears has its command interrupted (SIGINT, as Ctrl-C: the command
 cleans up its VM), then killed after `GRACE` seconds. The command's process (`become`) takes
@@ -24,7 +25,7 @@ import time
 import traceback
 from typing import NoReturn
 
-from . import namespaces, protocol
+from . import credentials, namespaces, protocol
 from .client import FORWARDED
 from .proctitle import set_title
 from .server import single_threaded
@@ -51,6 +52,8 @@ def supervise(conn: socket.socket, peer_pid: int) -> int:
         log.warning("zygote: bad request from pid %d: %s", peer_pid, exc)
         return 1
     try:
+        credentials.check_privileges(peer_pid)
+        credentials.adopt(peer_pid)
         joined = namespaces.join(peer_pid)
     except namespaces.Refused as exc:
         log.warning("zygote: refused pid %d: %s", peer_pid, exc)
