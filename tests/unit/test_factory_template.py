@@ -309,7 +309,7 @@ def test_non_root_needs_a_directory(
 def test_private_memory_copies_the_data_and_keeps_the_holes(tmp_path: Any) -> None:
     """A virtio-fs clone's memory: the template's data at the same offsets, holes as holes,
     in a memfd of its own (writing to it leaves the template file as it was)."""
-    from virtcontainers.factory.template import private_memory
+    from virtcontainers.factory.template import fill_private_memory, private_memory
 
     files = tmp_path / "files"
     files.mkdir()
@@ -320,9 +320,10 @@ def test_private_memory_copies_the_data_and_keeps_the_holes(tmp_path: Any) -> No
         for off in (0, 5 << 20, size - 4096):
             f.seek(off)
             f.write(off.to_bytes(8, "little") + b"x" * 4088)
-    info = type("Info", (), {"name": "t1", "memory_path": str(mem)})()  # what it reads
+    info = type("Info", (), {"name": "t1", "memory_path": str(mem), "memory_mib": 64})()
     fd = private_memory(info, "vm1")  # type: ignore[arg-type]
     try:
+        fill_private_memory(info, fd)  # type: ignore[arg-type]
         assert os.fstat(fd).st_size == size
         with open(mem, "rb") as f:
             assert os.pread(fd, size, 0) == f.read()
@@ -333,5 +334,9 @@ def test_private_memory_copies_the_data_and_keeps_the_holes(tmp_path: Any) -> No
     finally:
         os.close(fd)
     os.unlink(mem)
-    with pytest.raises(TemplateError, match="cannot copy its memory"):
-        private_memory(info, "vm2")  # type: ignore[arg-type]
+    fd = private_memory(info, "vm2")  # type: ignore[arg-type]
+    try:
+        with pytest.raises(TemplateError, match="cannot copy its memory"):
+            fill_private_memory(info, fd)  # type: ignore[arg-type]
+    finally:
+        os.close(fd)

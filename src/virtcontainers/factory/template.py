@@ -35,7 +35,7 @@ from .. import persist
 from ..agent.endpoint import plug_agent_channel
 from ..config import HypervisorConfig
 from ..errors import ConfigError, StateError, VCError
-from ..hypervisor import Hypervisor, new_hypervisor
+from ..hypervisor import new_hypervisor
 from ..types import Capabilities, HypervisorType
 from . import tmpfs
 from .errors import TemplateError, TemplateMismatchError
@@ -551,11 +551,15 @@ class TemplateStore:
         info = self.get(name)
         self.verify(info, config)
         cfg = info.clone_config()
-        hv: Hypervisor = new_hypervisor(HypervisorType.QEMU, self.run_root)
+        from ..drivers.qemu.driver import QemuHypervisor
+
+        hv = new_hypervisor(HypervisorType.QEMU, self.run_root)
+        assert isinstance(hv, QemuHypervisor)
         vm: VM | None = None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         memory = -1
+        fill: asyncio.Future[None] | None = None
         try:
             vm_id = id or new_vm_id()
             async with self._shared_lock(name, timeout=LOCK_TIMEOUT):
@@ -563,8 +567,14 @@ class TemplateStore:
                 if not os.path.exists(self.metadata_path(name)):
                     raise TemplateError(f"template {name} was removed")
                 if cfg.shared_fs == "virtio-fs":
-                    memory = await asyncio.to_thread(private_memory, info, vm_id)
+                    # Filled while QEMU starts: nothing reads guest memory before the
+                    # incoming migration, which waits for the copy (`memory_ready`).
+                    memory = private_memory(info, vm_id)
                     cfg.memory_path = f"/proc/{os.getpid()}/fd/{memory}"
+                    fill = asyncio.ensure_future(
+                        asyncio.to_thread(fill_private_memory, info, memory)
+                    )
+                    hv.memory_ready = fill
                 await hv.create_sandbox(vm_id, None, cfg)
                 endpoint = await plug_agent_channel(hv, vm_id)
                 await hv.start_sandbox(timeout)
@@ -588,32 +598,40 @@ class TemplateStore:
             await stop_quietly(vm, hv)
             raise
         finally:
+            if fill is not None:
+                # The copy cannot be interrupted: its fd stays open until it has ended.
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(fill)
             if memory >= 0:
                 os.close(memory)  # QEMU has its own
         return vm
 
 
 def private_memory(info: TemplateInfo, vm_id: str) -> int:
-    """A memfd holding a copy of the template's memory (its data only: holes stay holes).
+    """A memfd the size of the template's memory, for its copy (`fill_private_memory`).
 
     A clone of a template made for virtio-fs maps this copy shared, as vhost-user devices
     need: virtiofsd then sees the clone's memory, and nothing it writes reaches the template.
     """
     fd = os.memfd_create(f"vc-{vm_id}", os.MFD_CLOEXEC)
     try:
-        with open(info.memory_path, "rb") as src:
-            size = os.fstat(src.fileno()).st_size
-            os.ftruncate(fd, size)
-            copy_data(src.fileno(), fd, size)
+        os.ftruncate(fd, info.memory_mib << 20)
     except OSError as exc:
         os.close(fd)
+        raise TemplateError(f"template {info.name}: cannot make a clone's memory: {exc}") from exc
+    return fd
+
+
+def fill_private_memory(info: TemplateInfo, fd: int) -> None:
+    """Copy the template's memory into a clone's memfd `fd` (its data only: holes stay
+    holes)."""
+    try:
+        with open(info.memory_path, "rb") as src:
+            copy_data(src.fileno(), fd, os.fstat(src.fileno()).st_size)
+    except OSError as exc:
         raise TemplateError(
             f"template {info.name}: cannot copy its memory for a clone: {exc}"
         ) from exc
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def copy_data(src: int, dst: int, size: int) -> None:

@@ -135,6 +135,9 @@ class QemuHypervisor(Hypervisor):
         self._pid_start: int | None = None
         self._qmp: QMP | None = None
         self._owned_fds: list[int] = []
+        #: A clone's: what must be done before the incoming migration, which reads guest
+        #: memory (its copy being filled while QEMU starts: see factory.template).
+        self.memory_ready: Awaitable[None] | None = None
 
     # -- create / start ----------------------------------------------------------------------
     async def create_sandbox(
@@ -352,6 +355,8 @@ class QemuHypervisor(Hypervisor):
             },
         )
         await _pass_file(qmp, self.config.devices_state_path, os.O_RDONLY)
+        if self.memory_ready is not None:
+            await self.memory_ready
         with qmp.events("MIGRATION") as events:
             await qmp.execute("migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"})
             await self._wait_migration(events, timeout)
