@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from virtcontainers import host, persist
+from virtcontainers.containers.container import WARM_CGROUP, WARM_ROOT, warm_up_script
 from virtcontainers.containers.copy import copy_out
 from virtcontainers.drivers.qemu.driver import QemuHypervisor
 from virtcontainers.factory import Factory, TemplateStore, adopt_vm, poolshare, sandbox_from_factory
@@ -86,6 +87,32 @@ async def test_pooled_vms_take_containers_without_hotplug(
             sandboxes.append(sb)
             await sb.share_workload()
             volumes.append((rw, ro))
+            # The pool's warm-up container (run while the VM waited) left nothing behind.
+            traces = f"ls -d {WARM_ROOT} {WARM_CGROUP}; grep -c {WARM_ROOT} /proc/mounts"
+            left = await sb.exec(["/bin/sh", "-c", traces])
+            assert left.stdout == b"0\n", left
+        # The warm-up really is a container's start: vc-run (stamping its phases, as
+        # VC_RUN_TRACE asks) made the namespaces, entered the root, ran `true`, reaped it.
+        warm = await sandboxes[0].exec(
+            ["/bin/sh", "-c", warm_up_script()], env={"VC_RUN_TRACE": "1"}
+        )
+        assert warm.exit_code == 0, warm
+        lines = warm.stderr.decode().splitlines()
+        stamps = sorted((line.split()[1:] for line in lines), key=lambda s: float(s[0]))
+        assert [what for _, _, what in stamps] == [
+            "main",
+            "checked",
+            "unshared",
+            "forked",
+            "proc",
+            "dev",
+            "sys",
+            "rooted",
+            "exec",
+            "reaped",
+        ], warm
+        # Two processes: vc-run waiting outside, the container's first inside its own pid ns.
+        assert len({pid for _, pid, _ in stamps}) == 2
 
         script = (
             "ls / | tr '\\n' ' '; echo; cat /ro/given; echo; echo mine > /rw/new; "

@@ -121,6 +121,30 @@ def cgroup_script() -> str:
     )
 
 
+WARM_ROOT = "/run/vc/warm"
+"""Where the guest's warm-up container (`warm_up_script`) lives while it runs."""
+WARM_CGROUP = cgroup_of("warm-up")
+
+
+def warm_up_script() -> str:
+    """Shell that runs one throwaway container in the guest (`true` from the guest's own
+    /bin, in the namespaces a container gets, network included, and a cgroup of its own),
+    then removes what it made. A pooled VM runs it while it waits: under TCG the first
+    container of a guest pays for QEMU's translation of the code it runs (vc-run, the
+    kernel's namespace, mount, exec and exit paths: ~0.1 s), which this moves out of the
+    hand-out (docs/architecture.md 6.6). Expects `cgroup_script` to have run."""
+    q = shlex.quote
+    spec = ProcessSpec(
+        args=["/bin/true"], namespaces="m,p,u,i,n", mounts=[("bind", "/bin", "/bin", "rbind,ro")]
+    )
+    argv = spec.runner_argv(f"{WARM_ROOT}/rootfs", cgroup=WARM_CGROUP, pid_file=f"{WARM_ROOT}/pid")
+    return (
+        f"mkdir -p {WARM_ROOT}/rootfs {WARM_CGROUP} && "
+        f"{{ {' '.join(q(a) for a in argv)}; rc=$?; rm -rf {WARM_ROOT}; rmdir {WARM_CGROUP}; "
+        '[ "$rc" = 0 ]; }'
+    )
+
+
 def spec_from_dict(d: dict[str, Any]) -> ProcessSpec:
     d = dict(d)
     d["resources"] = Resources(**(d.get("resources") or {}))

@@ -34,6 +34,7 @@ from ..containers.container import (
     cgroup_script,
     mount_virtiofs,
     rootfs_of,
+    warm_up_script,
 )
 from ..devices import SharedFS
 from ..drivers.virtiofsd import ROOT_CACHE
@@ -99,7 +100,8 @@ def guest_script(vm_id: str) -> str:
     probes them), and do now what a container's set-up would do after hand-out: the cgroup
     hierarchy, and the root and cgroup directories of a container named after the VM (what
     `virtc run` makes: a sandbox from the pool takes the VM's id, its first container the
-    sandbox's)."""
+    sandbox's); then start and end one throwaway container, so that the first real one finds
+    the guest's code warm (`warm_up_script`)."""
     return " && ".join(
         [
             GUEST_MOUNTED,
@@ -108,6 +110,7 @@ def guest_script(vm_id: str) -> str:
             mount_virtiofs(VOLUMES_TAG, GUEST_POOL_VOLUMES),
             cgroup_script(),
             f"mkdir -p {cgroup_of(vm_id)}",
+            warm_up_script(),
         ]
     )
 

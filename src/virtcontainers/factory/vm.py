@@ -200,7 +200,7 @@ class VM:
         res = await (await self.agent()).exec(["/bin/sh", "-c", poolshare.guest_script(self.id)])
         if res.exit_code != 0:
             raise AgentError(
-                f"VM {self.id}: the guest cannot mount its staged shares: "
+                f"VM {self.id}: the guest cannot mount its staged shares or start a container: "
                 f"{res.stderr.decode(errors='replace').strip()}"
             )
 

@@ -81,6 +81,7 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <termios.h>
+#include <time.h>
 #include <unistd.h>
 #include <grp.h>
 #include <seccomp.h>
@@ -122,6 +123,19 @@ static char *dev_rules[MAX_ITEMS];
 static int n_dev_rules;
 static struct bpf_insn dev_prog[MAX_ITEMS * 8 + 8];
 static int dev_len;
+static int trace; /* VC_RUN_TRACE in vc-run's own environment: stamps on stderr */
+
+/* With VC_RUN_TRACE set: "vc-run: SECONDS.MICROS WHAT" (CLOCK_MONOTONIC) on stderr, to see
+ * where a container's start goes inside the guest. */
+static void stamp(const char *what)
+{
+	struct timespec ts;
+	if (!trace)
+		return;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	fprintf(stderr, "vc-run: %lld.%06ld %d %s\n", (long long)ts.tv_sec, ts.tv_nsec / 1000,
+		(int)getpid(), what);
+}
 
 static void die(const char *fmt, ...)
 {
@@ -1235,6 +1249,8 @@ int main(int argc, char **argv)
 	int cmd;
 	if (argc == 3 && !strcmp(argv[1], "--oom-events"))
 		return oom_events(argv[2]);
+	trace = getenv("VC_RUN_TRACE") != NULL;
+	stamp("main");
 	parse(argc, argv, &cmd);
 	build_seccomp();
 	check_maps();
@@ -1243,6 +1259,7 @@ int main(int argc, char **argv)
 	if (!join)
 		build_device_program();
 	open_cgroup();
+	stamp("checked");
 	if (join) {
 		enter();
 		goto process;
@@ -1262,6 +1279,7 @@ int main(int argc, char **argv)
 		flags |= CLONE_NEWNET;
 	if (unshare(flags))
 		die("unshare");
+	stamp("unshared");
 	if (has_ns('p') || shared_pid || isatty(0)) {
 		if (has_ns('p') && unshare(CLONE_NEWPID))
 			die("unshare pid namespace");
@@ -1271,25 +1289,31 @@ int main(int argc, char **argv)
 			die("fork");
 		if (child > 0) {
 			write_pid(child);
-			return wait_child();
+			int status = wait_child();
+			stamp("reaped");
+			return status;
 		}
 		prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
 	} else {
 		write_pid(getpid());
 	}
+	stamp("forked");
 	apply_sysctls();
 	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL))
 		die("make mounts private");
 	if (mount(rootfs, rootfs, NULL, MS_BIND | MS_REC, NULL))
 		die("bind %s", rootfs);
 	do_mount("proc", "proc", "/proc", "nosuid,nodev,noexec");
+	stamp("proc");
 	make_dev();
 	make_devices(has_ns('U'));
+	stamp("dev");
 	if (has_ns('U') && !has_ns('n'))
 		/* sysfs can be mounted only by the user namespace owning the network namespace */
 		do_mount("bind", "/sys", "/sys", "rbind,ro,nosuid,nodev,noexec");
 	else
 		do_mount("sysfs", "sysfs", "/sys", "ro,nosuid,nodev,noexec");
+	stamp("sys");
 	for (int i = 0; i < n_mounts; i++) {
 		/* TYPE:SOURCE:DEST:OPTIONS; the options may hold further colons. */
 		char *spec = mounts[i], *type = spec, *src, *dest, *opts;
@@ -1311,6 +1335,7 @@ int main(int argc, char **argv)
 		die("move %s to /", rootfs);
 	if (chroot("."))
 		die("chroot");
+	stamp("rooted");
 	if (chdir("/"))
 		die("chdir /");
 	if (readonly && mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL))
@@ -1335,6 +1360,7 @@ process:
 		die("no_new_privs");
 	load_seccomp();
 	envs[n_envs] = NULL;
+	stamp("exec");
 	environ = envs;
 	execvp(argv[cmd], argv + cmd);
 	int e = errno;
