@@ -511,7 +511,13 @@ class Sandbox:
         own image or bundle, whose root was plugged with the sandbox)."""
         from .containers import ProcessSpec
         from .containers.container import spec_from_dict, volume_records, volume_shares
-        from .containers.spec import apply_userns, from_oci, merge_env, resolve_user
+        from .containers.spec import (
+            apply_userns,
+            device_cgroup_options,
+            from_oci,
+            merge_env,
+            resolve_user,
+        )
 
         volumes = list(self.workload.get("volumes", []))
         extra: list[Mount] = []
@@ -532,6 +538,7 @@ class Sandbox:
                 gid=gid,
                 groups=groups,
                 hostname=hostname or (self.network.hostname if self.network else self.id[:63]),
+                device_cgroup=device_cgroup_options([], UnsupportedError),
             )
             if self.workload.get("userns"):
                 start, size = self.workload["userns"]

@@ -117,6 +117,37 @@ async def test_exec_kill_pids(run_root: str, store: ImageStore) -> None:
         assert (await sb.exec(["ls", "/run/vc/c"])).stdout == b""
 
 
+async def test_image_containers_get_the_default_device_rules(
+    run_root: str, store: ImageStore
+) -> None:
+    """A container from an image gets what Docker gives one: a device program allowing only
+    runc's default devices. Holding CAP_MKNOD (a default capability) it can make a /dev/kmsg
+    node (1:11) but not open it, in its first process and in what exec runs; /dev/null
+    works."""
+    write = "echo vc-devices > /tmp/kmsg; echo kmsg=$?; echo x > /dev/null; echo null=$?"
+    probe = f"mknod /tmp/kmsg c 1 11 && echo made; {write}"
+    async with Sandbox(image="busybox", image_store=store.root, run_root=run_root) as sb:
+        c = await sb.create_container(["sh", "-c", f"({probe}) >/tmp/out 2>&1; exec sleep 600"])
+        await c.setup()
+        await c.start()
+        for _ in range(100):
+            if (await sb.exec(["test", "-s", f"{c.guest_dir}/pid"])).exit_code == 0:
+                break
+        first = ""
+        for _ in range(200):
+            first = (await c.exec(["cat", "/tmp/out"])).stdout.decode()
+            if "null=" in first:
+                break
+            await asyncio.sleep(0.05)
+        again = await c.exec(["sh", "-c", write])
+        await c.kill(signal.SIGKILL)
+        await c.wait()
+    denied = "sh: can't create /tmp/kmsg: Operation not permitted"
+    assert first.splitlines() == ["made", denied, "kmsg=1", "null=0"], first
+    assert again.stdout.decode().split() == ["kmsg=1", "null=0"], again
+    assert again.stderr.decode().strip() == denied, again
+
+
 async def test_bundle(run_root: str, store: ImageStore, tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     bundle.mkdir()
