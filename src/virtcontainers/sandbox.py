@@ -538,7 +538,7 @@ class Sandbox:
                 gid=gid,
                 groups=groups,
                 hostname=hostname or (self.network.hostname if self.network else self.id[:63]),
-                device_cgroup=device_cgroup_options([], UnsupportedError),
+                device_cgroup=device_cgroup_options([], ConfigError),
             )
             if self.workload.get("userns"):
                 start, size = self.workload["userns"]
