@@ -174,10 +174,12 @@ def kernel_params(spec: LaunchSpec) -> list[Param]:
     params.extend(FAST_BOOT_PARAMS)
     if machine == "microvm":
         params.remove(Param("pci", "lastbus=0"))
-        if spec.accel == "tcg" and spec.host_tsc_khz:
-            # microvm has no HPET/PM timer: under TCG the PIT calibration of the TSC often
-            # fails and boot then hangs (3 of 4 boots here); the rate is known, so give it.
-            params.append(Param("tsc_early_khz", str(spec.host_tsc_khz)))
+    if spec.accel == "tcg" and spec.host_tsc_khz:
+        # Under TCG the kernel's quick PIT calibration of the TSC often fails; microvm,
+        # without HPET or PM timer, then hangs (3 of 4 boots here), q35 falls back to a
+        # calibration against the PIT or HPET that takes 130-220 ms instead of ~10 (5 of 8
+        # boots): the largest single spread between boots. The rate is known, so give it.
+        params.append(Param("tsc_early_khz", str(spec.host_tsc_khz)))
     if cfg.iommu:
         params.remove(Param("iommu", "off"))
         params += [Param("intel_iommu", "on"), Param("iommu", "pt")]
