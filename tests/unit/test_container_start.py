@@ -51,3 +51,35 @@ async def test_start_runs_the_setup_script_only_when_setup_has_not() -> None:
     await set_up.start()
     assert sb.started[1][0] == RUNNER  # vc-run at once: its mounts and cgroup are there
     assert sb.started[1] == set_up.runner_argv()
+
+
+def pooled(sandbox: FakeSandbox, cid: str, **spec: Any) -> Container:
+    record = ContainerRecord(
+        id=cid, share_tag="vc-pool", spec={"args": ["true"], **spec}, share_path="/run/vc/pool/ctr"
+    )
+    return Container(sandbox, record)  # type: ignore[arg-type]
+
+
+async def test_a_pooled_vms_container_needs_no_set_up_request() -> None:
+    """Its root is in the share the guest mounted while pooled and vc-run makes its cgroup
+    and directory: neither Create (`setup`) nor `start` runs a script, and vc-run enters the
+    staged directory itself."""
+    sb = FakeSandbox()
+    c = pooled(sb, "c1")
+    assert c.setup_script() == ""
+    await c.setup()
+    assert sb.execs == []
+    await c.start()
+    [argv] = sb.started
+    assert argv[0] == RUNNER
+    assert argv[argv.index("--rootfs") + 1] == "/run/vc/pool/ctr"
+    assert argv[argv.index("--cgroup") + 1] == c.cgroup
+
+
+async def test_a_pooled_vms_container_with_limits_writes_them_only() -> None:
+    sb = FakeSandbox()
+    c = pooled(sb, "c2", resources={"memory_max": 64 << 20})
+    await c.setup()
+    [[_, _, script]] = sb.execs
+    assert f"echo {64 << 20} > {c.cgroup}/memory.max" in script
+    assert "bind" not in script and c.rootfs not in script  # no root to mount: vc-run binds it

@@ -157,3 +157,31 @@ def test_device_program_on_this_host(
         os.rmdir(cgroup)
     assert res.returncode == 0, res.stderr
     assert " ".join(res.stdout.split()) == expected, res.stderr
+
+
+def test_cgroup_and_pid_file_directory_made(vc_run: str, tmp_path: Path) -> None:
+    """A new container's cgroup and its pid file's directory need not exist: vc-run makes
+    them (a pooled VM's container gets no set-up request before it), and the command runs in
+    that cgroup."""
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(initrd.busybox_path(), root / "bin" / "busybox")
+    cgroup = os.path.join(_cgroup2_root(), f"vc-test-new-{os.getpid()}")
+    pid_file = tmp_path / "c" / "ctr1" / "pid"
+    options = ["--rootfs", str(root), "--cgroup", cgroup, "--pid-file", str(pid_file)]
+    try:
+        res = subprocess.run(
+            [vc_run, *options, "--", "/bin/busybox", "cat", "/proc/self/cgroup"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        made = os.path.isdir(cgroup)
+    finally:
+        if os.path.isdir(cgroup):
+            os.rmdir(cgroup)
+    assert res.returncode == 0, res.stderr
+    assert made
+    assert res.stdout.strip().endswith(cgroup.removeprefix(_cgroup2_root())), res.stdout
+    assert pid_file.read_text().strip().isdigit()

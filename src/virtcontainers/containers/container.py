@@ -197,42 +197,53 @@ class Container:
             out.append(("bind", src, str(v["destination"]), opts))
         return out
 
+    @property
+    def root(self) -> str:
+        """The root vc-run enters: in a pooled VM, the container's directory in the staged
+        share itself (vc-run binds it in the container's own mount namespace), else where the
+        set-up script mounts it (`rootfs`)."""
+        return self.record.share_path or self.rootfs
+
     def setup_script(self) -> str:
         """Shell run once in the guest before the first start: mount the root, the volumes
-        and make the cgroup (with its limits)."""
+        and make the cgroup (with its limits). "" when vc-run does it all (it makes its pid
+        file's directory and its cgroup): a pooled VM's container (the cgroup hierarchy
+        mounted while the VM waited) with no volume to mount and no limit to write."""
         q = shlex.quote
-        lines = [GUEST_MOUNTED, _mkdir(self.rootfs)]
+        lines = [GUEST_MOUNTED]
         if self.record.block_serial:
             find = (
                 'for d in /sys/block/vd*; do [ "$(cat $d/serial 2>/dev/null)" = '
                 f"{q(self.record.block_serial)} ] && dev=/dev/${{d##*/}}; done; "
                 '[ -n "$dev" ]'
             )
+            lines.append(_mkdir(self.rootfs))
             lines.append(
                 f"{{ vc_mounted {q(self.rootfs)} || {{ {find} && "
                 f"mount -t ext4 $dev {q(self.rootfs)}; }}; }}"
             )
-        elif self.record.share_path:
-            src = q(self.record.share_path)
-            lines.append(
-                f"{{ vc_mounted {q(self.rootfs)} || mount -o bind {src} {q(self.rootfs)}; }}"
-            )
-        else:
+        elif not self.record.share_path:
+            lines.append(_mkdir(self.rootfs))
             lines.append(mount_virtiofs(self.record.share_tag, self.rootfs))
         for tag in dict.fromkeys(v["tag"] for v in self.record.volumes if not v.get("guest")):
             where = f"{GUEST_VOLUMES}/{tag}"
             lines.append(_mkdir(where))
             lines.append(mount_virtiofs(tag, where))
+        limits = self.spec.resources.files()
+        if len(lines) == 1 and not limits:
+            return ""
         lines.append(cgroup_script())
         lines.append(_mkdir(self.cgroup))
-        for name, value in self.spec.resources.files().items():
+        for name, value in limits.items():
             lines.append(f"echo {q(value)} > {self.cgroup}/{name}")
         return " && ".join(lines)
 
     async def setup(self) -> None:
-        """Mount the container's root and volumes in the guest (idempotent)."""
-        result = await self.sandbox.exec(["/bin/sh", "-c", self.setup_script()])
-        if result.exit_code != 0:
+        """Mount the container's root and volumes in the guest (idempotent); no guest
+        request when vc-run needs nothing made before it (`setup_script`)."""
+        script = self.setup_script()
+        result = await self.sandbox.exec(["/bin/sh", "-c", script]) if script else None
+        if result is not None and result.exit_code != 0:
             raise StateError(
                 f"container {self.id}: cannot mount its root in the guest: "
                 f"{result.stderr.decode(errors='replace').strip()}"
@@ -250,14 +261,16 @@ class Container:
     def runner_argv(self, spec: ProcessSpec | None = None) -> list[str]:
         spec = spec or self.spec
         spec.mounts = [*spec.mounts, *self._volume_mounts(), *self._network_mounts(spec)]
-        return spec.runner_argv(self.rootfs, cgroup=self.cgroup, pid_file=f"{self.guest_dir}/pid")
+        return spec.runner_argv(self.root, cgroup=self.cgroup, pid_file=f"{self.guest_dir}/pid")
 
     def _start_argv(self) -> list[str]:
         """Mount what the container needs, then become vc-run (one guest request); vc-run
-        alone once `setup` has run (its script, idempotent, costs a TCG guest ~0.2 s)."""
-        if self._set_up:
+        alone once `setup` has run (its script, idempotent, costs a TCG guest ~0.2 s) or
+        when there is nothing to set up."""
+        setup = "" if self._set_up else self.setup_script()
+        if not setup:
             return self.runner_argv()
-        script = f'{self.setup_script()} && exec "$@"'
+        script = f'{setup} && exec "$@"'
         return ["/bin/sh", "-c", script, "vc-setup", *self.runner_argv()]
 
     async def start(

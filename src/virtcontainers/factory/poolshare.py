@@ -30,10 +30,8 @@ from ..containers.container import (
     GUEST_MOUNTED,
     GUEST_POOL,
     GUEST_POOL_VOLUMES,
-    cgroup_of,
     cgroup_script,
     mount_virtiofs,
-    rootfs_of,
     warm_up_script,
 )
 from ..devices import SharedFS
@@ -95,21 +93,19 @@ def prepare(directory: str) -> list[SharedFS]:
     ]
 
 
-def guest_script(vm_id: str) -> str:
-    """Shell run in the guest of pooled VM `vm_id`: mount the shares (retried while the guest
-    probes them), and do now what a container's set-up would do after hand-out: the cgroup
-    hierarchy, and the root and cgroup directories of a container named after the VM (what
-    `virtc run` makes: a sandbox from the pool takes the VM's id, its first container the
-    sandbox's); then start and end one throwaway container, so that the first real one finds
-    the guest's code warm (`warm_up_script`)."""
+def guest_script() -> str:
+    """Shell run in the guest of a pooled VM: mount the shares (retried while the guest probes
+    them), and do now what a container's set-up would do after hand-out: the cgroup
+    hierarchy (vc-run then makes the container's cgroup and directory itself, and enters
+    its root in the share: `Container.setup_script`); then start and end one throwaway
+    container, so that the first real one finds the guest's code warm (`warm_up_script`)."""
     return " && ".join(
         [
             GUEST_MOUNTED,
-            f"mkdir -p {GUEST_POOL} {GUEST_POOL_VOLUMES} {rootfs_of(vm_id)}",
+            f"mkdir -p {GUEST_POOL} {GUEST_POOL_VOLUMES}",
             mount_virtiofs(TAG, GUEST_POOL),
             mount_virtiofs(VOLUMES_TAG, GUEST_POOL_VOLUMES),
             cgroup_script(),
-            f"mkdir -p {cgroup_of(vm_id)}",
             warm_up_script(),
         ]
     )

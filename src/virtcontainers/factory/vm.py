@@ -197,7 +197,7 @@ class VM:
         self.share_dir = directory  # released by `stop` from here on
         for share in shares:
             await self.hypervisor.hotplug_add_device(share)
-        res = await (await self.agent()).exec(["/bin/sh", "-c", poolshare.guest_script(self.id)])
+        res = await (await self.agent()).exec(["/bin/sh", "-c", poolshare.guest_script()])
         if res.exit_code != 0:
             raise AgentError(
                 f"VM {self.id}: the guest cannot mount its staged shares or start a container: "

@@ -21,9 +21,10 @@
  *          [--caps HEXMASK] [SECCOMP...] -- ARGV...
  *   vc-run --oom-events DIR
  *
- * --pid-file receives the container's first process's pid (as the guest sees it); --join
+ * --pid-file receives the container's first process's pid (as the guest sees it; its
+ * directory is made if missing); --join
  * runs ARGV inside that running container instead (its namespaces and root: `virtc exec`).
- * --cgroup is the container's cgroup: the process that becomes ARGV joins it (vc-run's own
+ * --cgroup is the container's cgroup (made if missing): the process that becomes ARGV joins it (vc-run's own
  * waiting parent stays out, so the cgroup holds the container's processes only).
  * --ns letters: m mount, p pid, u uts, i ipc, n network, c cgroup, U user (with the
  * --uid-map/--gid-map lines, CONTAINER:HOST:COUNT, written from outside by a helper).
@@ -718,9 +719,22 @@ static void enter_userns(void)
 }
 
 /* Opened before a user namespace is entered: its root may not create files here. */
+/* Its directory made first (the container's guest directory: nothing else needs it). */
 static void open_pid_file(void)
 {
-	if (pid_file && (pid_fd = open(pid_file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644)) < 0)
+	char dir[4096];
+	if (!pid_file)
+		return;
+	if (snprintf(dir, sizeof dir, "%s", pid_file) >= (int)sizeof dir) {
+		errno = ENAMETOOLONG;
+		die("pid file %s", pid_file);
+	}
+	char *slash = strrchr(dir, '/');
+	if (slash && slash != dir) {
+		*slash = 0;
+		mkdirs(dir);
+	}
+	if ((pid_fd = open(pid_file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644)) < 0)
 		die("open %s", pid_file);
 }
 
@@ -863,12 +877,15 @@ static void attach_device_program(void)
 	close(dir);
 }
 
-/* Opened before the root changes; written by the process that becomes the command. */
+/* Made (a new container's) and opened before the root changes; written by the process that
+ * becomes the command. */
 static void open_cgroup(void)
 {
 	char path[4096];
 	if (!cgroup)
 		return;
+	if (!join && mkdir(cgroup, 0755) && errno != EEXIST)
+		die("make cgroup %s", cgroup);
 	snprintf(path, sizeof path, "%s/cgroup.procs", cgroup);
 	cgroup_fd = open(path, O_WRONLY | O_CLOEXEC);
 	if (cgroup_fd < 0)
