@@ -707,7 +707,7 @@ class Sandbox:
                 if self.hypervisor_type is HypervisorType.MOCK:
                     await self._serve_mock_agent()
                 self._persist()
-                await self._connect_agent(self.start_timeout)
+                await self._connect_agent(self.start_timeout, booting=True)
                 if net is not None and joining is not None:
                     await joining
                     self._persist()
@@ -1249,7 +1249,9 @@ class Sandbox:
         with contextlib.suppress(OSError):
             os.rmdir(os.path.dirname(path))
 
-    async def _connect_agent(self, timeout: float) -> None:
+    async def _connect_agent(self, timeout: float, *, booting: bool = False) -> None:
+        """Connect to the agent (`booting`: of the VM this start just launched, see
+        `AgentClient.connect`)."""
         from .agent import AgentClient
         from .agent.waiting import wait_watched
 
@@ -1264,7 +1266,7 @@ class Sandbox:
                 # a connection made just as the VM was found dead is closed again.
                 kw = {} if self.agent_timeout is None else {"request_timeout": self.agent_timeout}
                 self._agent = await wait_watched(
-                    AgentClient.connect(target, timeout, **kw),
+                    AgentClient.connect(target, timeout, booting=booting, **kw),
                     self._raise_if_vm_dead,
                     DEATH_POLL,
                     discard=AgentClient.close,

@@ -238,6 +238,42 @@ async def test_hello_skips_garbage_and_stale_replies(sockdir: str) -> None:
         server.close()
 
 
+@pytest.mark.parametrize("booting", [False, True])
+async def test_a_booting_vm_keeps_its_first_connection(
+    sockdir: str, monkeypatch: pytest.MonkeyPatch, booting: bool
+) -> None:
+    """An agent that answers later than a hello's retry window (a TCG boot): a client that
+    may reconnect does; one told the VM is booting keeps the connection it made, so an agent
+    starting during a reconnect's pause is not left waiting it out."""
+    from virtcontainers.agent import client as client_mod
+
+    monkeypatch.setattr(client_mod, "HELLO_RETRY", (0.05,))
+    monkeypatch.setattr(client_mod, "RECONNECT_PAUSE", (0.01,))
+    path = os.path.join(sockdir, "late.sock")
+    connections: list[float] = []
+    loop = asyncio.get_running_loop()
+    answer_at = loop.time() + 0.4
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(loop.time())
+        dec = p.FrameDecoder()
+        while data := await reader.read(4096):
+            for frame in dec.feed(data):
+                await asyncio.sleep(max(0.0, answer_at - loop.time()))  # the agent starts
+                f = p.Fields.decode(frame.payload)
+                good = p.Fields().add(p.Tag.NONCE, f.bytes_(p.Tag.NONCE)).add(p.Tag.VERSION, "v")
+                writer.write(p.encode_frame(frame.type | p.REPLY, frame.id, good.encode()))
+        writer.close()
+
+    server = await asyncio.start_unix_server(serve, path)
+    try:
+        c = await AgentClient.connect(path, 5, booting=booting)
+        await c.close()
+    finally:
+        server.close()
+    assert len(connections) == 1 if booting else len(connections) > 1
+
+
 # -- hybrid vsock ------------------------------------------------------------------------------
 
 

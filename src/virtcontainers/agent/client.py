@@ -187,8 +187,14 @@ class AgentClient:
         timeout: float = 30.0,
         *,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        booting: bool = False,
     ) -> AgentClient:
         """Connect and say hello, retrying until `timeout` (the VM may still be booting).
+
+        `booting`: the VM was just launched, so no other client has talked to its agent and
+        none can have left it mid-frame: a connection once made is kept, its hello waiting
+        up to `timeout` (a TCG boot outlasts the first of `HELLO_RETRY`, and an agent that
+        started during the reconnect's pause was answered that much later: up to 0.3 s).
 
         `target` is the Unix socket path of a virtio-serial port (QEMU), a
         `HybridVsock` (Firecracker, Cloud Hypervisor) or a `VsockAddress`
@@ -224,7 +230,9 @@ class AgentClient:
                 last = str(exc)
                 await asyncio.sleep(min(RETRY_PAUSE, max(0.0, deadline - loop.time())))
                 continue
-            wait = min(HELLO_RETRY[min(attempt, len(HELLO_RETRY) - 1)], deadline - loop.time())
+            wait = deadline - loop.time()
+            if not booting:
+                wait = min(HELLO_RETRY[min(attempt, len(HELLO_RETRY) - 1)], wait)
             attempt += 1
             try:
                 version, decoder = await _hello(reader, writer, max(wait, 0.0))
