@@ -17,7 +17,7 @@ import pytest
 
 from virtcontainers.config import HypervisorConfig
 from virtcontainers.errors import ConfigError
-from virtcontainers.factory import TemplateError, TemplateMismatchError, TemplateStore
+from virtcontainers.factory import TemplateError, TemplateMismatchError, TemplateStore, memcopy
 from virtcontainers.factory import template as tmod
 from virtcontainers.factory.template import FileStamp, TemplateInfo, sha256_file
 from virtcontainers.types import Param
@@ -306,24 +306,24 @@ def test_non_root_needs_a_directory(
     shutil.rmtree(store.root, ignore_errors=True)
 
 
-def test_private_memory_copies_the_data_and_keeps_the_holes(tmp_path: Any) -> None:
-    """A virtio-fs clone's memory: the template's data at the same offsets, holes as holes,
-    in a memfd of its own (writing to it leaves the template file as it was)."""
-    from virtcontainers.factory.template import fill_private_memory, private_memory
-
-    files = tmp_path / "files"
-    files.mkdir()
-    mem = files / "memory"
-    size = 64 << 20
-    with open(mem, "wb") as f:
+def _memory_file(path: Any, size: int = 64 << 20) -> None:
+    """A sparse template memory file: three pages of data, the rest holes."""
+    with open(path, "wb") as f:
         f.truncate(size)
         for off in (0, 5 << 20, size - 4096):
             f.seek(off)
             f.write(off.to_bytes(8, "little") + b"x" * 4088)
-    info = type("Info", (), {"name": "t1", "memory_path": str(mem), "memory_mib": 64})()
-    fd = private_memory(info, "vm1")  # type: ignore[arg-type]
+
+
+def test_private_memory_copies_the_data_and_keeps_the_holes(tmp_path: Any) -> None:
+    """A virtio-fs clone's memory: the template's data at the same offsets, holes as holes,
+    in a memfd of its own (writing to it leaves the template file as it was)."""
+    mem = tmp_path / "memory"
+    size = 64 << 20
+    _memory_file(mem, size)
+    fd = memcopy.private_memory("t1", size, "vm1")
     try:
-        fill_private_memory(info, fd)  # type: ignore[arg-type]
+        memcopy.fill_private_memory("t1", str(mem), fd)
         assert os.fstat(fd).st_size == size
         with open(mem, "rb") as f:
             assert os.pread(fd, size, 0) == f.read()
@@ -334,9 +334,62 @@ def test_private_memory_copies_the_data_and_keeps_the_holes(tmp_path: Any) -> No
     finally:
         os.close(fd)
     os.unlink(mem)
-    fd = private_memory(info, "vm2")  # type: ignore[arg-type]
+    fd = memcopy.private_memory("t1", size, "vm2")
     try:
         with pytest.raises(TemplateError, match="cannot copy its memory"):
-            fill_private_memory(info, fd)  # type: ignore[arg-type]
+            memcopy.fill_private_memory("t1", str(mem), fd)
     finally:
         os.close(fd)
+
+
+def _template_dir(tmp_path: Any, shared_fs: str = "virtio-fs") -> tuple[str, str]:
+    tdir = tmp_path / "t1"
+    tdir.mkdir()
+    _memory_file(tdir / "memory")
+    meta = {"name": "t1", "directory": str(tdir), "memory_mib": 64}
+    meta["config"] = {"shared_fs": shared_fs}  # type: ignore[assignment]
+    (tdir / "template.json").write_text(json.dumps(meta))
+    return str(tdir), str(tdir / "memory")
+
+
+def test_memory_copied_ahead_is_taken_by_the_clone_once(tmp_path: Any) -> None:
+    """`virtc run --from-template` copies the memory while it imports: the clone takes that
+    copy (the template's data), and only once."""
+    tdir, mem = _template_dir(tmp_path)
+    memcopy.copy_ahead(tdir)
+    ahead = memcopy.take(mem)
+    assert ahead is not None
+    fd, copy = ahead
+    try:
+        copy.result(timeout=30)
+        with open(mem, "rb") as f:
+            assert os.pread(fd, 64 << 20, 0) == f.read()
+    finally:
+        os.close(fd)
+    assert memcopy.take(mem) is None
+
+
+def test_memory_copied_ahead_of_a_changed_template_is_dropped(tmp_path: Any) -> None:
+    """A template removed and made again between the copy and the clone: the copy of the old
+    one is not used (its memfd is closed once the copy ends); the clone copies anew."""
+    tdir, mem = _template_dir(tmp_path)
+    before = set(os.listdir("/proc/self/fd"))
+    memcopy.copy_ahead(tdir)
+    os.unlink(mem)
+    _memory_file(mem)
+    assert memcopy.take(mem) is None
+    deadline = time.monotonic() + 30
+    while set(os.listdir("/proc/self/fd")) - before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not set(os.listdir("/proc/self/fd")) - before, "the stale copy's memfd was kept"
+
+
+def test_no_memory_copied_ahead_for_a_template_without_virtio_fs(tmp_path: Any) -> None:
+    """A copy-on-write template (no virtio-fs) and unreadable metadata: nothing is copied."""
+    tdir, mem = _template_dir(tmp_path, shared_fs="")
+    memcopy.copy_ahead(tdir)
+    assert memcopy.take(mem) is None
+    (tmp_path / "t1" / "template.json").write_text("{not json")
+    memcopy.copy_ahead(tdir)
+    memcopy.copy_ahead(str(tmp_path / "missing"))
+    assert memcopy.take(mem) is None

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, StateError
+from ..errors import ConfigError, StateError, VCError
 from .app import EXIT_TIMED_OUT, Globals
 from .options import (
     COMMAND,
@@ -137,6 +137,8 @@ def _new_sandbox(
 def run(g: Globals, a: argparse.Namespace) -> int | None:
     """Boot a sandbox, run COMMAND in it (or in a container of --image/--bundle), print its
     output, tear down; exit with its code."""
+    if a.from_template:
+        _copy_template_memory(g, a.from_template)
     container = a.image is not None or a.bundle is not None
     if not container and (a.volume or a.env or a.workdir or a.user or a.detach or a.tty):
         raise ConfigError("-v, -e, -w, -u, -t and -d need --image or --bundle")
@@ -179,6 +181,16 @@ def run(g: Globals, a: argparse.Namespace) -> int | None:
             return await sb.exec(argv, stdin=data, timeout=a.exec_timeout)
 
     return print_result(g, with_spinner("booting sandbox", body, quiet=g.json))
+
+
+def _copy_template_memory(g: Globals, name: str) -> None:
+    """Start copying the template's memory for its clone now, while the modules the clone
+    needs are imported (factory.memcopy): the copy is off the command's critical path."""
+    from .. import persist
+    from ..factory import memcopy, paths
+
+    with contextlib.suppress(VCError):  # the clone reports what is wrong
+        memcopy.copy_ahead(os.path.join(paths.templates_dir(g.run_root), persist.validate_id(name)))
 
 
 async def _from_factory(g: Globals, a: argparse.Namespace, sb: Sandbox) -> Sandbox:

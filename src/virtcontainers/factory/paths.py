@@ -1,10 +1,19 @@
-"""Files of the VM cache server under the run root: `<run root>/factory/`."""
+"""Files of the VM cache server under the run root (`<run root>/factory/`) and of VM templates
+(`<run root>/templates/`)."""
 
 from __future__ import annotations
 
 import os
 
 from .. import host, persist
+
+TEMPLATE_METADATA = "template.json"
+TEMPLATE_MEMORY = "memory"
+
+
+def templates_dir(run_root: str | None = None) -> str:
+    """The default template store's root."""
+    return os.path.join(persist.run_root(run_root), "templates")
 
 
 def factory_dir(run_root: str | None = None) -> str:

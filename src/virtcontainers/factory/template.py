@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import hashlib
 import logging
@@ -37,7 +36,7 @@ from ..config import HypervisorConfig
 from ..errors import ConfigError, StateError, VCError
 from ..hypervisor import new_hypervisor
 from ..types import Capabilities, HypervisorType
-from . import tmpfs
+from . import memcopy, paths, tmpfs
 from .errors import TemplateError, TemplateMismatchError
 from .vm import VM, new_vm_id, stop_quietly
 from .vmconfig import VMConfig, config_hash, differences
@@ -45,11 +44,11 @@ from .vmconfig import VMConfig, config_hash, differences
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-METADATA_FILE = "template.json"
+METADATA_FILE = paths.TEMPLATE_METADATA
 LOCATION_FILE = "location"
 """Where the files of a template in a user-named directory are (written before they exist,
 so a template whose metadata is lost can still be removed)."""
-MEMORY_FILE = "memory"
+MEMORY_FILE = paths.TEMPLATE_MEMORY
 STATE_FILE = "state"
 HEADROOM_MIB = 32
 """tmpfs space beyond guest memory: device state, metadata, slack."""
@@ -207,7 +206,7 @@ class TemplateStore:
 
     def __init__(self, root: str | None = None, *, run_root: str | None = None) -> None:
         self.run_root = persist.run_root(run_root)
-        self.root = os.path.abspath(root) if root else os.path.join(self.run_root, "templates")
+        self.root = os.path.abspath(root) if root else paths.templates_dir(self.run_root)
 
     def template_dir(self, name: str) -> str:
         return os.path.join(self.root, persist.validate_id(name, "template name"))
@@ -567,13 +566,19 @@ class TemplateStore:
                 if not os.path.exists(self.metadata_path(name)):
                     raise TemplateError(f"template {name} was removed")
                 if cfg.shared_fs == "virtio-fs":
-                    # Filled while QEMU starts: nothing reads guest memory before the
-                    # incoming migration, which waits for the copy (`memory_ready`).
-                    memory = private_memory(info, vm_id)
+                    # Filled while QEMU starts (or since the command began: memcopy): nothing
+                    # reads guest memory before the incoming migration, which waits for it.
+                    ahead = memcopy.take(info.memory_path)
+                    if ahead is not None:
+                        memory, fill = ahead[0], asyncio.wrap_future(ahead[1])
+                    else:
+                        memory = memcopy.private_memory(name, info.memory_mib << 20, vm_id)
+                        fill = asyncio.ensure_future(
+                            asyncio.to_thread(
+                                memcopy.fill_private_memory, name, info.memory_path, memory
+                            )
+                        )
                     cfg.memory_path = f"/proc/{os.getpid()}/fd/{memory}"
-                    fill = asyncio.ensure_future(
-                        asyncio.to_thread(fill_private_memory, info, memory)
-                    )
                     hv.memory_ready = fill
                 await hv.create_sandbox(vm_id, None, cfg)
                 endpoint = await plug_agent_channel(hv, vm_id)
@@ -605,53 +610,6 @@ class TemplateStore:
             if memory >= 0:
                 os.close(memory)  # QEMU has its own
         return vm
-
-
-def private_memory(info: TemplateInfo, vm_id: str) -> int:
-    """A memfd the size of the template's memory, for its copy (`fill_private_memory`).
-
-    A clone of a template made for virtio-fs maps this copy shared, as vhost-user devices
-    need: virtiofsd then sees the clone's memory, and nothing it writes reaches the template.
-    """
-    fd = os.memfd_create(f"vc-{vm_id}", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, info.memory_mib << 20)
-    except OSError as exc:
-        os.close(fd)
-        raise TemplateError(f"template {info.name}: cannot make a clone's memory: {exc}") from exc
-    return fd
-
-
-def fill_private_memory(info: TemplateInfo, fd: int) -> None:
-    """Copy the template's memory into a clone's memfd `fd` (its data only: holes stay
-    holes)."""
-    try:
-        with open(info.memory_path, "rb") as src:
-            copy_data(src.fileno(), fd, os.fstat(src.fileno()).st_size)
-    except OSError as exc:
-        raise TemplateError(
-            f"template {info.name}: cannot copy its memory for a clone: {exc}"
-        ) from exc
-
-
-def copy_data(src: int, dst: int, size: int) -> None:
-    """Copy the data extents of file `src` to the same offsets of `dst` (holes skipped)."""
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(src, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data after offset
-                return
-            raise
-        end = os.lseek(src, start, os.SEEK_HOLE)
-        os.lseek(dst, start, os.SEEK_SET)
-        while start < end:
-            sent = os.sendfile(dst, src, start, end - start)
-            if sent == 0:
-                raise OSError(errno.EIO, "short read copying template memory")
-            start += sent
-        offset = end
 
 
 def _verify_asset(name: str, what: str, stamp: FileStamp) -> None:
