@@ -6,7 +6,12 @@ heavier (`host` re-exports these names)."""
 from __future__ import annotations
 
 import os
-import signal
+
+TYPE_CHECKING = False  # not typing's: importing typing costs the shim's `delete`
+if TYPE_CHECKING:
+    import signal
+else:
+    import _signal as signal  # `signal` imports enum
 
 
 def _stat_fields(pid: int) -> list[str] | None:

@@ -125,6 +125,50 @@ def test_delete_prints_a_delete_response(tmp_path: Path) -> None:
     assert resp.exited_at.seconds > 0
 
 
+def test_delete_after_a_clean_exit_needs_no_zygote_nor_imports(short_tmp: Path) -> None:
+    """containerd runs `delete` at every container's end and waits for it: once the shim
+    server `start` recorded has exited leaving its response, the binary prints that response
+    itself, having waited for the exit, without handing the command to a zygote (which is
+    listening here) and without importing json, hashlib, enum or re."""
+    import socket
+
+    from virtcontainers.host import process_start_time
+
+    bundle = short_tmp / "b3"
+    bundle.mkdir()
+    (bundle / "config.json").write_text("{}")
+    zygote_dir = short_tmp / "rr" / "factory"
+    zygote_dir.mkdir(parents=True)
+    zygote = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    zygote.bind(str(zygote_dir / "zygote.sock"))
+    zygote.listen(8)
+    zygote.setblocking(False)
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    code = (
+        "import sys; from virtcontainers.shim.main import main; sys.argv = sys.argv[1:]; "
+        "code = main(); sys.stderr.write(' '.join(sorted(sys.modules))); sys.exit(code)"
+    )
+    try:
+        (bundle / "shim.pid").write_text(str(server.pid))
+        (bundle / "shim.start_time").write_text(str(process_start_time(server.pid)))
+        (bundle / "shim.clean-exit").write_bytes(b"left by the server")
+        cp = subprocess.run(
+            [sys.executable, "-c", code, "shim", *flags(str(short_tmp / "c.sock"), "b3"), "delete"],
+            cwd=bundle, capture_output=True, timeout=60, check=False,
+            env={**os.environ, "VC_RUN_ROOT": str(short_tmp / "rr")},
+        )  # fmt: skip
+        assert server.poll() == 0  # waited for the server's own exit
+        with pytest.raises(BlockingIOError):
+            zygote.accept()
+    finally:
+        server.kill()
+        server.wait()
+        zygote.close()
+    assert (cp.returncode, cp.stdout) == (0, b"left by the server"), cp.stderr
+    modules = set(cp.stderr.decode().split())
+    assert modules.isdisjoint({"json", "hashlib", "enum", "re", "contextlib", "signal"}), modules
+
+
 def test_delete_kills_the_recorded_shim_never_a_recycled_pid(tmp_path: Path) -> None:
     """`delete` SIGKILLs the shim server `start` recorded (pid and start time) once it had
     its time to exit; a process that got that pid since is never signalled, even one whose

@@ -3,23 +3,61 @@ dead when containerd restarts): stop its VM, unmount the bundle's rootfs, remove
 and print the DeleteResponse containerd reads from stdout.
 
 containerd also runs it each time a shim's connection closes, a normal `ctr run --rm`
-included (and waits for it): after a shim's Shutdown it waits for the shim to exit and, when
-the shim recorded that it cleaned up after itself (`CLEAN_EXIT`), prints the response the shim
-left, importing nothing of the sandbox's code or protobuf's."""
+included (and waits for it before it removes the bundle): after a shim's Shutdown it waits for
+the shim to exit and, when the shim recorded that it cleaned up after itself (`CLEAN_EXIT`),
+prints the response the shim left. That, the end of every container, is `after_clean_exit`,
+which the binary tries before anything else: no zygote, and no import but `select` and
+`_signal`."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
-import signal
 import sys
 
-from .main import CLEAN_EXIT, SANDBOX_FILE, SHIM_START_TIME, Flags, group_id, socket_path
+from .main import (
+    CLEAN_EXIT,
+    SANDBOX_FILE,
+    SHIM_START_TIME,
+    Flags,
+    UsageError,
+    group_id,
+    parse,
+    socket_path,
+)
+
+TYPE_CHECKING = False  # not typing's: importing typing costs `delete`
+if TYPE_CHECKING:
+    import signal as _signal
+else:
+    import _signal  # `signal` imports enum
 
 SHIM_EXIT_WAIT = 2.0
 """Seconds a running shim server gets to exit before `delete` kills it (one that answered a
 Shutdown exits at once)."""
+
+
+def after_clean_exit(args: list[str]) -> bool:
+    """`delete` (command line `args`) for a bundle whose shim server `start` forked (so the
+    container is that shim's own, not a pod's later one): wait for the server's exit as
+    `delete` does and, when it left its clean-exit record and no root mounted, print that
+    response. False when the full `delete` must run (nothing printed)."""
+    try:
+        flags = parse(args)
+    except UsageError:
+        return False
+    bundle = flags.bundle or os.getcwd()
+    if flags.action != "delete" or not (flags.namespace and flags.id):
+        return False
+    if not os.path.exists(os.path.join(bundle, "shim.pid")):
+        return False
+    _end_shim(bundle)
+    response = _clean_exit(bundle)
+    if response is None or os.path.ismount(os.path.join(bundle, "rootfs")):
+        return False
+    sys.stdout.buffer.write(response)
+    sys.stdout.flush()
+    return True
 
 
 def delete(flags: Flags) -> int:
@@ -37,6 +75,8 @@ def delete(flags: Flags) -> int:
             import asyncio
 
             asyncio.run(_stop_sandbox(sandbox))
+        import contextlib
+
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path(flags.address, flags.namespace, group))
     else:
@@ -55,7 +95,7 @@ def delete_response() -> bytes:
     """The DeleteResponse of a shim's end: killed, now."""
     from .proto.containerd.runtime.v2.task import shim_pb2
 
-    response = shim_pb2.DeleteResponse(pid=0, exit_status=128 + signal.SIGKILL)
+    response = shim_pb2.DeleteResponse(pid=0, exit_status=128 + _signal.SIGKILL)
     response.exited_at.GetCurrentTime()
     return response.SerializeToString()
 
@@ -97,8 +137,10 @@ def _end_shim(bundle: str, wait: float = SHIM_EXIT_WAIT) -> None:
     try:
         # A pidfd turns readable when its process exits.
         if not select.select([fd], [], [], wait)[0]:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            try:  # noqa: SIM105 (contextlib is not imported on this path)
+                _signal.pidfd_send_signal(fd, _signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             select.select([fd], [], [], wait)
     finally:
         os.close(fd)

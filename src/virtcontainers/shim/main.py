@@ -7,14 +7,15 @@ directory and the flags -namespace, -address, -publish-binary, -id (and -bundle,
 child `start` forks (its own session, /dev/null as stdio, the listening socket as fd 3): no
 second interpreter start-up, as Go's shims need (Go cannot fork), on every container's path.
 
-Only the standard library is imported here: `start` and `delete` run for every container.
+Only the standard library is imported here, and at import only what the interpreter has
+loaded anyway: `start` and `delete` run for every container, and json's or hashlib's import
+(re, enum, OpenSSL) costs more than the rest of the client before it hands the command to a
+zygote (or `delete` finds the shim gone clean).
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import os
 import sys
 
@@ -97,6 +98,8 @@ def parse(argv: list[str]) -> Flags:
 def group_id(container_id: str, bundle: str) -> str:
     """The id of the shim (and VM) a container belongs to: its pod's sandbox id for a CRI
     container, its own id otherwise."""
+    import json
+
     try:
         with open(os.path.join(bundle, "config.json"), "rb") as f:
             annotations = json.load(f).get("annotations") or {}
@@ -112,6 +115,8 @@ def group_id(container_id: str, bundle: str) -> str:
 def socket_path(containerd_address: str, namespace: str, group: str) -> str:
     """The shim's socket: beside containerd's own socket (in its state), named as containerd
     names its shims' sockets (sha256 of address, namespace and id)."""
+    import hashlib
+
     digest = hashlib.sha256(f"{containerd_address}/{namespace}/{group}".encode()).hexdigest()
     base = os.path.join(os.path.dirname(os.path.abspath(containerd_address)), "s")
     path = os.path.join(base, digest)
@@ -219,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     shim server `start` forks then has everything imported), else here."""
     if argv is None:
         args = sys.argv[1:]
+        if "delete" in args:
+            from .cleanup import after_clean_exit
+
+            if after_clean_exit(args):
+                return 0
         if "start" in args or "delete" in args:
             from ..zygote.client import delegate, shim_sockets
 
