@@ -13,7 +13,15 @@ import errno
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -752,23 +760,28 @@ class Sandbox:
 
     async def _teardown(self, force: bool = False) -> None:
         hv = self._hv
+        vm_dir = persist.vm_dir(self.id, self.run_root)
         await self._close_agent()
         await self._stop_mock_agent()
+        scanned = False
+        releasing: asyncio.Future[None] | None = None
         try:
             if hv is not None:
                 if force:
-                    await _force_kill(hv)
+                    await _force_kill(hv, vm_dir)
+                    scanned = True
+                    # Its processes are gone: the staged share is released while the driver
+                    # closes its side.
+                    releasing = asyncio.ensure_future(self._release_share())
                 await hv.stop_sandbox()
         finally:
             if hv is not None:
                 await hv.cleanup()
-            await asyncio.to_thread(_kill_strays, persist.vm_dir(self.id, self.run_root))
+            if not scanned:
+                await asyncio.to_thread(_kill_strays, vm_dir)
+            await (releasing or self._release_share())
             if self.network is not None:
                 await self.network.teardown()
-            if self.workload.get("share_dir"):
-                from .factory.poolshare import release_quietly
-
-                await asyncio.to_thread(release_quietly, self.workload["share_dir"])
             if self.workload.get("image_store"):
                 from .images import ImageStore
 
@@ -778,6 +791,13 @@ class Sandbox:
             for c in self.containers.values():
                 if c.record.status != "deleted":
                     await c.poststop()
+
+    async def _release_share(self) -> None:
+        """Release the pooled VM's staged share (`factory.poolshare`), if it has one."""
+        if self.workload.get("share_dir"):
+            from .factory.poolshare import release_quietly
+
+            await asyncio.to_thread(release_quietly, self.workload["share_dir"])
 
     async def pause(self) -> None:
         """Freeze the guest."""
@@ -1486,11 +1506,11 @@ def _vhost_net(cfg: HypervisorConfig) -> bool:
     return not cfg.disable_vhost_net and os.path.exists("/dev/vhost-net")
 
 
-def _kill_strays(vm_dir: str) -> list[int]:
+def _kill_strays(vm_dir: str, known: Collection[int] = ()) -> list[int]:
     """`vmm_process.kill_strays`, imported when needed (not on exec's path)."""
     from .drivers.vmm_process import kill_strays
 
-    return kill_strays(vm_dir)
+    return kill_strays(vm_dir, known=known)
 
 
 def _new_id(length: int) -> str:
@@ -1514,12 +1534,13 @@ FORCE_KILL_WAIT = 5.0
 """Seconds a SIGKILLed VMM gets to be gone before its driver's stop goes on regardless."""
 
 
-async def _force_kill(hv: Hypervisor) -> None:
+async def _force_kill(hv: Hypervisor, vm_dir: str) -> None:
     """SIGKILL the VMM process and its driver's helper daemons (virtiofsd, the console log
     keeper), each if it is still the process that was started (via a pidfd), all at once, and
     wait for their end: the driver's stop then finds them gone (no quit over a dying QMP, no
     wait for a helper to notice the VMM's end before it exits, tearing its mappings of the
-    guest's memory down in turn)."""
+    guest's memory down in turn). The scan of `vm_dir`'s stray VMMs (`kill_strays`) runs
+    while the kernel tears the killed processes down."""
     import signal
 
     from .drivers.helpers import Helpers
@@ -1531,12 +1552,17 @@ async def _force_kill(hv: Hypervisor) -> None:
     helpers = getattr(hv, "helpers", None)  # the drivers that have helper daemons
     if isinstance(helpers, Helpers):
         targets += [(h.pid, h.start_time) for h in helpers if h.pid]
-    fds = [fd for pid, start in targets if (fd := pidfd_of(pid, start)) is not None]
+    pinned = {pid: fd for pid, start in targets if (fd := pidfd_of(pid, start)) is not None}
+    fds = list(pinned.values())
     try:
         for fd in fds:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
-        await asyncio.gather(*(wait_pidfd(fd, FORCE_KILL_WAIT) for fd in fds))
+        strays = asyncio.to_thread(_kill_strays, vm_dir, set(pinned))
+        waits = (wait_pidfd(fd, FORCE_KILL_WAIT) for fd in fds)
+        for result in await asyncio.gather(strays, *waits, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
     finally:
         for fd in fds:
             os.close(fd)

@@ -171,7 +171,7 @@ async def test_signals_go_through_pidfds(run_root: str, monkeypatch: pytest.Monk
         assert vmm.wait(5) == -9
         daemon._kill(server.pid, host.process_start_time(server.pid))
         assert server.wait(5) == -signal.SIGTERM
-        await sandbox._force_kill(Driver(forced))  # type: ignore[arg-type]
+        await sandbox._force_kill(Driver(forced), vm_dir)  # type: ignore[arg-type]
         assert forced.wait(5) == -signal.SIGKILL
         with open(os.path.join(run_root, "shim.pid"), "w") as f:
             f.write(str(shim.pid))

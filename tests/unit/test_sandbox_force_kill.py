@@ -1,14 +1,23 @@
 """A forced stop (`Sandbox.stop(force=True)`: the shim's VM once its last container is
 deleted) kills the VMM and its driver's helper daemons at once, each through a pidfd of the
-process that was started (never another one given its pid since)."""
+process that was started (never another one given its pid since), and meanwhile finds and
+kills the VM directory's stray VMMs."""
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 import signal
 import subprocess
+import time
+from pathlib import Path
+
+import pytest
 
 from virtcontainers import host, sandbox
 from virtcontainers.drivers.helpers import Helpers
+from virtcontainers.drivers.vmm_process import VMM_PROGRAMS, processes_using
 from virtcontainers.persist import HypervisorState
 
 
@@ -31,7 +40,7 @@ def helper(
             "start_time": start_time}  # fmt: skip
 
 
-async def test_the_vmm_and_its_helpers_are_killed_together() -> None:
+async def test_the_vmm_and_its_helpers_are_killed_together(tmp_path: Path) -> None:
     vmm, virtiofsd, keeper, other = (subprocess.Popen(["sleep", "60"]) for _ in range(4))
     try:
         start = host.process_start_time
@@ -41,11 +50,39 @@ async def test_the_vmm_and_its_helpers_are_killed_together() -> None:
             # A helper record whose pid is another process now (another start time).
             helper("virtiofsd", "fs-share1", other, (start(other.pid) or 0) - 1),
         ]
-        await sandbox._force_kill(Driver(vmm, records))  # type: ignore[arg-type]
+        await sandbox._force_kill(Driver(vmm, records), str(tmp_path))  # type: ignore[arg-type]
         for proc in (vmm, virtiofsd, keeper):
             assert proc.wait(5) == -signal.SIGKILL
         assert other.poll() is None
     finally:
         for p in (vmm, virtiofsd, keeper, other):
+            p.kill()
+            p.wait()
+
+
+async def test_the_scan_for_strays_runs_meanwhile_and_skips_the_known_vmm(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A VMM of the VM directory nobody recorded (a stray) is killed by the same forced stop,
+    found while the recorded VMM dies; the recorded one, named like a VMM in that directory
+    too, is killed as the VMM, not reported as a stray."""
+    vm_dir = str(tmp_path / "vm" / "sb1")
+    os.makedirs(vm_dir)
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    qemu = os.path.join(vm_dir, "qemu-system-x86_64")
+    vmm, stray = (subprocess.Popen([qemu, "60"], executable=sleep) for _ in range(2))
+    try:
+        deadline = time.monotonic() + 10
+        while len(processes_using(vm_dir, VMM_PROGRAMS)) < 2:  # both exec'd
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with caplog.at_level(logging.WARNING):
+            await sandbox._force_kill(Driver(vmm, []), vm_dir)  # type: ignore[arg-type]
+        assert (vmm.wait(5), stray.wait(5)) == (-signal.SIGKILL, -signal.SIGKILL)
+        strays = [r.getMessage() for r in caplog.records if "stray" in r.getMessage()]
+        assert strays == [f"VM dir {vm_dir}: killing stray VMM process {stray.pid}"]
+    finally:
+        for p in (vmm, stray):
             p.kill()
             p.wait()

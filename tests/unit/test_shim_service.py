@@ -133,6 +133,10 @@ class FakeVM:
     """Container id -> the pid its task has once its process runs (else the VMM's)."""
     dying: asyncio.Event | None = None
     """When set, a stop lasts until it is set (a VM that takes its time to die)."""
+    oom_end: asyncio.Event | None = None
+    """When set, an OOM watch's end lasts until it is set."""
+    oom_ends: list[str] = field(default_factory=list)
+    """The containers whose OOM watch began to end."""
 
     @property
     def pid(self) -> int:
@@ -165,8 +169,13 @@ class FakeVM:
         return [1, 7]
 
     async def oom_kills(self, container_id: str) -> AsyncIterator[int]:
-        while True:
-            yield await self.ooms.get()
+        try:
+            while True:
+                yield await self.ooms.get()
+        finally:
+            self.oom_ends.append(container_id)
+            if self.oom_end is not None:  # its guest process's kill (an agent call) hangs
+                await self.oom_end.wait()
 
     async def remove_container(self, container_id: str) -> None:
         self.calls.append(f"remove {container_id}")
@@ -345,6 +354,27 @@ async def test_deleting_the_shims_own_container_kills_its_vm_at_once(shim: Shim)
         dying.set()
     await asyncio.wait_for(closing, 5)
     assert shim.vm.calls[-1] == "kill" and not shim.vm.running
+
+
+async def test_the_vms_kill_does_not_wait_for_the_oom_watch_to_end(shim: Shim) -> None:
+    """The OOM watch of a container is a guest process, killed through the agent when the
+    watch ends: at the Delete of the shim's last container that process goes with the VM, so
+    Delete answers and the VM's kill begins without waiting for that call; the shim's end
+    (`close`) still waits for the watch to be over."""
+    await shim.create("shim1", ["exit", "0"])
+    await shim.call("Start", pb.StartRequest(id="shim1"), pb.StartResponse)
+    await shim.call("Wait", pb.WaitRequest(id="shim1"), pb.WaitResponse)
+    shim.vm.oom_end = asyncio.Event()  # never set: the watcher's kill never answers
+    await asyncio.wait_for(shim.call("Delete", pb.DeleteRequest(id="shim1"), pb.DeleteResponse), 5)
+    for _ in range(100):
+        if "kill" in shim.vm.calls:
+            break
+        await asyncio.sleep(0.01)
+    assert shim.vm.calls[-1] == "kill" and shim.vm.oom_ends == ["shim1"]
+    await shim.call("Shutdown", pb.ShutdownRequest(id="shim1"))
+    await asyncio.wait_for(shim.service.close(), 5)
+    assert not shim.vm.running
+    assert [t for t in asyncio.all_tasks() if "_watch_oom" in repr(t.get_coro())] == []
 
 
 async def test_output_to_fifos(shim: Shim) -> None:

@@ -18,7 +18,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 from .. import host
 from ..errors import LaunchError
@@ -311,9 +311,12 @@ def processes_using(directory: str, programs: tuple[str, ...] = ()) -> list[int]
     return found
 
 
-def kill_strays(vm_dir: str, timeout: float = STRAY_KILL_TIMEOUT) -> list[int]:
+def kill_strays(
+    vm_dir: str, timeout: float = STRAY_KILL_TIMEOUT, known: Collection[int] = ()
+) -> list[int]:
     """SIGKILL every VMM (see `VMM_PROGRAMS`) whose command line names a file in `vm_dir`, and
-    wait up to `timeout` seconds for them to exit; returns their pids.
+    wait up to `timeout` seconds for them to exit; returns their pids. The `known` ones are
+    not strays: the caller is killing them already.
 
     Finds what no driver knew about: a manager killed between launching the VMM and recording
     its pid, a cache server killed mid-boot. Anything else that mentions the directory (an
@@ -323,7 +326,7 @@ def kill_strays(vm_dir: str, timeout: float = STRAY_KILL_TIMEOUT) -> list[int]:
     """
     pinned: dict[int, int] = {}
     try:
-        for pid in processes_using(vm_dir, VMM_PROGRAMS):
+        for pid in set(processes_using(vm_dir, VMM_PROGRAMS)) - set(known):
             fd = host.pidfd_of(pid, host.process_start_time(pid))
             if fd is not None:
                 pinned[pid] = fd

@@ -483,16 +483,19 @@ class TaskService:
                     e.runner.cancel()
                     with contextlib.suppress(BaseException):
                         await e.runner
-            await _cancel(c.oom_watch)
             del self.containers[req.id]
             if self.vm is not None and req.id == self.shim_id and not self.containers:
                 # The VM was made for this container (or pod) alone and nothing is left in
                 # it: killed at once (its host side all cleaned up), not shut down in turn,
                 # while Delete is answered (the container's state is final): Shutdown, then
-                # the shim's exit, wait for it.
+                # the shim's exit, wait for it. The OOM watch's guest process ends with the
+                # VM: its end is not waited for first.
+                if c.oom_watch is not None:
+                    c.oom_watch.cancel()
                 vm, self.vm = self.vm, None
                 self._ending = asyncio.get_running_loop().create_task(self._end_vm(vm, c))
             else:
+                await _cancel(c.oom_watch)
                 if self.vm is not None:
                     await self.vm.remove_container(req.id)
                     log.debug("delete %s: container removed from the guest", req.id)
@@ -512,7 +515,8 @@ class TaskService:
 
     async def _end_vm(self, vm: PodVM, c: Container) -> None:
         """Kill the VM of the shim's last container, then unmount that container's root; a
-        VM that could not be stopped is kept for `close` to stop."""
+        VM that could not be stopped is kept for `close` to stop. Then the container's OOM
+        watch (cancelled: its guest process ended with the VM) is waited for."""
         try:
             await vm.stop(force=True)
             log.debug("delete %s: VM killed", c.id)
@@ -522,6 +526,7 @@ class TaskService:
         finally:
             if c.mounted:
                 await _umount(c.rootfs)
+            await _cancel(c.oom_watch)
 
     # -- the VM ------------------------------------------------------------------------------
     async def pause(self, req: pb.PauseRequest) -> empty_pb2.Empty:
