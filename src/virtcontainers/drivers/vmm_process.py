@@ -292,23 +292,26 @@ def processes_using(directory: str, programs: tuple[str, ...] = ()) -> list[int]
     """Pids of the processes (but this one) whose command line names a path inside `directory`
     (a VM directory: its sockets, logs, disks); with `programs`, only those whose argv[0]
     basename starts with one of them."""
-    needle = os.fsencode(directory.rstrip("/") + "/")
     me = os.getpid()
-    found: list[int] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if needle not in cmdline:
-            continue
-        program = os.path.basename(cmdline.split(b"\0", 1)[0]).decode(errors="replace")
-        if not programs or program.startswith(programs):
-            found.append(int(entry))
-    return found
+    return [
+        int(entry)
+        for entry in os.listdir("/proc")
+        if entry.isdigit() and int(entry) != me and _uses(int(entry), directory, programs)
+    ]
+
+
+def _uses(pid: int, directory: str, programs: tuple[str, ...] = ()) -> bool:
+    """Whether process `pid`'s command line names a path inside `directory` (and, with
+    `programs`, its argv[0] basename starts with one of them)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    if os.fsencode(directory.rstrip("/") + "/") not in cmdline:
+        return False
+    program = os.path.basename(cmdline.split(b"\0", 1)[0]).decode(errors="replace")
+    return not programs or program.startswith(programs)
 
 
 def kill_strays(
@@ -330,8 +333,8 @@ def kill_strays(
             fd = host.pidfd_of(pid, host.process_start_time(pid))
             if fd is not None:
                 pinned[pid] = fd
-        for pid in set(pinned) - set(processes_using(vm_dir, VMM_PROGRAMS)):
-            os.close(pinned.pop(pid))
+        for pid in [pid for pid in pinned if not _uses(pid, vm_dir, VMM_PROGRAMS)]:
+            os.close(pinned.pop(pid))  # another process got the pid between scan and pin
         for pid, fd in pinned.items():
             log.warning("VM dir %s: killing stray VMM process %d", vm_dir, pid)
             with contextlib.suppress(ProcessLookupError):
