@@ -228,3 +228,45 @@ async def test_rpc_status_codes_map_to_errors() -> None:
     assert "timed out" in str(rpc_error(E(grpc.StatusCode.DEADLINE_EXCEEDED), "s", "c"))
     other = rpc_error(E(grpc.StatusCode.RESOURCE_EXHAUSTED), "s", "GetBaseVM")
     assert type(other) is FactoryError and "GetBaseVM failed: d" in str(other)
+
+
+async def test_the_reaper_frees_a_handed_out_vmms_memory_after_its_exit() -> None:
+    """A handed-out VMM's memfds (a clone's copy of its template's memory) are held by the
+    server's reaper while it runs and closed once it has exited: the pages are freed in the
+    server, not in the dying VMM whose end a shim waits for."""
+    import contextlib
+    import signal
+    import subprocess
+    import sys
+
+    from virtcontainers.factory.rpc.server import ChildReaper
+
+    code = (
+        "import os, sys, time; fd = os.memfd_create('vc-reaped'); os.write(fd, b'x' * 4096); "
+        "print(flush=True); time.sleep(60)"
+    )
+    vmm = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+
+    def ours() -> list[str]:
+        links = []
+        for n in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(FileNotFoundError):  # the listing's own fd
+                links.append(os.readlink(f"/proc/self/fd/{n}"))
+        return [link for link in links if link.startswith("/memfd:vc-reaped")]
+
+    reaper = ChildReaper()
+    try:
+        assert vmm.stdout is not None and vmm.stdout.readline() == b"\n"  # made its memfd
+        reaper.watch(vmm.pid)
+        assert reaper.held(vmm.pid) == 1 and len(ours()) == 1
+        vmm.send_signal(signal.SIGKILL)
+        for _ in range(500):
+            if not ours():
+                break
+            await asyncio.sleep(0.01)
+        assert (reaper.held(vmm.pid), ours()) == (0, [])
+        assert not os.path.exists(f"/proc/{vmm.pid}")  # reaped by the reaper, no zombie left
+    finally:
+        reaper.close()
+        vmm.kill()
+        vmm.wait()
