@@ -402,3 +402,27 @@ async def test_bad_profiles_refused_before_boot(run_root: str, rootfs: str, tmp_
     with pytest.raises(ConfigError, match="a user namespace needs id mappings"):
         await Sandbox(bundle=bundle, run_root=run_root).start()
     assert processes_mentioning(run_root) == []
+
+
+async def test_exec_joins_only_a_container_that_is_made(
+    run_root: str, rootfs: str, tmp_path: Path
+) -> None:
+    """The pid exec joins is published only once the container is made: an exec run as soon
+    as it is there sees every mount of the container and its root, not a half-made one
+    (150 tmpfs mounts make the set-up long)."""
+    count = 150
+    bundle = make_bundle(tmp_path / "b", rootfs, ["sleep", "600"], {})
+    config_path = Path(bundle) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["mounts"] = [
+        {"destination": f"/m/{i}", "type": "tmpfs", "source": "tmpfs"} for i in range(count)
+    ]
+    config_path.write_text(json.dumps(config))
+    probe = "grep -c ' /m/' /proc/self/mounts; test ! -e /sbin/vc-run && echo container-root"
+    async with Sandbox(bundle=bundle, run_root=run_root) as sb:
+        c = await sb.create_container()
+        await started(c)
+        seen = await c.exec(["sh", "-c", probe])
+        await c.kill(9)
+        await c.wait()
+    assert seen.stdout.decode().split() == [str(count), "container-root"], seen

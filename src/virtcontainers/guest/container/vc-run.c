@@ -748,7 +748,24 @@ static void write_pid(pid_t pid)
 	pid_fd = -1;
 }
 
+/* The pid is published only once the container is made: an exec joining it earlier would
+ * find its mounts, root or namespaces half made. The child writes a byte here then. */
+static int ready_pipe[2] = {-1, -1};
+
+static void signal_ready(void)
+{
+	if (ready_pipe[1] < 0) {
+		write_pid(getpid());
+		return;
+	}
+	if (write(ready_pipe[1], "r", 1) != 1)
+		die("tell the parent the container is made");
+	close(ready_pipe[1]);
+	ready_pipe[1] = -1;
+}
+
 static int wait_child(void);
+static void forward_signals(void);
 static void prepare_console(void);
 
 static void emit(__u8 code, __u8 dst, __u8 src, __s16 off, __s32 imm)
@@ -1114,15 +1131,20 @@ static void relay_console(void)
 }
 
 /* Outside the container: forward signals, then exit as its first process did. */
-static int wait_child(void)
+static void forward_signals(void)
 {
-	int status;
 	signal(SIGTERM, forward);
 	signal(SIGINT, forward);
 	signal(SIGHUP, forward);
 	signal(SIGQUIT, forward);
 	signal(SIGUSR1, forward);
 	signal(SIGUSR2, forward);
+}
+
+static int wait_child(void)
+{
+	int status;
+	forward_signals();
 	if (console_sock[0] >= 0)
 		relay_console();
 	while (waitpid(child, &status, 0) < 0)
@@ -1301,18 +1323,27 @@ int main(int argc, char **argv)
 		if (has_ns('p') && unshare(CLONE_NEWPID))
 			die("unshare pid namespace");
 		prepare_console();
+		if (pipe2(ready_pipe, O_CLOEXEC))
+			die("pipe");
 		child = fork();
 		if (child < 0)
 			die("fork");
 		if (child > 0) {
-			write_pid(child);
+			close(ready_pipe[1]);
+			forward_signals();
+			char made;
+			ssize_t n;
+			while ((n = read(ready_pipe[0], &made, 1)) < 0 && errno == EINTR)
+				;
+			close(ready_pipe[0]);
+			if (n == 1)
+				write_pid(child);
 			int status = wait_child();
 			stamp("reaped");
 			return status;
 		}
 		prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-	} else {
-		write_pid(getpid());
+		close(ready_pipe[0]);
 	}
 	stamp("forked");
 	apply_sysctls();
@@ -1366,6 +1397,8 @@ process:
 	apply_rlimits();
 	if (chdir(cwd))
 		die("working directory %s", cwd);
+	if (!join)
+		signal_ready(); /* before seccomp, which may not allow write(2) */
 	if (caps)
 		drop_bounding();
 	if (!no_new_privs)
