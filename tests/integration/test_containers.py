@@ -562,3 +562,29 @@ async def test_bundles_with_file_binds_in_one_sandbox(
         await two.delete()
     assert (tmp_path / "first" / "rootfs" / "mine").read_text() == "first\n"
     assert not (tmp_path / "second" / "rootfs" / "mine").exists()
+
+
+async def test_cp_into_a_userns_container_belongs_to_its_root(
+    run_root: str, store: ImageStore, tmp_path: Path
+) -> None:
+    """As docker cp does: a file copied into a container of `userns="auto"` belongs to the
+    container's root (host id 100000), so that root can change it; copied out, it belongs
+    to the user copying."""
+    conf = tmp_path / "app.conf"
+    conf.write_text("one\n")
+    os.chown(conf, 4321, 4321)
+    sb = Sandbox(image="busybox", image_store=store.root, run_root=run_root, userns="auto")
+    async with sb:
+        c = await sb.create_container(["sleep", "600"])
+        await c.start(detach=True)
+        await c.copy_in(str(conf), "/etc/app.conf")
+        inside = await c.exec(
+            ["sh", "-c", "stat -c %u:%g /etc/app.conf; echo two >> /etc/app.conf"]
+        )
+        await c.copy_out("/etc/app.conf", str(tmp_path / "back.conf"))
+        await c.kill(9)
+        await c.wait()
+    assert (inside.exit_code, inside.stdout.decode()) == (0, "0:0\n"), inside
+    back = (tmp_path / "back.conf").stat()
+    assert (back.st_uid, back.st_gid) == (os.getuid(), os.getgid())
+    assert (tmp_path / "back.conf").read_text() == "one\ntwo\n"

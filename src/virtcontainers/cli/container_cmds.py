@@ -333,18 +333,13 @@ def cp(g: Globals, a: argparse.Namespace) -> None:
     assert sandbox_id is not None
 
     async def body() -> None:
-        from .. import persist
-        from ..containers.copy import copy_out
-
         sb = await attach(g, sandbox_id)
         try:
             container = sb.container(a.container)
-            vm_dir = persist.vm_dir(sb.id, sb.run_root)
             if dst_id is not None:
                 await container.copy_in(src_path, dst_path)
             else:
-                root, where, _ = container.locate(src_path, vm_dir)
-                copy_out(root, where, dst_path)
+                await container.copy_out(src_path, dst_path)
         finally:
             await sb.detach()
 

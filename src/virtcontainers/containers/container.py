@@ -506,13 +506,34 @@ class Container:
         )
         if read_only:
             raise ConfigError(f"cp: {path} is on a read-only volume")
-        copy_in(root, host_src, where)  # forks: not from a worker thread
+        copy_in(root, host_src, where, self.root_ids())  # forks: not from a worker thread
         result = await self.sandbox.exec(["/bin/sh", "-c", DROP_CACHES])
         if result.exit_code != 0:
             raise StateError(
                 f"container {self.id}: copied, but the guest cannot drop its caches: "
                 f"{result.stderr.decode(errors='replace').strip()}"
             )
+
+    async def copy_out(self, path: str, host_dst: str) -> None:
+        """Copy container path `path` to the host's `host_dst` (docker cp rules: see
+        `copy.copy_out`)."""
+        from .. import persist
+        from .copy import copy_out
+
+        root, where, _ = self.locate(path, persist.vm_dir(self.sandbox.id, self.sandbox.run_root))
+        copy_out(root, where, host_dst)  # forks: not from a worker thread
+
+    def root_ids(self) -> tuple[int, int]:
+        """The host (and guest) uid and gid of the container's root: 0 and 0, or what its
+        user namespace maps them to (id 0 is always mapped: vc-run requires it)."""
+
+        def mapped(maps: list[tuple[int, int, int]]) -> int:
+            for inside, outside, count in maps:
+                if inside <= 0 < inside + count:
+                    return outside - inside
+            return 0
+
+        return mapped(self.spec.uid_mappings), mapped(self.spec.gid_mappings)
 
     def locate(self, path: str, vm_dir: str) -> tuple[str, str, bool]:
         """Where a container path lives on the host: (directory, path under it, read-only).

@@ -4,7 +4,9 @@ A container's root is what its virtiofsd serves (the image's overlay), reached a
 daemon's root directory (`/proc/<pid>/root`); a path under a volume goes to the volume's
 host directory. Every copy runs in a forked child chrooted into that directory, so no path
 or symlink the guest controls (changed even while the copy runs) can lead outside it; the
-unpacker places entries as for image layers (`images.unpack`).
+unpacker places entries as for image layers (`images.unpack`). As with docker cp, what is
+copied in belongs to the container's root (its mapped ids in a user namespace), what is
+copied out to the user copying.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import tarfile
 import tempfile
+from collections.abc import Callable
 
 from ..errors import ConfigError, StateError
 from ..images.unpack import apply_layer, resolve_in_root
@@ -108,9 +111,10 @@ def _target(parts: list[str], name: str) -> str:
     return "/".join([*parts, name])
 
 
-def copy_in(root: str, host_src: str, container_path: str) -> None:
+def copy_in(root: str, host_src: str, container_path: str, owner: tuple[int, int] = (0, 0)) -> None:
     """Copy a host file or directory to `container_path` under `root` (docker cp rules: into
-    an existing directory, else as that name)."""
+    an existing directory, else as that name; owned by the container's root, whose host ids
+    are `owner`)."""
     if not os.path.lexists(host_src):
         raise ConfigError(f"cp: {host_src}: no such file or directory")
     parts = _parts(container_path)
@@ -119,12 +123,25 @@ def copy_in(root: str, host_src: str, container_path: str) -> None:
         with tarfile.open(fileobj=tmp, mode="w", format=tarfile.PAX_FORMAT) as tf:
             tf.add(host_src, arcname=name)
         tmp.flush()
-        _in_child(root, _extract_renamed, tmp.fileno(), renamed.fileno(), parts, name)
+        _in_child(root, _extract_renamed, tmp.fileno(), renamed.fileno(), parts, name, owner)
 
 
-def _extract_renamed(tar_fd: int, out_fd: int, parts: list[str], name: str) -> None:
+def _owned(owner: tuple[int, int]) -> Callable[[tarfile.TarInfo], tarfile.TarInfo]:
+    """A tar filter giving every entry the ids `owner` (no names: they would be looked up)."""
+
+    def give(m: tarfile.TarInfo) -> tarfile.TarInfo:
+        m.uid, m.gid = owner
+        m.uname = m.gname = ""
+        return m
+
+    return give
+
+
+def _extract_renamed(
+    tar_fd: int, out_fd: int, parts: list[str], name: str, owner: tuple[int, int]
+) -> None:
     """Inside the chroot: rename the tar's top entry `name` to its destination (written to
-    `out_fd`, a host temp file), unpack."""
+    `out_fd`, a host temp file) and give it `owner`, unpack."""
     dest = _target(parts, name)
     os.lseek(tar_fd, 0, os.SEEK_SET)
     with (
@@ -133,7 +150,7 @@ def _extract_renamed(tar_fd: int, out_fd: int, parts: list[str], name: str) -> N
         os.fdopen(os.dup(out_fd), "w+b") as renamed,
     ):
         with tarfile.open(fileobj=renamed, mode="w", format=tarfile.PAX_FORMAT) as out:
-            for m in src.getmembers():
+            for m in map(_owned(owner), src.getmembers()):
                 rel = m.name[len(name) :] if m.name != name else ""
                 m.name = dest + rel
                 if m.islnk() and (m.linkname == name or m.linkname.startswith(name + "/")):
@@ -145,7 +162,7 @@ def _extract_renamed(tar_fd: int, out_fd: int, parts: list[str], name: str) -> N
 
 def copy_out(root: str, container_path: str, host_dst: str) -> None:
     """Copy `container_path` under `root` to the host: into `host_dst` if it is a
-    directory, else as `host_dst`."""
+    directory, else as `host_dst`; owned by the user copying (docker cp's rule)."""
     parts = _parts(container_path)
     if not parts:
         raise ConfigError("cp: copying the whole root out is not supported; name a path")
@@ -156,12 +173,12 @@ def copy_out(root: str, container_path: str, host_dst: str) -> None:
         if not os.path.isdir(dest_dir):
             raise ConfigError(f"cp: {dest_dir} is not a directory")
     with tempfile.TemporaryFile() as tmp:
-        _in_child(root, _pack, tmp.fileno(), parts, name)
+        _in_child(root, _pack, tmp.fileno(), parts, name, (os.getuid(), os.getgid()))
         tmp.seek(0)
         apply_layer(dest_dir, tmp, f"copy from {container_path}", whiteouts=False)
 
 
-def _pack(tar_fd: int, parts: list[str], name: str) -> None:
+def _pack(tar_fd: int, parts: list[str], name: str, owner: tuple[int, int]) -> None:
     parent = resolve_in_root("/", parts[:-1], "cp", create=False)
     src = os.path.join(parent, parts[-1]) if parent is not None else ""
     if not src or not os.path.lexists(src):
@@ -170,4 +187,4 @@ def _pack(tar_fd: int, parts: list[str], name: str) -> None:
         os.fdopen(os.dup(tar_fd), "wb") as f,
         tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf,
     ):
-        tf.add(src, arcname=name)
+        tf.add(src, arcname=name, filter=_owned(owner))
