@@ -13,15 +13,18 @@ agent's NETWORK request), with the NETWORK request alone and QEMU's CPU time whe
 returns; and the start's difference run by run (bridge and none back to back).
 
 Why the starts spread (console stamps per boot phase, the guest's printk clock against the
-host's, per-thread schedstat of QEMU; 2026-12-06): QEMU's CPU time when the start returns
-equals the start within ~20 ms on a quiet machine, so the guest's one vCPU never waited for a
-host CPU; the spread (1.3 s in 12 boots) is CPU time the same guest work took. Part of it was
-the guest kernel's TSC calibration (the quick PIT one fails under TCG in about half the boots,
-the fallback took 130-220 ms instead of ~10): gone, the host's TSC rate is on the command
-line. The rest is the host's speed: the phases of a slow boot are all slower alike, and a
-fixed Python loop's CPU time varies as much (this machine is itself a VM sharing its physical
-cores); on a loaded machine the vCPU's waits for a CPU (seconds) add to that. Neither is the
-network's: more starts and the interval are the answer, not a statistic that hides them.
+host's, per-thread schedstat of QEMU; 2026-12-06; docs/architecture.md 6.4): QEMU's CPU time
+when the start returns equals the start within 50 ms on a quiet machine, so the guest's one
+vCPU did not wait for a host CPU; the spread (1.3 s in 12 boots) is CPU time the same guest
+work took. Part of it was the guest kernel's TSC calibration (the quick PIT one fails under
+TCG in about half the boots, the fallback took 130-220 ms instead of ~10): gone, the host's
+TSC rate is on the command line. So is a host-side wait: the agent client hung up on a hello
+unanswered for 2 s and paused before the next, and an agent that started in the pause was
+answered up to 0.3 s late (a start now keeps its first connection). The rest is the host's
+speed: most phases of a slow boot are slower alike, and a fixed Python loop's CPU time varies
+as much (this machine is itself a KVM guest sharing a physical host); on a loaded machine the
+vCPU's waits for a CPU (seconds) add to that. Neither is the network's: more starts and the
+interval are the answer, not a statistic that hides them.
 
 Throughput: iperf3 (from the Debian test image, in a container of each sandbox) against an
 iperf3 server on the host side, one TCP stream for 5 s (the first second omitted) each
