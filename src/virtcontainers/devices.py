@@ -113,9 +113,12 @@ class SharedFS(Device):
     """When set, the guest sees an overlay: `lower` read-only underneath, `source` the
     writable upper directory (a container's root over its image); nothing changes `lower`."""
     id_shift: int = 0
-    """With `lower`: the overlay is mounted with `metacopy=on`, its owners shifted by this
-    much once (`shift_owners`), metadata-only copies in `source`: a root for a user
-    namespace mapping container id 0 to this id."""
+    """With `lower`: a root for a user namespace mapping container id 0 to this id. The
+    overlay is mounted with `metacopy=on` and stacks `shifted` over `lower`; `source`, the
+    upper directory, is given this owner when the share is plugged."""
+    shifted: str = ""
+    """With `id_shift`: `lower`'s owners shifted by it, metadata-only copies
+    (`ImageStore.shifted_rootfs`), made once per image and shift."""
     cache: str = ""
     """Its daemon's cache mode (one of `FS_CACHE_MODES`); "": the config's `virtio_fs_cache`.
     A container's root is served with "always" (see `drivers.virtiofsd.ROOT_CACHE`)."""
@@ -130,6 +133,10 @@ class SharedFS(Device):
         check_abs_path(f"shared fs {self.id}", "source", self.source)
         if self.lower:
             check_abs_path(f"shared fs {self.id}", "lower", self.lower)
+        if self.shifted:
+            check_abs_path(f"shared fs {self.id}", "shifted", self.shifted)
+            if not self.lower or not self.id_shift:
+                raise ConfigError(f"shared fs {self.id}: shifted needs lower and id_shift")
         check_id(f"shared fs {self.id} mount tag", self.mount_tag)
         if self.fs_type not in SHARED_FS_TYPES:
             raise ConfigError(

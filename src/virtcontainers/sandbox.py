@@ -318,6 +318,7 @@ class Sandbox:
             work.update(image=image.digest, image_store=store.root, lower=lower)
             if self.userns is not None:
                 work["userns"] = list(self.userns)
+                work["shifted"] = store.shifted_rootfs(image, self.userns[0])
             return {"lower": lower}
         if self.bundle is not None:
             from .containers import from_oci
@@ -392,6 +393,7 @@ class Sandbox:
                 mount_tag=f"vc-{sid}",
                 lower=lower,
                 id_shift=shift,
+                shifted=self.workload.get("shifted", "") if shift else "",
                 cache=ROOT_CACHE,
             )
         return SharedFS(id=sid, source=root, mount_tag=f"vc-{sid}", cache=ROOT_CACHE)
@@ -641,10 +643,9 @@ class Sandbox:
     async def _plug_share(self, share: SharedFS) -> None:
         """Share a directory with the VM: plugged before it boots, else hot-added."""
         hv = self.hypervisor
-        if share.id_shift:
-            from .containers.idshift import shift_owners
-
-            await shift_owners(share)
+        if share.id_shift:  # the overlay's root is the upper directory itself
+            top = os.stat(share.lower)
+            os.chown(share.source, top.st_uid + share.id_shift, top.st_gid + share.id_shift)
         if hv.state is VMState.CREATED:
             await hv.add_device(share)
         else:

@@ -27,7 +27,7 @@ from virtcontainers.errors import (
     UnsupportedError,
 )
 from virtcontainers.images import ImageStore
-from virtcontainers.images.build import debian_image
+from virtcontainers.images.build import busybox_image, debian_image
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check")]
 
@@ -308,6 +308,16 @@ def test_cli_run_userns(run_root: str, store: ImageStore, tmp_path: Path) -> Non
     assert (made.st_uid, made.st_gid) == (100000, 100000)
     lower = store.rootfs(store.get("busybox"))
     assert os.stat(os.path.join(lower, "bin", "busybox")).st_uid == 0
+    # The shifted owners are a layer the store made once for the image and the shift: a
+    # second container stacks the same one (not made again) and writes only its own upper.
+    layer = Path(store.shifted_rootfs(store.get("busybox"), 100000))
+    made_at = layer.stat().st_ino, layer.stat().st_mtime_ns
+    assert (layer / "bin" / "busybox").lstat().st_uid == 100000
+    assert (layer / "bin" / "busybox").stat().st_blocks * 512 < 64 << 10  # no data
+    again = virtc(run_root, store, *args, "--", "sh", "-c", "stat -c %u /bin/sh; touch /etc/b")
+    assert (again.returncode, again.stdout.split()) == (0, ["0"]), again.stderr
+    assert (layer.stat().st_ino, layer.stat().st_mtime_ns) == made_at
+    assert not (layer / "etc" / "b").exists() and not (layer / "etc" / "written").exists()
 
     bad = virtc(run_root, store, "run", "--image", "busybox", "--userns", "0:10", "--", "true")
     assert bad.returncode == 2 and "invalid userns '0:10'" in bad.stderr
@@ -588,3 +598,19 @@ async def test_cp_into_a_userns_container_belongs_to_its_root(
     back = (tmp_path / "back.conf").stat()
     assert (back.st_uid, back.st_gid) == (os.getuid(), os.getgid())
     assert (tmp_path / "back.conf").read_text() == "one\ntwo\n"
+
+
+def test_a_shifted_layer_is_made_once_and_goes_with_its_image(tmp_path: Path) -> None:
+    """The store's layer of shifted owners: one per image and shift, made in a mount
+    namespace of its own (nothing stays mounted), removed with the image."""
+    store = ImageStore(str(tmp_path / "store"))
+    image = store.import_archive(busybox_image())[0]
+    layer = store.shifted_rootfs(image, 200000)
+    assert store.shifted_rootfs(image, 200000) == layer
+    assert os.lstat(os.path.join(layer, "etc", "passwd")).st_uid == 200000
+    other = store.shifted_rootfs(image, 300000)
+    assert other != layer and os.lstat(other).st_uid == 300000
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
+    assert os.listdir(tmp_path / "store" / "tmp") == []
+    store.remove("busybox")
+    assert os.listdir(tmp_path / "store" / "rootfs") == []

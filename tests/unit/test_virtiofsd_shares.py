@@ -26,6 +26,17 @@ def test_overlay_and_read_only_shares(tmp_path: object) -> None:
     shifted = SharedFS(id="ctr", source="/u", mount_tag="t", lower="/l", id_shift=100000)
     script = virtiofsd.argv(cfg, "qemu", shifted, "/vm/s.sock")[7]
     assert 'workdir=$2.work,metacopy=on"' in script and 'mkdir -p "$2.work" ' in script
+    stacked = SharedFS(
+        id="ctr", source="/u", mount_tag="t", lower="/l", id_shift=100000, shifted="/l.shift"
+    )
+    assert virtiofsd.argv(cfg, "qemu", stacked, "/vm/s.sock")[9:11] == ["/l.shift:/l", "/u"]
+    with pytest.raises(ConfigError, match="shifted needs lower and id_shift"):
+        SharedFS(id="ctr", source="/u", mount_tag="t", lower="/l", shifted="/l.shift")
+    bad_layer = SharedFS(
+        id="ctr", source="/u", mount_tag="t", lower="/l", id_shift=1, shifted="/a:b"
+    )
+    with pytest.raises(ConfigError, match="contains ',' ':' or a newline"):
+        virtiofsd.argv(cfg, "qemu", bad_layer, "/vm/s.sock")
     ro = SharedFS(id="v0", source="/data", mount_tag="v", read_only=True)
     argv = virtiofsd.argv(cfg, "qemu", ro, "/vm/v.sock")
     assert "remount,bind,ro" in argv[7] and argv[9] == "/data"

@@ -123,7 +123,7 @@ def wrap(share: SharedFS, argv: list[str]) -> list[str]:
     if os.geteuid() != 0:
         what = "an overlay (image root)" if share.lower else "a read-only share"
         raise ConfigError(f"shared fs {share.id}: {what} needs root (mount namespaces)")
-    for path in (share.source, share.lower):
+    for path in (share.source, share.lower, share.shifted):
         if any(c in path for c in ",:\n"):
             raise ConfigError(f"shared fs {share.id}: path {path!r} contains ',' ':' or a newline")
     prefix = ["unshare", "-m", "--propagation", "private", "--", "/bin/sh", "-c"]
@@ -132,7 +132,8 @@ def wrap(share: SharedFS, argv: list[str]) -> list[str]:
         script = (
             _OVERLAY.replace('=$2.work"', '=$2.work,metacopy=on"') if share.id_shift else _OVERLAY
         )
-        return [*prefix, script, "vc-share", share.lower, share.source, *argv]
+        lower = f"{share.shifted}:{share.lower}" if share.shifted else share.lower
+        return [*prefix, script, "vc-share", lower, share.source, *argv]
     return [*prefix, _READ_ONLY, "vc-share", share.source, *argv]
 
 

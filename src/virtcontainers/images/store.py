@@ -6,6 +6,7 @@ Layout under the root (`$VC_IMAGE_ROOT`; else /var/lib/virtcontainers/images as 
     blobs/sha256/<hex>   manifests, configs and layers, each named by its digest
     images.json          manifest digest -> references (name:tag) and import time
     rootfs/<hex>         an image's layers unpacked (made on first use, by manifest digest)
+    rootfs/<hex>.shift-N its owners shifted by N for user namespaces (metadata-only copies)
     leases/<holder>      who uses which image (a sandbox): such an image is not removed
     tmp/                 staging: an import or unpack is built here and renamed into place
     lock                 every change holds this flock
@@ -367,7 +368,12 @@ class ImageStore:
             for blob in {digest, *self._blob_digests(digest)} - keep:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.blob_path(blob))
-            _remove_tree(self.rootfs_path(image))
+            root = self.rootfs_path(image)
+            parent, prefix = os.path.dirname(root), os.path.basename(root) + SHIFTED
+            for entry in os.listdir(parent):
+                if entry.startswith(prefix):
+                    _remove_tree(os.path.join(parent, entry))
+            _remove_tree(root)
             return image
 
     def _blob_digests(self, manifest_digest: str) -> set[str]:
@@ -381,22 +387,42 @@ class ImageStore:
     def rootfs(self, image: Image) -> str:
         """The image's layers unpacked into a directory (made once, then reused). Callers
         must not change it: containers get their own writable layer over it."""
-        final = self.rootfs_path(image)
+
+        def unpack(staging: str) -> str:
+            from .unpack import apply_layer  # not for a run from an unpacked image
+
+            tree = os.path.join(staging, "rootfs")
+            os.mkdir(tree, 0o755)
+            for i, layer in enumerate(image.layers):
+                with open(self.blob_path(layer), "rb") as f:
+                    apply_layer(tree, f, f"image {image.name}: layer {i} ({layer})")
+            return tree
+
+        return self._made_once(self.rootfs_path(image), unpack)
+
+    def shifted_rootfs(self, image: Image, offset: int) -> str:
+        """A layer of the image's root with every owner shifted by `offset` (overlay
+        metadata-only copies, their data in `rootfs`), for containers whose user namespace
+        maps id 0 to `offset`: stacked over `rootfs`, made once per image and offset."""
+        from ..containers.idshift import build_shifted_layer
+
+        lower = self.rootfs(image)
+        return self._made_once(
+            f"{lower}{SHIFTED}{int(offset)}",
+            lambda staging: build_shifted_layer(lower, offset, staging),
+        )
+
+    def _made_once(self, final: str, build: Callable[[str], str]) -> str:
+        """`final`, made (under the lock, if no one has yet) by renaming what `build` made
+        in a staging directory it is given: a failure leaves nothing."""
         if os.path.isdir(final):
             return final
         with self._locked():
             if os.path.isdir(final):
                 return final
-            from .unpack import apply_layer  # not for a run from an unpacked image
-
-            staging = tempfile.mkdtemp(prefix="unpack-", dir=os.path.join(self.root, "tmp"))
+            staging = tempfile.mkdtemp(dir=os.path.join(self.root, "tmp"))
             try:
-                tree = os.path.join(staging, "rootfs")
-                os.mkdir(tree, 0o755)
-                for i, layer in enumerate(image.layers):
-                    with open(self.blob_path(layer), "rb") as f:
-                        apply_layer(tree, f, f"image {image.name}: layer {i} ({layer})")
-                os.rename(tree, final)
+                os.rename(build(staging), final)
             finally:
                 _remove_tree(staging)
         return final
@@ -409,6 +435,10 @@ class ImageStore:
                 with contextlib.suppress(OSError):
                     total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
         return total
+
+
+SHIFTED = ".shift-"
+"""rootfs/<hex><SHIFTED><offset>: `shifted_rootfs`."""
 
 
 def _normalized(ref: str) -> str:
