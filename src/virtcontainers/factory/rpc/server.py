@@ -2,8 +2,10 @@
 
 A VM handed out by `GetBaseVM` stays listed as ours until the call has completed: if the
 client went away before that (the call was cancelled), the VM is stopped, never leaked.
-Handed-out VMs are still our child processes; a reaper collects them when they exit, and
-frees their guest memory then (`ChildReaper`).
+A pooled VM waits paused; `GetBaseVM` resumes it before answering, so that the guest wakes
+while the answer travels and the client attaches to it. Handed-out VMs are still our child
+processes; a reaper collects them when they exit, and frees their guest memory then
+(`ChildReaper`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import grpc
 
 from ...errors import VCError
+from ...hypervisor import VMState
 from ..base import FactoryStatus
 from ..cache import DEFAULT_GET_TIMEOUT, VMCache
 from ..errors import FactoryError
@@ -167,6 +170,9 @@ class CacheServicer:
             await context.abort(code, str(exc))
             raise  # abort raises; this keeps type checkers informed
         try:
+            if vm.state is VMState.PAUSED:
+                # The guest wakes while the answer travels and the client attaches to it.
+                await vm.resume()
             msg = await vm_to_message(vm)
         except BaseException as exc:
             await self.cache.discard(vm)
