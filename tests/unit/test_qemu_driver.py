@@ -6,6 +6,7 @@ QMP socket, as QEMU would.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import stat
@@ -309,6 +310,45 @@ async def test_save_sandbox_reports_failed_migration(
     await serve(fake, drv)
     with pytest.raises(HypervisorError, match="migration failed: disk full"):
         await drv.save_sandbox()
+    await drv.disconnect()
+
+
+async def test_incoming_migration_waits_for_the_clone_memory(
+    run_root: str,
+    assets: HypervisorConfig,
+    dummy: subprocess.Popen[bytes],
+    fake: FakeQMPServer,
+    tmp_path: Path,
+) -> None:
+    """A clone's memory may still be being copied while QEMU starts: the incoming migration,
+    the first thing that reads guest memory, is asked for only once the copy is done."""
+    assets.boot_from_template = True
+    assets.memory_path = str(tmp_path / "mem")
+    assets.devices_state_path = str(tmp_path / "state")
+    (tmp_path / "state").write_bytes(b"QEVM")
+    (tmp_path / "mem").write_bytes(b"")
+    drv = await running_driver(run_root, assets, dummy)
+    fake.add(
+        Expect("migrate-set-capabilities"),
+        Expect("getfd"),
+        Expect(
+            "migrate-incoming",
+            arguments={"uri": "fd:migration"},
+            events=[{"event": "MIGRATION", "data": {"status": "completed"}}],
+        ),
+        Expect("cont"),
+    )
+    await serve(fake, drv)
+    await drv._attach()
+    copied = asyncio.get_running_loop().create_future()
+    drv.memory_ready = copied
+    incoming = asyncio.ensure_future(drv._incoming_migration(5))
+    await asyncio.sleep(0.3)
+    assert not incoming.done()
+    assert "migrate-incoming" not in fake.commands, "migrated before the memory was copied"
+    copied.set_result(None)
+    await incoming
+    fake.assert_done()
     await drv.disconnect()
 
 
