@@ -18,7 +18,12 @@ from typing import Any
 import pytest
 
 from virtcontainers import host, persist
-from virtcontainers.containers.container import WARM_CGROUP, WARM_ROOT, warm_up_script
+from virtcontainers.containers.container import (
+    READ_AHEAD_KIB,
+    WARM_CGROUP,
+    WARM_ROOT,
+    warm_up_script,
+)
 from virtcontainers.containers.copy import copy_out
 from virtcontainers.drivers.qemu.driver import QemuHypervisor
 from virtcontainers.factory import Factory, TemplateStore, adopt_vm, poolshare, sandbox_from_factory
@@ -91,6 +96,12 @@ async def test_pooled_vms_take_containers_without_hotplug(
             traces = f"ls -d {WARM_ROOT} {WARM_CGROUP}; grep -c {WARM_ROOT} /proc/mounts"
             left = await sb.exec(["/bin/sh", "-c", traces])
             assert left.stdout == b"0\n", left
+            # The roots' share reads ahead READ_AHEAD_KIB (FUSE's default is 128).
+            bdi = (
+                "cat /sys/class/bdi/$(awk '$5 == \"/run/vc/pool\" {print $3}' /proc/self/mountinfo)"
+            )
+            ahead = await sb.exec(["/bin/sh", "-c", f"{bdi}/read_ahead_kb"])
+            assert ahead.stdout == f"{READ_AHEAD_KIB}\n".encode(), ahead
         # The warm-up really is a container's start: vc-run (stamping its phases, as
         # VC_RUN_TRACE asks) made the namespaces, entered the root, ran `true`, reaped it.
         warm = await sandboxes[0].exec(

@@ -101,6 +101,25 @@ def mount_virtiofs(tag: str, where: str) -> str:
     )
 
 
+READ_AHEAD_KIB = 4096
+"""Read-ahead of the share of containers' roots in a pooled guest (FUSE's default: 128 KiB).
+A binary's first page fault then reads a small binary whole, in parallel requests, instead
+of a round trip to virtiofsd per 128 KiB window: a pooled VM's first busybox `true`, from
+its exec to its exit, 115 -> 72 ms (medians of 8, alternated, load 2.7; 6.6)."""
+
+
+def read_ahead(where: str, kib: int = READ_AHEAD_KIB) -> str:
+    """Shell (builtins only) that sets the read-ahead of the file system mounted on `where`
+    (its bdi, named by the mount's device numbers); never fails. The directory is listed
+    first: FUSE lowers the read-ahead to what its daemon's answer to INIT allows, and a
+    request waits for that answer."""
+    q = shlex.quote(where)
+    return (
+        f'{{ for _ in {q}/*; do :; done; while read -r _ _ dev _ m _; do [ "$m" = {q} ] && '
+        f"echo {kib} > /sys/class/bdi/$dev/read_ahead_kb; done < /proc/self/mountinfo; true; }}"
+    )
+
+
 def rootfs_of(container_id: str) -> str:
     """Where container `container_id`'s root is mounted in the guest."""
     return f"{GUEST_ROOT}/{container_id}/rootfs"

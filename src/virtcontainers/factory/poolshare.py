@@ -32,6 +32,7 @@ from ..containers.container import (
     GUEST_POOL_VOLUMES,
     cgroup_script,
     mount_virtiofs,
+    read_ahead,
     warm_up_script,
 )
 from ..devices import SharedFS
@@ -97,13 +98,15 @@ def guest_script() -> str:
     """Shell run in the guest of a pooled VM: mount the shares (retried while the guest probes
     them), and do now what a container's set-up would do after hand-out: the cgroup
     hierarchy (vc-run then makes the container's cgroup and directory itself, and enters
-    its root in the share: `Container.setup_script`); then start and end one throwaway
+    its root in the share: `Container.setup_script`), the roots' share's read-ahead
+    (`READ_AHEAD_KIB`); then start and end one throwaway
     container, so that the first real one finds the guest's code warm (`warm_up_script`)."""
     return " && ".join(
         [
             GUEST_MOUNTED,
             f"mkdir -p {GUEST_POOL} {GUEST_POOL_VOLUMES}",
             mount_virtiofs(TAG, GUEST_POOL),
+            read_ahead(GUEST_POOL),
             mount_virtiofs(VOLUMES_TAG, GUEST_POOL_VOLUMES),
             cgroup_script(),
             warm_up_script(),

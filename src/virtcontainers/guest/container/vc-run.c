@@ -24,8 +24,9 @@
  * --pid-file receives the container's first process's pid (as the guest sees it; its
  * directory is made if missing); --join
  * runs ARGV inside that running container instead (its namespaces and root: `virtc exec`).
- * --cgroup is the container's cgroup (made if missing): the process that becomes ARGV joins it (vc-run's own
- * waiting parent stays out, so the cgroup holds the container's processes only).
+ * --cgroup is the container's cgroup (made if missing): the process that becomes ARGV joins
+ * it (vc-run's own waiting parent stays out, so the cgroup holds the container's processes
+ * only).
  * --ns letters: m mount, p pid, u uts, i ipc, n network, c cgroup, U user (with the
  * --uid-map/--gid-map lines, CONTAINER:HOST:COUNT, written from outside by a helper).
  * --join-ns p:FILE joins the pid namespace (i, u, n: ipc, uts, network) of the process whose
