@@ -93,3 +93,27 @@ async def test_later_containers_start_waits_for_its_guest_pid(
     await start
     assert calls == ["start", "look for the pid", "pid seen", "read the pid"]
     assert vm.task_pid("d") == 7
+
+
+def test_the_first_container_uses_the_guests_network_namespace(
+    tmp_path: Path, run_root: str
+) -> None:
+    """A bundle asking for a new network namespace (ctr run without a network) gets the
+    guest's, as a pod's containers do: the VM is the pod, and has only its loopback then."""
+    spec = {
+        "process": {"args": ["true"]},
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "mount"}]},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    vm = SandboxVM("sb", str(tmp_path), run_root=run_root)
+    assert vm.bundle == str(tmp_path)
+    guest = json.loads(Path(str(vm.sandbox.bundle), "config.json").read_text())
+    assert [ns["type"] for ns in guest["linux"]["namespaces"]] == ["pid", "mount"]
+    assert guest["root"]["path"] == str(tmp_path / "rootfs")
+
+
+def test_a_bundle_without_namespaces_keeps_the_defaults(tmp_path: Path, run_root: str) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"process": {"args": ["true"]}}))
+    vm = SandboxVM("sb", str(tmp_path), run_root=run_root)
+    guest = json.loads(Path(str(vm.sandbox.bundle), "config.json").read_text())
+    assert "namespaces" not in guest["linux"]
