@@ -68,11 +68,9 @@ async def started(c: Container) -> None:
     """Start the container's first process and wait until it is running."""
     await c.setup()
     await c.start()
-    for _ in range(200):
-        if (await c.sandbox.exec(["test", "-s", f"{c.guest_dir}/pid"])).exit_code == 0:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the container did not start")
+    await c.until_running()
+    if (await c.sandbox.exec(["test", "-s", f"{c.guest_dir}/pid"])).exit_code != 0:
+        raise AssertionError("the container did not start")
 
 
 async def written(c: Container, path: str, marker: str) -> str:

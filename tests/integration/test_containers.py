@@ -101,10 +101,11 @@ async def test_exec_kill_pids(run_root: str, store: ImageStore) -> None:
         c = await sb.create_container(["sh", "-c", "echo started > /tmp/mark; exec sleep 600"])
         await c.setup()
         await c.start()
-        for _ in range(100):
-            done = await sb.exec(["test", "-s", f"{c.guest_dir}/pid"])
-            if done.exit_code == 0:
+        await c.until_running()
+        for _ in range(200):  # the container's shell writes its mark once it runs
+            if (await c.exec(["test", "-s", "/tmp/mark"])).exit_code == 0:
                 break
+            await asyncio.sleep(0.05)
         inside = await c.exec(["sh", "-c", "cat /tmp/mark; id -u; pwd"], cwd="/etc")
         assert inside.stdout.decode().split() == ["started", "0", "/etc"]
         nobody = await c.exec(["id", "-u"], user=(65534, 65534))
@@ -130,9 +131,7 @@ async def test_image_containers_get_the_default_device_rules(
         c = await sb.create_container(["sh", "-c", f"({probe}) >/tmp/out 2>&1; exec sleep 600"])
         await c.setup()
         await c.start()
-        for _ in range(100):
-            if (await sb.exec(["test", "-s", f"{c.guest_dir}/pid"])).exit_code == 0:
-                break
+        await c.until_running()
         first = ""
         for _ in range(200):
             first = (await c.exec(["cat", "/tmp/out"])).stdout.decode()
