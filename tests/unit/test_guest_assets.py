@@ -477,3 +477,20 @@ def test_loops_per_jiffy() -> None:
     assert loops_per_jiffy(250, 0) == 0  # no constant TSC rate
     assert Param("lpj", "9200000") in default_kernel_params(lpj=9_200_000)
     assert not [p for p in default_kernel_params() if p.key == "lpj"]
+
+
+def test_input_files_are_hashed_again_only_once_changed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each sandbox's configuration looks its assets up by the hashes of their input files
+    (busybox, libseccomp): a file is hashed once, and again once it has changed."""
+    hashed: list[str] = []
+    real = initrd.file_sha256
+    monkeypatch.setattr(initrd, "file_sha256", lambda p: hashed.append(p) or real(p))
+    monkeypatch.setattr(assets, "_hashes", {})
+    f = tmp_path / "busybox"
+    f.write_bytes(b"one")
+    first = assets._file_sha256(str(f))
+    assert (assets._file_sha256(str(f)), hashed) == (first, [str(f)])
+    f.write_bytes(b"two!")
+    assert assets._file_sha256(str(f)) != first and hashed == [str(f)] * 2

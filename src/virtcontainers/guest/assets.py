@@ -86,6 +86,21 @@ def _agent_version() -> str:
     return "unknown"
 
 
+_hashes: dict[tuple[str, int, int, int, int], str] = {}
+"""Hashes of input files by (path, inode, size, mtime, ctime): `ensure_assets` runs at every
+sandbox's configuration (a shim's Create included); a zygote fills this before it forks."""
+
+
+def _file_sha256(path: str) -> str:
+    """`initrd.file_sha256`, computed again only once the file has changed."""
+    st = os.stat(path)
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    digest = _hashes.get(key)
+    if digest is None:
+        digest = _hashes[key] = initrd_mod.file_sha256(path)
+    return digest
+
+
 def _inputs(cache_dir: str) -> dict[str, Any]:
     pkg = kernel_mod.resolve_package(cache_dir)
     busybox = initrd_mod.busybox_path()
@@ -93,15 +108,13 @@ def _inputs(cache_dir: str) -> dict[str, Any]:
         "builder": BUILDER_VERSION,
         "kernel_package": pkg.name,
         "kernel_package_version": pkg.version,
-        "busybox_sha256": initrd_mod.file_sha256(busybox),
+        "busybox_sha256": _file_sha256(busybox),
         "agent_sha256": hashlib.sha256(initrd_mod.agent_source()).hexdigest(),
         "runner_sha256": hashlib.sha256(initrd_mod.runner_source()).hexdigest(),
         "cflags": list(initrd_mod.CFLAGS),
         "runner_libs": list(initrd_mod.RUNNER_LIBS),
         "libseccomp_sha256": (
-            initrd_mod.file_sha256(initrd_mod.LIBSECCOMP_A)
-            if os.path.exists(initrd_mod.LIBSECCOMP_A)
-            else ""
+            _file_sha256(initrd_mod.LIBSECCOMP_A) if os.path.exists(initrd_mod.LIBSECCOMP_A) else ""
         ),
         "required_modules": list(kernel_mod.REQUIRED_MODULES),
         "optional_modules": list(kernel_mod.OPTIONAL_MODULES),
@@ -165,6 +178,12 @@ def _ensure_dir(cache_dir: str) -> None:
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as exc:
         raise AssetError(f"cannot create the assets cache {cache_dir}: {exc.strerror}") from None
+
+
+def hash_inputs(cache_dir: str | None = None) -> str:
+    """The cache key of the assets the inputs call for (hashing the input files now: a
+    zygote calls this before it forks, so that its commands find the hashes done)."""
+    return _key(_inputs(os.path.abspath(cache_dir or default_cache_dir())))
 
 
 def ensure_assets(cache_dir: str | None = None) -> GuestAssets:

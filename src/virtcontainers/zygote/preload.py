@@ -33,6 +33,12 @@ def preload() -> list[str]:
     for name in STDLIB:
         importlib.import_module(name)
     build_models()
+    from ..guest.assets import hash_inputs
+
+    try:  # each sandbox's configuration looks its guest assets up by these hashes
+        hash_inputs()
+    except Exception as exc:  # no busybox yet, say: the command reports it
+        log.warning("zygote: cannot hash the guest assets' inputs: %s", exc)
     return failed
 
 
