@@ -388,11 +388,23 @@ def parse_options(description: str, argv: list[str] | None = None) -> tuple[Opti
     return Options(runs=runs, warmup=args.warmup, quick=args.quick), args.json
 
 
+def write_bytecode() -> None:
+    """Compile the library's modules into their bytecode cache, as an installed package has
+    it: commands measured in new interpreters (virtc, the shim binary) would otherwise each
+    compile what was edited since, under PYTHONDONTWRITEBYTECODE."""
+    import compileall
+
+    import virtcontainers
+
+    compileall.compile_dir(os.path.dirname(virtcontainers.__file__), quiet=1)
+
+
 def main(bench: Callable[[Options], Coroutine[Any, Any, Result]], description: str) -> int:
     """Run one benchmark from the command line and print (and optionally save) its result."""
     import json
 
     opts, json_path = parse_options(description)
+    write_bytecode()
     try:
         result = asyncio.run(bench(opts))
     except Skip as exc:

@@ -23,7 +23,7 @@ import traceback
 from typing import Any
 
 import report
-from _lib import QUICK_RUNS, Options, Result, Skip, print_result
+from _lib import QUICK_RUNS, Options, Result, Skip, print_result, write_bytecode
 from _machine import machine_info
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = list(os.getloadavg())
     started = datetime.datetime.now(datetime.UTC)
     machine = machine_info()  # before the run: the commit and tree state of the code measured
+    write_bytecode()
     results: dict[str, Any] = {name: run_one(name, opts) for name in args.names}
     machine["load_average_start"] = load_start
     machine["load_average"] = list(os.getloadavg())  # at the end

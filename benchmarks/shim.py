@@ -29,7 +29,6 @@ reported; shim PSS <= 40 MiB.
 from __future__ import annotations
 
 import asyncio
-import compileall
 import contextlib
 import datetime
 import os
@@ -60,7 +59,6 @@ from _lib import (
     vm_memory,
 )
 
-import virtcontainers
 from virtcontainers.config import load_toml
 from virtcontainers.factory import (
     DaemonSpec,
@@ -121,10 +119,6 @@ async def bench(opts: Options) -> Result:
         if shutil.which(binary) is None:
             raise Skip(f"{binary} is not installed")
     result = new_result("shim", TITLE, opts, unit="s", labels=LABELS)
-    # containerd runs the shim binary (`start`, `delete`) in a new interpreter per container:
-    # with the tree's bytecode stale (sources edited under PYTHONDONTWRITEBYTECODE) each one
-    # would compile its modules anew, which an installed package never does.
-    compileall.compile_dir(os.path.dirname(virtcontainers.__file__), quiet=1)
     host_run = os.path.exists("/run/containerd")
     async with temp_run_root() as run_root:
         config = os.path.join(run_root, "configuration.toml")
