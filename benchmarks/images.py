@@ -3,7 +3,8 @@
 benchmarks/network.py's); the same from a VM template (`--from-template`, a template made
 with `--virtio-fs` and the same config) and from the VM cache server (`--factory`, its pool
 cloned from that template, each pooled VM's virtio-fs share already attached: see
-factory/poolshare.py, and full before each run; the command served by a worker of the
+factory/poolshare.py; the pool is full before every candidate's run, so that no pooled VM's
+boot runs beside a measured command; the command served by a worker of the
 server's zygote, pre-imported) against the cold one (its own interpreter: $VIRTC_NO_ZYGOTE,
 as are the other candidates) (target <= 0.15x), with
 where the factory run's time goes (the same hand-out in this process, by phase);
@@ -92,9 +93,11 @@ async def bench(opts: Options) -> Result:
             cold = dict(env, **{ZYGOTE_OFF: "1"})
 
             async def run_plain(_i: int) -> Sample:
+                await pool_full(run_root, POOL, POOL_TIMEOUT)
                 return {"wall": await asyncio.to_thread(run_virtc, ["run", "--", "true"], cold)}
 
             async def run_image(_i: int) -> Sample:
+                await pool_full(run_root, POOL, POOL_TIMEOUT)
                 args = ["run", "--net", "none", "--image", "busybox", "--", "true"]
                 return {"wall": await asyncio.to_thread(run_virtc, args, cold)}
 
@@ -108,6 +111,7 @@ async def bench(opts: Options) -> Result:
             image_true = ["--image", "busybox", "--", "true"]
 
             async def run_template(_i: int) -> Sample:
+                await pool_full(run_root, POOL, POOL_TIMEOUT)
                 args = ["run", "--from-template", TEMPLATE, *image_true]
                 return {"wall": await asyncio.to_thread(run_virtc, args, cold)}
 
