@@ -40,9 +40,21 @@ def _label(pid: int | str) -> str | None:
         return None
 
 
-def check_privileges(pid: int) -> None:
-    """`Refused` unless `pid` has exactly this process's privileges."""
-    theirs, ours = _status(pid), _status("self")
+def take_on(pid: int) -> None:
+    """Check `pid` has this process's privileges, then adopt its ids and limits
+    (`Refused` when either cannot be); its status is read once for both."""
+    try:
+        theirs = _status(pid)
+    except OSError as exc:
+        raise Refused(f"cannot read client pid {pid}'s status: {exc}") from exc
+    check_privileges(pid, theirs)
+    adopt(pid, theirs)
+
+
+def check_privileges(pid: int, theirs: dict[str, str]) -> None:
+    """`Refused` unless `pid` (whose /proc status is `theirs`) has exactly this process's
+    privileges."""
+    ours = _status("self")
     for field in EQUAL_STATUS:
         if theirs.get(field) != ours.get(field):
             raise Refused(
@@ -53,10 +65,10 @@ def check_privileges(pid: int) -> None:
         raise Refused(f"client pid {pid} has another security label ({_label(pid)})")
 
 
-def adopt(pid: int) -> None:
-    """Take on `pid`'s group ids, resource limits, nice value and OOM score adjustment;
-    `Refused` when one cannot be (raising a hard limit needs CAP_SYS_RESOURCE)."""
-    status = _status(pid)
+def adopt(pid: int, status: dict[str, str]) -> None:
+    """Take on `pid`'s (its /proc status: `status`) group ids, resource limits, nice value
+    and OOM score adjustment; `Refused` when one cannot be (raising a hard limit needs
+    CAP_SYS_RESOURCE)."""
     try:
         gids = [int(g) for g in status["Gid"].split()[:3]]
         groups = [int(g) for g in status.get("Groups", "").split()]

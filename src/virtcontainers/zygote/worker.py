@@ -52,8 +52,7 @@ def supervise(conn: socket.socket, peer_pid: int) -> int:
         log.warning("zygote: bad request from pid %d: %s", peer_pid, exc)
         return 1
     try:
-        credentials.check_privileges(peer_pid)
-        credentials.adopt(peer_pid)
+        credentials.take_on(peer_pid)
         joined = namespaces.join(peer_pid)
     except namespaces.Refused as exc:
         log.warning("zygote: refused pid %d: %s", peer_pid, exc)
