@@ -167,3 +167,29 @@ async def test_fake_launch_failure_leaves_nothing(fake_hv: type[FakeHV], run_roo
         await boot_vm(VMConfig.of(fake_config(), "mock"), id="a2")
     assert fake_hv.running == {}
     assert not os.path.exists(persist.vm_dir("a2", run_root))
+
+
+async def test_a_booted_vm_keeps_its_first_agent_connection(
+    fake_hv: type[FakeHV], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A VM the factory just booted (a pool's refill) has had no other agent client, so its
+    first connection is kept (`booting`), as `Sandbox.start` does; a VM handed out again
+    (its agent talked to before) may reconnect."""
+    from virtcontainers.agent import client as client_mod
+    from virtcontainers.factory import VMConfig, boot_vm
+
+    seen: list[bool] = []
+    real = client_mod.AgentClient.connect.__func__  # type: ignore[attr-defined]
+
+    async def spy(cls: Any, target: Any, timeout: float = 30.0, **kw: Any) -> Any:
+        seen.append(kw.get("booting", False))
+        return await real(cls, target, timeout, **kw)
+
+    monkeypatch.setattr(client_mod.AgentClient, "connect", classmethod(spy))
+    vm = await boot_vm(VMConfig.of(fake_config(), "mock"), id="a3")
+    try:
+        await vm.close_agent()
+        await vm.wait_agent(5)
+    finally:
+        await vm.stop()
+    assert seen == [True, False]

@@ -455,7 +455,7 @@ class TemplateStore:
             endpoint = await plug_agent_channel(hv, hv.id)
             await hv.start_sandbox(timeout)
             vm = VM(hv, endpoint, cpu=cfg.num_vcpus, memory_mb=cfg.memory_size, origin="template")
-            await vm.wait_agent(max(0.1, start + timeout - loop.time()))
+            await vm.wait_agent(max(0.1, start + timeout - loop.time()), booting=True)
             boot_seconds = loop.time() - start
             agent_version = (await vm.agent()).agent_version
             await vm.quiesce()

@@ -83,24 +83,30 @@ class VM:
         )
 
     # -- agent ------------------------------------------------------------------------------
-    async def agent(self, timeout: float = 10.0) -> AgentClient:
-        """The connected agent client (connecting on first use)."""
+    async def agent(self, timeout: float = 10.0, *, booting: bool = False) -> AgentClient:
+        """The connected agent client (connecting on first use; `booting` as in
+        `AgentClient.connect`)."""
         if self._agent is None or self._agent.closed:
-            self._agent = await AgentClient.connect(self.agent_endpoint.target(), timeout)
+            self._agent = await AgentClient.connect(
+                self.agent_endpoint.target(), timeout, booting=booting
+            )
         return self._agent
 
-    async def wait_agent(self, timeout: float) -> None:
-        """Connect to the agent and ping it: the VM is ready for work.
+    async def wait_agent(self, timeout: float, *, booting: bool = False) -> None:
+        """Connect to the agent and ping it: the VM is ready for work. `booting`: the VM was
+        just launched, its first connection is kept (no reconnects that answer it late).
 
         While waiting, the VM's health is checked every `AGENT_CHECK_INTERVAL`, so a VMM that
         died (e.g. of SIGBUS on a full memory filesystem) fails this at once.
         """
-        await wait_watched(self._agent_ping(timeout), self.hypervisor.check, AGENT_CHECK_INTERVAL)
+        await wait_watched(
+            self._agent_ping(timeout, booting), self.hypervisor.check, AGENT_CHECK_INTERVAL
+        )
 
-    async def _agent_ping(self, timeout: float) -> None:
+    async def _agent_ping(self, timeout: float, booting: bool) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        agent = await self.agent(timeout)
+        agent = await self.agent(timeout, booting=booting)
         await agent.ping(timeout=max(0.001, deadline - loop.time()))
 
     async def close_agent(self) -> None:
@@ -270,7 +276,7 @@ async def boot_vm(
         endpoint = await plug_agent_channel(hv, vm_id)
         await hv.start_sandbox(timeout)
         vm = VM(hv, endpoint, cpu=cfg.num_vcpus, memory_mb=cfg.memory_size, origin=origin)
-        await vm.wait_agent(max(0.1, deadline - loop.time()))
+        await vm.wait_agent(max(0.1, deadline - loop.time()), booting=True)
     except BaseException:
         await stop_quietly(vm, hv)
         raise
