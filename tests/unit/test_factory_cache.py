@@ -90,6 +90,52 @@ async def test_take_hands_out_distinct_vms_and_refills(
             await vm.stop()
 
 
+async def test_a_take_that_leaves_a_vm_refills_after_the_delay(
+    fake_hv: type[FakeHV], run_root: str
+) -> None:
+    """A refill would compete with the VM just taken while its container starts."""
+    cache = VMCache(direct_base(run_root), 2, refill_delay=0.5)
+    await cache.start()
+    await cache.wait_full(5)
+    try:
+        vm = await cache.take(5)
+        await asyncio.sleep(0.2)
+        assert cache.booting == 0 and fake_hv.started == 2
+        await cache.wait_full(5)
+        assert fake_hv.started == 3
+        await vm.stop()
+    finally:
+        await cache.close()
+
+
+async def test_a_take_that_empties_the_pool_refills_at_once(
+    fake_hv: type[FakeHV], run_root: str
+) -> None:
+    cache = VMCache(direct_base(run_root), 2, refill_delay=30)
+    await cache.start()
+    await cache.wait_full(5)
+    try:
+        vms = [await cache.take(5) for _ in range(2)]
+        await cache.wait_full(5)  # long before the 30 s the first take deferred its refill
+        assert fake_hv.started == 4
+        for vm in vms:
+            await vm.stop()
+    finally:
+        await cache.close()
+
+
+async def test_close_cancels_a_deferred_refill(fake_hv: type[FakeHV], run_root: str) -> None:
+    cache = VMCache(direct_base(run_root), 2, refill_delay=0.2)
+    await cache.start()
+    await cache.wait_full(5)
+    vm = await cache.take(5)
+    await cache.close()
+    await asyncio.sleep(0.4)
+    assert fake_hv.started == 2 and cache.booting == 0
+    await vm.stop()
+    assert fake_hv.running == {}
+
+
 async def test_concurrent_callers_get_distinct_vms(fake_hv: type[FakeHV], run_root: str) -> None:
     base = SlowBase(direct_base(run_root), 0.05)
     cache = VMCache(base, 1, concurrency=2)
@@ -261,6 +307,8 @@ def test_bad_sizes_are_refused(run_root: str) -> None:
         VMCache(direct_base(run_root), 0)
     with pytest.raises(ConfigError, match="concurrency"):
         VMCache(direct_base(run_root), 1, concurrency=0)
+    with pytest.raises(ConfigError, match="refill delay"):
+        VMCache(direct_base(run_root), 1, refill_delay=-1)
 
 
 async def test_refill_failures_are_logged_with_the_reason(

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 DEFAULT_GET_TIMEOUT = 60.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+REFILL_DELAY = 2.0
+"""Seconds the VM cache server waits before refilling after a take that left a VM in the
+pool: making a VM (a clone's memory copy, QEMU's start) competes for the CPUs with the VM
+just handed out while its container starts (architecture 6.6)."""
 
 
 class VMCache(FactoryBase):
@@ -41,13 +45,18 @@ class VMCache(FactoryBase):
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
         ledger: Ledger | None = None,
         stage_root: str | None = None,
+        refill_delay: float = 0.0,
     ) -> None:
         """`stage_root`: the run root under which each pooled VM gets its staged share (see
-        `poolshare`) before it is pooled; None: VMs are pooled without one."""
+        `poolshare`) before it is pooled; None: VMs are pooled without one. `refill_delay`:
+        seconds a take that leaves a VM in the pool waits before refilling (see
+        `REFILL_DELAY`); a take that empties it, or a waiting caller, refills at once."""
         if size < 1:
             raise ConfigError(f"VM cache size must be at least 1, got {size}")
         if concurrency < 1:
             raise ConfigError(f"VM cache concurrency must be at least 1, got {concurrency}")
+        if not refill_delay >= 0:
+            raise ConfigError(f"VM cache refill delay must be >= 0 seconds, got {refill_delay}")
         self.base = base
         self.size = size
         self.concurrency = concurrency
@@ -55,6 +64,7 @@ class VMCache(FactoryBase):
         self.boot_timeout = boot_timeout
         self.ledger = ledger
         self.stage_root = stage_root
+        self.refill_delay = refill_delay
         self.handed_out = 0
         self.last_error = ""
         self._ready: collections.deque[VM] = collections.deque()
@@ -64,6 +74,7 @@ class VMCache(FactoryBase):
         """VMs being made right now (fillers that have not delivered or failed yet)."""
         self._failures = 0
         self._retry: asyncio.TimerHandle | None = None
+        self._deferred: asyncio.TimerHandle | None = None
         self._started = False
         self._closed = False
         self._changed = asyncio.Event()
@@ -119,6 +130,19 @@ class VMCache(FactoryBase):
             self._fillers.add(task)
             task.add_done_callback(self._filler_done)
             want -= 1
+
+    def _refill_after_take(self) -> None:
+        """Refill for a take: at once if the pool is empty now, else after `refill_delay`."""
+        if not self._ready or self.refill_delay <= 0:
+            self._kick()
+        elif self._deferred is None:
+            self._deferred = asyncio.get_running_loop().call_later(
+                self.refill_delay, self._deferred_kick
+            )
+
+    def _deferred_kick(self) -> None:
+        self._deferred = None
+        self._kick()
 
     def _filler_done(self, task: asyncio.Task[None]) -> None:
         self._fillers.discard(task)
@@ -199,7 +223,7 @@ class VMCache(FactoryBase):
                 raise FactoryError("the VM cache is closed")
             if self._ready:
                 vm = self._ready.popleft()
-                self._kick()
+                self._refill_after_take()
             else:
                 vm = await self._wait(deadline, timeout)
             if await self._healthy(vm):
@@ -275,9 +299,10 @@ class VMCache(FactoryBase):
     async def close(self) -> None:
         """Stop filling, stop every pooled VM, fail waiting callers. Idempotent."""
         self._closed = True
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
+        for timer in (self._retry, self._deferred):
+            if timer is not None:
+                timer.cancel()
+        self._retry = self._deferred = None
         for fut in self._waiters:
             if not fut.done():
                 fut.set_exception(FactoryError("the VM cache was closed"))

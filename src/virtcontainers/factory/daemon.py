@@ -397,7 +397,7 @@ async def _serve(root: str, spec: DaemonSpec) -> int:
     from ..errors import VCError
     from . import poolshare
     from .base import DirectBase, FactoryBase, TemplateBase
-    from .cache import VMCache
+    from .cache import REFILL_DELAY, VMCache
     from .ledger import Ledger
     from .rpc.server import CacheServer
     from .template import TemplateStore
@@ -421,6 +421,7 @@ async def _serve(root: str, spec: DaemonSpec) -> int:
         boot_timeout=spec.boot_timeout,
         ledger=ledger,
         stage_root=root if poolshare.wanted(base.config()) else None,
+        refill_delay=REFILL_DELAY,
     )
     server = CacheServer(cache, paths.socket_path(root))
     loop = asyncio.get_running_loop()
