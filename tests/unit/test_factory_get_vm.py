@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 
@@ -68,6 +70,31 @@ async def test_vm_from_the_pool_is_resumed_reseeded_and_its_clock_set(
             assert res.stdout == b"ok\n"
         finally:
             await vm.stop()
+
+
+async def test_ping_entropy_and_clock_go_to_the_agent_in_one_round_trip(
+    fake_hv: type[FakeHV], run_root: str
+) -> None:
+    """All three are sent before the first answer: a pooled VM's guest answers them in turn."""
+    async with await cached_factory(run_root) as factory:
+        assert isinstance(factory.base, VMCache)
+        await factory.base.wait_full(5)
+        (pooled,) = (await factory.base.status()).vms
+        agent = fake_hv.agents[pooled.id]
+        agent.silent = True  # reads and records every request, answers none
+        seen = len(agent.requests)
+        get = asyncio.create_task(factory.get_vm(fake_config(), timeout=30))
+        try:
+            async with asyncio.timeout(5):
+                while {MsgType.PING, MsgType.ADD_ENTROPY, MsgType.SET_TIME} - {
+                    r.type for r in agent.requests[seen:]
+                }:
+                    await asyncio.sleep(0.01)
+        finally:
+            get.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await get
+    assert fake_hv.running == {}
 
 
 async def test_bigger_request_is_grown_by_hotplug(fake_hv: type[FakeHV], run_root: str) -> None:

@@ -163,9 +163,7 @@ class Factory:
             raise _CannotServe(blocker)
         if vm.state is VMState.PAUSED:
             await vm.resume()
-        await vm.wait_agent(timeout)
-        # Two requests in flight at once: the agent answers them in turn, one round trip.
-        await asyncio.gather(vm.reseed_rng(), vm.sync_time())
+        await vm.wait_agent(timeout, fresh_identity=True)
         add_cpu = request.config.num_vcpus - vm.cpu
         add_mem = request.config.memory_size - vm.memory_mb
         if add_cpu > 0 or add_mem > 0:

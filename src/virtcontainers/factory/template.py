@@ -591,9 +591,7 @@ class TemplateStore:
                 origin=f"template:{name}",
             )
             if fresh_identity:
-                await vm.wait_agent(max(0.1, deadline - loop.time()))
-                await vm.reseed_rng()
-                await vm.sync_time()
+                await vm.wait_agent(max(0.1, deadline - loop.time()), fresh_identity=True)
         except VCError as exc:
             await stop_quietly(vm, hv)
             if isinstance(exc, TemplateError):

@@ -92,22 +92,33 @@ class VM:
             )
         return self._agent
 
-    async def wait_agent(self, timeout: float, *, booting: bool = False) -> None:
+    async def wait_agent(
+        self, timeout: float, *, booting: bool = False, fresh_identity: bool = False
+    ) -> None:
         """Connect to the agent and ping it: the VM is ready for work. `booting`: the VM was
         just launched, its first connection is kept (no reconnects that answer it late).
+        `fresh_identity`: also give the guest RNG new entropy and set its clock to the
+        host's (clones of one template start from the same pool; a template or pooled VM was
+        frozen a while), sent with the ping, so the agent answers all three in one round trip.
 
         While waiting, the VM's health is checked every `AGENT_CHECK_INTERVAL`, so a VMM that
         died (e.g. of SIGBUS on a full memory filesystem) fails this at once.
         """
         await wait_watched(
-            self._agent_ping(timeout, booting), self.hypervisor.check, AGENT_CHECK_INTERVAL
+            self._agent_ping(timeout, booting, fresh_identity),
+            self.hypervisor.check,
+            AGENT_CHECK_INTERVAL,
         )
 
-    async def _agent_ping(self, timeout: float, booting: bool) -> None:
+    async def _agent_ping(self, timeout: float, booting: bool, fresh_identity: bool) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         agent = await self.agent(timeout, booting=booting)
-        await agent.ping(timeout=max(0.001, deadline - loop.time()))
+        ping = agent.ping(timeout=max(0.001, deadline - loop.time()))
+        if fresh_identity:
+            await asyncio.gather(ping, agent.add_entropy(), agent.set_time())
+        else:
+            await ping
 
     async def close_agent(self) -> None:
         agent, self._agent = self._agent, None
@@ -124,14 +135,6 @@ class VM:
         await self.pause()
 
     # -- fresh identity after a hand-out ----------------------------------------------------
-    async def reseed_rng(self) -> None:
-        """Give the guest RNG fresh entropy: clones of one template start from the same pool."""
-        await (await self.agent()).add_entropy()
-
-    async def sync_time(self) -> None:
-        """Set the guest clock to the host's: a template or pooled VM was frozen for a while."""
-        await (await self.agent()).set_time()
-
     # -- lifecycle --------------------------------------------------------------------------
     async def pause(self) -> None:
         await self.hypervisor.pause_sandbox()
