@@ -362,13 +362,18 @@ async def test_to_grpc_from_grpc_reattaches(
     other = QemuHypervisor(run_root=run_root)
     config = HypervisorConfig.from_dict(drv.hypervisor_config().to_dict())
     await other.from_grpc(config, data)
-    assert fake.connections == 1  # re-attached at once
+    assert fake.connections == 0  # QMP waits for the first command
     assert other.get_pids() == [dummy.pid]
     assert other.id == "sb1" and other.state == VMState.RUNNING
     await other.check()
+    assert fake.connections == 1
     await other.disconnect()
     with pytest.raises(StateError, match="qemu: unreadable VM state"):
         await QemuHypervisor(run_root=run_root).from_grpc(config, b"{not json")
+    dummy.kill()
+    dummy.wait()
+    with pytest.raises(VMExitedError, match=f"QEMU \\(pid {dummy.pid}\\) has exited"):
+        await QemuHypervisor(run_root=run_root).from_grpc(config, data)
 
 
 async def test_qmp_hangup_while_process_lives_is_an_error(

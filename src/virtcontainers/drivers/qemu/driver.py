@@ -650,9 +650,12 @@ class QemuHypervisor(Hypervisor):
         return encode_state(self.save())
 
     async def from_grpc(self, config: HypervisorConfig, data: bytes) -> None:
+        """Take over a running VM handed out by the VM cache server. QMP is attached on the
+        first command, as after `load`: QEMU serves one QMP client at a time and the server
+        closes its own only once its answer is out, so attaching here waited for that."""
         self.load(decode_state(data, "qemu"))
         self.config = config
-        await self._attach()
+        self._raise_if_exited()
 
     # -- QMP plumbing ------------------------------------------------------------------------
     def _process(self) -> VmmProcess | None:
