@@ -875,13 +875,16 @@ static void attach_device_program(void)
 	attr.insns = (__u64)(uintptr_t)dev_prog;
 	attr.insn_cnt = (__u32)dev_len;
 	attr.license = (__u64)(uintptr_t) "GPL";
-	attr.log_buf = (__u64)(uintptr_t)log;
-	attr.log_size = sizeof log;
-	attr.log_level = 1;
+	/* Without the verifier's log: writing it costs the load most of its time under TCG
+	 * (6.6); it is asked for only to say why a load failed. */
 	int prog = (int)syscall(SYS_bpf, BPF_PROG_LOAD, &attr, sizeof attr);
 	if (prog < 0) {
 		int e = errno;
-		fprintf(stderr, "%s", log);
+		attr.log_buf = (__u64)(uintptr_t)log;
+		attr.log_size = sizeof log;
+		attr.log_level = 1;
+		if (syscall(SYS_bpf, BPF_PROG_LOAD, &attr, sizeof attr) < 0)
+			fprintf(stderr, "%s", log);
 		errno = e;
 		die("load the device program (CONFIG_CGROUP_BPF)");
 	}
@@ -1305,6 +1308,8 @@ int main(int argc, char **argv)
 		goto process;
 	}
 	attach_device_program();
+	if (dev_len)
+		stamp("devices");
 	/* Before a user namespace of its own: the shared ones belong to the guest's. */
 	int shared_pid = join_shared();
 	open_pid_file();
