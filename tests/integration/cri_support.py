@@ -28,6 +28,8 @@ RUNTIME_HANDLER = "virtc"
 RUNTIME_TYPE = "io.containerd.virtc.v2"
 #: Debian's containernetworking-plugins.
 CNI_BIN_DIR = "/usr/lib/cni"
+#: How much of containerd's log a failure shows: the last lines, each cut to a width.
+LOG_LINES, LOG_WIDTH = 80, 400
 PAUSE_SOURCE = Path(__file__).resolve().parent.parent / "data" / "pause" / "pause.c"
 
 
@@ -125,9 +127,12 @@ def import_pause(c: Containerd) -> str:
 
 
 class CriClient:
-    """The CRI v1 runtime and image services on containerd's socket."""
+    """The CRI v1 runtime and image services on containerd's socket. A failure inside its
+    `with` block carries the tail of containerd's debug log (the shims' logs included), which
+    goes with containerd's directory at the fixture's end."""
 
     def __init__(self, c: Containerd) -> None:
+        self.containerd = c
         self.channel = grpc.insecure_channel(f"unix://{c.address}")
         self.runtime = cri_grpc.RuntimeServiceStub(self.channel)
         self.images = cri_grpc.ImageServiceStub(self.channel)
@@ -145,3 +150,7 @@ class CriClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+        if isinstance(exc, Exception):
+            # Lines cut to a width: CRI logs each container's whole OCI spec on one line.
+            lines = [line[:LOG_WIDTH] for line in self.containerd.log_tail(LOG_LINES).splitlines()]
+            exc.add_note(f"containerd log tail ({self.containerd.log_path}):\n" + "\n".join(lines))

@@ -137,6 +137,9 @@ class FakeVM:
     """When set, an OOM watch's end lasts until it is set."""
     oom_ends: list[str] = field(default_factory=list)
     """The containers whose OOM watch began to end."""
+    kill_answer: asyncio.Event | None = None
+    """When set, the guest answers a kill (its process ended at once) only once it is set, and
+    fails if the VM was stopped meanwhile (as the guest's /bin/kill does under load)."""
 
     @property
     def pid(self) -> int:
@@ -164,6 +167,10 @@ class FakeVM:
 
     async def kill(self, container_id: str, sig: int) -> None:
         await self.processes[container_id, ""].signal(sig)
+        if self.kill_answer is not None:
+            await self.kill_answer.wait()
+            if not self.running:
+                raise VMError("the VM's agent went away during the request")
 
     async def pids(self, container_id: str) -> list[int]:
         return [1, 7]
@@ -200,6 +207,8 @@ class FakeVM:
         if self.dying is not None:
             await self.dying.wait()
         self.running = False
+        if self.kill_answer is not None:
+            self.kill_answer.set()
 
 
 @dataclass
@@ -210,6 +219,7 @@ class Shim:
     events: list[tuple[str, str]]
     dir: Path
     shutdown: asyncio.Event
+    server: Server
     created: list[str] = field(default_factory=list)
 
     async def call(self, method: str, request: object, response: type = empty_pb2.Empty) -> object:
@@ -264,7 +274,7 @@ async def shim(tmp_path: Path) -> AsyncIterator[Shim]:
     server = Server([service.service()])
     await server.listen(str(tmp_path / "shim.sock"))
     client = await Client.connect(str(tmp_path / "shim.sock"))
-    yield Shim(client, vm, service, events, tmp_path, stop, created)
+    yield Shim(client, vm, service, events, tmp_path, stop, server, created)
     await client.close()
     await server.close()
     await service.close()
@@ -502,6 +512,31 @@ async def test_kill_all_when_an_exec_is_already_gone_in_the_guest(shim: Shim) ->
     for exec_id in ("", "e9"):
         waited = await shim.call("Wait", pb.WaitRequest(id="c9", exec_id=exec_id), pb.WaitResponse)
         assert waited.exit_status == 137  # type: ignore[attr-defined]
+
+
+async def test_a_kill_is_answered_once_its_process_has_exited(shim: Shim) -> None:
+    """The guest answers a kill with a process of its own, whose end may be reported after the
+    exit of the process it killed. Told of that exit, containerd deletes the task and shuts the
+    shim down (its VM killed, its connections closed) before that answer: the kill has done its
+    work and is answered at the exit (CRI's StopPodSandbox failed with "failed to kill sandbox
+    container: ttrpc: closed")."""
+    shim.vm.kill_answer = asyncio.Event()
+    shim.vm.dying = asyncio.Event()  # QEMU takes its time to die
+    await shim.create("shim1", ["sleep", "30"])
+    await shim.call("Start", pb.StartRequest(id="shim1"), pb.StartResponse)
+    kill = asyncio.ensure_future(shim.call("Kill", pb.KillRequest(id="shim1", signal=9)))
+    waited = await shim.call("Wait", pb.WaitRequest(id="shim1"), pb.WaitResponse)
+    assert waited.exit_status == 137  # type: ignore[attr-defined]
+    # What containerd does on the exit event, the guest's answer to the kill still to come.
+    await shim.call("Delete", pb.DeleteRequest(id="shim1"), pb.DeleteResponse)
+    await shim.call("Shutdown", pb.ShutdownRequest(id="shim1"))
+    assert shim.shutdown.is_set()
+    # The shim server's end (daemon.py): its connections, then its VM.
+    await shim.server.close()
+    shim.vm.dying.set()
+    await shim.service.close()
+    assert await asyncio.wait_for(kill, 5) == empty_pb2.Empty()
+    assert shim.vm.processes["shim1", ""].signals == [9]
 
 
 async def test_pause_resume(shim: Shim) -> None:

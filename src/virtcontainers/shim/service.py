@@ -117,6 +117,8 @@ class TaskService:
         self._lock = asyncio.Lock()
         self._ending: asyncio.Task[None] | None = None
         """The end of the VM after its last container's Delete (`_end_vm`): `close` waits."""
+        self._signalling: set[asyncio.Task[None]] = set()
+        """Signals still unanswered by the guest whose process has exited (`_signal`)."""
 
     # -- the ttrpc service -----------------------------------------------------------------
     def service(self) -> Service:
@@ -398,13 +400,7 @@ class TaskService:
                 continue
             p.killed_by = req.signal
             if p.runner is not None:
-                try:
-                    await self._signal(p, req.signal)
-                except AgentRequestError as e:
-                    # Gone in the guest, its exit not seen here yet (with --all: ended by its
-                    # container's pid 1 just killed); the exit arrives through its wait.
-                    if e.errno != errno.ESRCH:
-                        raise
+                await self._signal(p, req.signal)
             elif p.status == CREATED:
                 # Never started: it ends without running (runc reports it stopped).
                 if p.io is not None:
@@ -420,14 +416,46 @@ class TaskService:
 
     async def _signal(self, p: Process, sig: int) -> None:
         """Signal a started process: the container's first one as the container's (its pid 1),
-        an exec through its handle; one still starting is ended."""
+        an exec through its handle; one still starting is ended. Done once the guest has
+        answered or the process has exited, whichever comes first: the guest's answer to a
+        kill (a process of its own) may come after the exit the kill caused, and containerd,
+        told of that exit, may meanwhile delete the task and shut the shim down, VM and
+        connections, so that answer would never come or come as an error."""
         assert p.runner is not None
-        if p.guest is None or self.vm is None:
+        guest, vm = p.guest, self.vm
+        if guest is None or vm is None:
             p.runner.cancel()
-        elif p.exec_id:
-            await p.guest.signal(sig)
-        else:
-            await self.vm.kill(p.container_id, sig)
+            return
+        loop = asyncio.get_running_loop()
+        sending = loop.create_task(guest.signal(sig) if p.exec_id else vm.kill(p.container_id, sig))
+        ended = loop.create_task(p.exited.wait())
+        try:
+            await asyncio.wait({sending, ended}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            sending.cancel()
+            raise
+        finally:
+            ended.cancel()
+        if not sending.done():
+            self._signalling.add(sending)  # its answer is no longer wanted
+            sending.add_done_callback(self._signal_answered)
+            return
+        try:
+            sending.result()
+        except AgentRequestError as e:
+            # Gone in the guest, its exit not seen here yet (with --all: ended by its
+            # container's pid 1 just killed); the exit arrives through its wait.
+            if e.errno != errno.ESRCH and not p.exited.is_set():
+                raise
+        except (VMError, VCError):
+            if not p.exited.is_set():
+                raise
+
+    def _signal_answered(self, sending: asyncio.Task[None]) -> None:
+        """The guest's late answer to a signal whose process had exited: nothing to report."""
+        self._signalling.discard(sending)
+        if not sending.cancelled() and sending.exception() is not None:
+            log.debug("a signal answered after its process's exit: %s", sending.exception())
 
     async def wait(self, req: pb.WaitRequest) -> pb.WaitResponse:
         p = self._process(req.id, req.exec_id)
@@ -616,6 +644,8 @@ class TaskService:
         if self._ending is not None:
             await self._ending
             self._ending = None
+        for sending in list(self._signalling):
+            await _cancel(sending)
         for c in list(self.containers.values()):
             await _cancel(c.oom_watch)
             for p in (c.init, *c.execs.values()):
