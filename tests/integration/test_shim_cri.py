@@ -85,6 +85,14 @@ def cri_containerd() -> Iterator[tuple[Containerd, PodNetwork, str]]:
     assert not left
 
 
+@pytest.fixture(autouse=True)
+def pods_removed(cri_containerd: tuple[Containerd, PodNetwork, str]) -> Iterator[None]:
+    """After each test, the pods it left (a failed one's): its pod's veth in containerd's
+    namespace must not fail the next test's check of that namespace too."""
+    yield
+    remove_pods(cri_containerd[0])
+
+
 def remove_pods(c: Containerd) -> None:
     """Stop and remove every pod CRI still has (a failed test's), as kubelet would."""
     with CriClient(c) as client, contextlib.suppress(grpc.RpcError):

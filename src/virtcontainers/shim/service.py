@@ -437,6 +437,7 @@ class TaskService:
         finally:
             ended.cancel()
         if not sending.done():
+            log.debug("kill %s/%s: exited before the guest answered", p.container_id, p.exec_id)
             self._signalling.add(sending)  # its answer is no longer wanted
             sending.add_done_callback(self._signal_answered)
             return
