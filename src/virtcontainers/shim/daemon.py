@@ -49,11 +49,19 @@ def _log_to_fifo(debug: bool) -> None:
         stream = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     handler = logging.StreamHandler(stream)
     handler.setFormatter(_LogfmtFormatter())
+    handler.addFilter(_quiet_pyroute2)
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    # containerd -debug asks for the shim's story, not every netlink message pyroute2 parses.
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)
+
+
+def _quiet_pyroute2(record: logging.LogRecord) -> bool:
+    """containerd -debug asks for the shim's story, not every netlink message pyroute2 parses:
+    its records below WARNING are dropped here (a level set on its logger is undone when
+    pyroute2 is imported, at a pod's network)."""
+    return record.levelno >= logging.WARNING or not (
+        record.name == "pyroute2" or record.name.startswith("pyroute2.")
+    )
 
 
 def serve(flags: Flags, listen_fd: int) -> int:
