@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,37 @@ def test_cgroup_and_pid_file_directory_made(vc_run: str, tmp_path: Path) -> None
     assert made
     assert res.stdout.strip().endswith(cgroup.removeprefix(_cgroup2_root())), res.stdout
     assert pid_file.read_text().strip().isdigit()
+
+
+
+SUBREAPER = """
+import ctypes, os, subprocess, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come here
+code = subprocess.run(sys.argv[1:]).returncode
+orphans = 0
+while True:
+    try:
+        os.waitpid(-1, 0)
+    except ChildProcessError:
+        break
+    orphans += 1
+print(code, orphans)
+"""
+
+
+def test_namespaces_released_after_exit_by_a_holder(vc_run: str, tmp_path: Path) -> None:
+    """vc-run leaves its container's namespaces (and its memory) to a holder process at
+    the lowest priority, so that its exit is seen before they are torn down: the exit status
+    is the command's, and the holder, orphaned once vc-run has exited, ends by itself (a
+    subreaper collects it: on a vc-run without it, no orphan comes)."""
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(initrd.busybox_path(), root / "bin" / "busybox")
+    argv = [vc_run, "--rootfs", str(root), "--ns", "m,p,u,i", "--", "/bin/busybox", "sh", "-c",
+            "exit 7"]  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", SUBREAPER, *argv],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["7", "1"], res

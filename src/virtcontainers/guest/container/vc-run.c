@@ -765,6 +765,43 @@ static void signal_ready(void)
 	ready_pipe[1] = -1;
 }
 
+/*
+ * The teardown of a container's namespaces left to a holder. When vc-run exits, its
+ * namespaces (the container's mounts: its root's bind, /proc, /dev, /sys...) and memory
+ * would be torn down in its exit, before its parent (the agent) can see it and report the
+ * container's exit. Instead a process sharing them, at the lowest priority (SCHED_IDLE),
+ * outlives vc-run and releases them once the CPU has nothing else to do: the exit is
+ * reported first (docs/architecture.md 6.6).
+ */
+static int guest_pidns = -1; /* the guest's pid namespace: the holder is made in it */
+static pid_t holder_parent;
+static char holder_stack[16384] __attribute__((aligned(16)));
+
+static int hold(void *arg)
+{
+	struct sched_param none = {0};
+	(void)arg;
+	syscall(SYS_close_range, 0U, ~0U, 0U); /* the container's stdio is not kept open */
+	sched_setscheduler(0, SCHED_IDLE, &none);
+	prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+	if (getppid() == holder_parent)
+		pause(); /* until vc-run is gone (killed by its death, then torn down) */
+	return 0;
+}
+
+/* Made once the container's first process is reaped, just before vc-run exits; without a
+ * holder (it cannot be made) vc-run's own exit tears them down, as before. */
+static void leave_teardown_behind(void)
+{
+	if (guest_pidns < 0)
+		return;
+	/* The container's pid namespace is dead: a process can only be made in the guest's. */
+	if (setns(guest_pidns, CLONE_NEWPID))
+		return;
+	holder_parent = getpid();
+	clone(hold, holder_stack + sizeof holder_stack, CLONE_VM | SIGCHLD, NULL);
+}
+
 static int wait_child(void);
 static void forward_signals(void);
 static void prepare_console(void);
@@ -1326,6 +1363,8 @@ int main(int argc, char **argv)
 		die("unshare");
 	stamp("unshared");
 	if (has_ns('p') || shared_pid || isatty(0)) {
+		if (has_ns('p') && !has_ns('U'))
+			guest_pidns = open("/proc/self/ns/pid", O_RDONLY | O_CLOEXEC);
 		if (has_ns('p') && unshare(CLONE_NEWPID))
 			die("unshare pid namespace");
 		prepare_console();
@@ -1346,6 +1385,7 @@ int main(int argc, char **argv)
 				write_pid(child);
 			int status = wait_child();
 			stamp("reaped");
+			leave_teardown_behind();
 			return status;
 		}
 		prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
