@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -23,8 +24,8 @@ from pyroute2 import NetNS
 from leaks import children
 from net_support import Namespace, namespaces
 from virtcontainers import Sandbox
-from virtcontainers.errors import ConfigError
-from virtcontainers.network import NetworkConfig, PortMapping
+from virtcontainers.errors import ConfigError, HypervisorError
+from virtcontainers.network import NetworkConfig, PortMapping, netlink
 from virtcontainers.network.netlink import call_in_netns, scan
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check", "host_untouched")]
@@ -190,6 +191,13 @@ def inner_state(path: str) -> tuple[list[str], bool, str]:
     return sorted(a for a in addrs if not a.startswith("fe80")), tap["state"] == "up", tc
 
 
+def link_in(path: str, name: str) -> tuple[str, int]:
+    """MAC and MTU of interface `name` in the namespace at `path`."""
+    with NetNS(path) as n:
+        (link,) = n.get_links(n.link_lookup(ifname=name)[0])
+    return str(link.get("IFLA_ADDRESS")), int(link.get("IFLA_MTU"))
+
+
 def delete_link_in(path: str, name: str) -> None:
     with NetNS(path) as n:
         n.link("del", index=n.link_lookup(ifname=name)[0])
@@ -211,6 +219,11 @@ async def test_before_launch_only_the_tap_then_the_inner_end_while_booting(
             path = sb.network.netns_path
             addrs, tap_up, tc = await asyncio.to_thread(inner_state, path)
             assert addrs == [] and tap_up and "mirred" not in tc
+            # The inner end is recorded as made (no look in the namespace): the guest's NIC
+            # takes that MAC and MTU.
+            eth = sb.network.interfaces[0]
+            assert await asyncio.to_thread(link_in, path, "eth0") == (eth.mac, eth.mtu)
+            assert (await asyncio.to_thread(link_in, path, "tap0_vc"))[1] == eth.mtu
             await sb.start()
             addrs, tap_up, tc = await asyncio.to_thread(inner_state, path)
             want = sorted(a.ip for a in sb.network.interfaces[0].addresses)
@@ -232,6 +245,15 @@ async def test_before_launch_only_the_tap_then_the_inner_end_while_booting(
             await broken.stop()  # a no-op when the failed start undid it all
         assert state_of(host) == before
         assert Sandbox.list(run_root) == []
+
+
+def test_a_namespace_whose_tap_fails_is_not_left() -> None:
+    """`create_netns` makes the tap in the new namespace's own thread: when that fails, the
+    error names the tap and no namespace is left."""
+    name = f"vc-tapfail-{secrets.token_hex(3)}"
+    with pytest.raises(HypervisorError, match=r"cannot bring tap tap0_vc up \(mtu 70000\)"):
+        netlink.create_netns(name, lambda: netlink.make_tap("tap0_vc", 1, 70000))
+    assert not os.path.exists(netlink.netns_path(name))
 
 
 async def test_fifty_cycles_leave_nothing(run_root: str) -> None:

@@ -41,7 +41,8 @@ NUD_PERMANENT = 0x80
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 RTPROT_KERNEL = 2
 IFA_F_NODAD = 0x02
-TUNSETIFF = 0x400454CA
+TUNSETIFF, TUNSETPERSIST = 0x400454CA, 0x400454CB
+SIOCSIFMTU = 0x8922
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE = 0x0002, 0x1000, 0x4000, 0x0100
 TAP_SUFFIX = "_vc"
 """Taps this package makes end with it (Kata's are `tapN_kata`): never taken as endpoints."""
@@ -137,9 +138,10 @@ def netns_path(name: str) -> str:
     return os.path.join(NETNS_RUN_DIR, name)
 
 
-def create_netns(name: str) -> str:
+def create_netns(name: str, inside: Callable[[], None] | None = None) -> str:
     """A new named namespace (bound at /var/run/netns/<name>, as `ip netns add` does) with
-    its loopback up; returns its path. Made by a thread of its own (no fork)."""
+    its loopback up; returns its path. Made by a thread of its own (no fork), which then
+    runs `inside` there (one visit instead of two). On failure nothing is left."""
     path = netns_path(name)
     _prepare_run_dir()
     try:
@@ -155,6 +157,8 @@ def create_netns(name: str) -> str:
             if _libc.mount(b"/proc/thread-self/ns/net", path.encode(), b"none", MS_BIND, None):
                 raise _errno_error(f"bind mount on {path}")
             _loopback_up()
+            if inside is not None:
+                inside()
         except BaseException as e:  # handed to the caller's thread
             box["error"] = e
 
@@ -163,7 +167,10 @@ def create_netns(name: str) -> str:
     t.join()
     if "error" in box:
         remove_netns(name)
-        raise HypervisorError(f"cannot create network namespace {name}: {box['error']}")
+        error = box["error"]
+        if isinstance(error, HypervisorError):
+            raise error
+        raise HypervisorError(f"cannot create network namespace {name}: {error}")
     return path
 
 
@@ -224,9 +231,14 @@ def _index(name: str) -> int | None:
 def _loopback_up() -> None:
     """Loopback up in the current namespace (two ioctls: no rtnetlink socket to open)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        req = struct.pack("16sH14x", b"lo", 0)
-        flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+        _set_up(s, "lo")
+
+
+def _set_up(s: socket.socket, name: str) -> None:
+    """Interface `name` of this namespace up, through `s` (any AF_INET socket)."""
+    req = struct.pack("16sH14x", name.encode(), 0)
+    flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
+    fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", name.encode(), flags | IFF_UP))
 
 
 def link_exists(name: str) -> bool:
@@ -324,28 +336,30 @@ def connect_tcfilter(endpoint: str, tap: str, queues: int, mtu: int) -> None:
 
 def make_tap(tap: str, queues: int, mtu: int, endpoint: str = "") -> None:
     """Tap `tap` (multiqueue when `queues` > 1), up with `mtu`: all QEMU needs to open it.
-    `endpoint` (the one it will be joined to) only names it in errors."""
+    `endpoint` (the one it will be joined to) only names it in errors. Made with ioctls
+    (TUNSETIFF, TUNSETPERSIST, then the MTU and the flags), as `ip tuntap` does: no
+    rtnetlink socket to open in a namespace that may have none yet."""
     what = f" for endpoint {endpoint}" if endpoint else ""
-    with _ipr() as ipr:
+    if _index(tap) is not None:  # TUNSETIFF would open it, not make a new one
+        raise HypervisorError(f"cannot create tap {tap}{what}: it exists already")
+    flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
         try:
-            ipr.link(
-                "add",
-                ifname=tap,
-                kind="tuntap",
-                mode="tap",
-                ifr={"no_pi": True, "vnet_hdr": True, "multi_queue": queues > 1},
-            )
-        except (NetlinkError, OSError) as e:
-            raise HypervisorError(f"cannot create tap {tap}{what}: {e}") from e
-        tp = _index(tap)
-        assert tp is not None
-        try:
-            quiet_link(tap)
-            ipr.link("set", index=tp, mtu=mtu, state="up")
-        except (NetlinkError, OSError) as e:
-            with contextlib.suppress(NetlinkError):
-                ipr.link("del", index=tp)
-            raise HypervisorError(f"cannot bring tap {tap}{what} up (mtu {mtu}): {e}") from e
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", tap.encode(), flags))
+            fcntl.ioctl(fd, TUNSETPERSIST, 1)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise HypervisorError(f"cannot create tap {tap}{what}: {e}") from e
+    try:
+        quiet_link(tap)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            fcntl.ioctl(s, SIOCSIFMTU, struct.pack("16si12x", tap.encode(), mtu))
+            _set_up(s, tap)
+    except OSError as e:
+        delete_link(tap)
+        raise HypervisorError(f"cannot bring tap {tap}{what} up (mtu {mtu}): {e}") from e
 
 
 def redirect(endpoint: str, tap: str) -> None:
@@ -601,29 +615,21 @@ def bridge_ports(name: str) -> int:
         return sum(1 for link in ipr.get_links() if link.get("IFLA_MASTER") == idx)
 
 
-def add_veth(host_end: str, ns_path: str, inner: str) -> None:
-    """A veth pair: `host_end` up here (on no bridge yet: `enslave`), `inner` in the
-    namespace at `ns_path` (configured there by `configure_inner`)."""
+def add_veth(host_end: str, ns_path: str, inner: str, inner_mac: str, inner_mtu: int) -> None:
+    """A veth pair: `host_end` up here (on no bridge yet: `enslave`), `inner` with MAC
+    `inner_mac` and `inner_mtu` in the namespace at `ns_path` (configured there by
+    `configure_inner`)."""
     with _ipr() as ipr:
         fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            ipr.link("add", ifname=host_end, kind="veth", peer={"ifname": inner, "net_ns_fd": fd})
+            peer = {"ifname": inner, "net_ns_fd": fd, "address": inner_mac, "mtu": inner_mtu}
+            ipr.link("add", ifname=host_end, kind="veth", peer=peer)
         finally:
             os.close(fd)
         idx = _index(host_end)
         assert idx is not None
         quiet_link(host_end)
         ipr.link("set", index=idx, state="up")
-
-
-def link_info(name: str) -> tuple[str, int]:
-    """MAC and MTU of interface `name` in this namespace."""
-    with _ipr() as ipr:
-        idx = _index(name)
-        if idx is None:
-            raise ConfigError(f"interface {name} is not in the sandbox's namespace")
-        (link,) = ipr.get_links(idx)
-    return str(link.get("IFLA_ADDRESS")), int(link.get("IFLA_MTU"))
 
 
 def configure_inner(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -53,6 +54,8 @@ SUBNET_CANDIDATES = ("10.213.0.0/16", "10.214.0.0/16", "172.29.0.0/16", "192.168
 SUBNET6_CANDIDATES = ("fd5c:76c1:a7e3::/64", "fd5c:76c1:a7e3:1::/64", "fd9b:3e05:41d2::/64")
 """Default IPv6 bridge subnets (unique local addresses, RFC 4193), chosen the same way."""
 INNER_IFNAME = "eth0"
+INNER_MTU = 1500
+"""The MTU the veth's inner end is made with (a veth's default), carried over to the NIC."""
 USER_NET = ipaddress.IPv4Network("10.0.2.0/24")
 """QEMU user-mode networking: guest .15, gateway .2, DNS .3."""
 RESOLV_CONF = "/etc/resolv.conf"
@@ -160,7 +163,7 @@ class SandboxNetwork:
         thing it names is created. On failure everything made so far is undone."""
         try:
             if self.config.mode == "bridge":
-                await netlink.in_netns(self.config.host_netns, self._bridge_side)
+                await netlink.in_netns(self.config.host_netns, self._bridge_side, queues)
                 persist()
             if self.config.mode == "user":
                 await netlink.in_netns(self.config.host_netns, self._check_ports)
@@ -168,7 +171,10 @@ class SandboxNetwork:
                     Interface("user", "user", random_mac(), 1500, [Address(str(USER_NET[15]), 24)])
                 ]
                 self.routes = [Route(gateway=str(USER_NET[2]))]
-            if self.config.mode == "bridge" or (self.netns_path and self.config.model != "none"):
+            # Bridge mode with tcfilter: the tap was made with the namespace, nothing to visit.
+            if (self.config.mode == "bridge" and not self._inner_later()) or (
+                self.config.mode == "ns" and self.config.model != "none"
+            ):
                 await netlink.in_netns(self.netns_path, self._take_endpoints, queues, persist)
         except BaseException:
             await self.teardown()
@@ -176,15 +182,13 @@ class SandboxNetwork:
 
     def _take_endpoints(self, queues: int, persist: Callable[[], None]) -> None:
         """In the sandbox's namespace (one visit, one netlink socket): find the endpoints
-        (bridge mode: the veth just made), record them, then join each to the VM. In bridge
-        mode with taps joined by tc, only the taps are made here (all the VMM needs): the
-        veth's inner end is configured and joined to its tap while the VM boots
-        (`join_bridge`)."""
-        later = self._inner_later()
-        if self.config.mode == "bridge":  # made by `_bridge_side`: known already
-            self._record_inner()
-            if not later:  # macvtap then takes the addresses away; "none" leaves them
-                self._configure_inner()
+        (bridge mode: the veth just made), record them, then join each to the VM. (Bridge
+        mode with taps joined by tc does not come here: its tap is made with the namespace,
+        and the veth's inner end is configured and joined to it while the VM boots, by
+        `join_bridge`.)"""
+        if self.config.mode == "bridge":  # made and recorded by `_bridge_side`
+            # macvtap then takes the addresses away; "none" leaves them.
+            self._configure_inner()
             found, routes, neighbours = self.interfaces, self.routes, self.neighbours
             if self.config.model == "none":  # the VM is not joined to it
                 persist()
@@ -197,10 +201,7 @@ class SandboxNetwork:
         self.interfaces, self.routes, self.neighbours = found, routes, neighbours
         persist()
         for iface in found:
-            if later:
-                netlink.make_tap(iface.tap, queues, iface.mtu, iface.name)
-            else:
-                self._connect_here(iface, queues)
+            self._connect_here(iface, queues)
 
     def _inner_later(self) -> bool:
         """Whether `join_bridge` configures the veth's inner end and joins it to its tap."""
@@ -235,9 +236,10 @@ class SandboxNetwork:
         else:
             netlink.connect_tcfilter(iface.name, iface.tap, queues, iface.mtu)
 
-    def _bridge_side(self) -> None:
+    def _bridge_side(self, queues: int) -> None:
         """In the bridge's namespace: check, lease, then namespace and veth (what the VMM
-        needs); the bridge itself and the rules wait for `join_bridge`."""
+        needs), recorded; with the tcfilter model the tap too, by the thread that makes the
+        namespace. The bridge itself and the rules wait for `join_bridge`."""
         cfg = self.config
         with _net_lock():
             self._check_ports()
@@ -261,16 +263,21 @@ class SandboxNetwork:
                     )
                 addr6 = ipaddress.IPv6Interface(f"{subnet6[offset]}/{subnet6.prefixlen}")
                 self.address6, self.gateway6 = str(addr6), str(subnet6[1])
-            netlink.create_netns(self.netns_name)
-            netlink.add_veth(self.host_veth, self.netns_path, INNER_IFNAME)
+            self._record_inner(random_mac())
+            eth = self.interfaces[0]
+            inside = None
+            if self._inner_later():
+                self._name_tap(eth, 0)
+                inside = functools.partial(netlink.make_tap, eth.tap, queues, eth.mtu, eth.name)
+            netlink.create_netns(self.netns_name, inside)
+            netlink.add_veth(self.host_veth, self.netns_path, INNER_IFNAME, eth.mac, eth.mtu)
 
-    def _record_inner(self) -> None:
-        """In the sandbox's namespace: record the veth's inner end with its lease, as
-        `netlink.scan` would find it once configured, without scanning."""
-        mac, mtu = netlink.link_info(INNER_IFNAME)
+    def _record_inner(self, mac: str) -> None:
+        """Record the veth's inner end (made with `mac`) with its lease, as `netlink.scan`
+        would find it once configured."""
         addr = ipaddress.IPv4Interface(self.address)
         eth = Interface(
-            INNER_IFNAME, "veth", mac, mtu, [Address(str(addr.ip), addr.network.prefixlen)]
+            INNER_IFNAME, "veth", mac, INNER_MTU, [Address(str(addr.ip), addr.network.prefixlen)]
         )
         self.routes = [Route(gateway=self.gateway, family=4, device=INNER_IFNAME)]
         if self.address6:
