@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,9 @@ from pyroute2 import NetNS
 
 from net_support import Namespace, namespaces, veth
 from virtcontainers import Sandbox
+from virtcontainers.guest import AGENT_READY_MARKER
 from virtcontainers.network import NetworkConfig, PortMapping
+from virtcontainers.types import Param
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("leak_check", "host_untouched")]
 
@@ -460,3 +463,32 @@ async def test_ipv6_hairpin_and_udp_over_ipv6_through_published_ports(
             await asyncio.gather(one.stop(), two.stop())
         assert host.links() == ["lo", "up0"]
         assert host.run("nft", "list", "ruleset").strip() == ""
+
+
+async def test_background_drivers_wait_for_the_starts_network_request(run_root: str) -> None:
+    """The drivers a start does not need (the SCSI controller's with its bus scan,
+    filesystems) begin loading in the guest only once the start's NETWORK request is
+    answered: under TCG their loading (and the kernel's work for it, not niced) held the one
+    vCPU while that request waited. They still all load. The agent's debug log on the
+    console stamps each (guest clock, ms): a load's start is its end less its time."""
+    debug = [Param("vc.debug", "1")]
+    async with Sandbox(
+        "bgload", run_root=run_root, network=NetworkConfig(mode="none"), kernel_params=debug
+    ) as sb:
+        path = Path(sb.hypervisor.console_log)  # type: ignore[attr-defined]
+        for _ in range(600):
+            log = path.read_text(errors="replace")
+            if "all modules loaded" in log:
+                break
+            await asyncio.sleep(0.1)
+    assert "all modules loaded" in log, log[-3000:]
+    after_ready = log[log.index(AGENT_READY_MARKER) :]
+    net = re.search(r"network id=\d+: \d+ links in (\d+) ms \(from (\d+):", after_ready)
+    assert net is not None, after_ready[-3000:]
+    answered = int(net[2]) + int(net[1])
+    first = re.search(r"vc-agent: loaded (\S+) in (\d+) ms at (\d+)", after_ready)
+    assert first is not None, after_ready[-3000:]
+    started = int(first[3]) - int(first[2])
+    assert started >= answered, (
+        f"{first[1]} loading from {started} ms, NETWORK answered at {answered}"
+    )

@@ -258,6 +258,7 @@ struct job {
 	int fd;
 	int reaped;
 	int cancelled;
+	int network; /* a NETWORK request: its end releases the module loader */
 	struct buf reply;
 };
 
@@ -278,6 +279,19 @@ static struct conn conns[MAX_CONNS];
 static struct exec execs[MAX_EXECS];
 static struct wait waits[MAX_WAITS];
 static struct job jobs[MAX_JOBS];
+
+/* The write end of a pipe the background module loader waits on (-1: none): it holds back
+ * the drivers a start does not need until the start's NETWORK request has been answered
+ * (see load_remaining_drivers). */
+static int loader_hold = -1;
+
+static void release_loader(void)
+{
+	if (loader_hold >= 0) {
+		close(loader_hold);
+		loader_hold = -1;
+	}
+}
 static int uevent_fd = -1; /* NETLINK_KOBJECT_UEVENT, opened by the first wait */
 static int uevent_tried;
 static int64_t wait_next_ms; /* next fallback re-check of the waits */
@@ -1430,6 +1444,8 @@ static void job_done_maybe(struct job *j)
 	} else if (live && !whole) {
 		send_error(c, j->id, EIO, "request worker died without a whole reply");
 	}
+	if (j->network)
+		release_loader();
 	job_free(j);
 }
 
@@ -1474,7 +1490,8 @@ static int job_reaped(pid_t pid)
 }
 
 /* Run fn in a forked worker whose reply frames go into a pipe; the loop forwards them. */
-static void start_job(struct conn *c, uint32_t id, const uint8_t *p, size_t n, job_fn fn)
+static struct job *start_job(struct conn *c, uint32_t id, const uint8_t *p, size_t n,
+			     job_fn fn)
 {
 	struct job *j = NULL;
 	for (int i = 0; i < MAX_JOBS && !j; i++)
@@ -1482,19 +1499,19 @@ static void start_job(struct conn *c, uint32_t id, const uint8_t *p, size_t n, j
 			j = &jobs[i];
 	if (!j) {
 		send_error(c, id, EAGAIN, "too many requests in progress (%d)", MAX_JOBS);
-		return;
+		return NULL;
 	}
 	int pfd[2];
 	if (pipe2(pfd, O_CLOEXEC)) {
 		send_error(c, id, errno, "pipe: %s", strerror(errno));
-		return;
+		return NULL;
 	}
 	pid_t pid = fork();
 	if (pid < 0) {
 		send_error(c, id, errno, "fork: %s", strerror(errno));
 		close(pfd[0]);
 		close(pfd[1]);
-		return;
+		return NULL;
 	}
 	if (pid == 0) {
 		/* Keep only the console (0-2) and the pipe: a worker stuck on a hung filesystem
@@ -1529,6 +1546,7 @@ static void start_job(struct conn *c, uint32_t id, const uint8_t *p, size_t n, j
 	j->conn_gen = c->gen;
 	j->pid = pid;
 	j->fd = pfd[0];
+	return j;
 }
 
 /* Stop the workers of a connection (gone, or a new session); no reply is sent. */
@@ -2386,10 +2404,12 @@ static void handle_network(struct conn *c, uint32_t id, const uint8_t *p, size_t
 		goto sys;
 	}
 	int lo = (int)if_nametoindex("lo");
+	int64_t t_lo0 = now_ms();
 	if (lo && (e = -nl_link_up(&nl, lo, 0))) {
 		snprintf(what, sizeof what, "loopback up");
 		goto sys;
 	}
+	int64_t t_lo1 = now_ms();
 	/* Find each link by its MAC (a NIC may still be probing: its driver loads right after
 	 * the ready marker, or it was just hotplugged): a dump, then another as soon as the
 	 * kernel announces a new link (or every 100 ms), until all are there or time is up. */
@@ -2432,6 +2452,7 @@ static void handle_network(struct conn *c, uint32_t id, const uint8_t *p, size_t
 				;
 		}
 	}
+	int64_t t_found = now_ms();
 	for (int i = 0; i < r->n_links; i++) {
 		struct net_link *l = &r->links[i];
 		if ((e = -nl_link_up(&nl, l->index, l->mtu))) {
@@ -2448,6 +2469,7 @@ static void handle_network(struct conn *c, uint32_t id, const uint8_t *p, size_t
 			}
 		}
 	}
+	int64_t t_addr = now_ms();
 	/* Routes to the link first: a gateway must be reachable when its route is added. */
 	for (int pass = 0; pass < 2; pass++)
 		for (int i = 0; i < r->n_routes; i++) {
@@ -2486,7 +2508,10 @@ static void handle_network(struct conn *c, uint32_t id, const uint8_t *p, size_t
 	for (int i = 0; i < r->n_links; i++)
 		put_str(&b, F_DEVICE, r->links[i].name);
 	send_frame(c, T_NETWORK | T_REPLY, id, &b);
-	DEBUG("network id=%u: %d links in %lld ms\n", id, r->n_links, (long long)(now_ms() - t0));
+	DEBUG("network id=%u: %d links in %lld ms (from %lld: loopback %lld ms, links found +%lld, "
+	      "up with addresses +%lld)\n",
+	      id, r->n_links, (long long)(now_ms() - t0), (long long)t0, (long long)(t_lo1 - t_lo0),
+	      (long long)(t_found - t0), (long long)(t_addr - t0));
 	goto out;
 sys:
 	snprintf(err, sizeof err, "%s: %s", what, strerror(e));
@@ -2822,6 +2847,7 @@ static void handle_ping(struct conn *c, uint32_t id, int hello, const uint8_t *p
 
 static void dispatch(struct conn *c, uint8_t type, uint32_t id, const uint8_t *p, size_t n)
 {
+	struct job *job;
 	DEBUG("request type=0x%02x id=%u len=%zu\n", type, id, n);
 	if (!tlv_valid(p, n)) {
 		send_error(c, id, EBADMSG, "request 0x%02x: malformed payload", type);
@@ -2874,7 +2900,10 @@ static void dispatch(struct conn *c, uint8_t type, uint32_t id, const uint8_t *p
 		handle_wait(c, id, p, n);
 		break;
 	case T_NETWORK:
-		start_job(c, id, p, n, handle_network);
+		if ((job = start_job(c, id, p, n, handle_network)))
+			job->network = 1;
+		else
+			release_loader();
 		break;
 	default:
 		send_error(c, id, ENOSYS, "unknown request type 0x%02x", type);
@@ -3262,8 +3291,8 @@ static void load_module(int i)
 	int64_t t0 = now_ms();
 	if (syscall(SYS_finit_module, fd, params, 0) && errno != EEXIST)
 		console("vc-agent: loading %s (%s): %s\n", m->name, params, strerror(errno));
-	DEBUG("loaded %s in %lld ms%s%s\n", m->name, (long long)(now_ms() - t0),
-	      params[0] ? ": " : "", params);
+	DEBUG("loaded %s in %lld ms at %lld%s%s\n", m->name, (long long)(now_ms() - t0),
+	      (long long)now_ms(), params[0] ? ": " : "", params);
 	close(fd);
 }
 
@@ -3324,9 +3353,13 @@ static void load_present_drivers(void)
 }
 
 /* The rest (a deferred NIC driver first, then hotplug drivers, filesystems) in a child, so
- * the agent serves meanwhile; all but the NIC's at the lowest priority, so that they take
- * the vCPU only when the agent leaves it idle (they competed with the host's first requests:
- * the start's network set-up, the first exec). */
+ * the agent serves meanwhile; all but the NIC's at the lowest priority. Nice 19 is not
+ * enough: under TCG the loader holds the one vCPU inside finit_module (virtio_scsi's bus
+ * scan alone 170-250 ms) while the host's first requests wait. So after the NIC's driver it
+ * waits until the start's NETWORK request has been answered (the agent closes the pipe's
+ * other end), at most LOADER_HOLD_MS: a VM that gets no NETWORK request loads them then. */
+#define LOADER_HOLD_MS 1000
+
 static void load_remaining_drivers(void)
 {
 	int left = 0;
@@ -3334,10 +3367,22 @@ static void load_remaining_drivers(void)
 		left += !modules[i].loaded;
 	if (!left)
 		return;
+	int hold[2] = {-1, -1};
+	if (pipe2(hold, O_CLOEXEC))
+		hold[0] = hold[1] = -1;
 	pid_t pid = fork();
 	if (pid == 0) {
+		if (hold[1] >= 0)
+			close(hold[1]);
 		if (nic_deferred)
 			load_module_named("virtio_net");
+		if (hold[0] >= 0) {
+			struct pollfd pw = {.fd = hold[0], .events = POLLIN};
+			int64_t t0 = now_ms();
+			while (poll(&pw, 1, LOADER_HOLD_MS) < 0 && errno == EINTR)
+				;
+			DEBUG("background loading held %lld ms\n", (long long)(now_ms() - t0));
+		}
 		setpriority(PRIO_PROCESS, 0, 19);
 		if (scsi_late) { /* first of the rest: a disk may be hotplugged soon */
 			load_module_named("virtio_scsi");
@@ -3348,6 +3393,12 @@ static void load_remaining_drivers(void)
 		DEBUG("all modules loaded\n");
 		_exit(0);
 	}
+	if (hold[0] >= 0)
+		close(hold[0]);
+	if (pid > 0)
+		loader_hold = hold[1];
+	else if (hold[1] >= 0)
+		close(hold[1]);
 	if (pid < 0) {
 		for (int i = 0; i < nmodules; i++)
 			load_module(i);
@@ -3392,6 +3443,7 @@ static void print_ready(void)
 		 * competed for the vCPU with the host's first requests (the start's). */
 		shell_respawn_ms = now_ms() + CONSOLE_SHELL_DELAY_MS;
 		console("VC-AGENT-READY\n");
+		DEBUG("ready at %lld\n", (long long)now_ms()); /* the loads' clock */
 	}
 }
 
