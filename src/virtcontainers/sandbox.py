@@ -771,9 +771,9 @@ class Sandbox:
                 if force:
                     await _force_kill(hv, vm_dir)
                     scanned = True
-                    # Its processes are gone: the staged share is released while the driver
-                    # closes its side.
-                    releasing = asyncio.ensure_future(self._release_share())
+                    # Its processes are gone: the staged share is released (its thread
+                    # started now) while the driver closes its side, in this thread.
+                    releasing = self._release_share()
                 await hv.stop_sandbox()
         finally:
             if hv is not None:
@@ -793,12 +793,17 @@ class Sandbox:
                 if c.record.status != "deleted":
                     await c.poststop()
 
-    async def _release_share(self) -> None:
-        """Release the pooled VM's staged share (`factory.poolshare`), if it has one."""
-        if self.workload.get("share_dir"):
-            from .factory.poolshare import release_quietly
+    def _release_share(self) -> asyncio.Future[None]:
+        """Release the pooled VM's staged share (`factory.poolshare`), if it has one, in a
+        worker thread started at once (the driver's stop, next, runs in the event loop's)."""
+        loop = asyncio.get_running_loop()
+        if not self.workload.get("share_dir"):
+            done: asyncio.Future[None] = loop.create_future()
+            done.set_result(None)
+            return done
+        from .factory.poolshare import release_quietly
 
-            await asyncio.to_thread(release_quietly, self.workload["share_dir"])
+        return loop.run_in_executor(None, release_quietly, self.workload["share_dir"])
 
     async def pause(self) -> None:
         """Freeze the guest."""

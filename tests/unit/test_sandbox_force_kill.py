@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +19,10 @@ import pytest
 from virtcontainers import host, sandbox
 from virtcontainers.drivers.helpers import Helpers
 from virtcontainers.drivers.vmm_process import VMM_PROGRAMS, processes_using
+from virtcontainers.factory import poolshare
 from virtcontainers.persist import HypervisorState
+
+MOCK_CFG = {"kernel_path": "/boot/vmlinuz", "initrd_path": "/boot/initrd.img"}
 
 
 class Driver:
@@ -86,3 +90,28 @@ async def test_the_scan_for_strays_runs_meanwhile_and_skips_the_known_vmm(
         for p in (vmm, stray):
             p.kill()
             p.wait()
+
+
+async def test_the_staged_share_is_released_in_a_thread_started_at_once(
+    run_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forced stop then runs the driver's stop, whose awaits on processes already dead
+    do not suspend it: a release in a task began only once that was done; in a thread
+    started at once, it runs meanwhile."""
+    started = threading.Event()
+    released: list[str] = []
+
+    def release(directory: str) -> None:
+        started.set()
+        released.append(directory)
+
+    monkeypatch.setattr(poolshare, "release_quietly", release)
+    sb = sandbox.Sandbox("rel", "mock", run_root=run_root, **MOCK_CFG)
+    sb.workload["share_dir"] = "/nonexistent/share"
+    releasing = sb._release_share()
+    assert started.wait(5), "the release waited for the event loop"
+    await releasing
+    assert released == ["/nonexistent/share"]
+    sb.workload.clear()
+    await sb._release_share()  # nothing staged: nothing to release
+    assert released == ["/nonexistent/share"]
