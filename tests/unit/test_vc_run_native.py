@@ -188,7 +188,6 @@ def test_cgroup_and_pid_file_directory_made(vc_run: str, tmp_path: Path) -> None
     assert pid_file.read_text().strip().isdigit()
 
 
-
 SUBREAPER = """
 import ctypes, os, subprocess, sys
 ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come here
