@@ -25,6 +25,7 @@ from virtcontainers.containers.container import (
     warm_up_script,
 )
 from virtcontainers.containers.copy import copy_out
+from virtcontainers.containers.spec import DEVICE_PROGRAMS
 from virtcontainers.drivers.qemu.driver import QemuHypervisor
 from virtcontainers.factory import Factory, TemplateStore, adopt_vm, poolshare, sandbox_from_factory
 from virtcontainers.factory.base import TemplateBase
@@ -102,8 +103,12 @@ async def test_pooled_vms_take_containers_without_hotplug(
             )
             ahead = await sb.exec(["/bin/sh", "-c", f"{bdi}/read_ahead_kb"])
             assert ahead.stdout == f"{READ_AHEAD_KIB}\n".encode(), ahead
+            # ... and left a default spec's device program pinned for the hand-out's container.
+            pins = await sb.exec(["/bin/sh", "-c", f"ls {DEVICE_PROGRAMS}/bpf | grep -c ^dev-"])
+            assert pins.stdout == b"1\n", pins
         # The warm-up really is a container's start: vc-run (stamping its phases, as
-        # VC_RUN_TRACE asks) made the namespaces, entered the root, ran `true`, reaped it.
+        # VC_RUN_TRACE asks) attached a device program, made the namespaces, entered the
+        # root, ran `true`, reaped it.
         warm = await sandboxes[0].exec(
             ["/bin/sh", "-c", warm_up_script()], env={"VC_RUN_TRACE": "1"}
         )
@@ -113,6 +118,7 @@ async def test_pooled_vms_take_containers_without_hotplug(
         assert [what for _, _, what in stamps] == [
             "main",
             "checked",
+            "devices",
             "unshared",
             "forked",
             "proc",

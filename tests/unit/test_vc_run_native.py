@@ -219,3 +219,63 @@ def test_namespaces_released_after_exit_by_a_holder(vc_run: str, tmp_path: Path)
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["7", "1"], res
+
+
+DEVICE_PROBE = (
+    "cat /dev/null; echo null-r=$?; echo x > /dev/null; echo null-w=$?;"
+    " true <> /dev/null; echo null-rw=$?; head -c1 /dev/zero >&-; echo zero-r=$?"
+)
+NULL_ONLY = ["--device-cgroup", "deny", "--device-rule", "c:1:3:rwm"]
+NULL_ONLY_SEES = "null-r=0 null-w=0 null-rw=0 zero-r=1"
+READ_ANY_MEM = ["--device-cgroup", "deny", "--device-rule", "c:1:*:r"]
+READ_ANY_MEM_SEES = "null-r=0 null-w=1 null-rw=1 zero-r=0"
+
+
+def test_device_program_cache(vc_run: str, tmp_path: Path) -> None:
+    """--device-program-cache keeps each loaded device program pinned (in a bpffs) beside a
+    copy of its instructions, and a later container whose program is the same attaches the
+    pinned one instead of loading it: a pinned program put under another program's name
+    and instructions is the one that then runs (the cache is trusted: it is the guest's)."""
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(initrd.busybox_path(), root / "bin" / "busybox")
+    caches = [tmp_path / "a", tmp_path / "b"]
+    for cache in caches:
+        (cache / "bpf").mkdir(parents=True)
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(cache / "bpf")], check=True)
+    cgroup = os.path.join(_cgroup2_root(), f"vc-test-cache-{os.getpid()}")
+
+    def probe(cache: Path, rules: list[str]) -> str:
+        os.mkdir(cgroup)
+        try:
+            res = subprocess.run(
+                [vc_run, "--rootfs", str(root), "--cgroup", cgroup, *rules,
+                 "--device-program-cache", str(cache), "--", "/bin/busybox", "sh", "-c",
+                 DEVICE_PROBE],
+                capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+        finally:
+            os.rmdir(cgroup)
+        assert res.returncode == 0, res.stderr
+        return " ".join(res.stdout.split())
+
+    try:
+        a, b = caches
+        for _ in range(2):  # loaded and pinned, then taken from the pin
+            assert probe(a, NULL_ONLY) == NULL_ONLY_SEES
+            assert probe(b, READ_ANY_MEM) == READ_ANY_MEM_SEES
+        ((pin_a,), (pin_b,)) = (
+            [p for p in os.listdir(c / "bpf") if p.startswith("dev-")] for c in caches
+        )
+        (insns_a,) = (p for p in os.listdir(a) if p.endswith(".insns"))
+        assert insns_a == f"{pin_a}.insns"
+        # b's program under a's name and instructions: a's rules now get b's program
+        os.rename(b / "bpf" / pin_b, b / "bpf" / pin_a)
+        shutil.copy(a / insns_a, b / insns_a)
+        assert probe(b, NULL_ONLY) == READ_ANY_MEM_SEES
+        # instructions that differ from the container's: the pin is not used
+        (b / insns_a).write_bytes((a / insns_a).read_bytes()[:-8])
+        assert probe(b, NULL_ONLY) == NULL_ONLY_SEES
+    finally:
+        for cache in caches:
+            subprocess.run(["umount", str(cache / "bpf")], check=False)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, StateError
-from .spec import Mount, ProcessSpec, Resources
+from .spec import DEVICE_PROGRAMS, Mount, ProcessSpec, Resources, device_cgroup_options
 
 if TYPE_CHECKING:
     from ..agent import ExecResult, Process
@@ -147,18 +147,25 @@ WARM_CGROUP = cgroup_of("warm-up")
 
 def warm_up_script() -> str:
     """Shell that runs one throwaway container in the guest (`true` from the guest's own
-    /bin, in the namespaces a container gets, network included, and a cgroup of its own),
-    then removes what it made. A pooled VM runs it while it waits: under TCG the first
-    container of a guest pays for QEMU's translation of the code it runs (vc-run, the
-    kernel's namespace, mount, exec and exit paths: ~0.1 s), which this moves out of the
-    hand-out (docs/architecture.md 6.6). Expects `cgroup_script` to have run."""
+    /bin, in the namespaces a container gets, network included, and a cgroup of its own
+    with the device program of an OCI default spec), then removes what it made. A pooled
+    VM runs it while it waits: under TCG the first container of a guest pays for QEMU's
+    translation of the code it runs (vc-run, the kernel's namespace, mount, exec and exit
+    paths: ~0.1 s), which this moves out of the hand-out, and the device program it loads
+    stays pinned in `DEVICE_PROGRAMS` for the containers whose rules are the default's
+    (docs/architecture.md 6.6). Expects `cgroup_script` to have run."""
     q = shlex.quote
     spec = ProcessSpec(
-        args=["/bin/true"], namespaces="m,p,u,i,n", mounts=[("bind", "/bin", "/bin", "rbind,ro")]
+        args=["/bin/true"],
+        namespaces="m,p,u,i,n",
+        mounts=[("bind", "/bin", "/bin", "rbind,ro")],
+        device_cgroup=device_cgroup_options([{"allow": False, "access": "rwm"}], ConfigError),
     )
     argv = spec.runner_argv(f"{WARM_ROOT}/rootfs", cgroup=WARM_CGROUP, pid_file=f"{WARM_ROOT}/pid")
+    pins = f"{DEVICE_PROGRAMS}/bpf"
     return (
-        f"mkdir -p {WARM_ROOT}/rootfs {WARM_CGROUP} && "
+        f"{GUEST_MOUNTED}; mkdir -p {WARM_ROOT}/rootfs {WARM_CGROUP} {pins} && "
+        f"{{ vc_mounted {pins} bpf || mount -t bpf bpf {pins}; }} && "
         f"{{ {' '.join(q(a) for a in argv)}; rc=$?; rm -rf {WARM_ROOT}; rmdir {WARM_CGROUP}; "
         '[ "$rc" = 0 ]; }'
     )

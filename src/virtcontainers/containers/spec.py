@@ -16,6 +16,10 @@ from ..errors import ConfigError, UnsupportedError
 from .hooks import hooks_from_oci
 
 RUNNER = "/sbin/vc-run"
+DEVICE_PROGRAMS = "/run/vc/devprog"
+"""The guest's cache of containers' device programs (vc-run's `--device-program-cache`):
+loaded ones stay pinned in its `bpf/` (a bpffs the pool's warm-up mounts), so a later
+container with the same rules skips the load (docs/architecture.md 6.6)."""
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 CAPABILITIES = {
@@ -311,7 +315,8 @@ class ProcessSpec:
             argv += ["--sysctl", sysctl]
         for letter, pid_file_of in self.joined:
             argv += ["--join-ns", f"{letter}:{pid_file_of}"]
-        argv += self.device_cgroup
+        if self.device_cgroup:
+            argv += [*self.device_cgroup, "--device-program-cache", DEVICE_PROGRAMS]
         if cgroup:
             argv += ["--cgroup", cgroup]
         if pid_file:
