@@ -3,8 +3,8 @@
 Run as `python -m tests.fakes.acrn.acrn_dm [acrn-dm flags] <vmname>`. It checks what the real
 device model would refuse (slot syntax and clashes, hostbridge at 0:0, `-l com1` without an LPC
 device, unknown emulations, missing kernel/ramdisk/disk files, bad memory size, UUID, MAC or tap
-syntax), then binds the virtio-console sockets and writes `$FAKE_ACRN_DIR/<vmname>.json`
-(pid, argv, uuid, slots) for tests and for the fake acrnctl. SIGINT ends it cleanly (exit 0).
+syntax), then writes `$FAKE_ACRN_DIR/<vmname>.json` (pid, argv, uuid, slots) for tests and for
+the fake acrnctl and binds the virtio-console sockets. SIGINT ends it cleanly (exit 0).
 
 Faults (env): FAKE_ACRN_HANG=1 never gets ready (no console socket); FAKE_ACRN_IGNORE_SIGINT=1
 survives SIGINT (only SIGKILL ends it); FAKE_ACRN_CRASH_AFTER=SECONDS dies (exit 139) that
@@ -177,7 +177,8 @@ def parse(argv: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Validate, bind console sockets, record, then idle until SIGINT."""
+    """Validate, record, bind console sockets, then idle until SIGINT. The record comes first:
+    the driver takes a bound console socket for a started VM, and tests read the record then."""
     args = list(sys.argv[1:] if argv is None else argv)
     rec_dir = record_dir()
     rec = parse(args)
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     else:
         signal.signal(signal.SIGINT, lambda *_: stop.set())
+    write_record(path, rec)
     listeners: list[tuple[socket.socket, str]] = []
     if not os.environ.get("FAKE_ACRN_HANG"):
         for info in rec["slots"].values():
@@ -202,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
                         fail(f"virtio-console: cannot bind {pm.group(4)}: {e}")
                     sock.listen(1)
                     listeners.append((sock, pm.group(4)))
-    write_record(path, rec)
     print(f"acrn-dm (fake): VM {rec['name']} running, pid {os.getpid()}", flush=True)
     crash_after = float(os.environ.get("FAKE_ACRN_CRASH_AFTER") or 0)
     if crash_after:
