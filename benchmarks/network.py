@@ -83,7 +83,8 @@ link's set-up; bringing loopback up (~30 ms, its first local routes) is in both 
 (the agent's debug log stamps each module load and NETWORK's steps on the guest's clock): the
 background driver loading (nice 19, but the SCSI controller's bus scan runs in kernel workers)
 ran through a bridge start's NETWORK request; it now waits until NETWORK is answered (guest
-time from the marker to the answer, load 7-11: bridge 498 -> 378 ms, none 280 -> 257 ms). The
+time from the marker to the answer, load 7-11: bridge 498 -> 378 ms, none 280 -> 257 ms; at
+load ~2 no difference beyond the spread). The
 host makes the tap in the thread that creates the namespace (ioctls, no second visit, the
 veth's inner MAC and MTU chosen, not read back): mock creates, bridge - none 81 -> 50 ms at
 load ~7.
