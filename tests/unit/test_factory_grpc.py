@@ -20,9 +20,11 @@ from virtcontainers.factory import (
     VMCache,
     VMConfig,
 )
+from virtcontainers.factory.errors import CacheMismatchError
 from virtcontainers.factory.rpc import cache_pb2 as pb
-from virtcontainers.factory.rpc.client import RemoteCache, vm_from_message
-from virtcontainers.factory.rpc.server import CacheServer
+from virtcontainers.factory.rpc import cache_pb2_grpc
+from virtcontainers.factory.rpc.client import RemoteCache, channel_target, vm_from_message
+from virtcontainers.factory.rpc.server import CacheServer, CacheServicer
 from virtcontainers.hypervisor import VMState
 
 fake_hv = test_factory_fakes.fake_hv
@@ -96,6 +98,75 @@ async def test_factory_over_the_server_prepares_vms(served: Served, run_root: st
             assert vm.origin == "cache:direct"
         finally:
             await vm.stop()
+
+
+def count_config_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the server's `Config` calls."""
+    calls: list[int] = []
+    plain = CacheServicer.Config
+
+    async def counted(self: CacheServicer, request: pb.Empty, context: object) -> pb.GrpcVMConfig:
+        calls.append(1)
+        return await plain(self, request, context)
+
+    monkeypatch.setattr(CacheServicer, "Config", counted)
+    return calls
+
+
+async def test_factory_wanting_a_config_is_checked_at_hand_out_without_config_call(
+    served: Served, run_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = count_config_calls(monkeypatch)
+    want = VMConfig.of(fake_config(num_vcpus=2), "mock")
+    async with await Factory.connect(served.socket, run_root=run_root, want=want) as factory:
+        vm = await factory.get_vm(want)
+        try:
+            assert vm.origin == "cache:direct" and vm.cpu == 2
+            # The base's size is the server's VMs' (1 vCPU), known from the VM handed out.
+            assert factory.config().config.num_vcpus == 1
+        finally:
+            await vm.stop()
+    assert calls == []
+    assert served.cache.handed_out == 1
+
+
+async def test_server_refuses_a_wanted_config_it_cannot_serve_before_taking_a_vm(
+    served: Served, run_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await served.cache.wait_full(5)
+    calls = count_config_calls(monkeypatch)
+    other = VMConfig.of(fake_config(initrd_path="/fake/other.img"), "mock")
+    remote = await RemoteCache.connect(served.socket, run_root=run_root, want=other)
+    try:
+        with pytest.raises(CacheMismatchError, match="initrd_path"):
+            await remote.get_base_vm(timeout=5)
+    finally:
+        await remote.close()
+    assert served.cache.handed_out == 0 and len((await served.cache.status()).vms) == 2
+    # A factory falls back to a direct boot, the pool untouched.
+    async with await Factory.connect(served.socket, run_root=run_root, want=other) as factory:
+        vm = await factory.get_vm(other)
+        try:
+            assert vm.origin == "direct (fallback)"
+        finally:
+            await vm.stop()
+    assert served.cache.handed_out == 0 and calls == []
+
+
+async def test_server_refuses_a_malformed_wanted_config(served: Served) -> None:
+    channel = grpc.aio.insecure_channel(channel_target(served.socket))
+    try:
+        stub = cache_pb2_grpc.CacheServiceStub(channel)  # type: ignore[no-untyped-call]
+        req = pb.GetBaseVMRequest(
+            timeout_ms=5000, want=pb.GrpcVMConfig(hypervisor="mock", config=b"{")
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetBaseVM(req)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "want" in (err.value.details() or "")
+    finally:
+        await channel.close()
+    assert served.cache.handed_out == 0
 
 
 async def test_client_that_gives_up_mid_call_does_not_leak_a_vm(

@@ -45,15 +45,17 @@ async def factory_vm(
         store = TemplateStore(templates, run_root=run_root)
         async with Factory.from_template(template, store=store) as factory:
             return await factory.get_vm(config, id=id, timeout=timeout)
+    want = VMConfig.of(config)
     if use_cache:
         try:
-            factory = await Factory.connect(cache_socket, run_root=run_root)
+            # The server checks `want` as it hands out a VM: no Config round trip first.
+            factory = await Factory.connect(cache_socket, run_root=run_root, want=want)
         except CacheUnavailableError as exc:
             log.warning("factory: booting a VM directly: %s", exc)
-            return await boot_vm(VMConfig.of(config), id=id, run_root=run_root, timeout=timeout)
+            return await boot_vm(want, id=id, run_root=run_root, timeout=timeout)
         async with factory:
-            return await factory.get_vm(config, id=id, timeout=timeout)
-    return await boot_vm(VMConfig.of(config), id=id, run_root=run_root, timeout=timeout)
+            return await factory.get_vm(want, id=id, timeout=timeout)
+    return await boot_vm(want, id=id, run_root=run_root, timeout=timeout)
 
 
 async def sandbox_from_factory(

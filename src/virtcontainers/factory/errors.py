@@ -19,3 +19,7 @@ class FactoryError(VCError):
 
 class CacheUnavailableError(FactoryError):
     """The VM cache server cannot be reached, went away, or refused the call."""
+
+
+class CacheMismatchError(FactoryError):
+    """The VM cache server's VMs cannot serve a request (another config); none was taken."""

@@ -18,7 +18,7 @@ from ..errors import VCError
 from ..hypervisor import VMState
 from ..types import Capabilities, HypervisorType
 from .base import DirectBase, FactoryBase, FactoryStatus, TemplateBase
-from .errors import FactoryError
+from .errors import CacheMismatchError, FactoryError
 from .template import TemplateStore
 from .vm import DEFAULT_BOOT_TIMEOUT, VM, boot_vm, stop_quietly
 from .vmconfig import VMConfig, incompatibility
@@ -95,11 +95,16 @@ class Factory:
         run_root: str | None = None,
         fallback: bool = True,
         timeout: float = 5.0,
+        want: VMConfig | None = None,
     ) -> Factory:
-        """A factory over the VM cache server at `socket_path` (default: the run root's)."""
+        """A factory over the VM cache server at `socket_path` (default: the run root's).
+        `want`: the config it will be asked for, checked by the server as it hands out a VM
+        instead of its config being read now (see `RemoteCache.connect`)."""
         from .rpc.client import RemoteCache
 
-        remote = await RemoteCache.connect(socket_path, run_root=run_root, timeout=timeout)
+        remote = await RemoteCache.connect(
+            socket_path, run_root=run_root, timeout=timeout, want=want
+        )
         return cls(remote, fallback=fallback, run_root=run_root)
 
     # -- use --------------------------------------------------------------------------------
@@ -129,11 +134,15 @@ class Factory:
         deadline = loop.time() + timeout
         try:
             vm = await self.base.get_base_vm(id=id, timeout=timeout)
+        except CacheMismatchError as exc:
+            return await self._direct(request, id, timeout, str(exc), logging.INFO)
         except VCError as exc:
             if not self.fallback or isinstance(self.base, DirectBase):
                 raise  # a direct boot is what just failed
             return await self._direct(request, id, timeout, f"{self.base.name} failed: {exc}")
         try:
+            # A remote base's sizes are known once it has handed out a VM.
+            base = self.base.config()
             await self._prepare(vm, base, request, max(0.1, deadline - loop.time()))
         except _CannotServe as exc:
             await stop_quietly(vm)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&virtcontainers/factory/rpc/cache.proto\x12\x19virtcontainers.factory.v1\"\x07\n\x05\x45mpty\"2\n\x0cGrpcVMConfig\x12\x12\n\nhypervisor\x18\x01 \x01(\t\x12\x0e\n\x06\x63onfig\x18\x02 \x01(\x0c\"&\n\x10GetBaseVMRequest\x12\x12\n\ntimeout_ms\x18\x01 \x01(\r\"\xcd\x01\n\x06GrpcVM\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nhypervisor\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63onfig\x18\x04 \x01(\x0c\x12\x14\n\x0c\x61gent_socket\x18\x05 \x01(\t\x12\x18\n\x10\x61gent_vsock_port\x18\x06 \x01(\r\x12\x0b\n\x03\x63pu\x18\x07 \x01(\r\x12\x11\n\tmemory_mb\x18\x08 \x01(\r\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x0e\n\x06origin\x18\n \x01(\t\x12\x11\n\tshare_dir\x18\x0b \x01(\t\"j\n\x0cGrpcVMStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\x0b\n\x03\x63pu\x18\x03 \x01(\r\x12\x11\n\tmemory_mb\x18\x04 \x01(\r\x12\r\n\x05state\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\"\xb5\x01\n\nGrpcStatus\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\x34\n\x03vms\x18\x02 \x03(\x0b\x32\'.virtcontainers.factory.v1.GrpcVMStatus\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x0f\n\x07\x62ooting\x18\x04 \x01(\r\x12\x12\n\nhanded_out\x18\x05 \x01(\x04\x12\x0f\n\x07waiting\x18\x06 \x01(\r\x12\x0c\n\x04\x62\x61se\x18\x07 \x01(\t\x12\x12\n\nlast_error\x18\x08 \x01(\t2\xdf\x02\n\x0c\x43\x61\x63heService\x12S\n\x06\x43onfig\x12 .virtcontainers.factory.v1.Empty\x1a\'.virtcontainers.factory.v1.GrpcVMConfig\x12[\n\tGetBaseVM\x12+.virtcontainers.factory.v1.GetBaseVMRequest\x1a!.virtcontainers.factory.v1.GrpcVM\x12Q\n\x06Status\x12 .virtcontainers.factory.v1.Empty\x1a%.virtcontainers.factory.v1.GrpcStatus\x12J\n\x04Quit\x12 .virtcontainers.factory.v1.Empty\x1a .virtcontainers.factory.v1.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&virtcontainers/factory/rpc/cache.proto\x12\x19virtcontainers.factory.v1\"\x07\n\x05\x45mpty\"2\n\x0cGrpcVMConfig\x12\x12\n\nhypervisor\x18\x01 \x01(\t\x12\x0e\n\x06\x63onfig\x18\x02 \x01(\x0c\"]\n\x10GetBaseVMRequest\x12\x12\n\ntimeout_ms\x18\x01 \x01(\r\x12\x35\n\x04want\x18\x02 \x01(\x0b\x32\'.virtcontainers.factory.v1.GrpcVMConfig\"\xcd\x01\n\x06GrpcVM\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nhypervisor\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06\x63onfig\x18\x04 \x01(\x0c\x12\x14\n\x0c\x61gent_socket\x18\x05 \x01(\t\x12\x18\n\x10\x61gent_vsock_port\x18\x06 \x01(\r\x12\x0b\n\x03\x63pu\x18\x07 \x01(\r\x12\x11\n\tmemory_mb\x18\x08 \x01(\r\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x0e\n\x06origin\x18\n \x01(\t\x12\x11\n\tshare_dir\x18\x0b \x01(\t\"j\n\x0cGrpcVMStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\x0b\n\x03\x63pu\x18\x03 \x01(\r\x12\x11\n\tmemory_mb\x18\x04 \x01(\r\x12\r\n\x05state\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\"\xb5\x01\n\nGrpcStatus\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\x34\n\x03vms\x18\x02 \x03(\x0b\x32\'.virtcontainers.factory.v1.GrpcVMStatus\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x0f\n\x07\x62ooting\x18\x04 \x01(\r\x12\x12\n\nhanded_out\x18\x05 \x01(\x04\x12\x0f\n\x07waiting\x18\x06 \x01(\r\x12\x0c\n\x04\x62\x61se\x18\x07 \x01(\t\x12\x12\n\nlast_error\x18\x08 \x01(\t2\xdf\x02\n\x0c\x43\x61\x63heService\x12S\n\x06\x43onfig\x12 .virtcontainers.factory.v1.Empty\x1a\'.virtcontainers.factory.v1.GrpcVMConfig\x12[\n\tGetBaseVM\x12+.virtcontainers.factory.v1.GetBaseVMRequest\x1a!.virtcontainers.factory.v1.GrpcVM\x12Q\n\x06Status\x12 .virtcontainers.factory.v1.Empty\x1a%.virtcontainers.factory.v1.GrpcStatus\x12J\n\x04Quit\x12 .virtcontainers.factory.v1.Empty\x1a .virtcontainers.factory.v1.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,13 +36,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GRPCVMCONFIG']._serialized_start=78
   _globals['_GRPCVMCONFIG']._serialized_end=128
   _globals['_GETBASEVMREQUEST']._serialized_start=130
-  _globals['_GETBASEVMREQUEST']._serialized_end=168
-  _globals['_GRPCVM']._serialized_start=171
-  _globals['_GRPCVM']._serialized_end=376
-  _globals['_GRPCVMSTATUS']._serialized_start=378
-  _globals['_GRPCVMSTATUS']._serialized_end=484
-  _globals['_GRPCSTATUS']._serialized_start=487
-  _globals['_GRPCSTATUS']._serialized_end=668
-  _globals['_CACHESERVICE']._serialized_start=671
-  _globals['_CACHESERVICE']._serialized_end=1022
+  _globals['_GETBASEVMREQUEST']._serialized_end=223
+  _globals['_GRPCVM']._serialized_start=226
+  _globals['_GRPCVM']._serialized_end=431
+  _globals['_GRPCVMSTATUS']._serialized_start=433
+  _globals['_GRPCVMSTATUS']._serialized_end=539
+  _globals['_GRPCSTATUS']._serialized_start=542
+  _globals['_GRPCSTATUS']._serialized_end=723
+  _globals['_CACHESERVICE']._serialized_start=726
+  _globals['_CACHESERVICE']._serialized_end=1077
 # @@protoc_insertion_point(module_scope)

@@ -19,10 +19,12 @@ class GrpcVMConfig(_message.Message):
     def __init__(self, hypervisor: _Optional[str] = ..., config: _Optional[bytes] = ...) -> None: ...
 
 class GetBaseVMRequest(_message.Message):
-    __slots__ = ("timeout_ms",)
+    __slots__ = ("timeout_ms", "want")
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    WANT_FIELD_NUMBER: _ClassVar[int]
     timeout_ms: int
-    def __init__(self, timeout_ms: _Optional[int] = ...) -> None: ...
+    want: GrpcVMConfig
+    def __init__(self, timeout_ms: _Optional[int] = ..., want: _Optional[_Union[GrpcVMConfig, _Mapping]] = ...) -> None: ...
 
 class GrpcVM(_message.Message):
     __slots__ = ("id", "hypervisor", "data", "config", "agent_socket", "agent_vsock_port", "cpu", "memory_mb", "created_at", "origin", "share_dir")

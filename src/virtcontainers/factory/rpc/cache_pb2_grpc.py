@@ -68,7 +68,9 @@ class CacheServiceServicer:
 
     def GetBaseVM(self, request, context):
         """Take one VM out of the pool (waiting for a refill when it is empty). The caller owns
-        the VM from then on and rebuilds it with Hypervisor.from_grpc().
+        the VM from then on and rebuilds it with Hypervisor.from_grpc(). With `want` set, a
+        request the pool's VMs cannot serve is refused (FAILED_PRECONDITION, the differences
+        named) before a VM is taken: the caller needs no Config call first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -19,7 +19,7 @@ from ...hypervisor import new_hypervisor
 from ...types import HypervisorType
 from .. import paths
 from ..base import FactoryBase, FactoryStatus, VMStatus
-from ..errors import CacheUnavailableError, FactoryError
+from ..errors import CacheMismatchError, CacheUnavailableError, FactoryError
 from ..vm import VM, stop_quietly
 from ..vmconfig import VMConfig
 from . import cache_pb2 as pb
@@ -43,6 +43,8 @@ def rpc_error(exc: grpc.aio.AioRpcError, where: str, call: str) -> FactoryError:
             f"VM cache server at {where} is not available ({call}: {details}); "
             "is it running? (virtc factory status)"
         )
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return CacheMismatchError(f"VM cache server at {where}: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return FactoryError(f"VM cache server at {where}: {call} timed out")
     return FactoryError(f"VM cache server at {where}: {call} failed: {details}")
@@ -93,25 +95,44 @@ class RemoteCache(FactoryBase):
     """The VM cache server at a Unix socket, as a factory base."""
 
     def __init__(
-        self, socket_path: str, channel: grpc.aio.Channel, config: VMConfig, run_root: str | None
+        self,
+        socket_path: str,
+        channel: grpc.aio.Channel,
+        config: VMConfig,
+        run_root: str | None,
+        *,
+        checked: bool = False,
     ) -> None:
         self.socket_path = socket_path
         self.run_root = run_root
         self._channel = channel
         self._stub: Any = cache_pb2_grpc.CacheServiceStub(channel)  # type: ignore[no-untyped-call]
         self._config = config
+        self._checked = checked
 
     @classmethod
     async def connect(
-        cls, socket_path: str | None = None, *, run_root: str | None = None, timeout: float = 5.0
+        cls,
+        socket_path: str | None = None,
+        *,
+        run_root: str | None = None,
+        timeout: float = 5.0,
+        want: VMConfig | None = None,
     ) -> RemoteCache:
-        """Connect and read the server's base config; `CacheUnavailableError` if it is not up."""
+        """Connect and read the server's base config; `CacheUnavailableError` if it is not up.
+
+        With `want` (the config the caller will ask for) nothing is read now: each GetBaseVM
+        sends `want`, which the server checks before it takes a VM (one round trip less), and
+        `config()` is `want`, with the sizes of the server's VMs once one has come.
+        """
         path = socket_path or paths.socket_path(run_root)
         if not os.path.exists(path):
             raise CacheUnavailableError(
                 f"no VM cache server at {path} (start one with `virtc factory init`)"
             )
         channel = grpc.aio.insecure_channel(channel_target(path))
+        if want is not None:
+            return cls(path, channel, want.copy(), run_root, checked=True)
         try:
             stub: Any = cache_pb2_grpc.CacheServiceStub(channel)  # type: ignore[no-untyped-call]
             msg = await stub.Config(pb.Empty(), timeout=timeout, wait_for_ready=False)
@@ -140,13 +161,21 @@ class RemoteCache(FactoryBase):
     async def get_base_vm(
         self, *, id: str | None = None, timeout: float = DEFAULT_GET_TIMEOUT
     ) -> VM:
-        """A VM from the server's pool (`id` is ignored: pooled VMs are already named)."""
+        """A VM from the server's pool (`id` is ignored: pooled VMs are already named);
+        `CacheMismatchError` if the server refused the config connected with (`want`)."""
         req = pb.GetBaseVMRequest(timeout_ms=max(1, int(timeout * 1000)))
+        if self._checked:
+            req.want.hypervisor = str(self._config.hypervisor)
+            req.want.config = json.dumps(self._config.config.to_dict()).encode()
         try:
             msg = await self._stub.GetBaseVM(req, timeout=timeout + RPC_MARGIN)
         except grpc.aio.AioRpcError as exc:
             raise rpc_error(exc, self.socket_path, "GetBaseVM") from None
-        return await vm_from_message(msg, self.run_root)
+        vm = await vm_from_message(msg, self.run_root)
+        if self._checked:  # the server's VMs are `want` in all but their size: now known
+            self._config.config.num_vcpus = vm.cpu
+            self._config.config.memory_size = vm.memory_mb
+        return vm
 
     async def status(self, timeout: float = 5.0) -> FactoryStatus:
         try:

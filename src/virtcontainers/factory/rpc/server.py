@@ -2,10 +2,11 @@
 
 A VM handed out by `GetBaseVM` stays listed as ours until the call has completed: if the
 client went away before that (the call was cancelled), the VM is stopped, never leaked.
-A pooled VM waits paused; `GetBaseVM` resumes it before answering, so that the guest wakes
-while the answer travels and the client attaches to it. Handed-out VMs are still our child
-processes; a reaper collects them when they exit, and frees their guest memory then
-(`ChildReaper`).
+A request that names the config it wants is checked before a VM is taken (the client then
+needs no `Config` call first). A pooled VM waits paused; `GetBaseVM` resumes it before
+answering, so that the guest wakes while the answer travels and the client attaches to it.
+Handed-out VMs are still our child processes; a reaper collects them when they exit, and
+frees their guest memory then (`ChildReaper`).
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from typing import Any
 
 import grpc
 
+from ...config import HypervisorConfig
 from ...errors import VCError
 from ...hypervisor import VMState
+from ...types import HypervisorType
 from ..base import FactoryStatus
 from ..cache import DEFAULT_GET_TIMEOUT, VMCache
 from ..errors import FactoryError
 from ..vm import VM
+from ..vmconfig import VMConfig, incompatibility
 from . import cache_pb2 as pb
 from . import cache_pb2_grpc
 from .client import channel_target
@@ -155,6 +159,18 @@ class CacheServicer:
         )
 
     async def GetBaseVM(self, request: pb.GetBaseVMRequest, context: Any) -> pb.GrpcVM:
+        if request.HasField("want"):
+            try:
+                want = VMConfig(
+                    HypervisorType.parse(request.want.hypervisor),
+                    HypervisorConfig.from_dict(json.loads(request.want.config)),
+                )
+            except (VCError, ValueError) as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"GetBaseVM's want: {exc}")
+                raise
+            reason = incompatibility(self.cache.config(), want)
+            if reason:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
         timeout = request.timeout_ms / 1000 if request.timeout_ms else DEFAULT_GET_TIMEOUT
         remaining = context.time_remaining()
         if remaining is not None:
