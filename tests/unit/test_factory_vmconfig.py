@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from test_factory_fakes import fake_config
 
+from virtcontainers.config import HypervisorConfig
 from virtcontainers.devices import random_mac
 from virtcontainers.errors import ConfigError
 from virtcontainers.factory import VMConfig, config_hash, differences, incompatibility
+from virtcontainers.factory.vmconfig import BaseCheck
 from virtcontainers.types import HypervisorType, Param
 
 
@@ -99,3 +103,21 @@ def test_random_macs_are_unicast_local_and_distinct() -> None:
         assert first & 1 == 0  # unicast
         assert first & 2 == 2  # locally administered
         assert len(mac.split(":")) == 6
+
+
+def test_base_check_serves_what_incompatibility_serves() -> None:
+    check = BaseCheck(VMConfig.of(fake_config(), "qemu"))
+
+    def sent(cfg: HypervisorConfig, hv: str = "qemu") -> str:
+        return check.why_not(hv, json.dumps(cfg.to_dict()).encode())
+
+    grown = fake_config(num_vcpus=4, memory_size=2048, vm_id="x")
+    grown.validate()
+    assert sent(grown) == ""  # validated, equal but for size and identity
+    assert sent(fake_config()) == ""  # not validated: its defaults filled, then compared
+    assert "initrd_path" in sent(fake_config(initrd_path="/other/initrd.img"))
+    assert "hypervisor" in sent(grown, "firecracker")
+    with pytest.raises(ConfigError, match="JSON"):
+        check.why_not("qemu", b"{")
+    with pytest.raises(ConfigError, match="nonsense"):
+        check.why_not("qemu", b'{"nonsense": 1}')

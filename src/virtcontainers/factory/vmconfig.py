@@ -100,8 +100,36 @@ def incompatibility(base: VMConfig, requested: VMConfig) -> str:
     """Why a base VM cannot serve `requested` ("" when it can)."""
     if base.hypervisor != requested.hypervisor:
         return f"hypervisor {requested.hypervisor} differs from the factory's {base.hypervisor}"
+    if base.config.to_dict() == requested.config.to_dict():
+        return ""  # equal configs: no need to validate both
     diff = differences(base.config, requested.config)
     if diff:
         shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
         return f"config differs from the factory's base config in {shown}"
     return ""
+
+
+class BaseCheck:
+    """`incompatibility` against one fixed base, for many requests: the base is normalized
+    once, and a request sent as the JSON of an already validated config (the VM cache
+    server's GetBaseVM) that equals it outside the size and identity fields is served
+    without being validated again; any other is checked in full."""
+
+    def __init__(self, base: VMConfig) -> None:
+        self.base = base.copy()
+        self._doc = normalized(self.base.config)
+
+    def why_not(self, hypervisor: str, config_json: bytes) -> str:
+        """Why the base cannot serve the config `config_json` of `hypervisor` ("" if it can);
+        `ConfigError` if it is no valid config."""
+        try:
+            doc = json.loads(config_json)
+        except ValueError as exc:
+            raise ConfigError(f"VM config: not valid JSON: {exc}") from exc
+        requested = VMConfig.from_dict({"hypervisor": hypervisor, "config": doc})
+        if requested.hypervisor == self.base.hypervisor and self._doc == {
+            k: v for k, v in doc.items() if k not in RESIZABLE_FIELDS | IDENTITY_FIELDS
+        }:
+            return ""
+        requested.validate()
+        return incompatibility(self.base, requested)

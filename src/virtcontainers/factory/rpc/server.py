@@ -20,15 +20,13 @@ from typing import Any
 
 import grpc
 
-from ...config import HypervisorConfig
 from ...errors import VCError
 from ...hypervisor import VMState
-from ...types import HypervisorType
 from ..base import FactoryStatus
 from ..cache import DEFAULT_GET_TIMEOUT, VMCache
 from ..errors import FactoryError
 from ..vm import VM
-from ..vmconfig import VMConfig, incompatibility
+from ..vmconfig import BaseCheck
 from . import cache_pb2 as pb
 from . import cache_pb2_grpc
 from .client import channel_target
@@ -151,6 +149,7 @@ class CacheServicer:
     def __init__(self, cache: VMCache, server: CacheServer) -> None:
         self.cache = cache
         self.server = server
+        self.check = BaseCheck(cache.config())
 
     async def Config(self, request: pb.Empty, context: Any) -> pb.GrpcVMConfig:
         cfg = self.cache.config()
@@ -161,14 +160,10 @@ class CacheServicer:
     async def GetBaseVM(self, request: pb.GetBaseVMRequest, context: Any) -> pb.GrpcVM:
         if request.HasField("want"):
             try:
-                want = VMConfig(
-                    HypervisorType.parse(request.want.hypervisor),
-                    HypervisorConfig.from_dict(json.loads(request.want.config)),
-                )
-            except (VCError, ValueError) as exc:
+                reason = self.check.why_not(request.want.hypervisor, request.want.config)
+            except VCError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"GetBaseVM's want: {exc}")
                 raise
-            reason = incompatibility(self.cache.config(), want)
             if reason:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
         timeout = request.timeout_ms / 1000 if request.timeout_ms else DEFAULT_GET_TIMEOUT
