@@ -420,6 +420,7 @@ class Sandbox:
         of the container named); its id defaults to the sandbox's for the first, a random one
         after."""
         from .containers import Container, ContainerRecord
+        from .containers.container import POOL_CGROUP
         from .containers.spec import NAMESPACE_LETTERS
 
         own = self.workload.get("image") or self.workload.get("bundle")
@@ -479,6 +480,7 @@ class Sandbox:
                 spec=dataclasses.asdict(spec),
                 volumes=volumes,
                 hot_shares=shares,
+                cgroup=POOL_CGROUP if index == 0 and self.workload.get("share_path") else "",
             )
             container = Container(self, record)
             self.containers[cid] = container

@@ -19,6 +19,7 @@ import pytest
 
 from virtcontainers import host, persist
 from virtcontainers.containers.container import (
+    POOL_CGROUP,
     READ_AHEAD_KIB,
     WARM_CGROUP,
     WARM_ROOT,
@@ -106,6 +107,9 @@ async def test_pooled_vms_take_containers_without_hotplug(
             # ... and left a default spec's device program pinned for the hand-out's container.
             pins = await sb.exec(["/bin/sh", "-c", f"ls {DEVICE_PROGRAMS}/bpf | grep -c ^dev-"])
             assert pins.stdout == b"1\n", pins
+            # ... and made the cgroup its first container takes, unused so far.
+            fresh = await sb.exec(["/bin/sh", "-c", f"head -1 {POOL_CGROUP}/cpu.stat"])
+            assert fresh.stdout == b"usage_usec 0\n", fresh
         # The warm-up really is a container's start: vc-run (stamping its phases, as
         # VC_RUN_TRACE asks) attached a device program, made the namespaces, entered the
         # root, ran `true`, reaped it.
@@ -144,6 +148,13 @@ async def test_pooled_vms_take_containers_without_hotplug(
             assert "bin" in listing.split() and "only-here" not in listing.split()
             assert (given, verdict) == (name, "ro-refused")
             assert (rw / "new").read_text() == "mine\n"
+            # It ran in the cgroup made while the VM waited: no cgroup of its own was made.
+            assert container.cgroup == POOL_CGROUP
+            used = await sb.exec(
+                ["/bin/sh", "-c", f"head -1 {POOL_CGROUP}/cpu.stat; ls -d /sys/fs/cgroup/vc-*"]
+            )
+            assert used.stdout.startswith(b"usage_usec ") and used.stdout.split()[1] != b"0", used
+            assert used.stdout.count(b"\n") == 1, used
             assert not (ro / "x").exists()
             # Read-only on the host side too: the guest itself cannot write through the share.
             guest_ro = await sb.exec(["/bin/sh", "-c", "echo x > /run/vc/poolv/vc-v1/y"])
@@ -157,8 +168,10 @@ async def test_pooled_vms_take_containers_without_hotplug(
 
         # A second container in the same VM: its root is staged too (ctr1), then taken out.
         first = sandboxes[0]
-        second = await first.create_container(["sh", "-c", "cat /only-here; echo 2 > /two"])
-        assert (await second.run()).stdout == b""
+        second = await first.create_container(
+            ["sh", "-c", "cat /only-here; echo 2 > /two; cat /proc/self/cgroup"]
+        )
+        assert (await second.run()).stdout == f"0::/vc-{second.id}\n".encode()
         staged = os.path.join(poolshare.served(first.workload["share_dir"]), "ctr1")
         assert staged in mounts_under(staged)
         assert (Path(staged) / "two").read_text() == "2\n"
@@ -173,6 +186,10 @@ async def test_pooled_vms_take_containers_without_hotplug(
             assert seen.stdout.decode().split() == [
                 "/run/vc/pool:", "ctr", "/run/vc/poolv:", "vc-v0", "vc-v1", f"secret-{sb.id}"
             ]  # fmt: skip
+        # Deleting the first container removes the pool's cgroup with it; the second's is gone.
+        await first.containers[first.id].delete()
+        cgroups = await first.exec(["/bin/sh", "-c", "ls -d /sys/fs/cgroup/vc*"])
+        assert cgroups.stdout == b"", cgroups
     finally:
         for sb in sandboxes:
             await sb.stop()

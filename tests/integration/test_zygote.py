@@ -30,11 +30,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from containerd_support import import_busybox, leftovers, running_containerd
-from test_shim_containerd import SHIM_CONFIG
+from containerd_support import import_busybox, leftovers, running_containerd, settled
+from test_shim_containerd import SHIM_CONFIG, metrics, wait_status
 
 from leaks import processes_mentioning
 from virtcontainers import host
+from virtcontainers.containers.container import POOL_CGROUP
 from virtcontainers.factory import paths, poolshare
 from virtcontainers.factory.daemon import daemon_status
 from virtcontainers.images import ImageStore
@@ -296,6 +297,26 @@ def test_the_shim_start_is_served_by_the_zygote_under_containerd(
             if re.search(rf"runs containerd-shim-virtc-v2 .*-id {cid} .*start for pid", line)
         ]
         assert len(starts) == 1 and "net namespace" in starts[0], server.logged()[-3000:]
+
+        # A detached task in the next pooled VM runs in the cgroup the VM made while it
+        # waited; an exec joins it there, and the limit, metrics and ps find it.
+        cid = f"zy-{uuid.uuid4().hex[:6]}"
+        vm = server.pooled()
+        loop = ["sh", "-c", "while :; do sleep 1; done"]
+        c.run(image, cid, *loop, detach=True, options=["--memory-limit", str(48 << 20)])
+        fifo = ["--fifo-dir", c.fifo_dir]
+        where = c.ctr("task", "exec", *fifo, "--exec-id", "cg", cid, "cat", "/proc/self/cgroup")
+        assert where.stdout == f"0::/{os.path.basename(POOL_CGROUP)}\n".encode(), where
+        used = metrics(c, cid)
+        assert int(used["memory.usage_limit"]) == 48 << 20
+        assert 0 < int(used["memory.usage"]) < 48 << 20
+        assert len(c.ctr("task", "ps", cid).stdout.splitlines()) >= 2  # header, the loop's pid
+        c.ctr("task", "kill", "-s", "SIGKILL", cid)
+        wait_status(c, cid, "STOPPED")
+        c.ctr("task", "delete", cid)
+        c.ctr("container", "delete", cid)
+        assert settled(c, cid) == []
+        assert (processes_mentioning(vm), vm in server.listed()) == ([], False)
     assert c.left_at_stop == []
 
 

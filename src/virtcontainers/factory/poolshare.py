@@ -30,6 +30,7 @@ from ..containers.container import (
     GUEST_MOUNTED,
     GUEST_POOL,
     GUEST_POOL_VOLUMES,
+    POOL_CGROUP,
     cgroup_script,
     mount_virtiofs,
     read_ahead,
@@ -100,7 +101,8 @@ def guest_script() -> str:
     hierarchy (vc-run then makes the container's cgroup and directory itself, and enters
     its root in the share: `Container.setup_script`), the roots' share's read-ahead
     (`READ_AHEAD_KIB`); then start and end one throwaway
-    container, so that the first real one finds the guest's code warm (`warm_up_script`)."""
+    container, so that the first real one finds the guest's code warm (`warm_up_script`),
+    and make the cgroup the first real one takes (`POOL_CGROUP`)."""
     return " && ".join(
         [
             GUEST_MOUNTED,
@@ -110,6 +112,7 @@ def guest_script() -> str:
             mount_virtiofs(VOLUMES_TAG, GUEST_POOL_VOLUMES),
             cgroup_script(),
             warm_up_script(),
+            f"mkdir -p {POOL_CGROUP}",
         ]
     )
 
