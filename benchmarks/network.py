@@ -6,7 +6,7 @@ configure the guest with the agent's NETWORK request: loopback, hostname, /etc/h
 alternated, 2 x --runs starts each; and the host side alone (mock VMM: namespace, veth,
 bridge, nftables, no guest), in wall time and in CPU time, in all and the part made before the
 VMM is launched (the rest overlaps the boot). Each start is cut in three: before the VMM's
-launch (the host's namespace, veth and tap), the launch to the agent's answer (the boot), and
+launch (the host's namespace and tap), the launch to the agent's answer (the boot), and
 after it (the bridge joined, the agent's NETWORK request). Target: <= 50 ms extra, checked on
 the difference of the two candidates' medians of the first and third parts together
 (`net_part`), where all of the network's work is but for the NIC's presence during the boot
@@ -448,10 +448,10 @@ async def bench(opts: Options) -> Result:
             SETUP_TARGET,
         )  # fmt: skip
         result["notes"].append(
-            "before the VMM is launched a bridge sandbox gets only its namespace, veth and tap; "
-            "the veth's inner addresses and tc redirect, the bridge, the veth's place on it and "
-            "the NAT/port/forward rules are made while the VM boots (the mock's start waits "
-            "for them: the host side alone above)"
+            "before the VMM is launched a bridge sandbox gets only its namespace and tap; the "
+            "veth with its inner addresses and tc redirect, the bridge, the veth's place on it "
+            "and the NAT/port/forward rules are made while the VM boots (the mock's start "
+            "waits for them: the host side alone above)"
         )
     cb = median(result, "mock_net_bridge", "start_cpu")
     cn = median(result, "mock_net_none", "start_cpu")

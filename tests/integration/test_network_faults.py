@@ -176,6 +176,11 @@ async def test_bridge_made_while_booting_fails_the_start_and_undoes_all(run_root
         assert not os.path.exists(os.path.join(run_root, "net"))
 
 
+def links_in(path: str) -> list[str]:
+    with NetNS(path) as n:
+        return sorted(str(link.get("IFLA_IFNAME")) for link in n.get_links())
+
+
 def inner_state(path: str) -> tuple[list[str], bool, str]:
     """In a sandbox's namespace: the inner veth's addresses, whether tap0_vc is up, and the
     veth's ingress filters."""
@@ -206,10 +211,10 @@ def delete_link_in(path: str, name: str) -> None:
 async def test_before_launch_only_the_tap_then_the_inner_end_while_booting(
     run_root: str,
 ) -> None:
-    """Before the VMM is launched a bridge sandbox's namespace gets its veth and the tap
-    (up: all QEMU opens); the veth's inner addresses and its tc redirect to the tap come
-    while the VM boots. When that half fails (here the tap vanished before the start), the
-    start fails naming it and everything made is undone."""
+    """Before the VMM is launched a bridge sandbox's namespace gets only the tap (up: all
+    QEMU opens); the veth, its inner addresses and its tc redirect to the tap come while
+    the VM boots. When that half fails (here the tap vanished before the start), the start
+    fails naming it and everything made is undone."""
     async with namespaces(1) as (host,):
         before = state_of(host)
         sb = mock(run_root, bridge(host))
@@ -217,15 +222,17 @@ async def test_before_launch_only_the_tap_then_the_inner_end_while_booting(
             await sb.create()
             assert sb.network is not None
             path = sb.network.netns_path
-            addrs, tap_up, tc = await asyncio.to_thread(inner_state, path)
-            assert addrs == [] and tap_up and "mirred" not in tc
-            # The inner end is recorded as made (no look in the namespace): the guest's NIC
-            # takes that MAC and MTU.
+            assert await asyncio.to_thread(links_in, path) == ["lo", "tap0_vc"]
+            assert sb.network.host_veth not in state_of(host)[0]
             eth = sb.network.interfaces[0]
-            assert await asyncio.to_thread(link_in, path, "eth0") == (eth.mac, eth.mtu)
             assert (await asyncio.to_thread(link_in, path, "tap0_vc"))[1] == eth.mtu
             await sb.start()
+            # The inner end is made as recorded before the launch (the guest's NIC took that
+            # MAC and MTU then).
+            assert await asyncio.to_thread(link_in, path, "eth0") == (eth.mac, eth.mtu)
+            assert sb.network.host_veth in state_of(host)[0]
             addrs, tap_up, tc = await asyncio.to_thread(inner_state, path)
+            assert tap_up
             want = sorted(a.ip for a in sb.network.interfaces[0].addresses)
             assert addrs == want and len(want) == 2
             assert "mirred (Egress Redirect to device tap0_vc)" in tc

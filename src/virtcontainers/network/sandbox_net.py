@@ -237,9 +237,10 @@ class SandboxNetwork:
             netlink.connect_tcfilter(iface.name, iface.tap, queues, iface.mtu)
 
     def _bridge_side(self, queues: int) -> None:
-        """In the bridge's namespace: check, lease, then namespace and veth (what the VMM
-        needs), recorded; with the tcfilter model the tap too, by the thread that makes the
-        namespace. The bridge itself and the rules wait for `join_bridge`."""
+        """In the bridge's namespace: check, lease, then the namespace, recorded; with the
+        tcfilter model the tap in it (all the VMM needs), by the thread that makes the
+        namespace, and the veth waits for `join_bridge` with the bridge and the rules; with
+        the other models the veth now (the VM's endpoint is made on it before the launch)."""
         cfg = self.config
         with _net_lock():
             self._check_ports()
@@ -270,7 +271,14 @@ class SandboxNetwork:
                 self._name_tap(eth, 0)
                 inside = functools.partial(netlink.make_tap, eth.tap, queues, eth.mtu, eth.name)
             netlink.create_netns(self.netns_name, inside)
-            netlink.add_veth(self.host_veth, self.netns_path, INNER_IFNAME, eth.mac, eth.mtu)
+            if not self._inner_later():
+                self._add_veth()
+
+    def _add_veth(self) -> None:
+        """The veth pair, its inner end in the sandbox's namespace with the recorded MAC and
+        MTU (its host end's name is in the plan: `teardown` removes it, made or not)."""
+        eth = self.interfaces[0]
+        netlink.add_veth(self.host_veth, self.netns_path, INNER_IFNAME, eth.mac, eth.mtu)
 
     def _record_inner(self, mac: str) -> None:
         """Record the veth's inner end (made with `mac`) with its lease, as `netlink.scan`
@@ -309,11 +317,13 @@ class SandboxNetwork:
     async def join_bridge(self) -> None:
         """Bridge mode: put the veth's host end on the bridge (made now if missing) and add
         the NAT, port and forward rules; meanwhile, in the sandbox's namespace, configure
-        the veth's inner end and join it to its tap (tcfilter model). Not needed before the
-        guest's network is configured, so it runs while the VM boots; the caller tears down
-        on failure."""
+        the veth's inner end and join it to its tap (tcfilter model, whose veth is made
+        first, here). Not needed before the guest's network is configured, so it runs while
+        the VM boots; the caller tears down on failure."""
         if self.config.mode != "bridge" or self.bridged:
             return
+        if self._inner_later():
+            await netlink.in_netns(self.config.host_netns, self._add_veth)
         jobs = [netlink.in_netns(self.config.host_netns, self._join_bridge)]
         if self._inner_later():  # the sandbox's side of the veth, at the same time
             jobs.append(netlink.in_netns(self.netns_path, self._finish_inner))
