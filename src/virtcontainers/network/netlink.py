@@ -36,7 +36,7 @@ CLONE_NEWNET = 0x40000000
 MS_BIND, MS_REC, MS_SHARED = 0x1000, 0x4000, 1 << 20
 MNT_DETACH = 2
 NETNS_RUN_DIR = "/var/run/netns"
-ETH_P_ALL = 0x0003
+ETH_P_ALL, ETH_P_IP, ETH_P_IPV6 = 0x0003, 0x0800, 0x86DD
 NUD_PERMANENT = 0x80
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 RTPROT_KERNEL = 2
@@ -44,6 +44,14 @@ IFA_F_NODAD = 0x02
 TUNSETIFF, TUNSETPERSIST = 0x400454CA, 0x400454CB
 SIOCSIFMTU = 0x8922
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE = 0x0002, 0x1000, 0x4000, 0x0100
+REPORT_KEYS: tuple[tuple[int, list[str]], ...] = (
+    (ETH_P_IPV6, ["0xff020000/0xffffffff+24", "0x0/0xffffffff+28", "0x0/0xffffffff+32",
+                  "0x16/0xffffffff+36"]),
+    (ETH_P_IP, ["0xe0000016/0xffffffff+16"]),
+)  # fmt: skip
+"""u32 keys on the network header: IPv6 to ff02::16 (MLDv2 reports) and IPv4 to 224.0.0.22
+(IGMPv3 reports), which only multicast routers and snooping switches read (RFC 3810 and
+3376: a host does not suppress its own reports on hearing others')."""
 TAP_SUFFIX = "_vc"
 """Taps this package makes end with it (Kata's are `tapN_kata`): never taken as endpoints."""
 
@@ -362,10 +370,14 @@ def make_tap(tap: str, queues: int, mtu: int, endpoint: str = "") -> None:
         raise HypervisorError(f"cannot bring tap {tap}{what} up (mtu {mtu}): {e}") from e
 
 
-def redirect(endpoint: str, tap: str) -> None:
+def redirect(endpoint: str, tap: str, reports: bool = True) -> None:
     """Join `tap` to `endpoint` both ways (Kata's tcfilter model): an ingress qdisc on each
     with a u32 match-all filter whose mirred action redirects every frame out of the other.
-    What arrives on the endpoint goes to the VM and back. Undone on failure."""
+    What arrives on the endpoint goes to the VM and back, but with `reports` False the
+    multicast listener reports (`REPORT_KEYS`) from the endpoint: those are left to the
+    namespace's own stack, which drops them, and the guest, a host on the link, never
+    handles them (a new bridge's own reports were most of the frames queued for a guest
+    until its link came up). Undone on failure."""
     with _ipr() as ipr:
         ep, tp = _index(endpoint), _index(tap)
         if ep is None:
@@ -376,12 +388,20 @@ def redirect(endpoint: str, tap: str) -> None:
             for src, dst in ((ep, tp), (tp, ep)):
                 with contextlib.suppress(NetlinkError):  # an ingress qdisc may already be there
                     ipr.tc("add", "ingress", src, "ffff:")
+                if src == ep and not reports:
+                    for prio, (proto, keys) in enumerate(REPORT_KEYS, 1):
+                        # Matched first; no action: the frame goes on to the namespace.
+                        ipr.tc(
+                            "add-filter", "u32", src, f":{prio + 1}", parent="ffff:",
+                            prio=prio, protocol=proto, keys=keys, target=0x10020,
+                        )  # fmt: skip
                 ipr.tc(
                     "add-filter",
                     "u32",
                     src,
                     ":1",
                     parent="ffff:",
+                    prio=len(REPORT_KEYS) + 1,
                     protocol=ETH_P_ALL,
                     keys=["0x0/0x0+0"],
                     target=0x10020,
@@ -596,9 +616,10 @@ def create_bridge(name: str, gateway: ipaddress.IPv4Interface) -> None:
         idx = _index(name)
         assert idx is not None
         try:
+            quiet_gateway6(name)
             ipr.addr("add", index=idx, address=str(gateway.ip), prefixlen=gateway.network.prefixlen)
             ipr.link("set", index=idx, state="up")
-        except NetlinkError:
+        except (NetlinkError, OSError):
             ipr.link("del", index=idx)
             raise
     write_sysctl(f"net/ipv4/conf/{name}/route_localnet", "1")
@@ -684,6 +705,17 @@ def quiet_link(name: str) -> None:
     had received when its start returned, each handled by its emulated vCPU)."""
     if read_sysctl(f"net/ipv6/conf/{name}/disable_ipv6") == "0":
         write_sysctl(f"net/ipv6/conf/{name}/disable_ipv6", "1")
+
+
+def quiet_gateway6(name: str) -> None:
+    """Link `name`, a gateway the host's namespace owns (the bridge), before it goes up: no
+    duplicate address detection (its addresses are ours: the link-local one is usable at
+    once) and no router solicitations (it is the router). Both were sent to every port,
+    so into each guest's queue until its link came up. Nothing without IPv6."""
+    if not os.path.isdir(f"/proc/sys/net/ipv6/conf/{name}"):
+        return
+    write_sysctl(f"net/ipv6/conf/{name}/accept_dad", "0")
+    write_sysctl(f"net/ipv6/conf/{name}/accept_ra", "0")
 
 
 def write_sysctl(key: str, value: str) -> None:

@@ -312,7 +312,7 @@ class SandboxNetwork:
         self._configure_inner()
         for iface in self.interfaces:
             if iface.tap:
-                netlink.redirect(iface.name, iface.tap)
+                netlink.redirect(iface.name, iface.tap, reports=False)
 
     async def join_bridge(self) -> None:
         """Bridge mode: put the veth's host end on the bridge (made now if missing) and add
