@@ -258,7 +258,6 @@ struct job {
 	int fd;
 	int reaped;
 	int cancelled;
-	int network; /* a NETWORK request: its end releases the module loader */
 	struct buf reply;
 };
 
@@ -281,9 +280,14 @@ static struct wait waits[MAX_WAITS];
 static struct job jobs[MAX_JOBS];
 
 /* The write end of a pipe the background module loader waits on (-1: none): it holds back
- * the drivers a start does not need until the start's NETWORK request has been answered
- * (see load_remaining_drivers). */
+ * the drivers a start does not need while the host is being served (see
+ * load_remaining_drivers and loader_tick). */
 static int loader_hold = -1;
+static int64_t loader_idle_from; /* since when nothing has been in progress */
+static int loader_was_busy;
+#define LOADER_HOLD_MS 2000
+#define LOADER_IDLE_MS 150
+static int loader_hold_ms = LOADER_HOLD_MS;
 
 static void release_loader(void)
 {
@@ -910,7 +914,8 @@ static void exec_finish(struct exec *e)
 	close_fd(&e->err_fd);
 	close_fd(&e->in_fd);
 	stdin_ack(e, EPIPE);
-	DEBUG("process id=%u pid=%d done status=0x%x\n", e->id, e->pid, e->status);
+	DEBUG("process id=%u pid=%d done status=0x%x at %lld\n", e->id, e->pid, e->status,
+	      (long long)now_ms());
 	if (e->mode == PM_STREAM && e->started) {
 		proc_exit_notify(e);
 		return;
@@ -1245,7 +1250,7 @@ static void proc_start(struct conn *c, uint32_t id, const uint8_t *p, size_t n, 
 			buf_free(&e->in);
 		exec_write_stdin(e);
 	}
-	DEBUG("%s id=%u pid=%d %s\n", op, id, pid, argv[0]);
+	DEBUG("%s id=%u pid=%d %s at %lld\n", op, id, pid, argv[0], (long long)now_ms());
 out:
 	close_fd(&pin[0]);
 	close_fd(&pin[1]);
@@ -1444,8 +1449,6 @@ static void job_done_maybe(struct job *j)
 	} else if (live && !whole) {
 		send_error(c, j->id, EIO, "request worker died without a whole reply");
 	}
-	if (j->network)
-		release_loader();
 	job_free(j);
 }
 
@@ -2847,8 +2850,9 @@ static void handle_ping(struct conn *c, uint32_t id, int hello, const uint8_t *p
 
 static void dispatch(struct conn *c, uint8_t type, uint32_t id, const uint8_t *p, size_t n)
 {
-	struct job *job;
-	DEBUG("request type=0x%02x id=%u len=%zu\n", type, id, n);
+	loader_idle_from = now_ms();
+	DEBUG("request type=0x%02x id=%u len=%zu at %lld\n", type, id, n,
+	      (long long)loader_idle_from);
 	if (!tlv_valid(p, n)) {
 		send_error(c, id, EBADMSG, "request 0x%02x: malformed payload", type);
 		return;
@@ -2897,13 +2901,11 @@ static void dispatch(struct conn *c, uint8_t type, uint32_t id, const uint8_t *p
 		start_job(c, id, p, n, handle_online);
 		break;
 	case T_WAIT:
+		release_loader(); /* the hardware waited for may need a held driver */
 		handle_wait(c, id, p, n);
 		break;
 	case T_NETWORK:
-		if ((job = start_job(c, id, p, n, handle_network)))
-			job->network = 1;
-		else
-			release_loader();
+		start_job(c, id, p, n, handle_network);
 		break;
 	default:
 		send_error(c, id, ENOSYS, "unknown request type 0x%02x", type);
@@ -3189,6 +3191,8 @@ static void parse_cmdline(void)
 			console_shell = 0;
 		else if (!strcmp(tok, "vc.scsi=late"))
 			scsi_late = 1;
+		else if (!strncmp(tok, "vc.loader_hold_ms=", 18))
+			loader_hold_ms = atoi(tok + 18);
 	}
 }
 
@@ -3354,11 +3358,14 @@ static void load_present_drivers(void)
 
 /* The rest (a deferred NIC driver first, then hotplug drivers, filesystems) in a child, so
  * the agent serves meanwhile; all but the NIC's at the lowest priority. Nice 19 is not
- * enough: under TCG the loader holds the one vCPU inside finit_module (virtio_scsi's bus
- * scan alone 170-250 ms) while the host's first requests wait. So after the NIC's driver it
- * waits until the start's NETWORK request has been answered (the agent closes the pipe's
- * other end), at most LOADER_HOLD_MS: a VM that gets no NETWORK request loads them then. */
-#define LOADER_HOLD_MS 1000
+ * enough: under TCG the loader holds the one vCPU inside finit_module (scsi_mod's load and
+ * virtio_scsi's bus scan 170-250 ms) while the host's requests wait. So after the NIC's
+ * driver it waits until the agent closes the pipe's other end: once the agent has been idle
+ * LOADER_IDLE_MS (no request unanswered, no process a connection waits on: the start's
+ * NETWORK and a container's first run are served first), when a WAIT asks for hardware that
+ * may need a held driver, or after loader_hold_ms (vc.loader_hold_ms, LOADER_HOLD_MS unless
+ * set) in all. A mount that needs a held driver (a share hot-added to a sandbox booted
+ * without one) retries until then. */
 
 static void load_remaining_drivers(void)
 {
@@ -3379,7 +3386,7 @@ static void load_remaining_drivers(void)
 		if (hold[0] >= 0) {
 			struct pollfd pw = {.fd = hold[0], .events = POLLIN};
 			int64_t t0 = now_ms();
-			while (poll(&pw, 1, LOADER_HOLD_MS) < 0 && errno == EINTR)
+			while (poll(&pw, 1, loader_hold_ms) < 0 && errno == EINTR)
 				;
 			DEBUG("background loading held %lld ms\n", (long long)(now_ms() - t0));
 		}
@@ -3395,9 +3402,10 @@ static void load_remaining_drivers(void)
 	}
 	if (hold[0] >= 0)
 		close(hold[0]);
-	if (pid > 0)
+	if (pid > 0) {
 		loader_hold = hold[1];
-	else if (hold[1] >= 0)
+		loader_idle_from = now_ms();
+	} else if (hold[1] >= 0)
 		close(hold[1]);
 	if (pid < 0) {
 		for (int i = 0; i < nmodules; i++)
@@ -3423,6 +3431,41 @@ static int virtio_device_present(unsigned want)
 	}
 	closedir(d);
 	return found;
+}
+
+/* Is the agent serving something: a request unanswered, or a process a connection waits on? */
+static int agent_busy(void)
+{
+	for (int i = 0; i < MAX_JOBS; i++)
+		if (jobs[i].used)
+			return 1;
+	for (int i = 0; i < MAX_EXECS; i++)
+		if (execs[i].used && !execs[i].exited && proc_attached(&execs[i]))
+			return 1;
+	return waits_active();
+}
+
+/* Release the background loader once the agent has been idle LOADER_IDLE_MS; returns how
+ * long until it should look again (-1: not while busy, or nothing held). */
+static int64_t loader_tick(int64_t now)
+{
+	if (loader_hold < 0)
+		return -1;
+	if (agent_busy()) {
+		loader_was_busy = 1;
+		return -1;
+	}
+	if (loader_was_busy) { /* idle from now, not from before the poll that waited */
+		loader_was_busy = 0;
+		loader_idle_from = now;
+	}
+	int64_t left = loader_idle_from + LOADER_IDLE_MS - now;
+	if (left > 0)
+		return left;
+	DEBUG("agent idle %d ms: background loading released at %lld\n", LOADER_IDLE_MS,
+	      (long long)now);
+	release_loader();
+	return -1;
 }
 
 /* Print the boot marker once the agent serves. A virtio console (hvc0) appears a little
@@ -3726,6 +3769,9 @@ int main(int argc, char **argv)
 			if (timeout < 0 || left < timeout)
 				timeout = left;
 		}
+		int64_t idle_left = loader_tick(now);
+		if (idle_left >= 0 && (timeout < 0 || idle_left < timeout))
+			timeout = idle_left;
 		int uevents = 0;
 		if ((want_port && !port_found && now < port_scan_deadline) ||
 		    (ready_wanted && !ready_printed))
@@ -3840,6 +3886,7 @@ int main(int argc, char **argv)
 		for (int i = 0; i < MAX_CONNS; i++)
 			if (conns[i].used && conns[i].kind == CONN_PORT && !conns[i].connected)
 				port_check(&conns[i]);
+		loader_tick(now);
 		if (ready_wanted && !ready_printed)
 			print_ready();
 		if (want_port && !port_found) {
