@@ -21,14 +21,24 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..devices import random_mac
 from ..errors import ConfigError, HypervisorError
 from .model import Address, Interface, Neighbour, Route
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
+
+
+def _netlink_error() -> Any:
+    """pyroute2's NetlinkError. pyroute2 is imported on first use: its package imports all
+    of itself (~140 ms of a CLI's start), which a sandbox without host networking (`--net
+    none`, or no network) never needs."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return NetlinkError
+
 
 T = TypeVar("T")
 
@@ -215,6 +225,8 @@ def remove_netns(name: str) -> bool:
 def _ipr() -> Iterator[IPRoute]:
     """An rtnetlink socket of the current namespace: inside `call_in_netns` the one its
     calls share (opened on first use), else one of its own."""
+    from pyroute2 import IPRoute
+
     if getattr(_session, "active", False):
         if getattr(_session, "ipr", None) is None:
             _session.ipr = IPRoute()
@@ -259,7 +271,7 @@ def delete_link(name: str) -> bool:
         idx = _index(name)
         if idx is None:
             return False
-        with contextlib.suppress(NetlinkError):
+        with contextlib.suppress(_netlink_error()):
             ipr.link("del", index=idx)
         return True
 
@@ -386,7 +398,7 @@ def redirect(endpoint: str, tap: str, reports: bool = True) -> None:
             raise ConfigError(f"tap {tap} is not in the sandbox's namespace")
         try:
             for src, dst in ((ep, tp), (tp, ep)):
-                with contextlib.suppress(NetlinkError):  # an ingress qdisc may already be there
+                with contextlib.suppress(_netlink_error()):  # an ingress qdisc may already be there
                     ipr.tc("add", "ingress", src, "ffff:")
                 if src == ep and not reports:
                     for prio, (proto, keys) in enumerate(REPORT_KEYS, 1):
@@ -413,9 +425,9 @@ def redirect(endpoint: str, tap: str, reports: bool = True) -> None:
                     },
                 )
             ipr.link("set", index=ep, state="up")
-        except NetlinkError as e:
+        except _netlink_error() as e:
             for index in (tp, ep):
-                with contextlib.suppress(NetlinkError):
+                with contextlib.suppress(_netlink_error()):
                     ipr.tc("del", "ingress", index, "ffff:")
             raise HypervisorError(
                 f"cannot redirect endpoint {endpoint} to tap {tap} with tc: {e}"
@@ -459,7 +471,7 @@ def connect_macvtap(endpoint: str, name: str) -> int:
             assert idx is not None
             ipr.link("set", index=idx, address=mac, mtu=mtu, state="up")
             ipr.link("set", index=ep, state="up")
-        except NetlinkError as e:
+        except _netlink_error() as e:
             disconnect_macvtap(endpoint, name, str(mac), [], [])
             raise HypervisorError(f"cannot make macvtap {name} on {endpoint}: {e}") from e
         return idx
@@ -473,12 +485,12 @@ def disconnect_macvtap(
     with _ipr() as ipr:
         idx = _index(name)
         if idx is not None:
-            with contextlib.suppress(NetlinkError):
+            with contextlib.suppress(_netlink_error()):
                 ipr.link("del", index=idx)
         ep = _index(endpoint)
         if ep is None:
             return
-        with contextlib.suppress(NetlinkError):
+        with contextlib.suppress(_netlink_error()):
             if mac:
                 ipr.link("set", index=ep, address=mac)
             for a in addresses:
@@ -497,13 +509,13 @@ def disconnect_tcfilter(endpoint: str, tap: str) -> None:
     with _ipr() as ipr:
         tp = _index(tap)
         if tp is not None:
-            with contextlib.suppress(NetlinkError):
+            with contextlib.suppress(_netlink_error()):
                 ipr.link("del", index=tp)
         ep = _index(endpoint) if endpoint else None
         if ep is not None:
             try:
                 ipr.tc("del", "ingress", ep, "ffff:")
-            except NetlinkError as e:
+            except _netlink_error() as e:
                 if e.code not in (errno.ENOENT, errno.EINVAL):
                     raise
 
@@ -619,7 +631,7 @@ def create_bridge(name: str, gateway: ipaddress.IPv4Interface) -> None:
             quiet_gateway6(name)
             ipr.addr("add", index=idx, address=str(gateway.ip), prefixlen=gateway.network.prefixlen)
             ipr.link("set", index=idx, state="up")
-        except (NetlinkError, OSError):
+        except (_netlink_error(), OSError):
             ipr.link("del", index=idx)
             raise
     write_sysctl(f"net/ipv4/conf/{name}/route_localnet", "1")
