@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from virtcontainers import Sandbox
+from virtcontainers.containers.spec import READ_AHEAD_KIB, RUNNER
 from virtcontainers.guest import AGENT_READY_MARKER
 from virtcontainers.images import ImageStore
 from virtcontainers.types import Param
@@ -37,7 +38,8 @@ async def test_background_drivers_wait_for_the_first_container(
     filesystems: a few hundred ms of the one vCPU under TCG) load once the agent is idle:
     neither during the start's NETWORK request nor during the container's first run, which
     the host waits on (the hold's cap is set far away here, so only the idle rule releases
-    it); they still all load, with no request to ask for them."""
+    it); they still all load, with no request to ask for them. The container's start is one
+    process, vc-run (no set-up shell), which mounts the root share reading ahead."""
     debug = [Param("vc.debug", "1"), Param("vc.loader_hold_ms", "60000")]
     async with Sandbox(
         network="none",
@@ -46,13 +48,19 @@ async def test_background_drivers_wait_for_the_first_container(
         run_root=run_root,
         kernel_params=debug,
     ) as sb:
-        result = await (await sb.create_container(["sleep", "0.3"])).run()
+        c = await sb.create_container(["sleep", "0.3"])
+        result = await c.run()
         assert result.exit_code == 0, result
+        # vc-run mounted the root share itself, reading ahead READ_AHEAD_KIB (FUSE: 128).
+        bdi = f"cat /sys/class/bdi/$(awk '$5 == \"{c.rootfs}\" {{print $3}}' /proc/self/mountinfo)"
+        ahead = await sb.exec(["/bin/sh", "-c", f"{bdi}/read_ahead_kb"])
+        assert ahead.stdout == f"{READ_AHEAD_KIB}\n".encode(), ahead
         log = await _console_until(sb, "all modules loaded")
     assert "all modules loaded" in log, log[-3000:]
     after_ready = log[log.index(AGENT_READY_MARKER) :]
-    run = re.search(r"exec id=(\d+) pid=(\d+) /bin/sh", after_ready)
+    run = re.search(r"exec id=(\d+) pid=(\d+) (\S+)", after_ready)
     assert run is not None, after_ready[-3000:]
+    assert run[3] == RUNNER, f"the container's start ran {run[3]}, not vc-run alone"
     done = re.search(
         rf"process id={run[1]} pid={run[2]} done status=0x0(?: at (\d+))?", after_ready
     )

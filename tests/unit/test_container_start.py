@@ -7,7 +7,7 @@ from typing import Any
 
 from virtcontainers.agent.client import ExecResult
 from virtcontainers.containers import Container, ContainerRecord
-from virtcontainers.containers.spec import RUNNER
+from virtcontainers.containers.spec import READ_AHEAD_KIB, RUNNER
 
 
 @dataclass
@@ -32,25 +32,52 @@ class FakeSandbox:
         return FakeProcess()
 
 
-def container(sandbox: FakeSandbox, cid: str) -> Container:
-    record = ContainerRecord(id=cid, share_tag="vc-ctr", spec={"args": ["true"]})
+def container(sandbox: FakeSandbox, cid: str, **spec: Any) -> Container:
+    record = ContainerRecord(id=cid, share_tag="vc-ctr", spec={"args": ["true"], **spec})
     return Container(sandbox, record)  # type: ignore[arg-type]
 
 
 async def test_start_runs_the_setup_script_only_when_setup_has_not() -> None:
     sb = FakeSandbox()
-    fresh = container(sb, "c1")
+    fresh = container(sb, "c1", resources={"memory_max": 64 << 20})
     await fresh.start()
     [argv] = sb.started
     assert argv[:2] == ["/bin/sh", "-c"] and fresh.setup_script() in argv[2]
     assert argv[argv.index("vc-setup") + 1] == RUNNER
 
-    set_up = container(sb, "c2")
+    set_up = container(sb, "c2", resources={"memory_max": 64 << 20})
     await set_up.setup()
     assert sb.execs == [["/bin/sh", "-c", set_up.setup_script()]]
     await set_up.start()
     assert sb.started[1][0] == RUNNER  # vc-run at once: its mounts and cgroup are there
     assert sb.started[1] == set_up.runner_argv()
+
+
+async def started_alone(sb: FakeSandbox, c: Container) -> list[str]:
+    """Start `c`, checking that neither `setup` nor `start` ran a script: vc-run's argv."""
+    assert c.setup_script() == ""
+    await c.setup()
+    assert sb.execs == []
+    await c.start()
+    [argv] = sb.started
+    assert argv[0] == RUNNER
+    assert argv[argv.index("--cgroup") + 1] == c.cgroup
+    return argv
+
+
+async def test_a_root_share_is_mounted_by_vc_run() -> None:
+    """A container whose root is a share, with no volume and no limit, needs no set-up
+    shell: vc-run mounts the share (reading ahead READ_AHEAD_KIB), the cgroup hierarchy and
+    makes its cgroup; with limits the script writes them and leaves the root to vc-run."""
+    sb = FakeSandbox()
+    c = container(sb, "c1")
+    argv = await started_alone(sb, c)
+    assert argv[argv.index("--rootfs") + 1] == c.rootfs
+    assert argv[argv.index("--share") + 1] == "vc-ctr"
+    assert argv[argv.index("--read-ahead") + 1] == str(READ_AHEAD_KIB)
+    limited = container(sb, "c2", resources={"memory_max": 64 << 20})
+    script = limited.setup_script()
+    assert "virtiofs" not in script and f"{limited.cgroup}/memory.max" in script
 
 
 def pooled(sandbox: FakeSandbox, cid: str, **spec: Any) -> Container:
@@ -66,14 +93,8 @@ async def test_a_pooled_vms_container_needs_no_set_up_request() -> None:
     staged directory itself."""
     sb = FakeSandbox()
     c = pooled(sb, "c1")
-    assert c.setup_script() == ""
-    await c.setup()
-    assert sb.execs == []
-    await c.start()
-    [argv] = sb.started
-    assert argv[0] == RUNNER
-    assert argv[argv.index("--rootfs") + 1] == "/run/vc/pool/ctr"
-    assert argv[argv.index("--cgroup") + 1] == c.cgroup
+    argv = await started_alone(sb, c)
+    assert argv[argv.index("--rootfs") + 1] == "/run/vc/pool/ctr" and "--share" not in argv
 
 
 async def test_a_pooled_vms_container_with_limits_writes_them_only() -> None:

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, StateError
-from .spec import DEVICE_PROGRAMS, Mount, ProcessSpec, Resources, device_cgroup_options
+from .spec import (
+    DEVICE_PROGRAMS,
+    READ_AHEAD_KIB,
+    Mount,
+    ProcessSpec,
+    Resources,
+    device_cgroup_options,
+)
 
 if TYPE_CHECKING:
     from ..agent import ExecResult, Process
@@ -102,13 +109,6 @@ def mount_virtiofs(tag: str, where: str) -> str:
         f"n=$((n+1)); [ $n -lt {MOUNT_TRIES} ] || {{ {mount}; break; }}; sleep 0.05; "
         f"done; vc_mounted {q(where)}; }}; }}"
     )
-
-
-READ_AHEAD_KIB = 4096
-"""Read-ahead of the share of containers' roots in a pooled guest (FUSE's default: 128 KiB).
-A binary's first page fault then reads a small binary whole, in parallel requests, instead
-of a round trip to virtiofsd per 128 KiB window: a pooled VM's first busybox `true`, from
-its exec to its exit, 115 -> 72 ms (medians of 8, alternated, load 2.7; 6.6)."""
 
 
 def read_ahead(where: str, kib: int = READ_AHEAD_KIB) -> str:
@@ -239,10 +239,10 @@ class Container:
         return self.record.share_path or self.rootfs
 
     def setup_script(self) -> str:
-        """Shell run once in the guest before the first start: mount the root, the volumes
-        and make the cgroup (with its limits). "" when vc-run does it all (it makes its pid
-        file's directory and its cgroup): a pooled VM's container (the cgroup hierarchy
-        mounted while the VM waited) with no volume to mount and no limit to write."""
+        """Shell run once in the guest before the first start: mount a block root, the
+        volumes and write the cgroup's limits. "" when vc-run does it all (it mounts a root
+        share, `--share`, makes its pid file's directory, mounts the cgroup hierarchy and
+        makes its cgroup): a root share with no volume to mount and no limit to write."""
         q = shlex.quote
         lines = [GUEST_MOUNTED]
         if self.record.block_serial:
@@ -256,9 +256,6 @@ class Container:
                 f"{{ vc_mounted {q(self.rootfs)} || {{ {find} && "
                 f"mount -t ext4 $dev {q(self.rootfs)}; }}; }}"
             )
-        elif not self.record.share_path:
-            lines.append(_mkdir(self.rootfs))
-            lines.append(mount_virtiofs(self.record.share_tag, self.rootfs))
         for tag in dict.fromkeys(v["tag"] for v in self.record.volumes if not v.get("guest")):
             where = f"{GUEST_VOLUMES}/{tag}"
             lines.append(_mkdir(where))
@@ -266,14 +263,15 @@ class Container:
         limits = self.spec.resources.files()
         if len(lines) == 1 and not limits:
             return ""
-        lines.append(cgroup_script())
-        lines.append(_mkdir(self.cgroup))
+        if limits:
+            lines.append(cgroup_script())
+            lines.append(_mkdir(self.cgroup))
         for name, value in limits.items():
             lines.append(f"echo {q(value)} > {self.cgroup}/{name}")
         return " && ".join(lines)
 
     async def setup(self) -> None:
-        """Mount the container's root and volumes in the guest (idempotent); no guest
+        """Mount the container's block root and volumes in the guest (idempotent); no guest
         request when vc-run needs nothing made before it (`setup_script`)."""
         script = self.setup_script()
         result = await self.sandbox.exec(["/bin/sh", "-c", script]) if script else None
@@ -295,7 +293,10 @@ class Container:
     def runner_argv(self, spec: ProcessSpec | None = None) -> list[str]:
         spec = spec or self.spec
         spec.mounts = [*spec.mounts, *self._volume_mounts(), *self._network_mounts(spec)]
-        return spec.runner_argv(self.root, cgroup=self.cgroup, pid_file=f"{self.guest_dir}/pid")
+        share = self.record.share_tag if not self.record.share_path else ""
+        return spec.runner_argv(
+            self.root, cgroup=self.cgroup, pid_file=f"{self.guest_dir}/pid", share=share
+        )
 
     def _start_argv(self) -> list[str]:
         """Mount what the container needs, then become vc-run (one guest request); vc-run

@@ -22,6 +22,13 @@ loaded ones stay pinned in its `bpf/` (a bpffs the pool's warm-up mounts), so a 
 container with the same rules skips the load (docs/architecture.md 6.6)."""
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+READ_AHEAD_KIB = 4096
+"""Read-ahead of the shares of containers' roots (FUSE's default: 128 KiB; vc-run's
+`--read-ahead`, a pooled guest's roots' share).
+A binary's first page fault then reads a small binary whole, in parallel requests, instead
+of a round trip to virtiofsd per 128 KiB window: a pooled VM's first busybox `true`, from
+its exec to its exit, 115 -> 72 ms (medians of 8, alternated, load 2.7; 6.6)."""
+
 CAPABILITIES = {
     name: i
     for i, name in enumerate(
@@ -285,11 +292,17 @@ class ProcessSpec:
     """`linux.resources.devices` as vc-run's `--device-cgroup`/`--device-rule` options
     (`device_cgroup_options`); empty: no device program (every device allowed)."""
 
-    def runner_argv(self, rootfs: str, *, cgroup: str = "", pid_file: str = "") -> list[str]:
-        """vc-run's command line for this process in the container rooted at `rootfs`."""
+    def runner_argv(
+        self, rootfs: str, *, cgroup: str = "", pid_file: str = "", share: str = ""
+    ) -> list[str]:
+        """vc-run's command line for this process in the container rooted at `rootfs` (where
+        vc-run mounts the virtio-fs `share` first, reading ahead `READ_AHEAD_KIB`)."""
         if not self.args:
             raise ConfigError("container: no command (the image has no Entrypoint or Cmd)")
-        argv = [RUNNER, "--rootfs", rootfs, "--cwd", self.cwd or "/", "--ns", self.namespaces]
+        argv = [RUNNER, "--rootfs", rootfs]
+        if share:
+            argv += ["--share", share, "--read-ahead", str(READ_AHEAD_KIB)]
+        argv += ["--cwd", self.cwd or "/", "--ns", self.namespaces]
         argv += ["--user", f"{self.uid}:{self.gid}"]
         if self.groups:
             argv += ["--groups", ",".join(str(g) for g in self.groups)]

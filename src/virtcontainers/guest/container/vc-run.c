@@ -10,7 +10,8 @@
  * runtime spec gives. Measured under TCG it starts a container in ~20 ms where crun needs
  * ~0.3 s (loading its shared libraries alone takes 0.14 s): see docs/architecture.md.
  *
- *   vc-run --rootfs DIR [--cwd DIR] [--user UID:GID] [--groups G,G] [--env K=V]...
+ *   vc-run --rootfs DIR [--share TAG [--read-ahead KIB]] [--cwd DIR] [--user UID:GID]
+ *          [--groups G,G] [--env K=V]...
  *          [--hostname NAME] [--ns m,p,u,i,n,c,U] [--uid-map C:H:N]... [--gid-map C:H:N]...
  *          [--readonly] [--no-new-privs] [--caps HEXMASK] [--rlimit RESOURCE:SOFT:HARD]...
  *          [--cgroup DIR] [--mount TYPE:SOURCE:DEST:OPTIONS]... [--pid-file FILE]
@@ -21,10 +22,16 @@
  *          [--caps HEXMASK] [SECCOMP...] -- ARGV...
  *   vc-run --oom-events DIR
  *
+ * --share mounts the virtio-fs share TAG on DIR first (in the guest's mount namespace, made
+ * if missing, unless something is mounted there already; a hot-added share is probed a
+ * moment after it is plugged: retried every 50 ms for 10 s), its read-ahead set to KIB: no
+ * set-up shell runs before vc-run for a container's root (under TCG its start and script
+ * cost a cold container ~0.1 s).
  * --pid-file receives the container's first process's pid (as the guest sees it; its
  * directory is made if missing); --join
  * runs ARGV inside that running container instead (its namespaces and root: `virtc exec`).
- * --cgroup is the container's cgroup (made if missing): the process that becomes ARGV joins
+ * --cgroup is the container's cgroup (made if missing; its parent, the guest's cgroup2
+ * hierarchy, mounted with the memory, pids and cpu controllers enabled if it is not): the process that becomes ARGV joins
  * it (vc-run's own waiting parent stays out, so the cgroup holds the container's processes
  * only).
  * --ns letters: m mount, p pid, u uts, i ipc, n network, c cgroup, U user (with the
@@ -60,6 +67,7 @@
  * 126 when the command cannot be executed, 127 when it is not found (as docker run).
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/bpf.h>
@@ -94,7 +102,8 @@
 extern char **environ;
 
 static const char *rootfs, *cwd = "/", *hostname, *cgroup, *namespaces = "m,p,u,i";
-static const char *pid_file, *join;
+static const char *pid_file, *join, *share;
+static int read_ahead_kib;
 static char *joins[MAX_ITEMS];
 static int n_joins;
 static int pid_fd = -1;
@@ -1005,11 +1014,75 @@ static void attach_device_program(void)
 
 /* Made (a new container's) and opened before the root changes; written by the process that
  * becomes the command. */
+/* --share: the root's share mounted on --rootfs (see the usage above). */
+static void mount_share(void)
+{
+	struct stat st, up;
+	char parent[4096];
+	if (!share || join)
+		return;
+	mkdirs(rootfs);
+	snprintf(parent, sizeof parent, "%s/..", rootfs);
+	if (!stat(rootfs, &st) && !stat(parent, &up) && st.st_dev != up.st_dev)
+		return; /* mounted already (an earlier start of this container) */
+	for (int n = 0; mount(share, rootfs, "virtiofs", 0, NULL); n++) {
+		if (n >= 200)
+			die("mount virtio-fs share %s on %s", share, rootfs);
+		usleep(50000);
+	}
+	stamp("mounted");
+	if (read_ahead_kib <= 0)
+		return;
+	/* FUSE lowers the read-ahead to what the daemon's answer to INIT allows: a listing
+	 * waits for that answer. */
+	DIR *d = opendir(rootfs);
+	if (d) {
+		readdir(d);
+		closedir(d);
+	}
+	if (stat(rootfs, &st))
+		return;
+	snprintf(parent, sizeof parent, "/sys/class/bdi/%u:%u/read_ahead_kb", major(st.st_dev),
+		 minor(st.st_dev));
+	int fd = open(parent, O_WRONLY | O_CLOEXEC);
+	if (fd >= 0) {
+		dprintf(fd, "%d\n", read_ahead_kib);
+		close(fd);
+	}
+}
+
+/* The guest's cgroup2 hierarchy (--cgroup's parent), mounted with the controllers containers
+ * use enabled, once per guest (if nothing has yet). */
+static void cgroup_hierarchy(void)
+{
+	char root[4096], path[4200];
+	snprintf(root, sizeof root, "%s", cgroup);
+	char *slash = strrchr(root, '/');
+	if (!slash || slash == root)
+		return;
+	*slash = 0;
+	snprintf(path, sizeof path, "%s/cgroup.controllers", root);
+	if (!access(path, F_OK))
+		return;
+	if (mount("none", root, "cgroup2", 0, NULL) && errno != EBUSY)
+		die("mount cgroup2 on %s", root);
+	snprintf(path, sizeof path, "%s/cgroup.subtree_control", root);
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd >= 0) {
+		/* As the set-up shell wrote it: a controller the kernel lacks leaves all off. */
+		if (write(fd, "+memory +pids +cpu", 18) < 0)
+			errno = 0;
+		close(fd);
+	}
+}
+
 static void open_cgroup(void)
 {
 	char path[4096];
 	if (!cgroup)
 		return;
+	if (!join)
+		cgroup_hierarchy();
 	if (!join && mkdir(cgroup, 0755) && errno != EEXIST)
 		die("make cgroup %s", cgroup);
 	snprintf(path, sizeof path, "%s/cgroup.procs", cgroup);
@@ -1330,6 +1403,10 @@ static void parse(int argc, char **argv, int *cmd)
 		}
 		if (!strcmp(a, "--rootfs"))
 			rootfs = argv[++i];
+		else if (!strcmp(a, "--share"))
+			share = argv[++i];
+		else if (!strcmp(a, "--read-ahead"))
+			read_ahead_kib = atoi(argv[++i]);
 		else if (!strcmp(a, "--cwd"))
 			cwd = argv[++i];
 		else if (!strcmp(a, "--user"))
@@ -1408,6 +1485,7 @@ int main(int argc, char **argv)
 	check_sysctls();
 	if (!join)
 		build_device_program();
+	mount_share();
 	open_cgroup();
 	stamp("checked");
 	if (join) {
