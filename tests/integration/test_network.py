@@ -516,6 +516,10 @@ async def test_background_drivers_wait_for_the_starts_network_request(run_root: 
     net = re.search(r"network id=\d+: \d+ links in (\d+) ms \(from (\d+):", after_ready)
     assert net is not None, after_ready[-3000:]
     answered = int(net[2]) + int(net[1])
+    # The request's own CPU time is logged too: at most its wall time, loopback's within it.
+    cpu = re.search(r"the agent's CPU (\d+) us: loopback (\d+), links up", after_ready)
+    assert cpu is not None, after_ready[-3000:]
+    assert 0 < int(cpu[2]) <= int(cpu[1]) <= (int(net[1]) + 1) * 1000, cpu[0]
     first = re.search(r"vc-agent: loaded (\S+) in (\d+) ms at (\d+)", after_ready)
     assert first is not None, after_ready[-3000:]
     started = int(first[3]) - int(first[2])
