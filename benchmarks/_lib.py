@@ -20,7 +20,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +56,8 @@ class Options:
     runs: int = 10
     warmup: int = 1
     quick: bool = False
+    only: tuple[str, ...] = ()
+    """`--only`: the candidates to measure (all when empty), for benchmarks that offer it."""
 
     def scaled(self, factor: int, minimum: int = 1) -> int:
         """`runs * factor` (for cheap measurements that need many samples, e.g. exec)."""
@@ -375,17 +385,28 @@ def vm_memory(pids: list[int]) -> dict[str, int]:
 
 # -- standalone entry point -------------------------------------------------------------------
 def parse_options(description: str, argv: list[str] | None = None) -> tuple[Options, str | None]:
-    """`--runs N`, `--warmup N`, `--quick` and `--json PATH`."""
+    """`--runs N`, `--warmup N`, `--quick`, `--only NAME,...` and `--json PATH`."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--runs", type=int, default=None, help="measured runs per candidate")
     ap.add_argument("--warmup", type=int, default=1, help="discarded runs per candidate")
     ap.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK_RUNS} runs")
     ap.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    ap.add_argument("--only", metavar="NAME,...", default="", help="measure only these candidates")
     args = ap.parse_args(argv)
     runs = args.runs if args.runs is not None else (QUICK_RUNS if args.quick else 10)
     if runs < 1 or args.warmup < 0:
         ap.error("--runs must be >= 1 and --warmup >= 0")
-    return Options(runs=runs, warmup=args.warmup, quick=args.quick), args.json
+    only = tuple(n for n in args.only.split(",") if n)
+    return Options(runs=runs, warmup=args.warmup, quick=args.quick, only=only), args.json
+
+
+def chosen(opts: Options, known: Sequence[str], *names: str) -> bool:
+    """Whether any of `names` is to be measured (all are without `--only`); a name in
+    `--only` that is not in `known` (the benchmark's candidates) is refused by name."""
+    unknown = [n for n in opts.only if n not in known]
+    if unknown:
+        die(f"--only: no candidate {', '.join(unknown)} (candidates: {', '.join(known)})")
+    return not opts.only or any(n in opts.only for n in names)
 
 
 def write_bytecode() -> None:

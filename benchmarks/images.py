@@ -11,7 +11,10 @@ where the factory run's time goes (the same hand-out in this process, by phase);
 image import time and store size for the test images, and copying 100 MiB into and out of a
 running container (`virtc cp`).
 
-    [VC_BENCH_DEBIAN=1] .venv/bin/python benchmarks/images.py [--runs 10] [--quick]
+    [VC_BENCH_DEBIAN=1] .venv/bin/python benchmarks/images.py [--runs 10] [--quick] [--only A,B]
+
+`--only` measures some candidates alone (e.g. `--only virtc_run,virtc_run_image` for the cold
+ratio: no template, VM cache, import or cp), from CANDIDATES.
 
 The busybox image is built from Debian's busybox-static (cached by its inputs); with
 VC_BENCH_DEBIAN=1 it also imports the Debian bookworm + python3 image (mmdebstrap; the first
@@ -35,6 +38,7 @@ from _lib import (
     add_metrics,
     add_ratio,
     alternate,
+    chosen,
     main,
     new_result,
     pool_full,
@@ -55,6 +59,16 @@ POOL_TIMEOUT = 300.0
 CP_BYTES = 100 << 20
 DEBIAN = os.environ.get("VC_BENCH_DEBIAN") == "1"
 """Also the Debian image (`VC_BENCH_DEBIAN=1`): its first build takes minutes."""
+WARM = ("virtc_run_image_template", "virtc_run_image_factory", "factory_phases")
+CANDIDATES = (
+    "import",
+    "virtc_run",
+    "virtc_run_image",
+    *WARM,
+    "virtc_run_python",
+    "cp",
+)
+"""What `--only` can name ("import": the images' imports, "cp": `virtc cp` in and out)."""
 
 
 def _import(store_root: str, archive: str) -> Sample:
@@ -75,7 +89,7 @@ async def bench(opts: Options) -> Result:
         archives = {"busybox": busybox_image()}
         if DEBIAN:
             archives["debian"] = debian_image()
-        for name, archive in archives.items():
+        for name, archive in archives.items() if chosen(opts, CANDIDATES, "import") else ():
             runs = [_import(os.path.join(tmp, f"import-{name}"), archive) for _ in range(3)]
             samples[f"import_{name}"] = {
                 "import": [r["import"] for r in runs],
@@ -91,37 +105,46 @@ async def bench(opts: Options) -> Result:
             # VM cache server runs (only `--factory`, which needs that server, uses it).
             env.pop(ZYGOTE_OFF, None)
             cold = dict(env, **{ZYGOTE_OFF: "1"})
+            warm = chosen(opts, CANDIDATES, *WARM)
+
+            async def settled() -> None:
+                """The VM cache's pool full, when there is one: no refill beside a command."""
+                if warm:
+                    await pool_full(run_root, POOL, POOL_TIMEOUT)
 
             async def run_plain(_i: int) -> Sample:
-                await pool_full(run_root, POOL, POOL_TIMEOUT)
+                await settled()
                 return {"wall": await asyncio.to_thread(run_virtc, ["run", "--", "true"], cold)}
 
             async def run_image(_i: int) -> Sample:
-                await pool_full(run_root, POOL, POOL_TIMEOUT)
+                await settled()
                 args = ["run", "--net", "none", "--image", "busybox", "--", "true"]
                 return {"wall": await asyncio.to_thread(run_virtc, args, cold)}
 
             cands: dict[str, Candidate] = {"virtc_run": run_plain, "virtc_run_image": run_image}
-            await asyncio.to_thread(run_virtc, ["template", "create", TEMPLATE, "--virtio-fs"], env)
-            await asyncio.to_thread(
-                run_virtc,
-                ["factory", "init", "--template", TEMPLATE, "--size", str(POOL), "--wait"],
-                env,
-            )
+            if warm:
+                await asyncio.to_thread(
+                    run_virtc, ["template", "create", TEMPLATE, "--virtio-fs"], env
+                )
+                await asyncio.to_thread(
+                    run_virtc,
+                    ["factory", "init", "--template", TEMPLATE, "--size", str(POOL), "--wait"],
+                    env,
+                )
             image_true = ["--image", "busybox", "--", "true"]
 
             async def run_template(_i: int) -> Sample:
-                await pool_full(run_root, POOL, POOL_TIMEOUT)
+                await settled()
                 args = ["run", "--from-template", TEMPLATE, *image_true]
                 return {"wall": await asyncio.to_thread(run_virtc, args, cold)}
 
             async def run_factory(_i: int) -> Sample:
-                await pool_full(run_root, POOL, POOL_TIMEOUT)
+                await settled()
                 args = ["run", "--factory", *image_true]
                 return {"wall": await asyncio.to_thread(run_virtc, args, env)}
 
             async def factory_phases(_i: int) -> Sample:
-                await pool_full(run_root, POOL, POOL_TIMEOUT)
+                await settled()
                 return await _handout_phases(run_root, store_root)
 
             cands["virtc_run_image_template"] = run_template
@@ -135,13 +158,16 @@ async def bench(opts: Options) -> Result:
                     return {"wall": await asyncio.to_thread(run_virtc, args, cold)}
 
                 cands["virtc_run_python"] = run_python
+            cands = {k: v for k, v in cands.items() if chosen(opts, CANDIDATES, k)}
             print("virtc run --image busybox -- true vs virtc run -- true", flush=True)
             try:
                 samples.update(await alternate(cands, opts.runs, opts.warmup, settle=0.5))
             finally:
-                await asyncio.to_thread(run_virtc, ["factory", "destroy"], env)
-                await asyncio.to_thread(run_virtc, ["template", "rm", TEMPLATE], env)
-            samples.update(await _copy(opts, env, tmp))
+                if warm:
+                    await asyncio.to_thread(run_virtc, ["factory", "destroy"], env)
+                    await asyncio.to_thread(run_virtc, ["template", "rm", TEMPLATE], env)
+            if chosen(opts, CANDIDATES, "cp"):
+                samples.update(await _copy(opts, env, tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     add_metrics(result, samples)
