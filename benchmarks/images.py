@@ -1,6 +1,8 @@
 """Containers from images: `virtc run --image busybox -- true` against `virtc run -- true`
-(alternated, same run; target <= 1.15x; `--net none`, the network's cost being
-benchmarks/network.py's); the same from a VM template (`--from-template`, a template made
+(alternated, same run; target <= 1.15x; `--net none` for both, the network's cost being
+benchmarks/network.py's: `--net none` configures the guest's loopback with a NETWORK
+request, which a `run` without a network does not send; the ratio against that run is
+given too); the same from a VM template (`--from-template`, a template made
 with `--virtio-fs` and the same config) and from the VM cache server (`--factory`, its pool
 cloned from that template, each pooled VM's virtio-fs share already attached: see
 factory/poolshare.py; the pool is full before every candidate's run, so that no pooled VM's
@@ -13,8 +15,8 @@ running container (`virtc cp`).
 
     [VC_BENCH_DEBIAN=1] .venv/bin/python benchmarks/images.py [--runs 10] [--quick] [--only A,B]
 
-`--only` measures some candidates alone (e.g. `--only virtc_run,virtc_run_image` for the cold
-ratio: no template, VM cache, import or cp), from CANDIDATES.
+`--only` measures some candidates alone (e.g. `--only virtc_run_none,virtc_run_image` for the
+cold ratio: no template, VM cache, import or cp), from CANDIDATES.
 
 The busybox image is built from Debian's busybox-static (cached by its inputs); with
 VC_BENCH_DEBIAN=1 it also imports the Debian bookworm + python3 image (mmdebstrap; the first
@@ -63,6 +65,7 @@ WARM = ("virtc_run_image_template", "virtc_run_image_factory", "factory_phases")
 CANDIDATES = (
     "import",
     "virtc_run",
+    "virtc_run_none",
     "virtc_run_image",
     *WARM,
     "virtc_run_python",
@@ -116,12 +119,21 @@ async def bench(opts: Options) -> Result:
                 await settled()
                 return {"wall": await asyncio.to_thread(run_virtc, ["run", "--", "true"], cold)}
 
+            async def run_none(_i: int) -> Sample:
+                await settled()
+                args = ["run", "--net", "none", "--", "true"]
+                return {"wall": await asyncio.to_thread(run_virtc, args, cold)}
+
             async def run_image(_i: int) -> Sample:
                 await settled()
                 args = ["run", "--net", "none", "--image", "busybox", "--", "true"]
                 return {"wall": await asyncio.to_thread(run_virtc, args, cold)}
 
-            cands: dict[str, Candidate] = {"virtc_run": run_plain, "virtc_run_image": run_image}
+            cands: dict[str, Candidate] = {
+                "virtc_run": run_plain,
+                "virtc_run_none": run_none,
+                "virtc_run_image": run_image,
+            }
             if warm:
                 await asyncio.to_thread(
                     run_virtc, ["template", "create", TEMPLATE, "--virtio-fs"], env
@@ -173,10 +185,16 @@ async def bench(opts: Options) -> Result:
     add_metrics(result, samples)
     add_ratio(
         result,
-        "run --image busybox -- true / run -- true",
+        "run --net none --image busybox -- true / run --net none -- true",
+        ("virtc_run_image", "wall"),
+        ("virtc_run_none", "wall"),
+        target=RUN_TARGET,
+    )
+    add_ratio(
+        result,
+        "run --net none --image busybox -- true / run -- true (no network)",
         ("virtc_run_image", "wall"),
         ("virtc_run", "wall"),
-        target=RUN_TARGET,
     )
     for cand, how in (("template", "a template"), ("factory", "the VM cache")):
         add_ratio(

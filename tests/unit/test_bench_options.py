@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from _lib import chosen, parse_options
 
-KNOWN = ("virtc_run", "virtc_run_image", "cp")
+KNOWN = ("virtc_run", "virtc_run_none", "virtc_run_image", "cp")
 
 
 def test_only_picks_the_candidates_named() -> None:
