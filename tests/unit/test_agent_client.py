@@ -296,7 +296,7 @@ async def _uds_server(path: str, behaviour: str) -> AsyncIterator[list[bytes]]:
         lines.append(await reader.readline())
         if behaviour == "refuse":
             writer.close()
-        elif behaviour == "garbage":
+        elif behaviour == "garbage" or (behaviour == "garbage, then hang" and len(lines) == 1):
             writer.write(b"ERR no listener\n")
             writer.close()
         else:
@@ -319,6 +319,18 @@ async def test_hybrid_vsock_failures_end_in_a_clear_error(sockdir: str, behaviou
             await AgentClient.connect(HybridVsock(uds, 2000), 0.5)
     assert lines and lines[0] == b"CONNECT 2000\n"
     assert "hv.sock" in str(info.value)
+
+
+async def test_an_attempt_cut_by_the_deadline_does_not_hide_the_refusal_before_it(
+    sockdir: str,
+) -> None:
+    """The last attempt, cut short by the deadline, says only that time ran out: the error
+    names what the attempt before it was told."""
+    uds = os.path.join(sockdir, "hv.sock")
+    async with _uds_server(uds, "garbage, then hang") as lines:
+        with pytest.raises(AgentError, match="CONNECT refused: 'ERR no listener'"):
+            await AgentClient.connect(HybridVsock(uds, 2000), 0.5)
+    assert len(lines) == 2
 
 
 async def test_hybrid_vsock_port_out_of_range() -> None:

@@ -227,7 +227,8 @@ class AgentClient:
             try:
                 reader, writer = await _open(target, remaining)
             except AgentError as exc:
-                last = str(exc)
+                if last == "no attempt" or loop.time() < deadline:
+                    last = str(exc)  # one the deadline cut short tells less than the one before
                 await asyncio.sleep(min(RETRY_PAUSE, max(0.0, deadline - loop.time())))
                 continue
             wait = deadline - loop.time()
