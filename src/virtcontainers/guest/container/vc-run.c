@@ -31,9 +31,9 @@
  * directory is made if missing); --join
  * runs ARGV inside that running container instead (its namespaces and root: `virtc exec`).
  * --cgroup is the container's cgroup (made if missing; its parent, the guest's cgroup2
- * hierarchy, mounted with the memory, pids and cpu controllers enabled if it is not): the process that becomes ARGV joins
- * it (vc-run's own waiting parent stays out, so the cgroup holds the container's processes
- * only).
+ * hierarchy, mounted with the memory, pids and cpu controllers enabled if it is not): the
+ * process that becomes ARGV joins it (vc-run's own waiting parent stays out, so the cgroup
+ * holds the container's processes only).
  * --ns letters: m mount, p pid, u uts, i ipc, n network, c cgroup, U user (with the
  * --uid-map/--gid-map lines, CONTAINER:HOST:COUNT, written from outside by a helper).
  * --join-ns p:FILE joins the pid namespace (i, u, n: ipc, uts, network) of the process whose
@@ -1012,8 +1012,6 @@ static void attach_device_program(void)
 	close(dir);
 }
 
-/* Made (a new container's) and opened before the root changes; written by the process that
- * becomes the command. */
 /* --share: the root's share mounted on --rootfs (see the usage above). */
 static void mount_share(void)
 {
@@ -1076,6 +1074,8 @@ static void cgroup_hierarchy(void)
 	}
 }
 
+/* Made (a new container's) and opened before the root changes; written by the process that
+ * becomes the command. */
 static void open_cgroup(void)
 {
 	char path[4096];
